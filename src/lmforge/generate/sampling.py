@@ -1,0 +1,205 @@
+"""Decoding for causal LMs: greedy, temperature, top-k, top-p (nucleus), repetition penalty, stop strings,
+streaming, and batches of prompts with left padding, over a preallocated KV cache.
+
+`generate_ids` is the token-level engine (a generator: one tensor of new tokens per step, so callers can stream);
+`generate` is the text-level call most users want.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from lmforge.errors import LmforgeError
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 128
+    temperature: float = 1.0  # 0 means greedy
+    top_k: int | None = None
+    top_p: float | None = None
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+
+    def validate(self) -> None:
+        if self.max_new_tokens < 0:
+            raise LmforgeError(f"max_new_tokens must be zero or positive, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise LmforgeError(f"temperature must be zero or positive, got {self.temperature}")
+        if self.top_k is not None and self.top_k <= 0:
+            raise LmforgeError(f"top_k must be positive, got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise LmforgeError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.repetition_penalty <= 0:
+            raise LmforgeError(f"repetition_penalty must be positive, got {self.repetition_penalty}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# logits -> next token
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL's penalty: tokens already in the sequence get their logit divided (if > 0) or multiplied by `penalty`.
+    seen: [B, V] bool."""
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def filter_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
+    k = min(k, logits.size(-1))
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def filter_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Keep the smallest set of tokens whose probabilities sum to at least p (always at least the best one)."""
+    sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+    probs = torch.softmax(sorted_logits, dim=-1)
+    before = probs.cumsum(-1) - probs  # mass of strictly better tokens
+    remove_sorted = before >= p
+    remove = torch.zeros_like(remove_sorted).scatter(-1, order, remove_sorted)
+    return logits.masked_fill(remove, float("-inf"))
+
+
+def next_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None,
+               seen: torch.Tensor | None = None) -> torch.Tensor:
+    """logits [B, V] -> token ids [B]."""
+    logits = logits.float()
+    if params.repetition_penalty != 1.0 and seen is not None:
+        logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+    if params.temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / params.temperature
+    if params.top_k is not None:
+        logits = filter_top_k(logits, params.top_k)
+    if params.top_p is not None and params.top_p < 1.0:
+        logits = filter_top_p(logits, params.top_p)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the token-level loop
+
+
+@torch.inference_mode()
+def generate_ids(
+    model: torch.nn.Module, prompts: Sequence[Sequence[int]], params: SamplingParams,
+    eos_token_id: int | None = None, pad_token_id: int = 0,
+) -> Iterator[torch.Tensor]:
+    """Yield the next token of every prompt, step by step ([B] tensors), until max_new_tokens or all rows hit EOS.
+
+    Prompts of different lengths are left-padded so that every row's last token sits in the same column; the
+    attention mask hides the padding and position ids count real tokens only.
+    """
+    params.validate()
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise LmforgeError("every prompt needs at least one token (an empty prompt needs a BOS/EOS token to start)")
+    device = next(model.parameters()).device
+    B, T = len(prompts), max(len(p) for p in prompts)
+    total = T + params.max_new_tokens
+    ctx = model.config.max_seq_len
+    if total > ctx:
+        raise LmforgeError(f"prompt ({T} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the model's "
+                           f"context of {ctx} tokens; shorten the prompt or lower max_new_tokens")
+    if params.max_new_tokens == 0:
+        return
+    ids = torch.full((B, T), pad_token_id, dtype=torch.long, device=device)
+    padded = any(len(p) != T for p in prompts)
+    mask = torch.zeros((B, total), dtype=torch.long, device=device) if padded else None
+    for i, p in enumerate(prompts):
+        ids[i, T - len(p):] = torch.as_tensor(list(p), dtype=torch.long, device=device)
+        if mask is not None:
+            mask[i, T - len(p):] = 1
+    generator = None
+    if params.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(params.seed)
+    seen = None
+    if params.repetition_penalty != 1.0:
+        seen = torch.zeros((B, model.config.vocab_size), dtype=torch.bool, device=device)
+        for i, p in enumerate(prompts):
+            seen[i, torch.as_tensor(list(p), device=device)] = True
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    cache = model.new_cache(B, total)
+
+    x, length = ids, T
+    for _ in range(params.max_new_tokens):
+        logits = model(x, attention_mask=None if mask is None else mask[:, :length], cache=cache,
+                       last_only=True).logits[:, -1]
+        tok = next_token(logits, params, generator, seen)
+        if eos_token_id is not None:
+            tok = torch.where(done, torch.full_like(tok, eos_token_id), tok)
+            done |= tok == eos_token_id
+        if seen is not None:
+            seen[torch.arange(B, device=device), tok] = True
+        yield tok
+        if bool(done.all()):
+            return
+        if mask is not None:
+            mask[:, length] = 1
+        x, length = tok[:, None], length + 1
+
+
+# --------------------------------------------------------------------------------------------------------------
+# text in, text out
+
+
+def generate(
+    model: torch.nn.Module, tokenizer, prompts: str | Sequence[str], max_new_tokens: int = 128,
+    temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+    repetition_penalty: float = 1.0, stop: Sequence[str] | None = None, seed: int | None = None,
+    on_text: Callable[[int, str], None] | None = None,
+) -> list[str] | str:
+    """Continue each prompt; returns the new text (a str for a str prompt, else a list).
+
+    stop: strings that end a row (not included in the output). on_text(row, piece) receives text as it is
+    produced, for streaming; pieces never split a multi-byte character.
+    """
+    single = isinstance(prompts, str)
+    texts = [prompts] if single else list(prompts)
+    params = SamplingParams(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed)
+    start = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
+    encoded = [tokenizer.encode(t) or ([start] if start is not None else []) for t in texts]
+    eos = tokenizer.eos_id
+    new_ids: list[list[int]] = [[] for _ in texts]
+    emitted = [""] * len(texts)  # text already handed to on_text / final
+    finished = [False] * len(texts)
+    stop = [s for s in (stop or []) if s]
+
+    for tok in generate_ids(model, encoded, params, eos_token_id=eos, pad_token_id=tokenizer.pad_id):
+        for i, t in enumerate(tok.tolist()):
+            if finished[i]:
+                continue
+            if eos is not None and t == eos:
+                finished[i] = True
+                continue
+            new_ids[i].append(t)
+            text = tokenizer.decode(new_ids[i])
+            cut = min((text.find(s) for s in stop if s in text), default=-1)
+            if cut >= 0:
+                text, finished[i] = text[:cut], True
+            elif text.endswith("\ufffd"):
+                continue  # an incomplete UTF-8 sequence: wait for the next token
+            else:
+                # hold back a tail that could still become a stop string
+                hold = max((len(s) - 1 for s in stop), default=0)
+                for h in range(min(hold, len(text)), 0, -1):
+                    if any(s.startswith(text[-h:]) for s in stop):
+                        text = text[:-h]
+                        break
+            if on_text is not None and len(text) > len(emitted[i]):
+                on_text(i, text[len(emitted[i]):])
+            emitted[i] = text if len(text) > len(emitted[i]) or finished[i] else emitted[i]
+        if all(finished):
+            break
+    # flush what was held back (a partial stop string that never completed)
+    for i in range(len(texts)):
+        if not finished[i]:
+            text = tokenizer.decode(new_ids[i])
+            if on_text is not None and len(text) > len(emitted[i]):
+                on_text(i, text[len(emitted[i]):])
+            emitted[i] = text
+    return emitted[0] if single else emitted

@@ -1,0 +1,150 @@
+"""The decoder-only Transformer. GPT-2 and Llama are the same class with different config values:
+
+    GPT-2: learned positions, LayerNorm, GELU MLP, biases, tied embeddings
+    Llama: rotary positions, RMSNorm, SwiGLU MLP, no biases, grouped-query attention
+
+Both are pre-norm: x = x + attn(norm(x)); x = x + mlp(norm(x)); a final norm; the LM head.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lmforge.config import DecoderConfig
+from lmforge.nn.attention import Attention, KVCache, Rotary, padded_causal_mask
+from lmforge.nn.loss import cross_entropy
+from lmforge.nn.mlp import MLP
+from lmforge.nn.norm import make_norm
+
+
+@dataclass
+class CausalLMOutput:
+    logits: torch.Tensor | None
+    loss: torch.Tensor | None = None
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: DecoderConfig) -> None:
+        super().__init__()
+        self.attn_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
+        self.attn = Attention(cfg.d_model, cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.bias, cfg.dropout)
+        self.mlp_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
+        self.mlp = MLP(cfg.d_model, cfg.d_ff, cfg.mlp, cfg.bias)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, mask=None, rotary=None, cache=None, layer=0):
+        x = x + self.drop(self.attn(self.attn_norm(x), mask, rotary, cache, layer))
+        return x + self.drop(self.mlp(self.mlp_norm(x)))
+
+
+class DecoderLM(nn.Module):
+    def __init__(self, cfg: DecoderConfig) -> None:
+        super().__init__()
+        cfg.validate()
+        self.config = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        if cfg.pos_emb == "learned":
+            self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model)
+        else:
+            self.rotary = Rotary(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            # one matrix reads tokens in and scores them out: fewer parameters, and it helps small models
+            self.lm_head.weight = self.tok_emb.weight
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        std = self.config.init_std
+        for name, p in self.named_parameters():
+            if p.dim() == 1:  # norms and biases
+                if name.endswith("bias"):
+                    nn.init.zeros_(p)
+                else:
+                    nn.init.ones_(p)
+            elif name.endswith(("o_proj.weight", "down.weight")):
+                # GPT-2's scaled init: each block adds two residual branches; scaling their output layers
+                # by 1/sqrt(2 * n_layer) keeps the residual stream's variance from growing with depth
+                nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.config.n_layer))
+            else:
+                nn.init.normal_(p, 0.0, std)
+
+    # ------------------------------------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        last_only: bool = False,
+    ) -> CausalLMOutput:
+        """input_ids [B, T]. labels [B, T] (-100 = ignore) gives the mean next-token loss; labels are the
+        targets for each position (already shifted). attention_mask [B, past + T] marks real tokens (1) and
+        padding (0) over the cache and the new tokens. last_only computes logits for the final position only."""
+        B, T = input_ids.shape
+        past = cache.length if cache is not None else 0
+        if position_ids is None:
+            if attention_mask is not None:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:past + T]
+            else:
+                position_ids = torch.arange(past, past + T, device=input_ids.device)[None]
+        x = self.tok_emb(input_ids)
+        rotary = None
+        if self.config.pos_emb == "learned":
+            x = x + self.pos_emb(position_ids)
+        else:
+            rotary = self.rotary(position_ids)
+        x = self.drop(x)
+
+        mask = padded_causal_mask(attention_mask, T) if attention_mask is not None else None
+        for i, block in enumerate(self.blocks):
+            x = block(x, mask, rotary, cache, i)
+        if cache is not None:
+            cache.advance(T)
+        x = self.norm(x)
+        if last_only:
+            x = x[:, -1:]
+        logits = self.lm_head(x)
+        loss = None
+        if labels is not None:
+            loss = cross_entropy(logits.view(-1, logits.size(-1)), labels.reshape(-1))
+        return CausalLMOutput(logits=logits, loss=loss)
+
+    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
+        c = self.config
+        p = self.lm_head.weight
+        return KVCache(c.n_layer, batch, c.n_kv_head, c.head_dim, max_len, p.device, dtype or p.dtype)
+
+    # ------------------------------------------------------------------------------------------------------------
+
+    def num_params(self, trainable_only: bool = False) -> int:
+        seen, n = set(), 0
+        for p in self.parameters():
+            if id(p) in seen or (trainable_only and not p.requires_grad):
+                continue
+            seen.add(id(p))
+            n += p.numel()
+        return n
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> DecoderLM:
+        from lmforge.models import load_model
+
+        model = load_model(path, device=device)
+        if not isinstance(model, cls):
+            raise TypeError(f"{path} holds a {type(model).__name__}, not a {cls.__name__}")
+        return model
+
+    def save_pretrained(self, path: str | Path, tokenizer=None, generation_config: dict | None = None) -> Path:
+        from lmforge.interop.hf import save_model_dir
+
+        return save_model_dir(self, path, tokenizer=tokenizer, generation_config=generation_config)

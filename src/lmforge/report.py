@@ -1,0 +1,98 @@
+"""Run reports: the loss curve as a PNG and a short Markdown + HTML summary, made from metrics.jsonl alone."""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+from lmforge.files import atomic_path, write_text
+
+
+def read_metrics(run_dir: str | Path) -> tuple[list[dict], list[dict]]:
+    """(training records, validation records) of a run."""
+    path = Path(run_dir) / "metrics.jsonl"
+    train, val = [], []
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                r = json.loads(line)
+                (val if r.get("split") == "val" else train).append(r)
+    return train, val
+
+
+def plot_loss(run_dir: str | Path, path: str | Path | None = None) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run_dir = Path(run_dir)
+    path = Path(path) if path else run_dir / "report" / "loss.png"
+    train, val = read_metrics(run_dir)
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 3.8), dpi=110)
+    if train:
+        ax.plot([r["step"] for r in train], [r["loss"] for r in train], lw=1, label="train", color="#4c72b0")
+    if val:
+        ax.plot([r["step"] for r in val], [r["loss"] for r in val], "o-", ms=3, label="validation", color="#dd8452")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats / token)")
+    ax.set_title("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    if train:
+        ax2.plot([r["step"] for r in train], [r["lr"] for r in train], color="#55a868")
+        ax2.set_xlabel("step")
+        ax2.set_ylabel("learning rate")
+        ax2.set_title("schedule")
+        ax2.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return path
+
+
+def write_run_report(run_dir: str | Path, samples: list[tuple[str, str]] | None = None) -> Path:
+    """report/loss.png, report/report.md and report/report.html for a run directory."""
+    run_dir = Path(run_dir)
+    out = run_dir / "report"
+    plot_loss(run_dir, out / "loss.png")
+    summary: dict[str, Any] = {}
+    if (run_dir / "summary.json").is_file():
+        summary = json.loads((run_dir / "summary.json").read_text())
+    if samples is None and (out / "samples.json").is_file():
+        samples = [tuple(s) for s in json.loads((out / "samples.json").read_text())]
+    train, val = read_metrics(run_dir)
+    final = summary.get("final_val", {})
+    rows = [
+        ("steps", f"{summary.get('steps', len(train))}"),
+        ("tokens seen", f"{summary.get('tokens', 0):,}"),
+        ("parameters", f"{summary.get('params', 0):,}"),
+        ("wall time", f"{summary.get('seconds', 0):.0f} s"),
+        ("final train loss", f"{train[-1]['loss']:.4f}" if train else "-"),
+        ("validation loss", f"{final.get('loss', float('nan')):.4f}"),
+        ("validation perplexity", f"{final.get('ppl', float('nan')):.2f}"),
+        ("validation bits per byte", f"{final.get('bpb', float('nan')):.4f}"),
+        ("throughput (last)", f"{train[-1]['tok_per_s']:,.0f} tok/s, MFU {train[-1]['mfu']:.0%}" if train else "-"),
+    ]
+    md = [f"# Run report: {run_dir.name}", "", "![loss](loss.png)", "", "| metric | value |", "|---|---|"]
+    md += [f"| {k} | {v} |" for k, v in rows]
+    if samples:
+        md += ["", "## Samples", ""]
+        for prompt, text in samples:
+            md += [f"**{prompt.strip() or '(empty prompt)'}**", "", "```", prompt + text, "```", ""]
+    write_text(out / "report.md", "\n".join(md) + "\n")
+    body = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(v)}</td></tr>" for k, v in rows)
+    sample_html = "".join(
+        f"<h3>{html.escape(p.strip() or '(empty prompt)')}</h3><pre><b>{html.escape(p)}</b>{html.escape(t)}</pre>"
+        for p, t in (samples or [])
+    )
+    write_text(out / "report.html", f"""<!doctype html><meta charset="utf-8"><title>{html.escape(run_dir.name)}</title>
+<style>body{{font:15px system-ui;max-width:900px;margin:2em auto;padding:0 1em}}table{{border-collapse:collapse}}
+td{{border:1px solid #ccc;padding:4px 10px}}pre{{background:#f6f6f6;padding:1em;white-space:pre-wrap}}</style>
+<h1>Run report: {html.escape(run_dir.name)}</h1><img src="loss.png" style="max-width:100%">
+<table>{body}</table>{'<h2>Samples</h2>' + sample_html if samples else ''}
+""")
+    return out / "report.html"

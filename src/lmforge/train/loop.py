@@ -1,0 +1,305 @@
+"""Pre-training a decoder LM: the whole loop, top to bottom.
+
+    prepare  corpus -> tokenizer -> token shards, in the run directory (bad input fails before anything is written)
+    build    model, optimizer; resume from the latest checkpoint when asked
+    loop     sample a global batch -> this process's micro-batches -> forward/backward -> clip -> step
+             every log_every:  metrics.jsonl + progress bar (loss, tokens/s, MFU)
+             every eval_every: validation loss / perplexity / bits per byte
+             every ckpt_every: checkpoint (atomic)
+    finish   final model as an HF directory, full validation pass, loss plot, report
+
+The same function runs under `torchrun --nproc_per_node=N`: every process samples the same global batch from the
+same generator and trains its slice; DDP averages gradients; only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from lmforge.config import RunConfig, load_run_config
+from lmforge.data.corpus import read_documents, split_documents
+from lmforge.data.shards import TokenShard, build_shards
+from lmforge.errors import CheckpointError, ConfigError
+from lmforge.eval.lm import evaluate_shard, lm_metrics, window_loss
+from lmforge.files import write_json, write_text
+from lmforge.models.decoder import DecoderLM
+from lmforge.runtime import tune_allocator
+from lmforge.tokenizer import Tokenizer
+from lmforge.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from lmforge.train.distributed import DistEnv, init_distributed, shutdown
+from lmforge.train.optim import lr_at, make_optimizer
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    model_dir: Path
+    final: dict[str, float]  # validation metrics of the final model
+    steps: int
+    seconds: float
+
+
+def pretrain(
+    config: RunConfig, out_dir: str | Path, resume: bool = False, progress: bool | None = None,
+    overrides: list[str] | None = None, stop_after: int | None = None,
+) -> RunResult:
+    """Train a decoder LM as `config` says, in the run directory `out_dir`.
+
+    resume=True continues the run in `out_dir` from its latest checkpoint with the config saved there
+    (`overrides` may change it, e.g. train.steps to train longer). progress=None shows a bar on terminals.
+    stop_after=k ends this session after step k (and its checkpoint, if one falls there) without finishing the
+    run, as a job scheduler's time limit would; `resume=True` continues it.
+    """
+    tune_allocator()
+    env = init_distributed(config.train.device)
+    try:
+        return _pretrain(config, Path(out_dir), resume, progress, overrides, env, stop_after)
+    finally:
+        shutdown(env)
+
+
+def _pretrain(cfg: RunConfig, run: Path, resume: bool, progress: bool | None, overrides: list[str] | None,
+              env: DistEnv, stop_after: int | None = None) -> RunResult:
+    t_start = time.time()
+    if resume:
+        if not (run / "config.yaml").is_file():
+            raise CheckpointError(f"nothing to resume in {run}: it holds no config.yaml (start a new run instead)")
+        cfg = load_run_config(run / "config.yaml", overrides)
+        ckpts = list_checkpoints(run)
+        if not ckpts:
+            raise CheckpointError(f"nothing to resume in {run}: no checkpoint was written yet")
+        tokenizer = Tokenizer.from_file(run / "tokenizer.json")
+    else:
+        cfg.validate()
+        if (run / "config.yaml").exists() or list_checkpoints(run):
+            raise ConfigError(f"{run} already holds a run; continue it with --resume or choose another --out")
+        tokenizer = _prepare(cfg, run, env)
+    tc = cfg.train
+    seq_len = tc.seq_len or cfg.model.max_seq_len
+    per_rank, rem = divmod(tc.batch_size, env.world * tc.grad_accum)
+    if rem or per_rank == 0:
+        raise ConfigError(f"train.batch_size={tc.batch_size} must be a multiple of processes ({env.world}) x "
+                          f"train.grad_accum ({tc.grad_accum})")
+    train_data, val_data = TokenShard.open(run / "data", "train"), TokenShard.open(run / "data", "val")
+    train_data.check_fits(seq_len, "train")
+    val_data.check_fits(seq_len, "validation")
+
+    # --- model and optimizer -----------------------------------------------------------------------------------
+    torch.manual_seed(tc.seed)
+    model = DecoderLM(cfg.model).to(env.device)
+    optimizer = make_optimizer(model, tc, env.device.type)
+    data_gen = torch.Generator().manual_seed(tc.seed)
+    step, tokens_seen = 0, 0
+    if resume:
+        meta = load_checkpoint(ckpts[-1], model, optimizer, data_gen)
+        step, tokens_seen = meta["step"], meta.get("tokens", 0)
+        if env.main:
+            _truncate_metrics(run / "metrics.jsonl", step)
+    train_model = model
+    if tc.compile:
+        train_model = torch.compile(model)
+    if env.world > 1:
+        train_model = DDP(train_model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+    autocast = (torch.autocast(env.device.type, dtype=torch.bfloat16) if tc.dtype == "bfloat16"
+                else nullcontext())
+    flops_per_token = cfg.model.flops_per_token(seq_len, training=True)
+    peak = tc.peak_tflops * 1e12 if tc.peak_tflops else measure_matmul_peak(env.device)
+
+    metrics = open(run / "metrics.jsonl", "a", encoding="utf-8") if env.main else None
+    show = progress if progress is not None else sys.stderr.isatty()
+    bar = _progress_bar(tc.steps, step, show and env.main)
+    eval_starts = val_data.random_starts(tc.eval_batches * per_rank * env.world, seq_len,
+                                         torch.Generator().manual_seed(tc.seed + 1))
+
+    def evaluate() -> dict[str, float]:
+        mine = eval_starts[env.rank::env.world]
+        s = torch.tensor(window_loss(model, val_data, mine, seq_len, per_rank, env.device, autocast),
+                         dtype=torch.float64, device=env.device)
+        total, count = env.sum_(s).tolist()
+        return lm_metrics(total / count, val_data.bytes_per_token)
+
+    def log(record: dict[str, Any]) -> None:
+        if metrics is not None:
+            metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
+
+    # --- the loop ----------------------------------------------------------------------------------------------
+    model.train()
+    t_last, tokens_last = time.time(), tokens_seen
+    try:
+        while step < tc.steps:
+            lr = lr_at(step, tc)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            starts = train_data.random_starts(tc.batch_size, seq_len, data_gen)  # the same on every process
+            mine = starts[env.rank * per_rank * tc.grad_accum:(env.rank + 1) * per_rank * tc.grad_accum]
+            loss_sum = 0.0
+            for micro in range(tc.grad_accum):
+                x, y = train_data.windows(mine[micro * per_rank:(micro + 1) * per_rank], seq_len)
+                x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
+                last = micro == tc.grad_accum - 1
+                sync = nullcontext() if last or env.world == 1 else train_model.no_sync()
+                with sync, autocast:
+                    loss = train_model(x, labels=y).loss / tc.grad_accum
+                with sync:
+                    loss.backward()
+                loss_sum += loss.item()
+            grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip).item()
+                         if tc.grad_clip > 0 else float("nan"))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            tokens_seen += tc.batch_size * seq_len
+
+            if step % tc.log_every == 0 or step == tc.steps:
+                loss_avg = env.mean(loss_sum)
+                now = time.time()
+                tps = (tokens_seen - tokens_last) / max(now - t_last, 1e-9)
+                t_last, tokens_last = now, tokens_seen
+                mfu = tps * flops_per_token / (peak * env.world)
+                log({"step": step, "loss": loss_avg, "lr": lr, "grad_norm": grad_norm, "tokens": tokens_seen,
+                     "tok_per_s": tps, "mfu": mfu, "time": now - t_start})
+                if bar is not None:
+                    bar.set_postfix_str(f"loss {loss_avg:.3f}  {tps:,.0f} tok/s  MFU {mfu:.0%}")
+            if tc.eval_every and (step % tc.eval_every == 0 or step == tc.steps):
+                m = evaluate()
+                log({"step": step, "split": "val", **m})
+                _say(bar, env, f"step {step}: val loss {m['loss']:.4f}  ppl {m['ppl']:.2f}  bpb {m['bpb']:.4f}")
+            if env.main and tc.ckpt_every and step % tc.ckpt_every == 0:
+                save_checkpoint(run, step, model, optimizer, data_gen, {"tokens": tokens_seen},
+                                keep=tc.keep_checkpoints)
+            env.barrier() if tc.ckpt_every and step % tc.ckpt_every == 0 else None
+            if bar is not None:
+                bar.update(1)
+            if stop_after is not None and step >= stop_after:
+                break
+    except KeyboardInterrupt:
+        if env.main:
+            print(f"\ninterrupted at step {step}; continue with: lmforge pretrain --resume --out {run}",
+                  file=sys.stderr)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+        if metrics is not None:
+            metrics.close()
+
+    # --- finish ------------------------------------------------------------------------------------------------
+    model_dir = run / "model"
+    final: dict[str, float] = {}
+    if step < tc.steps:  # stopped early on purpose: the run continues with resume
+        return RunResult(run, model_dir, final, step, time.time() - t_start)
+    if env.main:
+        model.eval()
+        model.save_pretrained(model_dir, tokenizer=tokenizer, generation_config=DEFAULT_GENERATION)
+        final = evaluate_shard(model, val_data, seq_len, per_rank, env.device)
+        seconds = time.time() - t_start
+        write_json(run / "summary.json", {"steps": step, "tokens": tokens_seen, "seconds": seconds,
+                                          "params": model.num_params(), "final_val": final})
+        from lmforge.report import write_run_report
+
+        write_run_report(run)
+    env.barrier()
+    return RunResult(run, model_dir, final, step, time.time() - t_start)
+
+
+DEFAULT_GENERATION = {"do_sample": True, "temperature": 0.8, "top_k": 50, "top_p": 0.95, "max_new_tokens": 200}
+
+
+def _prepare(cfg: RunConfig, run: Path, env: DistEnv) -> Tokenizer:
+    """Read and split the corpus, get a tokenizer, write token shards and config.yaml. Rank 0 writes; the others
+    wait and read. Errors in the input surface here, before the run directory exists."""
+    created = not run.exists()
+    docs = read_documents(cfg.data.sources)  # raises on missing / empty / non-UTF-8 input
+    train_docs, val_docs = split_documents(docs, cfg.data.val_fraction)
+    if cfg.data.tokenizer:
+        tokenizer = Tokenizer.from_file(cfg.data.tokenizer)
+    elif env.main:
+        vocab = cfg.data.vocab_size or cfg.model.vocab_size
+        tokenizer = Tokenizer.train_bpe((d.text for d in train_docs), vocab_size=vocab)
+    try:
+        if env.main:
+            run.mkdir(parents=True, exist_ok=True)
+            tokenizer.save(run / "tokenizer.json")
+        env.barrier()
+        tokenizer = Tokenizer.from_file(run / "tokenizer.json") if not env.main else tokenizer
+        # the model's vocabulary is the tokenizer's (a trained BPE can come out smaller than asked)
+        cfg.model.vocab_size = tokenizer.vocab_size
+        cfg.model.eos_token_id = tokenizer.eos_id
+        cfg.model.bos_token_id = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
+        cfg.model.pad_token_id = tokenizer.token_id(tokenizer.pad_token)
+        if env.main:
+            build_shards(train_docs, val_docs, tokenizer, run / "data")
+            write_text(run / "config.yaml", cfg.to_yaml())
+            write_json(run / "environment.json", _environment(cfg))
+        env.barrier()
+    except BaseException:
+        if created and env.main and not list_checkpoints(run):
+            shutil.rmtree(run, ignore_errors=True)
+        raise
+    return tokenizer
+
+
+def _environment(cfg: RunConfig) -> dict[str, Any]:
+    import platform
+
+    import lmforge
+
+    return {"seed": cfg.train.seed, "lmforge": lmforge.__version__, "torch": torch.__version__,
+            "python": platform.python_version(), "platform": platform.platform(),
+            "threads": torch.get_num_threads(), "argv": sys.argv}
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """On resume, drop records logged after the checkpoint we resume from (they will be logged again)."""
+    if not path.is_file():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+    write_text(path, "".join(ln + "\n" for ln in keep))
+
+
+def _progress_bar(total: int, initial: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
+
+
+def _say(bar, env: DistEnv, msg: str) -> None:
+    if not env.main:
+        return
+    if bar is not None:
+        bar.write(msg, file=sys.stderr)
+    else:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def measure_matmul_peak(device: torch.device, n: int | None = None, seconds: float = 0.5) -> float:
+    """Achieved fp32 matmul FLOP/s on this device (best of a short burst): the denominator of MFU."""
+    n = n or (4096 if device.type == "cuda" else 1024)
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    best = 0.0
+    a @ b  # warm-up
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = max(best, 2 * n**3 / (time.perf_counter() - t0))
+    return best if math.isfinite(best) and best > 0 else 1e12

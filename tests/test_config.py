@@ -1,0 +1,46 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lmforge.config import load_run_config, model_config, run_config_from_dict
+from lmforge.errors import ConfigError
+from lmforge.quickstart import QUICKSTART
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def test_quickstart_yaml_equals_embedded_default():
+    from_file = load_run_config(CONFIGS / "quickstart.yaml")
+    assert from_file == run_config_from_dict(QUICKSTART)
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_recipe_is_valid(path):
+    load_run_config(path)
+
+
+def test_overrides_are_typed():
+    cfg = load_run_config(base=QUICKSTART, overrides=["train.lr=3e-4", "model.n_layer=2", "train.compile=true",
+                                                      "data.sources=[a, b]", "train.min_lr=null"])
+    assert cfg.train.lr == 3e-4 and cfg.model.n_layer == 2 and cfg.train.compile is True
+    assert cfg.data.sources == ["a", "b"] and cfg.train.min_lr is None
+
+
+def test_errors_name_the_key():
+    with pytest.raises(ConfigError, match="unknown model preset 'gpt5'"):
+        model_config("gpt5")
+    with pytest.raises(ConfigError, match="n_kv_head=4 must divide model.n_head=6"):
+        model_config("llama-small", n_kv_head=4)
+    with pytest.raises(ConfigError, match="train.batch_size must be positive"):
+        load_run_config(base=QUICKSTART, overrides=["train.batch_size=0"])
+    with pytest.raises(ConfigError, match="seq_len=512 exceeds model.max_seq_len=256"):
+        load_run_config(base=QUICKSTART, overrides=["train.seq_len=512"])
+
+
+def test_config_yaml_round_trip(tmp_path):
+    cfg = load_run_config(base=QUICKSTART)
+    (tmp_path / "c.yaml").write_text(cfg.to_yaml())
+    again = load_run_config(tmp_path / "c.yaml")
+    assert again == cfg
+    assert yaml.safe_load(cfg.to_yaml())["model"]["d_model"] == 256

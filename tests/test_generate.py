@@ -1,0 +1,125 @@
+import pytest
+import torch
+
+from conftest import tiny_config
+from lmforge.errors import LmforgeError
+from lmforge.generate import SamplingParams, generate, generate_ids, next_token
+from lmforge.generate.sampling import filter_top_p
+from lmforge.models import DecoderLM
+from lmforge.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def lm():
+    torch.manual_seed(0)
+    tok = Tokenizer.train_bpe(["the cat sat on the mat. the dog ate the bone."] * 20, vocab_size=300)
+    model = DecoderLM(tiny_config("llama", vocab_size=tok.vocab_size, max_seq_len=128)).eval()
+    return model, tok
+
+
+def greedy_reference(model, ids, n):
+    ids = list(ids)
+    for _ in range(n):
+        logits = model(torch.tensor([ids])).logits[0, -1]
+        ids.append(int(logits.argmax()))
+    return ids
+
+
+def test_greedy_matches_full_forward_argmax(lm):
+    model, _ = lm
+    prompt = [5, 17, 42, 9]
+    out = [int(t) for t in generate_ids(model, [prompt], SamplingParams(12, temperature=0))]
+    assert prompt + out == greedy_reference(model, prompt, 12)
+
+
+def test_temperature_to_zero_equals_greedy():
+    torch.manual_seed(0)
+    logits = torch.randn(64, 500)
+    greedy = next_token(logits, SamplingParams(temperature=0))
+    cold = next_token(logits, SamplingParams(temperature=1e-4), torch.Generator().manual_seed(0))
+    assert torch.equal(greedy, cold)
+
+
+def test_top_k_never_samples_outside_k_best():
+    torch.manual_seed(0)
+    logits = torch.randn(8, 200)
+    allowed = torch.topk(logits, 5, dim=-1).indices
+    g = torch.Generator().manual_seed(1)
+    for _ in range(200):
+        t = next_token(logits, SamplingParams(temperature=2.0, top_k=5), g)
+        assert (allowed == t[:, None]).any(-1).all()
+
+
+def test_top_p_never_samples_outside_nucleus():
+    torch.manual_seed(0)
+    logits = torch.randn(8, 100) * 3
+    p = 0.7
+    probs = torch.softmax(logits, -1)
+    nucleus = []
+    for row in probs:
+        order = row.argsort(descending=True)
+        mass, keep = 0.0, set()
+        for i in order.tolist():
+            keep.add(i)
+            mass += row[i].item()
+            if mass >= p:
+                break
+        nucleus.append(keep)
+    kept = torch.isfinite(filter_top_p(logits, p))
+    for r, keep in enumerate(nucleus):
+        assert set(kept[r].nonzero().flatten().tolist()) == keep
+    g = torch.Generator().manual_seed(2)
+    for _ in range(200):
+        t = next_token(logits, SamplingParams(temperature=1.0, top_p=p), g)
+        assert all(int(t[r]) in nucleus[r] for r in range(8))
+
+
+def test_seed_makes_sampling_repeatable(lm):
+    model, tok = lm
+    a = generate(model, tok, "the cat", max_new_tokens=20, temperature=1.0, seed=3)
+    b = generate(model, tok, "the cat", max_new_tokens=20, temperature=1.0, seed=3)
+    c = generate(model, tok, "the cat", max_new_tokens=20, temperature=1.0, seed=4)
+    assert a == b and a != c
+
+
+def test_batch_with_left_padding_equals_one_by_one(lm):
+    model, tok = lm
+    prompts = ["the", "the cat sat on", "a dog ate the bone and"]
+    batch = generate(model, tok, prompts, max_new_tokens=15, temperature=0)
+    alone = [generate(model, tok, p, max_new_tokens=15, temperature=0) for p in prompts]
+    assert batch == alone
+
+
+def test_stop_strings_stop(lm):
+    model, tok = lm
+    full = generate(model, tok, "the", max_new_tokens=40, temperature=0)
+    stop = full[5:8]
+    assert stop and stop in full
+    cut = generate(model, tok, "the", max_new_tokens=40, temperature=0, stop=[stop])
+    assert cut == full[: full.index(stop)]
+    streamed = []
+    generate(model, tok, "the", max_new_tokens=40, temperature=0, stop=[stop], on_text=lambda i, s: streamed.append(s))
+    assert "".join(streamed) == cut
+
+
+def test_streaming_pieces_join_to_the_result(lm):
+    model, tok = lm
+    pieces = []
+    text = generate(model, tok, "the dog", max_new_tokens=25, temperature=0.9, seed=0,
+                    on_text=lambda i, s: pieces.append(s))
+    assert "".join(pieces) == text and len(pieces) > 1
+
+
+def test_repetition_penalty_changes_greedy_output(lm):
+    model, tok = lm
+    plain = generate(model, tok, "the cat", max_new_tokens=30, temperature=0)
+    penalised = generate(model, tok, "the cat", max_new_tokens=30, temperature=0, repetition_penalty=5.0)
+    assert plain != penalised
+
+
+def test_prompt_longer_than_context_is_a_clear_error(lm):
+    model, _ = lm
+    with pytest.raises(LmforgeError, match="exceeds the model's context"):
+        list(generate_ids(model, [[1] * 120], SamplingParams(max_new_tokens=20)))
+    with pytest.raises(LmforgeError, match="top_p"):
+        list(generate_ids(model, [[1]], SamplingParams(top_p=1.5)))

@@ -1,0 +1,96 @@
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from lmforge.config import load_run_config
+from lmforge.models import load_model
+from lmforge.train.checkpoint import list_checkpoints
+from lmforge.train.loop import pretrain
+
+
+def tiny_run(corpus, **train):
+    t = dict(seed=7, steps=12, batch_size=4, seq_len=32, lr=3e-3, warmup_steps=2, eval_every=6, eval_batches=2,
+             ckpt_every=4, log_every=1, peak_tflops=1.0)
+    t.update(train)
+    return {"model": {"preset": "bench-gpt2", "n_layer": 2, "n_head": 2, "d_model": 32, "max_seq_len": 64,
+                      "dropout": 0.1},
+            "data": {"sources": [str(corpus)], "vocab_size": 300, "val_fraction": 0.2},
+            "train": t}
+
+
+def losses(run_dir):
+    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in recs if "split" not in r], [(r["step"], r["loss"]) for r in recs
+                                                                          if "split" in r]
+
+
+def test_run_directory_contents(tmp_path, small_corpus):
+    cfg = load_run_config(base=tiny_run(small_corpus))
+    res = pretrain(cfg, tmp_path / "run", progress=False)
+    run = tmp_path / "run"
+    for f in ["config.yaml", "metrics.jsonl", "tokenizer.json", "summary.json", "environment.json",
+              "report/loss.png", "report/report.md", "report/report.html", "model/config.json",
+              "model/model.safetensors", "model/tokenizer.json", "model/generation_config.json",
+              "data/train.bin", "data/val.bin", "data/meta.json"]:
+        assert (run / f).is_file(), f
+    assert [p.name for p in list_checkpoints(run)] == ["step_000008", "step_000012"]  # keep_checkpoints=2
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["train"]["seed"] == 7 and saved["model"]["vocab_size"] == 300
+    assert json.loads((run / "environment.json").read_text())["seed"] == 7
+    train_losses, val = losses(run)
+    assert len(train_losses) == 12 and [s for s, _ in val] == [6, 12]
+    assert train_losses[-1][1] < train_losses[0][1]  # it learns
+    assert set(res.final) >= {"loss", "ppl", "bpb"} and res.final["ppl"] > 1
+    m = load_model(res.model_dir)
+    assert m.config.vocab_size == 300
+
+
+def test_resume_is_exact(tmp_path, small_corpus):
+    base = tiny_run(small_corpus)
+    pretrain(load_run_config(base=base), tmp_path / "straight", progress=False)
+    pretrain(load_run_config(base=base), tmp_path / "split", progress=False, stop_after=8)
+    assert not (tmp_path / "split" / "model").exists()
+    pretrain(load_run_config(base=base), tmp_path / "split", resume=True, progress=False)
+    a, b = losses(tmp_path / "straight"), losses(tmp_path / "split")
+    assert a == b  # bit-identical losses, train and validation, dropout included
+    x = torch.randint(0, 300, (1, 16))
+    ma, mb = load_model(tmp_path / "straight" / "model"), load_model(tmp_path / "split" / "model")
+    assert torch.equal(ma(x).logits, mb(x).logits)
+
+
+def test_resume_drops_records_after_the_checkpoint(tmp_path, small_corpus):
+    base = tiny_run(small_corpus, ckpt_every=5)
+    run = tmp_path / "r"
+    pretrain(load_run_config(base=base), run, progress=False, stop_after=7)  # checkpoint at 5, logged to 7
+    assert max(s for s, _ in losses(run)[0]) == 7
+    pretrain(load_run_config(base=base), run, resume=True, progress=False)
+    steps = [s for s, _ in losses(run)[0]]
+    assert steps == list(range(1, 13))
+
+
+@pytest.mark.skipif(not shutil.which("torchrun") and sys.platform != "linux", reason="needs torchrun")
+def test_two_process_ddp_matches_one_process(tmp_path, small_corpus):
+    """torchrun --nproc_per_node=2 (gloo) follows the single-process loss curve with the same global batch.
+    Tolerance: 1e-4 absolute per step; the only difference is the order of the float sums in all-reduce."""
+    recipe = tmp_path / "tiny.yaml"
+    cfg = tiny_run(small_corpus, steps=8, ckpt_every=0, eval_every=4)
+    cfg["model"]["dropout"] = 0.0  # each process draws its own dropout masks; without dropout the math is equal
+    recipe.write_text(yaml.safe_dump(cfg))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    one = subprocess.run([sys.executable, "-m", "lmforge.cli", "pretrain", "--config", str(recipe),
+                          "--out", str(tmp_path / "one")], capture_output=True, text=True, env=env, timeout=600)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "lmforge.cli", "pretrain", "--config", str(recipe), "--out", str(tmp_path / "two")],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    (ta, va), (tb, vb) = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert [s for s, _ in ta] == [s for s, _ in tb] == list(range(1, 9))
+    for (_, x), (_, y) in zip(ta + va, tb + vb):
+        assert abs(x - y) < 1e-4, (ta, tb)
