@@ -1,9 +1,11 @@
 """Training throughput: lmforge against transformers' GPT2LMHeadModel and LlamaForCausalLM on the same shape.
 
 Shape (issue #2): 6 layers, width 384, 6 heads, context 256, vocab 8192, batch 8, fp32, one process.
-A step is forward + backward + AdamW step. Each system runs in its own fresh process; 2 warm-up steps, then
-the median of 7. MFU = tokens/s x FLOPs per token / the fp32 matmul peak measured in this run; FLOPs per token
-are counted the same way for both (lmforge.config.DecoderConfig.flops_per_token: 6 x matmul weights + attention).
+A step is forward + backward + AdamW step. Each system runs in its own fresh process: 2 warm-up steps, then
+7 timed steps, with the fp32 matmul peak measured in the same process right before and after (the best of the
+two is the MFU denominator, so a machine whose speed drifts is not read as a faster or slower model). Systems
+alternate over ROUNDS rounds and the table shows each one's median. FLOPs per token are counted the same way for
+all (lmforge.config.DecoderConfig.flops_per_token: 6 x matmul weights + attention scores and values).
 
     python benchmarks/train_throughput.py            # prints the table
 """
@@ -18,6 +20,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import matmul_peak_flops, median_time, run_worker, table  # noqa: E402
+
+ROUNDS = int(os.environ.get("ROUNDS", "3"))
 
 BATCH, SEQ = 8, 256
 
@@ -62,32 +66,38 @@ def worker(system: str, family: str, tuned: str) -> None:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    t = median_time(step, warmup=2, repeats=7)
-    print(json.dumps({"seconds": t, "flops_per_token": cfg.flops_per_token(SEQ)}))
+    step()
+    peak = matmul_peak_flops(seconds=0.5)
+    t = median_time(step, warmup=1, repeats=7)
+    peak = max(peak, matmul_peak_flops(seconds=0.5))
+    print(json.dumps({"seconds": t, "flops_per_token": cfg.flops_per_token(SEQ), "peak": peak}))
 
 
 def main() -> None:
-    peak = matmul_peak_flops()
-    print(f"threads {torch.get_num_threads()}, torch {torch.__version__}, fp32 matmul peak {peak / 1e9:.1f} GFLOP/s")
+    import statistics
+
+    print(f"threads {torch.get_num_threads()}, torch {torch.__version__}, {ROUNDS} rounds, batch {BATCH} x {SEQ}")
+    systems = [("lmforge", "1"), ("transformers", "0"), ("transformers", "1")]
     rows = []
     for family in ("gpt2", "llama"):
-        runs = [("lmforge", "1"), ("transformers", "0"), ("transformers", "1")]
-        base = None
-        for system, tuned in runs:
-            r = run_worker(__file__, system, family, tuned)
-            tps = BATCH * SEQ / r["seconds"]
-            gflops = tps * r["flops_per_token"] / 1e9
+        results: dict[tuple[str, str], list[dict]] = {s: [] for s in systems}
+        for _ in range(ROUNDS):
+            for system in systems:
+                results[system].append(run_worker(__file__, system[0], family, system[1]))
+        group = []
+        for (system, tuned), rs in results.items():
+            tps = statistics.median(BATCH * SEQ / r["seconds"] for r in rs)
+            mfu = statistics.median(BATCH * SEQ / r["seconds"] * r["flops_per_token"] / r["peak"] for r in rs)
             name = system if system == "lmforge" or tuned == "0" else "transformers + lmforge allocator"
-            row = {"model": family, "system": name, "tok_s": tps, "gflops": gflops, "mfu": gflops * 1e9 / peak,
-                   "step_ms": r["seconds"] * 1e3}
-            if system == "lmforge":
-                base = row
-            rows.append(row)
-        for row in rows[-3:]:
-            row["ratio"] = base["tok_s"] / row["tok_s"]
+            group.append({"model": family, "system": name, "tok_s": tps, "step_ms": BATCH * SEQ / tps * 1e3,
+                          "gflops": tps * rs[0]["flops_per_token"] / 1e9, "mfu": mfu,
+                          "peak": statistics.median(r["peak"] for r in rs) / 1e9})
+        for row in group:
+            row["ratio"] = group[0]["tok_s"] / row["tok_s"]
+        rows += group
     print(table(rows, [("model", "model", ""), ("system", "system", ""), ("step_ms", "step ms", ".0f"),
-                       ("tok_s", "tokens/s", ",.0f"), ("gflops", "GFLOP/s", ".1f"), ("mfu", "MFU", ".1%"),
-                       ("ratio", "lmforge speed-up", ".2f")]))
+                       ("tok_s", "tokens/s", ",.0f"), ("gflops", "GFLOP/s", ".1f"), ("peak", "peak GFLOP/s", ".0f"),
+                       ("mfu", "MFU", ".1%"), ("ratio", "lmforge speed-up", ".2f")]))
 
 
 if __name__ == "__main__":

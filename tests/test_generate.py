@@ -123,3 +123,25 @@ def test_prompt_longer_than_context_is_a_clear_error(lm):
         list(generate_ids(model, [[1] * 120], SamplingParams(max_new_tokens=20)))
     with pytest.raises(LmforgeError, match="top_p"):
         list(generate_ids(model, [[1]], SamplingParams(top_p=1.5)))
+
+
+def test_packed_weights_match_plain_linears(lm):
+    from lmforge.nn.packed import can_pack, packed_linears, release_packed
+
+    model, tok = lm
+    if not can_pack(model):
+        pytest.skip("oneDNN is not available in this torch build")
+    x = torch.randint(0, tok.vocab_size, (3, 20))
+    with torch.inference_mode():
+        plain = model(x).logits
+        with packed_linears(model, batch_hint=3):
+            packed = model(x).logits
+        after = model(x).logits
+    torch.testing.assert_close(packed, plain, rtol=1e-5, atol=1e-5)
+    assert torch.equal(after, plain)  # the context restores the plain forward
+    prompts = [tok.encode("the cat"), tok.encode("a dog ate the bone")]
+    a = [t.tolist() for t in generate_ids(model, prompts, SamplingParams(20, temperature=0), pack_weights=True)]
+    b = [t.tolist() for t in generate_ids(model, prompts, SamplingParams(20, temperature=0), pack_weights=False)]
+    assert a == b
+    release_packed(model)
+    assert not any(hasattr(m, "_lmforge_packed") for m in model.modules())

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from lmforge.errors import LmforgeError
+from lmforge.nn.packed import packed_linears
 
 
 @dataclass
@@ -88,12 +89,13 @@ def next_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Ge
 @torch.inference_mode()
 def generate_ids(
     model: torch.nn.Module, prompts: Sequence[Sequence[int]], params: SamplingParams,
-    eos_token_id: int | None = None, pad_token_id: int = 0,
+    eos_token_id: int | None = None, pad_token_id: int = 0, pack_weights: bool = True,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of every prompt, step by step ([B] tensors), until max_new_tokens or all rows hit EOS.
 
     Prompts of different lengths are left-padded so that every row's last token sits in the same column; the
-    attention mask hides the padding and position ids count real tokens only.
+    attention mask hides the padding and position ids count real tokens only. On CPU the Linear weights are
+    prepacked for oneDNN (see lmforge.nn.packed; pack_weights=False turns it off).
     """
     params.validate()
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -126,21 +128,22 @@ def generate_ids(
     cache = model.new_cache(B, total)
 
     x, length = ids, T
-    for _ in range(params.max_new_tokens):
-        logits = model(x, attention_mask=None if mask is None else mask[:, :length], cache=cache,
-                       last_only=True).logits[:, -1]
-        tok = next_token(logits, params, generator, seen)
-        if eos_token_id is not None:
-            tok = torch.where(done, torch.full_like(tok, eos_token_id), tok)
-            done |= tok == eos_token_id
-        if seen is not None:
-            seen[torch.arange(B, device=device), tok] = True
-        yield tok
-        if bool(done.all()):
-            return
-        if mask is not None:
-            mask[:, length] = 1
-        x, length = tok[:, None], length + 1
+    with packed_linears(model, B, enabled=pack_weights):
+        for _ in range(params.max_new_tokens):
+            logits = model(x, attention_mask=None if mask is None else mask[:, :length], cache=cache,
+                           last_only=True).logits[:, -1]
+            tok = next_token(logits, params, generator, seen)
+            if eos_token_id is not None:
+                tok = torch.where(done, torch.full_like(tok, eos_token_id), tok)
+                done |= tok == eos_token_id
+            if seen is not None:
+                seen[torch.arange(B, device=device), tok] = True
+            yield tok
+            if bool(done.all()):
+                return
+            if mask is not None:
+                mask[:, length] = 1
+            x, length = tok[:, None], length + 1
 
 
 # --------------------------------------------------------------------------------------------------------------

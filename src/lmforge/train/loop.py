@@ -286,20 +286,20 @@ def _say(bar, env: DistEnv, msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
-def measure_matmul_peak(device: torch.device, n: int | None = None, seconds: float = 0.5) -> float:
-    """Achieved fp32 matmul FLOP/s on this device (best of a short burst): the denominator of MFU."""
-    n = n or (4096 if device.type == "cuda" else 1024)
-    a = torch.randn(n, n, device=device)
-    b = torch.randn(n, n, device=device)
+def measure_matmul_peak(device: torch.device, seconds: float = 0.5) -> float:
+    """Achieved fp32 matmul FLOP/s on this device, the best of short bursts at two sizes: MFU's denominator."""
     best = 0.0
-    a @ b  # warm-up
-    end = time.perf_counter() + seconds
-    while time.perf_counter() < end:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = max(best, 2 * n**3 / (time.perf_counter() - t0))
+    for n in ((4096, 8192) if device.type == "cuda" else (1024, 2048)):
+        a = torch.randn(n, n, device=device)
+        b = torch.randn(n, n, device=device)
+        a @ b  # warm-up
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            a @ b
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            best = max(best, 2 * n**3 / (time.perf_counter() - t0))
     return best if math.isfinite(best) and best > 0 else 1e12
