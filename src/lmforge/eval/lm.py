@@ -45,3 +45,52 @@ def evaluate_shard(
     device = device or next(model.parameters()).device
     total, count = window_loss(model, shard, shard.contiguous_starts(seq_len), seq_len, batch_size, device)
     return {**lm_metrics(total / max(1, count), shard.bytes_per_token), "tokens": count}
+
+
+@torch.no_grad()
+def strided_nll(model: torch.nn.Module, ids: list[int], window: int, stride: int) -> tuple[float, int]:
+    """Total negative log-likelihood and token count of `ids` with a sliding window.
+
+    Windows of `window` tokens start every `stride` tokens; each scores only the tokens the previous window
+    did not, so every token after the first is scored once, with up to window - stride tokens of context
+    (the method of HF's perplexity guide, so the figures compare).
+    """
+    device = next(model.parameters()).device
+    total, count, scored_to = 0.0, 0, 1  # token 0 has no context
+    for begin in range(0, max(1, len(ids) - 1), stride):
+        end = min(begin + window, len(ids))
+        x = torch.tensor(ids[begin:end - 1], device=device)[None]
+        y = torch.tensor(ids[begin + 1:end], device=device)[None]
+        first = max(scored_to, begin + 1) - (begin + 1)  # index of the first target not yet scored
+        y[:, :first] = -100
+        n = int((y != -100).sum())
+        if n:
+            total += model(x, labels=y).loss.item() * n
+            count += n
+        scored_to = end
+        if end == len(ids):
+            break
+    return total, count
+
+
+def evaluate_perplexity(model: torch.nn.Module, tokenizer, sources: list[str], window: int | None = None,
+                        stride: int | None = None) -> dict[str, float]:
+    """Perplexity and bits per byte of a model on text files / corpora, document by document."""
+    from lmforge.data.corpus import read_documents
+    from lmforge.errors import ConfigError
+
+    window = window or min(model.config.max_seq_len, 1024)
+    stride = stride or max(1, window // 2)
+    if window > model.config.max_seq_len or window < 2 or not 0 < stride <= window:
+        raise ConfigError(f"need 2 <= window <= {model.config.max_seq_len} (the context) and 0 < stride <= window; "
+                          f"got window {window}, stride {stride}")
+    was_training = model.training
+    model.eval()
+    total, count, n_bytes = 0.0, 0, 0
+    for doc in read_documents(sources):
+        t, c = strided_nll(model, tokenizer.encode(doc.text), window, stride)
+        total, count, n_bytes = total + t, count + c, n_bytes + len(doc.text.encode("utf-8"))
+    model.train(was_training)
+    loss = total / max(1, count)
+    return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "bpb": total / math.log(2) / max(1, n_bytes),
+            "tokens": count, "bytes": n_bytes, "window": window, "stride": stride}

@@ -89,9 +89,10 @@ def next_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Ge
 @torch.inference_mode()
 def generate_ids(
     model: torch.nn.Module, prompts: Sequence[Sequence[int]], params: SamplingParams,
-    eos_token_id: int | None = None, pad_token_id: int = 0, pack_weights: bool = True,
+    eos_token_id: int | Sequence[int] | None = None, pad_token_id: int = 0, pack_weights: bool = True,
 ) -> Iterator[torch.Tensor]:
-    """Yield the next token of every prompt, step by step ([B] tensors), until max_new_tokens or all rows hit EOS.
+    """Yield the next token of every prompt, step by step ([B] tensors), until max_new_tokens or all rows hit EOS
+    (eos_token_id: one id or several). A finished row keeps yielding its EOS id.
 
     Prompts of different lengths are left-padded so that every row's last token sits in the same column; the
     attention mask hides the padding and position ids count real tokens only. On CPU the Linear weights are
@@ -125,6 +126,10 @@ def generate_ids(
         for i, p in enumerate(prompts):
             seen[i, torch.as_tensor(list(p), device=device)] = True
     done = torch.zeros(B, dtype=torch.bool, device=device)
+    ends = None
+    if eos_token_id is not None:
+        ends = torch.as_tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id),
+                               dtype=torch.long, device=device)
     cache = model.new_cache(B, total)
 
     x, length = ids, T
@@ -133,9 +138,9 @@ def generate_ids(
             logits = model(x, attention_mask=None if mask is None else mask[:, :length], cache=cache,
                            last_only=True).logits[:, -1]
             tok = next_token(logits, params, generator, seen)
-            if eos_token_id is not None:
-                tok = torch.where(done, torch.full_like(tok, eos_token_id), tok)
-                done |= tok == eos_token_id
+            if ends is not None and ends.numel():
+                tok = torch.where(done, ends[0], tok)
+                done |= torch.isin(tok, ends)
             if seen is not None:
                 seen[torch.arange(B, device=device), tok] = True
             yield tok
@@ -154,29 +159,30 @@ def generate(
     model: torch.nn.Module, tokenizer, prompts: str | Sequence[str], max_new_tokens: int = 128,
     temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
     repetition_penalty: float = 1.0, stop: Sequence[str] | None = None, seed: int | None = None,
-    on_text: Callable[[int, str], None] | None = None,
+    on_text: Callable[[int, str], None] | None = None, end_token_ids: Sequence[int] = (),
 ) -> list[str] | str:
     """Continue each prompt; returns the new text (a str for a str prompt, else a list).
 
-    stop: strings that end a row (not included in the output). on_text(row, piece) receives text as it is
-    produced, for streaming; pieces never split a multi-byte character.
+    stop: strings that end a row (not included in the output). end_token_ids: tokens that end a row besides
+    EOS (a chat template's end-of-turn). on_text(row, piece) receives text as it is produced, for streaming;
+    pieces never split a multi-byte character.
     """
     single = isinstance(prompts, str)
     texts = [prompts] if single else list(prompts)
     params = SamplingParams(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed)
     start = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
     encoded = [tokenizer.encode(t) or ([start] if start is not None else []) for t in texts]
-    eos = tokenizer.eos_id
+    ends = list(dict.fromkeys(([tokenizer.eos_id] if tokenizer.eos_id is not None else []) + list(end_token_ids)))
     new_ids: list[list[int]] = [[] for _ in texts]
     emitted = [""] * len(texts)  # text already handed to on_text / final
     finished = [False] * len(texts)
     stop = [s for s in (stop or []) if s]
 
-    for tok in generate_ids(model, encoded, params, eos_token_id=eos, pad_token_id=tokenizer.pad_id):
+    for tok in generate_ids(model, encoded, params, eos_token_id=ends or None, pad_token_id=tokenizer.pad_id):
         for i, t in enumerate(tok.tolist()):
             if finished[i]:
                 continue
-            if eos is not None and t == eos:
+            if t in ends:
                 finished[i] = True
                 continue
             new_ids[i].append(t)

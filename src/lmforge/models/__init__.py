@@ -1,4 +1,4 @@
-"""Model families and the one loader that picks the right one from a model directory."""
+"""Model families and the loaders that pick the right one from a path."""
 
 from __future__ import annotations
 
@@ -9,16 +9,42 @@ import torch
 from lmforge.errors import ModelLoadError
 from lmforge.models.decoder import CausalLMOutput, DecoderLM
 
-__all__ = ["CausalLMOutput", "DecoderLM", "load_model"]
+__all__ = ["CausalLMOutput", "DecoderLM", "load_model", "load_pretrained", "resolve_model_path"]
+
+
+def resolve_model_path(path: str | Path) -> Path:
+    """A model directory, a .gguf file, or the name of a packaged model (e.g. smollm2-135m-instruct)."""
+    from lmforge.data.assets import MODELS, model_file
+
+    p = Path(path)
+    if not p.exists() and str(path) in MODELS:
+        return model_file(str(path))
+    if not p.exists():
+        raise ModelLoadError(f"model path {p} does not exist (packaged models: {', '.join(MODELS)})")
+    return p
+
+
+def load_pretrained(path: str | Path, device: str | torch.device = "cpu"):
+    """(model, tokenizer) from an HF-layout directory, a .gguf file or a packaged model name."""
+    from lmforge.tokenizer import Tokenizer
+
+    p = resolve_model_path(path)
+    if p.is_file() and p.suffix == ".gguf":
+        from lmforge.interop.gguf import load_gguf
+
+        return load_gguf(p, device=device)
+    return load_model(p, device=device), Tokenizer.from_file(p)
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
-    """Load a model from an HF-layout directory (config.json + safetensors)."""
+    """Load a model from an HF-layout directory (config.json + safetensors) or a .gguf file."""
     from lmforge.interop.hf import load_model_dir
 
-    path = Path(path)
-    if not path.exists():
-        raise ModelLoadError(f"model path {path} does not exist")
-    if not path.is_dir():
-        raise ModelLoadError(f"{path} is not a model directory (expected config.json + model.safetensors)")
-    return load_model_dir(path, device=device)
+    p = resolve_model_path(path)
+    if p.is_file() and p.suffix == ".gguf":
+        from lmforge.interop.gguf import load_gguf
+
+        return load_gguf(p, device=device)[0]
+    if not p.is_dir():
+        raise ModelLoadError(f"{p} is not a model directory (config.json + model.safetensors) or a .gguf file")
+    return load_model_dir(p, device=device)

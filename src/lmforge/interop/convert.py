@@ -1,0 +1,15 @@
+"""`lmforge convert`: any model lmforge can load -> an HF-layout directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def convert(source: str | Path, out: str | Path) -> Path:
+    """Load a .gguf file, a model directory or a packaged model name and write it as an HF directory
+    (config.json, model.safetensors, tokenizer.json + tokenizer_config.json with the chat template,
+    generation_config.json). The result loads in lmforge and in transformers."""
+    from lmforge.models import load_pretrained
+
+    model, tokenizer = load_pretrained(source)
+    return model.save_pretrained(out, tokenizer=tokenizer)
