@@ -81,3 +81,43 @@ def test_bad_model_directories(tmp_path):
     (tmp_path / "m2" / "config.json").write_text(json.dumps(c))
     with pytest.raises(ModelLoadError, match="supported decoder types: gpt2, llama"):
         load_model(tmp_path / "m2")
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2"])
+def test_mistral_and_qwen2_directories_both_ways(tmp_path, family):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(2)
+    kw = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=family == "qwen2")
+    if family == "mistral":
+        ref = transformers.MistralForCausalLM(transformers.MistralConfig(sliding_window=None, **kw))
+    else:
+        ref = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**kw))
+        with torch.no_grad():  # give the q/k/v biases values, so the test would see them dropped
+            for layer in ref.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.normal_(0, 0.5)
+    ref.eval().save_pretrained(tmp_path / "hf")
+    ours = load_model(tmp_path / "hf")
+    x = torch.randint(0, 97, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x).logits, ref(x).logits, rtol=0, atol=1e-5)
+    ours.save_pretrained(tmp_path / "back")
+    expected = "llama" if family == "mistral" else "qwen2"
+    assert json.loads((tmp_path / "back" / "config.json").read_text())["model_type"] == expected
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(x).logits, ref(x).logits, rtol=0, atol=1e-5)
+
+
+def test_sharded_safetensors_directory(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(3)
+    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    ref = transformers.LlamaForCausalLM(cfg).eval()
+    ref.save_pretrained(tmp_path / "hf", max_shard_size="20KB")
+    assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()
+    x = torch.randint(0, 97, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(tmp_path / "hf")(x).logits, ref(x).logits, rtol=0, atol=1e-5)

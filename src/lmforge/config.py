@@ -40,6 +40,7 @@ class DecoderConfig:
     norm_eps: float = 1e-5
     mlp: str = "gelu_tanh"  # "gelu", "gelu_tanh", "relu", "swiglu" or "geglu"
     bias: bool = True  # biases on the Linear layers (GPT-2 has them, Llama does not)
+    qkv_bias: bool | None = None  # biases on Q/K/V only (Qwen2: True with bias False); None means `bias`
     tie_embeddings: bool = True
     dropout: float = 0.0
     init_std: float = 0.02
@@ -50,6 +51,8 @@ class DecoderConfig:
     def __post_init__(self) -> None:
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
+        if self.qkv_bias is None:
+            self.qkv_bias = self.bias
         if self.head_dim is None and self.n_head > 0 and self.d_model % self.n_head == 0:
             self.head_dim = self.d_model // self.n_head
         if self.d_ff is None:
@@ -92,7 +95,8 @@ class DecoderConfig:
         attn = d * (q_out + 2 * kv_out) + q_out * d
         mlp = (3 if self.gated else 2) * d * self.d_ff
         norm_p = 2 * d if self.norm == "layernorm" else d
-        bias = (q_out + 2 * kv_out + d + (2 if self.gated else 1) * self.d_ff + d) if self.bias else 0
+        bias = (d + (2 if self.gated else 1) * self.d_ff + d) if self.bias else 0
+        bias += (q_out + 2 * kv_out) if self.qkv_bias else 0
         block = attn + mlp + 2 * norm_p + bias
         n = L * block + norm_p
         if include_embeddings:

@@ -21,7 +21,7 @@ from lmforge.errors import ModelLoadError
 from lmforge.files import atomic_dir, write_json
 
 NATIVE_TYPE = "lmforge-decoder"
-SUPPORTED = ("gpt2", "llama", "mistral", NATIVE_TYPE)
+SUPPORTED = ("gpt2", "llama", "mistral", "qwen2", NATIVE_TYPE)
 
 # a row: HF tensor name, the lmforge tensors concatenated into it (along the output dim), layout
 # layout "linear": same [out, in] layout; "conv1d": GPT-2's Conv1D stores the weight as [in, out]
@@ -33,12 +33,17 @@ Row = tuple[str, list[str], str]
 
 
 def _fits_gpt2(c: DecoderConfig) -> bool:
-    return (c.pos_emb == "learned" and c.norm == "layernorm" and c.bias and c.mlp in ("gelu", "gelu_tanh", "relu")
+    return (c.pos_emb == "learned" and c.norm == "layernorm" and c.bias and c.qkv_bias
+            and c.mlp in ("gelu", "gelu_tanh", "relu")
             and c.n_kv_head == c.n_head and c.head_dim * c.n_head == c.d_model)
 
 
 def _fits_llama(c: DecoderConfig) -> bool:
-    return c.pos_emb == "rope" and c.norm == "rmsnorm" and c.mlp == "swiglu"
+    return c.pos_emb == "rope" and c.norm == "rmsnorm" and c.mlp == "swiglu" and c.qkv_bias == c.bias
+
+
+def _fits_qwen2(c: DecoderConfig) -> bool:
+    return c.pos_emb == "rope" and c.norm == "rmsnorm" and c.mlp == "swiglu" and c.qkv_bias and not c.bias
 
 
 GPT2_ACT = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu"}
@@ -60,6 +65,13 @@ def hf_config(c: DecoderConfig) -> dict[str, Any]:
                 "max_position_embeddings": c.max_seq_len, "rms_norm_eps": c.norm_eps, "rope_theta": c.rope_theta,
                 "hidden_act": "silu", "attention_bias": c.bias, "mlp_bias": c.bias,
                 "attention_dropout": c.dropout, "initializer_range": c.init_std, **common}
+    if _fits_qwen2(c):
+        return {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": c.d_model,
+                "intermediate_size": c.d_ff, "num_hidden_layers": c.n_layer, "num_attention_heads": c.n_head,
+                "num_key_value_heads": c.n_kv_head, "max_position_embeddings": c.max_seq_len,
+                "rms_norm_eps": c.norm_eps, "rope_theta": c.rope_theta, "hidden_act": "silu",
+                "use_sliding_window": False, "attention_dropout": c.dropout, "initializer_range": c.init_std,
+                **common}
     return {"architectures": ["DecoderLM"], "model_type": NATIVE_TYPE, "lmforge": c.to_dict(), **common}
 
 
@@ -78,21 +90,28 @@ def config_from_hf(d: dict[str, Any], where: str = "config.json") -> DecoderConf
                 bos_token_id=d.get("bos_token_id"), eos_token_id=d.get("eos_token_id"),
                 pad_token_id=d.get("pad_token_id"),
             )
-        if mt in ("llama", "mistral"):
+        if mt in ("llama", "mistral", "qwen2"):
             if d.get("hidden_act", "silu") != "silu":
                 raise ModelLoadError(f"{where}: hidden_act {d['hidden_act']!r} is not supported (only silu)")
             if d.get("rope_scaling"):
                 raise ModelLoadError(f"{where}: rope_scaling is not supported yet")
             if d.get("attention_bias", False) != d.get("mlp_bias", False):
                 raise ModelLoadError(f"{where}: attention_bias != mlp_bias is not supported")
+            if d.get("use_sliding_window") and d.get("sliding_window"):
+                raise ModelLoadError(f"{where}: sliding-window attention is not supported yet")
             n_head = d["num_attention_heads"]
+            max_len = d.get("max_position_embeddings", 2048)
+            if mt == "mistral" and d.get("sliding_window"):
+                # a window at least as long as the context changes nothing; within it we are exact
+                max_len = min(max_len, d["sliding_window"])
             return DecoderConfig(
                 vocab_size=d["vocab_size"], n_layer=d["num_hidden_layers"], n_head=n_head,
                 n_kv_head=d.get("num_key_value_heads") or n_head, d_model=d["hidden_size"],
                 head_dim=d.get("head_dim") or d["hidden_size"] // n_head, d_ff=d["intermediate_size"],
-                max_seq_len=d.get("max_position_embeddings", 2048), pos_emb="rope",
+                max_seq_len=max_len, pos_emb="rope",
                 rope_theta=float(d.get("rope_theta", 10000.0)), norm="rmsnorm", norm_eps=d.get("rms_norm_eps", 1e-6),
                 mlp="swiglu", bias=bool(d.get("attention_bias", False)),
+                qkv_bias=True if mt == "qwen2" else bool(d.get("attention_bias", False)),
                 tie_embeddings=d.get("tie_word_embeddings", False), init_std=d.get("initializer_range", 0.02),
                 bos_token_id=_first(d.get("bos_token_id")), eos_token_id=_first(d.get("eos_token_id")),
                 pad_token_id=d.get("pad_token_id"),
@@ -133,16 +152,18 @@ def tensor_rows(c: DecoderConfig, model_type: str) -> list[Row]:
                 ]
         rows += [("transformer.ln_f.weight", ["norm.weight"], "linear"),
                  ("transformer.ln_f.bias", ["norm.bias"], "linear")]
-    elif model_type in ("llama", "mistral"):
+    elif model_type in ("llama", "mistral", "qwen2"):
         rows.append(("model.embed_tokens.weight", ["tok_emb.weight"], "linear"))
-        params = ("weight", "bias") if c.bias else ("weight",)
         for i in range(c.n_layer):
             h, b = f"model.layers.{i}", f"blocks.{i}"
             rows += [(f"{h}.input_layernorm.weight", [f"{b}.attn_norm.weight"], "linear"),
                      (f"{h}.post_attention_layernorm.weight", [f"{b}.mlp_norm.weight"], "linear")]
-            for p in params:
-                rows += [(f"{h}.self_attn.{n}_proj.{p}", [f"{b}.attn.{n}_proj.{p}"], "linear") for n in "qkvo"]
-                rows += [(f"{h}.mlp.{n}_proj.{p}", [f"{b}.mlp.{n}.{p}"], "linear") for n in ("gate", "up", "down")]
+            for n in "qkvo":
+                for p in ("weight", "bias") if (c.qkv_bias if n != "o" else c.bias) else ("weight",):
+                    rows.append((f"{h}.self_attn.{n}_proj.{p}", [f"{b}.attn.{n}_proj.{p}"], "linear"))
+            for n in ("gate", "up", "down"):
+                for p in ("weight", "bias") if c.bias else ("weight",):
+                    rows.append((f"{h}.mlp.{n}_proj.{p}", [f"{b}.mlp.{n}.{p}"], "linear"))
         rows.append(("model.norm.weight", ["norm.weight"], "linear"))
     else:
         return []  # native: names are lmforge's own

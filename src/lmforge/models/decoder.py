@@ -32,7 +32,8 @@ class Block(nn.Module):
     def __init__(self, cfg: DecoderConfig) -> None:
         super().__init__()
         self.attn_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
-        self.attn = Attention(cfg.d_model, cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.bias, cfg.dropout)
+        self.attn = Attention(cfg.d_model, cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.bias, cfg.dropout,
+                              qkv_bias=cfg.qkv_bias)
         self.mlp_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
         self.mlp = MLP(cfg.d_model, cfg.d_ff, cfg.mlp, cfg.bias)
         self.drop = nn.Dropout(cfg.dropout)

@@ -133,14 +133,15 @@ class Attention(nn.Module):
 
     def __init__(
         self, d_model: int, n_head: int, n_kv_head: int, head_dim: int, bias: bool = True,
-        dropout: float = 0.0, causal: bool = True,
+        dropout: float = 0.0, causal: bool = True, qkv_bias: bool | None = None,
     ) -> None:
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = n_head, n_kv_head, head_dim
         self.causal, self.dropout = causal, dropout
-        self.q_proj = nn.Linear(d_model, n_head * head_dim, bias=bias)
-        self.k_proj = nn.Linear(d_model, n_kv_head * head_dim, bias=bias)
-        self.v_proj = nn.Linear(d_model, n_kv_head * head_dim, bias=bias)
+        qkv_bias = bias if qkv_bias is None else qkv_bias
+        self.q_proj = nn.Linear(d_model, n_head * head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(d_model, n_kv_head * head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(d_model, n_kv_head * head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(n_head * head_dim, d_model, bias=bias)
 
     def forward(

@@ -1,0 +1,77 @@
+"""Decoding the real model: SmolLM2-135M-Instruct (the packaged GGUF, dequantized to fp32), lmforge against
+transformers' `generate` loading the same file. Greedy, 128 new tokens, batch 1 and 8 (the same prompt
+repeated, so no padding differences), each system in its own fresh process, median of 3 runs after a warm-up.
+
+    python benchmarks/decode_real.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import median_time, run_worker, table  # noqa: E402
+
+NEW = 128
+PROMPT = "Once upon a time, in a small village by the sea, there lived an old fisherman who"
+
+
+def worker(system: str, batch: str) -> None:
+    from lmforge.data.assets import model_file
+
+    B = int(batch)
+    path = model_file("smollm2-135m-instruct")
+    if system == "lmforge":
+        from lmforge.generate import SamplingParams, generate_ids
+        from lmforge.interop.gguf import load_gguf
+        from lmforge.runtime import tune_allocator
+
+        tune_allocator()
+        model, tok = load_gguf(path)
+        rows = [tok.encode(PROMPT)] * B
+        params = SamplingParams(max_new_tokens=NEW, temperature=0)
+
+        def run():
+            assert sum(1 for _ in generate_ids(model, rows, params)) == NEW
+    else:
+        import transformers
+
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                                  dtype=torch.float32).eval()
+        tok = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        ids = torch.tensor([tok.encode(PROMPT, add_special_tokens=False)] * B)
+
+        def run():
+            with torch.inference_mode():
+                out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=NEW,
+                                     min_new_tokens=NEW, pad_token_id=2, eos_token_id=None)
+            assert out.shape[1] == ids.shape[1] + NEW
+
+    print(json.dumps({"seconds": median_time(run, warmup=1, repeats=3)}))
+
+
+def main() -> None:
+    print(f"threads {torch.get_num_threads()}, torch {torch.__version__}, SmolLM2-135M fp32, greedy, {NEW} new tokens")
+    rows = []
+    for batch in (1, 8):
+        group = []
+        for system in ("lmforge", "transformers"):
+            r = run_worker(__file__, system, str(batch))
+            group.append({"batch": batch, "system": system, "tok_s": batch * NEW / r["seconds"],
+                          "ms": r["seconds"] / NEW * 1e3})
+        for row in group:
+            row["ratio"] = group[0]["tok_s"] / row["tok_s"]
+        rows += group
+    print(table(rows, [("batch", "batch", "d"), ("system", "system", ""), ("ms", "ms / step", ".1f"),
+                       ("tok_s", "tokens/s", ",.1f"), ("ratio", "lmforge speed-up", ".2f")]))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
+        worker(*sys.argv[2:])
+    else:
+        main()
