@@ -58,7 +58,7 @@ def cmd_generate(a: argparse.Namespace) -> None:
 
     tune_allocator()
     model, tok = load_pretrained(a.model, device=a.device)
-    prompts = [p.encode("utf-8").decode("unicode_escape") if a.escapes else p for p in a.prompt]
+    prompts = [p.replace("\\n", "\n").replace("\\t", "\t") if a.escapes else p for p in a.prompt]
     stream = len(prompts) == 1 and not a.no_stream and sys.stdout.isatty() or (len(prompts) == 1 and a.stream)
 
     def on_text(row: int, piece: str) -> None:

@@ -66,7 +66,7 @@ def quickstart(out: str | Path | None = None, overrides: list[str] | None = None
         say("\n--- sample ---\n" + prompt + text)
     seconds = time.time() - t0
     say(f"\ndone in {seconds:.0f} s. model: {result.model_dir}  report: {report}")
-    say(f"try: lmforge generate --model {result.model_dir} --prompt 'JULIET.\\n'")
+    say(f"try: lmforge generate --model {result.model_dir} --prompt 'JULIET.\\n' --escapes")
     summary = json.loads((run / "summary.json").read_text())
     summary["quickstart_seconds"] = seconds
     write_json(run / "summary.json", summary)

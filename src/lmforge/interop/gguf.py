@@ -161,7 +161,7 @@ def load_gguf(path: str | Path, device: str | torch.device = "cpu"):
     model.load_state_dict(state, strict=False, assign=True)
     if cfg.tie_embeddings:
         model.lm_head.weight = model.tok_emb.weight
-    model.rotary._build(min(cfg.max_seq_len, 8192))
+    model.rotary._build(min(cfg.max_seq_len, 4096))
     return model.to(device).eval(), gguf_tokenizer(reader, str(path))
 
 

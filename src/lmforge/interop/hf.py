@@ -288,7 +288,7 @@ def load_model_dir(path: str | Path, device: str | torch.device = "cpu") -> torc
     if cfg.tie_embeddings:
         model.lm_head.weight = model.tok_emb.weight
     if cfg.pos_emb == "rope":  # buffers derived from the config are rebuilt, not loaded
-        model.rotary._build(cfg.max_seq_len)
+        model.rotary._build(min(cfg.max_seq_len, 4096))
     missing = [n for n, p in model.named_parameters() if p.is_meta]
     if missing:
         raise ModelLoadError(f"{path}: no weights for {missing[0]}")

@@ -55,10 +55,13 @@ def padded_causal_mask(key_mask: torch.Tensor, q_len: int) -> torch.Tensor:
 
 
 class Rotary(nn.Module):
+    """cos/sin tables for positions; built for up to 4096 positions and grown on demand (a 128k-context model
+    would otherwise carry hundreds of MB of tables it may never use)."""
+
     def __init__(self, head_dim: int, max_seq_len: int, theta: float = 10000.0) -> None:
         super().__init__()
         self.head_dim, self.theta = head_dim, theta
-        self._build(max_seq_len)
+        self._build(min(max_seq_len, 4096))
 
     def _build(self, n: int, device: torch.device | None = None) -> None:
         inv_freq = 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, device=device).float() / self.head_dim))

@@ -176,10 +176,11 @@ def _pretrain(cfg: RunConfig, run: Path, resume: bool, progress: bool | None, ov
                 m = evaluate()
                 log({"step": step, "split": "val", **m})
                 _say(bar, env, f"step {step}: val loss {m['loss']:.4f}  ppl {m['ppl']:.2f}  bpb {m['bpb']:.4f}")
-            if env.main and tc.ckpt_every and step % tc.ckpt_every == 0:
-                save_checkpoint(run, step, model, optimizer, data_gen, {"tokens": tokens_seen},
-                                keep=tc.keep_checkpoints)
-            env.barrier() if tc.ckpt_every and step % tc.ckpt_every == 0 else None
+            if tc.ckpt_every and step % tc.ckpt_every == 0:
+                if env.main:
+                    save_checkpoint(run, step, model, optimizer, data_gen, {"tokens": tokens_seen},
+                                    keep=tc.keep_checkpoints)
+                env.barrier()
             if bar is not None:
                 bar.update(1)
             if stop_after is not None and step >= stop_after:
