@@ -94,3 +94,15 @@ def test_two_process_ddp_matches_one_process(tmp_path, small_corpus):
     assert [s for s, _ in ta] == [s for s, _ in tb] == list(range(1, 9))
     for (_, x), (_, y) in zip(ta + va, tb + vb):
         assert abs(x - y) < 1e-4, (ta, tb)
+
+
+def test_split_is_by_file_name_not_location(tmp_path, small_corpus):
+    from lmforge.data.corpus import read_documents, split_documents
+
+    copy = tmp_path / "elsewhere" / "deeper"
+    shutil.copytree(small_corpus, copy)
+    a = split_documents(read_documents([str(small_corpus)]), 0.3)
+    b = split_documents(read_documents([str(copy)]), 0.3)
+    names = [[os.path.basename(d.name) for d in part] for part in a]
+    assert names == [[os.path.basename(d.name) for d in part] for part in b]
+    assert len(names[1]) == 2 and len(names[0]) == 4  # ceil(0.3 * 6) held out, whole documents

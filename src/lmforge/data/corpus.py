@@ -1,7 +1,7 @@
 """Corpora: packaged names, files, folders and globs -> documents -> a deterministic train/validation split.
 
 A document is one file. The split is by document, so no play (say) is half in training and half in validation:
-documents are ordered by a hash of their name and the first `val_fraction` of them are held out. The split does
+documents are ordered by a hash of their file name (not the folder) and the first `val_fraction` of them are held out. The split does
 not depend on the seed or on the order sources are listed in. A corpus of a single file is cut into 100 blocks at
 line boundaries first, and the blocks are split the same way.
 """
@@ -79,8 +79,9 @@ def split_documents(docs: list[Document], val_fraction: float) -> tuple[list[Doc
     if len(docs) < 2:
         raise DataError(f"corpus {docs[0].name} is too small to hold out a validation part; add more text")
 
-    def key(d: Document) -> str:
-        return hashlib.sha1(Path(d.name).name.encode() + b"\0" + d.name.encode()).hexdigest()
+    def key(d: Document) -> tuple[str, str]:
+        # the file name alone decides, so the split is the same wherever the corpus is installed
+        return hashlib.sha1(Path(d.name).name.encode()).hexdigest(), d.name
 
     ordered = sorted(docs, key=key)
     n_val = min(len(docs) - 1, max(1, math.ceil(val_fraction * len(docs))))
