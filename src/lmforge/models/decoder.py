@@ -122,7 +122,7 @@ class DecoderLM(nn.Module):
 
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
         c = self.config
-        p = self.lm_head.weight
+        p = self.tok_emb.weight  # (the head may be quantized; the embedding keeps the compute dtype)
         return KVCache(c.n_layer, batch, c.n_kv_head, c.head_dim, max_len, p.device, dtype or p.dtype)
 
     # ------------------------------------------------------------------------------------------------------------
