@@ -62,6 +62,9 @@ def test_non_utf8_file(tmp_path):
     ("model.n_head=3", "does not divide model.d_model=32"),
     ("train.steps=ten", "train.steps must be an integer"),
     ("nokey", "is not key=value"),
+    ("train.steps=.inf", "train.steps must be an integer"),
+    ("train.lr=.nan", "train.lr must be a finite number"),
+    ("model.preset=[a]", "unknown model preset"),
 ])
 def test_bad_config_values(tmp_path, small_corpus, override, needle):
     out = tmp_path / "run"
@@ -111,3 +114,10 @@ def test_tokenizer_train_verb(tmp_path, small_corpus):
 def test_info_on_preset():
     r = run_cli("info", "gpt2-124m")
     assert r.returncode == 0 and "124,439,808" in r.stdout
+
+
+def test_section_that_is_not_a_mapping(tmp_path, small_corpus):
+    p = tmp_path / "bad.yaml"
+    p.write_text("model: gpt2-124m\n")
+    assert_user_error(run_cli("pretrain", "--config", str(p), "--out", str(tmp_path / "run")),
+                      "section 'model' must be a mapping")

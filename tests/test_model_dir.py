@@ -121,3 +121,26 @@ def test_sharded_safetensors_directory(tmp_path):
     x = torch.randint(0, 97, (1, 12))
     with torch.no_grad():
         torch.testing.assert_close(load_model(tmp_path / "hf")(x).logits, ref(x).logits, rtol=0, atol=1e-5)
+
+
+def test_save_refuses_to_replace_a_folder_that_is_not_a_model(tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "precious.txt").write_text("keep me")
+    with pytest.raises(ModelLoadError, match="not a model directory"):
+        make("gpt2").save_pretrained(tmp_path / "mine")
+    assert (tmp_path / "mine" / "precious.txt").read_text() == "keep me"
+    make("gpt2").save_pretrained(tmp_path / "m")
+    make("gpt2").save_pretrained(tmp_path / "m")  # replacing a model directory is fine
+
+
+def test_half_precision_files_load_as_float32(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    m = make("llama")
+    m.save_pretrained(tmp_path / "m")
+    w = tmp_path / "m" / "model.safetensors"
+    save_file({k: v.half() for k, v in load_file(str(w)).items()}, str(w))
+    again = load_model(tmp_path / "m")
+    assert all(p.dtype == torch.float32 for p in again.parameters())
+    x = torch.randint(0, 97, (1, 8))
+    torch.testing.assert_close(again(x).logits, m(x).logits, rtol=0, atol=1e-2)

@@ -59,7 +59,7 @@ def cmd_generate(a: argparse.Namespace) -> None:
     tune_allocator()
     model, tok = load_pretrained(a.model, device=a.device, quantize=a.quantize)
     prompts = [p.replace("\\n", "\n").replace("\\t", "\t") if a.escapes else p for p in a.prompt]
-    stream = len(prompts) == 1 and not a.no_stream and sys.stdout.isatty() or (len(prompts) == 1 and a.stream)
+    stream = len(prompts) == 1 and not a.json and (a.stream or (not a.no_stream and sys.stdout.isatty()))
 
     def on_text(row: int, piece: str) -> None:
         sys.stdout.write(piece)
@@ -134,6 +134,10 @@ def cmd_chat(a: argparse.Namespace) -> None:
         except KeyboardInterrupt:  # stop this reply, keep the session
             history.pop()
             print()
+            continue
+        except LmforgeError as e:  # e.g. the conversation outgrew the context: keep the session
+            history.pop()
+            print(f"\nlmforge: {e} (type /reset to clear the history)", file=sys.stderr)
             continue
         print()
         history.append({"role": "assistant", "content": reply})

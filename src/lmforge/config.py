@@ -94,7 +94,7 @@ class DecoderConfig:
         q_out, kv_out = self.n_head * hd, self.n_kv_head * hd
         attn = d * (q_out + 2 * kv_out) + q_out * d
         mlp = (3 if self.gated else 2) * d * self.d_ff
-        norm_p = 2 * d if self.norm == "layernorm" else d
+        norm_p = 2 * d if self.norm == "layernorm" and self.bias else d
         bias = (d + (2 if self.gated else 1) * self.d_ff + d) if self.bias else 0
         bias += (q_out + 2 * kv_out) if self.qkv_bias else 0
         block = attn + mlp + 2 * norm_p + bias
@@ -301,9 +301,12 @@ def run_config_from_dict(raw: dict[str, Any]) -> RunConfig:
     unknown = set(raw) - {"model", "data", "train", "preset"}
     if unknown:
         raise ConfigError(f"unknown config section {sorted(unknown)[0]!r}; known: model, data, train")
+    for section in ("model", "data", "train"):
+        if raw.get(section) is not None and not isinstance(raw[section], dict):
+            raise ConfigError(f"config section {section!r} must be a mapping of keys to values")
     model_raw = dict(raw.get("model") or {})
     preset = model_raw.pop("preset", None) or raw.get("preset")
-    if preset is not None and preset not in PRESETS:
+    if preset is not None and (not isinstance(preset, str) or preset not in PRESETS):
         raise ConfigError(f"unknown model preset {preset!r}; known presets: {', '.join(PRESETS)}")
     values = dict(PRESETS[preset]) if preset else {}
     values.update(model_raw)
@@ -328,6 +331,8 @@ def _build(cls: type, values: dict[str, Any], section: str) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
     for k, v in values.items():
+        if not isinstance(k, str):
+            raise ConfigError(f"config key {k!r} in section {section!r} is not a name")
         if k not in names:
             close = [n for n in sorted(names) if n.startswith(k[:3])]
             hint = f" (did you mean {close[0]}?)" if close else f"; known keys: {', '.join(sorted(names))}"
@@ -363,7 +368,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             return value
         raise ConfigError(f"{key} must be true or false, got {value!r}")
     if hint is int:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+        if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+                or int(value) != value):
             raise ConfigError(f"{key} must be an integer, got {value!r}")
         return int(value)
     if hint is float:
@@ -372,8 +378,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
                 return float(value)
             except ValueError:
                 pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key} must be a number, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"{key} must be a finite number, got {value!r}")
         return float(value)
     if hint is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):

@@ -29,6 +29,10 @@ def model_info(target: str | Path) -> dict[str, Any]:
 
 
 def describe(cfg: DecoderConfig, source: str = "", model_type: str | None = None) -> dict[str, Any]:
+    try:
+        cfg.validate()
+    except Exception as e:
+        raise ModelLoadError(f"{source}: {e}") from None
     family = "llama" if cfg.pos_emb == "rope" else "gpt2"
     return {
         "source": source,

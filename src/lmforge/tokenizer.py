@@ -64,7 +64,10 @@ class Tokenizer:
         extra = {}
         cfg = file.parent / "tokenizer_config.json"
         if cfg.is_file():
-            extra = json.loads(cfg.read_text(encoding="utf-8"))
+            try:
+                extra = json.loads(cfg.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ModelLoadError(f"{cfg} is not valid JSON ({e})") from None
 
         def name(key: str) -> str | None:
             v = extra.get(key)

@@ -37,9 +37,14 @@ def apply_chat_template(tokenizer, messages: Sequence[dict], add_generation_prom
     for m in messages:
         if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
             raise LmforgeError(f"a chat message needs role ({', '.join(ROLES)}) and string content, got {m!r}")
+    from jinja2.exceptions import TemplateError
+
     template = _compile(tokenizer.chat_template or CHATML)
-    return template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
-                           bos_token=tokenizer.bos_token or "", eos_token=tokenizer.eos_token or "")
+    try:
+        return template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
+                               bos_token=tokenizer.bos_token or "", eos_token=tokenizer.eos_token or "")
+    except TemplateError as e:
+        raise LmforgeError(f"the model's chat template failed on these messages: {e}") from None
 
 
 def chat(model, tokenizer, messages: Sequence[dict], max_new_tokens: int = 256, temperature: float = 0.7,

@@ -43,7 +43,8 @@ def _fits_llama(c: DecoderConfig) -> bool:
 
 
 def _fits_qwen2(c: DecoderConfig) -> bool:
-    return c.pos_emb == "rope" and c.norm == "rmsnorm" and c.mlp == "swiglu" and c.qkv_bias and not c.bias
+    return (c.pos_emb == "rope" and c.norm == "rmsnorm" and c.mlp == "swiglu" and c.qkv_bias and not c.bias
+            and c.head_dim * c.n_head == c.d_model)
 
 
 GPT2_ACT = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu"}
@@ -208,6 +209,8 @@ def from_hf_state(
                 f"{where}: tensor {hf_name!r} has shape {tuple(hf[hf_name].shape)}, config.json implies "
                 f"{want}; the weights do not match the config"
             )
+        if t.is_floating_point() and t.dtype != torch.float32:
+            t = t.float()  # fp16/bf16 files compute in fp32 here (CPU kernels, oneDNN packing)
         for n, part in zip(names, torch.split(t, sizes, dim=0)):
             out[n] = part
     return out
@@ -221,6 +224,8 @@ def save_model_dir(model: torch.nn.Module, path: str | Path, tokenizer: Any = No
                    generation_config: dict | None = None) -> Path:
     """Write `model` (and its tokenizer) as an HF-layout directory, atomically."""
     path = Path(path)
+    if path.exists() and (not path.is_dir() or (any(path.iterdir()) and not (path / "config.json").is_file())):
+        raise ModelLoadError(f"{path} exists and is not a model directory; choose a new or empty output folder")
     cfg = hf_config(model.config)
     state = to_hf_state(model, cfg["model_type"])
     with atomic_dir(path) as tmp:

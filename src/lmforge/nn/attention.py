@@ -117,11 +117,6 @@ class KVCache:
     def advance(self, n: int) -> None:
         self.length += n
 
-    def reorder(self, index: torch.Tensor) -> None:
-        """Select / reorder batch rows (beam search, dropping finished rows)."""
-        self.k = [t.index_select(0, index) for t in self.k]
-        self.v = [t.index_select(0, index) for t in self.v]
-
 
 # --------------------------------------------------------------------------------------------------------------
 # the module

@@ -79,7 +79,11 @@ def load_checkpoint(
         meta = json.loads((path / "trainer_state.json").read_text())
     except (SafetensorError, OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"checkpoint {path} is unreadable ({str(e).splitlines()[0]})") from None
-    missing, unexpected = model.load_state_dict(weights, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint {path} does not fit the model: {str(e).splitlines()[-1].strip()}; "
+                              f"model.* settings cannot change on resume") from None
     missing = [m for m in missing if m != "lm_head.weight"]
     if missing or unexpected:
         raise CheckpointError(f"checkpoint {path} does not match the model ({(missing + unexpected)[0]})")

@@ -62,6 +62,8 @@ def pretrain(
     run, as a job scheduler's time limit would; `resume=True` continues it.
     """
     tune_allocator()
+    if resume and (Path(out_dir) / "config.yaml").is_file():  # the saved run decides the device
+        config = load_run_config(Path(out_dir) / "config.yaml", overrides)
     env = init_distributed(config.train.device)
     try:
         return _pretrain(config, Path(out_dir), resume, progress, overrides, env, stop_after)
@@ -186,8 +188,11 @@ def _pretrain(cfg: RunConfig, run: Path, resume: bool, progress: bool | None, ov
             if stop_after is not None and step >= stop_after:
                 break
     except KeyboardInterrupt:
-        if env.main:
-            print(f"\ninterrupted at step {step}; continue with: lmforge pretrain --resume --out {run}",
+        if env.main and list_checkpoints(run):
+            print(f"\ninterrupted at step {step}; continue from the last checkpoint with: "
+                  f"lmforge pretrain --resume --out {run}", file=sys.stderr)
+        elif env.main:
+            print(f"\ninterrupted at step {step}, before the first checkpoint; remove {run} to start again",
                   file=sys.stderr)
         raise
     finally:
@@ -266,7 +271,13 @@ def _truncate_metrics(path: Path, step: int) -> None:
     """On resume, drop records logged after the checkpoint we resume from (they will be logged again)."""
     if not path.is_file():
         return
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+    keep = []
+    for ln in path.read_text().splitlines():
+        try:
+            if json.loads(ln)["step"] <= step:
+                keep.append(ln)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue  # a line cut short by a crash
     write_text(path, "".join(ln + "\n" for ln in keep))
 
 
