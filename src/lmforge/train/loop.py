@@ -237,7 +237,7 @@ def _prepare(cfg: RunConfig, run: Path, env: DistEnv) -> Tokenizer:
     try:
         if env.main:
             run.mkdir(parents=True, exist_ok=True)
-            tokenizer.save(run / "tokenizer.json")
+            tokenizer.save(run)  # tokenizer.json + tokenizer_config.json (special-token names)
         env.barrier()
         tokenizer = Tokenizer.from_file(run / "tokenizer.json") if not env.main else tokenizer
         # the model's vocabulary is the tokenizer's (a trained BPE can come out smaller than asked)
