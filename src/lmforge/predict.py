@@ -1,0 +1,113 @@
+"""Batched encoder inference: class probabilities, labels and sentence embeddings for lists of texts.
+
+Texts are tokenized once, sorted by length and cut into batches, so each batch pads only to its own longest
+text (real tweets vary from 5 to 100 tokens: padding everything to the longest wastes most of the compute);
+results come back in the caller's order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from lmforge.errors import ModelLoadError
+from lmforge.models.encoder import Encoder, mean_pool
+from lmforge.tokenizer import Tokenizer
+
+
+def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int, types: Sequence[Sequence[int]] | None = None
+              ) -> dict[str, torch.Tensor]:
+    """Right-padded input_ids, attention_mask (and token_type_ids) tensors for a list of id lists."""
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    out = {"input_ids": ids, "attention_mask": mask}
+    if types is not None:
+        out["token_type_ids"] = torch.zeros((len(seqs), T), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, :len(s)] = 1
+        if types is not None:
+            out["token_type_ids"][i, :len(s)] = torch.tensor(types[i], dtype=torch.long)
+    return out
+
+
+def length_batches(lengths: Sequence[int], batch_size: int, max_tokens: int | None = None) -> Iterator[list[int]]:
+    """Index batches in order of length (longest first, so a memory problem shows at once); with max_tokens a
+    batch also stops growing when batch x longest would exceed it."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batch: list[int] = []
+    for i in order:
+        if batch and (len(batch) == batch_size or (max_tokens and (len(batch) + 1) * lengths[batch[0]] > max_tokens)):
+            yield batch
+            batch = []
+        batch.append(i)
+    if batch:
+        yield batch
+
+
+def _check_encoder(model: torch.nn.Module) -> Encoder:
+    if not isinstance(model, Encoder):
+        raise ModelLoadError(f"this needs an encoder model (BERT family), got a {type(model).__name__}")
+    return model
+
+
+@torch.inference_mode()
+def encode(model: Encoder, tokenizer: Tokenizer, texts: Sequence[str], batch_size: int = 64,
+           max_len: int | None = None, what: str = "logits") -> torch.Tensor:
+    """Run the encoder over texts in length-sorted batches. what: "logits" (the head's output per text),
+    "mean" (mean-pooled hidden states), "cls" (the [CLS] hidden state) or "pooled" (the pooler's output)."""
+    model = _check_encoder(model)
+    model.eval()
+    max_len = min(max_len or model.config.max_seq_len, model.config.max_seq_len)
+    enc = tokenizer.encode_for_encoder(texts, max_len=max_len)
+    device = model.tok_emb.weight.device
+    out: list[torch.Tensor | None] = [None] * len(texts)
+    for idx in length_batches([len(e.ids) for e in enc], batch_size):
+        b = pad_batch([enc[i].ids for i in idx], tokenizer.pad_id)
+        b = {k: v.to(device) for k, v in b.items()}
+        o = model(**b)
+        if what == "logits":
+            r = o.logits
+        elif what == "mean":
+            r = mean_pool(o.hidden, b["attention_mask"])
+        elif what == "cls":
+            r = o.hidden[:, 0]
+        else:
+            r = o.pooled
+        for j, i in enumerate(idx):
+            out[i] = r[j].float().cpu()
+    return torch.stack(out)  # type: ignore[arg-type]
+
+
+def predict(model: Encoder, tokenizer: Tokenizer, texts: Sequence[str], batch_size: int = 64,
+            max_len: int | None = None) -> list[dict]:
+    """Label, probability and all class probabilities for each text, from a classification model."""
+    model = _check_encoder(model)
+    if model.config.head != "classify":
+        raise ModelLoadError("this model has no classification head; fine-tune one with "
+                             "`lmforge finetune classify` first")
+    probs = predict_proba(model, tokenizer, texts, batch_size, max_len)
+    labels = model.config.labels
+    return [{"label": labels[int(p.argmax())], "score": float(p.max()),
+             "probs": {labels[k]: float(v) for k, v in enumerate(p)}} for p in probs]
+
+
+def predict_proba(model: Encoder, tokenizer: Tokenizer, texts: Sequence[str], batch_size: int = 64,
+                  max_len: int | None = None) -> torch.Tensor:
+    return torch.softmax(encode(model, tokenizer, texts, batch_size, max_len, "logits"), dim=-1)
+
+
+def embed(model: Encoder, tokenizer: Tokenizer, texts: Sequence[str], batch_size: int = 64,
+          max_len: int | None = None, normalize: bool = True) -> torch.Tensor:
+    """Sentence embeddings [N, d]: mean over real tokens of the last hidden states, L2-normalised (the
+    sentence-transformers recipe all-MiniLM-L6-v2 was trained with)."""
+    e = encode(model, tokenizer, texts, batch_size, max_len, "mean")
+    return F.normalize(e, dim=-1) if normalize else e
+
+
+def cosine_similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """[N, M] cosine similarities between the rows of a [N, d] and b [M, d]."""
+    return F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).T

@@ -1,0 +1,150 @@
+"""The fine-tuning loop: epochs over labelled batches, AdamW with linear warm-up and decay, gradient clipping,
+evaluation after every epoch (or every `eval_every` steps), the best validation weights kept.
+
+Task recipes (`lmforge.tune.classify`, `lmforge.tune.qa`) supply the batches and the evaluation; the loop is the
+same for every task and reads top to bottom.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lmforge.errors import ConfigError
+
+
+@dataclass
+class FinetuneConfig:
+    method: str = "full"  # "full" or "top-k"
+    top_k: int = 2  # blocks trained by method top-k
+    epochs: float = 3.0
+    batch_size: int = 32
+    lr: float = 5e-5
+    weight_decay: float = 0.01
+    warmup: float = 0.06  # share of steps spent warming up
+    grad_clip: float = 1.0
+    max_len: int = 128  # tokens per example (longer ones are truncated, or windowed for QA)
+    eval_every: int = 0  # steps between evaluations; 0 = after every epoch
+    metric: str = "accuracy"  # the validation metric that picks the best weights (higher is better)
+    seed: int = 0
+    device: str = "cpu"
+    log_every: int = 10
+
+    def validate(self) -> None:
+        if self.method not in ("full", "top-k"):
+            raise ConfigError(f"unknown fine-tuning method {self.method!r}; known: full, top-k")
+        if not self.epochs > 0 or self.batch_size <= 0 or not self.lr > 0 or self.max_len < 8:
+            raise ConfigError("epochs, batch size and learning rate must be positive, max_len at least 8")
+        if not 0 <= self.warmup < 1:
+            raise ConfigError(f"warmup is a share of the steps in [0, 1), got {self.warmup}")
+
+
+@dataclass
+class FitResult:
+    steps: int
+    seconds: float
+    best: dict[str, float] = field(default_factory=dict)  # validation metrics of the kept weights
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def linear_schedule(step: int, total: int, warmup: int, lr: float) -> float:
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    return lr * max(0.0, (total - step) / max(1, total - warmup))
+
+
+def fit(
+    model: nn.Module,
+    batches: Callable[[int], Iterable[dict[str, torch.Tensor]]],
+    steps_per_epoch: int,
+    evaluate: Callable[[], dict[str, float]],
+    cfg: FinetuneConfig,
+    metrics_path: Path | None = None,
+    progress: bool | None = None,
+) -> FitResult:
+    """Train `model` on `batches(epoch)` (dicts of forward() arguments including labels) for cfg.epochs."""
+    device = torch.device(cfg.device)
+    total = max(1, math.ceil(steps_per_epoch * cfg.epochs))
+    warmup = int(total * cfg.warmup)
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2 and "emb" not in n]
+    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and not (p.dim() >= 2 and "emb" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    show = progress if progress is not None else sys.stderr.isatty()
+    bar = None
+    if show:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, desc="fine-tune", unit="step", dynamic_ncols=True, file=sys.stderr)
+    log = open(metrics_path, "a", encoding="utf-8") if metrics_path else None
+    history: list[dict[str, Any]] = []
+    best: dict[str, float] = {}
+    best_state: dict[str, torch.Tensor] | None = None
+    t0, step, epoch, loss_avg = time.time(), 0, 0, float("nan")
+
+    def record(r: dict[str, Any]) -> None:
+        history.append(r)
+        if log is not None:
+            log.write(json.dumps(r) + "\n")
+            log.flush()
+
+    def run_eval() -> None:
+        nonlocal best, best_state
+        model.eval()
+        m = evaluate()
+        model.train()
+        record({"step": step, "split": "val", "epoch": epoch, **m})
+        msg = f"step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in m.items() if isinstance(v, float))
+        (bar.write if bar else lambda s: print(s, file=sys.stderr))(msg)
+        if not best or m.get(cfg.metric, -math.inf) > best.get(cfg.metric, -math.inf):
+            best = m
+            best_state = copy.deepcopy({k: v.detach().clone() for k, v in model.state_dict().items()})
+
+    model.train()
+    try:
+        while step < total:
+            for batch in batches(epoch):
+                lr = linear_schedule(step, total, warmup, cfg.lr)
+                for g in opt.param_groups:
+                    g["lr"] = lr
+                batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+                loss = model(**batch).loss
+                loss.backward()
+                if cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                step += 1
+                loss_avg = loss.item() if math.isnan(loss_avg) else 0.9 * loss_avg + 0.1 * loss.item()
+                if step % cfg.log_every == 0 or step == total:
+                    record({"step": step, "loss": loss_avg, "lr": lr, "epoch": epoch, "time": time.time() - t0})
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix_str(f"epoch {epoch + 1}  loss {loss_avg:.4f}")
+                if cfg.eval_every and step % cfg.eval_every == 0:
+                    run_eval()
+                if step >= total:
+                    break
+            epoch += 1
+            if not cfg.eval_every or step % cfg.eval_every:
+                run_eval()
+    finally:
+        if bar is not None:
+            bar.close()
+        if log is not None:
+            log.close()
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    model.eval()
+    return FitResult(step, time.time() - t0, best, history)
