@@ -26,7 +26,6 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import table  # noqa: E402
-
 from lmforge.data.assets import dataset_file  # noqa: E402
 from lmforge.data.labelled import read_labelled, stratified_split  # noqa: E402
 

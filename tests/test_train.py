@@ -34,7 +34,8 @@ def test_run_directory_contents(tmp_path, small_corpus):
     cfg = load_run_config(base=tiny_run(small_corpus))
     res = pretrain(cfg, tmp_path / "run", progress=False)
     run = tmp_path / "run"
-    for f in ["config.yaml", "metrics.jsonl", "tokenizer.json", "tokenizer_config.json", "summary.json", "environment.json",
+    for f in ["config.yaml", "metrics.jsonl", "tokenizer.json", "tokenizer_config.json", "summary.json",
+              "environment.json",
               "report/loss.png", "report/report.md", "report/report.html", "model/config.json",
               "model/model.safetensors", "model/tokenizer.json", "model/generation_config.json",
               "data/train.bin", "data/val.bin", "data/meta.json"]:
