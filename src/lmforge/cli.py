@@ -48,7 +48,9 @@ def cmd_pretrain(a: argparse.Namespace) -> None:
         result = pretrain(cfg, out)
     if result.final:
         f = result.final
-        print(f"validation: loss {f['loss']:.4f}  perplexity {f['ppl']:.2f}  bits/byte {f['bpb']:.4f}")
+        from lmforge.train.loop import format_metrics
+
+        print("validation: " + format_metrics(f))
         print(f"model: {result.model_dir}")
 
 
@@ -193,6 +195,35 @@ def cmd_finetune_classify(a: argparse.Namespace) -> None:
         print(f"  {name:>12}: precision {m['precision']:.3f}  recall {m['recall']:.3f}  f1 {m['f1']:.3f}  "
               f"n={m['support']}")
     print(f"model: {r.model_dir}\nreport: {r.run_dir / 'report' / 'report.html'}")
+
+
+def cmd_finetune_qa(a: argparse.Namespace) -> None:
+    import time
+    from pathlib import Path
+
+    from lmforge.train.supervised import FinetuneConfig
+    from lmforge.tune.qa import finetune_qa
+
+    cfg = FinetuneConfig(method=a.method, top_k=a.top_k, epochs=a.epochs, batch_size=a.batch_size,
+                         lr=a.lr if a.lr is not None else (5e-5 if a.method == "full" else 2e-4),
+                         max_len=a.max_len, seed=a.seed, device=a.device, metric="f1")
+    out = a.out or str(Path("runs") / time.strftime("qa-%Y%m%d-%H%M%S"))
+    r = finetune_qa(a.model, a.data, out, cfg, val_data=a.val_data, test_data=a.test_data, stride=a.stride)
+    print(f"test: exact match {r.test['exact_match']:.1f}  F1 {r.test['f1']:.1f}  ({r.rows['test']} questions, "
+          f"{r.seconds:.0f} s training)")
+    print(f"model: {r.model_dir}\nreport: {r.run_dir / 'report' / 'report.html'}")
+
+
+def cmd_data_shakespeare_qa(a: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from lmforge.data.qa import shakespeare_qa, write_squad
+
+    splits = shakespeare_qa(n_per_play=a.per_play, seed=a.seed)
+    for name, ex in splits.items():
+        write_squad(ex, Path(a.out) / f"{name}.json", title=f"shakespeare-qa {name}")
+    print(f"wrote {a.out}/train.json, dev.json, test.json (" + ", ".join(f"{k} {len(v)}" for k, v in splits.items())
+          + " questions)")
 
 
 def cmd_predict(a: argparse.Namespace) -> None:
@@ -344,6 +375,31 @@ def build_parser() -> argparse.ArgumentParser:
     fc.add_argument("--device", default="cpu")
     fc.add_argument("--out", help="run directory (default: runs/classify-DATE-TIME)")
     fc.set_defaults(fn=cmd_finetune_classify)
+
+    fq = ftsub.add_parser("qa", help="extractive question answering (SQuAD format) with an encoder")
+    fq.add_argument("--model", required=True, help="encoder model directory or packaged name (all-minilm-l6-v2)")
+    fq.add_argument("--data", required=True, help="SQuAD-format JSON / JSONL, or shakespeare-qa (built in)")
+    fq.add_argument("--val-data", help="validation file (default: a share of --data, split by context)")
+    fq.add_argument("--test-data", help="test file (default: a share of --data, split by context)")
+    fq.add_argument("--method", choices=("full", "top-k"), default="full")
+    fq.add_argument("--top-k", type=int, default=2)
+    fq.add_argument("--epochs", type=float, default=2.0)
+    fq.add_argument("--batch-size", type=int, default=16)
+    fq.add_argument("--lr", type=float, default=None, help="default 5e-5 (full), 2e-4 (top-k)")
+    fq.add_argument("--max-len", type=int, default=256, help="tokens per window (question + context)")
+    fq.add_argument("--stride", type=int, default=64, help="tokens shared by neighbouring windows")
+    fq.add_argument("--seed", type=int, default=0)
+    fq.add_argument("--device", default="cpu")
+    fq.add_argument("--out", help="run directory (default: runs/qa-DATE-TIME)")
+    fq.set_defaults(fn=cmd_finetune_qa)
+
+    da = sub.add_parser("data", help="build datasets from packaged text")
+    dasub = da.add_subparsers(dest="dverb", required=True, metavar="SET")
+    dq = dasub.add_parser("shakespeare-qa", help="an extractive QA set (SQuAD format) from the packaged plays")
+    dq.add_argument("--out", required=True, help="folder for train.json, dev.json, test.json")
+    dq.add_argument("--per-play", type=int, default=60, help="questions per play")
+    dq.add_argument("--seed", type=int, default=0)
+    dq.set_defaults(fn=cmd_data_shakespeare_qa)
 
     pr = sub.add_parser("predict", help="classify texts with a fine-tuned classifier")
     pr.add_argument("input", nargs="?", help="a .txt file (one text per line), CSV/TSV/JSONL, or - for stdin")

@@ -315,6 +315,10 @@ class TrainConfig:
     keep_checkpoints: int = 2
     log_every: int = 10
     peak_tflops: float | None = None  # for MFU; None measures the fp32 matmul peak of this device at start
+    objective: str = "clm"  # "clm" (next token, decoders) or "mlm" (masked LM, encoders)
+    mlm_probability: float = 0.15  # share of tokens predicted; 80% of them become [MASK], 10% random, 10% kept
+    whole_word_mask: bool = False  # mask every piece of a chosen word together
+    nsp: bool = False  # next-sentence prediction beside MLM (BERT's second pre-training task)
 
     def validate(self) -> None:
         for n in ("steps", "batch_size", "grad_accum", "eval_batches", "keep_checkpoints", "log_every"):
@@ -335,13 +339,20 @@ class TrainConfig:
             raise ConfigError(f"train.dtype must be float32 or bfloat16, got {self.dtype!r}")
         if self.seq_len is not None and self.seq_len <= 0:
             raise ConfigError(f"train.seq_len must be positive, got {self.seq_len}")
+        if self.objective not in ("clm", "mlm"):
+            raise ConfigError(f"train.objective must be clm or mlm, got {self.objective!r}")
+        if not 0 < self.mlm_probability < 1:
+            raise ConfigError(f"train.mlm_probability must be in (0, 1), got {self.mlm_probability}")
+        if self.objective == "clm" and (self.nsp or self.whole_word_mask):
+            raise ConfigError("train.nsp and train.whole_word_mask belong to the mlm objective "
+                              "(set train.objective=mlm)")
 
 
 @dataclass
 class RunConfig:
     """Everything one pre-training run needs; written to the run directory as config.yaml."""
 
-    model: DecoderConfig = field(default_factory=DecoderConfig)
+    model: DecoderConfig | EncoderConfig = field(default_factory=DecoderConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     preset: str | None = None  # the model preset the model fields started from (recorded for the reader)
@@ -354,6 +365,13 @@ class RunConfig:
             raise ConfigError(
                 f"train.seq_len={self.train.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}"
             )
+        encoder = isinstance(self.model, EncoderConfig)
+        if encoder != (self.train.objective == "mlm"):
+            raise ConfigError("train.objective=mlm needs an encoder model (model.preset: bert-mini, minilm-l6, "
+                              "bert-base, or model.family: encoder) and an encoder needs objective mlm")
+        if encoder and self.model.head != ("pretrain" if self.train.nsp else "mlm"):
+            raise ConfigError(f"masked-LM pre-training{' with nsp' if self.train.nsp else ''} needs model.head="
+                              f"{'pretrain' if self.train.nsp else 'mlm'}, got {self.model.head!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -405,12 +423,20 @@ def run_config_from_dict(raw: dict[str, Any]) -> RunConfig:
             raise ConfigError(f"config section {section!r} must be a mapping of keys to values")
     model_raw = dict(raw.get("model") or {})
     preset = model_raw.pop("preset", None) or raw.get("preset")
-    if preset is not None and (not isinstance(preset, str) or preset not in PRESETS):
-        raise ConfigError(f"unknown model preset {preset!r}; known presets: {', '.join(PRESETS)}")
-    values = dict(PRESETS[preset]) if preset else {}
+    presets = {**PRESETS, **ENCODER_PRESETS}
+    if preset is not None and (not isinstance(preset, str) or preset not in presets):
+        raise ConfigError(f"unknown model preset {preset!r}; known presets: {', '.join(presets)}")
+    values = dict(presets[preset]) if preset else {}
     values.update(model_raw)
+    train_raw = raw.get("train") if isinstance(raw.get("train"), dict) else {}
+    # an encoder by preset, by `model.family: encoder`, or because the objective is masked LM
+    encoder = (preset in ENCODER_PRESETS or values.get("family") == "encoder"
+               or (preset is None and train_raw.get("objective") == "mlm"))
+    if encoder:
+        values.setdefault("head", "pretrain" if train_raw.get("nsp") else "mlm")
+        values.setdefault("pooler", bool(train_raw.get("nsp")))
     cfg = RunConfig(
-        model=_build(DecoderConfig, values, "model"),
+        model=_build(EncoderConfig if encoder else DecoderConfig, values, "model"),
         data=_build(DataConfig, raw.get("data") or {}, "data"),
         train=_build(TrainConfig, raw.get("train") or {}, "train"),
         preset=preset,

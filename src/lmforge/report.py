@@ -34,6 +34,7 @@ def plot_loss(run_dir: str | Path, path: str | Path | None = None) -> Path:
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 3.8), dpi=110)
     if train:
         ax.plot([r["step"] for r in train], [r["loss"] for r in train], lw=1, label="train", color="#4c72b0")
+    val = [r for r in val if "loss" in r]  # (a QA evaluation reports exact match and F1 only)
     if val:
         ax.plot([r["step"] for r in val], [r["loss"] for r in val], "o-", ms=3, label="validation", color="#dd8452")
     ax.set_xlabel("step")
@@ -73,8 +74,14 @@ def write_run_report(run_dir: str | Path, samples: list[tuple[str, str]] | None 
         ("wall time", f"{summary.get('seconds', 0):.0f} s"),
         ("final train loss", f"{train[-1]['loss']:.4f}" if train else "-"),
         ("validation loss", f"{final.get('loss', float('nan')):.4f}"),
-        ("validation perplexity", f"{final.get('ppl', float('nan')):.2f}"),
-        ("validation bits per byte", f"{final.get('bpb', float('nan')):.4f}"),
+        ("validation perplexity" + (" (masked tokens)" if "masked_acc" in final else ""),
+         f"{final.get('ppl', float('nan')):.2f}"),
+    ]
+    rows += [(name, f"{final[k]:.4f}") for k, name in (("bpb", "validation bits per byte"),
+                                                        ("masked_acc", "validation masked-token accuracy"),
+                                                        ("nsp_acc", "validation next-sentence accuracy"))
+             if k in final]
+    rows += [
         ("throughput (last)", f"{train[-1]['tok_per_s']:,.0f} tok/s, MFU {train[-1]['mfu']:.0%}" if train else "-"),
     ]
     md = [f"# Run report: {run_dir.name}", "", "![loss](loss.png)", "", "| metric | value |", "|---|---|"]

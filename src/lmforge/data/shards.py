@@ -27,7 +27,8 @@ def token_dtype(vocab_size: int) -> np.dtype:
 def write_shard(docs: list[Document], tokenizer: Tokenizer, path: str | Path, chunk: int = 64) -> dict:
     """Tokenize documents (an end-of-text token after each) into one flat file. Returns its counts."""
     dtype = token_dtype(tokenizer.vocab_size)
-    eos = tokenizer.eos_id
+    # documents are separated by the end-of-text token ([SEP] for a WordPiece vocabulary, which has none)
+    eos = tokenizer.eos_id if tokenizer.eos_id is not None else tokenizer.token_id(tokenizer.sep_token)
     n_tokens = n_bytes = 0
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         for i in range(0, len(docs), chunk):

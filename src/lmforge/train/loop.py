@@ -27,13 +27,14 @@ from typing import Any
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from lmforge.config import RunConfig, load_run_config
+from lmforge.config import DecoderConfig, RunConfig, load_run_config
 from lmforge.data.corpus import read_documents, split_documents
 from lmforge.data.shards import TokenShard, build_shards
 from lmforge.errors import CheckpointError, ConfigError
 from lmforge.eval.lm import evaluate_shard, lm_metrics, window_loss
 from lmforge.files import write_json, write_text
 from lmforge.models.decoder import DecoderLM
+from lmforge.models.encoder import Encoder
 from lmforge.runtime import tune_allocator
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
@@ -99,7 +100,16 @@ def _pretrain(cfg: RunConfig, run: Path, resume: bool, progress: bool | None, ov
 
     # --- model and optimizer -----------------------------------------------------------------------------------
     torch.manual_seed(tc.seed)
-    model = DecoderLM(cfg.model).to(env.device)
+    mlm = tc.objective == "mlm"
+    batcher = None
+    if mlm:
+        from lmforge.data.masking import MLMBatcher
+
+        model = Encoder(cfg.model).to(env.device)
+        batcher = MLMBatcher(tokenizer, cfg.model.vocab_size, seq_len, tc.mlm_probability, tc.whole_word_mask,
+                             tc.nsp)
+    else:
+        model = DecoderLM(cfg.model).to(env.device)
     optimizer = make_optimizer(model, tc, env.device.type)
     data_gen = torch.Generator().manual_seed(tc.seed)
     step, tokens_seen = 0, 0
@@ -123,8 +133,17 @@ def _pretrain(cfg: RunConfig, run: Path, resume: bool, progress: bool | None, ov
     bar = _progress_bar(tc.steps, step, show and env.main)
     eval_starts = val_data.random_starts(tc.eval_batches * per_rank * env.world, seq_len,
                                          torch.Generator().manual_seed(tc.seed + 1))
+    if mlm:  # fixed masks too, so evaluations compare like with like
+        mask_gen = torch.Generator().manual_seed(tc.seed + 2)
+        mine_eval = eval_starts[env.rank::env.world]
+        eval_batches = [batcher(val_data, mine_eval[i:i + per_rank], mask_gen)
+                        for i in range(0, len(mine_eval), per_rank)]
 
     def evaluate() -> dict[str, float]:
+        if mlm:
+            from lmforge.data.masking import mlm_metrics
+
+            return mlm_metrics(model, eval_batches, env.device)  # (per process; equal shards under DDP)
         mine = eval_starts[env.rank::env.world]
         s = torch.tensor(window_loss(model, val_data, mine, seq_len, per_rank, env.device, autocast),
                          dtype=torch.float64, device=env.device)
@@ -148,12 +167,17 @@ def _pretrain(cfg: RunConfig, run: Path, resume: bool, progress: bool | None, ov
             mine = starts[env.rank * per_rank * tc.grad_accum:(env.rank + 1) * per_rank * tc.grad_accum]
             loss_sum = 0.0
             for micro in range(tc.grad_accum):
-                x, y = train_data.windows(mine[micro * per_rank:(micro + 1) * per_rank], seq_len)
-                x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
+                part = mine[micro * per_rank:(micro + 1) * per_rank]
+                if mlm:
+                    batch = batcher(train_data, part, data_gen)
+                else:
+                    x, y = train_data.windows(part, seq_len)
+                    batch = {"input_ids": x, "labels": y}
+                batch = {k: v.to(env.device, non_blocking=True) for k, v in batch.items()}
                 last = micro == tc.grad_accum - 1
                 sync = nullcontext() if last or env.world == 1 else train_model.no_sync()
                 with sync, autocast:
-                    loss = train_model(x, labels=y).loss / tc.grad_accum
+                    loss = train_model(**batch).loss / tc.grad_accum
                 with sync:
                     loss.backward()
                 loss_sum += loss.item()
@@ -177,7 +201,7 @@ def _pretrain(cfg: RunConfig, run: Path, resume: bool, progress: bool | None, ov
             if tc.eval_every and (step % tc.eval_every == 0 or step == tc.steps):
                 m = evaluate()
                 log({"step": step, "split": "val", **m})
-                _say(bar, env, f"step {step}: val loss {m['loss']:.4f}  ppl {m['ppl']:.2f}  bpb {m['bpb']:.4f}")
+                _say(bar, env, f"step {step}: val " + format_metrics(m))
             if tc.ckpt_every and step % tc.ckpt_every == 0:
                 if env.main:
                     save_checkpoint(run, step, model, optimizer, data_gen, {"tokens": tokens_seen},
@@ -208,8 +232,12 @@ def _pretrain(cfg: RunConfig, run: Path, resume: bool, progress: bool | None, ov
         return RunResult(run, model_dir, final, step, time.time() - t_start)
     if env.main:
         model.eval()
-        model.save_pretrained(model_dir, tokenizer=tokenizer, generation_config=DEFAULT_GENERATION)
-        final = evaluate_shard(model, val_data, seq_len, per_rank, env.device)
+        if mlm:
+            model.save_pretrained(model_dir, tokenizer=tokenizer)
+            final = evaluate()
+        else:
+            model.save_pretrained(model_dir, tokenizer=tokenizer, generation_config=DEFAULT_GENERATION)
+            final = evaluate_shard(model, val_data, seq_len, per_rank, env.device)
         seconds = time.time() - t_start
         write_json(run / "summary.json", {"steps": step, "tokens": tokens_seen, "seconds": seconds,
                                           "params": model.num_params(), "final_val": final})
@@ -218,6 +246,11 @@ def _pretrain(cfg: RunConfig, run: Path, resume: bool, progress: bool | None, ov
         write_run_report(run)
     env.barrier()
     return RunResult(run, model_dir, final, step, time.time() - t_start)
+
+
+def format_metrics(m: dict[str, float]) -> str:
+    names = {"loss": "loss", "ppl": "ppl", "bpb": "bpb", "masked_acc": "masked acc", "nsp_acc": "nsp acc"}
+    return "  ".join(f"{names[k]} {m[k]:.4f}" for k in names if k in m)
 
 
 DEFAULT_GENERATION = {"do_sample": True, "temperature": 0.8, "top_k": 50, "top_p": 0.95, "max_new_tokens": 200}
@@ -233,7 +266,10 @@ def _prepare(cfg: RunConfig, run: Path, env: DistEnv) -> Tokenizer:
         tokenizer = Tokenizer.from_file(cfg.data.tokenizer)
     elif env.main:
         vocab = cfg.data.vocab_size or cfg.model.vocab_size
-        tokenizer = Tokenizer.train_bpe((d.text for d in train_docs), vocab_size=vocab)
+        if cfg.train.objective == "mlm":  # encoders get BERT's WordPiece ([CLS], [SEP], [MASK], ## pieces)
+            tokenizer = Tokenizer.train_wordpiece((d.text for d in train_docs), vocab_size=vocab)
+        else:
+            tokenizer = Tokenizer.train_bpe((d.text for d in train_docs), vocab_size=vocab)
     try:
         if env.main:
             run.mkdir(parents=True, exist_ok=True)
@@ -242,9 +278,10 @@ def _prepare(cfg: RunConfig, run: Path, env: DistEnv) -> Tokenizer:
         tokenizer = Tokenizer.from_file(run / "tokenizer.json") if not env.main else tokenizer
         # the model's vocabulary is the tokenizer's (a trained BPE can come out smaller than asked)
         cfg.model.vocab_size = tokenizer.vocab_size
-        cfg.model.eos_token_id = tokenizer.eos_id
-        cfg.model.bos_token_id = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
         cfg.model.pad_token_id = tokenizer.token_id(tokenizer.pad_token)
+        if isinstance(cfg.model, DecoderConfig):
+            cfg.model.eos_token_id = tokenizer.eos_id
+            cfg.model.bos_token_id = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
         if env.main:
             build_shards(train_docs, val_docs, tokenizer, run / "data")
             write_text(run / "config.yaml", cfg.to_yaml())

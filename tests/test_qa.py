@@ -1,0 +1,98 @@
+"""Extractive QA: SQuAD metrics, windowed features over long contexts, span decoding, the Shakespeare QA set,
+and fine-tuning through the CLI into a directory transformers loads."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import run_cli
+from lmforge.data.qa import QAExample, best_spans, qa_features, read_squad, shakespeare_qa, write_squad
+from lmforge.errors import DataError
+from lmforge.eval.qa import normalize_answer, squad_scores, token_f1
+from lmforge.models import load_pretrained
+
+
+def test_squad_metric_definitions():
+    assert normalize_answer("The  Duke of York!") == "duke of york"
+    assert token_f1("the duke of York", "Duke York") == pytest.approx(2 * (2 / 3) * 1 / (2 / 3 + 1))
+    s = squad_scores(["PROTEUS", "a sheep", "wrong"], [["Proteus"], ["the sheep", "a lamb"], ["right"]])
+    assert s["exact_match"] == pytest.approx(200 / 3) and s["f1"] == pytest.approx(200 / 3)
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    return load_pretrained("all-minilm-l6-v2")
+
+
+def test_windows_cover_long_contexts_and_locate_answers(minilm):
+    _, tok = minilm
+    filler = " ".join(f"word{i}" for i in range(300))
+    ctx = f"{filler} The treasure lies under the old oak tree. {filler}"
+    start = ctx.index("under the old oak tree")
+    ex = QAExample("x", ctx, "Where is the treasure?", [("under the old oak tree", start)])
+    f = qa_features([ex], tok, max_len=128, stride=32)
+    assert len(f.ids) > 5 and all(len(x) <= 128 for x in f.ids)
+    hits = [i for i in range(len(f.ids)) if f.start[i] > 0]
+    assert hits, "some window must hold the answer"
+    for i in hits:
+        s, e = f.offsets[i][f.start[i]][0], f.offsets[i][f.end[i]][1]
+        assert ctx[s:e] == "under the old oak tree"
+    # decoding a crafted logit pair returns exactly that span
+    i = hits[0]
+    T = len(f.ids[i])
+    sl, el = torch.full((1, T), -5.0), torch.full((1, T), -5.0)
+    sl[0, f.start[i]], el[0, f.end[i]] = 5.0, 5.0
+    (score, s, e), = best_spans(sl, el, f, [i])
+    assert ctx[s:e] == "under the old oak tree" and score == 10.0
+
+
+def test_shakespeare_qa_is_real_split_by_play_and_deterministic():
+    a, b = shakespeare_qa(n_per_play=10), shakespeare_qa(n_per_play=10)
+    assert [e.id for e in a["test"]] == [e.id for e in b["test"]]
+    plays = {k: {e.id.rsplit("-", 2)[0] for e in v} for k, v in a.items()}
+    assert len(plays["test"]) == 6 and len(plays["dev"]) == 4 and not plays["test"] & plays["train"]
+    for e in a["train"][:200]:
+        (text, s), = e.answers
+        assert e.context[s:s + len(text)] == text
+    assert any(e.question.startswith("Who says") for e in a["train"])
+    assert any(e.question.startswith("What does") for e in a["train"])
+
+
+def test_read_squad_rejects_misplaced_answers(tmp_path):
+    bad = {"data": [{"paragraphs": [{"context": "abc def", "qas": [
+        {"id": "1", "question": "q?", "answers": [{"text": "def", "answer_start": 0}]}]}]}]}
+    (tmp_path / "b.json").write_text(json.dumps(bad))
+    with pytest.raises(DataError, match="not at character 0"):
+        read_squad(tmp_path / "b.json")
+    (tmp_path / "n.json").write_text('{"rows": []}')
+    with pytest.raises(DataError, match="SQuAD format"):
+        read_squad(tmp_path / "n.json")
+
+
+def test_finetune_qa_cli_exports_bert_for_qa(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    s = shakespeare_qa(n_per_play=2)
+    write_squad(s["train"][:48], tmp_path / "train.json")
+    write_squad(s["dev"][:8], tmp_path / "dev.json")
+    write_squad(s["test"][:8], tmp_path / "test.json")
+    out = tmp_path / "run"
+    r = run_cli("finetune", "qa", "--model", "all-minilm-l6-v2", "--data", str(tmp_path / "train.json"),
+                "--val-data", str(tmp_path / "dev.json"), "--test-data", str(tmp_path / "test.json"),
+                "--epochs", "1", "--max-len", "128", "--stride", "32", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "test: exact match" in r.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rows"]["train_windows"] > 48  # contexts longer than 128 tokens were windowed
+    assert len(json.loads((out / "predictions.json").read_text())) == 8
+    ref = transformers.BertForQuestionAnswering.from_pretrained(str(out / "model")).eval()
+    model, tok = load_pretrained(out / "model")
+    ids = torch.tensor([tok.encode_for_encoder(["Who says hello?"], ["HAMLET. hello there"])[0].ids])
+    with torch.no_grad():
+        ours, theirs = model(ids).logits, ref(input_ids=ids)
+    assert (ours[..., 0] - theirs.start_logits).abs().max() < 1e-5
+    bad = run_cli("finetune", "qa", "--model", str(out / "model"), "--data", str(tmp_path / "nope.json"),
+                  "--out", str(tmp_path / "o2"))
+    assert bad.returncode == 2 and "not found" in bad.stderr
