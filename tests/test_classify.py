@@ -171,3 +171,10 @@ def test_embed_cli_similarity():
     vecs = [json.loads(x)["embedding"] for x in r.stdout.splitlines()]
     assert len(vecs) == 2 and len(vecs[0]) == 384
     assert sum(a * b for a, b in zip(*vecs)) > 0.8
+
+
+def test_old_mac_line_endings(tmp_path):
+    f = tmp_path / "mac.csv"
+    f.write_bytes(b"text,label\rit\xd5s fine,pos\rawful,neg\r")
+    ds = read_labelled(f)
+    assert ds.texts == ["it’s fine", "awful"] and ds.repaired_rows == 1

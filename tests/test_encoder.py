@@ -142,3 +142,32 @@ def test_config_param_count_matches_module():
         kw = {"labels": ["a", "b", "c"]} if head == "classify" else {}
         m = _tiny(head, **kw)
         assert m.config.num_params() == m.num_params(), head
+
+
+def test_with_head_never_reuses_an_old_classifier():
+    m = _tiny("classify", labels=["a", "b"])
+    three = m.with_head("classify", ["a", "b", "c"])  # another label count: a new head, no size mismatch
+    assert three.classifier.weight.shape == (3, 32)
+    swapped = m.with_head("classify", ["b", "a"])  # same count, other names: still a fresh head
+    assert not torch.equal(swapped.classifier.weight, m.classifier.weight)
+    assert torch.equal(swapped.blocks[0].attn.q_proj.weight, m.blocks[0].attn.q_proj.weight)
+
+
+def test_gamma_beta_layernorm_names_load(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    m = _tiny("none")
+    m.save_pretrained(tmp_path / "m")
+    f = tmp_path / "m" / "model.safetensors"
+    t = load_file(str(f))
+    t = {k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
+         for k, v in t.items()}
+    save_file(t, str(f))
+    again = load_model(tmp_path / "m")
+    assert torch.equal(again.emb_norm.weight, m.emb_norm.weight)
+
+
+def test_embeddings_skip_the_mlm_projection():
+    m = _tiny("mlm")
+    out = m(torch.randint(0, 120, (2, 9)), heads=False)
+    assert out.logits is None and out.hidden.shape == (2, 9, 32)

@@ -96,3 +96,18 @@ def test_finetune_qa_cli_exports_bert_for_qa(tmp_path):
     bad = run_cli("finetune", "qa", "--model", str(out / "model"), "--data", str(tmp_path / "nope.json"),
                   "--out", str(tmp_path / "o2"))
     assert bad.returncode == 2 and "not found" in bad.stderr
+
+
+def test_stride_too_large_is_a_clear_error(minilm):
+    _, tok = minilm
+    ex = QAExample("x", "word " * 200, "What is the word that is repeated here so many times?", [])
+    with pytest.raises(DataError, match="use a stride below"):
+        qa_features([ex], tok, max_len=32, stride=20)
+
+
+def test_jsonl_with_datasets_style_answers(tmp_path):
+    row = {"id": "1", "context": "Romeo loves Juliet.", "question": "Whom does Romeo love?",
+           "answers": {"text": ["Juliet"], "answer_start": [12]}}
+    (tmp_path / "q.jsonl").write_text(json.dumps(row) + "\n")
+    (ex,) = read_squad(tmp_path / "q.jsonl")
+    assert ex.answers == [("Juliet", 12)]

@@ -216,8 +216,8 @@ class EncoderConfig:
             raise ConfigError(f"model.n_head={self.n_head} does not divide model.d_model={self.d_model}")
         _choice(self, "mlp", ("gelu", "gelu_tanh", "relu"))
         _choice(self, "head", ENCODER_HEADS)
-        if self.head == "classify" and len(self.labels) < 2:
-            raise ConfigError(f"a classify head needs at least 2 labels, got {self.labels}")
+        if self.head == "classify" and not self.labels:
+            raise ConfigError("a classify head needs its label names (model.labels)")
         if len(set(self.labels)) != len(self.labels):
             raise ConfigError(f"model.labels has duplicates: {self.labels}")
         for n in ("dropout", "attn_dropout"):

@@ -5,16 +5,22 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lmforge.config import PRESETS, DecoderConfig, model_config
+from lmforge.config import ENCODER_PRESETS, PRESETS, DecoderConfig, EncoderConfig, encoder_config, model_config
 from lmforge.errors import ModelLoadError
 
 
 def model_info(target: str | Path) -> dict[str, Any]:
     """Describe a model directory (reads config.json only, no weights) or a named preset."""
+    from lmforge.data.assets import MODELS
     from lmforge.interop.hf import config_from_hf, read_config
+    from lmforge.models import resolve_model_path
 
     if str(target) in PRESETS and not Path(target).exists():
         cfg, source, model_type = model_config(str(target)), f"preset {target}", None
+    elif str(target) in ENCODER_PRESETS and not Path(target).exists():
+        cfg, source, model_type = encoder_config(str(target)), f"preset {target}", None
+    elif str(target) in MODELS and not Path(target).exists():
+        return model_info(resolve_model_path(target))
     elif str(target).endswith(".gguf") and Path(target).is_file():
         from lmforge.interop.gguf import _reader, gguf_config
 
@@ -22,22 +28,34 @@ def model_info(target: str | Path) -> dict[str, Any]:
     else:
         path = Path(target)
         if not path.is_dir():
-            raise ModelLoadError(f"{target} is neither a model directory nor a preset ({', '.join(PRESETS)})")
+            raise ModelLoadError(f"{target} is neither a model directory nor a preset "
+                                 f"({', '.join([*PRESETS, *ENCODER_PRESETS])})")
         raw = read_config(path)
-        cfg, source, model_type = config_from_hf(raw, str(path / "config.json")), str(path), raw.get("model_type")
+        if raw.get("model_type") == "bert":
+            from lmforge.interop.hf_bert import config_from_hf as bert_config
+
+            mlm_only = raw.get("architectures", ["BertModel"])[0] == "BertForMaskedLM"  # (no pooler)
+            cfg = bert_config(raw, {} if mlm_only else {"pooler.dense.weight": None}, str(path / "config.json"))
+        else:
+            cfg = config_from_hf(raw, str(path / "config.json"))
+        source, model_type = str(path), raw.get("model_type")
     return describe(cfg, source, model_type)
 
 
-def describe(cfg: DecoderConfig, source: str = "", model_type: str | None = None) -> dict[str, Any]:
+def describe(cfg: DecoderConfig | EncoderConfig, source: str = "", model_type: str | None = None) -> dict[str, Any]:
     try:
         cfg.validate()
     except Exception as e:
         raise ModelLoadError(f"{source}: {e}") from None
-    family = "llama" if cfg.pos_emb == "rope" else "gpt2"
+    if isinstance(cfg, EncoderConfig):
+        family, kind = "bert", f"encoder (BERT-style, head: {cfg.head})"
+    else:
+        family = "llama" if cfg.pos_emb == "rope" else "gpt2"
+        kind = f"decoder ({family}-style)"
     return {
         "source": source,
         "model_type": model_type or family,
-        "family": f"decoder ({family}-style)",
+        "family": kind,
         "params": cfg.num_params(),
         "params_non_embedding": cfg.num_params(include_embeddings=False),
         "flops_per_token_forward": cfg.flops_per_token(training=False),

@@ -68,7 +68,7 @@ def encode(model: Encoder, tokenizer: Tokenizer, texts: Sequence[str], batch_siz
     for idx in length_batches([len(e.ids) for e in enc], batch_size):
         b = pad_batch([enc[i].ids for i in idx], tokenizer.pad_id)
         b = {k: v.to(device) for k, v in b.items()}
-        o = model(**b)
+        o = model(**b, heads=what == "logits")
         if what == "logits":
             r = o.logits
         elif what == "mean":

@@ -88,7 +88,7 @@ class Tokenizer:
                    chat_template=extra.get("chat_template"),
                    specials={k: name(k) for k in ("cls_token", "sep_token", "mask_token", "unk_token")})
 
-    def save(self, path: str | Path) -> None:
+    def save(self, path: str | Path, model_max_length: int | None = None) -> None:
         """Write tokenizer.json (+ tokenizer_config.json) into a folder, or to a .json file path."""
         path = Path(path)
         if path.suffix == ".json":
@@ -96,7 +96,8 @@ class Tokenizer:
             return
         path.mkdir(parents=True, exist_ok=True)
         save_with(path / "tokenizer.json", lambda p: self.tok.save(str(p)))
-        cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 1_000_000,
+        # model_max_length: transformers' pipelines truncate to it (an encoder's position table)
+        cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": model_max_length or 1_000_000,
                "eos_token": self.eos_token, "bos_token": self.bos_token, "pad_token": self.pad_token,
                "cls_token": self.cls_token, "sep_token": self.sep_token, "mask_token": self.mask_token,
                "unk_token": self.unk_token, "clean_up_tokenization_spaces": False}

@@ -47,7 +47,7 @@ class LabelledSet:
 
 def decode_lines(raw: bytes) -> tuple[list[str], set[int]]:
     """Decode a file line by line: valid UTF-8 as is, other lines repaired. Returns (lines, repaired indices)."""
-    lines = raw.split(b"\n")
+    lines = raw.splitlines()  # \n, \r\n, and the lone \r of old Mac exports
     out: list[str | None] = []
     bad: list[int] = []
     for i, ln in enumerate(lines):
@@ -62,7 +62,7 @@ def decode_lines(raw: bytes) -> tuple[list[str], set[int]]:
             out[i] = _repair(lines[i], enc)
     if out and out[0] is not None and out[0].startswith("\ufeff"):
         out[0] = out[0][1:]
-    return [s.removesuffix("\r") for s in out], set(bad)  # type: ignore[union-attr]
+    return out, set(bad)  # type: ignore[return-value]
 
 
 def _repair(line: bytes, encoding: str) -> str:
@@ -113,7 +113,7 @@ def read_records(path: str | Path) -> tuple[list[dict[str, str]], list[str], int
                 raise DataError(f"{path}:{i + 1}: each line must be a JSON object with text and label fields")
             rows.append({k: "" if v is None else str(v) for k, v in obj.items()})
             repaired += i in bad
-        columns = list(rows[0]) if rows else []
+        columns = list(dict.fromkeys(k for r in rows for k in r))  # every key any row has, in first-seen order
         return rows, columns, repaired
     if suffix not in (".csv", ".tsv", ".tab", ".txt"):
         raise DataError(f"{path}: unknown data format {suffix!r}; use .csv, .tsv or .jsonl")

@@ -23,8 +23,9 @@ class MLMBatcher:
         ids = {name: tokenizer.token_id(getattr(tokenizer, f"{name}_token")) for name in ("cls", "sep", "mask")}
         missing = [f"[{k.upper()}]" for k, v in ids.items() if v is None]
         if missing:
-            raise ConfigError(f"masked-LM training needs a tokenizer with {', '.join(missing)} (a WordPiece "
-                              f"vocabulary: data.tokenizer_kind=wordpiece, or an encoder's tokenizer.json)")
+            raise ConfigError(f"masked-LM training needs a tokenizer with {', '.join(missing)}: leave "
+                              f"data.tokenizer unset (a WordPiece vocabulary is trained) or name an encoder's "
+                              f"tokenizer.json")
         self.cls, self.sep, self.mask = ids["cls"], ids["sep"], ids["mask"]
         self.seq_len, self.p, self.nsp, self.vocab_size = seq_len, probability, nsp, vocab_size
         self.special = torch.zeros(vocab_size, dtype=torch.bool)

@@ -58,8 +58,10 @@ def read_squad(path: str | Path) -> list[QAExample]:
                         out.append(_example(qa, para["context"], qa.get("id", "")))
     except json.JSONDecodeError as e:
         raise DataError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
-    except (KeyError, TypeError) as e:
+    except KeyError as e:
         raise DataError(f"{path} is not in SQuAD format (missing {e}); expected data/paragraphs/qas") from None
+    except (TypeError, ValueError, AttributeError) as e:
+        raise DataError(f"{path} is not in SQuAD format (a field has the wrong type: {e})") from None
     if not out:
         raise DataError(f"{path} holds no questions")
     return out
@@ -67,7 +69,12 @@ def read_squad(path: str | Path) -> list[QAExample]:
 
 def _example(qa: dict, context: str, where: str) -> QAExample:
     answers = []
-    for a in qa.get("answers", []):
+    raw = qa.get("answers", [])
+    if isinstance(raw, dict):  # the datasets-library layout: {"text": [...], "answer_start": [...]}
+        raw = [{"text": t, "answer_start": s} for t, s in zip(raw.get("text", []), raw.get("answer_start", []))]
+    for a in raw:
+        if not isinstance(a, dict):
+            raise DataError(f"{where}: each answer must be an object with text and answer_start")
         t, s = a["text"], int(a["answer_start"])
         if context[s:s + len(t)] != t:
             raise DataError(f"{where}: answer {t!r} is not at character {s} of its context")
@@ -107,6 +114,13 @@ class QAFeatures:
 def qa_features(examples: list[QAExample], tokenizer: Tokenizer, max_len: int = 384, stride: int = 128
                 ) -> QAFeatures:
     tok = tokenizer.tok
+    # windows need room for the question, three specials and more context than the overlap (the Rust side
+    # panics instead of raising otherwise)
+    q_lens = [len(e.ids) for e in tok.encode_batch([e.question for e in examples], add_special_tokens=False)]
+    longest = max(q_lens, default=0)
+    if stride >= max_len - longest - 3:
+        raise DataError(f"windows of {max_len} tokens leave {max_len - longest - 3} for the context next to the "
+                        f"longest question ({longest} tokens): use a stride below that, or a larger max_len")
     tok.enable_truncation(max_len, stride=stride, strategy="only_second")
     try:
         encs = tok.encode_batch([(e.question, e.context) for e in examples], add_special_tokens=True)
@@ -203,16 +217,19 @@ def shakespeare_qa(n_per_play: int = 60, context_speeches: int = 12, seed: int =
     for rank, (f, text) in enumerate(plays):
         sp = _speeches(text)
         split = "test" if rank < 6 else "dev" if rank < 10 else "train"
-        made = 0
+        made, drawn = 0, set()
         for _ in range(n_per_play * 4):
             if made >= n_per_play:
                 break
             k = rng.randrange(0, len(sp) - context_speeches)
+            j = rng.randrange(1, context_speeches - 1)
+            if (k, j) in drawn:
+                continue
+            drawn.add((k, j))
             chunk = sp[k:k + context_speeches]
             c0 = chunk[0][1]
             c1 = sp[k + context_speeches][1] if k + context_speeches < len(sp) else len(text)
             context = text[c0:c1].strip()
-            j = rng.randrange(1, context_speeches - 1)
             speaker, h_off, line, l_off = chunk[j]
             quote = line.rstrip(",;:-")
             if len(quote.split()) < 4 or context.count(quote) != 1:

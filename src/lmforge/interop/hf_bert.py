@@ -7,6 +7,7 @@ BertFor* class matching the head, with `id2label` / `label2id` for a classifier.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +49,8 @@ def config_from_hf(d: dict[str, Any], tensors: dict[str, torch.Tensor], where: s
     labels: list[str] = []
     if head == "classify":
         id2label = d.get("id2label") or {}
-        n = d.get("num_labels") or len(id2label) or 2
+        n = d.get("num_labels") or len(id2label) or (tensors["classifier.weight"].shape[0]
+                                                     if tensors.get("classifier.weight") is not None else 2)
         labels = [str(id2label.get(str(i), id2label.get(i, f"LABEL_{i}"))) for i in range(n)]
     try:
         return EncoderConfig(
@@ -113,7 +115,10 @@ def to_hf_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def from_hf_state(model: torch.nn.Module, hf: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
     c = model.config
-    body = {k.removeprefix("bert."): v for k, v in hf.items()}
+    # (older TF-converted checkpoints name LayerNorm parameters gamma / beta)
+    body = {re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", re.sub(r"LayerNorm\.beta$", "LayerNorm.bias",
+                                                                       k.removeprefix("bert."))): v
+            for k, v in hf.items()}
     rows = tensor_rows(c) + _head_rows(c.head)
     if model.pooler is not None:
         rows += [("pooler.dense.weight", "pooler.weight"), ("pooler.dense.bias", "pooler.bias")]
@@ -138,7 +143,7 @@ def save_encoder_dir(model: torch.nn.Module, path: str | Path, tokenizer: Any = 
         write_json(tmp / "config.json", hf_config(model.config))
         save_file(to_hf_state(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         if tokenizer is not None:
-            tokenizer.save(tmp)
+            tokenizer.save(tmp, model_max_length=model.config.max_seq_len)
     return path
 
 

@@ -110,12 +110,14 @@ class Encoder(nn.Module):
         start_positions: torch.Tensor | None = None,
         end_positions: torch.Tensor | None = None,
         class_weights: torch.Tensor | None = None,
+        heads: bool = True,
     ) -> EncoderOutput:
         """input_ids [B, T]; attention_mask [B, T] marks real tokens (1) and padding (0).
 
         labels: mlm/pretrain [B, T] token ids with -100 where nothing is predicted; classify [B] class ids.
         start_positions / end_positions [B] train the qa head. The loss is the mean over what is predicted
-        (mlm + nsp summed for pretrain)."""
+        (mlm + nsp summed for pretrain). heads=False stops after the body and pooler (embeddings need no
+        vocabulary-wide MLM scores)."""
         B, T = input_ids.shape
         if T > self.config.max_seq_len:
             raise ValueError(f"sequence of {T} tokens exceeds the model's {self.config.max_seq_len} positions")
@@ -132,7 +134,7 @@ class Encoder(nn.Module):
         if self.pooler is not None:
             out.pooled = torch.tanh(self.pooler(x[:, 0]))
 
-        head = self.config.head
+        head = self.config.head if heads else "none"
         if head in ("mlm", "pretrain"):
             if labels is not None:
                 # score only the masked positions: the V-wide projection is most of an MLM step's cost
@@ -167,7 +169,12 @@ class Encoder(nn.Module):
         cfg = replace(self.config, head=head, labels=list(labels or []), pooler=self.pooler is not None
                       or head in ("pretrain", "classify"))
         new = Encoder(cfg).to(self.tok_emb.weight.device)
-        missing, _ = new.load_state_dict(self.state_dict(), strict=False)
+        # the body carries over; a task head never does (other labels, other order, other task)
+        heads = ("mlm_head.", "nsp_head.", "classifier.", "qa_head.")
+        body = {k: v for k, v in self.state_dict().items() if not k.startswith(heads)}
+        if head in ("mlm", "pretrain") and self.config.head in ("mlm", "pretrain"):
+            body.update({k: v for k, v in self.state_dict().items() if k.startswith("mlm_head.")})
+        missing, _ = new.load_state_dict(body, strict=False)
         new.reset_parameters(only=sorted({m.rsplit(".", 1)[0] for m in missing}))
         return new
 

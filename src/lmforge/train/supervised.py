@@ -73,6 +73,9 @@ def fit(
     progress: bool | None = None,
 ) -> FitResult:
     """Train `model` on `batches(epoch)` (dicts of forward() arguments including labels) for cfg.epochs."""
+    from lmforge.runtime import tune_allocator
+
+    tune_allocator()
     device = torch.device(cfg.device)
     total = max(1, math.ceil(steps_per_epoch * cfg.epochs))
     warmup = int(total * cfg.warmup)

@@ -91,7 +91,7 @@ def finetune_classify(
     cfg = cfg or FinetuneConfig()
     cfg.validate()
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"{out} is not empty; choose a new --out for this run")
     if not (0 <= val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
         raise ConfigError("validation and test fractions must be in [0, 1) and leave data to train on")

@@ -99,10 +99,10 @@ def finetune_qa(model_path: str | Path, data: str | Path, out: str | Path, cfg: 
     if cfg.metric not in ("f1", "exact_match"):
         cfg = dataclasses.replace(cfg, metric="f1")
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"{out} is not empty; choose a new --out for this run")
-    if not 0 < stride < cfg.max_len // 2:
-        raise ConfigError(f"--stride must be between 1 and half of --max-len ({cfg.max_len // 2})")
+    if stride <= 0:
+        raise ConfigError(f"--stride must be positive, got {stride}")
     train, val, test = load_qa_splits(data, val_data, test_data, cfg.seed)
 
     torch.manual_seed(cfg.seed)
