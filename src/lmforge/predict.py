@@ -59,8 +59,6 @@ def encode(model: Encoder, tokenizer: Tokenizer, texts: Sequence[str], batch_siz
            max_len: int | None = None, what: str = "logits") -> torch.Tensor:
     """Run the encoder over texts in length-sorted batches. what: "logits" (the head's output per text),
     "mean" (mean-pooled hidden states), "cls" (the [CLS] hidden state) or "pooled" (the pooler's output)."""
-    from lmforge.nn.packed import packed_linears, release_packed
-
     model = _check_encoder(model)
     was_training = model.training
     model.eval()
@@ -68,24 +66,22 @@ def encode(model: Encoder, tokenizer: Tokenizer, texts: Sequence[str], batch_siz
     enc = tokenizer.encode_for_encoder(texts, max_len=max_len)
     device = model.tok_emb.weight.device
     out: list[torch.Tensor | None] = [None] * len(texts)
-    # Linear weights prepacked for oneDNN once per call (CPU): a few percent over the default GEMM path
-    with packed_linears(model, batch_hint=batch_size * 32):
-        for idx in length_batches([len(e.ids) for e in enc], batch_size):
-            b = pad_batch([enc[i].ids for i in idx], tokenizer.pad_id)
-            b = {k: v.to(device) for k, v in b.items()}
-            o = model(**b, heads=what == "logits")
-            if what == "logits":
-                r = o.logits
-            elif what == "mean":
-                r = mean_pool(o.hidden, b["attention_mask"])
-            elif what == "cls":
-                r = o.hidden[:, 0]
-            else:
-                r = o.pooled
-            for j, i in enumerate(idx):
-                out[i] = r[j].float().cpu()
-    if was_training:  # an evaluation inside fine-tuning: do not keep packed copies of changing weights
-        release_packed(model)
+    # (oneDNN-prepacked weights, which speed up decoding, measured 6% slower here: 64 x 128-token batches)
+    for idx in length_batches([len(e.ids) for e in enc], batch_size):
+        b = pad_batch([enc[i].ids for i in idx], tokenizer.pad_id)
+        b = {k: v.to(device) for k, v in b.items()}
+        o = model(**b, heads=what == "logits")
+        if what == "logits":
+            r = o.logits
+        elif what == "mean":
+            r = mean_pool(o.hidden, b["attention_mask"])
+        elif what == "cls":
+            r = o.hidden[:, 0]
+        else:
+            r = o.pooled
+        for j, i in enumerate(idx):
+            out[i] = r[j].float().cpu()
+    if was_training:
         model.train()
     return torch.stack(out)  # type: ignore[arg-type]
 

@@ -21,7 +21,6 @@ import torch
 from torch import nn
 
 from lmforge.errors import ConfigError
-from lmforge.nn.packed import release_packed
 
 
 @dataclass
@@ -107,7 +106,6 @@ def fit(
         nonlocal best, best_state
         model.eval()
         m = evaluate()
-        release_packed(model)  # inference may have cached prepacked weights; they go stale as training goes on
         model.train()
         record({"step": step, "split": "val", "epoch": epoch, **m})
         msg = f"step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in m.items() if isinstance(v, float))
