@@ -161,13 +161,17 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 def model_config(preset: str | None = None, **overrides: Any) -> DecoderConfig:
     """A validated DecoderConfig from a preset name plus field overrides."""
+    return _from_preset(DecoderConfig, PRESETS, preset, overrides)
+
+
+def _from_preset(cls: type, presets: dict[str, dict[str, Any]], preset: str | None, overrides: dict[str, Any]):
     values: dict[str, Any] = {}
     if preset is not None:
-        if preset not in PRESETS:
-            raise ConfigError(f"unknown model preset {preset!r}; known presets: {', '.join(PRESETS)}")
-        values.update(PRESETS[preset])
+        if preset not in presets:
+            raise ConfigError(f"unknown model preset {preset!r}; known presets: {', '.join(presets)}")
+        values.update(presets[preset])
     values.update(overrides)
-    cfg = _build(DecoderConfig, values, "model")
+    cfg = _build(cls, values, "model")
     cfg.validate()
     return cfg
 
@@ -260,15 +264,7 @@ ENCODER_PRESETS: dict[str, dict[str, Any]] = {
 
 def encoder_config(preset: str | None = None, **overrides: Any) -> EncoderConfig:
     """A validated EncoderConfig from a preset name plus field overrides."""
-    values: dict[str, Any] = {}
-    if preset is not None:
-        if preset not in ENCODER_PRESETS:
-            raise ConfigError(f"unknown encoder preset {preset!r}; known: {', '.join(ENCODER_PRESETS)}")
-        values.update(ENCODER_PRESETS[preset])
-    values.update(overrides)
-    cfg = _build(EncoderConfig, values, "model")
-    cfg.validate()
-    return cfg
+    return _from_preset(EncoderConfig, ENCODER_PRESETS, preset, overrides)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -223,9 +223,7 @@ def from_hf_state(
 def save_model_dir(model: torch.nn.Module, path: str | Path, tokenizer: Any = None,
                    generation_config: dict | None = None) -> Path:
     """Write `model` (and its tokenizer) as an HF-layout directory, atomically."""
-    path = Path(path)
-    if path.exists() and (not path.is_dir() or (any(path.iterdir()) and not (path / "config.json").is_file())):
-        raise ModelLoadError(f"{path} exists and is not a model directory; choose a new or empty output folder")
+    path = check_output_dir(path)
     cfg = hf_config(model.config)
     state = to_hf_state(model, cfg["model_type"])
     with atomic_dir(path) as tmp:
@@ -237,6 +235,15 @@ def save_model_dir(model: torch.nn.Module, path: str | Path, tokenizer: Any = No
         write_json(tmp / "generation_config.json", gen)
         if tokenizer is not None:
             tokenizer.save(tmp)
+    return path
+
+
+def check_output_dir(path: str | Path) -> Path:
+    """A model directory is written only where nothing else would be replaced: a new or empty folder, or an
+    earlier model directory."""
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or (any(path.iterdir()) and not (path / "config.json").is_file())):
+        raise ModelLoadError(f"{path} exists and is not a model directory; choose a new or empty output folder")
     return path
 
 

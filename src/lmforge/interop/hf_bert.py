@@ -136,9 +136,9 @@ def from_hf_state(model: torch.nn.Module, hf: dict[str, torch.Tensor], where: st
 
 
 def save_encoder_dir(model: torch.nn.Module, path: str | Path, tokenizer: Any = None) -> Path:
-    path = Path(path)
-    if path.exists() and (not path.is_dir() or (any(path.iterdir()) and not (path / "config.json").is_file())):
-        raise ModelLoadError(f"{path} exists and is not a model directory; choose a new or empty output folder")
+    from lmforge.interop.hf import check_output_dir
+
+    path = check_output_dir(path)
     with atomic_dir(path) as tmp:
         write_json(tmp / "config.json", hf_config(model.config))
         save_file(to_hf_state(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
