@@ -10,6 +10,8 @@ resumed run sees the same batches.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from lmforge.data.shards import TokenShard
@@ -108,8 +110,6 @@ def mlm_metrics(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], 
             nsp_ok += (out.nsp_logits.argmax(-1) == b["next_sentence_label"]).sum().item()
             nsp_n += labels.size(0)
     model.train(was)
-    import math
-
     loss = loss_sum / max(n, 1)
     m = {"loss": loss, "ppl": math.exp(min(loss, 50)), "masked_acc": correct / max(n, 1)}
     if nsp_n:

@@ -66,7 +66,7 @@ class Encoder(nn.Module):
         super().__init__()
         cfg.validate()
         self.config = cfg
-        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model, padding_idx=None)
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model)
         self.type_emb = nn.Embedding(cfg.type_vocab_size, cfg.d_model)
         self.emb_norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
