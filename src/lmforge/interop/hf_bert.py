@@ -101,16 +101,22 @@ def _head_rows(head: str) -> list[tuple[str, str]]:
     return {"mlm": HEAD_ROWS["mlm"], "pretrain": HEAD_ROWS["mlm"] + HEAD_ROWS["nsp"]}.get(head, HEAD_ROWS.get(head, []))
 
 
-def to_hf_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def name_rows(model: torch.nn.Module) -> list[tuple[str, str]]:
+    """(full HF tensor name, lmforge name) for every tensor of this model as the matching BertModel / BertFor*
+    class names it."""
     c = model.config
-    ours = model.state_dict()
     prefix = "" if c.head == "none" else "bert."  # what transformers' BertModel / BertFor* classes expect
-    out = {prefix + hf: ours[n] for hf, n in tensor_rows(c)}
+    rows = [(prefix + hf, n) for hf, n in tensor_rows(c)]
     if model.pooler is not None:
-        out[prefix + "pooler.dense.weight"] = ours["pooler.weight"]
-        out[prefix + "pooler.dense.bias"] = ours["pooler.bias"]
-    out.update({hf: ours[n] for hf, n in _head_rows(c.head)})
-    return {k: v.detach().contiguous().cpu() for k, v in out.items()}
+        rows += [(prefix + "pooler.dense.weight", "pooler.weight"), (prefix + "pooler.dense.bias", "pooler.bias")]
+    return rows + _head_rows(c.head)
+
+
+def to_hf_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    from lmforge.tune.lora import plain_state_dict
+
+    ours = plain_state_dict(model)
+    return {hf: ours[n].detach().contiguous().cpu() for hf, n in name_rows(model)}
 
 
 def from_hf_state(model: torch.nn.Module, hf: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
