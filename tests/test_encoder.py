@@ -11,7 +11,7 @@ from lmforge.data.assets import model_file
 from lmforge.models import load_model, load_pretrained
 from lmforge.models.encoder import Encoder, mean_pool
 from lmforge.predict import embed, pad_batch
-from lmforge.tune.freeze import apply_method
+from lmforge.tune.freeze import freeze_all_but_top
 
 transformers = pytest.importorskip("transformers")
 
@@ -126,7 +126,7 @@ def test_with_head_keeps_body_and_inits_head():
 
 def test_top_k_freezes_lower_blocks_and_embeddings():
     m = _tiny("classify", labels=["a", "b"])
-    n = apply_method(m, "top-k", top_k=1)
+    n = freeze_all_but_top(m, 1)
     trainable = {name for name, p in m.named_parameters() if p.requires_grad}
     assert all(name.startswith(("blocks.1.", "pooler.", "classifier.")) for name in trainable)
     assert any(name.startswith("blocks.1.") for name in trainable)

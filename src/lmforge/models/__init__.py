@@ -24,9 +24,11 @@ def resolve_model_path(path: str | Path) -> Path:
     return p
 
 
-def load_pretrained(path: str | Path, device: str | torch.device = "cpu", quantize: str | None = None):
+def load_pretrained(path: str | Path, device: str | torch.device = "cpu", quantize: str | None = None,
+                    adapter: str | Path | None = None):
     """(model, tokenizer) from an HF-layout directory, a .gguf file or a packaged model name.
-    quantize="int8" makes the Linear weights int8 (weight-only, for inference)."""
+    adapter: a LoRA adapter directory (PEFT layout, from lmforge or PEFT), merged into the weights.
+    quantize="int8" makes the Linear weights int8 (weight-only, for inference), after the merge."""
     from lmforge.tokenizer import Tokenizer
 
     p = resolve_model_path(path)
@@ -36,6 +38,11 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu", quanti
         model, tok = load_gguf(p, device=device)
     else:
         model, tok = load_model(p, device=device), Tokenizer.from_file(p)
+    if adapter:
+        from lmforge.interop.peft import load_adapter
+        from lmforge.tune.lora import merge_and_unload
+
+        merge_and_unload(load_adapter(model, adapter)).eval()
     if quantize:
         from lmforge.compress.quant import quantize_model
 

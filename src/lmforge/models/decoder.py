@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from lmforge.config import DecoderConfig
 from lmforge.nn.attention import Attention, KVCache, Rotary, padded_causal_mask
@@ -60,6 +61,9 @@ class DecoderLM(nn.Module):
         if cfg.tie_embeddings:
             # one matrix reads tokens in and scores them out: fewer parameters, and it helps small models
             self.lm_head.weight = self.tok_emb.weight
+        # activation checkpointing while training: keep only each block's input, recompute the rest in backward
+        # (fine-tuning sets it; it trades about a third more compute for most of the activation memory)
+        self.grad_checkpoint = False
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -87,15 +91,19 @@ class DecoderLM(nn.Module):
         position_ids: torch.Tensor | None = None,
         cache: KVCache | None = None,
         last_only: bool = False,
+        logits_at: torch.Tensor | None = None,
     ) -> CausalLMOutput:
         """input_ids [B, T]. labels [B, T] (-100 = ignore) gives the mean next-token loss; labels are the
         targets for each position (already shifted). attention_mask [B, past + T] marks real tokens (1) and
-        padding (0) over the cache and the new tokens. last_only computes logits for the final position only."""
+        padding (0) over the cache and the new tokens, or holds segment ids of packed examples (see
+        padded_causal_mask). last_only computes logits for the final position only; logits_at (bool [B, T])
+        only where it is set, as a flat [N, V] (fine-tuning scores a few answer tokens: the vocabulary-wide
+        projection of every other position would be most of the step's time and memory)."""
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
         if position_ids is None:
             if attention_mask is not None:
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:past + T]
+                position_ids = ((attention_mask != 0).long().cumsum(-1) - 1).clamp(min=0)[:, past:past + T]
             else:
                 position_ids = torch.arange(past, past + T, device=input_ids.device)[None]
         x = self.tok_emb(input_ids)
@@ -107,22 +115,44 @@ class DecoderLM(nn.Module):
         x = self.drop(x)
 
         mask = padded_causal_mask(attention_mask, T) if attention_mask is not None else None
+        ckpt = self.grad_checkpoint and self.training and torch.is_grad_enabled() and cache is None
         for i, block in enumerate(self.blocks):
-            x = block(x, mask, rotary, cache, i)
+            if ckpt:
+                x = checkpoint(block, x, mask, rotary, None, i, use_reentrant=False)
+            else:
+                x = block(x, mask, rotary, cache, i)
         if cache is not None:
             cache.advance(T)
         x = self.norm(x)
         if last_only:
             x = x[:, -1:]
+        if logits_at is not None:
+            x = x[logits_at]
+            labels = labels[logits_at] if labels is not None else None
+            if labels is not None and self.grad_checkpoint and self.training and torch.is_grad_enabled():
+                return CausalLMOutput(logits=None, loss=self._chunked_loss(x, labels))
         logits = self.lm_head(x)
         loss = None
         if labels is not None:
             loss = cross_entropy(logits.view(-1, logits.size(-1)), labels.reshape(-1))
         return CausalLMOutput(logits=logits, loss=loss)
 
+    def _chunked_loss(self, h: torch.Tensor, labels: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+        """Mean cross-entropy of lm_head(h) against labels, a chunk of positions at a time under checkpointing:
+        no [N, vocab] logits (nor their softmax) are ever held for the whole batch."""
+        n = (labels != -100).sum().clamp(min=1)
+
+        def part(hc: torch.Tensor, yc: torch.Tensor) -> torch.Tensor:
+            k = (yc != -100).sum()
+            return cross_entropy(self.lm_head(hc), yc) * k
+
+        total = sum(checkpoint(part, h[s:s + chunk], labels[s:s + chunk], use_reentrant=False)
+                    for s in range(0, h.size(0), chunk))
+        return total / n
+
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
         c = self.config
-        p = self.tok_emb.weight  # (the head may be quantized; the embedding keeps the compute dtype)
+        p = self.norm.weight  # (head and embedding may be quantized; the final norm keeps the compute dtype)
         return KVCache(c.n_layer, batch, c.n_kv_head, c.head_dim, max_len, p.device, dtype or p.dtype)
 
     # ------------------------------------------------------------------------------------------------------------

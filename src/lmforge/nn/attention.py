@@ -40,11 +40,16 @@ def causal_mask(q_len: int, k_len: int, device: torch.device | None = None) -> t
 def padded_causal_mask(key_mask: torch.Tensor, q_len: int) -> torch.Tensor:
     """Boolean [B, 1, q_len, k_len] from a key padding mask [B, k_len] (1 = real token).
 
+    The mask may also hold segment ids (1, 2, 3, ... for examples packed into one row, 0 for padding): a token
+    then sees only earlier tokens of its own segment. A 0/1 mask is the one-segment case.
+
     A padding query still sees itself, so its softmax row is never empty: fully masked rows would give NaN,
     and a NaN value in the cache would poison real rows through `0 * NaN`.
     """
     k_len = key_mask.size(1)
     m = causal_mask(q_len, k_len, key_mask.device)[None, None] & key_mask.bool()[:, None, None, :]
+    if key_mask.dtype != torch.bool and q_len > 1 and bool((key_mask > 1).any()):
+        m = m & (key_mask[:, None, -q_len:, None] == key_mask[:, None, None, :])
     diag = torch.zeros(q_len, k_len, dtype=torch.bool, device=key_mask.device)
     diag[torch.arange(q_len), torch.arange(k_len - q_len, k_len)] = True
     return m | diag

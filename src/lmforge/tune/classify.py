@@ -29,8 +29,9 @@ from lmforge.eval.classify import classification_metrics, plot_confusion
 from lmforge.files import write_json, write_text
 from lmforge.models.encoder import Encoder
 from lmforge.predict import pad_batch, predict_proba
+from lmforge.runtime import current_memory_mb, peak_memory_mb, reset_peak_memory
 from lmforge.train.supervised import FinetuneConfig, fit
-from lmforge.tune.freeze import apply_method
+from lmforge.tune.methods import apply_method, describe, save_outputs
 
 
 @dataclass
@@ -107,6 +108,7 @@ def finetune_classify(
 
     # --- model -----------------------------------------------------------------------------------------------
     torch.manual_seed(cfg.seed)
+    baseline_mem = current_memory_mb()  # before the model: what the run adds is measured against it
     model, tok = load_pretrained(model_path, device=cfg.device)
     if not isinstance(model, Encoder):
         raise ModelLoadError(f"{model_path} is a {type(model).__name__}; classification fine-tuning needs an "
@@ -114,7 +116,7 @@ def finetune_classify(
     if not (model.config.head == "classify" and model.config.labels == names):
         model = model.with_head("classify", names)
     total = model.num_params()
-    trainable = apply_method(model, cfg.method, cfg.top_k)
+    trainable = apply_method(model, cfg)
     max_len = min(cfg.max_len, model.config.max_seq_len)
     enc = tok.encode_for_encoder(train.texts, max_len=max_len)
     y = torch.tensor([label_id[v] for v in train.labels])
@@ -153,30 +155,31 @@ def finetune_classify(
         "test_data": str(test_data or ""), "text_col": text_col, "label_col": label_col,
         "val_fraction": val_fraction, "test_fraction": test_fraction, "class_weights": class_weights,
         "labels": names, "finetune": dataclasses.asdict(cfg)}, sort_keys=False))
-    say(f"model: {total:,} parameters, {trainable:,} trainable ({cfg.method}"
-        + (f", top {cfg.top_k} of {model.config.n_layer} blocks" if cfg.method == "top-k" else "") + ")")
+    say(f"model: {total:,} parameters, {trainable:,} trainable ({describe(cfg, model.config.n_layer)})")
     steps_per_epoch = -(-len(enc) // cfg.batch_size)
+    reset_peak_memory()
     t0 = time.time()
     result = fit(model, batches, steps_per_epoch, evaluate, cfg, out / "metrics.jsonl", progress)
     seconds = time.time() - t0
+    peak_mem = peak_memory_mb()
 
     # --- finish ----------------------------------------------------------------------------------------------
     test_pred = predict_proba(model, tok, test.texts, max_len=max_len).argmax(-1).tolist()
     test_m = classification_metrics([label_id[v] for v in test.labels], test_pred, names)
-    for p in model.parameters():
-        p.requires_grad_(True)
-    model_dir = model.save_pretrained(out / "model", tokenizer=tok)
+    model_dir, adapter_dir = save_outputs(model, out, tok, str(model_path), cfg)
     plot_confusion(test_m, out / "report" / "confusion.png", title="test split")
     rows = {"train": len(train), "validation": len(val), "test": len(test), "repaired": train.repaired_rows,
             "skipped": train.skipped_rows}
     summary = {"task": "classify", "method": cfg.method, "trainable_params": trainable, "total_params": total,
-               "train_seconds": seconds, "steps": result.steps, "best_val": result.best, "test": test_m,
+               "peak_train_memory_mb": peak_mem, "baseline_memory_mb": baseline_mem,
+               "train_seconds": seconds, "steps": result.steps,
+               "best_val": result.best, "test": test_m,
                "rows": rows}
     write_json(out / "summary.json", summary)
     from lmforge.report import write_task_report
 
     write_task_report(out, f"Classification fine-tune: {out.name}", [
-        ("model", str(model_path)), ("method", cfg.method + (f" (top {cfg.top_k})" if cfg.method == "top-k" else "")),
+        ("model", str(model_path)), ("method", describe(cfg, model.config.n_layer)),
         ("trainable / total parameters", f"{trainable:,} / {total:,}"),
         ("rows train / val / test", f"{len(train)} / {len(val)} / {len(test)}"),
         ("repaired rows (non-UTF-8)", str(train.repaired_rows)), ("training time", f"{seconds:.0f} s"),

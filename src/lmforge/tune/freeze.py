@@ -26,14 +26,3 @@ def freeze_all_but_top(model: nn.Module, k: int) -> int:
         # a decoder's tied lm_head is the embedding: it stays frozen with it
         p.requires_grad_(not frozen)
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-def apply_method(model: nn.Module, method: str, top_k: int = 2) -> int:
-    """Prepare `model` for fine-tuning with `method` ("full" or "top-k"); returns trainable parameter count."""
-    if method == "full":
-        for p in model.parameters():
-            p.requires_grad_(True)
-        return sum(p.numel() for p in model.parameters())
-    if method == "top-k":
-        return freeze_all_but_top(model, top_k)
-    raise ConfigError(f"unknown fine-tuning method {method!r}; known: full, top-k")

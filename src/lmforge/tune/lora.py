@@ -123,7 +123,7 @@ def apply_lora(
 
     targets: module-name patterns (a name, a dotted suffix such as `mlp.up`, or a glob such as `blocks.1*.attn.*`),
     or the groups attn / mlp / all. quantize: None, "int8" or "nf4" for a frozen quantized base."""
-    from lmforge.compress.quant import Int8Linear, NF4Linear, quantize_linear
+    from lmforge.compress.quant import Int8Embedding, Int8Linear, NF4Linear, quantize_linear
 
     patterns = expand_targets(targets)
     if not patterns:
@@ -148,6 +148,12 @@ def apply_lora(
         if m is not candidates[name]:
             parent, _, leaf = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, leaf, m)
+    if quantize and hasattr(model, "tok_emb") and hasattr(model, "lm_head") and isinstance(model.tok_emb,
+                                                                                           nn.Embedding):
+        # a decoder's vocabulary matrix is a frozen base weight too: int8 rows, shared with a tied head
+        tied = model.lm_head.weight is model.tok_emb.weight
+        model.tok_emb = Int8Embedding.from_embedding(model.tok_emb)
+        model.lm_head = model.tok_emb.head() if tied else quantize_linear(model.lm_head, quantize)
     if train_heads:
         for name, p in model.named_parameters():
             if name.startswith(HEADS):
@@ -188,10 +194,11 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
 def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's state dict as if it had no adapters and no quantized layers: `X.weight` is the merged,
     dequantized weight. Model-directory writers use it, so saving a LoRA model writes the merged model."""
-    from lmforge.compress.quant import Int8Linear, NF4Linear
+    from lmforge.compress.quant import Int8Embedding, Int8Linear, NF4Linear
 
     state = model.state_dict()
-    wrapped = {n: m for n, m in model.named_modules() if isinstance(m, (LoRALinear, Int8Linear, NF4Linear))}
+    wrapped = {n: m for n, m in model.named_modules()
+               if isinstance(m, (LoRALinear, Int8Linear, NF4Linear, Int8Embedding))}
     if not wrapped:
         return state
     out = {}
@@ -207,7 +214,7 @@ def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             continue  # a quantized base inside a LoRA layer: handled by its wrapper
         else:
             out[n + ".weight"] = m.dequantize()
-        if m.bias is not None:
+        if getattr(m, "bias", None) is not None:
             out[n + ".bias"] = m.bias.detach()
     return out
 

@@ -27,10 +27,11 @@ from lmforge.eval.qa import squad_scores
 from lmforge.files import write_json, write_text
 from lmforge.models.encoder import Encoder
 from lmforge.predict import length_batches, pad_batch
+from lmforge.runtime import current_memory_mb, peak_memory_mb, reset_peak_memory
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.supervised import FinetuneConfig, fit
 from lmforge.tune.classify import say
-from lmforge.tune.freeze import apply_method
+from lmforge.tune.methods import apply_method, describe, save_outputs
 
 
 @dataclass
@@ -106,13 +107,14 @@ def finetune_qa(model_path: str | Path, data: str | Path, out: str | Path, cfg: 
     train, val, test = load_qa_splits(data, val_data, test_data, cfg.seed)
 
     torch.manual_seed(cfg.seed)
+    baseline_mem = current_memory_mb()  # before the model: what the run adds is measured against it
     model, tok = load_pretrained(model_path, device=cfg.device)
     if not isinstance(model, Encoder):
         raise ModelLoadError(f"{model_path} is a {type(model).__name__}; QA fine-tuning needs an encoder model")
     if model.config.head != "qa":
         model = model.with_head("qa")
     total = model.num_params()
-    trainable = apply_method(model, cfg.method, cfg.top_k)
+    trainable = apply_method(model, cfg)
     max_len = min(cfg.max_len, model.config.max_seq_len)
     feats: QAFeatures = qa_features(train, tok, max_len, stride)
     say(f"data: {len(train)} train / {len(val)} validation / {len(test)} test questions; "
@@ -136,18 +138,20 @@ def finetune_qa(model_path: str | Path, data: str | Path, out: str | Path, cfg: 
     write_text(out / "config.yaml", yaml.safe_dump({
         "task": "qa", "model": str(model_path), "data": str(data), "val_data": str(val_data or ""),
         "test_data": str(test_data or ""), "stride": stride, "finetune": dataclasses.asdict(cfg)}, sort_keys=False))
+    reset_peak_memory()
     t0 = time.time()
     result = fit(model, batches, -(-len(feats.ids) // cfg.batch_size), evaluate, cfg, out / "metrics.jsonl",
                  progress)
     seconds = time.time() - t0
+    peak_mem = peak_memory_mb()
     preds = answer(model, tok, test, max_len, stride)
     scores = squad_scores(preds, [[t for t, _ in e.answers] for e in test])
-    for p in model.parameters():
-        p.requires_grad_(True)
-    model_dir = model.save_pretrained(out / "model", tokenizer=tok)
+    model_dir, adapter_dir = save_outputs(model, out, tok, str(model_path), cfg)
     rows = {"train": len(train), "validation": len(val), "test": len(test), "train_windows": len(feats.ids)}
     write_json(out / "summary.json", {"task": "qa", "method": cfg.method, "trainable_params": trainable,
-                                      "total_params": total, "train_seconds": seconds, "best_val": result.best,
+                                      "total_params": total, "peak_train_memory_mb": peak_mem,
+                                      "baseline_memory_mb": baseline_mem,
+                                      "train_seconds": seconds, "best_val": result.best,
                                       "test": scores, "rows": rows})
     write_json(out / "predictions.json", [{"id": e.id, "question": e.question, "prediction": p,
                                            "answers": [t for t, _ in e.answers]} for e, p in zip(test, preds)])
@@ -155,7 +159,8 @@ def finetune_qa(model_path: str | Path, data: str | Path, out: str | Path, cfg: 
 
     samples = [(e.question, p, e.answers[0][0] if e.answers else "") for e, p in zip(test[:8], preds[:8])]
     write_task_report(out, f"Extractive QA fine-tune: {out.name}", [
-        ("model", str(model_path)), ("data", str(data)), ("trainable / total parameters", f"{trainable:,} / {total:,}"),
+        ("model", str(model_path)), ("data", str(data)), ("method", describe(cfg, model.config.n_layer)),
+        ("trainable / total parameters", f"{trainable:,} / {total:,}"),
         ("questions train / val / test", f"{len(train)} / {len(val)} / {len(test)}"),
         ("training time", f"{seconds:.0f} s"), ("test exact match", f"{scores['exact_match']:.1f}"),
         ("test F1", f"{scores['f1']:.1f}"),

@@ -1,0 +1,236 @@
+"""Preference tuning with DPO (Rafailov et al., 2023), read top to bottom.
+
+    data     (prompt, chosen, rejected) JSONL, or `chatterbot`: the corpus answer is chosen, the answer to another
+             question of the same topic rejected (see lmforge.data.chat.chatterbot_pairs)
+    tokens   prompt + reply through the chat template; only the reply's tokens are scored
+    model    the method's transform (full / top-k / lora / qlora); the reference model is the starting model:
+             under LoRA the same weights with the adapters switched off, so no second copy is held (full and
+             top-k keep a frozen copy). Reference log-probabilities are computed for each batch as it is used
+             (a run of a fraction of an epoch pays for no more), and once for the held-out pairs
+    loss     -log sigmoid(beta * ((log pi(c) - log ref(c)) - (log pi(r) - log ref(r))))
+    finish   on the held-out pairs before and after: preference accuracy (the share of pairs whose chosen
+             reply gets the higher mean per-token log-probability), and after: reward accuracy and mean reward
+             margin beta * (...) (both are 0 before training by definition); model + adapter + report
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import yaml
+
+from lmforge.data.chat import Pair, _split_of, chatterbot_pairs, read_pairs, tokenize_chat
+from lmforge.errors import ConfigError, DataError, ModelLoadError
+from lmforge.files import write_json, write_text
+from lmforge.models.decoder import DecoderLM
+from lmforge.runtime import current_memory_mb, peak_memory_mb, reset_peak_memory
+from lmforge.train.supervised import FinetuneConfig, fit
+from lmforge.tune.lora import lora_disabled, lora_modules
+from lmforge.tune.methods import apply_method, describe, save_outputs
+
+
+@dataclass
+class DPOResult:
+    run_dir: Path
+    model_dir: Path
+    adapter_dir: Path | None
+    before: dict[str, float]
+    after: dict[str, float]
+    val: dict[str, float]
+    trainable_params: int
+    seconds: float
+    peak_train_memory_mb: float
+    rows: dict[str, int]
+
+
+Tokenized = tuple[list[int], list[int]]
+
+
+def load_pair_splits(data: str | Path, val_data: str | Path | None, test_data: str | Path | None,
+                     seed: int) -> tuple[list[Pair], list[Pair], list[Pair]]:
+    if str(data) == "chatterbot":
+        s = chatterbot_pairs(seed)
+        train, val, test = s["train"], s["val"], s["test"]
+    else:
+        train, val, test = [], [], []
+        for p in read_pairs(data):
+            split = _split_of(p.prompt[-1]["content"], seed, 0.0 if test_data else 0.1, 0.0 if val_data else 0.05)
+            (test if split == "test" else val if split == "val" else train).append(p)
+    if val_data:
+        val = read_pairs(val_data)
+    if test_data:
+        test = read_pairs(test_data)
+    for part, name in ((train, "training"), (val, "validation"), (test, "test")):
+        if not part:
+            raise DataError(f"the {name} split has no preference pairs: give more data or --{name[:4]}-data")
+    return train, val, test
+
+
+def tokenize_pairs(tok, pairs: list[Pair], max_len: int) -> list[tuple[Tokenized, Tokenized]]:
+    out = []
+    for p in pairs:
+        c = tokenize_chat(tok, p.prompt + [{"role": "assistant", "content": p.chosen}], max_len)
+        r = tokenize_chat(tok, p.prompt + [{"role": "assistant", "content": p.rejected}], max_len)
+        if c is not None and r is not None:
+            out.append((c, r))
+    return out
+
+
+def _batch(seqs: list[Tokenized], pad_id: int) -> dict[str, torch.Tensor]:
+    T = max(len(i) for i, _ in seqs)
+    ids = torch.tensor([i + [pad_id] * (T - len(i)) for i, _ in seqs])
+    labels = torch.tensor([lab + [-100] * (T - len(lab)) for _, lab in seqs])
+    mask = torch.tensor([[1] * len(i) + [0] * (T - len(i)) for i, _ in seqs])
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def sequence_logps(model: torch.nn.Module, b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probability of each row's labelled tokens, and their count."""
+    at = b["labels"] != -100
+    logits = model(b["input_ids"], attention_mask=b["attention_mask"], logits_at=at).logits
+    lp = torch.log_softmax(logits.float(), dim=-1).gather(-1, b["labels"][at][:, None]).squeeze(-1)
+    rows = at.nonzero()[:, 0]
+    n = at.sum(-1)
+    return torch.zeros(at.size(0), device=lp.device).index_add(0, rows, lp), n
+
+
+def pair_logps(model, items: list[tuple[Tokenized, Tokenized]], pad_id: int, batch_size: int, device: str):
+    """(chosen, rejected) summed log-probs and token counts for every pair, without gradients."""
+    c_lp, r_lp, c_n, r_n = [], [], [], []
+    with torch.no_grad():
+        for s in range(0, len(items), batch_size):
+            part = items[s:s + batch_size]
+            b = {k: v.to(device) for k, v in _batch([c for c, _ in part] + [r for _, r in part], pad_id).items()}
+            lp, n = sequence_logps(model, b)
+            k = len(part)
+            c_lp.append(lp[:k])
+            r_lp.append(lp[k:])
+            c_n.append(n[:k])
+            r_n.append(n[k:])
+    return torch.cat(c_lp), torch.cat(r_lp), torch.cat(c_n), torch.cat(r_n)
+
+
+def preference_metrics(model, items, ref: tuple[torch.Tensor, torch.Tensor], pad_id: int, batch_size: int,
+                       beta: float, device: str) -> dict[str, float]:
+    pc, pr, nc, nr = pair_logps(model, items, pad_id, batch_size, device)
+    margin = beta * ((pc - ref[0]) - (pr - ref[1]))
+    loss = float(-F.logsigmoid(margin).mean())
+    return {"preference_accuracy": float(((pc / nc) > (pr / nr)).float().mean()),
+            "reward_accuracy": float((margin > 0).float().mean()), "reward_margin": float(margin.mean()),
+            "loss": loss, "neg_loss": -loss}
+
+
+def finetune_dpo(
+    model_path: str | Path,
+    data: str | Path,
+    out: str | Path,
+    cfg: FinetuneConfig | None = None,
+    beta: float = 0.1,
+    val_data: str | Path | None = None,
+    test_data: str | Path | None = None,
+    progress: bool | None = None,
+) -> DPOResult:
+    from lmforge.models import load_pretrained
+
+    cfg = cfg or FinetuneConfig(metric="neg_loss")
+    if cfg.metric == "accuracy":
+        cfg = dataclasses.replace(cfg, metric="neg_loss")
+    cfg.validate()
+    if not beta > 0:
+        raise ConfigError(f"DPO beta must be positive, got {beta}")
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"{out} is not empty; choose a new --out for this run")
+
+    train, val, test = load_pair_splits(data, val_data, test_data, cfg.seed)
+    torch.manual_seed(cfg.seed)
+    baseline_mem = current_memory_mb()  # before the model: what the run adds is measured against it
+    model, tok = load_pretrained(model_path, device=cfg.device)
+    if not isinstance(model, DecoderLM):
+        raise ModelLoadError(f"{model_path} is a {type(model).__name__}; DPO needs a decoder model")
+    max_len = min(cfg.max_len, model.config.max_seq_len)
+    items = {k: tokenize_pairs(tok, v, max_len) for k, v in (("train", train), ("val", val), ("test", test))}
+    if not items["train"]:
+        raise DataError(f"no training pair keeps a reply token within max_len {max_len}")
+    say(f"data: {len(items['train'])} train / {len(items['val'])} validation / {len(items['test'])} test pairs")
+
+    total = model.num_params()
+    trainable = apply_method(model, cfg)
+    say(f"model: {total:,} parameters, {trainable:,} trainable ({describe(cfg, model.config.n_layer)})")
+    bs, dev = cfg.batch_size, cfg.device
+    # the reference: the starting model. Under LoRA, the adapters switched off; otherwise a frozen copy
+    ref_model = model if lora_modules(model) else copy.deepcopy(model).requires_grad_(False)
+    model.eval()
+    t = time.time()
+    with lora_disabled(model):
+        ref = {k: pair_logps(ref_model, items[k], tok.pad_id, bs, dev)[:2] for k in ("val", "test")}
+    say(f"reference log-probabilities for the held-out pairs in {time.time() - t:.0f} s")
+    before = preference_metrics(model, items["test"], ref["test"], tok.pad_id, bs, beta, dev)
+    say(f"before: held-out preference accuracy {before['preference_accuracy']:.3f}")
+
+    def batches(epoch: int):
+        rng = random.Random(cfg.seed + epoch)
+        order = list(range(len(items["train"])))
+        rng.shuffle(order)
+        for s in range(0, len(order), bs):
+            idx = order[s:s + bs]
+            part = [items["train"][i] for i in idx]
+            yield _batch([c for c, _ in part] + [r for _, r in part], tok.pad_id)
+
+    def loss_fn(m: torch.nn.Module, b: dict[str, torch.Tensor]) -> torch.Tensor:
+        with torch.no_grad(), lora_disabled(m):
+            ref_model.eval()  # (no dropout in the reference)
+            ref_lp, _ = sequence_logps(ref_model, b)
+            ref_model.train(m.training)
+        lp, _ = sequence_logps(m, b)
+        k = lp.size(0) // 2
+        margin = beta * ((lp[:k] - ref_lp[:k]) - (lp[k:] - ref_lp[k:]))
+        return -F.logsigmoid(margin).mean()
+
+    def evaluate() -> dict[str, float]:
+        return preference_metrics(model, items["val"], ref["val"], tok.pad_id, bs, beta, dev)
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(out / "config.yaml", yaml.safe_dump({
+        "task": "dpo", "model": str(model_path), "data": str(data), "val_data": str(val_data or ""),
+        "test_data": str(test_data or ""), "beta": beta, "finetune": dataclasses.asdict(cfg)}, sort_keys=False))
+    reset_peak_memory()
+    t0 = time.time()
+    result = fit(model, batches, -(-len(items["train"]) // bs), evaluate, cfg, out / "metrics.jsonl", progress,
+                 loss_fn=loss_fn)
+    seconds = time.time() - t0
+    peak_mem = peak_memory_mb()
+    after = preference_metrics(model, items["test"], ref["test"], tok.pad_id, bs, beta, dev)
+    say(f"after: held-out preference accuracy {after['preference_accuracy']:.3f}, reward accuracy "
+        f"{after['reward_accuracy']:.3f}, reward margin {after['reward_margin']:.3f}")
+    model_dir, adapter_dir = save_outputs(model, out, tok, str(model_path), cfg)
+    rows = {k: len(v) for k, v in items.items()}
+    write_json(out / "summary.json", {
+        "task": "dpo", "method": cfg.method, "beta": beta, "trainable_params": trainable, "total_params": total,
+        "peak_train_memory_mb": peak_mem, "baseline_memory_mb": baseline_mem,
+        "train_seconds": seconds, "steps": result.steps,
+        "best_val": result.best, "before": before, "after": after, "rows": rows})
+    from lmforge.report import write_task_report
+
+    write_task_report(out, f"Preference tuning (DPO): {out.name}", [
+        ("model", str(model_path)), ("data", str(data)), ("method", describe(cfg, model.config.n_layer)),
+        ("beta", f"{beta:g}"), ("trainable / total parameters", f"{trainable:,} / {total:,}"),
+        ("pairs train / val / test", f"{rows['train']} / {rows['val']} / {rows['test']}"),
+        ("training time", f"{seconds:.0f} s"), ("peak memory while training", f"{peak_mem:,.0f} MiB"),
+        ("held-out preference accuracy before / after",
+         f"{before['preference_accuracy']:.3f} / {after['preference_accuracy']:.3f}"),
+        ("held-out reward accuracy / margin after", f"{after['reward_accuracy']:.3f} / {after['reward_margin']:.3f}"),
+    ])
+    return DPOResult(out, model_dir, adapter_dir, before, after, result.best, trainable, seconds, peak_mem, rows)
+
+
+def say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)

@@ -1,0 +1,56 @@
+"""A fine-tuning method is a transform of the model before the one training loop runs:
+
+    full    every parameter trains
+    top-k   only the last k blocks and the head (`freeze.py`)
+    lora    frozen model + low-rank adapters on the target Linear layers + the head (`lora.py`)
+    qlora   lora on a base whose block Linear layers are stored in NF4 (or int8) and frozen
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from lmforge.errors import ConfigError
+from lmforge.tune.freeze import freeze_all_but_top
+from lmforge.tune.lora import apply_lora, trainable_params
+
+
+def apply_method(model: nn.Module, cfg) -> int:
+    """Prepare `model` for fine-tuning as `cfg` (a FinetuneConfig) says; returns the trainable parameter count."""
+    m = cfg.method
+    if hasattr(model, "grad_checkpoint"):
+        model.grad_checkpoint = bool(getattr(cfg, "grad_checkpoint", False))
+    if m == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return trainable_params(model)
+    if m == "top-k":
+        return freeze_all_but_top(model, cfg.top_k)
+    if m in ("lora", "qlora"):
+        return apply_lora(model, cfg.lora_targets, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                          quantize=cfg.quant if m == "qlora" else None)
+    raise ConfigError(f"unknown fine-tuning method {m!r}; known: full, top-k, lora, qlora")
+
+
+def describe(cfg, n_layer: int) -> str:
+    if cfg.method == "top-k":
+        return f"top-k, top {cfg.top_k} of {n_layer} blocks"
+    if cfg.method in ("lora", "qlora"):
+        base = f", {cfg.quant} base" if cfg.method == "qlora" else ""
+        return f"{cfg.method}, r={cfg.lora_r} alpha={cfg.lora_alpha:g} on {cfg.lora_targets}{base}"
+    return cfg.method
+
+
+def save_outputs(model: nn.Module, out, tokenizer, base: str, cfg):
+    """The run's model directory (adapters merged in: any HF tool loads it) and, under LoRA, the adapter alone
+    in the PEFT layout. Returns (model_dir, adapter_dir or None)."""
+    from pathlib import Path
+
+    from lmforge.interop.peft import save_adapter
+
+    out = Path(out)
+    adapter = None
+    if cfg.method in ("lora", "qlora"):
+        adapter = save_adapter(model, out / "adapter", base_model=str(base), tokenizer=tokenizer)
+    return model.save_pretrained(out / "model", tokenizer=tokenizer), adapter
+

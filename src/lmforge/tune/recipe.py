@@ -1,0 +1,136 @@
+"""One entry point for every fine-tuning task: `finetune(task, ...)` and `lmforge finetune TASK`.
+
+A run's settings come from three layers, later ones winning: the task's defaults, a YAML recipe
+(configs/*.yaml: flat keys, any FinetuneConfig field or task argument, e.g. `method: lora`, `lora_r: 16`,
+`data: chatterbot`), then command-line flags and `--set key=value` overrides. The learning-rate default
+depends on the method (adapters want larger steps than full fine-tuning).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lmforge.errors import ConfigError
+from lmforge.train.supervised import FinetuneConfig
+
+TASKS = ("classify", "qa", "chat", "dpo")
+TASK_ARGS: dict[str, dict[str, Any]] = {  # task arguments and their defaults (None: required or optional)
+    "classify": {"model": None, "data": None, "out": None, "text_col": None, "label_col": None, "val_data": None,
+                 "test_data": None, "val_fraction": 0.1, "test_fraction": 0.1, "class_weights": False},
+    "qa": {"model": None, "data": None, "out": None, "val_data": None, "test_data": None, "stride": 64},
+    "chat": {"model": None, "data": None, "out": None, "val_data": None, "test_data": None, "packing": True,
+             "eval_before": True, "max_new_tokens": 64, "eval_limit": None},
+    "dpo": {"model": None, "data": None, "out": None, "val_data": None, "test_data": None, "beta": 0.1},
+}
+TASK_DEFAULTS: dict[str, dict[str, Any]] = {
+    "classify": {"epochs": 3.0, "batch_size": 32, "max_len": 128, "metric": "accuracy"},
+    "qa": {"epochs": 2.0, "batch_size": 16, "max_len": 256, "metric": "f1"},
+    "chat": {"epochs": 2.0, "batch_size": 8, "max_len": 512, "metric": "neg_loss"},
+    "dpo": {"epochs": 1.0, "batch_size": 4, "max_len": 384, "metric": "neg_loss"},
+}
+LR: dict[str, dict[str, float]] = {  # task -> method -> default learning rate
+    "classify": {"full": 5e-5, "top-k": 2e-4, "lora": 5e-4, "qlora": 5e-4},
+    "qa": {"full": 5e-5, "top-k": 2e-4, "lora": 5e-4, "qlora": 5e-4},
+    "chat": {"full": 2e-5, "top-k": 5e-5, "lora": 2e-4, "qlora": 2e-4},
+    "dpo": {"full": 5e-6, "top-k": 1e-5, "lora": 5e-5, "qlora": 5e-5},
+}
+FIELDS = {f.name for f in dataclasses.fields(FinetuneConfig)}
+
+
+def resolve(task: str, recipe: str | Path | None = None, flags: dict[str, Any] | None = None,
+            sets: list[str] | None = None) -> tuple[FinetuneConfig, dict[str, Any]]:
+    """The FinetuneConfig and task arguments for a run (see the module notes for the layering)."""
+    if task not in TASKS:
+        raise ConfigError(f"unknown fine-tuning task {task!r}; known: {', '.join(TASKS)}")
+    values: dict[str, Any] = {**TASK_ARGS[task], **TASK_DEFAULTS[task]}
+    known = FIELDS | set(TASK_ARGS[task])
+
+    def put(key: str, value: Any, where: str) -> None:
+        key = key.replace("-", "_")
+        if key == "task":
+            if value != task:
+                raise ConfigError(f"{where}: this recipe is for task {value!r}, not {task!r}")
+            return
+        if key not in known:
+            raise ConfigError(f"{where}: unknown setting {key!r} for finetune {task}; known: "
+                              f"{', '.join(sorted(known))}")
+        values[key] = value
+
+    if recipe:
+        path = Path(recipe)
+        if not path.is_file():
+            raise ConfigError(f"recipe {path} does not exist (see configs/ for examples)")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: a recipe is a mapping of settings")
+        for k, v in data.items():
+            put(str(k), v, str(path))
+    for k, v in (flags or {}).items():
+        if v is not None:
+            put(k, v, f"--{k.replace('_', '-')}")
+    for item in sets or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value (example: --set lora_r=16)")
+        k, _, v = item.partition("=")
+        put(k.strip(), yaml.safe_load(v), f"--set {item}")
+    for req in ("model", "data"):
+        if values.get(req) in (None, ""):
+            raise ConfigError(f"finetune {task} needs --{req} (or `{req}:` in the recipe)")
+    if values.get("lr") is None:
+        method = values.get("method", "full")
+        values["lr"] = LR[task].get(method, 5e-5)
+    try:
+        cfg = FinetuneConfig(**{k: v for k, v in values.items() if k in FIELDS})
+    except TypeError as e:
+        raise ConfigError(f"invalid fine-tuning settings: {e}") from None
+    _check_types(cfg)
+    cfg.validate()
+    return cfg, {k: values[k] for k in TASK_ARGS[task]}
+
+
+def _check_types(cfg: FinetuneConfig) -> None:
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        default = f.default
+        if isinstance(default, bool) or default is None:
+            continue
+        if isinstance(default, (int, float)) and not isinstance(default, bool):
+            if not isinstance(v, (int, float)) or isinstance(v, bool):
+                raise ConfigError(f"{f.name} must be a number, got {v!r}")
+            if isinstance(default, int) and not isinstance(default, bool) and float(v) != int(v):
+                raise ConfigError(f"{f.name} must be a whole number, got {v!r}")
+            setattr(cfg, f.name, type(default)(v))
+        elif isinstance(default, str) and not isinstance(v, str):
+            setattr(cfg, f.name, str(v))
+
+
+def finetune(task: str, recipe: str | Path | None = None, flags: dict[str, Any] | None = None,
+             sets: list[str] | None = None, progress: bool | None = None):
+    """Resolve the settings and run the task's recipe; returns its result object."""
+    import time
+
+    cfg, args = resolve(task, recipe, flags, sets)
+    out = args.pop("out") or str(Path("runs") / time.strftime(f"{task}-%Y%m%d-%H%M%S"))
+    model, data = args.pop("model"), args.pop("data")
+    if task == "classify":
+        from lmforge.tune.classify import finetune_classify
+
+        return finetune_classify(model, data, out, cfg, progress=progress, **args)
+    if task == "qa":
+        from lmforge.tune.qa import finetune_qa
+
+        return finetune_qa(model, data, out, cfg, progress=progress, **args)
+    if task == "chat":
+        from lmforge.tune.sft import finetune_chat
+
+        return finetune_chat(model, data, out, cfg, progress=progress, **args)
+    from lmforge.tune.dpo import finetune_dpo
+
+    return finetune_dpo(model, data, out, cfg, progress=progress, **args)

@@ -1,0 +1,230 @@
+"""Instruction tuning (SFT) of a decoder on chat data, read top to bottom.
+
+    data     chat JSONL (`messages`), or `chatterbot` (the packaged corpus); held-out conversations are split by
+             question under the seed unless --val-data / --test-data are given
+    tokens   the model's chat template; labels on assistant turns only; short examples packed into rows
+    model    the decoder transformed by the method (full / top-k / lora / qlora)
+    train    `fit`: AdamW, warm-up + linear decay, validation loss after every epoch, best epoch kept
+    finish   greedy replies to the held-out questions before and after, scored against the references
+             (exact match, token F1, ROUGE-L); the merged model as an HF directory and, under LoRA, the adapter
+             in the PEFT layout; a report with sample replies
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+
+from lmforge.data.chat import Messages, _split_of, chatterbot_chat, pack, read_chat, tokenize_chat
+from lmforge.errors import ConfigError, DataError, ModelLoadError
+from lmforge.eval.generation import reference_scores
+from lmforge.files import write_json, write_text
+from lmforge.generate.chat import reply_all
+from lmforge.models.decoder import DecoderLM
+from lmforge.runtime import current_memory_mb, peak_memory_mb, reset_peak_memory
+from lmforge.train.supervised import FinetuneConfig, fit
+from lmforge.tune.methods import apply_method, describe, save_outputs
+
+
+@dataclass
+class ChatResult:
+    run_dir: Path
+    model_dir: Path
+    adapter_dir: Path | None
+    before: dict[str, float]  # held-out reply scores of the starting model ({} when skipped)
+    after: dict[str, float]
+    val: dict[str, float]
+    trainable_params: int
+    total_params: int
+    seconds: float
+    peak_train_memory_mb: float
+    rows: dict[str, int] = field(default_factory=dict)
+
+
+def load_chat_splits(data: str | Path, val_data: str | Path | None, test_data: str | Path | None,
+                     seed: int) -> tuple[list[Messages], list[Messages], list[Messages]]:
+    if str(data) == "chatterbot":
+        s = chatterbot_chat(seed)
+        train, val, test = s["train"], s["val"], s["test"]
+    else:
+        convs = read_chat(data)
+        train, val, test = [], [], []
+        for c in convs:
+            first = next((m["content"] for m in c if m["role"] == "user"), c[0]["content"])
+            split = _split_of(first, seed, 0.0 if test_data else 0.1, 0.0 if val_data else 0.05)
+            (test if split == "test" else val if split == "val" else train).append(c)
+    if val_data:
+        val = read_chat(val_data)
+    if test_data:
+        test = read_chat(test_data)
+    for part, name in ((train, "training"), (val, "validation"), (test, "test")):
+        if not part:
+            raise DataError(f"the {name} split has no conversations: give more data or --{name[:4]}-data")
+    return train, val, test
+
+
+def first_reply_prompts(convs: list[Messages]) -> tuple[list[Messages], list[str]]:
+    """Held-out questions: each conversation up to its first assistant turn, and that turn as the reference."""
+    prompts, refs = [], []
+    for c in convs:
+        k = next(i for i, m in enumerate(c) if m["role"] == "assistant")
+        if k:
+            prompts.append(c[:k])
+            refs.append(c[k]["content"])
+    return prompts, refs
+
+
+def collate(rows: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Pad packed rows into a batch: segments double as the attention mask (0 = padding)."""
+    T = max(len(r["input_ids"]) for r in rows)
+
+    def padded(key: str, fill: int) -> torch.Tensor:
+        return torch.tensor([r[key] + [fill] * (T - len(r[key])) for r in rows])
+
+    labels = padded("labels", -100)
+    return {"input_ids": padded("input_ids", pad_id), "labels": labels, "attention_mask": padded("segment", 0),
+            "position_ids": padded("position_ids", 0), "logits_at": labels != -100}
+
+
+def token_loss(model: torch.nn.Module, rows: list[dict[str, list[int]]], pad_id: int, batch_size: int) -> float:
+    """Mean loss per assistant token over `rows`."""
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for s in range(0, len(rows), batch_size):
+            b = collate(rows[s:s + batch_size], pad_id)
+            k = int(b["logits_at"].sum())
+            if k:
+                total += float(model(**b).loss) * k
+                n += k
+    return total / max(n, 1)
+
+
+def finetune_chat(
+    model_path: str | Path,
+    data: str | Path,
+    out: str | Path,
+    cfg: FinetuneConfig | None = None,
+    val_data: str | Path | None = None,
+    test_data: str | Path | None = None,
+    packing: bool = True,
+    eval_before: bool = True,
+    max_new_tokens: int = 64,
+    eval_limit: int | None = None,
+    progress: bool | None = None,
+) -> ChatResult:
+    from lmforge.models import load_pretrained
+
+    cfg = cfg or FinetuneConfig(metric="neg_loss")
+    if cfg.metric == "accuracy":
+        cfg = dataclasses.replace(cfg, metric="neg_loss")
+    cfg.validate()
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"{out} is not empty; choose a new --out for this run")
+
+    # --- data ------------------------------------------------------------------------------------------------
+    train, val, test = load_chat_splits(data, val_data, test_data, cfg.seed)
+    torch.manual_seed(cfg.seed)
+    baseline_mem = current_memory_mb()  # before the model: what the run adds is measured against it
+    model, tok = load_pretrained(model_path, device=cfg.device)
+    if not isinstance(model, DecoderLM):
+        raise ModelLoadError(f"{model_path} is a {type(model).__name__}; chat fine-tuning needs a decoder model")
+    max_len = min(cfg.max_len, model.config.max_seq_len)
+    tokenized = {}
+    for name, convs in (("train", train), ("val", val)):
+        ex = [tokenize_chat(tok, c, max_len) for c in convs]
+        tokenized[name] = [e for e in ex if e is not None]
+    if not tokenized["train"]:
+        raise DataError(f"no training conversation keeps an assistant token within max_len {max_len}")
+    rows_train = pack(tokenized["train"], max_len) if packing else [
+        {"input_ids": i, "labels": lab, "segment": [1] * len(i), "position_ids": list(range(len(i)))}
+        for i, lab in tokenized["train"]]
+    rows_val = [{"input_ids": i, "labels": lab, "segment": [1] * len(i), "position_ids": list(range(len(i)))}
+                for i, lab in tokenized["val"]]
+    prompts, refs = first_reply_prompts(test)
+    if eval_limit is not None:  # 0 skips the reply evaluation
+        prompts, refs = prompts[:eval_limit], refs[:eval_limit]
+    n_tok = sum(len(i) for i, _ in tokenized["train"])
+    say(f"data: {len(train)} train / {len(val)} validation / {len(test)} test conversations; {n_tok:,} training "
+        f"tokens in {len(rows_train)} rows of up to {max_len}" + (" (packed)" if packing else ""))
+
+    # --- before ----------------------------------------------------------------------------------------------
+    before: dict[str, float] = {}
+    if eval_before and prompts:
+        t = time.time()
+        before = reference_scores(reply_all(model, tok, prompts, max_new_tokens), refs)
+        say(f"before: held-out replies EM {before['exact_match']:.1f}  F1 {before['f1']:.1f}  ROUGE-L "
+            f"{before['rougeL']:.1f}  ({len(prompts)} questions, {time.time() - t:.0f} s)")
+
+    # --- model -----------------------------------------------------------------------------------------------
+    total = model.num_params()
+    trainable = apply_method(model, cfg)
+    say(f"model: {total:,} parameters, {trainable:,} trainable ({describe(cfg, model.config.n_layer)})")
+
+    def batches(epoch: int):
+        rng = random.Random(cfg.seed + epoch)
+        order = list(range(len(rows_train)))
+        rng.shuffle(order)
+        for s in range(0, len(order), cfg.batch_size):
+            yield collate([rows_train[i] for i in order[s:s + cfg.batch_size]], tok.pad_id)
+
+    def evaluate() -> dict[str, float]:
+        loss = token_loss(model, rows_val, tok.pad_id, cfg.batch_size)
+        return {"loss": loss, "ppl": math.exp(min(loss, 50)), "neg_loss": -loss}
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(out / "config.yaml", yaml.safe_dump({
+        "task": "chat", "model": str(model_path), "data": str(data), "val_data": str(val_data or ""),
+        "test_data": str(test_data or ""), "packing": packing, "max_new_tokens": max_new_tokens,
+        "finetune": dataclasses.asdict(cfg)}, sort_keys=False))
+    reset_peak_memory()
+    t0 = time.time()
+    result = fit(model, batches, -(-len(rows_train) // cfg.batch_size), evaluate, cfg, out / "metrics.jsonl",
+                 progress)
+    seconds = time.time() - t0
+    peak_mem = peak_memory_mb()
+
+    # --- finish ----------------------------------------------------------------------------------------------
+    replies = reply_all(model, tok, prompts, max_new_tokens) if prompts else []
+    after = reference_scores(replies, refs) if prompts else {}
+    if after:
+        say(f"after: held-out replies EM {after['exact_match']:.1f}  F1 {after['f1']:.1f}  ROUGE-L "
+            f"{after['rougeL']:.1f}")
+    model_dir, adapter_dir = save_outputs(model, out, tok, str(model_path), cfg)
+    rows = {"train": len(train), "validation": len(val), "test": len(test), "train_rows": len(rows_train),
+            "train_tokens": n_tok}
+    write_json(out / "summary.json", {
+        "task": "chat", "method": cfg.method, "trainable_params": trainable, "total_params": total,
+        "peak_train_memory_mb": peak_mem, "baseline_memory_mb": baseline_mem,
+        "train_seconds": seconds, "steps": result.steps,
+        "best_val": result.best, "before": before, "after": after, "rows": rows})
+    write_json(out / "replies.json", [{"prompt": p, "reference": r, "reply": y}
+                                      for p, r, y in zip(prompts, refs, replies)])
+    from lmforge.report import write_task_report
+
+    def fmt(m: dict[str, float]) -> str:
+        return f"EM {m['exact_match']:.1f} / F1 {m['f1']:.1f} / ROUGE-L {m['rougeL']:.1f}" if m else "not run"
+
+    samples = [(p[-1]["content"], f"reply: {y!r} | reference: {r!r}")
+               for p, r, y in list(zip(prompts, refs, replies))[:8]]
+    write_task_report(out, f"Instruction tuning: {out.name}", [
+        ("model", str(model_path)), ("data", str(data)), ("method", describe(cfg, model.config.n_layer)),
+        ("trainable / total parameters", f"{trainable:,} / {total:,}"),
+        ("conversations train / val / test", f"{len(train)} / {len(val)} / {len(test)}"),
+        ("training time", f"{seconds:.0f} s"), ("peak memory while training", f"{peak_mem:,.0f} MiB"),
+        ("held-out replies before", fmt(before)), ("held-out replies after", fmt(after)),
+    ] + samples)
+    return ChatResult(out, model_dir, adapter_dir, before, after, result.best, trainable, total, seconds, peak_mem,
+                      rows)
+
+
+def say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
