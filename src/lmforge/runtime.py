@@ -70,12 +70,9 @@ def peak_memory_mb() -> float:
 
     if torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0:
         return torch.cuda.max_memory_allocated() / 2**20
-    try:
-        for line in open("/proc/self/status", encoding="ascii"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
+    hwm = _status_mb("VmHWM")
+    if hwm is not None:
+        return hwm
     import resource
     import sys
 
@@ -89,10 +86,15 @@ def current_memory_mb() -> float:
 
     if torch.cuda.is_available() and torch.cuda.memory_allocated() > 0:
         return torch.cuda.memory_allocated() / 2**20
+    return _status_mb("VmRSS") or 0.0
+
+
+def _status_mb(key: str) -> float | None:
+    """A memory line of /proc/self/status (Linux), in MiB; None elsewhere."""
     try:
         for line in open("/proc/self/status", encoding="ascii"):
-            if line.startswith("VmRSS:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
-    return 0.0
+    return None

@@ -29,9 +29,9 @@ from lmforge.eval.classify import classification_metrics, plot_confusion
 from lmforge.files import write_json, write_text
 from lmforge.models.encoder import Encoder
 from lmforge.predict import pad_batch, predict_proba
-from lmforge.runtime import current_memory_mb, lean_allocator, peak_memory_mb, reset_peak_memory
+from lmforge.runtime import peak_memory_mb, reset_peak_memory
 from lmforge.train.supervised import FinetuneConfig, fit
-from lmforge.tune.methods import apply_method, describe, save_outputs
+from lmforge.tune.methods import apply_method, describe, save_outputs, start_run
 
 
 @dataclass
@@ -91,9 +91,7 @@ def finetune_classify(
 
     cfg = cfg or FinetuneConfig()
     cfg.validate()
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ConfigError(f"{out} is not empty; choose a new --out for this run")
+    out, baseline_mem = start_run(cfg, out)
     if not (0 <= val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
         raise ConfigError("validation and test fractions must be in [0, 1) and leave data to train on")
 
@@ -108,9 +106,6 @@ def finetune_classify(
 
     # --- model -----------------------------------------------------------------------------------------------
     torch.manual_seed(cfg.seed)
-    if cfg.grad_checkpoint:  # memory-bound: glibc settings must be in place before the model is allocated
-        lean_allocator()
-    baseline_mem = current_memory_mb()  # before the model: what the run adds is measured against it
     model, tok = load_pretrained(model_path, device=cfg.device)
     if not isinstance(model, Encoder):
         raise ModelLoadError(f"{model_path} is a {type(model).__name__}; classification fine-tuning needs an "

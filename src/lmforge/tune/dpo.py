@@ -31,10 +31,10 @@ from lmforge.data.chat import Pair, _split_of, chatterbot_pairs, read_pairs, tok
 from lmforge.errors import ConfigError, DataError, ModelLoadError
 from lmforge.files import write_json, write_text
 from lmforge.models.decoder import DecoderLM
-from lmforge.runtime import current_memory_mb, lean_allocator, peak_memory_mb, reset_peak_memory
+from lmforge.runtime import peak_memory_mb, reset_peak_memory
 from lmforge.train.supervised import FinetuneConfig, fit
 from lmforge.tune.lora import lora_disabled, lora_modules
-from lmforge.tune.methods import apply_method, describe, save_outputs
+from lmforge.tune.methods import apply_method, describe, save_outputs, start_run
 
 
 @dataclass
@@ -146,15 +146,10 @@ def finetune_dpo(
     cfg.validate()
     if not beta > 0:
         raise ConfigError(f"DPO beta must be positive, got {beta}")
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ConfigError(f"{out} is not empty; choose a new --out for this run")
+    out, baseline_mem = start_run(cfg, out)
 
     train, val, test = load_pair_splits(data, val_data, test_data, cfg.seed)
     torch.manual_seed(cfg.seed)
-    if cfg.grad_checkpoint:  # memory-bound: glibc settings must be in place before the model is allocated
-        lean_allocator()
-    baseline_mem = current_memory_mb()  # before the model: what the run adds is measured against it
     model, tok = load_pretrained(model_path, device=cfg.device)
     if not isinstance(model, DecoderLM):
         raise ModelLoadError(f"{model_path} is a {type(model).__name__}; DPO needs a decoder model")

@@ -54,3 +54,20 @@ def save_outputs(model: nn.Module, out, tokenizer, base: str, cfg):
         adapter = save_adapter(model, out / "adapter", base_model=str(base), tokenizer=tokenizer)
     return model.save_pretrained(out / "model", tokenizer=tokenizer), adapter
 
+
+
+def start_run(cfg, out) -> tuple:
+    """What every task recipe does first: a new (empty) run folder, glibc's memory settings for a
+    checkpointed run (before anything large is allocated), and the resident memory before the model, which
+    the run's peak is reported against. Returns (out as a Path, baseline MiB)."""
+    from pathlib import Path
+
+    from lmforge.errors import ConfigError
+    from lmforge.runtime import current_memory_mb, lean_allocator
+
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"{out} is not empty; choose a new --out for this run")
+    if cfg.grad_checkpoint:
+        lean_allocator()
+    return out, current_memory_mb()

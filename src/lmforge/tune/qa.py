@@ -27,11 +27,11 @@ from lmforge.eval.qa import squad_scores
 from lmforge.files import write_json, write_text
 from lmforge.models.encoder import Encoder
 from lmforge.predict import length_batches, pad_batch
-from lmforge.runtime import current_memory_mb, lean_allocator, peak_memory_mb, reset_peak_memory
+from lmforge.runtime import peak_memory_mb, reset_peak_memory
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.supervised import FinetuneConfig, fit
 from lmforge.tune.classify import say
-from lmforge.tune.methods import apply_method, describe, save_outputs
+from lmforge.tune.methods import apply_method, describe, save_outputs, start_run
 
 
 @dataclass
@@ -99,17 +99,12 @@ def finetune_qa(model_path: str | Path, data: str | Path, out: str | Path, cfg: 
     cfg.validate()
     if cfg.metric not in ("f1", "exact_match"):
         cfg = dataclasses.replace(cfg, metric="f1")
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ConfigError(f"{out} is not empty; choose a new --out for this run")
+    out, baseline_mem = start_run(cfg, out)
     if stride <= 0:
         raise ConfigError(f"--stride must be positive, got {stride}")
     train, val, test = load_qa_splits(data, val_data, test_data, cfg.seed)
 
     torch.manual_seed(cfg.seed)
-    if cfg.grad_checkpoint:  # memory-bound: glibc settings must be in place before the model is allocated
-        lean_allocator()
-    baseline_mem = current_memory_mb()  # before the model: what the run adds is measured against it
     model, tok = load_pretrained(model_path, device=cfg.device)
     if not isinstance(model, Encoder):
         raise ModelLoadError(f"{model_path} is a {type(model).__name__}; QA fine-tuning needs an encoder model")

@@ -24,14 +24,14 @@ import torch
 import yaml
 
 from lmforge.data.chat import Messages, _split_of, chatterbot_chat, pack, read_chat, tokenize_chat
-from lmforge.errors import ConfigError, DataError, ModelLoadError
+from lmforge.errors import DataError, ModelLoadError
 from lmforge.eval.generation import reference_scores
 from lmforge.files import write_json, write_text
 from lmforge.generate.chat import reply_all
 from lmforge.models.decoder import DecoderLM
-from lmforge.runtime import current_memory_mb, lean_allocator, peak_memory_mb, reset_peak_memory
+from lmforge.runtime import peak_memory_mb, reset_peak_memory
 from lmforge.train.supervised import FinetuneConfig, fit
-from lmforge.tune.methods import apply_method, describe, save_outputs
+from lmforge.tune.methods import apply_method, describe, save_outputs, start_run
 
 
 @dataclass
@@ -126,16 +126,11 @@ def finetune_chat(
     if cfg.metric == "accuracy":
         cfg = dataclasses.replace(cfg, metric="neg_loss")
     cfg.validate()
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ConfigError(f"{out} is not empty; choose a new --out for this run")
+    out, baseline_mem = start_run(cfg, out)
 
     # --- data ------------------------------------------------------------------------------------------------
     train, val, test = load_chat_splits(data, val_data, test_data, cfg.seed)
     torch.manual_seed(cfg.seed)
-    if cfg.grad_checkpoint:  # memory-bound: glibc settings must be in place before the model is allocated
-        lean_allocator()
-    baseline_mem = current_memory_mb()  # before the model: what the run adds is measured against it
     model, tok = load_pretrained(model_path, device=cfg.device)
     if not isinstance(model, DecoderLM):
         raise ModelLoadError(f"{model_path} is a {type(model).__name__}; chat fine-tuning needs a decoder model")
