@@ -155,6 +155,48 @@ def generate_ids(
 # text in, text out
 
 
+class TextStream:
+    """Incremental detokenization with stop strings, for one sequence: push token ids, get the text that is safe
+    to show. A piece never splits a multi-byte character (an incomplete UTF-8 sequence waits for the next token)
+    and never shows the start of what may still become a stop string; a completed stop string ends the stream
+    and is not shown (`stopped`). `text` is everything shown so far."""
+
+    def __init__(self, tokenizer, stop: Sequence[str] | None = None) -> None:
+        self.tokenizer = tokenizer
+        self.stop = [s for s in (stop or []) if s]
+        self.hold = max((len(s) - 1 for s in self.stop), default=0)
+        self.ids: list[int] = []
+        self.text = ""
+        self.stopped = False
+
+    def push(self, token_id: int) -> str:
+        if self.stopped:
+            return ""
+        self.ids.append(token_id)
+        full = self.tokenizer.decode(self.ids)
+        cut = min((full.find(s) for s in self.stop if s in full), default=-1)
+        if cut >= 0:
+            self.stopped = True
+            return self._show(full[:cut])
+        if full.endswith("\ufffd"):
+            return ""
+        for h in range(min(self.hold, len(full)), 0, -1):  # hold back a tail that could begin a stop string
+            if any(s.startswith(full[-h:]) for s in self.stop):
+                full = full[:-h]
+                break
+        return self._show(full)
+
+    def flush(self) -> str:
+        """The sequence ended (EOS, length): show what was held back."""
+        return "" if self.stopped or not self.ids else self._show(self.tokenizer.decode(self.ids))
+
+    def _show(self, text: str) -> str:
+        if len(text) <= len(self.text) or not text.startswith(self.text):
+            return ""
+        piece, self.text = text[len(self.text):], text
+        return piece
+
+
 def generate(
     model: torch.nn.Module, tokenizer, prompts: str | Sequence[str], max_new_tokens: int = 128,
     temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
@@ -173,42 +215,21 @@ def generate(
     start = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
     encoded = [tokenizer.encode(t) or ([start] if start is not None else []) for t in texts]
     ends = list(dict.fromkeys(([tokenizer.eos_id] if tokenizer.eos_id is not None else []) + list(end_token_ids)))
-    new_ids: list[list[int]] = [[] for _ in texts]
-    emitted = [""] * len(texts)  # text already handed to on_text / final
-    finished = [False] * len(texts)
-    stop = [s for s in (stop or []) if s]
-
+    streams = [TextStream(tokenizer, stop) for _ in texts]
+    done = [False] * len(texts)
     for tok in generate_ids(model, encoded, params, eos_token_id=ends or None, pad_token_id=tokenizer.pad_id):
         for i, t in enumerate(tok.tolist()):
-            if finished[i]:
+            if done[i]:
                 continue
-            if t in ends:
-                finished[i] = True
-                continue
-            new_ids[i].append(t)
-            text = tokenizer.decode(new_ids[i])
-            cut = min((text.find(s) for s in stop if s in text), default=-1)
-            if cut >= 0:
-                text, finished[i] = text[:cut], True
-            elif text.endswith("\ufffd"):
-                continue  # an incomplete UTF-8 sequence: wait for the next token
-            else:
-                # hold back a tail that could still become a stop string
-                hold = max((len(s) - 1 for s in stop), default=0)
-                for h in range(min(hold, len(text)), 0, -1):
-                    if any(s.startswith(text[-h:]) for s in stop):
-                        text = text[:-h]
-                        break
-            if on_text is not None and len(text) > len(emitted[i]):
-                on_text(i, text[len(emitted[i]):])
-            emitted[i] = text if len(text) > len(emitted[i]) or finished[i] else emitted[i]
-        if all(finished):
+            piece = streams[i].flush() if t in ends else streams[i].push(t)
+            done[i] = t in ends or streams[i].stopped
+            if on_text is not None and piece:
+                on_text(i, piece)
+        if all(done):
             break
-    # flush what was held back (a partial stop string that never completed)
-    for i in range(len(texts)):
-        if not finished[i]:
-            text = tokenizer.decode(new_ids[i])
-            if on_text is not None and len(text) > len(emitted[i]):
-                on_text(i, text[len(emitted[i]):])
-            emitted[i] = text
+    for i, s in enumerate(streams):  # max_new_tokens reached: show what was held back
+        piece = s.flush() if not done[i] else ""
+        if on_text is not None and piece:
+            on_text(i, piece)
+    emitted = [s.text for s in streams]
     return emitted[0] if single else emitted

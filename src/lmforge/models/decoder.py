@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from lmforge.config import DecoderConfig
-from lmforge.nn.attention import Attention, KVCache, Rotary, padded_causal_mask
+from lmforge.nn.attention import Attention, KVCache, Rotary, SlotKVCache, padded_causal_mask
 from lmforge.nn.loss import cross_entropy
 from lmforge.nn.mlp import MLP
 from lmforge.nn.norm import make_norm
@@ -96,7 +96,8 @@ class DecoderLM(nn.Module):
         """input_ids [B, T]. labels [B, T] (-100 = ignore) gives the mean next-token loss; labels are the
         targets for each position (already shifted). attention_mask [B, past + T] marks real tokens (1) and
         padding (0) over the cache and the new tokens, or holds segment ids of packed examples (see
-        padded_causal_mask). last_only computes logits for the final position only; logits_at (bool [B, T])
+        padded_causal_mask); a 4-D bool mask [B, 1, T, K] is used as given (the serving engine's rows each have
+        their own length). last_only computes logits for the final position only; logits_at (bool [B, T])
         only where it is set, as a flat [N, V] (fine-tuning scores a few answer tokens: the vocabulary-wide
         projection of every other position would be most of the step's time and memory)."""
         B, T = input_ids.shape
@@ -114,7 +115,9 @@ class DecoderLM(nn.Module):
             rotary = self.rotary(position_ids)
         x = self.drop(x)
 
-        mask = padded_causal_mask(attention_mask, T) if attention_mask is not None else None
+        mask = attention_mask
+        if attention_mask is not None and attention_mask.dim() == 2:
+            mask = padded_causal_mask(attention_mask, T)
         ckpt = self.grad_checkpoint and self.training and torch.is_grad_enabled() and cache is None
         for i, block in enumerate(self.blocks):
             if ckpt:
@@ -154,6 +157,11 @@ class DecoderLM(nn.Module):
         c = self.config
         p = self.norm.weight  # (head and embedding may be quantized; the final norm keeps the compute dtype)
         return KVCache(c.n_layer, batch, c.n_kv_head, c.head_dim, max_len, p.device, dtype or p.dtype)
+
+    def new_slot_cache(self, slots: int, max_len: int, dtype: torch.dtype | None = None) -> SlotKVCache:
+        """A cache whose rows hold independent sequences (continuous batching; see SlotKVCache)."""
+        c, p = self.config, self.norm.weight
+        return SlotKVCache(c.n_layer, slots, c.n_kv_head, c.head_dim, max_len, p.device, dtype or p.dtype)
 
     # ------------------------------------------------------------------------------------------------------------
 

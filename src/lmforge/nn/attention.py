@@ -9,6 +9,7 @@ it can avoid it. `attention_reference` spells the formula out for the tests and 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -121,6 +122,91 @@ class KVCache:
 
     def advance(self, n: int) -> None:
         self.length += n
+
+
+class SlotKVCache:
+    """A KV cache for continuous batching: one row ("slot") per running sequence, each with its own length.
+
+    Sequences join and leave between decode steps, so unlike KVCache the rows do not share a write position.
+    Two kinds of step use it: `prefill(slot, n)` runs one sequence's prompt into its row; `decode(rows)` runs
+    one new token for rows 0..n-1 at once, each written at its own position (`lens`), and returns the 4-D mask
+    that keeps every row to its own keys. Storage grows by doubling up to max_len, so memory follows the
+    longest running sequence rather than the model's context.
+    """
+
+    def __init__(self, n_layer: int, slots: int, n_kv_head: int, head_dim: int, max_len: int,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, initial: int = 256) -> None:
+        self.n_layer, self.slots, self.shape = n_layer, slots, (n_kv_head, head_dim)
+        self.max_len, self.device, self.dtype = max_len, torch.device(device), dtype
+        self.capacity = 0
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+        self.lens = [0] * slots  # filled positions per slot
+        self._plan: tuple = ()
+        self.reserve(min(initial, max_len))
+
+    def reserve(self, n: int) -> None:
+        """Make room for n positions per slot (grows to the next power of two, at most max_len)."""
+        if n > self.max_len:
+            raise ValueError(f"KV cache full: {n} positions > max_len {self.max_len}")
+        if n <= self.capacity:
+            return
+        cap = min(self.max_len, 1 << (n - 1).bit_length())
+        shape = (self.slots, self.shape[0], cap, self.shape[1])
+        for store in (self.k, self.v):
+            for i in range(self.n_layer):
+                grown = torch.zeros(shape, device=self.device, dtype=self.dtype)
+                if store[i:]:
+                    grown[:, :, :self.capacity] = store[i]
+                    store[i] = grown
+                else:
+                    store.append(grown)
+        self.capacity = cap
+
+    @property
+    def length(self) -> int:  # the past length of the rows in this step (a prefill's start)
+        return self._plan[2] if self._plan and self._plan[0] == "prefill" else 0
+
+    def prefill(self, slot: int, n: int) -> None:
+        """The next forward runs n tokens of one sequence into `slot` (continuing whatever it holds)."""
+        self.reserve(self.lens[slot] + n)
+        self._plan = ("prefill", slot, self.lens[slot], n)
+
+    def decode(self, active: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next forward runs one token for each row 0..max(active) (rows not in `active` are idle: they
+        compute on a dummy token and are not advanced). Returns (position_ids [rows, 1], bool mask
+        [rows, 1, 1, K]); every row sees its own keys only, an idle row just its own new key."""
+        rows = max(active) + 1
+        pos = torch.tensor(self.lens[:rows], dtype=torch.long, device=self.device)
+        k_len = int(pos.max()) + 1
+        self.reserve(k_len)
+        self._plan = ("decode", rows, pos, k_len, list(active))
+        mask = torch.arange(k_len, device=self.device)[None, :] <= pos[:, None]
+        return pos[:, None], mask[:, None, None, :]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        K, V = self.k[layer], self.v[layer]
+        if self._plan[0] == "prefill":
+            _, s, start, n = self._plan
+            K[s:s + 1, :, start:start + n] = k
+            V[s:s + 1, :, start:start + n] = v
+            return K[s:s + 1, :, :start + n], V[s:s + 1, :, :start + n]
+        _, rows, pos, k_len, _ = self._plan
+        idx = torch.arange(rows, device=self.device)
+        K[idx, :, pos] = k[:, :, 0]
+        V[idx, :, pos] = v[:, :, 0]
+        return K[:rows, :, :k_len], V[:rows, :, :k_len]
+
+    def advance(self, n: int) -> None:
+        if self._plan[0] == "prefill":
+            self.lens[self._plan[1]] += n
+        else:
+            for i in self._plan[4]:
+                self.lens[i] += n
+        self._plan = ()
+
+    def release(self, slot: int) -> None:
+        self.lens[slot] = 0
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -51,7 +51,9 @@ def packed_linears(model: nn.Module, batch_hint: int = 1, enabled: bool = True) 
     swapped = []
     try:
         for m in model.modules():
-            if type(m) is nn.Linear:
+            # (a module whose forward is already swapped belongs to another open context, e.g. the serving engine
+            # while a caller generates on the same model: that context swaps it back)
+            if type(m) is nn.Linear and "forward" not in m.__dict__:
                 _pack(m, batch_hint)
                 m.forward = types.MethodType(_packed_forward, m)
                 swapped.append(m)

@@ -1,0 +1,325 @@
+"""The batched generation engine behind `lmforge serve`: continuous batching over a slot KV cache.
+
+Requests arrive from any thread (`submit`); one engine thread runs the model. Between two decode steps it retires
+finished and cancelled sequences and admits waiting ones (a prefill each), so a short reply never waits for a long
+one, and a new request starts as soon as a slot is free instead of when the whole batch is done. Each running
+sequence owns one row of a `SlotKVCache` with its own length; one decode step advances every row by a token.
+
+Results come back as `Event`s through the request's `on_event` callback (called on the engine thread; the HTTP
+server hands them to its event loop), or through `Engine.stream` for plain Python callers.
+
+    engine = Engine(model, tokenizer, max_batch=16).start()
+    for ev in engine.stream(Request(tokenizer.encode("To be"), SamplingParams(max_new_tokens=20))):
+        print(ev.text, end="")
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from lmforge.errors import LmforgeError
+from lmforge.generate.sampling import SamplingParams, TextStream, next_token
+from lmforge.nn.packed import packed_linears, release_packed
+
+
+class QueueFull(LmforgeError):
+    """The engine's waiting queue is full: the caller should answer 429 and let the client retry."""
+
+
+@dataclass
+class TokenLogprob:
+    token: str  # the token's own text
+    logprob: float | None  # None for a prompt's first token (nothing predicts it)
+    top: list[tuple[str, float]] | None = None  # the most likely alternatives at this position
+
+
+@dataclass
+class Event:
+    text: str = ""  # new text that is safe to show (never half a character, never part of a stop string)
+    tokens: list[TokenLogprob] = field(default_factory=list)  # the new tokens, when logprobs were asked for
+    finish_reason: str | None = None  # "stop", "length", "cancelled" or "error" on the last event
+    error: str | None = None
+
+
+class Request:
+    """One sequence to generate. stop: strings that end it (not shown); end_ids: tokens that end it (EOS,
+    end-of-turn). logprobs: None, or how many alternatives to report per token (0 = the chosen token only);
+    echo: also score the prompt tokens (with logprobs). Penalties follow OpenAI's presence/frequency ones."""
+
+    def __init__(self, prompt_ids: Sequence[int], params: SamplingParams, stop: Sequence[str] = (),
+                 end_ids: Sequence[int] = (), logprobs: int | None = None, echo: bool = False,
+                 presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+                 on_event: Callable[[Event], None] | None = None) -> None:
+        self.prompt_ids = list(prompt_ids)
+        self.params = params
+        self.stop = list(stop)
+        self.end_ids = set(end_ids)
+        self.logprobs, self.echo = logprobs, echo
+        self.presence_penalty, self.frequency_penalty = presence_penalty, frequency_penalty
+        self.on_event = on_event
+        self.completion_ids: list[int] = []
+        self.prompt_logprobs: list[TokenLogprob] | None = None  # set by the prefill when echo and logprobs
+        self.finish_reason: str | None = None
+        self.cancelled = False
+        self.submitted = self.first_token_at = self.finished_at = 0.0
+        self.slot = -1
+        self._next = 0
+        self._stream: TextStream | None = None
+        self._generator: torch.Generator | None = None
+
+    @property
+    def ttft(self) -> float | None:
+        return self.first_token_at - self.submitted if self.first_token_at else None
+
+
+@dataclass
+class EngineStats:
+    requests: int = 0
+    finished: dict = field(default_factory=dict)  # finish_reason -> count
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    steps: int = 0
+    batch_rows: int = 0  # sum over decode steps of the rows that were running (mean batch = batch_rows / steps)
+    step_seconds: float = 0.0
+    prefill_seconds: float = 0.0
+
+
+class Engine:
+    """Continuous batching for one decoder. max_batch: sequences decoded together (KV cache rows);
+    max_queue: requests allowed to wait for a row (more raise QueueFull at once); max_len: prompt plus new
+    tokens per sequence (default: the model's context)."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer, max_batch: int = 16, max_queue: int = 64,
+                 max_len: int | None = None, pack_weights: bool = True) -> None:
+        if max_batch < 1 or max_queue < 0:
+            raise LmforgeError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.max_len = min(max_len or model.config.max_seq_len, model.config.max_seq_len)
+        self.pack_weights = pack_weights
+        self.device = model.norm.weight.device
+        self.cache = model.new_slot_cache(max_batch, self.max_len)
+        self.slots: list[Request | None] = [None] * max_batch
+        self.waiting: deque[Request] = deque()
+        self.stats = EngineStats()
+        self._cond = threading.Condition()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------------------------------------------------------
+    # the caller's side (any thread)
+
+    def start(self) -> Engine:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="lmforge-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def close(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    @property
+    def running(self) -> int:
+        return sum(r is not None for r in self.slots)
+
+    @property
+    def queued(self) -> int:
+        return len(self.waiting)
+
+    def check(self, req: Request) -> None:
+        """Refuse what can never run, before anything is queued."""
+        req.params.validate()
+        n, m = len(req.prompt_ids), req.params.max_new_tokens
+        if n == 0:
+            raise LmforgeError("the prompt is empty: it needs at least one token")
+        if n + m > self.max_len:
+            raise LmforgeError(f"this model's maximum context length is {self.max_len} tokens, but {n + m} were "
+                               f"requested ({n} in the prompt, {m} to generate); shorten the prompt or lower "
+                               "max_tokens")
+        vocab = self.model.config.vocab_size
+        if any(not 0 <= t < vocab for t in req.prompt_ids):
+            raise LmforgeError(f"prompt token ids must be in [0, {vocab})")
+
+    def submit(self, requests: Sequence[Request]) -> None:
+        """Queue requests (all or none). Raises LmforgeError for a request that can never run, QueueFull when
+        there is no room to wait."""
+        for r in requests:
+            self.check(r)
+        with self._cond:
+            free = self.max_batch - self.running
+            if len(self.waiting) + len(requests) > self.max_queue + max(free - len(self.waiting), 0):
+                raise QueueFull(f"the server is busy ({self.running} running, {len(self.waiting)} waiting); "
+                                "retry shortly")
+            now = time.perf_counter()
+            for r in requests:
+                r.submitted = now
+                self.waiting.append(r)
+            self.stats.requests += len(requests)
+            self._cond.notify_all()
+
+    def cancel(self, req: Request) -> None:
+        """Stop a request (its client went away); its row is freed before the next step."""
+        if req.finish_reason is None:
+            req.cancelled = True
+            with self._cond:
+                self._cond.notify_all()
+
+    def stream(self, req: Request) -> Iterator[Event]:
+        """Submit one request and yield its events as they come (for plain Python callers)."""
+        q: queue.Queue[Event] = queue.Queue()
+        req.on_event = q.put
+        self.submit([req])
+        try:
+            while True:
+                ev = q.get()
+                yield ev
+                if ev.finish_reason is not None:
+                    return
+        finally:
+            self.cancel(req)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # the engine thread
+
+    def _run(self) -> None:
+        with torch.inference_mode(), packed_linears(self.model, self.max_batch, enabled=self.pack_weights):
+            try:
+                while True:
+                    with self._cond:
+                        while not self._stop and not self.waiting and not self.running:
+                            self._cond.wait()
+                        if self._stop:
+                            break
+                        admit = []
+                        free = self.max_batch - self.running
+                        while self.waiting and len(admit) < free:
+                            r = self.waiting.popleft()
+                            if not r.cancelled:
+                                admit.append(r)
+                            else:
+                                self._finish(r, "cancelled")
+                    for r in self.slots:
+                        if r is not None and r.cancelled:
+                            self._finish(r, "cancelled")
+                    try:
+                        for r in admit:
+                            self._prefill(r)
+                        if self.running:
+                            self._decode()
+                    except Exception as e:  # noqa: BLE001 - one bad step must not take the server down
+                        for r in [*admit, *self.slots]:
+                            if r is not None and r.finish_reason is None:
+                                self._finish(r, "error", error=f"generation failed: {type(e).__name__}: {e}")
+            finally:
+                with self._cond:
+                    leftover = [*self.waiting, *(r for r in self.slots if r is not None)]
+                    self.waiting.clear()
+                for r in leftover:
+                    self._finish(r, "error", error="the engine stopped")
+        if self.pack_weights:
+            release_packed(self.model)
+
+    def _prefill(self, req: Request) -> None:
+        t0 = time.perf_counter()
+        slot = self.slots.index(None)
+        req.slot, self.slots[slot] = slot, req
+        self.cache.release(slot)
+        req._stream = TextStream(self.tokenizer, req.stop)
+        if req.params.seed is not None:
+            req._generator = torch.Generator(device=self.device).manual_seed(req.params.seed)
+        ids = torch.tensor([req.prompt_ids], dtype=torch.long, device=self.device)
+        want_prompt = req.echo and req.logprobs is not None
+        self.cache.prefill(slot, ids.size(1))
+        logits = self.model(ids, cache=self.cache, last_only=not want_prompt).logits[0]
+        self.stats.prompt_tokens += ids.size(1)
+        self.stats.prefill_seconds += time.perf_counter() - t0
+        if want_prompt:
+            lp = torch.log_softmax(logits[:-1].float(), dim=-1)
+            req.prompt_logprobs = [TokenLogprob(self._piece(req.prompt_ids[0]), None)] + [
+                self._logprob(lp[i], t, req.logprobs) for i, t in enumerate(req.prompt_ids[1:])]
+        if req.params.max_new_tokens == 0:
+            self._finish(req, "length")
+        else:
+            self._emit(req, logits[-1])
+
+    def _decode(self) -> None:
+        t0 = time.perf_counter()
+        active = [i for i, r in enumerate(self.slots) if r is not None]
+        pos, mask = self.cache.decode(active)
+        ids = torch.zeros((pos.size(0), 1), dtype=torch.long, device=self.device)
+        ids[active, 0] = torch.tensor([self.slots[i]._next for i in active], device=self.device)
+        logits = self.model(ids, attention_mask=mask, position_ids=pos, cache=self.cache, last_only=True).logits
+        logits = logits[:, -1]
+        greedy = logits.argmax(-1).tolist()
+        for i in active:
+            self._emit(self.slots[i], logits[i], greedy[i])
+        self.stats.steps += 1
+        self.stats.batch_rows += len(active)
+        self.stats.step_seconds += time.perf_counter() - t0
+
+    def _emit(self, req: Request, logits: torch.Tensor, greedy: int | None = None) -> None:
+        p = req.params
+        if req.presence_penalty or req.frequency_penalty:
+            logits = logits.float().clone()
+            if req.completion_ids:
+                counts = torch.bincount(torch.tensor(req.completion_ids, device=logits.device),
+                                        minlength=logits.size(-1))[:logits.size(-1)].float()
+                logits -= req.frequency_penalty * counts + req.presence_penalty * (counts > 0).float()
+            greedy = None
+        if p.temperature == 0:
+            tok = greedy if greedy is not None else int(logits.argmax())
+        else:
+            tok = int(next_token(logits[None], p, req._generator)[0])
+        if not req.first_token_at:
+            req.first_token_at = time.perf_counter()
+        req.completion_ids.append(tok)
+        self.stats.generated_tokens += 1
+        tokens = []
+        if req.logprobs is not None:
+            tokens = [self._logprob(torch.log_softmax(logits.float(), dim=-1), tok, req.logprobs)]
+        stream = req._stream
+        if tok in req.end_ids:
+            text, reason = stream.flush(), "stop"
+        else:
+            text = stream.push(tok)
+            reason = "stop" if stream.stopped else None
+        if reason is None and len(req.completion_ids) >= p.max_new_tokens:
+            text, reason = text + stream.flush(), "length"
+        if reason is None:
+            req._next = tok
+            if req.on_event is not None and (text or tokens):
+                req.on_event(Event(text, tokens))
+        else:
+            self._finish(req, reason, text, tokens)
+
+    def _finish(self, req: Request, reason: str, text: str = "", tokens: list | None = None,
+                error: str | None = None) -> None:
+        req.finish_reason, req.finished_at = reason, time.perf_counter()
+        if 0 <= req.slot < self.max_batch and self.slots[req.slot] is req:
+            self.slots[req.slot] = None
+            self.cache.release(req.slot)
+        self.stats.finished[reason] = self.stats.finished.get(reason, 0) + 1
+        if req.on_event is not None:
+            req.on_event(Event(text, tokens or [], reason, error))
+
+    def _piece(self, tok: int) -> str:
+        return self.tokenizer.decode([tok], skip_special_tokens=False)
+
+    def _logprob(self, lp: torch.Tensor, tok: int, top: int) -> TokenLogprob:
+        alts = None
+        if top:
+            vals, idx = torch.topk(lp, top)
+            alts = [(self._piece(i), float(v)) for v, i in zip(vals.tolist(), idx.tolist())]
+        return TokenLogprob(self._piece(tok), float(lp[tok]), alts)
