@@ -290,6 +290,16 @@ def cmd_embed(a: argparse.Namespace) -> None:
         print(json.dumps({"text": t, "embedding": [round(x, 6) for x in v]}, ensure_ascii=False))
 
 
+def cmd_serve(a: argparse.Namespace) -> None:
+    import os
+
+    from lmforge.serve import serve
+
+    serve(a.model, host=a.host, port=a.port, api_key=a.api_key or os.environ.get("LMFORGE_API_KEY") or None,
+          max_batch=a.max_batch, max_queue=a.max_queue, max_len=a.max_len, quantize=a.quantize,
+          max_body=a.max_body, log_level=a.log_level)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lmforge", description="Train, adapt, inspect and serve language models.")
     sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
@@ -455,6 +465,21 @@ def build_parser() -> argparse.ArgumentParser:
     em.add_argument("--batch-size", type=int, default=64)
     em.add_argument("--device", default="cpu")
     em.set_defaults(fn=cmd_embed)
+
+    sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with continuous batching and a playground")
+    sv.add_argument("--model", action="append", required=True,
+                    help="model directory, .gguf or packaged name; repeat to serve several (a decoder for "
+                         "completions/chat, an encoder for embeddings)")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 (or set LMFORGE_API_KEY)")
+    sv.add_argument("--max-batch", type=int, default=16, help="sequences decoded together per model")
+    sv.add_argument("--max-queue", type=int, default=64, help="requests allowed to wait; more get 429 at once")
+    sv.add_argument("--max-len", type=int, help="prompt + new tokens per sequence (default: the model's context)")
+    sv.add_argument("--quantize", choices=["int8"], help="weight-only int8 Linear layers")
+    sv.add_argument("--max-body", type=int, default=1 << 20, help="largest request body in bytes (413 above)")
+    sv.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
+    sv.set_defaults(fn=cmd_serve)
 
     i = sub.add_parser("info", help="describe a model directory or preset: shape, parameters, FLOPs")
     i.add_argument("target", help="model directory or preset name")

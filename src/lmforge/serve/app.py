@@ -1,0 +1,593 @@
+"""`lmforge serve`: an OpenAI-compatible HTTP server (FastAPI + uvicorn) over the continuous-batching engine.
+
+    GET  /                      the playground (a static page: chat with streaming and parameter controls)
+    GET  /health                liveness and load
+    GET  /metrics               Prometheus text format
+    GET  /v1/models             the served models
+    POST /v1/completions        prompt(s) -> text; logprobs and echo for log-likelihood scoring
+    POST /v1/chat/completions   messages through the model's chat template; stream: true as server-sent events
+    POST /v1/embeddings         sentence embeddings from an encoder model
+
+Each decoder gets an Engine (its own thread); HTTP handlers only translate between JSON and engine requests, so
+many clients share one batch. Nothing in a request names a file: models are fixed when the server starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import functools
+import hmac
+import json
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from fastapi import Request as HTTPRequest
+
+from lmforge.errors import LmforgeError
+from lmforge.generate.engine import Engine, Event, QueueFull, Request, TokenLogprob
+from lmforge.generate.sampling import SamplingParams
+from lmforge.serve.metrics import Metrics
+from lmforge.serve.protocol import (
+    APIError,
+    ChatRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    validation_message,
+)
+
+STATIC = Path(__file__).parent / "static"
+
+
+@dataclass
+class ServedModel:
+    name: str
+    model: torch.nn.Module
+    tokenizer: object
+    engine: Engine | None = None  # decoders
+    lock: threading.Lock = field(default_factory=threading.Lock)  # encoders: one embedding batch at a time
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def kind(self) -> str:
+        return "decoder" if self.engine is not None else "encoder"
+
+
+def load_served(paths: Sequence[str], max_batch: int = 16, max_queue: int = 64, max_len: int | None = None,
+                quantize: str | None = None) -> list[ServedModel]:
+    """Load each model (directory, .gguf or packaged name) and start an engine for each decoder."""
+    from lmforge.models import load_pretrained
+    from lmforge.models.decoder import DecoderLM
+    from lmforge.models.encoder import Encoder
+
+    served, names = [], set()
+    for path in paths:
+        model, tok = load_pretrained(path, quantize=quantize)
+        name = model_name(path)
+        if name in names:
+            raise LmforgeError(f"two served models are both named {name!r}; serve each path once")
+        names.add(name)
+        if isinstance(model, DecoderLM):
+            engine = Engine(model.eval(), tok, max_batch=max_batch, max_queue=max_queue, max_len=max_len).start()
+            served.append(ServedModel(name, model, tok, engine))
+        elif isinstance(model, Encoder):
+            served.append(ServedModel(name, model.eval(), tok))
+        else:
+            raise LmforgeError(f"{path}: serving needs a decoder (completions, chat) or an encoder (embeddings)")
+    return served
+
+
+def model_name(path: str) -> str:
+    """The name clients use: a packaged model's name, else the directory's (or .gguf file's) name."""
+    from lmforge.data.assets import MODELS
+
+    if str(path) in MODELS and not Path(path).exists():
+        return str(path)
+    p = Path(path).resolve()
+    return p.stem if p.suffix == ".gguf" else p.name
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the app
+
+
+def create_app(models: Sequence[ServedModel], api_key: str | None = None, max_body: int = 1 << 20):
+    """The ASGI app serving `models` (the first one answers requests that name no model)."""
+    from fastapi import FastAPI
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    by_name = {m.name: m for m in models}
+    metrics = Metrics()
+    app = FastAPI(title="lmforge", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.models, app.state.metrics = by_name, metrics
+
+    @app.exception_handler(APIError)
+    async def _api_error(_req, e: APIError):
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_req, e: RequestValidationError):
+        message, param = validation_message(e.errors())
+        return JSONResponse(APIError(400, message, param=param).body(), status_code=400)
+
+    @app.exception_handler(Exception)
+    async def _bug(_req, e: Exception):  # a server bug: still answer in the API's shape (and log it)
+        import traceback
+
+        traceback.print_exception(e)
+        return JSONResponse(APIError(500, f"internal error: {type(e).__name__}: {e}", "server_error").body(),
+                            status_code=500)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_req, e: StarletteHTTPException):
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return JSONResponse(APIError(e.status_code, str(e.detail), kind).body(), status_code=e.status_code)
+
+    def authorize(request: HTTPRequest) -> None:
+        if api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        given = header[7:] if header.lower().startswith("bearer ") else ""
+        if not hmac.compare_digest(given.encode(), api_key.encode()):
+            raise APIError(401, "incorrect or missing API key: send it as 'Authorization: Bearer KEY'",
+                           code="invalid_api_key")
+
+    def pick(name: str | None, kind: str) -> ServedModel:
+        if name is None and len(by_name) == 1:
+            m = next(iter(by_name.values()))
+        elif name not in by_name:
+            raise APIError(400, f"the model {name!r} does not exist here; served: {', '.join(by_name)}",
+                           param="model", code="model_not_found")
+        else:
+            m = by_name[name]
+        if m.kind != kind:
+            need = "/v1/embeddings" if m.kind == "encoder" else "/v1/completions and /v1/chat/completions"
+            raise APIError(400, f"the model {m.name!r} is an {m.kind}: it serves {need}", param="model")
+        return m
+
+    # -- plain pages -----------------------------------------------------------------------------------------
+
+    @app.get("/", include_in_schema=False)
+    async def playground():
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    @app.get("/health")
+    async def health():
+        load = {m.name: {"kind": m.kind, "running": m.engine.running if m.engine else 0,
+                         "waiting": m.engine.queued if m.engine else 0} for m in by_name.values()}
+        return {"status": "ok", "models": load}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return PlainTextResponse(metrics.render(by_name.values()), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def list_models(request: HTTPRequest):
+        authorize(request)
+        return {"object": "list", "data": [model_card(m) for m in by_name.values()]}
+
+    @app.get("/v1/models/{name:path}")
+    async def get_model(name: str, request: HTTPRequest):
+        authorize(request)
+        if name not in by_name:
+            raise APIError(404, f"the model {name!r} does not exist here", "not_found_error", "model",
+                           "model_not_found")
+        return model_card(by_name[name])
+
+    # -- generation ------------------------------------------------------------------------------------------
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: HTTPRequest):
+        authorize(request)
+        check_supported(body)
+        m = pick(body.model, "decoder")
+        tok = m.tokenizer
+        prompts = as_token_lists(body.prompt, tok)
+        ends = [tok.eos_id] if tok.eos_id is not None else []
+        reqs = [new_request(ids, body, body.max_tokens if body.max_tokens is not None else 16, ends, j,
+                            logprobs=body.logprobs, echo=body.echo)
+                for ids in prompts for j in range(body.n)]
+        rid, created = "cmpl-" + uuid.uuid4().hex[:24], int(time.time())
+
+        def choice(i: int, r: Request, text: str, tokens: list[TokenLogprob], reason: str | None) -> dict:
+            return {"index": i, "text": text, "finish_reason": reason,
+                    "logprobs": completion_logprobs(tokens, r, body.echo) if body.logprobs is not None else None}
+
+        if body.stream:
+            async def chunks() -> AsyncIterator[dict]:
+                echoed = set()
+                async for i, ev in run_stream(m, reqs, request):
+                    r = reqs[i]
+                    text = ev.text
+                    if body.echo and i not in echoed:
+                        echoed.add(i)
+                        text = tok.decode(r.prompt_ids) + text
+                    yield {"id": rid, "object": "text_completion", "created": created, "model": m.name,
+                           "choices": [choice(i, r, text, ev.tokens, ev.finish_reason)]}
+                if body.stream_options and body.stream_options.include_usage:
+                    yield {"id": rid, "object": "text_completion", "created": created, "model": m.name,
+                           "choices": [], "usage": usage(prompts, reqs)}
+
+            return StreamingResponse(sse(chunks()), media_type="text/event-stream")
+
+        events = await run_all(m, reqs, request)
+        choices = []
+        for i, (r, evs) in enumerate(zip(reqs, events)):
+            text = "".join(e.text for e in evs)
+            if body.echo:
+                text = tok.decode(r.prompt_ids) + text
+            choices.append(choice(i, r, text, [t for e in evs for t in e.tokens], r.finish_reason))
+        return {"id": rid, "object": "text_completion", "created": created, "model": m.name,
+                "choices": choices, "usage": usage(prompts, reqs)}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatRequest, request: HTTPRequest):
+        from lmforge.generate.chat import apply_chat_template, end_of_turn_ids
+
+        authorize(request)
+        check_supported(body)
+        m = pick(body.model, "decoder")
+        tok = m.tokenizer
+        messages = [{"role": "system" if x.role == "developer" else x.role, "content": x.text()}
+                    for x in body.messages]
+        try:
+            ids = tok.encode(apply_chat_template(tok, messages))
+        except LmforgeError as e:
+            raise APIError(400, str(e), param="messages") from None
+        ends = list(dict.fromkeys(([tok.eos_id] if tok.eos_id is not None else []) + end_of_turn_ids(tok)))
+        limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        if limit is None:
+            limit = max(m.engine.max_len - len(ids), 0)
+        top = (body.top_logprobs or 0) if body.logprobs else None
+        reqs = [new_request(ids, body, limit, ends, j, logprobs=top) for j in range(body.n)]
+        rid, created = "chatcmpl-" + uuid.uuid4().hex[:24], int(time.time())
+
+        def logprobs(tokens: list[TokenLogprob]) -> dict | None:
+            return {"content": [chat_logprob(t) for t in tokens]} if body.logprobs else None
+
+        if body.stream:
+            async def chunks() -> AsyncIterator[dict]:
+                head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": m.name}
+                for i in range(len(reqs)):
+                    yield {**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                                "logprobs": None, "finish_reason": None}]}
+                async for i, ev in run_stream(m, reqs, request):
+                    delta = {"content": ev.text} if ev.text else {}
+                    yield {**head, "choices": [{"index": i, "delta": delta, "logprobs": logprobs(ev.tokens),
+                                                "finish_reason": ev.finish_reason}]}
+                if body.stream_options and body.stream_options.include_usage:
+                    yield {**head, "choices": [], "usage": usage([ids], reqs)}
+
+            return StreamingResponse(sse(chunks()), media_type="text/event-stream")
+
+        events = await run_all(m, reqs, request)
+        choices = [{"index": i, "message": {"role": "assistant", "content": "".join(e.text for e in evs)},
+                    "logprobs": logprobs([t for e in evs for t in e.tokens]), "finish_reason": r.finish_reason}
+                   for i, (r, evs) in enumerate(zip(reqs, events))]
+        return {"id": rid, "object": "chat.completion", "created": created, "model": m.name, "choices": choices,
+                "usage": usage([ids], reqs)}
+
+    @app.post("/v1/embeddings")
+    async def embeddings(body: EmbeddingRequest, request: HTTPRequest):
+        from starlette.concurrency import run_in_threadpool
+
+        from lmforge.predict import embed
+
+        authorize(request)
+        m = pick(body.model, "encoder")
+        texts = [body.input] if isinstance(body.input, str) else body.input
+        if not texts or not all(isinstance(t, str) for t in texts):
+            raise APIError(400, "input must be a string or a non-empty list of strings (token-id input is not "
+                           "supported)", param="input")
+        if len(texts) > 2048:
+            raise APIError(400, f"at most 2048 inputs per request, got {len(texts)}", param="input")
+        counts = [len(ids) + 2 for ids in m.tokenizer.encode_batch(texts)]  # + [CLS] and [SEP]
+        ctx = m.model.config.max_seq_len
+        if max(counts) > ctx:
+            raise APIError(400, f"an input has {max(counts)} tokens; this model's maximum is {ctx}", param="input")
+        dim = m.model.config.d_model
+        if body.dimensions not in (None, dim):
+            raise APIError(400, f"this model's embeddings have {dim} dimensions; 'dimensions' cannot change it",
+                           param="dimensions")
+
+        def run():
+            with m.lock, torch.inference_mode():
+                return embed(m.model, m.tokenizer, texts)
+
+        vecs = await run_in_threadpool(run)
+        data = []
+        for i, v in enumerate(vecs):
+            if body.encoding_format == "base64":
+                value = base64.b64encode(v.float().numpy().astype("<f4").tobytes()).decode()
+            else:
+                value = v.tolist()
+            data.append({"object": "embedding", "index": i, "embedding": value})
+        n = sum(counts)
+        metrics.count_tokens(m.name, n, 0)
+        return {"object": "list", "data": data, "model": m.name, "usage": {"prompt_tokens": n, "total_tokens": n}}
+
+    # -- the engine, from asyncio --------------------------------------------------------------------------------
+
+    def submit(m: ServedModel, reqs: list[Request], on_event) -> None:
+        for k, r in enumerate(reqs):
+            r.on_event = functools.partial(on_event, k)
+        try:
+            m.engine.submit(reqs)
+        except QueueFull as e:
+            metrics.rejected(m.name)
+            raise APIError(429, str(e), "rate_limit_error", code="queue_full") from None
+        except LmforgeError as e:
+            raise APIError(400, str(e), param="max_tokens" if "context length" in str(e) else None,
+                           code="context_length_exceeded" if "context length" in str(e) else None) from None
+
+    def finished(m: ServedModel, reqs: list[Request]) -> None:
+        metrics.count_tokens(m.name, sum(len(r.prompt_ids) for r in reqs),
+                             sum(len(r.completion_ids) for r in reqs))
+        for r in reqs:
+            if r.ttft is not None:
+                metrics.ttft(m.name, r.ttft)
+
+    async def run_all(m: ServedModel, reqs: list[Request], request: HTTPRequest) -> list[list[Event]]:
+        """Every request's events; cancels them all if the client goes away first."""
+        loop = asyncio.get_running_loop()
+        events: list[list[Event]] = [[] for _ in reqs]
+        left = {"n": len(reqs)}
+        done = loop.create_future()
+
+        def on_event(k: int, ev: Event) -> None:  # engine thread
+            def deliver():
+                events[k].append(ev)
+                if ev.finish_reason is not None:
+                    left["n"] -= 1
+                    if left["n"] == 0 and not done.done():
+                        done.set_result(None)
+            loop.call_soon_threadsafe(deliver)
+
+        submit(m, reqs, on_event)
+        try:
+            while not done.done():
+                await asyncio.wait([done], timeout=0.25)
+                if not done.done() and await request.is_disconnected():
+                    raise APIError(499, "the client closed the request")
+        finally:
+            for r in reqs:
+                m.engine.cancel(r)
+            finished(m, reqs)
+        errors = [e.error for evs in events for e in evs if e.error]
+        if errors:
+            raise APIError(500, errors[0], "server_error")
+        return events
+
+    async def run_stream(m: ServedModel, reqs: list[Request], request: HTTPRequest):
+        """(request index, event) as they come; the requests are cancelled when the stream is dropped."""
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+        submit(m, reqs, lambda k, ev: loop.call_soon_threadsafe(q.put_nowait, (k, ev)))
+        left = len(reqs)
+        try:
+            while left:
+                k, ev = await q.get()
+                if ev.error:
+                    raise APIError(500, ev.error, "server_error")
+                left -= ev.finish_reason is not None
+                yield k, ev
+        finally:
+            for r in reqs:
+                m.engine.cancel(r)
+            finished(m, reqs)
+
+    app.add_middleware(_Metered, metrics=metrics)
+    app.add_middleware(_BodyLimit, limit=max_body)
+    return app
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# request and response pieces
+
+
+def check_supported(body) -> None:
+    name = body.unsupported()
+    if name:
+        raise APIError(400, f"the parameter {name!r} is not supported by this server", param=name,
+                       code="unsupported_parameter")
+
+
+def as_token_lists(prompt, tok) -> list[list[int]]:
+    """OpenAI's prompt forms (a string, strings, token ids, lists of token ids) -> token id lists."""
+    if isinstance(prompt, str):
+        prompt = [prompt]
+    elif prompt and isinstance(prompt[0], int):
+        prompt = [prompt]
+    if not prompt:
+        raise APIError(400, "prompt is empty", param="prompt")
+    start = tok.bos_id if tok.bos_id is not None else tok.eos_id
+    out = []
+    for p in prompt:
+        ids = tok.encode(p) if isinstance(p, str) else list(p)
+        if not ids and start is not None:
+            ids = [start]  # an empty prompt starts from BOS (or EOS, GPT-2's document separator)
+        out.append(ids)
+    return out
+
+
+def new_request(ids: list[int], body, max_tokens: int, ends: list[int], j: int, logprobs: int | None = None,
+                echo: bool = False) -> Request:
+    seed = None if body.seed is None else body.seed + j
+    params = SamplingParams(max_new_tokens=max_tokens, temperature=body.temperature, top_k=body.top_k,
+                            top_p=body.top_p if body.top_p < 1 else None, seed=seed)
+    return Request(ids, params, stop=body.stop or [], end_ids=[] if body.ignore_eos else ends, logprobs=logprobs,
+                   echo=echo, presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty)
+
+
+def usage(prompts: list[list[int]], reqs: list[Request]) -> dict:
+    p, c = sum(len(x) for x in prompts), sum(len(r.completion_ids) for r in reqs)
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+
+def completion_logprobs(tokens: list[TokenLogprob], r: Request, echo: bool) -> dict:
+    """The legacy completions shape: parallel lists, with the prompt's tokens first under echo."""
+    items = ((r.prompt_logprobs or []) if echo else []) + list(tokens)
+    offsets, pos = [], 0
+    for t in items:
+        offsets.append(pos)
+        pos += len(t.token)
+    return {"tokens": [t.token for t in items], "token_logprobs": [t.logprob for t in items],
+            "top_logprobs": [dict(t.top) if t.top is not None else None for t in items], "text_offset": offsets}
+
+
+def chat_logprob(t: TokenLogprob) -> dict:
+    return {"token": t.token, "logprob": t.logprob, "bytes": list(t.token.encode()),
+            "top_logprobs": [{"token": s, "logprob": v, "bytes": list(s.encode())} for s, v in (t.top or [])]}
+
+
+def model_card(m: ServedModel) -> dict:
+    return {"id": m.name, "object": "model", "created": m.created, "owned_by": "lmforge", "kind": m.kind}
+
+
+async def sse(chunks: AsyncIterator[dict]) -> AsyncIterator[str]:
+    """Server-sent events: one `data: {json}` per chunk, then `data: [DONE]`; an error mid-stream becomes an
+    error event (the status line is already sent)."""
+    try:
+        async for c in chunks:
+            yield f"data: {json.dumps(c, ensure_ascii=False)}\n\n"
+    except APIError as e:
+        yield f"data: {json.dumps(e.body())}\n\n"
+    yield "data: [DONE]\n\n"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# ASGI middleware: body size limit, request metrics
+
+
+class _BodyLimit:
+    """413 for a request body over `limit` bytes, whether or not it declares its length."""
+
+    def __init__(self, app, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await self._refuse(send)
+        chunks, size, more = [], 0, True
+        while more:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                return
+            chunks.append(msg.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limit:
+                return await self._refuse(send)
+            more = msg.get("more_body", False)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()  # later calls wait for the client's disconnect
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, send) -> None:
+        body = json.dumps(APIError(413, f"the request body is larger than {self.limit} bytes",
+                                   code="request_too_large").body()).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
+
+
+class _Metered:
+    """Counts requests by endpoint and status, and times them to the last byte sent."""
+
+    def __init__(self, app, metrics: Metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0, status = time.perf_counter(), [500]
+
+        async def watch(msg):
+            if msg["type"] == "http.response.start":
+                status[0] = msg["status"]
+            await send(msg)
+
+        try:
+            await self.app(scope, receive, watch)
+        finally:
+            self.metrics.request(scope["path"], status[0], time.perf_counter() - t0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# running it
+
+
+class ServerThread:
+    """Run an app with uvicorn on a background thread (tests, notebooks, benchmarks):
+
+        with ServerThread(create_app(load_served(["smollm2-135m-instruct"]))) as url:
+            openai.OpenAI(base_url=url + "/v1", api_key="-")...
+
+    port=0 picks a free port; `url` is where it listens."""
+
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0) -> None:
+        import uvicorn
+
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
+                                                    timeout_graceful_shutdown=1))
+        self.thread = threading.Thread(target=self.server.run, name="lmforge-http", daemon=True)
+        self.url = ""
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        t0 = time.monotonic()
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() - t0 > 30:
+                raise LmforgeError("the HTTP server did not start (is the port in use?)")
+            time.sleep(0.02)
+        host, port = self.server.servers[0].sockets[0].getsockname()[:2]
+        self.url = f"http://{host}:{port}"
+        return self.url
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+def serve(models: Sequence[str], host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+          max_batch: int = 16, max_queue: int = 64, max_len: int | None = None, quantize: str | None = None,
+          max_body: int = 1 << 20, log_level: str = "warning") -> None:
+    """Load the models and serve them until interrupted."""
+    import uvicorn
+
+    from lmforge.runtime import tune_allocator
+
+    if not models:
+        raise LmforgeError("serve needs at least one --model")
+    if not 0 <= port < 65536:
+        raise LmforgeError(f"--port must be in 0..65535, got {port}")
+    tune_allocator()
+    served = load_served(models, max_batch, max_queue, max_len, quantize)
+    app = create_app(served, api_key=api_key, max_body=max_body)
+    if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
+        print(f"warning: serving on {host} without --api-key: anyone who can reach this port can use it")
+    print(f"serving {', '.join(m.name for m in served)} at http://{host}:{port}  (playground: /, API: /v1)",
+          flush=True)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=2)
+    finally:
+        for m in served:
+            if m.engine is not None:
+                m.engine.close()

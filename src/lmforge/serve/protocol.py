@@ -1,0 +1,134 @@
+"""The OpenAI API's request shapes (the subset lmforge serves), validated by pydantic, and its error shape.
+
+Ranges follow OpenAI's: a request outside them gets 400 with `{"error": {"message", "type", "param", "code"}}`.
+Parameters OpenAI has and lmforge does not implement are refused by name rather than silently ignored.
+Two extensions as in vLLM's server: `top_k`, and `ignore_eos` (generate max_tokens whatever the model says, for
+load tests).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+Prompt = str | list[str] | list[int] | list[list[int]]
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's shape."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _Sampling(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=1)
+    n: int = Field(1, ge=1, le=16)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    user: str | None = None
+    ignore_eos: bool = False  # extension (as vLLM's): run to max_tokens, for load tests
+    # accepted by OpenAI, not implemented here: refused by name when set (see unsupported())
+    logit_bias: dict[str, float] | None = None
+    tools: list[Any] | None = None
+    response_format: dict | None = None
+    suffix: str | None = None
+    best_of: int | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v):
+        stops = [v] if isinstance(v, str) else (v or [])
+        if len(stops) > 4:
+            raise ValueError("at most 4 stop sequences")
+        return stops
+
+    def unsupported(self) -> str | None:
+        if self.logit_bias:
+            return "logit_bias"
+        if self.tools:
+            return "tools"
+        if self.response_format and self.response_format.get("type") not in (None, "text"):
+            return "response_format"
+        if self.suffix:
+            return "suffix"
+        if self.best_of not in (None, 1, self.n):
+            return "best_of"
+        return None
+
+
+class CompletionRequest(_Sampling):
+    prompt: Prompt
+    max_tokens: int | None = Field(16, ge=0)
+    logprobs: int | None = Field(None, ge=0, le=20)
+    echo: bool = False
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[dict] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):  # content parts: only text parts are understood here
+            parts = []
+            for p in self.content:
+                if p.get("type") != "text" or not isinstance(p.get("text"), str):
+                    raise APIError(400, f"message content parts of type {p.get('type')!r} are not supported "
+                                   "(text only)", param="messages")
+                parts.append(p["text"])
+            return "".join(parts)
+        return self.content or ""
+
+
+class ChatRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=0)
+    max_completion_tokens: int | None = Field(None, ge=0)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+
+class EmbeddingRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    input: Prompt
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1)
+    user: str | None = None
+
+
+def validation_message(errors: list[dict]) -> tuple[str, str | None]:
+    """pydantic's errors -> one line and the offending parameter."""
+    e = errors[0]
+    loc = [str(x) for x in e.get("loc", ()) if x != "body"]
+    # a union (prompt: str | list[...]) reports one error per branch: name the parameter, not the branches
+    loc = [x for x in loc if not x.startswith(("list[", "str", "int"))]
+    param = ".".join(loc) or None
+    msg = e.get("msg", "invalid value")
+    if e.get("type") == "json_invalid":
+        return "the request body is not valid JSON", None
+    if e.get("type") == "missing":
+        return f"missing required parameter: {param}", param
+    return (f"invalid value for {param}: {msg}" if param else msg), param

@@ -1,0 +1,463 @@
+"""`lmforge serve` with real clients: the official `openai` package against a server on 127.0.0.1, raw HTTP for
+what a client library hides (SSE framing, 413, metrics), and the continuous-batching engine underneath.
+
+Two servers: the real ones (SmolLM2-135M-Instruct from the packaged GGUF and the MiniLM encoder, with an API
+key), and a tiny random decoder with one batch row and one queue place, for the queue-full and disconnect paths.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import torch
+
+from conftest import run_cli, tiny_config
+from lmforge.generate import generate
+from lmforge.generate.chat import apply_chat_template
+from lmforge.generate.engine import Engine, QueueFull, Request
+from lmforge.generate.sampling import SamplingParams
+from lmforge.models import load_pretrained
+from lmforge.models.decoder import DecoderLM
+from lmforge.predict import embed
+from lmforge.serve.app import ServedModel, ServerThread, create_app, load_served
+
+KEY = "sk-test-key"
+SMOL = "smollm2-135m-instruct"
+MINILM = "all-minilm-l6-v2"
+
+
+@pytest.fixture(scope="module")
+def real():
+    served = load_served([SMOL, MINILM], max_batch=8, max_queue=16)
+    with ServerThread(create_app(served, api_key=KEY)) as url:
+        yield url, served[0], served[1]
+    for m in served:
+        if m.engine is not None:
+            m.engine.close()
+
+
+@pytest.fixture(scope="module")
+def client(real):
+    return openai.OpenAI(base_url=real[0] + "/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def narrow(real):
+    """The same SmolLM2 weights behind a second server with one batch row, one queue place and a 4 kB body
+    limit, for the queue-full, disconnect and body-size paths."""
+    smol = real[1]
+    engine = Engine(smol.model, smol.tokenizer, max_batch=1, max_queue=1).start()
+    with ServerThread(create_app([ServedModel("narrow", smol.model, smol.tokenizer, engine)], max_body=4096)) as url:
+        yield url, engine
+    engine.close()
+
+
+LONG = {"model": "narrow", "prompt": "Count from 1 to 1000: 1, 2, 3, 4,", "max_tokens": 400, "temperature": 0,
+        "stream": True}  # greedy counting: it runs to max_tokens
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the openai client
+
+
+def test_models_and_completion_equals_generate(real, client):
+    _, smol, _ = real
+    assert [m.id for m in client.models.list().data] == [SMOL, MINILM]
+    prompt = "The three primary colours are"
+    r = client.completions.create(model=SMOL, prompt=prompt, max_tokens=24, temperature=0)
+    expected = generate(smol.model, smol.tokenizer, prompt, max_new_tokens=24, temperature=0.0)
+    assert r.choices[0].text == expected
+    assert r.choices[0].finish_reason in ("length", "stop")
+    assert r.usage.prompt_tokens == len(smol.tokenizer.encode(prompt))
+    assert r.usage.completion_tokens == 24 or r.choices[0].finish_reason == "stop"
+
+
+def test_greedy_inside_a_busy_batch_equals_generate(real, client):
+    """The same greedy prompt alone and while three sampled requests of other lengths share the batch."""
+    _, smol, _ = real
+    prompt = "Here is a recipe for pancakes:"
+    expected = generate(smol.model, smol.tokenizer, prompt, max_new_tokens=40, temperature=0.0)
+    others = ["Once upon a time", "def quicksort(xs):", "The history of Rome begins"]
+    results = {}
+
+    def noise(i, p):
+        results[i] = client.completions.create(model=SMOL, prompt=p, max_tokens=30 + 10 * i, temperature=0.9,
+                                               seed=i).choices[0].text
+
+    threads = [threading.Thread(target=noise, args=(i, p)) for i, p in enumerate(others)]
+    for t in threads:
+        t.start()
+    time.sleep(0.3)  # the others are decoding when the greedy one joins
+    got = client.completions.create(model=SMOL, prompt=prompt, max_tokens=40, temperature=0).choices[0].text
+    for t in threads:
+        t.join()
+    assert got == expected
+    assert len(results) == 3 and all(results.values())
+    steps = smol.engine.stats
+    assert steps.batch_rows > steps.steps, "the requests never shared a decode step"
+
+
+def test_seeded_sampling_is_reproducible_and_n_choices(client):
+    kw = dict(model=SMOL, prompt="My favourite animal is", max_tokens=12, temperature=1.0, top_p=0.95, seed=7)
+    a, b = client.completions.create(**kw), client.completions.create(**kw)
+    assert a.choices[0].text == b.choices[0].text
+    r = client.completions.create(**{**kw, "n": 3, "prompt": ["A", "B"]})
+    assert [c.index for c in r.choices] == list(range(6))
+
+
+def test_echo_logprobs_score_the_prompt(real, client):
+    """What evaluation harnesses send for log-likelihood: max_tokens=0, echo, logprobs."""
+    _, smol, _ = real
+    text = "The capital of France is Paris"
+    r = client.completions.create(model=SMOL, prompt=text, max_tokens=0, echo=True, logprobs=2, temperature=0)
+    lp = r.choices[0].logprobs
+    ids = smol.tokenizer.encode(text)
+    assert r.choices[0].text == text and "".join(lp.tokens) == text
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    with torch.inference_mode():
+        ref = torch.log_softmax(smol.model(torch.tensor([ids])).logits[0, :-1].float(), -1)
+    expected = ref[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
+    assert torch.allclose(torch.tensor(lp.token_logprobs[1:]), expected, atol=1e-4)
+    assert all(len(t) == 2 for t in lp.top_logprobs[1:])
+    assert max(lp.top_logprobs[-1].values()) >= lp.token_logprobs[-1] - 1e-6
+    assert lp.text_offset[:2] == [0, len(lp.tokens[0])]
+
+
+def test_chat_answers_and_stop_strings(client):
+    r = client.chat.completions.create(model=SMOL, messages=[{"role": "user", "content":
+                                       "What is the capital of France?"}], temperature=0, max_tokens=40)
+    assert "Paris" in r.choices[0].message.content
+    assert r.choices[0].finish_reason == "stop" and r.choices[0].message.role == "assistant"
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    r = client.chat.completions.create(model=SMOL, messages=[{"role": "user", "content":
+                                       "What is the capital of France?"}], temperature=0, max_tokens=40, stop=["Paris"])
+    assert "Paris" not in r.choices[0].message.content and r.choices[0].finish_reason == "stop"
+
+
+def test_streaming_chat_arrives_in_pieces(real, client):
+    _, smol, _ = real
+    messages = [{"role": "system", "content": "You are a helpful assistant."},
+                {"role": "user", "content": "Write three sentences about the sea."}]
+    t0 = time.perf_counter()
+    arrivals, pieces, finish, usage = [], [], None, None
+    stream = client.chat.completions.create(model=SMOL, messages=messages, temperature=0, max_tokens=48,
+                                            stream=True, stream_options={"include_usage": True})
+    for chunk in stream:
+        if chunk.usage:
+            usage = chunk.usage
+        for c in chunk.choices:
+            if c.delta.content:
+                arrivals.append(time.perf_counter() - t0)
+                pieces.append(c.delta.content)
+            finish = c.finish_reason or finish
+    total = time.perf_counter() - t0
+    assert len(pieces) >= 10
+    assert arrivals[0] < total / 2, f"first piece at {arrivals[0]:.2f}s of {total:.2f}s: not streamed"
+    prompt = apply_chat_template(smol.tokenizer, messages)
+    from lmforge.generate.chat import end_of_turn_ids
+
+    expected = generate(smol.model, smol.tokenizer, prompt, max_new_tokens=48, temperature=0.0,
+                        end_token_ids=end_of_turn_ids(smol.tokenizer))
+    assert "".join(pieces) == expected
+    assert finish in ("stop", "length") and usage.completion_tokens > 0
+
+
+def test_chat_logprobs(client):
+    r = client.chat.completions.create(model=SMOL, messages=[{"role": "user", "content": "Say hello."}],
+                                       temperature=0, max_tokens=5, logprobs=True, top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    for t in content:
+        assert len(t.top_logprobs) == 3 and t.logprob <= 0
+        assert abs(t.top_logprobs[0].logprob - t.logprob) < 1e-5  # greedy: the chosen token is the best one
+
+
+def test_embeddings_match_lmforge(real, client):
+    _, _, mini = real
+    texts = ["A man is eating food.", "A man is eating a piece of bread.", "The stock market fell today."]
+    r = client.embeddings.create(model=MINILM, input=texts)  # the client asks for base64 and decodes it
+    got = torch.tensor([d.embedding for d in r.data])
+    ref = embed(mini.model, mini.tokenizer, texts)
+    assert got.shape == (3, 384) and torch.allclose(got, ref, atol=1e-5)
+    sim = got @ got.T
+    assert sim[0, 1] > sim[0, 2]
+    f = client.embeddings.create(model=MINILM, input="hello", encoding_format="float")
+    assert len(f.data[0].embedding) == 384 and f.usage.prompt_tokens == len(mini.tokenizer.encode("hello")) + 2
+
+
+@pytest.mark.parametrize("kwargs, status, param", [
+    (dict(max_tokens=-1), 400, "max_tokens"),
+    (dict(temperature=2.5), 400, "temperature"),
+    (dict(top_p=0), 400, "top_p"),
+    (dict(model="no-such-model"), 400, "model"),
+    (dict(prompt="word " * 9000), 400, "max_tokens"),
+    (dict(model=MINILM), 400, "model"),
+    (dict(extra_body={"logit_bias": {"50": 5}}), 400, "logit_bias"),
+])
+def test_invalid_parameters_get_400_in_openai_shape(client, kwargs, status, param):
+    args = {"model": SMOL, "prompt": "hello", "max_tokens": 4, **kwargs}
+    with pytest.raises(openai.APIStatusError) as e:
+        client.completions.create(**args)
+    assert e.value.status_code == status
+    err = e.value.body
+    assert err["type"] == "invalid_request_error" and err["param"] == param and err["message"]
+
+
+def test_api_key_is_required(real):
+    url = real[0]
+    bad = openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as e:
+        bad.models.list()
+    assert e.value.body["code"] == "invalid_api_key"
+    assert httpx.get(url + "/v1/models").status_code == 401  # no Authorization header at all
+    assert httpx.post(url + "/v1/embeddings", json={"model": MINILM, "input": "x"}).status_code == 401
+    assert httpx.get(url + "/health").json()["status"] == "ok"  # health and metrics stay open
+
+
+def test_embedding_errors(client):
+    with pytest.raises(openai.BadRequestError, match="dimensions"):
+        client.embeddings.create(model=MINILM, input="x", dimensions=8)
+    with pytest.raises(openai.BadRequestError, match="decoder"):
+        client.embeddings.create(model=SMOL, input="x")
+    with pytest.raises(openai.BadRequestError, match="maximum is 512"):
+        client.embeddings.create(model=MINILM, input="word " * 600)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# raw HTTP: framing, limits, load paths
+
+
+def _sse(lines) -> list:
+    out = []
+    for line in lines:
+        if line.startswith("data: "):
+            data = line[6:]
+            out.append(data if data == "[DONE]" else json.loads(data))
+    return out
+
+
+def test_sse_framing_and_metrics(real):
+    url = real[0]
+    h = {"Authorization": f"Bearer {KEY}"}
+    body = {"model": SMOL, "prompt": "Hello", "max_tokens": 5, "stream": True, "temperature": 0, "echo": True}
+    with httpx.stream("POST", url + "/v1/completions", json=body, headers=h, timeout=60) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = _sse(r.iter_lines())
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert chunks[0]["choices"][0]["text"].startswith("Hello")  # echo: the prompt comes first
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert all(c["object"] == "text_completion" and c["id"] == chunks[0]["id"] for c in chunks)
+    m = httpx.get(url + "/metrics").text
+    assert "# TYPE lmforge_http_requests_total counter" in m
+    assert 'lmforge_http_requests_total{path="/v1/completions",status="200"}' in m
+    assert f'lmforge_generation_tokens_total{{model="{SMOL}"}}' in m
+    assert "lmforge_time_to_first_token_seconds_bucket" in m and 'lmforge_waiting_requests{model=' in m
+    bad = httpx.post(url + "/v1/chat/completions", content=b"{not json", headers={**h, "content-type":
+                     "application/json"})
+    assert bad.status_code == 400 and "JSON" in bad.json()["error"]["message"]
+    missing = httpx.post(url + "/v1/chat/completions", json={"model": SMOL}, headers=h)
+    assert missing.status_code == 400 and missing.json()["error"]["param"] == "messages"
+    assert httpx.get(url + "/nowhere").json()["error"]["type"] == "not_found_error"
+
+
+def test_oversize_body_gets_413(narrow):
+    url, _ = narrow
+    r = httpx.post(url + "/v1/completions", json={"model": "narrow", "prompt": "x" * 5000})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
+    def chunked():  # no Content-Length: the limit still holds
+        for _ in range(10):
+            yield b" " * 1000
+
+    r = httpx.post(url + "/v1/completions", content=chunked(), headers={"content-type": "application/json"})
+    assert r.status_code == 413
+
+
+def test_full_queue_answers_429_at_once(narrow):
+    """One batch row and one queue place: the third concurrent request is refused immediately."""
+    url, engine = narrow
+    body = LONG
+    with httpx.Client(timeout=30) as c:
+        with c.stream("POST", url + "/v1/completions", json=body) as first:
+            next(first.iter_lines())
+            with c.stream("POST", url + "/v1/completions", json=body) as second:
+                assert second.status_code == 200
+                deadline = time.time() + 10
+                while engine.queued == 0 and time.time() < deadline:
+                    time.sleep(0.01)
+                t0 = time.perf_counter()
+                third = httpx.post(url + "/v1/completions", json={**body, "stream": False}, timeout=30)
+                assert third.status_code == 429 and time.perf_counter() - t0 < 2
+                assert third.json()["error"]["code"] == "queue_full"
+    m = httpx.get(url + "/metrics").text
+    assert 'lmforge_requests_rejected_total{model="narrow"} 1' in m
+
+
+def test_client_disconnect_cancels_the_request(narrow):
+    url, engine = narrow
+    before = engine.stats.finished.get("cancelled", 0)
+    with httpx.stream("POST", url + "/v1/completions", json=LONG, timeout=30) as r:
+        lines = r.iter_lines()
+        for _ in range(3):
+            next(lines)
+    deadline = time.time() + 10  # the stream was dropped after 3 events
+    while (engine.running or engine.stats.finished.get("cancelled", 0) == before) and time.time() < deadline:
+        time.sleep(0.02)
+    assert engine.running == 0 and engine.stats.finished.get("cancelled", 0) == before + 1
+    # and a non-streaming request whose client times out is cancelled too
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(url + "/v1/completions", json={**LONG, "stream": False}, timeout=1.0)
+    deadline = time.time() + 10
+    while engine.stats.finished.get("cancelled", 0) < before + 2 and time.time() < deadline:
+        time.sleep(0.02)
+    assert engine.stats.finished.get("cancelled", 0) == before + 2 and engine.running == 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the engine on its own
+
+
+@pytest.mark.parametrize("style", ["gpt2", "llama"])
+def test_engine_rows_match_single_sequence_decoding(style):
+    """Rows of different lengths joining and leaving a batch decode exactly as they do alone (random model,
+    in float64 so that any masking or position slip shows)."""
+    torch.manual_seed(1)
+    model = DecoderLM(tiny_config(style, max_seq_len=128)).double().eval()
+
+    class Tok:  # the engine only needs decode here
+        def decode(self, ids, skip_special_tokens=True):
+            return " ".join(map(str, ids))
+
+    engine = Engine(model, Tok(), max_batch=3, max_queue=8, pack_weights=False).start()
+    prompts = [[5, 6, 7], [9] * 11, [1, 2], [3, 4, 5, 6, 7, 8, 9, 10], [42]]
+    lengths = [20, 5, 30, 12, 25]
+    got: dict[int, list[int]] = {}
+
+    def run(i, prompt, n):
+        r = Request(prompt, SamplingParams(max_new_tokens=n, temperature=0.0))
+        list(engine.stream(r))
+        got[i] = r.completion_ids
+
+    threads = [threading.Thread(target=run, args=(i, prompts[i], lengths[i])) for i in range(5)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    engine.close()
+    for i, p in enumerate(prompts):
+        with torch.inference_mode():
+            ids, ref = torch.tensor([p]), []
+            for _ in range(lengths[i]):
+                nxt = int(model(ids).logits[0, -1].argmax())
+                ref.append(nxt)
+                ids = torch.cat([ids, torch.tensor([[nxt]])], 1)
+        assert got[i] == ref, (style, i)
+    assert engine.stats.batch_rows > engine.stats.steps
+
+
+def test_engine_refuses_what_cannot_run():
+    torch.manual_seed(0)
+    model = DecoderLM(tiny_config("gpt2", max_seq_len=32)).eval()
+    engine = Engine(model, None, max_batch=1, max_queue=0)  # not started: nothing leaves the queue
+    with pytest.raises(Exception, match="maximum context length is 32"):
+        engine.submit([Request([1] * 30, SamplingParams(max_new_tokens=5))])
+    with pytest.raises(Exception, match="empty"):
+        engine.submit([Request([], SamplingParams(max_new_tokens=5))])
+    with pytest.raises(Exception, match="token ids"):
+        engine.submit([Request([1000], SamplingParams(max_new_tokens=1))])
+    engine.submit([Request([1], SamplingParams(max_new_tokens=1))])  # takes the free row
+    with pytest.raises(QueueFull):
+        engine.submit([Request([1], SamplingParams(max_new_tokens=1))])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the CLI and the browser
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_cli_serve(tmp_path):
+    r = run_cli("serve", "--model", str(tmp_path / "missing"))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "does not exist" in r.stderr
+    _, tok = load_pretrained(SMOL)
+    torch.manual_seed(0)
+    DecoderLM(tiny_config("gpt2", vocab_size=tok.vocab_size, max_seq_len=64)).save_pretrained(
+        tmp_path / "tiny-gpt", tokenizer=tok)
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "lmforge.cli", "serve", "--model", str(tmp_path / "tiny-gpt"),
+                             "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    try:
+        assert "serving tiny-gpt at http://127.0.0.1:" in proc.stdout.readline()
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 30
+        while True:
+            try:
+                assert httpx.get(url + "/health").json()["models"]["tiny-gpt"]["kind"] == "decoder"
+                break
+            except httpx.ConnectError:
+                assert time.time() < deadline
+                time.sleep(0.1)
+        r = httpx.post(url + "/v1/completions", json={"prompt": "To be", "max_tokens": 3})
+        assert r.status_code == 200 and r.json()["model"] == "tiny-gpt"
+        assert "<title>lmforge playground</title>" in httpx.get(url + "/").text
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+def test_playground_in_a_browser(real, tmp_path):
+    """Headless Chromium opens the playground, sends a message and sees the reply stream in."""
+    if not os.path.exists(CHROMIUM):
+        if os.environ.get("CI"):
+            pytest.fail("Debian's chromium is missing: `make test` installs it (apt-get install chromium)")
+        pytest.skip("no /usr/bin/chromium (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    url = real[0]
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1100, "height": 700})
+        page.goto(url + "/")
+        page.fill("#key", KEY)
+        page.dispatch_event("#key", "change")
+        page.wait_for_function("document.querySelector('#model').options.length > 0")
+        assert page.eval_on_selector_all("#model option", "os => os.map(o => o.value)") == [SMOL]
+        page.eval_on_selector("#temperature", "e => { e.value = '0'; e.dispatchEvent(new Event('input')); }")
+        page.fill("#max_tokens", "60")
+        page.fill("#input", "Write a few sentences about Paris.")
+        page.click("#send")
+        # text shows up while the reply is still streaming ...
+        page.wait_for_function("(document.querySelector('.msg.assistant.streaming .content') || {}).textContent"
+                               "?.length > 0", timeout=60_000)
+        partial = page.text_content(".msg.assistant .content")
+        # ... and grows until the stream ends
+        page.wait_for_selector(".msg.assistant.done", timeout=120_000)
+        final = page.text_content(".msg.assistant .content")
+        assert final.startswith(partial) and len(final) > len(partial) and "Paris" in final
+        assert "completion tokens" in page.text_content("#status")
+        shot = tmp_path / "playground.png"
+        page.screenshot(path=str(shot))
+        browser.close()
+    assert shot.stat().st_size > 10_000
+    if os.environ.get("LMFORGE_SCREENSHOTS"):  # refresh the picture in the docs
+        import shutil
+
+        shutil.copy(shot, os.environ["LMFORGE_SCREENSHOTS"])
