@@ -232,6 +232,21 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d_model, n_kv_head * head_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(d_model, n_kv_head * head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(n_head * head_dim, d_model, bias=bias)
+        self.record: list[torch.Tensor] | None = None  # a list here collects each forward's attention weights
+
+    def _explicit(self, q, k, v, mask):
+        """The formula spelled out (no fused kernel) so the weights can be kept; used only while recording."""
+        if k.size(1) != q.size(1):
+            k = k.repeat_interleave(q.size(1) // k.size(1), dim=1)
+            v = v.repeat_interleave(q.size(1) // v.size(1), dim=1)
+        if mask is None and self.causal and q.size(2) > 1:
+            mask = causal_mask(q.size(2), k.size(2), q.device)
+        scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+        weights = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+        self.record.append(weights)
+        return weights @ v
 
     def forward(
         self,
@@ -249,7 +264,10 @@ class Attention(nn.Module):
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         if cache is not None:
             k, v = cache.update(layer, k, v)
-        y = sdpa(q, k, v, mask, causal=self.causal, dropout=self.dropout if self.training else 0.0)
+        if self.record is not None:  # explain: the probabilities themselves, [B, H, Tq, Tk]
+            y = self._explicit(q, k, v, mask)
+        else:
+            y = sdpa(q, k, v, mask, causal=self.causal, dropout=self.dropout if self.training else 0.0)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
 
