@@ -186,5 +186,5 @@ def test_int8_weight_only_keeps_perplexity(smol):
     reply = chat(q, tok, [{"role": "user", "content": "What is the capital of France?"}], temperature=0,
                  max_new_tokens=40)
     assert "Paris" in reply
-    with pytest.raises(ConfigError, match="int4"):
-        quantize_model(q, "int4")
+    with pytest.raises(ConfigError, match="int3"):
+        quantize_model(q, "int3")

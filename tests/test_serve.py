@@ -297,7 +297,7 @@ def test_full_queue_answers_429_at_once(narrow):
                     time.sleep(0.01)
                 t0 = time.perf_counter()
                 third = httpx.post(url + "/v1/completions", json={**body, "stream": False}, timeout=30)
-                assert third.status_code == 429 and time.perf_counter() - t0 < 2
+                assert third.status_code == 429 and time.perf_counter() - t0 < 5
                 assert third.json()["error"]["code"] == "queue_full"
     m = httpx.get(url + "/metrics").text
     assert 'lmforge_requests_rejected_total{model="narrow"} 1' in m

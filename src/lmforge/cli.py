@@ -159,6 +159,38 @@ def cmd_eval_perplexity(a: argparse.Namespace) -> None:
           f"({r['tokens']:,} tokens, window {r['window']}, stride {r['stride']})")
 
 
+def cmd_eval(a: argparse.Namespace) -> None:
+    from lmforge.eval.run import evaluate
+
+    m = evaluate(a.everb, a.model, a.data, a.out, limit=a.limit, text_col=getattr(a, "text_col", None),
+                 label_col=getattr(a, "label_col", None), source_col=getattr(a, "source_col", None),
+                 target_col=getattr(a, "target_col", None), chat=getattr(a, "chat", False),
+                 prompt=getattr(a, "prompt", None), max_new_tokens=getattr(a, "max_new_tokens", 64),
+                 quantize=a.quantize, adapter=a.adapter)
+    if a.json:
+        print(json.dumps(m))
+        return
+    shown = {k: v for k, v in m.items() if isinstance(v, (int, float)) and k != "seconds"}
+    print("  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items()))
+    if a.out:
+        print(f"report: {a.out}/report.html")
+
+
+def cmd_quantize(a: argparse.Namespace) -> None:
+    from lmforge.compress.pipeline import quantize
+
+    quantize(a.model, a.mode, a.out, group_size=a.group_size, eval_data=a.eval_data, text_col=a.text_col,
+             label_col=a.label_col)
+
+
+def cmd_prune(a: argparse.Namespace) -> None:
+    from lmforge.compress.pipeline import prune
+
+    prune(a.model, a.out, sparsity=a.sparsity, structure=a.structured, fraction=a.fraction,
+          recover_steps=a.recover_steps, recover_data=a.recover_data, eval_data=a.eval_data, text_col=a.text_col,
+          label_col=a.label_col)
+
+
 def cmd_info(a: argparse.Namespace) -> None:
     from lmforge.info import model_info
 
@@ -242,9 +274,10 @@ def cmd_predict(a: argparse.Namespace) -> None:
     from lmforge.data.labelled import read_labelled, read_texts
     from lmforge.errors import DataError
     from lmforge.models import load_pretrained
-    from lmforge.predict import predict
+    from lmforge.predict import predict, predict_ensemble
 
-    model, tok = load_pretrained(a.model, device=a.device)
+    members = [load_pretrained(m, device=a.device) for m in a.model]
+    model, tok = members[0]
     gold = None
     if a.label_col:  # a labelled file: predict and score
         if not a.input or a.input == "-":
@@ -259,7 +292,10 @@ def cmd_predict(a: argparse.Namespace) -> None:
         if unknown:
             raise DataError(f"{a.input} has labels the model never saw: {', '.join(unknown[:5])} "
                             f"(the model knows: {', '.join(labels)})")
-    preds = predict(model, tok, texts, batch_size=a.batch_size)
+    if len(members) > 1:
+        preds = predict_ensemble(members, texts, vote=a.vote, batch_size=a.batch_size)
+    else:
+        preds = predict(model, tok, texts, batch_size=a.batch_size)
     for text, p in zip(texts, preds):
         if a.json:
             print(json.dumps({"text": text, **p}, ensure_ascii=False))
@@ -378,6 +414,56 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--json", action="store_true")
     pp.set_defaults(fn=cmd_eval_perplexity)
 
+    evc = argparse.ArgumentParser(add_help=False)
+    evc.add_argument("--model", required=True, help="model directory, .gguf file or packaged model name")
+    evc.add_argument("--out", help="write results.json, predictions.jsonl and report.md/.html here")
+    evc.add_argument("--limit", type=int, help="evaluate the first N examples only")
+    evc.add_argument("--quantize", choices=["int8"], help="weight-only int8 Linear weights (inference)")
+    evc.add_argument("--adapter", help="a LoRA adapter directory (PEFT layout) to merge into the model")
+    evc.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    ec = evsub.add_parser("classify", parents=[evc], help="accuracy, macro-F1, confusion matrix of a classifier")
+    ec.add_argument("--data", required=True, help="labelled CSV/TSV/JSONL")
+    ec.add_argument("--text-col")
+    ec.add_argument("--label-col")
+    eq = evsub.add_parser("qa", parents=[evc], help="exact match and F1 of an extractive QA model")
+    eq.add_argument("--data", required=True, help="SQuAD-format JSON/JSONL, or shakespeare-qa (its test split)")
+    emc = evsub.add_parser("choice", parents=[evc], help="zero-shot multiple choice by log-likelihood")
+    emc.add_argument("--data", required=True, help="JSONL rows {question, choices, answer}, or chatterbot-mc")
+    emc.add_argument("--chat", action="store_true", help="ask through the model's chat template")
+    emc.add_argument("--prompt", help="template for the question (default 'Question: {question}\\nAnswer:')")
+    es = evsub.add_parser("seq2seq", parents=[evc], help="BLEU, chrF and ROUGE of generations against references")
+    es.add_argument("--data", required=True, help="JSONL/CSV/TSV with source and target columns")
+    es.add_argument("--source-col")
+    es.add_argument("--target-col")
+    es.add_argument("--prompt", help="template around each source, with {source} (e.g. 'Translate: {source}\\n')")
+    es.add_argument("--chat", action="store_true", help="send each prompt through the model's chat template")
+    es.add_argument("--max-new-tokens", type=int, default=64)
+    for p_ in (ec, eq, emc, es):
+        p_.set_defaults(fn=cmd_eval)
+
+    qz = sub.add_parser("quantize", help="quantize a model (int8, int4, int8-dynamic); prints size, speed, quality")
+    qz.add_argument("--model", required=True, help="model directory, .gguf file or packaged model name")
+    qz.add_argument("--mode", required=True, help="int8 (weight-only), int4 (weight-only, group-wise), int8-dynamic")
+    qz.add_argument("--group-size", type=int, default=64, help="int4: weights per scale / zero point")
+    qz.add_argument("--out", required=True, help="the quantized model directory to write")
+    qz.add_argument("--eval-data", nargs="+", help="text (decoders: perplexity) or a labelled file (classifiers)")
+    qz.add_argument("--text-col")
+    qz.add_argument("--label-col")
+    qz.set_defaults(fn=cmd_quantize)
+
+    pn = sub.add_parser("prune", help="magnitude or structured pruning, optional recovery; prints before/after")
+    pn.add_argument("--model", required=True, help="model directory, .gguf file or packaged model name")
+    pn.add_argument("--sparsity", type=float, help="unstructured: the share of block weights set to zero, (0, 1)")
+    pn.add_argument("--structured", choices=["heads", "neurons"], help="remove attention heads or MLP neurons")
+    pn.add_argument("--fraction", type=float, help="structured: the share of heads / neurons removed, (0, 1)")
+    pn.add_argument("--recover-steps", type=int, default=0, help="fine-tune this many steps after pruning")
+    pn.add_argument("--recover-data", help="text (decoders) or a labelled file (classifiers) for recovery")
+    pn.add_argument("--out", required=True, help="the pruned model directory to write")
+    pn.add_argument("--eval-data", nargs="+", help="text (decoders: perplexity) or a labelled file (classifiers)")
+    pn.add_argument("--text-col")
+    pn.add_argument("--label-col")
+    pn.set_defaults(fn=cmd_prune)
+
     ft = sub.add_parser("finetune", help="fine-tune a pretrained model on a task")
     ftsub = ft.add_subparsers(dest="ftverb", required=True, metavar="TASK")
     common = argparse.ArgumentParser(add_help=False)
@@ -447,7 +533,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("predict", help="classify texts with a fine-tuned classifier")
     pr.add_argument("input", nargs="?", help="a .txt file (one text per line), CSV/TSV/JSONL, or - for stdin")
-    pr.add_argument("--model", required=True, help="classifier model directory")
+    pr.add_argument("--model", action="append", required=True,
+                    help="classifier model directory; repeat for an ensemble (same label names)")
+    pr.add_argument("--vote", choices=["mean", "majority"], default="mean",
+                    help="how an ensemble combines: average the probabilities, or majority vote")
     pr.add_argument("--text", action="append", help="a text to classify (repeatable; instead of a file)")
     pr.add_argument("--text-col", help="text column of a CSV/TSV/JSONL input")
     pr.add_argument("--label-col", help="score against this label column of the input")

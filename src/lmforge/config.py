@@ -189,6 +189,7 @@ class EncoderConfig:
     n_head: int = 12
     d_model: int = 384
     d_ff: int | None = None  # None means 4 * d_model
+    head_dim: int | None = None  # None means d_model // n_head (head pruning leaves fewer heads of the same size)
     max_seq_len: int = 512  # learned position table size
     type_vocab_size: int = 2
     norm_eps: float = 1e-12
@@ -205,10 +206,8 @@ class EncoderConfig:
     def __post_init__(self) -> None:
         if self.d_ff is None:
             self.d_ff = 4 * self.d_model
-
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_head
+        if self.head_dim is None and self.n_head > 0:
+            self.head_dim = self.d_model // self.n_head
 
     @property
     def num_labels(self) -> int:
@@ -216,8 +215,9 @@ class EncoderConfig:
 
     def validate(self) -> None:
         _positive(self, "vocab_size", "n_layer", "n_head", "d_model", "max_seq_len", "d_ff", "type_vocab_size")
-        if self.d_model % self.n_head:
+        if self.d_model % self.n_head and self.head_dim * self.n_head == self.d_model:
             raise ConfigError(f"model.n_head={self.n_head} does not divide model.d_model={self.d_model}")
+        _positive(self, "head_dim")
         _choice(self, "mlp", ("gelu", "gelu_tanh", "relu"))
         _choice(self, "head", ENCODER_HEADS)
         if self.head == "classify" and not self.labels:

@@ -108,11 +108,16 @@ td{{border:1px solid #ccc;padding:4px 10px}}pre{{background:#f6f6f6;padding:1em;
 def write_task_report(run_dir: str | Path, title: str, rows: list[tuple[str, str]],
                       images: list[str] | None = None) -> Path:
     """report/loss.png plus report.md and report.html with a table of (name, value) rows and the images
-    (file names inside report/) for a fine-tuning or evaluation run."""
+    (file names inside report/) for a fine-tuning run."""
     run_dir = Path(run_dir)
-    out = run_dir / "report"
-    plot_loss(run_dir, out / "loss.png")
-    images = [i for i in (images or ["loss.png"]) if (out / i).is_file()]
+    plot_loss(run_dir, run_dir / "report" / "loss.png")
+    return write_report(run_dir / "report", title, rows, images or ["loss.png"])
+
+
+def write_report(out: str | Path, title: str, rows: list[tuple[str, str]], images: list[str] | None = None) -> Path:
+    """report.md and report.html in `out`: the images (file names inside `out`) and a table of (name, value)."""
+    out = Path(out)
+    images = [i for i in (images or []) if (out / i).is_file()]
     md = [f"# {title}", ""] + [f"![{i}]({i})" for i in images] + ["", "| metric | value |", "|---|---|"]
     md += [f"| {k} | {v} |" for k, v in rows]
     write_text(out / "report.md", "\n".join(md) + "\n")
@@ -124,3 +129,24 @@ td{{border:1px solid #ccc;padding:4px 10px}}</style>
 <h1>{html.escape(title)}</h1>{imgs}<table>{body}</table>
 """)
     return out / "report.html"
+
+
+def bar_plot(values: dict[str, float], path: str | Path, title: str, ylabel: str = "") -> Path:
+    """A bar chart of named scores (evaluation reports)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.1 * len(values) + 2), 3.4))
+    bars = ax.bar(list(values), list(values.values()), color="#4c72b0")
+    ax.bar_label(bars, fmt="%.1f")
+    ax.set_title(title)
+    ax.set_ylabel(ylabel)
+    ax.margins(y=0.15)
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+    return path

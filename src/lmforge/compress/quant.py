@@ -1,9 +1,22 @@
-"""Weight-only quantization: int8 for inference, and int8 / NF4 frozen bases for quantized-base LoRA (QLoRA).
+"""Quantization: weight-only int8 and int4 and dynamic int8 for inference, and int8 / NF4 frozen bases for
+quantized-base LoRA (QLoRA).
 
 Each Linear weight row (one output feature) is stored as int8 with one float scale: w ~= q * scale, q in
 [-127, 127], scale = max|w_row| / 127. Decoding reads a quarter of the fp32 bytes. On CPU the product runs in
 PyTorch's int8-weight kernel (`aten._weight_int8pack_mm`, the one gpt-fast uses) with bfloat16 activations
 and float accumulation; elsewhere the weight is dequantized on the fly.
+
+int4 (weight-only) stores each group of `group_size` consecutive weights of a row (64 by default) as 4-bit
+codes with a scale and a zero point per group: w ~= (q - 8) * scale + zero, q in 0..15 (asymmetric, so a
+group's range is used in full). On CPU the product runs in PyTorch's int4 kernel
+(`aten._weight_int4pack_mm_for_cpu`, bfloat16 activations) on a copy repacked into its layout at first use.
+
+Dynamic int8 (`int8-dynamic`) keeps the same int8 rows and quantizes the activations too, per row at run time,
+so the product itself is int8 x int8 (PyTorch's fbgemm kernel via `torch.ao` dynamic quantization; PyTorch
+marks that API as deprecated in favour of torchao, which lmforge does not depend on).
+
+A decoder whose output head is tied to its embedding keeps one int8 matrix for both (`Int8Embedding` and its
+`head()`), in every mode: it is often the largest matrix of a small model.
 
 NF4 (the QLoRA paper's 4-bit NormalFloat) stores each block of 64 weights as 4-bit indices into 16 levels
 placed at quantiles of a standard normal (pre-trained weights are close to normal), scaled by the block's
@@ -23,7 +36,7 @@ from torch import nn
 
 from lmforge.errors import ConfigError
 
-MODES = ("int8",)
+MODES = ("int8", "int4", "int8-dynamic")
 BASE_MODES = ("int8", "nf4")  # frozen bases for LoRA
 
 
@@ -61,6 +74,88 @@ class Int8Linear(nn.Module):
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*shape[:-1], self.out_features)
+
+
+class Int4Linear(nn.Module):
+    """Weight-only int4 with group-wise scales and zero points (see the module notes); inference only."""
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+                 bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = qweight.shape[0], qweight.shape[1] * 2
+        self.group_size = group_size
+        self.register_buffer("qweight", qweight)  # uint8 [out, in / 2]: two 4-bit codes per byte
+        self.register_buffer("scales", scales)  # [out, in / group_size]
+        self.register_buffer("zeros", zeros)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self._kernel: tuple | None = None  # (packed weight, scales-and-zeros) in the CPU kernel's layout
+
+    @classmethod
+    def from_linear(cls, m: nn.Linear, group_size: int = 64) -> Int4Linear:
+        N, K = m.weight.shape
+        if K % group_size or group_size % 2:
+            raise ConfigError(f"int4 group size {group_size} does not divide a layer's {K} inputs; choose one that "
+                              "does (e.g. 32 or 64)")
+        w = m.weight.detach().float().view(N, K // group_size, group_size)
+        lo, hi = w.amin(-1), w.amax(-1)
+        scales = ((hi - lo) / 15).clamp(min=1e-8)
+        q = ((w - lo[..., None]) / scales[..., None]).round().clamp(0, 15).to(torch.uint8).view(N, K)
+        packed = (q[:, 0::2] << 4) | q[:, 1::2]
+        bias = None if m.bias is None else m.bias.detach().clone()
+        return cls(packed.contiguous(), scales, lo + 8 * scales, group_size, bias)
+
+    def codes(self) -> torch.Tensor:
+        return torch.stack([self.qweight >> 4, self.qweight & 15], dim=-1).view(self.out_features, -1)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        g = self.group_size
+        q = self.codes().view(self.out_features, -1, g).float() - 8
+        return (q * self.scales[..., None] + self.zeros[..., None]).view(self.out_features, -1).to(dtype)
+
+    def _packed(self) -> tuple | None:
+        if self._kernel is None and self.qweight.device.type == "cpu" and hasattr(
+                torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+            try:
+                packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(self.codes().to(torch.int32), 1)
+                sz = torch.stack([self.scales, self.zeros], -1).transpose(0, 1).contiguous().to(torch.bfloat16)
+                self._kernel = (packed, sz)
+            except RuntimeError:  # a shape the kernel does not take: dequantize instead
+                self._kernel = ()
+        return self._kernel or None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)
+        kernel = None if torch.is_grad_enabled() and x.requires_grad else self._packed()
+        if kernel is not None:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16).contiguous(), kernel[0],
+                                                           self.group_size, kernel[1]).to(x.dtype)
+        else:
+            y = F.linear(x2, self.dequantize(x.dtype))
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*shape[:-1], self.out_features)
+
+
+def dynamic_int8(m: Int8Linear) -> nn.Module:
+    """The int8 rows of `m` as a dynamically quantized Linear (int8 activations, fbgemm), inference only."""
+    import warnings
+
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+    with warnings.catch_warnings():  # torch.ao quantization is deprecated upstream (see the module notes)
+        warnings.simplefilter("ignore")
+        d = DynamicLinear(m.in_features, m.out_features, bias_=m.bias is not None, dtype=torch.qint8)
+        w = torch._make_per_channel_quantized_tensor(m.qweight, m.scales.double(),
+                                                     torch.zeros(m.out_features, dtype=torch.long), 0)
+        d.set_weight_bias(w, None if m.bias is None else m.bias.detach().float())
+    return d
+
+
+def int8_rows(d: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(qweight int8 [out, in], scales [out]) of a dynamically quantized Linear, to save it."""
+    w = d.weight()
+    return w.int_repr().contiguous(), w.q_per_channel_scales().float()
 
 
 def _nf4_levels() -> torch.Tensor:
@@ -182,13 +277,37 @@ def quantize_linear(m: nn.Linear, mode: str) -> nn.Module:
     return (NF4Linear if mode == "nf4" else Int8Linear).from_linear(m)
 
 
-def quantize_model(model: nn.Module, mode: str = "int8") -> nn.Module:
-    """Replace every nn.Linear by its weight-only quantized version, in place (inference only)."""
+# heads that stay in full precision: small, and a classifier's decision is what quality is measured on
+KEEP = ("classifier", "qa_head", "nsp_head")
+
+
+def quantize_model(model: nn.Module, mode: str = "int8", group_size: int = 64) -> nn.Module:
+    """Quantize a model for inference, in place: every Linear (task heads excepted) in `mode` (int8, int4 or
+    int8-dynamic), and a decoder's tied embedding + head or an encoder's word embedding as int8 rows."""
     if mode not in MODES:
         raise ConfigError(f"quantization mode {mode!r} is not supported; supported: {', '.join(MODES)}")
-    for name, child in list(model.named_children()):
-        if type(child) is nn.Linear:
-            setattr(model, name, Int8Linear.from_linear(child))
-        else:
-            quantize_model(child, mode)
+    tied = getattr(model, "lm_head", None) is not None and model.lm_head.weight is getattr(model.tok_emb, "weight",
+                                                                                           None)
+    # an MLM head scores against the word embedding itself, so that one stays in full precision
+    embed_int8 = getattr(model.config, "head", None) not in ("mlm", "pretrain")
+    if embed_int8 and isinstance(getattr(model, "tok_emb", None), nn.Embedding):
+        model.tok_emb = Int8Embedding.from_embedding(model.tok_emb)
+        if tied:
+            model.lm_head = model.tok_emb.head()
+
+    def convert(parent: nn.Module, prefix: str) -> None:
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Linear and name not in KEEP:
+                if mode == "int4":
+                    new = Int4Linear.from_linear(child, group_size)
+                else:
+                    new = Int8Linear.from_linear(child)
+                    if mode == "int8-dynamic":
+                        new = dynamic_int8(new)
+                setattr(parent, name, new)
+            elif not isinstance(child, (Int8Linear, Int4Linear, Int8Embedding)):
+                convert(child, f"{prefix}{name}.")
+
+    convert(model, "")
+    model.quantization = {"mode": mode, "group_size": group_size if mode == "int4" else None}
     return model.eval()

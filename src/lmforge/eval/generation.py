@@ -1,5 +1,6 @@
-"""Scores for generated text against references: exact match and token F1 (SQuAD normalisation), ROUGE-L
-(Google's rouge-score package, with stemming, as summarization papers report it)."""
+"""Scores for generated text against references: exact match and token F1 (SQuAD normalisation), ROUGE
+(Google's rouge-score package, with stemming, as summarization papers report it), and corpus BLEU and chrF
+(sacrebleu, with its default 13a tokenization: the numbers translation papers report)."""
 
 from __future__ import annotations
 
@@ -20,4 +21,22 @@ def reference_scores(predictions: Sequence[str], references: Sequence[str]) -> d
         "exact_match": 100 * sum(exact_match(p, r) for p, r in zip(predictions, references)) / n,
         "f1": 100 * sum(token_f1(p, r) for p, r in zip(predictions, references)) / n,
         "rougeL": 100 * sum(scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references)) / n,
+    }
+
+
+def seq2seq_scores(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+    """Corpus BLEU and chrF (sacrebleu) and mean ROUGE-1/2/L F-measures (rouge-score), in percent."""
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+    preds, refs = list(predictions), [list(references)]
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    rouge = [scorer.score(r, p) for p, r in zip(predictions, references)]
+    n = max(len(rouge), 1)
+    return {
+        "bleu": sacrebleu.corpus_bleu(preds, refs).score,
+        "chrf": sacrebleu.corpus_chrf(preds, refs).score,
+        **{k: 100 * sum(x[k].fmeasure for x in rouge) / n for k in ("rouge1", "rouge2", "rougeL")},
     }

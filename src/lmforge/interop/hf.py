@@ -290,6 +290,10 @@ def load_model_dir(path: str | Path, device: str | torch.device = "cpu") -> torc
 
     path = Path(path)
     raw = read_config(path)
+    from lmforge.compress.store import is_quantized_dir, load_quantized
+
+    if is_quantized_dir(raw):
+        return load_quantized(path, raw, read_safetensors(path), device)
     if raw.get("model_type") == "bert":
         from lmforge.interop.hf_bert import load_encoder_dir
 

@@ -31,6 +31,8 @@ def hf_config(c: EncoderConfig) -> dict[str, Any]:
          "type_vocab_size": c.type_vocab_size, "layer_norm_eps": c.norm_eps, "hidden_dropout_prob": c.dropout,
          "attention_probs_dropout_prob": c.attn_dropout, "initializer_range": c.init_std,
          "pad_token_id": c.pad_token_id, "position_embedding_type": "absolute", "torch_dtype": "float32"}
+    if c.head_dim * c.n_head != c.d_model:  # pruned heads: lmforge reads this; transformers' BERT cannot
+        d["head_dim"] = c.head_dim
     if c.labels:
         d["id2label"] = {str(i): name for i, name in enumerate(c.labels)}
         d["label2id"] = {name: i for i, name in enumerate(c.labels)}
@@ -55,6 +57,7 @@ def config_from_hf(d: dict[str, Any], tensors: dict[str, torch.Tensor], where: s
     try:
         return EncoderConfig(
             vocab_size=d["vocab_size"], n_layer=d["num_hidden_layers"], n_head=d["num_attention_heads"],
+            head_dim=d.get("head_dim"),
             d_model=d["hidden_size"], d_ff=d["intermediate_size"], max_seq_len=d.get("max_position_embeddings", 512),
             type_vocab_size=d.get("type_vocab_size", 2), norm_eps=d.get("layer_norm_eps", 1e-12), mlp=act,
             dropout=d.get("hidden_dropout_prob", 0.1), attn_dropout=d.get("attention_probs_dropout_prob", 0.1),

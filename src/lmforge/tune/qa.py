@@ -79,7 +79,7 @@ def answer(model: Encoder, tokenizer: Tokenizer, examples: list[QAExample], max_
     model.eval()
     feats = qa_features(examples, tokenizer, min(max_len, model.config.max_seq_len), stride)
     best: list[tuple[float, int, int]] = [(float("-inf"), 0, 0)] * len(examples)
-    device = model.tok_emb.weight.device
+    device = model.pos_emb.weight.device  # (the word embedding may be quantized)
     for rows in length_batches([len(x) for x in feats.ids], batch_size):
         b = pad_batch([feats.ids[r] for r in rows], tokenizer.pad_id, [feats.types[r] for r in rows])
         logits = model(**{k: v.to(device) for k, v in b.items()}).logits.float().cpu()

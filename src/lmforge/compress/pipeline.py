@@ -1,0 +1,81 @@
+"""What `lmforge quantize` and `lmforge prune` do: load a model, measure it, compress it, measure it again, save.
+
+Both print size, speed and (given evaluation data) quality before and after, and write a model directory that
+`load_pretrained` reads like any other: quantized ones in the format described in `compress.store`, pruned ones
+as plain model directories (zeros stay zeros; removed heads and neurons are gone from the shapes).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lmforge.compress.measure import comparison, measure
+from lmforge.errors import LmforgeError
+from lmforge.files import write_json
+
+
+def _load(model: str):
+    from lmforge.models import load_pretrained
+
+    m, tok = load_pretrained(model)
+    if getattr(m, "quantization", None):
+        raise LmforgeError(f"{model} is already quantized; start from the full-precision model")
+    return m, tok
+
+
+def quantize(model: str, mode: str, out: str | Path, group_size: int = 64, eval_data: list[str] | None = None,
+             text_col: str | None = None, label_col: str | None = None, say=print) -> dict:
+    """Quantize `model` (int8, int4 or int8-dynamic) into the model directory `out`."""
+    from lmforge.compress.quant import MODES, quantize_model
+    from lmforge.compress.store import save_quantized
+    from lmforge.interop.hf import check_output_dir
+
+    if mode not in MODES:
+        raise LmforgeError(f"quantization mode {mode!r} is not supported; choose one of {', '.join(MODES)}")
+    if group_size < 2 or group_size % 2:
+        raise LmforgeError(f"--group-size must be an even number >= 2, got {group_size}")
+    check_output_dir(out)
+    m, tok = _load(model)
+    before = measure(m, tok, eval_data, text_col, label_col)
+    quantize_model(m, mode, group_size)
+    after = measure(m, tok, eval_data, text_col, label_col)
+    save_quantized(m, out, tok)
+    say(comparison(before, after, mode))
+    result = {"model": str(model), "mode": mode, "group_size": group_size if mode == "int4" else None,
+              "before": before, "after": after, "out": str(out)}
+    write_json(Path(out) / "compression.json", result)
+    say(f"saved: {out}")
+    return result
+
+
+def prune(model: str, out: str | Path, sparsity: float | None = None, structure: str | None = None,
+          fraction: float | None = None, recover_steps: int = 0, recover_data: str | None = None,
+          eval_data: list[str] | None = None, text_col: str | None = None, label_col: str | None = None,
+          say=print) -> dict:
+    """Prune `model` (magnitude to `sparsity`, or `fraction` of its heads / neurons), optionally fine-tune it
+    for `recover_steps` on `recover_data`, and save it to `out`."""
+    from lmforge.compress.prune import check_args, prune_model, recover, sparsity_of
+    from lmforge.interop.hf import check_output_dir
+
+    check_args(sparsity, structure, fraction)
+    if recover_steps and not recover_data:
+        raise LmforgeError("--recover-steps needs --recover-data (text for a decoder, a labelled file for a "
+                           "classifier)")
+    check_output_dir(out)
+    m, tok = _load(model)
+    before = measure(m, tok, eval_data, text_col, label_col)
+    info = prune_model(m, sparsity, structure, fraction)
+    masks = info.pop("masks")
+    label = f"{structure} -{fraction:.0%}" if structure else f"sparsity {sparsity:.0%}"
+    if recover_steps:
+        losses = recover(m, tok, recover_data, recover_steps, masks, text_col=text_col, label_col=label_col)
+        info["recovery_loss"] = [losses[0], losses[-1]]
+        say(f"recovery: {recover_steps} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+    info["zero_share"] = sparsity_of(m)
+    after = measure(m, tok, eval_data, text_col, label_col)
+    m.save_pretrained(out, tokenizer=tok)
+    say(comparison(before, after, label))
+    result = {"model": str(model), **info, "before": before, "after": after, "out": str(out)}
+    write_json(Path(out) / "compression.json", result)
+    say(f"saved: {out}")
+    return result

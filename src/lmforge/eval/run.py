@@ -1,0 +1,194 @@
+"""`lmforge eval <task>`: one entry point for every kind of evaluation, each writing the same outputs.
+
+    perplexity  decoders on text: perplexity, loss, bits per byte (strided windows)
+    classify    classifiers on a labelled file: accuracy, macro-F1, per-class precision / recall, confusion matrix
+    qa          extractive QA on SQuAD-format data: exact match and token F1 (SQuAD definitions)
+    choice      zero-shot multiple choice by log-likelihood: accuracy and length-normalised accuracy
+    seq2seq     generation scored against references: BLEU and chrF (sacrebleu), ROUGE-1/2/L (rouge-score)
+
+With `out`, a run writes results.json (the metrics and the settings), report.md and report.html with a plot.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from lmforge.errors import DataError, LmforgeError
+from lmforge.files import write_json
+
+TASKS = ("perplexity", "classify", "qa", "choice", "seq2seq")
+
+
+def evaluate(task: str, model: str, data: list[str] | str, out: str | Path | None = None, *, limit: int | None = None,
+             text_col: str | None = None, label_col: str | None = None, source_col: str | None = None,
+             target_col: str | None = None, chat: bool = False, prompt: str | None = None,
+             max_new_tokens: int = 64, window: int | None = None, stride: int | None = None,
+             quantize: str | None = None, adapter: str | None = None, batch_size: int = 16) -> dict:
+    """Evaluate `model` on `data` for `task`; returns the metrics (and writes the report when `out` is given)."""
+    from lmforge.models import load_pretrained
+
+    if task not in TASKS:
+        raise LmforgeError(f"unknown evaluation {task!r}; choose one of {', '.join(TASKS)}")
+    if limit is not None and limit < 1:
+        raise LmforgeError(f"--limit must be positive, got {limit}")
+    sources = [data] if isinstance(data, (str, Path)) else list(data)
+    m, tok = load_pretrained(model, quantize=quantize, adapter=adapter)
+    t0 = time.time()
+    fn = {"perplexity": _perplexity, "classify": _classify, "qa": _qa, "choice": _choice, "seq2seq": _seq2seq}[task]
+    metrics, plot, details = fn(m, tok, sources, locals())
+    metrics["seconds"] = round(time.time() - t0, 2)
+    if out is not None:
+        _write(Path(out), task, model, sources, metrics, plot, details)
+    return metrics
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# tasks: each returns (metrics, (plot values, title) or None, per-example details)
+
+
+def _kind(m, want: str, task: str) -> None:
+    from lmforge.models.decoder import DecoderLM
+
+    is_decoder = isinstance(m, DecoderLM)
+    if want == "decoder" and not is_decoder:
+        raise LmforgeError(f"eval {task} needs a decoder (a causal LM); this model is an encoder")
+    if want == "classifier" and (is_decoder or getattr(m.config, "head", None) != "classify"):
+        raise LmforgeError(f"eval {task} needs a classifier (an encoder fine-tuned with `lmforge finetune classify`)")
+    if want == "qa" and (is_decoder or getattr(m.config, "head", None) != "qa"):
+        raise LmforgeError(f"eval {task} needs an extractive QA model (from `lmforge finetune qa`)")
+
+
+def _perplexity(m, tok, sources, o):
+    from lmforge.eval.lm import evaluate_perplexity
+
+    _kind(m, "decoder", "perplexity")
+    r = evaluate_perplexity(m, tok, sources, window=o["window"], stride=o["stride"])
+    return {"perplexity": r["ppl"], "loss": r["loss"], "bits_per_byte": r["bpb"], "tokens": r["tokens"]}, None, []
+
+
+def _classify(m, tok, sources, o):
+    from lmforge.data.labelled import read_labelled
+    from lmforge.eval.classify import classification_metrics
+    from lmforge.predict import predict
+
+    _kind(m, "classifier", "classify")
+    ds = read_labelled(sources[0], o["text_col"], o["label_col"])
+    texts, gold = ds.texts[: o["limit"]], ds.labels[: o["limit"]]
+    labels = m.config.labels
+    unknown = sorted(set(gold) - set(labels))
+    if unknown:
+        raise DataError(f"{sources[0]} has labels the model never saw: {', '.join(unknown[:5])} (the model knows: "
+                        f"{', '.join(labels)})")
+    preds = predict(m, tok, texts)
+    ids = {n: i for i, n in enumerate(labels)}
+    met = classification_metrics([ids[g] for g in gold], [ids[p["label"]] for p in preds], labels)
+    details = [{"text": t, "label": g, "prediction": p["label"], "score": p["score"]}
+               for t, g, p in zip(texts, gold, preds)]
+    met["n"] = len(texts)
+    return met, ("confusion", met), details
+
+
+def _qa(m, tok, sources, o):
+    from lmforge.data.qa import read_squad, shakespeare_qa
+    from lmforge.eval.qa import squad_scores
+    from lmforge.tune.qa import answer
+
+    _kind(m, "qa", "qa")
+    examples = shakespeare_qa()["test"] if sources[0] == "shakespeare-qa" else read_squad(sources[0])
+    examples = examples[: o["limit"]]
+    preds = answer(m, tok, examples, min(384, m.config.max_seq_len), 128)
+    met = squad_scores(preds, [[t for t, _ in e.answers] for e in examples])
+    met["n"] = len(examples)
+    details = [{"question": e.question, "prediction": p, "answers": [t for t, _ in e.answers]}
+               for e, p in zip(examples, preds)]
+    return met, ({"exact match": met["exact_match"], "F1": met["f1"]}, "extractive QA"), details
+
+
+def _choice(m, tok, sources, o):
+    from lmforge.eval.choice import PROMPT, evaluate_choices, read_choices
+
+    _kind(m, "decoder", "choice")
+    rows = read_choices(sources[0])[: o["limit"]]
+    r = evaluate_choices(m, tok, rows, chat=o["chat"], template=o["prompt"] or PROMPT)
+    details = [{**row, **d} for row, d in zip(rows, r.pop("rows"))]
+    plot = {"accuracy": 100 * r["accuracy"], "accuracy (length-norm.)": 100 * r["accuracy_norm"],
+            "chance": 100 * r["chance"]}
+    return r, (plot, "zero-shot multiple choice (%)"), details
+
+
+def _seq2seq(m, tok, sources, o):
+    from lmforge.eval.generation import seq2seq_scores
+    from lmforge.generate import generate
+    from lmforge.generate.chat import apply_chat_template, end_of_turn_ids
+
+    _kind(m, "decoder", "seq2seq")
+    pairs = read_pairs(sources[0], o["source_col"], o["target_col"])[: o["limit"]]
+    template = o["prompt"] or "{source}"
+    if "{source}" not in template:
+        raise DataError("the prompt template needs a {source} placeholder")
+    prompts = [template.format(source=s) for s, _ in pairs]
+    ends: list[int] = []
+    if o["chat"]:
+        prompts = [apply_chat_template(tok, [{"role": "user", "content": p}]) for p in prompts]
+        ends = end_of_turn_ids(tok)
+    hyps: list[str] = []
+    bs = o["batch_size"]
+    for s in range(0, len(prompts), bs):
+        hyps += [h.strip() for h in generate(m, tok, prompts[s:s + bs], max_new_tokens=o["max_new_tokens"],
+                                             temperature=0.0, stop=None if o["chat"] else ["\n"],
+                                             end_token_ids=ends)]
+    refs = [t for _, t in pairs]
+    met = seq2seq_scores(hyps, refs)
+    met["n"] = len(pairs)
+    details = [{"source": s, "reference": t, "prediction": h} for (s, t), h in zip(pairs, hyps)]
+    return met, ({k: met[k] for k in ("bleu", "chrf", "rouge1", "rouge2", "rougeL")}, "generation vs references"), \
+        details
+
+
+def read_pairs(path: str, source_col: str | None, target_col: str | None) -> list[tuple[str, str]]:
+    """(source, target) rows from JSONL / CSV / TSV; columns default to source/target (or input/output,
+    src/tgt, text/summary)."""
+    from lmforge.data.labelled import pick_column, read_records
+
+    records, columns, _ = read_records(path)
+    src = pick_column(columns, source_col, ("source", "input", "src", "text", "article"), "source", path)
+    tgt = pick_column(columns, target_col, ("target", "output", "tgt", "summary", "reference"), "target", path)
+    pairs = [(r.get(src, "") or "", r.get(tgt, "") or "") for r in records]
+    pairs = [(s, t) for s, t in pairs if s.strip() and t.strip()]
+    if not pairs:
+        raise DataError(f"{path}: no rows with both a {src!r} and a {tgt!r} value")
+    return pairs
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# outputs
+
+
+def _write(out: Path, task: str, model: str, sources: list[str], metrics: dict, plot, details: list[dict]) -> None:
+    from lmforge.report import bar_plot, write_report
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "results.json", {"task": task, "model": str(model), "data": [str(s) for s in sources],
+                                      "metrics": metrics})
+    if details:
+        from lmforge.files import write_text
+
+        write_text(out / "predictions.jsonl", "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in details))
+    images = []
+    if plot is not None and plot[0] == "confusion":
+        from lmforge.eval.classify import plot_confusion
+
+        plot_confusion(plot[1], out / "confusion.png", title=f"{Path(str(model)).name} on {Path(sources[0]).name}")
+        images.append("confusion.png")
+    elif plot is not None:
+        bar_plot(plot[0], out / "scores.png", plot[1])
+        images.append("scores.png")
+    rows = [("task", task), ("model", str(model)), ("data", ", ".join(map(str, sources)))]
+    rows += [(k, _fmt(v)) for k, v in metrics.items() if not isinstance(v, (dict, list))]
+    write_report(out, f"Evaluation: {task}", rows, images)
+
+
+def _fmt(v) -> str:
+    return f"{v:.4f}" if isinstance(v, float) else str(v)

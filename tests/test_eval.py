@@ -1,0 +1,122 @@
+"""`lmforge eval`: the multiple-choice harness (against a direct log-likelihood computation), the packaged
+chatterbot-mc set, seq2seq metrics, and the reports every evaluation writes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import tiny_config
+from lmforge.cli import main
+from lmforge.data.choice import chatterbot_mc
+from lmforge.errors import DataError
+from lmforge.eval.choice import choice_logprobs, evaluate_choices, read_choices
+from lmforge.eval.generation import seq2seq_scores
+from lmforge.models.decoder import DecoderLM
+from lmforge.tokenizer import Tokenizer
+
+TEXT = ["the cat sat on the mat.", "the dog ate the bone.", "a bird sang in the tree."] * 30
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    tok = Tokenizer.train_bpe(TEXT, vocab_size=300)
+    torch.manual_seed(0)
+    model = DecoderLM(tiny_config("llama", vocab_size=tok.vocab_size)).eval()
+    d = tmp_path_factory.mktemp("m") / "tiny"
+    model.save_pretrained(d, tokenizer=tok)
+    return model, tok, d
+
+
+def test_choice_logprobs_equal_a_direct_computation(tiny):
+    model, tok, _ = tiny
+    ctx, choices = "Question: where did the cat sit?\nAnswer:", [" on the mat", " in the tree now"]
+    got = choice_logprobs(model, tok, ctx, choices)
+    for c, g in zip(choices, got):
+        a, b = tok.encode(ctx), tok.encode(c)
+        ids = torch.tensor([a + b])
+        with torch.no_grad():
+            lp = torch.log_softmax(model(ids).logits[0].float(), -1)
+        expected = sum(float(lp[len(a) - 1 + i, t]) for i, t in enumerate(b))
+        assert abs(g - expected) < 1e-4
+
+
+def test_accuracy_and_length_normalisation(tiny, monkeypatch):
+    model, tok, _ = tiny
+    rows = [{"question": "q", "choices": ["aa", "bbbbbbbb"], "answer": 1}]
+    import lmforge.eval.choice as ch
+
+    # the long choice has the lower total but the higher per-character score
+    monkeypatch.setattr(ch, "choice_logprobs", lambda *a, **k: [-4.0, -6.0])
+    r = evaluate_choices(model, tok, rows, progress=False)
+    assert r["accuracy"] == 0.0 and r["accuracy_norm"] == 1.0 and r["chance"] == 0.5
+
+
+def test_chatterbot_mc_is_real_and_well_formed():
+    rows = chatterbot_mc()
+    assert len(rows) > 500
+    for r in rows:
+        assert len(r["choices"]) == 4 and len(set(r["choices"])) == 4 and 0 <= r["answer"] < 4
+    assert any(r["question"] == "What is AI?" for r in rows)
+    assert rows == chatterbot_mc()  # deterministic
+    answers = [r["answer"] for r in rows]
+    assert min(answers.count(k) for k in range(4)) > len(rows) / 8  # the right answer is not always first
+
+
+def test_read_choices_errors(tmp_path):
+    f = tmp_path / "mc.jsonl"
+    f.write_text('{"question": "q", "choices": ["a", "b"], "answer": "b"}\n')
+    assert read_choices(f)[0]["answer"] == 1
+    f.write_text('{"question": "q", "choices": ["a"], "answer": 0}\n')
+    with pytest.raises(DataError, match="mc.jsonl:1: .*at least two"):
+        read_choices(f)
+    f.write_text('{"question": "q", "choices": ["a", "b"], "answer": 5}\n')
+    with pytest.raises(DataError, match="answer"):
+        read_choices(f)
+    f.write_text("not json\n")
+    with pytest.raises(DataError, match="not valid JSON"):
+        read_choices(f)
+
+
+def test_seq2seq_scores():
+    refs = ["the cat sat on the mat", "a dog ate a bone in the garden"]
+    perfect = seq2seq_scores(refs, refs)
+    assert perfect["bleu"] == pytest.approx(100) and perfect["rougeL"] == pytest.approx(100)
+    partial = seq2seq_scores(["the cat sat", "a dog ate a bone"], refs)
+    assert 0 < partial["bleu"] < 100 and 0 < partial["chrf"] < 100 and partial["rouge2"] < partial["rouge1"]
+
+
+def test_eval_cli_choice_and_seq2seq_write_reports(tiny, tmp_path, capsys):
+    _, _, d = tiny
+    mc = tmp_path / "mc.jsonl"
+    mc.write_text("".join(json.dumps({"question": f"what did the {a} do?", "choices": ["sat on the mat",
+                                                                                     "ate the bone"],
+                                      "answer": i % 2}) + "\n" for i, a in enumerate(["cat", "dog", "bird"])))
+    assert main(["eval", "choice", "--model", str(d), "--data", str(mc), "--out", str(tmp_path / "r")]) == 0
+    res = json.loads((tmp_path / "r" / "results.json").read_text())
+    m = res["metrics"]
+    assert m["n"] == 3 and m["chance"] == 0.5 and 0 <= m["accuracy"] <= 1
+    preds = [json.loads(x) for x in (tmp_path / "r" / "predictions.jsonl").read_text().splitlines()]
+    assert m["accuracy"] == sum(p["pick"] == p["answer"] for p in preds) / 3
+    assert (tmp_path / "r" / "scores.png").stat().st_size > 1000
+    assert "accuracy" in (tmp_path / "r" / "report.html").read_text()
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"source": s, "target": s}) + "\n" for s in TEXT[:3]))
+    assert main(["eval", "seq2seq", "--model", str(d), "--data", str(pairs), "--max-new-tokens", "4",
+                 "--prompt", "Repeat: {source}\n", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {"bleu", "chrf", "rouge1", "rouge2", "rougeL"} <= set(out) and out["n"] == 3
+
+
+@pytest.mark.parametrize("args, message", [
+    (["eval", "classify", "--data", "x.csv"], "needs a classifier"),
+    (["eval", "qa", "--data", "x.json"], "extractive QA model"),
+    (["eval", "choice", "--data", "missing.jsonl"], "does not exist"),
+    (["eval", "choice", "--data", "chatterbot-mc", "--limit", "0"], "--limit must be positive"),
+])
+def test_eval_cli_errors(tiny, capsys, args, message):
+    code = main([*args, "--model", str(tiny[2])])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and message in err, err
