@@ -176,6 +176,24 @@ def cmd_eval(a: argparse.Namespace) -> None:
         print(f"report: {a.out}/report.html")
 
 
+def cmd_explain(a: argparse.Namespace) -> None:
+    from lmforge.explain import explain
+
+    text = a.text if a.text is not None else sys.stdin.read().strip()
+    r = explain(a.model, text, a.out, what=a.what, method=a.method, steps=a.steps, target=a.target, layer=a.layer,
+                baseline=a.baseline, max_steps=a.max_steps)
+    for note in r.get("notes", []):
+        print(f"note: {note}")
+    sal = r.get("saliency")
+    if sal:
+        gap = sal.get("completeness_gap")
+        print(f"target {sal['target']!r} (p = {sal['prob']:.3f}, predicted {sal['predicted']!r})"
+              + (f", completeness gap {100 * gap:.2f}% after {sal['steps_used']} steps" if gap is not None else ""))
+        print("most salient: " + ", ".join(f"{t!r} {v:+.3f}" for t, v in sal["top_tokens"][:8]))
+    for f in r["files"].values():
+        print(f"wrote {f}")
+
+
 def cmd_quantize(a: argparse.Namespace) -> None:
     from lmforge.compress.pipeline import quantize
 
@@ -440,6 +458,21 @@ def build_parser() -> argparse.ArgumentParser:
     es.add_argument("--max-new-tokens", type=int, default=64)
     for p_ in (ec, eq, emc, es):
         p_.set_defaults(fn=cmd_eval)
+
+    ex = sub.add_parser("explain", help="attention maps and token saliency (PNG + HTML) for a model and a text")
+    ex.add_argument("--model", required=True, help="model directory, .gguf file or packaged model name")
+    ex.add_argument("--text", help="the text to explain (default: read standard input)")
+    ex.add_argument("--out", required=True, help="folder for attention.png/.html, saliency.png/.html, explain.json")
+    ex.add_argument("--what", default="both", choices=["both", "attention", "saliency"])
+    ex.add_argument("--method", default="ig", help="saliency: ig (integrated gradients) or grad_x_input")
+    ex.add_argument("--steps", type=int, default=50, help="integrated gradients: steps along the path")
+    ex.add_argument("--max-steps", type=int, help="integrated gradients: refine up to this many steps where "
+                    "completeness fails (default 16 x steps)")
+    ex.add_argument("--baseline", default="pad", help="integrated gradients: pad, mask or zero embeddings")
+    ex.add_argument("--target", help="a class name or index (classifiers), a token or id:N (decoders); "
+                    "default: the model's prediction")
+    ex.add_argument("--layer", type=int, help="draw one layer's heads instead of the grid (negative: from the end)")
+    ex.set_defaults(fn=cmd_explain)
 
     qz = sub.add_parser("quantize", help="quantize a model (int8, int4, int8-dynamic); prints size, speed, quality")
     qz.add_argument("--model", required=True, help="model directory, .gguf file or packaged model name")

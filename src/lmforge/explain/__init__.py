@@ -1,0 +1,115 @@
+"""Why did the model say that? Attention maps and token saliency for lmforge's decoders and encoders.
+
+    attention_maps   every layer's and head's attention probabilities for a text       (attention.py)
+    saliency         per-token integrated gradients or gradient x input for a classifier's class or a
+                     decoder's next token                                              (saliency.py)
+    render           PNG grids and self-contained HTML pages of both                    (render.py)
+    explain          all of it from a model name or path into a folder: what `lmforge explain` runs
+
+Both methods run the model as it is (a recording switch on the attention modules, a forward hook on the token
+embedding), so anything lmforge can load can be explained, and nothing here can change what a model computes.
+Attention shows where information flows; saliency measures what the output depends on. They often disagree,
+which is why both are here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lmforge.errors import LmforgeError
+from lmforge.explain.attention import AttentionMaps, attention_maps
+from lmforge.explain.render import attention_html, attention_png, saliency_html, saliency_png
+from lmforge.explain.saliency import BASELINES, METHODS, Saliency, saliency
+from lmforge.files import write_json
+
+__all__ = ["AttentionMaps", "Saliency", "attention_html", "attention_maps", "attention_png", "explain",
+           "saliency", "saliency_html", "saliency_png"]
+
+WHAT = ("both", "attention", "saliency")
+
+
+def explain(model: str | Path, text: str, out: str | Path, what: str = "both", method: str = "ig",
+            steps: int = 50, target: str | int | None = None, layer: int | None = None,
+            baseline: str = "pad", max_steps: int | None = None) -> dict:
+    """Explain `model` (a packaged name, model directory or .gguf) on `text`; write the pictures into `out`.
+
+    what: "attention" (attention.png, attention.html), "saliency" (saliency.png, saliency.html) or "both".
+    "both" on a model saliency cannot explain (an encoder without a classify head) writes the attention files
+    and says why in `notes`. method "ig" (integrated gradients, `steps` Gauss-Legendre nodes, `baseline`) or
+    "grad_x_input". IG refines its path where completeness fails, up to max_steps gradient evaluations
+    (default 16 x steps; see `saliency`). target: a class name or index (classifiers), a token or "id:N"
+    (decoders); default the model's own prediction. layer: draw one layer's heads (negative counts from the
+    end) instead of the grid.
+
+    Returns {"model", "kind", "text", "tokens", "files", "notes", and with saliency "saliency": target,
+    target_id, predicted, prob, method, steps, steps_used, baseline, f_input, f_baseline, completeness_gap
+    (relative; IG only), top_tokens, scores}; the same dict is written to out/explain.json.
+    """
+    from lmforge.explain.inputs import model_kind
+    from lmforge.explain.saliency import check_saliency_model, check_steps, resolve_target
+    from lmforge.models import load_pretrained
+
+    # argument errors first: loading a model takes seconds
+    if what not in WHAT:
+        raise LmforgeError(f"unknown explanation {what!r}; use one of {', '.join(WHAT)}")
+    if method not in METHODS:
+        raise LmforgeError(f"unknown saliency method {method!r}; use one of {', '.join(METHODS)}")
+    check_steps(steps, max_steps)
+    if baseline not in BASELINES:
+        raise LmforgeError(f"unknown baseline {baseline!r}; use one of {', '.join(BASELINES)}")
+    if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int)):
+        raise LmforgeError(f"layer must be a whole number, got {layer!r}")
+
+    m, tok = load_pretrained(model)
+    kind = model_kind(m)
+    if layer is not None:
+        n = m.config.n_layer
+        if not -n <= layer < n:
+            raise LmforgeError(f"layer {layer} is out of range: the model has {n} layers (0..{n - 1}, or -1..-{n})")
+        layer %= n
+    do_saliency = what in ("both", "saliency")
+    notes: list[str] = []
+    if do_saliency:
+        try:
+            check_saliency_model(m)
+            resolve_target(m, tok, target)  # a bad target fails before any file is written
+        except LmforgeError as e:
+            if what == "saliency" or target is not None or kind != "encoder" or m.config.head == "classify":
+                raise
+            notes.append(f"saliency skipped: {e}")
+            do_saliency = False
+
+    out = Path(out)
+    name = Path(str(model)).name
+    if name == "model":  # a fine-tuning run's model folder: its run says more
+        name = f"{Path(str(model)).parent.name}/{name}"
+    result: dict = {"model": str(model), "kind": "classifier" if kind == "encoder" and m.config.head == "classify"
+                    else kind, "text": text, "files": {}, "notes": notes}
+    if what in ("both", "attention"):
+        maps = attention_maps(m, tok, text)
+        where = f"layer {layer}" if layer is not None else f"{maps.n_layer} layers x {maps.n_head} heads"
+        title = f"attention of {name}, {where}"
+        result["tokens"] = maps.tokens
+        result["files"]["attention_png"] = str(attention_png(maps, out / "attention.png", layer, title))
+        result["files"]["attention_html"] = str(attention_html(maps, out / "attention.html", layer,
+                                                               f"attention of {name}"))
+    if do_saliency:
+        sal = saliency(m, tok, text, target=target, method=method, steps=steps, baseline=baseline,
+                       max_steps=max_steps)
+        if method == "ig" and sal.relative_gap > 0.02:
+            notes.append(f"integrated gradients miss completeness by {sal.relative_gap:.1%} after "
+                         f"{sal.steps_used} gradient evaluations; allow more with max_steps")
+        result["tokens"] = sal.tokens
+        title = f"saliency of {name} ({'integrated gradients' if method == 'ig' else 'gradient x input'})"
+        result["files"]["saliency_png"] = str(saliency_png(sal, out / "saliency.png", title))
+        result["files"]["saliency_html"] = str(saliency_html(sal, out / "saliency.html", title))
+        result["saliency"] = {
+            "target": sal.target, "target_id": sal.target_id, "predicted": sal.predicted, "prob": sal.prob,
+            "method": method, "steps": sal.steps, "steps_used": sal.steps_used, "baseline": baseline,
+            "f_input": sal.f_input,
+            "f_baseline": sal.f_baseline, "completeness_gap": sal.relative_gap if method == "ig" else None,
+            "top_tokens": [[t, round(s, 6)] for t, s in sal.top(5)],
+            "scores": [[t, round(float(s), 6)] for t, s in zip(sal.tokens, sal.scores)]}
+    result["files"]["summary"] = str(out / "explain.json")
+    write_json(out / "explain.json", result)
+    return result
