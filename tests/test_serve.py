@@ -286,6 +286,7 @@ def test_oversize_body_gets_413(narrow):
 def test_full_queue_answers_429_at_once(narrow):
     """One batch row and one queue place: the third concurrent request is refused immediately."""
     url, engine = narrow
+    _idle(engine)
     body = LONG
     with httpx.Client(timeout=30) as c:
         with c.stream("POST", url + "/v1/completions", json=body) as first:
@@ -303,8 +304,18 @@ def test_full_queue_answers_429_at_once(narrow):
     assert 'lmforge_requests_rejected_total{model="narrow"} 1' in m
 
 
+def _idle(engine, seconds: float = 20) -> None:
+    """Wait until earlier tests' requests are gone (a dropped stream is cancelled at the engine's next step)."""
+    deadline = time.time() + seconds
+    while (engine.running or engine.queued) and time.time() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.3)  # one more step for a cancel already in flight
+    assert engine.running == 0 and engine.queued == 0
+
+
 def test_client_disconnect_cancels_the_request(narrow):
     url, engine = narrow
+    _idle(engine)
     before = engine.stats.finished.get("cancelled", 0)
     with httpx.stream("POST", url + "/v1/completions", json=LONG, timeout=30) as r:
         lines = r.iter_lines()
