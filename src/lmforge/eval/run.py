@@ -37,7 +37,10 @@ def evaluate(task: str, model: str, data: list[str] | str, out: str | Path | Non
     m, tok = load_pretrained(model, quantize=quantize, adapter=adapter)
     t0 = time.time()
     fn = {"perplexity": _perplexity, "classify": _classify, "qa": _qa, "choice": _choice, "seq2seq": _seq2seq}[task]
-    metrics, plot, details = fn(m, tok, sources, locals())
+    options = {"limit": limit, "text_col": text_col, "label_col": label_col, "source_col": source_col,
+               "target_col": target_col, "chat": chat, "prompt": prompt, "max_new_tokens": max_new_tokens,
+               "window": window, "stride": stride, "batch_size": batch_size}
+    metrics, plot, details = fn(m, tok, sources, options)
     metrics["seconds"] = round(time.time() - t0, 2)
     if out is not None:
         _write(Path(out), task, model, sources, metrics, plot, details)
