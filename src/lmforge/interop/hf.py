@@ -21,7 +21,7 @@ from lmforge.errors import ModelLoadError
 from lmforge.files import atomic_dir, write_json
 
 NATIVE_TYPE = "lmforge-decoder"
-SUPPORTED = ("gpt2", "llama", "mistral", "qwen2", "bert", NATIVE_TYPE)
+SUPPORTED = ("gpt2", "llama", "mistral", "qwen2", "bert", "t5", NATIVE_TYPE)
 
 # a row: HF tensor name, the lmforge tensors concatenated into it (along the output dim), layout
 # layout "linear": same [out, in] layout; "conv1d": GPT-2's Conv1D stores the weight as [in, out]
@@ -294,6 +294,10 @@ def load_model_dir(path: str | Path, device: str | torch.device = "cpu") -> torc
 
     if is_quantized_dir(raw):
         return load_quantized(path, raw, read_safetensors(path), device)
+    if raw.get("model_type") == "t5":
+        from lmforge.interop.hf_t5 import load_seq2seq_dir
+
+        return load_seq2seq_dir(path, raw, read_safetensors(path), device)
     if raw.get("model_type") == "bert":
         from lmforge.interop.hf_bert import load_encoder_dir
 

@@ -123,6 +123,11 @@ class KVCache:
     def advance(self, n: int) -> None:
         self.length += n
 
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Row i becomes old row rows[i] (beam search keeps the histories of the beams it continues)."""
+        self.k = [k.index_select(0, rows) for k in self.k]
+        self.v = [v.index_select(0, rows) for v in self.v]
+
 
 class SlotKVCache:
     """A KV cache for continuous batching: one row ("slot") per running sequence, each with its own length.
@@ -222,11 +227,12 @@ class Attention(nn.Module):
 
     def __init__(
         self, d_model: int, n_head: int, n_kv_head: int, head_dim: int, bias: bool = True,
-        dropout: float = 0.0, causal: bool = True, qkv_bias: bool | None = None,
+        dropout: float = 0.0, causal: bool = True, qkv_bias: bool | None = None, scale: float | None = None,
     ) -> None:
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = n_head, n_kv_head, head_dim
         self.causal, self.dropout = causal, dropout
+        self.scale = scale  # None: 1/sqrt(head_dim); T5 uses 1 (the scale lives in the query's init)
         qkv_bias = bias if qkv_bias is None else qkv_bias
         self.q_proj = nn.Linear(d_model, n_head * head_dim, bias=qkv_bias)
         self.k_proj = nn.Linear(d_model, n_kv_head * head_dim, bias=qkv_bias)
@@ -241,7 +247,7 @@ class Attention(nn.Module):
             v = v.repeat_interleave(q.size(1) // v.size(1), dim=1)
         if mask is None and self.causal and q.size(2) > 1:
             mask = causal_mask(q.size(2), k.size(2), q.device)
-        scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))
+        scores = q @ k.transpose(-2, -1) * (self.scale if self.scale is not None else 1 / math.sqrt(q.size(-1)))
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
         weights = torch.softmax(scores.float(), dim=-1).to(q.dtype)
@@ -255,11 +261,16 @@ class Attention(nn.Module):
         rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
         cache: KVCache | None = None,
         layer: int = 0,
+        kv: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
+        """x [B, T, d_model]. kv: keys and values from `project_kv` of another sequence (cross-attention: the
+        decoder attends to the encoder's output, projected once and reused at every decoding step)."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if kv is not None:
+            k, v = kv
+        else:
+            k, v = self.project_kv(x)
         if rotary is not None:
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         if cache is not None:
@@ -267,13 +278,21 @@ class Attention(nn.Module):
         if self.record is not None:  # explain: the probabilities themselves, [B, H, Tq, Tk]
             y = self._explicit(q, k, v, mask)
         else:
-            y = sdpa(q, k, v, mask, causal=self.causal, dropout=self.dropout if self.training else 0.0)
+            y = sdpa(q, k, v, mask, causal=self.causal, dropout=self.dropout if self.training else 0.0,
+                     scale=self.scale)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+
+    def project_kv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of x [B, S, d_model], each [B, n_kv_head, S, head_dim]."""
+        B, S, _ = x.shape
+        k = self.k_proj(x).view(B, S, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, S, self.n_kv_head, self.head_dim).transpose(1, 2)
+        return k, v
 
 
 def sdpa(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
-    causal: bool = True, dropout: float = 0.0,
+    causal: bool = True, dropout: float = 0.0, scale: float | None = None,
 ) -> torch.Tensor:
     """Scaled dot-product attention for q [B, H, Tq, D] and k, v [B, Hkv, Tk, D].
 
@@ -290,4 +309,48 @@ def sdpa(
             mask = causal_mask(Tq, Tk, q.device)
     gqa = q.size(1) != k.size(1)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal,
-                                          enable_gqa=gqa)
+                                          enable_gqa=gqa, scale=scale)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# relative position bias (T5)
+
+
+def relative_position_bucket(relative: torch.Tensor, bidirectional: bool, buckets: int,
+                             max_distance: int) -> torch.Tensor:
+    """Bucket ids for key-minus-query distances. Half of the buckets hold exact small distances; the rest cover
+    distances up to max_distance on a log scale (everything further shares the last bucket), because a word
+    two places away matters differently from one three places away, but one 90 places away hardly differs from
+    one 100 away. A bidirectional stack (the encoder) spends half of its buckets on keys after the query; the
+    decoder's causal attention only ever sees keys at or before it."""
+    out = torch.zeros_like(relative)
+    if bidirectional:
+        buckets //= 2
+        out = out + (relative > 0).long() * buckets
+        dist = relative.abs()
+    else:
+        dist = (-relative).clamp(min=0)
+    exact = buckets // 2
+    # log-spaced buckets for the far distances; clamp(min=1) only keeps log() finite where `exact` wins anyway
+    far = exact + (torch.log(dist.clamp(min=1).float() / exact) / math.log(max_distance / exact)
+                   * (buckets - exact)).long()
+    far = far.clamp(max=buckets - 1)
+    return out + torch.where(dist < exact, dist, far)
+
+
+class RelativePositionBias(nn.Module):
+    """A learned scalar per (distance bucket, head), added to the attention scores: [1, H, Tq, Tk]. One table
+    per stack, computed once per forward and shared by every block of the stack."""
+
+    def __init__(self, n_head: int, buckets: int, max_distance: int, bidirectional: bool) -> None:
+        super().__init__()
+        self.buckets, self.max_distance, self.bidirectional = buckets, max_distance, bidirectional
+        self.bias = nn.Embedding(buckets, n_head)
+
+    def forward(self, q_len: int, k_len: int, offset: int = 0) -> torch.Tensor:
+        """Bias for queries at positions offset..offset+q_len-1 against keys 0..k_len-1."""
+        device = self.bias.weight.device
+        q_pos = torch.arange(offset, offset + q_len, device=device)[:, None]
+        k_pos = torch.arange(k_len, device=device)[None, :]
+        ids = relative_position_bucket(k_pos - q_pos, self.bidirectional, self.buckets, self.max_distance)
+        return self.bias(ids).permute(2, 0, 1)[None]
