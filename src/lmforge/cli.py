@@ -23,7 +23,7 @@ def cmd_tokenizer_train(a: argparse.Namespace) -> None:
     from lmforge.tokenizer import train_tokenizer
 
     tok = train_tokenizer(a.data, vocab_size=a.vocab_size, out=a.out, kind=a.kind, lowercase=not a.cased)
-    kind = "byte-level BPE" if a.kind == "bpe" else "WordPiece"
+    kind = {"bpe": "byte-level BPE", "wordpiece": "WordPiece", "unigram": "Unigram"}[a.kind]
     print(f"trained {kind}: {tok.vocab_size} tokens -> {a.out}")
 
 
@@ -166,7 +166,7 @@ def cmd_eval(a: argparse.Namespace) -> None:
                  label_col=getattr(a, "label_col", None), source_col=getattr(a, "source_col", None),
                  target_col=getattr(a, "target_col", None), chat=getattr(a, "chat", False),
                  prompt=getattr(a, "prompt", None), max_new_tokens=getattr(a, "max_new_tokens", 64),
-                 quantize=a.quantize, adapter=a.adapter)
+                 quantize=a.quantize, adapter=a.adapter, num_beams=getattr(a, "num_beams", 4))
     if a.json:
         print(json.dumps(m))
         return
@@ -228,7 +228,9 @@ FT_FLAGS = ("method", "top_k", "lora_r", "lora_alpha", "lora_dropout", "lora_tar
             "batch_size", "lr", "max_len", "seed", "device", "out", "model", "data", "val_data", "test_data")
 FT_TASK_FLAGS = {"classify": ("text_col", "label_col", "val_fraction", "test_fraction", "class_weights"),
                  "qa": ("stride",), "chat": ("packing", "eval_before", "max_new_tokens", "eval_limit"),
-                 "dpo": ("beta",)}
+                 "dpo": ("beta",),
+                 "seq2seq": ("source_col", "target_col", "prefix", "val_fraction", "test_fraction", "max_target_len",
+                             "num_beams", "max_new_tokens", "eval_limit", "time_budget")}
 
 
 def cmd_finetune(a: argparse.Namespace) -> None:
@@ -254,6 +256,12 @@ def cmd_finetune(a: argparse.Namespace) -> None:
                       f"ROUGE-L {m['rougeL']:.1f}")
         print(f"{r.seconds:.0f} s training, peak memory {r.peak_train_memory_mb:,.0f} MiB, "
               f"{r.trainable_params:,} trainable parameters")
+    elif task == "seq2seq":
+        t = r.test
+        print(f"test: BLEU {t['bleu']:.2f}  chrF {t['chrf']:.2f}  ROUGE-L {t['rougeL']:.2f}  ({t['n']} pairs, "
+              f"{r.seconds:.0f} s training)")
+        for d in r.samples[:3]:
+            print(f"  {d['source'][:70]!r} -> {d['prediction'][:70]!r}")
     else:
         print(f"held-out preference accuracy: before {r.before['preference_accuracy']:.3f}  after "
               f"{r.after['preference_accuracy']:.3f}; reward accuracy {r.after['reward_accuracy']:.3f}, "
@@ -369,7 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
     tt = tsub.add_parser("train", help="train a byte-level BPE (decoders) or WordPiece (encoders) tokenizer")
     tt.add_argument("--data", nargs="+", required=True, help="corpus names, files, folders or globs")
     tt.add_argument("--vocab-size", type=int, default=8192)
-    tt.add_argument("--kind", choices=("bpe", "wordpiece"), default="bpe")
+    tt.add_argument("--kind", choices=("bpe", "wordpiece", "unigram"), default="bpe",
+                    help="byte-level BPE (decoders), WordPiece (encoders), Unigram with T5 sentinels (seq2seq)")
     tt.add_argument("--cased", action="store_true", help="WordPiece: keep case (default lower-cases)")
     tt.add_argument("--out", required=True, help="tokenizer.json path or a folder")
     tt.set_defaults(fn=cmd_tokenizer_train)
@@ -450,12 +459,14 @@ def build_parser() -> argparse.ArgumentParser:
     emc.add_argument("--chat", action="store_true", help="ask through the model's chat template")
     emc.add_argument("--prompt", help="template for the question (default 'Question: {question}\\nAnswer:')")
     es = evsub.add_parser("seq2seq", parents=[evc], help="BLEU, chrF and ROUGE of generations against references")
-    es.add_argument("--data", required=True, help="JSONL/CSV/TSV with source and target columns")
+    es.add_argument("--data", required=True, help="JSONL/CSV/TSV with source and target columns, or bible-en-es "
+                    "(its held-out test books)")
     es.add_argument("--source-col")
     es.add_argument("--target-col")
     es.add_argument("--prompt", help="template around each source, with {source} (e.g. 'Translate: {source}\\n')")
     es.add_argument("--chat", action="store_true", help="send each prompt through the model's chat template")
     es.add_argument("--max-new-tokens", type=int, default=64)
+    es.add_argument("--num-beams", type=int, default=4, help="beam width for encoder-decoder models (default 4)")
     for p_ in (ec, eq, emc, es):
         p_.set_defaults(fn=cmd_eval)
 
@@ -550,6 +561,20 @@ def build_parser() -> argparse.ArgumentParser:
     fd = ftsub.add_parser("dpo", parents=[common], help="preference tuning (DPO) on prompt/chosen/rejected JSONL")
     fd.add_argument("--beta", type=float, help="DPO temperature (default 0.1)")
     fd.set_defaults(fn=cmd_finetune)
+
+    f2 = ftsub.add_parser("seq2seq", parents=[common],
+                          help="translation / summarization with an encoder-decoder (T5), or one from scratch")
+    f2.add_argument("--source-col", help="source column (default: source, src, input, text, document, en)")
+    f2.add_argument("--target-col", help="target column (default: target, tgt, output, summary, es)")
+    f2.add_argument("--prefix", help="task prefix put before every source, e.g. 'translate English to Spanish: '")
+    f2.add_argument("--val-fraction", type=float)
+    f2.add_argument("--test-fraction", type=float)
+    f2.add_argument("--max-target-len", type=int, help="target tokens kept (default: --max-len)")
+    f2.add_argument("--num-beams", type=int, help="beam width of the test-split decoding (default 4)")
+    f2.add_argument("--max-new-tokens", type=int, help="longest output when decoding (default: target limit)")
+    f2.add_argument("--eval-limit", type=int, help="test pairs decoded for the final scores (default 500)")
+    f2.add_argument("--time-budget", type=float, help="seconds of training: the epochs are sized to fit")
+    f2.set_defaults(fn=cmd_finetune)
 
     da = sub.add_parser("data", help="build datasets from packaged text")
     dasub = da.add_subparsers(dest="dverb", required=True, metavar="SET")

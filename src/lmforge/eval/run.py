@@ -25,7 +25,8 @@ def evaluate(task: str, model: str, data: list[str] | str, out: str | Path | Non
              text_col: str | None = None, label_col: str | None = None, source_col: str | None = None,
              target_col: str | None = None, chat: bool = False, prompt: str | None = None,
              max_new_tokens: int = 64, window: int | None = None, stride: int | None = None,
-             quantize: str | None = None, adapter: str | None = None, batch_size: int = 16) -> dict:
+             quantize: str | None = None, adapter: str | None = None, batch_size: int = 16,
+             num_beams: int = 4) -> dict:
     """Evaluate `model` on `data` for `task`; returns the metrics (and writes the report when `out` is given)."""
     from lmforge.models import load_pretrained
 
@@ -39,7 +40,7 @@ def evaluate(task: str, model: str, data: list[str] | str, out: str | Path | Non
     fn = {"perplexity": _perplexity, "classify": _classify, "qa": _qa, "choice": _choice, "seq2seq": _seq2seq}[task]
     options = {"limit": limit, "text_col": text_col, "label_col": label_col, "source_col": source_col,
                "target_col": target_col, "chat": chat, "prompt": prompt, "max_new_tokens": max_new_tokens,
-               "window": window, "stride": stride, "batch_size": batch_size}
+               "window": window, "stride": stride, "batch_size": batch_size, "num_beams": num_beams}
     metrics, plot, details = fn(m, tok, sources, options)
     metrics["seconds"] = round(time.time() - t0, 2)
     if out is not None:
@@ -122,16 +123,22 @@ def _choice(m, tok, sources, o):
 
 
 def _seq2seq(m, tok, sources, o):
-    from lmforge.eval.generation import seq2seq_scores
     from lmforge.generate import generate
     from lmforge.generate.chat import apply_chat_template, end_of_turn_ids
+    from lmforge.models.seq2seq import Seq2SeqLM
 
-    _kind(m, "decoder", "seq2seq")
     pairs = read_pairs(sources[0], o["source_col"], o["target_col"])[: o["limit"]]
     template = o["prompt"] or "{source}"
     if "{source}" not in template:
         raise DataError("the prompt template needs a {source} placeholder")
     prompts = [template.format(source=s) for s, _ in pairs]
+    if isinstance(m, Seq2SeqLM):  # an encoder-decoder reads the source and writes the target: beam search
+        from lmforge.generate.seq2seq import Seq2SeqParams, generate_seq2seq
+
+        hyps = generate_seq2seq(m, tok, prompts, Seq2SeqParams(max_new_tokens=o["max_new_tokens"],
+                                                               num_beams=o["num_beams"]), batch_size=32)
+        return _seq2seq_scored(pairs, hyps)
+    _kind(m, "decoder", "seq2seq")
     ends: list[int] = []
     if o["chat"]:
         prompts = [apply_chat_template(tok, [{"role": "user", "content": p}]) for p in prompts]
@@ -142,6 +149,12 @@ def _seq2seq(m, tok, sources, o):
         hyps += [h.strip() for h in generate(m, tok, prompts[s:s + bs], max_new_tokens=o["max_new_tokens"],
                                              temperature=0.0, stop=None if o["chat"] else ["\n"],
                                              end_token_ids=ends)]
+    return _seq2seq_scored(pairs, hyps)
+
+
+def _seq2seq_scored(pairs, hyps):
+    from lmforge.eval.generation import seq2seq_scores
+
     refs = [t for _, t in pairs]
     met = seq2seq_scores(hyps, refs)
     met["n"] = len(pairs)
@@ -151,18 +164,16 @@ def _seq2seq(m, tok, sources, o):
 
 
 def read_pairs(path: str, source_col: str | None, target_col: str | None) -> list[tuple[str, str]]:
-    """(source, target) rows from JSONL / CSV / TSV; columns default to source/target (or input/output,
-    src/tgt, text/summary)."""
-    from lmforge.data.labelled import pick_column, read_records
+    """(source, target) rows from JSONL / CSV / TSV (see lmforge.data.pairs for the column names it guesses;
+    rows with an empty side are skipped). The packaged Bible (bible-en-es, bible-es-en) is scored on its
+    held-out test books, the ones `finetune seq2seq` never trains on."""
+    from lmforge.data.pairs import held_out_by_group
+    from lmforge.data.pairs import read_pairs as read_pair_set
 
-    records, columns, _ = read_records(path)
-    src = pick_column(columns, source_col, ("source", "input", "src", "text", "article"), "source", path)
-    tgt = pick_column(columns, target_col, ("target", "output", "tgt", "summary", "reference"), "target", path)
-    pairs = [(r.get(src, "") or "", r.get(tgt, "") or "") for r in records]
-    pairs = [(s, t) for s, t in pairs if s.strip() and t.strip()]
-    if not pairs:
-        raise DataError(f"{path}: no rows with both a {src!r} and a {tgt!r} value")
-    return pairs
+    ps = read_pair_set(path, source_col, target_col)
+    if ps.groups is not None:
+        ps = ps.subset(held_out_by_group(ps)[2])
+    return list(zip(ps.sources, ps.targets))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -32,11 +32,16 @@ PREFIX = "base_model.model."
 def weight_rows(model: nn.Module) -> list[tuple[str, list[str]]]:
     """(HF tensor name, the lmforge tensors fused into it in order) for every tensor of the model."""
     from lmforge.models.encoder import Encoder
+    from lmforge.models.seq2seq import Seq2SeqLM
 
     if isinstance(model, Encoder):
         from lmforge.interop.hf_bert import name_rows
 
         return [(hf, [n]) for hf, n in name_rows(model)]
+    if isinstance(model, Seq2SeqLM):
+        from lmforge.interop.hf_t5 import tensor_rows as t5_rows
+
+        return [(hf, [n]) for hf, n in t5_rows(model.config)]
     from lmforge.interop.hf import hf_config, tensor_rows
 
     rows = tensor_rows(model.config, hf_config(model.config)["model_type"])
@@ -111,7 +116,8 @@ def save_adapter(model: nn.Module, path: str | Path, base_model: str | None = No
     dropout = lconf.dropout.p if isinstance(lconf.dropout, nn.Dropout) else 0.0
     is_encoder = getattr(model.config, "family", "") == "encoder"
     head = getattr(model.config, "head", None)
-    task = {"classify": "SEQ_CLS", "qa": "QUESTION_ANS"}.get(head) if is_encoder else "CAUSAL_LM"
+    task = ({"classify": "SEQ_CLS", "qa": "QUESTION_ANS"}.get(head) if is_encoder
+            else "SEQ_2_SEQ_LM" if getattr(model.config, "family", "") == "seq2seq" else "CAUSAL_LM")
     config = {
         "peft_type": "LORA", "task_type": task, "r": r0, "lora_alpha": a0, "lora_dropout": dropout,
         "target_modules": sorted(targets), "rank_pattern": ranks, "alpha_pattern": alphas,
@@ -129,9 +135,9 @@ def save_adapter(model: nn.Module, path: str | Path, base_model: str | None = No
 
 
 def _fan_in_fan_out(model: nn.Module) -> bool:
-    from lmforge.models.encoder import Encoder
+    from lmforge.models.decoder import DecoderLM
 
-    if isinstance(model, Encoder):
+    if not isinstance(model, DecoderLM):
         return False
     from lmforge.interop.hf import hf_config
 

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from lmforge.config import DecoderConfig, RunConfig, load_run_config
+from lmforge.config import DecoderConfig, RunConfig, Seq2SeqConfig, load_run_config
 from lmforge.data.corpus import read_documents, split_documents
 from lmforge.data.shards import TokenShard, build_shards
 from lmforge.errors import CheckpointError, ConfigError
@@ -95,14 +95,20 @@ def _pretrain(cfg: RunConfig, run: Path, resume: bool, progress: bool | None, ov
         raise ConfigError(f"train.batch_size={tc.batch_size} must be a multiple of processes ({env.world}) x "
                           f"train.grad_accum ({tc.grad_accum})")
     train_data, val_data = TokenShard.open(run / "data", "train"), TokenShard.open(run / "data", "val")
-    train_data.check_fits(seq_len, "train")
-    val_data.check_fits(seq_len, "validation")
 
     # --- model and optimizer -----------------------------------------------------------------------------------
     torch.manual_seed(tc.seed)
-    mlm = tc.objective == "mlm"
+    mlm, span = tc.objective == "mlm", tc.objective == "span"
     batcher = None
-    if mlm:
+    window = seq_len  # stream tokens one example reads
+    if span:
+        from lmforge.data.spans import SpanCorruptionBatcher
+        from lmforge.models.seq2seq import Seq2SeqLM
+
+        model = Seq2SeqLM(cfg.model).to(env.device)
+        batcher = SpanCorruptionBatcher(tokenizer, seq_len, tc.noise_density, tc.mean_span)
+        window = batcher.raw_len
+    elif mlm:
         from lmforge.data.masking import MLMBatcher
 
         model = Encoder(cfg.model).to(env.device)
@@ -110,6 +116,8 @@ def _pretrain(cfg: RunConfig, run: Path, resume: bool, progress: bool | None, ov
                              tc.nsp)
     else:
         model = DecoderLM(cfg.model).to(env.device)
+    train_data.check_fits(window, "train")
+    val_data.check_fits(window, "validation")
     optimizer = make_optimizer(model, tc, env.device.type)
     data_gen = torch.Generator().manual_seed(tc.seed)
     step, tokens_seen = 0, 0
@@ -131,15 +139,19 @@ def _pretrain(cfg: RunConfig, run: Path, resume: bool, progress: bool | None, ov
     metrics = open(run / "metrics.jsonl", "a", encoding="utf-8") if env.main else None
     show = progress if progress is not None else sys.stderr.isatty()
     bar = _progress_bar(tc.steps, step, show and env.main)
-    eval_starts = val_data.random_starts(tc.eval_batches * per_rank * env.world, seq_len,
+    eval_starts = val_data.random_starts(tc.eval_batches * per_rank * env.world, window,
                                          torch.Generator().manual_seed(tc.seed + 1))
-    if mlm:  # fixed masks too, so evaluations compare like with like
+    if mlm or span:  # fixed masks too, so evaluations compare like with like
         mask_gen = torch.Generator().manual_seed(tc.seed + 2)
         mine_eval = eval_starts[env.rank::env.world]
         eval_batches = [batcher(val_data, mine_eval[i:i + per_rank], mask_gen)
                         for i in range(0, len(mine_eval), per_rank)]
 
     def evaluate() -> dict[str, float]:
+        if span:
+            from lmforge.data.spans import span_metrics
+
+            return span_metrics(model, eval_batches, env.device)
         if mlm:
             from lmforge.data.masking import mlm_metrics
 
@@ -163,12 +175,12 @@ def _pretrain(cfg: RunConfig, run: Path, resume: bool, progress: bool | None, ov
             lr = lr_at(step, tc)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            starts = train_data.random_starts(tc.batch_size, seq_len, data_gen)  # the same on every process
+            starts = train_data.random_starts(tc.batch_size, window, data_gen)  # the same on every process
             mine = starts[env.rank * per_rank * tc.grad_accum:(env.rank + 1) * per_rank * tc.grad_accum]
             loss_sum = 0.0
             for micro in range(tc.grad_accum):
                 part = mine[micro * per_rank:(micro + 1) * per_rank]
-                if mlm:
+                if mlm or span:
                     batch = batcher(train_data, part, data_gen)
                 else:
                     x, y = train_data.windows(part, seq_len)
@@ -186,7 +198,7 @@ def _pretrain(cfg: RunConfig, run: Path, resume: bool, progress: bool | None, ov
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            tokens_seen += tc.batch_size * seq_len
+            tokens_seen += tc.batch_size * window
 
             if step % tc.log_every == 0 or step == tc.steps:
                 loss_avg = env.mean(loss_sum)
@@ -232,7 +244,7 @@ def _pretrain(cfg: RunConfig, run: Path, resume: bool, progress: bool | None, ov
         return RunResult(run, model_dir, final, step, time.time() - t_start)
     if env.main:
         model.eval()
-        if mlm:
+        if mlm or span:
             model.save_pretrained(model_dir, tokenizer=tokenizer)
             final = evaluate()
         else:
@@ -249,7 +261,8 @@ def _pretrain(cfg: RunConfig, run: Path, resume: bool, progress: bool | None, ov
 
 
 def format_metrics(m: dict[str, float]) -> str:
-    names = {"loss": "loss", "ppl": "ppl", "bpb": "bpb", "masked_acc": "masked acc", "nsp_acc": "nsp acc"}
+    names = {"loss": "loss", "ppl": "ppl", "bpb": "bpb", "masked_acc": "masked acc", "nsp_acc": "nsp acc",
+             "span_acc": "span acc"}
     return "  ".join(f"{names[k]} {m[k]:.4f}" for k in names if k in m)
 
 
@@ -268,6 +281,9 @@ def _prepare(cfg: RunConfig, run: Path, env: DistEnv) -> Tokenizer:
         vocab = cfg.data.vocab_size or cfg.model.vocab_size
         if cfg.train.objective == "mlm":  # encoders get BERT's WordPiece ([CLS], [SEP], [MASK], ## pieces)
             tokenizer = Tokenizer.train_wordpiece((d.text for d in train_docs), vocab_size=vocab)
+        elif cfg.train.objective == "span":  # T5: a Unigram vocabulary with <extra_id_N> sentinels
+            tokenizer = Tokenizer.train_unigram((line for d in train_docs for line in d.text.splitlines()
+                                                 if line.strip()), vocab_size=vocab)
         else:
             tokenizer = Tokenizer.train_bpe((d.text for d in train_docs), vocab_size=vocab)
     try:
@@ -279,6 +295,9 @@ def _prepare(cfg: RunConfig, run: Path, env: DistEnv) -> Tokenizer:
         # the model's vocabulary is the tokenizer's (a trained BPE can come out smaller than asked)
         cfg.model.vocab_size = tokenizer.vocab_size
         cfg.model.pad_token_id = tokenizer.token_id(tokenizer.pad_token)
+        if isinstance(cfg.model, Seq2SeqConfig):
+            cfg.model.eos_token_id = tokenizer.eos_id
+            cfg.model.decoder_start_token_id = cfg.model.pad_token_id
         if isinstance(cfg.model, DecoderConfig):
             cfg.model.eos_token_id = tokenizer.eos_id
             cfg.model.bos_token_id = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id

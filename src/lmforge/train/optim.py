@@ -1,4 +1,11 @@
-"""AdamW with decoupled weight decay on matrices only, and a linear warm-up + cosine decay schedule."""
+"""AdamW with decoupled weight decay on matrices only (or Adafactor), and a linear warm-up + cosine decay schedule.
+
+Adafactor (T5's optimizer) scales each update by the parameter's own RMS, so a unit-scale embedding and a query
+matrix initialised at 1/sqrt(d_model * head_dim) move by the same relative amount. With AdamW's absolute steps,
+T5's initialisation leaves the embeddings nearly frozen and the queries swinging: on the Bible pairs a from-scratch
+T5 under AdamW (lr 2e-3) learned no more than a source-blind model in 300 steps (validation loss 5.61 against
+5.56), under Adafactor (lr 1e-2) it reached 4.90.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +17,13 @@ from torch import nn
 from lmforge.config import TrainConfig
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str = "cpu") -> torch.optim.AdamW:
+def make_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str = "cpu") -> torch.optim.Optimizer:
+    return build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), device_type)
+
+
+def build_optimizer(model: nn.Module, kind: str, lr: float, weight_decay: float,
+                    betas: tuple[float, float] = (0.9, 0.999), device_type: str = "cpu") -> torch.optim.Optimizer:
+    """AdamW or Adafactor over the trainable parameters; weight decay on matrices only."""
     # weight decay pulls matrices toward zero; doing it to norms' gains, biases and (tied) embeddings
     # only hurts, so those go in a group without it
     decay, no_decay, seen = [], [], set()
@@ -19,9 +32,10 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str = "cpu")
             continue
         seen.add(id(p))
         (decay if p.dim() >= 2 and "emb" not in name else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8,
-                             fused=device_type == "cuda")
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if kind == "adafactor":
+        return torch.optim.Adafactor(groups, lr=lr)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=1e-8, fused=device_type == "cuda")
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:

@@ -37,6 +37,7 @@ class FinetuneConfig:
     epochs: float = 3.0
     batch_size: int = 32
     lr: float = 5e-5
+    optimizer: str = "adamw"  # adamw | adafactor (T5's optimizer: steps relative to each parameter's scale)
     weight_decay: float = 0.01
     warmup: float = 0.06  # share of steps spent warming up
     grad_clip: float = 1.0
@@ -57,6 +58,8 @@ class FinetuneConfig:
             raise ConfigError(f"quant must be nf4 or int8, got {self.quant!r}")
         if not self.epochs > 0 or self.batch_size <= 0 or not self.lr > 0 or self.max_len < 8:
             raise ConfigError("epochs, batch size and learning rate must be positive, max_len at least 8")
+        if self.optimizer not in ("adamw", "adafactor"):
+            raise ConfigError(f"optimizer must be adamw or adafactor, got {self.optimizer!r}")
         if not 0 <= self.warmup < 1:
             raise ConfigError(f"warmup is a share of the steps in [0, 1), got {self.warmup}")
 
@@ -97,11 +100,10 @@ def fit(
     device = torch.device(cfg.device)
     total = max(1, math.ceil(steps_per_epoch * cfg.epochs))
     warmup = int(total * cfg.warmup)
+    from lmforge.train.optim import build_optimizer
+
     params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2 and "emb" not in n]
-    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and not (p.dim() >= 2 and "emb" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    opt = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay)
     show = progress if progress is not None else sys.stderr.isatty()
     bar = None
     if show:

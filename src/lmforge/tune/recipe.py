@@ -17,7 +17,7 @@ import yaml
 from lmforge.errors import ConfigError
 from lmforge.train.supervised import FinetuneConfig
 
-TASKS = ("classify", "qa", "chat", "dpo")
+TASKS = ("classify", "qa", "chat", "dpo", "seq2seq")
 TASK_ARGS: dict[str, dict[str, Any]] = {  # task arguments and their defaults (None: required or optional)
     "classify": {"model": None, "data": None, "out": None, "text_col": None, "label_col": None, "val_data": None,
                  "test_data": None, "val_fraction": 0.1, "test_fraction": 0.1, "class_weights": False},
@@ -25,18 +25,26 @@ TASK_ARGS: dict[str, dict[str, Any]] = {  # task arguments and their defaults (N
     "chat": {"model": None, "data": None, "out": None, "val_data": None, "test_data": None, "packing": True,
              "eval_before": True, "max_new_tokens": 64, "eval_limit": None},
     "dpo": {"model": None, "data": None, "out": None, "val_data": None, "test_data": None, "beta": 0.1},
+    "seq2seq": {"model": None, "data": None, "out": None, "val_data": None, "test_data": None, "source_col": None,
+                "target_col": None, "prefix": "", "val_fraction": 0.05, "test_fraction": 0.05,
+                "max_target_len": None, "num_beams": 4, "max_new_tokens": None, "eval_limit": 500,
+                "time_budget": None},
 }
 TASK_DEFAULTS: dict[str, dict[str, Any]] = {
     "classify": {"epochs": 3.0, "batch_size": 32, "max_len": 128, "metric": "accuracy"},
     "qa": {"epochs": 2.0, "batch_size": 16, "max_len": 256, "metric": "f1"},
     "chat": {"epochs": 2.0, "batch_size": 8, "max_len": 512, "metric": "neg_loss"},
     "dpo": {"epochs": 1.0, "batch_size": 4, "max_len": 384, "metric": "neg_loss"},
+    "seq2seq": {"epochs": 3.0, "batch_size": 32, "max_len": 128, "metric": "neg_loss", "weight_decay": 0.0,
+                "optimizer": "adafactor"},
 }
 LR: dict[str, dict[str, float]] = {  # task -> method -> default learning rate
     "classify": {"full": 5e-5, "top-k": 2e-4, "lora": 5e-4, "qlora": 5e-4},
     "qa": {"full": 5e-5, "top-k": 2e-4, "lora": 5e-4, "qlora": 5e-4},
     "chat": {"full": 2e-5, "top-k": 5e-5, "lora": 2e-4, "qlora": 2e-4},
     "dpo": {"full": 5e-6, "top-k": 1e-5, "lora": 5e-5, "qlora": 5e-5},
+    # Adafactor's relative steps: T5 pre-trains at 1e-2 and fine-tunes at 1e-3
+    "seq2seq": {"full": 1e-3, "top-k": 1e-3, "lora": 1e-3, "qlora": 1e-3},
 }
 FIELDS = {f.name for f in dataclasses.fields(FinetuneConfig)}
 
@@ -86,6 +94,8 @@ def resolve(task: str, recipe: str | Path | None = None, flags: dict[str, Any] |
     if values.get("lr") is None:
         method = values.get("method", "full")
         values["lr"] = LR[task].get(method, 5e-5)
+        if task == "seq2seq" and _is_preset(values["model"]):  # from scratch: T5's pre-training rate
+            values["lr"] = 1e-2
     try:
         cfg = FinetuneConfig(**{k: v for k, v in values.items() if k in FIELDS})
     except TypeError as e:
@@ -93,6 +103,12 @@ def resolve(task: str, recipe: str | Path | None = None, flags: dict[str, Any] |
     _check_types(cfg)
     cfg.validate()
     return cfg, {k: values[k] for k in TASK_ARGS[task]}
+
+
+def _is_preset(model: Any) -> bool:
+    from lmforge.config import SEQ2SEQ_PRESETS
+
+    return str(model) in SEQ2SEQ_PRESETS and not Path(str(model)).exists()
 
 
 def _check_types(cfg: FinetuneConfig) -> None:
@@ -138,6 +154,10 @@ def finetune(task: str, recipe: str | Path | None = None, flags: dict[str, Any] 
         from lmforge.tune.sft import finetune_chat
 
         return finetune_chat(model, data, out, cfg, progress=progress, **args)
+    if task == "seq2seq":
+        from lmforge.tune.seq2seq import finetune_seq2seq
+
+        return finetune_seq2seq(model, data, out, cfg, progress=progress, **args)
     from lmforge.tune.dpo import finetune_dpo
 
     return finetune_dpo(model, data, out, cfg, progress=progress, **args)

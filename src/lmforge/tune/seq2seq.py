@@ -1,0 +1,312 @@
+"""Sequence-to-sequence fine-tuning (translation, summarization), read top to bottom.
+
+    data     (source, target) pairs from JSONL / CSV / TSV, or the packaged Bible pairs (`bible-en-es`,
+             `bible-es-en`: King James and Reina-Valera 1909 verses from Debian's SWORD modules). The Bible is
+             split by book (no verse of a held-out book is trained on); files are split at random under the seed
+             unless --val-data / --test-data are given. Rows with an empty side are dropped and counted; sources
+             and targets longer than the limits are truncated, with a warning that says how many.
+    model    a seq2seq model directory (T5 layout), or a preset name (t5-tiny, t5-translate, t5-small, ...) to
+             train from scratch: a shared Unigram vocabulary is then trained on the training pairs first
+    train    `fit` (the loop every task uses): length-bucketed batches, AdamW, warm-up + linear decay; the
+             decoder is teacher-forced on the shifted target; the best validation loss is kept
+    finish   test-split BLEU and chrF (sacrebleu) and ROUGE (rouge-score) from beam search, sample outputs, the
+             model as an HF directory (transformers loads it as T5ForConditionalGeneration), a report
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from lmforge.errors import ConfigError, ModelLoadError
+from lmforge.files import write_json, write_text
+from lmforge.train.supervised import FinetuneConfig, fit
+from lmforge.tune.methods import apply_method, describe, save_outputs, start_run
+
+
+@dataclass
+class Seq2SeqResult:
+    run_dir: Path
+    model_dir: Path
+    test: dict[str, float]  # bleu, chrf, rouge1/2/L on the test split
+    val: dict[str, float]  # best validation metrics
+    seconds: float  # training time
+    rows: dict[str, int]
+    samples: list[dict[str, str]] = field(default_factory=list)
+
+
+@dataclass
+class Splits:
+    train: Any  # PairSet
+    val: Any
+    test: Any
+    how: str  # how the split was made, for the report
+
+
+def load_splits(data: str, source_col: str | None, target_col: str | None, val_data: str | None,
+                test_data: str | None, val_fraction: float, test_fraction: float, seed: int) -> Splits:
+    from lmforge.data.pairs import read_pairs
+
+    ds = read_pairs(data, source_col, target_col)
+    if ds.dropped_empty:
+        say(f"warning: {ds.dropped_empty:,} rows of {data} have an empty source or target and were skipped")
+    if ds.groups is not None and val_data is None and test_data is None:
+        from lmforge.data.pairs import held_out_by_group
+        from lmforge.data.sword import DEFAULT_TEST_BOOKS, DEFAULT_VAL_BOOKS
+
+        train_i, val_i, test_i = held_out_by_group(ds)
+        how = (f"by book: test = {', '.join(DEFAULT_TEST_BOOKS)}; validation = {', '.join(DEFAULT_VAL_BOOKS)}; "
+               f"every other book trains")
+        return Splits(ds.subset(train_i), ds.subset(val_i), ds.subset(test_i), how)
+    order = list(range(len(ds)))
+    random.Random(seed).shuffle(order)
+    n_test = 0 if test_data else max(1, int(len(order) * test_fraction))
+    n_val = 0 if val_data else max(1, int(len(order) * val_fraction))
+    if len(order) - n_test - n_val < 1:
+        raise ConfigError(f"{data} has {len(order)} usable pairs: too few to split into train / validation / test")
+    test = read_pairs(test_data, source_col, target_col) if test_data else ds.subset(order[:n_test])
+    val = read_pairs(val_data, source_col, target_col) if val_data else ds.subset(order[n_test:n_test + n_val])
+    train = ds.subset(order[n_test + n_val:])
+    return Splits(train, val, test, f"random under seed {seed} ({val_fraction:.0%} validation, "
+                                    f"{test_fraction:.0%} test)" if not (val_data or test_data) else "given files")
+
+
+def build_model(model_path: str, train_texts: list[str], device: str):
+    """(model, tokenizer, from_scratch): a saved seq2seq model, or a preset trained from scratch with a Unigram
+    vocabulary learned on the training texts (both sides, so a translation pair shares one vocabulary)."""
+    from lmforge.config import SEQ2SEQ_PRESETS, seq2seq_config
+    from lmforge.models.seq2seq import Seq2SeqLM
+
+    if model_path in SEQ2SEQ_PRESETS and not Path(model_path).exists():
+        from lmforge.tokenizer import Tokenizer
+
+        cfg = seq2seq_config(model_path)
+        t0 = time.time()
+        tok = Tokenizer.train_unigram(train_texts, vocab_size=cfg.vocab_size)
+        say(f"tokenizer: Unigram, {tok.vocab_size:,} pieces trained on {len(train_texts):,} texts in "
+            f"{time.time() - t0:.1f} s")
+        cfg.vocab_size = tok.vocab_size
+        cfg.pad_token_id, cfg.eos_token_id = tok.pad_id, tok.eos_id
+        cfg.decoder_start_token_id = tok.pad_id
+        return Seq2SeqLM(cfg).to(device), tok, True
+    from lmforge.models import load_pretrained
+
+    model, tok = load_pretrained(model_path, device=device)
+    if not isinstance(model, Seq2SeqLM):
+        raise ModelLoadError(f"{model_path} is a {type(model).__name__}; seq2seq fine-tuning needs an "
+                             f"encoder-decoder (T5) model directory or a preset ({', '.join(SEQ2SEQ_PRESETS)})")
+    return model, tok, False
+
+
+def encode_pairs(tok, sources: list[str], targets: list[str], prefix: str, max_source: int, max_target: int,
+                 eos: int) -> tuple[list[list[int]], list[list[int]], int, int]:
+    """Token ids (EOS-terminated, truncated) and how many sources / targets were cut."""
+    src = tok.encode_batch([prefix + s for s in sources])
+    tgt = tok.encode_batch(targets)
+    cut_s = sum(len(s) + 1 > max_source for s in src)
+    cut_t = sum(len(t) + 1 > max_target for t in tgt)
+    return [s[:max_source - 1] + [eos] for s in src], [t[:max_target - 1] + [eos] for t in tgt], cut_s, cut_t
+
+
+def finetune_seq2seq(
+    model_path: str | Path,
+    data: str | Path,
+    out: str | Path,
+    cfg: FinetuneConfig | None = None,
+    source_col: str | None = None,
+    target_col: str | None = None,
+    prefix: str = "",
+    val_data: str | Path | None = None,
+    test_data: str | Path | None = None,
+    val_fraction: float = 0.05,
+    test_fraction: float = 0.05,
+    max_target_len: int | None = None,
+    num_beams: int = 4,
+    max_new_tokens: int | None = None,
+    eval_limit: int | None = 500,
+    time_budget: float | None = None,
+    progress: bool | None = None,
+) -> Seq2SeqResult:
+    from lmforge.eval.generation import seq2seq_scores
+    from lmforge.generate.seq2seq import Seq2SeqParams, generate_seq2seq
+
+    cfg = cfg or FinetuneConfig()
+    cfg.validate()
+    if cfg.method not in ("full", "lora", "qlora"):
+        raise ConfigError(f"method {cfg.method!r} is not available for seq2seq models; use full or lora")
+    out, _ = start_run(cfg, out)
+
+    # --- data ------------------------------------------------------------------------------------------------
+    sp = load_splits(str(data), source_col, target_col, val_data and str(val_data), test_data and str(test_data),
+                     val_fraction, test_fraction, cfg.seed)
+    say(f"data: {len(sp.train):,} train / {len(sp.val):,} validation / {len(sp.test):,} test pairs, split {sp.how}")
+
+    # --- model -----------------------------------------------------------------------------------------------
+    torch.manual_seed(cfg.seed)
+    model, tok, scratch = build_model(str(model_path), sp.train.sources + sp.train.targets, cfg.device)
+    c = model.config
+    max_source = min(cfg.max_len, c.max_seq_len)
+    max_target = min(max_target_len or cfg.max_len, c.max_seq_len)
+    src, tgt, cut_s, cut_t = encode_pairs(tok, sp.train.sources, sp.train.targets, prefix, max_source, max_target,
+                                          c.eos_token_id)
+    from lmforge.data.pairs import truncation_report
+
+    for warning in (truncation_report([len(s) + 1 for s in tok.encode_batch(sp.train.targets)], max_target,
+                                      "targets"),
+                    truncation_report([len(s) + 1 for s in tok.encode_batch([prefix + s for s in sp.train.sources])],
+                                      max_source, "sources")):
+        if warning:
+            say(f"warning: {warning}")
+    vsrc, vtgt, _, _ = encode_pairs(tok, sp.val.sources, sp.val.targets, prefix, max_source, max_target,
+                                    c.eos_token_id)
+    total = model.num_params()
+    trainable = apply_method(model, cfg)
+
+    def batches(epoch: int):
+        """Shuffled, then bucketed by source length in chunks of 50 batches (little padding per batch)."""
+        rng = random.Random(cfg.seed + epoch)
+        order = list(range(len(src)))
+        rng.shuffle(order)
+        chunk = cfg.batch_size * 50
+        groups = []
+        for s in range(0, len(order), chunk):
+            part = sorted(order[s:s + chunk], key=lambda i: (len(src[i]), len(tgt[i])))
+            groups += [part[k:k + cfg.batch_size] for k in range(0, len(part), cfg.batch_size)]
+        rng.shuffle(groups)
+        for idx in groups:
+            yield collate([src[i] for i in idx], [tgt[i] for i in idx], c.pad_token_id)
+
+    gen_len = max_new_tokens or max_target
+
+    def evaluate() -> dict[str, float]:
+        loss = pair_loss(model, vsrc, vtgt, c.pad_token_id, cfg.batch_size)
+        hyps = generate_seq2seq(model, tok, sp.val.sources[:200], Seq2SeqParams(max_new_tokens=gen_len),
+                                prefix=prefix, batch_size=64, max_source_len=max_source)
+        s = seq2seq_scores(hyps, sp.val.targets[:200])
+        return {"neg_loss": -loss, "loss": loss, "ppl": math.exp(min(loss, 50)), "bleu_greedy": s["bleu"],
+                "chrf_greedy": s["chrf"]}
+
+    # --- train -----------------------------------------------------------------------------------------------
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(out / "config.yaml", yaml.safe_dump({
+        "task": "seq2seq", "model": str(model_path), "from_scratch": scratch, "data": str(data),
+        "val_data": str(val_data or ""), "test_data": str(test_data or ""), "source_col": source_col,
+        "target_col": target_col, "prefix": prefix, "split": sp.how, "max_target_len": max_target,
+        "num_beams": num_beams, "model_config": dataclasses.asdict(c), "finetune": dataclasses.asdict(cfg)},
+        sort_keys=False, allow_unicode=True))
+    say(f"model: {total:,} parameters, {trainable:,} trainable ({describe(cfg, c.n_layer)})"
+        + (", from scratch" if scratch else ""))
+    steps_per_epoch = -(-len(src) // cfg.batch_size)
+    if time_budget:  # a fixed wall-clock budget: measure a few steps, then size the epochs to fit
+        cfg.epochs = budget_epochs(model, batches, steps_per_epoch, time_budget, cfg)
+        say(f"time budget {time_budget:.0f} s: {cfg.epochs:.2f} epochs")
+    t0 = time.time()
+    result = fit(model, batches, steps_per_epoch, evaluate, cfg, out / "metrics.jsonl", progress)
+    seconds = time.time() - t0
+
+    # --- finish ----------------------------------------------------------------------------------------------
+    n_test = min(len(sp.test), eval_limit or len(sp.test))
+    params = Seq2SeqParams(max_new_tokens=gen_len, num_beams=num_beams)
+    t1 = time.time()
+    hyps = generate_seq2seq(model, tok, sp.test.sources[:n_test], params, prefix=prefix, batch_size=32,
+                            max_source_len=max_source, progress=bool(progress))
+    test_m = seq2seq_scores(hyps, sp.test.targets[:n_test])
+    test_m["n"] = n_test
+    test_m["decode_seconds"] = round(time.time() - t1, 1)
+    samples = [{"source": s, "reference": r, "prediction": h}
+               for s, r, h in zip(sp.test.sources[:n_test], sp.test.targets[:n_test], hyps)]
+    write_text(out / "predictions.jsonl", "".join(_json(d) + "\n" for d in samples))
+    gen_cfg = {"num_beams": num_beams, "max_new_tokens": gen_len}
+    model_dir = model.save_pretrained(out / "model", tokenizer=tok, generation_config=gen_cfg) \
+        if cfg.method == "full" else save_outputs(model, out, tok, str(model_path), cfg)[0]
+    rows = {"train": len(sp.train), "validation": len(sp.val), "test": len(sp.test),
+            "empty_dropped": sp.train.dropped_empty, "sources_truncated": cut_s, "targets_truncated": cut_t}
+    write_json(out / "summary.json", {"task": "seq2seq", "method": cfg.method, "trainable_params": trainable,
+                                      "total_params": total, "from_scratch": scratch, "train_seconds": seconds,
+                                      "steps": result.steps, "epochs": cfg.epochs, "best_val": result.best,
+                                      "test": test_m, "rows": rows, "split": sp.how})
+    from lmforge.report import write_task_report
+
+    write_task_report(out, f"Seq2seq fine-tune: {out.name}", [
+        ("model", str(model_path) + (" (from scratch)" if scratch else "")),
+        ("method", describe(cfg, c.n_layer)), ("trainable / total parameters", f"{trainable:,} / {total:,}"),
+        ("pairs train / val / test", f"{len(sp.train):,} / {len(sp.val):,} / {len(sp.test):,}"),
+        ("split", sp.how), ("training time", f"{seconds:.0f} s ({result.steps} steps, {cfg.epochs:.2f} epochs)"),
+        ("best validation loss", f"{result.best.get('loss', float('nan')):.4f}"),
+        (f"test BLEU / chrF (beam {num_beams}, {n_test} pairs)", f"{test_m['bleu']:.2f} / {test_m['chrf']:.2f}"),
+        ("test ROUGE-1 / 2 / L", f"{test_m['rouge1']:.2f} / {test_m['rouge2']:.2f} / {test_m['rougeL']:.2f}"),
+    ] + [(f"sample {i + 1}", f"{d['source']}  →  {d['prediction']}  (reference: {d['reference']})")
+         for i, d in enumerate(samples[:8])])
+    return Seq2SeqResult(out, Path(model_dir), test_m, result.best, seconds, rows, samples[:20])
+
+
+def collate(sources: list[list[int]], targets: list[list[int]], pad: int) -> dict[str, torch.Tensor]:
+    S, T = max(map(len, sources)), max(map(len, targets))
+    ids = torch.full((len(sources), S), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    labels = torch.full((len(targets), T), -100, dtype=torch.long)
+    for i, (s, t) in enumerate(zip(sources, targets)):
+        ids[i, :len(s)], mask[i, :len(s)] = torch.tensor(s), 1
+        labels[i, :len(t)] = torch.tensor(t)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+@torch.no_grad()
+def pair_loss(model, sources: list[list[int]], targets: list[list[int]], pad: int, batch_size: int) -> float:
+    """Mean per-token cross-entropy of the targets given the sources (teacher forcing)."""
+    was = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for s in range(0, len(sources), batch_size):
+        b = collate(sources[s:s + batch_size], targets[s:s + batch_size], pad)
+        n = int((b["labels"] != -100).sum())
+        total += float(model(**{k: v.to(device) for k, v in b.items()}).loss) * n
+        count += n
+    model.train(was)
+    return total / max(count, 1)
+
+
+def budget_epochs(model, batches, steps_per_epoch: int, seconds: float, cfg: FinetuneConfig) -> float:
+    """Epochs that fit in `seconds` of training, from the time of a few real steps (on a copy of the weights'
+    state, restored afterwards) minus the evaluations' share."""
+    from lmforge.train.optim import build_optimizer
+
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    opt = build_optimizer(model, cfg.optimizer, 0.0, 0.0)
+    model.train()
+    it = iter(batches(0))
+    next(it)  # warm-up step not timed
+    times = []
+    for _ in range(6):
+        b = next(it, None)
+        if b is None:
+            break
+        t = time.time()
+        model(**b).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.time() - t)
+    model.load_state_dict(state)
+    per_step = sorted(times)[len(times) // 2] if times else 1.0
+    epochs = 0.92 * seconds / (per_step * steps_per_epoch)  # ~8% for evaluation
+    return max(0.05, round(epochs, 2))
+
+
+def _json(d: dict) -> str:
+    import json
+
+    return json.dumps(d, ensure_ascii=False)
+
+
+def say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
