@@ -154,7 +154,7 @@ def _beam_search(model, input_ids, attention_mask, p: Seq2SeqParams) -> torch.Te
         best = torch.topk(m_score, nb).indices
         fin_seq, fin_score, fin_done = m_seq[rows, best], m_score.gather(1, best), m_done.gather(1, best)
 
-        cache.reorder((rows * nb + parent).view(-1))
+        cache.reorder((rows * nb + parent).view(-1), same_source=True)  # a beam's parent has its source
         cur += 1
         # can a running beam still beat the worst finished one?
         hyp_len = (max_len - 1) if p.early_stopping == "never" and p.length_penalty > 0 else cur - 1

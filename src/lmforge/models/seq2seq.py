@@ -43,9 +43,12 @@ class Seq2SeqCache:
     cross: list[tuple[torch.Tensor, torch.Tensor]]
     source_bias: torch.Tensor | None  # [B, 1, 1, S] additive, or None when no source token is padding
 
-    def reorder(self, rows: torch.Tensor) -> None:
-        """Keep rows `rows` (beam search), for the self-attention history and the source alike."""
+    def reorder(self, rows: torch.Tensor, same_source: bool = False) -> None:
+        """Keep rows `rows` (beam search). same_source: every row keeps a row of the same source (the beams of
+        one input), so the cross-attention keys and values, equal across those rows, need no copy."""
         self.self_attn.reorder(rows)
+        if same_source:
+            return
         self.cross = [(k.index_select(0, rows), v.index_select(0, rows)) for k, v in self.cross]
         if self.source_bias is not None:
             self.source_bias = self.source_bias.index_select(0, rows)

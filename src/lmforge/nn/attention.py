@@ -124,9 +124,12 @@ class KVCache:
         self.length += n
 
     def reorder(self, rows: torch.Tensor) -> None:
-        """Row i becomes old row rows[i] (beam search keeps the histories of the beams it continues)."""
-        self.k = [k.index_select(0, rows) for k in self.k]
-        self.v = [v.index_select(0, rows) for v in self.v]
+        """Row i becomes old row rows[i] (beam search keeps the histories of the beams it continues). Only the
+        filled slots are copied: the preallocated rest holds nothing yet."""
+        n = self.length
+        for store in (self.k, self.v):
+            for t in store:
+                t[:, :, :n] = t[:, :, :n].index_select(0, rows)
 
 
 class SlotKVCache:
