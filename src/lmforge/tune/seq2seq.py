@@ -108,13 +108,13 @@ def build_model(model_path: str, train_texts: list[str], device: str):
 
 
 def encode_pairs(tok, sources: list[str], targets: list[str], prefix: str, max_source: int, max_target: int,
-                 eos: int) -> tuple[list[list[int]], list[list[int]], int, int]:
-    """Token ids (EOS-terminated, truncated) and how many sources / targets were cut."""
+                 eos: int) -> tuple[list[list[int]], list[list[int]], list[int], list[int]]:
+    """Token ids (EOS-terminated, truncated) and every source's / target's length before truncation."""
     src = tok.encode_batch([prefix + s for s in sources])
     tgt = tok.encode_batch(targets)
-    cut_s = sum(len(s) + 1 > max_source for s in src)
-    cut_t = sum(len(t) + 1 > max_target for t in tgt)
-    return [s[:max_source - 1] + [eos] for s in src], [t[:max_target - 1] + [eos] for t in tgt], cut_s, cut_t
+    src_lens, tgt_lens = [len(s) + 1 for s in src], [len(t) + 1 for t in tgt]  # with EOS, before truncation
+    return ([s[:max_source - 1] + [eos] for s in src], [t[:max_target - 1] + [eos] for t in tgt], src_lens,
+            tgt_lens)
 
 
 def finetune_seq2seq(
@@ -156,14 +156,13 @@ def finetune_seq2seq(
     c = model.config
     max_source = min(cfg.max_len, c.max_seq_len)
     max_target = min(max_target_len or cfg.max_len, c.max_seq_len)
-    src, tgt, cut_s, cut_t = encode_pairs(tok, sp.train.sources, sp.train.targets, prefix, max_source, max_target,
+    src, tgt, src_lens, tgt_lens = encode_pairs(tok, sp.train.sources, sp.train.targets, prefix, max_source, max_target,
                                           c.eos_token_id)
     from lmforge.data.pairs import truncation_report
 
-    for warning in (truncation_report([len(s) + 1 for s in tok.encode_batch(sp.train.targets)], max_target,
-                                      "targets"),
-                    truncation_report([len(s) + 1 for s in tok.encode_batch([prefix + s for s in sp.train.sources])],
-                                      max_source, "sources")):
+    cut_s, cut_t = sum(n > max_source for n in src_lens), sum(n > max_target for n in tgt_lens)
+    for warning in (truncation_report(tgt_lens, max_target, "targets"),
+                    truncation_report(src_lens, max_source, "sources")):
         if warning:
             say(f"warning: {warning}")
     vsrc, vtgt, _, _ = encode_pairs(tok, sp.val.sources, sp.val.targets, prefix, max_source, max_target,
