@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from lmforge.compress.quant import NF4_LEVELS, Int8Linear, NF4Linear
+from lmforge.compress.quant import NF4_LEVELS, Int4Linear, Int8Linear, NF4Linear, quantize_linear
 from lmforge.config import encoder_config
 from lmforge.errors import ConfigError, ModelLoadError
 from lmforge.interop.peft import load_adapter, save_adapter
@@ -103,14 +103,36 @@ def test_nf4_levels_and_round_trip():
     assert q.packed.numel() + q.scales.numel() * 4 < lin.weight.numel() * 4 / 6
 
 
-@pytest.mark.parametrize("mode", ["int8", "nf4"])
+def test_int4_base_keeps_a_q4_1_grid_exactly():
+    # llama.cpp Q4_1: per block of 32 inputs, w = d * q + m with q in 0..15 (d, m fp16): what a Q4_1 GGUF holds
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 48, bias=False)
+    q = torch.randint(0, 16, (48, 2, 32)).float()
+    q[..., 0], q[..., 1] = 0, 15  # llama.cpp sets m = min and d = (max - min) / 15: both ends are used
+    d = (torch.rand(48, 2, 1) * 0.01 + 1e-3).half().float()
+    mn = (-torch.rand(48, 2, 1) * 0.1).half().float()
+    with torch.no_grad():
+        lin.weight.copy_((d * q + mn).view(48, 64))
+    base = quantize_linear(lin, "int4")
+    assert isinstance(base, Int4Linear) and base.group_size == 32
+    assert (base.dequantize() - lin.weight).abs().max() < 1e-6
+    nf4 = NF4Linear.from_linear(lin)
+    assert (nf4.dequantize() - lin.weight).abs().max() > 100 * (base.dequantize() - lin.weight).abs().max()
+    with pytest.raises(ConfigError, match="groups of 32"):
+        quantize_linear(torch.nn.Linear(40, 8), "int4")
+
+
+BASE_TYPES = {"int8": Int8Linear, "nf4": NF4Linear, "int4": Int4Linear}
+
+
+@pytest.mark.parametrize("mode", ["int8", "nf4", "int4"])
 def test_quantized_base_lora_trains_and_keeps_the_model(mode):
     m = _decoder("llama")
     x = torch.randint(0, 97, (2, 12))
     ref = m(x).logits
     apply_lora(m, "attn", r=4, quantize=mode)
-    assert isinstance(m.blocks[0].mlp.up, Int8Linear if mode == "int8" else NF4Linear)
-    assert isinstance(m.blocks[0].attn.q_proj.base, Int8Linear if mode == "int8" else NF4Linear)
+    assert isinstance(m.blocks[0].mlp.up, BASE_TYPES[mode])
+    assert isinstance(m.blocks[0].attn.q_proj.base, BASE_TYPES[mode])
     out = m(x, labels=x)
     assert (out.logits - ref).abs().max() < (0.05 if mode == "int8" else 0.5)
     out.loss.backward()

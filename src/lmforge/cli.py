@@ -519,13 +519,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--val-data", help="validation file (default: a share of --data)")
     g.add_argument("--test-data", help="test file (default: a share of --data)")
     g.add_argument("--method", choices=("full", "top-k", "lora", "qlora"),
-                   help="what trains: everything, the top k blocks, LoRA adapters, LoRA on an NF4/int8 base")
+                   help="what trains: everything, the top k blocks, LoRA adapters, LoRA on an NF4/int4/int8 base")
     g.add_argument("--top-k", type=int, help="blocks trained with --method top-k (default 2)")
     g.add_argument("--lora-r", type=int, help="LoRA rank (default 8)")
     g.add_argument("--lora-alpha", type=float, help="LoRA alpha; the update is scaled by alpha/r (default 16)")
     g.add_argument("--lora-dropout", type=float, help="dropout on the LoRA input (default 0.05)")
     g.add_argument("--lora-targets", help="modules: attn, mlp, all, or patterns like q_proj,v_proj (default attn)")
-    g.add_argument("--quant", choices=("nf4", "int8"), help="frozen base format for --method qlora (default nf4)")
+    g.add_argument("--quant", choices=("nf4", "int4", "int8"),
+                   help="frozen base format for --method qlora (default nf4; int4 keeps a Q4_1 GGUF's own grid)")
     g.add_argument("--epochs", type=float)
     g.add_argument("--batch-size", type=int)
     g.add_argument("--lr", type=float, help="default by task and method (adapters get larger steps)")

@@ -98,3 +98,99 @@ def _status_mb(key: str) -> float | None:
     except OSError:
         pass
     return None
+
+
+class TensorMemory:
+    """Live and peak bytes of tensor storage while a block of PyTorch code runs, on any device: the CPU
+    counterpart of torch.cuda.max_memory_allocated (which CPU tensors lack), without the interpreter, imported
+    libraries and the allocator's kept heap that resident-memory figures include.
+
+        with TensorMemory(model, optimizer) as tm:   # storages already held by these count from the start
+            train_step()
+        tm.peak_mb, tm.current_mb
+
+    Every tensor an operator returns inside the block is counted once per storage until its last tensor is
+    freed (a `TorchDispatchMode`, so the backward pass and optimizer steps are seen too). Views share their
+    base's storage and add nothing. It slows each operator down a little: measure with it, don't train with it.
+    """
+
+    def __init__(self, *holders) -> None:
+        self._holders = holders
+        self._live: dict[int, list[int]] = {}  # storage address -> [bytes, live tensors]
+        self._seen: set[int] = set()  # ids of counted tensor objects
+        self.current = self.peak = 0
+        self._mode = None
+
+    def _held(self):
+        import torch
+
+        for h in self._holders:
+            if isinstance(h, torch.nn.Module):
+                yield from h.parameters()
+                yield from h.buffers()
+            elif isinstance(h, torch.optim.Optimizer):
+                for state in h.state.values():
+                    yield from (v for v in state.values() if isinstance(v, torch.Tensor))
+            elif isinstance(h, torch.Tensor):
+                yield h
+
+    def _add(self, t) -> None:
+        import weakref
+
+        if id(t) in self._seen or t.device.type == "meta":
+            return
+        try:
+            st = t.untyped_storage()
+        except (RuntimeError, NotImplementedError):  # sparse and other storage-less layouts
+            return
+        key, n = st.data_ptr(), st.nbytes()
+        if not key or not n:
+            return
+        e = self._live.get(key)
+        if e is None:
+            e = self._live[key] = [n, 0]
+            self.current += n
+            self.peak = max(self.peak, self.current)
+        e[1] += 1
+        self._seen.add(id(t))
+        weakref.finalize(t, self._drop, id(t), key)
+
+    def _drop(self, tid: int, key: int) -> None:
+        self._seen.discard(tid)
+        e = self._live.get(key)
+        if e is not None:
+            e[1] -= 1
+            if e[1] <= 0:
+                self.current -= e[0]
+                del self._live[key]
+
+    def __enter__(self) -> TensorMemory:
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_leaves
+
+        tracker = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for t in tree_leaves(out):
+                    if hasattr(t, "untyped_storage"):
+                        tracker._add(t)
+                return out
+
+        for t in self._held():
+            self._add(t)
+        self._mode = _Mode()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._mode.__exit__(*exc)
+
+    @property
+    def peak_mb(self) -> float:
+        return self.peak / 2**20
+
+    @property
+    def current_mb(self) -> float:
+        return self.current / 2**20

@@ -23,6 +23,11 @@ placed at quantiles of a standard normal (pre-trained weights are close to norma
 absolute maximum: 0.5 byte per weight plus one float per block, about 1/7 of fp32. Unlike the paper we keep the
 block scales in fp32 (no double quantization: 0.06 byte per weight more).
 
+A frozen int4 base (`int4` under quantized-base LoRA) uses the same int4 layout in groups of 32. That is the
+block of llama.cpp's Q4_1 (w = d * q + m per 32 weights), so a model read from a Q4_1 GGUF, such as the packaged
+SmolLM2, is held on its own 4-bit grid again with nothing lost, where NF4 would quantize that grid a second time.
+Scales and zero points stay fp32 (0.25 byte per weight on top of the codes' 0.5).
+
 A frozen quantized base under LoRA is used through `frozen_linear`, whose backward dequantizes the weight
 again instead of keeping the dequantized copy alive between forward and backward: that copy would bring the
 fp32 memory back.
@@ -37,7 +42,8 @@ from torch import nn
 from lmforge.errors import ConfigError
 
 MODES = ("int8", "int4", "int8-dynamic")
-BASE_MODES = ("int8", "nf4")  # frozen bases for LoRA
+BASE_MODES = ("int8", "nf4", "int4")  # frozen bases for LoRA
+BASE_INT4_GROUP = 32  # int4 frozen bases: groups of 32 (llama.cpp Q4_1's blocks, so such a base is kept exactly)
 
 
 class Int8Linear(nn.Module):
@@ -77,7 +83,7 @@ class Int8Linear(nn.Module):
 
 
 class Int4Linear(nn.Module):
-    """Weight-only int4 with group-wise scales and zero points (see the module notes); inference only."""
+    """Weight-only int4 with group-wise scales and zero points (see the module notes); a frozen LoRA base too."""
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
                  bias: torch.Tensor | None) -> None:
@@ -126,8 +132,9 @@ class Int4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
-        kernel = None if torch.is_grad_enabled() and x.requires_grad else self._packed()
-        if kernel is not None:
+        if torch.is_grad_enabled() and x.requires_grad:  # a frozen base under LoRA: no fp32 copy is kept
+            y = frozen_linear(x2, self)
+        elif (kernel := self._packed()) is not None:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16).contiguous(), kernel[0],
                                                            self.group_size, kernel[1]).to(x.dtype)
         else:
@@ -274,6 +281,11 @@ def frozen_linear(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
 def quantize_linear(m: nn.Linear, mode: str) -> nn.Module:
     if mode not in BASE_MODES:
         raise ConfigError(f"quantized base {mode!r} is not supported; supported: {', '.join(BASE_MODES)}")
+    if mode == "int4":
+        if m.in_features % BASE_INT4_GROUP:
+            raise ConfigError(f"an int4 base needs layers whose inputs divide into groups of {BASE_INT4_GROUP}; "
+                              f"this one has {m.in_features}: use --quant nf4")
+        return Int4Linear.from_linear(m, BASE_INT4_GROUP)
     return (NF4Linear if mode == "nf4" else Int8Linear).from_linear(m)
 
 

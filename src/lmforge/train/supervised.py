@@ -32,7 +32,7 @@ class FinetuneConfig:
     lora_alpha: float = 16.0  # LoRA scale is alpha / r
     lora_dropout: float = 0.05
     lora_targets: str = "attn"  # module patterns or groups (attn, mlp, all), comma-separated
-    quant: str = "nf4"  # frozen base format under qlora: nf4 or int8
+    quant: str = "nf4"  # frozen base format under qlora: nf4, int4 (groups of 32, = a Q4_1 GGUF's grid) or int8
     grad_checkpoint: bool = False  # recompute block activations in backward (decoders): less memory, ~30% slower
     epochs: float = 3.0
     batch_size: int = 32
@@ -54,8 +54,8 @@ class FinetuneConfig:
         if self.method in ("lora", "qlora") and (self.lora_r <= 0 or self.lora_alpha <= 0
                                                  or not 0 <= self.lora_dropout < 1):
             raise ConfigError("lora_r and lora_alpha must be positive and lora_dropout in [0, 1)")
-        if self.quant not in ("nf4", "int8"):
-            raise ConfigError(f"quant must be nf4 or int8, got {self.quant!r}")
+        if self.quant not in ("nf4", "int4", "int8"):
+            raise ConfigError(f"quant must be nf4, int4 or int8, got {self.quant!r}")
         if not self.epochs > 0 or self.batch_size <= 0 or not self.lr > 0 or self.max_len < 8:
             raise ConfigError("epochs, batch size and learning rate must be positive, max_len at least 8")
         if self.optimizer not in ("adamw", "adafactor"):

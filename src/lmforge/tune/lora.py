@@ -3,7 +3,7 @@
 A [r, in] starts random and B [out, r] at zero, so training starts from the unchanged model. `apply_lora`
 turns a model into a LoRA model in place: every parameter is frozen, the Linear layers whose names match the
 target patterns are wrapped, and the task head (classifier, pooler, QA head) stays fully trainable, as PEFT's
-`modules_to_save` does. With `quantize="int8"` or `"nf4"` every Linear inside the Transformer blocks is stored
+`modules_to_save` does. With `quantize="int8"`, `"nf4"` or `"int4"` every Linear inside the Transformer blocks is stored
 quantized and frozen first (quantized-base LoRA, as in QLoRA); the adapters themselves stay fp32.
 
 The wrapped layer keeps the original as `.base`, so the adapter can be merged into the weight (W + s B A) and
@@ -122,8 +122,9 @@ def apply_lora(
     """Make `model` a LoRA model in place; returns the number of trainable parameters.
 
     targets: module-name patterns (a name, a dotted suffix such as `mlp.up`, or a glob such as `blocks.1*.attn.*`),
-    or the groups attn / mlp / all. quantize: None, "int8" or "nf4" for a frozen quantized base."""
-    from lmforge.compress.quant import Int8Embedding, Int8Linear, NF4Linear, quantize_linear
+    or the groups attn / mlp / all. quantize: None, "int8", "nf4" or "int4" (groups of 32) for a frozen quantized
+    base."""
+    from lmforge.compress.quant import Int4Linear, Int8Embedding, Int8Linear, NF4Linear, quantize_linear
 
     patterns = expand_targets(targets)
     if not patterns:
@@ -132,7 +133,7 @@ def apply_lora(
         raise ConfigError("this model already has LoRA adapters")
     for p in model.parameters():
         p.requires_grad_(False)
-    linear_types = (nn.Linear, Int8Linear, NF4Linear)
+    linear_types = (nn.Linear, Int8Linear, NF4Linear, Int4Linear)
     candidates = {n: m for n, m in model.named_modules() if isinstance(m, linear_types) and n != "lm_head"
                   and not n.startswith(HEADS)}
     chosen = [n for n in candidates if any(_matches(n, p) for p in patterns)]
@@ -194,11 +195,11 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
 def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's state dict as if it had no adapters and no quantized layers: `X.weight` is the merged,
     dequantized weight. Model-directory writers use it, so saving a LoRA model writes the merged model."""
-    from lmforge.compress.quant import Int8Embedding, Int8Linear, NF4Linear
+    from lmforge.compress.quant import Int4Linear, Int8Embedding, Int8Linear, NF4Linear
 
     state = model.state_dict()
     wrapped = {n: m for n, m in model.named_modules()
-               if isinstance(m, (LoRALinear, Int8Linear, NF4Linear, Int8Embedding))}
+               if isinstance(m, (LoRALinear, Int8Linear, NF4Linear, Int4Linear, Int8Embedding))}
     if not wrapped:
         return state
     out = {}

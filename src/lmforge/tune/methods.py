@@ -3,7 +3,7 @@
     full    every parameter trains
     top-k   only the last k blocks and the head (`freeze.py`)
     lora    frozen model + low-rank adapters on the target Linear layers + the head (`lora.py`)
-    qlora   lora on a base whose block Linear layers are stored in NF4 (or int8) and frozen
+    qlora   lora on a base whose block Linear layers are stored in NF4 (or int4 in groups of 32, or int8) and frozen
 """
 
 from __future__ import annotations

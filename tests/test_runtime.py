@@ -1,0 +1,32 @@
+"""lmforge.runtime.TensorMemory: live tensor bytes on the CPU, checked against sizes known by hand."""
+
+from __future__ import annotations
+
+import torch
+
+from lmforge.runtime import TensorMemory
+
+MB = 2**20
+
+
+def test_tensor_memory_counts_activations_gradients_and_optimizer_state():
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(256, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, 256))
+    params = sum(p.numel() for p in m.parameters()) * 4
+    opt = torch.optim.AdamW(m.parameters(), foreach=False)
+    x = torch.randn(128, 256)
+    with TensorMemory(m, opt) as tm:
+        assert tm.current == params  # the weights, held before the block
+        y = m(x)
+        # kept for backward: ReLU's output (128 x 1024); plus y (128 x 256). Linear 1's output is already freed
+        assert tm.current - params == (128 * 1024 + 128 * 256) * 4
+        view = y[:, :10]  # a view shares y's storage: nothing more
+        assert tm.current - params == (128 * 1024 + 128 * 256) * 4
+        y.sum().backward()
+        del y, view
+        assert tm.current == 2 * params  # gradients; activations freed
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    assert tm.current >= 3 * params  # weights + Adam's two moments (+ step counters)
+    assert tm.peak >= 4 * params  # during the step: gradients and both moments at once
+    assert tm.peak_mb == tm.peak / MB
