@@ -19,6 +19,7 @@ import torch
 
 from lmforge.config import DecoderConfig
 from lmforge.errors import ModelLoadError
+from lmforge.nn.init import meta_init
 
 ARCHITECTURES = ("llama", "mistral")
 # quantization types we dequantize (others are refused with a clear error)
@@ -147,7 +148,7 @@ def load_gguf(path: str | Path, device: str | torch.device = "cpu"):
         elif ours.endswith("k_proj.weight"):
             w = unpermute_rotary(w, cfg.n_kv_head)
         state[ours] = w
-    with torch.device("meta"):
+    with meta_init():
         model = DecoderLM(cfg)
     expected = {k: v.shape for k, v in model.state_dict().items()}
     for k, shape in expected.items():

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from lmforge.config import DecoderConfig
 from lmforge.errors import ModelLoadError
 from lmforge.files import atomic_dir, write_json
+from lmforge.nn.init import meta_init
 
 NATIVE_TYPE = "lmforge-decoder"
 SUPPORTED = ("gpt2", "llama", "mistral", "qwen2", "bert", "t5", NATIVE_TYPE)
@@ -307,7 +308,7 @@ def load_model_dir(path: str | Path, device: str | torch.device = "cpu") -> torc
         cfg.validate()
     except Exception as e:
         raise ModelLoadError(f"{path / 'config.json'}: {e}") from None
-    with torch.device("meta"):
+    with meta_init():
         model = DecoderLM(cfg)
     state = from_hf_state(model, read_safetensors(path), raw["model_type"], str(path))
     model.load_state_dict(state, strict=False, assign=True)

@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 from lmforge.config import Seq2SeqConfig
 from lmforge.errors import ModelLoadError
 from lmforge.files import atomic_dir, write_json
+from lmforge.nn.init import meta_init
 
 # lmforge mlp kind <-> T5's feed_forward_proj
 FF_PROJ = {"relu": "relu", "gelu": "gelu", "gelu_tanh": "gelu_new", "geglu": "gated-gelu"}
@@ -112,7 +113,7 @@ def load_seq2seq_dir(path: Path, raw: dict[str, Any], tensors: dict[str, torch.T
         cfg.validate()
     except Exception as e:
         raise ModelLoadError(f"{where}: {e}") from None
-    with torch.device("meta"):
+    with meta_init():
         model = Seq2SeqLM(cfg)
     ours = model.state_dict()
     state = {}

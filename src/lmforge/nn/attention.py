@@ -70,6 +70,10 @@ class Rotary(nn.Module):
         self._build(min(max_seq_len, 4096))
 
     def _build(self, n: int, device: torch.device | None = None) -> None:
+        if torch.device(device or torch.get_default_device()).type == "meta":  # a shell to load into: shapes only
+            for name in ("cos", "sin"):
+                self.register_buffer(name, torch.empty(n, self.head_dim, device="meta"), persistent=False)
+            return
         inv_freq = 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, device=device).float() / self.head_dim))
         freqs = torch.outer(torch.arange(n, device=device).float(), inv_freq)
         emb = torch.cat([freqs, freqs], dim=-1)

@@ -1,0 +1,34 @@
+"""Building a model whose weights are about to be loaded."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+_INITS = ("normal_", "uniform_", "trunc_normal_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_",
+          "xavier_normal_", "zeros_", "ones_", "constant_")
+
+
+@contextmanager
+def meta_init() -> Iterator[None]:
+    """Construct modules on the meta device without running their initialisers: loaders build the model shell
+    here and assign the loaded tensors into it. (On meta, PyTorch's random initialisers run through its Python
+    reference implementations, whose first use imports torch._dynamo: about 2 s and 40 MiB in every process
+    that loads a model.) The initialisers in torch.nn.init are swapped for no-ops while the block runs, as
+    transformers' no_init_weights does, so don't initialise another model in another thread meanwhile."""
+    saved = {name: getattr(nn.init, name) for name in _INITS}
+
+    def keep(tensor: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return tensor
+
+    try:
+        for name in _INITS:
+            setattr(nn.init, name, keep)
+        with torch.device("meta"):
+            yield
+    finally:
+        for name, fn in saved.items():
+            setattr(nn.init, name, fn)
