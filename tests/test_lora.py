@@ -115,6 +115,7 @@ def test_int4_base_keeps_a_q4_1_grid_exactly():
         lin.weight.copy_((d * q + mn).view(48, 64))
     base = quantize_linear(lin, "int4")
     assert isinstance(base, Int4Linear) and base.group_size == 32
+    assert base._packed() is None  # a training base computes from the dequantized weight, not the bf16 kernel
     assert (base.dequantize() - lin.weight).abs().max() < 1e-6
     nf4 = NF4Linear.from_linear(lin)
     assert (nf4.dequantize() - lin.weight).abs().max() > 100 * (base.dequantize() - lin.weight).abs().max()

@@ -95,6 +95,9 @@ class Int4Linear(nn.Module):
         self.register_buffer("zeros", zeros)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self._kernel: tuple | None = None  # (packed weight, scales-and-zeros) in the CPU kernel's layout
+        # the CPU kernel (bfloat16 activations, an extra packed copy) for inference; a frozen LoRA base computes
+        # in the input's dtype from the dequantized weight instead, as NF4 does
+        self.use_kernel = True
 
     @classmethod
     def from_linear(cls, m: nn.Linear, group_size: int = 64) -> Int4Linear:
@@ -114,11 +117,13 @@ class Int4Linear(nn.Module):
         return torch.stack([self.qweight >> 4, self.qweight & 15], dim=-1).view(self.out_features, -1)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        g = self.group_size
-        q = self.codes().view(self.out_features, -1, g).float() - 8
-        return (q * self.scales[..., None] + self.zeros[..., None]).view(self.out_features, -1).to(dtype)
+        q = self.codes().view(self.out_features, -1, self.group_size).float()
+        low = (self.zeros - 8 * self.scales)[..., None]  # w = (q - 8) * scale + zero, in one fused pass
+        return torch.addcmul(low, q, self.scales[..., None]).view(self.out_features, -1).to(dtype)
 
     def _packed(self) -> tuple | None:
+        if not self.use_kernel:
+            return None
         if self._kernel is None and self.qweight.device.type == "cpu" and hasattr(
                 torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
             try:
@@ -285,7 +290,9 @@ def quantize_linear(m: nn.Linear, mode: str) -> nn.Module:
         if m.in_features % BASE_INT4_GROUP:
             raise ConfigError(f"an int4 base needs layers whose inputs divide into groups of {BASE_INT4_GROUP}; "
                               f"this one has {m.in_features}: use --quant nf4")
-        return Int4Linear.from_linear(m, BASE_INT4_GROUP)
+        base = Int4Linear.from_linear(m, BASE_INT4_GROUP)
+        base.use_kernel = False
+        return base
     return (NF4Linear if mode == "nf4" else Int8Linear).from_linear(m)
 
 
