@@ -72,6 +72,23 @@ class FitResult:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
+def length_buckets(n: int, length: Callable[[int], Any], batch_size: int, seed: int, per: int = 50) -> list[list[int]]:
+    """Batches of example indices for one epoch: shuffled, then each run of `per` batches sorted by `length`
+    and cut into batches (so a batch pads to similar lengths), and the batches shuffled again."""
+    import random
+
+    rng = random.Random(seed)
+    order = list(range(n))
+    rng.shuffle(order)
+    chunk = batch_size * per
+    groups = []
+    for s in range(0, n, chunk):
+        part = sorted(order[s:s + chunk], key=length)
+        groups += [part[k:k + batch_size] for k in range(0, len(part), batch_size)]
+    rng.shuffle(groups)
+    return groups
+
+
 def linear_schedule(step: int, total: int, warmup: int, lr: float) -> float:
     if step < warmup:
         return lr * (step + 1) / warmup

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import dataclasses
-import random
 import sys
 import time
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ from lmforge.files import write_json, write_text
 from lmforge.models.encoder import Encoder
 from lmforge.predict import pad_batch, predict_proba
 from lmforge.runtime import peak_memory_mb, reset_peak_memory
-from lmforge.train.supervised import FinetuneConfig, fit
+from lmforge.train.supervised import FinetuneConfig, fit, length_buckets
 from lmforge.tune.methods import apply_method, describe, save_outputs, start_run
 
 
@@ -123,17 +122,8 @@ def finetune_classify(
         weights = (counts.sum() / (len(names) * counts)).to(cfg.device)
 
     def batches(epoch: int):
-        """Shuffled, then bucketed: sort chunks of 50 batches by length so a batch pads to similar lengths."""
-        rng = random.Random(cfg.seed + epoch)
-        order = list(range(len(enc)))
-        rng.shuffle(order)
-        chunk = cfg.batch_size * 50
-        groups = []
-        for s in range(0, len(order), chunk):
-            part = sorted(order[s:s + chunk], key=lambda i: len(enc[i].ids))
-            groups += [part[k:k + cfg.batch_size] for k in range(0, len(part), cfg.batch_size)]
-        rng.shuffle(groups)
-        for idx in groups:
+        """Shuffled, then bucketed by length (little padding per batch)."""
+        for idx in length_buckets(len(enc), lambda i: len(enc[i].ids), cfg.batch_size, cfg.seed + epoch):
             b = pad_batch([enc[i].ids for i in idx], tok.pad_id)
             yield {**b, "labels": y[idx], "class_weights": weights}
 

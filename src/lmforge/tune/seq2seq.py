@@ -29,7 +29,7 @@ import yaml
 
 from lmforge.errors import ConfigError, ModelLoadError
 from lmforge.files import write_json, write_text
-from lmforge.train.supervised import FinetuneConfig, fit
+from lmforge.train.supervised import FinetuneConfig, fit, length_buckets
 from lmforge.tune.methods import apply_method, describe, save_outputs, start_run
 
 
@@ -171,17 +171,9 @@ def finetune_seq2seq(
     trainable = apply_method(model, cfg)
 
     def batches(epoch: int):
-        """Shuffled, then bucketed by source length in chunks of 50 batches (little padding per batch)."""
-        rng = random.Random(cfg.seed + epoch)
-        order = list(range(len(src)))
-        rng.shuffle(order)
-        chunk = cfg.batch_size * 50
-        groups = []
-        for s in range(0, len(order), chunk):
-            part = sorted(order[s:s + chunk], key=lambda i: (len(src[i]), len(tgt[i])))
-            groups += [part[k:k + cfg.batch_size] for k in range(0, len(part), cfg.batch_size)]
-        rng.shuffle(groups)
-        for idx in groups:
+        """Shuffled, then bucketed by source and target length (little padding per batch)."""
+        for idx in length_buckets(len(src), lambda i: (len(src[i]), len(tgt[i])), cfg.batch_size,
+                                  cfg.seed + epoch):
             yield collate([src[i] for i in idx], [tgt[i] for i in idx], c.pad_token_id)
 
     gen_len = max_new_tokens or max_target
