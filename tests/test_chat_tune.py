@@ -196,3 +196,21 @@ def test_bad_input_one_line_exit_2(case, tiny_chat_model, tmp_path):
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
     assert lines[-1].startswith("lmforge: error:") and "Traceback" not in r.stderr
+
+
+def test_held_out_questions_are_scored_once_against_all_their_answers():
+    from lmforge.eval.generation import reference_scores
+    from lmforge.tune.sft import first_reply_prompts
+
+    def conv(q, a):
+        return [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+
+    convs = [conv("Screen black?", "Check the cable."), conv("Hi", "Hello."), conv("Screen black?", "Try a reboot."),
+             [{"role": "system", "content": "Be brief."}, *conv("Hi", "Hey.")]]
+    prompts, refs = first_reply_prompts(convs)
+    assert [p[-1]["content"] for p in prompts] == ["Screen black?", "Hi", "Hi"]  # a system turn makes it distinct
+    assert refs == [["Check the cable.", "Try a reboot."], ["Hello."], ["Hey."]]
+    s = reference_scores(["try a reboot", "Hello!", "no"], refs)
+    assert s["exact_match"] == pytest.approx(200 / 3)  # the best of the answers counts: 1 + 1 + 0
+    assert s["rougeL"] == pytest.approx(200 / 3)
+    assert reference_scores(["red blue"], ["red blue green"])["f1"] == pytest.approx(80.0)  # a plain string is one reference

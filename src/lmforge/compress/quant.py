@@ -70,13 +70,11 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
-        if torch.is_grad_enabled() and x.requires_grad:
-            y = frozen_linear(x2, self)
-        elif self._fast:
+        if self._fast and not (torch.is_grad_enabled() and x.requires_grad):
             y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16).contiguous(), self.qweight,
                                                    self._scales_bf16).to(x.dtype)
-        else:
-            y = F.linear(x2, self.dequantize(x.dtype))
+        else:  # in the input's dtype, a slice of rows dequantized at a time
+            y = frozen_linear(x2, self)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*shape[:-1], self.out_features)
@@ -293,7 +291,14 @@ def quantize_linear(m: nn.Linear, mode: str) -> nn.Module:
         base = Int4Linear.from_linear(m, BASE_INT4_GROUP)
         base.use_kernel = False
         return base
-    return (NF4Linear if mode == "nf4" else Int8Linear).from_linear(m)
+    return NF4Linear.from_linear(m) if mode == "nf4" else base_int8(Int8Linear.from_linear(m))
+
+
+def base_int8(m: Int8Linear) -> Int8Linear:
+    """An int8 layer as a frozen LoRA base: it computes in the input's dtype from dequantized rows, as every
+    base does, not in the bfloat16-activation kernel meant for quantized inference."""
+    m._fast = False
+    return m
 
 
 # heads that stay in full precision: small, and a classifier's decision is what quality is measured on

@@ -9,18 +9,21 @@ from collections.abc import Sequence
 from lmforge.eval.qa import exact_match, token_f1
 
 
-def reference_scores(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
-    """Mean exact match, token F1 and ROUGE-L F-measure, in percent."""
+def reference_scores(predictions: Sequence[str], references: Sequence[str | Sequence[str]]) -> dict[str, float]:
+    """Mean exact match, token F1 and ROUGE-L F-measure, in percent. A reference may be a list of acceptable
+    answers: each metric then takes the best of them (SQuAD's convention for several gold answers)."""
     from rouge_score import rouge_scorer
 
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    refs = [[r] if isinstance(r, str) else list(r) for r in references]
     n = max(len(predictions), 1)
     return {
-        "exact_match": 100 * sum(exact_match(p, r) for p, r in zip(predictions, references)) / n,
-        "f1": 100 * sum(token_f1(p, r) for p, r in zip(predictions, references)) / n,
-        "rougeL": 100 * sum(scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references)) / n,
+        "exact_match": 100 * sum(max(exact_match(p, g) for g in gs) for p, gs in zip(predictions, refs)) / n,
+        "f1": 100 * sum(max(token_f1(p, g) for g in gs) for p, gs in zip(predictions, refs)) / n,
+        "rougeL": 100 * sum(max(scorer.score(g, p)["rougeL"].fmeasure for g in gs)
+                            for p, gs in zip(predictions, refs)) / n,
     }
 
 

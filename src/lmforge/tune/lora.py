@@ -124,7 +124,7 @@ def apply_lora(
     targets: module-name patterns (a name, a dotted suffix such as `mlp.up`, or a glob such as `blocks.1*.attn.*`),
     or the groups attn / mlp / all. quantize: None, "int8", "nf4" or "int4" (groups of 32) for a frozen quantized
     base."""
-    from lmforge.compress.quant import Int4Linear, Int8Embedding, Int8Linear, NF4Linear, quantize_linear
+    from lmforge.compress.quant import Int4Linear, Int8Embedding, Int8Linear, NF4Linear, base_int8, quantize_linear
 
     patterns = expand_targets(targets)
     if not patterns:
@@ -154,7 +154,7 @@ def apply_lora(
         # a decoder's vocabulary matrix is a frozen base weight too: int8 rows, shared with a tied head
         tied = model.lm_head.weight is model.tok_emb.weight
         model.tok_emb = Int8Embedding.from_embedding(model.tok_emb)
-        model.lm_head = model.tok_emb.head() if tied else quantize_linear(model.lm_head, quantize)
+        model.lm_head = base_int8(model.tok_emb.head()) if tied else quantize_linear(model.lm_head, quantize)
     if train_heads:
         for name, p in model.named_parameters():
             if name.startswith(HEADS):

@@ -71,15 +71,23 @@ def load_chat_splits(data: str | Path, val_data: str | Path | None, test_data: s
     return train, val, test
 
 
-def first_reply_prompts(convs: list[Messages]) -> tuple[list[Messages], list[str]]:
-    """Held-out questions: each conversation up to its first assistant turn, and that turn as the reference."""
-    prompts, refs = [], []
+def first_reply_prompts(convs: list[Messages]) -> tuple[list[Messages], list[list[str]]]:
+    """Held-out questions: each distinct conversation opening (up to its first assistant turn) once, with every
+    first answer the data gives it as an acceptable reference. (chatterbot-corpus answers "My laptop screen is
+    black." 101 ways: scored once per answer, that one question would be 101 of the 268 test items.)"""
+    import json
+
+    prompts: list[Messages] = []
+    refs: dict[str, list[str]] = {}
     for c in convs:
         k = next(i for i, m in enumerate(c) if m["role"] == "assistant")
         if k:
-            prompts.append(c[:k])
-            refs.append(c[k]["content"])
-    return prompts, refs
+            key = json.dumps(c[:k], sort_keys=True)
+            if key not in refs:
+                prompts.append(c[:k])
+                refs[key] = []
+            refs[key].append(c[k]["content"])
+    return prompts, [refs[json.dumps(p, sort_keys=True)] for p in prompts]
 
 
 def collate(rows: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -196,21 +204,22 @@ def finetune_chat(
         say(f"after: held-out replies EM {after['exact_match']:.1f}  F1 {after['f1']:.1f}  ROUGE-L "
             f"{after['rougeL']:.1f}")
     model_dir, adapter_dir = save_outputs(model, out, tok, str(model_path), cfg)
-    rows = {"train": len(train), "validation": len(val), "test": len(test), "train_rows": len(rows_train),
-            "train_tokens": n_tok}
+    rows = {"train": len(train), "validation": len(val), "test": len(test), "test_questions": len(prompts),
+            "train_rows": len(rows_train), "train_tokens": n_tok}
     write_json(out / "summary.json", {
         "task": "chat", "method": cfg.method, "trainable_params": trainable, "total_params": total,
         "peak_train_memory_mb": peak_mem, "baseline_memory_mb": baseline_mem,
         "train_seconds": seconds, "steps": result.steps,
         "best_val": result.best, "before": before, "after": after, "rows": rows})
-    write_json(out / "replies.json", [{"prompt": p, "reference": r, "reply": y}
+    write_json(out / "replies.json", [{"prompt": p, "references": r, "reply": y}
                                       for p, r, y in zip(prompts, refs, replies)])
     from lmforge.report import write_task_report
 
     def fmt(m: dict[str, float]) -> str:
         return f"EM {m['exact_match']:.1f} / F1 {m['f1']:.1f} / ROUGE-L {m['rougeL']:.1f}" if m else "not run"
 
-    samples = [(p[-1]["content"], f"reply: {y!r} | reference: {r!r}")
+    samples = [(p[-1]["content"], f"reply: {y!r} | reference: {r[0]!r}" + (f" (+{len(r) - 1} more)" if len(r) > 1
+                                                                           else ""))
                for p, r, y in list(zip(prompts, refs, replies))[:8]]
     write_task_report(out, f"Instruction tuning: {out.name}", [
         ("model", str(model_path)), ("data", str(data)), ("method", describe(cfg, model.config.n_layer)),
