@@ -70,7 +70,7 @@ class Rotary(nn.Module):
         self._build(min(max_seq_len, 4096))
 
     def _build(self, n: int, device: torch.device | None = None) -> None:
-        if torch.device(device or torch.get_default_device()).type == "meta":  # a shell to load into: shapes only
+        if torch.device(device or torch.empty(0).device).type == "meta":  # a shell to load into: shapes only
             for name in ("cos", "sin"):
                 self.register_buffer(name, torch.empty(n, self.head_dim, device="meta"), persistent=False)
             return
