@@ -213,4 +213,5 @@ def test_held_out_questions_are_scored_once_against_all_their_answers():
     s = reference_scores(["try a reboot", "Hello!", "no"], refs)
     assert s["exact_match"] == pytest.approx(200 / 3)  # the best of the answers counts: 1 + 1 + 0
     assert s["rougeL"] == pytest.approx(200 / 3)
-    assert reference_scores(["red blue"], ["red blue green"])["f1"] == pytest.approx(80.0)  # a plain string is one reference
+    # a plain string is one reference
+    assert reference_scores(["red blue"], ["red blue green"])["f1"] == pytest.approx(80.0)

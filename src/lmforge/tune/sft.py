@@ -77,17 +77,12 @@ def first_reply_prompts(convs: list[Messages]) -> tuple[list[Messages], list[lis
     black." 101 ways: scored once per answer, that one question would be 101 of the 268 test items.)"""
     import json
 
-    prompts: list[Messages] = []
-    refs: dict[str, list[str]] = {}
+    questions: dict[str, tuple[Messages, list[str]]] = {}  # insertion-ordered: first appearance
     for c in convs:
         k = next(i for i, m in enumerate(c) if m["role"] == "assistant")
         if k:
-            key = json.dumps(c[:k], sort_keys=True)
-            if key not in refs:
-                prompts.append(c[:k])
-                refs[key] = []
-            refs[key].append(c[k]["content"])
-    return prompts, [refs[json.dumps(p, sort_keys=True)] for p in prompts]
+            questions.setdefault(json.dumps(c[:k], sort_keys=True), (c[:k], []))[1].append(c[k]["content"])
+    return [p for p, _ in questions.values()], [r for _, r in questions.values()]
 
 
 def collate(rows: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
