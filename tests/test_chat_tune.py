@@ -14,6 +14,7 @@ from lmforge.data.chat import Pair, chatterbot_chat, chatterbot_pairs, pack, rea
 from lmforge.errors import ConfigError, DataError
 from lmforge.interop.gguf import _reader, gguf_tokenizer
 from lmforge.models.decoder import DecoderLM
+from lmforge.tune.dpo import group_mean
 from lmforge.tune.recipe import resolve
 from lmforge.tune.sft import collate
 
@@ -168,6 +169,17 @@ def test_dpo_raises_preference_on_its_pairs(tiny_chat_model, tmp_path):
     assert s["before"]["reward_margin"] == pytest.approx(0.0, abs=1e-4)  # the policy starts as the reference
     assert s["after"]["reward_margin"] > 0.1 and s["after"]["reward_accuracy"] > 0.7
     assert s["after"]["preference_accuracy"] >= s["before"]["preference_accuracy"]
+    assert s["after"]["pairs"] == 24 and s["rows"]["test_prompts"] == s["after"]["prompts"] == len(
+        {p.prompt[-1]["content"] for p in pairs})
+
+
+def test_group_mean_weighs_each_prompt_once():
+    # a prompt with three pairs, all right, and two prompts with one pair each, wrong: per prompt 1/3, per pair 3/5
+    v = torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0])
+    assert group_mean(v, ["a", "a", "a", "b", "c"]) == pytest.approx(1 / 3)
+    assert group_mean(v, None) == pytest.approx(0.6)
+    with pytest.raises(ValueError):
+        group_mean(v, ["a"])
 
 
 @pytest.mark.parametrize("case", ["no-assistant", "same-pair", "bad-target", "bad-adapter-base"])

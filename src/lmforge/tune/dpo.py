@@ -10,13 +10,16 @@
     loss     -log sigmoid(beta * ((log pi(c) - log ref(c)) - (log pi(r) - log ref(r))))
     finish   on the held-out pairs before and after: preference accuracy (the share of pairs whose chosen
              reply gets the higher mean per-token log-probability), and after: reward accuracy and mean reward
-             margin beta * (...) (both are 0 before training by definition); model + adapter + report
+             margin beta * (...) (both are 0 before training by definition); model + adapter + report.
+             Held-out figures are means over distinct prompts (each prompt's pairs averaged first), so a prompt
+             that comes with a hundred answers counts once, as the SFT evaluation counts it
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import random
 import sys
 import time
@@ -74,14 +77,33 @@ def load_pair_splits(data: str | Path, val_data: str | Path | None, test_data: s
     return train, val, test
 
 
-def tokenize_pairs(tok, pairs: list[Pair], max_len: int) -> list[tuple[Tokenized, Tokenized]]:
-    out = []
+def tokenize_pairs(tok, pairs: list[Pair], max_len: int) -> tuple[list[tuple[Tokenized, Tokenized]], list[str]]:
+    """Token ids and labels of each pair's chosen and rejected conversation, and each kept pair's prompt (the
+    group it is scored in); pairs whose reply truncation leaves no token are dropped."""
+    out, prompts = [], []
     for p in pairs:
         c = tokenize_chat(tok, p.prompt + [{"role": "assistant", "content": p.chosen}], max_len)
         r = tokenize_chat(tok, p.prompt + [{"role": "assistant", "content": p.rejected}], max_len)
         if c is not None and r is not None:
             out.append((c, r))
-    return out
+            prompts.append(json.dumps(p.prompt, sort_keys=True))
+    return out, prompts
+
+
+def group_mean(values: torch.Tensor, groups: list[str] | None) -> float:
+    """Mean of per-group means: every distinct group (prompt) weighs the same however many pairs it has.
+    Without groups, the plain mean."""
+    values = values.float()
+    if groups is None:
+        return float(values.mean())
+    if len(groups) != len(values):
+        raise ValueError(f"{len(values)} values but {len(groups)} group keys")
+    sums: dict[str, list[float]] = {}
+    for v, g in zip(values.tolist(), groups):
+        s = sums.setdefault(g, [0.0, 0])
+        s[0] += v
+        s[1] += 1
+    return sum(t / n for t, n in sums.values()) / len(sums)
 
 
 def _batch(seqs: list[Tokenized], pad_id: int) -> dict[str, torch.Tensor]:
@@ -119,13 +141,15 @@ def pair_logps(model, items: list[tuple[Tokenized, Tokenized]], pad_id: int, bat
 
 
 def preference_metrics(model, items, ref: tuple[torch.Tensor, torch.Tensor], pad_id: int, batch_size: int,
-                       beta: float, device: str) -> dict[str, float]:
+                       beta: float, device: str, groups: list[str] | None = None) -> dict[str, float]:
+    """Preference accuracy, reward accuracy and margin, and DPO loss over `items`, averaged per group (prompt)
+    first when `groups` is given."""
     pc, pr, nc, nr = pair_logps(model, items, pad_id, batch_size, device)
     margin = beta * ((pc - ref[0]) - (pr - ref[1]))
-    loss = float(-F.logsigmoid(margin).mean())
-    return {"preference_accuracy": float(((pc / nc) > (pr / nr)).float().mean()),
-            "reward_accuracy": float((margin > 0).float().mean()), "reward_margin": float(margin.mean()),
-            "loss": loss, "neg_loss": -loss}
+    loss = group_mean(-F.logsigmoid(margin), groups)
+    return {"preference_accuracy": group_mean((pc / nc) > (pr / nr), groups),
+            "reward_accuracy": group_mean(margin > 0, groups), "reward_margin": group_mean(margin, groups),
+            "loss": loss, "neg_loss": -loss, "pairs": len(items), "prompts": len(set(groups or range(len(items))))}
 
 
 def finetune_dpo(
@@ -154,10 +178,13 @@ def finetune_dpo(
     if not isinstance(model, DecoderLM):
         raise ModelLoadError(f"{model_path} is a {type(model).__name__}; DPO needs a decoder model")
     max_len = min(cfg.max_len, model.config.max_seq_len)
-    items = {k: tokenize_pairs(tok, v, max_len) for k, v in (("train", train), ("val", val), ("test", test))}
+    items, prompts = {}, {}
+    for k, v in (("train", train), ("val", val), ("test", test)):
+        items[k], prompts[k] = tokenize_pairs(tok, v, max_len)
     if not items["train"]:
         raise DataError(f"no training pair keeps a reply token within max_len {max_len}")
-    say(f"data: {len(items['train'])} train / {len(items['val'])} validation / {len(items['test'])} test pairs")
+    say(f"data: {len(items['train'])} train / {len(items['val'])} validation / {len(items['test'])} test pairs "
+        f"({len(set(prompts['val']))} / {len(set(prompts['test']))} distinct held-out prompts)")
 
     total = model.num_params()
     trainable = apply_method(model, cfg)
@@ -170,7 +197,7 @@ def finetune_dpo(
     with lora_disabled(model):
         ref = {k: pair_logps(ref_model, items[k], tok.pad_id, bs, dev)[:2] for k in ("val", "test")}
     say(f"reference log-probabilities for the held-out pairs in {time.time() - t:.0f} s")
-    before = preference_metrics(model, items["test"], ref["test"], tok.pad_id, bs, beta, dev)
+    before = preference_metrics(model, items["test"], ref["test"], tok.pad_id, bs, beta, dev, prompts["test"])
     say(f"before: held-out preference accuracy {before['preference_accuracy']:.3f}")
 
     def batches(epoch: int):
@@ -193,7 +220,7 @@ def finetune_dpo(
         return -F.logsigmoid(margin).mean()
 
     def evaluate() -> dict[str, float]:
-        return preference_metrics(model, items["val"], ref["val"], tok.pad_id, bs, beta, dev)
+        return preference_metrics(model, items["val"], ref["val"], tok.pad_id, bs, beta, dev, prompts["val"])
 
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / "config.yaml", yaml.safe_dump({
@@ -205,11 +232,11 @@ def finetune_dpo(
                  loss_fn=loss_fn)
     seconds = time.time() - t0
     peak_mem = peak_memory_mb()
-    after = preference_metrics(model, items["test"], ref["test"], tok.pad_id, bs, beta, dev)
+    after = preference_metrics(model, items["test"], ref["test"], tok.pad_id, bs, beta, dev, prompts["test"])
     say(f"after: held-out preference accuracy {after['preference_accuracy']:.3f}, reward accuracy "
         f"{after['reward_accuracy']:.3f}, reward margin {after['reward_margin']:.3f}")
     model_dir, adapter_dir = save_outputs(model, out, tok, str(model_path), cfg)
-    rows = {k: len(v) for k, v in items.items()}
+    rows = {k: len(v) for k, v in items.items()} | {f"{k}_prompts": len(set(prompts[k])) for k in ("val", "test")}
     write_json(out / "summary.json", {
         "task": "dpo", "method": cfg.method, "beta": beta, "trainable_params": trainable, "total_params": total,
         "peak_train_memory_mb": peak_mem, "baseline_memory_mb": baseline_mem,
@@ -221,6 +248,8 @@ def finetune_dpo(
         ("model", str(model_path)), ("data", str(data)), ("method", describe(cfg, model.config.n_layer)),
         ("beta", f"{beta:g}"), ("trainable / total parameters", f"{trainable:,} / {total:,}"),
         ("pairs train / val / test", f"{rows['train']} / {rows['val']} / {rows['test']}"),
+        ("distinct held-out prompts val / test (each weighs the same)",
+         f"{rows['val_prompts']} / {rows['test_prompts']}"),
         ("training time", f"{seconds:.0f} s"), ("peak memory while training", f"{peak_mem:,.0f} MiB"),
         ("held-out preference accuracy before / after",
          f"{before['preference_accuracy']:.3f} / {after['preference_accuracy']:.3f}"),
