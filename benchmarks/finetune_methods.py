@@ -36,7 +36,8 @@ EPOCHS = os.environ.get("EPOCHS", "1")
 METHODS = os.environ.get("METHODS", "full,top-k,lora").split(",")
 SFT_METHODS = os.environ.get("SFT_METHODS", "lora,qlora,qlora-int4").split(",")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# run folders are kept (and a finished run is not repeated): delete the folder to measure again
+# run folders are kept, and a finished run with the same arguments and recipe is not repeated: delete the
+# folder to measure again
 OUT = os.environ.get("OUT", os.path.join(ROOT, "runs", "bench-finetune"))
 
 
@@ -48,9 +49,17 @@ def table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def run_key(args: list[str]) -> list[str]:
+    """What a finished run folder was made from: the arguments and the text of any recipe they name."""
+    recipes = [open(args[i + 1]).read() for i, a in enumerate(args[:-1]) if a == "--config"]
+    return [*args, *recipes]
+
+
 def run(args: list[str], out: str) -> dict:
     t0 = time.time()
-    if os.path.isfile(os.path.join(out, "summary.json")):
+    key_file = os.path.join(out, "bench_args.json")
+    if os.path.isfile(os.path.join(out, "summary.json")) and os.path.isfile(key_file) \
+            and json.load(open(key_file)) == run_key(args):
         s = json.load(open(os.path.join(out, "summary.json")))
         s["added_mb"] = s["peak_train_memory_mb"] - s.get("baseline_memory_mb", 0.0)
         return s
@@ -60,6 +69,8 @@ def run(args: list[str], out: str) -> dict:
     if p.returncode != 0:
         raise SystemExit(f"failed: lmforge {' '.join(args)}\n{p.stderr[-3000:]}")
     s = json.load(open(os.path.join(out, "summary.json")))
+    with open(key_file, "w") as f:
+        json.dump(run_key(args), f)
     s["wall"] = time.time() - t0
     s["added_mb"] = s["peak_train_memory_mb"] - s.get("baseline_memory_mb", 0.0)
     print(p.stdout.strip(), file=sys.stderr, flush=True)
@@ -176,7 +187,8 @@ def sft(tmp: str) -> None:
 def dpo(tmp: str) -> None:
     s = run(["finetune", "dpo", "--config", os.path.join(ROOT, "configs", "smollm2-dpo-lora.yaml")],
             os.path.join(tmp, "dpo"))
-    print("\nSmolLM2-135M-Instruct DPO (LoRA) on chatterbot preference pairs, held-out pairs")
+    print(f"\nSmolLM2-135M-Instruct DPO (LoRA) on chatterbot preference pairs: {s['rows']['test']} held-out test "
+          f"pairs over {s['rows']['test_prompts']} distinct questions, averaged per question")
     print(table(["", "preference acc", "reward acc", "reward margin"], [
         ["before", f"{s['before']['preference_accuracy']:.3f}", "-", "0"],
         ["after", f"{s['after']['preference_accuracy']:.3f}", f"{s['after']['reward_accuracy']:.3f}",
