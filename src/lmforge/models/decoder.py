@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from lmforge.config import DecoderConfig
+from lmforge.models.base import PretrainedModel
 from lmforge.nn.attention import Attention, KVCache, Rotary, SlotKVCache, padded_causal_mask
 from lmforge.nn.loss import cross_entropy
 from lmforge.nn.mlp import MLP
@@ -44,7 +45,7 @@ class Block(nn.Module):
         return x + self.drop(self.mlp(self.mlp_norm(x)))
 
 
-class DecoderLM(nn.Module):
+class DecoderLM(PretrainedModel):
     def __init__(self, cfg: DecoderConfig) -> None:
         super().__init__()
         cfg.validate()
@@ -164,24 +165,6 @@ class DecoderLM(nn.Module):
         return SlotKVCache(c.n_layer, slots, c.n_kv_head, c.head_dim, max_len, p.device, dtype or p.dtype)
 
     # ------------------------------------------------------------------------------------------------------------
-
-    def num_params(self, trainable_only: bool = False) -> int:
-        seen, n = set(), 0
-        for p in self.parameters():
-            if id(p) in seen or (trainable_only and not p.requires_grad):
-                continue
-            seen.add(id(p))
-            n += p.numel()
-        return n
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> DecoderLM:
-        from lmforge.models import load_model
-
-        model = load_model(path, device=device)
-        if not isinstance(model, cls):
-            raise TypeError(f"{path} holds a {type(model).__name__}, not a {cls.__name__}")
-        return model
 
     def save_pretrained(self, path: str | Path, tokenizer=None, generation_config: dict | None = None) -> Path:
         from lmforge.interop.hf import save_model_dir

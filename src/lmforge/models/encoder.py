@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.config import EncoderConfig
+from lmforge.models.base import PretrainedModel
 from lmforge.nn.attention import Attention
 from lmforge.nn.mlp import ACTIVATIONS, MLP
 
@@ -61,7 +62,7 @@ class MLMHead(nn.Module):
         return F.linear(self.norm(self.act(self.dense(h))), emb_weight, self.bias)
 
 
-class Encoder(nn.Module):
+class Encoder(PretrainedModel):
     def __init__(self, cfg: EncoderConfig) -> None:
         super().__init__()
         cfg.validate()
@@ -177,18 +178,6 @@ class Encoder(nn.Module):
         missing, _ = new.load_state_dict(body, strict=False)
         new.reset_parameters(only=sorted({m.rsplit(".", 1)[0] for m in missing}))
         return new
-
-    def num_params(self, trainable_only: bool = False) -> int:
-        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> Encoder:
-        from lmforge.models import load_model
-
-        model = load_model(path, device=device)
-        if not isinstance(model, cls):
-            raise TypeError(f"{path} holds a {type(model).__name__}, not a {cls.__name__}")
-        return model
 
     def save_pretrained(self, path: str | Path, tokenizer=None) -> Path:
         from lmforge.interop.hf_bert import save_encoder_dir

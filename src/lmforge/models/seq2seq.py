@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from lmforge.config import Seq2SeqConfig
+from lmforge.models.base import PretrainedModel
 from lmforge.nn.attention import Attention, KVCache, RelativePositionBias, causal_mask
 from lmforge.nn.loss import cross_entropy
 from lmforge.nn.mlp import MLP
@@ -97,7 +98,7 @@ class Stack(nn.Module):
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
 
 
-class Seq2SeqLM(nn.Module):
+class Seq2SeqLM(PretrainedModel):
     def __init__(self, cfg: Seq2SeqConfig) -> None:
         super().__init__()
         cfg.validate()
@@ -211,24 +212,6 @@ class Seq2SeqLM(nn.Module):
         return Seq2SeqOutput(logits=logits, loss=loss, encoder_hidden=encoder_hidden)
 
     # ------------------------------------------------------------------------------------------------------------
-
-    def num_params(self, trainable_only: bool = False) -> int:
-        seen, n = set(), 0
-        for p in self.parameters():
-            if id(p) in seen or (trainable_only and not p.requires_grad):
-                continue
-            seen.add(id(p))
-            n += p.numel()
-        return n
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> Seq2SeqLM:
-        from lmforge.models import load_model
-
-        model = load_model(path, device=device)
-        if not isinstance(model, cls):
-            raise TypeError(f"{path} holds a {type(model).__name__}, not a {cls.__name__}")
-        return model
 
     def save_pretrained(self, path: str | Path, tokenizer=None, generation_config: dict | None = None) -> Path:
         from lmforge.interop.hf_t5 import save_seq2seq_dir
