@@ -19,7 +19,7 @@ import torch
 
 from lmforge.config import DecoderConfig
 from lmforge.errors import ModelLoadError
-from lmforge.nn.init import meta_init
+from lmforge.nn.init import adopt_weights, meta_init
 
 ARCHITECTURES = ("llama", "mistral")
 # quantization types we dequantize (others are refused with a clear error)
@@ -159,11 +159,7 @@ def load_gguf(path: str | Path, device: str | torch.device = "cpu"):
         if state[k].shape != shape:
             raise ModelLoadError(f"{path}: tensor for {k} has shape {tuple(state[k].shape)}, metadata implies "
                                  f"{tuple(shape)}")
-    model.load_state_dict(state, strict=False, assign=True)
-    if cfg.tie_embeddings:
-        model.lm_head.weight = model.tok_emb.weight
-    model.rotary._build(min(cfg.max_seq_len, 4096))
-    return model.to(device).eval(), gguf_tokenizer(reader, str(path))
+    return adopt_weights(model, state, str(path)).to(device).eval(), gguf_tokenizer(reader, str(path))
 
 
 def gguf_tokenizer(reader, where: str):

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from lmforge.config import DecoderConfig
 from lmforge.errors import ModelLoadError
 from lmforge.files import atomic_dir, write_json
-from lmforge.nn.init import meta_init
+from lmforge.nn.init import adopt_weights, meta_init
 
 NATIVE_TYPE = "lmforge-decoder"
 SUPPORTED = ("gpt2", "llama", "mistral", "qwen2", "bert", "t5", NATIVE_TYPE)
@@ -311,12 +311,4 @@ def load_model_dir(path: str | Path, device: str | torch.device = "cpu") -> torc
     with meta_init():
         model = DecoderLM(cfg)
     state = from_hf_state(model, read_safetensors(path), raw["model_type"], str(path))
-    model.load_state_dict(state, strict=False, assign=True)
-    if cfg.tie_embeddings:
-        model.lm_head.weight = model.tok_emb.weight
-    if cfg.pos_emb == "rope":  # buffers derived from the config are rebuilt, not loaded
-        model.rotary._build(min(cfg.max_seq_len, 4096))
-    missing = [n for n, p in model.named_parameters() if p.is_meta]
-    if missing:
-        raise ModelLoadError(f"{path}: no weights for {missing[0]}")
-    return model.to(device).eval()
+    return adopt_weights(model, state, str(path)).to(device).eval()

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from lmforge.config import EncoderConfig
 from lmforge.errors import ModelLoadError
 from lmforge.files import atomic_dir, write_json
-from lmforge.nn.init import meta_init
+from lmforge.nn.init import adopt_weights, meta_init
 
 ARCHITECTURES = {"none": "BertModel", "mlm": "BertForMaskedLM", "pretrain": "BertForPreTraining",
                  "classify": "BertForSequenceClassification", "qa": "BertForQuestionAnswering"}
@@ -168,5 +168,4 @@ def load_encoder_dir(path: Path, raw: dict[str, Any], tensors: dict[str, torch.T
         raise ModelLoadError(f"{path / 'config.json'}: {e}") from None
     with meta_init():
         model = Encoder(cfg)
-    model.load_state_dict(from_hf_state(model, tensors, str(path)), strict=True, assign=True)
-    return model.to(device).eval()
+    return adopt_weights(model, from_hf_state(model, tensors, str(path)), str(path)).to(device).eval()

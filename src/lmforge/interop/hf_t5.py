@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from lmforge.config import Seq2SeqConfig
 from lmforge.errors import ModelLoadError
 from lmforge.files import atomic_dir, write_json
-from lmforge.nn.init import meta_init
+from lmforge.nn.init import adopt_weights, meta_init
 
 # lmforge mlp kind <-> T5's feed_forward_proj
 FF_PROJ = {"relu": "relu", "gelu": "gelu", "gelu_tanh": "gelu_new", "geglu": "gated-gelu"}
@@ -132,10 +132,4 @@ def load_seq2seq_dir(path: Path, raw: dict[str, Any], tensors: dict[str, torch.T
     head = tensors.get("lm_head.weight")
     if cfg.tie_embeddings and head is not None and not torch.equal(head, state["tok_emb.weight"]):
         raise ModelLoadError(f"{path}: a rescaled (T5 v1.0) head with its own lm_head.weight is not supported")
-    model.load_state_dict(state, strict=False, assign=True)
-    if cfg.tie_embeddings:
-        model.lm_head.weight = model.tok_emb.weight
-    missing = [n for n, p in model.named_parameters() if p.is_meta]
-    if missing:
-        raise ModelLoadError(f"{path}: no weights for {missing[0]}")
-    return model.to(device).eval()
+    return adopt_weights(model, state, str(path)).to(device).eval()

@@ -32,3 +32,23 @@ def meta_init() -> Iterator[None]:
     finally:
         for name, fn in saved.items():
             setattr(nn.init, name, fn)
+
+
+def adopt_weights(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> nn.Module:
+    """Give a model built under `meta_init` its loaded tensors (assigned, not copied), tie the output matrix to
+    the embedding when the config says so, rebuild the rotary tables (derived from the config, never stored),
+    and refuse a model left with a parameter that no tensor filled."""
+    from lmforge.errors import ModelLoadError
+    from lmforge.nn.attention import Rotary
+
+    model.load_state_dict(state, strict=False, assign=True)
+    cfg = model.config
+    if getattr(cfg, "tie_embeddings", False):
+        model.lm_head.weight = model.tok_emb.weight
+    rotary = getattr(model, "rotary", None)
+    if isinstance(rotary, Rotary):
+        rotary._build(min(cfg.max_seq_len, 4096))
+    missing = [n for n, p in model.named_parameters() if p.is_meta]
+    if missing:
+        raise ModelLoadError(f"{where}: no weights for {missing[0]}")
+    return model
