@@ -144,4 +144,37 @@ def test_packed_weights_match_plain_linears(lm):
     b = [t.tolist() for t in generate_ids(model, prompts, SamplingParams(20, temperature=0), pack_weights=False)]
     assert a == b
     release_packed(model)
-    assert not any(hasattr(m, "_lmforge_packed") for m in model.modules())
+    assert not any(hasattr(m, "_lmforge_packed") or hasattr(m, "_lmforge_fused") for m in model.modules())
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "qwen2-bias", "lora"])
+def test_fused_projections_match_separate_ones(kind):
+    """Inside packed_linears, q/k/v (grouped-query in llama) and gate/up run as one product each; the logits and
+    a cached decode match the unfused model. A LoRA-adapted projection is left unfused."""
+    from lmforge.nn.packed import can_pack, packed_linears
+    from lmforge.tune.lora import apply_lora
+
+    torch.manual_seed(0)
+    cfg = tiny_config("gpt2" if kind == "gpt2" else "llama", **({"qkv_bias": True} if kind == "qwen2-bias" else {}))
+    model = DecoderLM(cfg).eval()
+    if not can_pack(model):
+        pytest.skip("oneDNN is not available in this torch build")
+    if kind == "lora":
+        apply_lora(model, "q_proj", r=2)
+        model.eval()  # (the adapters' dropout)
+        for m in model.modules():
+            if hasattr(m, "lora_B"):
+                torch.nn.init.normal_(m.lora_B)
+    x = torch.randint(0, cfg.vocab_size, (2, 12))
+    with torch.inference_mode():
+        plain = model(x).logits
+        with packed_linears(model, batch_hint=2):
+            attn, mlp = model.blocks[0].attn, model.blocks[0].mlp
+            assert ("_lmforge_fused_on" in attn.__dict__) == (kind != "lora")
+            assert ("_lmforge_fused_on" in mlp.__dict__) == (kind != "gpt2")  # gpt2's MLP has no gate
+            fused = model(x).logits
+        assert "_lmforge_fused_on" not in attn.__dict__  # the context ends the fused path
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+    a = [t.tolist() for t in generate_ids(model, x.tolist(), SamplingParams(8, temperature=0), pack_weights=True)]
+    b = [t.tolist() for t in generate_ids(model, x.tolist(), SamplingParams(8, temperature=0), pack_weights=False)]
+    assert a == b

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmforge.nn.packed import fused_outputs
+
 # --------------------------------------------------------------------------------------------------------------
 # the formula
 
@@ -273,11 +275,12 @@ class Attention(nn.Module):
         """x [B, T, d_model]. kv: keys and values from `project_kv` of another sequence (cross-attention: the
         decoder attends to the encoder's output, projected once and reused at every decoding step)."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        if kv is not None:
-            k, v = kv
+        fused = fused_outputs(self, x) if kv is None else None  # q, k, v in one product while decoding
+        if fused is not None:
+            q, k, v = (t.view(B, T, -1, self.head_dim).transpose(1, 2) for t in fused)
         else:
-            k, v = self.project_kv(x)
+            q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+            k, v = kv if kv is not None else self.project_kv(x)
         if rotary is not None:
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         if cache is not None:

@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmforge.nn.packed import fused_outputs
+
 ACTIVATIONS = {
     "gelu": F.gelu,
     "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
@@ -30,5 +32,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gated:
-            return self.down(self.act(self.gate(x)) * self.up(x))
+            fused = fused_outputs(self, x)  # gate and up in one product while decoding (lmforge.nn.packed)
+            g, u = fused if fused is not None else (self.gate(x), self.up(x))
+            return self.down(self.act(g) * u)
         return self.down(self.act(self.up(x)))
