@@ -147,10 +147,12 @@ def test_packed_weights_match_plain_linears(lm):
     assert not any(hasattr(m, "_lmforge_packed") or hasattr(m, "_lmforge_fused") for m in model.modules())
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "llama", "qwen2-bias", "lora"])
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "qwen2-bias", "lora", "int8"])
 def test_fused_projections_match_separate_ones(kind):
-    """Inside packed_linears, q/k/v (grouped-query in llama) and gate/up run as one product each; the logits and
-    a cached decode match the unfused model. A LoRA-adapted projection is left unfused."""
+    """Inside packed_linears, q/k/v (grouped-query in llama) and gate/up run as one product each, also as int8
+    weight-only layers; the logits and a cached decode match the unfused model. A LoRA-adapted projection is
+    left unfused."""
+    from lmforge.compress.quant import quantize_model
     from lmforge.nn.packed import can_pack, packed_linears
     from lmforge.tune.lora import apply_lora
 
@@ -165,6 +167,8 @@ def test_fused_projections_match_separate_ones(kind):
         for m in model.modules():
             if hasattr(m, "lora_B"):
                 torch.nn.init.normal_(m.lora_B)
+    if kind == "int8":
+        quantize_model(model, "int8")
     x = torch.randint(0, cfg.vocab_size, (2, 12))
     with torch.inference_mode():
         plain = model(x).logits

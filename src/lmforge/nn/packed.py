@@ -7,14 +7,15 @@ bandwidth, and gets worse at batch 8. oneDNN with the weight reordered once into
 nn.Linear's forward for the packed one while the context is open.
 
 Projections that read the same input are fused into one packed matrix: an attention layer's q, k and v, and a
-gated MLP's gate and up. One product over the stacked weights replaces three (two) calls, so a decoding step of
-a 30-block model makes 121 matrix calls instead of 211; each call has a fixed cost (dispatch, oneDNN primitive
-lookup, threading) that a batch-1 product, a few microseconds of arithmetic, does not hide. `fused_outputs`
-is how Attention and MLP ask for the fused product.
+gated MLP's gate and up (plain Linear layers, or int8 weight-only ones from `--quantize int8`). One product over
+the stacked weights replaces three (two) calls, so a decoding step of a 30-block model makes 121 matrix calls
+instead of 211, and each call's fixed cost (dispatch, oneDNN primitive lookup, waking the threads, and for int8
+converting the input to bfloat16) is paid less often. `fused_outputs` is how Attention and MLP ask for it.
 
-The packed copies are cached on the modules (keyed by the weight's storage and version, so a weight that
-changes is repacked), which costs one extra copy of the Linear weights in memory; `release_packed(model)` frees
-them. Results match the plain path to float rounding (about 1e-6 relative).
+The packed and fused copies are cached on the modules (keyed by the weight's storage and version, so a weight
+that changes is repacked), which costs one extra copy of the Linear weights in memory (for int8, of the fused
+projections); `release_packed(model)` frees them. Results match the plain path to float rounding (about 1e-6
+relative).
 """
 
 from __future__ import annotations
@@ -48,19 +49,33 @@ def _pack(m: nn.Linear, batch_hint: int) -> None:
         setattr(m, _ATTR, (key, packed))
 
 
-_FUSED = "_lmforge_fused"  # on a module: (key, packed stacked weight, stacked bias or None, output sizes)
+_FUSED = "_lmforge_fused"  # on a module: (key, the fused product as a callable, output sizes)
 FUSIBLE = {"Attention": ("q_proj", "k_proj", "v_proj"), "MLP": ("gate", "up")}  # siblings that read one input
 
 
-def _fuse(parent: nn.Module, linears: list[nn.Linear], batch_hint: int) -> None:
-    key = tuple((m.weight.data_ptr(), m.weight._version) for m in linears)
+def _mkldnn_product(packed: torch.Tensor, bias: torch.Tensor | None):
+    return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+def _cat_bias(linears: list[nn.Module]) -> torch.Tensor | None:
+    return None if linears[0].bias is None else torch.cat([m.bias.detach() for m in linears])
+
+
+def _fuse(parent: nn.Module, linears: list[nn.Module], batch_hint: int) -> None:
+    from lmforge.compress.quant import Int8Linear
+
+    plain = type(linears[0]) is nn.Linear
+    weights = [m.weight if plain else m.qweight for m in linears]
+    key = tuple((w.data_ptr(), w._version) for w in weights)
     cached = getattr(parent, _FUSED, None)
     if cached is None or cached[0] != key:
         with torch.no_grad():
-            w = torch.cat([m.weight.detach() for m in linears])
-            bias = None if linears[0].bias is None else torch.cat([m.bias.detach() for m in linears])
-            packed = torch.ops.mkldnn._reorder_linear_weight(w, batch_hint)
-        setattr(parent, _FUSED, (key, packed, bias, [m.out_features for m in linears]))
+            if plain:
+                packed = torch.ops.mkldnn._reorder_linear_weight(torch.cat([w.detach() for w in weights]), batch_hint)
+                product = _mkldnn_product(packed, _cat_bias(linears))
+            else:  # int8 weight-only rows with per-row scales stack as they are
+                product = Int8Linear(torch.cat(weights), torch.cat([m.scales for m in linears]), _cat_bias(linears))
+        setattr(parent, _FUSED, (key, product, [m.out_features for m in linears]))
 
 
 def fused_outputs(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
@@ -69,31 +84,41 @@ def fused_outputs(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...
     fused = module.__dict__.get("_lmforge_fused_on")
     if fused is None:
         return None
-    _, packed, bias, sizes = fused
-    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "").split(sizes, dim=-1)
+    _, product, sizes = fused
+    return product(x).split(sizes, dim=-1)
 
 
-def _fusible(parent: nn.Module) -> list[nn.Linear] | None:
+def _fusible(parent: nn.Module, pack: bool) -> list[nn.Module] | None:
+    """The sibling projections of `parent` when they can run as one product: all plain Linear layers (with
+    oneDNN), or all int8 weight-only layers; not LoRA-adapted, not held by another open context."""
+    from lmforge.compress.quant import Int8Linear
+
     names = FUSIBLE.get(type(parent).__name__)
     linears = [getattr(parent, n, None) for n in names or ()]
-    if not linears or any(type(m) is not nn.Linear or "forward" in m.__dict__ for m in linears):
-        return None  # not fusible, adapted (LoRA / quantized), or held by another open context
-    if len({m.weight.dtype for m in linears}) != 1 or len({m.bias is None for m in linears}) != 1:
+    kinds = {type(m) for m in linears}
+    if not linears or len(kinds) != 1 or not kinds <= ({nn.Linear} if pack else set()) | {Int8Linear}:
+        return None
+    if any("forward" in m.__dict__ for m in linears) or len({m.bias is None for m in linears}) != 1:
+        return None
+    if len({(m.weight if type(m) is nn.Linear else m.qweight).dtype for m in linears}) != 1:
         return None
     return linears
 
 
 @contextmanager
 def packed_linears(model: nn.Module, batch_hint: int = 1, enabled: bool = True) -> Iterator[nn.Module]:
-    """Run the model's Linear layers through prepacked oneDNN weights inside the block (no-op off CPU), with
-    sibling projections fused (see the module docstring)."""
-    if not enabled or not can_pack(model) or torch.is_grad_enabled():
+    """Run the model's Linear layers through prepacked oneDNN weights inside the block, with sibling projections
+    fused (see the module docstring); int8 weight-only siblings are fused too. A no-op off CPU or with
+    gradients on."""
+    p = next(model.parameters(), None)
+    if not enabled or torch.is_grad_enabled() or p is None or p.device.type != "cpu":
         yield model
         return
+    pack = can_pack(model)
     swapped, fused, covered = [], [], set()
     try:
         for parent in model.modules():
-            linears = _fusible(parent) if "_lmforge_fused_on" not in parent.__dict__ else None
+            linears = _fusible(parent, pack) if "_lmforge_fused_on" not in parent.__dict__ else None
             if linears is not None:
                 _fuse(parent, linears, batch_hint)
                 parent._lmforge_fused_on = getattr(parent, _FUSED)
@@ -102,7 +127,7 @@ def packed_linears(model: nn.Module, batch_hint: int = 1, enabled: bool = True) 
         for m in model.modules():
             # (a module whose forward is already swapped belongs to another open context, e.g. the serving engine
             # while a caller generates on the same model: that context swaps it back)
-            if type(m) is nn.Linear and "forward" not in m.__dict__ and id(m) not in covered:
+            if pack and type(m) is nn.Linear and "forward" not in m.__dict__ and id(m) not in covered:
                 _pack(m, batch_hint)
                 m.forward = types.MethodType(_packed_forward, m)
                 swapped.append(m)
