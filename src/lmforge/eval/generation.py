@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from lmforge.eval.qa import exact_match, token_f1
+from lmforge.eval.qa import squad_scores
 
 
 def reference_scores(predictions: Sequence[str], references: Sequence[str | Sequence[str]]) -> dict[str, float]:
@@ -19,9 +19,7 @@ def reference_scores(predictions: Sequence[str], references: Sequence[str | Sequ
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     refs = [[r] if isinstance(r, str) else list(r) for r in references]
     n = max(len(predictions), 1)
-    return {
-        "exact_match": 100 * sum(max(exact_match(p, g) for g in gs) for p, gs in zip(predictions, refs)) / n,
-        "f1": 100 * sum(max(token_f1(p, g) for g in gs) for p, gs in zip(predictions, refs)) / n,
+    return squad_scores(list(predictions), refs) | {
         "rougeL": 100 * sum(max(scorer.score(g, p)["rougeL"].fmeasure for g in gs)
                             for p, gs in zip(predictions, refs)) / n,
     }
