@@ -2,7 +2,10 @@
 transformers' `generate` loading the same file. Greedy, 128 new tokens, batch 1 and 8 (the same prompt
 repeated, so no padding differences), each system in its own fresh process, median of 3 runs after a warm-up.
 "lmforge int8" is weight-only int8 (`--quantize int8`); its perplexity on a Shakespeare sample is printed beside
-fp32's (strided windows of 256, stride 128).
+fp32's (strided windows of 256, stride 128). "+ compile" decodes through torch.compile (`--compile`); the
+"first call" column is the warm-up run's seconds, which holds the compilation (and, for lmforge, packing the
+weights) that later calls skip: cold, in a fresh inductor cache (set TORCHINDUCTOR_CACHE_DIR to measure a warm
+one, as a second `lmforge generate --compile` process would see).
 
     python benchmarks/decode_real.py
 """
@@ -12,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 
 import torch
 
@@ -20,6 +24,9 @@ from common import median_time, run_worker, table  # noqa: E402
 
 NEW = 128
 PROMPT = "Once upon a time, in a small village by the sea, there lived an old fisherman who"
+
+
+SYSTEMS = ("transformers", "lmforge", "lmforge-int8", "lmforge-compile", "lmforge-int8-compile")
 
 
 def worker(system: str, batch: str) -> None:
@@ -33,12 +40,17 @@ def worker(system: str, batch: str) -> None:
         from lmforge.runtime import tune_allocator
 
         tune_allocator()
-        model, tok = load_pretrained(path, quantize="int8" if system == "lmforge-int8" else None)
+        model, tok = load_pretrained(path, quantize="int8" if "int8" in system else None)
         rows = [tok.encode(PROMPT)] * B
         params = SamplingParams(max_new_tokens=NEW, temperature=0)
+        compile = system.endswith("compile")
+        if compile and not os.environ.get("TORCHINDUCTOR_CACHE_DIR"):  # a cold compile, as on a first run
+            import tempfile
+
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="lmforge-bench-inductor-")
 
         def run():
-            assert sum(1 for _ in generate_ids(model, rows, params)) == NEW
+            assert sum(1 for _ in generate_ids(model, rows, params, compile=compile)) == NEW
     else:
         import transformers
 
@@ -53,8 +65,11 @@ def worker(system: str, batch: str) -> None:
                                      min_new_tokens=NEW, pad_token_id=2, eos_token_id=None)
             assert out.shape[1] == ids.shape[1] + NEW
 
-    result = {"seconds": median_time(run, warmup=1, repeats=3)}
-    if system.startswith("lmforge") and B == 1:
+    t0 = time.perf_counter()
+    run()
+    first = time.perf_counter() - t0
+    result = {"seconds": median_time(run, warmup=0, repeats=3), "first": first}
+    if system in ("lmforge", "lmforge-int8") and B == 1:
         import math
 
         from lmforge.data.assets import corpus_files
@@ -71,16 +86,17 @@ def main() -> None:
     rows = []
     for batch in (1, 8):
         group = []
-        for system in ("transformers", "lmforge", "lmforge-int8"):
+        for system in SYSTEMS:
             r = run_worker(__file__, system, str(batch))
-            group.append({"batch": batch, "system": system, "tok_s": batch * NEW / r["seconds"],
-                          "ms": r["seconds"] / NEW * 1e3, "ppl": r.get("ppl")})
+            group.append({"batch": batch, "system": system.replace("-compile", " + compile"),
+                          "tok_s": batch * NEW / r["seconds"], "ms": r["seconds"] / NEW * 1e3, "ppl": r.get("ppl"),
+                          "first": r["first"]})
         for row in group:
             row["ratio"] = row["tok_s"] / group[0]["tok_s"]
         rows += group
     print(table(rows, [("batch", "batch", "d"), ("system", "system", ""), ("ms", "ms / step", ".1f"),
                        ("tok_s", "tokens/s", ",.1f"), ("ratio", "x transformers", ".2f"),
-                       ("ppl", "perplexity", ".3f")]))
+                       ("ppl", "perplexity", ".3f"), ("first", "first call s", ".1f")]))
 
 
 if __name__ == "__main__":

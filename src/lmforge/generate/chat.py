@@ -49,15 +49,16 @@ def apply_chat_template(tokenizer, messages: Sequence[dict], add_generation_prom
 
 def chat(model, tokenizer, messages: Sequence[dict], max_new_tokens: int = 256, temperature: float = 0.7,
          top_k: int | None = 50, top_p: float | None = 0.9, repetition_penalty: float = 1.0,
-         seed: int | None = None, on_text: Callable[[str], None] | None = None) -> str:
-    """The assistant's reply to `messages` (a list of {"role", "content"}), streamed to on_text if given."""
+         seed: int | None = None, on_text: Callable[[str], None] | None = None, compile: bool = False) -> str:
+    """The assistant's reply to `messages` (a list of {"role", "content"}), streamed to on_text if given.
+    compile: decode through torch.compile (see generate_ids)."""
     from lmforge.generate.sampling import generate
 
     prompt = apply_chat_template(tokenizer, messages)
     stream = (lambda _row, piece: on_text(piece)) if on_text else None
     return generate(model, tokenizer, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                     top_p=top_p, repetition_penalty=repetition_penalty, seed=seed, on_text=stream,
-                    end_token_ids=end_of_turn_ids(tokenizer))
+                    end_token_ids=end_of_turn_ids(tokenizer), compile=compile)
 
 
 def end_of_turn_ids(tokenizer) -> list[int]:

@@ -18,7 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from lmforge.config import DecoderConfig
 from lmforge.models.base import PretrainedModel
-from lmforge.nn.attention import Attention, KVCache, Rotary, SlotKVCache, padded_causal_mask
+from lmforge.nn.attention import Attention, KVCache, Rotary, SlotKVCache, StaticKVCache, padded_causal_mask
 from lmforge.nn.loss import cross_entropy
 from lmforge.nn.mlp import MLP
 from lmforge.nn.norm import make_norm
@@ -102,8 +102,8 @@ class DecoderLM(PretrainedModel):
         only where it is set, as a flat [N, V] (fine-tuning scores a few answer tokens: the vocabulary-wide
         projection of every other position would be most of the step's time and memory)."""
         B, T = input_ids.shape
-        past = cache.length if cache is not None else 0
         if position_ids is None:
+            past = cache.length if cache is not None else 0
             if attention_mask is not None:
                 position_ids = ((attention_mask != 0).long().cumsum(-1) - 1).clamp(min=0)[:, past:past + T]
             else:
@@ -154,10 +154,14 @@ class DecoderLM(PretrainedModel):
                     for s in range(0, h.size(0), chunk))
         return total / n
 
-    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
+    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None, static: bool = False) -> KVCache:
+        """A preallocated KV cache; static=True gives the fixed-shape one compiled decoding needs."""
         c = self.config
         p = self.norm.weight  # (head and embedding may be quantized; the final norm keeps the compute dtype)
-        return KVCache(c.n_layer, batch, c.n_kv_head, c.head_dim, max_len, p.device, dtype or p.dtype)
+        if static and hasattr(self, "rotary"):
+            self.rotary.reserve(max_len)
+        return (StaticKVCache if static else KVCache)(c.n_layer, batch, c.n_kv_head, c.head_dim, max_len, p.device,
+                                                      dtype or p.dtype)
 
     def new_slot_cache(self, slots: int, max_len: int, dtype: torch.dtype | None = None) -> SlotKVCache:
         """A cache whose rows hold independent sequences (continuous batching; see SlotKVCache)."""

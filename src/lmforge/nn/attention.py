@@ -83,11 +83,21 @@ class Rotary(nn.Module):
         self.register_buffer("cos", emb.cos(), persistent=False)
         self.register_buffer("sin", emb.sin(), persistent=False)
 
+    def reserve(self, n: int) -> None:
+        """Make sure the tables cover positions 0..n-1 (a compiled decoding step cannot grow them itself)."""
+        if n > self.cos.size(0):
+            self._build(n, self.cos.device)
+
     def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin of shape [B or 1, 1, T, head_dim] for the given positions [B or 1, T]."""
-        if int(position_ids.max()) >= self.cos.size(0):
-            self._build(int(position_ids.max()) + 1, self.cos.device)
+        if not _compiling():  # (reading the largest position back to Python would split a compiled graph)
+            self.reserve(int(position_ids.max()) + 1)
         return self.cos[position_ids][:, None], self.sin[position_ids][:, None]
+
+
+def _compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    return compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling()
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -136,6 +146,28 @@ class KVCache:
         for store in (self.k, self.v):
             for t in store:
                 t[:, :, :n] = t[:, :, :n].index_select(0, rows)
+
+
+class StaticKVCache(KVCache):
+    """A KVCache whose decoding steps all have the same shapes, so that `torch.compile` builds one graph for
+    every step: a step writes its token's keys and values at the slot held in the tensor `at` and attends over
+    all max_len slots, with the caller's mask hiding the ones not written yet. The prompt (while `at` is None)
+    fills slots as KVCache does; after it, the caller moves `at` and `length` between steps."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.at: torch.Tensor | None = None
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.at is None:
+            return super().update(layer, k, v)
+        self.k[layer].index_copy_(2, self.at, k)
+        self.v[layer].index_copy_(2, self.at, v)
+        return self.k[layer], self.v[layer]
+
+    def advance(self, n: int) -> None:
+        if self.at is None:  # (a compiled step must not touch a Python int: each value would be a new graph)
+            self.length += n
 
 
 class SlotKVCache:

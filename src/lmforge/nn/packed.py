@@ -36,8 +36,35 @@ def can_pack(model: nn.Module) -> bool:
             and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
+def _linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
+    if _OPAQUE is not None and torch.compiler.is_compiling():
+        return _OPAQUE(x, packed, bias, out_features)
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+def _opaque_op():
+    """The packed product as a custom op that torch.compile calls as it is: inductor's own lowering of this
+    oneDNN op expects weights it packed itself (with `freezing`), and rejects ours."""
+    if not hasattr(torch.library, "custom_op"):  # torch < 2.4: compiled decoding then runs unpacked
+        return None
+
+    @torch.library.custom_op("lmforge::packed_linear", mutates_args=())
+    def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None,
+                      out_features: int) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+    @packed_linear.register_fake
+    def _(x, packed, bias, out_features):
+        return x.new_empty(*x.shape[:-1], out_features)
+
+    return packed_linear
+
+
+_OPAQUE = _opaque_op()
+
+
 def _packed_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, getattr(self, _ATTR)[1], self.bias, "none", [], "")
+    return _linear(x, getattr(self, _ATTR)[1], self.bias, self.out_features)
 
 
 def _pack(m: nn.Linear, batch_hint: int) -> None:
@@ -53,8 +80,8 @@ _FUSED = "_lmforge_fused"  # on a module: (key, the fused product as a callable,
 FUSIBLE = {"Attention": ("q_proj", "k_proj", "v_proj"), "MLP": ("gate", "up")}  # siblings that read one input
 
 
-def _mkldnn_product(packed: torch.Tensor, bias: torch.Tensor | None):
-    return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+def _mkldnn_product(packed: torch.Tensor, bias: torch.Tensor | None, out_features: int):
+    return lambda x: _linear(x, packed, bias, out_features)
 
 
 def _cat_bias(linears: list[nn.Module]) -> torch.Tensor | None:
@@ -72,7 +99,7 @@ def _fuse(parent: nn.Module, linears: list[nn.Module], batch_hint: int) -> None:
         with torch.no_grad():
             if plain:
                 packed = torch.ops.mkldnn._reorder_linear_weight(torch.cat([w.detach() for w in weights]), batch_hint)
-                product = _mkldnn_product(packed, _cat_bias(linears))
+                product = _mkldnn_product(packed, _cat_bias(linears), sum(m.out_features for m in linears))
             else:  # int8 weight-only rows with per-row scales stack as they are
                 product = Int8Linear(torch.cat(weights), torch.cat([m.scales for m in linears]), _cat_bias(linears))
         setattr(parent, _FUSED, (key, product, [m.out_features for m in linears]))
