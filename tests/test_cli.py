@@ -96,6 +96,11 @@ def test_pretrain_generate_info_and_rerun_guard(tmp_path, small_corpus):
     assert g.returncode == 0, g.stderr
     rows = json.loads(g.stdout)
     assert [r["prompt"] for r in rows] == ["ROMEO.", "JULIET."] and all(isinstance(r["text"], str) for r in rows)
+    greedy = ("generate", "--model", str(out / "model"), "--prompt", "ROMEO.", "--prompt", "JULIET. I",
+              "--max-new-tokens", "12", "--temperature", "0", "--json")
+    eager, compiled = run_cli(*greedy), run_cli(*greedy, "--compile")
+    assert compiled.returncode == 0, compiled.stderr[-2000:]
+    assert json.loads(compiled.stdout) == json.loads(eager.stdout)
     i = run_cli("info", str(out / "model"), "--json")
     assert i.returncode == 0 and json.loads(i.stdout)["config"]["d_model"] == 32
     again = run_cli("pretrain", "--config", str(recipe(tmp_path, small_corpus)), "--out", str(out))
