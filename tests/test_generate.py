@@ -202,3 +202,15 @@ def test_compiled_decoding_matches_eager(style):
     again = [t.tolist() for t in generate_ids(model, prompts, SamplingParams(30, temperature=0), compile=True)]
     assert again[:24] == eager
     assert counters["stats"]["unique_graphs"] == graphs  # same batch and length bucket: no recompilation
+
+
+def test_compile_failure_is_a_clear_error(lm, monkeypatch):
+    from lmforge.generate import sampling
+
+    def broken(*args):
+        raise RuntimeError("CppCompileError: no C++ compiler found\nmore lines")
+
+    monkeypatch.setattr(sampling, "compiled_decode_step", lambda: broken)
+    model, _ = lm
+    with pytest.raises(LmforgeError, match="torch.compile could not compile.*no C\\+\\+ compiler found.*without"):
+        list(generate_ids(model, [[5, 17, 42]], SamplingParams(4, temperature=0), compile=True))

@@ -176,7 +176,14 @@ def generate_ids(
             if step is not None and length > T:  # a compiled step: fixed shapes, the slot to write in a tensor
                 keys[:, length - 1] = True
                 cache.at = torch.tensor([length - 1], device=device)
-                logits = step(model, x, keys.sum(-1, keepdim=True) - 1, keys[:, None, None, :], cache)
+                try:
+                    logits = step(model, x, keys.sum(-1, keepdim=True) - 1, keys[:, None, None, :], cache)
+                except Exception as e:  # the first call compiles: no C++ compiler, an unsupported operation, ...
+                    if length > T + 1:
+                        raise
+                    why = (str(e).strip().splitlines() or [""])[0][:200]
+                    raise LmforgeError(f"torch.compile could not compile the decoding step ({type(e).__name__}: "
+                                       f"{why}); run without --compile / compile=True") from e
                 cache.length += 1
             else:
                 logits = model(x, attention_mask=None if mask is None else mask[:, :length], cache=cache,
