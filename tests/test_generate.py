@@ -187,7 +187,8 @@ def test_fused_projections_match_separate_ones(kind):
 @pytest.mark.parametrize("style", ["gpt2", "llama"])
 def test_compiled_decoding_matches_eager(style):
     """compile=True (torch.compile over a static KV cache, packed weights inside the graph) gives the eager
-    tokens for a left-padded batch, and a second call of the same shapes reuses the compiled graph."""
+    tokens for a left-padded batch, and later calls of the same shapes, on this model or another, reuse the
+    compiled graph."""
     from torch._dynamo.utils import counters
 
     torch.manual_seed(0)
@@ -201,7 +202,12 @@ def test_compiled_decoding_matches_eager(style):
     assert graphs > 0  # the compiled path ran (fullgraph: a graph break would have raised)
     again = [t.tolist() for t in generate_ids(model, prompts, SamplingParams(30, temperature=0), compile=True)]
     assert again[:24] == eager
-    assert counters["stats"]["unique_graphs"] == graphs  # same batch and length bucket: no recompilation
+    torch.manual_seed(1)  # another model of the same shape shares the graph (its weights are inputs, not constants)
+    other = DecoderLM(tiny_config(style, max_seq_len=256)).eval()
+    other_eager = [t.tolist() for t in generate_ids(other, prompts, params)]
+    assert other_eager != eager
+    assert [t.tolist() for t in generate_ids(other, prompts, params, compile=True)] == other_eager
+    assert counters["stats"]["unique_graphs"] == graphs  # same shapes, batch and length bucket: no recompilation
 
 
 def test_compile_failure_is_a_clear_error(lm, monkeypatch):
