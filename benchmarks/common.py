@@ -27,16 +27,21 @@ def matmul_peak_flops(sizes=(1024, 2048), seconds: float = 1.0) -> float:
     return best
 
 
-def read_bandwidth(nbytes: int = 1 << 30, repeats: int = 7) -> float:
-    """Best bytes/s for reading a buffer far larger than the caches (a sum over 1 GiB of fp32)."""
+def read_rates(nbytes: int = 1 << 30, repeats: int = 7) -> list[float]:
+    """Bytes/s of `repeats` reads of a buffer far larger than the caches (a sum over 1 GiB of fp32)."""
     x = torch.ones(nbytes // 4)
     x.sum()
-    best = 0.0
+    rates = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         x.sum()
-        best = max(best, nbytes / (time.perf_counter() - t0))
-    return best
+        rates.append(nbytes / (time.perf_counter() - t0))
+    return rates
+
+
+def read_bandwidth(nbytes: int = 1 << 30, repeats: int = 7) -> float:
+    """The best of `repeats` reads (read_rates): the memory-bandwidth ceiling."""
+    return max(read_rates(nbytes, repeats))
 
 
 def median_time(fn: Callable[[], None], warmup: int = 2, repeats: int = 5) -> float:

@@ -60,3 +60,15 @@ def test_grouped_query_equals_multi_head_with_repeated_kv(causal):
     torch.testing.assert_close(
         gqa, attention_reference(q, k.repeat_interleave(3, dim=1), v.repeat_interleave(3, dim=1), mask)
     )
+
+
+def test_compiled_one_query_attention_equals_the_formula():
+    """A compiled decoding step computes single-query attention as sums over the cache (nn.attention._one_query),
+    grouped-query heads through a view: it equals the formula with repeated K/V heads, under a key mask."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 6, 1, 8), torch.randn(2, 3, 9, 8), torch.randn(2, 3, 9, 8)
+    mask = torch.rand(2, 1, 1, 9) > 0.3
+    mask[..., -1] = True  # every row sees at least its own key
+    expected = attention_reference(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), mask)
+    compiled = torch.compile(lambda q, k, v, m: sdpa(q, k, v, m), fullgraph=True)
+    torch.testing.assert_close(compiled(q, k, v, mask), expected, rtol=1e-5, atol=1e-5)

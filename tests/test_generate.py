@@ -185,6 +185,33 @@ def test_fused_projections_match_separate_ones(kind):
 
 
 @pytest.mark.parametrize("style", ["gpt2", "llama"])
+def test_compiled_single_row_decoding_matches_eager(style):
+    """At batch 1 a compiled step runs each product as a multiply-and-sum loop (lmforge.nn.packed.gemv) and
+    attention as sums over the cache: the step's logits match the eager forward's and the greedy tokens are the
+    eager ones; outside the compiled step the Linear layers are plain again."""
+    from lmforge.generate.sampling import compiled_decode_step
+    from lmforge.nn.packed import packed_linears
+
+    torch.manual_seed(0)
+    model = DecoderLM(tiny_config(style, max_seq_len=256)).eval()
+    prompt = [5, 17, 42, 9, 3, 8, 1]
+    params = SamplingParams(24, temperature=0)
+    eager = [t.tolist() for t in generate_ids(model, [prompt], params)]
+    assert [t.tolist() for t in generate_ids(model, [prompt], params, compile=True)] == eager
+    assert all("forward" not in m.__dict__ for m in model.modules())
+    with torch.inference_mode(), packed_linears(model, 1, gemv=True):
+        cache = model.new_cache(1, 128, static=True)
+        model(torch.tensor([prompt]), cache=cache)
+        keys = torch.zeros(1, 128, dtype=torch.bool)
+        keys[:, :len(prompt) + 1] = True
+        cache.at = torch.tensor([len(prompt)])
+        step = compiled_decode_step()(model, torch.tensor([[7]]), keys.sum(-1, keepdim=True) - 1,
+                                      keys[:, None, None, :], cache)
+    full = model(torch.tensor([prompt + [7]])).logits[:, -1]
+    torch.testing.assert_close(step, full, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("style", ["gpt2", "llama"])
 def test_compiled_decoding_matches_eager(style):
     """compile=True (torch.compile over a static KV cache, packed weights inside the graph) gives the eager
     tokens for a left-padded batch, and later calls of the same shapes, on this model or another, reuse the

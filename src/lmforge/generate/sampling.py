@@ -162,7 +162,7 @@ def generate_ids(
         from lmforge.nn import packed
 
         step = compiled_decode_step()
-        pack_weights = pack_weights and packed._OPAQUE is not None
+        pack_weights = pack_weights and (B == 1 or packed._OPAQUE is not None)
         size = min(ctx, -(-total // COMPILE_BUCKET) * COMPILE_BUCKET)
         cache = model.new_cache(B, size, static=True)
         keys = torch.zeros((B, size), dtype=torch.bool, device=device)  # slots that hold a real token
@@ -171,7 +171,8 @@ def generate_ids(
         cache = model.new_cache(B, total)
 
     x, length = ids, T
-    with packed_linears(model, B, enabled=pack_weights):
+    # one compiled row: products as multiply-and-sum loops at memory speed (lmforge.nn.packed); else oneDNN
+    with packed_linears(model, B, enabled=pack_weights, gemv=compile and B == 1):
         for _ in range(params.max_new_tokens):
             if step is not None and length > T:  # a compiled step: fixed shapes, the slot to write in a tensor
                 keys[:, length - 1] = True
