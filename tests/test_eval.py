@@ -1,9 +1,11 @@
-"""`lmforge eval`: the multiple-choice harness (against a direct log-likelihood computation), the packaged
-chatterbot-mc set, seq2seq metrics, and the reports every evaluation writes."""
+"""`lmforge eval`: perplexity and bits per byte (against a direct computation), the multiple-choice harness
+(against a direct log-likelihood computation), the packaged chatterbot-mc set, seq2seq metrics, classification
+and extractive QA runs, and the reports every evaluation writes."""
 
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -28,6 +30,50 @@ def tiny(tmp_path_factory):
     d = tmp_path_factory.mktemp("m") / "tiny"
     model.save_pretrained(d, tokenizer=tok)
     return model, tok, d
+
+
+def _png(path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(8) == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 1000
+
+
+def test_eval_perplexity_writes_results_and_matches_a_direct_computation(tiny, tmp_path, capsys):
+    model, tok, d = tiny
+    text = "the cat sat on the mat. the dog ate the bone, and a bird sang in the tree."
+    ids = tok.encode(text)
+    assert 10 < len(ids) <= model.config.max_seq_len  # one window holds it all
+    f = tmp_path / "short.txt"
+    f.write_text(text, encoding="utf-8")
+    assert main(["eval", "perplexity", "--model", str(d), "--data", str(f), "--out", str(tmp_path / "r")]) == 0
+    assert "report:" in capsys.readouterr().out
+    res = json.loads((tmp_path / "r" / "results.json").read_text())
+    m = res["metrics"]
+    with torch.no_grad():  # every token after the first, scored by one forward pass over the whole text
+        lp = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
+    nats = -sum(float(lp[i, t]) for i, t in enumerate(ids[1:]))
+    assert res["task"] == "perplexity" and m["tokens"] == len(ids) - 1 and m["windows"] == 1
+    assert m["bytes"] == len(text.encode("utf-8"))
+    assert m["bits_per_byte"] == pytest.approx(nats / math.log(2) / m["bytes"], rel=1e-5)
+    assert m["loss"] == pytest.approx(nats / (len(ids) - 1), rel=1e-5)
+    assert m["perplexity"] == pytest.approx(math.exp(m["loss"]), rel=1e-6)
+    for name in ("report.md", "report.html", "windows.jsonl"):
+        assert (tmp_path / "r" / name).is_file(), name
+    assert _png(tmp_path / "r" / "windows.png") and "windows.png" in (tmp_path / "r" / "report.html").read_text()
+
+    # a longer text over several strided windows: the rows account for every scored token and every nat
+    long = tmp_path / "long.txt"
+    long.write_text(" ".join(TEXT[:12]), encoding="utf-8")
+    assert main(["eval", "perplexity", "--model", str(d), "--data", str(long), "--window", "16", "--stride", "8",
+                 "--out", str(tmp_path / "r2"), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    rows = [json.loads(x) for x in (tmp_path / "r2" / "windows.jsonl").read_text().splitlines()]
+    assert out["windows"] == len(rows) > 3 and out["window"] == 16 and out["stride"] == 8
+    assert sum(r["tokens"] for r in rows) == out["tokens"] == len(tok.encode(long.read_text())) - 1
+    assert out["bits_per_byte"] == pytest.approx(sum(r["loss"] * r["tokens"] for r in rows) / math.log(2)
+                                                 / len(long.read_bytes()), rel=1e-6)
+    assert out["ppl"] == out["perplexity"] and out["bpb"] == out["bits_per_byte"]  # the older names still work
+    md = (tmp_path / "r2" / "report.md").read_text()
+    assert "bits_per_byte" in md and "![windows.png](windows.png)" in md
 
 
 def test_choice_logprobs_equal_a_direct_computation(tiny):
@@ -115,6 +161,8 @@ def test_eval_cli_choice_and_seq2seq_write_reports(tiny, tmp_path, capsys):
     (["eval", "qa", "--data", "x.json"], "extractive QA model"),
     (["eval", "choice", "--data", "missing.jsonl"], "does not exist"),
     (["eval", "choice", "--data", "chatterbot-mc", "--limit", "0"], "--limit must be positive"),
+    (["eval", "perplexity", "--data", "missing.txt"], "not found"),
+    (["eval", "perplexity", "--data", "shakespeare", "--window", "100"], "need 2 <= window <= 64"),
 ])
 def test_eval_cli_errors(tiny, capsys, args, message):
     code = main([*args, "--model", str(tiny[2])])

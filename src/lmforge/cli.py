@@ -148,16 +148,17 @@ def cmd_chat(a: argparse.Namespace) -> None:
 
 
 def cmd_eval_perplexity(a: argparse.Namespace) -> None:
-    from lmforge.eval.lm import evaluate_perplexity
-    from lmforge.models import load_pretrained
+    from lmforge.eval.run import evaluate
 
-    model, tok = load_pretrained(a.model, device=a.device, quantize=a.quantize, adapter=a.adapter)
-    r = evaluate_perplexity(model, tok, a.data, window=a.window, stride=a.stride)
-    if a.json:
-        print(json.dumps(r))
+    m = evaluate("perplexity", a.model, a.data, a.out, window=a.window, stride=a.stride, quantize=a.quantize,
+                 adapter=a.adapter, device=a.device)
+    if a.json:  # (ppl and bpb: the names this output had before it went through `evaluate`)
+        print(json.dumps({**m, "ppl": m["perplexity"], "bpb": m["bits_per_byte"]}))
         return
-    print(f"perplexity {r['ppl']:.3f}  loss {r['loss']:.4f}  bits/byte {r['bpb']:.4f}  "
-          f"({r['tokens']:,} tokens, window {r['window']}, stride {r['stride']})")
+    print(f"perplexity {m['perplexity']:.3f}  loss {m['loss']:.4f}  bits/byte {m['bits_per_byte']:.4f}  "
+          f"({m['tokens']:,} tokens, {m['windows']:,} windows of {m['window']}, stride {m['stride']})")
+    if a.out:
+        print(f"report: {a.out}/report.html")
 
 
 def cmd_eval(a: argparse.Namespace) -> None:
@@ -443,7 +444,8 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--device", default="cpu")
     pp.add_argument("--quantize", choices=["int8"], help="weight-only int8 Linear weights (inference)")
     pp.add_argument("--adapter", help="a LoRA adapter directory (PEFT layout) to merge into the model")
-    pp.add_argument("--json", action="store_true")
+    pp.add_argument("--out", help="write results.json, windows.jsonl (loss per window) and report.md/.html here")
+    pp.add_argument("--json", action="store_true", help="print the metrics as JSON")
     pp.set_defaults(fn=cmd_eval_perplexity)
 
     evc = argparse.ArgumentParser(add_help=False)

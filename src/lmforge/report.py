@@ -150,3 +150,29 @@ def bar_plot(values: dict[str, float], path: str | Path, title: str, ylabel: str
         fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
     return path
+
+
+def series_plot(values: list[float], path: str | Path, title: str, xlabel: str = "", ylabel: str = "",
+                mean: float | None = None) -> Path:
+    """A line of values in order (e.g. the loss of each evaluation window), with their mean as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 3.4))
+    xs = list(range(len(values)))
+    ax.plot(xs, values, "o-" if len(values) <= 60 else "-", ms=3, lw=1, color="#4c72b0")
+    if mean is not None:
+        ax.axhline(mean, ls="--", lw=1, color="#dd8452", label=f"overall {mean:.3f}")
+        ax.legend()
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+    return path

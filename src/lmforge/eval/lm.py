@@ -48,12 +48,14 @@ def evaluate_shard(
 
 
 @torch.no_grad()
-def strided_nll(model: torch.nn.Module, ids: list[int], window: int, stride: int) -> tuple[float, int]:
+def strided_nll(model: torch.nn.Module, ids: list[int], window: int, stride: int,
+                windows: list[tuple[int, float, int]] | None = None) -> tuple[float, int]:
     """Total negative log-likelihood and token count of `ids` with a sliding window.
 
     Windows of `window` tokens start every `stride` tokens; each scores only the tokens the previous window
     did not, so every token after the first is scored once, with up to window - stride tokens of context
-    (the method of HF's perplexity guide, so the figures compare).
+    (the method of HF's perplexity guide, so the figures compare). `windows`, when given, collects
+    (first token, summed nll, tokens scored) for every window that scored any.
     """
     device = next(model.parameters()).device
     total, count, scored_to = 0.0, 0, 1  # token 0 has no context
@@ -65,8 +67,11 @@ def strided_nll(model: torch.nn.Module, ids: list[int], window: int, stride: int
         y[:, :first] = -100
         n = int((y != -100).sum())
         if n:
-            total += model(x, labels=y).loss.item() * n
+            nll = model(x, labels=y).loss.item() * n
+            total += nll
             count += n
+            if windows is not None:
+                windows.append((begin, nll, n))
         scored_to = end
         if end == len(ids):
             break
@@ -74,10 +79,14 @@ def strided_nll(model: torch.nn.Module, ids: list[int], window: int, stride: int
 
 
 def evaluate_perplexity(model: torch.nn.Module, tokenizer, sources: list[str], window: int | None = None,
-                        stride: int | None = None) -> dict[str, float]:
-    """Perplexity and bits per byte of a model on text files / corpora, document by document."""
+                        stride: int | None = None) -> dict:
+    """Perplexity and bits per byte of a model on text files / corpora, document by document.
+
+    Returns loss (mean nats per scored token), ppl, bpb (total nats / ln 2 / UTF-8 bytes of the text), tokens
+    (scored), bytes, windows (how many scored tokens), window, stride, and per_window: one (document name, first token,
+    mean loss, tokens scored) per window, in order."""
     from lmforge.data.corpus import read_documents
-    from lmforge.errors import ConfigError
+    from lmforge.errors import ConfigError, DataError
 
     window = window or min(model.config.max_seq_len, 1024)
     stride = stride or max(1, window // 2)
@@ -87,10 +96,19 @@ def evaluate_perplexity(model: torch.nn.Module, tokenizer, sources: list[str], w
     was_training = model.training
     model.eval()
     total, count, n_bytes = 0.0, 0, 0
-    for doc in read_documents(sources):
-        t, c = strided_nll(model, tokenizer.encode(doc.text), window, stride)
-        total, count, n_bytes = total + t, count + c, n_bytes + len(doc.text.encode("utf-8"))
-    model.train(was_training)
-    loss = total / max(1, count)
-    return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "bpb": total / math.log(2) / max(1, n_bytes),
-            "tokens": count, "bytes": n_bytes, "window": window, "stride": stride}
+    per_window: list[tuple[str, int, float, int]] = []
+    try:
+        for doc in read_documents(sources):
+            spans: list[tuple[int, float, int]] = []
+            t, c = strided_nll(model, tokenizer.encode(doc.text), window, stride, spans)
+            total, count, n_bytes = total + t, count + c, n_bytes + len(doc.text.encode("utf-8"))
+            per_window += [(doc.name, begin, nll / n, n) for begin, nll, n in spans]
+    finally:
+        model.train(was_training)
+    if count == 0:  # a loss of 0 (perplexity 1) would look like a perfect model
+        raise DataError(f"{', '.join(map(str, sources))}: too little text to score (each document needs at least "
+                        "two tokens)")
+    loss = total / count
+    return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "bpb": total / math.log(2) / n_bytes,
+            "tokens": count, "bytes": n_bytes, "windows": len(per_window), "window": window, "stride": stride,
+            "per_window": per_window}

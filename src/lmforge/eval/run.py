@@ -1,12 +1,13 @@
 """`lmforge eval <task>`: one entry point for every kind of evaluation, each writing the same outputs.
 
-    perplexity  decoders on text: perplexity, loss, bits per byte (strided windows)
+    perplexity  decoders on text: perplexity, loss, bits per byte (strided windows; the plot: loss per window)
     classify    classifiers on a labelled file: accuracy, macro-F1, per-class precision / recall, confusion matrix
     qa          extractive QA on SQuAD-format data: exact match and token F1 (SQuAD definitions)
     choice      zero-shot multiple choice by log-likelihood: accuracy and length-normalised accuracy
     seq2seq     generation scored against references: BLEU and chrF (sacrebleu), ROUGE-1/2/L (rouge-score)
 
-With `out`, a run writes results.json (the metrics and the settings), report.md and report.html with a plot.
+With `out`, a run writes results.json (the metrics and the settings), report.md and report.html with a plot,
+and the per-example rows: predictions.jsonl (perplexity: windows.jsonl, one row per scored window).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ def evaluate(task: str, model: str, data: list[str] | str, out: str | Path | Non
              target_col: str | None = None, chat: bool = False, prompt: str | None = None,
              max_new_tokens: int = 64, window: int | None = None, stride: int | None = None,
              quantize: str | None = None, adapter: str | None = None, batch_size: int = 16,
-             num_beams: int = 4) -> dict:
+             num_beams: int = 4, device: str = "cpu") -> dict:
     """Evaluate `model` on `data` for `task`; returns the metrics (and writes the report when `out` is given)."""
     from lmforge.models import load_pretrained
 
@@ -35,7 +36,7 @@ def evaluate(task: str, model: str, data: list[str] | str, out: str | Path | Non
     if limit is not None and limit < 1:
         raise LmforgeError(f"--limit must be positive, got {limit}")
     sources = [data] if isinstance(data, (str, Path)) else list(data)
-    m, tok = load_pretrained(model, quantize=quantize, adapter=adapter)
+    m, tok = load_pretrained(model, device=device, quantize=quantize, adapter=adapter)
     t0 = time.time()
     fn = {"perplexity": _perplexity, "classify": _classify, "qa": _qa, "choice": _choice, "seq2seq": _seq2seq}[task]
     options = {"limit": limit, "text_col": text_col, "label_col": label_col, "source_col": source_col,
@@ -57,7 +58,8 @@ def _kind(m, want: str, task: str) -> None:
 
     is_decoder = isinstance(m, DecoderLM)
     if want == "decoder" and not is_decoder:
-        raise LmforgeError(f"eval {task} needs a decoder (a causal LM); this model is an encoder")
+        what = "an encoder-decoder (T5)" if hasattr(m, "decoder") else "an encoder"
+        raise LmforgeError(f"eval {task} needs a decoder (a causal LM); this model is {what}")
     if want == "classifier" and (is_decoder or getattr(m.config, "head", None) != "classify"):
         raise LmforgeError(f"eval {task} needs a classifier (an encoder fine-tuned with `lmforge finetune classify`)")
     if want == "qa" and (is_decoder or getattr(m.config, "head", None) != "qa"):
@@ -69,7 +71,10 @@ def _perplexity(m, tok, sources, o):
 
     _kind(m, "decoder", "perplexity")
     r = evaluate_perplexity(m, tok, sources, window=o["window"], stride=o["stride"])
-    return {"perplexity": r["ppl"], "loss": r["loss"], "bits_per_byte": r["bpb"], "tokens": r["tokens"]}, None, []
+    met = {"perplexity": r["ppl"], "loss": r["loss"], "bits_per_byte": r["bpb"]}
+    met.update({k: r[k] for k in ("tokens", "bytes", "windows", "window", "stride")})
+    details = [{"document": d, "start": begin, "tokens": n, "loss": loss} for d, begin, loss, n in r["per_window"]]
+    return met, ("windows", [x[2] for x in r["per_window"]], r["loss"]), details
 
 
 def _classify(m, tok, sources, o):
@@ -189,9 +194,16 @@ def _write(out: Path, task: str, model: str, sources: list[str], metrics: dict, 
     if details:
         from lmforge.files import write_text
 
-        write_text(out / "predictions.jsonl", "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in details))
+        name = "windows.jsonl" if task == "perplexity" else "predictions.jsonl"
+        write_text(out / name, "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in details))
     images = []
-    if plot is not None and plot[0] == "confusion":
+    if plot is not None and plot[0] == "windows":
+        from lmforge.report import series_plot
+
+        series_plot(plot[1], out / "windows.png", f"{Path(str(model)).name}: loss per window",
+                    xlabel="window (in reading order)", ylabel="loss (nats / token)", mean=plot[2])
+        images.append("windows.png")
+    elif plot is not None and plot[0] == "confusion":
         from lmforge.eval.classify import plot_confusion
 
         plot_confusion(plot[1], out / "confusion.png", title=f"{Path(str(model)).name} on {Path(sources[0]).name}")
