@@ -12,11 +12,16 @@ import torch
 
 from conftest import tiny_config
 from lmforge.cli import main
+from lmforge.config import encoder_config
 from lmforge.data.choice import chatterbot_mc
+from lmforge.data.qa import QAExample, write_squad
 from lmforge.errors import DataError
 from lmforge.eval.choice import choice_logprobs, evaluate_choices, read_choices
 from lmforge.eval.generation import seq2seq_scores
+from lmforge.eval.qa import exact_match, token_f1
 from lmforge.models.decoder import DecoderLM
+from lmforge.models.encoder import Encoder
+from lmforge.predict import predict_proba
 from lmforge.tokenizer import Tokenizer
 
 TEXT = ["the cat sat on the mat.", "the dog ate the bone.", "a bird sang in the tree."] * 30
@@ -154,6 +159,75 @@ def test_eval_cli_choice_and_seq2seq_write_reports(tiny, tmp_path, capsys):
                  "--prompt", "Repeat: {source}\n", "--json"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert {"bleu", "chrf", "rouge1", "rouge2", "rougeL"} <= set(out) and out["n"] == 3
+
+
+SENTENCES = ["i love this film", "what a lovely day", "the weather is fine", "this is terrible news",
+             "i hate rainy mondays", "nothing happened today", "the cat sat on the mat", "a dog ate the bone"]
+
+
+@pytest.fixture(scope="module")
+def wordpiece():
+    return Tokenizer.train_wordpiece(SENTENCES * 5, vocab_size=200)
+
+
+def _encoder(wordpiece, **kw) -> Encoder:
+    torch.manual_seed(0)
+    cfg = encoder_config("bert-mini", vocab_size=wordpiece.vocab_size, n_layer=2, n_head=4, d_model=32,
+                         max_seq_len=64, dropout=0.0, attn_dropout=0.0, init_std=0.2, **kw)
+    return Encoder(cfg).eval()
+
+
+def test_eval_cli_classify_writes_metrics_and_confusion_matrix(wordpiece, tmp_path, capsys):
+    model = _encoder(wordpiece, head="classify", labels=["neg", "neu", "pos"])
+    model.save_pretrained(tmp_path / "cls", tokenizer=wordpiece)
+    gold = ["pos", "pos", "neu", "neg", "neg", "neu", "neu", "pos"]
+    data = tmp_path / "labelled.csv"
+    data.write_text("text,label\n" + "".join(f"{t},{g}\n" for t, g in zip(SENTENCES, gold)))
+    out = tmp_path / "r"
+    assert main(["eval", "classify", "--model", str(tmp_path / "cls"), "--data", str(data), "--out", str(out)]) == 0
+    assert "accuracy" in capsys.readouterr().out
+    m = json.loads((out / "results.json").read_text())["metrics"]
+    # the predictions are the model's own argmax, and the metrics follow from them
+    expected = [["neg", "neu", "pos"][i] for i in predict_proba(model, wordpiece, SENTENCES).argmax(-1).tolist()]
+    rows = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+    assert [r["prediction"] for r in rows] == expected and [r["label"] for r in rows] == gold
+    assert len(set(expected)) > 1  # a model that says one class for everything would test little
+    assert m["n"] == 8 and m["accuracy"] == pytest.approx(sum(p == g for p, g in zip(expected, gold)) / 8)
+    f1s = []
+    for c in ("neg", "neu", "pos"):
+        tp = sum(p == g == c for p, g in zip(expected, gold))
+        n_pred, n_gold = expected.count(c), gold.count(c)
+        f1s.append(2 * tp / (n_pred + n_gold) if n_pred + n_gold else 0.0)
+    assert m["macro_f1"] == pytest.approx(sum(f1s) / 3)
+    cm = m["confusion"]  # rows: true class, columns: predicted
+    assert [sum(row) for row in cm] == [gold.count(c) for c in ("neg", "neu", "pos")]
+    assert [sum(col) for col in zip(*cm)] == [expected.count(c) for c in ("neg", "neu", "pos")]
+    assert _png(out / "confusion.png")
+    page = (out / "report.html").read_text()
+    assert "confusion.png" in page and "macro_f1" in page and "accuracy" in (out / "report.md").read_text()
+
+
+def test_eval_cli_qa_writes_exact_match_and_f1(wordpiece, tmp_path, capsys):
+    model = _encoder(wordpiece, head="qa")
+    model.save_pretrained(tmp_path / "qa", tokenizer=wordpiece)
+    context = "i love this film . what a lovely day . the cat sat on the mat . a dog ate the bone ."
+    qs = [("what sat on the mat ?", "the cat"), ("what did the dog eat ?", "the bone"),
+          ("what kind of day ?", "lovely"), ("what do i love ?", "this film")]
+    write_squad([QAExample(str(i), context, q, [(a, context.index(a))]) for i, (q, a) in enumerate(qs)],
+                tmp_path / "qa.json")
+    out = tmp_path / "r"
+    assert main(["eval", "qa", "--model", str(tmp_path / "qa"), "--data", str(tmp_path / "qa.json"),
+                 "--out", str(out), "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    m = json.loads((out / "results.json").read_text())["metrics"]
+    rows = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+    assert m["n"] == len(rows) == 4 and printed["exact_match"] == m["exact_match"]
+    assert all(r["prediction"] in context for r in rows)  # extractive: a span of the context
+    em = [max(exact_match(r["prediction"], a) for a in r["answers"]) for r in rows]
+    f1 = [max(token_f1(r["prediction"], a) for a in r["answers"]) for r in rows]
+    assert m["exact_match"] == pytest.approx(100 * sum(em) / 4) and m["f1"] == pytest.approx(100 * sum(f1) / 4)
+    assert 0 <= m["exact_match"] <= m["f1"] <= 100
+    assert _png(out / "scores.png") and "exact_match" in (out / "report.html").read_text()
 
 
 @pytest.mark.parametrize("args, message", [

@@ -107,7 +107,9 @@ def _qa(m, tok, sources, o):
     _kind(m, "qa", "qa")
     examples = shakespeare_qa()["test"] if sources[0] == "shakespeare-qa" else read_squad(sources[0])
     examples = examples[: o["limit"]]
-    preds = answer(m, tok, examples, min(384, m.config.max_seq_len), 128)
+    max_len = min(384, m.config.max_seq_len)
+    # windows overlap by a third (128 tokens at the usual 384): a fixed 128 would not fit a small context
+    preds = answer(m, tok, examples, max_len, min(128, max_len // 3))
     met = squad_scores(preds, [[t for t, _ in e.answers] for e in examples])
     met["n"] = len(examples)
     details = [{"question": e.question, "prediction": p, "answers": [t for t, _ in e.answers]}
