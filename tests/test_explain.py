@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -266,3 +267,27 @@ def test_bad_inputs_are_one_line_errors(classifier, wordpiece, decoder, bpe, tmp
     with pytest.raises(LmforgeError, match=r"layer 2 is out of range: the model has 2 layers"):
         explain(str(tmp_path / "cls"), TEXT, tmp_path / "o", layer=2)
     assert not (tmp_path / "o").exists()  # nothing written for a refused request
+
+
+@pytest.fixture(scope="module")
+def classifier_dir(classifier, wordpiece, tmp_path_factory):
+    d = tmp_path_factory.mktemp("explain") / "cls"
+    classifier.save_pretrained(d, tokenizer=wordpiece)
+    return d
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--text", "word " * 60], r"the text is 62 tokens but the model reads at most 40; shorten the text"),
+    (["--text", TEXT, "--method", "lime"], r"unknown saliency method 'lime'; use one of ig, grad_x_input"),
+    (["--text", TEXT, "--model", "no/such/model"], r"model path no/such/model does not exist"),
+    (["--text", TEXT, "--target", "happy"], r"unknown target class 'happy'"),
+    (["--text", "   "], r"the text to explain is empty"),
+], ids=["too-long", "unknown-method", "missing-model", "unknown-target", "empty"])
+def test_explain_cli_bad_input_is_one_line_exit_2(classifier_dir, tmp_path, capsys, args, message):
+    from lmforge.cli import main
+
+    code = main(["explain", "--model", str(classifier_dir), "--out", str(tmp_path / "out"), *args])
+    captured = capsys.readouterr()
+    assert code == 2 and captured.err.count("\n") == 1 and captured.err.startswith("lmforge: error: ")
+    assert re.search(message, captured.err), captured.err
+    assert "Traceback" not in captured.err and not (tmp_path / "out").exists()  # nothing half-written
