@@ -233,12 +233,20 @@ def test_cli_quantize_prune_and_ensemble(classifier_dirs, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["prune", "--sparsity", "1.5"], "between 0 and 1"),
-    (["prune", "--sparsity", "0"], "between 0 and 1"),
+    (["prune", "--sparsity", "1.5"], "sparsity must be between 0 and 1 (exclusive), got 1.5"),
+    (["prune", "--sparsity", "1.0"], "sparsity must be between 0 and 1 (exclusive), got 1.0"),
+    (["prune", "--sparsity", "0"], "sparsity must be between 0 and 1 (exclusive), got 0.0"),
+    (["prune", "--sparsity", "-0.1"], "sparsity must be between 0 and 1 (exclusive), got -0.1"),
+    (["prune", "--structured", "heads", "--fraction", "1.0"], "fraction of heads or neurons to prune must be "
+                                                                "between 0 and 1 (exclusive), got 1.0"),
+    (["prune", "--structured", "neurons", "--fraction", "-1"], "between 0 and 1 (exclusive), got -1.0"),
     (["prune", "--structured", "heads"], "--fraction"),
     (["prune"], "either --sparsity"),
     (["quantize", "--mode", "int3"], "int8, int4, int8-dynamic"),
     (["quantize", "--mode", "int4", "--group-size", "7"], "even number"),
+    # a mode this model cannot take (not a parse error): groups of 48 do not divide its 64-wide layers
+    (["quantize", "--mode", "int4", "--group-size", "48"],
+     "int4 group size 48 does not divide the 64 inputs of blocks.0.attn.q_proj; --group-size 64 divides them all"),
 ])
 def test_cli_compress_errors(classifier_dirs, tmp_path, capsys, args, message):
     from lmforge.cli import main  # in-process: the same code path as the console script, without its start-up
@@ -246,3 +254,15 @@ def test_cli_compress_errors(classifier_dirs, tmp_path, capsys, args, message):
     code = main([*args[:1], "--model", str(classifier_dirs / "c0"), *args[1:], "--out", str(tmp_path / "x")])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and message in err, err
+    assert err.startswith("lmforge: error: ") and not (tmp_path / "x").exists()  # nothing written
+
+
+def test_int4_refusal_leaves_the_model_unchanged():
+    """quantize_model checks every layer before it converts any, so a refused mode changes nothing."""
+    from lmforge.errors import ConfigError
+
+    model = _decoder("llama")  # d_model 64, d_ff 128: groups of 48 fit neither
+    with pytest.raises(ConfigError, match="does not divide the 64 inputs of blocks.0.attn.q_proj; --group-size 64"):
+        quantize_model(model, "int4", group_size=48)
+    assert type(model.tok_emb) is torch.nn.Embedding and type(model.blocks[0].attn.q_proj) is torch.nn.Linear
+    assert not hasattr(model, "quantization")

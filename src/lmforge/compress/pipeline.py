@@ -26,7 +26,7 @@ def _load(model: str):
 def quantize(model: str, mode: str, out: str | Path, group_size: int = 64, eval_data: list[str] | None = None,
              text_col: str | None = None, label_col: str | None = None, say=print) -> dict:
     """Quantize `model` (int8, int4 or int8-dynamic) into the model directory `out`."""
-    from lmforge.compress.quant import MODES, quantize_model
+    from lmforge.compress.quant import MODES, check_quantizable, quantize_model
     from lmforge.compress.store import save_quantized
     from lmforge.interop.hf import check_output_dir
 
@@ -36,6 +36,7 @@ def quantize(model: str, mode: str, out: str | Path, group_size: int = 64, eval_
         raise LmforgeError(f"--group-size must be an even number >= 2, got {group_size}")
     check_output_dir(out)
     m, tok = _load(model)
+    check_quantizable(m, mode, group_size)  # a mode this model cannot take fails before the measurements
     before = measure(m, tok, eval_data, text_col, label_col)
     quantize_model(m, mode, group_size)
     after = measure(m, tok, eval_data, text_col, label_col)

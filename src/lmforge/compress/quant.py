@@ -305,11 +305,35 @@ def base_int8(m: Int8Linear) -> Int8Linear:
 KEEP = ("classifier", "qa_head", "nsp_head")
 
 
-def quantize_model(model: nn.Module, mode: str = "int8", group_size: int = 64) -> nn.Module:
-    """Quantize a model for inference, in place: every Linear (task heads excepted) in `mode` (int8, int4 or
-    int8-dynamic), and a decoder's tied embedding + head or an encoder's word embedding as int8 rows."""
+def check_quantizable(model: nn.Module, mode: str, group_size: int = 64) -> None:
+    """Refuse, before anything changes, a mode this model's layers cannot take: under int4 the groups must
+    divide the inputs of every Linear that would be quantized. The message names the first layer that does
+    not fit and a group size that fits them all."""
+    import math
+
     if mode not in MODES:
         raise ConfigError(f"quantization mode {mode!r} is not supported; supported: {', '.join(MODES)}")
+    if mode != "int4":
+        return
+    if group_size < 2 or group_size % 2:
+        raise ConfigError(f"int4 group size must be an even number >= 2, got {group_size}")
+    inputs = {name: m.in_features for name, m in model.named_modules()
+              if type(m) is nn.Linear and name.rsplit(".", 1)[-1] not in KEEP}
+    bad = next(((name, k) for name, k in inputs.items() if k % group_size), None)
+    if bad is None:
+        return
+    common = math.gcd(*inputs.values())
+    fits = [g for g in (128, 64, 32, 16, 8, 4, 2) if common % g == 0]
+    hint = (f"--group-size {fits[0]} divides them all" if fits else
+            "no even group size divides them all; use --mode int8")
+    raise ConfigError(f"int4 group size {group_size} does not divide the {bad[1]} inputs of {bad[0]}; {hint}")
+
+
+def quantize_model(model: nn.Module, mode: str = "int8", group_size: int = 64) -> nn.Module:
+    """Quantize a model for inference, in place: every Linear (task heads excepted) in `mode` (int8, int4 or
+    int8-dynamic), and a decoder's tied embedding + head or an encoder's word embedding as int8 rows. A mode
+    the model cannot take (see `check_quantizable`) is refused before any layer changes."""
+    check_quantizable(model, mode, group_size)
     tied = getattr(model, "lm_head", None) is not None and model.lm_head.weight is getattr(model.tok_emb, "weight",
                                                                                            None)
     # an MLM head scores against the word embedding itself, so that one stays in full precision
