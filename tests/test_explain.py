@@ -1,9 +1,10 @@
-"""lmforge.explain: attention maps against the formula, integrated gradients' completeness on tiny random models
-and the real MiniLM body, gradient x input against a direct gradient, the files `explain` writes, and the
-one-line errors for bad input."""
+"""lmforge.explain: attention maps against the formula (decoders, encoders, and an encoder-decoder's three kinds),
+integrated gradients' completeness on tiny random models and the real MiniLM body, gradient x input against a
+direct gradient, the files `explain` writes, and the one-line errors for bad input."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -12,12 +13,13 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from lmforge.config import encoder_config
+from lmforge.config import encoder_config, seq2seq_config
 from lmforge.data.assets import model_file
 from lmforge.errors import LmforgeError
-from lmforge.explain import attention_maps, explain, saliency
+from lmforge.explain import attention_maps, explain, saliency, seq2seq_attention_maps
 from lmforge.models import DecoderLM, load_pretrained
 from lmforge.models.encoder import Encoder
+from lmforge.models.seq2seq import Seq2SeqLM
 from lmforge.tokenizer import Tokenizer
 
 TEXT = "The flight was delayed for three hours and nobody told us why."
@@ -52,6 +54,18 @@ def decoder(bpe) -> DecoderLM:
     cfg = tiny_config("llama", vocab_size=bpe.vocab_size, init_std=0.1)
     assert cfg.n_kv_head < cfg.n_head
     return DecoderLM(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def t5():
+    """A tiny random T5 with a Unigram vocabulary, its EOS logit pinned to 0 so greedy decoding writes tokens."""
+    tok = Tokenizer.train_unigram(CORPUS, vocab_size=120, extra_ids=4)
+    torch.manual_seed(0)
+    model = Seq2SeqLM(seq2seq_config("t5-tiny", vocab_size=tok.vocab_size, dropout=0.0, max_seq_len=40,
+                                     n_decoder_layer=3, tie_embeddings=False)).eval()
+    with torch.no_grad():
+        model.lm_head.weight[model.config.eos_token_id] = 0
+    return model, tok
 
 
 @pytest.fixture(scope="module")
@@ -103,6 +117,52 @@ def test_attention_matches_the_formula(classifier, wordpiece):
         k = a.k_proj(h).view(1, T, a.n_head, a.head_dim).transpose(1, 2)
         ref = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(a.head_dim), -1)[0]
     assert torch.allclose(maps.weights[0], ref, atol=1e-5)
+
+
+def test_seq2seq_attention_has_three_kinds_that_match_the_formula(t5):
+    model, tok = t5
+    source, target = "The flight was delayed.", "Nobody told us why."
+    maps = seq2seq_attention_maps(model, tok, source, target)
+    enc, dec, cross = maps.encoder, maps.decoder, maps.cross
+    S, T = len(enc.tokens), len(dec.tokens)
+    assert enc.tokens[-1] == "</s>" and enc.special[-1] and "".join(enc.tokens[:-1]).strip() == source
+    assert dec.tokens[0] == "<pad>" and dec.special[0] and "".join(dec.tokens[1:]).strip() == target
+    assert enc.weights.shape == (2, 4, S, S) and dec.weights.shape == (3, 4, T, T)
+    assert cross.weights.shape == (3, 4, T, S) and cross.tokens == dec.tokens and cross.keys == enc.tokens
+    for m in (enc, dec, cross):  # every row a distribution
+        assert torch.allclose(m.weights.sum(-1), torch.ones(m.weights.shape[:-1]), atol=1e-5)
+    assert dec.weights.triu(1).abs().max() == 0 and enc.weights.triu(1).abs().max() > 0.01
+    assert not maps.generated and maps.target == target
+
+    # cross-attention of decoder block 0 by hand: softmax(q k^T) (T5 scales in the init) from the block's own
+    # normalised input and the encoder output
+    seen = {}
+    handle = model.decoder.blocks[0].cross_attn.register_forward_pre_hook(lambda _m, a: seen.setdefault("x", a[0]))
+    ids = torch.tensor([tok.encode(source) + [model.config.eos_token_id]])
+    dec_ids = torch.tensor([[model.config.decoder_start_token_id] + tok.encode(target)])
+    try:
+        with torch.no_grad():
+            model(ids, decoder_input_ids=dec_ids)
+    finally:
+        handle.remove()
+    a = model.decoder.blocks[0].cross_attn
+    with torch.no_grad():
+        h = model.encode(ids)
+        q = a.q_proj(seen["x"]).view(1, T, a.n_head, a.head_dim).transpose(1, 2)
+        k = a.k_proj(h).view(1, S, a.n_head, a.head_dim).transpose(1, 2)
+        ref = torch.softmax(q @ k.transpose(-1, -2), -1)[0]
+    assert torch.allclose(cross.weights[0], ref, atol=1e-5)
+    assert all(b.attn.record is None and b.cross_attn.record is None for b in model.decoder.blocks)
+
+
+def test_seq2seq_attention_defaults_to_the_greedy_output(t5):
+    from lmforge.generate.seq2seq import Seq2SeqParams, generate_seq2seq
+
+    model, tok = t5
+    maps = seq2seq_attention_maps(model, tok, "We waited at the airport.", max_new_tokens=6)
+    greedy = generate_seq2seq(model, tok, ["We waited at the airport."], Seq2SeqParams(max_new_tokens=6))[0]
+    assert maps.generated and maps.target == greedy and greedy
+    assert maps.cross.weights.shape[2] == len(maps.decoder.tokens) == 7  # the start token + 6 generated
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -215,7 +275,34 @@ def test_explain_attention_only_for_an_encoder_without_head(wordpiece, tmp_path)
         explain(str(tmp_path / "body"), "great game!", tmp_path / "out2", what="saliency")
 
 
-def test_attention_page_switches_heads_in_a_browser(classifier, wordpiece, tmp_path):
+def test_explain_cli_draws_an_encoder_decoder(t5, tmp_path, capsys):
+    from lmforge.cli import main
+
+    model, tok = t5
+    model.save_pretrained(tmp_path / "t5", tokenizer=tok)
+    out = tmp_path / "out"
+    assert main(["explain", "--model", str(tmp_path / "t5"), "--text", "The crew was friendly.", "--target",
+                 "The seats were fine.", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "note: saliency skipped" in printed and "target: 'The seats were fine.'" in printed
+    r = json.loads((out / "explain.json").read_text())
+    assert r["kind"] == "seq2seq" and r["target"] == "The seats were fine." and not r["generated"]
+    for part in ("encoder", "decoder", "cross"):
+        assert _png(out / f"attention_{part}.png")
+        page = (out / f"attention_{part}.html").read_text(encoding="utf-8")
+        assert "<select" in page and "://" not in page
+    cross = (out / "attention_cross.html").read_text(encoding="utf-8")
+    assert '"keys": ["' in cross and '"\\u003c/s>"' in cross and "cross-attention" in cross  # (< escaped)
+    assert set(r["files"]) == {f"attention_{p}_{x}" for p in ("encoder", "decoder", "cross")
+                               for x in ("png", "html")} | {"summary"}
+    code = main(["explain", "--model", str(tmp_path / "t5"), "--text", "The crew.", "--what", "saliency",
+                 "--out", str(tmp_path / "sal")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "not encoder-decoders (T5); use --what attention" in err
+    assert not (tmp_path / "sal").exists()
+
+
+def test_attention_page_switches_heads_in_a_browser(classifier, wordpiece, t5, tmp_path):
     if not os.path.exists("/usr/bin/chromium"):
         pytest.skip("no /usr/bin/chromium (apt-get install chromium)")
     from playwright.sync_api import sync_playwright
@@ -223,21 +310,24 @@ def test_attention_page_switches_heads_in_a_browser(classifier, wordpiece, tmp_p
     from lmforge.explain import attention_html
 
     maps = attention_maps(classifier, wordpiece, "great game!")
-    page_file = attention_html(maps, tmp_path / "a.html")
-    T = len(maps.tokens)
+    cross = seq2seq_attention_maps(*t5, "The flight was delayed.", "Nobody told us.").cross  # not square
+    pages = [(attention_html(maps, tmp_path / "a.html"), maps), (attention_html(cross, tmp_path / "c.html"), cross)]
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox"])
         page = browser.new_page()
         errors = []
         page.on("pageerror", lambda e: errors.append(str(e)))
-        page.goto(page_file.resolve().as_uri())
-        assert page.eval_on_selector_all("td.c", "cs => cs.length") == T * T
-        page.select_option("#layer", "1")
-        page.select_option("#head", "3")
-        shown = page.eval_on_selector_all("td.c", "cs => cs.map(c => +c.dataset.w)")
+        shown = []
+        for page_file, m in pages:
+            page.goto(page_file.resolve().as_uri())
+            assert page.eval_on_selector_all("td.c", "cs => cs.length") == len(m.tokens) * len(m.keys)
+            page.select_option("#layer", "1")
+            page.select_option("#head", "3")
+            shown.append(page.eval_on_selector_all("td.c", "cs => cs.map(c => +c.dataset.w)"))
         browser.close()
     assert not errors
-    assert torch.allclose(torch.tensor(shown).view(T, T), maps.weights[1, 3], atol=0.01)
+    for values, (_, m) in zip(shown, pages):
+        assert torch.allclose(torch.tensor(values).view(len(m.tokens), len(m.keys)), m.weights[1, 3], atol=0.01)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -1,6 +1,9 @@
-"""Why did the model say that? Attention maps and token saliency for lmforge's decoders and encoders.
+"""Why did the model say that? Attention maps and token saliency for lmforge's decoders and encoders, and
+attention maps for its encoder-decoders.
 
     attention_maps   every layer's and head's attention probabilities for a text       (attention.py)
+    seq2seq_attention_maps   an encoder-decoder's encoder self-, decoder self- and cross-attention for a source
+                     and a target (or the model's greedy output)                       (attention.py)
     saliency         per-token integrated gradients or gradient x input for a classifier's class or a
                      decoder's next token                                              (saliency.py)
     render           PNG grids and self-contained HTML pages of both                    (render.py)
@@ -17,13 +20,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from lmforge.errors import LmforgeError
-from lmforge.explain.attention import AttentionMaps, attention_maps
+from lmforge.explain.attention import AttentionMaps, Seq2SeqAttention, attention_maps, seq2seq_attention_maps
 from lmforge.explain.render import attention_html, attention_png, saliency_html, saliency_png
-from lmforge.explain.saliency import BASELINES, METHODS, Saliency, saliency
+from lmforge.explain.saliency import BASELINES, METHODS, Saliency, check_saliency_model, saliency
 from lmforge.files import write_json
 
-__all__ = ["AttentionMaps", "Saliency", "attention_html", "attention_maps", "attention_png", "explain",
-           "saliency", "saliency_html", "saliency_png"]
+__all__ = ["AttentionMaps", "Saliency", "Seq2SeqAttention", "attention_html", "attention_maps", "attention_png",
+           "explain", "saliency", "saliency_html", "saliency_png", "seq2seq_attention_maps"]
 
 WHAT = ("both", "attention", "saliency")
 
@@ -41,12 +44,19 @@ def explain(model: str | Path, text: str, out: str | Path, what: str = "both", m
     (decoders); default the model's own prediction. layer: draw one layer's heads (negative counts from the
     end) instead of the grid.
 
+    An encoder-decoder (T5) gets attention maps only: `text` is the source and `target` the target text
+    (default: the model's greedy output), and each of its three kinds is drawn on its own: attention_encoder,
+    attention_decoder and attention_cross (.png / .html; cross-attention has target tokens on the rows and
+    source tokens on the columns). Under "both" the saliency is skipped with a note; "saliency" is refused.
+
     Returns {"model", "kind", "text", "tokens", "files", "notes", and with saliency "saliency": target,
     target_id, predicted, prob, method, steps, steps_used, baseline, f_input, f_baseline, completeness_gap
-    (relative; IG only), top_tokens, scores}; the same dict is written to out/explain.json.
+    (relative; IG only), top_tokens, scores}; an encoder-decoder's has "target", "target_tokens" and
+    "generated" (whether the target is the model's own output) instead. The same dict is written to
+    out/explain.json.
     """
     from lmforge.explain.inputs import model_kind
-    from lmforge.explain.saliency import check_saliency_model, check_steps, resolve_target
+    from lmforge.explain.saliency import check_steps, resolve_target
     from lmforge.models import load_pretrained
 
     # argument errors first: loading a model takes seconds
@@ -63,10 +73,13 @@ def explain(model: str | Path, text: str, out: str | Path, what: str = "both", m
     m, tok = load_pretrained(model)
     kind = model_kind(m)
     if layer is not None:
-        n = m.config.n_layer
+        # an encoder-decoder's layer must exist in both stacks (negative: counted from each one's end)
+        n = min(m.config.n_layer, m.config.n_decoder_layer) if kind == "seq2seq" else m.config.n_layer
         if not -n <= layer < n:
             raise LmforgeError(f"layer {layer} is out of range: the model has {n} layers (0..{n - 1}, or -1..-{n})")
-        layer %= n
+        layer = layer if kind == "seq2seq" else layer % n
+    if kind == "seq2seq":
+        return _explain_seq2seq(m, tok, model, text, Path(out), what, target, layer)
     do_saliency = what in ("both", "saliency")
     notes: list[str] = []
     if do_saliency:
@@ -80,9 +93,7 @@ def explain(model: str | Path, text: str, out: str | Path, what: str = "both", m
             do_saliency = False
 
     out = Path(out)
-    name = Path(str(model)).name
-    if name == "model":  # a fine-tuning run's model folder: its run says more
-        name = f"{Path(str(model)).parent.name}/{name}"
+    name = _display_name(model)
     result: dict = {"model": str(model), "kind": "classifier" if kind == "encoder" and m.config.head == "classify"
                     else kind, "text": text, "files": {}, "notes": notes}
     if what in ("both", "attention"):
@@ -110,6 +121,45 @@ def explain(model: str | Path, text: str, out: str | Path, what: str = "both", m
             "f_baseline": sal.f_baseline, "completeness_gap": sal.relative_gap if method == "ig" else None,
             "top_tokens": [[t, round(s, 6)] for t, s in sal.top(5)],
             "scores": [[t, round(float(s), 6)] for t, s in zip(sal.tokens, sal.scores)]}
+    result["files"]["summary"] = str(out / "explain.json")
+    write_json(out / "explain.json", result)
+    return result
+
+
+def _display_name(model: str | Path) -> str:
+    name = Path(str(model)).name
+    if name == "model":  # a fine-tuning run's model folder: its run says more
+        name = f"{Path(str(model)).parent.name}/{name}"
+    return name
+
+
+KIND_TITLES = {"encoder": "encoder self-attention", "decoder": "decoder self-attention",
+               "cross": "cross-attention (target rows, source columns)"}
+
+
+def _explain_seq2seq(m, tok, model: str | Path, text: str, out: Path, what: str, target: str | int | None,
+                     layer: int | None) -> dict:
+    """`explain` for an encoder-decoder: the three kinds of attention, each drawn and paged on its own."""
+    if what == "saliency":
+        check_saliency_model(m)  # raises: saliency does not cover encoder-decoders
+    notes = ["saliency skipped: it explains decoders and encoder classifiers, not encoder-decoders (T5)"] \
+        if what == "both" else []
+    maps = seq2seq_attention_maps(m, tok, text, None if target is None else str(target))
+    if maps.generated and len(maps.decoder.tokens) == 1:
+        notes.append("the model's greedy output is empty, so the decoder maps hold only its start token; pass "
+                     "--target TEXT to draw a target")
+    name = _display_name(model)
+    result: dict = {"model": str(model), "kind": "seq2seq", "text": text, "tokens": maps.encoder.tokens,
+                    "target": maps.target, "target_tokens": maps.decoder.tokens, "generated": maps.generated,
+                    "files": {}, "notes": notes}
+    for part, am in maps.parts().items():
+        lay = None if layer is None else layer % am.n_layer
+        where = f"layer {lay}" if lay is not None else f"{am.n_layer} layers x {am.n_head} heads"
+        title = f"{KIND_TITLES[part]} of {name}"
+        result["files"][f"attention_{part}_png"] = str(attention_png(am, out / f"attention_{part}.png", lay,
+                                                                     f"{title}, {where}"))
+        result["files"][f"attention_{part}_html"] = str(attention_html(am, out / f"attention_{part}.html", lay,
+                                                                       title))
     result["files"]["summary"] = str(out / "explain.json")
     write_json(out / "explain.json", result)
     return result

@@ -16,6 +16,7 @@ from torch import nn
 from lmforge.errors import LmforgeError, ModelLoadError
 from lmforge.models.decoder import DecoderLM
 from lmforge.models.encoder import Encoder
+from lmforge.models.seq2seq import Seq2SeqLM
 from lmforge.tokenizer import Tokenizer
 
 
@@ -29,26 +30,34 @@ class Encoded:
 
 
 def model_kind(model: nn.Module) -> str:
-    """"encoder" or "decoder"; anything else cannot be explained here."""
+    """"encoder", "decoder" or "seq2seq" (an encoder-decoder); anything else cannot be explained here."""
     if isinstance(model, Encoder):
         return "encoder"
     if isinstance(model, DecoderLM):
         return "decoder"
-    raise ModelLoadError(f"explain works on lmforge decoder and encoder models, got a {type(model).__name__}")
+    if isinstance(model, Seq2SeqLM):
+        return "seq2seq"
+    raise ModelLoadError(f"explain works on lmforge decoder, encoder and encoder-decoder models, got a "
+                         f"{type(model).__name__}")
 
 
 def display_token(tokenizer: Tokenizer, i: int) -> str:
-    """What a token reads as: ' cat' for byte-level BPE's 'Ġcat', '##ing' for a WordPiece continuation. A piece
-    of a multi-byte character decodes to U+FFFD alone, so it falls back to the vocabulary entry."""
+    """What a token reads as: ' cat' for byte-level BPE's 'Ġcat' and SentencePiece's '▁cat', '##ing' for a
+    WordPiece continuation. A piece of a multi-byte character decodes to U+FFFD alone, so it falls back to the
+    vocabulary entry."""
     piece = tokenizer.decode([i], skip_special_tokens=False)
+    entry = tokenizer.id_to_token(i)
+    if entry and entry.startswith("\u2581") and "\ufffd" not in piece and not piece.startswith(" "):
+        piece = " " + piece  # SentencePiece's word start: decoding one piece alone drops its space
     if not piece or "\ufffd" in piece:
-        piece = tokenizer.id_to_token(i) or f"<{i}>"
+        return entry or f"<{i}>"
     return piece
 
 
 def encode_text(model: nn.Module, tokenizer: Tokenizer, text: str) -> Encoded:
     """The model's input for `text`, refusing (not truncating) a text longer than the model's context: an
-    explanation of a silently cut text would be wrong about the part the user reads last."""
+    explanation of a silently cut text would be wrong about the part the user reads last. An encoder-decoder's
+    source ends in EOS, as `generate_seq2seq` feeds it."""
     kind = model_kind(model)
     if not isinstance(text, str) or not text.strip():
         raise LmforgeError("the text to explain is empty; pass a sentence")
@@ -60,14 +69,17 @@ def encode_text(model: nn.Module, tokenizer: Tokenizer, text: str) -> Encoded:
     else:
         enc = tokenizer.tok.encode(text, add_special_tokens=False)
         special = [False] * len(enc.ids)
-    ids = list(enc.ids)
+    ids, offsets = list(enc.ids), [tuple(o) for o in enc.offsets]
+    if kind == "seq2seq":
+        ids, offsets, special = ids + [model.config.eos_token_id], offsets + [(0, 0)], special + [True]
     if len(ids) > limit:
         raise LmforgeError(f"the text is {len(ids)} tokens but the model reads at most {limit}; shorten the text")
     if all(special):
         raise LmforgeError("the text has no tokens besides special ones; pass a sentence")
-    return Encoded(text, ids, [display_token(tokenizer, i) for i in ids], [tuple(o) for o in enc.offsets],
-                   special)
+    return Encoded(text, ids, [display_token(tokenizer, i) for i in ids], offsets, special)
 
 
 def device_of(model: nn.Module) -> torch.device:
+    if isinstance(model, Seq2SeqLM):
+        return model.encoder.norm.weight.device
     return model.norm.weight.device if hasattr(model, "norm") else model.pos_emb.weight.device

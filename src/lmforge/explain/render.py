@@ -57,14 +57,17 @@ def _save(fig, path: str | Path) -> Path:
 
 def attention_png(maps: AttentionMaps, path: str | Path, layer: int | None = None, title: str = "") -> Path:
     """All layers x heads as a grid (layer=None), or one layer's heads larger; tokens label the axes when the
-    cells are big enough to read them (query tokens down the left, key tokens along the bottom).
+    cells are big enough to read them (query tokens down the left, key tokens along the bottom; under
+    cross-attention those differ, and the panels stay square).
 
     The panels are placed by hand, in inches: matplotlib's automatic layouts measure every tick label of every
     panel, which takes seconds per figure for a 72-panel grid and minutes for a 30-layer model."""
     from matplotlib.colors import PowerNorm
 
     plt = _pyplot()
-    L, H, T = maps.n_layer, maps.n_head, len(maps.tokens)
+    L, H = maps.n_layer, maps.n_head
+    TQ, TK = len(maps.tokens), len(maps.keys)
+    T = max(TQ, TK)  # what sizes the panels and the labels
     if layer is None:
         panels = [(i, h) for i in range(L) for h in range(H)]
         rows, cols = L, H
@@ -79,8 +82,12 @@ def attention_png(maps: AttentionMaps, path: str | Path, layer: int | None = Non
         gap_x, gap_y = 0.25, 0.4  # room for each panel's title
     font = min(9.0, 0.8 * size * 72 / T)  # points per cell, a little less
     labels = [_label(t) for t in maps.tokens] if font >= 4.5 else None
-    label_in = max(len(t) for t in labels) * 0.62 * font / 72 + 0.08 if labels else 0.0
-    left, right, top, bottom = 0.45 + label_in, 1.1, 0.75, 0.2 + label_in
+    key_labels = [_label(t) for t in maps.keys] if labels else None
+
+    def label_inches(ls: list[str] | None) -> float:
+        return max(len(t) for t in ls) * 0.62 * font / 72 + 0.08 if ls else 0.0
+
+    left, right, top, bottom = 0.45 + label_inches(labels), 1.1, 0.75, 0.2 + label_inches(key_labels)
     width = left + cols * size + (cols - 1) * gap_x + right
     height = top + rows * size + (rows - 1) * gap_y + bottom
     fig = plt.figure(figsize=(width, height), dpi=100)
@@ -98,9 +105,9 @@ def attention_png(maps: AttentionMaps, path: str | Path, layer: int | None = Non
         ax.set_xticks([])
         ax.set_yticks([])
         if labels and c == 0:
-            ax.set_yticks(range(T), labels, fontsize=font)
-        if labels and (r == rows - 1 or n + cols >= len(panels)):
-            ax.set_xticks(range(T), labels, fontsize=font, rotation=90)
+            ax.set_yticks(range(TQ), labels, fontsize=font)
+        if key_labels and (r == rows - 1 or n + cols >= len(panels)):
+            ax.set_xticks(range(TK), key_labels, fontsize=font, rotation=90)
         ax.tick_params(length=0, pad=1)
         if layer is None:
             if r == 0:
@@ -149,8 +156,8 @@ Colour grows with the square root of the weight. Hover a cell for its value; cli
 <script>
 const D = __DATA__;
 const raw = Uint8Array.from(atob(D.weights), c => c.charCodeAt(0));
-const L = D.n_layer, H = D.n_head, T = D.tokens.length;
-const weight = (l, h, q, k) => { const v = raw[((l * H + h) * T + q) * T + k] / 255; return v * v; };
+const L = D.n_layer, H = D.n_head, TQ = D.tokens.length, TK = D.keys.length;
+const weight = (l, h, q, k) => { const v = raw[((l * H + h) * TQ + q) * TK + k] / 255; return v * v; };
 const at = (l, h, q, k) => {
   if (h >= 0) return weight(l, h, q, k);
   let s = 0; for (let j = 0; j < H; j++) s += weight(l, j, q, k); return s / H;
@@ -169,14 +176,14 @@ layerSel.value = D.layer; headSel.value = 0;
 const table = document.getElementById("map"), info = document.getElementById("info");
 const head = table.insertRow(); head.appendChild(document.createElement("th"));
 const keyHeads = [], queryHeads = [], cells = [];
-D.tokens.forEach((t, k) => {
-  const th = document.createElement("th"); th.className = "k" + (D.special[k] ? " sp" : ""); th.textContent = t;
+D.keys.forEach((t, k) => {
+  const th = document.createElement("th"); th.className = "k" + (D.key_special[k] ? " sp" : ""); th.textContent = t;
   head.appendChild(th); keyHeads.push(th);
 });
 D.tokens.forEach((t, q) => {
   const row = table.insertRow(), th = document.createElement("th");
   th.className = "q" + (D.special[q] ? " sp" : ""); th.textContent = t; row.appendChild(th); queryHeads.push(th);
-  cells.push(D.tokens.map((_, k) => {
+  cells.push(D.keys.map((_, k) => {
     const td = row.insertCell(); td.className = "c"; td.dataset.q = q; td.dataset.k = k; return td;
   }));
 });
@@ -187,16 +194,16 @@ table.addEventListener("mouseover", e => {
   if (!td) { hover = null; return; }
   const q = +td.dataset.q, k = +td.dataset.k;
   hover = [queryHeads[q], keyHeads[k]]; hover.forEach(th => th.classList.add("hi"));
-  info.textContent = `${JSON.stringify(D.tokens[q])} -> ${JSON.stringify(D.tokens[k])}: ${td.dataset.w}`;
+  info.textContent = `${JSON.stringify(D.tokens[q])} -> ${JSON.stringify(D.keys[k])}: ${td.dataset.w}`;
 });
 
 function drawThumbs() {
   const box = document.getElementById("thumbs"); box.textContent = "";
-  const l = +layerSel.value, px = Math.max(1, Math.floor(72 / T));
+  const l = +layerSel.value, px = Math.max(1, Math.floor(72 / Math.max(TQ, TK)));
   for (let h = 0; h < H; h++) {
     const fig = document.createElement("figure"), cv = document.createElement("canvas");
-    cv.width = cv.height = T * px; const ctx = cv.getContext("2d");
-    for (let q = 0; q < T; q++) for (let k = 0; k < T; k++) {
+    cv.width = TK * px; cv.height = TQ * px; const ctx = cv.getContext("2d");
+    for (let q = 0; q < TQ; q++) for (let k = 0; k < TK; k++) {
       ctx.fillStyle = colour(weight(l, h, q, k)); ctx.fillRect(k * px, q * px, px, px);
     }
     fig.appendChild(cv); fig.append(`head ${h}`);
@@ -207,10 +214,10 @@ function drawThumbs() {
 }
 function draw() {
   const l = +layerSel.value, h = +headSel.value;
-  for (let q = 0; q < T; q++) for (let k = 0; k < T; k++) {
+  for (let q = 0; q < TQ; q++) for (let k = 0; k < TK; k++) {
     const w = at(l, h, q, k), td = cells[q][k];
     td.style.background = colour(w); td.dataset.w = w.toFixed(3);
-    td.title = `${D.tokens[q]} -> ${D.tokens[k]}: ${w.toFixed(3)}`;
+    td.title = `${D.tokens[q]} -> ${D.keys[k]}: ${w.toFixed(3)}`;
   }
   drawThumbs();
 }
@@ -229,7 +236,8 @@ def attention_html(maps: AttentionMaps, path: str | Path, layer: int | None = No
     """One page: layer and head selectors (or the mean of a layer's heads), a heatmap table with the tokens on
     both axes, and thumbnails of the selected layer's heads."""
     q = torch.round(maps.weights.clamp(0, 1).sqrt() * 255).to(torch.uint8)
-    data = {"tokens": maps.tokens, "special": maps.special, "n_layer": maps.n_layer, "n_head": maps.n_head,
+    data = {"tokens": maps.tokens, "special": maps.special, "keys": maps.keys, "key_special": maps.keys_special,
+            "n_layer": maps.n_layer, "n_head": maps.n_head,
             "layer": 0 if layer is None else layer,
             "weights": base64.b64encode(q.contiguous().numpy().tobytes()).decode("ascii")}
     title = title or f"attention, {maps.n_layer} layers x {maps.n_head} heads"

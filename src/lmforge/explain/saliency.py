@@ -111,6 +111,9 @@ def check_steps(steps: int, max_steps: int | None = None) -> None:
 def check_saliency_model(model: nn.Module) -> str:
     """The model's kind, if saliency can explain it."""
     kind = model_kind(model)
+    if kind == "seq2seq":
+        raise LmforgeError("saliency explains decoders and encoder classifiers, not encoder-decoders (T5); use "
+                           "--what attention")
     if kind == "encoder" and model.config.head != "classify":
         raise LmforgeError(f"saliency on an encoder needs a classification head (this one has head "
                            f"{model.config.head!r}); fine-tune one with `lmforge finetune classify`")
