@@ -186,6 +186,8 @@ def cmd_explain(a: argparse.Namespace) -> None:
                 baseline=a.baseline, max_steps=a.max_steps)
     for note in r.get("notes", []):
         print(f"note: {note}")
+    if r["kind"] == "seq2seq":
+        print(f"target{' (the greedy output)' if r['generated'] else ''}: {r['target']!r}")
     sal = r.get("saliency")
     if sal:
         gap = sal.get("completeness_gap")
@@ -477,10 +479,12 @@ def build_parser() -> argparse.ArgumentParser:
     for p_ in (ec, eq, emc, es):
         p_.set_defaults(fn=cmd_eval)
 
-    ex = sub.add_parser("explain", help="attention maps and token saliency (PNG + HTML) for a model and a text")
+    ex = sub.add_parser("explain", help="attention maps and token saliency (PNG + HTML) for a model and a text "
+                        "(encoder-decoders: encoder, decoder and cross-attention maps)")
     ex.add_argument("--model", required=True, help="model directory, .gguf file or packaged model name")
     ex.add_argument("--text", help="the text to explain (default: read standard input)")
-    ex.add_argument("--out", required=True, help="folder for attention.png/.html, saliency.png/.html, explain.json")
+    ex.add_argument("--out", required=True, help="folder for attention.png/.html, saliency.png/.html, explain.json "
+                    "(encoder-decoders: attention_encoder/_decoder/_cross.png/.html)")
     ex.add_argument("--what", default="both", choices=["both", "attention", "saliency"])
     ex.add_argument("--method", default="ig", help="saliency: ig (integrated gradients) or grad_x_input")
     ex.add_argument("--steps", type=int, default=50, help="integrated gradients: steps along the path")
@@ -488,7 +492,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "completeness fails (default 16 x steps)")
     ex.add_argument("--baseline", default="pad", help="integrated gradients: pad, mask or zero embeddings")
     ex.add_argument("--target", help="a class name or index (classifiers), a token or id:N (decoders); "
-                    "default: the model's prediction")
+                    "default: the model's prediction. Encoder-decoders (T5): the target text whose attention is "
+                    "drawn (--text is the source); default: the model's greedy output")
     ex.add_argument("--layer", type=int, help="draw one layer's heads instead of the grid (negative: from the end)")
     ex.set_defaults(fn=cmd_explain)
 
