@@ -97,6 +97,7 @@ def test_chat_and_pair_files_bad_rows(tmp_path, capsys):
     f.write_text(json.dumps({"messages": CONV[:1]}) + "\n")
     with pytest.raises(DataError, match="no conversation has an assistant turn"):
         read_chat(f)
+    assert capsys.readouterr().err == ""  # nothing usable: the error alone, no warning that repeats it
     p = tmp_path / "p.jsonl"
     p.write_text(json.dumps({"prompt": "q", "chosen": "a", "rejected": "a "}) + "\n"
                  + json.dumps({"prompt": "q", "chosen": "a", "rejected": "b"}) + "\n")
@@ -104,6 +105,7 @@ def test_chat_and_pair_files_bad_rows(tmp_path, capsys):
     p.write_text(json.dumps({"prompt": "q", "chosen": "a", "rejected": "a"}) + "\n")
     with pytest.raises(DataError, match="chosen must differ"):
         read_pairs(p)
+    assert capsys.readouterr().err == ""
 
 
 def test_chatterbot_splits_are_disjoint_by_question():
@@ -182,32 +184,62 @@ def test_group_mean_weighs_each_prompt_once():
         group_mean(v, ["a"])
 
 
-@pytest.mark.parametrize("case", ["no-assistant", "same-pair", "bad-target", "bad-adapter-base"])
-def test_bad_input_one_line_exit_2(case, tiny_chat_model, tmp_path):
+def _adapter_for_another_base(style: str, path, **config) -> str:
+    from lmforge.interop.peft import save_adapter
+    from lmforge.tune.lora import apply_lora
+
+    other = DecoderLM(tiny_config(style, **config))
+    apply_lora(other, "attn")
+    return str(save_adapter(other, path))
+
+
+@pytest.mark.parametrize("case, message", [
+    ("no-assistant", "d.jsonl: no conversation has an assistant turn; SFT trains on assistant replies"),
+    ("same-pair", "d.jsonl: no usable preference pair (chosen must differ from rejected)"),
+    ("bad-target", "LoRA target patterns query, value match no Linear layer; this model's are named like "
+                   "attn.k_proj, attn.o_proj, attn.q_proj"),
+    ("bad-target-dpo", "LoRA target patterns c_attn match no Linear layer"),
+    ("empty-val-split", "the validation split has no preference pairs: give more data or --val-data"),
+    # an adapter for a Llama of another width: the names fit, the shapes do not
+    ("adapter-other-shape", "adapter shapes A (8, 64) B (32, 8) do not fit the layer (16 x 32): an adapter for "
+                            "another base?"),
+    # an adapter for GPT-2: its layers have other names
+    ("adapter-other-names", "the adapter targets 'transformer.h.0.attn.c_attn', which this model does not have "
+                            "(an adapter for another base?)"),
+])
+def test_bad_input_one_line_exit_2(case, message, tiny_chat_model, tmp_path, capsys):
+    from lmforge.cli import main  # in-process: the console script's code path without its start-up
+
     f = tmp_path / "d.jsonl"
+    out = ["--out", str(tmp_path / "o")]
     if case == "no-assistant":
         f.write_text(json.dumps({"messages": CONV[:1]}) + "\n")
-        args = ["finetune", "chat", "--model", str(tiny_chat_model), "--data", str(f), "--method", "lora"]
+        args = ["finetune", "chat", "--model", str(tiny_chat_model), "--data", str(f), "--method", "lora", *out]
     elif case == "same-pair":
         f.write_text(json.dumps({"prompt": "q", "chosen": "a", "rejected": "a"}) + "\n")
-        args = ["finetune", "dpo", "--model", str(tiny_chat_model), "--data", str(f)]
+        args = ["finetune", "dpo", "--model", str(tiny_chat_model), "--data", str(f), *out]
     elif case == "bad-target":
         f.write_text("".join(json.dumps({"messages": CONV}) + "\n" for _ in range(30)))
         args = ["finetune", "chat", "--model", str(tiny_chat_model), "--data", str(f), "--method", "lora",
-                "--lora-targets", "query,value", "--val-data", str(f), "--test-data", str(f), "--no-eval-before"]
+                "--lora-targets", "query,value", "--val-data", str(f), "--test-data", str(f), "--no-eval-before",
+                *out]
+    elif case == "bad-target-dpo":
+        f.write_text("".join(json.dumps({"prompt": "q", "chosen": "a", "rejected": "b"}) + "\n" for _ in range(8)))
+        args = ["finetune", "dpo", "--model", str(tiny_chat_model), "--data", str(f), "--val-data", str(f),
+                "--test-data", str(f), "--method", "lora", "--lora-targets", "c_attn", *out]
+    elif case == "empty-val-split":  # one question: the split by question puts every row on one side
+        f.write_text("".join(json.dumps({"prompt": "q", "chosen": "a", "rejected": "b"}) + "\n" for _ in range(8)))
+        args = ["finetune", "dpo", "--model", str(tiny_chat_model), "--data", str(f), *out]
     else:
-        from lmforge.interop.peft import save_adapter
-        from lmforge.tune.lora import apply_lora
-
-        other = DecoderLM(tiny_config("llama", d_model=64))
-        apply_lora(other, "attn")
-        save_adapter(other, tmp_path / "adapter")
-        args = ["generate", "--model", str(tiny_chat_model), "--adapter", str(tmp_path / "adapter"),
-                "--prompt", "hello"]
-    r = run_cli(*args, "--out", str(tmp_path / "o")) if args[0] == "finetune" else run_cli(*args)
-    assert r.returncode == 2, r.stderr
-    lines = r.stderr.strip().splitlines()
-    assert lines[-1].startswith("lmforge: error:") and "Traceback" not in r.stderr
+        style, config = ("llama", {"d_model": 64}) if case == "adapter-other-shape" else ("gpt2", {})
+        adapter = _adapter_for_another_base(style, tmp_path / "adapter", **config)
+        args = ["generate", "--model", str(tiny_chat_model), "--adapter", adapter, "--prompt", "hello"]
+    code = main(args)
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert code == 2 and len(lines) == 1, captured.err  # one line: no traceback, no progress or warning before it
+    assert lines[0].startswith("lmforge: error: ") and message in lines[0], lines[0]
+    assert captured.out == "" and not (tmp_path / "o").exists()
 
 
 def test_held_out_questions_are_scored_once_against_all_their_answers():

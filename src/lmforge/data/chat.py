@@ -90,10 +90,10 @@ def read_chat(path: str | Path) -> list[Messages]:
             skipped += 1
             continue
         out.append(msgs)
+    if not out:  # the error alone: a warning about skipped rows would only repeat it
+        raise DataError(f"{path}: no conversation has an assistant turn; SFT trains on assistant replies")
     if skipped:
         print(f"warning: {path}: {skipped} conversation(s) without an assistant turn skipped", file=sys.stderr)
-    if not out:
-        raise DataError(f"{path}: no conversation has an assistant turn; SFT trains on assistant replies")
     return out
 
 
@@ -114,10 +114,10 @@ def read_pairs(path: str | Path) -> list[Pair]:
             same += 1
             continue
         out.append(Pair(msgs, chosen, rejected))
-    if same:
-        print(f"warning: {path}: {same} pair(s) with chosen == rejected skipped", file=sys.stderr)
     if not out:
         raise DataError(f"{path}: no usable preference pair (chosen must differ from rejected)")
+    if same:
+        print(f"warning: {path}: {same} pair(s) with chosen == rejected skipped", file=sys.stderr)
     return out
 
 

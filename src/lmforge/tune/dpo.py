@@ -37,7 +37,7 @@ from lmforge.models.decoder import DecoderLM
 from lmforge.runtime import peak_memory_mb, reset_peak_memory
 from lmforge.train.supervised import FinetuneConfig, fit
 from lmforge.tune.lora import lora_disabled, lora_modules
-from lmforge.tune.methods import apply_method, describe, save_outputs, start_run
+from lmforge.tune.methods import apply_method, check_method, describe, save_outputs, start_run
 
 
 @dataclass
@@ -71,9 +71,10 @@ def load_pair_splits(data: str | Path, val_data: str | Path | None, test_data: s
         val = read_pairs(val_data)
     if test_data:
         test = read_pairs(test_data)
-    for part, name in ((train, "training"), (val, "validation"), (test, "test")):
+    for part, name, flag in ((train, "training", "--data"), (val, "validation", "--val-data"),
+                             (test, "test", "--test-data")):
         if not part:
-            raise DataError(f"the {name} split has no preference pairs: give more data or --{name[:4]}-data")
+            raise DataError(f"the {name} split has no preference pairs: give more data or {flag}")
     return train, val, test
 
 
@@ -177,6 +178,7 @@ def finetune_dpo(
     model, tok = load_pretrained(model_path, device=cfg.device)
     if not isinstance(model, DecoderLM):
         raise ModelLoadError(f"{model_path} is a {type(model).__name__}; DPO needs a decoder model")
+    check_method(model, cfg)
     max_len = min(cfg.max_len, model.config.max_seq_len)
     items, prompts = {}, {}
     for k, v in (("train", train), ("val", val), ("test", test)):

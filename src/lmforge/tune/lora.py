@@ -110,6 +110,29 @@ def expand_targets(targets: str | Sequence[str]) -> list[str]:
     return out
 
 
+def _target_candidates(model: nn.Module) -> dict[str, nn.Module]:
+    from lmforge.compress.quant import Int4Linear, Int8Linear, NF4Linear
+
+    linear_types = (nn.Linear, Int8Linear, NF4Linear, Int4Linear)
+    return {n: m for n, m in model.named_modules() if isinstance(m, linear_types) and n != "lm_head"
+            and not n.startswith(HEADS)}
+
+
+def lora_targets(model: nn.Module, targets: str | Sequence[str]) -> list[str]:
+    """The Linear layers of `model` that the target patterns choose; a ConfigError naming the model's layers when
+    they choose none (recipes call this before they start, so a bad pattern is the only thing they print)."""
+    patterns = expand_targets(targets)
+    if not patterns:
+        raise ConfigError("LoRA needs at least one target module pattern (e.g. attn, mlp, all, q_proj)")
+    candidates = _target_candidates(model)
+    chosen = [n for n in candidates if any(_matches(n, p) for p in patterns)]
+    if not chosen:
+        examples = sorted({n.split(".", 2)[-1] for n in candidates})[:8]
+        raise ConfigError(f"LoRA target patterns {', '.join(patterns)} match no Linear layer; this model's are "
+                          f"named like {', '.join(examples)}")
+    return chosen
+
+
 def apply_lora(
     model: nn.Module,
     targets: str | Sequence[str] = "attn",
@@ -124,23 +147,14 @@ def apply_lora(
     targets: module-name patterns (a name, a dotted suffix such as `mlp.up`, or a glob such as `blocks.1*.attn.*`),
     or the groups attn / mlp / all. quantize: None, "int8", "nf4" or "int4" (groups of 32) for a frozen quantized
     base."""
-    from lmforge.compress.quant import Int4Linear, Int8Embedding, Int8Linear, NF4Linear, base_int8, quantize_linear
+    from lmforge.compress.quant import Int8Embedding, base_int8, quantize_linear
 
-    patterns = expand_targets(targets)
-    if not patterns:
-        raise ConfigError("LoRA needs at least one target module pattern (e.g. attn, mlp, all, q_proj)")
     if lora_modules(model):
         raise ConfigError("this model already has LoRA adapters")
+    chosen = lora_targets(model, targets)
     for p in model.parameters():
         p.requires_grad_(False)
-    linear_types = (nn.Linear, Int8Linear, NF4Linear, Int4Linear)
-    candidates = {n: m for n, m in model.named_modules() if isinstance(m, linear_types) and n != "lm_head"
-                  and not n.startswith(HEADS)}
-    chosen = [n for n in candidates if any(_matches(n, p) for p in patterns)]
-    if not chosen:
-        examples = sorted({n.split(".", 2)[-1] for n in candidates})[:8]
-        raise ConfigError(f"LoRA target patterns {', '.join(patterns)} match no Linear layer; this model's are "
-                          f"named like {', '.join(examples)}")
+    candidates = _target_candidates(model)
     for name, m in candidates.items():
         if quantize and isinstance(m, nn.Linear) and name.startswith("blocks."):
             m = quantize_linear(m, quantize)

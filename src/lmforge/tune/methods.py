@@ -12,7 +12,7 @@ from torch import nn
 
 from lmforge.errors import ConfigError
 from lmforge.tune.freeze import freeze_all_but_top
-from lmforge.tune.lora import apply_lora, trainable_params
+from lmforge.tune.lora import apply_lora, lora_targets, trainable_params
 
 
 def apply_method(model: nn.Module, cfg) -> int:
@@ -30,6 +30,12 @@ def apply_method(model: nn.Module, cfg) -> int:
         return apply_lora(model, cfg.lora_targets, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                           quantize=cfg.quant if m == "qlora" else None)
     raise ConfigError(f"unknown fine-tuning method {m!r}; known: full, top-k, lora, qlora")
+
+
+def check_method(model: nn.Module, cfg) -> None:
+    """Refuse what `apply_method` would refuse for this model, before a recipe prints or computes anything."""
+    if cfg.method in ("lora", "qlora"):
+        lora_targets(model, cfg.lora_targets)
 
 
 def describe(cfg, n_layer: int) -> str:

@@ -31,7 +31,7 @@ from lmforge.generate.chat import reply_all
 from lmforge.models.decoder import DecoderLM
 from lmforge.runtime import peak_memory_mb, reset_peak_memory
 from lmforge.train.supervised import FinetuneConfig, fit
-from lmforge.tune.methods import apply_method, describe, save_outputs, start_run
+from lmforge.tune.methods import apply_method, check_method, describe, save_outputs, start_run
 
 
 @dataclass
@@ -65,9 +65,10 @@ def load_chat_splits(data: str | Path, val_data: str | Path | None, test_data: s
         val = read_chat(val_data)
     if test_data:
         test = read_chat(test_data)
-    for part, name in ((train, "training"), (val, "validation"), (test, "test")):
+    for part, name, flag in ((train, "training", "--data"), (val, "validation", "--val-data"),
+                             (test, "test", "--test-data")):
         if not part:
-            raise DataError(f"the {name} split has no conversations: give more data or --{name[:4]}-data")
+            raise DataError(f"the {name} split has no conversations: give more data or {flag}")
     return train, val, test
 
 
@@ -137,6 +138,7 @@ def finetune_chat(
     model, tok = load_pretrained(model_path, device=cfg.device)
     if not isinstance(model, DecoderLM):
         raise ModelLoadError(f"{model_path} is a {type(model).__name__}; chat fine-tuning needs a decoder model")
+    check_method(model, cfg)
     max_len = min(cfg.max_len, model.config.max_seq_len)
     tokenized = {}
     for name, convs in (("train", train), ("val", val)):
