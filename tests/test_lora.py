@@ -243,3 +243,51 @@ def test_qlora_decoder_shares_an_int8_vocabulary_matrix(tmp_path):
     back = load_model(tmp_path / "q")
     with torch.no_grad():
         assert (back(x).logits - tied(x).logits).abs().max() < 0.05
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_adapter_made_by_peft_loads_with_equal_logits(family, tmp_path):
+    """An adapter made elsewhere: peft.get_peft_model on a transformers model, one training step, save_pretrained;
+    lmforge reads it onto the same base, unmerged and merged, with peft's logits."""
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    from lmforge.models import load_pretrained
+    from lmforge.tokenizer import Tokenizer
+
+    torch.manual_seed(0)
+    if family == "gpt2":  # Conv1D layers; c_attn is q, k and v fused
+        hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=97, n_positions=64, n_embd=32,
+                                                                  n_layer=2, n_head=4))
+        lcfg = dict(target_modules=["c_attn", "c_proj", "c_fc"], rank_pattern={"c_fc": 2},
+                    alpha_pattern={"c_proj": 16}, fan_in_fan_out=True)
+    else:
+        hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64))
+        lcfg = dict(target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"],
+                    rank_pattern={"v_proj": 2}, alpha_pattern={"o_proj": 16})
+    hf.eval().save_pretrained(tmp_path / "base")
+    Tokenizer.train_bpe(["hello there"] * 5, vocab_size=97).save(tmp_path / "base")
+    pm = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, task_type="CAUSAL_LM", **lcfg))
+    x = torch.randint(0, 97, (2, 12))
+    pm.train()
+    opt = torch.optim.SGD([p for p in pm.parameters() if p.requires_grad], lr=1.0)
+    pm(input_ids=x, labels=x).loss.backward()
+    opt.step()  # B moves off zero (A, random from the start, has no gradient while B is zero)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.add_(torch.randn_like(p) * 0.05)
+    pm.eval().save_pretrained(tmp_path / "adapter")
+    with torch.no_grad():
+        theirs = pm(input_ids=x).logits
+        with pm.disable_adapter():
+            plain = pm(input_ids=x).logits
+    assert (theirs - plain).abs().max() > 1e-2  # the adapter is not a no-op
+    ours = load_adapter(load_model(tmp_path / "base"), tmp_path / "adapter")
+    assert len(lora_modules(ours)) == 2 * (6 if family == "gpt2" else 5)  # c_attn is three of ours
+    assert not any(m.training for m in ours.modules())  # an eval model stays in eval: no LoRA dropout
+    with torch.no_grad():
+        assert (ours(x).logits - theirs).abs().max() <= 1e-4
+        merged, _ = load_pretrained(tmp_path / "base", adapter=tmp_path / "adapter")
+        assert not lora_modules(merged) and (merged(x).logits - theirs).abs().max() <= 1e-4

@@ -216,7 +216,7 @@ def load_adapter(model: nn.Module, path: str | Path, trainable: bool = False) ->
         start = 0
         for name, layer in zip(parts_of[hf_mod], parts):
             wrapped = LoRALinear(layer, r=A.shape[0], alpha=alpha * A.shape[0] / r,
-                                 dropout=float(cfg.get("lora_dropout") or 0.0))
+                                 dropout=float(cfg.get("lora_dropout") or 0.0)).train(model.training)
             with torch.no_grad():
                 wrapped.lora_A.copy_(A)
                 wrapped.lora_B.copy_(B[start:start + layer.out_features])
