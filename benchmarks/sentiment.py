@@ -32,6 +32,9 @@ from lmforge.data.labelled import read_labelled, stratified_split  # noqa: E402
 EPOCHS = float(os.environ.get("EPOCHS", "3"))
 METHODS = os.environ.get("METHODS", "full,top-k").split(",")
 LR = {"full": float(os.environ.get("LR_FULL", "1e-4")), "top-k": float(os.environ.get("LR_TOPK", "2e-4"))}
+LAYER_DECAY = float(os.environ.get("LAYER_DECAY", "1.0"))
+LABEL_SMOOTHING = float(os.environ.get("LABEL_SMOOTHING", "0.0"))
+EVAL_EVERY = int(os.environ.get("EVAL_EVERY", "0"))  # steps between validations (0: after each epoch)
 SEED = 0
 
 
@@ -61,7 +64,9 @@ def main() -> None:
     ds = read_labelled(path, label_col="sentiment")
     train_idx, val_idx, test_idx = stratified_split(ds.labels, 0.05, 0.2, SEED)
     print(f"{len(ds)} tweets ({ds.repaired_rows} repaired rows); train {len(train_idx)}, validation "
-          f"{len(val_idx)}, test {len(test_idx)}; {torch.get_num_threads()} threads; {EPOCHS:g} epochs", flush=True)
+          f"{len(val_idx)}, test {len(test_idx)}; {torch.get_num_threads()} threads; {EPOCHS:g} epochs; lr {LR}, "
+          f"layer decay {LAYER_DECAY}, label smoothing {LABEL_SMOOTHING}, eval every {EVAL_EVERY or 'epoch'}",
+          flush=True)
     rows = [baseline(ds, sorted(train_idx + val_idx), test_idx)]
     print(json.dumps(rows[-1]), flush=True)
 
@@ -71,7 +76,8 @@ def main() -> None:
         for method in METHODS:
             lr = LR[method]
             cfg = FinetuneConfig(method=method, top_k=2, epochs=EPOCHS, batch_size=32, lr=lr, max_len=128,
-                                 seed=SEED)
+                                 seed=SEED, layer_decay=LAYER_DECAY, label_smoothing=LABEL_SMOOTHING,
+                                 eval_every=EVAL_EVERY)
             out = os.path.join(work, method)
             r = finetune_classify("all-minilm-l6-v2", path, out, cfg, label_col="sentiment", val_fraction=0.05,
                                   test_fraction=0.2)

@@ -107,3 +107,24 @@ def test_split_is_by_file_name_not_location(tmp_path, small_corpus):
     names = [[os.path.basename(d.name) for d in part] for part in a]
     assert names == [[os.path.basename(d.name) for d in part] for part in b]
     assert len(names[1]) == 2 and len(names[0]) == 4  # ceil(0.3 * 6) held out, whole documents
+
+
+def test_layer_decay_scales_each_depth():
+    """build_optimizer(layer_decay=d): the top (final norm, head) learns at the full rate, block i of n at
+    d ** (n - i), the embeddings at d ** (n + 1); weight decay stays on matrices only; every trainable
+    parameter is in exactly one group."""
+    from lmforge.config import encoder_config
+    from lmforge.models.encoder import Encoder
+    from lmforge.train.optim import build_optimizer
+
+    model = Encoder(encoder_config("bert-mini", vocab_size=50, n_layer=3, n_head=2, d_model=16, head="classify",
+                                   labels=["a", "b"]))
+    opt = build_optimizer(model, "adamw", 1e-3, 0.01, layer_decay=0.5)
+    scale = {id(p): (g["lr_scale"], g["weight_decay"]) for g in opt.param_groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert len(scale) == len(named)
+    assert scale[id(named["classifier.weight"])] == (1.0, 0.01)
+    assert scale[id(named["blocks.2.attn.q_proj.weight"])] == (0.5, 0.01)
+    assert scale[id(named["blocks.0.mlp.up.bias"])] == (0.125, 0.0)
+    assert scale[id(named["tok_emb.weight"])] == (0.0625, 0.0)
+    assert {g["lr_scale"] for g in build_optimizer(model, "adamw", 1e-3, 0.01).param_groups} == {1.0}

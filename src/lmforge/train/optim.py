@@ -10,6 +10,7 @@ T5 under AdamW (lr 2e-3) learned no more than a source-blind model in 300 steps 
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 from torch import nn
@@ -22,20 +23,38 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str = "cpu")
 
 
 def build_optimizer(model: nn.Module, kind: str, lr: float, weight_decay: float,
-                    betas: tuple[float, float] = (0.9, 0.999), device_type: str = "cpu") -> torch.optim.Optimizer:
-    """AdamW or Adafactor over the trainable parameters; weight decay on matrices only."""
+                    betas: tuple[float, float] = (0.9, 0.999), device_type: str = "cpu",
+                    layer_decay: float = 1.0) -> torch.optim.Optimizer:
+    """AdamW or Adafactor over the trainable parameters; weight decay on matrices only.
+
+    layer_decay < 1 gives each group an `lr_scale` (the trainer multiplies its rate by it): the layers above the
+    blocks (final norm, pooler, heads) learn at the full rate, block i of n at layer_decay ** (n - i), the
+    embeddings at layer_decay ** (n + 1). Fine-tuning then moves the general lower layers less than the
+    task-specific top ones (layer-wise learning-rate decay, as in ELECTRA's and DeBERTa's recipes)."""
+    n = len(getattr(model, "blocks", ()))
+
+    def depth(name: str) -> int:  # 0 = embeddings, 1..n = blocks, n + 1 = everything above them
+        m = re.match(r"(?:.*\.)?blocks\.(\d+)\.", name)
+        if m:
+            return int(m.group(1)) + 1
+        return 0 if "emb" in name.split(".")[0] else n + 1
+
     # weight decay pulls matrices toward zero; doing it to norms' gains, biases and (tied) embeddings
     # only hurts, so those go in a group without it
-    decay, no_decay, seen = [], [], set()
+    groups: dict[tuple[bool, int], list[nn.Parameter]] = {}
+    seen: set[int] = set()
     for name, p in model.named_parameters():
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
-        (decay if p.dim() >= 2 and "emb" not in name else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        decays = p.dim() >= 2 and "emb" not in name
+        groups.setdefault((decays, depth(name) if layer_decay != 1.0 else 0), []).append(p)
+    param_groups = [{"params": ps, "weight_decay": weight_decay if decays else 0.0,
+                     "lr_scale": layer_decay ** (n + 1 - d) if layer_decay != 1.0 else 1.0}
+                    for (decays, d), ps in sorted(groups.items(), key=lambda kv: (not kv[0][0], kv[0][1]))]
     if kind == "adafactor":
-        return torch.optim.Adafactor(groups, lr=lr)
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=1e-8, fused=device_type == "cuda")
+        return torch.optim.Adafactor(param_groups, lr=lr)
+    return torch.optim.AdamW(param_groups, lr=lr, betas=betas, eps=1e-8, fused=device_type == "cuda")
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:

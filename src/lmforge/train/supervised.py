@@ -41,6 +41,8 @@ class FinetuneConfig:
     weight_decay: float = 0.01
     warmup: float = 0.06  # share of steps spent warming up
     grad_clip: float = 1.0
+    layer_decay: float = 1.0  # < 1: layer-wise learning-rate decay (block i of n learns at decay ** (n - i))
+    label_smoothing: float = 0.0  # classification: share of each target spread over the other classes
     max_len: int = 128  # tokens per example (longer ones are truncated, or windowed for QA)
     eval_every: int = 0  # steps between evaluations; 0 = after every epoch
     metric: str = "accuracy"  # the validation metric that picks the best weights (higher is better)
@@ -62,6 +64,10 @@ class FinetuneConfig:
             raise ConfigError(f"optimizer must be adamw or adafactor, got {self.optimizer!r}")
         if not 0 <= self.warmup < 1:
             raise ConfigError(f"warmup is a share of the steps in [0, 1), got {self.warmup}")
+        if not 0 < self.layer_decay <= 1:
+            raise ConfigError(f"layer_decay must be in (0, 1], got {self.layer_decay}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
 
 
 @dataclass
@@ -120,7 +126,7 @@ def fit(
     from lmforge.train.optim import build_optimizer
 
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay)
+    opt = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, layer_decay=cfg.layer_decay)
     show = progress if progress is not None else sys.stderr.isatty()
     bar = None
     if show:
@@ -157,7 +163,7 @@ def fit(
             for batch in batches(epoch):
                 lr = linear_schedule(step, total, warmup, cfg.lr)
                 for g in opt.param_groups:
-                    g["lr"] = lr
+                    g["lr"] = lr * g.get("lr_scale", 1.0)
                 batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
                 loss = loss_fn(model, batch) if loss_fn is not None else model(**batch).loss
                 loss.backward()

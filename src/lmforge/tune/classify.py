@@ -146,7 +146,14 @@ def finetune_classify(
     steps_per_epoch = -(-len(enc) // cfg.batch_size)
     reset_peak_memory()
     t0 = time.time()
-    result = fit(model, batches, steps_per_epoch, evaluate, cfg, out / "metrics.jsonl", progress)
+    loss_fn = None
+    if cfg.label_smoothing:
+        def loss_fn(m: Encoder, b: dict) -> torch.Tensor:
+            logits = m(b["input_ids"], attention_mask=b["attention_mask"]).logits
+            return F.cross_entropy(logits, b["labels"], weight=b["class_weights"],
+                                   label_smoothing=cfg.label_smoothing)
+
+    result = fit(model, batches, steps_per_epoch, evaluate, cfg, out / "metrics.jsonl", progress, loss_fn)
     seconds = time.time() - t0
     peak_mem = peak_memory_mb()
 
