@@ -19,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 from lmforge.config import DecoderConfig
 from lmforge.models.base import PretrainedModel
 from lmforge.nn.attention import Attention, KVCache, Rotary, SlotKVCache, StaticKVCache, padded_causal_mask
-from lmforge.nn.loss import cross_entropy
+from lmforge.nn.loss import cross_entropy, linear_cross_entropy
 from lmforge.nn.mlp import MLP
 from lmforge.nn.norm import make_norm
 
@@ -65,6 +65,7 @@ class DecoderLM(PretrainedModel):
         # activation checkpointing while training: keep only each block's input, recompute the rest in backward
         # (fine-tuning sets it; it trades about a third more compute for most of the activation memory)
         self.grad_checkpoint = False
+        self.fused_loss = False
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -135,6 +136,11 @@ class DecoderLM(PretrainedModel):
             labels = labels[logits_at] if labels is not None else None
             if labels is not None and self.grad_checkpoint and self.training and torch.is_grad_enabled():
                 return CausalLMOutput(logits=None, loss=self._chunked_loss(x, labels))
+        if labels is not None and self.fused_loss and self.training and torch.is_grad_enabled() \
+                and type(self.lm_head) is nn.Linear and not torch.is_autocast_enabled():
+            # training: the head, the loss and their gradients a chunk of tokens at a time (nn.loss)
+            return CausalLMOutput(logits=None, loss=linear_cross_entropy(
+                x.reshape(-1, x.size(-1)), self.lm_head.weight, labels.reshape(-1)))
         logits = self.lm_head(x)
         loss = None
         if labels is not None:

@@ -4,6 +4,11 @@ The gradient of mean cross-entropy w.r.t. the logits is `(softmax(logits) - oneh
 route (log_softmax -> nll_loss) builds a dense one-hot gradient and then runs log_softmax's backward over the
 whole [tokens, vocab] matrix: on CPU that costs several times the forward pass. Here the backward is one
 exp, one scatter and one scale, in place on one buffer the size of the logits.
+
+`linear_cross_entropy` goes one step further for training: the head's product, the loss and both gradients a
+chunk of tokens at a time, so the [tokens, vocab] logits are never held whole. Each chunk's logits (a few MB)
+are still in cache when the softmax and the gradient products read them, and the memory the logits took is
+gone; the arithmetic is the same as the head followed by `cross_entropy`.
 """
 
 from __future__ import annotations
@@ -35,3 +40,49 @@ class _CrossEntropy(torch.autograd.Function):
 def cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
     """Mean token cross-entropy; logits [N, V], target [N] (ignore_index entries do not count)."""
     return _CrossEntropy.apply(logits, target, ignore_index)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of `h @ weight.T` against target, chunk by chunk. The gradients are computed in the
+    forward pass (while each chunk's logits are at hand) and scaled by the incoming gradient in backward."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, ignore_index: int,
+                chunk: int) -> torch.Tensor:
+        valid = target != ignore_index
+        n = valid.sum().clamp(min=1)
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros_like(weight) if need_w else None
+        total = h.new_zeros((), dtype=torch.float32)
+        for s in range(0, h.size(0), chunk):
+            hc, tc, vc = h[s:s + chunk], target[s:s + chunk], valid[s:s + chunk]
+            logits = (hc @ weight.T).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            safe = torch.where(vc, tc, torch.zeros_like(tc))
+            total += ((lse - logits.gather(-1, safe[:, None]).squeeze(-1)) * vc).sum()
+            if grad_h is None and grad_w is None:
+                continue
+            g = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+            g.scatter_add_(-1, safe[:, None], torch.full_like(g[:, :1], -1.0))
+            g = g.mul_((vc / n)[:, None]).to(h.dtype)
+            if grad_h is not None:
+                torch.mm(g, weight, out=grad_h[s:s + chunk])
+            if grad_w is not None:
+                grad_w.addmm_(g.T, hc)
+        ctx.save_for_backward(grad_h, grad_w)
+        return total / n
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        grad_h, grad_w = ctx.saved_tensors
+        return (None if grad_h is None else grad_h * grad_loss, None if grad_w is None else grad_w * grad_loss,
+                None, None, None)
+
+
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, ignore_index: int = -100,
+                         chunk: int = 1024) -> torch.Tensor:
+    """Mean token cross-entropy of the logits `h @ weight.T` (h [N, d], weight [V, d], target [N]) without holding
+    the [N, V] logits: `chunk` rows at a time. Equal to `cross_entropy(h @ weight.T, target)` in value and
+    gradients, up to float rounding."""
+    return _LinearCrossEntropy.apply(h, weight, target, ignore_index, chunk)
