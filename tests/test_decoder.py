@@ -91,3 +91,35 @@ def test_scaled_residual_init():
 def test_presets_are_valid():
     for name in PRESETS:
         model_config(name).validate()
+
+
+def test_fused_head_loss_equals_plain_loss_and_gradients(style):
+    """DecoderLM.fused_loss (nn.loss.linear_cross_entropy: head, loss and gradients in chunks) gives the plain
+    head + cross-entropy's loss and parameter gradients, with ignored positions, on a tied (gpt2) and an untied
+    (llama) head."""
+    from lmforge.nn.loss import cross_entropy, linear_cross_entropy
+
+    torch.manual_seed(0)
+    model = DecoderLM(tiny_config(style)).train()
+    model.drop.p = 0.0
+    for b in model.blocks:
+        b.drop.p = b.attn.dropout = 0.0
+    x = torch.randint(0, model.config.vocab_size, (3, 17))
+    y = torch.randint(0, model.config.vocab_size, (3, 17))
+    y[0, :5] = -100
+    grads = []
+    for fused in (False, True):
+        model.fused_loss = fused
+        model.zero_grad()
+        out = model(x, labels=y)
+        assert (out.logits is None) == fused
+        out.loss.backward()
+        grads.append((out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    torch.testing.assert_close(grads[0][0], grads[1][0])
+    for n, g in grads[0][1].items():
+        torch.testing.assert_close(grads[1][1][n], g, rtol=1e-4, atol=1e-6, msg=n)
+    h, w = torch.randn(10, 8, dtype=torch.float64), torch.randn(30, 8, dtype=torch.float64)
+    t = torch.randint(0, 30, (10,))
+    assert torch.allclose(linear_cross_entropy(h, w, t, chunk=3), cross_entropy(h @ w.T, t))
+    with torch.no_grad():  # no gradients wanted: the loss only
+        assert torch.allclose(linear_cross_entropy(h, w, t, chunk=4), cross_entropy(h @ w.T, t))

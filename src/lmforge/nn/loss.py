@@ -54,10 +54,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.empty_like(h) if need_h else None
         grad_w = torch.zeros_like(weight) if need_w else None
-        total = h.new_zeros((), dtype=torch.float32)
+        total = h.new_zeros((), dtype=torch.promote_types(h.dtype, torch.float32))
         for s in range(0, h.size(0), chunk):
             hc, tc, vc = h[s:s + chunk], target[s:s + chunk], valid[s:s + chunk]
-            logits = (hc @ weight.T).float()
+            logits = (hc @ weight.T).to(total.dtype)
             lse = torch.logsumexp(logits, dim=-1)
             safe = torch.where(vc, tc, torch.zeros_like(tc))
             total += ((lse - logits.gather(-1, safe[:, None]).squeeze(-1)) * vc).sum()
