@@ -111,3 +111,60 @@ def test_jsonl_with_datasets_style_answers(tmp_path):
     (tmp_path / "q.jsonl").write_text(json.dumps(row) + "\n")
     (ex,) = read_squad(tmp_path / "q.jsonl")
     assert ex.answers == [("Juliet", 12)]
+
+
+def test_finetune_qa_with_lora_saves_a_peft_adapter(minilm, tmp_path, capsys):
+    """`finetune qa --method lora` on a tiny random BERT over MiniLM's vocabulary: only the adapters and the QA
+    head train (not the pooler QA never reads), and the adapter directory holds the whole outcome: the base
+    plus the adapter is the run's model."""
+    from safetensors.torch import load_file
+
+    from lmforge.cli import main
+    from lmforge.config import encoder_config
+    from lmforge.interop.peft import load_adapter
+    from lmforge.models import load_model
+    from lmforge.models.encoder import Encoder
+
+    torch.manual_seed(0)
+    tok = minilm[1]
+    Encoder(encoder_config("bert-mini", vocab_size=tok.vocab_size, n_layer=2, n_head=4, d_model=32, d_ff=64,
+                           max_seq_len=128)).save_pretrained(tmp_path / "base", tokenizer=tok)
+
+    def around_answer(e: QAExample) -> QAExample:  # 150 characters each side: one window per question
+        (text, start), = e.answers
+        lo = max(0, start - 150)
+        return QAExample(e.id, e.context[lo:start + len(text) + 150], e.question, [(text, start - lo)])
+
+    s = shakespeare_qa(n_per_play=2)
+    write_squad([around_answer(e) for e in s["train"][:32]], tmp_path / "train.json")
+    write_squad([around_answer(e) for e in s["dev"][:4]], tmp_path / "dev.json")
+    write_squad([around_answer(e) for e in s["test"][:4]], tmp_path / "test.json")
+    out = tmp_path / "run"
+    code = main(["finetune", "qa", "--model", str(tmp_path / "base"), "--data", str(tmp_path / "train.json"),
+                 "--val-data", str(tmp_path / "dev.json"), "--test-data", str(tmp_path / "test.json"),
+                 "--method", "lora", "--lora-r", "4", "--epochs", "1", "--max-len", "128", "--stride", "32",
+                 "--lr", "1e-2", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err[-2000:]
+    assert f"adapter (PEFT layout): {out / 'adapter'}" in capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["task_type"] == "QUESTION_ANS" and cfg["r"] == 4
+    assert cfg["modules_to_save"] == ["qa_outputs"] and cfg["target_modules"] == ["attention.output.dense",
+                                                                                  "attention.self.key",
+                                                                                  "attention.self.query",
+                                                                                  "attention.self.value"]
+    tensors = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    assert all(".lora_" in k or ".qa_outputs." in k for k in tensors), sorted(tensors)
+    assert len(tensors) == 2 * 4 * 2 + 2  # A and B on four projections in two layers, the head's weight and bias
+    # what trained is exactly what the adapter holds, a small part of the model
+    assert summary["method"] == "lora" and summary["rows"]["train_windows"] <= 48
+    assert summary["trainable_params"] == sum(t.numel() for t in tensors.values())
+    assert summary["trainable_params"] < 0.02 * summary["total_params"]
+    base, trained = load_model(tmp_path / "base"), load_model(out / "model")
+    assert torch.equal(trained.blocks[0].mlp.up.weight, base.blocks[0].mlp.up.weight)  # frozen
+    assert torch.equal(trained.pooler.weight, base.pooler.weight)
+    assert not torch.equal(trained.blocks[0].attn.q_proj.weight, base.blocks[0].attn.q_proj.weight)  # merged in
+    on_base = load_adapter(base.with_head("qa"), out / "adapter").eval()
+    ids = torch.tensor([tok.encode_for_encoder(["Who says hello?"], ["HAMLET. hello there"])[0].ids])
+    with torch.no_grad():
+        torch.testing.assert_close(on_base(ids).logits, trained(ids).logits, rtol=0, atol=1e-5)

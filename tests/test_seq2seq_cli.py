@@ -118,3 +118,51 @@ def test_span_corruption_pretraining(tmp_path, small_corpus):
     rec.write_text(yaml.safe_dump(cfg))
     r = run_cli("pretrain", "--config", str(rec), "--out", str(tmp_path / "run2"))
     assert_user_error(r, "objective=span needs an encoder-decoder model")
+
+
+def test_finetune_seq2seq_with_lora_saves_a_peft_adapter(tmp_path, capsys):
+    """`finetune seq2seq --method lora` on a saved tiny T5: only the adapters train, the adapter directory is in the
+    PEFT layout, and the base plus the adapter is the run's model."""
+    import torch
+    from safetensors.torch import load_file
+
+    from lmforge.cli import main
+    from lmforge.config import seq2seq_config
+    from lmforge.interop.peft import load_adapter
+    from lmforge.models import load_model
+    from lmforge.models.seq2seq import Seq2SeqLM
+    from lmforge.tokenizer import Tokenizer
+
+    data = pairs_file(tmp_path)
+    rows = [json.loads(line) for line in open(data)]
+    tok = Tokenizer.train_unigram([r["source"] for r in rows] + [r["target"] for r in rows], vocab_size=512)
+    torch.manual_seed(0)
+    cfg = seq2seq_config("t5-tiny", vocab_size=tok.vocab_size, pad_token_id=tok.pad_id, eos_token_id=tok.eos_id,
+                         decoder_start_token_id=tok.pad_id)
+    Seq2SeqLM(cfg).save_pretrained(tmp_path / "base", tokenizer=tok)
+    out = tmp_path / "run"
+    code = main(["finetune", "seq2seq", "--data", data, "--out", str(out), *FAST, "--model", str(tmp_path / "base"),
+                 "--method", "lora", "--lora-r", "4", "--lr", "1e-2"])
+    assert code == 0, capsys.readouterr().err[-3000:]
+    assert f"adapter (PEFT layout): {out / 'adapter'}" in capsys.readouterr().out
+    adapter_cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert adapter_cfg["peft_type"] == "LORA" and adapter_cfg["task_type"] == "SEQ_2_SEQ_LM"
+    # "attn" targets: self-attention in both stacks and the decoder's cross-attention, q/k/v/o each
+    assert adapter_cfg["r"] == 4 and sorted(adapter_cfg["target_modules"]) == sorted(
+        [f"layer.0.SelfAttention.{p}" for p in "qkvo"] + [f"layer.1.EncDecAttention.{p}" for p in "qkvo"])
+    tensors = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    assert tensors and all(".lora_A." in k or ".lora_B." in k for k in tensors), sorted(tensors)[:8]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["method"] == "lora" and summary["steps"] > 0
+    assert summary["trainable_params"] == sum(t.numel() for t in tensors.values())
+    assert summary["trainable_params"] < 0.25 * summary["total_params"]
+    gen = json.loads((out / "model" / "generation_config.json").read_text())
+    assert gen["num_beams"] == 2  # the merged model keeps the run's decoding settings, as a full run's does
+    base, trained = load_model(tmp_path / "base"), load_model(out / "model")
+    assert torch.equal(base.tok_emb.weight, trained.tok_emb.weight)  # frozen: embeddings and the MLPs
+    assert torch.equal(base.encoder.blocks[0].mlp.up.weight, trained.encoder.blocks[0].mlp.up.weight)
+    load_adapter(base, out / "adapter").eval()
+    x, y = torch.randint(3, tok.vocab_size, (2, 9)), torch.randint(3, tok.vocab_size, (2, 5))
+    with torch.no_grad():
+        merged, adapted = trained(x, decoder_input_ids=y).logits, base(x, decoder_input_ids=y).logits
+    torch.testing.assert_close(adapted, merged, rtol=0, atol=1e-5)

@@ -47,9 +47,10 @@ def describe(cfg, n_layer: int) -> str:
     return cfg.method
 
 
-def save_outputs(model: nn.Module, out, tokenizer, base: str, cfg):
-    """The run's model directory (adapters merged in: any HF tool loads it) and, under LoRA, the adapter alone
-    in the PEFT layout. Returns (model_dir, adapter_dir or None)."""
+def save_outputs(model: nn.Module, out, tokenizer, base: str, cfg, generation_config: dict | None = None):
+    """The run's model directory (adapters merged in: any HF tool loads it; generation_config.json gains
+    `generation_config`) and, under LoRA, the adapter alone in the PEFT layout. Returns (model_dir, adapter_dir or
+    None)."""
     from pathlib import Path
 
     from lmforge.interop.peft import save_adapter
@@ -58,7 +59,8 @@ def save_outputs(model: nn.Module, out, tokenizer, base: str, cfg):
     adapter = None
     if cfg.method in ("lora", "qlora"):
         adapter = save_adapter(model, out / "adapter", base_model=str(base), tokenizer=tokenizer)
-    return model.save_pretrained(out / "model", tokenizer=tokenizer), adapter
+    extra = {"generation_config": generation_config} if generation_config else {}
+    return model.save_pretrained(out / "model", tokenizer=tokenizer, **extra), adapter
 
 
 

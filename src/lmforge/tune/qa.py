@@ -31,6 +31,7 @@ from lmforge.runtime import peak_memory_mb, reset_peak_memory
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.supervised import FinetuneConfig, fit
 from lmforge.tune.classify import say
+from lmforge.tune.lora import trainable_params
 from lmforge.tune.methods import apply_method, describe, save_outputs, start_run
 
 
@@ -43,6 +44,7 @@ class QAResult:
     trainable_params: int
     seconds: float
     rows: dict[str, int]
+    adapter_dir: Path | None = None  # under LoRA: the adapter alone, in the PEFT layout
 
 
 def load_qa_splits(data: str | Path, val_data: str | Path | None, test_data: str | Path | None,
@@ -112,6 +114,11 @@ def finetune_qa(model_path: str | Path, data: str | Path, out: str | Path, cfg: 
         model = model.with_head("qa")
     total = model.num_params()
     trainable = apply_method(model, cfg)
+    if cfg.method in ("lora", "qlora") and model.pooler is not None:
+        # QA reads the token states, never the pooled [CLS] vector: a "trained" pooler would get no gradient,
+        # yet be counted as trainable and copied into the adapter
+        model.pooler.requires_grad_(False)
+        trainable = trainable_params(model)
     max_len = min(cfg.max_len, model.config.max_seq_len)
     feats: QAFeatures = qa_features(train, tok, max_len, stride)
     say(f"data: {len(train)} train / {len(val)} validation / {len(test)} test questions; "
@@ -162,4 +169,4 @@ def finetune_qa(model_path: str | Path, data: str | Path, out: str | Path, cfg: 
         ("training time", f"{seconds:.0f} s"), ("test exact match", f"{scores['exact_match']:.1f}"),
         ("test F1", f"{scores['f1']:.1f}"),
     ] + [(f"Q: {q}", f"predicted: {p!r} | gold: {g!r}") for q, p, g in samples])
-    return QAResult(out, model_dir, scores, result.best, trainable, seconds, rows)
+    return QAResult(out, model_dir, scores, result.best, trainable, seconds, rows, adapter_dir)

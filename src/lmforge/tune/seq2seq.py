@@ -42,6 +42,7 @@ class Seq2SeqResult:
     seconds: float  # training time
     rows: dict[str, int]
     samples: list[dict[str, str]] = field(default_factory=list)
+    adapter_dir: Path | None = None  # under LoRA: the adapter alone, in the PEFT layout
 
 
 @dataclass
@@ -217,8 +218,7 @@ def finetune_seq2seq(
                for s, r, h in zip(sp.test.sources[:n_test], sp.test.targets[:n_test], hyps)]
     write_text(out / "predictions.jsonl", "".join(_json(d) + "\n" for d in samples))
     gen_cfg = {"num_beams": num_beams, "max_new_tokens": gen_len}
-    model_dir = model.save_pretrained(out / "model", tokenizer=tok, generation_config=gen_cfg) \
-        if cfg.method == "full" else save_outputs(model, out, tok, str(model_path), cfg)[0]
+    model_dir, adapter_dir = save_outputs(model, out, tok, str(model_path), cfg, generation_config=gen_cfg)
     rows = {"train": len(sp.train), "validation": len(sp.val), "test": len(sp.test),
             "empty_dropped": sp.train.dropped_empty, "sources_truncated": cut_s, "targets_truncated": cut_t}
     write_json(out / "summary.json", {"task": "seq2seq", "method": cfg.method, "trainable_params": trainable,
@@ -237,7 +237,7 @@ def finetune_seq2seq(
         ("test ROUGE-1 / 2 / L", f"{test_m['rouge1']:.2f} / {test_m['rouge2']:.2f} / {test_m['rougeL']:.2f}"),
     ] + [(f"sample {i + 1}", f"{d['source']}  →  {d['prediction']}  (reference: {d['reference']})")
          for i, d in enumerate(samples[:8])])
-    return Seq2SeqResult(out, Path(model_dir), test_m, result.best, seconds, rows, samples[:20])
+    return Seq2SeqResult(out, Path(model_dir), test_m, result.best, seconds, rows, samples[:20], adapter_dir)
 
 
 def collate(sources: list[list[int]], targets: list[list[int]], pad: int) -> dict[str, torch.Tensor]:
