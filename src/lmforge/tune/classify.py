@@ -30,7 +30,7 @@ from lmforge.models.encoder import Encoder
 from lmforge.predict import pad_batch, predict_proba
 from lmforge.runtime import peak_memory_mb, reset_peak_memory
 from lmforge.train.supervised import FinetuneConfig, fit, length_buckets
-from lmforge.tune.methods import apply_method, describe, save_outputs, start_run
+from lmforge.tune.methods import apply_method, check_method, describe, save_outputs, start_run
 
 
 @dataclass
@@ -43,6 +43,7 @@ class ClassifyResult:
     total_params: int
     seconds: float  # training time
     rows: dict[str, int]  # rows per split, repaired and skipped rows
+    adapter_dir: Path | None = None  # under LoRA: the adapter alone, in the PEFT layout
 
 
 def load_splits(data: str | Path, text_col: str | None, label_col: str | None, val_data: str | Path | None,
@@ -97,10 +98,6 @@ def finetune_classify(
     # --- data ------------------------------------------------------------------------------------------------
     train, val, test, names = load_splits(data, text_col, label_col, val_data, test_data, val_fraction,
                                           test_fraction, cfg.seed)
-    say(f"data: {len(train)} train / {len(val)} validation / {len(test)} test rows, classes "
-        f"{class_counts(train.labels)}" + (f"; {train.repaired_rows} rows repaired from non-UTF-8 bytes"
-                                            if train.repaired_rows else "")
-        + (f"; {train.skipped_rows} rows skipped (empty text or label)" if train.skipped_rows else ""))
     label_id = {n: i for i, n in enumerate(names)}
 
     # --- model -----------------------------------------------------------------------------------------------
@@ -109,6 +106,11 @@ def finetune_classify(
     if not isinstance(model, Encoder):
         raise ModelLoadError(f"{model_path} is a {type(model).__name__}; classification fine-tuning needs an "
                              f"encoder (BERT family) model")
+    check_method(model, cfg)  # (a LoRA target that matches nothing: refused before anything is printed)
+    say(f"data: {len(train)} train / {len(val)} validation / {len(test)} test rows, classes "
+        f"{class_counts(train.labels)}" + (f"; {train.repaired_rows} rows repaired from non-UTF-8 bytes"
+                                            if train.repaired_rows else "")
+        + (f"; {train.skipped_rows} rows skipped (empty text or label)" if train.skipped_rows else ""))
     if not (model.config.head == "classify" and model.config.labels == names):
         model = model.with_head("classify", names)
     total = model.num_params()
@@ -181,7 +183,7 @@ def finetune_classify(
         ("test accuracy", f"{test_m['accuracy']:.4f}"), ("test macro-F1", f"{test_m['macro_f1']:.4f}"),
     ] + [(f"{k}: precision / recall / F1", f"{v['precision']:.3f} / {v['recall']:.3f} / {v['f1']:.3f}")
          for k, v in test_m["per_class"].items()], images=["loss.png", "confusion.png"])
-    return ClassifyResult(out, model_dir, test_m, result.best, trainable, total, seconds, rows)
+    return ClassifyResult(out, model_dir, test_m, result.best, trainable, total, seconds, rows, adapter_dir)
 
 
 def say(msg: str) -> None:
