@@ -128,3 +128,37 @@ def test_layer_decay_scales_each_depth():
     assert scale[id(named["blocks.0.mlp.up.bias"])] == (0.125, 0.0)
     assert scale[id(named["tok_emb.weight"])] == (0.0625, 0.0)
     assert {g["lr_scale"] for g in build_optimizer(model, "adamw", 1e-3, 0.01).param_groups} == {1.0}
+
+
+def test_weight_averaging_keeps_the_mean_of_the_late_evaluation_points():
+    """FinetuneConfig.average: the weights at the evaluations in the last share of training are averaged and kept
+    when the mean scores at least as well on validation as the best single point (here: a constant metric)."""
+    from lmforge.train.supervised import FinetuneConfig, fit
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    x, y = torch.randn(32, 4), torch.randn(32, 1)
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, x, y):
+            return type("Out", (), {"loss": torch.nn.functional.mse_loss(self.inner(x), y)})()
+
+    wrapped, seen = Wrapped(), []
+
+    def evaluate():
+        seen.append(model.weight.detach().clone())
+        return {"accuracy": 0.5}
+
+    cfg = FinetuneConfig(epochs=4, lr=0.1, warmup=0.0, eval_every=2, average=0.5, grad_clip=0.0, weight_decay=0.0)
+    r = fit(wrapped, lambda epoch: [{"x": x[:16], "y": y[:16]}, {"x": x[16:], "y": y[16:]}], 2, evaluate, cfg,
+            progress=False)
+    assert len(seen) == 5  # evaluations at steps 2, 4, 6, 8, then one of the averaged weights
+    late = seen[1:4]  # the points in the last half: steps 4, 6, 8
+    torch.testing.assert_close(model.weight.detach(), torch.stack(late).mean(0))
+    assert r.best["averaged_points"] == len(late) == 3
+    cfg.average = 0.0
+    assert "averaged_points" not in fit(wrapped, lambda e: [{"x": x, "y": y}], 1, evaluate, cfg, progress=False).best

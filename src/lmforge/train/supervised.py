@@ -43,6 +43,7 @@ class FinetuneConfig:
     grad_clip: float = 1.0
     layer_decay: float = 1.0  # < 1: layer-wise learning-rate decay (block i of n learns at decay ** (n - i))
     label_smoothing: float = 0.0  # classification: share of each target spread over the other classes
+    average: float = 0.0  # > 0: also try the mean of the weights at the evaluations in this last share of training
     max_len: int = 128  # tokens per example (longer ones are truncated, or windowed for QA)
     eval_every: int = 0  # steps between evaluations; 0 = after every epoch
     metric: str = "accuracy"  # the validation metric that picks the best weights (higher is better)
@@ -68,6 +69,8 @@ class FinetuneConfig:
             raise ConfigError(f"layer_decay must be in (0, 1], got {self.layer_decay}")
         if not 0 <= self.label_smoothing < 1:
             raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if not 0 <= self.average <= 1:
+            raise ConfigError(f"average is a share of the training steps in [0, 1], got {self.average}")
 
 
 @dataclass
@@ -113,7 +116,12 @@ def fit(
 ) -> FitResult:
     """Train `model` on `batches(epoch)` (dicts of forward() arguments including labels) for cfg.epochs.
     loss_fn(model, batch) replaces `model(**batch).loss` for objectives that are not the model's own (DPO).
-    Only trainable parameters change, so only they are kept for the best validation point."""
+    Only trainable parameters change, so only they are kept for the best validation point.
+
+    cfg.average > 0 also keeps the running mean of the weights at every evaluation in the last `average` share
+    of the steps (weight averaging, as stochastic weight averaging does along a plateau of the loss: the mean
+    of nearby solutions generalises better than each of them) and, at the end, evaluates it: it is kept when
+    it scores at least as well on validation as the best single point."""
     from lmforge.runtime import lean_allocator, tune_allocator
 
     if cfg.grad_checkpoint:  # a run that asks for checkpointing is short of memory: let glibc return it
@@ -137,6 +145,8 @@ def fit(
     history: list[dict[str, Any]] = []
     best: dict[str, float] = {}
     best_state: dict[str, torch.Tensor] | None = None
+    mean_state: dict[str, torch.Tensor] | None = None  # weight averaging (cfg.average)
+    averaged = 0
     t0, step, epoch, loss_avg = time.time(), 0, 0, float("nan")
 
     def record(r: dict[str, Any]) -> None:
@@ -146,7 +156,7 @@ def fit(
             log.flush()
 
     def run_eval() -> None:
-        nonlocal best, best_state
+        nonlocal best, best_state, mean_state, averaged
         model.eval()
         m = evaluate()
         model.train()
@@ -156,6 +166,15 @@ def fit(
         if not best or m.get(cfg.metric, -math.inf) > best.get(cfg.metric, -math.inf):
             best = m
             best_state = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+        if cfg.average and step >= total * (1 - cfg.average):
+            averaged += 1
+            with torch.no_grad():
+                if mean_state is None:
+                    mean_state = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+                else:
+                    for k, v in model.named_parameters():
+                        if k in mean_state:
+                            mean_state[k].add_(v.detach() - mean_state[k], alpha=1 / averaged)
 
     model.train()
     try:
@@ -190,8 +209,19 @@ def fit(
             bar.close()
         if log is not None:
             log.close()
+    params = dict(model.named_parameters())
+    if mean_state is not None and averaged > 1:
+        with torch.no_grad():
+            for k, v in mean_state.items():
+                params[k].copy_(v)
+        model.eval()
+        m = evaluate()
+        record({"step": step, "split": "val", "epoch": epoch, "averaged_points": averaged, **m})
+        print(f"mean of the weights at the last {averaged} evaluations: " + "  ".join(
+            f"{k} {v:.4f}" for k, v in m.items() if isinstance(v, float)), file=sys.stderr)
+        if m.get(cfg.metric, -math.inf) >= best.get(cfg.metric, -math.inf):
+            best, best_state = {**m, "averaged_points": averaged}, None  # keep the averaged weights
     if best_state is not None:
-        params = dict(model.named_parameters())
         with torch.no_grad():
             for k, v in best_state.items():
                 params[k].copy_(v)
