@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmforge.nn.packed import activated_up, fused_outputs
+from lmforge.nn.packed import fused_outputs
 
 ACTIVATIONS = {
     "gelu": F.gelu,
@@ -23,8 +23,8 @@ class MLP(nn.Module):
     def __init__(self, d_model: int, d_ff: int, kind: str = "gelu", bias: bool = True) -> None:
         super().__init__()
         self.gated = kind in ("swiglu", "geglu")
-        self.act_name = {"swiglu": "silu", "geglu": "gelu_tanh"}.get(kind, kind)
-        self.act = ACTIVATIONS[self.act_name]
+        act_name = {"swiglu": "silu", "geglu": "gelu_tanh"}.get(kind, kind)
+        self.act = ACTIVATIONS[act_name]
         if self.gated:
             self.gate = nn.Linear(d_model, d_ff, bias=bias)
         self.up = nn.Linear(d_model, d_ff, bias=bias)
@@ -35,5 +35,4 @@ class MLP(nn.Module):
             fused = fused_outputs(self, x)  # gate and up in one product while decoding (lmforge.nn.packed)
             g, u = fused if fused is not None else (self.gate(x), self.up(x))
             return self.down(self.act(g) * u)
-        h = activated_up(self, x)  # up and its activation in one product under packed_linears (lmforge.nn.packed)
-        return self.down(h if h is not None else self.act(self.up(x)))
+        return self.down(self.act(self.up(x)))

@@ -44,11 +44,10 @@ def can_pack(model: nn.Module) -> bool:
             and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
-def _linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int,
-            attr: str = "none", algorithm: str = "") -> torch.Tensor:
+def _linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
     if _OPAQUE is not None and torch.compiler.is_compiling():
-        return _OPAQUE(x, packed, bias, out_features, attr, algorithm)
-    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, attr, [], algorithm)
+        return _OPAQUE(x, packed, bias, out_features)
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
 def _opaque_op():
@@ -58,12 +57,12 @@ def _opaque_op():
         return None
 
     @torch.library.custom_op("lmforge::packed_linear", mutates_args=())
-    def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int,
-                      attr: str, algorithm: str) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, attr, [], algorithm)
+    def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None,
+                      out_features: int) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
     @packed_linear.register_fake
-    def _(x, packed, bias, out_features, attr, algorithm):
+    def _(x, packed, bias, out_features):
         return x.new_empty(*x.shape[:-1], out_features)
 
     return packed_linear
@@ -134,36 +133,6 @@ def _fuse(parent: nn.Module, linears: list[nn.Module], batch_hint: int) -> None:
         setattr(parent, _FUSED, (key, product, [m.out_features for m in linears]))
 
 
-# activations oneDNN applies inside the product (a "post-op"), by lmforge.nn.mlp.ACTIVATIONS name: a plain MLP's
-# up projection and its activation then make one pass over the [tokens, d_ff] output instead of two
-POST_OPS = {"gelu": ("gelu", "none"), "gelu_tanh": ("gelu", "tanh"), "relu": ("relu", ""), "silu": ("swish", "")}
-_ACT = "_lmforge_act"  # on a plain MLP: (key, up projection and activation as one callable)
-
-
-def activated_up(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-    """act(up(x)) of a plain (not gated) MLP in one oneDNN product while a packed_linears context holds it;
-    otherwise None."""
-    fused = module.__dict__.get("_lmforge_act_on")
-    return None if fused is None else fused[1](x)
-
-
-def _fuse_activation(mlp: nn.Module, batch_hint: int) -> bool:
-    up = getattr(mlp, "up", None)
-    if getattr(mlp, "gated", True) or type(up) is not nn.Linear or "forward" in up.__dict__ \
-            or mlp.act_name not in POST_OPS or "_lmforge_act_on" in mlp.__dict__:
-        return False
-    key = (up.weight.data_ptr(), up.weight._version, up.weight.dtype)
-    cached = getattr(mlp, _ACT, None)
-    if cached is None or cached[0] != key:
-        with torch.no_grad():
-            packed = torch.ops.mkldnn._reorder_linear_weight(up.weight.detach(), batch_hint)
-        attr, algorithm = POST_OPS[mlp.act_name]
-        bias, n = up.bias, up.out_features
-        setattr(mlp, _ACT, (key, lambda x: _linear(x, packed, bias, n, attr, algorithm)))
-    mlp._lmforge_act_on = getattr(mlp, _ACT)
-    return True
-
-
 def fused_outputs(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
     """The outputs of `module`'s fused sibling projections of x (see FUSIBLE), while a packed_linears context
     has fused them; otherwise None and the module runs its Linear layers one by one."""
@@ -212,9 +181,6 @@ def packed_linears(model: nn.Module, batch_hint: int = 1, enabled: bool = True, 
                 parent._lmforge_fused_on = getattr(parent, _FUSED)
                 fused.append(parent)
                 covered.update(id(m) for m in linears)
-            elif pack and not gemv and type(parent).__name__ == "MLP" and _fuse_activation(parent, batch_hint):
-                fused.append(parent)
-                covered.add(id(parent.up))
         for m in model.modules():
             # (a module whose forward is already swapped belongs to another open context, e.g. the serving engine
             # while a caller generates on the same model: that context swaps it back)
@@ -233,12 +199,11 @@ def packed_linears(model: nn.Module, batch_hint: int = 1, enabled: bool = True, 
         for m in swapped:
             del m.forward  # back to the class's forward
         for parent in fused:
-            for attr in ("_lmforge_fused_on", "_lmforge_act_on"):
-                parent.__dict__.pop(attr, None)
+            del parent._lmforge_fused_on
 
 
 def release_packed(model: nn.Module) -> None:
     for m in model.modules():
-        for attr in (_ATTR, _FUSED, _ACT):
+        for attr in (_ATTR, _FUSED):
             if hasattr(m, attr):
                 delattr(m, attr)
