@@ -35,6 +35,7 @@ LR = {"full": float(os.environ.get("LR_FULL", "1e-4")), "top-k": float(os.enviro
 LAYER_DECAY = float(os.environ.get("LAYER_DECAY", "1.0"))
 LABEL_SMOOTHING = float(os.environ.get("LABEL_SMOOTHING", "0.0"))
 EVAL_EVERY = int(os.environ.get("EVAL_EVERY", "0"))  # steps between validations (0: after each epoch)
+AVERAGE = float(os.environ.get("AVERAGE", "0"))  # weight averaging over the evaluations in this last share
 SEED = 0
 
 
@@ -65,7 +66,8 @@ def main() -> None:
     train_idx, val_idx, test_idx = stratified_split(ds.labels, 0.05, 0.2, SEED)
     print(f"{len(ds)} tweets ({ds.repaired_rows} repaired rows); train {len(train_idx)}, validation "
           f"{len(val_idx)}, test {len(test_idx)}; {torch.get_num_threads()} threads; {EPOCHS:g} epochs; lr {LR}, "
-          f"layer decay {LAYER_DECAY}, label smoothing {LABEL_SMOOTHING}, eval every {EVAL_EVERY or 'epoch'}",
+          f"layer decay {LAYER_DECAY}, label smoothing {LABEL_SMOOTHING}, eval every {EVAL_EVERY or 'epoch'}, "
+          f"weight averaging over the last {AVERAGE:.0%}",
           flush=True)
     rows = [baseline(ds, sorted(train_idx + val_idx), test_idx)]
     print(json.dumps(rows[-1]), flush=True)
@@ -77,7 +79,7 @@ def main() -> None:
             lr = LR[method]
             cfg = FinetuneConfig(method=method, top_k=2, epochs=EPOCHS, batch_size=32, lr=lr, max_len=128,
                                  seed=SEED, layer_decay=LAYER_DECAY, label_smoothing=LABEL_SMOOTHING,
-                                 eval_every=EVAL_EVERY)
+                                 eval_every=EVAL_EVERY, average=AVERAGE)
             out = os.path.join(work, method)
             r = finetune_classify("all-minilm-l6-v2", path, out, cfg, label_col="sentiment", val_fraction=0.05,
                                   test_fraction=0.2)
