@@ -21,7 +21,7 @@ from lmforge.eval.generation import seq2seq_scores
 from lmforge.eval.qa import exact_match, token_f1
 from lmforge.models.decoder import DecoderLM
 from lmforge.models.encoder import Encoder
-from lmforge.predict import predict_proba
+from lmforge.predict import encode, predict_proba
 from lmforge.tokenizer import Tokenizer
 
 TEXT = ["the cat sat on the mat.", "the dog ate the bone.", "a bird sang in the tree."] * 30
@@ -179,6 +179,13 @@ def _encoder(wordpiece, **kw) -> Encoder:
 
 def test_eval_cli_classify_writes_metrics_and_confusion_matrix(wordpiece, tmp_path, capsys):
     model = _encoder(wordpiece, head="classify", labels=["neg", "neu", "pos"])
+    # a prototype head, so the predictions vary by construction rather than by the luck of a random init:
+    # class c's row is the unit pooled vector of one sentence, which then scores its own class highest
+    # (Cauchy-Schwarz), so all three classes are predicted at least once
+    with torch.no_grad():
+        pooled = encode(model, wordpiece, [SENTENCES[3], SENTENCES[2], SENTENCES[0]], what="pooled")
+        model.classifier.weight.copy_(torch.nn.functional.normalize(pooled, dim=-1) * 10)
+        model.classifier.bias.zero_()
     model.save_pretrained(tmp_path / "cls", tokenizer=wordpiece)
     gold = ["pos", "pos", "neu", "neg", "neg", "neu", "neu", "pos"]
     data = tmp_path / "labelled.csv"
@@ -191,7 +198,7 @@ def test_eval_cli_classify_writes_metrics_and_confusion_matrix(wordpiece, tmp_pa
     expected = [["neg", "neu", "pos"][i] for i in predict_proba(model, wordpiece, SENTENCES).argmax(-1).tolist()]
     rows = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
     assert [r["prediction"] for r in rows] == expected and [r["label"] for r in rows] == gold
-    assert len(set(expected)) > 1  # a model that says one class for everything would test little
+    assert set(expected) == {"neg", "neu", "pos"} and expected[3] == "neg" and expected[0] == "pos"
     assert m["n"] == 8 and m["accuracy"] == pytest.approx(sum(p == g for p, g in zip(expected, gold)) / 8)
     f1s = []
     for c in ("neg", "neu", "pos"):
