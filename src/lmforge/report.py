@@ -22,12 +22,27 @@ def read_metrics(run_dir: str | Path) -> tuple[list[dict], list[dict]]:
     return train, val
 
 
-def plot_loss(run_dir: str | Path, path: str | Path | None = None) -> Path:
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display needed), imported when a plot is drawn."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def save_png(fig: Any, path: str | Path, dpi: int | None = None) -> Path:
+    """Write fig as a PNG atomically (temp file + rename) and free it."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", **({"dpi": dpi} if dpi else {}))
+    pyplot().close(fig)
+    return path
+
+
+def plot_loss(run_dir: str | Path, path: str | Path | None = None) -> Path:
+    plt = pyplot()
     run_dir = Path(run_dir)
     path = Path(path) if path else run_dir / "report" / "loss.png"
     train, val = read_metrics(run_dir)
@@ -49,10 +64,7 @@ def plot_loss(run_dir: str | Path, path: str | Path | None = None) -> Path:
         ax2.set_title("schedule")
         ax2.grid(alpha=0.3)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return path
+    return save_png(fig, path)
 
 
 def write_run_report(run_dir: str | Path, samples: list[tuple[str, str]] | None = None) -> Path:
@@ -133,11 +145,7 @@ td{{border:1px solid #ccc;padding:4px 10px}}</style>
 
 def bar_plot(values: dict[str, float], path: str | Path, title: str, ylabel: str = "") -> Path:
     """A bar chart of named scores (evaluation reports)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(max(4.0, 1.1 * len(values) + 2), 3.4))
     bars = ax.bar(list(values), list(values.values()), color="#4c72b0")
     ax.bar_label(bars, fmt="%.1f")
@@ -145,21 +153,13 @@ def bar_plot(values: dict[str, float], path: str | Path, title: str, ylabel: str
     ax.set_ylabel(ylabel)
     ax.margins(y=0.15)
     fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
-    return path
+    return save_png(fig, path, dpi=120)
 
 
 def series_plot(values: list[float], path: str | Path, title: str, xlabel: str = "", ylabel: str = "",
                 mean: float | None = None) -> Path:
     """A line of values in order (e.g. the loss of each evaluation window), with their mean as a dashed line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 3.4))
     xs = list(range(len(values)))
     ax.plot(xs, values, "o-" if len(values) <= 60 else "-", ms=3, lw=1, color="#4c72b0")
@@ -171,8 +171,4 @@ def series_plot(values: list[float], path: str | Path, title: str, xlabel: str =
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
-    return path
+    return save_png(fig, path, dpi=120)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lmforge.files import atomic_path
+from lmforge.report import pyplot, save_png
 
 
 def classification_metrics(y_true: list[int], y_pred: list[int], labels: list[str]) -> dict[str, Any]:
@@ -25,11 +25,7 @@ def classification_metrics(y_true: list[int], y_pred: list[int], labels: list[st
 
 
 def plot_confusion(metrics: dict[str, Any], path: str | Path, title: str = "confusion matrix") -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     cm, labels = metrics["confusion"], metrics["labels"]
     n = len(labels)
     fig, ax = plt.subplots(figsize=(1.2 * n + 2.5, 1.1 * n + 1.8), dpi=110)
@@ -46,8 +42,4 @@ def plot_confusion(metrics: dict[str, Any], path: str | Path, title: str = "conf
     ax.set_ylabel("true")
     ax.set_title(f"{title}\naccuracy {metrics['accuracy']:.1%}, macro-F1 {metrics['macro_f1']:.3f}")
     fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return path
+    return save_png(fig, path)

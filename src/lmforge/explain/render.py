@@ -22,33 +22,17 @@ import torch
 
 from lmforge.explain.attention import AttentionMaps
 from lmforge.explain.saliency import Saliency
-from lmforge.files import atomic_path, write_text
+from lmforge.files import write_text
+from lmforge.report import pyplot, save_png
 
 METHOD_NAMES = {"ig": "integrated gradients", "grad_x_input": "gradient x input"}
 TOWARD, AGAINST = (33, 102, 172), (178, 24, 43)  # ColorBrewer RdBu ends
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def _label(token: str, width: int = 12) -> str:
     """A token as an axis label: spaces made visible where they are all there is, long pieces cut."""
     s = token.strip() or token.replace(" ", "\u2423").replace("\n", "\u21b5") or "\u2205"
     return s if len(s) <= width else s[:width - 1] + "\u2026"
-
-
-def _save(fig, path: str | Path) -> Path:
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    _pyplot().close(fig)
-    return path
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -64,7 +48,7 @@ def attention_png(maps: AttentionMaps, path: str | Path, layer: int | None = Non
     panel, which takes seconds per figure for a 72-panel grid and minutes for a 30-layer model."""
     from matplotlib.colors import PowerNorm
 
-    plt = _pyplot()
+    plt = pyplot()
     L, H = maps.n_layer, maps.n_head
     TQ, TK = len(maps.tokens), len(maps.keys)
     T = max(TQ, TK)  # what sizes the panels and the labels
@@ -121,7 +105,7 @@ def attention_png(maps: AttentionMaps, path: str | Path, layer: int | None = Non
     fig.colorbar(image, cax=cax, label="attention weight (query row -> key column)")
     fig.text(0.5, 1 - 0.15 / height, title or f"attention, {L} layers x {H} heads", ha="center", va="top",
              fontsize=12)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 _ATTENTION_PAGE = """<!doctype html>
@@ -346,7 +330,7 @@ Hover a token for its score.</p>
 def saliency_png(sal: Saliency, path: str | Path, title: str = "", max_bars: int = 40) -> Path:
     """The text with tokens coloured as in the HTML view, and below it a bar per token (the max_bars largest
     |scores| for long texts), in reading order."""
-    plt = _pyplot()
+    plt = pyplot()
     scale = _scale(sal)
     pieces = _pieces(sal)
     order = list(range(len(sal.ids)))
@@ -412,4 +396,4 @@ def saliency_png(sal: Saliency, path: str | Path, title: str = "", max_bars: int
     ax_b.tick_params(axis="x", labelsize=8)
     for side in ("top", "right"):
         ax_b.spines[side].set_visible(False)
-    return _save(fig, path)
+    return save_png(fig, path)
