@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import dataclasses
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,7 @@ from lmforge.models.encoder import Encoder
 from lmforge.predict import pad_batch, predict_proba
 from lmforge.runtime import peak_memory_mb, reset_peak_memory
 from lmforge.train.supervised import FinetuneConfig, fit, length_buckets
-from lmforge.tune.methods import apply_method, check_method, describe, save_outputs, start_run
+from lmforge.tune.methods import apply_method, check_method, describe, save_outputs, say, start_run
 
 
 @dataclass
@@ -184,7 +183,3 @@ def finetune_classify(
     ] + [(f"{k}: precision / recall / F1", f"{v['precision']:.3f} / {v['recall']:.3f} / {v['f1']:.3f}")
          for k, v in test_m["per_class"].items()], images=["loss.png", "confusion.png"])
     return ClassifyResult(out, model_dir, test_m, result.best, trainable, total, seconds, rows, adapter_dir)
-
-
-def say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)

@@ -21,7 +21,6 @@ import copy
 import dataclasses
 import json
 import random
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +36,7 @@ from lmforge.models.decoder import DecoderLM
 from lmforge.runtime import peak_memory_mb, reset_peak_memory
 from lmforge.train.supervised import FinetuneConfig, fit
 from lmforge.tune.lora import lora_disabled, lora_modules
-from lmforge.tune.methods import apply_method, check_method, describe, save_outputs, start_run
+from lmforge.tune.methods import apply_method, check_method, describe, save_outputs, say, start_run
 
 
 @dataclass
@@ -258,7 +257,3 @@ def finetune_dpo(
         ("held-out reward accuracy / margin after", f"{after['reward_accuracy']:.3f} / {after['reward_margin']:.3f}"),
     ])
     return DPOResult(out, model_dir, adapter_dir, before, after, result.best, trainable, seconds, peak_mem, rows)
-
-
-def say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)

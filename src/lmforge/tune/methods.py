@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from torch import nn
 
 from lmforge.errors import ConfigError
@@ -79,3 +81,8 @@ def start_run(cfg, out) -> tuple:
     if cfg.grad_checkpoint:
         lean_allocator()
     return out, current_memory_mb()
+
+
+def say(msg: str) -> None:
+    """A progress or status line for the person running the job: stderr, so stdout stays the results."""
+    print(msg, file=sys.stderr, flush=True)

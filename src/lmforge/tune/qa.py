@@ -30,9 +30,8 @@ from lmforge.predict import length_batches, pad_batch
 from lmforge.runtime import peak_memory_mb, reset_peak_memory
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.supervised import FinetuneConfig, fit
-from lmforge.tune.classify import say
 from lmforge.tune.lora import trainable_params
-from lmforge.tune.methods import apply_method, describe, save_outputs, start_run
+from lmforge.tune.methods import apply_method, describe, save_outputs, say, start_run
 
 
 @dataclass

@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +29,7 @@ import yaml
 from lmforge.errors import ConfigError, ModelLoadError
 from lmforge.files import write_json, write_text
 from lmforge.train.supervised import FinetuneConfig, fit, length_buckets
-from lmforge.tune.methods import apply_method, describe, save_outputs, start_run
+from lmforge.tune.methods import apply_method, describe, save_outputs, say, start_run
 
 
 @dataclass
@@ -297,7 +296,3 @@ def _json(d: dict) -> str:
     import json
 
     return json.dumps(d, ensure_ascii=False)
-
-
-def say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)

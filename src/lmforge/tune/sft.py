@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +30,7 @@ from lmforge.generate.chat import reply_all
 from lmforge.models.decoder import DecoderLM
 from lmforge.runtime import peak_memory_mb, reset_peak_memory
 from lmforge.train.supervised import FinetuneConfig, fit
-from lmforge.tune.methods import apply_method, check_method, describe, save_outputs, start_run
+from lmforge.tune.methods import apply_method, check_method, describe, save_outputs, say, start_run
 
 
 @dataclass
@@ -227,7 +226,3 @@ def finetune_chat(
     ] + samples)
     return ChatResult(out, model_dir, adapter_dir, before, after, result.best, trainable, total, seconds, peak_mem,
                       rows)
-
-
-def say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
