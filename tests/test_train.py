@@ -130,7 +130,7 @@ def test_layer_decay_scales_each_depth():
     assert {g["lr_scale"] for g in build_optimizer(model, "adamw", 1e-3, 0.01).param_groups} == {1.0}
 
 
-def test_weight_averaging_keeps_the_mean_of_the_late_evaluation_points():
+def test_weight_averaging_keeps_the_mean_of_the_late_evaluation_points(tmp_path):
     """FinetuneConfig.average: the weights at the evaluations in the last share of training are averaged and kept
     when the mean scores at least as well on validation as the best single point (here: a constant metric)."""
     from lmforge.train.supervised import FinetuneConfig, fit
@@ -155,8 +155,10 @@ def test_weight_averaging_keeps_the_mean_of_the_late_evaluation_points():
 
     cfg = FinetuneConfig(epochs=4, lr=0.1, warmup=0.0, eval_every=2, average=0.5, grad_clip=0.0, weight_decay=0.0)
     r = fit(wrapped, lambda epoch: [{"x": x[:16], "y": y[:16]}, {"x": x[16:], "y": y[16:]}], 2, evaluate, cfg,
-            progress=False)
+            metrics_path=tmp_path / "metrics.jsonl", progress=True)
     assert len(seen) == 5  # evaluations at steps 2, 4, 6, 8, then one of the averaged weights
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["averaged_points"] for r in logged if "averaged_points" in r] == [3]  # the log holds it too
     late = seen[1:4]  # the points in the last half: steps 4, 6, 8
     torch.testing.assert_close(model.weight.detach(), torch.stack(late).mean(0))
     assert r.best["averaged_points"] == len(late) == 3

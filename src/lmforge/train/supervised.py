@@ -204,23 +204,24 @@ def fit(
             epoch += 1
             if not cfg.eval_every or step % cfg.eval_every:
                 run_eval()
+        params = dict(model.named_parameters())
+        if mean_state is not None and averaged > 1:  # (inside the try: its record goes to the open log)
+            with torch.no_grad():
+                for k, v in mean_state.items():
+                    params[k].copy_(v)
+            model.eval()
+            m = evaluate()
+            record({"step": step, "split": "val", "epoch": epoch, "averaged_points": averaged, **m})
+            msg = f"mean of the weights at the last {averaged} evaluations: " + "  ".join(
+                f"{k} {v:.4f}" for k, v in m.items() if isinstance(v, float))
+            (bar.write if bar else lambda s: print(s, file=sys.stderr))(msg)
+            if m.get(cfg.metric, -math.inf) >= best.get(cfg.metric, -math.inf):
+                best, best_state = {**m, "averaged_points": averaged}, None  # keep the averaged weights
     finally:
         if bar is not None:
             bar.close()
         if log is not None:
             log.close()
-    params = dict(model.named_parameters())
-    if mean_state is not None and averaged > 1:
-        with torch.no_grad():
-            for k, v in mean_state.items():
-                params[k].copy_(v)
-        model.eval()
-        m = evaluate()
-        record({"step": step, "split": "val", "epoch": epoch, "averaged_points": averaged, **m})
-        print(f"mean of the weights at the last {averaged} evaluations: " + "  ".join(
-            f"{k} {v:.4f}" for k, v in m.items() if isinstance(v, float)), file=sys.stderr)
-        if m.get(cfg.metric, -math.inf) >= best.get(cfg.metric, -math.inf):
-            best, best_state = {**m, "averaged_points": averaged}, None  # keep the averaged weights
     if best_state is not None:
         with torch.no_grad():
             for k, v in best_state.items():
