@@ -149,6 +149,9 @@ def fit(
     averaged = 0
     t0, step, epoch, loss_avg = time.time(), 0, 0, float("nan")
 
+    def show(msg: str) -> None:  # above the progress bar when there is one
+        (bar.write if bar is not None else lambda m: print(m, file=sys.stderr))(msg)
+
     def record(r: dict[str, Any]) -> None:
         history.append(r)
         if log is not None:
@@ -161,8 +164,7 @@ def fit(
         m = evaluate()
         model.train()
         record({"step": step, "split": "val", "epoch": epoch, **m})
-        msg = f"step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in m.items() if isinstance(v, float))
-        (bar.write if bar else lambda s: print(s, file=sys.stderr))(msg)
+        show(f"step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in m.items() if isinstance(v, float)))
         if not best or m.get(cfg.metric, -math.inf) > best.get(cfg.metric, -math.inf):
             best = m
             best_state = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
@@ -212,9 +214,8 @@ def fit(
             model.eval()
             m = evaluate()
             record({"step": step, "split": "val", "epoch": epoch, "averaged_points": averaged, **m})
-            msg = f"mean of the weights at the last {averaged} evaluations: " + "  ".join(
-                f"{k} {v:.4f}" for k, v in m.items() if isinstance(v, float))
-            (bar.write if bar else lambda s: print(s, file=sys.stderr))(msg)
+            show(f"mean of the weights at the last {averaged} evaluations: " + "  ".join(
+                f"{k} {v:.4f}" for k, v in m.items() if isinstance(v, float)))
             if m.get(cfg.metric, -math.inf) >= best.get(cfg.metric, -math.inf):
                 best, best_state = {**m, "averaged_points": averaged}, None  # keep the averaged weights
     finally:
