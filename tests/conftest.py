@@ -46,3 +46,18 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600, env: dict |
     e = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
     return subprocess.run([sys.executable, "-m", "lmforge.cli", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env=e)
+
+
+def call_cli(capsys, *args: str) -> subprocess.CompletedProcess:
+    """`lmforge ...` through `cli.main` in this process, shaped like run_cli's result: for the many one-line
+    user-error cases, which would otherwise spend most of their time starting Python and importing torch. An
+    exception main() does not turn into an exit code propagates and fails the test, as its traceback would."""
+    from lmforge.cli import main
+
+    capsys.readouterr()
+    try:
+        rc = main(list(args))
+    except SystemExit as e:  # argparse's own usage errors
+        rc = e.code
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(["lmforge", *args], rc, out.out, out.err)

@@ -1,11 +1,13 @@
-"""The CLI through subprocesses: user errors exit 2 with one line and leave nothing behind; the verbs work."""
+"""The CLI: user errors exit 2 with one line and leave nothing behind; the verbs work. Through subprocesses,
+except the config-value cases, which run `cli.main` in-process (the same code path, without a Python start-up
+each)."""
 
 import json
 
 import pytest
 import yaml
 
-from conftest import run_cli
+from conftest import call_cli, run_cli
 
 
 def assert_user_error(proc, *needles):
@@ -66,24 +68,26 @@ def test_non_utf8_file(tmp_path):
     ("train.lr=.nan", "train.lr must be a finite number"),
     ("model.preset=[a]", "unknown model preset"),
 ])
-def test_bad_config_values(tmp_path, small_corpus, override, needle):
+def test_bad_config_values(tmp_path, small_corpus, override, needle, capsys):
     out = tmp_path / "run"
-    r = run_cli("pretrain", "--config", str(recipe(tmp_path, small_corpus)), "--set", override, "--out", str(out))
+    r = call_cli(capsys, "pretrain", "--config", str(recipe(tmp_path, small_corpus)), "--set", override,
+                 "--out", str(out))
     assert_user_error(r, needle)
     assert not out.exists()
 
 
-def test_unknown_key_in_yaml(tmp_path, small_corpus):
+def test_unknown_key_in_yaml(tmp_path, small_corpus, capsys):
     p = recipe(tmp_path, small_corpus, train={"warmup": 10})
-    r = run_cli("pretrain", "--config", str(p), "--out", str(tmp_path / "run"))
+    r = call_cli(capsys, "pretrain", "--config", str(p), "--out", str(tmp_path / "run"))
     assert_user_error(r, "unknown config key 'train.warmup'", "warmup_steps")
 
 
-def test_missing_config_file_and_model(tmp_path):
+def test_missing_config_file_and_model(tmp_path, capsys):
     assert_user_error(run_cli("pretrain", "--config", str(tmp_path / "nope.yaml")), "config file not found")
-    assert_user_error(run_cli("generate", "--model", str(tmp_path / "nope"), "--prompt", "x"), "does not exist")
-    assert_user_error(run_cli("info", str(tmp_path)), "config.json is missing")
-    assert_user_error(run_cli("pretrain", "--resume", "--out", str(tmp_path)), "nothing to resume")
+    assert_user_error(call_cli(capsys, "generate", "--model", str(tmp_path / "nope"), "--prompt", "x"),
+                      "does not exist")
+    assert_user_error(call_cli(capsys, "info", str(tmp_path)), "config.json is missing")
+    assert_user_error(call_cli(capsys, "pretrain", "--resume", "--out", str(tmp_path)), "nothing to resume")
 
 
 def test_pretrain_generate_info_and_rerun_guard(tmp_path, small_corpus):
@@ -121,8 +125,8 @@ def test_info_on_preset():
     assert r.returncode == 0 and "124,439,808" in r.stdout
 
 
-def test_section_that_is_not_a_mapping(tmp_path, small_corpus):
+def test_section_that_is_not_a_mapping(tmp_path, small_corpus, capsys):
     p = tmp_path / "bad.yaml"
     p.write_text("model: gpt2-124m\n")
-    assert_user_error(run_cli("pretrain", "--config", str(p), "--out", str(tmp_path / "run")),
+    assert_user_error(call_cli(capsys, "pretrain", "--config", str(p), "--out", str(tmp_path / "run")),
                       "section 'model' must be a mapping")
