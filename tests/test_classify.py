@@ -10,7 +10,7 @@ import random
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import call_cli, run_cli
 from lmforge.data.assets import dataset_file
 from lmforge.data.labelled import read_labelled, read_records, stratified_split
 from lmforge.errors import DataError
@@ -164,13 +164,20 @@ def test_bad_input_one_line_errors(tmp_path, tweets_small):
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
-def test_embed_cli_similarity():
-    r = run_cli("embed", "--model", "all-minilm-l6-v2", "--text", "A man is eating food.", "--text",
-                "A man eats a meal.")
+def test_embed_cli_similarity(capsys):
+    texts = ("--text", "A man is eating food.", "--text", "A man eats a meal.")
+    r = run_cli("embed", "--model", "all-minilm-l6-v2", *texts)
     assert r.returncode == 0, r.stderr
     vecs = [json.loads(x)["embedding"] for x in r.stdout.splitlines()]
     assert len(vecs) == 2 and len(vecs[0]) == 384
     assert sum(a * b for a, b in zip(*vecs)) > 0.8
+    # int8 weights and activations: other numbers (so the flag took effect), the same directions
+    q = call_cli(capsys, "embed", "--model", "all-minilm-l6-v2", "--quantize", "int8-dynamic", *texts)
+    assert q.returncode == 0, q.stderr
+    qvecs = [json.loads(x)["embedding"] for x in q.stdout.splitlines()]
+    for v, w in zip(vecs, qvecs):
+        assert max(abs(a - b) for a, b in zip(v, w)) > 1e-4
+        assert sum(a * b for a, b in zip(v, w)) > 0.95  # 0.983 and 0.986 here
 
 
 def test_old_mac_line_endings(tmp_path):

@@ -306,7 +306,7 @@ def cmd_predict(a: argparse.Namespace) -> None:
     from lmforge.models import load_pretrained
     from lmforge.predict import predict, predict_ensemble
 
-    members = [load_pretrained(m, device=a.device) for m in a.model]
+    members = [load_pretrained(m, device=a.device, quantize=a.quantize) for m in a.model]
     model, tok = members[0]
     gold = None
     if a.label_col:  # a labelled file: predict and score
@@ -344,7 +344,7 @@ def cmd_embed(a: argparse.Namespace) -> None:
     from lmforge.models import load_pretrained
     from lmforge.predict import cosine_similarity, embed
 
-    model, tok = load_pretrained(a.model, device=a.device)
+    model, tok = load_pretrained(a.model, device=a.device, quantize=a.quantize)
     texts = a.text or read_texts(a.input, a.text_col)
     vecs = embed(model, tok, texts, batch_size=a.batch_size)
     if a.similarity:
@@ -364,6 +364,10 @@ def cmd_serve(a: argparse.Namespace) -> None:
     serve(a.model, host=a.host, port=a.port, api_key=a.api_key or os.environ.get("LMFORGE_API_KEY") or None,
           max_batch=a.max_batch, max_queue=a.max_queue, max_len=a.max_len, quantize=a.quantize,
           max_body=a.max_body, log_level=a.log_level)
+
+
+ENCODER_QUANTIZE = dict(choices=["int8", "int8-dynamic"], help="int8 Linear weights at load time: weight-only, or "
+                        "int8-dynamic (int8 activations too: the fast one for batched encoders on CPU)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -613,6 +617,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--label-col", help="score against this label column of the input")
     pr.add_argument("--batch-size", type=int, default=64)
     pr.add_argument("--device", default="cpu")
+    pr.add_argument("--quantize", **ENCODER_QUANTIZE)
     pr.add_argument("--json", action="store_true", help="one JSON object per line with all class probabilities")
     pr.set_defaults(fn=cmd_predict)
 
@@ -624,6 +629,7 @@ def build_parser() -> argparse.ArgumentParser:
     em.add_argument("--similarity", action="store_true", help="print the cosine-similarity matrix instead")
     em.add_argument("--batch-size", type=int, default=64)
     em.add_argument("--device", default="cpu")
+    em.add_argument("--quantize", **ENCODER_QUANTIZE)
     em.set_defaults(fn=cmd_embed)
 
     sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with continuous batching and a playground")

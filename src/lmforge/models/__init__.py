@@ -28,7 +28,9 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu", quanti
                     adapter: str | Path | None = None):
     """(model, tokenizer) from an HF-layout directory, a .gguf file or a packaged model name.
     adapter: a LoRA adapter directory (PEFT layout, from lmforge or PEFT), merged into the weights.
-    quantize="int8" makes the Linear weights int8 (weight-only, for inference), after the merge."""
+    quantize: a `quantize_model` mode applied after the merge, for inference: "int8" (weight-only int8 Linear
+    weights, the fast one for decoding), "int8-dynamic" (int8 activations too, the fast one for batched encoders
+    on CPU) or "int4"."""
     from lmforge.tokenizer import Tokenizer
 
     p = resolve_model_path(path)
