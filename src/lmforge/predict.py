@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from lmforge.errors import ModelLoadError
 from lmforge.models.encoder import Encoder, mean_pool
+from lmforge.runtime import tune_allocator
 from lmforge.tokenizer import Tokenizer
 
 
@@ -60,6 +61,7 @@ def encode(model: Encoder, tokenizer: Tokenizer, texts: Sequence[str], batch_siz
     """Run the encoder over texts in length-sorted batches. what: "logits" (the head's output per text),
     "mean" (mean-pooled hidden states), "cls" (the [CLS] hidden state) or "pooled" (the pooler's output)."""
     model = _check_encoder(model)
+    tune_allocator()  # keep freed activation buffers in the process, as training does (see lmforge.runtime)
     was_training = model.training
     model.eval()
     max_len = min(max_len or model.config.max_seq_len, model.config.max_seq_len)
