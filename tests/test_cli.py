@@ -1,6 +1,6 @@
 """The CLI: user errors exit 2 with one line and leave nothing behind; the verbs work. Through subprocesses,
-except the config-value cases, which run `cli.main` in-process (the same code path, without a Python start-up
-each)."""
+except most config-value and missing-file cases, which run `cli.main` in-process (the same code path, without a
+Python start-up each)."""
 
 import json
 
