@@ -28,6 +28,11 @@ block of llama.cpp's Q4_1 (w = d * q + m per 32 weights), so a model read from a
 SmolLM2, is held on its own 4-bit grid again with nothing lost, where NF4 would quantize that grid a second time.
 Scales and zero points stay fp32 (0.25 byte per weight on top of the codes' 0.5).
 
+Every quantized layer keeps its codes in 64-byte-aligned memory (`lmforge.nn.init.aligned`, a no-op for a fresh
+tensor): codes read from a file may start at any byte, and the int8 kernel crashes on such a weight on CPUs with
+AMX. Loaders align what they read already; the layers check again so that codes handed in any other way (a slice,
+a tensor built elsewhere) are safe too.
+
 A frozen quantized base under LoRA is used through `frozen_linear`, whose backward dequantizes the weight
 again instead of keeping the dequantized copy alive between forward and backward: that copy would bring the
 fp32 memory back.
@@ -40,6 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.errors import ConfigError
+from lmforge.nn.init import aligned
 
 MODES = ("int8", "int4", "int8-dynamic")
 BASE_MODES = ("int8", "nf4", "int4")  # frozen bases for LoRA
@@ -50,7 +56,7 @@ class Int8Linear(nn.Module):
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
         self.in_features, self.out_features = qweight.shape[1], qweight.shape[0]
-        self.register_buffer("qweight", qweight)
+        self.register_buffer("qweight", aligned(qweight))
         self.register_buffer("scales", scales)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self._fast = qweight.device.type == "cpu" and hasattr(torch.ops.aten, "_weight_int8pack_mm")
@@ -71,7 +77,7 @@ class Int8Linear(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
         if self._fast and not (torch.is_grad_enabled() and x.requires_grad):
-            y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16).contiguous(), self.qweight,
+            y = torch.ops.aten._weight_int8pack_mm(aligned(x2.to(torch.bfloat16).contiguous()), self.qweight,
                                                    self._scales_bf16).to(x.dtype)
         else:  # in the input's dtype, a slice of rows dequantized at a time
             y = frozen_linear(x2, self)
@@ -88,7 +94,7 @@ class Int4Linear(nn.Module):
         super().__init__()
         self.out_features, self.in_features = qweight.shape[0], qweight.shape[1] * 2
         self.group_size = group_size
-        self.register_buffer("qweight", qweight)  # uint8 [out, in / 2]: two 4-bit codes per byte
+        self.register_buffer("qweight", aligned(qweight))  # uint8 [out, in / 2]: two 4-bit codes per byte
         self.register_buffer("scales", scales)  # [out, in / group_size]
         self.register_buffer("zeros", zeros)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
@@ -138,7 +144,7 @@ class Int4Linear(nn.Module):
         if torch.is_grad_enabled() and x.requires_grad:  # a frozen base under LoRA: no fp32 copy is kept
             y = frozen_linear(x2, self)
         elif (kernel := self._packed()) is not None:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16).contiguous(), kernel[0],
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(aligned(x2.to(torch.bfloat16).contiguous()), kernel[0],
                                                            self.group_size, kernel[1]).to(x.dtype)
         else:
             y = F.linear(x2, self.dequantize(x.dtype))
@@ -190,7 +196,7 @@ class NF4Linear(nn.Module):
                  bias: torch.Tensor | None) -> None:
         super().__init__()
         self.out_features, self.in_features = shape
-        self.register_buffer("packed", packed)  # uint8, two 4-bit indices per byte
+        self.register_buffer("packed", aligned(packed))  # uint8, two 4-bit indices per byte
         self.register_buffer("scales", scales)  # fp32 absmax per block of 64 weights
         self.register_buffer("levels", NF4_LEVELS.clone())
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
@@ -230,7 +236,7 @@ class Int8Embedding(nn.Module):
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor) -> None:
         super().__init__()
         self.num_embeddings, self.embedding_dim = qweight.shape
-        self.register_buffer("qweight", qweight)
+        self.register_buffer("qweight", aligned(qweight))
         self.register_buffer("scales", scales)
 
     @classmethod

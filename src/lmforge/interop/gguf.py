@@ -19,7 +19,7 @@ import torch
 
 from lmforge.config import DecoderConfig
 from lmforge.errors import ModelLoadError
-from lmforge.nn.init import adopt_weights, meta_init
+from lmforge.nn.init import adopt_weights, aligned, meta_init
 
 ARCHITECTURES = ("llama", "mistral")
 # quantization types we dequantize (others are refused with a clear error)
@@ -116,7 +116,8 @@ def dequantize_tensor(t, where: str) -> torch.Tensor:
             arr = quants.dequantize(t.data, t.tensor_type).reshape(shape)
     except (ValueError, NotImplementedError) as e:
         raise ModelLoadError(f"{where}: tensor {t.name} cannot be decoded ({e})") from None
-    return torch.from_numpy(np.array(arr, dtype=np.float32, copy=True))  # own, writable memory
+    # own, writable memory from PyTorch's allocator (numpy aligns to 16 bytes only; see lmforge.nn.init.aligned)
+    return aligned(torch.tensor(arr, dtype=torch.float32))
 
 
 def load_gguf(path: str | Path, device: str | torch.device = "cpu"):

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from lmforge.config import DecoderConfig
 from lmforge.errors import ModelLoadError
 from lmforge.files import atomic_dir, write_json
-from lmforge.nn.init import adopt_weights, meta_init
+from lmforge.nn.init import adopt_weights, aligned_state, meta_init
 
 NATIVE_TYPE = "lmforge-decoder"
 SUPPORTED = ("gpt2", "llama", "mistral", "qwen2", "bert", "t5", NATIVE_TYPE)
@@ -261,7 +261,8 @@ def read_config(path: Path) -> dict[str, Any]:
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a model directory: model.safetensors, or the shards named in model.safetensors.index.json."""
+    """All tensors of a model directory: model.safetensors, or the shards named in model.safetensors.index.json,
+    each in 64-byte-aligned memory (`lmforge.nn.init.aligned`: safetensors packs tensors without padding)."""
     single, index = path / "model.safetensors", path / "model.safetensors.index.json"
     files: list[Path]
     if single.is_file():
@@ -280,7 +281,7 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     tensors: dict[str, torch.Tensor] = {}
     for f in files:
         try:
-            tensors.update(load_file(str(f)))
+            tensors.update(aligned_state(load_file(str(f))))  # (see lmforge.nn.init.aligned)
         except (SafetensorError, OSError, ValueError) as e:
             raise ModelLoadError(f"{f} is truncated or corrupt ({str(e).splitlines()[0]})") from None
     return tensors

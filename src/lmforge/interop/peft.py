@@ -24,6 +24,7 @@ from torch import nn
 
 from lmforge.errors import ModelLoadError
 from lmforge.files import atomic_dir, write_json
+from lmforge.nn.init import aligned_state
 from lmforge.tune.lora import HEADS, LoRALinear, lora_modules
 
 PREFIX = "base_model.model."
@@ -155,7 +156,7 @@ def read_adapter(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tens
         raise ModelLoadError(f"{path}: adapter_model.safetensors is missing{what}")
     try:
         cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
-        tensors = load_file(str(w_file))
+        tensors = aligned_state(load_file(str(w_file)))  # (see lmforge.nn.init.aligned)
     except (json.JSONDecodeError, SafetensorError, OSError) as e:
         raise ModelLoadError(f"{path}: cannot read the adapter ({e})") from None
     if cfg.get("peft_type") != "LORA":

@@ -35,6 +35,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from lmforge.nn.init import aligned
+
 _ATTR = "_lmforge_packed"
 
 
@@ -80,7 +82,7 @@ def _pack(m: nn.Linear, batch_hint: int) -> None:
     cached = getattr(m, _ATTR, None)
     if cached is None or cached[0] != key:
         with torch.no_grad():
-            packed = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), batch_hint)
+            packed = torch.ops.mkldnn._reorder_linear_weight(aligned(m.weight.detach()), batch_hint)
         setattr(m, _ATTR, (key, packed))
 
 
