@@ -34,9 +34,9 @@ def cmd_pretrain(a: argparse.Namespace) -> None:
     if a.resume:
         if not a.out:
             raise LmforgeError("--resume needs --out RUN_DIR (the run to continue)")
-        from lmforge.config import RunConfig
-
-        result = pretrain(RunConfig(), a.out, resume=True, overrides=a.set)
+        # (--config is used only when the folder holds no run yet: a run killed before it wrote its config)
+        cfg = load_run_config(a.config, a.set) if a.config else None
+        result = pretrain(cfg, a.out, resume=True, overrides=a.set)
     else:
         if not a.config and not a.set:
             raise LmforgeError("pretrain needs --config FILE.yaml (see configs/) or --set overrides")
@@ -242,7 +242,7 @@ def cmd_finetune(a: argparse.Namespace) -> None:
 
     task = a.ftverb
     flags = {k: getattr(a, k, None) for k in FT_FLAGS + FT_TASK_FLAGS[task]}
-    r = finetune(task, a.config, flags, a.set)
+    r = finetune(task, a.config, flags, a.set, resume=a.resume)
     if task == "classify":
         t = r.test
         print(f"test: accuracy {t['accuracy']:.4f}  macro-F1 {t['macro_f1']:.4f}  ({r.rows['test']} rows, "
@@ -550,6 +550,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int)
     g.add_argument("--device", help="cpu (default), cuda, mps")
     g.add_argument("--out", help="run directory (default: runs/TASK-DATE-TIME)")
+    g.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last checkpoint (its saved settings; flags override)")
 
     fc = ftsub.add_parser("classify", parents=[common],
                           help="text classification with an encoder (e.g. all-minilm-l6-v2)")

@@ -195,3 +195,18 @@ class TensorMemory:
     @property
     def current_mb(self) -> float:
         return self.current / 2**20
+
+
+def cpu_model() -> str:
+    """The CPU's model name as the kernel reports it (`model name` in /proc/cpuinfo), for every benchmark table
+    and run record: the figures differ by CPU kind, so each one names the machine it came from."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

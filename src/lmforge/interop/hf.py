@@ -243,9 +243,10 @@ def save_model_dir(model: torch.nn.Module, path: str | Path, tokenizer: Any = No
 
 def check_output_dir(path: str | Path) -> Path:
     """A model directory is written only where nothing else would be replaced: a new or empty folder, or an
-    earlier model directory."""
+    earlier model (or adapter) directory."""
     path = Path(path)
-    if path.exists() and (not path.is_dir() or (any(path.iterdir()) and not (path / "config.json").is_file())):
+    earlier = (path / "config.json").is_file() or (path / "adapter_config.json").is_file()
+    if path.exists() and (not path.is_dir() or (any(path.iterdir()) and not earlier)):
         raise ModelLoadError(f"{path} exists and is not a model directory; choose a new or empty output folder")
     return path
 

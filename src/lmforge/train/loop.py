@@ -32,12 +32,12 @@ from lmforge.data.corpus import read_documents, split_documents
 from lmforge.data.shards import TokenShard, build_shards
 from lmforge.errors import CheckpointError, ConfigError
 from lmforge.eval.lm import evaluate_shard, lm_metrics, window_loss
-from lmforge.files import write_json, write_text
+from lmforge.files import check_out_dir, write_json, write_text
 from lmforge.models.decoder import DecoderLM
 from lmforge.models.encoder import Encoder
 from lmforge.runtime import tune_allocator
 from lmforge.tokenizer import Tokenizer
-from lmforge.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from lmforge.train.checkpoint import clean_run_dir, list_checkpoints, load_checkpoint, save_checkpoint
 from lmforge.train.distributed import DistEnv, init_distributed, shutdown
 from lmforge.train.optim import lr_at, make_optimizer
 
@@ -52,19 +52,25 @@ class RunResult:
 
 
 def pretrain(
-    config: RunConfig, out_dir: str | Path, resume: bool = False, progress: bool | None = None,
+    config: RunConfig | None, out_dir: str | Path, resume: bool = False, progress: bool | None = None,
     overrides: list[str] | None = None, stop_after: int | None = None,
 ) -> RunResult:
     """Train a decoder LM as `config` says, in the run directory `out_dir`.
 
     resume=True continues the run in `out_dir` from its latest checkpoint with the config saved there
-    (`overrides` may change it, e.g. train.steps to train longer). progress=None shows a bar on terminals.
+    (`overrides` may change it, e.g. train.steps to train longer); a run killed before its first checkpoint
+    starts over from that config, and a folder with no run yet starts `config` (None: refuse). Temporary files a
+    killed save left behind are removed first. progress=None shows a bar on terminals.
     stop_after=k ends this session after step k (and its checkpoint, if one falls there) without finishing the
     run, as a job scheduler's time limit would; `resume=True` continues it.
     """
     tune_allocator()
+    check_out_dir(out_dir)
     if resume and (Path(out_dir) / "config.yaml").is_file():  # the saved run decides the device
         config = load_run_config(Path(out_dir) / "config.yaml", overrides)
+    if config is None:
+        raise CheckpointError(f"nothing to resume in {out_dir}: it holds no config.yaml (start the run with "
+                              f"--config, or give --config with --resume)")
     env = init_distributed(config.train.device)
     try:
         return _pretrain(config, Path(out_dir), resume, progress, overrides, env, stop_after)
@@ -75,13 +81,22 @@ def pretrain(
 def _pretrain(cfg: RunConfig, run: Path, resume: bool, progress: bool | None, overrides: list[str] | None,
               env: DistEnv, stop_after: int | None = None) -> RunResult:
     t_start = time.time()
+    ckpts: list[Path] = []
     if resume:
-        if not (run / "config.yaml").is_file():
-            raise CheckpointError(f"nothing to resume in {run}: it holds no config.yaml (start a new run instead)")
-        cfg = load_run_config(run / "config.yaml", overrides)
-        ckpts = list_checkpoints(run)
-        if not ckpts:
-            raise CheckpointError(f"nothing to resume in {run}: no checkpoint was written yet")
+        if env.main:
+            clean_run_dir(run)
+        env.barrier()
+        if (run / "config.yaml").is_file():
+            cfg = load_run_config(run / "config.yaml", overrides)
+            ckpts = list_checkpoints(run)
+        if not ckpts:  # killed before its first checkpoint (or never started): start over, from its own config
+            if env.main and run.is_dir() and any(run.iterdir()):
+                print(f"{run} holds no checkpoint yet: starting the run over", file=sys.stderr, flush=True)
+                for p in run.iterdir():
+                    shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+            env.barrier()
+            resume = False
+    if resume:
         tokenizer = Tokenizer.from_file(run / "tokenizer.json")
     else:
         cfg.validate()
@@ -275,20 +290,26 @@ def _prepare(cfg: RunConfig, run: Path, env: DistEnv) -> Tokenizer:
     created = not run.exists()
     docs = read_documents(cfg.data.sources)  # raises on missing / empty / non-UTF-8 input
     train_docs, val_docs = split_documents(docs, cfg.data.val_fraction)
+    if not cfg.data.tokenizer and not cfg.data.vocab_size:
+        # the request, recorded: model.vocab_size becomes the trained size below, and a run started over from
+        # the saved config.yaml must train the same tokenizer
+        cfg.data.vocab_size = cfg.model.vocab_size
     if cfg.data.tokenizer:
         tokenizer = Tokenizer.from_file(cfg.data.tokenizer)
-    elif env.main:
-        vocab = cfg.data.vocab_size or cfg.model.vocab_size
-        if cfg.train.objective == "mlm":  # encoders get BERT's WordPiece ([CLS], [SEP], [MASK], ## pieces)
-            tokenizer = Tokenizer.train_wordpiece((d.text for d in train_docs), vocab_size=vocab)
-        elif cfg.train.objective == "span":  # T5: a Unigram vocabulary with <extra_id_N> sentinels
-            tokenizer = Tokenizer.train_unigram((line for d in train_docs for line in d.text.splitlines()
-                                                 if line.strip()), vocab_size=vocab)
-        else:
-            tokenizer = Tokenizer.train_bpe((d.text for d in train_docs), vocab_size=vocab)
     try:
-        if env.main:
+        if env.main:  # first the recipe: a run killed from here on is started over by --resume
             run.mkdir(parents=True, exist_ok=True)
+            write_text(run / "config.yaml", cfg.to_yaml())
+        if not cfg.data.tokenizer and env.main:
+            vocab = cfg.data.vocab_size or cfg.model.vocab_size
+            if cfg.train.objective == "mlm":  # encoders get BERT's WordPiece ([CLS], [SEP], [MASK], ## pieces)
+                tokenizer = Tokenizer.train_wordpiece((d.text for d in train_docs), vocab_size=vocab)
+            elif cfg.train.objective == "span":  # T5: a Unigram vocabulary with <extra_id_N> sentinels
+                tokenizer = Tokenizer.train_unigram((line for d in train_docs for line in d.text.splitlines()
+                                                     if line.strip()), vocab_size=vocab)
+            else:
+                tokenizer = Tokenizer.train_bpe((d.text for d in train_docs), vocab_size=vocab)
+        if env.main:
             tokenizer.save(run)  # tokenizer.json + tokenizer_config.json (special-token names)
         env.barrier()
         tokenizer = Tokenizer.from_file(run / "tokenizer.json") if not env.main else tokenizer
@@ -306,7 +327,8 @@ def _prepare(cfg: RunConfig, run: Path, env: DistEnv) -> Tokenizer:
             write_text(run / "config.yaml", cfg.to_yaml())
             write_json(run / "environment.json", _environment(cfg))
         env.barrier()
-    except BaseException:
+    except BaseException:  # a user error, a bug or Ctrl-C: nothing left behind (a kill -9 leaves config.yaml,
+        # and --resume starts the run over from it)
         if created and env.main and not list_checkpoints(run):
             shutil.rmtree(run, ignore_errors=True)
         raise
@@ -357,9 +379,10 @@ def _say(bar, env: DistEnv, msg: str) -> None:
 def measure_matmul_peak(device: torch.device, seconds: float = 0.5) -> float:
     """Achieved fp32 matmul FLOP/s on this device, the best of short bursts at two sizes: MFU's denominator."""
     best = 0.0
+    gen = torch.Generator().manual_seed(0)  # its own: the global RNG (dropout) must not move, or resume differs
     for n in ((4096, 8192) if device.type == "cuda" else (1024, 2048)):
-        a = torch.randn(n, n, device=device)
-        b = torch.randn(n, n, device=device)
+        a = torch.randn(n, n, generator=gen).to(device)
+        b = torch.randn(n, n, generator=gen).to(device)
         a @ b  # warm-up
         end = time.perf_counter() + seconds
         while time.perf_counter() < end:

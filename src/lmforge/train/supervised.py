@@ -50,6 +50,8 @@ class FinetuneConfig:
     seed: int = 0
     device: str = "cpu"
     log_every: int = 10
+    ckpt_every: int = 200  # steps between checkpoints (0: none); a killed run continues with --resume
+    keep_checkpoints: int = 1  # newest checkpoints kept
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -71,6 +73,9 @@ class FinetuneConfig:
             raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if not 0 <= self.average <= 1:
             raise ConfigError(f"average is a share of the training steps in [0, 1], got {self.average}")
+        if self.ckpt_every < 0 or self.keep_checkpoints < 1 or self.log_every < 1 or self.eval_every < 0:
+            raise ConfigError("ckpt_every and eval_every must be 0 (off) or positive, keep_checkpoints and "
+                              "log_every at least 1")
 
 
 @dataclass
@@ -113,6 +118,8 @@ def fit(
     metrics_path: Path | None = None,
     progress: bool | None = None,
     loss_fn: Callable[[nn.Module, dict[str, Any]], torch.Tensor] | None = None,
+    run_dir: Path | None = None,
+    resume: bool = False,
 ) -> FitResult:
     """Train `model` on `batches(epoch)` (dicts of forward() arguments including labels) for cfg.epochs.
     loss_fn(model, batch) replaces `model(**batch).loss` for objectives that are not the model's own (DPO).
@@ -121,8 +128,15 @@ def fit(
     cfg.average > 0 also keeps the running mean of the weights at every evaluation in the last `average` share
     of the steps (weight averaging, as stochastic weight averaging does along a plateau of the loss: the mean
     of nearby solutions generalises better than each of them) and, at the end, evaluates it: it is kept when
-    it scores at least as well on validation as the best single point."""
+    it scores at least as well on validation as the best single point.
+
+    With a `run_dir`, every cfg.ckpt_every steps the loop's whole state goes to `run_dir/checkpoints/`: the
+    trainable weights, the optimizer, the RNG, the best and averaged weights and the position in the epoch.
+    resume=True continues from the newest one bitwise as if never stopped (the epoch's batches are rebuilt
+    from their seed and the consumed ones skipped); with none there, the run starts over. `batches(epoch)` must
+    be a function of the epoch alone, as length_buckets and the tasks' seeded shuffles are."""
     from lmforge.runtime import lean_allocator, tune_allocator
+    from lmforge.train.checkpoint import clean_run_dir, list_checkpoints
 
     if cfg.grad_checkpoint:  # a run that asks for checkpointing is short of memory: let glibc return it
         lean_allocator()
@@ -130,59 +144,69 @@ def fit(
         tune_allocator()
     device = torch.device(cfg.device)
     total = max(1, math.ceil(steps_per_epoch * cfg.epochs))
-    warmup = int(total * cfg.warmup)
     from lmforge.train.optim import build_optimizer
 
     params = [p for p in model.parameters() if p.requires_grad]
     opt = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, layer_decay=cfg.layer_decay)
+    state = _FitState()
+    if run_dir is not None:
+        clean_run_dir(run_dir)
+    ckpts = list_checkpoints(run_dir) if run_dir is not None and resume else []
+    if ckpts:
+        total = state.load(ckpts[-1], model, opt)  # the saved schedule (a time budget sized it once)
+        _rewrite_log(metrics_path, state.history)
+    elif metrics_path is not None and resume:
+        Path(metrics_path).unlink(missing_ok=True)  # killed before the first checkpoint: start over
+    warmup = int(total * cfg.warmup)
     show = progress if progress is not None else sys.stderr.isatty()
     bar = None
     if show:
         from tqdm import tqdm
 
-        bar = tqdm(total=total, desc="fine-tune", unit="step", dynamic_ncols=True, file=sys.stderr)
+        bar = tqdm(total=total, initial=state.step, desc="fine-tune", unit="step", dynamic_ncols=True,
+                   file=sys.stderr)
     log = open(metrics_path, "a", encoding="utf-8") if metrics_path else None
-    history: list[dict[str, Any]] = []
-    best: dict[str, float] = {}
-    best_state: dict[str, torch.Tensor] | None = None
-    mean_state: dict[str, torch.Tensor] | None = None  # weight averaging (cfg.average)
-    averaged = 0
-    t0, step, epoch, loss_avg = time.time(), 0, 0, float("nan")
+    t0 = time.time() - state.seconds
 
     def show(msg: str) -> None:  # above the progress bar when there is one
         (bar.write if bar is not None else lambda m: print(m, file=sys.stderr))(msg)
 
     def record(r: dict[str, Any]) -> None:
-        history.append(r)
+        state.history.append(r)
         if log is not None:
             log.write(json.dumps(r) + "\n")
             log.flush()
 
     def run_eval() -> None:
-        nonlocal best, best_state, mean_state, averaged
         model.eval()
         m = evaluate()
         model.train()
-        record({"step": step, "split": "val", "epoch": epoch, **m})
-        show(f"step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in m.items() if isinstance(v, float)))
-        if not best or m.get(cfg.metric, -math.inf) > best.get(cfg.metric, -math.inf):
-            best = m
-            best_state = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
-        if cfg.average and step >= total * (1 - cfg.average):
-            averaged += 1
+        record({"step": state.step, "split": "val", "epoch": state.epoch, **m})
+        show(f"step {state.step}: " + "  ".join(f"{k} {v:.4f}" for k, v in m.items() if isinstance(v, float)))
+        if not state.best or m.get(cfg.metric, -math.inf) > state.best.get(cfg.metric, -math.inf):
+            state.best = m
+            state.best_state = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+        if cfg.average and state.step >= total * (1 - cfg.average):
+            state.averaged += 1
             with torch.no_grad():
-                if mean_state is None:
-                    mean_state = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+                if state.mean_state is None:
+                    state.mean_state = {k: v.detach().clone() for k, v in model.named_parameters()
+                                        if v.requires_grad}
                 else:
                     for k, v in model.named_parameters():
-                        if k in mean_state:
-                            mean_state[k].add_(v.detach() - mean_state[k], alpha=1 / averaged)
+                        if k in state.mean_state:
+                            state.mean_state[k].add_(v.detach() - state.mean_state[k], alpha=1 / state.averaged)
 
     model.train()
     try:
-        while step < total:
-            for batch in batches(epoch):
-                lr = linear_schedule(step, total, warmup, cfg.lr)
+        while state.step < total:
+            epoch_batches = iter(batches(state.epoch))
+            if state.rng is not None:  # resumed: skip what this epoch already trained on, then the RNG
+                for _ in range(state.in_epoch):
+                    next(epoch_batches, None)
+                state.restore_rng()
+            for batch in epoch_batches:
+                lr = linear_schedule(state.step, total, warmup, cfg.lr)
                 for g in opt.param_groups:
                     g["lr"] = lr * g.get("lr_scale", 1.0)
                 batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -192,40 +216,121 @@ def fit(
                     torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-                step += 1
-                loss_avg = loss.item() if math.isnan(loss_avg) else 0.9 * loss_avg + 0.1 * loss.item()
-                if step % cfg.log_every == 0 or step == total:
-                    record({"step": step, "loss": loss_avg, "lr": lr, "epoch": epoch, "time": time.time() - t0})
+                state.step += 1
+                state.in_epoch += 1
+                la = state.loss_avg
+                state.loss_avg = loss.item() if math.isnan(la) else 0.9 * la + 0.1 * loss.item()
+                if state.step % cfg.log_every == 0 or state.step == total:
+                    record({"step": state.step, "loss": state.loss_avg, "lr": lr, "epoch": state.epoch,
+                            "time": time.time() - t0})
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix_str(f"epoch {epoch + 1}  loss {loss_avg:.4f}")
-                if cfg.eval_every and step % cfg.eval_every == 0:
+                    bar.set_postfix_str(f"epoch {state.epoch + 1}  loss {state.loss_avg:.4f}")
+                if cfg.eval_every and state.step % cfg.eval_every == 0:
                     run_eval()
-                if step >= total:
+                if run_dir is not None and cfg.ckpt_every and state.step % cfg.ckpt_every == 0:
+                    state.seconds = time.time() - t0
+                    state.save(run_dir, model, opt, total, cfg.keep_checkpoints)
+                if state.step >= total:
                     break
-            epoch += 1
-            if not cfg.eval_every or step % cfg.eval_every:
+            state.epoch += 1
+            state.in_epoch = 0
+            if not cfg.eval_every or state.step % cfg.eval_every:
                 run_eval()
-        params = dict(model.named_parameters())
-        if mean_state is not None and averaged > 1:  # (inside the try: its record goes to the open log)
+        named = dict(model.named_parameters())
+        if state.mean_state is not None and state.averaged > 1:  # (inside the try: its record goes to the log)
             with torch.no_grad():
-                for k, v in mean_state.items():
-                    params[k].copy_(v)
+                for k, v in state.mean_state.items():
+                    named[k].copy_(v)
             model.eval()
             m = evaluate()
-            record({"step": step, "split": "val", "epoch": epoch, "averaged_points": averaged, **m})
-            show(f"mean of the weights at the last {averaged} evaluations: " + "  ".join(
+            record({"step": state.step, "split": "val", "epoch": state.epoch, "averaged_points": state.averaged,
+                    **m})
+            show(f"mean of the weights at the last {state.averaged} evaluations: " + "  ".join(
                 f"{k} {v:.4f}" for k, v in m.items() if isinstance(v, float)))
-            if m.get(cfg.metric, -math.inf) >= best.get(cfg.metric, -math.inf):
-                best, best_state = {**m, "averaged_points": averaged}, None  # keep the averaged weights
+            if m.get(cfg.metric, -math.inf) >= state.best.get(cfg.metric, -math.inf):
+                state.best, state.best_state = {**m, "averaged_points": state.averaged}, None  # keep the mean
     finally:
         if bar is not None:
             bar.close()
         if log is not None:
             log.close()
-    if best_state is not None:
+    if state.best_state is not None:
         with torch.no_grad():
-            for k, v in best_state.items():
-                params[k].copy_(v)
+            for k, v in state.best_state.items():
+                named[k].copy_(v)
     model.eval()
-    return FitResult(step, time.time() - t0, best, history)
+    return FitResult(state.step, time.time() - t0, state.best, state.history)
+
+
+@dataclass
+class _FitState:
+    """Everything `fit` carries from step to step, and so everything a checkpoint must hold to resume it."""
+    step: int = 0
+    epoch: int = 0
+    in_epoch: int = 0  # batches of this epoch already trained on
+    loss_avg: float = float("nan")
+    seconds: float = 0.0  # training time before this session
+    best: dict[str, Any] = field(default_factory=dict)
+    best_state: dict[str, torch.Tensor] | None = None
+    mean_state: dict[str, torch.Tensor] | None = None
+    averaged: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    rng: dict[str, torch.Tensor] | None = None  # loaded, applied once the epoch's consumed batches are skipped
+
+    def save(self, run_dir: Path, model: nn.Module, opt: torch.optim.Optimizer, total: int, keep: int) -> None:
+        from lmforge.train.checkpoint import optimizer_tensors, rng_tensors, write_checkpoint
+
+        opt_tensors, groups = optimizer_tensors(opt)
+        files = {"trainable": {k: v.detach().cpu().contiguous() for k, v in model.named_parameters()
+                               if v.requires_grad},
+                 "optimizer": opt_tensors, "rng": rng_tensors()}
+        if self.best_state is not None:
+            files["best"] = {k: v.cpu().contiguous() for k, v in self.best_state.items()}
+        if self.mean_state is not None:
+            files["mean"] = {k: v.cpu().contiguous() for k, v in self.mean_state.items()}
+        meta = {"epoch": self.epoch, "in_epoch": self.in_epoch, "loss_avg": self.loss_avg, "total": total,
+                "seconds": self.seconds, "best": self.best, "averaged": self.averaged, "history": self.history,
+                "param_groups": groups}
+        write_checkpoint(run_dir, self.step, files, meta, keep)
+
+    def load(self, path: Path, model: nn.Module, opt: torch.optim.Optimizer) -> int:
+        """Restore the model's trainable weights, the optimizer and this state; returns the run's step total."""
+        from lmforge.errors import CheckpointError
+        from lmforge.train.checkpoint import read_checkpoint, restore_optimizer
+
+        files, meta = read_checkpoint(path)
+        named = dict(model.named_parameters())
+        trainable = files.get("trainable", {})
+        want = {k for k, v in named.items() if v.requires_grad}
+        if set(trainable) != want or "optimizer" not in files or "rng" not in files:
+            raise CheckpointError(f"checkpoint {path} was written by a different run (its trainable weights do "
+                                  f"not match this model and method); resume with the settings it was made with")
+        device = next(iter(named.values())).device
+        with torch.no_grad():
+            for k, v in trainable.items():
+                if named[k].shape != v.shape:
+                    raise CheckpointError(f"checkpoint {path} does not fit the model ({k}: {tuple(v.shape)} vs "
+                                          f"{tuple(named[k].shape)})")
+                named[k].copy_(v)
+        restore_optimizer(opt, files["optimizer"], meta["param_groups"])
+        self.step, self.epoch, self.in_epoch = meta["step"], meta["epoch"], meta["in_epoch"]
+        self.loss_avg, self.seconds, self.best = meta["loss_avg"], meta["seconds"], meta["best"]
+        self.averaged, self.history, self.rng = meta["averaged"], meta["history"], files["rng"]
+        self.best_state = {k: v.to(device) for k, v in files["best"].items()} if "best" in files else None
+        self.mean_state = {k: v.to(device) for k, v in files["mean"].items()} if "mean" in files else None
+        return int(meta["total"])
+
+    def restore_rng(self) -> None:
+        from lmforge.train.checkpoint import restore_rng
+
+        restore_rng(self.rng)
+        self.rng = None
+
+
+def _rewrite_log(path: Path | None, history: list[dict[str, Any]]) -> None:
+    """On resume, the metrics log becomes what it was at the checkpoint (later records are logged again)."""
+    if path is not None:
+        from lmforge.files import write_text
+
+        write_text(path, "".join(json.dumps(r) + "\n" for r in history))

@@ -85,12 +85,13 @@ def finetune_classify(
     test_fraction: float = 0.1,
     class_weights: bool = False,
     progress: bool | None = None,
+    resume: bool = False,
 ) -> ClassifyResult:
     from lmforge.models import load_pretrained
 
     cfg = cfg or FinetuneConfig()
     cfg.validate()
-    out, baseline_mem = start_run(cfg, out)
+    out, baseline_mem = start_run(cfg, out, resume)
     if not (0 <= val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
         raise ConfigError("validation and test fractions must be in [0, 1) and leave data to train on")
 
@@ -154,7 +155,8 @@ def finetune_classify(
             return F.cross_entropy(logits, b["labels"], weight=b["class_weights"],
                                    label_smoothing=cfg.label_smoothing)
 
-    result = fit(model, batches, steps_per_epoch, evaluate, cfg, out / "metrics.jsonl", progress, loss_fn)
+    result = fit(model, batches, steps_per_epoch, evaluate, cfg, out / "metrics.jsonl", progress, loss_fn,
+                 run_dir=out, resume=resume)
     seconds = time.time() - t0
     peak_mem = peak_memory_mb()
 

@@ -161,6 +161,7 @@ def finetune_dpo(
     val_data: str | Path | None = None,
     test_data: str | Path | None = None,
     progress: bool | None = None,
+    resume: bool = False,
 ) -> DPOResult:
     from lmforge.models import load_pretrained
 
@@ -170,7 +171,7 @@ def finetune_dpo(
     cfg.validate()
     if not beta > 0:
         raise ConfigError(f"DPO beta must be positive, got {beta}")
-    out, baseline_mem = start_run(cfg, out)
+    out, baseline_mem = start_run(cfg, out, resume)
 
     train, val, test = load_pair_splits(data, val_data, test_data, cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -230,7 +231,7 @@ def finetune_dpo(
     reset_peak_memory()
     t0 = time.time()
     result = fit(model, batches, -(-len(items["train"]) // bs), evaluate, cfg, out / "metrics.jsonl", progress,
-                 loss_fn=loss_fn)
+                 loss_fn=loss_fn, run_dir=out, resume=resume)
     seconds = time.time() - t0
     peak_mem = peak_memory_mb()
     after = preference_metrics(model, items["test"], ref["test"], tok.pad_id, bs, beta, dev, prompts["test"])

@@ -66,18 +66,23 @@ def save_outputs(model: nn.Module, out, tokenizer, base: str, cfg, generation_co
 
 
 
-def start_run(cfg, out) -> tuple:
-    """What every task recipe does first: a new (empty) run folder, glibc's memory settings for a
-    checkpointed run (before anything large is allocated), and the resident memory before the model, which
-    the run's peak is reported against. Returns (out as a Path, baseline MiB)."""
+def start_run(cfg, out, resume: bool = False) -> tuple:
+    """What every task recipe does first: a run folder that is new or empty (or, resuming, this run's own, its
+    stale temporary files removed), glibc's memory settings for a checkpointed run (before anything large is
+    allocated), and the resident memory before the model, which the run's peak is reported against. Returns
+    (out as a Path, baseline MiB)."""
     from pathlib import Path
 
     from lmforge.errors import ConfigError
+    from lmforge.files import check_out_dir
     from lmforge.runtime import current_memory_mb, lean_allocator
+    from lmforge.train.checkpoint import clean_run_dir
 
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ConfigError(f"{out} is not empty; choose a new --out for this run")
+    out = check_out_dir(Path(out))
+    if resume:
+        clean_run_dir(out)
+    elif out.exists() and any(out.iterdir()):
+        raise ConfigError(f"{out} is not empty; continue its run with --resume, or choose a new --out")
     if cfg.grad_checkpoint:
         lean_allocator()
     return out, current_memory_mb()

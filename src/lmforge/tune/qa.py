@@ -93,14 +93,14 @@ def answer(model: Encoder, tokenizer: Tokenizer, examples: list[QAExample], max_
 
 def finetune_qa(model_path: str | Path, data: str | Path, out: str | Path, cfg: FinetuneConfig | None = None,
                 val_data: str | Path | None = None, test_data: str | Path | None = None, stride: int = 128,
-                progress: bool | None = None) -> QAResult:
+                progress: bool | None = None, resume: bool = False) -> QAResult:
     from lmforge.models import load_pretrained
 
     cfg = cfg or FinetuneConfig(max_len=384, lr=5e-5, metric="f1")
     cfg.validate()
     if cfg.metric not in ("f1", "exact_match"):
         cfg = dataclasses.replace(cfg, metric="f1")
-    out, baseline_mem = start_run(cfg, out)
+    out, baseline_mem = start_run(cfg, out, resume)
     if stride <= 0:
         raise ConfigError(f"--stride must be positive, got {stride}")
     train, val, test = load_qa_splits(data, val_data, test_data, cfg.seed)
@@ -144,7 +144,7 @@ def finetune_qa(model_path: str | Path, data: str | Path, out: str | Path, cfg: 
     reset_peak_memory()
     t0 = time.time()
     result = fit(model, batches, -(-len(feats.ids) // cfg.batch_size), evaluate, cfg, out / "metrics.jsonl",
-                 progress)
+                 progress, run_dir=out, resume=resume)
     seconds = time.time() - t0
     peak_mem = peak_memory_mb()
     preds = answer(model, tok, test, max_len, stride)

@@ -135,29 +135,79 @@ def _check_types(cfg: FinetuneConfig) -> None:
 
 
 def finetune(task: str, recipe: str | Path | None = None, flags: dict[str, Any] | None = None,
-             sets: list[str] | None = None, progress: bool | None = None):
-    """Resolve the settings and run the task's recipe; returns its result object."""
+             sets: list[str] | None = None, progress: bool | None = None, resume: bool = False):
+    """Resolve the settings and run the task's recipe; returns its result object.
+
+    The run folder gets `recipe.yaml` first: every setting as resolved, so `resume=True` (`--resume --out DIR`)
+    continues the run with exactly those settings (flags and `sets` given again still override), from its newest
+    checkpoint or, when it was killed before the first one, from the start. A user error during a new run leaves
+    no folder behind."""
+    import shutil
     import time
 
+    from lmforge.errors import CheckpointError, LmforgeError
+    from lmforge.files import check_out_dir, write_text
+
+    out_flag = (flags or {}).get("out")
+    if resume:
+        if not out_flag:
+            raise ConfigError("--resume needs --out RUN_DIR (the run to continue)")
+        saved = Path(out_flag) / RECIPE_FILE
+        if not saved.is_file():
+            raise CheckpointError(f"nothing to resume in {out_flag}: it holds no {RECIPE_FILE} (start the run "
+                                  f"without --resume)")
+        recipe = saved
     cfg, args = resolve(task, recipe, flags, sets)
-    out = args.pop("out") or str(Path("runs") / time.strftime(f"{task}-%Y%m%d-%H%M%S"))
+    out = check_out_dir(args.get("out") or str(Path("runs") / time.strftime(f"{task}-%Y%m%d-%H%M%S")))
+    created = not out.exists()
+    if not resume and not created and any(out.iterdir()):
+        raise ConfigError(f"{out} is not empty; continue its run with --resume, or choose a new --out")
+    args["out"] = str(out)
+    write_text(out / RECIPE_FILE, yaml.safe_dump({"task": task, **dataclasses.asdict(cfg), **args},
+                                                 sort_keys=False))
+    args.pop("out")
     model, data = args.pop("model"), args.pop("data")
-    if task == "classify":
-        from lmforge.tune.classify import finetune_classify
+    run = _TASK_FUNCTIONS[task]()
+    try:
+        return run(model, data, out, cfg, progress=progress, resume=True, **args)
+    except LmforgeError:
+        if created and not resume:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
 
-        return finetune_classify(model, data, out, cfg, progress=progress, **args)
-    if task == "qa":
-        from lmforge.tune.qa import finetune_qa
 
-        return finetune_qa(model, data, out, cfg, progress=progress, **args)
-    if task == "chat":
-        from lmforge.tune.sft import finetune_chat
+RECIPE_FILE = "recipe.yaml"
 
-        return finetune_chat(model, data, out, cfg, progress=progress, **args)
-    if task == "seq2seq":
-        from lmforge.tune.seq2seq import finetune_seq2seq
 
-        return finetune_seq2seq(model, data, out, cfg, progress=progress, **args)
+def _classify():
+    from lmforge.tune.classify import finetune_classify
+
+    return finetune_classify
+
+
+def _qa():
+    from lmforge.tune.qa import finetune_qa
+
+    return finetune_qa
+
+
+def _chat():
+    from lmforge.tune.sft import finetune_chat
+
+    return finetune_chat
+
+
+def _dpo():
     from lmforge.tune.dpo import finetune_dpo
 
-    return finetune_dpo(model, data, out, cfg, progress=progress, **args)
+    return finetune_dpo
+
+
+def _seq2seq():
+    from lmforge.tune.seq2seq import finetune_seq2seq
+
+    return finetune_seq2seq
+
+
+# (each task module is imported only when its task runs: the CLI starts without loading them all)
+_TASK_FUNCTIONS = {"classify": _classify, "qa": _qa, "chat": _chat, "dpo": _dpo, "seq2seq": _seq2seq}

@@ -135,6 +135,7 @@ def finetune_seq2seq(
     eval_limit: int | None = 500,
     time_budget: float | None = None,
     progress: bool | None = None,
+    resume: bool = False,
 ) -> Seq2SeqResult:
     from lmforge.eval.generation import seq2seq_scores
     from lmforge.generate.seq2seq import Seq2SeqParams, generate_seq2seq
@@ -143,7 +144,7 @@ def finetune_seq2seq(
     cfg.validate()
     if cfg.method not in ("full", "lora", "qlora"):
         raise ConfigError(f"method {cfg.method!r} is not available for seq2seq models; use full or lora")
-    out, _ = start_run(cfg, out)
+    out, _ = start_run(cfg, out, resume)
 
     # --- data ------------------------------------------------------------------------------------------------
     sp = load_splits(str(data), source_col, target_col, val_data and str(val_data), test_data and str(test_data),
@@ -201,7 +202,8 @@ def finetune_seq2seq(
         cfg.epochs = budget_epochs(model, batches, steps_per_epoch, time_budget, cfg)
         say(f"time budget {time_budget:.0f} s: {cfg.epochs:.2f} epochs")
     t0 = time.time()
-    result = fit(model, batches, steps_per_epoch, evaluate, cfg, out / "metrics.jsonl", progress)
+    result = fit(model, batches, steps_per_epoch, evaluate, cfg, out / "metrics.jsonl", progress, run_dir=out,
+                 resume=resume)
     seconds = time.time() - t0
 
     # --- finish ----------------------------------------------------------------------------------------------

