@@ -10,6 +10,11 @@
 
 Each decoder gets an Engine (its own thread); HTTP handlers only translate between JSON and engine requests, so
 many clients share one batch. Nothing in a request names a file: models are fixed when the server starts.
+
+A request is checked whole before anything is queued (the key on its headers, then its body's size and arrival
+time, then every field), because the engine runs many clients' sequences in one step: what fails there fails for
+all of them. Slow or lying clients are bounded: a request's head and its body each have `request_timeout`
+seconds to arrive (a closed connection, or 408).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from pathlib import Path
 
 import torch
 from fastapi import Request as HTTPRequest
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from lmforge.errors import LmforgeError
 from lmforge.generate.engine import Engine, Event, QueueFull, Request, TokenLogprob
@@ -42,6 +48,10 @@ from lmforge.serve.protocol import (
 )
 
 STATIC = Path(__file__).parent / "static"
+REQUEST_TIMEOUT = 10.0  # seconds a client has for a request's head, and again for its body
+# below this a temperature decodes greedily: dividing logits by a denormal overflows them to inf, and the NaN
+# probabilities that follow would make the sampler raise inside the engine's step
+MIN_TEMPERATURE = 1e-5
 
 
 @dataclass
@@ -96,8 +106,10 @@ def model_name(path: str) -> str:
 # the app
 
 
-def create_app(models: Sequence[ServedModel], api_key: str | None = None, max_body: int = 1 << 20):
-    """The ASGI app serving `models` (the first one answers requests that name no model)."""
+def create_app(models: Sequence[ServedModel], api_key: str | None = None, max_body: int = 1 << 20,
+               body_timeout: float = REQUEST_TIMEOUT):
+    """The ASGI app serving `models` (the first one answers requests that name no model). api_key guards /v1;
+    a body over max_body bytes gets 413, one that has not arrived whole within body_timeout seconds 408."""
     from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
@@ -130,15 +142,6 @@ def create_app(models: Sequence[ServedModel], api_key: str | None = None, max_bo
         kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
         return JSONResponse(APIError(e.status_code, str(e.detail), kind).body(), status_code=e.status_code)
 
-    def authorize(request: HTTPRequest) -> None:
-        if api_key is None:
-            return
-        header = request.headers.get("authorization", "")
-        given = header[7:] if header.lower().startswith("bearer ") else ""
-        if not hmac.compare_digest(given.encode(), api_key.encode()):
-            raise APIError(401, "incorrect or missing API key: send it as 'Authorization: Bearer KEY'",
-                           code="invalid_api_key")
-
     def pick(name: str | None, kind: str) -> ServedModel:
         if name is None and len(by_name) == 1:
             m = next(iter(by_name.values()))
@@ -169,13 +172,11 @@ def create_app(models: Sequence[ServedModel], api_key: str | None = None, max_bo
         return PlainTextResponse(metrics.render(by_name.values()), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
-    async def list_models(request: HTTPRequest):
-        authorize(request)
+    async def list_models():
         return {"object": "list", "data": [model_card(m) for m in by_name.values()]}
 
     @app.get("/v1/models/{name:path}")
-    async def get_model(name: str, request: HTTPRequest):
-        authorize(request)
+    async def get_model(name: str):
         if name not in by_name:
             raise APIError(404, f"the model {name!r} does not exist here", "not_found_error", "model",
                            "model_not_found")
@@ -185,11 +186,10 @@ def create_app(models: Sequence[ServedModel], api_key: str | None = None, max_bo
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: HTTPRequest):
-        authorize(request)
         check_supported(body)
         m = pick(body.model, "decoder")
         tok = m.tokenizer
-        prompts = as_token_lists(body.prompt, tok)
+        prompts = as_token_lists(body.prompt, tok, m.model.config.vocab_size)
         ends = [tok.eos_id] if tok.eos_id is not None else []
         reqs = [new_request(ids, body, body.max_tokens if body.max_tokens is not None else 16, ends, j,
                             logprobs=body.logprobs, echo=body.echo)
@@ -231,7 +231,6 @@ def create_app(models: Sequence[ServedModel], api_key: str | None = None, max_bo
     async def chat_completions(body: ChatRequest, request: HTTPRequest):
         from lmforge.generate.chat import apply_chat_template, end_of_turn_ids
 
-        authorize(request)
         check_supported(body)
         m = pick(body.model, "decoder")
         tok = m.tokenizer
@@ -243,6 +242,7 @@ def create_app(models: Sequence[ServedModel], api_key: str | None = None, max_bo
             raise APIError(400, str(e), param="messages") from None
         ends = list(dict.fromkeys(([tok.eos_id] if tok.eos_id is not None else []) + end_of_turn_ids(tok)))
         limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        limit_param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
         if limit is None:
             limit = max(m.engine.max_len - len(ids), 0)
         top = (body.top_logprobs or 0) if body.logprobs else None
@@ -258,7 +258,7 @@ def create_app(models: Sequence[ServedModel], api_key: str | None = None, max_bo
                 for i in range(len(reqs)):
                     yield {**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                                 "logprobs": None, "finish_reason": None}]}
-                async for i, ev in run_stream(m, reqs, request):
+                async for i, ev in run_stream(m, reqs, request, limit_param):
                     delta = {"content": ev.text} if ev.text else {}
                     yield {**head, "choices": [{"index": i, "delta": delta, "logprobs": logprobs(ev.tokens),
                                                 "finish_reason": ev.finish_reason}]}
@@ -267,7 +267,7 @@ def create_app(models: Sequence[ServedModel], api_key: str | None = None, max_bo
 
             return StreamingResponse(sse(chunks()), media_type="text/event-stream")
 
-        events = await run_all(m, reqs, request)
+        events = await run_all(m, reqs, request, limit_param)
         choices = [{"index": i, "message": {"role": "assistant", "content": "".join(e.text for e in evs)},
                     "logprobs": logprobs([t for e in evs for t in e.tokens]), "finish_reason": r.finish_reason}
                    for i, (r, evs) in enumerate(zip(reqs, events))]
@@ -275,12 +275,11 @@ def create_app(models: Sequence[ServedModel], api_key: str | None = None, max_bo
                 "usage": usage([ids], reqs)}
 
     @app.post("/v1/embeddings")
-    async def embeddings(body: EmbeddingRequest, request: HTTPRequest):
+    async def embeddings(body: EmbeddingRequest):
         from starlette.concurrency import run_in_threadpool
 
         from lmforge.predict import embed
 
-        authorize(request)
         m = pick(body.model, "encoder")
         texts = [body.input] if isinstance(body.input, str) else body.input
         if not texts or not all(isinstance(t, str) for t in texts):
@@ -315,7 +314,8 @@ def create_app(models: Sequence[ServedModel], api_key: str | None = None, max_bo
 
     # -- the engine, from asyncio --------------------------------------------------------------------------------
 
-    def submit(m: ServedModel, reqs: list[Request], on_event) -> None:
+    def submit(m: ServedModel, reqs: list[Request], on_event, limit_param: str) -> None:
+        """Queue the requests; limit_param: the field that set their max_tokens (named when over the context)."""
         for k, r in enumerate(reqs):
             r.on_event = functools.partial(on_event, k)
         try:
@@ -324,8 +324,9 @@ def create_app(models: Sequence[ServedModel], api_key: str | None = None, max_bo
             metrics.rejected(m.name)
             raise APIError(429, str(e), "rate_limit_error", code="queue_full") from None
         except LmforgeError as e:
-            raise APIError(400, str(e), param="max_tokens" if "context length" in str(e) else None,
-                           code="context_length_exceeded" if "context length" in str(e) else None) from None
+            too_long = "context length" in str(e)
+            raise APIError(400, str(e), param=limit_param if too_long else None,
+                           code="context_length_exceeded" if too_long else None) from None
 
     def finished(m: ServedModel, reqs: list[Request]) -> None:
         metrics.count_tokens(m.name, sum(len(r.prompt_ids) for r in reqs),
@@ -334,7 +335,8 @@ def create_app(models: Sequence[ServedModel], api_key: str | None = None, max_bo
             if r.ttft is not None:
                 metrics.ttft(m.name, r.ttft)
 
-    async def run_all(m: ServedModel, reqs: list[Request], request: HTTPRequest) -> list[list[Event]]:
+    async def run_all(m: ServedModel, reqs: list[Request], request: HTTPRequest,
+                      limit_param: str = "max_tokens") -> list[list[Event]]:
         """Every request's events; cancels them all if the client goes away first."""
         loop = asyncio.get_running_loop()
         events: list[list[Event]] = [[] for _ in reqs]
@@ -350,7 +352,7 @@ def create_app(models: Sequence[ServedModel], api_key: str | None = None, max_bo
                         done.set_result(None)
             loop.call_soon_threadsafe(deliver)
 
-        submit(m, reqs, on_event)
+        submit(m, reqs, on_event, limit_param)
         try:
             while not done.done():
                 await asyncio.wait([done], timeout=0.25)
@@ -365,11 +367,11 @@ def create_app(models: Sequence[ServedModel], api_key: str | None = None, max_bo
             raise APIError(500, errors[0], "server_error")
         return events
 
-    async def run_stream(m: ServedModel, reqs: list[Request], request: HTTPRequest):
+    async def run_stream(m: ServedModel, reqs: list[Request], request: HTTPRequest, limit_param: str = "max_tokens"):
         """(request index, event) as they come; the requests are cancelled when the stream is dropped."""
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
-        submit(m, reqs, lambda k, ev: loop.call_soon_threadsafe(q.put_nowait, (k, ev)))
+        submit(m, reqs, lambda k, ev: loop.call_soon_threadsafe(q.put_nowait, (k, ev)), limit_param)
         left = len(reqs)
         try:
             while left:
@@ -383,8 +385,9 @@ def create_app(models: Sequence[ServedModel], api_key: str | None = None, max_bo
                 m.engine.cancel(r)
             finished(m, reqs)
 
+    # the last added runs first: metering sees every answer, the intake's 401 / 408 / 413 included
+    app.add_middleware(_Intake, api_key=api_key, limit=max_body, timeout=body_timeout)
     app.add_middleware(_Metered, metrics=metrics)
-    app.add_middleware(_BodyLimit, limit=max_body)
     return app
 
 
@@ -399,8 +402,9 @@ def check_supported(body) -> None:
                        code="unsupported_parameter")
 
 
-def as_token_lists(prompt, tok) -> list[list[int]]:
-    """OpenAI's prompt forms (a string, strings, token ids, lists of token ids) -> token id lists."""
+def as_token_lists(prompt, tok, vocab_size: int) -> list[list[int]]:
+    """OpenAI's prompt forms (a string, strings, token ids, lists of token ids) -> token id lists, each id in
+    [0, vocab_size)."""
     if isinstance(prompt, str):
         prompt = [prompt]
     elif prompt and isinstance(prompt[0], int):
@@ -411,6 +415,8 @@ def as_token_lists(prompt, tok) -> list[list[int]]:
     out = []
     for p in prompt:
         ids = tok.encode(p) if isinstance(p, str) else list(p)
+        if not all(0 <= t < vocab_size for t in ids):
+            raise APIError(400, f"prompt token ids must be in [0, {vocab_size})", param="prompt")
         if not ids and start is not None:
             ids = [start]  # an empty prompt starts from BOS (or EOS, GPT-2's document separator)
         out.append(ids)
@@ -420,7 +426,8 @@ def as_token_lists(prompt, tok) -> list[list[int]]:
 def new_request(ids: list[int], body, max_tokens: int, ends: list[int], j: int, logprobs: int | None = None,
                 echo: bool = False) -> Request:
     seed = None if body.seed is None else body.seed + j
-    params = SamplingParams(max_new_tokens=max_tokens, temperature=body.temperature, top_k=body.top_k,
+    temperature = body.temperature if body.temperature >= MIN_TEMPERATURE else 0.0
+    params = SamplingParams(max_new_tokens=max_tokens, temperature=temperature, top_k=body.top_k,
                             top_p=body.top_p if body.top_p < 1 else None, seed=seed)
     return Request(ids, params, stop=body.stop or [], end_ids=[] if body.ignore_eos else ends, logprobs=logprobs,
                    echo=echo, presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty)
@@ -463,30 +470,55 @@ async def sse(chunks: AsyncIterator[dict]) -> AsyncIterator[str]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# ASGI middleware: body size limit, request metrics
+# ASGI middleware: the intake (key, body size, body time), request metrics
 
 
-class _BodyLimit:
-    """413 for a request body over `limit` bytes, whether or not it declares its length."""
+async def _answer(send, e: APIError, close: bool = False) -> None:
+    """Send `e` as the whole response; close: the connection too (the rest of the body never came or is not
+    wanted, so what follows on the connection cannot be trusted to be the next request)."""
+    body = json.dumps(e.body()).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": e.status,
+                "headers": headers + ([(b"connection", b"close")] if close else [])})
+    await send({"type": "http.response.body", "body": body})
 
-    def __init__(self, app, limit: int) -> None:
-        self.app, self.limit = app, limit
+
+class _Intake:
+    """A request before its handler: the API key first, from the headers alone (401 whatever the body holds;
+    /health, /metrics and the playground stay open), then the body, read whole: 413 over `limit` bytes whether or
+    not it declares its length, 408 when it has not all arrived within `timeout` seconds (a client that declares
+    more than it sends, or sends its headers and stops, would otherwise hold a handler forever)."""
+
+    def __init__(self, app, api_key: str | None, limit: int, timeout: float) -> None:
+        self.app, self.api_key, self.limit, self.timeout = app, api_key, limit, timeout
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        if self.api_key is not None and (path == "/v1" or path.startswith("/v1/")) and not self._authorized(scope):
+            return await _answer(send, APIError(401, "incorrect or missing API key: send it as 'Authorization: "
+                                                "Bearer KEY'", code="invalid_api_key"))
+        if scope["method"] not in ("POST", "PUT", "PATCH"):
             return await self.app(scope, receive, send)
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            return await self._refuse(send)
+            return await self._too_large(send)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout  # for the whole body: a trickle of bytes does not extend it
         chunks, size, more = [], 0, True
         while more:
-            msg = await receive()
+            try:
+                msg = await asyncio.wait_for(receive(), deadline - loop.time())
+            except TimeoutError:
+                return await _answer(send, APIError(408, f"the request body did not arrive within {self.timeout:g} "
+                                                    "seconds", code="request_timeout"), close=True)
             if msg["type"] == "http.disconnect":
                 return
             chunks.append(msg.get("body", b""))
             size += len(chunks[-1])
             if size > self.limit:
-                return await self._refuse(send)
+                return await self._too_large(send)
             more = msg.get("more_body", False)
         replayed = False
 
@@ -499,17 +531,20 @@ class _BodyLimit:
 
         await self.app(scope, replay, send)
 
-    async def _refuse(self, send) -> None:
-        body = json.dumps(APIError(413, f"the request body is larger than {self.limit} bytes",
-                                   code="request_too_large").body()).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                                (b"connection", b"close")]})
-        await send({"type": "http.response.body", "body": body})
+    def _authorized(self, scope) -> bool:
+        header = dict(scope["headers"]).get(b"authorization", b"")
+        given = header[7:] if header[:7].lower() == b"bearer " else b""
+        return hmac.compare_digest(given, self.api_key.encode())
+
+    async def _too_large(self, send) -> None:
+        await _answer(send, APIError(413, f"the request body is larger than {self.limit} bytes",
+                                     code="request_too_large"), close=True)
 
 
 class _Metered:
-    """Counts requests by endpoint and status, and times them to the last byte sent."""
+    """Counts requests by endpoint and status, and times them to the last byte sent. A request that ends
+    without an answer (its client left first) counts as 499, nginx's "client closed request"; one whose handler
+    raised as 500."""
 
     def __init__(self, app, metrics: Metrics) -> None:
         self.app, self.metrics = app, metrics
@@ -517,7 +552,7 @@ class _Metered:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        t0, status = time.perf_counter(), [500]
+        t0, status = time.perf_counter(), [None]
 
         async def watch(msg):
             if msg["type"] == "http.response.start":
@@ -526,12 +561,64 @@ class _Metered:
 
         try:
             await self.app(scope, receive, watch)
+        except Exception:
+            status[0] = status[0] or 500
+            raise
         finally:
-            self.metrics.request(scope["path"], status[0], time.perf_counter() - t0)
+            self.metrics.request(scope["path"], status[0] or 499, time.perf_counter() - t0)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # running it
+
+
+class _TimedH11(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol with a deadline for a request's head: a connection that sends nothing, or
+    only part of its headers, is closed `head_timeout` seconds after it opened or after its first byte (uvicorn
+    times out an idle keep-alive connection, not a request head that never ends). Once the head has arrived the
+    body's deadline is _Intake's."""
+
+    def __init__(self, *args, head_timeout: float = REQUEST_TIMEOUT, **kw) -> None:
+        super().__init__(*args, **kw)
+        self.head_timeout = head_timeout
+        self._head_timer: asyncio.TimerHandle | None = None
+
+    def _in_request(self) -> bool:
+        return self.cycle is not None and not self.cycle.response_complete
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._head_timer = self.loop.call_later(self.head_timeout, self._expire)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self._in_request():
+            self._disarm()
+        elif self._head_timer is None:  # the first byte of the next request on a kept-alive connection
+            self._head_timer = self.loop.call_later(self.head_timeout, self._expire)
+
+    def connection_lost(self, exc) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def _disarm(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _expire(self) -> None:
+        self._head_timer = None
+        if not self._in_request() and not self.transport.is_closing():
+            self.transport.close()
+
+
+def uvicorn_config(app, host: str, port: int, request_timeout: float = REQUEST_TIMEOUT, **kw):
+    """uvicorn's settings for lmforge: request heads timed (_TimedH11), idle keep-alive connections closed
+    after at most 5 seconds."""
+    import uvicorn
+
+    return uvicorn.Config(app, host=host, port=port, http=functools.partial(_TimedH11, head_timeout=request_timeout),
+                          timeout_keep_alive=min(5, max(1, int(request_timeout))), **kw)
 
 
 class ServerThread:
@@ -540,12 +627,13 @@ class ServerThread:
         with ServerThread(create_app(load_served(["smollm2-135m-instruct"]))) as url:
             openai.OpenAI(base_url=url + "/v1", api_key="-")...
 
-    port=0 picks a free port; `url` is where it listens."""
+    port=0 picks a free port; `url` is where it listens. request_timeout: seconds for a request's head (the
+    body's limit is create_app's body_timeout)."""
 
-    def __init__(self, app, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, request_timeout: float = REQUEST_TIMEOUT) -> None:
         import uvicorn
 
-        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
+        self.server = uvicorn.Server(uvicorn_config(app, host, port, request_timeout, log_level="warning",
                                                     timeout_graceful_shutdown=1))
         self.thread = threading.Thread(target=self.server.run, name="lmforge-http", daemon=True)
         self.url = ""
@@ -568,8 +656,9 @@ class ServerThread:
 
 def serve(models: Sequence[str], host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           max_batch: int = 16, max_queue: int = 64, max_len: int | None = None, quantize: str | None = None,
-          max_body: int = 1 << 20, log_level: str = "warning") -> None:
-    """Load the models and serve them until interrupted."""
+          max_body: int = 1 << 20, log_level: str = "warning", request_timeout: float = REQUEST_TIMEOUT) -> None:
+    """Load the models and serve them until interrupted. request_timeout: seconds a client has to send a
+    request's head, and again its body (then the connection is closed, or the answer is 408)."""
     import uvicorn
 
     from lmforge.runtime import tune_allocator
@@ -578,15 +667,18 @@ def serve(models: Sequence[str], host: str = "127.0.0.1", port: int = 8000, api_
         raise LmforgeError("serve needs at least one --model")
     if not 0 <= port < 65536:
         raise LmforgeError(f"--port must be in 0..65535, got {port}")
+    if not request_timeout > 0:
+        raise LmforgeError(f"the request timeout must be positive, got {request_timeout}")
     tune_allocator()
     served = load_served(models, max_batch, max_queue, max_len, quantize)
-    app = create_app(served, api_key=api_key, max_body=max_body)
+    app = create_app(served, api_key=api_key, max_body=max_body, body_timeout=request_timeout)
     if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         print(f"warning: serving on {host} without --api-key: anyone who can reach this port can use it")
     print(f"serving {', '.join(m.name for m in served)} at http://{host}:{port}  (playground: /, API: /v1)",
           flush=True)
     try:
-        uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=2)
+        uvicorn.Server(uvicorn_config(app, host, port, request_timeout, log_level=log_level,
+                                      timeout_graceful_shutdown=2)).run()
     finally:
         for m in served:
             if m.engine is not None:

@@ -1,6 +1,8 @@
 """The OpenAI API's request shapes (the subset lmforge serves), validated by pydantic, and its error shape.
 
 Ranges follow OpenAI's: a request outside them gets 400 with `{"error": {"message", "type", "param", "code"}}`.
+Every number has bounds that the engine can take (a seed fits torch.Generator.manual_seed's 64 bits), so nothing
+a client sends reaches the engine thread as something that fails there, where it would fail the whole batch.
 Parameters OpenAI has and lmforge does not implement are refused by name rather than silently ignored.
 Two extensions as in vLLM's server: `top_k`, and `ignore_eos` (generate max_tokens whatever the model says, for
 load tests).
@@ -13,6 +15,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 Prompt = str | list[str] | list[int] | list[list[int]]
+
+# seeds are signed 64-bit (OpenAI's and vLLM's range); choice j of n samples with seed + j, which still fits the
+# [-2**63, 2**64) that torch.Generator.manual_seed accepts since n <= 16
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
 
 
 class APIError(Exception):
@@ -37,12 +43,12 @@ class _Sampling(BaseModel):
     model: str | None = None
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=1)
+    top_k: int | None = Field(None, ge=1)  # no upper bound: the sampler keeps at most the whole vocabulary
     n: int = Field(1, ge=1, le=16)
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     user: str | None = None
