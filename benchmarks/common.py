@@ -3,7 +3,9 @@ and a plain-text table."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -130,3 +132,53 @@ def sentiment_classifier(out, seed: int = 0, n_train: int | None = 8000):
     data = out.parent / f"train{n_train // 1000}k.csv"
     write_labelled_csv(data, ds, sorted(random.Random(0).sample(train, n_train)))  # (the split is by class)
     return finetune_classify("all-minilm-l6-v2", str(data), out, cfg, val_fraction=0.05, test_fraction=0.05).model_dir
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# a server for the benchmarks that need one (serve_soak)
+
+
+@contextlib.contextmanager
+def serve_process(*args: str, ready_seconds: float = 180):
+    """`lmforge serve ARGS...` as its own process on 127.0.0.1 and a free port: yields (url, process) once
+    /health answers, and terminates it on the way out. Its output goes to a temporary file (a pipe nobody reads
+    could fill and stall it), shown if it fails to start."""
+    import socket
+    import tempfile
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    log = tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen([sys.executable, "-m", "lmforge.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+                             *args], stdout=log, stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    try:
+        deadline = time.monotonic() + ready_seconds
+        while True:
+            try:
+                httpx.get(url + "/health", timeout=5).raise_for_status()
+                break
+            except httpx.HTTPError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    log.seek(0)
+                    raise RuntimeError("the server did not start:\n" + log.read()[-3000:]) from None
+                time.sleep(0.2)
+        yield url, proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def rss_of(pid: int) -> float:
+    """Resident memory of process `pid` in MiB (Linux: the second field of /proc/PID/statm, in pages)."""
+    with open(f"/proc/{pid}/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
