@@ -59,6 +59,7 @@ def cmd_generate(a: argparse.Namespace) -> None:
     from lmforge.models import load_pretrained
     from lmforge.runtime import tune_allocator
 
+    _check_sampling(a)
     tune_allocator()
     model, tok = load_pretrained(a.model, device=a.device, quantize=a.quantize, adapter=a.adapter)
     prompts = [p.replace("\\n", "\n").replace("\\t", "\t") if a.escapes else p for p in a.prompt]
@@ -85,6 +86,14 @@ def cmd_generate(a: argparse.Namespace) -> None:
         print(p + t)
 
 
+def _check_sampling(a: argparse.Namespace) -> None:
+    """generate / chat: refuse out-of-range decoding flags before the model loads (generate checks them too)."""
+    from lmforge.generate.sampling import SamplingParams
+
+    SamplingParams(a.max_new_tokens, a.temperature, a.top_k, a.top_p, getattr(a, "repetition_penalty", 1.0),
+                   a.seed).validate(flags=True)
+
+
 def cmd_convert(a: argparse.Namespace) -> None:
     from lmforge.interop.convert import convert
 
@@ -97,6 +106,7 @@ def cmd_chat(a: argparse.Namespace) -> None:
     from lmforge.models import load_pretrained
     from lmforge.runtime import tune_allocator
 
+    _check_sampling(a)
     tune_allocator()
     model, tok = load_pretrained(a.model, device=a.device, quantize=a.quantize, adapter=a.adapter)
     history: list[dict] = [{"role": "system", "content": a.system}] if a.system else []
@@ -276,46 +286,40 @@ def cmd_finetune(a: argparse.Namespace) -> None:
 
 
 def cmd_data_chatterbot(a: argparse.Namespace) -> None:
-    from pathlib import Path
+    from lmforge.data.chat import write_chatterbot
 
-    from lmforge.data.chat import chatterbot_chat, chatterbot_pairs, write_jsonl
-
-    splits = chatterbot_pairs(seed=a.seed) if a.pairs else chatterbot_chat(seed=a.seed)
-    for name, rows in splits.items():
-        write_jsonl(rows, Path(a.out) / f"{name}.jsonl")
+    counts = write_chatterbot(a.out, pairs=a.pairs, seed=a.seed)
     kind = "preference pairs" if a.pairs else "conversations"
-    print(f"wrote {a.out}/train.jsonl, val.jsonl, test.jsonl (" + ", ".join(f"{k} {len(v)}" for k, v in splits.items())
+    print(f"wrote {a.out}/train.jsonl, val.jsonl, test.jsonl (" + ", ".join(f"{k} {n}" for k, n in counts.items())
           + f" {kind})")
 
 
 def cmd_data_shakespeare_qa(a: argparse.Namespace) -> None:
-    from pathlib import Path
+    from lmforge.data.qa import write_shakespeare_qa
 
-    from lmforge.data.qa import shakespeare_qa, write_squad
-
-    splits = shakespeare_qa(n_per_play=a.per_play, seed=a.seed)
-    for name, ex in splits.items():
-        write_squad(ex, Path(a.out) / f"{name}.json", title=f"shakespeare-qa {name}")
-    print(f"wrote {a.out}/train.json, dev.json, test.json (" + ", ".join(f"{k} {len(v)}" for k, v in splits.items())
+    counts = write_shakespeare_qa(a.out, n_per_play=a.per_play, seed=a.seed)
+    print(f"wrote {a.out}/train.json, dev.json, test.json (" + ", ".join(f"{k} {n}" for k, n in counts.items())
           + " questions)")
 
 
 def cmd_predict(a: argparse.Namespace) -> None:
-    from lmforge.data.labelled import read_labelled, read_texts
+    from lmforge.data.labelled import read_labelled
     from lmforge.errors import DataError
     from lmforge.models import load_pretrained
-    from lmforge.predict import predict, predict_ensemble
+    from lmforge.predict import check_batch, predict, predict_ensemble
 
-    members = [load_pretrained(m, device=a.device, quantize=a.quantize) for m in a.model]
-    model, tok = members[0]
+    check_batch(a.batch_size)  # settings and data before the models load
     gold = None
     if a.label_col:  # a labelled file: predict and score
         if not a.input or a.input == "-":
             raise DataError("--label-col needs a labelled data file (CSV/TSV/JSONL), not standard input")
         ds = read_labelled(a.input, a.text_col, a.label_col)
+        _note_repaired(ds)
         texts, gold = ds.texts, ds.labels
     else:
-        texts = a.text or read_texts(a.input, a.text_col)
+        texts = _input_texts(a)
+    members = [load_pretrained(m, device=a.device, quantize=a.quantize) for m in a.model]
+    model, tok = members[0]
     labels = getattr(model.config, "labels", [])
     if gold is not None:
         unknown = sorted(set(gold) - set(labels))
@@ -339,13 +343,30 @@ def cmd_predict(a: argparse.Namespace) -> None:
         print(f"accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  ({len(gold)} rows)", file=sys.stderr)
 
 
-def cmd_embed(a: argparse.Namespace) -> None:
-    from lmforge.data.labelled import read_texts
-    from lmforge.models import load_pretrained
-    from lmforge.predict import cosine_similarity, embed
+def _input_texts(a: argparse.Namespace) -> list[str]:
+    """predict / embed: the --text values, or the texts of the input file (or standard input)."""
+    from lmforge.data.labelled import read_text_set
 
+    if a.text:
+        return a.text
+    ds = read_text_set(a.input, a.text_col)
+    _note_repaired(ds)
+    return ds.texts
+
+
+def _note_repaired(ds) -> None:
+    if ds.repaired_rows:  # repaired, not dropped (see lmforge.data.labelled); say so, as finetune classify does
+        print(f"lmforge: {ds.source}: {ds.repaired_rows} row{'s' if ds.repaired_rows != 1 else ''} repaired from "
+              "non-UTF-8 bytes (decoded with a legacy single-byte encoding)", file=sys.stderr)
+
+
+def cmd_embed(a: argparse.Namespace) -> None:
+    from lmforge.models import load_pretrained
+    from lmforge.predict import check_batch, cosine_similarity, embed
+
+    check_batch(a.batch_size)
+    texts = _input_texts(a)
     model, tok = load_pretrained(a.model, device=a.device, quantize=a.quantize)
-    texts = a.text or read_texts(a.input, a.text_col)
     vecs = embed(model, tok, texts, batch_size=a.batch_size)
     if a.similarity:
         sim = cosine_similarity(vecs, vecs)
@@ -359,8 +380,13 @@ def cmd_embed(a: argparse.Namespace) -> None:
 def cmd_serve(a: argparse.Namespace) -> None:
     import os
 
+    from lmforge.config import check_number
     from lmforge.serve import serve
 
+    # (serve() checks --port; the engine checks its sizes once the models are loaded: refuse them before that)
+    for flag, value, low in (("--port", a.port, 0), ("--max-batch", a.max_batch, 1), ("--max-queue", a.max_queue, 0),
+                             ("--max-len", a.max_len, 1), ("--max-body", a.max_body, 1)):
+        check_number(flag, value, low, 65535 if flag == "--port" else None, integer=True)
     serve(a.model, host=a.host, port=a.port, api_key=a.api_key or os.environ.get("LMFORGE_API_KEY") or None,
           max_batch=a.max_batch, max_queue=a.max_queue, max_len=a.max_len, quantize=a.quantize,
           max_body=a.max_body, log_level=a.log_level)

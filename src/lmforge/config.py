@@ -121,6 +121,30 @@ class DecoderConfig:
         return dataclasses.asdict(self)
 
 
+def check_number(name: str, value: Any, low: float | None = None, high: float | None = None, *,
+                 low_open: bool = False, high_open: bool = False, integer: bool = False) -> None:
+    """Refuse a setting outside its range with one line naming it (`name`: the CLI flag, e.g. --batch-size) and
+    the range: a ConfigError for a non-number, a bool, NaN or infinity, a fraction where a whole number is
+    needed, or a value below `low` / above `high` (exclusive where `low_open` / `high_open`). None passes: it
+    means "the default". Library functions call this before any work, so the CLI and the Python API refuse the
+    same values with the same message."""
+    if value is None:
+        return
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    ok = ok and (not integer or float(value).is_integer())
+    ok = ok and (low is None or (value > low if low_open else value >= low))
+    ok = ok and (high is None or (value < high if high_open else value <= high))
+    if ok:
+        return
+    if low is not None and high is not None:
+        span = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    elif low is not None:
+        span = f"{'>' if low_open else '>='} {low:g}"
+    else:
+        span = f"{'<' if high_open else '<='} {high:g}"
+    raise ConfigError(f"{name} must be {'a whole number ' if integer else ''}{span}, got {value!r}")
+
+
 def _positive(cfg: Any, *names: str) -> None:
     for n in names:
         v = getattr(cfg, n)

@@ -10,9 +10,10 @@ from lmforge.errors import ModelLoadError
 
 
 def model_info(target: str | Path) -> dict[str, Any]:
-    """Describe a model directory (reads config.json only, no weights) or a named preset."""
+    """Describe a model directory (reads config.json, and checks the weights files' headers and sizes without
+    reading their tensors), a .gguf file or a named preset."""
     from lmforge.data.assets import MODELS
-    from lmforge.interop.hf import config_from_hf, read_config
+    from lmforge.interop.hf import check_weights, config_from_hf, read_config
     from lmforge.models import resolve_model_path
 
     if str(target) in PRESETS and not Path(target).exists():
@@ -31,6 +32,7 @@ def model_info(target: str | Path) -> dict[str, Any]:
             raise ModelLoadError(f"{target} is neither a model directory nor a preset "
                                  f"({', '.join([*PRESETS, *ENCODER_PRESETS])})")
         raw = read_config(path)
+        check_weights(path)  # a cut download fails here, not when the model is first used
         if raw.get("model_type") == "bert":
             from lmforge.interop.hf_bert import config_from_hf as bert_config
 

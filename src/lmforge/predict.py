@@ -12,6 +12,7 @@ from collections.abc import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
+from lmforge.config import check_number
 from lmforge.errors import ModelLoadError
 from lmforge.models.encoder import Encoder, mean_pool
 from lmforge.runtime import tune_allocator
@@ -49,6 +50,12 @@ def length_batches(lengths: Sequence[int], batch_size: int, max_tokens: int | No
         yield batch
 
 
+def check_batch(batch_size: int, max_len: int | None = None) -> None:
+    """Refuse a batch size below 1 (or a max_len below 1) before any work; the CLI calls it before loading."""
+    check_number("--batch-size", batch_size, 1, integer=True)
+    check_number("--max-len", max_len, 1, integer=True)
+
+
 def _check_encoder(model: torch.nn.Module) -> Encoder:
     if not isinstance(model, Encoder):
         raise ModelLoadError(f"this needs an encoder model (BERT family), got a {type(model).__name__}")
@@ -60,6 +67,7 @@ def encode(model: Encoder, tokenizer: Tokenizer, texts: Sequence[str], batch_siz
            max_len: int | None = None, what: str = "logits") -> torch.Tensor:
     """Run the encoder over texts in length-sorted batches. what: "logits" (the head's output per text),
     "mean" (mean-pooled hidden states), "cls" (the [CLS] hidden state) or "pooled" (the pooler's output)."""
+    check_batch(batch_size, max_len)
     model = _check_encoder(model)
     tune_allocator()  # keep freed activation buffers in the process, as training does (see lmforge.runtime)
     was_training = model.training
@@ -129,6 +137,7 @@ def predict_ensemble(members: Sequence[tuple[Encoder, Tokenizer]], texts: Sequen
     `probs` are the mean probabilities either way; `votes` counts each label's votes."""
     if vote not in VOTES:
         raise ModelLoadError(f"--vote must be one of {', '.join(VOTES)}, got {vote!r}")
+    check_batch(batch_size)
     if not members:
         raise ModelLoadError("an ensemble needs at least one model")
     labels = list(members[0][0].config.labels)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.config import load_run_config
-from lmforge.files import write_json
+from lmforge.files import check_out_dir, write_json
 
 QUICKSTART: dict[str, Any] = {
     "model": {"preset": "quickstart"},
@@ -44,7 +44,7 @@ def quickstart(out: str | Path | None = None, overrides: list[str] | None = None
 
     t0 = time.time()
     cfg = load_run_config(base=QUICKSTART, overrides=overrides)
-    run = Path(out) if out else Path("runs") / time.strftime("quickstart-%Y%m%d-%H%M%S")
+    run = check_out_dir(out, "--out") if out else Path("runs") / time.strftime("quickstart-%Y%m%d-%H%M%S")
     say = print if echo else (lambda *a, **k: None)
     p = cfg.model
     say(f"quickstart: {p.n_layer} layers x {p.d_model} wide, {cfg.train.steps} steps of "

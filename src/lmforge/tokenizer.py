@@ -16,7 +16,7 @@ from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, pro
 from tokenizers import Tokenizer as HFTokenizer
 
 from lmforge.errors import ConfigError, ModelLoadError
-from lmforge.files import save_with, write_json
+from lmforge.files import check_out_dir, check_out_file, save_with, write_json
 
 EOS = "<|endoftext|>"
 DEFAULT_SPECIALS = (EOS, "<|pad|>")
@@ -257,10 +257,12 @@ def train_tokenizer(sources: Sequence[str], vocab_size: int = 8192, out: str | P
     if kind not in ("bpe", "wordpiece", "unigram"):
         raise ConfigError(f"tokenizer kind {kind!r} is not one of bpe, wordpiece, unigram")
     floor = {"bpe": 256 + len(special_tokens), "wordpiece": 100, "unigram": 100 + extra_ids}[kind]
-    if vocab_size < floor:
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < floor:
         why = {"bpe": " (256 bytes + special tokens)", "wordpiece": "",
                "unigram": f" (100 + {extra_ids} sentinels)"}[kind]
-        raise ConfigError(f"vocab_size must be at least {floor}{why}")
+        raise ConfigError(f"--vocab-size must be a whole number of at least {floor}{why}, got {vocab_size!r}")
+    if out is not None:  # an unusable output path fails before the corpus is read
+        (check_out_file if Path(out).suffix == ".json" else check_out_dir)(out, "--out")
     docs = read_documents(list(sources))
     if kind == "bpe":
         tok = Tokenizer.train_bpe((d.text for d in docs), vocab_size=vocab_size, special_tokens=special_tokens)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lmforge.compress.measure import comparison, measure
+from lmforge.config import check_number
 from lmforge.errors import LmforgeError
 from lmforge.files import write_json
 
@@ -59,6 +60,7 @@ def prune(model: str, out: str | Path, sparsity: float | None = None, structure:
     from lmforge.interop.hf import check_output_dir
 
     check_args(sparsity, structure, fraction)
+    check_number("--recover-steps", recover_steps, 0, integer=True)
     if recover_steps and not recover_data:
         raise LmforgeError("--recover-steps needs --recover-data (text for a decoder, a labelled file for a "
                            "classifier)")

@@ -163,6 +163,18 @@ def _split_of(question: str, seed: int, test: float, val: float) -> str:
     return "test" if h < test else "val" if h < test + val else "train"
 
 
+def write_chatterbot(out: str | Path, pairs: bool = False, seed: int = 0) -> dict[str, int]:
+    """`lmforge data chatterbot`: conversations (or, with pairs, DPO preference pairs) written as
+    out/train.jsonl, val.jsonl, test.jsonl; returns the rows per split. An unusable `out` is refused first."""
+    from lmforge.files import check_out_dir
+
+    out = check_out_dir(out, "--out")
+    splits = chatterbot_pairs(seed=seed) if pairs else chatterbot_chat(seed=seed)
+    for name, rows in splits.items():
+        write_jsonl(rows, out / f"{name}.jsonl")
+    return {k: len(v) for k, v in splits.items()}
+
+
 def chatterbot_chat(seed: int = 0, test: float = 0.1, val: float = 0.05) -> dict[str, list[Messages]]:
     """train / val / test conversations, split by the first question (a question asked twice lands in one
     split)."""

@@ -3,7 +3,8 @@
 A document is one file. The split is by document, so no play (say) is half in training and half in validation:
 documents are ordered by a hash of their file name (not the folder) and the first `val_fraction` of them are
 held out. The split does not depend on the seed, on where the files lie, or on the order sources are listed in.
-A corpus of a single file is cut into 100 blocks at line boundaries first, and the blocks are split the same way.
+A corpus of a single file is cut into 100 blocks at line boundaries first, and the blocks are split the same way
+(so a single file needs at least two lines: one long line, a minified dump, is refused with that reason).
 """
 
 from __future__ import annotations
@@ -75,9 +76,15 @@ def read_documents(sources: list[str]) -> list[Document]:
 def split_documents(docs: list[Document], val_fraction: float) -> tuple[list[Document], list[Document]]:
     """(train, validation) by document; see the module docstring."""
     if len(docs) == 1:
-        docs = _blocks(docs[0], SINGLE_FILE_BLOCKS)
-    if len(docs) < 2:
-        raise DataError(f"corpus {docs[0].name} is too small to hold out a validation part; add more text")
+        one = docs[0]
+        docs = _blocks(one, SINGLE_FILE_BLOCKS)
+        if len(docs) < 2:  # a single file is cut only at line ends: one line (of any length) cannot be split
+            lines = len([ln for ln in one.text.splitlines() if ln.strip()])
+            raise DataError(
+                f"corpus {one.name} is one file with {lines} line{'s' if lines != 1 else ''} of text "
+                f"({len(one.text):,} characters); the validation part is cut from a single file at line breaks, "
+                f"so break the text into lines (e.g. fold -s -w 200 {Path(one.name).name} > lines.txt) or add "
+                "more files")
 
     def key(d: Document) -> tuple[str, str]:
         # the file name alone decides, so the split is the same wherever the corpus is installed

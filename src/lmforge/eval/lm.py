@@ -88,8 +88,8 @@ def evaluate_perplexity(model: torch.nn.Module, tokenizer, sources: list[str], w
     from lmforge.data.corpus import read_documents
     from lmforge.errors import ConfigError, DataError
 
-    window = window or min(model.config.max_seq_len, 1024)
-    stride = stride or max(1, window // 2)
+    window = min(model.config.max_seq_len, 1024) if window is None else window  # (0 is refused, not a default)
+    stride = max(1, window // 2) if stride is None else stride
     if window > model.config.max_seq_len or window < 2 or not 0 < stride <= window:
         raise ConfigError(f"need 2 <= window <= {model.config.max_seq_len} (the context) and 0 < stride <= window; "
                           f"got window {window}, stride {stride}")

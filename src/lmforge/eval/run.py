@@ -16,8 +16,9 @@ import json
 import time
 from pathlib import Path
 
-from lmforge.errors import DataError, LmforgeError
-from lmforge.files import write_json
+from lmforge.config import check_number
+from lmforge.errors import ConfigError, DataError, LmforgeError
+from lmforge.files import check_out_dir, write_json
 
 TASKS = ("perplexity", "classify", "qa", "choice", "seq2seq")
 
@@ -33,8 +34,17 @@ def evaluate(task: str, model: str, data: list[str] | str, out: str | Path | Non
 
     if task not in TASKS:
         raise LmforgeError(f"unknown evaluation {task!r}; choose one of {', '.join(TASKS)}")
-    if limit is not None and limit < 1:
+    # settings and the output folder first: loading the model and reading the data take the time
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise LmforgeError(f"--limit must be positive, got {limit}")
+    for flag, value, low in (("--window", window, 2), ("--stride", stride, 1), ("--max-new-tokens", max_new_tokens, 1),
+                             ("--num-beams", num_beams, 1), ("--batch-size", batch_size, 1)):
+        check_number(flag, value, low, integer=True)
+    if window is not None and stride is not None and stride > window:
+        raise ConfigError(f"--stride {stride} is longer than --window {window}: windows would skip tokens; use a "
+                          "stride of at most the window")
+    if out is not None:
+        check_out_dir(out, "--out")
     sources = [data] if isinstance(data, (str, Path)) else list(data)
     m, tok = load_pretrained(model, device=device, quantize=quantize, adapter=adapter)
     t0 = time.time()

@@ -23,7 +23,7 @@ from lmforge.errors import LmforgeError
 from lmforge.explain.attention import AttentionMaps, Seq2SeqAttention, attention_maps, seq2seq_attention_maps
 from lmforge.explain.render import attention_html, attention_png, saliency_html, saliency_png
 from lmforge.explain.saliency import BASELINES, METHODS, Saliency, check_saliency_model, saliency
-from lmforge.files import write_json
+from lmforge.files import check_out_dir, write_json
 
 __all__ = ["AttentionMaps", "Saliency", "Seq2SeqAttention", "attention_html", "attention_maps", "attention_png",
            "explain", "saliency", "saliency_html", "saliency_png", "seq2seq_attention_maps"]
@@ -69,6 +69,9 @@ def explain(model: str | Path, text: str, out: str | Path, what: str = "both", m
         raise LmforgeError(f"unknown baseline {baseline!r}; use one of {', '.join(BASELINES)}")
     if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int)):
         raise LmforgeError(f"layer must be a whole number, got {layer!r}")
+    if not text.strip():
+        raise LmforgeError("the text to explain is empty; give it with --text or on standard input")
+    check_out_dir(out, "--out")
 
     m, tok = load_pretrained(model)
     kind = model_kind(m)

@@ -103,9 +103,9 @@ def check_steps(steps: int, max_steps: int | None = None) -> None:
         return isinstance(v, int) and not isinstance(v, bool)
 
     if not whole(steps) or steps < 1:
-        raise LmforgeError(f"steps must be a whole number of at least 1, got {steps!r}")
+        raise LmforgeError(f"--steps must be a whole number of at least 1, got {steps!r}")
     if max_steps is not None and (not whole(max_steps) or max_steps < steps):
-        raise LmforgeError(f"max_steps must be a whole number of at least steps ({steps}), got {max_steps!r}")
+        raise LmforgeError(f"--max-steps must be a whole number of at least --steps ({steps}), got {max_steps!r}")
 
 
 def check_saliency_model(model: nn.Module) -> str:

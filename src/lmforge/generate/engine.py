@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lmforge.config import check_number
 from lmforge.errors import LmforgeError
 from lmforge.generate.sampling import SamplingParams, TextStream, next_token
 from lmforge.nn.packed import packed_linears, release_packed
@@ -98,8 +99,9 @@ class Engine:
 
     def __init__(self, model: torch.nn.Module, tokenizer, max_batch: int = 16, max_queue: int = 64,
                  max_len: int | None = None, pack_weights: bool = True) -> None:
-        if max_batch < 1 or max_queue < 0:
-            raise LmforgeError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
+        for flag, value, low in (("--max-batch", max_batch, 1), ("--max-queue", max_queue, 0),
+                                 ("--max-len", max_len, 1)):
+            check_number(flag, value, low, integer=True)
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
         self.max_len = min(max_len or model.config.max_seq_len, model.config.max_seq_len)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lmforge.config import check_number
 from lmforge.errors import LmforgeError
 from lmforge.nn.packed import packed_linears
 
@@ -25,17 +26,19 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     seed: int | None = None
 
-    def validate(self) -> None:
-        if self.max_new_tokens < 0:
-            raise LmforgeError(f"max_new_tokens must be zero or positive, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise LmforgeError(f"temperature must be zero or positive, got {self.temperature}")
-        if self.top_k is not None and self.top_k <= 0:
-            raise LmforgeError(f"top_k must be positive, got {self.top_k}")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise LmforgeError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.repetition_penalty <= 0:
-            raise LmforgeError(f"repetition_penalty must be positive, got {self.repetition_penalty}")
+    def validate(self, flags: bool = False) -> None:
+        """Refuse settings out of range. flags: the messages name the CLI flags (--top-p) and at least one new
+        token is required (the CLI checks before it loads a model; the API allows max_new_tokens=0)."""
+        def name(field: str) -> str:
+            return "--" + field.replace("_", "-") if flags else field
+
+        check_number(name("max_new_tokens"), self.max_new_tokens, 1 if flags else 0, integer=True)
+        check_number(name("temperature"), self.temperature, 0)
+        check_number(name("top_k"), self.top_k, 1, integer=True)
+        check_number(name("top_p"), self.top_p, 0, 1, low_open=True)
+        check_number(name("repetition_penalty"), self.repetition_penalty, 0, low_open=True)
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise LmforgeError(f"{name('seed')} must be a whole number, got {self.seed!r}")
 
 
 # --------------------------------------------------------------------------------------------------------------

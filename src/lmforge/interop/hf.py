@@ -9,6 +9,7 @@ so `transformers` loads it as it is; any other shape is written with lmforge's o
 from __future__ import annotations
 
 import json
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from lmforge.config import DecoderConfig
 from lmforge.errors import ModelLoadError
-from lmforge.files import atomic_dir, write_json
+from lmforge.files import atomic_dir, check_out_dir, write_json
 from lmforge.nn.init import adopt_weights, aligned_state, meta_init
 
 NATIVE_TYPE = "lmforge-decoder"
@@ -241,13 +242,15 @@ def save_model_dir(model: torch.nn.Module, path: str | Path, tokenizer: Any = No
     return path
 
 
-def check_output_dir(path: str | Path) -> Path:
-    """A model directory is written only where nothing else would be replaced: a new or empty folder, or an
-    earlier model (or adapter) directory."""
-    path = Path(path)
+def check_output_dir(path: str | Path, flag: str = "--out") -> Path:
+    """A model directory is written only where it can be (not a file, not under a file, a place this process
+    can write: `lmforge.files.check_out_dir`) and where nothing else would be replaced: a new or empty folder,
+    or an earlier model (or adapter) directory."""
+    path = check_out_dir(path, flag)
     earlier = (path / "config.json").is_file() or (path / "adapter_config.json").is_file()
-    if path.exists() and (not path.is_dir() or (any(path.iterdir()) and not earlier)):
-        raise ModelLoadError(f"{path} exists and is not a model directory; choose a new or empty output folder")
+    if path.exists() and any(path.iterdir()) and not earlier:
+        raise ModelLoadError(f"{flag} {path} exists and is not a model directory; choose a new or empty output "
+                             "folder")
     return path
 
 
@@ -261,26 +264,58 @@ def read_config(path: Path) -> dict[str, Any]:
         raise ModelLoadError(f"{f} is not valid JSON: {e}") from None
 
 
-def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a model directory: model.safetensors, or the shards named in model.safetensors.index.json,
-    each in 64-byte-aligned memory (`lmforge.nn.init.aligned`: safetensors packs tensors without padding)."""
+def weight_files(path: Path) -> list[Path]:
+    """The safetensors files of a model directory: model.safetensors, or the shards named in
+    model.safetensors.index.json (each must exist)."""
     single, index = path / "model.safetensors", path / "model.safetensors.index.json"
-    files: list[Path]
     if single.is_file():
-        files = [single]
-    elif index.is_file():
+        return [single]
+    if index.is_file():
         try:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
+            files = [path / f for f in sorted(set(weight_map.values()))]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
             raise ModelLoadError(f"{index} is not a valid shard index ({e})") from None
-        files = [path / f for f in sorted(set(weight_map.values()))]
-    else:
-        if any(path.glob("*.bin")) or any(path.glob("*.pt")):
-            raise ModelLoadError(f"{path} has only pickle weights (.bin/.pt); lmforge loads safetensors only "
-                                 f"(convert with safetensors' convert script first)")
-        raise ModelLoadError(f"{path} has no model.safetensors")
-    tensors: dict[str, torch.Tensor] = {}
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise ModelLoadError(f"{path}: shard {missing[0]} named in {index.name} is missing; download it again")
+        return files
+    if any(path.glob("*.bin")) or any(path.glob("*.pt")):
+        raise ModelLoadError(f"{path} has only pickle weights (.bin/.pt); lmforge loads safetensors only "
+                             f"(convert with safetensors' convert script first)")
+    if single.exists():
+        raise ModelLoadError(f"{single} is a folder, not a weights file; a model directory holds model.safetensors")
+    raise ModelLoadError(f"{path} has no model.safetensors")
+
+
+def check_weights(path: Path) -> list[Path]:
+    """Refuse, without reading any tensor, a model directory whose safetensors files are cut short or damaged:
+    each file's 8-byte header length, its JSON header, and a size equal to what the header describes."""
+    files = weight_files(path)
     for f in files:
+        size = f.stat().st_size
+        try:
+            with open(f, "rb") as fh:
+                n = struct.unpack("<Q", fh.read(8))[0]
+                if n > size - 8:
+                    raise ValueError(f"a header of {n:,} bytes in a file of {size:,}")
+                header = json.loads(fh.read(n))
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        except (OSError, ValueError, struct.error, KeyError, TypeError, IndexError, AttributeError) as e:
+            raise ModelLoadError(f"{f} is truncated or corrupt (its header cannot be read: "
+                                 f"{str(e).splitlines()[0] if str(e) else type(e).__name__}); download or save it "
+                                 "again") from None
+        if size != 8 + n + end:
+            raise ModelLoadError(f"{f} is truncated or corrupt: {size:,} bytes where its header describes "
+                                 f"{8 + n + end:,}; download or save it again")
+    return files
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a model directory (see `weight_files`), each in 64-byte-aligned memory
+    (`lmforge.nn.init.aligned`: safetensors packs tensors without padding)."""
+    tensors: dict[str, torch.Tensor] = {}
+    for f in weight_files(path):
         try:
             tensors.update(aligned_state(load_file(str(f))))  # (see lmforge.nn.init.aligned)
         except (SafetensorError, OSError, ValueError) as e:
