@@ -102,9 +102,6 @@ def test_huge_seed_is_400_and_leaves_other_streams_alone(server):
     assert got == [(alone[0], "length"), (alone[1], "length")]
 
 
-@pytest.mark.xfail(strict=True, reason="Engine._run finishes every admitted and running sequence with the error "
-                   "when one request's prefill raises (generate/engine.py, outside serve); the server's validation "
-                   "keeps such requests out, this checks the engine itself")
 def test_a_request_failing_inside_the_engine_ends_alone(server):
     url, engine = server
     alone = _greedy_alone(url, PROMPTS)

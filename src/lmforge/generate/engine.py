@@ -215,15 +215,17 @@ class Engine:
                     for r in self.slots:
                         if r is not None and r.cancelled:
                             self._finish(r, "cancelled")
-                    try:
-                        for r in admit:
+                    for r in admit:  # a prefill is one request's: if it fails, only that request fails
+                        try:
                             self._prefill(r)
-                        if self.running:
+                        except Exception as e:  # noqa: BLE001 - one bad request must not take the others down
+                            self._fail(r, e)
+                    if self.running:
+                        try:
                             self._decode()
-                    except Exception as e:  # noqa: BLE001 - one bad step must not take the server down
-                        for r in [*admit, *self.slots]:
-                            if r is not None and r.finish_reason is None:
-                                self._finish(r, "error", error=f"generation failed: {type(e).__name__}: {e}")
+                        except Exception as e:  # noqa: BLE001 - the step itself failed: every row it ran
+                            for r in self.slots:
+                                self._fail(r, e)
             finally:
                 with self._cond:
                     leftover = [*self.waiting, *(r for r in self.slots if r is not None)]
@@ -265,8 +267,11 @@ class Engine:
         logits = self.model(ids, attention_mask=mask, position_ids=pos, cache=self.cache, last_only=True).logits
         logits = logits[:, -1]
         greedy = logits.argmax(-1).tolist()
-        for i in active:
-            self._emit(self.slots[i], logits[i], greedy[i])
+        for i in active:  # sampling, penalties and stop strings are per request: a failure there is the row's
+            try:
+                self._emit(self.slots[i], logits[i], greedy[i])
+            except Exception as e:  # noqa: BLE001
+                self._fail(self.slots[i], e)
         self.stats.steps += 1
         self.stats.batch_rows += len(active)
         self.stats.step_seconds += time.perf_counter() - t0
@@ -315,6 +320,10 @@ class Engine:
         self.stats.finished[reason] = self.stats.finished.get(reason, 0) + 1
         if req.on_event is not None:
             req.on_event(Event(text, tokens or [], reason, error))
+
+    def _fail(self, req: Request | None, e: Exception) -> None:
+        if req is not None and req.finish_reason is None:
+            self._finish(req, "error", error=f"generation failed: {type(e).__name__}: {e}")
 
     def _piece(self, tok: int) -> str:
         return self.tokenizer.decode([tok], skip_special_tokens=False)
