@@ -132,19 +132,22 @@ def _fingerprint(run: Path) -> tuple[str, list[dict]]:
     return weights, records
 
 
-def kill_run(args: list[str], out: Path, at: float, in_write: bool) -> dict:
-    """Start the job, SIGKILL its process group at `at` seconds (or, with in_write, as soon as a checkpoint's
-    temporary folder appears, `at` at the latest); returns what the kill hit."""
+def kill_run(args: list[str], out: Path, at: float, in_write: bool, deadline: float) -> dict:
+    """Start the job and SIGKILL its process group at `at` seconds or, with in_write, at the first moment after
+    `at` that a checkpoint's temporary folder exists (at `deadline` at the latest); returns what the kill hit."""
     proc = subprocess.Popen(_cli(*args, "--out", str(out)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env=_env(), start_new_session=True)
     t0 = time.perf_counter()
+    ckpts = out / "checkpoints"
     hit_write = False
-    while proc.poll() is None and time.perf_counter() - t0 < at:
-        if in_write and any(p.name.startswith(".step_") for p in (out / "checkpoints").glob(".*")
-                            if (out / "checkpoints").is_dir()):
+    while proc.poll() is None:
+        now = time.perf_counter() - t0
+        if not in_write and now >= at or now >= deadline:
+            break
+        if in_write and now >= at and ckpts.is_dir() and any(p.name.startswith(".step_") for p in ckpts.glob(".*")):
             hit_write = True
             break
-        time.sleep(0.0005 if in_write else 0.01)
+        time.sleep(0.0005 if in_write and now >= at else 0.01)
     finished = proc.poll() is not None
     if not finished:
         os.killpg(proc.pid, signal.SIGKILL)
@@ -167,7 +170,11 @@ class JobResult:
                 "leftovers": sum(x["leftovers"] for x in t), "reference s": round(self.reference_s, 1)}
 
 
-def run_job(job: str, trials: int, work: Path, seed: int = 0) -> JobResult:
+def run_job(job: str, trials: int, work: Path, seed: int = 0, first_in_write: bool = False,
+            window: tuple[float, float] = (0.1, 1.0)) -> JobResult:
+    """The reference run, then `trials` kill-and-resume trials, each killed at a random share `window` of the
+    reference's wall time; every other one (the first one when first_in_write) at the first checkpoint write
+    after that moment, which the last 30% of the time may not hold."""
     work.mkdir(parents=True, exist_ok=True)
     args = JOBS[job](work)
     t0 = time.perf_counter()
@@ -181,7 +188,9 @@ def run_job(job: str, trials: int, work: Path, seed: int = 0) -> JobResult:
     for i in range(trials):
         out = work / f"trial{i}"
         # from start-up (imports, data preparation) to the end; the kill lands anywhere in it
-        kill = kill_run(args, out, at=rng.uniform(0.1, 1.0) * reference_s, in_write=i % 2 == 1)
+        in_write = (i + first_in_write) % 2 == 1
+        at = rng.uniform(window[0], window[1] * (0.7 if in_write else 1.0)) * reference_s
+        kill = kill_run(args, out, at=at, in_write=in_write, deadline=1.5 * reference_s)
         res = run_to_end(args, out, resume=True)
         ok = res.returncode == 0
         kill.update(resumed=ok, identical=ok and _fingerprint(out) == want, leftovers=len(_temps(out)),

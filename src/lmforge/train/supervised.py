@@ -199,13 +199,15 @@ def fit(
 
     model.train()
     try:
-        while state.step < total:
+        while state.step < total or state.rng is not None:  # (resumed at the last step: finish its epoch)
             epoch_batches = iter(batches(state.epoch))
             if state.rng is not None:  # resumed: skip what this epoch already trained on, then the RNG
                 for _ in range(state.in_epoch):
                     next(epoch_batches, None)
                 state.restore_rng()
             for batch in epoch_batches:
+                if state.step >= total:
+                    break
                 lr = linear_schedule(state.step, total, warmup, cfg.lr)
                 for g in opt.param_groups:
                     g["lr"] = lr * g.get("lr_scale", 1.0)
