@@ -523,6 +523,8 @@ def load_run_config(
         raw = _deep_copy(base)
     if path is not None:
         p = Path(path)
+        if p.is_dir():
+            raise ConfigError(f"config {p} is a folder; give a YAML recipe file (see configs/)")
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
         try:

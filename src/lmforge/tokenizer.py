@@ -75,7 +75,8 @@ class Tokenizer:
         try:
             tok = HFTokenizer.from_file(str(file))
         except Exception as e:  # the Rust side raises a bare Exception on malformed files
-            raise ModelLoadError(f"{file} is not a valid tokenizer.json ({str(e).splitlines()[0]})") from None
+            raise ModelLoadError(f"{file} is not a valid tokenizer.json ({str(e).splitlines()[0]}); download or save "
+                                 "it again") from None
         extra = {}
         cfg = file.parent / "tokenizer_config.json"
         if cfg.is_file():

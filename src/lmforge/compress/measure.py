@@ -76,10 +76,10 @@ def measure(model: nn.Module, tokenizer, eval_data: str | list[str] | None = Non
     """{"size_mb", "speed", "speed_unit", "quality", "quality_name"} for a decoder or a classifier."""
     out = {"size_mb": size_mb(model), "speed": None, "speed_unit": "", "quality": None, "quality_name": ""}
     if isinstance(model, DecoderLM):
-        out.update(speed=decode_speed(model, tokenizer), speed_unit="tokens/s")
-        if eval_data:
+        if eval_data:  # (first: unreadable evaluation text fails before the timing runs)
             sources = [eval_data] if isinstance(eval_data, (str, Path)) else list(eval_data)
             out.update(quality=perplexity(model, tokenizer, [str(s) for s in sources]), quality_name="perplexity")
+        out.update(speed=decode_speed(model, tokenizer), speed_unit="tokens/s")
     elif eval_data and getattr(model.config, "head", None) == "classify":
         data = eval_data if isinstance(eval_data, (str, Path)) else eval_data[0]
         acc, seq_s = classifier_scores(model, tokenizer, str(data), text_col, label_col)

@@ -38,6 +38,8 @@ class QAExample:
 
 def read_squad(path: str | Path) -> list[QAExample]:
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path} is a folder; give a SQuAD-format JSON or JSONL file")
     if not path.is_file():
         raise DataError(f"QA data file not found: {path}")
     text = path.read_text(encoding="utf-8", errors="replace")

@@ -26,6 +26,8 @@ def read_choices(path: str | Path) -> list[dict]:
 
         return chatterbot_mc()
     p = Path(path)
+    if p.is_dir():
+        raise DataError(f"{p} is a folder; give a JSONL file of question / choices / answer rows")
     if not p.is_file():
         raise DataError(f"{p} does not exist (a JSONL file of question / choices / answer rows, or chatterbot-mc)")
     rows = []

@@ -50,7 +50,7 @@ def _reader(path: Path):
         return GGUFReader(str(path))
     except Exception as e:  # the reader raises ValueError / struct errors / IndexError on damaged files
         raise ModelLoadError(f"{path} is truncated or not a GGUF file ({type(e).__name__}: "
-                             f"{str(e).splitlines()[0] if str(e) else 'unreadable'})") from None
+                             f"{str(e).splitlines()[0] if str(e) else 'unreadable'}); download it again") from None
 
 
 def _field(reader, key: str, default: Any = None) -> Any:

@@ -261,7 +261,8 @@ def read_config(path: Path) -> dict[str, Any]:
     try:
         return json.loads(f.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModelLoadError(f"{f} is not valid JSON: {e}") from None
+        raise ModelLoadError(f"{f} is not valid JSON ({e}); repair it, or download or save the model again") \
+            from None
 
 
 def weight_files(path: Path) -> list[Path]:
@@ -285,7 +286,8 @@ def weight_files(path: Path) -> list[Path]:
                              f"(convert with safetensors' convert script first)")
     if single.exists():
         raise ModelLoadError(f"{single} is a folder, not a weights file; a model directory holds model.safetensors")
-    raise ModelLoadError(f"{path} has no model.safetensors")
+    raise ModelLoadError(f"{path} has no model.safetensors; a model directory needs its weights (download them, or "
+                         "save the model again)")
 
 
 def check_weights(path: Path) -> list[Path]:
@@ -319,7 +321,8 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         try:
             tensors.update(aligned_state(load_file(str(f))))  # (see lmforge.nn.init.aligned)
         except (SafetensorError, OSError, ValueError) as e:
-            raise ModelLoadError(f"{f} is truncated or corrupt ({str(e).splitlines()[0]})") from None
+            raise ModelLoadError(f"{f} is truncated or corrupt ({str(e).splitlines()[0]}); download or save it "
+                                 "again") from None
     return tensors
 
 

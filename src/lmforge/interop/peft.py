@@ -149,16 +149,20 @@ def read_adapter(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tens
     path = Path(path)
     cfg_file, w_file = path / "adapter_config.json", path / "adapter_model.safetensors"
     if not cfg_file.is_file():
-        raise ModelLoadError(f"{path} is not a PEFT adapter directory (no adapter_config.json)")
+        raise ModelLoadError(f"{path} is not a PEFT adapter directory (no adapter_config.json); give the adapter "
+                             "folder a LoRA run wrote (RUN/adapter)")
     if not w_file.is_file():
         pickled = (path / "adapter_model.bin").exists()
         what = " (adapter_model.bin is a pickle: lmforge does not load those)" if pickled else ""
-        raise ModelLoadError(f"{path}: adapter_model.safetensors is missing{what}")
+        raise ModelLoadError(f"{path}: adapter_model.safetensors is missing{what}; copy the whole adapter folder")
     try:
         cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
         tensors = aligned_state(load_file(str(w_file)))  # (see lmforge.nn.init.aligned)
-    except (json.JSONDecodeError, SafetensorError, OSError) as e:
-        raise ModelLoadError(f"{path}: cannot read the adapter ({e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, SafetensorError, OSError) as e:
+        raise ModelLoadError(f"{path}: cannot read the adapter ({str(e).splitlines()[0]}); it is truncated or "
+                             "corrupt: copy or save it again") from None
+    if not isinstance(cfg, dict):
+        raise ModelLoadError(f"{cfg_file}: not a JSON object of adapter settings")
     if cfg.get("peft_type") != "LORA":
         raise ModelLoadError(f"{cfg_file}: peft_type {cfg.get('peft_type')!r} is not supported (only LORA)")
     for flag in ("use_dora", "use_rslora"):
