@@ -118,6 +118,9 @@ def test_sharded_safetensors_directory(tmp_path):
     ref = transformers.LlamaForCausalLM(cfg).eval()
     ref.save_pretrained(tmp_path / "hf", max_shard_size="20KB")
     assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()
+    from lmforge.info import model_info
+
+    assert model_info(tmp_path / "hf")["params"] == sum(p.numel() for p in ref.parameters())  # shards checked
     x = torch.randint(0, 97, (1, 12))
     with torch.no_grad():
         torch.testing.assert_close(load_model(tmp_path / "hf")(x).logits, ref(x).logits, rtol=0, atol=1e-5)
