@@ -323,6 +323,9 @@ case("tokenizer-train-json-out-unwritable", "tokenizer train --data {corpus} --v
      "cannot write in /proc")
 case("pretrain-out-not-empty", "pretrain --config {recipe_yaml} --out {keep}", "is not empty")
 case("finetune-classify-out-not-empty", ft("classify", out="{keep}"), "is not empty")
+# --resume with a recipe on a folder of someone else's files: refused, and nothing in it deleted (tree unchanged)
+case("pretrain-resume-a-folder-of-other-files", "pretrain --config {recipe_yaml} --resume --out {keep}",
+     "holds no run of lmforge")
 
 # --- model paths: nothing, a file, a folder, and damaged model directories -------------------------------------
 MODEL_VERBS = {

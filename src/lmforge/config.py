@@ -140,9 +140,12 @@ def check_number(name: str, value: Any, low: float | None = None, high: float | 
         span = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
     elif low is not None:
         span = f"{'>' if low_open else '>='} {low:g}"
-    else:
+    elif high is not None:
         span = f"{'<' if high_open else '<='} {high:g}"
-    raise ConfigError(f"{name} must be {'a whole number ' if integer else ''}{span}, got {value!r}")
+    else:
+        span = ""
+    what = ("a whole number " if integer else "") + span if span else ("a whole number" if integer else "a number")
+    raise ConfigError(f"{name} must be {what.rstrip()}, got {value!r}")
 
 
 def _positive(cfg: Any, *names: str) -> None:

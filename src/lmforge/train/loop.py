@@ -66,7 +66,13 @@ def pretrain(
     """
     tune_allocator()
     check_out_dir(out_dir)
-    if resume and (Path(out_dir) / "config.yaml").is_file():  # the saved run decides the device
+    run = Path(out_dir)
+    ours = (run / "config.yaml").is_file()
+    others = run.is_dir() and any(not (p.name.startswith(".") and p.name.endswith(".tmp")) for p in run.iterdir())
+    if others and not ours:  # someone else's files (not a killed write of ours): never train over or delete them
+        raise ConfigError(f"{run} is not empty and holds no run of lmforge (no config.yaml); choose a new or empty "
+                          f"--out")
+    if resume and ours:  # the saved run decides the device
         config = load_run_config(Path(out_dir) / "config.yaml", overrides)
     if config is None:
         raise CheckpointError(f"nothing to resume in {out_dir}: it holds no config.yaml (start the run with "

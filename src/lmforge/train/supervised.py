@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lmforge.config import check_number
 from lmforge.errors import ConfigError
 
 METHODS = ("full", "top-k", "lora", "qlora")
@@ -54,28 +55,33 @@ class FinetuneConfig:
     keep_checkpoints: int = 1  # newest checkpoints kept
 
     def validate(self) -> None:
+        """Refuse a setting out of range with one line that names it as a recipe key and as a flag."""
         if self.method not in METHODS:
             raise ConfigError(f"unknown fine-tuning method {self.method!r}; known: {', '.join(METHODS)}")
-        if self.method in ("lora", "qlora") and (self.lora_r <= 0 or self.lora_alpha <= 0
-                                                 or not 0 <= self.lora_dropout < 1):
-            raise ConfigError("lora_r and lora_alpha must be positive and lora_dropout in [0, 1)")
         if self.quant not in ("nf4", "int4", "int8"):
             raise ConfigError(f"quant must be nf4, int4 or int8, got {self.quant!r}")
-        if not self.epochs > 0 or self.batch_size <= 0 or not self.lr > 0 or self.max_len < 8:
-            raise ConfigError("epochs, batch size and learning rate must be positive, max_len at least 8")
         if self.optimizer not in ("adamw", "adafactor"):
             raise ConfigError(f"optimizer must be adamw or adafactor, got {self.optimizer!r}")
-        if not 0 <= self.warmup < 1:
-            raise ConfigError(f"warmup is a share of the steps in [0, 1), got {self.warmup}")
-        if not 0 < self.layer_decay <= 1:
-            raise ConfigError(f"layer_decay must be in (0, 1], got {self.layer_decay}")
-        if not 0 <= self.label_smoothing < 1:
-            raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
-        if not 0 <= self.average <= 1:
-            raise ConfigError(f"average is a share of the training steps in [0, 1], got {self.average}")
-        if self.ckpt_every < 0 or self.keep_checkpoints < 1 or self.log_every < 1 or self.eval_every < 0:
-            raise ConfigError("ckpt_every and eval_every must be 0 (off) or positive, keep_checkpoints and "
-                              "log_every at least 1")
+        ranges: dict[str, dict[str, Any]] = {
+            "epochs": {"low": 0, "low_open": True}, "batch_size": {"low": 1, "integer": True},
+            "lr": {"low": 0, "low_open": True}, "max_len": {"low": 8, "integer": True},
+            "top_k": {"low": 1, "integer": True}, "weight_decay": {"low": 0}, "grad_clip": {"low": 0},
+            "warmup": {"low": 0, "high": 1, "high_open": True}, "layer_decay": {"low": 0, "high": 1, "low_open": True},
+            "label_smoothing": {"low": 0, "high": 1, "high_open": True}, "average": {"low": 0, "high": 1},
+            "eval_every": {"low": 0, "integer": True}, "log_every": {"low": 1, "integer": True},
+            "ckpt_every": {"low": 0, "integer": True}, "keep_checkpoints": {"low": 1, "integer": True},
+            "seed": {"integer": True},
+        }
+        if self.method in ("lora", "qlora"):
+            ranges.update({"lora_r": {"low": 1, "integer": True}, "lora_alpha": {"low": 0, "low_open": True},
+                           "lora_dropout": {"low": 0, "high": 1, "high_open": True}})
+        for name, span in ranges.items():
+            check_number(setting_name(name), getattr(self, name), **span)
+
+
+def setting_name(key: str) -> str:
+    """How an error names a fine-tuning setting: its recipe key and its flag, e.g. `batch_size (--batch-size)`."""
+    return f"{key} (--{key.replace('_', '-')})"
 
 
 @dataclass

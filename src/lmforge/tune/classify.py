@@ -30,6 +30,7 @@ from lmforge.predict import pad_batch, predict_proba
 from lmforge.runtime import peak_memory_mb, reset_peak_memory
 from lmforge.train.supervised import FinetuneConfig, fit, length_buckets
 from lmforge.tune.methods import apply_method, check_method, describe, save_outputs, say, start_run
+from lmforge.tune.recipe import check_args
 
 
 @dataclass
@@ -91,9 +92,11 @@ def finetune_classify(
 
     cfg = cfg or FinetuneConfig()
     cfg.validate()
+    check_args(val_fraction=val_fraction, test_fraction=test_fraction)
+    if not (test_data or 0 < test_fraction) or val_fraction + test_fraction >= 1:
+        raise ConfigError("test_fraction (--test-fraction) must be above 0 (or give --test-data), and the validation "
+                          "and test fractions must leave data to train on")
     out, baseline_mem = start_run(cfg, out, resume)
-    if not (0 <= val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
-        raise ConfigError("validation and test fractions must be in [0, 1) and leave data to train on")
 
     # --- data ------------------------------------------------------------------------------------------------
     train, val, test, names = load_splits(data, text_col, label_col, val_data, test_data, val_fraction,

@@ -30,13 +30,14 @@ import torch.nn.functional as F
 import yaml
 
 from lmforge.data.chat import Pair, _split_of, chatterbot_pairs, read_pairs, tokenize_chat
-from lmforge.errors import ConfigError, DataError, ModelLoadError
+from lmforge.errors import DataError, ModelLoadError
 from lmforge.files import write_json, write_text
 from lmforge.models.decoder import DecoderLM
 from lmforge.runtime import peak_memory_mb, reset_peak_memory
 from lmforge.train.supervised import FinetuneConfig, fit
 from lmforge.tune.lora import lora_disabled, lora_modules
 from lmforge.tune.methods import apply_method, check_method, describe, save_outputs, say, start_run
+from lmforge.tune.recipe import check_args
 
 
 @dataclass
@@ -169,8 +170,7 @@ def finetune_dpo(
     if cfg.metric == "accuracy":
         cfg = dataclasses.replace(cfg, metric="neg_loss")
     cfg.validate()
-    if not beta > 0:
-        raise ConfigError(f"DPO beta must be positive, got {beta}")
+    check_args(beta=beta)
     out, baseline_mem = start_run(cfg, out, resume)
 
     train, val, test = load_pair_splits(data, val_data, test_data, cfg.seed)

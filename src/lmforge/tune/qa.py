@@ -22,7 +22,7 @@ import torch
 import yaml
 
 from lmforge.data.qa import QAExample, QAFeatures, best_spans, qa_features, read_squad, shakespeare_qa
-from lmforge.errors import ConfigError, DataError, ModelLoadError
+from lmforge.errors import DataError, ModelLoadError
 from lmforge.eval.qa import squad_scores
 from lmforge.files import write_json, write_text
 from lmforge.models.encoder import Encoder
@@ -32,6 +32,7 @@ from lmforge.tokenizer import Tokenizer
 from lmforge.train.supervised import FinetuneConfig, fit
 from lmforge.tune.lora import trainable_params
 from lmforge.tune.methods import apply_method, describe, save_outputs, say, start_run
+from lmforge.tune.recipe import check_args
 
 
 @dataclass
@@ -100,9 +101,8 @@ def finetune_qa(model_path: str | Path, data: str | Path, out: str | Path, cfg: 
     cfg.validate()
     if cfg.metric not in ("f1", "exact_match"):
         cfg = dataclasses.replace(cfg, metric="f1")
+    check_args(stride=stride)
     out, baseline_mem = start_run(cfg, out, resume)
-    if stride <= 0:
-        raise ConfigError(f"--stride must be positive, got {stride}")
     train, val, test = load_qa_splits(data, val_data, test_data, cfg.seed)
 
     torch.manual_seed(cfg.seed)

@@ -14,8 +14,9 @@ from typing import Any
 
 import yaml
 
+from lmforge.config import check_number
 from lmforge.errors import ConfigError
-from lmforge.train.supervised import FinetuneConfig
+from lmforge.train.supervised import FinetuneConfig, setting_name
 
 TASKS = ("classify", "qa", "chat", "dpo", "seq2seq")
 TASK_ARGS: dict[str, dict[str, Any]] = {  # task arguments and their defaults (None: required or optional)
@@ -70,10 +71,15 @@ def resolve(task: str, recipe: str | Path | None = None, flags: dict[str, Any] |
 
     if recipe:
         path = Path(recipe)
+        if path.is_dir():
+            raise ConfigError(f"recipe {path} is a folder; give a YAML file (see configs/ for examples)")
         if not path.is_file():
             raise ConfigError(f"recipe {path} does not exist (see configs/ for examples)")
         try:
             data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError:
+            raise ConfigError(f"recipe {path} is not UTF-8 text; give a YAML file (see configs/ for "
+                              f"examples)") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
         if not isinstance(data, dict):
@@ -102,7 +108,30 @@ def resolve(task: str, recipe: str | Path | None = None, flags: dict[str, Any] |
         raise ConfigError(f"invalid fine-tuning settings: {e}") from None
     _check_types(cfg)
     cfg.validate()
-    return cfg, {k: values[k] for k in TASK_ARGS[task]}
+    args = {k: values[k] for k in TASK_ARGS[task]}
+    check_args(**args)
+    return cfg, args
+
+
+ARG_RANGES: dict[str, dict[str, Any]] = {  # task arguments that are numbers: their ranges (None: the default)
+    "val_fraction": {"low": 0, "high": 1, "high_open": True},
+    "test_fraction": {"low": 0, "high": 1, "high_open": True},
+    "stride": {"low": 1, "integer": True},
+    "max_new_tokens": {"low": 1, "integer": True},
+    "eval_limit": {"low": 1, "integer": True},
+    "max_target_len": {"low": 1, "integer": True},
+    "num_beams": {"low": 1, "integer": True},
+    "time_budget": {"low": 0, "low_open": True},
+    "beta": {"low": 0, "low_open": True},
+}
+
+
+def check_args(**args: Any) -> None:
+    """Refuse a task argument out of its range (ARG_RANGES) with one line naming it; the tasks call this before
+    any work too, so the Python API refuses what the CLI refuses."""
+    for key, value in args.items():
+        if key in ARG_RANGES:
+            check_number(setting_name(key), value, **ARG_RANGES[key])
 
 
 def _is_preset(model: Any) -> bool:

@@ -30,6 +30,7 @@ from lmforge.errors import ConfigError, ModelLoadError
 from lmforge.files import write_json, write_text
 from lmforge.train.supervised import FinetuneConfig, fit, length_buckets
 from lmforge.tune.methods import apply_method, describe, save_outputs, say, start_run
+from lmforge.tune.recipe import check_args
 
 
 @dataclass
@@ -142,6 +143,8 @@ def finetune_seq2seq(
 
     cfg = cfg or FinetuneConfig()
     cfg.validate()
+    check_args(val_fraction=val_fraction, test_fraction=test_fraction, max_target_len=max_target_len,
+               num_beams=num_beams, max_new_tokens=max_new_tokens, eval_limit=eval_limit, time_budget=time_budget)
     if cfg.method not in ("full", "lora", "qlora"):
         raise ConfigError(f"method {cfg.method!r} is not available for seq2seq models; use full or lora")
     out, _ = start_run(cfg, out, resume)

@@ -31,6 +31,7 @@ from lmforge.models.decoder import DecoderLM
 from lmforge.runtime import peak_memory_mb, reset_peak_memory
 from lmforge.train.supervised import FinetuneConfig, fit
 from lmforge.tune.methods import apply_method, check_method, describe, save_outputs, say, start_run
+from lmforge.tune.recipe import check_args
 
 
 @dataclass
@@ -130,6 +131,7 @@ def finetune_chat(
     if cfg.metric == "accuracy":
         cfg = dataclasses.replace(cfg, metric="neg_loss")
     cfg.validate()
+    check_args(max_new_tokens=max_new_tokens, eval_limit=eval_limit)
     out, baseline_mem = start_run(cfg, out, resume)
 
     # --- data ------------------------------------------------------------------------------------------------
@@ -152,7 +154,7 @@ def finetune_chat(
     rows_val = [{"input_ids": i, "labels": lab, "segment": [1] * len(i), "position_ids": list(range(len(i)))}
                 for i, lab in tokenized["val"]]
     prompts, refs = first_reply_prompts(test)
-    if eval_limit is not None:  # 0 skips the reply evaluation
+    if eval_limit is not None:
         prompts, refs = prompts[:eval_limit], refs[:eval_limit]
     n_tok = sum(len(i) for i, _ in tokenized["train"])
     say(f"data: {len(train)} train / {len(val)} validation / {len(test)} test conversations; {n_tok:,} training "
