@@ -263,6 +263,8 @@ for flag, v in (("--port", "-1"), ("--port", "70000"), ("--max-batch", "0"), ("-
                 ("--max-queue", "-1"), ("--max-len", "0"), ("--max-len", "-1"), ("--max-body", "0"),
                 ("--max-body", "-1")):
     case(f"serve{flag}-{v}", f"{SERVE} {flag} {v}", f"{flag} must be a whole number")
+for v in ("0", "-1"):
+    case(f"serve--request-timeout-{v}", f"{SERVE} --request-timeout {v}", "--request-timeout must be > 0")
 for key, v, needle in (("train.steps", "0", "train.steps must be positive"),
                        ("train.batch_size", "-1", "train.batch_size must be positive"),
                        ("train.lr", "0", "train.lr must be positive"),

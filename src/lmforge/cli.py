@@ -387,9 +387,10 @@ def cmd_serve(a: argparse.Namespace) -> None:
     for flag, value, low in (("--port", a.port, 0), ("--max-batch", a.max_batch, 1), ("--max-queue", a.max_queue, 0),
                              ("--max-len", a.max_len, 1), ("--max-body", a.max_body, 1)):
         check_number(flag, value, low, 65535 if flag == "--port" else None, integer=True)
+    check_number("--request-timeout", a.request_timeout, 0, low_open=True)
     serve(a.model, host=a.host, port=a.port, api_key=a.api_key or os.environ.get("LMFORGE_API_KEY") or None,
           max_batch=a.max_batch, max_queue=a.max_queue, max_len=a.max_len, quantize=a.quantize,
-          max_body=a.max_body, log_level=a.log_level)
+          max_body=a.max_body, log_level=a.log_level, request_timeout=a.request_timeout)
 
 
 ENCODER_QUANTIZE = dict(choices=["int8", "int8-dynamic"], help="int8 Linear weights at load time: weight-only, or "
@@ -672,6 +673,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-len", type=int, help="prompt + new tokens per sequence (default: the model's context)")
     sv.add_argument("--quantize", choices=["int8"], help="weight-only int8 Linear layers")
     sv.add_argument("--max-body", type=int, default=1 << 20, help="largest request body in bytes (413 above)")
+    sv.add_argument("--request-timeout", type=float, default=10.0,
+                    help="seconds a client has to send a request's head, and again its body (408 after; default 10)")
     sv.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
     sv.set_defaults(fn=cmd_serve)
 
