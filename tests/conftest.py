@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from lmforge.assets import corpus_files
 from lmforge.config import model_config
-from lmforge.data.assets import corpus_files
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import run_cli, tiny_config
-from lmforge.data.assets import model_file
+from lmforge.assets import model_file
 from lmforge.data.chat import Pair, chatterbot_chat, chatterbot_pairs, pack, read_chat, read_pairs, tokenize_chat
 from lmforge.errors import ConfigError, DataError
 from lmforge.interop.gguf import _reader, gguf_tokenizer
@@ -186,7 +186,7 @@ def test_group_mean_weighs_each_prompt_once():
 
 def _adapter_for_another_base(style: str, path, **config) -> str:
     from lmforge.interop.peft import save_adapter
-    from lmforge.tune.lora import apply_lora
+    from lmforge.nn.lora import apply_lora
 
     other = DecoderLM(tiny_config(style, **config))
     apply_lora(other, "attn")

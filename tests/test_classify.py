@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import call_cli, run_cli
-from lmforge.data.assets import dataset_file
+from lmforge.assets import dataset_file
 from lmforge.data.labelled import read_labelled, read_records, stratified_split
 from lmforge.errors import DataError
 from lmforge.tokenizer import Tokenizer
@@ -113,7 +113,7 @@ def test_finetune_classify_cli_end_to_end(classifier_run):
 
 def test_exported_classifier_predicts_the_same_in_transformers(classifier_run, tweets_small):
     transformers = pytest.importorskip("transformers")
-    from lmforge.models import load_pretrained
+    from lmforge.interop import load_pretrained
     from lmforge.predict import predict
 
     out, _ = classifier_run

@@ -13,12 +13,12 @@ import torch
 from conftest import run_cli, tiny_config
 from lmforge.compress.measure import size_mb
 from lmforge.compress.prune import magnitude_prune, prune_heads, prune_neurons, recover, sparsity_of
-from lmforge.compress.quant import Int4Linear, Int8Embedding, Int8Linear, quantize_model
-from lmforge.compress.store import save_quantized
 from lmforge.config import encoder_config
-from lmforge.models import load_model, load_pretrained
+from lmforge.interop import load_model, load_pretrained
+from lmforge.interop.quantized import save_quantized
 from lmforge.models.decoder import DecoderLM
 from lmforge.models.encoder import Encoder
+from lmforge.nn.quant import Int4Linear, Int8Embedding, Int8Linear, quantize_model
 from lmforge.predict import predict_ensemble, predict_proba
 from lmforge.tokenizer import Tokenizer
 

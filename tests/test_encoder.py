@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lmforge.assets import model_file
 from lmforge.config import encoder_config
-from lmforge.data.assets import model_file
-from lmforge.models import load_model, load_pretrained
+from lmforge.interop import load_model, load_pretrained
 from lmforge.models.encoder import Encoder, mean_pool
 from lmforge.predict import embed, pad_batch
 from lmforge.tune.freeze import freeze_all_but_top

@@ -13,11 +13,12 @@ import pytest
 import torch
 
 from conftest import tiny_config
+from lmforge.assets import model_file
 from lmforge.config import encoder_config, seq2seq_config
-from lmforge.data.assets import model_file
 from lmforge.errors import LmforgeError
 from lmforge.explain import attention_maps, explain, saliency, seq2seq_attention_maps
-from lmforge.models import DecoderLM, load_pretrained
+from lmforge.interop import load_pretrained
+from lmforge.models import DecoderLM
 from lmforge.models.encoder import Encoder
 from lmforge.models.seq2seq import Seq2SeqLM
 from lmforge.tokenizer import Tokenizer

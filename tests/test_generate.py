@@ -152,9 +152,9 @@ def test_fused_projections_match_separate_ones(kind):
     """Inside packed_linears, q/k/v (grouped-query in llama) and gate/up run as one product each, also as int8
     weight-only layers; the logits and a cached decode match the unfused model. A LoRA-adapted projection is
     left unfused."""
-    from lmforge.compress.quant import quantize_model
+    from lmforge.nn.lora import apply_lora
     from lmforge.nn.packed import can_pack, packed_linears
-    from lmforge.tune.lora import apply_lora
+    from lmforge.nn.quant import quantize_model
 
     torch.manual_seed(0)
     cfg = tiny_config("gpt2" if kind == "gpt2" else "llama", **({"qkv_bias": True} if kind == "qwen2-bias" else {}))

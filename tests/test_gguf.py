@@ -7,13 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from lmforge.data.assets import corpus_files, model_file
+from lmforge.assets import corpus_files, model_file
+from lmforge.data.chat import apply_chat_template
 from lmforge.errors import ModelLoadError
 from lmforge.eval.lm import strided_nll
 from lmforge.generate import SamplingParams, generate_ids
-from lmforge.generate.chat import apply_chat_template, chat
+from lmforge.generate.chat import chat
+from lmforge.interop import load_model, load_pretrained
 from lmforge.interop.gguf import load_gguf, unpermute_rotary
-from lmforge.models import load_model, load_pretrained
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
@@ -343,8 +344,8 @@ def test_cli_chat_eval_and_errors(tmp_path):
 
 
 def test_int8_weight_only_keeps_perplexity(smol):
-    from lmforge.compress.quant import Int8Linear, quantize_model
     from lmforge.errors import ConfigError
+    from lmforge.nn.quant import Int8Linear, quantize_model
 
     model, tok, _, _ = smol
     q, _ = load_pretrained("smollm2-135m-instruct", quantize="int8")

@@ -8,14 +8,13 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from lmforge.compress.quant import NF4_LEVELS, Int4Linear, Int8Linear, NF4Linear, quantize_linear
 from lmforge.config import encoder_config
 from lmforge.errors import ConfigError, ModelLoadError
+from lmforge.interop import load_model
 from lmforge.interop.peft import load_adapter, save_adapter
-from lmforge.models import load_model
 from lmforge.models.decoder import DecoderLM
 from lmforge.models.encoder import Encoder
-from lmforge.tune.lora import (
+from lmforge.nn.lora import (
     LoRALinear,
     apply_lora,
     lora_disabled,
@@ -24,6 +23,7 @@ from lmforge.tune.lora import (
     merge_lora,
     unmerge_lora,
 )
+from lmforge.nn.quant import NF4_LEVELS, Int4Linear, Int8Linear, NF4Linear, quantize_linear
 
 
 def _decoder(style: str) -> DecoderLM:
@@ -232,7 +232,7 @@ def test_qlora_on_an_encoder_classifier():
 
 
 def test_qlora_decoder_shares_an_int8_vocabulary_matrix(tmp_path):
-    from lmforge.compress.quant import Int8Embedding
+    from lmforge.nn.quant import Int8Embedding
 
     tied = DecoderLM(tiny_config("llama", dropout=0.0, tie_embeddings=True)).eval()
     apply_lora(tied, "attn", quantize="nf4")
@@ -251,7 +251,7 @@ def test_adapter_made_by_peft_loads_with_equal_logits(family, tmp_path):
     lmforge reads it onto the same base, unmerged and merged, with peft's logits."""
     peft = pytest.importorskip("peft")
     transformers = pytest.importorskip("transformers")
-    from lmforge.models import load_pretrained
+    from lmforge.interop import load_pretrained
     from lmforge.tokenizer import Tokenizer
 
     torch.manual_seed(0)

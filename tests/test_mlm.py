@@ -83,7 +83,7 @@ def test_mlm_pretraining_end_to_end(small_corpus, tmp_path):
     # chance over a 1000-token vocabulary is 0.1%; 60 steps reach about the most-frequent-token rate (3-5%)
     assert res.final["masked_acc"] > 0.02
     ref = transformers.BertForMaskedLM.from_pretrained(str(res.model_dir)).eval()
-    from lmforge.models import load_model
+    from lmforge.interop import load_model
 
     m = load_model(res.model_dir)
     ids = torch.randint(5, 1000, (2, 20))

@@ -5,7 +5,8 @@ import torch
 
 from conftest import tiny_config
 from lmforge.errors import ModelLoadError
-from lmforge.models import DecoderLM, load_model
+from lmforge.interop import load_model
+from lmforge.models import DecoderLM
 from lmforge.tokenizer import Tokenizer
 
 

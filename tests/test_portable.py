@@ -19,17 +19,17 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import tiny_config
-from lmforge.compress.quant import Int4Linear, Int8Embedding, Int8Linear, NF4Linear, quantize_linear, quantize_model
-from lmforge.compress.store import save_quantized
 from lmforge.config import encoder_config, seq2seq_config
+from lmforge.interop import load_pretrained
 from lmforge.interop.gguf import BLOCK_NAMES
 from lmforge.interop.hf import read_safetensors
-from lmforge.models import load_pretrained
+from lmforge.interop.quantized import save_quantized
 from lmforge.models.decoder import DecoderLM
 from lmforge.models.encoder import Encoder
 from lmforge.models.seq2seq import Seq2SeqLM
 from lmforge.nn.init import aligned, is_aligned
 from lmforge.nn.packed import packed_linears
+from lmforge.nn.quant import Int4Linear, Int8Embedding, Int8Linear, NF4Linear, quantize_linear, quantize_model
 from lmforge.tokenizer import Tokenizer
 
 TEXTS = ["the cat sat on the mat", "a dog ate the bone", "what a lovely day", "this is terrible news"] * 10
@@ -176,7 +176,7 @@ def test_full_precision_dirs_load_aligned_into_packed_and_int8_paths(family, bpe
     misaligned_on_plain_load(f, list(load_file(str(f))))
     assert all(is_aligned(v) for v in read_safetensors(tmp_path / "m").values())
     if family == "t5":
-        from lmforge.models import load_model
+        from lmforge.interop import load_model
 
         again = load_model(tmp_path / "m")
         src = torch.tensor([[5, 17, 42, 99, 3]])
@@ -203,7 +203,7 @@ def test_full_precision_dirs_load_aligned_into_packed_and_int8_paths(family, bpe
 
 def test_peft_adapter_reads_aligned(bpe, tmp_path):
     from lmforge.interop.peft import read_adapter, save_adapter
-    from lmforge.tune.lora import apply_lora, merge_and_unload
+    from lmforge.nn.lora import apply_lora, merge_and_unload
 
     model = _decoder("llama")
     model.save_pretrained(tmp_path / "base", tokenizer=bpe)

@@ -12,7 +12,7 @@ from conftest import run_cli
 from lmforge.data.qa import QAExample, best_spans, qa_features, read_squad, shakespeare_qa, write_squad
 from lmforge.errors import DataError
 from lmforge.eval.qa import normalize_answer, squad_scores, token_f1
-from lmforge.models import load_pretrained
+from lmforge.interop import load_pretrained
 
 
 def test_squad_metric_definitions():
@@ -121,8 +121,8 @@ def test_finetune_qa_with_lora_saves_a_peft_adapter(minilm, tmp_path, capsys):
 
     from lmforge.cli import main
     from lmforge.config import encoder_config
+    from lmforge.interop import load_model
     from lmforge.interop.peft import load_adapter
-    from lmforge.models import load_model
     from lmforge.models.encoder import Encoder
 
     torch.manual_seed(0)

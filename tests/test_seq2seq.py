@@ -11,7 +11,7 @@ import torch
 from lmforge.config import seq2seq_config
 from lmforge.errors import ModelLoadError
 from lmforge.generate.seq2seq import Seq2SeqParams, ban_repeated_ngrams, generate_seq2seq_ids
-from lmforge.models import load_model
+from lmforge.interop import load_model
 from lmforge.models.seq2seq import Seq2SeqLM
 from lmforge.nn.attention import relative_position_bucket
 
@@ -168,7 +168,7 @@ def test_lora_adapter_loads_in_peft_on_t5(tmp_path):
     transformers' T5 with the same logits, and lmforge reads it back."""
     peft = pytest.importorskip("peft")
     from lmforge.interop.peft import load_adapter, save_adapter
-    from lmforge.tune.lora import apply_lora, lora_modules
+    from lmforge.nn.lora import apply_lora, lora_modules
 
     m = tiny(mlp="geglu", tie_embeddings=False)
     m.save_pretrained(tmp_path / "base")

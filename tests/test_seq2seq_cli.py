@@ -128,8 +128,8 @@ def test_finetune_seq2seq_with_lora_saves_a_peft_adapter(tmp_path, capsys):
 
     from lmforge.cli import main
     from lmforge.config import seq2seq_config
+    from lmforge.interop import load_model
     from lmforge.interop.peft import load_adapter
-    from lmforge.models import load_model
     from lmforge.models.seq2seq import Seq2SeqLM
     from lmforge.tokenizer import Tokenizer
 

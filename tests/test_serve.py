@@ -21,11 +21,11 @@ import pytest
 import torch
 
 from conftest import run_cli, tiny_config
+from lmforge.data.chat import apply_chat_template
 from lmforge.generate import generate
-from lmforge.generate.chat import apply_chat_template
 from lmforge.generate.engine import Engine, QueueFull, Request
 from lmforge.generate.sampling import SamplingParams
-from lmforge.models import load_pretrained
+from lmforge.interop import load_pretrained
 from lmforge.models.decoder import DecoderLM
 from lmforge.predict import embed
 from lmforge.serve.app import ServedModel, ServerThread, create_app, load_served

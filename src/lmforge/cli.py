@@ -20,7 +20,7 @@ def cmd_quickstart(a: argparse.Namespace) -> None:
 
 
 def cmd_tokenizer_train(a: argparse.Namespace) -> None:
-    from lmforge.tokenizer import train_tokenizer
+    from lmforge.data.vocab import train_tokenizer
 
     tok = train_tokenizer(a.data, vocab_size=a.vocab_size, out=a.out, kind=a.kind, lowercase=not a.cased)
     kind = {"bpe": "byte-level BPE", "wordpiece": "WordPiece", "unigram": "Unigram"}[a.kind]
@@ -56,7 +56,7 @@ def cmd_pretrain(a: argparse.Namespace) -> None:
 
 def cmd_generate(a: argparse.Namespace) -> None:
     from lmforge.generate import generate
-    from lmforge.models import load_pretrained
+    from lmforge.interop import load_pretrained
     from lmforge.runtime import tune_allocator
 
     _check_sampling(a)
@@ -103,7 +103,7 @@ def cmd_convert(a: argparse.Namespace) -> None:
 
 def cmd_chat(a: argparse.Namespace) -> None:
     from lmforge.generate.chat import chat
-    from lmforge.models import load_pretrained
+    from lmforge.interop import load_pretrained
     from lmforge.runtime import tune_allocator
 
     _check_sampling(a)
@@ -305,7 +305,7 @@ def cmd_data_shakespeare_qa(a: argparse.Namespace) -> None:
 def cmd_predict(a: argparse.Namespace) -> None:
     from lmforge.data.labelled import read_labelled
     from lmforge.errors import DataError
-    from lmforge.models import load_pretrained
+    from lmforge.interop import load_pretrained
     from lmforge.predict import check_batch, predict, predict_ensemble
 
     check_batch(a.batch_size)  # settings and data before the models load
@@ -361,7 +361,7 @@ def _note_repaired(ds) -> None:
 
 
 def cmd_embed(a: argparse.Namespace) -> None:
-    from lmforge.models import load_pretrained
+    from lmforge.interop import load_pretrained
     from lmforge.predict import check_batch, cosine_similarity, embed
 
     check_batch(a.batch_size)

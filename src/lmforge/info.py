@@ -12,9 +12,9 @@ from lmforge.errors import ModelLoadError
 def model_info(target: str | Path) -> dict[str, Any]:
     """Describe a model directory (reads config.json, and checks the weights files' headers and sizes without
     reading their tensors), a .gguf file or a named preset."""
-    from lmforge.data.assets import MODELS
+    from lmforge.assets import MODELS
+    from lmforge.interop import resolve_model_path
     from lmforge.interop.hf import check_weights, config_from_hf, read_config
-    from lmforge.models import resolve_model_path
 
     if str(target) in PRESETS and not Path(target).exists():
         cfg, source, model_type = model_config(str(target)), f"preset {target}", None

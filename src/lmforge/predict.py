@@ -1,4 +1,5 @@
-"""Batched encoder inference: class probabilities, labels and sentence embeddings for lists of texts.
+"""Batched encoder inference: class probabilities, labels and sentence embeddings for lists of texts, and answer
+spans for questions.
 
 Texts are tokenized once, sorted by length and cut into batches, so each batch pads only to its own longest
 text (real tweets vary from 5 to 100 tokens: padding everything to the longest wastes most of the compute);
@@ -13,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.config import check_number
+from lmforge.data.qa import QAExample, best_spans, qa_features
 from lmforge.errors import ModelLoadError
 from lmforge.models.encoder import Encoder, mean_pool
 from lmforge.runtime import tune_allocator
@@ -159,3 +161,23 @@ def predict_ensemble(members: Sequence[tuple[Encoder, Tokenizer]], texts: Sequen
     return [{"label": labels[int(k)], "score": float(mean[i, k]),
              "probs": {labels[j]: float(v) for j, v in enumerate(mean[i])},
              "votes": {labels[j]: int(v) for j, v in enumerate(votes[i])}} for i, k in enumerate(pick.tolist())]
+
+
+@torch.inference_mode()
+def answer(model: Encoder, tokenizer: Tokenizer, examples: list[QAExample], max_len: int = 384,
+           stride: int = 128, batch_size: int = 32, max_answer_tokens: int = 30) -> list[str]:
+    """The best answer span in each example's context (windows over long contexts), for an encoder with a QA head."""
+    if not isinstance(model, Encoder) or model.config.head != "qa":
+        raise ModelLoadError("this model has no question-answering head; fine-tune one with `lmforge finetune qa`")
+    model.eval()
+    feats = qa_features(examples, tokenizer, min(max_len, model.config.max_seq_len), stride)
+    best: list[tuple[float, int, int]] = [(float("-inf"), 0, 0)] * len(examples)
+    device = model.pos_emb.weight.device  # (the word embedding may be quantized)
+    for rows in length_batches([len(x) for x in feats.ids], batch_size):
+        b = pad_batch([feats.ids[r] for r in rows], tokenizer.pad_id, [feats.types[r] for r in rows])
+        logits = model(**{k: v.to(device) for k, v in b.items()}).logits.float().cpu()
+        for r, span in zip(rows, best_spans(logits[..., 0], logits[..., 1], feats, rows, max_answer_tokens)):
+            ei = feats.example[r]
+            if span[0] > best[ei][0]:
+                best[ei] = span
+    return [ex.context[s:e] for ex, (_, s, e) in zip(examples, best)]

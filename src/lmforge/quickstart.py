@@ -37,7 +37,7 @@ class QuickstartResult:
 def quickstart(out: str | Path | None = None, overrides: list[str] | None = None,
                progress: bool | None = None, echo: bool = True) -> QuickstartResult:
     from lmforge.generate import generate
-    from lmforge.models import load_model
+    from lmforge.interop import load_model
     from lmforge.report import write_run_report
     from lmforge.tokenizer import Tokenizer
     from lmforge.train.loop import pretrain

@@ -16,7 +16,7 @@ from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, pro
 from tokenizers import Tokenizer as HFTokenizer
 
 from lmforge.errors import ConfigError, ModelLoadError
-from lmforge.files import check_out_dir, check_out_file, save_with, write_json
+from lmforge.files import save_with, write_json
 
 EOS = "<|endoftext|>"
 DEFAULT_SPECIALS = (EOS, "<|pad|>")
@@ -240,37 +240,3 @@ class Tokenizer:
             single=f"$A {eos}", pair=f"$A {eos} $B:1 {eos}:1", special_tokens=[(eos, tok.token_to_id(eos))],
         )
         return cls(tok, eos_token=eos, pad_token=pad, specials={"unk_token": unk})
-
-
-
-def train_tokenizer(sources: Sequence[str], vocab_size: int = 8192, out: str | Path | None = None,
-                    special_tokens: Sequence[str] = DEFAULT_SPECIALS, kind: str = "bpe",
-                    lowercase: bool = True, extra_ids: int = 100) -> Tokenizer:
-    """Train a tokenizer on corpora (names, files, folders, globs) and optionally save it.
-
-    kind "bpe": byte-level BPE for decoders; "wordpiece": BERT-style WordPiece ([CLS]/[SEP]/[MASK], `##`
-    pieces, lower-cased unless lowercase=False) for encoders; "unigram": T5-style SentencePiece Unigram with
-    `extra_ids` `<extra_id_N>` sentinels for span corruption (special_tokens and lowercase do not apply).
-    `out` ending in .json is the tokenizer file itself; otherwise a folder that gets tokenizer.json and
-    tokenizer_config.json."""
-    from lmforge.data.corpus import read_documents
-
-    if kind not in ("bpe", "wordpiece", "unigram"):
-        raise ConfigError(f"tokenizer kind {kind!r} is not one of bpe, wordpiece, unigram")
-    floor = {"bpe": 256 + len(special_tokens), "wordpiece": 100, "unigram": 100 + extra_ids}[kind]
-    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < floor:
-        why = {"bpe": " (256 bytes + special tokens)", "wordpiece": "",
-               "unigram": f" (100 + {extra_ids} sentinels)"}[kind]
-        raise ConfigError(f"--vocab-size must be a whole number of at least {floor}{why}, got {vocab_size!r}")
-    if out is not None:  # an unusable output path fails before the corpus is read
-        (check_out_file if Path(out).suffix == ".json" else check_out_dir)(out, "--out")
-    docs = read_documents(list(sources))
-    if kind == "bpe":
-        tok = Tokenizer.train_bpe((d.text for d in docs), vocab_size=vocab_size, special_tokens=special_tokens)
-    elif kind == "wordpiece":
-        tok = Tokenizer.train_wordpiece((d.text for d in docs), vocab_size=vocab_size, lowercase=lowercase)
-    else:
-        tok = Tokenizer.train_unigram((d.text for d in docs), vocab_size=vocab_size, extra_ids=extra_ids)
-    if out is not None:
-        tok.save(out)
-    return tok

@@ -20,7 +20,7 @@ from lmforge.models.decoder import DecoderLM
 
 
 def size_mb(model: nn.Module) -> float:
-    from lmforge.compress.store import quantized_state
+    from lmforge.interop.quantized import quantized_state
 
     return sum(t.numel() * t.element_size() for t in quantized_state(model).values()) / 2**20
 

@@ -16,7 +16,7 @@ from lmforge.files import write_json
 
 
 def _load(model: str):
-    from lmforge.models import load_pretrained
+    from lmforge.interop import load_pretrained
 
     m, tok = load_pretrained(model)
     if getattr(m, "quantization", None):
@@ -27,9 +27,9 @@ def _load(model: str):
 def quantize(model: str, mode: str, out: str | Path, group_size: int = 64, eval_data: list[str] | None = None,
              text_col: str | None = None, label_col: str | None = None, say=print) -> dict:
     """Quantize `model` (int8, int4 or int8-dynamic) into the model directory `out`."""
-    from lmforge.compress.quant import MODES, check_quantizable, quantize_model
-    from lmforge.compress.store import save_quantized
     from lmforge.interop.hf import check_output_dir
+    from lmforge.interop.quantized import save_quantized
+    from lmforge.nn.quant import MODES, check_quantizable, quantize_model
 
     if mode not in MODES:
         raise LmforgeError(f"quantization mode {mode!r} is not supported; choose one of {', '.join(MODES)}")

@@ -23,11 +23,49 @@ import random
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from lmforge.errors import DataError
-from lmforge.generate.chat import ROLES, apply_chat_template
+from lmforge.errors import DataError, LmforgeError
+
+# --- the chat template: the model's own (tokenizer_config.json's `chat_template`, or a GGUF's
+# `tokenizer.chat_template`), rendered as transformers does, in Jinja's sandbox (a model file cannot reach Python
+# through it); a model without one gets ChatML. Training data and generation render through the same function.
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+          "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+ROLES = ("system", "user", "assistant")
+
+
+@lru_cache(maxsize=8)
+def _compile(template: str):
+    from jinja2.exceptions import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str):
+        raise LmforgeError(f"chat template: {message}")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    try:
+        return env.from_string(template)
+    except TemplateError as e:
+        raise LmforgeError(f"the model's chat template does not parse: {e}") from None
+
+
+def apply_chat_template(tokenizer, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
+    for m in messages:
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise LmforgeError(f"a chat message needs role ({', '.join(ROLES)}) and string content, got {m!r}")
+    from jinja2.exceptions import TemplateError
+
+    template = _compile(tokenizer.chat_template or CHATML)
+    try:
+        return template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
+                               bos_token=tokenizer.bos_token or "", eos_token=tokenizer.eos_token or "")
+    except TemplateError as e:
+        raise LmforgeError(f"the model's chat template failed on these messages: {e}") from None
+
 
 Messages = list[dict[str, str]]
 

@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from lmforge.data.assets import CORPORA, corpus_files
+from lmforge.assets import CORPORA, corpus_files
 from lmforge.errors import DataError
 
 TEXT_SUFFIXES = {".txt", ".md", ".text", ".rst", ""}

@@ -90,7 +90,7 @@ def _pick_fallback(samples: list[bytes]) -> str:
 
 def read_records(path: str | Path) -> tuple[list[dict[str, str]], list[str], int]:
     """Rows of a CSV, TSV or JSONL file as dicts: (rows, column names, repaired row count)."""
-    from lmforge.data.assets import DATASETS, resolve_data_path
+    from lmforge.assets import DATASETS, resolve_data_path
 
     path = resolve_data_path(path)
     if path.is_dir():

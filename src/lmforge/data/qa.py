@@ -220,8 +220,8 @@ def shakespeare_qa(n_per_play: int = 60, context_speeches: int = 12, seed: int =
     are unique within their passage. Plays are split into train / dev / test by a hash of the file name, so no
     passage of a test play is seen in training (6 test plays, 4 validation plays, the rest for training).
     """
+    from lmforge.assets import corpus_files
     from lmforge.config import check_number
-    from lmforge.data.assets import corpus_files
 
     check_number("--per-play", n_per_play, 1, integer=True)
     check_number("context_speeches", context_speeches, 1, integer=True)

@@ -84,7 +84,7 @@ def evaluate_choices(model, tokenizer, rows: list[dict], chat: bool = False, tem
     """accuracy, accuracy_norm and per-row picks for multiple-choice rows."""
     from tqdm import tqdm
 
-    from lmforge.generate.chat import apply_chat_template
+    from lmforge.data.chat import apply_chat_template
 
     if "{question}" not in template:
         raise DataError("the prompt template needs a {question} placeholder")

@@ -30,7 +30,7 @@ def evaluate(task: str, model: str, data: list[str] | str, out: str | Path | Non
              quantize: str | None = None, adapter: str | None = None, batch_size: int = 16,
              num_beams: int = 4, device: str = "cpu") -> dict:
     """Evaluate `model` on `data` for `task`; returns the metrics (and writes the report when `out` is given)."""
-    from lmforge.models import load_pretrained
+    from lmforge.interop import load_pretrained
 
     if task not in TASKS:
         raise LmforgeError(f"unknown evaluation {task!r}; choose one of {', '.join(TASKS)}")
@@ -112,7 +112,7 @@ def _classify(m, tok, sources, o):
 def _qa(m, tok, sources, o):
     from lmforge.data.qa import read_squad, shakespeare_qa
     from lmforge.eval.qa import squad_scores
-    from lmforge.tune.qa import answer
+    from lmforge.predict import answer
 
     _kind(m, "qa", "qa")
     examples = shakespeare_qa()["test"] if sources[0] == "shakespeare-qa" else read_squad(sources[0])
@@ -140,8 +140,9 @@ def _choice(m, tok, sources, o):
 
 
 def _seq2seq(m, tok, sources, o):
+    from lmforge.data.chat import apply_chat_template
     from lmforge.generate import generate
-    from lmforge.generate.chat import apply_chat_template, end_of_turn_ids
+    from lmforge.generate.chat import end_of_turn_ids
     from lmforge.models.seq2seq import Seq2SeqLM
 
     pairs = read_pairs(sources[0], o["source_col"], o["target_col"])[: o["limit"]]

@@ -57,7 +57,7 @@ def explain(model: str | Path, text: str, out: str | Path, what: str = "both", m
     """
     from lmforge.explain.inputs import model_kind
     from lmforge.explain.saliency import check_steps, resolve_target
-    from lmforge.models import load_pretrained
+    from lmforge.interop import load_pretrained
 
     # argument errors first: loading a model takes seconds
     if what not in WHAT:

@@ -1,50 +1,10 @@
-"""Chat: messages -> the model's chat template (Jinja, rendered as transformers does) -> generation.
-
-The template comes with the model (tokenizer_config.json's `chat_template`, or a GGUF's
-`tokenizer.chat_template`). Templates run in Jinja's sandbox: a model file cannot reach Python through them.
-A model without a template gets ChatML.
-"""
+"""Chat: messages -> the model's chat template (`lmforge.data.chat.apply_chat_template`) -> generation."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from functools import lru_cache
 
-from lmforge.errors import LmforgeError
-
-CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
-          "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
-ROLES = ("system", "user", "assistant")
-
-
-@lru_cache(maxsize=8)
-def _compile(template: str):
-    from jinja2.exceptions import TemplateError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(message: str):
-        raise LmforgeError(f"chat template: {message}")
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    env.globals["raise_exception"] = raise_exception
-    try:
-        return env.from_string(template)
-    except TemplateError as e:
-        raise LmforgeError(f"the model's chat template does not parse: {e}") from None
-
-
-def apply_chat_template(tokenizer, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
-    for m in messages:
-        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            raise LmforgeError(f"a chat message needs role ({', '.join(ROLES)}) and string content, got {m!r}")
-    from jinja2.exceptions import TemplateError
-
-    template = _compile(tokenizer.chat_template or CHATML)
-    try:
-        return template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
-                               bos_token=tokenizer.bos_token or "", eos_token=tokenizer.eos_token or "")
-    except TemplateError as e:
-        raise LmforgeError(f"the model's chat template failed on these messages: {e}") from None
+from lmforge.data.chat import apply_chat_template
 
 
 def chat(model, tokenizer, messages: Sequence[dict], max_new_tokens: int = 256, temperature: float = 0.7,

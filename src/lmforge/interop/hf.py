@@ -176,7 +176,7 @@ def tensor_rows(c: DecoderConfig, model_type: str) -> list[Row]:
 
 
 def to_hf_state(model: torch.nn.Module, model_type: str) -> dict[str, torch.Tensor]:
-    from lmforge.tune.lora import plain_state_dict
+    from lmforge.nn.lora import plain_state_dict
 
     ours = plain_state_dict(model)
     rows = tensor_rows(model.config, model_type)
@@ -331,7 +331,7 @@ def load_model_dir(path: str | Path, device: str | torch.device = "cpu") -> torc
 
     path = Path(path)
     raw = read_config(path)
-    from lmforge.compress.store import is_quantized_dir, load_quantized
+    from lmforge.interop.quantized import is_quantized_dir, load_quantized
 
     if is_quantized_dir(raw):
         return load_quantized(path, raw, read_safetensors(path), device)

@@ -117,7 +117,7 @@ def name_rows(model: torch.nn.Module) -> list[tuple[str, str]]:
 
 
 def to_hf_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    from lmforge.tune.lora import plain_state_dict
+    from lmforge.nn.lora import plain_state_dict
 
     ours = plain_state_dict(model)
     return {hf: ours[n].detach().contiguous().cpu() for hf, n in name_rows(model)}

@@ -85,7 +85,7 @@ def save_seq2seq_dir(model: torch.nn.Module, path: str | Path, tokenizer: Any = 
                      generation_config: dict | None = None) -> Path:
     """Write `model` (and its tokenizer) as a T5ForConditionalGeneration directory, atomically."""
     from lmforge.interop.hf import check_output_dir
-    from lmforge.tune.lora import plain_state_dict
+    from lmforge.nn.lora import plain_state_dict
 
     path = check_output_dir(path)
     c = model.config

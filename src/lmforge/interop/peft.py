@@ -25,7 +25,7 @@ from torch import nn
 from lmforge.errors import ModelLoadError
 from lmforge.files import atomic_dir, write_json
 from lmforge.nn.init import aligned_state
-from lmforge.tune.lora import HEADS, LoRALinear, lora_modules
+from lmforge.nn.lora import HEADS, LoRALinear, lora_modules
 
 PREFIX = "base_model.model."
 
@@ -52,7 +52,7 @@ def weight_rows(model: nn.Module) -> list[tuple[str, list[str]]]:
 
 
 def _plain_names(model: nn.Module) -> list[str]:
-    from lmforge.tune.lora import plain_state_dict
+    from lmforge.nn.lora import plain_state_dict
 
     return list(plain_state_dict(model))
 

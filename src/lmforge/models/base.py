@@ -1,5 +1,5 @@
-"""What every model family shares: its parameter count and loading by path (an HF-layout directory, a .gguf file
-or a packaged model name). Saving differs per family (each writes its own HF config) and stays with the family."""
+"""What every model family shares: its parameter count, and `from_pretrained` as a delegate to lmforge.interop
+(which reads and writes model files; the model classes do no I/O of their own)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,10 @@ class PretrainedModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu"):
-        from lmforge.models import load_model
+        """A delegate to `lmforge.interop.load_model` (the name users know from transformers). Each family's
+        `save_pretrained` is the same kind of delegate: the only imports from a model to the I/O layer, made at
+        call time, so models never depend on interop when they are imported (tests/test_architecture.py)."""
+        from lmforge.interop import load_model
 
         model = load_model(path, device=device)
         if not isinstance(model, cls):

@@ -71,7 +71,7 @@ class ServedModel:
 def load_served(paths: Sequence[str], max_batch: int = 16, max_queue: int = 64, max_len: int | None = None,
                 quantize: str | None = None) -> list[ServedModel]:
     """Load each model (directory, .gguf or packaged name) and start an engine for each decoder."""
-    from lmforge.models import load_pretrained
+    from lmforge.interop import load_pretrained
     from lmforge.models.decoder import DecoderLM
     from lmforge.models.encoder import Encoder
 
@@ -94,7 +94,7 @@ def load_served(paths: Sequence[str], max_batch: int = 16, max_queue: int = 64, 
 
 def model_name(path: str) -> str:
     """The name clients use: a packaged model's name, else the directory's (or .gguf file's) name."""
-    from lmforge.data.assets import MODELS
+    from lmforge.assets import MODELS
 
     if str(path) in MODELS and not Path(path).exists():
         return str(path)
@@ -229,7 +229,8 @@ def create_app(models: Sequence[ServedModel], api_key: str | None = None, max_bo
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: HTTPRequest):
-        from lmforge.generate.chat import apply_chat_template, end_of_turn_ids
+        from lmforge.data.chat import apply_chat_template
+        from lmforge.generate.chat import end_of_turn_ids
 
         check_supported(body)
         m = pick(body.model, "decoder")

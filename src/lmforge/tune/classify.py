@@ -88,7 +88,7 @@ def finetune_classify(
     progress: bool | None = None,
     resume: bool = False,
 ) -> ClassifyResult:
-    from lmforge.models import load_pretrained
+    from lmforge.interop import load_pretrained
 
     cfg = cfg or FinetuneConfig()
     cfg.validate()

@@ -33,9 +33,9 @@ from lmforge.data.chat import Pair, _split_of, chatterbot_pairs, read_pairs, tok
 from lmforge.errors import DataError, ModelLoadError
 from lmforge.files import write_json, write_text
 from lmforge.models.decoder import DecoderLM
+from lmforge.nn.lora import lora_disabled, lora_modules
 from lmforge.runtime import peak_memory_mb, reset_peak_memory
 from lmforge.train.supervised import FinetuneConfig, fit
-from lmforge.tune.lora import lora_disabled, lora_modules
 from lmforge.tune.methods import apply_method, check_method, describe, save_outputs, say, start_run
 from lmforge.tune.recipe import check_args
 
@@ -164,7 +164,7 @@ def finetune_dpo(
     progress: bool | None = None,
     resume: bool = False,
 ) -> DPOResult:
-    from lmforge.models import load_pretrained
+    from lmforge.interop import load_pretrained
 
     cfg = cfg or FinetuneConfig(metric="neg_loss")
     if cfg.metric == "accuracy":

@@ -13,8 +13,8 @@ import sys
 from torch import nn
 
 from lmforge.errors import ConfigError
+from lmforge.nn.lora import apply_lora, lora_targets, trainable_params
 from lmforge.tune.freeze import freeze_all_but_top
-from lmforge.tune.lora import apply_lora, lora_targets, trainable_params
 
 
 def apply_method(model: nn.Module, cfg) -> int:

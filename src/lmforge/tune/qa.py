@@ -21,16 +21,15 @@ from pathlib import Path
 import torch
 import yaml
 
-from lmforge.data.qa import QAExample, QAFeatures, best_spans, qa_features, read_squad, shakespeare_qa
+from lmforge.data.qa import QAExample, QAFeatures, qa_features, read_squad, shakespeare_qa
 from lmforge.errors import DataError, ModelLoadError
 from lmforge.eval.qa import squad_scores
 from lmforge.files import write_json, write_text
 from lmforge.models.encoder import Encoder
-from lmforge.predict import length_batches, pad_batch
+from lmforge.nn.lora import trainable_params
+from lmforge.predict import answer, pad_batch
 from lmforge.runtime import peak_memory_mb, reset_peak_memory
-from lmforge.tokenizer import Tokenizer
 from lmforge.train.supervised import FinetuneConfig, fit
-from lmforge.tune.lora import trainable_params
 from lmforge.tune.methods import apply_method, describe, save_outputs, say, start_run
 from lmforge.tune.recipe import check_args
 
@@ -72,30 +71,10 @@ def load_qa_splits(data: str | Path, val_data: str | Path | None, test_data: str
     return train, val, test
 
 
-@torch.inference_mode()
-def answer(model: Encoder, tokenizer: Tokenizer, examples: list[QAExample], max_len: int = 384,
-           stride: int = 128, batch_size: int = 32, max_answer_tokens: int = 30) -> list[str]:
-    """The best answer span in each example's context (windows over long contexts)."""
-    if not isinstance(model, Encoder) or model.config.head != "qa":
-        raise ModelLoadError("this model has no question-answering head; fine-tune one with `lmforge finetune qa`")
-    model.eval()
-    feats = qa_features(examples, tokenizer, min(max_len, model.config.max_seq_len), stride)
-    best: list[tuple[float, int, int]] = [(float("-inf"), 0, 0)] * len(examples)
-    device = model.pos_emb.weight.device  # (the word embedding may be quantized)
-    for rows in length_batches([len(x) for x in feats.ids], batch_size):
-        b = pad_batch([feats.ids[r] for r in rows], tokenizer.pad_id, [feats.types[r] for r in rows])
-        logits = model(**{k: v.to(device) for k, v in b.items()}).logits.float().cpu()
-        for r, span in zip(rows, best_spans(logits[..., 0], logits[..., 1], feats, rows, max_answer_tokens)):
-            ei = feats.example[r]
-            if span[0] > best[ei][0]:
-                best[ei] = span
-    return [ex.context[s:e] for ex, (_, s, e) in zip(examples, best)]
-
-
 def finetune_qa(model_path: str | Path, data: str | Path, out: str | Path, cfg: FinetuneConfig | None = None,
                 val_data: str | Path | None = None, test_data: str | Path | None = None, stride: int = 128,
                 progress: bool | None = None, resume: bool = False) -> QAResult:
-    from lmforge.models import load_pretrained
+    from lmforge.interop import load_pretrained
 
     cfg = cfg or FinetuneConfig(max_len=384, lr=5e-5, metric="f1")
     cfg.validate()

@@ -99,7 +99,7 @@ def build_model(model_path: str, train_texts: list[str], device: str):
         cfg.pad_token_id, cfg.eos_token_id = tok.pad_id, tok.eos_id
         cfg.decoder_start_token_id = tok.pad_id
         return Seq2SeqLM(cfg).to(device), tok, True
-    from lmforge.models import load_pretrained
+    from lmforge.interop import load_pretrained
 
     model, tok = load_pretrained(model_path, device=device)
     if not isinstance(model, Seq2SeqLM):

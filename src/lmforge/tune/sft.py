@@ -125,7 +125,7 @@ def finetune_chat(
     progress: bool | None = None,
     resume: bool = False,
 ) -> ChatResult:
-    from lmforge.models import load_pretrained
+    from lmforge.interop import load_pretrained
 
     cfg = cfg or FinetuneConfig(metric="neg_loss")
     if cfg.metric == "accuracy":

@@ -30,9 +30,9 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from lmforge.compress.quant import MODES, Int4Linear, Int8Embedding, Int8Linear, dynamic_int8, int8_rows
 from lmforge.errors import ModelLoadError
 from lmforge.files import atomic_dir, write_json
+from lmforge.nn.quant import MODES, Int4Linear, Int8Embedding, Int8Linear, dynamic_int8, int8_rows
 
 FORMAT_VERSION = 1
 
@@ -89,7 +89,7 @@ def save_quantized(model: nn.Module, path: str | Path, tokenizer: Any = None) ->
 
     q = getattr(model, "quantization", None)
     if not q:
-        raise ModelLoadError("this model is not quantized: run lmforge.compress.quant.quantize_model first")
+        raise ModelLoadError("this model is not quantized: run lmforge.nn.quant.quantize_model first")
     path = check_output_dir(path)
     if isinstance(model, DecoderLM):
         from lmforge.interop.hf import hf_config

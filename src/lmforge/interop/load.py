@@ -1,0 +1,59 @@
+"""Loading by path: an HF-layout directory, a .gguf file or the name of a packaged model, to the right family.
+
+This is the I/O layer's front door. It sits above the models (it builds them) and below everything that uses a
+model (train, generate, eval, tune, serve), so a model class never reads a file itself.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from lmforge.assets import MODELS, model_file
+from lmforge.errors import ModelLoadError
+from lmforge.interop.gguf import load_gguf
+from lmforge.interop.hf import load_model_dir
+from lmforge.interop.peft import load_adapter
+from lmforge.nn.lora import merge_and_unload
+from lmforge.nn.quant import quantize_model
+from lmforge.tokenizer import Tokenizer
+
+
+def resolve_model_path(path: str | Path) -> Path:
+    """A model directory, a .gguf file, or the name of a packaged model (e.g. smollm2-135m-instruct)."""
+    p = Path(path)
+    if not p.exists() and str(path) in MODELS:
+        return model_file(str(path))
+    if not p.exists():
+        raise ModelLoadError(f"model path {p} does not exist (packaged models: {', '.join(MODELS)})")
+    return p
+
+
+def load_pretrained(path: str | Path, device: str | torch.device = "cpu", quantize: str | None = None,
+                    adapter: str | Path | None = None):
+    """(model, tokenizer) from an HF-layout directory, a .gguf file or a packaged model name.
+    adapter: a LoRA adapter directory (PEFT layout, from lmforge or PEFT), merged into the weights.
+    quantize: a `quantize_model` mode applied after the merge, for inference: "int8" (weight-only int8 Linear
+    weights, the fast one for decoding), "int8-dynamic" (int8 activations too, the fast one for batched encoders
+    on CPU) or "int4"."""
+    p = resolve_model_path(path)
+    if p.is_file() and p.suffix == ".gguf":
+        model, tok = load_gguf(p, device=device)
+    else:
+        model, tok = load_model(p, device=device), Tokenizer.from_file(p)
+    if adapter:
+        merge_and_unload(load_adapter(model, adapter)).eval()
+    if quantize:
+        quantize_model(model, quantize)
+    return model, tok
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """Load a model from an HF-layout directory (config.json + safetensors) or a .gguf file."""
+    p = resolve_model_path(path)
+    if p.is_file() and p.suffix == ".gguf":
+        return load_gguf(p, device=device)[0]
+    if not p.is_dir():
+        raise ModelLoadError(f"{p} is not a model directory (config.json + model.safetensors) or a .gguf file")
+    return load_model_dir(p, device=device)

@@ -1,0 +1,108 @@
+"""The layers of lmforge point one way (docs/architecture.md): an AST walk over src/lmforge finds every import
+between its packages and fails on one that points up, or on two packages that import each other.
+
+The only sanctioned upward edges are the models' `from_pretrained` / `save_pretrained`, one-line delegates to
+lmforge.interop (the names users know from transformers), imported when called, never when a model module loads.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "lmforge"
+
+# bottom to top; a package may import its own layer's packages or any below, never one above
+LAYERS: list[tuple[str, ...]] = [
+    # lmforge/__init__ (the version, LmforgeError), errors, atomic files, threads/allocator, packaged files, plots
+    ("", "errors", "files", "runtime", "assets", "report"),
+    ("config",),  # dataclasses, presets, the one run-config loader
+    ("tokenizer", "nn"),  # the tokenizer wrapper; the layer library (attention, LoRA, quantized linears)
+    ("models",),  # the three families; no file I/O
+    ("interop",),  # HF / GGUF / PEFT / quantized directories, load_model / load_pretrained
+    ("data",),  # corpora, shards, masking, labelled / QA / chat / pair sets, tokenizer training
+    ("generate", "predict", "eval", "explain", "train"),  # inference, evaluation, the loops
+    ("tune", "compress", "serve", "quickstart", "info"),  # pipelines
+    ("cli",),
+]
+RANK = {pkg: i for i, layer in enumerate(LAYERS) for pkg in layer}
+DELEGATES = {  # (module, function) -> the one upward import it may make, at call time
+    ("lmforge.models.base", "from_pretrained"): "lmforge.interop",
+    ("lmforge.models.decoder", "save_pretrained"): "lmforge.interop.hf",
+    ("lmforge.models.encoder", "save_pretrained"): "lmforge.interop.hf_bert",
+    ("lmforge.models.seq2seq", "save_pretrained"): "lmforge.interop.hf_t5",
+}
+
+
+def _package(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else ""
+
+
+def _imports() -> list[tuple[str, str, str | None, int]]:
+    """(importing module, imported lmforge module, enclosing function or None, line) for every import."""
+    found = []
+    for path in sorted(SRC.rglob("*.py")):
+        parts = path.relative_to(SRC.parent).with_suffix("").parts
+        module = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+
+        def walk(node: ast.AST, func: str | None, module: str = module) -> None:
+            for child in ast.iter_child_nodes(node):
+                f = child.name if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)) else func
+                if isinstance(child, ast.ImportFrom) and child.module and child.level == 0:
+                    targets = [child.module]
+                elif isinstance(child, ast.Import):
+                    targets = [a.name for a in child.names]
+                else:
+                    targets = []
+                for t in targets:
+                    if t == "lmforge" or t.startswith("lmforge."):
+                        found.append((module, t, func, child.lineno))
+                walk(child, f)
+
+        walk(tree, None)
+    return found
+
+
+IMPORTS = _imports()
+
+
+def test_the_walk_sees_the_package():
+    assert len(IMPORTS) > 200  # ~390 imports between lmforge modules: the walk is not looking at nothing
+    assert set(RANK) >= {_package(m) for m, *_ in IMPORTS}, "a package is missing from LAYERS"
+    assert not any(t.startswith("lmforge.") and ".." in t for _, t, _, _ in IMPORTS)
+
+
+def test_no_import_points_up():
+    up = []
+    for module, target, func, line in IMPORTS:
+        src, dst = _package(module), _package(target)
+        if dst and src != dst and RANK[dst] > RANK[src] and DELEGATES.get((module, func)) != target:
+            up.append(f"{module}:{line} imports {target} ({src} is below {dst})")
+    assert not up, "\n".join(up)
+
+
+def test_no_two_packages_import_each_other():
+    edges = {(_package(m), _package(t)) for m, t, f, _ in IMPORTS
+             if _package(t) and _package(m) != _package(t) and DELEGATES.get((m, f)) != t}
+    mutual = sorted((a, b) for a, b in edges if (b, a) in edges and a < b)
+    assert not mutual, mutual
+
+
+@pytest.mark.parametrize("where", sorted(DELEGATES), ids=lambda w: f"{w[0]}.{w[1]}")
+def test_delegates_are_one_line_and_import_at_call_time(where):
+    module, func = where
+    path = SRC.parent / (module.replace(".", "/") + ".py")
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    defs = [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == func]
+    assert defs, f"{module} has no {func}"
+    for d in defs:
+        body = [s for s in d.body if not (isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant))]
+        imports = [s for s in body if isinstance(s, ast.ImportFrom)]
+        assert [s.module for s in imports] == [DELEGATES[where]]
+        assert len(body) - len(imports) <= 4, f"{module}.{func} does more than delegate"
+    # and nothing at module level reaches the I/O layer
+    assert not [t for m, t, f, _ in IMPORTS if m == module and f is None and _package(t) == "interop"]
