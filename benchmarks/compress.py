@@ -29,11 +29,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import sentiment_classifier, sentiment_split, table, write_labelled_csv  # noqa: E402
+from lmforge.assets import corpus_files  # noqa: E402
 from lmforge.compress.measure import classifier_scores, decode_speed, perplexity, size_mb  # noqa: E402
 from lmforge.compress.prune import magnitude_prune, prune_heads, recover  # noqa: E402
-from lmforge.compress.quant import quantize_model  # noqa: E402
-from lmforge.data.assets import corpus_files  # noqa: E402
-from lmforge.models import load_pretrained  # noqa: E402
+from lmforge.interop import load_pretrained  # noqa: E402
+from lmforge.nn.quant import quantize_model  # noqa: E402
 
 OUT = Path(os.environ.get("OUT", "runs/bench-compress"))
 PARTS = os.environ.get("PARTS", "smollm2,sentiment").split(",")

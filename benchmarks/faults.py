@@ -46,7 +46,7 @@ def _cli(*args: str) -> list[str]:
 # --- the jobs: tiny models, real packaged data --------------------------------------------------------------------
 
 def pretrain_job(work: Path) -> list[str]:
-    from lmforge.data.assets import corpus_files
+    from lmforge.assets import corpus_files
 
     corpus = work / "corpus"
     corpus.mkdir(parents=True, exist_ok=True)
@@ -62,8 +62,8 @@ train: {{seed: 0, steps: 60, batch_size: 8, seq_len: 64, warmup_steps: 5, eval_e
 
 
 def classify_job(work: Path) -> list[str]:
+    from lmforge.assets import dataset_file
     from lmforge.config import encoder_config
-    from lmforge.data.assets import dataset_file
     from lmforge.data.labelled import read_labelled
     from lmforge.models.encoder import Encoder
     from lmforge.tokenizer import Tokenizer
@@ -83,8 +83,8 @@ def classify_job(work: Path) -> list[str]:
 
 
 def chat_job(work: Path) -> list[str]:
+    from lmforge.assets import model_file
     from lmforge.config import model_config
-    from lmforge.data.assets import model_file
     from lmforge.data.chat import chatterbot_chat, write_jsonl
     from lmforge.interop.gguf import _reader, gguf_tokenizer
     from lmforge.models.decoder import DecoderLM

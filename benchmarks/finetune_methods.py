@@ -123,7 +123,7 @@ def probe(method: str, steps: int = 3) -> None:
 
     import torch
 
-    from lmforge.models import load_pretrained
+    from lmforge.interop import load_pretrained
     from lmforge.tune.methods import apply_method
     from lmforge.tune.recipe import resolve
     from lmforge.tune.sft import collate, load_chat_splits, pack, tokenize_chat

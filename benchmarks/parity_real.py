@@ -44,7 +44,7 @@ def reference_nll(ref, ids: list[int]) -> tuple[float, int]:
 def main() -> None:
     import transformers
 
-    from lmforge.data.assets import corpus_files, model_file
+    from lmforge.assets import corpus_files, model_file
     from lmforge.eval.lm import strided_nll
     from lmforge.interop.gguf import load_gguf
 

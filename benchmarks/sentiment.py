@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import table  # noqa: E402
-from lmforge.data.assets import dataset_file  # noqa: E402
+from lmforge.assets import dataset_file  # noqa: E402
 from lmforge.data.labelled import read_labelled, stratified_split  # noqa: E402
 from lmforge.tune.recipe import resolve  # noqa: E402
 
@@ -117,7 +117,7 @@ def main() -> None:
 def export_check(model_dir, texts) -> tuple[int, int]:
     from transformers import AutoTokenizer, BertForSequenceClassification
 
-    from lmforge.models import load_pretrained
+    from lmforge.interop import load_pretrained
     from lmforge.predict import predict
 
     model, tok = load_pretrained(model_dir)

@@ -68,8 +68,8 @@ def tiny_decoder(seed: int = 0):
     (model, tokenizer), built in about a second, for quick soaks and tests."""
     import torch
 
+    from lmforge.assets import corpus_files
     from lmforge.config import model_config
-    from lmforge.data.assets import corpus_files
     from lmforge.models.decoder import DecoderLM
     from lmforge.tokenizer import Tokenizer
 

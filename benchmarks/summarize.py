@@ -83,7 +83,7 @@ def main() -> None:
     import torch
 
     from lmforge.generate.seq2seq import Seq2SeqParams, generate_seq2seq
-    from lmforge.models import load_pretrained
+    from lmforge.interop import load_pretrained
     from lmforge.models.seq2seq import Seq2SeqLM
 
     pretrained, tok = load_pretrained(pre.model_dir)

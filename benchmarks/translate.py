@@ -66,7 +66,7 @@ def main() -> None:
     total = time.time() - t0
 
     # the untrained baseline: the same shape and vocabulary, random weights
-    from lmforge.models import load_pretrained
+    from lmforge.interop import load_pretrained
     from lmforge.models.seq2seq import Seq2SeqLM
 
     trained, tok = load_pretrained(r.model_dir)

@@ -1,7 +1,7 @@
 """What `lmforge quantize` and `lmforge prune` do: load a model, measure it, compress it, measure it again, save.
 
 Both print size, speed and (given evaluation data) quality before and after, and write a model directory that
-`load_pretrained` reads like any other: quantized ones in the format described in `compress.store`, pruned ones
+`load_pretrained` reads like any other: quantized ones in the format described in `interop.quantized`, pruned ones
 as plain model directories (zeros stay zeros; removed heads and neurons are gone from the shapes).
 """
 
