@@ -106,3 +106,43 @@ def test_delegates_are_one_line_and_import_at_call_time(where):
         assert len(body) - len(imports) <= 4, f"{module}.{func} does more than delegate"
     # and nothing at module level reaches the I/O layer
     assert not [t for m, t, f, _ in IMPORTS if m == module and f is None and _package(t) == "interop"]
+
+
+def _top_level_names(module: str) -> set[str] | None:
+    """Names a module defines or imports at its top level (None: no such module). Submodules count for a
+    package."""
+    base = SRC.parent / module.replace(".", "/")
+    path = base / "__init__.py" if base.is_dir() else base.with_suffix(".py")
+    if not path.is_file():
+        return None
+    names = {p.stem for p in base.glob("*.py")} | {p.name for p in base.iterdir() if p.is_dir()} if base.is_dir() \
+        else set()
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names |= {t.id for t in targets if isinstance(t, ast.Name)}
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names |= {(a.asname or a.name).split(".")[0] for a in node.names}
+    return names
+
+
+def test_every_lmforge_import_resolves():
+    """Every `from lmforge.X import name` in the package, its tests and benchmarks names a module that exists and
+    a name it defines: a module that moved leaves no import behind, even inside a function no test calls."""
+    root = SRC.parents[1]
+    missing = []
+    for path in [*SRC.rglob("*.py"), *(root / "tests").glob("*.py"), *(root / "benchmarks").glob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("lmforge"):
+                names = _top_level_names(node.module)
+                if names is None:
+                    missing.append(f"{path.relative_to(root)}:{node.lineno} {node.module}")
+                else:
+                    missing += [f"{path.relative_to(root)}:{node.lineno} {node.module}.{a.name}" for a in node.names
+                                if a.name != "*" and a.name not in names]
+            elif isinstance(node, ast.Import):
+                missing += [f"{path.relative_to(root)}:{node.lineno} {a.name}" for a in node.names
+                            if a.name.startswith("lmforge") and _top_level_names(a.name) is None]
+    assert not missing, "\n".join(missing)
