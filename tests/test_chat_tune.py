@@ -127,9 +127,13 @@ def test_recipe_layers_and_errors(tmp_path):
         resolve("dpo", r)
     with pytest.raises(ConfigError, match="unknown setting 'lora_rank'"):
         resolve("chat", r, sets=["lora_rank=4"])
-    with pytest.raises(ConfigError, match="lora_r must be a number"):
+    with pytest.raises(ConfigError, match=r"lora_r \(--lora-r\) must be an integer"):
         resolve("chat", r, sets=["lora_r=big"])
-    with pytest.raises(ConfigError, match="grad_checkpoint must be true or false"):
+    with pytest.raises(ConfigError, match=r"lora_r \(--lora-r\) must be an integer"):
+        resolve("chat", r, sets=["lora_r=2.5"])
+    with pytest.raises(ConfigError, match=r"packing \(--packing\) must be true or false"):
+        resolve("chat", r, sets=["packing=7"])
+    with pytest.raises(ConfigError, match=r"grad_checkpoint \(--grad-checkpoint\) must be true or false"):
         resolve("chat", r, sets=["grad_checkpoint=maybe"])
     assert resolve("chat", r, sets=["lora_targets=[q_proj, v_proj]"])[0].lora_targets == "q_proj,v_proj"
     with pytest.raises(ConfigError, match="needs --model"):

@@ -102,59 +102,20 @@ def cmd_convert(a: argparse.Namespace) -> None:
 
 
 def cmd_chat(a: argparse.Namespace) -> None:
-    from lmforge.generate.chat import chat
+    from lmforge.generate.chat import chat, chat_session
     from lmforge.interop import load_pretrained
     from lmforge.runtime import tune_allocator
 
     _check_sampling(a)
     tune_allocator()
     model, tok = load_pretrained(a.model, device=a.device, quantize=a.quantize, adapter=a.adapter)
-    history: list[dict] = [{"role": "system", "content": a.system}] if a.system else []
     kw = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed,
               compile=a.compile)
-
-    def out(piece: str) -> None:
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-
     if a.prompt is not None:  # one shot, for scripts
-        reply = chat(model, tok, history + [{"role": "user", "content": a.prompt}], **kw)
-        print(reply)
+        system = [{"role": "system", "content": a.system}] if a.system else []
+        print(chat(model, tok, system + [{"role": "user", "content": a.prompt}], **kw))
         return
-    print("chat: type a message; /reset clears the history, /system TEXT sets the system prompt, /quit ends",
-          file=sys.stderr)
-    while True:
-        try:
-            line = input("you> ")
-        except (EOFError, KeyboardInterrupt):
-            print(file=sys.stderr)
-            return
-        text = line.strip()
-        if not text:
-            continue
-        if text in ("/quit", "/exit"):
-            return
-        if text == "/reset":
-            history = [m for m in history if m["role"] == "system"]
-            continue
-        if text.startswith("/system"):
-            history = [{"role": "system", "content": text[len("/system"):].strip()}] + [
-                m for m in history if m["role"] != "system"]
-            continue
-        history.append({"role": "user", "content": text})
-        sys.stdout.write("assistant> ")
-        try:
-            reply = chat(model, tok, history, on_text=out, **kw)
-        except KeyboardInterrupt:  # stop this reply, keep the session
-            history.pop()
-            print()
-            continue
-        except LmforgeError as e:  # e.g. the conversation outgrew the context: keep the session
-            history.pop()
-            print(f"\nlmforge: {e} (type /reset to clear the history)", file=sys.stderr)
-            continue
-        print()
-        history.append({"role": "assistant", "content": reply})
+    chat_session(model, tok, system=a.system, **kw)
 
 
 def cmd_eval_perplexity(a: argparse.Namespace) -> None:
@@ -238,51 +199,28 @@ def cmd_info(a: argparse.Namespace) -> None:
         print(f"  {k}: {v}")
 
 
-FT_FLAGS = ("method", "top_k", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "quant", "epochs",
-            "batch_size", "lr", "max_len", "seed", "device", "out", "model", "data", "val_data", "test_data")
-FT_TASK_FLAGS = {"classify": ("text_col", "label_col", "val_fraction", "test_fraction", "class_weights"),
-                 "qa": ("stride",), "chat": ("packing", "eval_before", "max_new_tokens", "eval_limit"),
-                 "dpo": ("beta",),
-                 "seq2seq": ("source_col", "target_col", "prefix", "val_fraction", "test_fraction", "max_target_len",
-                             "num_beams", "max_new_tokens", "eval_limit", "time_budget")}
+def add_settings(group, rows) -> None:
+    """One flag per declared setting (`lmforge.config.setting`: help, choices, default), so a setting is written
+    once: --name-with-dashes; a flag on (off) for a setting that defaults to false (true); None = not given."""
+    for name, default, f in rows:
+        flag = "--" + name.replace("_", "-")
+        hint = f.metadata.get("help", "").replace("%", "%%")
+        if isinstance(default, bool):
+            group.add_argument(f"--no-{flag[2:]}" if default else flag, dest=name, default=None,
+                               action="store_false" if default else "store_true",
+                               help=f"turn off (on by default): {hint}" if default else hint)
+            continue
+        kind = next((t for t in (int, float) if t.__name__ in str(f.type).split(" | ")), str)
+        shown = f" (default {default})" if default not in (None, "") and name != "lr" else ""
+        group.add_argument(flag, dest=name, type=kind, choices=f.metadata.get("choices"), help=hint + shown)
 
 
 def cmd_finetune(a: argparse.Namespace) -> None:
-    from lmforge.tune.recipe import finetune
+    from lmforge.tune.recipe import finetune, settings
 
     task = a.ftverb
-    flags = {k: getattr(a, k, None) for k in FT_FLAGS + FT_TASK_FLAGS[task]}
-    r = finetune(task, a.config, flags, a.set, resume=a.resume)
-    if task == "classify":
-        t = r.test
-        print(f"test: accuracy {t['accuracy']:.4f}  macro-F1 {t['macro_f1']:.4f}  ({r.rows['test']} rows, "
-              f"{r.seconds:.0f} s training, {r.trainable_params:,} trainable parameters)")
-        for name, m in t["per_class"].items():
-            print(f"  {name:>12}: precision {m['precision']:.3f}  recall {m['recall']:.3f}  f1 {m['f1']:.3f}  "
-                  f"n={m['support']}")
-    elif task == "qa":
-        print(f"test: exact match {r.test['exact_match']:.1f}  F1 {r.test['f1']:.1f}  ({r.rows['test']} questions, "
-              f"{r.seconds:.0f} s training)")
-    elif task == "chat":
-        for name, m in (("before", r.before), ("after", r.after)):
-            if m:
-                print(f"held-out replies {name}: exact match {m['exact_match']:.1f}  F1 {m['f1']:.1f}  "
-                      f"ROUGE-L {m['rougeL']:.1f}")
-        print(f"{r.seconds:.0f} s training, peak memory {r.peak_train_memory_mb:,.0f} MiB, "
-              f"{r.trainable_params:,} trainable parameters")
-    elif task == "seq2seq":
-        t = r.test
-        print(f"test: BLEU {t['bleu']:.2f}  chrF {t['chrf']:.2f}  ROUGE-L {t['rougeL']:.2f}  ({t['n']} pairs, "
-              f"{r.seconds:.0f} s training)")
-        for d in r.samples[:3]:
-            print(f"  {d['source'][:70]!r} -> {d['prediction'][:70]!r}")
-    else:
-        print(f"held-out preference accuracy: before {r.before['preference_accuracy']:.3f}  after "
-              f"{r.after['preference_accuracy']:.3f}; reward accuracy {r.after['reward_accuracy']:.3f}, "
-              f"margin {r.after['reward_margin']:.3f} ({r.seconds:.0f} s training)")
-    if getattr(r, "adapter_dir", None):
-        print(f"adapter (PEFT layout): {r.adapter_dir}")
-    print(f"model: {r.model_dir}\nreport: {r.run_dir / 'report' / 'report.html'}")
+    flags = {name: getattr(a, name) for name, _, _ in settings(task)}
+    print(finetune(task, a.config, flags, a.set, resume=a.resume).summary())
 
 
 def cmd_data_chatterbot(a: argparse.Namespace) -> None:
@@ -303,69 +241,24 @@ def cmd_data_shakespeare_qa(a: argparse.Namespace) -> None:
 
 
 def cmd_predict(a: argparse.Namespace) -> None:
-    from lmforge.data.labelled import read_labelled
-    from lmforge.errors import DataError
-    from lmforge.interop import load_pretrained
-    from lmforge.predict import check_batch, predict, predict_ensemble
+    from lmforge.eval.classify import predict_file
 
-    check_batch(a.batch_size)  # settings and data before the models load
-    gold = None
-    if a.label_col:  # a labelled file: predict and score
-        if not a.input or a.input == "-":
-            raise DataError("--label-col needs a labelled data file (CSV/TSV/JSONL), not standard input")
-        ds = read_labelled(a.input, a.text_col, a.label_col)
-        _note_repaired(ds)
-        texts, gold = ds.texts, ds.labels
-    else:
-        texts = _input_texts(a)
-    members = [load_pretrained(m, device=a.device, quantize=a.quantize) for m in a.model]
-    model, tok = members[0]
-    labels = getattr(model.config, "labels", [])
-    if gold is not None:
-        unknown = sorted(set(gold) - set(labels))
-        if unknown:
-            raise DataError(f"{a.input} has labels the model never saw: {', '.join(unknown[:5])} "
-                            f"(the model knows: {', '.join(labels)})")
-    if len(members) > 1:
-        preds = predict_ensemble(members, texts, vote=a.vote, batch_size=a.batch_size)
-    else:
-        preds = predict(model, tok, texts, batch_size=a.batch_size)
+    texts, preds, m = predict_file(a.model, a.input, a.text, a.text_col, a.label_col, vote=a.vote,
+                                   batch_size=a.batch_size, device=a.device, quantize=a.quantize)
     for text, p in zip(texts, preds):
-        if a.json:
-            print(json.dumps({"text": text, **p}, ensure_ascii=False))
-        else:
-            print(f"{p['label']}\t{p['score']:.3f}\t{text}")
-    if gold is not None:
-        from lmforge.eval.classify import classification_metrics
-
-        ids = {n: i for i, n in enumerate(labels)}
-        m = classification_metrics([ids[g] for g in gold], [ids[p["label"]] for p in preds], labels)
-        print(f"accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  ({len(gold)} rows)", file=sys.stderr)
-
-
-def _input_texts(a: argparse.Namespace) -> list[str]:
-    """predict / embed: the --text values, or the texts of the input file (or standard input)."""
-    from lmforge.data.labelled import read_text_set
-
-    if a.text:
-        return a.text
-    ds = read_text_set(a.input, a.text_col)
-    _note_repaired(ds)
-    return ds.texts
-
-
-def _note_repaired(ds) -> None:
-    if ds.repaired_rows:  # repaired, not dropped (see lmforge.data.labelled); say so, as finetune classify does
-        print(f"lmforge: {ds.source}: {ds.repaired_rows} row{'s' if ds.repaired_rows != 1 else ''} repaired from "
-              "non-UTF-8 bytes (decoded with a legacy single-byte encoding)", file=sys.stderr)
+        print(json.dumps({"text": text, **p}, ensure_ascii=False) if a.json
+              else f"{p['label']}\t{p['score']:.3f}\t{text}")
+    if m:
+        print(f"accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  ({m['n']} rows)", file=sys.stderr)
 
 
 def cmd_embed(a: argparse.Namespace) -> None:
+    from lmforge.data.labelled import input_texts
     from lmforge.interop import load_pretrained
     from lmforge.predict import check_batch, cosine_similarity, embed
 
     check_batch(a.batch_size)
-    texts = _input_texts(a)
+    texts = input_texts(a.input, a.text, a.text_col)
     model, tok = load_pretrained(a.model, device=a.device, quantize=a.quantize)
     vecs = embed(model, tok, texts, batch_size=a.batch_size)
     if a.similarity:
@@ -398,6 +291,8 @@ ENCODER_QUANTIZE = dict(choices=["int8", "int8-dynamic"], help="int8 Linear weig
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from lmforge.tune.recipe import TASK_HELP, TASKS, settings  # (light: tasks load only when they run)
+
     p = argparse.ArgumentParser(prog="lmforge", description="Train, adapt, inspect and serve language models.")
     sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
 
@@ -553,74 +448,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     ft = sub.add_parser("finetune", help="fine-tune a pretrained model on a task")
     ftsub = ft.add_subparsers(dest="ftverb", required=True, metavar="TASK")
-    common = argparse.ArgumentParser(add_help=False)
-    g = common.add_argument_group("settings (flags override the --config recipe; defaults depend on the task)")
-    g.add_argument("--config", help="YAML recipe (see configs/*-lora.yaml): flat keys, any setting below")
-    g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. lora_r=16")
-    g.add_argument("--model", help="model directory or packaged name")
-    g.add_argument("--data", help="training data file, or a built-in set")
-    g.add_argument("--val-data", help="validation file (default: a share of --data)")
-    g.add_argument("--test-data", help="test file (default: a share of --data)")
-    g.add_argument("--method", choices=("full", "top-k", "lora", "qlora"),
-                   help="what trains: everything, the top k blocks, LoRA adapters, LoRA on an NF4/int4/int8 base")
-    g.add_argument("--top-k", type=int, help="blocks trained with --method top-k (default 2)")
-    g.add_argument("--lora-r", type=int, help="LoRA rank (default 8)")
-    g.add_argument("--lora-alpha", type=float, help="LoRA alpha; the update is scaled by alpha/r (default 16)")
-    g.add_argument("--lora-dropout", type=float, help="dropout on the LoRA input (default 0.05)")
-    g.add_argument("--lora-targets", help="modules: attn, mlp, all, or patterns like q_proj,v_proj (default attn)")
-    g.add_argument("--quant", choices=("nf4", "int4", "int8"),
-                   help="frozen base format for --method qlora (default nf4; int4 keeps a Q4_1 GGUF's own grid)")
-    g.add_argument("--epochs", type=float)
-    g.add_argument("--batch-size", type=int)
-    g.add_argument("--lr", type=float, help="default by task and method (adapters get larger steps)")
-    g.add_argument("--max-len", type=int, help="tokens per example")
-    g.add_argument("--seed", type=int)
-    g.add_argument("--device", help="cpu (default), cuda, mps")
-    g.add_argument("--out", help="run directory (default: runs/TASK-DATE-TIME)")
-    g.add_argument("--resume", action="store_true",
-                   help="continue the run in --out from its last checkpoint (its saved settings; flags override)")
-
-    fc = ftsub.add_parser("classify", parents=[common],
-                          help="text classification with an encoder (e.g. all-minilm-l6-v2)")
-    fc.add_argument("--text-col", help="text column (default: text, sentence, tweet, ...)")
-    fc.add_argument("--label-col", help="label column (default: label, sentiment, class, ...)")
-    fc.add_argument("--val-fraction", type=float)
-    fc.add_argument("--test-fraction", type=float)
-    fc.add_argument("--class-weights", action="store_true", default=None,
-                    help="weight the loss by inverse class frequency")
-    fc.set_defaults(fn=cmd_finetune)
-
-    fq = ftsub.add_parser("qa", parents=[common], help="extractive question answering (SQuAD format), encoder")
-    fq.add_argument("--stride", type=int, help="tokens shared by neighbouring windows (default 64)")
-    fq.set_defaults(fn=cmd_finetune)
-
-    fs = ftsub.add_parser("chat", parents=[common],
-                          help="instruction tuning (SFT) of a decoder on chat JSONL or chatterbot")
-    fs.add_argument("--no-packing", dest="packing", action="store_false", default=None,
-                    help="one conversation per row instead of packing short ones together")
-    fs.add_argument("--no-eval-before", dest="eval_before", action="store_false", default=None,
-                    help="skip scoring the starting model's held-out replies")
-    fs.add_argument("--max-new-tokens", type=int, help="reply length for the held-out evaluation (default 64)")
-    fs.add_argument("--eval-limit", type=int, help="score only the first N held-out questions")
-    fs.set_defaults(fn=cmd_finetune)
-
-    fd = ftsub.add_parser("dpo", parents=[common], help="preference tuning (DPO) on prompt/chosen/rejected JSONL")
-    fd.add_argument("--beta", type=float, help="DPO temperature (default 0.1)")
-    fd.set_defaults(fn=cmd_finetune)
-
-    f2 = ftsub.add_parser("seq2seq", parents=[common],
-                          help="translation / summarization with an encoder-decoder (T5), or one from scratch")
-    f2.add_argument("--source-col", help="source column (default: source, src, input, text, document, en)")
-    f2.add_argument("--target-col", help="target column (default: target, tgt, output, summary, es)")
-    f2.add_argument("--prefix", help="task prefix put before every source, e.g. 'translate English to Spanish: '")
-    f2.add_argument("--val-fraction", type=float)
-    f2.add_argument("--test-fraction", type=float)
-    f2.add_argument("--max-target-len", type=int, help="target tokens kept (default: --max-len)")
-    f2.add_argument("--num-beams", type=int, help="beam width of the test-split decoding (default 4)")
-    f2.add_argument("--max-new-tokens", type=int, help="longest output when decoding (default: target limit)")
-    f2.add_argument("--eval-limit", type=int, help="test pairs decoded for the final scores (default 500)")
-    f2.add_argument("--time-budget", type=float, help="seconds of training: the epochs are sized to fit")
-    f2.set_defaults(fn=cmd_finetune)
+    for task in TASKS:
+        fp = ftsub.add_parser(task, help=TASK_HELP[task])
+        fp.add_argument("--config", help="YAML recipe (see configs/*-lora.yaml): flat keys, any setting below")
+        fp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. lora_r=16")
+        fp.add_argument("--resume", action="store_true",
+                        help="continue the run in --out from its last checkpoint (its saved settings; flags override)")
+        add_settings(fp.add_argument_group("settings (flags override the --config recipe)"), settings(task))
+        fp.set_defaults(fn=cmd_finetune)
 
     da = sub.add_parser("data", help="build datasets from packaged text")
     dasub = da.add_subparsers(dest="dverb", required=True, metavar="SET")

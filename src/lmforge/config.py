@@ -10,6 +10,7 @@ import dataclasses
 import math
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -119,6 +120,31 @@ class DecoderConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def setting(default: Any, help: str = "", *, choices: tuple[str, ...] | None = None, **span: Any) -> Any:
+    """A dataclass field declared once: its default, the help its command-line flag shows, its allowed values
+    (`choices`) and its range (check_number's low / high / low_open / high_open / integer). The CLI builds its
+    flags from these, and `check_settings` checks them, so a setting is written down in one place."""
+    return field(default=default, metadata={"help": help, "choices": choices, "span": span})
+
+
+def check_settings(obj: Any, name: Callable[[str], str] = str) -> None:
+    """Refuse any field of a dataclass built with `setting` that is outside its choices or range, with one line
+    naming it (`name(field)`: how the user wrote it, e.g. `batch_size (--batch-size)`)."""
+    for f in dataclasses.fields(obj):
+        value, meta = getattr(obj, f.name), f.metadata
+        if meta.get("choices") and value is not None and value not in meta["choices"]:
+            raise ConfigError(f"{name(f.name)} must be one of {', '.join(meta['choices'])}, got {value!r}")
+        if meta.get("span"):
+            check_number(name(f.name), value, **meta["span"])
+
+
+def coerce_settings(cls: type, values: dict[str, Any], name: Callable[[str], str] = str) -> dict[str, Any]:
+    """`values` (from YAML, flags or key=value overrides) converted to the types `cls`'s fields declare; one line
+    naming the setting for a value that is not of its type. Keys that are not fields of `cls` pass unchanged."""
+    hints = typing.get_type_hints(cls)
+    return {k: _coerce(v, hints[k], name(k)) if k in hints else v for k, v in values.items()}
 
 
 def check_number(name: str, value: Any, low: float | None = None, high: float | None = None, *,

@@ -228,3 +228,20 @@ def stratified_split(labels: list[str], val_fraction: float = 0.1, test_fraction
 
 def class_counts(labels: list[str]) -> dict[str, int]:
     return dict(sorted(Counter(labels).items()))
+
+
+def note_repaired(ds: LabelledSet) -> None:
+    """Say on stderr how many rows were repaired from non-UTF-8 bytes (repaired, not dropped: see decode_lines)."""
+    if ds.repaired_rows:
+        print(f"lmforge: {ds.source}: {ds.repaired_rows} row{'s' if ds.repaired_rows != 1 else ''} repaired from "
+              "non-UTF-8 bytes (decoded with a legacy single-byte encoding)", file=sys.stderr)
+
+
+def input_texts(path: str | Path | None, texts: list[str] | None = None, text_col: str | None = None) -> list[str]:
+    """`predict` / `embed` input: the given texts, or those of a .txt file (a text per line), a CSV/TSV/JSONL
+    file's text column, or standard input (None or "-")."""
+    if texts:
+        return list(texts)
+    ds = read_text_set(path, text_col)
+    note_repaired(ds)
+    return ds.texts

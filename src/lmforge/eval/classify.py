@@ -5,6 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from lmforge.data.labelled import input_texts, note_repaired, read_labelled
+from lmforge.errors import DataError
+from lmforge.interop import load_pretrained
+from lmforge.predict import check_batch, predict, predict_ensemble
 from lmforge.report import pyplot, save_png
 
 
@@ -43,3 +47,35 @@ def plot_confusion(metrics: dict[str, Any], path: str | Path, title: str = "conf
     ax.set_title(f"{title}\naccuracy {metrics['accuracy']:.1%}, macro-F1 {metrics['macro_f1']:.3f}")
     fig.tight_layout()
     return save_png(fig, path)
+
+
+def predict_file(models: list[str], path: str | Path | None = None, texts: list[str] | None = None,
+                 text_col: str | None = None, label_col: str | None = None, vote: str = "mean", batch_size: int = 64,
+                 device: str = "cpu", quantize: str | None = None) -> tuple[list[str], list[dict], dict[str, Any]]:
+    """`lmforge predict`: (texts, predictions, metrics) for the texts of `path` (or `texts`) under one classifier
+    or an ensemble of several (`vote`: mean of the probabilities, or majority). With `label_col` the file is
+    labelled and the metrics score the predictions against it ({} otherwise). Settings and data are checked
+    before any model loads."""
+    check_batch(batch_size)
+    gold = None
+    if label_col:  # a labelled file: predict and score
+        if not path or path == "-":
+            raise DataError("--label-col needs a labelled data file (CSV/TSV/JSONL), not standard input")
+        ds = read_labelled(path, text_col, label_col)
+        note_repaired(ds)
+        texts, gold = ds.texts, ds.labels
+    else:
+        texts = input_texts(path, texts, text_col)
+    members = [load_pretrained(m, device=device, quantize=quantize) for m in models]
+    model, tok = members[0]
+    labels = getattr(model.config, "labels", [])
+    if gold is not None and set(gold) - set(labels):
+        raise DataError(f"{path} has labels the model never saw: {', '.join(sorted(set(gold) - set(labels))[:5])} "
+                        f"(the model knows: {', '.join(labels)})")
+    preds = (predict_ensemble(members, texts, vote=vote, batch_size=batch_size) if len(members) > 1
+             else predict(model, tok, texts, batch_size=batch_size))
+    if gold is None:
+        return texts, preds, {}
+    ids = {n: i for i, n in enumerate(labels)}
+    m = classification_metrics([ids[g] for g in gold], [ids[p["label"]] for p in preds], labels)
+    return texts, preds, {**m, "n": len(gold)}

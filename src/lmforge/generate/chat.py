@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from lmforge.data.chat import apply_chat_template
+from lmforge.errors import LmforgeError
 
 
 def chat(model, tokenizer, messages: Sequence[dict], max_new_tokens: int = 256, temperature: float = 0.7,
@@ -19,6 +22,51 @@ def chat(model, tokenizer, messages: Sequence[dict], max_new_tokens: int = 256, 
     return generate(model, tokenizer, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                     top_p=top_p, repetition_penalty=repetition_penalty, seed=seed, on_text=stream,
                     end_token_ids=end_of_turn_ids(tokenizer), compile=compile)
+
+
+def chat_session(model, tokenizer, system: str | None = None, read: Callable[[str], str] | None = None,
+                 **kw: Any) -> list[dict]:
+    """`lmforge chat` without --prompt: a conversation on the terminal, replies streamed. /reset clears the
+    history, /system TEXT sets the system prompt, /quit (or end of input) ends. Ctrl-C stops a reply and keeps
+    the session; so does a user error (the conversation outgrew the context). `kw` goes to chat(). Returns the
+    history."""
+    read = read or input  # (looked up now: a caller or a test may have replaced input)
+    history: list[dict] = [{"role": "system", "content": system}] if system else []
+
+    def out(piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    print("chat: type a message; /reset clears the history, /system TEXT sets the system prompt, /quit ends",
+          file=sys.stderr)
+    while True:
+        try:
+            text = read("you> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return history
+        if text in ("/quit", "/exit"):
+            return history
+        if text == "/reset":
+            history = [m for m in history if m["role"] == "system"]
+        elif text.startswith("/system"):
+            history = [{"role": "system", "content": text[len("/system"):].strip()}] + [
+                m for m in history if m["role"] != "system"]
+        elif text:
+            history.append({"role": "user", "content": text})
+            sys.stdout.write("assistant> ")
+            try:
+                reply = chat(model, tokenizer, history, on_text=out, **kw)
+            except KeyboardInterrupt:  # stop this reply, keep the session
+                history.pop()
+                print()
+                continue
+            except LmforgeError as e:  # e.g. the conversation outgrew the context: keep the session
+                history.pop()
+                print(f"\nlmforge: {e} (type /reset to clear the history)", file=sys.stderr)
+                continue
+            print()
+            history.append({"role": "assistant", "content": reply})
 
 
 def end_of_turn_ids(tokenizer) -> list[int]:

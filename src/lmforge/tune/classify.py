@@ -29,7 +29,7 @@ from lmforge.models.encoder import Encoder
 from lmforge.predict import pad_batch, predict_proba
 from lmforge.runtime import peak_memory_mb, reset_peak_memory
 from lmforge.train.supervised import FinetuneConfig, fit, length_buckets
-from lmforge.tune.methods import apply_method, check_method, describe, save_outputs, say, start_run
+from lmforge.tune.methods import apply_method, check_method, describe, run_footer, save_outputs, say, start_run
 from lmforge.tune.recipe import check_args
 
 
@@ -44,6 +44,15 @@ class ClassifyResult:
     seconds: float  # training time
     rows: dict[str, int]  # rows per split, repaired and skipped rows
     adapter_dir: Path | None = None  # under LoRA: the adapter alone, in the PEFT layout
+
+    def summary(self) -> str:
+        """What `lmforge finetune classify` prints at the end."""
+        t = self.test
+        lines = [f"test: accuracy {t['accuracy']:.4f}  macro-F1 {t['macro_f1']:.4f}  ({self.rows['test']} rows, "
+                 f"{self.seconds:.0f} s training, {self.trainable_params:,} trainable parameters)"]
+        lines += [f"  {name:>12}: precision {m['precision']:.3f}  recall {m['recall']:.3f}  f1 {m['f1']:.3f}  "
+                  f"n={m['support']}" for name, m in t["per_class"].items()]
+        return "\n".join(lines + [run_footer(self)])
 
 
 def load_splits(data: str | Path, text_col: str | None, label_col: str | None, val_data: str | Path | None,
@@ -92,7 +101,7 @@ def finetune_classify(
 
     cfg = cfg or FinetuneConfig()
     cfg.validate()
-    check_args(val_fraction=val_fraction, test_fraction=test_fraction)
+    check_args("classify", val_fraction=val_fraction, test_fraction=test_fraction)
     if not (test_data or 0 < test_fraction) or val_fraction + test_fraction >= 1:
         raise ConfigError("test_fraction (--test-fraction) must be above 0 (or give --test-data), and the validation "
                           "and test fractions must leave data to train on")

@@ -36,7 +36,7 @@ from lmforge.models.decoder import DecoderLM
 from lmforge.nn.lora import lora_disabled, lora_modules
 from lmforge.runtime import peak_memory_mb, reset_peak_memory
 from lmforge.train.supervised import FinetuneConfig, fit
-from lmforge.tune.methods import apply_method, check_method, describe, save_outputs, say, start_run
+from lmforge.tune.methods import apply_method, check_method, describe, run_footer, save_outputs, say, start_run
 from lmforge.tune.recipe import check_args
 
 
@@ -52,6 +52,12 @@ class DPOResult:
     seconds: float
     peak_train_memory_mb: float
     rows: dict[str, int]
+
+    def summary(self) -> str:
+        """What `lmforge finetune dpo` prints at the end."""
+        return (f"held-out preference accuracy: before {self.before['preference_accuracy']:.3f}  after "
+                f"{self.after['preference_accuracy']:.3f}; reward accuracy {self.after['reward_accuracy']:.3f}, "
+                f"margin {self.after['reward_margin']:.3f} ({self.seconds:.0f} s training)\n" + run_footer(self))
 
 
 Tokenized = tuple[list[int], list[int]]
@@ -170,7 +176,7 @@ def finetune_dpo(
     if cfg.metric == "accuracy":
         cfg = dataclasses.replace(cfg, metric="neg_loss")
     cfg.validate()
-    check_args(beta=beta)
+    check_args("dpo", beta=beta)
     out, baseline_mem = start_run(cfg, out, resume)
 
     train, val, test = load_pair_splits(data, val_data, test_data, cfg.seed)

@@ -91,3 +91,9 @@ def start_run(cfg, out, resume: bool = False) -> tuple:
 def say(msg: str) -> None:
     """A progress or status line for the person running the job: stderr, so stdout stays the results."""
     print(msg, file=sys.stderr, flush=True)
+
+
+def run_footer(result) -> str:
+    """The last lines every task's summary ends with: where the adapter, the model and the report are."""
+    lines = [f"adapter (PEFT layout): {result.adapter_dir}"] if getattr(result, "adapter_dir", None) else []
+    return "\n".join(lines + [f"model: {result.model_dir}", f"report: {result.run_dir / 'report' / 'report.html'}"])

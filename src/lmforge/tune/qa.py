@@ -30,7 +30,7 @@ from lmforge.nn.lora import trainable_params
 from lmforge.predict import answer, pad_batch
 from lmforge.runtime import peak_memory_mb, reset_peak_memory
 from lmforge.train.supervised import FinetuneConfig, fit
-from lmforge.tune.methods import apply_method, describe, save_outputs, say, start_run
+from lmforge.tune.methods import apply_method, describe, run_footer, save_outputs, say, start_run
 from lmforge.tune.recipe import check_args
 
 
@@ -44,6 +44,11 @@ class QAResult:
     seconds: float
     rows: dict[str, int]
     adapter_dir: Path | None = None  # under LoRA: the adapter alone, in the PEFT layout
+
+    def summary(self) -> str:
+        """What `lmforge finetune qa` prints at the end."""
+        return (f"test: exact match {self.test['exact_match']:.1f}  F1 {self.test['f1']:.1f}  ({self.rows['test']} "
+                f"questions, {self.seconds:.0f} s training)\n" + run_footer(self))
 
 
 def load_qa_splits(data: str | Path, val_data: str | Path | None, test_data: str | Path | None,
@@ -80,7 +85,7 @@ def finetune_qa(model_path: str | Path, data: str | Path, out: str | Path, cfg: 
     cfg.validate()
     if cfg.metric not in ("f1", "exact_match"):
         cfg = dataclasses.replace(cfg, metric="f1")
-    check_args(stride=stride)
+    check_args("qa", stride=stride)
     out, baseline_mem = start_run(cfg, out, resume)
     train, val, test = load_qa_splits(data, val_data, test_data, cfg.seed)
 

@@ -9,28 +9,83 @@ depends on the method (adapters want larger steps than full fine-tuning).
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from lmforge.config import check_number
+from lmforge.config import check_settings, coerce_settings, setting
 from lmforge.errors import ConfigError
 from lmforge.train.supervised import FinetuneConfig, setting_name
 
 TASKS = ("classify", "qa", "chat", "dpo", "seq2seq")
-TASK_ARGS: dict[str, dict[str, Any]] = {  # task arguments and their defaults (None: required or optional)
-    "classify": {"model": None, "data": None, "out": None, "text_col": None, "label_col": None, "val_data": None,
-                 "test_data": None, "val_fraction": 0.1, "test_fraction": 0.1, "class_weights": False},
-    "qa": {"model": None, "data": None, "out": None, "val_data": None, "test_data": None, "stride": 64},
-    "chat": {"model": None, "data": None, "out": None, "val_data": None, "test_data": None, "packing": True,
-             "eval_before": True, "max_new_tokens": 64, "eval_limit": None},
-    "dpo": {"model": None, "data": None, "out": None, "val_data": None, "test_data": None, "beta": 0.1},
-    "seq2seq": {"model": None, "data": None, "out": None, "val_data": None, "test_data": None, "source_col": None,
-                "target_col": None, "prefix": "", "val_fraction": 0.05, "test_fraction": 0.05,
-                "max_target_len": None, "num_beams": 4, "max_new_tokens": None, "eval_limit": 500,
-                "time_budget": None},
-}
+
+
+# --- each task's own arguments, declared once (the CLI's flags are built from these and FinetuneConfig) ---------
+@dataclass
+class TaskArgs:
+    """What every task reads."""
+
+    model: str | None = setting(None, "model directory or packaged name")
+    data: str | None = setting(None, "training data file, or a built-in set")
+    out: str | None = setting(None, "run directory (default: runs/TASK-DATE-TIME)")
+    val_data: str | None = setting(None, "validation file (default: a share of --data)")
+    test_data: str | None = setting(None, "test file (default: a share of --data)")
+
+
+@dataclass
+class ClassifyArgs(TaskArgs):
+    text_col: str | None = setting(None, "text column (default: text, sentence, tweet, ...)")
+    label_col: str | None = setting(None, "label column (default: label, sentiment, class, ...)")
+    val_fraction: float = setting(0.1, "share of --data held out for validation", low=0, high=1, high_open=True)
+    test_fraction: float = setting(0.1, "share of --data held out for the test", low=0, high=1, high_open=True)
+    class_weights: bool = setting(False, "weight the loss by inverse class frequency")
+
+
+@dataclass
+class QAArgs(TaskArgs):
+    stride: int = setting(64, "tokens shared by neighbouring windows of a long context", low=1, integer=True)
+
+
+@dataclass
+class ChatArgs(TaskArgs):
+    packing: bool = setting(True, "pack short conversations together into rows of up to --max-len tokens")
+    eval_before: bool = setting(True, "score the starting model's held-out replies too")
+    max_new_tokens: int = setting(64, "reply length for the held-out evaluation", low=1, integer=True)
+    eval_limit: int | None = setting(None, "score only the first N held-out questions", low=1, integer=True)
+
+
+@dataclass
+class DPOArgs(TaskArgs):
+    beta: float = setting(0.1, "DPO temperature", low=0, low_open=True)
+
+
+@dataclass
+class Seq2SeqArgs(TaskArgs):
+    source_col: str | None = setting(None, "source column (default: source, src, input, text, document, en)")
+    target_col: str | None = setting(None, "target column (default: target, tgt, output, summary, es)")
+    prefix: str = setting("", "task prefix put before every source, e.g. 'translate English to Spanish: '")
+    val_fraction: float = setting(0.05, "share of --data held out for validation", low=0, high=1, high_open=True)
+    test_fraction: float = setting(0.05, "share of --data held out for the test", low=0, high=1, high_open=True)
+    max_target_len: int | None = setting(None, "target tokens kept (default: --max-len)", low=1, integer=True)
+    num_beams: int = setting(4, "beam width of the test-split decoding", low=1, integer=True)
+    max_new_tokens: int | None = setting(None, "longest output when decoding (default: the target limit)", low=1,
+                                         integer=True)
+    eval_limit: int = setting(500, "test pairs decoded for the final scores", low=1, integer=True)
+    time_budget: float | None = setting(None, "seconds of training: the epochs are sized to fit", low=0,
+                                        low_open=True)
+
+
+TASK_CLASSES: dict[str, type[TaskArgs]] = {"classify": ClassifyArgs, "qa": QAArgs, "chat": ChatArgs,
+                                           "dpo": DPOArgs, "seq2seq": Seq2SeqArgs}
+TASK_HELP = {"classify": "text classification with an encoder (e.g. all-minilm-l6-v2)",
+             "qa": "extractive question answering (SQuAD format), encoder",
+             "chat": "instruction tuning (SFT) of a decoder on chat JSONL or chatterbot",
+             "dpo": "preference tuning (DPO) on prompt/chosen/rejected JSONL",
+             "seq2seq": "translation / summarization with an encoder-decoder (T5), or one from scratch"}
+TASK_ARGS: dict[str, dict[str, Any]] = {  # task -> argument -> default (derived from the classes above)
+    task: {f.name: f.default for f in dataclasses.fields(cls)} for task, cls in TASK_CLASSES.items()}
 TASK_DEFAULTS: dict[str, dict[str, Any]] = {
     "classify": {"epochs": 3.0, "batch_size": 32, "max_len": 128, "metric": "accuracy"},
     "qa": {"epochs": 2.0, "batch_size": 16, "max_len": 256, "metric": "f1"},
@@ -102,65 +157,35 @@ def resolve(task: str, recipe: str | Path | None = None, flags: dict[str, Any] |
         values["lr"] = LR[task].get(method, 5e-5)
         if task == "seq2seq" and _is_preset(values["model"]):  # from scratch: T5's pre-training rate
             values["lr"] = 1e-2
-    try:
-        cfg = FinetuneConfig(**{k: v for k, v in values.items() if k in FIELDS})
-    except TypeError as e:
-        raise ConfigError(f"invalid fine-tuning settings: {e}") from None
-    _check_types(cfg)
+    if isinstance(values.get("lora_targets"), (list, tuple)):  # lora_targets: [q_proj, v_proj]
+        values["lora_targets"] = ",".join(map(str, values["lora_targets"]))
+    values = coerce_settings(FinetuneConfig, values, setting_name)
+    values = coerce_settings(TASK_CLASSES[task], values, setting_name)
+    cfg = FinetuneConfig(**{k: v for k, v in values.items() if k in FIELDS})
     cfg.validate()
     args = {k: values[k] for k in TASK_ARGS[task]}
-    check_args(**args)
+    check_args(task, **args)
     return cfg, args
 
 
-ARG_RANGES: dict[str, dict[str, Any]] = {  # task arguments that are numbers: their ranges (None: the default)
-    "val_fraction": {"low": 0, "high": 1, "high_open": True},
-    "test_fraction": {"low": 0, "high": 1, "high_open": True},
-    "stride": {"low": 1, "integer": True},
-    "max_new_tokens": {"low": 1, "integer": True},
-    "eval_limit": {"low": 1, "integer": True},
-    "max_target_len": {"low": 1, "integer": True},
-    "num_beams": {"low": 1, "integer": True},
-    "time_budget": {"low": 0, "low_open": True},
-    "beta": {"low": 0, "low_open": True},
-}
-
-
-def check_args(**args: Any) -> None:
-    """Refuse a task argument out of its range (ARG_RANGES) with one line naming it; the tasks call this before
+def check_args(task: str, **args: Any) -> None:
+    """Refuse a task argument outside its choices or range with one line naming it; the tasks call this before
     any work too, so the Python API refuses what the CLI refuses."""
-    for key, value in args.items():
-        if key in ARG_RANGES:
-            check_number(setting_name(key), value, **ARG_RANGES[key])
+    check_settings(TASK_CLASSES[task](**args), setting_name)
+
+
+def settings(task: str) -> list[tuple[str, Any, dataclasses.Field]]:
+    """(name, this task's default, field) for every setting of `finetune TASK`: the task's arguments first, then
+    FinetuneConfig's fields with the task's defaults. The CLI builds one flag from each."""
+    defaults = TASK_DEFAULTS[task]
+    rows = [(f.name, f.default, f) for f in dataclasses.fields(TASK_CLASSES[task])]
+    return rows + [(f.name, defaults.get(f.name, f.default), f) for f in dataclasses.fields(FinetuneConfig)]
 
 
 def _is_preset(model: Any) -> bool:
     from lmforge.config import SEQ2SEQ_PRESETS
 
     return str(model) in SEQ2SEQ_PRESETS and not Path(str(model)).exists()
-
-
-def _check_types(cfg: FinetuneConfig) -> None:
-    for f in dataclasses.fields(cfg):
-        v = getattr(cfg, f.name)
-        default = f.default
-        if isinstance(default, bool):
-            if not isinstance(v, bool):
-                raise ConfigError(f"{f.name} must be true or false, got {v!r}")
-            continue
-        if default is None:
-            continue
-        if isinstance(default, str) and isinstance(v, (list, tuple)):  # lora_targets: [q_proj, v_proj]
-            setattr(cfg, f.name, ",".join(map(str, v)))
-            continue
-        if isinstance(default, (int, float)) and not isinstance(default, bool):
-            if not isinstance(v, (int, float)) or isinstance(v, bool):
-                raise ConfigError(f"{f.name} must be a number, got {v!r}")
-            if isinstance(default, int) and not isinstance(default, bool) and float(v) != int(v):
-                raise ConfigError(f"{f.name} must be a whole number, got {v!r}")
-            setattr(cfg, f.name, type(default)(v))
-        elif isinstance(default, str) and not isinstance(v, str):
-            setattr(cfg, f.name, str(v))
 
 
 def finetune(task: str, recipe: str | Path | None = None, flags: dict[str, Any] | None = None,

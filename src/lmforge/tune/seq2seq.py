@@ -29,7 +29,7 @@ import yaml
 from lmforge.errors import ConfigError, ModelLoadError
 from lmforge.files import write_json, write_text
 from lmforge.train.supervised import FinetuneConfig, fit, length_buckets
-from lmforge.tune.methods import apply_method, describe, save_outputs, say, start_run
+from lmforge.tune.methods import apply_method, describe, run_footer, save_outputs, say, start_run
 from lmforge.tune.recipe import check_args
 
 
@@ -43,6 +43,14 @@ class Seq2SeqResult:
     rows: dict[str, int]
     samples: list[dict[str, str]] = field(default_factory=list)
     adapter_dir: Path | None = None  # under LoRA: the adapter alone, in the PEFT layout
+
+    def summary(self) -> str:
+        """What `lmforge finetune seq2seq` prints at the end."""
+        t = self.test
+        lines = [f"test: BLEU {t['bleu']:.2f}  chrF {t['chrf']:.2f}  ROUGE-L {t['rougeL']:.2f}  ({t['n']} pairs, "
+                 f"{self.seconds:.0f} s training)"]
+        lines += [f"  {d['source'][:70]!r} -> {d['prediction'][:70]!r}" for d in self.samples[:3]]
+        return "\n".join(lines + [run_footer(self)])
 
 
 @dataclass
@@ -143,7 +151,7 @@ def finetune_seq2seq(
 
     cfg = cfg or FinetuneConfig()
     cfg.validate()
-    check_args(val_fraction=val_fraction, test_fraction=test_fraction, max_target_len=max_target_len,
+    check_args("seq2seq", val_fraction=val_fraction, test_fraction=test_fraction, max_target_len=max_target_len,
                num_beams=num_beams, max_new_tokens=max_new_tokens, eval_limit=eval_limit, time_budget=time_budget)
     if cfg.method not in ("full", "lora", "qlora"):
         raise ConfigError(f"method {cfg.method!r} is not available for seq2seq models; use full or lora")

@@ -30,7 +30,7 @@ from lmforge.generate.chat import reply_all
 from lmforge.models.decoder import DecoderLM
 from lmforge.runtime import peak_memory_mb, reset_peak_memory
 from lmforge.train.supervised import FinetuneConfig, fit
-from lmforge.tune.methods import apply_method, check_method, describe, save_outputs, say, start_run
+from lmforge.tune.methods import apply_method, check_method, describe, run_footer, save_outputs, say, start_run
 from lmforge.tune.recipe import check_args
 
 
@@ -47,6 +47,14 @@ class ChatResult:
     seconds: float
     peak_train_memory_mb: float
     rows: dict[str, int] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        """What `lmforge finetune chat` prints at the end."""
+        lines = [f"held-out replies {name}: exact match {m['exact_match']:.1f}  F1 {m['f1']:.1f}  ROUGE-L "
+                 f"{m['rougeL']:.1f}" for name, m in (("before", self.before), ("after", self.after)) if m]
+        lines.append(f"{self.seconds:.0f} s training, peak memory {self.peak_train_memory_mb:,.0f} MiB, "
+                     f"{self.trainable_params:,} trainable parameters")
+        return "\n".join(lines + [run_footer(self)])
 
 
 def load_chat_splits(data: str | Path, val_data: str | Path | None, test_data: str | Path | None,
@@ -131,7 +139,7 @@ def finetune_chat(
     if cfg.metric == "accuracy":
         cfg = dataclasses.replace(cfg, metric="neg_loss")
     cfg.validate()
-    check_args(max_new_tokens=max_new_tokens, eval_limit=eval_limit)
+    check_args("chat", max_new_tokens=max_new_tokens, eval_limit=eval_limit)
     out, baseline_mem = start_run(cfg, out, resume)
 
     # --- data ------------------------------------------------------------------------------------------------
