@@ -266,3 +266,28 @@ def test_int4_refusal_leaves_the_model_unchanged():
         quantize_model(model, "int4", group_size=48)
     assert type(model.tok_emb) is torch.nn.Embedding and type(model.blocks[0].attn.q_proj) is torch.nn.Linear
     assert not hasattr(model, "quantization")
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4", "int8-dynamic"])
+@pytest.mark.parametrize("tied", [True, False], ids=["t5-v1.0-tied", "t5-v1.1-untied"])
+def test_a_quantized_t5_saves_and_loads_with_the_same_logits(mode, tied, tmp_path):
+    """Every family quantizes, saves and loads (the family registry picks its config writer and model class):
+    a T5 once went to the BERT config writer and came back as a decoder."""
+    from lmforge.config import seq2seq_config
+    from lmforge.models.seq2seq import Seq2SeqLM
+
+    torch.manual_seed(0)
+    model = Seq2SeqLM(seq2seq_config("t5-tiny", dropout=0.0, tie_embeddings=tied)).eval()
+    src, tgt = torch.randint(3, 100, (2, 9)), torch.randint(3, 100, (2, 5))
+    quantize_model(model, mode, group_size=32)
+    with torch.no_grad():
+        want = model(input_ids=src, decoder_input_ids=tgt).logits
+    save_quantized(model, tmp_path / "q")
+    cfg = json.loads((tmp_path / "q/config.json").read_text())
+    assert cfg["model_type"] == "t5" and cfg["quantization_config"]["family"] == "seq2seq"
+    assert json.loads((tmp_path / "q/generation_config.json").read_text())["decoder_start_token_id"] == 0
+    back = load_model(tmp_path / "q")
+    assert type(back) is Seq2SeqLM and back.quantization["mode"] == mode
+    with torch.no_grad():
+        got = back(input_ids=src, decoder_input_ids=tgt).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)

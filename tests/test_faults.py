@@ -16,11 +16,11 @@ import pytest
 import torch
 
 from conftest import call_cli, tiny_config
-from lmforge.config import load_run_config
+from lmforge.config import FinetuneConfig, load_run_config
 from lmforge.models.decoder import DecoderLM
 from lmforge.train.checkpoint import list_checkpoints
 from lmforge.train.loop import pretrain
-from lmforge.train.supervised import FinetuneConfig, fit
+from lmforge.train.supervised import fit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import faults  # noqa: E402

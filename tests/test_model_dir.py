@@ -80,7 +80,7 @@ def test_bad_model_directories(tmp_path):
         load_model(tmp_path / "m2")
     c["model_type"] = "mamba"
     (tmp_path / "m2" / "config.json").write_text(json.dumps(c))
-    with pytest.raises(ModelLoadError, match="supported decoder types: gpt2, llama"):
+    with pytest.raises(ModelLoadError, match="supported model types: gpt2, llama"):
         load_model(tmp_path / "m2")
 
 

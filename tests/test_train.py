@@ -133,7 +133,8 @@ def test_layer_decay_scales_each_depth():
 def test_weight_averaging_keeps_the_mean_of_the_late_evaluation_points(tmp_path):
     """FinetuneConfig.average: the weights at the evaluations in the last share of training are averaged and kept
     when the mean scores at least as well on validation as the best single point (here: a constant metric)."""
-    from lmforge.train.supervised import FinetuneConfig, fit
+    from lmforge.config import FinetuneConfig
+    from lmforge.train.supervised import fit
 
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 1)

@@ -1,15 +1,19 @@
 """`lmforge <verb>`: each verb parses its arguments and calls one library function.
 
-A user error (an LmforgeError) prints one line, `lmforge: error: ...`, and exits with status 2.
+A user error (an LmforgeError) prints one line, `lmforge: error: ...`, and exits with status 2. Each verb imports
+what it needs inside its function: `lmforge --help` and a verb load only their own modules (torch alone: 1.5 s).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import sys
 from collections.abc import Sequence
 
+from lmforge.config import ServeConfig
 from lmforge.errors import LmforgeError
 
 
@@ -28,40 +32,17 @@ def cmd_tokenizer_train(a: argparse.Namespace) -> None:
 
 
 def cmd_pretrain(a: argparse.Namespace) -> None:
-    from lmforge.config import load_run_config
-    from lmforge.train.loop import pretrain
+    from lmforge.train.loop import pretrain_run
 
-    if a.resume:
-        if not a.out:
-            raise LmforgeError("--resume needs --out RUN_DIR (the run to continue)")
-        # (--config is used only when the folder holds no run yet: a run killed before it wrote its config)
-        cfg = load_run_config(a.config, a.set) if a.config else None
-        result = pretrain(cfg, a.out, resume=True, overrides=a.set)
-    else:
-        if not a.config and not a.set:
-            raise LmforgeError("pretrain needs --config FILE.yaml (see configs/) or --set overrides")
-        cfg = load_run_config(a.config, a.set)
-        import time
-        from pathlib import Path
-
-        out = a.out or str(Path("runs") / time.strftime("pretrain-%Y%m%d-%H%M%S"))
-        result = pretrain(cfg, out)
-    if result.final:
-        f = result.final
-        from lmforge.train.loop import format_metrics
-
-        print("validation: " + format_metrics(f))
-        print(f"model: {result.model_dir}")
+    summary = pretrain_run(a.config, a.set, a.out, resume=a.resume).summary()
+    if summary:
+        print(summary)
 
 
 def cmd_generate(a: argparse.Namespace) -> None:
     from lmforge.generate import generate
-    from lmforge.interop import load_pretrained
-    from lmforge.runtime import tune_allocator
 
-    _check_sampling(a)
-    tune_allocator()
-    model, tok = load_pretrained(a.model, device=a.device, quantize=a.quantize, adapter=a.adapter)
+    model, tok = _load_for_decoding(a)
     prompts = [p.replace("\\n", "\n").replace("\\t", "\t") if a.escapes else p for p in a.prompt]
     stream = len(prompts) == 1 and not a.json and (a.stream or (not a.no_stream and sys.stdout.isatty()))
 
@@ -76,22 +57,24 @@ def cmd_generate(a: argparse.Namespace) -> None:
                      seed=a.seed, on_text=on_text if stream else None, compile=a.compile)
     if stream:
         sys.stdout.write("\n")
-        return
-    if a.json:
+    elif a.json:
         print(json.dumps([{"prompt": p, "text": t} for p, t in zip(prompts, texts)], ensure_ascii=False))
-        return
-    for i, (p, t) in enumerate(zip(prompts, texts)):
-        if len(prompts) > 1:
-            print(f"--- {i} ---")
-        print(p + t)
+    else:
+        for i, (p, t) in enumerate(zip(prompts, texts)):
+            print((f"--- {i} ---\n" if len(prompts) > 1 else "") + p + t)
 
 
-def _check_sampling(a: argparse.Namespace) -> None:
-    """generate / chat: refuse out-of-range decoding flags before the model loads (generate checks them too)."""
+def _load_for_decoding(a: argparse.Namespace):
+    """generate / chat: refuse out-of-range decoding flags before the model loads (generate checks them too),
+    then load it."""
     from lmforge.generate.sampling import SamplingParams
+    from lmforge.interop import load_pretrained
+    from lmforge.runtime import tune_allocator
 
     SamplingParams(a.max_new_tokens, a.temperature, a.top_k, a.top_p, getattr(a, "repetition_penalty", 1.0),
                    a.seed).validate(flags=True)
+    tune_allocator()
+    return load_pretrained(a.model, device=a.device, quantize=a.quantize, adapter=a.adapter)
 
 
 def cmd_convert(a: argparse.Namespace) -> None:
@@ -103,12 +86,8 @@ def cmd_convert(a: argparse.Namespace) -> None:
 
 def cmd_chat(a: argparse.Namespace) -> None:
     from lmforge.generate.chat import chat, chat_session
-    from lmforge.interop import load_pretrained
-    from lmforge.runtime import tune_allocator
 
-    _check_sampling(a)
-    tune_allocator()
-    model, tok = load_pretrained(a.model, device=a.device, quantize=a.quantize, adapter=a.adapter)
+    model, tok = _load_for_decoding(a)
     kw = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed,
               compile=a.compile)
     if a.prompt is not None:  # one shot, for scripts
@@ -118,55 +97,24 @@ def cmd_chat(a: argparse.Namespace) -> None:
     chat_session(model, tok, system=a.system, **kw)
 
 
-def cmd_eval_perplexity(a: argparse.Namespace) -> None:
-    from lmforge.eval.run import evaluate
-
-    m = evaluate("perplexity", a.model, a.data, a.out, window=a.window, stride=a.stride, quantize=a.quantize,
-                 adapter=a.adapter, device=a.device)
-    if a.json:  # (ppl and bpb: the names this output had before it went through `evaluate`)
-        print(json.dumps({**m, "ppl": m["perplexity"], "bpb": m["bits_per_byte"]}))
-        return
-    print(f"perplexity {m['perplexity']:.3f}  loss {m['loss']:.4f}  bits/byte {m['bits_per_byte']:.4f}  "
-          f"({m['tokens']:,} tokens, {m['windows']:,} windows of {m['window']}, stride {m['stride']})")
-    if a.out:
-        print(f"report: {a.out}/report.html")
-
-
 def cmd_eval(a: argparse.Namespace) -> None:
-    from lmforge.eval.run import evaluate
+    from lmforge.eval.run import describe, evaluate
 
-    m = evaluate(a.everb, a.model, a.data, a.out, limit=a.limit, text_col=getattr(a, "text_col", None),
-                 label_col=getattr(a, "label_col", None), source_col=getattr(a, "source_col", None),
-                 target_col=getattr(a, "target_col", None), chat=getattr(a, "chat", False),
-                 prompt=getattr(a, "prompt", None), max_new_tokens=getattr(a, "max_new_tokens", 64),
-                 quantize=a.quantize, adapter=a.adapter, num_beams=getattr(a, "num_beams", 4))
-    if a.json:
-        print(json.dumps(m))
-        return
-    shown = {k: v for k, v in m.items() if isinstance(v, (int, float)) and k != "seconds"}
-    print("  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items()))
-    if a.out:
-        print(f"report: {a.out}/report.html")
+    task = a.everb
+    kw = {k: getattr(a, k) for k in ("limit", "text_col", "label_col", "source_col", "target_col", "chat", "prompt",
+                                     "max_new_tokens", "num_beams", "window", "stride", "device") if hasattr(a, k)}
+    m = evaluate(task, a.model, a.data, a.out, quantize=a.quantize, adapter=a.adapter, **kw)
+    if a.json and task == "perplexity":  # (ppl and bpb: the names this output had before it went through evaluate)
+        m = {**m, "ppl": m["perplexity"], "bpb": m["bits_per_byte"]}
+    print(json.dumps(m) if a.json else describe(task, m) + (f"\nreport: {a.out}/report.html" if a.out else ""))
 
 
 def cmd_explain(a: argparse.Namespace) -> None:
-    from lmforge.explain import explain
+    from lmforge.explain import describe, explain
 
     text = a.text if a.text is not None else sys.stdin.read().strip()
-    r = explain(a.model, text, a.out, what=a.what, method=a.method, steps=a.steps, target=a.target, layer=a.layer,
-                baseline=a.baseline, max_steps=a.max_steps)
-    for note in r.get("notes", []):
-        print(f"note: {note}")
-    if r["kind"] == "seq2seq":
-        print(f"target{' (the greedy output)' if r['generated'] else ''}: {r['target']!r}")
-    sal = r.get("saliency")
-    if sal:
-        gap = sal.get("completeness_gap")
-        print(f"target {sal['target']!r} (p = {sal['prob']:.3f}, predicted {sal['predicted']!r})"
-              + (f", completeness gap {100 * gap:.2f}% after {sal['steps_used']} steps" if gap is not None else ""))
-        print("most salient: " + ", ".join(f"{t!r} {v:+.3f}" for t, v in sal["top_tokens"][:8]))
-    for f in r["files"].values():
-        print(f"wrote {f}")
+    print(describe(explain(a.model, text, a.out, what=a.what, method=a.method, steps=a.steps, target=a.target,
+                           layer=a.layer, baseline=a.baseline, max_steps=a.max_steps)))
 
 
 def cmd_quantize(a: argparse.Namespace) -> None:
@@ -185,23 +133,16 @@ def cmd_prune(a: argparse.Namespace) -> None:
 
 
 def cmd_info(a: argparse.Namespace) -> None:
-    from lmforge.info import model_info
+    from lmforge.info import format_info, model_info
 
     info = model_info(a.target)
-    if a.json:
-        print(json.dumps(info, indent=2))
-        return
-    print(f"{info['source']}: {info['family']}, model_type {info['model_type']}")
-    print(f"parameters: {info['params']:,} ({info['params_non_embedding']:,} without embeddings)")
-    print(f"FLOPs per token: {info['flops_per_token_forward'] / 1e6:,.1f} M forward, "
-          f"{info['flops_per_token_train'] / 1e6:,.1f} M training")
-    for k, v in info["config"].items():
-        print(f"  {k}: {v}")
+    print(json.dumps(info, indent=2) if a.json else format_info(info))
 
 
-def add_settings(group, rows) -> None:
+def add_settings(group, rows, given_only: bool = True) -> None:
     """One flag per declared setting (`lmforge.config.setting`: help, choices, default), so a setting is written
-    once: --name-with-dashes; a flag on (off) for a setting that defaults to false (true); None = not given."""
+    once: --name-with-dashes; a flag on (off) for a setting that defaults to false (true). given_only: a flag not
+    given is None (for settings layered over a recipe), else its default."""
     for name, default, f in rows:
         flag = "--" + name.replace("_", "-")
         hint = f.metadata.get("help", "").replace("%", "%%")
@@ -212,7 +153,8 @@ def add_settings(group, rows) -> None:
             continue
         kind = next((t for t in (int, float) if t.__name__ in str(f.type).split(" | ")), str)
         shown = f" (default {default})" if default not in (None, "") and name != "lr" else ""
-        group.add_argument(flag, dest=name, type=kind, choices=f.metadata.get("choices"), help=hint + shown)
+        group.add_argument(flag, dest=name, type=kind, choices=f.metadata.get("choices"), help=hint + shown,
+                           default=None if given_only else default)
 
 
 def cmd_finetune(a: argparse.Namespace) -> None:
@@ -223,21 +165,17 @@ def cmd_finetune(a: argparse.Namespace) -> None:
     print(finetune(task, a.config, flags, a.set, resume=a.resume).summary())
 
 
-def cmd_data_chatterbot(a: argparse.Namespace) -> None:
+def cmd_data(a: argparse.Namespace) -> None:
     from lmforge.data.chat import write_chatterbot
-
-    counts = write_chatterbot(a.out, pairs=a.pairs, seed=a.seed)
-    kind = "preference pairs" if a.pairs else "conversations"
-    print(f"wrote {a.out}/train.jsonl, val.jsonl, test.jsonl (" + ", ".join(f"{k} {n}" for k, n in counts.items())
-          + f" {kind})")
-
-
-def cmd_data_shakespeare_qa(a: argparse.Namespace) -> None:
     from lmforge.data.qa import write_shakespeare_qa
 
-    counts = write_shakespeare_qa(a.out, n_per_play=a.per_play, seed=a.seed)
-    print(f"wrote {a.out}/train.json, dev.json, test.json (" + ", ".join(f"{k} {n}" for k, n in counts.items())
-          + " questions)")
+    if a.dverb == "chatterbot":
+        counts, files = write_chatterbot(a.out, pairs=a.pairs, seed=a.seed), "train.jsonl, val.jsonl, test.jsonl"
+        kind = "preference pairs" if a.pairs else "conversations"
+    else:
+        counts, kind = write_shakespeare_qa(a.out, n_per_play=a.per_play, seed=a.seed), "questions"
+        files = "train.json, dev.json, test.json"
+    print(f"wrote {a.out}/{files} (" + ", ".join(f"{k} {n}" for k, n in counts.items()) + f" {kind})")
 
 
 def cmd_predict(a: argparse.Namespace) -> None:
@@ -261,33 +199,45 @@ def cmd_embed(a: argparse.Namespace) -> None:
     texts = input_texts(a.input, a.text, a.text_col)
     model, tok = load_pretrained(a.model, device=a.device, quantize=a.quantize)
     vecs = embed(model, tok, texts, batch_size=a.batch_size)
-    if a.similarity:
-        sim = cosine_similarity(vecs, vecs)
-        for i, t in enumerate(texts):
-            print("  ".join(f"{v:6.3f}" for v in sim[i].tolist()) + f"  {t[:60]}")
-        return
-    for t, v in zip(texts, vecs.tolist()):
-        print(json.dumps({"text": t, "embedding": [round(x, 6) for x in v]}, ensure_ascii=False))
+    sim = cosine_similarity(vecs, vecs) if a.similarity else None
+    for i, (t, v) in enumerate(zip(texts, vecs.tolist())):
+        print("  ".join(f"{x:6.3f}" for x in sim[i].tolist()) + f"  {t[:60]}" if sim is not None
+              else json.dumps({"text": t, "embedding": [round(x, 6) for x in v]}, ensure_ascii=False))
 
 
 def cmd_serve(a: argparse.Namespace) -> None:
-    import os
-
-    from lmforge.config import check_number
     from lmforge.serve import serve
 
-    # (serve() checks --port; the engine checks its sizes once the models are loaded: refuse them before that)
-    for flag, value, low in (("--port", a.port, 0), ("--max-batch", a.max_batch, 1), ("--max-queue", a.max_queue, 0),
-                             ("--max-len", a.max_len, 1), ("--max-body", a.max_body, 1)):
-        check_number(flag, value, low, 65535 if flag == "--port" else None, integer=True)
-    check_number("--request-timeout", a.request_timeout, 0, low_open=True)
-    serve(a.model, host=a.host, port=a.port, api_key=a.api_key or os.environ.get("LMFORGE_API_KEY") or None,
-          max_batch=a.max_batch, max_queue=a.max_queue, max_len=a.max_len, quantize=a.quantize,
-          max_body=a.max_body, log_level=a.log_level, request_timeout=a.request_timeout)
+    kw = {f.name: getattr(a, f.name) for f in dataclasses.fields(ServeConfig)}
+    serve(a.model, **{**kw, "api_key": a.api_key or os.environ.get("LMFORGE_API_KEY") or None})
 
 
+MODEL_HELP = "model directory, .gguf file or packaged model name"
 ENCODER_QUANTIZE = dict(choices=["int8", "int8-dynamic"], help="int8 Linear weights at load time: weight-only, or "
                         "int8-dynamic (int8 activations too: the fast one for batched encoders on CPU)")
+
+
+def model_flags(p: argparse.ArgumentParser, device: bool = True, adapter: bool = True,
+                quantize: dict | None = None) -> None:
+    """--model (required), and the loading flags most verbs share: --device, --quantize, --adapter."""
+    p.add_argument("--model", required=True, help=MODEL_HELP)
+    if device:
+        p.add_argument("--device", default="cpu")
+    p.add_argument("--quantize", **(quantize or dict(choices=["int8"], help="weight-only int8 Linear weights")))
+    if adapter:
+        p.add_argument("--adapter", help="a LoRA adapter directory (PEFT layout) to merge into the model")
+
+
+def sampling_flags(p: argparse.ArgumentParser, max_new_tokens: int, temperature: float, top_k: int | None,
+                   top_p: float | None) -> None:
+    """generate / chat: the decoding flags (their defaults differ: a chat reply is sampled more tightly)."""
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    p.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=top_k)
+    p.add_argument("--top-p", type=float, default=top_p)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--compile", action="store_true",
+                   help="decode through torch.compile (tens of seconds to compile once, then faster steps)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -321,20 +271,11 @@ def build_parser() -> argparse.ArgumentParser:
     pt.set_defaults(fn=cmd_pretrain)
 
     g = sub.add_parser("generate", help="continue prompts with a model")
-    g.add_argument("--model", required=True, help="model directory, .gguf file or packaged model name")
+    model_flags(g)
     g.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
-    g.add_argument("--max-new-tokens", type=int, default=128)
-    g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    g.add_argument("--top-k", type=int, default=None)
-    g.add_argument("--top-p", type=float, default=None)
+    sampling_flags(g, max_new_tokens=128, temperature=0.8, top_k=None, top_p=None)
     g.add_argument("--repetition-penalty", type=float, default=1.0)
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--device", default="cpu")
-    g.add_argument("--quantize", choices=["int8"], help="weight-only int8 Linear weights (inference)")
-    g.add_argument("--adapter", help="a LoRA adapter directory (PEFT layout) to merge into the model")
-    g.add_argument("--compile", action="store_true",
-                   help="decode through torch.compile (tens of seconds to compile once, then faster steps)")
     g.add_argument("--escapes", action="store_true", help=r"interpret \n and \t in prompts")
     g.add_argument("--stream", action="store_true", help="stream even when stdout is not a terminal")
     g.add_argument("--no-stream", action="store_true", help="print only when done")
@@ -347,46 +288,31 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(fn=cmd_convert)
 
     ch = sub.add_parser("chat", help="chat with a model through its chat template (streams)")
-    ch.add_argument("--model", required=True, help="model directory, .gguf file or packaged model name")
+    model_flags(ch)
     ch.add_argument("--system", help="system prompt")
     ch.add_argument("--prompt", help="one message, answer printed, then exit (for scripts)")
-    ch.add_argument("--max-new-tokens", type=int, default=256)
-    ch.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
-    ch.add_argument("--top-k", type=int, default=50)
-    ch.add_argument("--top-p", type=float, default=0.9)
-    ch.add_argument("--seed", type=int, default=None)
-    ch.add_argument("--device", default="cpu")
-    ch.add_argument("--quantize", choices=["int8"], help="weight-only int8 Linear weights (inference)")
-    ch.add_argument("--adapter", help="a LoRA adapter directory (PEFT layout) to merge into the model")
-    ch.add_argument("--compile", action="store_true",
-                    help="decode through torch.compile (tens of seconds to compile once, then faster steps)")
+    sampling_flags(ch, max_new_tokens=256, temperature=0.7, top_k=50, top_p=0.9)
     ch.set_defaults(fn=cmd_chat)
 
     ev = sub.add_parser("eval", help="evaluate a model")
     evsub = ev.add_subparsers(dest="everb", required=True, metavar="WHAT")
     pp = evsub.add_parser("perplexity", help="perplexity and bits per byte on text, with strided windows")
-    pp.add_argument("--model", required=True, help="model directory, .gguf file or packaged model name")
+    model_flags(pp)
     pp.add_argument("--data", nargs="+", required=True, help="corpus names, files, folders or globs")
     pp.add_argument("--window", type=int, default=None, help="tokens per window (default: context, at most 1024)")
     pp.add_argument("--stride", type=int, default=None, help="tokens between windows (default: window / 2)")
-    pp.add_argument("--device", default="cpu")
-    pp.add_argument("--quantize", choices=["int8"], help="weight-only int8 Linear weights (inference)")
-    pp.add_argument("--adapter", help="a LoRA adapter directory (PEFT layout) to merge into the model")
     pp.add_argument("--out", help="write results.json, windows.jsonl (loss per window) and report.md/.html here")
     pp.add_argument("--json", action="store_true", help="print the metrics as JSON")
-    pp.set_defaults(fn=cmd_eval_perplexity)
+    pp.set_defaults(fn=cmd_eval)
 
     evc = argparse.ArgumentParser(add_help=False)
-    evc.add_argument("--model", required=True, help="model directory, .gguf file or packaged model name")
+    model_flags(evc, device=False)
     evc.add_argument("--out", help="write results.json, predictions.jsonl and report.md/.html here")
     evc.add_argument("--limit", type=int, help="evaluate the first N examples only")
-    evc.add_argument("--quantize", choices=["int8"], help="weight-only int8 Linear weights (inference)")
-    evc.add_argument("--adapter", help="a LoRA adapter directory (PEFT layout) to merge into the model")
     evc.add_argument("--json", action="store_true", help="print the metrics as JSON")
     ec = evsub.add_parser("classify", parents=[evc], help="accuracy, macro-F1, confusion matrix of a classifier")
     ec.add_argument("--data", required=True, help="labelled CSV/TSV/JSONL")
-    ec.add_argument("--text-col")
-    ec.add_argument("--label-col")
+    ec.add_argument("--text-col"), ec.add_argument("--label-col")
     eq = evsub.add_parser("qa", parents=[evc], help="exact match and F1 of an extractive QA model")
     eq.add_argument("--data", required=True, help="SQuAD-format JSON/JSONL, or shakespeare-qa (its test split)")
     emc = evsub.add_parser("choice", parents=[evc], help="zero-shot multiple choice by log-likelihood")
@@ -396,8 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     es = evsub.add_parser("seq2seq", parents=[evc], help="BLEU, chrF and ROUGE of generations against references")
     es.add_argument("--data", required=True, help="JSONL/CSV/TSV with source and target columns, or bible-en-es "
                     "(its held-out test books)")
-    es.add_argument("--source-col")
-    es.add_argument("--target-col")
+    es.add_argument("--source-col"), es.add_argument("--target-col")
     es.add_argument("--prompt", help="template around each source, with {source} (e.g. 'Translate: {source}\\n')")
     es.add_argument("--chat", action="store_true", help="send each prompt through the model's chat template")
     es.add_argument("--max-new-tokens", type=int, default=64)
@@ -407,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ex = sub.add_parser("explain", help="attention maps and token saliency (PNG + HTML) for a model and a text "
                         "(encoder-decoders: encoder, decoder and cross-attention maps)")
-    ex.add_argument("--model", required=True, help="model directory, .gguf file or packaged model name")
+    ex.add_argument("--model", required=True, help=MODEL_HELP)
     ex.add_argument("--text", help="the text to explain (default: read standard input)")
     ex.add_argument("--out", required=True, help="folder for attention.png/.html, saliency.png/.html, explain.json "
                     "(encoder-decoders: attention_encoder/_decoder/_cross.png/.html)")
@@ -424,17 +349,16 @@ def build_parser() -> argparse.ArgumentParser:
     ex.set_defaults(fn=cmd_explain)
 
     qz = sub.add_parser("quantize", help="quantize a model (int8, int4, int8-dynamic); prints size, speed, quality")
-    qz.add_argument("--model", required=True, help="model directory, .gguf file or packaged model name")
+    qz.add_argument("--model", required=True, help=MODEL_HELP)
     qz.add_argument("--mode", required=True, help="int8 (weight-only), int4 (weight-only, group-wise), int8-dynamic")
     qz.add_argument("--group-size", type=int, default=64, help="int4: weights per scale / zero point")
     qz.add_argument("--out", required=True, help="the quantized model directory to write")
     qz.add_argument("--eval-data", nargs="+", help="text (decoders: perplexity) or a labelled file (classifiers)")
-    qz.add_argument("--text-col")
-    qz.add_argument("--label-col")
+    qz.add_argument("--text-col"), qz.add_argument("--label-col")
     qz.set_defaults(fn=cmd_quantize)
 
     pn = sub.add_parser("prune", help="magnitude or structured pruning, optional recovery; prints before/after")
-    pn.add_argument("--model", required=True, help="model directory, .gguf file or packaged model name")
+    pn.add_argument("--model", required=True, help=MODEL_HELP)
     pn.add_argument("--sparsity", type=float, help="unstructured: the share of block weights set to zero, (0, 1)")
     pn.add_argument("--structured", choices=["heads", "neurons"], help="remove attention heads or MLP neurons")
     pn.add_argument("--fraction", type=float, help="structured: the share of heads / neurons removed, (0, 1)")
@@ -442,8 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     pn.add_argument("--recover-data", help="text (decoders) or a labelled file (classifiers) for recovery")
     pn.add_argument("--out", required=True, help="the pruned model directory to write")
     pn.add_argument("--eval-data", nargs="+", help="text (decoders: perplexity) or a labelled file (classifiers)")
-    pn.add_argument("--text-col")
-    pn.add_argument("--label-col")
+    pn.add_argument("--text-col"), pn.add_argument("--label-col")
     pn.set_defaults(fn=cmd_prune)
 
     ft = sub.add_parser("finetune", help="fine-tune a pretrained model on a task")
@@ -460,15 +383,13 @@ def build_parser() -> argparse.ArgumentParser:
     da = sub.add_parser("data", help="build datasets from packaged text")
     dasub = da.add_subparsers(dest="dverb", required=True, metavar="SET")
     dq = dasub.add_parser("shakespeare-qa", help="an extractive QA set (SQuAD format) from the packaged plays")
-    dq.add_argument("--out", required=True, help="folder for train.json, dev.json, test.json")
     dq.add_argument("--per-play", type=int, default=60, help="questions per play")
-    dq.add_argument("--seed", type=int, default=0)
-    dq.set_defaults(fn=cmd_data_shakespeare_qa)
     dc = dasub.add_parser("chatterbot", help="chat JSONL (or DPO pairs) from the packaged chatterbot-corpus")
-    dc.add_argument("--out", required=True, help="folder for train.jsonl, val.jsonl, test.jsonl")
     dc.add_argument("--pairs", action="store_true", help="preference pairs (prompt, chosen, rejected) instead")
-    dc.add_argument("--seed", type=int, default=0)
-    dc.set_defaults(fn=cmd_data_chatterbot)
+    for d in (dq, dc):
+        d.add_argument("--out", required=True, help="folder for the train, validation and test files")
+        d.add_argument("--seed", type=int, default=0)
+        d.set_defaults(fn=cmd_data)
 
     pr = sub.add_parser("predict", help="classify texts with a fine-tuned classifier")
     pr.add_argument("input", nargs="?", help="a .txt file (one text per line), CSV/TSV/JSONL, or - for stdin")
@@ -487,30 +408,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     em = sub.add_parser("embed", help="sentence embeddings (mean-pooled, L2-normalised) from an encoder")
     em.add_argument("input", nargs="?", help="a .txt file (one text per line), CSV/TSV/JSONL, or - for stdin")
-    em.add_argument("--model", required=True, help="encoder model directory or packaged name (all-minilm-l6-v2)")
+    model_flags(em, adapter=False, quantize=ENCODER_QUANTIZE)
     em.add_argument("--text", action="append", help="a text to embed (repeatable; instead of a file)")
     em.add_argument("--text-col", help="text column of a CSV/TSV/JSONL input")
     em.add_argument("--similarity", action="store_true", help="print the cosine-similarity matrix instead")
     em.add_argument("--batch-size", type=int, default=64)
-    em.add_argument("--device", default="cpu")
-    em.add_argument("--quantize", **ENCODER_QUANTIZE)
     em.set_defaults(fn=cmd_embed)
 
     sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with continuous batching and a playground")
     sv.add_argument("--model", action="append", required=True,
                     help="model directory, .gguf or packaged name; repeat to serve several (a decoder for "
                          "completions/chat, an encoder for embeddings)")
-    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    sv.add_argument("--port", type=int, default=8000)
-    sv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 (or set LMFORGE_API_KEY)")
-    sv.add_argument("--max-batch", type=int, default=16, help="sequences decoded together per model")
-    sv.add_argument("--max-queue", type=int, default=64, help="requests allowed to wait; more get 429 at once")
-    sv.add_argument("--max-len", type=int, help="prompt + new tokens per sequence (default: the model's context)")
-    sv.add_argument("--quantize", choices=["int8"], help="weight-only int8 Linear layers")
-    sv.add_argument("--max-body", type=int, default=1 << 20, help="largest request body in bytes (413 above)")
-    sv.add_argument("--request-timeout", type=float, default=10.0,
-                    help="seconds a client has to send a request's head, and again its body (408 after; default 10)")
-    sv.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
+    add_settings(sv, [(f.name, f.default, f) for f in dataclasses.fields(ServeConfig)], given_only=False)
     sv.set_defaults(fn=cmd_serve)
 
     i = sub.add_parser("info", help="describe a model directory or preset: shape, parameters, FLOPs")
@@ -530,8 +439,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # output piped into `head` and the like
-        import os
-
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     return 0

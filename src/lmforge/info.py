@@ -64,3 +64,12 @@ def describe(cfg: DecoderConfig | EncoderConfig, source: str = "", model_type: s
         "flops_per_token_train": cfg.flops_per_token(training=True),
         "config": cfg.to_dict(),
     }
+
+
+def format_info(info: dict[str, Any]) -> str:
+    """`model_info`'s facts as `lmforge info` prints them."""
+    return "\n".join([f"{info['source']}: {info['family']}, model_type {info['model_type']}",
+                      f"parameters: {info['params']:,} ({info['params_non_embedding']:,} without embeddings)",
+                      f"FLOPs per token: {info['flops_per_token_forward'] / 1e6:,.1f} M forward, "
+                      f"{info['flops_per_token_train'] / 1e6:,.1f} M training",
+                      *(f"  {k}: {v}" for k, v in info["config"].items())])

@@ -23,6 +23,15 @@ from lmforge.files import check_out_dir, write_json
 TASKS = ("perplexity", "classify", "qa", "choice", "seq2seq")
 
 
+def describe(task: str, m: dict) -> str:
+    """One line of `evaluate`'s metrics, as `lmforge eval` prints them."""
+    if task == "perplexity":
+        return (f"perplexity {m['perplexity']:.3f}  loss {m['loss']:.4f}  bits/byte {m['bits_per_byte']:.4f}  "
+                f"({m['tokens']:,} tokens, {m['windows']:,} windows of {m['window']}, stride {m['stride']})")
+    shown = {k: v for k, v in m.items() if isinstance(v, (int, float)) and k != "seconds"}
+    return "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items())
+
+
 def evaluate(task: str, model: str, data: list[str] | str, out: str | Path | None = None, *, limit: int | None = None,
              text_col: str | None = None, label_col: str | None = None, source_col: str | None = None,
              target_col: str | None = None, chat: bool = False, prompt: str | None = None,

@@ -166,3 +166,18 @@ def _explain_seq2seq(m, tok, model: str | Path, text: str, out: Path, what: str,
     result["files"]["summary"] = str(out / "explain.json")
     write_json(out / "explain.json", result)
     return result
+
+
+def describe(r: dict) -> str:
+    """What `lmforge explain` prints about `explain`'s result: notes, the target, the most salient tokens, files."""
+    lines = [f"note: {note}" for note in r.get("notes", [])]
+    if r["kind"] == "seq2seq":
+        lines.append(f"target{' (the greedy output)' if r['generated'] else ''}: {r['target']!r}")
+    sal = r.get("saliency")
+    if sal:
+        gap = sal.get("completeness_gap")
+        lines.append(f"target {sal['target']!r} (p = {sal['prob']:.3f}, predicted {sal['predicted']!r})"
+                     + (f", completeness gap {100 * gap:.2f}% after {sal['steps_used']} steps" if gap is not None
+                        else ""))
+        lines.append("most salient: " + ", ".join(f"{t!r} {v:+.3f}" for t, v in sal["top_tokens"][:8]))
+    return "\n".join(lines + [f"wrote {f}" for f in r["files"].values()])

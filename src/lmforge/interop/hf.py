@@ -20,10 +20,11 @@ from safetensors.torch import load_file, save_file
 from lmforge.config import DecoderConfig
 from lmforge.errors import ModelLoadError
 from lmforge.files import atomic_dir, check_out_dir, write_json
+from lmforge.models.decoder import DecoderLM
+from lmforge.models.family import FAMILIES, NATIVE_DECODER_TYPE, family_for_model_type
 from lmforge.nn.init import adopt_weights, aligned_state, meta_init
 
-NATIVE_TYPE = "lmforge-decoder"
-SUPPORTED = ("gpt2", "llama", "mistral", "qwen2", "bert", "t5", NATIVE_TYPE)
+NATIVE_TYPE = NATIVE_DECODER_TYPE
 
 # a row: HF tensor name, the lmforge tensors concatenated into it (along the output dim), layout
 # layout "linear": same [out, in] layout; "conv1d": GPT-2's Conv1D stores the weight as [in, out]
@@ -124,7 +125,7 @@ def config_from_hf(d: dict[str, Any], where: str = "config.json") -> DecoderConf
     except TypeError as e:
         raise ModelLoadError(f"{where}: invalid config ({e})") from None
     raise ModelLoadError(
-        f"{where}: model_type {mt!r} is not supported; supported decoder types: {', '.join(SUPPORTED)}"
+        f"{where}: model_type {mt!r} is not a decoder; decoder types: {', '.join(FAMILIES['decoder'].hf_model_types)}"
     )
 
 
@@ -327,22 +328,21 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_model_dir(path: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
-    from lmforge.models.decoder import DecoderLM
+    """A model from an HF-layout directory of any family (or a quantized directory of lmforge's own)."""
+    from lmforge.interop.families import READERS
+    from lmforge.interop.quantized import is_quantized_dir, load_quantized
 
     path = Path(path)
     raw = read_config(path)
-    from lmforge.interop.quantized import is_quantized_dir, load_quantized
-
     if is_quantized_dir(raw):
         return load_quantized(path, raw, read_safetensors(path), device)
-    if raw.get("model_type") == "t5":
-        from lmforge.interop.hf_t5 import load_seq2seq_dir
+    family = family_for_model_type(raw.get("model_type"), str(path / "config.json"))
+    return READERS[family.name](path, raw, read_safetensors(path), device)
 
-        return load_seq2seq_dir(path, raw, read_safetensors(path), device)
-    if raw.get("model_type") == "bert":
-        from lmforge.interop.hf_bert import load_encoder_dir
 
-        return load_encoder_dir(path, raw, read_safetensors(path), device)
+def load_decoder_dir(path: Path, raw: dict[str, Any], tensors: dict[str, torch.Tensor],
+                     device: str | torch.device = "cpu") -> torch.nn.Module:
+    """A DecoderLM from an HF decoder directory's config and tensors (GPT-2, Llama, Mistral, Qwen2 or lmforge's)."""
     cfg = config_from_hf(raw, str(path / "config.json"))
     try:
         cfg.validate()
@@ -350,5 +350,5 @@ def load_model_dir(path: str | Path, device: str | torch.device = "cpu") -> torc
         raise ModelLoadError(f"{path / 'config.json'}: {e}") from None
     with meta_init():
         model = DecoderLM(cfg)
-    state = from_hf_state(model, read_safetensors(path), raw["model_type"], str(path))
+    state = from_hf_state(model, tensors, raw["model_type"], str(path))
     return adopt_weights(model, state, str(path)).to(device).eval()

@@ -32,6 +32,9 @@ from torch import nn
 
 from lmforge.errors import ModelLoadError
 from lmforge.files import atomic_dir, write_json
+from lmforge.interop.families import HF_CONFIG, generation_config
+from lmforge.interop.hf import check_output_dir
+from lmforge.models.family import FAMILIES, family_for_model_type, family_of
 from lmforge.nn.quant import MODES, Int4Linear, Int8Embedding, Int8Linear, dynamic_int8, int8_rows
 
 FORMAT_VERSION = 1
@@ -83,28 +86,23 @@ def _inside_quantized(model: nn.Module, name: str) -> bool:
 
 
 def save_quantized(model: nn.Module, path: str | Path, tokenizer: Any = None) -> Path:
-    """Write a model quantized by `quantize_model` as a model directory (see the module notes), atomically."""
-    from lmforge.interop.hf import check_output_dir
-    from lmforge.models.decoder import DecoderLM
-
+    """Write a model of any family quantized by `quantize_model` as a model directory (see the module notes),
+    atomically."""
     q = getattr(model, "quantization", None)
     if not q:
         raise ModelLoadError("this model is not quantized: run lmforge.nn.quant.quantize_model first")
     path = check_output_dir(path)
-    if isinstance(model, DecoderLM):
-        from lmforge.interop.hf import hf_config
-    else:
-        from lmforge.interop.hf_bert import hf_config
-    cfg = hf_config(model.config)
+    family = family_of(model)
+    cfg = HF_CONFIG[family.name](model.config)
     cfg["quantization_config"] = {"quant_method": "lmforge", "mode": q["mode"], "group_size": q["group_size"],
-                                  "format_version": FORMAT_VERSION, "lmforge_config": dataclasses.asdict(model.config)}
+                                  "format_version": FORMAT_VERSION, "family": family.name,
+                                  "lmforge_config": dataclasses.asdict(model.config)}
     with atomic_dir(path) as tmp:
         write_json(tmp / "config.json", cfg)
         save_file(quantized_state(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        if isinstance(model, DecoderLM):
-            c = model.config
-            write_json(tmp / "generation_config.json", {"bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_id,
-                                                         "pad_token_id": c.pad_token_id})
+        gen = generation_config(family.name, model.config)
+        if gen is not None:
+            write_json(tmp / "generation_config.json", gen)
         if tokenizer is not None:
             tokenizer.save(tmp, model_max_length=model.config.max_seq_len)
     return path
@@ -118,10 +116,6 @@ def load_quantized(path: Path, raw: dict, tensors: dict[str, torch.Tensor],
                    device: str | torch.device = "cpu") -> nn.Module:
     """Rebuild a quantized model from its directory: the module tree from lmforge_config, quantized modules from
     their stored codes."""
-    from lmforge.config import DecoderConfig, EncoderConfig
-    from lmforge.models.decoder import DecoderLM
-    from lmforge.models.encoder import Encoder
-
     qc = raw["quantization_config"]
     where = str(path / "config.json")
     mode = qc.get("mode")
@@ -129,8 +123,9 @@ def load_quantized(path: Path, raw: dict, tensors: dict[str, torch.Tensor],
         raise ModelLoadError(f"{where}: quantization {mode!r} (format {qc.get('format_version')}) is not one this "
                              f"lmforge reads ({', '.join(MODES)}, format {FORMAT_VERSION})")
     fields = dict(qc.get("lmforge_config") or {})
-    is_decoder = raw.get("model_type") != "bert"
-    cls_cfg, cls_model = (DecoderConfig, DecoderLM) if is_decoder else (EncoderConfig, Encoder)
+    # (directories written before the family was recorded: their model_type says it)
+    family = FAMILIES.get(qc.get("family")) or family_for_model_type(raw.get("model_type"), where)
+    cls_cfg, cls_model = family.config_cls, family.model_cls
     try:
         known = {f.name for f in dataclasses.fields(cls_cfg)}
         cfg = cls_cfg(**{k: v for k, v in fields.items() if k in known})
@@ -138,7 +133,7 @@ def load_quantized(path: Path, raw: dict, tensors: dict[str, torch.Tensor],
     except Exception as e:  # noqa: BLE001 - any bad field is the file's fault
         raise ModelLoadError(f"{where}: lmforge_config does not describe a model: {e}") from None
     model = cls_model(cfg)
-    tied = is_decoder and cfg.tie_embeddings
+    tied = family.name != "encoder" and cfg.tie_embeddings
     built = set()  # modules rebuilt from their stored codes: their tensors are already in place
     if "tok_emb.qweight" in tensors:
         built.update({"tok_emb", "lm_head"} if tied else {"tok_emb"})

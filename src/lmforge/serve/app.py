@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import functools
 import hmac
 import json
@@ -30,11 +31,13 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from fastapi import Request as HTTPRequest
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from lmforge.config import ServeConfig
 from lmforge.errors import LmforgeError
 from lmforge.generate.engine import Engine, Event, QueueFull, Request, TokenLogprob
 from lmforge.generate.sampling import SamplingParams
@@ -48,7 +51,7 @@ from lmforge.serve.protocol import (
 )
 
 STATIC = Path(__file__).parent / "static"
-REQUEST_TIMEOUT = 10.0  # seconds a client has for a request's head, and again for its body
+REQUEST_TIMEOUT = ServeConfig.request_timeout  # seconds a client has for a request's head, and again for its body
 # below this a temperature decodes greedily: dividing logits by a denormal overflows them to inf, and the NaN
 # probabilities that follow would make the sampler raise inside the engine's step
 MIN_TEMPERATURE = 1e-5
@@ -655,30 +658,31 @@ class ServerThread:
         self.thread.join(timeout=10)
 
 
-def serve(models: Sequence[str], host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          max_batch: int = 16, max_queue: int = 64, max_len: int | None = None, quantize: str | None = None,
-          max_body: int = 1 << 20, log_level: str = "warning", request_timeout: float = REQUEST_TIMEOUT) -> None:
-    """Load the models and serve them until interrupted. request_timeout: seconds a client has to send a
-    request's head, and again its body (then the connection is closed, or the answer is 408)."""
+def serve(models: Sequence[str], config: ServeConfig | None = None, **settings: Any) -> None:
+    """Load the models and serve them until interrupted, as `config` says (a ServeConfig; `settings` override
+    its fields: host, port, api_key, max_batch, max_queue, max_len, quantize, max_body, request_timeout,
+    log_level). Every setting is checked before a model loads."""
     import uvicorn
 
     from lmforge.runtime import tune_allocator
 
     if not models:
         raise LmforgeError("serve needs at least one --model")
-    if not 0 <= port < 65536:
-        raise LmforgeError(f"--port must be in 0..65535, got {port}")
-    if not request_timeout > 0:
-        raise LmforgeError(f"the request timeout must be positive, got {request_timeout}")
+    try:
+        c = dataclasses.replace(config or ServeConfig(), **settings)
+    except TypeError as e:
+        raise LmforgeError(f"serve: {e}") from None
+    c.validate()
+    host, port, api_key, request_timeout = c.host, c.port, c.api_key, c.request_timeout
     tune_allocator()
-    served = load_served(models, max_batch, max_queue, max_len, quantize)
-    app = create_app(served, api_key=api_key, max_body=max_body, body_timeout=request_timeout)
+    served = load_served(models, c.max_batch, c.max_queue, c.max_len, c.quantize)
+    app = create_app(served, api_key=api_key, max_body=c.max_body, body_timeout=request_timeout)
     if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         print(f"warning: serving on {host} without --api-key: anyone who can reach this port can use it")
     print(f"serving {', '.join(m.name for m in served)} at http://{host}:{port}  (playground: /, API: /v1)",
           flush=True)
     try:
-        uvicorn.Server(uvicorn_config(app, host, port, request_timeout, log_level=log_level,
+        uvicorn.Server(uvicorn_config(app, host, port, request_timeout, log_level=c.log_level,
                                       timeout_graceful_shutdown=2)).run()
     finally:
         for m in served:

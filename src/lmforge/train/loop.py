@@ -1,4 +1,4 @@
-"""Pre-training a decoder LM: the whole loop, top to bottom.
+"""Pre-training, the whole loop, top to bottom (its objective: clm, mlm or span, from train/objectives.py).
 
     prepare  corpus -> tokenizer -> token shards, in the run directory (bad input fails before anything is written)
     build    model, optimizer; resume from the latest checkpoint when asked
@@ -27,18 +27,17 @@ from typing import Any
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from lmforge.config import DecoderConfig, RunConfig, Seq2SeqConfig, load_run_config
+from lmforge.config import RunConfig, load_run_config
 from lmforge.data.corpus import read_documents, split_documents
 from lmforge.data.shards import TokenShard, build_shards
 from lmforge.errors import CheckpointError, ConfigError
-from lmforge.eval.lm import evaluate_shard, lm_metrics, window_loss
 from lmforge.files import check_out_dir, write_json, write_text
-from lmforge.models.decoder import DecoderLM
-from lmforge.models.encoder import Encoder
+from lmforge.models.family import family_of
 from lmforge.runtime import tune_allocator
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.checkpoint import clean_run_dir, list_checkpoints, load_checkpoint, save_checkpoint
 from lmforge.train.distributed import DistEnv, init_distributed, shutdown
+from lmforge.train.objectives import OBJECTIVES
 from lmforge.train.optim import lr_at, make_optimizer
 
 
@@ -49,6 +48,25 @@ class RunResult:
     final: dict[str, float]  # validation metrics of the final model
     steps: int
     seconds: float
+
+    def summary(self) -> str:
+        """What `lmforge pretrain` prints at the end (nothing for a session stopped before the last step)."""
+        return f"validation: {format_metrics(self.final)}\nmodel: {self.model_dir}" if self.final else ""
+
+
+def pretrain_run(config: str | Path | None, overrides: list[str] | None = None, out: str | Path | None = None,
+                 resume: bool = False) -> RunResult:
+    """`lmforge pretrain`: a run from a recipe file and `key=value` overrides into `out` (default
+    runs/pretrain-DATE-TIME), or with resume=True the run in `out` continued (its own saved config, the overrides
+    applied; the recipe is used only when the folder holds no run yet: one killed before it wrote its config)."""
+    if resume:
+        if not out:
+            raise ConfigError("--resume needs --out RUN_DIR (the run to continue)")
+        return pretrain(load_run_config(config, overrides) if config else None, out, resume=True, overrides=overrides)
+    if not config and not overrides:
+        raise ConfigError("pretrain needs --config FILE.yaml (see configs/) or --set overrides")
+    out = out or Path("runs") / time.strftime("pretrain-%Y%m%d-%H%M%S")
+    return pretrain(load_run_config(config, overrides), out)
 
 
 def pretrain(
@@ -119,24 +137,10 @@ def _pretrain(cfg: RunConfig, run: Path, resume: bool, progress: bool | None, ov
 
     # --- model and optimizer -----------------------------------------------------------------------------------
     torch.manual_seed(tc.seed)
-    mlm, span = tc.objective == "mlm", tc.objective == "span"
-    batcher = None
-    window = seq_len  # stream tokens one example reads
-    if span:
-        from lmforge.data.spans import SpanCorruptionBatcher
-        from lmforge.models.seq2seq import Seq2SeqLM
-
-        model = Seq2SeqLM(cfg.model).to(env.device)
-        batcher = SpanCorruptionBatcher(tokenizer, seq_len, tc.noise_density, tc.mean_span)
-        window = batcher.raw_len
-    elif mlm:
-        from lmforge.data.masking import MLMBatcher
-
-        model = Encoder(cfg.model).to(env.device)
-        batcher = MLMBatcher(tokenizer, cfg.model.vocab_size, seq_len, tc.mlm_probability, tc.whole_word_mask,
-                             tc.nsp)
-    else:
-        model = DecoderLM(cfg.model).to(env.device)
+    objective = OBJECTIVES[tc.objective](cfg, seq_len)
+    model = objective.build().to(env.device)
+    objective.bind(tokenizer)
+    window = objective.window  # stream tokens one example reads
     train_data.check_fits(window, "train")
     val_data.check_fits(window, "validation")
     optimizer = make_optimizer(model, tc, env.device.type)
@@ -162,26 +166,10 @@ def _pretrain(cfg: RunConfig, run: Path, resume: bool, progress: bool | None, ov
     bar = _progress_bar(tc.steps, step, show and env.main)
     eval_starts = val_data.random_starts(tc.eval_batches * per_rank * env.world, window,
                                          torch.Generator().manual_seed(tc.seed + 1))
-    if mlm or span:  # fixed masks too, so evaluations compare like with like
-        mask_gen = torch.Generator().manual_seed(tc.seed + 2)
-        mine_eval = eval_starts[env.rank::env.world]
-        eval_batches = [batcher(val_data, mine_eval[i:i + per_rank], mask_gen)
-                        for i in range(0, len(mine_eval), per_rank)]
+    objective.prepare_eval(val_data, eval_starts[env.rank::env.world], per_rank)
 
     def evaluate() -> dict[str, float]:
-        if span:
-            from lmforge.data.spans import span_metrics
-
-            return span_metrics(model, eval_batches, env.device)
-        if mlm:
-            from lmforge.data.masking import mlm_metrics
-
-            return mlm_metrics(model, eval_batches, env.device)  # (per process; equal shards under DDP)
-        mine = eval_starts[env.rank::env.world]
-        s = torch.tensor(window_loss(model, val_data, mine, seq_len, per_rank, env.device, autocast),
-                         dtype=torch.float64, device=env.device)
-        total, count = env.sum_(s).tolist()
-        return lm_metrics(total / count, val_data.bytes_per_token)
+        return objective.evaluate(model, env.device, env, autocast)
 
     def log(record: dict[str, Any]) -> None:
         if metrics is not None:
@@ -201,12 +189,8 @@ def _pretrain(cfg: RunConfig, run: Path, resume: bool, progress: bool | None, ov
             loss_sum = 0.0
             for micro in range(tc.grad_accum):
                 part = mine[micro * per_rank:(micro + 1) * per_rank]
-                if mlm or span:
-                    batch = batcher(train_data, part, data_gen)
-                else:
-                    x, y = train_data.windows(part, seq_len)
-                    batch = {"input_ids": x, "labels": y}
-                batch = {k: v.to(env.device, non_blocking=True) for k, v in batch.items()}
+                batch = {k: v.to(env.device, non_blocking=True)
+                         for k, v in objective.batch(train_data, part, data_gen).items()}
                 last = micro == tc.grad_accum - 1
                 sync = nullcontext() if last or env.world == 1 else train_model.no_sync()
                 with sync, autocast:
@@ -265,12 +249,9 @@ def _pretrain(cfg: RunConfig, run: Path, resume: bool, progress: bool | None, ov
         return RunResult(run, model_dir, final, step, time.time() - t_start)
     if env.main:
         model.eval()
-        if mlm or span:
-            model.save_pretrained(model_dir, tokenizer=tokenizer)
-            final = evaluate()
-        else:
-            model.save_pretrained(model_dir, tokenizer=tokenizer, generation_config=DEFAULT_GENERATION)
-            final = evaluate_shard(model, val_data, seq_len, per_rank, env.device)
+        model.save_pretrained(model_dir, tokenizer=tokenizer, **(
+            {"generation_config": objective.generation_config} if objective.generation_config else {}))
+        final = objective.final(model, env.device, env, autocast)
         seconds = time.time() - t_start
         write_json(run / "summary.json", {"steps": step, "tokens": tokens_seen, "seconds": seconds,
                                           "params": model.num_params(), "final_val": final})
@@ -285,9 +266,6 @@ def format_metrics(m: dict[str, float]) -> str:
     names = {"loss": "loss", "ppl": "ppl", "bpb": "bpb", "masked_acc": "masked acc", "nsp_acc": "nsp acc",
              "span_acc": "span acc"}
     return "  ".join(f"{names[k]} {m[k]:.4f}" for k in names if k in m)
-
-
-DEFAULT_GENERATION = {"do_sample": True, "temperature": 0.8, "top_k": 50, "top_p": 0.95, "max_new_tokens": 200}
 
 
 def _prepare(cfg: RunConfig, run: Path, env: DistEnv) -> Tokenizer:
@@ -308,13 +286,7 @@ def _prepare(cfg: RunConfig, run: Path, env: DistEnv) -> Tokenizer:
             write_text(run / "config.yaml", cfg.to_yaml())
         if not cfg.data.tokenizer and env.main:
             vocab = cfg.data.vocab_size or cfg.model.vocab_size
-            if cfg.train.objective == "mlm":  # encoders get BERT's WordPiece ([CLS], [SEP], [MASK], ## pieces)
-                tokenizer = Tokenizer.train_wordpiece((d.text for d in train_docs), vocab_size=vocab)
-            elif cfg.train.objective == "span":  # T5: a Unigram vocabulary with <extra_id_N> sentinels
-                tokenizer = Tokenizer.train_unigram((line for d in train_docs for line in d.text.splitlines()
-                                                     if line.strip()), vocab_size=vocab)
-            else:
-                tokenizer = Tokenizer.train_bpe((d.text for d in train_docs), vocab_size=vocab)
+            tokenizer = OBJECTIVES[cfg.train.objective].train_tokenizer((d.text for d in train_docs), vocab)
         if env.main:
             tokenizer.save(run)  # tokenizer.json + tokenizer_config.json (special-token names)
         env.barrier()
@@ -322,11 +294,12 @@ def _prepare(cfg: RunConfig, run: Path, env: DistEnv) -> Tokenizer:
         # the model's vocabulary is the tokenizer's (a trained BPE can come out smaller than asked)
         cfg.model.vocab_size = tokenizer.vocab_size
         cfg.model.pad_token_id = tokenizer.token_id(tokenizer.pad_token)
-        if isinstance(cfg.model, Seq2SeqConfig):
+        family = family_of(cfg.model).name
+        if family in ("decoder", "seq2seq"):
             cfg.model.eos_token_id = tokenizer.eos_id
+        if family == "seq2seq":
             cfg.model.decoder_start_token_id = cfg.model.pad_token_id
-        if isinstance(cfg.model, DecoderConfig):
-            cfg.model.eos_token_id = tokenizer.eos_id
+        if family == "decoder":
             cfg.model.bos_token_id = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
         if env.main:
             build_shards(train_docs, val_docs, tokenizer, run / "data")

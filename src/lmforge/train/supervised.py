@@ -19,61 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lmforge.config import check_settings, setting
-
-METHODS = ("full", "top-k", "lora", "qlora")
-
-
-@dataclass
-class FinetuneConfig:
-    """Every fine-tuning setting, declared once: the default, the help of its `lmforge finetune` flag, its allowed
-    values and range (tune.recipe layers task defaults, a recipe, flags and --set over these)."""
-
-    method: str = setting("full", "what trains: everything, the top k blocks, LoRA adapters, or LoRA on a "
-                          "quantized base", choices=METHODS)
-    top_k: int = setting(2, "blocks trained by --method top-k", low=1, integer=True)
-    lora_r: int = setting(8, "LoRA rank", low=1, integer=True)
-    lora_alpha: float = setting(16.0, "LoRA alpha; the update is scaled by alpha / r", low=0, low_open=True)
-    lora_dropout: float = setting(0.05, "dropout on the LoRA input", low=0, high=1, high_open=True)
-    lora_targets: str = setting("attn", "modules LoRA wraps: attn, mlp, all, or patterns like q_proj,v_proj")
-    quant: str = setting("nf4", "frozen base format under qlora: nf4, int4 (groups of 32, a Q4_1 GGUF's own grid) "
-                         "or int8", choices=("nf4", "int4", "int8"))
-    grad_checkpoint: bool = setting(False, "recompute block activations in backward (decoders): less memory, "
-                                    "~30% slower")
-    epochs: float = setting(3.0, "passes over the training data (a fraction is allowed)", low=0, low_open=True)
-    batch_size: int = setting(32, "examples per step", low=1, integer=True)
-    lr: float = setting(5e-5, "peak learning rate (default by task and method: adapters take larger steps)",
-                        low=0, low_open=True)
-    optimizer: str = setting("adamw", "adamw, or adafactor (T5's: steps relative to each parameter's scale)",
-                             choices=("adamw", "adafactor"))
-    weight_decay: float = setting(0.01, "AdamW weight decay", low=0)
-    warmup: float = setting(0.06, "share of the steps spent warming up", low=0, high=1, high_open=True)
-    grad_clip: float = setting(1.0, "gradient norm clip (0: off)", low=0)
-    layer_decay: float = setting(1.0, "below 1: block i of n learns at decay ** (n - i)", low=0, high=1,
-                                 low_open=True)
-    label_smoothing: float = setting(0.0, "classification: share of each target spread over the other classes",
-                                     low=0, high=1, high_open=True)
-    average: float = setting(0.0, "above 0: also try the mean of the weights at the evaluations in this last share "
-                             "of training", low=0, high=1)
-    max_len: int = setting(128, "tokens per example (longer ones are truncated, or windowed for QA)", low=8,
-                           integer=True)
-    eval_every: int = setting(0, "steps between evaluations (0: after every epoch)", low=0, integer=True)
-    metric: str = setting("accuracy", "the validation metric that picks the best weights (higher is better)")
-    seed: int = setting(0, "seed of the split, the initialisation and the data order", integer=True)
-    device: str = setting("cpu", "cpu, cuda or mps")
-    log_every: int = setting(10, "steps between logged records", low=1, integer=True)
-    ckpt_every: int = setting(200, "steps between checkpoints (0: none); a killed run continues with --resume",
-                              low=0, integer=True)
-    keep_checkpoints: int = setting(1, "newest checkpoints kept", low=1, integer=True)
-
-    def validate(self) -> None:
-        """Refuse a setting out of range with one line that names it as a recipe key and as a flag."""
-        check_settings(self, setting_name)
-
-
-def setting_name(key: str) -> str:
-    """How an error names a fine-tuning setting: its recipe key and its flag, e.g. `batch_size (--batch-size)`."""
-    return f"{key} (--{key.replace('_', '-')})"
+from lmforge.config import FinetuneConfig
 
 
 @dataclass

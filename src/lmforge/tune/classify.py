@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from lmforge.config import FinetuneConfig
 from lmforge.data.labelled import LabelledSet, class_counts, read_labelled, stratified_split
 from lmforge.errors import ConfigError, DataError, ModelLoadError
 from lmforge.eval.classify import classification_metrics, plot_confusion
@@ -28,7 +29,7 @@ from lmforge.files import write_json, write_text
 from lmforge.models.encoder import Encoder
 from lmforge.predict import pad_batch, predict_proba
 from lmforge.runtime import peak_memory_mb, reset_peak_memory
-from lmforge.train.supervised import FinetuneConfig, fit, length_buckets
+from lmforge.train.supervised import fit, length_buckets
 from lmforge.tune.methods import apply_method, check_method, describe, run_footer, save_outputs, say, start_run
 from lmforge.tune.recipe import check_args
 

@@ -29,13 +29,14 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from lmforge.config import FinetuneConfig
 from lmforge.data.chat import Pair, _split_of, chatterbot_pairs, read_pairs, tokenize_chat
 from lmforge.errors import DataError, ModelLoadError
 from lmforge.files import write_json, write_text
 from lmforge.models.decoder import DecoderLM
 from lmforge.nn.lora import lora_disabled, lora_modules
 from lmforge.runtime import peak_memory_mb, reset_peak_memory
-from lmforge.train.supervised import FinetuneConfig, fit
+from lmforge.train.supervised import fit
 from lmforge.tune.methods import apply_method, check_method, describe, run_footer, save_outputs, say, start_run
 from lmforge.tune.recipe import check_args
 

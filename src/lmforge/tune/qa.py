@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from lmforge.config import FinetuneConfig
 from lmforge.data.qa import QAExample, QAFeatures, qa_features, read_squad, shakespeare_qa
 from lmforge.errors import DataError, ModelLoadError
 from lmforge.eval.qa import squad_scores
@@ -29,7 +30,7 @@ from lmforge.models.encoder import Encoder
 from lmforge.nn.lora import trainable_params
 from lmforge.predict import answer, pad_batch
 from lmforge.runtime import peak_memory_mb, reset_peak_memory
-from lmforge.train.supervised import FinetuneConfig, fit
+from lmforge.train.supervised import fit
 from lmforge.tune.methods import apply_method, describe, run_footer, save_outputs, say, start_run
 from lmforge.tune.recipe import check_args
 

@@ -15,9 +15,8 @@ from typing import Any
 
 import yaml
 
-from lmforge.config import check_settings, coerce_settings, setting
+from lmforge.config import FinetuneConfig, check_settings, coerce_settings, setting, setting_name
 from lmforge.errors import ConfigError
-from lmforge.train.supervised import FinetuneConfig, setting_name
 
 TASKS = ("classify", "qa", "chat", "dpo", "seq2seq")
 

@@ -26,9 +26,10 @@ from typing import Any
 import torch
 import yaml
 
+from lmforge.config import FinetuneConfig
 from lmforge.errors import ConfigError, ModelLoadError
 from lmforge.files import write_json, write_text
-from lmforge.train.supervised import FinetuneConfig, fit, length_buckets
+from lmforge.train.supervised import fit, length_buckets
 from lmforge.tune.methods import apply_method, describe, run_footer, save_outputs, say, start_run
 from lmforge.tune.recipe import check_args
 

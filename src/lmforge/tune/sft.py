@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from lmforge.config import FinetuneConfig
 from lmforge.data.chat import Messages, _split_of, chatterbot_chat, pack, read_chat, tokenize_chat
 from lmforge.errors import DataError, ModelLoadError
 from lmforge.eval.generation import reference_scores
@@ -29,7 +30,7 @@ from lmforge.files import write_json, write_text
 from lmforge.generate.chat import reply_all
 from lmforge.models.decoder import DecoderLM
 from lmforge.runtime import peak_memory_mb, reset_peak_memory
-from lmforge.train.supervised import FinetuneConfig, fit
+from lmforge.train.supervised import fit
 from lmforge.tune.methods import apply_method, check_method, describe, run_footer, save_outputs, say, start_run
 from lmforge.tune.recipe import check_args
 
