@@ -113,7 +113,7 @@ def sentiment_classifier(out, seed: int = 0, n_train: int | None = 8000):
     tested on the fixed test split. Cached: an existing run is reused."""
     from pathlib import Path
 
-    from lmforge.train.supervised import FinetuneConfig
+    from lmforge.config import FinetuneConfig
     from lmforge.tune.classify import finetune_classify
 
     out = Path(out)

@@ -52,7 +52,7 @@ def write_csv(path: Path, texts: list[str], labels: list[str]) -> Path:
 
 def quick_classifier(ds, train_idx, val_idx, test_idx, rows: int, seed: int, work: Path) -> Path:
     """all-MiniLM-L6-v2 fine-tuned for one epoch on `rows` training tweets; returns the model directory."""
-    from lmforge.train.supervised import FinetuneConfig
+    from lmforge.config import FinetuneConfig
     from lmforge.tune.classify import finetune_classify
 
     rng = random.Random(seed)

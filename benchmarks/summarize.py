@@ -26,11 +26,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
-from lmforge.config import load_run_config  # noqa: E402
+from lmforge.config import (
+    FinetuneConfig,  # noqa: E402
+    load_run_config,  # noqa: E402
+)
 from lmforge.data import sword  # noqa: E402
 from lmforge.eval.generation import seq2seq_scores  # noqa: E402
 from lmforge.train.loop import pretrain  # noqa: E402
-from lmforge.train.supervised import FinetuneConfig  # noqa: E402
 from lmforge.tune.seq2seq import finetune_seq2seq, load_splits  # noqa: E402
 
 SHAPE = dict(n_layer=3, n_head=4, d_model=256, d_ff=768, mlp="relu", rel_buckets=32, rel_max_distance=128,

@@ -27,9 +27,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
+from lmforge.config import FinetuneConfig  # noqa: E402
 from lmforge.eval.generation import seq2seq_scores  # noqa: E402
 from lmforge.generate.seq2seq import Seq2SeqParams, generate_seq2seq  # noqa: E402
-from lmforge.train.supervised import FinetuneConfig  # noqa: E402
 from lmforge.tune.seq2seq import finetune_seq2seq, load_splits  # noqa: E402
 
 
