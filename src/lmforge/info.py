@@ -5,17 +5,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from lmforge.assets import MODELS
 from lmforge.config import ENCODER_PRESETS, PRESETS, DecoderConfig, EncoderConfig, encoder_config, model_config
 from lmforge.errors import ModelLoadError
+from lmforge.interop import resolve_model_path
+from lmforge.interop.gguf import _reader, gguf_config
+from lmforge.interop.hf import check_weights, config_from_hf, read_config
+from lmforge.interop.hf_bert import config_from_hf as bert_config
 
 
 def model_info(target: str | Path) -> dict[str, Any]:
     """Describe a model directory (reads config.json, and checks the weights files' headers and sizes without
     reading their tensors), a .gguf file or a named preset."""
-    from lmforge.assets import MODELS
-    from lmforge.interop import resolve_model_path
-    from lmforge.interop.hf import check_weights, config_from_hf, read_config
-
     if str(target) in PRESETS and not Path(target).exists():
         cfg, source, model_type = model_config(str(target)), f"preset {target}", None
     elif str(target) in ENCODER_PRESETS and not Path(target).exists():
@@ -23,8 +24,6 @@ def model_info(target: str | Path) -> dict[str, Any]:
     elif str(target) in MODELS and not Path(target).exists():
         return model_info(resolve_model_path(target))
     elif str(target).endswith(".gguf") and Path(target).is_file():
-        from lmforge.interop.gguf import _reader, gguf_config
-
         cfg, source, model_type = gguf_config(_reader(Path(target)), str(target)), str(target), "gguf"
     else:
         path = Path(target)
@@ -34,8 +33,6 @@ def model_info(target: str | Path) -> dict[str, Any]:
         raw = read_config(path)
         check_weights(path)  # a cut download fails here, not when the model is first used
         if raw.get("model_type") == "bert":
-            from lmforge.interop.hf_bert import config_from_hf as bert_config
-
             mlm_only = raw.get("architectures", ["BertModel"])[0] == "BertForMaskedLM"  # (no pooler)
             cfg = bert_config(raw, {} if mlm_only else {"pooler.dense.weight": None}, str(path / "config.json"))
         else:

@@ -14,6 +14,11 @@ from typing import Any
 
 from lmforge.config import load_run_config
 from lmforge.files import check_out_dir, write_json
+from lmforge.generate import generate
+from lmforge.interop import load_model
+from lmforge.report import write_run_report
+from lmforge.tokenizer import Tokenizer
+from lmforge.train.loop import pretrain
 
 QUICKSTART: dict[str, Any] = {
     "model": {"preset": "quickstart"},
@@ -36,12 +41,6 @@ class QuickstartResult:
 
 def quickstart(out: str | Path | None = None, overrides: list[str] | None = None,
                progress: bool | None = None, echo: bool = True) -> QuickstartResult:
-    from lmforge.generate import generate
-    from lmforge.interop import load_model
-    from lmforge.report import write_run_report
-    from lmforge.tokenizer import Tokenizer
-    from lmforge.train.loop import pretrain
-
     t0 = time.time()
     cfg = load_run_config(base=QUICKSTART, overrides=overrides)
     run = check_out_dir(out, "--out") if out else Path("runs") / time.strftime("quickstart-%Y%m%d-%H%M%S")

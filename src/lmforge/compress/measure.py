@@ -16,20 +16,23 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lmforge.data.corpus import read_documents
+from lmforge.data.labelled import read_labelled
+from lmforge.errors import DataError
+from lmforge.eval.lm import strided_nll
+from lmforge.generate.sampling import SamplingParams, generate_ids
+from lmforge.interop.quantized import quantized_state
 from lmforge.models.decoder import DecoderLM
+from lmforge.nn.packed import release_packed
+from lmforge.predict import predict_proba
 
 
 def size_mb(model: nn.Module) -> float:
-    from lmforge.interop.quantized import quantized_state
-
     return sum(t.numel() * t.element_size() for t in quantized_state(model).values()) / 2**20
 
 
 @torch.inference_mode()
 def decode_speed(model: DecoderLM, tokenizer, new_tokens: int = 32, prompt: str = "The history of the city") -> float:
-    from lmforge.generate.sampling import SamplingParams, generate_ids
-    from lmforge.nn.packed import release_packed
-
     ids = [tokenizer.encode(prompt) or [0]]
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0)
     for _ in generate_ids(model, ids, SamplingParams(max_new_tokens=4, temperature=0.0)):
@@ -41,9 +44,6 @@ def decode_speed(model: DecoderLM, tokenizer, new_tokens: int = 32, prompt: str 
 
 
 def perplexity(model: DecoderLM, tokenizer, sources: list[str], max_tokens: int = 8192) -> float:
-    from lmforge.data.corpus import read_documents
-    from lmforge.eval.lm import strided_nll
-
     ids = [t for d in read_documents(sources) for t in tokenizer.encode(d.text)][:max_tokens]
     window = min(256, model.config.max_seq_len)
     nll, n = strided_nll(model, ids, window=window, stride=window // 2)
@@ -53,10 +53,6 @@ def perplexity(model: DecoderLM, tokenizer, sources: list[str], max_tokens: int 
 def classifier_scores(model: nn.Module, tokenizer, data: str, text_col: str | None = None,
                       label_col: str | None = None) -> tuple[float, float]:
     """(accuracy, sequences per second) on a labelled file."""
-    from lmforge.data.labelled import read_labelled
-    from lmforge.errors import DataError
-    from lmforge.predict import predict_proba
-
     ds = read_labelled(data, text_col, label_col)
     labels = model.config.labels
     unknown = sorted(set(ds.labels) - set(labels))

@@ -10,14 +10,17 @@ from __future__ import annotations
 from pathlib import Path
 
 from lmforge.compress.measure import comparison, measure
+from lmforge.compress.prune import check_args, prune_model, recover, sparsity_of
 from lmforge.config import check_number
 from lmforge.errors import LmforgeError
 from lmforge.files import write_json
+from lmforge.interop import load_pretrained
+from lmforge.interop.hf import check_output_dir
+from lmforge.interop.quantized import save_quantized
+from lmforge.nn.quant import MODES, check_quantizable, quantize_model
 
 
 def _load(model: str):
-    from lmforge.interop import load_pretrained
-
     m, tok = load_pretrained(model)
     if getattr(m, "quantization", None):
         raise LmforgeError(f"{model} is already quantized; start from the full-precision model")
@@ -27,10 +30,6 @@ def _load(model: str):
 def quantize(model: str, mode: str, out: str | Path, group_size: int = 64, eval_data: list[str] | None = None,
              text_col: str | None = None, label_col: str | None = None, say=print) -> dict:
     """Quantize `model` (int8, int4 or int8-dynamic) into the model directory `out`."""
-    from lmforge.interop.hf import check_output_dir
-    from lmforge.interop.quantized import save_quantized
-    from lmforge.nn.quant import MODES, check_quantizable, quantize_model
-
     if mode not in MODES:
         raise LmforgeError(f"quantization mode {mode!r} is not supported; choose one of {', '.join(MODES)}")
     if group_size < 2 or group_size % 2:
@@ -56,9 +55,6 @@ def prune(model: str, out: str | Path, sparsity: float | None = None, structure:
           say=print) -> dict:
     """Prune `model` (magnitude to `sparsity`, or `fraction` of its heads / neurons), optionally fine-tune it
     for `recover_steps` on `recover_data`, and save it to `out`."""
-    from lmforge.compress.prune import check_args, prune_model, recover, sparsity_of
-    from lmforge.interop.hf import check_output_dir
-
     check_args(sparsity, structure, fraction)
     check_number("--recover-steps", recover_steps, 0, integer=True)
     if recover_steps and not recover_data:

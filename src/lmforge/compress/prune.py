@@ -21,7 +21,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lmforge.data.corpus import read_documents
+from lmforge.data.labelled import read_labelled
 from lmforge.errors import LmforgeError
+from lmforge.models.decoder import DecoderLM
+from lmforge.predict import pad_batch
 
 STRUCTURES = ("heads", "neurons")
 
@@ -159,14 +163,10 @@ def recover(model: nn.Module, tokenizer, data: str, steps: int, masks: dict[str,
             label_col: str | None = None) -> list[float]:
     """A short recovery fine-tuning after pruning: causal LM on text files for a decoder, the classification
     loss on a labelled file for an encoder classifier. Pruned weights stay zero. Returns the losses."""
-    from lmforge.models.decoder import DecoderLM
-
     if steps < 1:
         raise LmforgeError(f"recovery steps must be positive, got {steps}")
     g = torch.Generator().manual_seed(seed)
     if isinstance(model, DecoderLM):
-        from lmforge.data.corpus import read_documents
-
         ids = torch.tensor([t for doc in read_documents([data]) for t in tokenizer.encode(doc.text)])
         seq_len = min(seq_len, model.config.max_seq_len - 1)
         if len(ids) <= seq_len + 1:
@@ -177,9 +177,6 @@ def recover(model: nn.Module, tokenizer, data: str, steps: int, masks: dict[str,
             rows = torch.stack([ids[s:s + seq_len + 1] for s in starts.tolist()])
             return model(rows[:, :-1], labels=rows[:, 1:]).loss
     else:
-        from lmforge.data.labelled import read_labelled
-        from lmforge.predict import pad_batch
-
         if getattr(model.config, "head", None) != "classify":
             raise LmforgeError("recovery fine-tuning supports decoders (text) and encoder classifiers (labels)")
         ds = read_labelled(data, text_col, label_col)

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.errors import DataError, LmforgeError
+from lmforge.files import check_out_dir, write_text
 
 # --- the chat template: the model's own (tokenizer_config.json's `chat_template`, or a GGUF's
 # `tokenizer.chat_template`), rendered as transformers does, in Jinja's sandbox (a model file cannot reach Python
@@ -160,8 +161,6 @@ def read_pairs(path: str | Path) -> list[Pair]:
 
 
 def write_jsonl(rows: Sequence[Any], path: str | Path) -> Path:
-    from lmforge.files import write_text
-
     def plain(r):  # a Pair, a conversation (list of messages) or a ready row
         return r.__dict__ if isinstance(r, Pair) else {"messages": r} if isinstance(r, list) else r
 
@@ -204,8 +203,6 @@ def _split_of(question: str, seed: int, test: float, val: float) -> str:
 def write_chatterbot(out: str | Path, pairs: bool = False, seed: int = 0) -> dict[str, int]:
     """`lmforge data chatterbot`: conversations (or, with pairs, DPO preference pairs) written as
     out/train.jsonl, val.jsonl, test.jsonl; returns the rows per split. An unusable `out` is refused first."""
-    from lmforge.files import check_out_dir
-
     out = check_out_dir(out, "--out")
     splits = chatterbot_pairs(seed=seed) if pairs else chatterbot_chat(seed=seed)
     for name, rows in splits.items():

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import random
 
+from lmforge.data.chat import chatterbot_conversations
+
 
 def chatterbot_mc(n_choices: int = 4, seed: int = 0) -> list[dict]:
-    from lmforge.data.chat import chatterbot_conversations
-
     rng = random.Random(seed)
     by_topic: dict[str, list[tuple[str, str]]] = {}
     seen = set()

@@ -17,6 +17,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lmforge.assets import DATASETS, resolve_data_path
 from lmforge.errors import DataError
 
 TEXT_COLUMNS = ("text", "sentence", "content", "review", "tweet", "document", "question")
@@ -90,8 +91,6 @@ def _pick_fallback(samples: list[bytes]) -> str:
 
 def read_records(path: str | Path) -> tuple[list[dict[str, str]], list[str], int]:
     """Rows of a CSV, TSV or JSONL file as dicts: (rows, column names, repaired row count)."""
-    from lmforge.assets import DATASETS, resolve_data_path
-
     path = resolve_data_path(path)
     if path.is_dir():
         raise DataError(f"{path} is a folder, not a data file; give a CSV, TSV or JSONL file")

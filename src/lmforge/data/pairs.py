@@ -16,7 +16,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from lmforge.data import sword
 from lmforge.data.labelled import pick_column, read_records
+from lmforge.data.sword import DEFAULT_TEST_BOOKS, DEFAULT_VAL_BOOKS
 from lmforge.errors import DataError
 
 SOURCE_COLUMNS = ("source", "src", "input", "text", "document", "article", "en")
@@ -79,8 +81,6 @@ def _column(columns: list[str], wanted: str | None, candidates: tuple[str, ...],
 
 
 def _bible(name: str, source_col: str | None, target_col: str | None) -> PairSet:
-    from lmforge.data import sword
-
     src, tgt = BIBLE_DATA[name]
     for wanted, have, what in ((source_col, src, "source"), (target_col, tgt, "target")):
         if wanted is not None and wanted != have:
@@ -97,8 +97,6 @@ def bible_lead(max_words: int = 120) -> PairSet:
     is the first verse: the chapter's opening, which usually states who acts and where ("And the LORD spake
     unto Moses, saying, ..."). Its baseline is the lead of the source (its first sentence), as news
     summarization uses the lead-3 sentences. Groups are books, so held-out books stay out of training."""
-    from lmforge.data import sword
-
     chapters: dict[tuple[str, int], list[str]] = {}
     for v in sword.read_module(sword.KJV):
         chapters.setdefault((v.book, v.chapter), []).append(v.text)
@@ -139,8 +137,6 @@ def held_out_by_group(ps: PairSet, test: Sequence[str] | None = None, val: Seque
                       ) -> tuple[list[int], list[int], list[int]]:
     """(train, validation, test) row indices that keep whole groups out of training: for the Bible, the books
     `sword.DEFAULT_TEST_BOOKS` and `DEFAULT_VAL_BOOKS` unless given."""
-    from lmforge.data.sword import DEFAULT_TEST_BOOKS, DEFAULT_VAL_BOOKS
-
     if ps.groups is None:
         raise DataError(f"{ps.path} has no groups (books) to hold out; split it at random instead")
     test_set, val_set = set(test or DEFAULT_TEST_BOOKS), set(val or DEFAULT_VAL_BOOKS)

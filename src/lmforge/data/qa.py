@@ -20,7 +20,10 @@ from pathlib import Path
 
 import torch
 
+from lmforge.assets import corpus_files
+from lmforge.config import check_number
 from lmforge.errors import DataError
+from lmforge.files import check_out_dir, write_json
 from lmforge.tokenizer import Tokenizer
 
 
@@ -87,8 +90,6 @@ def _example(qa: dict, context: str, where: str) -> QAExample:
 
 
 def write_squad(examples: list[QAExample], path: str | Path, title: str = "") -> None:
-    from lmforge.files import write_json
-
     paras: dict[str, list] = {}
     for e in examples:
         paras.setdefault(e.context, []).append({"id": e.id, "question": e.question, "answers": [
@@ -201,8 +202,6 @@ def _speeches(text: str) -> list[tuple[str, int, str, int]]:
 def write_shakespeare_qa(out: str | Path, n_per_play: int = 60, seed: int = 0) -> dict[str, int]:
     """`lmforge data shakespeare-qa`: the set written as out/train.json, dev.json, test.json (SQuAD format);
     returns the questions per split. An unusable `out` is refused before anything is built."""
-    from lmforge.files import check_out_dir
-
     out = check_out_dir(out, "--out")
     splits = shakespeare_qa(n_per_play=n_per_play, seed=seed)
     for name, ex in splits.items():
@@ -220,9 +219,6 @@ def shakespeare_qa(n_per_play: int = 60, context_speeches: int = 12, seed: int =
     are unique within their passage. Plays are split into train / dev / test by a hash of the file name, so no
     passage of a test play is seen in training (6 test plays, 4 validation plays, the rest for training).
     """
-    from lmforge.assets import corpus_files
-    from lmforge.config import check_number
-
     check_number("--per-play", n_per_play, 1, integer=True)
     check_number("context_speeches", context_speeches, 1, integer=True)
     rng = random.Random(seed)

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from lmforge.data.chat import apply_chat_template
+from lmforge.data.choice import chatterbot_mc
 from lmforge.errors import DataError
 
 PROMPT = "Question: {question}\nAnswer:"
@@ -22,8 +24,6 @@ PROMPT = "Question: {question}\nAnswer:"
 def read_choices(path: str | Path) -> list[dict]:
     """Rows of a multiple-choice JSONL file, checked; a packaged set by name (chatterbot-mc) also works."""
     if str(path) == "chatterbot-mc":
-        from lmforge.data.choice import chatterbot_mc
-
         return chatterbot_mc()
     p = Path(path)
     if p.is_dir():
@@ -83,8 +83,6 @@ def evaluate_choices(model, tokenizer, rows: list[dict], chat: bool = False, tem
                      progress: bool = True) -> dict:
     """accuracy, accuracy_norm and per-row picks for multiple-choice rows."""
     from tqdm import tqdm
-
-    from lmforge.data.chat import apply_chat_template
 
     if "{question}" not in template:
         raise DataError("the prompt template needs a {question} placeholder")

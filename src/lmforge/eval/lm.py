@@ -11,7 +11,9 @@ from contextlib import nullcontext
 
 import torch
 
+from lmforge.data.corpus import read_documents
 from lmforge.data.shards import TokenShard
+from lmforge.errors import ConfigError, DataError
 
 
 def lm_metrics(loss: float, bytes_per_token: float) -> dict[str, float]:
@@ -85,9 +87,6 @@ def evaluate_perplexity(model: torch.nn.Module, tokenizer, sources: list[str], w
     Returns loss (mean nats per scored token), ppl, bpb (total nats / ln 2 / UTF-8 bytes of the text), tokens
     (scored), bytes, windows (how many scored tokens), window, stride, and per_window: one (document name, first token,
     mean loss, tokens scored) per window, in order."""
-    from lmforge.data.corpus import read_documents
-    from lmforge.errors import ConfigError, DataError
-
     window = min(model.config.max_seq_len, 1024) if window is None else window  # (0 is refused, not a default)
     stride = max(1, window // 2) if stride is None else stride
     if window > model.config.max_seq_len or window < 2 or not 0 < stride <= window:

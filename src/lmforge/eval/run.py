@@ -17,8 +17,26 @@ import time
 from pathlib import Path
 
 from lmforge.config import check_number
+from lmforge.data.chat import apply_chat_template
+from lmforge.data.labelled import read_labelled
+from lmforge.data.pairs import held_out_by_group
+from lmforge.data.pairs import read_pairs as read_pair_set
+from lmforge.data.qa import read_squad, shakespeare_qa
 from lmforge.errors import ConfigError, DataError, LmforgeError
-from lmforge.files import check_out_dir, write_json
+from lmforge.eval.choice import PROMPT, evaluate_choices, read_choices
+from lmforge.eval.classify import classification_metrics, plot_confusion
+from lmforge.eval.generation import seq2seq_scores
+from lmforge.eval.lm import evaluate_perplexity
+from lmforge.eval.qa import squad_scores
+from lmforge.files import check_out_dir, write_json, write_text
+from lmforge.generate import generate
+from lmforge.generate.chat import end_of_turn_ids
+from lmforge.generate.seq2seq import Seq2SeqParams, generate_seq2seq
+from lmforge.interop import load_pretrained
+from lmforge.models.decoder import DecoderLM
+from lmforge.models.seq2seq import Seq2SeqLM
+from lmforge.predict import answer, predict
+from lmforge.report import bar_plot, series_plot, write_report
 
 TASKS = ("perplexity", "classify", "qa", "choice", "seq2seq")
 
@@ -39,8 +57,6 @@ def evaluate(task: str, model: str, data: list[str] | str, out: str | Path | Non
              quantize: str | None = None, adapter: str | None = None, batch_size: int = 16,
              num_beams: int = 4, device: str = "cpu") -> dict:
     """Evaluate `model` on `data` for `task`; returns the metrics (and writes the report when `out` is given)."""
-    from lmforge.interop import load_pretrained
-
     if task not in TASKS:
         raise LmforgeError(f"unknown evaluation {task!r}; choose one of {', '.join(TASKS)}")
     # settings and the output folder first: loading the model and reading the data take the time
@@ -73,8 +89,6 @@ def evaluate(task: str, model: str, data: list[str] | str, out: str | Path | Non
 
 
 def _kind(m, want: str, task: str) -> None:
-    from lmforge.models.decoder import DecoderLM
-
     is_decoder = isinstance(m, DecoderLM)
     if want == "decoder" and not is_decoder:
         what = "an encoder-decoder (T5)" if hasattr(m, "decoder") else "an encoder"
@@ -86,8 +100,6 @@ def _kind(m, want: str, task: str) -> None:
 
 
 def _perplexity(m, tok, sources, o):
-    from lmforge.eval.lm import evaluate_perplexity
-
     _kind(m, "decoder", "perplexity")
     r = evaluate_perplexity(m, tok, sources, window=o["window"], stride=o["stride"])
     met = {"perplexity": r["ppl"], "loss": r["loss"], "bits_per_byte": r["bpb"]}
@@ -97,10 +109,6 @@ def _perplexity(m, tok, sources, o):
 
 
 def _classify(m, tok, sources, o):
-    from lmforge.data.labelled import read_labelled
-    from lmforge.eval.classify import classification_metrics
-    from lmforge.predict import predict
-
     _kind(m, "classifier", "classify")
     ds = read_labelled(sources[0], o["text_col"], o["label_col"])
     texts, gold = ds.texts[: o["limit"]], ds.labels[: o["limit"]]
@@ -119,10 +127,6 @@ def _classify(m, tok, sources, o):
 
 
 def _qa(m, tok, sources, o):
-    from lmforge.data.qa import read_squad, shakespeare_qa
-    from lmforge.eval.qa import squad_scores
-    from lmforge.predict import answer
-
     _kind(m, "qa", "qa")
     examples = shakespeare_qa()["test"] if sources[0] == "shakespeare-qa" else read_squad(sources[0])
     examples = examples[: o["limit"]]
@@ -137,8 +141,6 @@ def _qa(m, tok, sources, o):
 
 
 def _choice(m, tok, sources, o):
-    from lmforge.eval.choice import PROMPT, evaluate_choices, read_choices
-
     _kind(m, "decoder", "choice")
     rows = read_choices(sources[0])[: o["limit"]]
     r = evaluate_choices(m, tok, rows, chat=o["chat"], template=o["prompt"] or PROMPT)
@@ -149,18 +151,12 @@ def _choice(m, tok, sources, o):
 
 
 def _seq2seq(m, tok, sources, o):
-    from lmforge.data.chat import apply_chat_template
-    from lmforge.generate import generate
-    from lmforge.generate.chat import end_of_turn_ids
-    from lmforge.models.seq2seq import Seq2SeqLM
-
     pairs = read_pairs(sources[0], o["source_col"], o["target_col"])[: o["limit"]]
     template = o["prompt"] or "{source}"
     if "{source}" not in template:
         raise DataError("the prompt template needs a {source} placeholder")
     prompts = [template.format(source=s) for s, _ in pairs]
     if isinstance(m, Seq2SeqLM):  # an encoder-decoder reads the source and writes the target: beam search
-        from lmforge.generate.seq2seq import Seq2SeqParams, generate_seq2seq
 
         hyps = generate_seq2seq(m, tok, prompts, Seq2SeqParams(max_new_tokens=o["max_new_tokens"],
                                                                num_beams=o["num_beams"]), batch_size=32)
@@ -180,8 +176,6 @@ def _seq2seq(m, tok, sources, o):
 
 
 def _seq2seq_scored(pairs, hyps):
-    from lmforge.eval.generation import seq2seq_scores
-
     refs = [t for _, t in pairs]
     met = seq2seq_scores(hyps, refs)
     met["n"] = len(pairs)
@@ -194,9 +188,6 @@ def read_pairs(path: str, source_col: str | None, target_col: str | None) -> lis
     """(source, target) rows from JSONL / CSV / TSV (see lmforge.data.pairs for the column names it guesses;
     rows with an empty side are skipped). The packaged Bible (bible-en-es, bible-es-en) is scored on its
     held-out test books, the ones `finetune seq2seq` never trains on."""
-    from lmforge.data.pairs import held_out_by_group
-    from lmforge.data.pairs import read_pairs as read_pair_set
-
     ps = read_pair_set(path, source_col, target_col)
     if ps.groups is not None:
         ps = ps.subset(held_out_by_group(ps)[2])
@@ -208,26 +199,18 @@ def read_pairs(path: str, source_col: str | None, target_col: str | None) -> lis
 
 
 def _write(out: Path, task: str, model: str, sources: list[str], metrics: dict, plot, details: list[dict]) -> None:
-    from lmforge.report import bar_plot, write_report
-
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "results.json", {"task": task, "model": str(model), "data": [str(s) for s in sources],
                                       "metrics": metrics})
     if details:
-        from lmforge.files import write_text
-
         name = "windows.jsonl" if task == "perplexity" else "predictions.jsonl"
         write_text(out / name, "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in details))
     images = []
     if plot is not None and plot[0] == "windows":
-        from lmforge.report import series_plot
-
         series_plot(plot[1], out / "windows.png", f"{Path(str(model)).name}: loss per window",
                     xlabel="window (in reading order)", ylabel="loss (nats / token)", mean=plot[2])
         images.append("windows.png")
     elif plot is not None and plot[0] == "confusion":
-        from lmforge.eval.classify import plot_confusion
-
         plot_confusion(plot[1], out / "confusion.png", title=f"{Path(str(model)).name} on {Path(sources[0]).name}")
         images.append("confusion.png")
     elif plot is not None:

@@ -21,9 +21,19 @@ from pathlib import Path
 
 from lmforge.errors import LmforgeError
 from lmforge.explain.attention import AttentionMaps, Seq2SeqAttention, attention_maps, seq2seq_attention_maps
+from lmforge.explain.inputs import model_kind
 from lmforge.explain.render import attention_html, attention_png, saliency_html, saliency_png
-from lmforge.explain.saliency import BASELINES, METHODS, Saliency, check_saliency_model, saliency
+from lmforge.explain.saliency import (
+    BASELINES,
+    METHODS,
+    Saliency,
+    check_saliency_model,
+    check_steps,
+    resolve_target,
+    saliency,
+)
 from lmforge.files import check_out_dir, write_json
+from lmforge.interop import load_pretrained
 
 __all__ = ["AttentionMaps", "Saliency", "Seq2SeqAttention", "attention_html", "attention_maps", "attention_png",
            "explain", "saliency", "saliency_html", "saliency_png", "seq2seq_attention_maps"]
@@ -55,10 +65,6 @@ def explain(model: str | Path, text: str, out: str | Path, what: str = "both", m
     "generated" (whether the target is the model's own output) instead. The same dict is written to
     out/explain.json.
     """
-    from lmforge.explain.inputs import model_kind
-    from lmforge.explain.saliency import check_steps, resolve_target
-    from lmforge.interop import load_pretrained
-
     # argument errors first: loading a model takes seconds
     if what not in WHAT:
         raise LmforgeError(f"unknown explanation {what!r}; use one of {', '.join(WHAT)}")

@@ -25,6 +25,7 @@ from torch import nn
 
 from lmforge.errors import LmforgeError
 from lmforge.explain.inputs import device_of, display_token, encode_text, model_kind
+from lmforge.generate.seq2seq import Seq2SeqParams, generate_seq2seq_ids
 from lmforge.tokenizer import Tokenizer
 
 GREEDY_TOKENS = 64  # the longest greedy output drawn when an encoder-decoder is given no target
@@ -102,8 +103,6 @@ def seq2seq_attention_maps(model: nn.Module, tokenizer: Tokenizer, source: str, 
                            max_new_tokens: int = GREEDY_TOKENS) -> Seq2SeqAttention:
     """Encoder self-, decoder self- and cross-attention of an encoder-decoder for `source` (ending in EOS, as
     generation feeds it) and `target` (default: the model's greedy output, up to max_new_tokens tokens)."""
-    from lmforge.generate.seq2seq import Seq2SeqParams, generate_seq2seq_ids
-
     if model_kind(model) != "seq2seq":
         raise LmforgeError("seq2seq_attention_maps needs an encoder-decoder; use attention_maps")
     c = model.config

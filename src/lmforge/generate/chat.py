@@ -8,6 +8,8 @@ from typing import Any
 
 from lmforge.data.chat import apply_chat_template
 from lmforge.errors import LmforgeError
+from lmforge.generate.sampling import generate
+from lmforge.nn.packed import release_packed
 
 
 def chat(model, tokenizer, messages: Sequence[dict], max_new_tokens: int = 256, temperature: float = 0.7,
@@ -15,8 +17,6 @@ def chat(model, tokenizer, messages: Sequence[dict], max_new_tokens: int = 256, 
          seed: int | None = None, on_text: Callable[[str], None] | None = None, compile: bool = False) -> str:
     """The assistant's reply to `messages` (a list of {"role", "content"}), streamed to on_text if given.
     compile: decode through torch.compile (see generate_ids)."""
-    from lmforge.generate.sampling import generate
-
     prompt = apply_chat_template(tokenizer, messages)
     stream = (lambda _row, piece: on_text(piece)) if on_text else None
     return generate(model, tokenizer, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
@@ -78,8 +78,6 @@ def end_of_turn_ids(tokenizer) -> list[int]:
 def reply_all(model, tokenizer, conversations: Sequence[Sequence[dict]], max_new_tokens: int = 64,
               batch_size: int = 16) -> list[str]:
     """Greedy replies to many conversations, batched (for evaluation)."""
-    from lmforge.generate.sampling import generate
-
     prompts = [apply_chat_template(tokenizer, c) for c in conversations]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths pad less
     out = [""] * len(prompts)
@@ -90,7 +88,6 @@ def reply_all(model, tokenizer, conversations: Sequence[Sequence[dict]], max_new
                          temperature=0.0, end_token_ids=ends)
         for i, t in zip(idx, texts):
             out[i] = t.strip()
-    from lmforge.nn.packed import release_packed
 
     release_packed(model)  # the prepacked weight copies would otherwise outlive the evaluation
     return out

@@ -14,6 +14,7 @@ import torch
 
 from lmforge.config import check_number
 from lmforge.errors import LmforgeError
+from lmforge.nn import packed
 from lmforge.nn.packed import packed_linears
 
 
@@ -162,8 +163,6 @@ def generate_ids(
                                dtype=torch.long, device=device)
     step, keys = None, None
     if compile:
-        from lmforge.nn import packed
-
         step = compiled_decode_step()
         pack_weights = pack_weights and (B == 1 or packed._OPAQUE is not None)
         size = min(ctx, -(-total // COMPILE_BUCKET) * COMPILE_BUCKET)

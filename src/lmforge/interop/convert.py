@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lmforge.interop import load_pretrained
+from lmforge.interop.hf import check_output_dir
+
 
 def convert(source: str | Path, out: str | Path) -> Path:
     """Load a .gguf file, a model directory or a packaged model name and write it as an HF directory
     (config.json, model.safetensors, tokenizer.json + tokenizer_config.json with the chat template,
     generation_config.json). The result loads in lmforge and in transformers."""
-    from lmforge.interop import load_pretrained
-    from lmforge.interop.hf import check_output_dir
-
     check_output_dir(out, "output folder")  # before the (slow) load
     model, tokenizer = load_pretrained(source)
     return model.save_pretrained(out, tokenizer=tokenizer)

@@ -19,7 +19,10 @@ import torch
 
 from lmforge.config import DecoderConfig
 from lmforge.errors import ModelLoadError
-from lmforge.nn.init import adopt_weights, aligned, meta_init
+from lmforge.interop.weights import adopt_weights, meta_init
+from lmforge.models.decoder import DecoderLM
+from lmforge.nn.init import aligned
+from lmforge.tokenizer import Tokenizer
 
 ARCHITECTURES = ("llama", "mistral")
 # quantization types we dequantize (others are refused with a clear error)
@@ -122,8 +125,6 @@ def dequantize_tensor(t, where: str) -> torch.Tensor:
 
 def load_gguf(path: str | Path, device: str | torch.device = "cpu"):
     """(model, tokenizer) from a .gguf file; weights dequantized to float32."""
-    from lmforge.models.decoder import DecoderLM
-
     path = Path(path)
     reader = _reader(path)
     cfg = gguf_config(reader, str(path))
@@ -167,8 +168,6 @@ def gguf_tokenizer(reader, where: str):
     """A `tokenizers` byte-level BPE from `tokenizer.ggml.*` metadata, with its special tokens and chat template."""
     from tokenizers import AddedToken, decoders, models, pre_tokenizers
     from tokenizers import Tokenizer as HFTokenizer
-
-    from lmforge.tokenizer import Tokenizer
 
     kind = _field(reader, "tokenizer.ggml.model")
     if kind != "gpt2":

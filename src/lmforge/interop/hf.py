@@ -20,9 +20,11 @@ from safetensors.torch import load_file, save_file
 from lmforge.config import DecoderConfig
 from lmforge.errors import ModelLoadError
 from lmforge.files import atomic_dir, check_out_dir, write_json
+from lmforge.interop.weights import adopt_weights, meta_init
 from lmforge.models.decoder import DecoderLM
-from lmforge.models.family import FAMILIES, NATIVE_DECODER_TYPE, family_for_model_type
-from lmforge.nn.init import adopt_weights, aligned_state, meta_init
+from lmforge.models.family import FAMILIES, NATIVE_DECODER_TYPE
+from lmforge.nn.init import aligned_state
+from lmforge.nn.lora import plain_state_dict
 
 NATIVE_TYPE = NATIVE_DECODER_TYPE
 
@@ -177,8 +179,6 @@ def tensor_rows(c: DecoderConfig, model_type: str) -> list[Row]:
 
 
 def to_hf_state(model: torch.nn.Module, model_type: str) -> dict[str, torch.Tensor]:
-    from lmforge.nn.lora import plain_state_dict
-
     ours = plain_state_dict(model)
     rows = tensor_rows(model.config, model_type)
     if not rows:
@@ -325,19 +325,6 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
             raise ModelLoadError(f"{f} is truncated or corrupt ({str(e).splitlines()[0]}); download or save it "
                                  "again") from None
     return tensors
-
-
-def load_model_dir(path: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
-    """A model from an HF-layout directory of any family (or a quantized directory of lmforge's own)."""
-    from lmforge.interop.families import READERS
-    from lmforge.interop.quantized import is_quantized_dir, load_quantized
-
-    path = Path(path)
-    raw = read_config(path)
-    if is_quantized_dir(raw):
-        return load_quantized(path, raw, read_safetensors(path), device)
-    family = family_for_model_type(raw.get("model_type"), str(path / "config.json"))
-    return READERS[family.name](path, raw, read_safetensors(path), device)
 
 
 def load_decoder_dir(path: Path, raw: dict[str, Any], tensors: dict[str, torch.Tensor],

@@ -17,7 +17,10 @@ from safetensors.torch import save_file
 from lmforge.config import EncoderConfig
 from lmforge.errors import ModelLoadError
 from lmforge.files import atomic_dir, write_json
-from lmforge.nn.init import adopt_weights, meta_init
+from lmforge.interop.hf import check_output_dir
+from lmforge.interop.weights import adopt_weights, meta_init
+from lmforge.models.encoder import Encoder
+from lmforge.nn.lora import plain_state_dict
 
 ARCHITECTURES = {"none": "BertModel", "mlm": "BertForMaskedLM", "pretrain": "BertForPreTraining",
                  "classify": "BertForSequenceClassification", "qa": "BertForQuestionAnswering"}
@@ -117,8 +120,6 @@ def name_rows(model: torch.nn.Module) -> list[tuple[str, str]]:
 
 
 def to_hf_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    from lmforge.nn.lora import plain_state_dict
-
     ours = plain_state_dict(model)
     return {hf: ours[n].detach().contiguous().cpu() for hf, n in name_rows(model)}
 
@@ -146,8 +147,6 @@ def from_hf_state(model: torch.nn.Module, hf: dict[str, torch.Tensor], where: st
 
 
 def save_encoder_dir(model: torch.nn.Module, path: str | Path, tokenizer: Any = None) -> Path:
-    from lmforge.interop.hf import check_output_dir
-
     path = check_output_dir(path)
     with atomic_dir(path) as tmp:
         write_json(tmp / "config.json", hf_config(model.config))
@@ -159,8 +158,6 @@ def save_encoder_dir(model: torch.nn.Module, path: str | Path, tokenizer: Any = 
 
 def load_encoder_dir(path: Path, raw: dict[str, Any], tensors: dict[str, torch.Tensor],
                      device: str | torch.device = "cpu") -> torch.nn.Module:
-    from lmforge.models.encoder import Encoder
-
     cfg = config_from_hf(raw, tensors, str(path / "config.json"))
     try:
         cfg.validate()

@@ -17,7 +17,10 @@ from safetensors.torch import save_file
 from lmforge.config import Seq2SeqConfig
 from lmforge.errors import ModelLoadError
 from lmforge.files import atomic_dir, write_json
-from lmforge.nn.init import adopt_weights, meta_init
+from lmforge.interop.hf import check_output_dir
+from lmforge.interop.weights import adopt_weights, meta_init
+from lmforge.models.seq2seq import Seq2SeqLM
+from lmforge.nn.lora import plain_state_dict
 
 # lmforge mlp kind <-> T5's feed_forward_proj
 FF_PROJ = {"relu": "relu", "gelu": "gelu", "gelu_tanh": "gelu_new", "geglu": "gated-gelu"}
@@ -84,9 +87,6 @@ def tensor_rows(c: Seq2SeqConfig) -> list[tuple[str, str]]:
 def save_seq2seq_dir(model: torch.nn.Module, path: str | Path, tokenizer: Any = None,
                      generation_config: dict | None = None) -> Path:
     """Write `model` (and its tokenizer) as a T5ForConditionalGeneration directory, atomically."""
-    from lmforge.interop.hf import check_output_dir
-    from lmforge.nn.lora import plain_state_dict
-
     path = check_output_dir(path)
     c = model.config
     ours = plain_state_dict(model)
@@ -105,8 +105,6 @@ def save_seq2seq_dir(model: torch.nn.Module, path: str | Path, tokenizer: Any = 
 
 def load_seq2seq_dir(path: Path, raw: dict[str, Any], tensors: dict[str, torch.Tensor],
                      device: str | torch.device = "cpu") -> torch.nn.Module:
-    from lmforge.models.seq2seq import Seq2SeqLM
-
     where = str(path / "config.json")
     cfg = config_from_hf(raw, where)
     try:

@@ -12,9 +12,12 @@ import torch
 
 from lmforge.assets import MODELS, model_file
 from lmforge.errors import ModelLoadError
+from lmforge.interop.families import READERS
 from lmforge.interop.gguf import load_gguf
-from lmforge.interop.hf import load_model_dir
+from lmforge.interop.hf import read_config, read_safetensors
 from lmforge.interop.peft import load_adapter
+from lmforge.interop.quantized import is_quantized_dir, load_quantized
+from lmforge.models.family import family_for_model_type
 from lmforge.nn.lora import merge_and_unload
 from lmforge.nn.quant import quantize_model
 from lmforge.tokenizer import Tokenizer
@@ -57,3 +60,13 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> torch.nn
     if not p.is_dir():
         raise ModelLoadError(f"{p} is not a model directory (config.json + model.safetensors) or a .gguf file")
     return load_model_dir(p, device=device)
+
+
+def load_model_dir(path: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """A model from an HF-layout directory of any family (or a quantized directory of lmforge's own)."""
+    path = Path(path)
+    raw = read_config(path)
+    if is_quantized_dir(raw):
+        return load_quantized(path, raw, read_safetensors(path), device)
+    family = family_for_model_type(raw.get("model_type"), str(path / "config.json"))
+    return READERS[family.name](path, raw, read_safetensors(path), device)

@@ -24,26 +24,24 @@ from torch import nn
 
 from lmforge.errors import ModelLoadError
 from lmforge.files import atomic_dir, write_json
+from lmforge.interop.hf import check_output_dir, hf_config, tensor_rows
+from lmforge.interop.hf_bert import name_rows
+from lmforge.interop.hf_t5 import tensor_rows as t5_rows
+from lmforge.models.decoder import DecoderLM
+from lmforge.models.encoder import Encoder
+from lmforge.models.seq2seq import Seq2SeqLM
 from lmforge.nn.init import aligned_state
-from lmforge.nn.lora import HEADS, LoRALinear, lora_modules
+from lmforge.nn.lora import HEADS, LoRALinear, lora_modules, plain_state_dict
 
 PREFIX = "base_model.model."
 
 
 def weight_rows(model: nn.Module) -> list[tuple[str, list[str]]]:
     """(HF tensor name, the lmforge tensors fused into it in order) for every tensor of the model."""
-    from lmforge.models.encoder import Encoder
-    from lmforge.models.seq2seq import Seq2SeqLM
-
     if isinstance(model, Encoder):
-        from lmforge.interop.hf_bert import name_rows
-
         return [(hf, [n]) for hf, n in name_rows(model)]
     if isinstance(model, Seq2SeqLM):
-        from lmforge.interop.hf_t5 import tensor_rows as t5_rows
-
         return [(hf, [n]) for hf, n in t5_rows(model.config)]
-    from lmforge.interop.hf import hf_config, tensor_rows
 
     rows = tensor_rows(model.config, hf_config(model.config)["model_type"])
     if rows:
@@ -52,8 +50,6 @@ def weight_rows(model: nn.Module) -> list[tuple[str, list[str]]]:
 
 
 def _plain_names(model: nn.Module) -> list[str]:
-    from lmforge.nn.lora import plain_state_dict
-
     return list(plain_state_dict(model))
 
 
@@ -65,8 +61,6 @@ def _module_suffix(hf_module: str) -> str:
 
 def save_adapter(model: nn.Module, path: str | Path, base_model: str | None = None, tokenizer: Any = None) -> Path:
     """Write the model's LoRA adapters (and fully trained heads) as a PEFT adapter directory, atomically."""
-    from lmforge.interop.hf import check_output_dir
-
     mods = lora_modules(model)
     if not mods:
         raise ModelLoadError("the model has no LoRA adapters to save")
@@ -136,11 +130,8 @@ def save_adapter(model: nn.Module, path: str | Path, base_model: str | None = No
 
 
 def _fan_in_fan_out(model: nn.Module) -> bool:
-    from lmforge.models.decoder import DecoderLM
-
     if not isinstance(model, DecoderLM):
         return False
-    from lmforge.interop.hf import hf_config
 
     return hf_config(model.config)["model_type"] == "gpt2"  # GPT-2's Conv1D stores weights [in, out]
 

@@ -1,4 +1,5 @@
-"""Building a model whose weights are about to be loaded, and giving loaded tensors memory every kernel takes.
+"""Memory every kernel takes: loaded tensors moved to 64-byte-aligned storage (model building from loaded tensors
+is in lmforge.interop.weights).
 
 A tensor read from a file (safetensors maps the file; GGUF dequantizes into numpy) starts wherever its bytes lie:
 safetensors places tensors one after another with no padding, so an int8 matrix after three floats starts at a
@@ -10,11 +11,7 @@ those to 64 bytes), on any x86-64 CPU."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import torch
-from torch import nn
 
 ALIGNMENT = 64  # bytes: a cache line, and what AVX-512 / AMX loads want
 
@@ -43,49 +40,3 @@ def aligned(t: torch.Tensor, alignment: int = ALIGNMENT) -> torch.Tensor:
 def aligned_state(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """`aligned` over every tensor of a state dict just read from a file."""
     return {k: aligned(v) for k, v in tensors.items()}
-
-
-_INITS = ("normal_", "uniform_", "trunc_normal_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_",
-          "xavier_normal_", "zeros_", "ones_", "constant_")
-
-
-@contextmanager
-def meta_init() -> Iterator[None]:
-    """Construct modules on the meta device without running their initialisers: loaders build the model shell
-    here and assign the loaded tensors into it. (On meta, PyTorch's random initialisers run through its Python
-    reference implementations, whose first use imports torch._dynamo: about 2 s and 40 MiB in every process
-    that loads a model.) The initialisers in torch.nn.init are swapped for no-ops while the block runs, as
-    transformers' no_init_weights does, so don't initialise another model in another thread meanwhile."""
-    saved = {name: getattr(nn.init, name) for name in _INITS}
-
-    def keep(tensor: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        return tensor
-
-    try:
-        for name in _INITS:
-            setattr(nn.init, name, keep)
-        with torch.device("meta"):
-            yield
-    finally:
-        for name, fn in saved.items():
-            setattr(nn.init, name, fn)
-
-
-def adopt_weights(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> nn.Module:
-    """Give a model built under `meta_init` its loaded tensors (assigned, not copied), tie the output matrix to
-    the embedding when the config says so, rebuild the rotary tables (derived from the config, never stored),
-    and refuse a model left with a parameter that no tensor filled."""
-    from lmforge.errors import ModelLoadError
-    from lmforge.nn.attention import Rotary
-
-    model.load_state_dict(state, strict=False, assign=True)
-    cfg = model.config
-    if getattr(cfg, "tie_embeddings", False):
-        model.lm_head.weight = model.tok_emb.weight
-    rotary = getattr(model, "rotary", None)
-    if isinstance(rotary, Rotary):
-        rotary._build(min(cfg.max_seq_len, 4096))
-    missing = [n for n, p in model.named_parameters() if p.is_meta]
-    if missing:
-        raise ModelLoadError(f"{where}: no weights for {missing[0]}")
-    return model

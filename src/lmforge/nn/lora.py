@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.errors import ConfigError
+from lmforge.nn.quant import Int4Linear, Int8Embedding, Int8Linear, NF4Linear, base_int8, quantize_linear
 
 # short names users can give instead of module patterns
 TARGET_GROUPS = {
@@ -111,8 +112,6 @@ def expand_targets(targets: str | Sequence[str]) -> list[str]:
 
 
 def _target_candidates(model: nn.Module) -> dict[str, nn.Module]:
-    from lmforge.nn.quant import Int4Linear, Int8Linear, NF4Linear
-
     linear_types = (nn.Linear, Int8Linear, NF4Linear, Int4Linear)
     return {n: m for n, m in model.named_modules() if isinstance(m, linear_types) and n != "lm_head"
             and not n.startswith(HEADS)}
@@ -147,8 +146,6 @@ def apply_lora(
     targets: module-name patterns (a name, a dotted suffix such as `mlp.up`, or a glob such as `blocks.1*.attn.*`),
     or the groups attn / mlp / all. quantize: None, "int8", "nf4" or "int4" (groups of 32) for a frozen quantized
     base."""
-    from lmforge.nn.quant import Int8Embedding, base_int8, quantize_linear
-
     if lora_modules(model):
         raise ConfigError("this model already has LoRA adapters")
     chosen = lora_targets(model, targets)
@@ -209,8 +206,6 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
 def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's state dict as if it had no adapters and no quantized layers: `X.weight` is the merged,
     dequantized weight. Model-directory writers use it, so saving a LoRA model writes the merged model."""
-    from lmforge.nn.quant import Int4Linear, Int8Embedding, Int8Linear, NF4Linear
-
     state = model.state_dict()
     wrapped = {n: m for n, m in model.named_modules()
                if isinstance(m, (LoRALinear, Int8Linear, NF4Linear, Int4Linear, Int8Embedding))}

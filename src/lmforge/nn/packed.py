@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from lmforge.nn.init import aligned
+from lmforge.nn.quant import Int8Linear
 
 _ATTR = "_lmforge_packed"
 
@@ -119,8 +120,6 @@ def _cat_bias(linears: list[nn.Module]) -> torch.Tensor | None:
 
 
 def _fuse(parent: nn.Module, linears: list[nn.Module], batch_hint: int) -> None:
-    from lmforge.nn.quant import Int8Linear
-
     plain = type(linears[0]) is nn.Linear
     weights = [m.weight if plain else m.qweight for m in linears]
     key = tuple((w.data_ptr(), w._version) for w in weights)
@@ -148,8 +147,6 @@ def fused_outputs(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...
 def _fusible(parent: nn.Module, pack: bool) -> list[nn.Module] | None:
     """The sibling projections of `parent` when they can run as one product: all plain Linear layers (with
     oneDNN), or all int8 weight-only layers; not LoRA-adapted, not held by another open context."""
-    from lmforge.nn.quant import Int8Linear
-
     names = FUSIBLE.get(type(parent).__name__)
     linears = [getattr(parent, n, None) for n in names or ()]
     kinds = {type(m) for m in linears}

@@ -37,10 +37,18 @@ import torch
 from fastapi import Request as HTTPRequest
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from lmforge.assets import MODELS
 from lmforge.config import ServeConfig
+from lmforge.data.chat import apply_chat_template
 from lmforge.errors import LmforgeError
+from lmforge.generate.chat import end_of_turn_ids
 from lmforge.generate.engine import Engine, Event, QueueFull, Request, TokenLogprob
 from lmforge.generate.sampling import SamplingParams
+from lmforge.interop import load_pretrained
+from lmforge.models.decoder import DecoderLM
+from lmforge.models.encoder import Encoder
+from lmforge.predict import embed
+from lmforge.runtime import tune_allocator
 from lmforge.serve.metrics import Metrics
 from lmforge.serve.protocol import (
     APIError,
@@ -74,10 +82,6 @@ class ServedModel:
 def load_served(paths: Sequence[str], max_batch: int = 16, max_queue: int = 64, max_len: int | None = None,
                 quantize: str | None = None) -> list[ServedModel]:
     """Load each model (directory, .gguf or packaged name) and start an engine for each decoder."""
-    from lmforge.interop import load_pretrained
-    from lmforge.models.decoder import DecoderLM
-    from lmforge.models.encoder import Encoder
-
     served, names = [], set()
     for path in paths:
         model, tok = load_pretrained(path, quantize=quantize)
@@ -97,8 +101,6 @@ def load_served(paths: Sequence[str], max_batch: int = 16, max_queue: int = 64, 
 
 def model_name(path: str) -> str:
     """The name clients use: a packaged model's name, else the directory's (or .gguf file's) name."""
-    from lmforge.assets import MODELS
-
     if str(path) in MODELS and not Path(path).exists():
         return str(path)
     p = Path(path).resolve()
@@ -232,9 +234,6 @@ def create_app(models: Sequence[ServedModel], api_key: str | None = None, max_bo
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: HTTPRequest):
-        from lmforge.data.chat import apply_chat_template
-        from lmforge.generate.chat import end_of_turn_ids
-
         check_supported(body)
         m = pick(body.model, "decoder")
         tok = m.tokenizer
@@ -281,8 +280,6 @@ def create_app(models: Sequence[ServedModel], api_key: str | None = None, max_bo
     @app.post("/v1/embeddings")
     async def embeddings(body: EmbeddingRequest):
         from starlette.concurrency import run_in_threadpool
-
-        from lmforge.predict import embed
 
         m = pick(body.model, "encoder")
         texts = [body.input] if isinstance(body.input, str) else body.input
@@ -663,8 +660,6 @@ def serve(models: Sequence[str], config: ServeConfig | None = None, **settings: 
     its fields: host, port, api_key, max_batch, max_queue, max_len, quantize, max_body, request_timeout,
     log_level). Every setting is checked before a model loads."""
     import uvicorn
-
-    from lmforge.runtime import tune_allocator
 
     if not models:
         raise LmforgeError("serve needs at least one --model")

@@ -27,12 +27,14 @@ from typing import Any
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import lmforge
 from lmforge.config import RunConfig, load_run_config
 from lmforge.data.corpus import read_documents, split_documents
 from lmforge.data.shards import TokenShard, build_shards
 from lmforge.errors import CheckpointError, ConfigError
 from lmforge.files import check_out_dir, write_json, write_text
 from lmforge.models.family import family_of
+from lmforge.report import write_run_report
 from lmforge.runtime import tune_allocator
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.checkpoint import clean_run_dir, list_checkpoints, load_checkpoint, save_checkpoint
@@ -255,7 +257,6 @@ def _pretrain(cfg: RunConfig, run: Path, resume: bool, progress: bool | None, ov
         seconds = time.time() - t_start
         write_json(run / "summary.json", {"steps": step, "tokens": tokens_seen, "seconds": seconds,
                                           "params": model.num_params(), "final_val": final})
-        from lmforge.report import write_run_report
 
         write_run_report(run)
     env.barrier()
@@ -316,8 +317,6 @@ def _prepare(cfg: RunConfig, run: Path, env: DistEnv) -> Tokenizer:
 
 def _environment(cfg: RunConfig) -> dict[str, Any]:
     import platform
-
-    import lmforge
 
     return {"seed": cfg.train.seed, "lmforge": lmforge.__version__, "torch": torch.__version__,
             "python": platform.python_version(), "platform": platform.platform(),

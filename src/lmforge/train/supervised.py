@@ -20,6 +20,20 @@ import torch
 from torch import nn
 
 from lmforge.config import FinetuneConfig
+from lmforge.errors import CheckpointError
+from lmforge.files import write_text
+from lmforge.runtime import lean_allocator, tune_allocator
+from lmforge.train.checkpoint import (
+    clean_run_dir,
+    list_checkpoints,
+    optimizer_tensors,
+    read_checkpoint,
+    restore_optimizer,
+    restore_rng,
+    rng_tensors,
+    write_checkpoint,
+)
+from lmforge.train.optim import build_optimizer
 
 
 @dataclass
@@ -79,16 +93,12 @@ def fit(
     resume=True continues from the newest one bitwise as if never stopped (the epoch's batches are rebuilt
     from their seed and the consumed ones skipped); with none there, the run starts over. `batches(epoch)` must
     be a function of the epoch alone, as length_buckets and the tasks' seeded shuffles are."""
-    from lmforge.runtime import lean_allocator, tune_allocator
-    from lmforge.train.checkpoint import clean_run_dir, list_checkpoints
-
     if cfg.grad_checkpoint:  # a run that asks for checkpointing is short of memory: let glibc return it
         lean_allocator()
     else:
         tune_allocator()
     device = torch.device(cfg.device)
     total = max(1, math.ceil(steps_per_epoch * cfg.epochs))
-    from lmforge.train.optim import build_optimizer
 
     params = [p for p in model.parameters() if p.requires_grad]
     opt = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, layer_decay=cfg.layer_decay)
@@ -225,8 +235,6 @@ class _FitState:
     rng: dict[str, torch.Tensor] | None = None  # loaded, applied once the epoch's consumed batches are skipped
 
     def save(self, run_dir: Path, model: nn.Module, opt: torch.optim.Optimizer, total: int, keep: int) -> None:
-        from lmforge.train.checkpoint import optimizer_tensors, rng_tensors, write_checkpoint
-
         opt_tensors, groups = optimizer_tensors(opt)
         files = {"trainable": {k: v.detach().cpu().contiguous() for k, v in model.named_parameters()
                                if v.requires_grad},
@@ -242,9 +250,6 @@ class _FitState:
 
     def load(self, path: Path, model: nn.Module, opt: torch.optim.Optimizer) -> int:
         """Restore the model's trainable weights, the optimizer and this state; returns the run's step total."""
-        from lmforge.errors import CheckpointError
-        from lmforge.train.checkpoint import read_checkpoint, restore_optimizer
-
         files, meta = read_checkpoint(path)
         named = dict(model.named_parameters())
         trainable = files.get("trainable", {})
@@ -268,8 +273,6 @@ class _FitState:
         return int(meta["total"])
 
     def restore_rng(self) -> None:
-        from lmforge.train.checkpoint import restore_rng
-
         restore_rng(self.rng)
         self.rng = None
 
@@ -277,6 +280,4 @@ class _FitState:
 def _rewrite_log(path: Path | None, history: list[dict[str, Any]]) -> None:
     """On resume, the metrics log becomes what it was at the checkpoint (later records are logged again)."""
     if path is not None:
-        from lmforge.files import write_text
-
         write_text(path, "".join(json.dumps(r) + "\n" for r in history))

@@ -26,8 +26,10 @@ from lmforge.data.labelled import LabelledSet, class_counts, read_labelled, stra
 from lmforge.errors import ConfigError, DataError, ModelLoadError
 from lmforge.eval.classify import classification_metrics, plot_confusion
 from lmforge.files import write_json, write_text
+from lmforge.interop import load_pretrained
 from lmforge.models.encoder import Encoder
 from lmforge.predict import pad_batch, predict_proba
+from lmforge.report import write_task_report
 from lmforge.runtime import peak_memory_mb, reset_peak_memory
 from lmforge.train.supervised import fit, length_buckets
 from lmforge.tune.methods import apply_method, check_method, describe, run_footer, save_outputs, say, start_run
@@ -98,8 +100,6 @@ def finetune_classify(
     progress: bool | None = None,
     resume: bool = False,
 ) -> ClassifyResult:
-    from lmforge.interop import load_pretrained
-
     cfg = cfg or FinetuneConfig()
     cfg.validate()
     check_args("classify", val_fraction=val_fraction, test_fraction=test_fraction)
@@ -186,7 +186,6 @@ def finetune_classify(
                "best_val": result.best, "test": test_m,
                "rows": rows}
     write_json(out / "summary.json", summary)
-    from lmforge.report import write_task_report
 
     write_task_report(out, f"Classification fine-tune: {out.name}", [
         ("model", str(model_path)), ("method", describe(cfg, model.config.n_layer)),

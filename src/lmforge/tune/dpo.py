@@ -33,8 +33,10 @@ from lmforge.config import FinetuneConfig
 from lmforge.data.chat import Pair, _split_of, chatterbot_pairs, read_pairs, tokenize_chat
 from lmforge.errors import DataError, ModelLoadError
 from lmforge.files import write_json, write_text
+from lmforge.interop import load_pretrained
 from lmforge.models.decoder import DecoderLM
 from lmforge.nn.lora import lora_disabled, lora_modules
+from lmforge.report import write_task_report
 from lmforge.runtime import peak_memory_mb, reset_peak_memory
 from lmforge.train.supervised import fit
 from lmforge.tune.methods import apply_method, check_method, describe, run_footer, save_outputs, say, start_run
@@ -171,8 +173,6 @@ def finetune_dpo(
     progress: bool | None = None,
     resume: bool = False,
 ) -> DPOResult:
-    from lmforge.interop import load_pretrained
-
     cfg = cfg or FinetuneConfig(metric="neg_loss")
     if cfg.metric == "accuracy":
         cfg = dataclasses.replace(cfg, metric="neg_loss")
@@ -251,7 +251,6 @@ def finetune_dpo(
         "peak_train_memory_mb": peak_mem, "baseline_memory_mb": baseline_mem,
         "train_seconds": seconds, "steps": result.steps,
         "best_val": result.best, "before": before, "after": after, "rows": rows})
-    from lmforge.report import write_task_report
 
     write_task_report(out, f"Preference tuning (DPO): {out.name}", [
         ("model", str(model_path)), ("data", str(data)), ("method", describe(cfg, model.config.n_layer)),

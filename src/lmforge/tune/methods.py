@@ -13,7 +13,11 @@ import sys
 from torch import nn
 
 from lmforge.errors import ConfigError
+from lmforge.files import check_out_dir
+from lmforge.interop.peft import save_adapter
 from lmforge.nn.lora import apply_lora, lora_targets, trainable_params
+from lmforge.runtime import current_memory_mb, lean_allocator
+from lmforge.train.checkpoint import clean_run_dir
 from lmforge.tune.freeze import freeze_all_but_top
 
 
@@ -55,8 +59,6 @@ def save_outputs(model: nn.Module, out, tokenizer, base: str, cfg, generation_co
     None)."""
     from pathlib import Path
 
-    from lmforge.interop.peft import save_adapter
-
     out = Path(out)
     adapter = None
     if cfg.method in ("lora", "qlora"):
@@ -72,11 +74,6 @@ def start_run(cfg, out, resume: bool = False) -> tuple:
     allocated), and the resident memory before the model, which the run's peak is reported against. Returns
     (out as a Path, baseline MiB)."""
     from pathlib import Path
-
-    from lmforge.errors import ConfigError
-    from lmforge.files import check_out_dir
-    from lmforge.runtime import current_memory_mb, lean_allocator
-    from lmforge.train.checkpoint import clean_run_dir
 
     out = check_out_dir(Path(out))
     if resume:

@@ -26,9 +26,11 @@ from lmforge.data.qa import QAExample, QAFeatures, qa_features, read_squad, shak
 from lmforge.errors import DataError, ModelLoadError
 from lmforge.eval.qa import squad_scores
 from lmforge.files import write_json, write_text
+from lmforge.interop import load_pretrained
 from lmforge.models.encoder import Encoder
 from lmforge.nn.lora import trainable_params
 from lmforge.predict import answer, pad_batch
+from lmforge.report import write_task_report
 from lmforge.runtime import peak_memory_mb, reset_peak_memory
 from lmforge.train.supervised import fit
 from lmforge.tune.methods import apply_method, describe, run_footer, save_outputs, say, start_run
@@ -80,8 +82,6 @@ def load_qa_splits(data: str | Path, val_data: str | Path | None, test_data: str
 def finetune_qa(model_path: str | Path, data: str | Path, out: str | Path, cfg: FinetuneConfig | None = None,
                 val_data: str | Path | None = None, test_data: str | Path | None = None, stride: int = 128,
                 progress: bool | None = None, resume: bool = False) -> QAResult:
-    from lmforge.interop import load_pretrained
-
     cfg = cfg or FinetuneConfig(max_len=384, lr=5e-5, metric="f1")
     cfg.validate()
     if cfg.metric not in ("f1", "exact_match"):
@@ -143,7 +143,6 @@ def finetune_qa(model_path: str | Path, data: str | Path, out: str | Path, cfg: 
                                       "test": scores, "rows": rows})
     write_json(out / "predictions.json", [{"id": e.id, "question": e.question, "prediction": p,
                                            "answers": [t for t, _ in e.answers]} for e, p in zip(test, preds)])
-    from lmforge.report import write_task_report
 
     samples = [(e.question, p, e.answers[0][0] if e.answers else "") for e, p in zip(test[:8], preds[:8])]
     write_task_report(out, f"Extractive QA fine-tune: {out.name}", [

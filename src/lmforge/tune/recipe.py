@@ -15,8 +15,9 @@ from typing import Any
 
 import yaml
 
-from lmforge.config import FinetuneConfig, check_settings, coerce_settings, setting, setting_name
-from lmforge.errors import ConfigError
+from lmforge.config import SEQ2SEQ_PRESETS, FinetuneConfig, check_settings, coerce_settings, setting, setting_name
+from lmforge.errors import CheckpointError, ConfigError, LmforgeError
+from lmforge.files import check_out_dir, write_text
 
 TASKS = ("classify", "qa", "chat", "dpo", "seq2seq")
 
@@ -182,8 +183,6 @@ def settings(task: str) -> list[tuple[str, Any, dataclasses.Field]]:
 
 
 def _is_preset(model: Any) -> bool:
-    from lmforge.config import SEQ2SEQ_PRESETS
-
     return str(model) in SEQ2SEQ_PRESETS and not Path(str(model)).exists()
 
 
@@ -197,9 +196,6 @@ def finetune(task: str, recipe: str | Path | None = None, flags: dict[str, Any] 
     no folder behind."""
     import shutil
     import time
-
-    from lmforge.errors import CheckpointError, LmforgeError
-    from lmforge.files import check_out_dir, write_text
 
     out_flag = (flags or {}).get("out")
     if resume:

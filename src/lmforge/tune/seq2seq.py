@@ -26,9 +26,18 @@ from typing import Any
 import torch
 import yaml
 
-from lmforge.config import FinetuneConfig
+from lmforge.config import SEQ2SEQ_PRESETS, FinetuneConfig, seq2seq_config
+from lmforge.data.pairs import held_out_by_group, read_pairs, truncation_report
+from lmforge.data.sword import DEFAULT_TEST_BOOKS, DEFAULT_VAL_BOOKS
 from lmforge.errors import ConfigError, ModelLoadError
+from lmforge.eval.generation import seq2seq_scores
 from lmforge.files import write_json, write_text
+from lmforge.generate.seq2seq import Seq2SeqParams, generate_seq2seq
+from lmforge.interop import load_pretrained
+from lmforge.models.seq2seq import Seq2SeqLM
+from lmforge.report import write_task_report
+from lmforge.tokenizer import Tokenizer
+from lmforge.train.optim import build_optimizer
 from lmforge.train.supervised import fit, length_buckets
 from lmforge.tune.methods import apply_method, describe, run_footer, save_outputs, say, start_run
 from lmforge.tune.recipe import check_args
@@ -64,15 +73,10 @@ class Splits:
 
 def load_splits(data: str, source_col: str | None, target_col: str | None, val_data: str | None,
                 test_data: str | None, val_fraction: float, test_fraction: float, seed: int) -> Splits:
-    from lmforge.data.pairs import read_pairs
-
     ds = read_pairs(data, source_col, target_col)
     if ds.dropped_empty:
         say(f"warning: {ds.dropped_empty:,} rows of {data} have an empty source or target and were skipped")
     if ds.groups is not None and val_data is None and test_data is None:
-        from lmforge.data.pairs import held_out_by_group
-        from lmforge.data.sword import DEFAULT_TEST_BOOKS, DEFAULT_VAL_BOOKS
-
         train_i, val_i, test_i = held_out_by_group(ds)
         how = (f"by book: test = {', '.join(DEFAULT_TEST_BOOKS)}; validation = {', '.join(DEFAULT_VAL_BOOKS)}; "
                f"every other book trains")
@@ -93,12 +97,7 @@ def load_splits(data: str, source_col: str | None, target_col: str | None, val_d
 def build_model(model_path: str, train_texts: list[str], device: str):
     """(model, tokenizer, from_scratch): a saved seq2seq model, or a preset trained from scratch with a Unigram
     vocabulary learned on the training texts (both sides, so a translation pair shares one vocabulary)."""
-    from lmforge.config import SEQ2SEQ_PRESETS, seq2seq_config
-    from lmforge.models.seq2seq import Seq2SeqLM
-
     if model_path in SEQ2SEQ_PRESETS and not Path(model_path).exists():
-        from lmforge.tokenizer import Tokenizer
-
         cfg = seq2seq_config(model_path)
         t0 = time.time()
         tok = Tokenizer.train_unigram(train_texts, vocab_size=cfg.vocab_size)
@@ -108,7 +107,6 @@ def build_model(model_path: str, train_texts: list[str], device: str):
         cfg.pad_token_id, cfg.eos_token_id = tok.pad_id, tok.eos_id
         cfg.decoder_start_token_id = tok.pad_id
         return Seq2SeqLM(cfg).to(device), tok, True
-    from lmforge.interop import load_pretrained
 
     model, tok = load_pretrained(model_path, device=device)
     if not isinstance(model, Seq2SeqLM):
@@ -147,9 +145,6 @@ def finetune_seq2seq(
     progress: bool | None = None,
     resume: bool = False,
 ) -> Seq2SeqResult:
-    from lmforge.eval.generation import seq2seq_scores
-    from lmforge.generate.seq2seq import Seq2SeqParams, generate_seq2seq
-
     cfg = cfg or FinetuneConfig()
     cfg.validate()
     check_args("seq2seq", val_fraction=val_fraction, test_fraction=test_fraction, max_target_len=max_target_len,
@@ -171,7 +166,6 @@ def finetune_seq2seq(
     max_target = min(max_target_len or cfg.max_len, c.max_seq_len)
     src, tgt, src_lens, tgt_lens = encode_pairs(tok, sp.train.sources, sp.train.targets, prefix, max_source, max_target,
                                           c.eos_token_id)
-    from lmforge.data.pairs import truncation_report
 
     cut_s, cut_t = sum(n > max_source for n in src_lens), sum(n > max_target for n in tgt_lens)
     for warning in (truncation_report(tgt_lens, max_target, "targets"),
@@ -238,7 +232,6 @@ def finetune_seq2seq(
                                       "total_params": total, "from_scratch": scratch, "train_seconds": seconds,
                                       "steps": result.steps, "epochs": cfg.epochs, "best_val": result.best,
                                       "test": test_m, "rows": rows, "split": sp.how})
-    from lmforge.report import write_task_report
 
     write_task_report(out, f"Seq2seq fine-tune: {out.name}", [
         ("model", str(model_path) + (" (from scratch)" if scratch else "")),
@@ -283,8 +276,6 @@ def pair_loss(model, sources: list[list[int]], targets: list[list[int]], pad: in
 def budget_epochs(model, batches, steps_per_epoch: int, seconds: float, cfg: FinetuneConfig) -> float:
     """Epochs that fit in `seconds` of training, from the time of a few real steps (on a copy of the weights'
     state, restored afterwards) minus the evaluations' share."""
-    from lmforge.train.optim import build_optimizer
-
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     opt = build_optimizer(model, cfg.optimizer, 0.0, 0.0)
     model.train()

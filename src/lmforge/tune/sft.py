@@ -28,7 +28,9 @@ from lmforge.errors import DataError, ModelLoadError
 from lmforge.eval.generation import reference_scores
 from lmforge.files import write_json, write_text
 from lmforge.generate.chat import reply_all
+from lmforge.interop import load_pretrained
 from lmforge.models.decoder import DecoderLM
+from lmforge.report import write_task_report
 from lmforge.runtime import peak_memory_mb, reset_peak_memory
 from lmforge.train.supervised import fit
 from lmforge.tune.methods import apply_method, check_method, describe, run_footer, save_outputs, say, start_run
@@ -134,8 +136,6 @@ def finetune_chat(
     progress: bool | None = None,
     resume: bool = False,
 ) -> ChatResult:
-    from lmforge.interop import load_pretrained
-
     cfg = cfg or FinetuneConfig(metric="neg_loss")
     if cfg.metric == "accuracy":
         cfg = dataclasses.replace(cfg, metric="neg_loss")
@@ -221,7 +221,6 @@ def finetune_chat(
         "best_val": result.best, "before": before, "after": after, "rows": rows})
     write_json(out / "replies.json", [{"prompt": p, "references": r, "reply": y}
                                       for p, r, y in zip(prompts, refs, replies)])
-    from lmforge.report import write_task_report
 
     def fmt(m: dict[str, float]) -> str:
         return f"EM {m['exact_match']:.1f} / F1 {m['f1']:.1f} / ROUGE-L {m['rougeL']:.1f}" if m else "not run"
