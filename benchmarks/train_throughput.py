@@ -61,7 +61,7 @@ def worker(system: str, family: str, tuned: str) -> None:
     inp, tgt = x[:, :-1], x[:, 1:]
 
     def step():
-        loss = model(inp, labels=tgt).loss if ours else model(input_ids=inp, labels=inp).loss
+        loss = model(inp, labels=tgt, loss_only=True).loss if ours else model(input_ids=inp, labels=inp).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

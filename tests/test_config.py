@@ -1,10 +1,12 @@
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from lmforge.config import load_run_config, model_config, run_config_from_dict
 from lmforge.errors import ConfigError
+from lmforge.models.family import FAMILIES
 from lmforge.quickstart import QUICKSTART
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -54,3 +56,16 @@ def test_config_yaml_round_trip(tmp_path):
     again = load_run_config(tmp_path / "c.yaml")
     assert again == cfg
     assert yaml.safe_load(cfg.to_yaml())["model"]["d_model"] == 256
+
+
+@pytest.mark.parametrize("family, preset", [(f.name, p) for f in FAMILIES.values() for p in f.presets],
+                         ids=lambda v: str(v))
+def test_parameter_count_formula_matches_the_modules(family, preset):
+    """The config's hand-written count (used for FLOPs and `lmforge info` without building the model) equals the
+    count derived from the modules, for every preset of every family; built on the meta device, so the 124M and
+    135M presets cost no memory."""
+    f = FAMILIES[family]
+    cfg = f.config_cls(**{**f.presets[preset]})
+    with torch.device("meta"):
+        model = f.model_cls(cfg)
+    assert model.num_params() == cfg.num_params() > 0

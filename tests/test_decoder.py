@@ -94,7 +94,7 @@ def test_presets_are_valid():
 
 
 def test_fused_head_loss_equals_plain_loss_and_gradients(style):
-    """DecoderLM.fused_loss (nn.loss.linear_cross_entropy: head, loss and gradients in chunks) gives the plain
+    """loss_only=True (nn.loss.linear_cross_entropy: head, loss and gradients in chunks) gives the plain
     head + cross-entropy's loss and parameter gradients, with ignored positions, on a tied (gpt2) and an untied
     (llama) head."""
     from lmforge.nn.loss import linear_cross_entropy
@@ -109,9 +109,8 @@ def test_fused_head_loss_equals_plain_loss_and_gradients(style):
     y[0, :5] = -100
     grads = []
     for fused in (False, True):
-        model.fused_loss = fused
         model.zero_grad()
-        out = model(x, labels=y)
+        out = model(x, labels=y, loss_only=fused)
         assert (out.logits is None) == fused
         out.loss.backward()
         grads.append((out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))

@@ -175,7 +175,7 @@ def recover(model: nn.Module, tokenizer, data: str, steps: int, masks: dict[str,
         def batch():
             starts = torch.randint(0, len(ids) - seq_len - 1, (batch_size,), generator=g)
             rows = torch.stack([ids[s:s + seq_len + 1] for s in starts.tolist()])
-            return model(rows[:, :-1], labels=rows[:, 1:]).loss
+            return model(rows[:, :-1], labels=rows[:, 1:], loss_only=True).loss
     else:
         if getattr(model.config, "head", None) != "classify":
             raise LmforgeError("recovery fine-tuning supports decoders (text) and encoder classifiers (labels)")
@@ -190,7 +190,7 @@ def recover(model: nn.Module, tokenizer, data: str, steps: int, masks: dict[str,
             pick = torch.randint(0, len(ds.texts), (batch_size,), generator=g).tolist()
             b = pad_batch([enc[i].ids for i in pick], tokenizer.pad_id)
             y = torch.tensor([index[ds.labels[i]] for i in pick])
-            return model(b["input_ids"], attention_mask=b["attention_mask"], labels=y).loss
+            return model(b["input_ids"], attention_mask=b["attention_mask"], labels=y, loss_only=True).loss
 
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)

@@ -65,10 +65,6 @@ class DecoderLM(PretrainedModel):
         # activation checkpointing while training: keep only each block's input, recompute the rest in backward
         # (fine-tuning sets it; it trades about a third more compute for most of the activation memory)
         self.grad_checkpoint = False
-        # training loss straight from the final hidden states, a chunk of tokens at a time (nn.loss): the
-        # [tokens, vocab] logits and their gradient are never held whole (at GPT-2's vocabulary and 8 x 1024
-        # tokens, 1.6 GB each), and on CPU the step is as fast or a little faster
-        self.fused_loss = True
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -97,6 +93,7 @@ class DecoderLM(PretrainedModel):
         cache: KVCache | None = None,
         last_only: bool = False,
         logits_at: torch.Tensor | None = None,
+        loss_only: bool = False,
     ) -> CausalLMOutput:
         """input_ids [B, T]. labels [B, T] (-100 = ignore) gives the mean next-token loss; labels are the
         targets for each position (already shifted). attention_mask [B, past + T] marks real tokens (1) and
@@ -104,7 +101,13 @@ class DecoderLM(PretrainedModel):
         padded_causal_mask); a 4-D bool mask [B, 1, T, K] is used as given (the serving engine's rows each have
         their own length). last_only computes logits for the final position only; logits_at (bool [B, T])
         only where it is set, as a flat [N, V] (fine-tuning scores a few answer tokens: the vocabulary-wide
-        projection of every other position would be most of the step's time and memory)."""
+        projection of every other position would be most of the step's time and memory).
+
+        loss_only=True (with labels; what the training loops ask for) returns the loss alone, logits None: it is
+        computed straight from the final hidden states a chunk of tokens at a time (nn.loss), so the [tokens,
+        vocab] logits and their gradient are never held whole (at GPT-2's vocabulary and 8 x 1024 tokens, 1.6 GB
+        each; on CPU the step is as fast or a little faster). A quantized head or autocast takes the plain path.
+        The call decides; nothing is read from train/eval mode or the grad mode."""
         B, T = input_ids.shape
         if position_ids is None:
             past = cache.length if cache is not None else 0
@@ -137,18 +140,17 @@ class DecoderLM(PretrainedModel):
         if logits_at is not None:
             x = x[logits_at]
             labels = labels[logits_at] if labels is not None else None
-            if labels is not None and self.grad_checkpoint and self.training and torch.is_grad_enabled():
+            if loss_only and labels is not None and ckpt:
                 return CausalLMOutput(logits=None, loss=self._chunked_loss(x, labels))
-        if labels is not None and self.fused_loss and self.training and torch.is_grad_enabled() \
-                and type(self.lm_head) is nn.Linear and not torch.is_autocast_enabled():
-            # training: the head, the loss and their gradients a chunk of tokens at a time (nn.loss)
+        if loss_only and labels is not None and type(self.lm_head) is nn.Linear and not torch.is_autocast_enabled():
+            # the head, the loss and their gradients a chunk of tokens at a time (nn.loss)
             return CausalLMOutput(logits=None, loss=linear_cross_entropy(
                 x.reshape(-1, x.size(-1)), self.lm_head.weight, labels.reshape(-1)))
         logits = self.lm_head(x)
         loss = None
         if labels is not None:
             loss = cross_entropy(logits.view(-1, logits.size(-1)), labels.reshape(-1))
-        return CausalLMOutput(logits=logits, loss=loss)
+        return CausalLMOutput(logits=None if loss_only else logits, loss=loss)
 
     def _chunked_loss(self, h: torch.Tensor, labels: torch.Tensor, chunk: int = 256) -> torch.Tensor:
         """Mean cross-entropy of lm_head(h) against labels, a chunk of positions at a time under checkpointing:

@@ -112,13 +112,14 @@ class Encoder(PretrainedModel):
         end_positions: torch.Tensor | None = None,
         class_weights: torch.Tensor | None = None,
         heads: bool = True,
+        loss_only: bool = False,
     ) -> EncoderOutput:
         """input_ids [B, T]; attention_mask [B, T] marks real tokens (1) and padding (0).
 
         labels: mlm/pretrain [B, T] token ids with -100 where nothing is predicted; classify [B] class ids.
         start_positions / end_positions [B] train the qa head. The loss is the mean over what is predicted
         (mlm + nsp summed for pretrain). heads=False stops after the body and pooler (embeddings need no
-        vocabulary-wide MLM scores)."""
+        vocabulary-wide MLM scores). loss_only=True (what the training loops ask for) returns no logits."""
         B, T = input_ids.shape
         if T > self.config.max_seq_len:
             raise ValueError(f"sequence of {T} tokens exceeds the model's {self.config.max_seq_len} positions")
@@ -159,6 +160,8 @@ class Encoder(PretrainedModel):
             if start_positions is not None and end_positions is not None:
                 start, end = out.logits.unbind(-1)
                 out.loss = (F.cross_entropy(start, start_positions) + F.cross_entropy(end, end_positions)) / 2
+        if loss_only:
+            out.logits = out.nsp_logits = None
         return out
 
     # ------------------------------------------------------------------------------------------------------------

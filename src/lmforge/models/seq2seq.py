@@ -195,10 +195,12 @@ class Seq2SeqLM(PretrainedModel):
         decoder_input_ids: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         encoder_hidden: torch.Tensor | None = None,
+        loss_only: bool = False,
     ) -> Seq2SeqOutput:
         """input_ids [B, S] with attention_mask [B, S]; labels [B, T] target ids (-100 = not predicted) give the
         mean cross-entropy and, when decoder_input_ids is None, the decoder's inputs (shifted right).
-        encoder_hidden: a precomputed `encode(...)`, to score several targets against one source."""
+        encoder_hidden: a precomputed `encode(...)`, to score several targets against one source. loss_only=True
+        (what the training loops ask for) returns no logits."""
         if encoder_hidden is None:
             encoder_hidden = self.encode(input_ids, attention_mask)
         if decoder_input_ids is None:
@@ -209,7 +211,7 @@ class Seq2SeqLM(PretrainedModel):
         loss = None
         if labels is not None:
             loss = cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1))
-        return Seq2SeqOutput(logits=logits, loss=loss, encoder_hidden=encoder_hidden)
+        return Seq2SeqOutput(logits=None if loss_only else logits, loss=loss, encoder_hidden=encoder_hidden)
 
     # ------------------------------------------------------------------------------------------------------------
 

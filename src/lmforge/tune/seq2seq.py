@@ -267,7 +267,7 @@ def pair_loss(model, sources: list[list[int]], targets: list[list[int]], pad: in
     for s in range(0, len(sources), batch_size):
         b = collate(sources[s:s + batch_size], targets[s:s + batch_size], pad)
         n = int((b["labels"] != -100).sum())
-        total += float(model(**{k: v.to(device) for k, v in b.items()}).loss) * n
+        total += float(model(**{k: v.to(device) for k, v in b.items()}, loss_only=True).loss) * n
         count += n
     model.train(was)
     return total / max(count, 1)
@@ -287,7 +287,7 @@ def budget_epochs(model, batches, steps_per_epoch: int, seconds: float, cfg: Fin
         if b is None:
             break
         t = time.time()
-        model(**b).loss.backward()
+        model(**b, loss_only=True).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         times.append(time.time() - t)

@@ -117,7 +117,7 @@ def token_loss(model: torch.nn.Module, rows: list[dict[str, list[int]]], pad_id:
             b = collate(rows[s:s + batch_size], pad_id)
             k = int(b["logits_at"].sum())
             if k:
-                total += float(model(**b).loss) * k
+                total += float(model(**b, loss_only=True).loss) * k
                 n += k
     return total / max(n, 1)
 
