@@ -170,8 +170,8 @@ def check_number(name: str, value: Any, low: float | None = None, high: float | 
         span = f"{'<' if high_open else '<='} {high:g}"
     else:
         span = ""
-    what = ("a whole number " if integer else "") + span if span else ("a whole number" if integer else "a number")
-    raise ConfigError(f"{name} must be {what.rstrip()}, got {value!r}")
+    what = " ".join(w for w in ("a whole number" if integer else "", span) if w) or "a number"
+    raise ConfigError(f"{name} must be {what}, got {value!r}")
 
 
 def _positive(cfg: Any, *names: str) -> None:

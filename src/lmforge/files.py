@@ -95,6 +95,11 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def is_stale_temp(p: Path) -> bool:
+    """Whether `p` is what an interrupted atomic write leaves (`.NAME.*.tmp`, `.NAME.old`): never a result."""
+    return p.name.startswith(".") and p.name.endswith((".tmp", ".old"))
+
+
 def remove_stale_temps(folder: str | Path) -> list[Path]:
     """Delete what an interrupted atomic write left in `folder` (`.NAME.*.tmp` files and folders, `.NAME.old`
     folders): they are never a valid result. Returns what was removed."""
@@ -103,7 +108,7 @@ def remove_stale_temps(folder: str | Path) -> list[Path]:
         return []
     gone = []
     for p in folder.iterdir():
-        if p.name.startswith(".") and (p.name.endswith(".tmp") or p.name.endswith(".old")):
+        if is_stale_temp(p):
             if p.is_dir() and not p.is_symlink():
                 shutil.rmtree(p, ignore_errors=True)
             else:

@@ -32,7 +32,7 @@ from lmforge.config import RunConfig, load_run_config
 from lmforge.data.corpus import read_documents, split_documents
 from lmforge.data.shards import TokenShard, build_shards
 from lmforge.errors import CheckpointError, ConfigError
-from lmforge.files import check_out_dir, write_json, write_text
+from lmforge.files import check_out_dir, is_stale_temp, write_json, write_text
 from lmforge.models.family import family_of
 from lmforge.report import write_run_report
 from lmforge.runtime import tune_allocator
@@ -88,7 +88,7 @@ def pretrain(
     check_out_dir(out_dir)
     run = Path(out_dir)
     ours = (run / "config.yaml").is_file()
-    others = run.is_dir() and any(not (p.name.startswith(".") and p.name.endswith(".tmp")) for p in run.iterdir())
+    others = run.is_dir() and any(not is_stale_temp(p) for p in run.iterdir())
     if others and not ours:  # someone else's files (not a killed write of ours): never train over or delete them
         raise ConfigError(f"{run} is not empty and holds no run of lmforge (no config.yaml); choose a new or empty "
                           f"--out")

@@ -12,6 +12,7 @@ import sys
 
 from torch import nn
 
+from lmforge.config import METHODS
 from lmforge.errors import ConfigError
 from lmforge.files import check_out_dir
 from lmforge.interop.peft import save_adapter
@@ -35,7 +36,7 @@ def apply_method(model: nn.Module, cfg) -> int:
     if m in ("lora", "qlora"):
         return apply_lora(model, cfg.lora_targets, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                           quantize=cfg.quant if m == "qlora" else None)
-    raise ConfigError(f"unknown fine-tuning method {m!r}; known: full, top-k, lora, qlora")
+    raise ConfigError(f"unknown fine-tuning method {m!r}; known: {', '.join(METHODS)}")
 
 
 def check_method(model: nn.Module, cfg) -> None:
