@@ -131,20 +131,35 @@ def test_packed_weights_match_plain_linears(lm):
     model, tok = lm
     if not can_pack(model):
         pytest.skip("oneDNN is not available in this torch build")
+    from lmforge.nn.packed import FusedLinear, PackedLinear
+
     x = torch.randint(0, tok.vocab_size, (3, 20))
+    keys, linears = list(model.state_dict()), [id(m) for m in model.modules() if type(m) is torch.nn.Linear]
+    params = [id(p) for p in model.parameters()]
     with torch.inference_mode():
         plain = model(x).logits
         with packed_linears(model, batch_hint=3):
+            # the tree shows what runs; parameters and state_dict keys are the model's own
+            assert type(model.blocks[0].mlp.down) is PackedLinear and type(model.lm_head) is PackedLinear
+            assert type(model.blocks[0].attn.fused) is FusedLinear
+            left = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if type(m) is torch.nn.Linear}
+            assert left <= {"q_proj", "k_proj", "v_proj", "gate", "up"}  # only the fused siblings stay plain
+            assert list(model.state_dict()) == keys and [id(p) for p in model.parameters()] == params
             packed = model(x).logits
         after = model(x).logits
     torch.testing.assert_close(packed, plain, rtol=1e-5, atol=1e-5)
-    assert torch.equal(after, plain)  # the context restores the plain forward
+    assert torch.equal(after, plain)  # the context puts the plain layers back
+    assert [id(m) for m in model.modules() if type(m) is torch.nn.Linear] == linears
+    assert model.blocks[0].attn.fused is None
     prompts = [tok.encode("the cat"), tok.encode("a dog ate the bone")]
     a = [t.tolist() for t in generate_ids(model, prompts, SamplingParams(20, temperature=0), pack_weights=True)]
     b = [t.tolist() for t in generate_ids(model, prompts, SamplingParams(20, temperature=0), pack_weights=False)]
     assert a == b
+    from lmforge.nn import packed as packed_module
+
+    assert any(m in packed_module._BUILT for m in model.modules())  # kept for the next call ...
     release_packed(model)
-    assert not any(hasattr(m, "_lmforge_packed") or hasattr(m, "_lmforge_fused") for m in model.modules())
+    assert not any(m in packed_module._BUILT for m in model.modules())  # ... until released
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama", "qwen2-bias", "lora", "int8"])
@@ -174,10 +189,10 @@ def test_fused_projections_match_separate_ones(kind):
         plain = model(x).logits
         with packed_linears(model, batch_hint=2):
             attn, mlp = model.blocks[0].attn, model.blocks[0].mlp
-            assert ("_lmforge_fused_on" in attn.__dict__) == (kind != "lora")
-            assert ("_lmforge_fused_on" in mlp.__dict__) == (kind != "gpt2")  # gpt2's MLP has no gate
+            assert (attn.fused is not None) == (kind != "lora")
+            assert (mlp.fused is not None) == (kind != "gpt2")  # gpt2's MLP has no gate
             fused = model(x).logits
-        assert "_lmforge_fused_on" not in attn.__dict__  # the context ends the fused path
+        assert attn.fused is None and mlp.fused is None  # the context ends the fused path
     torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
     a = [t.tolist() for t in generate_ids(model, x.tolist(), SamplingParams(8, temperature=0), pack_weights=True)]
     b = [t.tolist() for t in generate_ids(model, x.tolist(), SamplingParams(8, temperature=0), pack_weights=False)]
@@ -198,8 +213,9 @@ def test_compiled_single_row_decoding_matches_eager(style):
     params = SamplingParams(24, temperature=0)
     eager = [t.tolist() for t in generate_ids(model, [prompt], params)]
     assert [t.tolist() for t in generate_ids(model, [prompt], params, compile=True)] == eager
-    assert all("forward" not in m.__dict__ for m in model.modules())
+    assert not any(type(m).__name__ in ("GemvLinear", "PackedLinear", "FusedLinear") for m in model.modules())
     with torch.inference_mode(), packed_linears(model, 1, gemv=True):
+        assert type(model.blocks[0].attn.q_proj).__name__ == "GemvLinear"
         cache = model.new_cache(1, 128, static=True)
         model(torch.tensor([prompt]), cache=cache)
         keys = torch.zeros(1, 128, dtype=torch.bool)

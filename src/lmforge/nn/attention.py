@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmforge.nn.packed import fused_outputs
+from lmforge.nn.packed import FusedLinear
 
 # --------------------------------------------------------------------------------------------------------------
 # the formula
@@ -279,6 +279,8 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d_model, n_kv_head * head_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(d_model, n_kv_head * head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(n_head * head_dim, d_model, bias=bias)
+        self.fused: FusedLinear | None  # q, k and v as one product, set while decoding (lmforge.nn.packed)
+        self.register_module("fused", None)
         self.record: list[torch.Tensor] | None = None  # a list here collects each forward's attention weights
 
     def _explicit(self, q, k, v, mask):
@@ -307,9 +309,8 @@ class Attention(nn.Module):
         """x [B, T, d_model]. kv: keys and values from `project_kv` of another sequence (cross-attention: the
         decoder attends to the encoder's output, projected once and reused at every decoding step)."""
         B, T, _ = x.shape
-        fused = fused_outputs(self, x) if kv is None else None  # q, k, v in one product while decoding
-        if fused is not None:
-            q, k, v = (t.view(B, T, -1, self.head_dim).transpose(1, 2) for t in fused)
+        if self.fused is not None and kv is None:
+            q, k, v = (t.view(B, T, -1, self.head_dim).transpose(1, 2) for t in self.fused(x))
         else:
             q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
             k, v = kv if kv is not None else self.project_kv(x)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmforge.nn.packed import fused_outputs
+from lmforge.nn.packed import FusedLinear
 
 ACTIVATIONS = {
     "gelu": F.gelu,
@@ -29,10 +29,11 @@ class MLP(nn.Module):
             self.gate = nn.Linear(d_model, d_ff, bias=bias)
         self.up = nn.Linear(d_model, d_ff, bias=bias)
         self.down = nn.Linear(d_ff, d_model, bias=bias)
+        self.fused: FusedLinear | None  # gate and up as one product, set while decoding (lmforge.nn.packed)
+        self.register_module("fused", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gated:
-            fused = fused_outputs(self, x)  # gate and up in one product while decoding (lmforge.nn.packed)
-            g, u = fused if fused is not None else (self.gate(x), self.up(x))
+            g, u = self.fused(x) if self.fused is not None else (self.gate(x), self.up(x))
             return self.down(self.act(g) * u)
         return self.down(self.act(self.up(x)))

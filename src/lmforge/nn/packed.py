@@ -3,17 +3,21 @@
 Decoding multiplies a handful of rows by every weight matrix, once per token. PyTorch's default CPU path for
 such skinny products (MKL GEMV / small GEMM on the [out, in] weight) streams weights at well under the memory
 bandwidth, and gets worse at batch 8. oneDNN with the weight reordered once into its blocked layout (what
-`torch.compile`'s CPU freezing does) reads them several times faster. `packed_linears(model)` swaps every
-nn.Linear's forward for the packed one while the context is open.
+`torch.compile`'s CPU freezing does) reads them several times faster. `packed_linears(model)` puts a
+`PackedLinear` (the same weight and bias, plus the reordered copy) in the place of every nn.Linear while the context
+is open, and puts the plain layers back when it closes: the model's tree shows what runs (`blocks.0.mlp.down` is a
+PackedLinear inside the context), its parameters and state_dict stay the same objects and keys.
 
 Projections that read the same input are fused into one packed matrix: an attention layer's q, k and v, and a
-gated MLP's gate and up (plain Linear layers, or int8 weight-only ones from `--quantize int8`). One product over
-the stacked weights replaces three (two) calls, so a decoding step of a 30-block model makes 121 matrix calls
+gated MLP's gate and up (plain Linear layers, or int8 weight-only ones from `--quantize int8`). A `FusedLinear`,
+set in the module's `fused` slot inside the context, does the one product over the stacked weights, which replaces
+three (two) calls, so a decoding step of a 30-block model makes 121 matrix calls
 instead of 211, and each call's fixed cost (dispatch, oneDNN primitive lookup, waking the threads, and for int8
-converting the input to bfloat16) is paid less often. `fused_outputs` is how Attention and MLP ask for it.
+converting the input to bfloat16) is paid less often. Attention and MLP use their `fused` slot when it
+is set and their own Linear layers otherwise.
 
-The packed and fused copies are cached on the modules (keyed by the weight's storage and version, so a weight
-that changes is repacked), which costs one extra copy of the Linear weights in memory (for int8, of the fused
+The packed and fused layers are kept between contexts in a table beside the model (weakly keyed by the plain module,
+checked against the weight's storage and version, so a weight that changes is repacked), which costs one extra copy of the Linear weights in memory (for int8, of the fused
 projections); `release_packed(model)` frees them. Results match the plain path to float rounding (about 1e-6
 relative).
 
@@ -21,24 +25,23 @@ Compiled decoding of a single sequence (`packed_linears(..., gemv=True)`, what `
 batch 1) takes a third way. Each product is then one row times a matrix, and written as an elementwise multiply
 and a sum over the inputs, `(W * x).sum(-1)`, inductor turns it into one vectorised loop that streams the
 weights at the speed of a plain `sum` over memory, where PyTorch's own GEMV kernels (MKL, or oneDNN prepacked)
-reach about 55-70% of it on the CPUs measured here. Nothing is copied or fused for these: sibling projections
-become separate loops over the same input (inductor runs them in one pass). Int8 weight-only layers keep their
+reach about 55-70% of it on the CPUs measured here. Nothing is copied or fused for these (a `GemvLinear` shares
+the plain layer's weight): sibling projections become separate loops over the same input (inductor runs them in one pass). Int8 weight-only layers keep their
 kernel (inductor's loop loads int8 weights eight at a time through a slow partial-vector path, measured 1.5 GB/s).
 """
 
 from __future__ import annotations
 
-import types
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lmforge.nn.init import aligned
-from lmforge.nn.quant import Int8Linear
-
-_ATTR = "_lmforge_packed"
+from lmforge.nn.quant import Int8Linear, int8_linear
 
 
 def can_pack(model: nn.Module) -> bool:
@@ -74,17 +77,25 @@ def _opaque_op():
 _OPAQUE = _opaque_op()
 
 
-def _packed_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    return _linear(x, getattr(self, _ATTR)[1], self.bias, self.out_features)
+def _key(*weights: torch.Tensor) -> tuple:
+    return tuple((w.data_ptr(), w._version, w.dtype) for w in weights)
 
 
-def _pack(m: nn.Linear, batch_hint: int) -> None:
-    key = (m.weight.data_ptr(), m.weight._version, m.weight.dtype)
-    cached = getattr(m, _ATTR, None)
-    if cached is None or cached[0] != key:
+class PackedLinear(nn.Module):
+    """An nn.Linear for inference with its weight reordered once into oneDNN's blocked layout. It holds the plain
+    layer's own weight and bias (so parameters and state_dict are unchanged); the reordered copy is a plain
+    attribute (derived data in oneDNN's opaque layout: never saved, never moved)."""
+
+    def __init__(self, linear: nn.Linear, batch_hint: int = 1) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight, self.bias = linear.weight, linear.bias
+        self.key = _key(linear.weight)
         with torch.no_grad():
-            packed = torch.ops.mkldnn._reorder_linear_weight(aligned(m.weight.detach()), batch_hint)
-        setattr(m, _ATTR, (key, packed))
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(aligned(linear.weight.detach()), batch_hint)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _linear(x, self.packed, self.bias, self.out_features)
 
 
 def _one_row(x: torch.Tensor) -> bool:
@@ -101,108 +112,133 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     return y if bias is None else y + bias
 
 
-def _gemv_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    if not _one_row(x):
-        return nn.Linear.forward(self, x)
-    return gemv(x, self.weight, self.bias)
+class GemvLinear(nn.Module):
+    """An nn.Linear (its own weight and bias) whose product with one row, inside a compiled step, is written as
+    multiply-and-sum (`gemv`); any other input takes the ordinary product."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight, self.bias = linear.weight, linear.bias
+        self.key = _key(linear.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return gemv(x, self.weight, self.bias) if _one_row(x) else F.linear(x, self.weight, self.bias)
 
 
-_FUSED = "_lmforge_fused"  # on a module: (key, the fused product as a callable, output sizes)
 FUSIBLE = {"Attention": ("q_proj", "k_proj", "v_proj"), "MLP": ("gate", "up")}  # siblings that read one input
-
-
-def _mkldnn_product(packed: torch.Tensor, bias: torch.Tensor | None, out_features: int):
-    return lambda x: _linear(x, packed, bias, out_features)
 
 
 def _cat_bias(linears: list[nn.Module]) -> torch.Tensor | None:
     return None if linears[0].bias is None else torch.cat([m.bias.detach() for m in linears])
 
 
-def _fuse(parent: nn.Module, linears: list[nn.Module], batch_hint: int) -> None:
-    plain = type(linears[0]) is nn.Linear
-    weights = [m.weight if plain else m.qweight for m in linears]
-    key = tuple((w.data_ptr(), w._version) for w in weights)
-    cached = getattr(parent, _FUSED, None)
-    if cached is None or cached[0] != key:
+class FusedLinear(nn.Module):
+    """Sibling projections that read the same input (an attention layer's q, k, v; a gated MLP's gate, up) as one
+    product over their stacked weights, for inference: forward returns one output per sibling. Plain siblings
+    stack into one oneDNN-packed matrix, int8 weight-only ones into one int8 matrix with their row scales. The
+    stacked copies are plain attributes: the module has no parameters or buffers, so it adds nothing to a
+    state_dict while it sits in its parent's `fused` slot."""
+
+    def __init__(self, linears: list[nn.Module], batch_hint: int = 1) -> None:
+        super().__init__()
+        self.plain = type(linears[0]) is nn.Linear
+        weights = [m.weight if self.plain else m.qweight for m in linears]
+        self.key = _key(*weights)
+        self.sizes = [m.out_features for m in linears]
+        self.bias = _cat_bias(linears)
         with torch.no_grad():
-            if plain:
-                packed = torch.ops.mkldnn._reorder_linear_weight(torch.cat([w.detach() for w in weights]), batch_hint)
-                product = _mkldnn_product(packed, _cat_bias(linears), sum(m.out_features for m in linears))
+            if self.plain:
+                self.packed = torch.ops.mkldnn._reorder_linear_weight(torch.cat([w.detach() for w in weights]),
+                                                                      batch_hint)
             else:  # int8 weight-only rows with per-row scales stack as they are
-                product = Int8Linear(torch.cat(weights), torch.cat([m.scales for m in linears]), _cat_bias(linears))
-        setattr(parent, _FUSED, (key, product, [m.out_features for m in linears]))
+                self.qweight = aligned(torch.cat(weights))
+                self.scales = torch.cat([m.scales for m in linears]).to(torch.bfloat16)
 
-
-def fused_outputs(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
-    """The outputs of `module`'s fused sibling projections of x (see FUSIBLE), while a packed_linears context
-    has fused them; otherwise None and the module runs its Linear layers one by one."""
-    fused = module.__dict__.get("_lmforge_fused_on")
-    if fused is None:
-        return None
-    _, product, sizes = fused
-    return product(x).split(sizes, dim=-1)
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.plain:
+            y = _linear(x, self.packed, self.bias, sum(self.sizes))
+        else:
+            y = int8_linear(x, self.qweight, self.scales, self.bias)
+        return y.split(self.sizes, dim=-1)
 
 
 def _fusible(parent: nn.Module, pack: bool) -> list[nn.Module] | None:
     """The sibling projections of `parent` when they can run as one product: all plain Linear layers (with
-    oneDNN), or all int8 weight-only layers; not LoRA-adapted, not held by another open context."""
+    oneDNN), or all int8 weight-only layers on the int8 kernel; not LoRA-adapted (another type), not already
+    replaced by another open context."""
     names = FUSIBLE.get(type(parent).__name__)
-    linears = [getattr(parent, n, None) for n in names or ()]
-    kinds = {type(m) for m in linears}
-    if not linears or len(kinds) != 1 or not kinds <= ({nn.Linear} if pack else set()) | {Int8Linear}:
+    if not names or getattr(parent, "fused", None) is not None:
         return None
-    if any("forward" in m.__dict__ for m in linears) or len({m.bias is None for m in linears}) != 1:
+    linears = [getattr(parent, n, None) for n in names]
+    kinds = {type(m) for m in linears}
+    if len(kinds) != 1 or not kinds <= ({nn.Linear} if pack else set()) | {Int8Linear}:
+        return None
+    if Int8Linear in kinds and not all(m.fast for m in linears):
+        return None
+    if len({m.bias is None for m in linears}) != 1:
         return None
     if len({(m.weight if type(m) is nn.Linear else m.qweight).dtype for m in linears}) != 1:
         return None
     return linears
 
 
+# the packed / fused / gemv layers built for a module, kept between contexts until its weights change
+_BUILT: weakref.WeakKeyDictionary[nn.Module, dict[str, nn.Module]] = weakref.WeakKeyDictionary()
+
+
+def _built(owner: nn.Module, kind: str, key: tuple, build) -> nn.Module:
+    table = _BUILT.setdefault(owner, {})
+    layer = table.get(kind)
+    if layer is None or layer.key != key:
+        layer = table[kind] = build()
+    return layer
+
+
 @contextmanager
 def packed_linears(model: nn.Module, batch_hint: int = 1, enabled: bool = True, gemv: bool = False
                    ) -> Iterator[nn.Module]:
-    """Run the model's Linear layers through prepacked oneDNN weights inside the block, with sibling projections
-    fused (see the module docstring); int8 weight-only siblings are fused too. gemv=True instead has plain
-    Linear layers run compiled single-row products as multiply-and-sum loops (int8 siblings are still fused onto
-    their own kernel). A no-op off CPU or with gradients on."""
+    """Inside the block the model's Linear layers are PackedLinear ones (prepacked oneDNN weights) and sibling
+    projections run as one FusedLinear each (see the module docstring); int8 weight-only siblings are fused too.
+    gemv=True instead puts GemvLinear layers in (compiled single-row products as multiply-and-sum loops; int8
+    siblings are still fused onto their own kernel). The plain layers are back when the block ends. A no-op off
+    CPU or with gradients on."""
     p = next(model.parameters(), None)
     if not enabled or torch.is_grad_enabled() or p is None or p.device.type != "cpu":
         yield model
         return
     pack = can_pack(model) and not gemv
-    swapped, fused, covered = [], [], set()
+    replaced: list[tuple[nn.Module, str, nn.Module]] = []
+    fused: list[nn.Module] = []
     try:
-        for parent in model.modules():
-            linears = _fusible(parent, pack) if "_lmforge_fused_on" not in parent.__dict__ else None
+        for parent in list(model.modules()):
+            linears = _fusible(parent, pack)
             if linears is not None:
-                _fuse(parent, linears, batch_hint)
-                parent._lmforge_fused_on = getattr(parent, _FUSED)
+                weights = [m.weight if type(m) is nn.Linear else m.qweight for m in linears]
+                parent.fused = _built(parent, "fused", _key(*weights), lambda: FusedLinear(linears, batch_hint))
                 fused.append(parent)
-                covered.update(id(m) for m in linears)
-        for m in model.modules():
-            # (a module whose forward is already swapped belongs to another open context, e.g. the serving engine
-            # while a caller generates on the same model: that context swaps it back)
-            if type(m) is not nn.Linear or "forward" in m.__dict__ or id(m) in covered:
-                continue
-            if gemv:
-                m.forward = types.MethodType(_gemv_forward, m)
-            elif pack:
-                _pack(m, batch_hint)
-                m.forward = types.MethodType(_packed_forward, m)
-            else:
-                continue
-            swapped.append(m)
+        covered = {id(getattr(parent, n)) for parent in fused for n in FUSIBLE[type(parent).__name__]}
+        for parent in list(model.modules()):
+            # (a layer that is not a plain nn.Linear any more belongs to another open context, e.g. the serving
+            # engine while a caller generates on the same model: that context puts it back)
+            for name, m in list(parent.named_children()):
+                if type(m) is not nn.Linear or id(m) in covered or not (gemv or pack):
+                    continue
+                if gemv:
+                    layer = _built(m, "gemv", _key(m.weight), lambda m=m: GemvLinear(m))
+                else:
+                    layer = _built(m, "packed", _key(m.weight), lambda m=m: PackedLinear(m, batch_hint))
+                setattr(parent, name, layer)
+                replaced.append((parent, name, m))
         yield model
     finally:
-        for m in swapped:
-            del m.forward  # back to the class's forward
+        for parent, name, m in reversed(replaced):
+            setattr(parent, name, m)
         for parent in fused:
-            del parent._lmforge_fused_on
+            parent.fused = None
 
 
 def release_packed(model: nn.Module) -> None:
+    """Free the packed and fused copies built for the model's layers (they are rebuilt when next needed)."""
     for m in model.modules():
-        for attr in (_ATTR, _FUSED):
-            if hasattr(m, attr):
-                delattr(m, attr)
+        _BUILT.pop(m, None)

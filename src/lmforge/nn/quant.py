@@ -59,7 +59,8 @@ class Int8Linear(nn.Module):
         self.register_buffer("qweight", aligned(qweight))
         self.register_buffer("scales", scales)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-        self._fast = qweight.device.type == "cpu" and hasattr(torch.ops.aten, "_weight_int8pack_mm")
+        # the bfloat16-activation CPU kernel (inference); off for a frozen LoRA base (see base_int8)
+        self.fast = qweight.device.type == "cpu" and hasattr(torch.ops.aten, "_weight_int8pack_mm")
         self._scales_bf16 = scales.to(torch.bfloat16)
 
     @classmethod
@@ -74,16 +75,23 @@ class Int8Linear(nn.Module):
         return self.qweight.to(dtype) * self.scales[:, None].to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, self.in_features)
-        if self._fast and not (torch.is_grad_enabled() and x.requires_grad):
-            y = torch.ops.aten._weight_int8pack_mm(aligned(x2.to(torch.bfloat16).contiguous()), self.qweight,
-                                                   self._scales_bf16).to(x.dtype)
-        else:  # in the input's dtype, a slice of rows dequantized at a time
-            y = frozen_linear(x2, self)
+        if self.fast and not (torch.is_grad_enabled() and x.requires_grad):
+            return int8_linear(x, self.qweight, self._scales_bf16, self.bias)
+        y = frozen_linear(x.reshape(-1, self.in_features), self)  # in the input's dtype, rows dequantized in slices
         if self.bias is not None:
             y = y + self.bias
-        return y.reshape(*shape[:-1], self.out_features)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
+def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales_bf16: torch.Tensor,
+                bias: torch.Tensor | None) -> torch.Tensor:
+    """x [..., K] times an int8 weight [N, K] with per-row bfloat16 scales, on the CPU's weight-only int8 kernel
+    (the activations in bfloat16); the result in x's dtype."""
+    y = torch.ops.aten._weight_int8pack_mm(aligned(x.reshape(-1, x.size(-1)).to(torch.bfloat16).contiguous()),
+                                           qweight, scales_bf16).to(x.dtype)
+    if bias is not None:
+        y = y + bias
+    return y.reshape(*x.shape[:-1], qweight.size(0))
 
 
 class Int4Linear(nn.Module):
@@ -303,7 +311,7 @@ def quantize_linear(m: nn.Linear, mode: str) -> nn.Module:
 def base_int8(m: Int8Linear) -> Int8Linear:
     """An int8 layer as a frozen LoRA base: it computes in the input's dtype from dequantized rows, as every
     base does, not in the bfloat16-activation kernel meant for quantized inference."""
-    m._fast = False
+    m.fast = False
     return m
 
 
