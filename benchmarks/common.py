@@ -29,6 +29,28 @@ def matmul_peak_flops(sizes=(1024, 2048), seconds: float = 1.0) -> float:
     return best
 
 
+def matmul_peak(dtype: torch.dtype = torch.float32, n: int = 2048, seconds: float = 1.0) -> float:
+    """Best FLOP/s of an n x n matmul in `dtype` over `seconds` (bf16 runs on AMX or avx512_bf16 where present)."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    best, end = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        t0 = time.perf_counter()
+        a @ b
+        best = max(best, 2 * n**3 / (time.perf_counter() - t0))
+    return best
+
+
+def machine_header() -> str:
+    """The line every table starts with: the CPU, threads, torch, and the peaks measured now in this process
+    (fp32 and bf16 matmul, read bandwidth), so a figure is always read against the machine it came from."""
+    from lmforge.runtime import cpu_model
+
+    return (f"{cpu_model()}, {torch.get_num_threads()} threads, torch {torch.__version__}; measured peaks: "
+            f"fp32 matmul {matmul_peak(torch.float32) / 1e9:,.0f} GFLOP/s, bf16 matmul "
+            f"{matmul_peak(torch.bfloat16) / 1e9:,.0f} GFLOP/s, read {read_bandwidth(1 << 29, 5) / 1e9:.1f} GB/s")
+
+
 def read_rates(nbytes: int = 1 << 30, repeats: int = 7) -> list[float]:
     """Bytes/s of `repeats` reads of a buffer far larger than the caches (a sum over 1 GiB of fp32)."""
     x = torch.ones(nbytes // 4)

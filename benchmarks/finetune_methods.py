@@ -124,6 +124,7 @@ def probe(method: str, steps: int = 3) -> None:
     import torch
 
     from lmforge.interop import load_pretrained
+    from lmforge.train.supervised import model_loss
     from lmforge.tune.methods import apply_method
     from lmforge.tune.recipe import resolve
     from lmforge.tune.sft import collate, load_chat_splits, pack, tokenize_chat
@@ -136,13 +137,12 @@ def probe(method: str, steps: int = 3) -> None:
     model, tok = load_pretrained(args["model"])
     rows = pack([e for e in (tokenize_chat(tok, c, cfg.max_len) for c in train[:200]) if e is not None], cfg.max_len)
     apply_method(model, cfg)
-    model.grad_checkpoint = True
     model.train()
     opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=cfg.lr)
     batches = [collate(rows[i * cfg.batch_size:(i + 1) * cfg.batch_size], tok.pad_id) for i in range(steps)]
 
     def step(b: dict) -> None:
-        model(**b).loss.backward()
+        model_loss(model, b, grad_checkpoint=cfg.grad_checkpoint).backward()  # what fit's step does
         opt.step()
         opt.zero_grad(set_to_none=True)
 

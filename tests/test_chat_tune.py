@@ -78,9 +78,8 @@ def test_checkpointed_chunked_loss_matches_plain():
     y[:, :5] = -100
     losses, grads = [], []
     for ckpt in (False, True):
-        m.grad_checkpoint = ckpt
         m.zero_grad()
-        loss = m(x, labels=y, logits_at=y != -100).loss
+        loss = m(x, labels=y, logits_at=y != -100, loss_only=True, grad_checkpoint=ckpt).loss
         loss.backward()
         losses.append(loss.item())
         grads.append(torch.cat([p.grad.flatten() for p in m.parameters()]))

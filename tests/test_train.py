@@ -165,3 +165,55 @@ def test_weight_averaging_keeps_the_mean_of_the_late_evaluation_points(tmp_path)
     assert r.best["averaged_points"] == len(late) == 3
     cfg.average = 0.0
     assert "averaged_points" not in fit(wrapped, lambda e: [{"x": x, "y": y}], 1, evaluate, cfg, progress=False).best
+
+
+@pytest.mark.parametrize("family", ["decoder", "encoder", "seq2seq"])
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(family):
+    """grad_checkpoint=True (every family, through models.base.call_block) recomputes the blocks in backward:
+    the loss and every gradient equal the plain step's (dropout off: the recomputation replays the RNG anyway)."""
+    from lmforge.models.family import FAMILIES
+    from lmforge.train.supervised import model_loss
+
+    f = FAMILIES[family]
+    preset = dict(next(iter(f.presets.values())))
+    small = {"n_layer": 2, "d_model": 32, "n_head": 2, "vocab_size": 101, "max_seq_len": 32, "d_ff": 64,
+             "head": "mlm", "dropout": 0.0, "attn_dropout": 0.0}
+    cfg = f.config_cls(**{**preset, **{k: v for k, v in small.items() if k in f.config_cls.__dataclass_fields__}})
+    torch.manual_seed(0)
+    model = f.model_cls(cfg).train()
+    x = torch.randint(3, 101, (2, 16))
+    batch = {"input_ids": x, "labels": x if family != "encoder" else x.masked_fill(x % 3 == 0, -100)}
+    grads, kept = [], []
+    for ckpt in (False, True):
+        model.zero_grad()
+        held = [0]
+
+        def pack(t, held=held):  # what autograd keeps for backward, outside the checkpointed blocks
+            held[0] += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = model_loss(model, batch, grad_checkpoint=ckpt)
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+        kept.append(held[0])
+    assert kept[1] < 0.7 * kept[0]  # checkpointing keeps less
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-6, atol=1e-6)
+    assert len(grads[0][1]) == len(grads[1][1]) > 0
+    for a, b in zip(grads[0][1], grads[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_pretrain_with_activation_checkpointing_trains_the_same(tmp_path, small_corpus):
+    """train.grad_checkpoint: the same run with and without it reaches the same weights (to float rounding)."""
+    from safetensors.torch import load_file
+
+    outs = []
+    for ckpt in (False, True):
+        cfg = tiny_run(small_corpus, steps=4, eval_every=0, ckpt_every=0, grad_checkpoint=ckpt)
+        cfg["model"]["dropout"] = 0.0
+        pretrain(load_run_config(base=cfg), tmp_path / f"r{int(ckpt)}", progress=False)
+        outs.append(load_file(tmp_path / f"r{int(ckpt)}" / "model" / "model.safetensors"))
+    assert outs[0].keys() == outs[1].keys()
+    for k in outs[0]:
+        torch.testing.assert_close(outs[0][k], outs[1][k], rtol=1e-4, atol=1e-5)

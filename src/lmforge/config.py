@@ -458,6 +458,7 @@ class TrainConfig:
     dtype: str = "float32"  # "float32" or "bfloat16" (autocast; weights stay fp32)
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", "mps"
     compile: bool = False  # torch.compile the model
+    grad_checkpoint: bool = False  # recompute each block's activations in backward: less memory, ~1/3 more compute
     eval_every: int = 200
     eval_batches: int = 20
     ckpt_every: int = 500

@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from lmforge.config import DecoderConfig
-from lmforge.models.base import PretrainedModel
+from lmforge.models.base import PretrainedModel, call_block
 from lmforge.nn.attention import Attention, KVCache, Rotary, SlotKVCache, StaticKVCache, padded_causal_mask
 from lmforge.nn.loss import cross_entropy, linear_cross_entropy
 from lmforge.nn.mlp import MLP
@@ -62,9 +62,6 @@ class DecoderLM(PretrainedModel):
         if cfg.tie_embeddings:
             # one matrix reads tokens in and scores them out: fewer parameters, and it helps small models
             self.lm_head.weight = self.tok_emb.weight
-        # activation checkpointing while training: keep only each block's input, recompute the rest in backward
-        # (fine-tuning sets it; it trades about a third more compute for most of the activation memory)
-        self.grad_checkpoint = False
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -94,6 +91,7 @@ class DecoderLM(PretrainedModel):
         last_only: bool = False,
         logits_at: torch.Tensor | None = None,
         loss_only: bool = False,
+        grad_checkpoint: bool = False,
     ) -> CausalLMOutput:
         """input_ids [B, T]. labels [B, T] (-100 = ignore) gives the mean next-token loss; labels are the
         targets for each position (already shifted). attention_mask [B, past + T] marks real tokens (1) and
@@ -107,7 +105,11 @@ class DecoderLM(PretrainedModel):
         computed straight from the final hidden states a chunk of tokens at a time (nn.loss), so the [tokens,
         vocab] logits and their gradient are never held whole (at GPT-2's vocabulary and 8 x 1024 tokens, 1.6 GB
         each; on CPU the step is as fast or a little faster). A quantized head or autocast takes the plain path.
+        grad_checkpoint=True (training only, no cache) recomputes each block in backward (models.base.call_block),
+        and with logits_at the head and loss a chunk at a time too.
         The call decides; nothing is read from train/eval mode or the grad mode."""
+        if grad_checkpoint and cache is not None:
+            raise ValueError("grad_checkpoint is for training; it cannot be combined with a KV cache")
         B, T = input_ids.shape
         if position_ids is None:
             past = cache.length if cache is not None else 0
@@ -126,12 +128,8 @@ class DecoderLM(PretrainedModel):
         mask = attention_mask
         if attention_mask is not None and attention_mask.dim() == 2:
             mask = padded_causal_mask(attention_mask, T)
-        ckpt = self.grad_checkpoint and self.training and torch.is_grad_enabled() and cache is None
         for i, block in enumerate(self.blocks):
-            if ckpt:
-                x = checkpoint(block, x, mask, rotary, None, i, use_reentrant=False)
-            else:
-                x = block(x, mask, rotary, cache, i)
+            x = call_block(block, x, mask, rotary, cache, i, grad_checkpoint=grad_checkpoint)
         if cache is not None:
             cache.advance(T)
         x = self.norm(x)
@@ -140,7 +138,7 @@ class DecoderLM(PretrainedModel):
         if logits_at is not None:
             x = x[logits_at]
             labels = labels[logits_at] if labels is not None else None
-            if loss_only and labels is not None and ckpt:
+            if loss_only and labels is not None and grad_checkpoint and torch.is_grad_enabled():
                 return CausalLMOutput(logits=None, loss=self._chunked_loss(x, labels))
         if loss_only and labels is not None and type(self.lm_head) is nn.Linear and not torch.is_autocast_enabled():
             # the head, the loss and their gradients a chunk of tokens at a time (nn.loss)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.config import EncoderConfig
-from lmforge.models.base import PretrainedModel
+from lmforge.models.base import PretrainedModel, call_block
 from lmforge.nn.attention import Attention
 from lmforge.nn.mlp import ACTIVATIONS, MLP
 
@@ -113,13 +113,15 @@ class Encoder(PretrainedModel):
         class_weights: torch.Tensor | None = None,
         heads: bool = True,
         loss_only: bool = False,
+        grad_checkpoint: bool = False,
     ) -> EncoderOutput:
         """input_ids [B, T]; attention_mask [B, T] marks real tokens (1) and padding (0).
 
         labels: mlm/pretrain [B, T] token ids with -100 where nothing is predicted; classify [B] class ids.
         start_positions / end_positions [B] train the qa head. The loss is the mean over what is predicted
         (mlm + nsp summed for pretrain). heads=False stops after the body and pooler (embeddings need no
-        vocabulary-wide MLM scores). loss_only=True (what the training loops ask for) returns no logits."""
+        vocabulary-wide MLM scores). loss_only=True (what the training loops ask for) returns no logits;
+        grad_checkpoint=True recomputes each block in backward (models.base.call_block)."""
         B, T = input_ids.shape
         if T > self.config.max_seq_len:
             raise ValueError(f"sequence of {T} tokens exceeds the model's {self.config.max_seq_len} positions")
@@ -131,7 +133,7 @@ class Encoder(PretrainedModel):
         if attention_mask is not None and not bool(attention_mask.all()):
             mask = attention_mask.bool()[:, None, None, :]  # keys only: every query row keeps its real keys
         for block in self.blocks:
-            x = block(x, mask)
+            x = call_block(block, x, mask, grad_checkpoint=grad_checkpoint)
         out = EncoderOutput(hidden=x)
         if self.pooler is not None:
             out.pooled = torch.tanh(self.pooler(x[:, 0]))

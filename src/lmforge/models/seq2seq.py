@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from lmforge.config import Seq2SeqConfig
-from lmforge.models.base import PretrainedModel
+from lmforge.models.base import PretrainedModel, call_block
 from lmforge.nn.attention import Attention, KVCache, RelativePositionBias, causal_mask
 from lmforge.nn.loss import cross_entropy
 from lmforge.nn.mlp import MLP
@@ -131,7 +131,8 @@ class Seq2SeqLM(PretrainedModel):
 
     # ------------------------------------------------------------------------------------------------------------
 
-    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+               grad_checkpoint: bool = False) -> torch.Tensor:
         """The encoder's output [B, S, d] for input_ids [B, S] (attention_mask: 1 = real token, 0 = padding)."""
         S = input_ids.size(1)
         x = self.drop(self.tok_emb(input_ids))
@@ -140,7 +141,7 @@ class Seq2SeqLM(PretrainedModel):
         if pad is not None:
             bias = bias + pad
         for block in self.encoder.blocks:
-            x = block(x, bias)
+            x = call_block(block, x, bias, grad_checkpoint=grad_checkpoint)
         return self.drop(self.encoder.norm(x))
 
     def new_cache(self, encoder_hidden: torch.Tensor, attention_mask: torch.Tensor | None, max_len: int,
@@ -155,7 +156,8 @@ class Seq2SeqLM(PretrainedModel):
         return Seq2SeqCache(self_attn, cross, padding_bias(attention_mask, dtype))
 
     def decode(self, decoder_input_ids: torch.Tensor, encoder_hidden: torch.Tensor | None = None,
-               attention_mask: torch.Tensor | None = None, cache: Seq2SeqCache | None = None) -> torch.Tensor:
+               attention_mask: torch.Tensor | None = None, cache: Seq2SeqCache | None = None,
+               grad_checkpoint: bool = False) -> torch.Tensor:
         """The decoder's final hidden states [B, T, d]. Without a cache, every target position attends to the
         ones before it and to encoder_hidden (masked by the source attention_mask); with one, the new tokens
         continue the cached history and the cached cross keys/values stand in for encoder_hidden."""
@@ -171,7 +173,8 @@ class Seq2SeqLM(PretrainedModel):
             cross = [b.cross_attn.project_kv(encoder_hidden) for b in self.decoder.blocks]
             cross_bias = padding_bias(attention_mask, x.dtype)
         for i, block in enumerate(self.decoder.blocks):
-            x = block(x, bias, cross[i], cross_bias, cache.self_attn if cache is not None else None, i)
+            x = call_block(block, x, bias, cross[i], cross_bias, cache.self_attn if cache is not None else None, i,
+                           grad_checkpoint=grad_checkpoint and cache is None)
         if cache is not None:
             cache.self_attn.advance(T)
         return self.drop(self.decoder.norm(x))
@@ -196,18 +199,21 @@ class Seq2SeqLM(PretrainedModel):
         labels: torch.Tensor | None = None,
         encoder_hidden: torch.Tensor | None = None,
         loss_only: bool = False,
+        grad_checkpoint: bool = False,
     ) -> Seq2SeqOutput:
         """input_ids [B, S] with attention_mask [B, S]; labels [B, T] target ids (-100 = not predicted) give the
         mean cross-entropy and, when decoder_input_ids is None, the decoder's inputs (shifted right).
         encoder_hidden: a precomputed `encode(...)`, to score several targets against one source. loss_only=True
-        (what the training loops ask for) returns no logits."""
+        (what the training loops ask for) returns no logits; grad_checkpoint=True recomputes each block of both stacks in
+        backward (models.base.call_block)."""
         if encoder_hidden is None:
-            encoder_hidden = self.encode(input_ids, attention_mask)
+            encoder_hidden = self.encode(input_ids, attention_mask, grad_checkpoint=grad_checkpoint)
         if decoder_input_ids is None:
             if labels is None:
                 raise ValueError("Seq2SeqLM.forward needs decoder_input_ids or labels")
             decoder_input_ids = self.shift_right(labels)
-        logits = self.head(self.decode(decoder_input_ids, encoder_hidden, attention_mask))
+        logits = self.head(self.decode(decoder_input_ids, encoder_hidden, attention_mask,
+                                       grad_checkpoint=grad_checkpoint))
         loss = None
         if labels is not None:
             loss = cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1))

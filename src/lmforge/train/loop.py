@@ -196,7 +196,7 @@ def _pretrain(cfg: RunConfig, run: Path, resume: bool, progress: bool | None, ov
                 last = micro == tc.grad_accum - 1
                 sync = nullcontext() if last or env.world == 1 else train_model.no_sync()
                 with sync, autocast:
-                    loss = train_model(**batch, loss_only=True).loss / tc.grad_accum
+                    loss = train_model(**batch, loss_only=True, grad_checkpoint=tc.grad_checkpoint).loss / tc.grad_accum
                 with sync:
                     loss.backward()
                 loss_sum += loss.item()

@@ -68,11 +68,12 @@ def linear_schedule(step: int, total: int, warmup: int, lr: float) -> float:
     return lr * max(0.0, (total - step) / max(1, total - warmup))
 
 
-def model_loss(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+def model_loss(model: nn.Module, batch: dict[str, Any], grad_checkpoint: bool = False) -> torch.Tensor:
     """The model's own loss on a batch: lmforge's models are asked for the loss alone (`loss_only=True`: no
-    logits kept, the decoder's head and loss computed in chunks); any other module gets the batch as it is."""
+    logits kept, the decoder's head and loss computed in chunks), with activation checkpointing when asked;
+    any other module gets the batch as it is."""
     if isinstance(model, PretrainedModel):
-        return model(**batch, loss_only=True).loss
+        return model(**batch, loss_only=True, grad_checkpoint=grad_checkpoint).loss
     return model(**batch).loss
 
 
@@ -90,7 +91,7 @@ def fit(
 ) -> FitResult:
     """Train `model` on `batches(epoch)` (dicts of forward() arguments including labels) for cfg.epochs.
     loss_fn(model, batch) replaces `model_loss` (the model's own loss) for objectives that are not the model's
-    own (DPO).
+    own (DPO); it asks the model for activation checkpointing itself when cfg.grad_checkpoint is set.
     Only trainable parameters change, so only they are kept for the best validation point.
 
     cfg.average > 0 also keeps the running mean of the weights at every evaluation in the last `average` share
@@ -176,7 +177,8 @@ def fit(
                 for g in opt.param_groups:
                     g["lr"] = lr * g.get("lr_scale", 1.0)
                 batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-                loss = (loss_fn or model_loss)(model, batch)
+                loss = (loss_fn(model, batch) if loss_fn is not None
+                        else model_loss(model, batch, grad_checkpoint=cfg.grad_checkpoint))
                 loss.backward()
                 if cfg.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)

@@ -164,7 +164,7 @@ def finetune_classify(
     loss_fn = None
     if cfg.label_smoothing:
         def loss_fn(m: Encoder, b: dict) -> torch.Tensor:
-            logits = m(b["input_ids"], attention_mask=b["attention_mask"]).logits
+            logits = m(b["input_ids"], attention_mask=b["attention_mask"], grad_checkpoint=cfg.grad_checkpoint).logits
             return F.cross_entropy(logits, b["labels"], weight=b["class_weights"],
                                    label_smoothing=cfg.label_smoothing)
 

@@ -124,10 +124,12 @@ def _batch(seqs: list[Tokenized], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
-def sequence_logps(model: torch.nn.Module, b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_logps(model: torch.nn.Module, b: dict[str, torch.Tensor], grad_checkpoint: bool = False
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probability of each row's labelled tokens, and their count."""
     at = b["labels"] != -100
-    logits = model(b["input_ids"], attention_mask=b["attention_mask"], logits_at=at).logits
+    logits = model(b["input_ids"], attention_mask=b["attention_mask"], logits_at=at,
+                   grad_checkpoint=grad_checkpoint).logits
     lp = torch.log_softmax(logits.float(), dim=-1).gather(-1, b["labels"][at][:, None]).squeeze(-1)
     rows = at.nonzero()[:, 0]
     n = at.sum(-1)
@@ -223,7 +225,7 @@ def finetune_dpo(
             ref_model.eval()  # (no dropout in the reference)
             ref_lp, _ = sequence_logps(ref_model, b)
             ref_model.train(m.training)
-        lp, _ = sequence_logps(m, b)
+        lp, _ = sequence_logps(m, b, grad_checkpoint=cfg.grad_checkpoint)
         k = lp.size(0) // 2
         margin = beta * ((lp[:k] - ref_lp[:k]) - (lp[k:] - ref_lp[k:]))
         return -F.logsigmoid(margin).mean()

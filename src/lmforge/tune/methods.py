@@ -25,8 +25,6 @@ from lmforge.tune.freeze import freeze_all_but_top
 def apply_method(model: nn.Module, cfg) -> int:
     """Prepare `model` for fine-tuning as `cfg` (a FinetuneConfig) says; returns the trainable parameter count."""
     m = cfg.method
-    if hasattr(model, "grad_checkpoint"):
-        model.grad_checkpoint = bool(getattr(cfg, "grad_checkpoint", False))
     if m == "full":
         for p in model.parameters():
             p.requires_grad_(True)

@@ -287,7 +287,7 @@ def budget_epochs(model, batches, steps_per_epoch: int, seconds: float, cfg: Fin
         if b is None:
             break
         t = time.time()
-        model(**b, loss_only=True).loss.backward()
+        model(**b, loss_only=True, grad_checkpoint=cfg.grad_checkpoint).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         times.append(time.time() - t)
