@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from lmforge.config import ServeConfig
+from lmforge.config import SamplingParams, ServeConfig
 from lmforge.errors import LmforgeError
 
 
@@ -67,7 +67,6 @@ def cmd_generate(a: argparse.Namespace) -> None:
 def _load_for_decoding(a: argparse.Namespace):
     """generate / chat: refuse out-of-range decoding flags before the model loads (generate checks them too),
     then load it."""
-    from lmforge.generate.sampling import SamplingParams
     from lmforge.interop import load_pretrained
     from lmforge.runtime import tune_allocator
 
@@ -228,14 +227,11 @@ def model_flags(p: argparse.ArgumentParser, device: bool = True, adapter: bool =
         p.add_argument("--adapter", help="a LoRA adapter directory (PEFT layout) to merge into the model")
 
 
-def sampling_flags(p: argparse.ArgumentParser, max_new_tokens: int, temperature: float, top_k: int | None,
-                   top_p: float | None) -> None:
-    """generate / chat: the decoding flags (their defaults differ: a chat reply is sampled more tightly)."""
-    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
-    p.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=top_k)
-    p.add_argument("--top-p", type=float, default=top_p)
-    p.add_argument("--seed", type=int, default=None)
+def sampling_flags(p: argparse.ArgumentParser, repetition_penalty: bool = True, **defaults) -> None:
+    """generate / chat: one flag per field of SamplingParams (its help and type), with the verb's own defaults
+    (a chat reply is sampled more tightly), and --compile."""
+    fields = [f for f in dataclasses.fields(SamplingParams) if repetition_penalty or f.name != "repetition_penalty"]
+    add_settings(p, [(f.name, defaults.get(f.name, f.default), f) for f in fields], given_only=False)
     p.add_argument("--compile", action="store_true",
                    help="decode through torch.compile (tens of seconds to compile once, then faster steps)")
 
@@ -273,8 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="continue prompts with a model")
     model_flags(g)
     g.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
-    sampling_flags(g, max_new_tokens=128, temperature=0.8, top_k=None, top_p=None)
-    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    sampling_flags(g, max_new_tokens=128, temperature=0.8)
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g.add_argument("--escapes", action="store_true", help=r"interpret \n and \t in prompts")
     g.add_argument("--stream", action="store_true", help="stream even when stdout is not a terminal")
@@ -291,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     model_flags(ch)
     ch.add_argument("--system", help="system prompt")
     ch.add_argument("--prompt", help="one message, answer printed, then exit (for scripts)")
-    sampling_flags(ch, max_new_tokens=256, temperature=0.7, top_k=50, top_p=0.9)
+    sampling_flags(ch, repetition_penalty=False, max_new_tokens=256, temperature=0.7, top_k=50, top_p=0.9)
     ch.set_defaults(fn=cmd_chat)
 
     ev = sub.add_parser("eval", help="evaluate a model")

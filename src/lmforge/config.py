@@ -758,6 +758,35 @@ def setting_name(key: str) -> str:
 
 
 # --- serving: the settings of `lmforge serve` (the server reads them in lmforge.serve.serve) --------------------
+# --- decoding: generate, chat (and the serving engine's per-request parameters) ---
+
+@dataclass
+class SamplingParams:
+    """How to pick each next token; `generate` / `chat` take these as keyword arguments and their CLI flags are
+    built from these fields (help, range), each verb with its own defaults."""
+
+    max_new_tokens: int = setting(128, "tokens to generate at most", low=0, integer=True)
+    temperature: float = setting(1.0, "0 = greedy; higher samples more freely", low=0)
+    top_k: int | None = setting(None, "sample among the k most likely tokens only", low=1, integer=True)
+    top_p: float | None = setting(None, "sample among the most likely tokens that together hold this share of the "
+                                  "probability (nucleus)", low=0, high=1, low_open=True)
+    repetition_penalty: float = setting(1.0, "divide the scores of tokens already in the text by this (CTRL's "
+                                        "penalty; 1 = off)", low=0, low_open=True)
+    seed: int | None = setting(None, "random seed for sampling (default: a fresh one each run)")
+
+    def validate(self, flags: bool = False) -> None:
+        """Refuse settings out of range. flags: the messages name the CLI flags (--top-p) and at least one new
+        token is required (the CLI checks before it loads a model; the API allows max_new_tokens=0)."""
+        def name(field: str) -> str:
+            return "--" + field.replace("_", "-") if flags else field
+
+        if flags:  # (checked first: the message gives the CLI's range)
+            check_number(name("max_new_tokens"), self.max_new_tokens, 1, integer=True)
+        check_settings(self, name)
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise ConfigError(f"{name('seed')} must be a whole number, got {self.seed!r}")
+
+
 @dataclass
 class ServeConfig:
     host: str = setting("127.0.0.1", "address to bind; 127.0.0.1 is this machine only")

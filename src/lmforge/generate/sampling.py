@@ -8,39 +8,13 @@ streaming, and batches of prompts with left padding, over a preallocated KV cach
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 
 import torch
 
-from lmforge.config import check_number
+from lmforge.config import SamplingParams  # noqa: F401 (declared with the other settings; re-exported here)
 from lmforge.errors import LmforgeError
 from lmforge.nn import packed
 from lmforge.nn.packed import packed_linears
-
-
-@dataclass
-class SamplingParams:
-    max_new_tokens: int = 128
-    temperature: float = 1.0  # 0 means greedy
-    top_k: int | None = None
-    top_p: float | None = None
-    repetition_penalty: float = 1.0
-    seed: int | None = None
-
-    def validate(self, flags: bool = False) -> None:
-        """Refuse settings out of range. flags: the messages name the CLI flags (--top-p) and at least one new
-        token is required (the CLI checks before it loads a model; the API allows max_new_tokens=0)."""
-        def name(field: str) -> str:
-            return "--" + field.replace("_", "-") if flags else field
-
-        check_number(name("max_new_tokens"), self.max_new_tokens, 1 if flags else 0, integer=True)
-        check_number(name("temperature"), self.temperature, 0)
-        check_number(name("top_k"), self.top_k, 1, integer=True)
-        check_number(name("top_p"), self.top_p, 0, 1, low_open=True)
-        check_number(name("repetition_penalty"), self.repetition_penalty, 0, low_open=True)
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise LmforgeError(f"{name('seed')} must be a whole number, got {self.seed!r}")
-
 
 # --------------------------------------------------------------------------------------------------------------
 # logits -> next token

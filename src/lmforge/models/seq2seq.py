@@ -204,8 +204,8 @@ class Seq2SeqLM(PretrainedModel):
         """input_ids [B, S] with attention_mask [B, S]; labels [B, T] target ids (-100 = not predicted) give the
         mean cross-entropy and, when decoder_input_ids is None, the decoder's inputs (shifted right).
         encoder_hidden: a precomputed `encode(...)`, to score several targets against one source. loss_only=True
-        (what the training loops ask for) returns no logits; grad_checkpoint=True recomputes each block of both stacks in
-        backward (models.base.call_block)."""
+        (what the training loops ask for) returns no logits; grad_checkpoint=True recomputes each block of both
+        stacks in backward (models.base.call_block)."""
         if encoder_hidden is None:
             encoder_hidden = self.encode(input_ids, attention_mask, grad_checkpoint=grad_checkpoint)
         if decoder_input_ids is None:

@@ -16,9 +16,10 @@ instead of 211, and each call's fixed cost (dispatch, oneDNN primitive lookup, w
 converting the input to bfloat16) is paid less often. Attention and MLP use their `fused` slot when it
 is set and their own Linear layers otherwise.
 
-The packed and fused layers are kept between contexts in a table beside the model (weakly keyed by the plain module,
-checked against the weight's storage and version, so a weight that changes is repacked), which costs one extra copy of the Linear weights in memory (for int8, of the fused
-projections); `release_packed(model)` frees them. Results match the plain path to float rounding (about 1e-6
+The packed and fused layers are kept between contexts in a table beside the model (weakly keyed by the plain
+module, checked against the weight's storage and version, so a weight that changes is repacked), which costs one
+extra copy of the Linear weights in memory (for int8, of the fused projections); `release_packed(model)` frees
+them. Results match the plain path to float rounding (about 1e-6
 relative).
 
 Compiled decoding of a single sequence (`packed_linears(..., gemv=True)`, what `generate(compile=True)` uses at
@@ -26,8 +27,9 @@ batch 1) takes a third way. Each product is then one row times a matrix, and wri
 and a sum over the inputs, `(W * x).sum(-1)`, inductor turns it into one vectorised loop that streams the
 weights at the speed of a plain `sum` over memory, where PyTorch's own GEMV kernels (MKL, or oneDNN prepacked)
 reach about 55-70% of it on the CPUs measured here. Nothing is copied or fused for these (a `GemvLinear` shares
-the plain layer's weight): sibling projections become separate loops over the same input (inductor runs them in one pass). Int8 weight-only layers keep their
-kernel (inductor's loop loads int8 weights eight at a time through a slow partial-vector path, measured 1.5 GB/s).
+the plain layer's weight): sibling projections become separate loops over the same input (inductor runs them in
+one pass). Int8 weight-only layers keep their kernel (inductor's loop loads int8 weights eight at a time through a
+slow partial-vector path, measured 1.5 GB/s).
 """
 
 from __future__ import annotations
@@ -215,7 +217,7 @@ def packed_linears(model: nn.Module, batch_hint: int = 1, enabled: bool = True, 
             linears = _fusible(parent, pack)
             if linears is not None:
                 weights = [m.weight if type(m) is nn.Linear else m.qweight for m in linears]
-                parent.fused = _built(parent, "fused", _key(*weights), lambda: FusedLinear(linears, batch_hint))
+                parent.fused = _built(parent, "fused", _key(*weights), lambda ls=linears: FusedLinear(ls, batch_hint))
                 fused.append(parent)
         covered = {id(getattr(parent, n)) for parent in fused for n in FUSIBLE[type(parent).__name__]}
         for parent in list(model.modules()):
