@@ -265,16 +265,16 @@ for flag, v in (("--port", "-1"), ("--port", "70000"), ("--max-batch", "0"), ("-
     case(f"serve{flag}-{v}", f"{SERVE} {flag} {v}", f"{flag} must be a whole number")
 for v in ("0", "-1"):
     case(f"serve--request-timeout-{v}", f"{SERVE} --request-timeout {v}", "--request-timeout must be > 0")
-for key, v, needle in (("train.steps", "0", "train.steps must be positive"),
-                       ("train.batch_size", "-1", "train.batch_size must be positive"),
-                       ("train.lr", "0", "train.lr must be positive"),
+for key, v, needle in (("train.steps", "0", "train.steps must be a whole number >= 1"),
+                       ("train.batch_size", "-1", "train.batch_size must be a whole number >= 1"),
+                       ("train.lr", "0", "train.lr must be > 0"),
                        ("model.n_layer", "0", "model.n_layer must be a positive integer"),
                        ("data.val_fraction", "0", "data.val_fraction must be in (0, 1)"),
-                       ("train.seq_len", "-1", "train.seq_len must be positive"),
-                       ("train.eval_every", "-1", "train.eval_every must be zero or positive")):
+                       ("train.seq_len", "-1", "train.seq_len must be a whole number >= 1"),
+                       ("train.eval_every", "-1", "train.eval_every must be a whole number >= 0")):
     case(f"pretrain-set-{key}-{v}", f"pretrain --config {{recipe_yaml}} --out {{root}}/run --set {key}={v}", needle)
-for key, v, needle in (("train.steps", "0", "train.steps must be positive"),
-                       ("train.lr", "-1", "train.lr must be positive")):
+for key, v, needle in (("train.steps", "0", "train.steps must be a whole number >= 1"),
+                       ("train.lr", "-1", "train.lr must be > 0")):
     case(f"quickstart-set-{key}-{v}", f"quickstart --out {{root}}/qs --set {key}={v}", needle)
 # fine-tuning (train/ and tune/): the message names the setting
 for task in FT_BASE:
@@ -437,7 +437,7 @@ for task, needle in (("qa", "not found"), ("chat", "does not exist"), ("dpo", "d
 
 # --- recipes --------------------------------------------------------------------------------------------------------
 for verb, template, absent in (("pretrain", "pretrain --out {root}/run --config DATA", "config file not found"),
-                               ("finetune-classify", FT_CLASSIFY + " --config DATA", "does not exist")):
+                               ("finetune-classify", FT_CLASSIFY + " --config DATA", "config file not found")):
     for kind, where, needle in (("nothing", "{missing}", absent), ("a-folder", "{dir}", "is a folder"),
                                 ("invalid-bytes", "{garbage_yaml}", "garbage.yaml"),
                                 ("a-list", "{list_yaml}", "list.yaml")):

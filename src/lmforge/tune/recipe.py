@@ -15,7 +15,16 @@ from typing import Any
 
 import yaml
 
-from lmforge.config import SEQ2SEQ_PRESETS, FinetuneConfig, check_settings, coerce_settings, setting, setting_name
+from lmforge.config import (
+    SEQ2SEQ_PRESETS,
+    FinetuneConfig,
+    check_settings,
+    coerce_settings,
+    parse_override,
+    read_recipe,
+    setting,
+    setting_name,
+)
 from lmforge.errors import CheckpointError, ConfigError, LmforgeError
 from lmforge.files import check_out_dir, write_text
 
@@ -125,30 +134,14 @@ def resolve(task: str, recipe: str | Path | None = None, flags: dict[str, Any] |
         values[key] = value
 
     if recipe:
-        path = Path(recipe)
-        if path.is_dir():
-            raise ConfigError(f"recipe {path} is a folder; give a YAML file (see configs/ for examples)")
-        if not path.is_file():
-            raise ConfigError(f"recipe {path} does not exist (see configs/ for examples)")
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except UnicodeDecodeError:
-            raise ConfigError(f"recipe {path} is not UTF-8 text; give a YAML file (see configs/ for "
-                              f"examples)") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: a recipe is a mapping of settings")
-        for k, v in data.items():
-            put(str(k), v, str(path))
+        for k, v in read_recipe(recipe, "a mapping of settings").items():
+            put(str(k), v, str(recipe))
     for k, v in (flags or {}).items():
         if v is not None:
             put(k, v, f"--{k.replace('_', '-')}")
     for item in sets or []:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} is not key=value (example: --set lora_r=16)")
-        k, _, v = item.partition("=")
-        put(k.strip(), yaml.safe_load(v), f"--set {item}")
+        k, v = parse_override(item, "lora_r=16")
+        put(k, v, f"--set {item}")
     for req in ("model", "data"):
         if values.get(req) in (None, ""):
             raise ConfigError(f"finetune {task} needs --{req} (or `{req}:` in the recipe)")
