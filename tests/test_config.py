@@ -64,7 +64,7 @@ def test_run_settings_are_declared_once_and_listed_by_pretrain_help(capsys):
     shown = capsys.readouterr().out
     for key, _, hint in rows:
         assert f"--set {key}=" in shown and hint.split()[0] in shown, key
-    with pytest.raises(ConfigError, match=r"train.optimizer must be one of adamw, adafactor, got 'sgd'"):
+    with pytest.raises(ConfigError, match=r"train.optimizer must be one of adamw, adafactor, muon, got 'sgd'"):
         load_run_config(base=QUICKSTART, overrides=["train.optimizer=sgd"])
     with pytest.raises(ConfigError, match=r"train.beta2 must be in \[0, 1\), got 1"):
         load_run_config(base=QUICKSTART, overrides=["train.beta2=1"])

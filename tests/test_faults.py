@@ -32,7 +32,7 @@ class Stop(Exception):
     pass
 
 
-def _fit_run(run: Path, stop_at: int | None = None, resume: bool = False):
+def _fit_run(run: Path, stop_at: int | None = None, resume: bool = False, optimizer: str = "adamw"):
     run.mkdir(exist_ok=True)
     torch.manual_seed(0)
     model = DecoderLM(tiny_config("llama", dropout=0.2))
@@ -59,7 +59,7 @@ def _fit_run(run: Path, stop_at: int | None = None, resume: bool = False):
         return m(**b).loss
 
     cfg = FinetuneConfig(epochs=3, batch_size=8, lr=3e-3, eval_every=4, ckpt_every=3, metric="neg_loss",
-                         average=0.5, log_every=1)
+                         average=0.5, log_every=1, optimizer=optimizer)
     try:
         res = fit(model, batches, 5, evaluate, cfg, run / "metrics.jsonl", False, loss_fn, run_dir=run,
                   resume=resume)
@@ -73,11 +73,12 @@ def _records(run: Path) -> list[dict]:
             for x in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_fit_resumes_bitwise_with_best_and_averaged_weights(tmp_path):
-    ref, ref_model = _fit_run(tmp_path / "ref")
-    assert _fit_run(tmp_path / "cut", stop_at=11)[0] is None  # checkpoint at 9, killed during step 12
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_fit_resumes_bitwise_with_best_and_averaged_weights(tmp_path, optimizer):
+    ref, ref_model = _fit_run(tmp_path / "ref", optimizer=optimizer)
+    assert _fit_run(tmp_path / "cut", stop_at=11, optimizer=optimizer)[0] is None  # checkpoint at 9, killed in 12
     assert [p.name for p in list_checkpoints(tmp_path / "cut")] == ["step_000009"]
-    res, model = _fit_run(tmp_path / "cut", resume=True)
+    res, model = _fit_run(tmp_path / "cut", resume=True, optimizer=optimizer)
     assert res.steps == ref.steps == 15 and res.best == ref.best
     for (k, a), (_, b) in zip(ref_model.state_dict().items(), model.state_dict().items()):
         assert torch.equal(a, b), k

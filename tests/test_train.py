@@ -52,8 +52,9 @@ def test_run_directory_contents(tmp_path, small_corpus):
     assert m.config.vocab_size == 300
 
 
-def test_resume_is_exact(tmp_path, small_corpus):
-    base = tiny_run(small_corpus)
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_is_exact(tmp_path, small_corpus, optimizer):
+    base = tiny_run(small_corpus, optimizer=optimizer)
     pretrain(load_run_config(base=base), tmp_path / "straight", progress=False)
     pretrain(load_run_config(base=base), tmp_path / "split", progress=False, stop_after=8)
     assert not (tmp_path / "split" / "model").exists()
@@ -217,3 +218,35 @@ def test_pretrain_with_activation_checkpointing_trains_the_same(tmp_path, small_
     assert outs[0].keys() == outs[1].keys()
     for k in outs[0]:
         torch.testing.assert_close(outs[0][k], outs[1][k], rtol=1e-4, atol=1e-5)
+
+
+def test_muon_steps_hidden_matrices_and_adamw_the_rest():
+    """optimizer muon: torch.optim.Muon takes the 2-D weights inside the blocks, AdamW the embeddings, head, norms
+    and biases; both move their parameters, and the state_dict round-trips through the checkpoint's flat layout."""
+    from conftest import tiny_config
+    from lmforge.models import DecoderLM
+    from lmforge.train.checkpoint import optimizer_tensors, restore_optimizer
+    from lmforge.train.optim import MuonAdamW, build_optimizer
+
+    torch.manual_seed(0)
+    model = DecoderLM(tiny_config("llama", dropout=0.0))
+    opt = build_optimizer(model, "muon", 1e-2, 0.1)
+    assert isinstance(opt, MuonAdamW)
+    muon, adamw = dict(opt.parts)["muon"], dict(opt.parts)["adamw"]
+    names = {id(p): n for n, p in model.named_parameters()}
+    in_muon = {names[id(p)] for g in muon.param_groups for p in g["params"]}
+    in_adamw = {names[id(p)] for g in adamw.param_groups for p in g["params"]}
+    assert in_muon and all(".blocks." in f".{n}" and model.get_parameter(n).dim() == 2 for n in in_muon)
+    assert {"tok_emb.weight", "lm_head.weight", "norm.weight"} <= in_adamw and not in_muon & in_adamw
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    x = torch.randint(0, 97, (2, 12))
+    for _ in range(2):
+        model(x, labels=x, loss_only=True).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert all(not torch.equal(before[n], p) for n, p in model.named_parameters())
+    tensors, groups = optimizer_tensors(opt)
+    again = build_optimizer(model, "muon", 1e-2, 0.1)
+    restore_optimizer(again, tensors, json.loads(json.dumps(groups)))  # (groups travel as JSON)
+    for a, b in zip(optimizer_tensors(again)[0].values(), tensors.values()):
+        assert torch.equal(a, b)

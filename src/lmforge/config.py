@@ -451,8 +451,9 @@ class TrainConfig:
     grad_accum: int = setting(1, "micro-steps per optimizer step (per process)", low=1, integer=True)
     seq_len: int | None = setting(None, "tokens per sequence (default: model.max_seq_len)", low=1, integer=True)
     lr: float = setting(1e-3, "peak learning rate", low=0, low_open=True)
-    optimizer: str = setting("adamw", "adamw, or adafactor (T5's: updates relative to each parameter's scale)",
-                             choices=("adamw", "adafactor"))
+    optimizer: str = setting("adamw", "adamw; adafactor (T5's: updates relative to each parameter's scale); muon "
+                             "(orthogonalised updates for the hidden matrices, AdamW for the rest)",
+                             choices=("adamw", "adafactor", "muon"))
     min_lr: float | None = setting(None, "learning rate at the end of the cosine decay (default: lr / 10)", low=0)
     warmup_steps: int = setting(100, "steps of linear warm-up", low=0, integer=True)
     weight_decay: float = setting(0.1, "AdamW's decoupled weight decay (matrices only)", low=0)
@@ -735,14 +736,15 @@ class FinetuneConfig:
     lora_targets: str = setting("attn", "modules LoRA wraps: attn, mlp, all, or patterns like q_proj,v_proj")
     quant: str = setting("nf4", "frozen base format under qlora: nf4, int4 (groups of 32, a Q4_1 GGUF's own grid) "
                          "or int8", choices=("nf4", "int4", "int8"))
-    grad_checkpoint: bool = setting(False, "recompute block activations in backward (decoders): less memory, "
+    grad_checkpoint: bool = setting(False, "recompute block activations in backward (any family): less memory, "
                                     "~30% slower")
     epochs: float = setting(3.0, "passes over the training data (a fraction is allowed)", low=0, low_open=True)
     batch_size: int = setting(32, "examples per step", low=1, integer=True)
     lr: float = setting(5e-5, "peak learning rate (default by task and method: adapters take larger steps)",
                         low=0, low_open=True)
-    optimizer: str = setting("adamw", "adamw, or adafactor (T5's: steps relative to each parameter's scale)",
-                             choices=("adamw", "adafactor"))
+    optimizer: str = setting("adamw", "adamw; adafactor (T5's: steps relative to each parameter's scale); muon "
+                             "(orthogonalised updates for the hidden matrices, AdamW for the rest)",
+                             choices=("adamw", "adafactor", "muon"))
     weight_decay: float = setting(0.01, "AdamW weight decay", low=0)
     warmup: float = setting(0.06, "share of the steps spent warming up", low=0, high=1, high_open=True)
     grad_clip: float = setting(1.0, "gradient norm clip (0: off)", low=0)

@@ -1,4 +1,12 @@
-"""AdamW with decoupled weight decay on matrices only (or Adafactor), and a linear warm-up + cosine decay schedule.
+"""AdamW with decoupled weight decay on matrices only (or Adafactor, or Muon), and a linear warm-up + cosine decay
+schedule.
+
+Muon (`optimizer: muon`, torch.optim.Muon) orthogonalises the momentum of each hidden weight matrix (a few
+Newton-Schulz steps) before applying it, so every direction of the matrix moves at the same rate. It is meant for
+the 2-D weights inside the blocks only: embeddings, the output head, norms, biases (and LoRA factors) keep AdamW,
+in one `MuonAdamW` that steps both. Its updates are scaled to AdamW's RMS (`adjust_lr_fn="match_rms_adamw"`,
+as in Moonshot's "Muon is scalable for LLM training"), so the recipe's learning rate and weight decay mean the
+same for both parts and the schedule drives them together.
 
 Adafactor (T5's optimizer) scales each update by the parameter's own RMS, so a unit-scale embedding and a query
 matrix initialised at 1/sqrt(d_model * head_dim) move by the same relative amount. With AdamW's absolute steps,
@@ -54,7 +62,64 @@ def build_optimizer(model: nn.Module, kind: str, lr: float, weight_decay: float,
                     for (decays, d), ps in sorted(groups.items(), key=lambda kv: (not kv[0][0], kv[0][1]))]
     if kind == "adafactor":
         return torch.optim.Adafactor(param_groups, lr=lr)
+    if kind == "muon":
+        names = {id(p): n for n, p in model.named_parameters()}
+        hidden = [{**g, "params": [p for p in g["params"] if _muon_param(names[id(p)], p)]} for g in param_groups]
+        rest = [{**g, "params": [p for p in g["params"] if not _muon_param(names[id(p)], p)]} for g in param_groups]
+        hidden, rest = [g for g in hidden if g["params"]], [g for g in rest if g["params"]]
+        muon = torch.optim.Muon(hidden, lr=lr, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw") \
+            if hidden else None
+        return MuonAdamW(muon, torch.optim.AdamW(rest, lr=lr, betas=betas, eps=1e-8, fused=device_type == "cuda")
+                         if rest else None)
     return torch.optim.AdamW(param_groups, lr=lr, betas=betas, eps=1e-8, fused=device_type == "cuda")
+
+
+def _muon_param(name: str, p: nn.Parameter) -> bool:
+    """A hidden weight matrix: 2-D, inside a block, not a LoRA factor."""
+    return p.dim() == 2 and re.search(r"(?:^|\.)blocks\.\d+\.", name) is not None and "lora_" not in name
+
+
+class MuonAdamW:
+    """Muon for the hidden matrices and AdamW for the rest, stepped together and seen by the training loops as one
+    optimizer: `param_groups` (Muon's, then AdamW's: the loops set each group's lr), `step`, `zero_grad`, and a
+    `state_dict` in the usual layout (parameters numbered across both, each group tagged with its optimizer), so
+    checkpoints and resume work as for AdamW."""
+
+    def __init__(self, muon: torch.optim.Optimizer | None, adamw: torch.optim.Optimizer | None) -> None:
+        self.parts = [(k, o) for k, o in (("muon", muon), ("adamw", adamw)) if o is not None]
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [g for _, o in self.parts for g in o.param_groups]
+
+    def step(self) -> None:
+        for _, o in self.parts:
+            o.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for _, o in self.parts:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        state, groups, offset = {}, [], 0
+        for kind, o in self.parts:
+            sd = o.state_dict()
+            state.update({offset + i: v for i, v in sd["state"].items()})
+            groups += [{**g, "params": [offset + i for i in g["params"]], "optimizer": kind}
+                       for g in sd["param_groups"]]
+            offset += sum(len(g["params"]) for g in sd["param_groups"])
+        return {"state": state, "param_groups": groups}
+
+    def load_state_dict(self, sd: dict) -> None:
+        offset = 0
+        for kind, o in self.parts:
+            mine = [g for g in sd["param_groups"] if g.get("optimizer") == kind]
+            n = sum(len(g["params"]) for g in mine)
+            groups = [{k: (tuple(v) if k == "ns_coefficients" else v) for k, v in g.items() if k != "optimizer"}
+                      | {"params": [i - offset for i in g["params"]]} for g in mine]
+            state = {int(i) - offset: v for i, v in sd["state"].items() if offset <= int(i) < offset + n}
+            o.load_state_dict({"state": state, "param_groups": groups})
+            offset += n
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
