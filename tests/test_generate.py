@@ -263,3 +263,53 @@ def test_compile_failure_is_a_clear_error(lm, monkeypatch):
     model, _ = lm
     with pytest.raises(LmforgeError, match="torch.compile could not compile.*no C\\+\\+ compiler found.*without"):
         list(generate_ids(model, [[5, 17, 42]], SamplingParams(4, temperature=0), compile=True))
+
+
+@pytest.mark.parametrize("kind", ["smollm2-bpe", "unigram"])
+def test_text_stream_decodes_incrementally_and_matches_the_whole_decode(kind):
+    """TextStream decodes a few tokens per push, never the whole reply, and what it shows equals decoding all the
+    ids at once: random token sequences (multi-byte characters split over tokens included), with and without
+    stop strings, on byte-level BPE (SmolLM2's) and a SentencePiece-style Unigram (leading-space markers)."""
+    import random
+
+    from lmforge.assets import model_file
+    from lmforge.generate.sampling import TextStream
+    from lmforge.interop.gguf import _reader, gguf_tokenizer
+
+    if kind == "smollm2-bpe":
+        path = model_file("smollm2-135m-instruct")
+        tok = gguf_tokenizer(_reader(path), str(path))
+    else:
+        tok = Tokenizer.train_unigram(["the cat sat on the mat", "naïve café über straße", "a dog ate the bone"] * 20,
+                                      vocab_size=120)
+    text = "The café served crème brûlée — 日本語 too. Stop here STOP and more after it."
+    base = tok.encode(text)
+    rng = random.Random(0)
+    longest = []
+    real = tok.decode
+
+    class Counting:  # the tokenizer, counting how many ids each decode is given
+        calls: list[int] = []
+
+        def __getattr__(self, name):
+            return getattr(tok, name)
+
+        def decode(self, part, **kw):
+            self.calls.append(len(part))
+            return real(part, **kw)
+
+    for trial in range(30):
+        ids = base if trial == 0 else [rng.randrange(tok.vocab_size) for _ in range(rng.randrange(1, 60))]
+        for stop in ([], ["STOP"]):
+            counting = Counting()
+            counting.calls = calls = []
+            s = TextStream(counting, stop)
+            shown = "".join(s.push(i) for i in ids) + s.flush()
+            whole = real(ids)
+            want = whole[:whole.find("STOP")] if stop and "STOP" in whole else whole
+            if not (stop and "STOP" in whole):
+                assert shown == want, (trial, stop)
+            else:
+                assert shown == want and s.stopped
+            longest.append(max(calls[:-1] or [0]))  # (flush may decode once in full)
+    assert max(longest) <= 8  # a few tokens per push, whatever the reply's length
