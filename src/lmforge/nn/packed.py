@@ -131,6 +131,11 @@ class GemvLinear(nn.Module):
 FUSIBLE = {"Attention": ("q_proj", "k_proj", "v_proj"), "MLP": ("gate", "up")}  # siblings that read one input
 
 
+def _weights(linears: list[nn.Module]) -> list[torch.Tensor]:
+    """The stored weights of sibling projections: plain Linear weights, or int8 layers' codes."""
+    return [m.weight if type(m) is nn.Linear else m.qweight for m in linears]
+
+
 def _cat_bias(linears: list[nn.Module]) -> torch.Tensor | None:
     return None if linears[0].bias is None else torch.cat([m.bias.detach() for m in linears])
 
@@ -145,7 +150,7 @@ class FusedLinear(nn.Module):
     def __init__(self, linears: list[nn.Module], batch_hint: int = 1) -> None:
         super().__init__()
         self.plain = type(linears[0]) is nn.Linear
-        weights = [m.weight if self.plain else m.qweight for m in linears]
+        weights = _weights(linears)
         self.key = _key(*weights)
         self.sizes = [m.out_features for m in linears]
         self.bias = _cat_bias(linears)
@@ -180,7 +185,7 @@ def _fusible(parent: nn.Module, pack: bool) -> list[nn.Module] | None:
         return None
     if len({m.bias is None for m in linears}) != 1:
         return None
-    if len({(m.weight if type(m) is nn.Linear else m.qweight).dtype for m in linears}) != 1:
+    if len({w.dtype for w in _weights(linears)}) != 1:
         return None
     return linears
 
@@ -216,8 +221,8 @@ def packed_linears(model: nn.Module, batch_hint: int = 1, enabled: bool = True, 
         for parent in list(model.modules()):
             linears = _fusible(parent, pack)
             if linears is not None:
-                weights = [m.weight if type(m) is nn.Linear else m.qweight for m in linears]
-                parent.fused = _built(parent, "fused", _key(*weights), lambda ls=linears: FusedLinear(ls, batch_hint))
+                parent.fused = _built(parent, "fused", _key(*_weights(linears)),
+                                      lambda ls=linears: FusedLinear(ls, batch_hint))
                 fused.append(parent)
         covered = {id(getattr(parent, n)) for parent in fused for n in FUSIBLE[type(parent).__name__]}
         for parent in list(model.modules()):
