@@ -162,6 +162,54 @@ def test_packed_weights_match_plain_linears(lm):
     assert not any(m in packed_module._BUILT for m in model.modules())  # ... until released
 
 
+def test_overlapping_packed_contexts_on_one_model(lm):
+    """The serving engine keeps a context open for its whole life while a caller's generate() opens and closes
+    others on the same model, from other threads: whichever closes first, the layers stay in until the last one
+    closes (closing one used to empty the fused slot under the other's running forward pass), and a forward in a
+    thread keeps working while contexts open and close around it."""
+    import threading
+
+    from lmforge.nn.packed import FusedLinear, PackedLinear, can_pack, packed_linears
+
+    model, tok = lm
+    if not can_pack(model):
+        pytest.skip("oneDNN is not available in this torch build")
+    attn, down = model.blocks[0].attn, model.blocks[0].mlp
+    x = torch.randint(0, tok.vocab_size, (2, 16))
+    with torch.inference_mode():
+        plain = model(x).logits
+        a, b = packed_linears(model, 8), packed_linears(model, 1)
+        a.__enter__()
+        first = attn.fused
+        b.__enter__()
+        assert attn.fused is first and type(down.down) is PackedLinear  # b joins a's layers
+        a.__exit__(None, None, None)  # the first one closes while the second is still open
+        assert attn.fused is first and type(down.down) is PackedLinear
+        b.__exit__(None, None, None)
+        assert attn.fused is None and type(down.down) is torch.nn.Linear
+        errors, outs, stop = [], [], threading.Event()
+
+        def forwards():
+            with torch.inference_mode():
+                try:
+                    while not stop.is_set():
+                        outs.append(model(x).logits)
+                except Exception as e:  # noqa: BLE001 - the failure is what the test looks for
+                    errors.append(e)
+
+        with packed_linears(model, 8):
+            t = threading.Thread(target=forwards)
+            t.start()
+            for _ in range(30):
+                with packed_linears(model, 1):
+                    assert type(attn.fused) is FusedLinear
+            stop.set()
+            t.join()
+    assert not errors and outs
+    for out in outs:
+        torch.testing.assert_close(out, plain, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("kind", ["gpt2", "llama", "qwen2-bias", "lora", "int8"])
 def test_fused_projections_match_separate_ones(kind):
     """Inside packed_linears, q/k/v (grouped-query in llama) and gate/up run as one product each, also as int8

@@ -309,8 +309,9 @@ class Attention(nn.Module):
         """x [B, T, d_model]. kv: keys and values from `project_kv` of another sequence (cross-attention: the
         decoder attends to the encoder's output, projected once and reused at every decoding step)."""
         B, T, _ = x.shape
-        if self.fused is not None and kv is None:
-            q, k, v = (t.view(B, T, -1, self.head_dim).transpose(1, 2) for t in self.fused(x))
+        fused = self.fused  # read once: another thread's packed_linears context may end meanwhile
+        if fused is not None and kv is None:
+            q, k, v = (t.view(B, T, -1, self.head_dim).transpose(1, 2) for t in fused(x))
         else:
             q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
             k, v = kv if kv is not None else self.project_kv(x)

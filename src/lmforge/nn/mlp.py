@@ -34,6 +34,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gated:
-            g, u = self.fused(x) if self.fused is not None else (self.gate(x), self.up(x))
+            fused = self.fused  # read once (see Attention.forward)
+            g, u = fused(x) if fused is not None else (self.gate(x), self.up(x))
             return self.down(self.act(g) * u)
         return self.down(self.act(self.up(x)))

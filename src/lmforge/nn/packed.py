@@ -34,6 +34,7 @@ slow partial-vector path, measured 1.5 GB/s).
 
 from __future__ import annotations
 
+import threading
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -47,9 +48,14 @@ from lmforge.nn.quant import Int8Linear, int8_linear
 
 
 def can_pack(model: nn.Module) -> bool:
+    """oneDNN can take the model's Linear layers: on a CPU, fp32 weights, or bf16 ones where oneDNN has a bf16
+    path on this CPU (AVX-512 and up; elsewhere the plain layers run)."""
     p = next(model.parameters(), None)
-    return (p is not None and p.device.type == "cpu" and p.dtype in (torch.float32, torch.bfloat16)
-            and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+    if p is None or p.device.type != "cpu" or p.dtype not in (torch.float32, torch.bfloat16):
+        return False
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        return False
+    return p.dtype == torch.float32 or bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def _linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
@@ -202,6 +208,40 @@ def _built(owner: nn.Module, kind: str, key: tuple, build) -> nn.Module:
     return layer
 
 
+# what the open contexts have put in: module -> {slot name: [number of open contexts using it, the original]}.
+# Several contexts can be open on one model at once, in different threads (the serving engine for its whole life,
+# a caller's generate() on the same model meanwhile): a slot is filled by the first and put back by the last, so
+# no context pulls a layer from under another one's forward pass.
+_OPEN: weakref.WeakKeyDictionary[nn.Module, dict[str, list]] = weakref.WeakKeyDictionary()
+_LOCK = threading.Lock()
+
+
+def _hold(parent: nn.Module, name: str, held: list) -> bool:
+    """Join the open context's layer in parent.name if there is one."""
+    entry = _OPEN.get(parent, {}).get(name)
+    if entry is None:
+        return False
+    entry[0] += 1
+    held.append((parent, name))
+    return True
+
+
+def _install(parent: nn.Module, name: str, layer: nn.Module, held: list) -> None:
+    _OPEN.setdefault(parent, {})[name] = [1, getattr(parent, name)]
+    setattr(parent, name, layer)
+    held.append((parent, name))
+
+
+def _let_go(held: list) -> None:
+    for parent, name in reversed(held):
+        slots = _OPEN[parent]
+        entry = slots[name]
+        entry[0] -= 1
+        if entry[0] == 0:
+            setattr(parent, name, entry[1])
+            del slots[name]
+
+
 @contextmanager
 def packed_linears(model: nn.Module, batch_hint: int = 1, enabled: bool = True, gemv: bool = False
                    ) -> Iterator[nn.Module]:
@@ -209,40 +249,42 @@ def packed_linears(model: nn.Module, batch_hint: int = 1, enabled: bool = True, 
     projections run as one FusedLinear each (see the module docstring); int8 weight-only siblings are fused too.
     gemv=True instead puts GemvLinear layers in (compiled single-row products as multiply-and-sum loops; int8
     siblings are still fused onto their own kernel). The plain layers are back when the block ends. A no-op off
-    CPU or with gradients on."""
+    CPU or with gradients on. Safe to open on one model from several threads at once: a context opened while
+    another is open on the same model uses the layers that one put in (and keeps them until both have closed)."""
     p = next(model.parameters(), None)
     if not enabled or torch.is_grad_enabled() or p is None or p.device.type != "cpu":
         yield model
         return
     pack = can_pack(model) and not gemv
-    replaced: list[tuple[nn.Module, str, nn.Module]] = []
-    fused: list[nn.Module] = []
+    held: list[tuple[nn.Module, str]] = []
     try:
-        for parent in list(model.modules()):
-            linears = _fusible(parent, pack)
-            if linears is not None:
-                parent.fused = _built(parent, "fused", _key(*_weights(linears)),
-                                      lambda ls=linears: FusedLinear(ls, batch_hint))
-                fused.append(parent)
-        covered = {id(getattr(parent, n)) for parent in fused for n in FUSIBLE[type(parent).__name__]}
-        for parent in list(model.modules()):
-            # (a layer that is not a plain nn.Linear any more belongs to another open context, e.g. the serving
-            # engine while a caller generates on the same model: that context puts it back)
-            for name, m in list(parent.named_children()):
-                if type(m) is not nn.Linear or id(m) in covered or not (gemv or pack):
+        with _LOCK:
+            fused = []
+            for parent in list(model.modules()):
+                if _hold(parent, "fused", held):
+                    fused.append(parent)
                     continue
-                if gemv:
-                    layer = _built(m, "gemv", _key(m.weight), lambda m=m: GemvLinear(m))
-                else:
-                    layer = _built(m, "packed", _key(m.weight), lambda m=m: PackedLinear(m, batch_hint))
-                setattr(parent, name, layer)
-                replaced.append((parent, name, m))
+                linears = _fusible(parent, pack)
+                if linears is not None:
+                    _install(parent, "fused", _built(parent, "fused", _key(*_weights(linears)),
+                                                     lambda ls=linears: FusedLinear(ls, batch_hint)), held)
+                    fused.append(parent)
+            covered = {id(getattr(parent, n)) for parent in fused for n in FUSIBLE[type(parent).__name__]}
+            for parent in list(model.modules()):
+                for name, m in list(parent.named_children()):
+                    if _hold(parent, name, held):
+                        continue
+                    if type(m) is not nn.Linear or id(m) in covered or not (gemv or pack):
+                        continue
+                    if gemv:
+                        layer = _built(m, "gemv", _key(m.weight), lambda m=m: GemvLinear(m))
+                    else:
+                        layer = _built(m, "packed", _key(m.weight), lambda m=m: PackedLinear(m, batch_hint))
+                    _install(parent, name, layer, held)
         yield model
     finally:
-        for parent, name, m in reversed(replaced):
-            setattr(parent, name, m)
-        for parent in fused:
-            parent.fused = None
+        with _LOCK:
+            _let_go(held)
 
 
 def release_packed(model: nn.Module) -> None:
