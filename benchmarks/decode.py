@@ -1,5 +1,6 @@
-"""Decoding speed: lmforge against transformers' `generate`, GPT-2 124M shape with random weights, fp32, greedy,
-prompt 32 tokens, 128 new tokens, batch 1 and 8, plus the memory-bandwidth roofline measured in the same run.
+"""Decoding speed: lmforge against transformers' `generate`, GPT-2 124M shape with random weights, greedy,
+prompt 32 tokens, 128 new tokens, batch 1 and 8, with the weights in fp32 and in bf16 (both systems' models cast
+with `.to(torch.bfloat16)`), plus the memory-bandwidth roofline measured in the same run.
 
 Roofline: at batch 1 every new token must read every weight once, so the fastest possible time per token is
 (bytes of weights read per token) / (read bandwidth). "% roofline" = that ideal / the measured time per token
@@ -12,6 +13,7 @@ fresh process. "lmforge + compile" decodes through torch.compile (`generate_ids(
 run holds the compilation.
 
     python benchmarks/decode.py
+    DTYPES=bfloat16 python benchmarks/decode.py
 """
 
 from __future__ import annotations
@@ -24,15 +26,16 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import median_time, read_rates, run_worker, table  # noqa: E402
+from common import machine_header, median_time, read_rates, run_worker, table  # noqa: E402
 
 PROMPT, NEW = 32, 128
+DTYPES = os.environ.get("DTYPES", "float32,bfloat16").split(",")
 
 
-def worker(system: str, batch: str) -> None:
+def worker(system: str, batch: str, dtype_name: str = "float32") -> None:
     from lmforge.config import model_config
 
-    B = int(batch)
+    B, dtype = int(batch), getattr(torch, dtype_name)
     cfg = model_config("gpt2-124m")
     torch.manual_seed(0)
     prompt = torch.randint(0, cfg.vocab_size, (B, PROMPT))
@@ -42,7 +45,7 @@ def worker(system: str, batch: str) -> None:
         from lmforge.runtime import tune_allocator
 
         tune_allocator()
-        model = DecoderLM(cfg).eval()
+        model = DecoderLM(cfg).eval().to(dtype)
         params = SamplingParams(max_new_tokens=NEW, temperature=0)
         rows = prompt.tolist()
 
@@ -52,7 +55,7 @@ def worker(system: str, batch: str) -> None:
     else:
         import transformers
 
-        model = transformers.GPT2LMHeadModel(transformers.GPT2Config()).eval()
+        model = transformers.GPT2LMHeadModel(transformers.GPT2Config()).eval().to(dtype)
         mask = torch.ones_like(prompt)
 
         def run():
@@ -65,21 +68,22 @@ def worker(system: str, batch: str) -> None:
     bw = read_rates()
     t = median_time(run, warmup=0, repeats=3)
     bw += read_rates()
-    # weights read per decoded token: every matmul weight (blocks + LM head) in fp32
-    weight_bytes = 4 * (cfg.num_params(include_embeddings=False) + cfg.vocab_size * cfg.d_model)
+    # weights read per decoded token: every matmul weight (blocks + LM head) in the dtype
+    weight_bytes = dtype.itemsize * (cfg.num_params(include_embeddings=False) + cfg.vocab_size * cfg.d_model)
     print(json.dumps({"seconds": t, "weight_bytes": weight_bytes, "bw_best": max(bw),
                       "bw_median": statistics.median(bw)}))
 
 
 def main() -> None:
-    print(f"threads {torch.get_num_threads()}, torch {torch.__version__}")
+    print(machine_header())
     rows = []
-    for batch in (1, 8):
+    for batch, dtype in [(b, d) for d in DTYPES for b in (1, 8)]:
         group = []
         for system in ("lmforge", "lmforge-compile", "transformers"):
-            r = run_worker(__file__, system, str(batch))
+            r = run_worker(__file__, system, str(batch), dtype)
             per_tok = r["seconds"] / NEW
-            group.append({"batch": batch, "system": system.replace("-compile", " + compile"),
+            group.append({"batch": batch, "dtype": {"float32": "fp32", "bfloat16": "bf16"}[dtype],
+                          "system": system.replace("-compile", " + compile"),
                           "tok_s": batch * NEW / r["seconds"], "ms_tok": per_tok * 1e3,
                           "bw": r["bw_best"] / 1e9, "bw_med": r["bw_median"] / 1e9,
                           "roofline": r["weight_bytes"] / r["bw_best"] / per_tok if batch == 1 else None,
@@ -87,7 +91,8 @@ def main() -> None:
         for row in group:  # each lmforge row against transformers (the group's last row)
             row["ratio"] = row["tok_s"] / group[-1]["tok_s"]
         rows += group
-    print(table(rows, [("batch", "batch", "d"), ("system", "system", ""), ("ms_tok", "ms / step", ".1f"),
+    print(table(rows, [("batch", "batch", "d"), ("dtype", "dtype", ""), ("system", "system", ""),
+                       ("ms_tok", "ms / step", ".1f"),
                        ("tok_s", "tokens/s", ",.1f"), ("bw", "best GB/s", ".1f"), ("bw_med", "median GB/s", ".1f"),
                        ("roofline", "% roofline", ".0%"), ("roofline_med", "% of median bw", ".0%"),
                        ("ratio", "x transformers", ".2f")]))

@@ -5,7 +5,9 @@ repeated, so no padding differences), each system in its own fresh process, medi
 fp32's (strided windows of 256, stride 128). "+ compile" decodes through torch.compile (`--compile`); the
 "first call" column is the warm-up run's seconds, which holds the compilation (and, for lmforge, packing the
 weights) that later calls skip: cold, in a fresh inductor cache (set TORCHINDUCTOR_CACHE_DIR to measure a warm
-one, as a second `lmforge generate --compile` process would see).
+one, as a second `lmforge generate --compile` process would see). The "bf16" rows cast the weights to bfloat16
+(`--dtype bfloat16`; transformers loads with dtype=torch.bfloat16), with perplexity printed the same way; "x same
+dtype" compares each row with transformers in its own dtype.
 
     python benchmarks/decode_real.py
 """
@@ -20,13 +22,15 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import median_time, run_worker, table  # noqa: E402
+from common import machine_header, median_time, run_worker, table  # noqa: E402
 
 NEW = 128
 PROMPT = "Once upon a time, in a small village by the sea, there lived an old fisherman who"
 
 
-SYSTEMS = ("transformers", "lmforge", "lmforge-int8", "lmforge-compile", "lmforge-int8-compile")
+SYSTEMS = ("transformers", "lmforge", "lmforge-int8", "lmforge-compile", "lmforge-int8-compile", "transformers-bf16",
+           "lmforge-bf16", "lmforge-bf16-compile")
+SYSTEMS = tuple(s for s in SYSTEMS if s in os.environ.get("SYSTEMS", ",".join(SYSTEMS)).split(","))
 
 
 def worker(system: str, batch: str) -> None:
@@ -40,7 +44,8 @@ def worker(system: str, batch: str) -> None:
         from lmforge.runtime import tune_allocator
 
         tune_allocator()
-        model, tok = load_pretrained(path, quantize="int8" if "int8" in system else None)
+        model, tok = load_pretrained(path, quantize="int8" if "int8" in system else None,
+                                     dtype="bfloat16" if "bf16" in system else "float32")
         rows = [tok.encode(PROMPT)] * B
         params = SamplingParams(max_new_tokens=NEW, temperature=0)
         compile = system.endswith("compile")
@@ -55,7 +60,8 @@ def worker(system: str, batch: str) -> None:
         import transformers
 
         model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                                  dtype=torch.float32).eval()
+                                                                  dtype=torch.bfloat16 if "bf16" in system
+                                                                  else torch.float32).eval()
         tok = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         ids = torch.tensor([tok.encode(PROMPT, add_special_tokens=False)] * B)
 
@@ -69,7 +75,7 @@ def worker(system: str, batch: str) -> None:
     run()
     first = time.perf_counter() - t0
     result = {"seconds": median_time(run, warmup=0, repeats=3), "first": first}
-    if system in ("lmforge", "lmforge-int8") and B == 1:
+    if system in ("lmforge", "lmforge-int8", "lmforge-bf16") and B == 1:
         import math
 
         from lmforge.assets import corpus_files
@@ -82,7 +88,8 @@ def worker(system: str, batch: str) -> None:
 
 
 def main() -> None:
-    print(f"threads {torch.get_num_threads()}, torch {torch.__version__}, SmolLM2-135M fp32, greedy, {NEW} new tokens")
+    print(machine_header())
+    print(f"SmolLM2-135M, greedy, {NEW} new tokens")
     rows = []
     for batch in (1, 8):
         group = []
@@ -91,11 +98,14 @@ def main() -> None:
             group.append({"batch": batch, "system": system.replace("-compile", " + compile"),
                           "tok_s": batch * NEW / r["seconds"], "ms": r["seconds"] / NEW * 1e3, "ppl": r.get("ppl"),
                           "first": r["first"]})
+        peer = {("bf16" in g["system"]): g["tok_s"] for g in group if g["system"].startswith("transformers")}
         for row in group:
             row["ratio"] = row["tok_s"] / group[0]["tok_s"]
+            row["same"] = row["tok_s"] / peer[("bf16" in row["system"])] if ("bf16" in row["system"]) in peer else None
         rows += group
     print(table(rows, [("batch", "batch", "d"), ("system", "system", ""), ("ms", "ms / step", ".1f"),
                        ("tok_s", "tokens/s", ",.1f"), ("ratio", "x transformers", ".2f"),
+                       ("same", "x same dtype", ".2f"),
                        ("ppl", "perplexity", ".3f"), ("first", "first call s", ".1f")]))
 
 

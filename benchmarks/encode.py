@@ -1,4 +1,4 @@
-"""Encoder inference throughput on real tweets: lmforge against transformers, all-MiniLM-L6-v2, fp32, CPU.
+"""Encoder inference throughput on real tweets: lmforge against transformers, all-MiniLM-L6-v2, fp32 and bf16, CPU.
 
 Two workloads; every system runs in its own fresh process, ROUNDS times (default 2), in reverse order every
 other round, each time the mean of 2 timed passes after a warm-up; the table shows the median over rounds.
@@ -10,6 +10,8 @@ other round, each time the mean of 2 timed passes after a warm-up; the table sho
              texts by length so a batch pads only to its own longest. lmforge-int8: the same after
              `quantize_model(model, "int8-dynamic")` (int8 weights and activations, fbgemm's int8 products; the
              word embedding int8 rows), with its embeddings' cosine similarity to the fp32 ones printed.
+             lmforge-bf16: the weights cast to bf16 (`--dtype bfloat16`; bf16 products on AVX-512 BF16 / AMX),
+             cosine to fp32 printed too; transformers-bf16: its model cast the same way, the like-for-like row.
   fixed      64 x 128-token batches of real text with no padding (tokenized once, outside the timing): the
              model's own speed, nothing to gain from sorting; goal: no slower. lmforge runs with the allocator
              setting its `encode`, training and serving apply (`lmforge.runtime.tune_allocator`: freed buffers
@@ -28,7 +30,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import median_time, run_worker, table  # noqa: E402
+from common import machine_header, median_time, run_worker, table  # noqa: E402
 
 N, BATCH, FIXED_LEN, FIXED_BATCHES = 4096, 64, 128, 8
 ROUNDS = int(os.environ.get("ROUNDS", "2"))
@@ -67,18 +69,21 @@ def worker(system: str, workload: str) -> None:
     ours, tok = load_pretrained(path)
     data = texts() if workload == "variable" else fixed_batches(tok)
     extra = {}
-    if system in ("lmforge", "lmforge-int8", "transformers-tuned"):
+    if system in ("lmforge", "lmforge-int8", "lmforge-bf16", "transformers-tuned"):
         from lmforge.runtime import tune_allocator
 
         tune_allocator()  # (embed calls it itself; the fixed workload calls the model directly)
     if system.startswith("lmforge"):
         from lmforge.predict import embed
 
-        if system == "lmforge-int8":
+        if system in ("lmforge-int8", "lmforge-bf16"):
             from lmforge.nn.quant import quantize_model
 
             ref = embed(ours, tok, data) if workload == "variable" else None
-            quantize_model(ours, "int8-dynamic")
+            if system == "lmforge-int8":
+                quantize_model(ours, "int8-dynamic")
+            else:
+                ours.to(torch.bfloat16)
             if ref is not None:
                 cos = (embed(ours, tok, data) * ref).sum(-1)
                 extra = {"cosine_min": cos.min().item(), "cosine_mean": cos.mean().item()}
@@ -95,6 +100,8 @@ def worker(system: str, workload: str) -> None:
         from transformers import AutoTokenizer, BertModel
 
         model = BertModel.from_pretrained(str(path)).eval()
+        if system == "transformers-bf16":
+            model.to(torch.bfloat16)
         htok = AutoTokenizer.from_pretrained(str(path))
         padding = "max_length" if system == "transformers-pad128" else True  # (transformers-tuned: fixed only)
         if workload == "variable":
@@ -116,13 +123,16 @@ def worker(system: str, workload: str) -> None:
     print(json.dumps({"system": system, "workload": workload, "seconds": t, "seq_per_s": n / t, **extra}))
 
 
-SYSTEMS = {"variable": ("transformers", "transformers-pad128", "lmforge", "lmforge-int8"),
-           "fixed": ("transformers", "transformers-tuned", "lmforge", "lmforge-int8")}
+SYSTEMS = {"variable": ("transformers", "transformers-pad128", "lmforge", "lmforge-int8", "transformers-bf16",
+                        "lmforge-bf16"),
+           "fixed": ("transformers", "transformers-tuned", "lmforge", "lmforge-int8", "transformers-bf16",
+                     "lmforge-bf16")}
 
 
 def main() -> None:
     import statistics
 
+    print(machine_header())
     rows = []
     for workload in WORKLOADS:
         systems = SYSTEMS[workload]
@@ -137,15 +147,16 @@ def main() -> None:
                          ("transformers (pad to longest)" if workload == "variable" else "transformers"),
                          "seq_per_s": med[s], "ratio": med[s] / med["transformers"]})
         if workload == "variable":
-            cos = runs["lmforge-int8"][-1]
-            print(f"int8-dynamic embeddings against fp32: cosine mean {cos['cosine_mean']:.5f}, "
-                  f"min {cos['cosine_min']:.5f}")
+            for s, name in (("lmforge-int8", "int8-dynamic"), ("lmforge-bf16", "bf16")):
+                cos = runs[s][-1]
+                print(f"{name} embeddings against fp32: cosine mean {cos['cosine_mean']:.5f}, "
+                      f"min {cos['cosine_min']:.5f}")
     print()
     print(table(rows, [("workload", "workload", "s"), ("system", "system", "s"), ("seq_per_s", "sequences/s", ",.1f"),
                        ("ratio", "vs transformers", ".2f")]))
     ratio = {(r["workload"], r["system"]): r["ratio"] for r in rows}
     print()
-    for s, name in (("lmforge", "fp32"), ("lmforge-int8", "int8-dynamic")):
+    for s, name in (("lmforge", "fp32"), ("lmforge-int8", "int8-dynamic"), ("lmforge-bf16", "bf16")):
         if "variable" in WORKLOADS:
             var, pad128 = ratio[("variable", s)], ratio[("variable", "transformers-pad128")]
             print(f"lmforge {name}: goal >= 2x on variable-length tweets {'met' if var >= 2 else 'NOT met'} against "

@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from lmforge.config import SamplingParams, ServeConfig
+from lmforge.config import DTYPES, INFERENCE_DTYPE_HELP, SamplingParams, ServeConfig
 from lmforge.errors import LmforgeError
 
 
@@ -73,7 +73,7 @@ def _load_for_decoding(a: argparse.Namespace):
     SamplingParams(a.max_new_tokens, a.temperature, a.top_k, a.top_p, getattr(a, "repetition_penalty", 1.0),
                    a.seed).validate(flags=True)
     tune_allocator()
-    return load_pretrained(a.model, device=a.device, quantize=a.quantize, adapter=a.adapter)
+    return load_pretrained(a.model, device=a.device, quantize=a.quantize, adapter=a.adapter, dtype=a.dtype)
 
 
 def cmd_convert(a: argparse.Namespace) -> None:
@@ -102,7 +102,7 @@ def cmd_eval(a: argparse.Namespace) -> None:
     task = a.everb
     kw = {k: getattr(a, k) for k in ("limit", "text_col", "label_col", "source_col", "target_col", "chat", "prompt",
                                      "max_new_tokens", "num_beams", "window", "stride", "device") if hasattr(a, k)}
-    m = evaluate(task, a.model, a.data, a.out, quantize=a.quantize, adapter=a.adapter, **kw)
+    m = evaluate(task, a.model, a.data, a.out, quantize=a.quantize, adapter=a.adapter, dtype=a.dtype, **kw)
     if a.json and task == "perplexity":  # (ppl and bpb: the names this output had before it went through evaluate)
         m = {**m, "ppl": m["perplexity"], "bpb": m["bits_per_byte"]}
     print(json.dumps(m) if a.json else describe(task, m) + (f"\nreport: {a.out}/report.html" if a.out else ""))
@@ -181,7 +181,7 @@ def cmd_predict(a: argparse.Namespace) -> None:
     from lmforge.eval.classify import predict_file
 
     texts, preds, m = predict_file(a.model, a.input, a.text, a.text_col, a.label_col, vote=a.vote,
-                                   batch_size=a.batch_size, device=a.device, quantize=a.quantize)
+                                   batch_size=a.batch_size, device=a.device, quantize=a.quantize, dtype=a.dtype)
     for text, p in zip(texts, preds):
         print(json.dumps({"text": text, **p}, ensure_ascii=False) if a.json
               else f"{p['label']}\t{p['score']:.3f}\t{text}")
@@ -193,7 +193,7 @@ def cmd_embed(a: argparse.Namespace) -> None:
     from lmforge.predict import cosine_similarity, embed_file
 
     texts, vecs = embed_file(a.model, a.input, a.text, a.text_col, batch_size=a.batch_size, device=a.device,
-                             quantize=a.quantize)
+                             quantize=a.quantize, dtype=a.dtype)
     sim = cosine_similarity(vecs, vecs) if a.similarity else None
     for i, (t, v) in enumerate(zip(texts, vecs.tolist())):
         print("  ".join(f"{x:6.3f}" for x in sim[i].tolist()) + f"  {t[:60]}" if sim is not None
@@ -214,13 +214,18 @@ ENCODER_QUANTIZE = dict(choices=["int8", "int8-dynamic"], help="int8 Linear weig
 
 def model_flags(p: argparse.ArgumentParser, device: bool = True, adapter: bool = True,
                 quantize: dict | None = None) -> None:
-    """--model (required), and the loading flags most verbs share: --device, --quantize, --adapter."""
+    """--model (required), and the loading flags most verbs share: --device, --dtype, --quantize, --adapter."""
     p.add_argument("--model", required=True, help=MODEL_HELP)
     if device:
         p.add_argument("--device", default="cpu")
+    dtype_flag(p)
     p.add_argument("--quantize", **(quantize or dict(choices=["int8"], help="weight-only int8 Linear weights")))
     if adapter:
         p.add_argument("--adapter", help="a LoRA adapter directory (PEFT layout) to merge into the model")
+
+
+def dtype_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", default="float32", choices=DTYPES, help=INFERENCE_DTYPE_HELP)
 
 
 def sampling_flags(p: argparse.ArgumentParser, repetition_penalty: bool = True, **defaults) -> None:
@@ -396,6 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--label-col", help="score against this label column of the input")
     pr.add_argument("--batch-size", type=int, default=64)
     pr.add_argument("--device", default="cpu")
+    dtype_flag(pr)
     pr.add_argument("--quantize", **ENCODER_QUANTIZE)
     pr.add_argument("--json", action="store_true", help="one JSON object per line with all class probabilities")
     pr.set_defaults(fn=cmd_predict)

@@ -441,6 +441,12 @@ class DataConfig:
 
 
 OBJECTIVES = ("clm", "mlm", "span")
+DTYPES = ("float32", "bfloat16", "auto")
+DTYPE_HELP = ("float32; bfloat16 (autocast: the products in bf16, the weights and optimizer in fp32); or auto: "
+              "bfloat16 where the machine has bf16 matrix units (AMX or AVX-512 BF16 on a CPU, a bf16 GPU) and they "
+              "measure faster, float32 elsewhere (it says which)")
+INFERENCE_DTYPE_HELP = ("the weights' dtype: float32; bfloat16 (half the bytes per decoding step); or auto: bfloat16 "
+                        "where the machine has fast bf16 units, float32 elsewhere (it says which)")
 
 
 @dataclass
@@ -461,8 +467,7 @@ class TrainConfig:
     beta1: float = setting(0.9, "AdamW's first-moment decay", low=0, high=1, high_open=True)
     beta2: float = setting(0.95, "AdamW's second-moment decay", low=0, high=1, high_open=True)
     grad_clip: float = setting(1.0, "clip the gradient norm to this (0 = off)", low=0)
-    dtype: str = setting("float32", "float32, or bfloat16 (autocast; weights stay fp32)",
-                         choices=("float32", "bfloat16"))
+    dtype: str = setting("float32", DTYPE_HELP, choices=DTYPES)
     device: str = setting("auto", "auto, cpu, cuda, cuda:1, mps")
     compile: bool = setting(False, "torch.compile the model")
     grad_checkpoint: bool = setting(False, "recompute each block's activations in backward: less memory, about "
@@ -472,8 +477,8 @@ class TrainConfig:
     ckpt_every: int = setting(500, "steps between checkpoints (0 = only at the end)", low=0, integer=True)
     keep_checkpoints: int = setting(2, "checkpoints kept (older ones are deleted)", low=1, integer=True)
     log_every: int = setting(10, "steps between logged training losses", low=1, integer=True)
-    peak_tflops: float | None = setting(None, "the MFU denominator (default: this device's fp32 matmul peak, "
-                                        "measured at start)", low=0, low_open=True)
+    peak_tflops: float | None = setting(None, "the MFU denominator (default: this device's matmul peak in the "
+                                        "run's dtype, measured at start)", low=0, low_open=True)
     objective: str = setting("clm", "clm (next token, decoders), mlm (masked LM, encoders), span (T5 span "
                              "corruption)", choices=OBJECTIVES)
     mlm_probability: float = setting(0.15, "mlm: share of tokens predicted (80% become [MASK], 10% random, 10% "
@@ -776,6 +781,7 @@ class FinetuneConfig:
     eval_every: int = setting(0, "steps between evaluations (0: after every epoch)", low=0, integer=True)
     metric: str = setting("accuracy", "the validation metric that picks the best weights (higher is better)")
     seed: int = setting(0, "seed of the split, the initialisation and the data order", integer=True)
+    dtype: str = setting("float32", DTYPE_HELP, choices=DTYPES)
     device: str = setting("cpu", "cpu, cuda or mps")
     log_every: int = setting(10, "steps between logged records", low=1, integer=True)
     ckpt_every: int = setting(200, "steps between checkpoints (0: none); a killed run continues with --resume",
@@ -832,6 +838,8 @@ class ServeConfig:
     max_len: int | None = setting(None, "prompt + new tokens per sequence (default: the model's context)", low=1,
                                   integer=True)
     quantize: str | None = setting(None, "weight-only int8 Linear layers", choices=("int8",))
+    dtype: str = setting("float32", INFERENCE_DTYPE_HELP, choices=DTYPES)
+    device: str = setting("cpu", "cpu, cuda, cuda:1 or mps")
     max_body: int = setting(1 << 20, "largest request body in bytes (413 above)", low=1, integer=True)
     request_timeout: float = setting(10.0, "seconds a client has to send a request's head, and again its body "
                                      "(then 408, or the connection closed)", low=0, low_open=True)

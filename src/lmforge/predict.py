@@ -127,14 +127,14 @@ def embed(model: Encoder, tokenizer: Tokenizer, texts: Sequence[str], batch_size
 
 
 def embed_file(model_path: str, path: str | None = None, texts: list[str] | None = None, text_col: str | None = None,
-               batch_size: int = 64, device: str = "cpu", quantize: str | None = None
+               batch_size: int = 64, device: str = "cpu", quantize: str | None = None, dtype: str | None = None
                ) -> tuple[list[str], torch.Tensor]:
     """`lmforge embed`: (texts, their embeddings [N, d]) for the texts of `path` (a .txt file, CSV/TSV/JSONL with
     `text_col`, or - for standard input) or `texts`, under the encoder at `model_path`. The batch size and the
     input are checked before the model loads."""
     check_batch(batch_size)
     texts = input_texts(path, texts, text_col)
-    model, tok = load_pretrained(model_path, device=device, quantize=quantize)
+    model, tok = load_pretrained(model_path, device=device, quantize=quantize, dtype=dtype)
     return texts, embed(model, tok, texts, batch_size=batch_size)
 
 

@@ -51,7 +51,8 @@ def plot_confusion(metrics: dict[str, Any], path: str | Path, title: str = "conf
 
 def predict_file(models: list[str], path: str | Path | None = None, texts: list[str] | None = None,
                  text_col: str | None = None, label_col: str | None = None, vote: str = "mean", batch_size: int = 64,
-                 device: str = "cpu", quantize: str | None = None) -> tuple[list[str], list[dict], dict[str, Any]]:
+                 device: str = "cpu", quantize: str | None = None, dtype: str | None = None
+                 ) -> tuple[list[str], list[dict], dict[str, Any]]:
     """`lmforge predict`: (texts, predictions, metrics) for the texts of `path` (or `texts`) under one classifier
     or an ensemble of several (`vote`: mean of the probabilities, or majority). With `label_col` the file is
     labelled and the metrics score the predictions against it ({} otherwise). Settings and data are checked
@@ -66,7 +67,7 @@ def predict_file(models: list[str], path: str | Path | None = None, texts: list[
         texts, gold = ds.texts, ds.labels
     else:
         texts = input_texts(path, texts, text_col)
-    members = [load_pretrained(m, device=device, quantize=quantize) for m in models]
+    members = [load_pretrained(m, device=device, quantize=quantize, dtype=dtype) for m in models]
     model, tok = members[0]
     labels = getattr(model.config, "labels", [])
     if gold is not None and set(gold) - set(labels):

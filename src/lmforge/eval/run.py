@@ -55,8 +55,9 @@ def evaluate(task: str, model: str, data: list[str] | str, out: str | Path | Non
              target_col: str | None = None, chat: bool = False, prompt: str | None = None,
              max_new_tokens: int = 64, window: int | None = None, stride: int | None = None,
              quantize: str | None = None, adapter: str | None = None, batch_size: int = 16,
-             num_beams: int = 4, device: str = "cpu") -> dict:
-    """Evaluate `model` on `data` for `task`; returns the metrics (and writes the report when `out` is given)."""
+             num_beams: int = 4, device: str = "cpu", dtype: str | None = None) -> dict:
+    """Evaluate `model` on `data` for `task`; returns the metrics (and writes the report when `out` is given).
+    dtype: the weights' dtype (load_pretrained: float32, bfloat16 or auto)."""
     if task not in TASKS:
         raise LmforgeError(f"unknown evaluation {task!r}; choose one of {', '.join(TASKS)}")
     # settings and the output folder first: loading the model and reading the data take the time
@@ -71,7 +72,7 @@ def evaluate(task: str, model: str, data: list[str] | str, out: str | Path | Non
     if out is not None:
         check_out_dir(out, "--out")
     sources = [data] if isinstance(data, (str, Path)) else list(data)
-    m, tok = load_pretrained(model, device=device, quantize=quantize, adapter=adapter)
+    m, tok = load_pretrained(model, device=device, quantize=quantize, adapter=adapter, dtype=dtype)
     t0 = time.time()
     fn = {"perplexity": _perplexity, "classify": _classify, "qa": _qa, "choice": _choice, "seq2seq": _seq2seq}[task]
     options = {"limit": limit, "text_col": text_col, "label_col": label_col, "source_col": source_col,

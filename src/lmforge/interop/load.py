@@ -20,6 +20,7 @@ from lmforge.interop.quantized import is_quantized_dir, load_quantized
 from lmforge.models.family import family_for_model_type
 from lmforge.nn.lora import merge_and_unload
 from lmforge.nn.quant import quantize_model
+from lmforge.runtime import resolve_dtype
 from lmforge.tokenizer import Tokenizer
 
 
@@ -34,12 +35,15 @@ def resolve_model_path(path: str | Path) -> Path:
 
 
 def load_pretrained(path: str | Path, device: str | torch.device = "cpu", quantize: str | None = None,
-                    adapter: str | Path | None = None):
+                    adapter: str | Path | None = None, dtype: str | torch.dtype | None = None):
     """(model, tokenizer) from an HF-layout directory, a .gguf file or a packaged model name.
     adapter: a LoRA adapter directory (PEFT layout, from lmforge or PEFT), merged into the weights.
     quantize: a `quantize_model` mode applied after the merge, for inference: "int8" (weight-only int8 Linear
     weights, the fast one for decoding), "int8-dynamic" (int8 activations too, the fast one for batched encoders
-    on CPU) or "int4"."""
+    on CPU) or "int4".
+    dtype: the weights' (and so the compute's) dtype for inference: "float32" (None), "bfloat16" (half the bytes
+    a decoding step reads; norms and softmax still accumulate in fp32) or "auto" (runtime.pick_dtype: bf16 where
+    the machine has fast bf16 units). Quantized weights are quantized from the fp32 ones first."""
     p = resolve_model_path(path)
     if p.is_file() and p.suffix == ".gguf":
         model, tok = load_gguf(p, device=device)
@@ -49,6 +53,9 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu", quanti
         merge_and_unload(load_adapter(model, adapter)).eval()
     if quantize:
         quantize_model(model, quantize)
+    dt = resolve_dtype(dtype, device)
+    if dt != torch.float32:
+        model.to(dt)
     return model, tok
 
 

@@ -104,7 +104,8 @@ class DecoderLM(PretrainedModel):
         loss_only=True (with labels; what the training loops ask for) returns the loss alone, logits None: it is
         computed straight from the final hidden states a chunk of tokens at a time (nn.loss), so the [tokens,
         vocab] logits and their gradient are never held whole (at GPT-2's vocabulary and 8 x 1024 tokens, 1.6 GB
-        each; on CPU the step is as fast or a little faster). A quantized head or autocast takes the plain path.
+        each; on CPU the step is as fast or a little faster). A quantized head takes the plain path; under
+        autocast the chunks' products run in its dtype.
         grad_checkpoint=True (training only, no cache) recomputes each block in backward (models.base.call_block),
         and with logits_at the head and loss a chunk at a time too.
         The call decides; nothing is read from train/eval mode or the grad mode."""
@@ -140,7 +141,7 @@ class DecoderLM(PretrainedModel):
             labels = labels[logits_at] if labels is not None else None
             if loss_only and labels is not None and grad_checkpoint and torch.is_grad_enabled():
                 return CausalLMOutput(logits=None, loss=self._chunked_loss(x, labels))
-        if loss_only and labels is not None and type(self.lm_head) is nn.Linear and not torch.is_autocast_enabled():
+        if loss_only and labels is not None and type(self.lm_head) is nn.Linear:
             # the head, the loss and their gradients a chunk of tokens at a time (nn.loss)
             return CausalLMOutput(logits=None, loss=linear_cross_entropy(
                 x.reshape(-1, x.size(-1)), self.lm_head.weight, labels.reshape(-1)))

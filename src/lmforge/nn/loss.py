@@ -48,16 +48,20 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, ignore_index: int,
-                chunk: int) -> torch.Tensor:
+                chunk: int, compute: torch.dtype | None) -> torch.Tensor:
         valid = target != ignore_index
         n = valid.sum().clamp(min=1)
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.empty_like(h) if need_h else None
         grad_w = torch.zeros_like(weight) if need_w else None
         total = h.new_zeros((), dtype=torch.promote_types(h.dtype, torch.float32))
+        # the products in `compute` (autocast's dtype) when given; softmax, loss and weight gradient sums in fp32
+        w = weight if compute is None else weight.to(compute)
         for s in range(0, h.size(0), chunk):
             hc, tc, vc = h[s:s + chunk], target[s:s + chunk], valid[s:s + chunk]
-            logits = (hc @ weight.T).to(total.dtype)
+            if compute is not None:
+                hc = hc.to(compute)
+            logits = (hc @ w.T).to(total.dtype)
             lse = torch.logsumexp(logits, dim=-1)
             safe = torch.where(vc, tc, torch.zeros_like(tc))
             total += ((lse - logits.gather(-1, safe[:, None]).squeeze(-1)) * vc).sum()
@@ -65,11 +69,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 continue
             g = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
             g.scatter_add_(-1, safe[:, None], torch.full_like(g[:, :1], -1.0))
-            g = g.mul_((vc / n)[:, None]).to(h.dtype)
+            g = g.mul_((vc / n)[:, None]).to(hc.dtype)
             if grad_h is not None:
-                torch.mm(g, weight, out=grad_h[s:s + chunk])
+                if compute is None:
+                    torch.mm(g, w, out=grad_h[s:s + chunk])
+                else:
+                    grad_h[s:s + chunk] = g @ w
             if grad_w is not None:
-                grad_w.addmm_(g.T, hc)
+                if compute is None:
+                    grad_w.addmm_(g.T, hc)
+                else:
+                    grad_w += g.T @ hc
         ctx.save_for_backward(grad_h, grad_w)
         return total / n
 
@@ -77,12 +87,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss: torch.Tensor):
         grad_h, grad_w = ctx.saved_tensors
         return (None if grad_h is None else grad_h * grad_loss, None if grad_w is None else grad_w * grad_loss,
-                None, None, None)
+                None, None, None, None)
 
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, ignore_index: int = -100,
                          chunk: int = 1024) -> torch.Tensor:
     """Mean token cross-entropy of the logits `h @ weight.T` (h [N, d], weight [V, d], target [N]) without holding
     the [N, V] logits: `chunk` rows at a time. Equal to `cross_entropy(h @ weight.T, target)` in value and
-    gradients, up to float rounding."""
-    return _LinearCrossEntropy.apply(h, weight, target, ignore_index, chunk)
+    gradients, up to float rounding. Under autocast the products run in its dtype, as the head's Linear would."""
+    kind = h.device.type
+    if torch.is_autocast_enabled(kind):
+        compute = torch.get_autocast_dtype(kind)
+        with torch.autocast(kind, enabled=False):
+            return _LinearCrossEntropy.apply(h, weight, target, ignore_index, chunk, compute)
+    return _LinearCrossEntropy.apply(h, weight, target, ignore_index, chunk, None)

@@ -256,8 +256,8 @@ class Int8Embedding(nn.Module):
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self.qweight.to(dtype) * self.scales[:, None].to(dtype)
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.qweight[ids].float() * self.scales[ids][..., None]
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # in the scales' dtype: the model's (fp32 or bf16)
+        return self.qweight[ids].to(self.scales.dtype) * self.scales[ids][..., None]
 
     def head(self) -> Int8Linear:
         return Int8Linear(self.qweight, self.scales, None)

@@ -80,11 +80,12 @@ class ServedModel:
 
 
 def load_served(paths: Sequence[str], max_batch: int = 16, max_queue: int = 64, max_len: int | None = None,
-                quantize: str | None = None) -> list[ServedModel]:
-    """Load each model (directory, .gguf or packaged name) and start an engine for each decoder."""
+                quantize: str | None = None, dtype: str | None = None, device: str = "cpu") -> list[ServedModel]:
+    """Load each model (directory, .gguf or packaged name; weights in `dtype`, see load_pretrained) on `device`
+    and start an engine for each decoder."""
     served, names = [], set()
     for path in paths:
-        model, tok = load_pretrained(path, quantize=quantize)
+        model, tok = load_pretrained(path, device=device, quantize=quantize, dtype=dtype)
         name = model_name(path)
         if name in names:
             raise LmforgeError(f"two served models are both named {name!r}; serve each path once")
@@ -657,8 +658,8 @@ class ServerThread:
 
 def serve(models: Sequence[str], config: ServeConfig | None = None, **settings: Any) -> None:
     """Load the models and serve them until interrupted, as `config` says (a ServeConfig; `settings` override
-    its fields: host, port, api_key, max_batch, max_queue, max_len, quantize, max_body, request_timeout,
-    log_level). Every setting is checked before a model loads."""
+    its fields: host, port, api_key, max_batch, max_queue, max_len, quantize, dtype, device, max_body,
+    request_timeout, log_level). Every setting is checked before a model loads."""
     import uvicorn
 
     if not models:
@@ -670,7 +671,7 @@ def serve(models: Sequence[str], config: ServeConfig | None = None, **settings: 
     c.validate()
     host, port, api_key, request_timeout = c.host, c.port, c.api_key, c.request_timeout
     tune_allocator()
-    served = load_served(models, c.max_batch, c.max_queue, c.max_len, c.quantize)
+    served = load_served(models, c.max_batch, c.max_queue, c.max_len, c.quantize, c.dtype, c.device)
     app = create_app(served, api_key=api_key, max_body=c.max_body, body_timeout=request_timeout)
     if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         print(f"warning: serving on {host} without --api-key: anyone who can reach this port can use it")

@@ -35,7 +35,8 @@ from lmforge.errors import CheckpointError, ConfigError
 from lmforge.files import check_out_dir, is_stale_temp, write_json, write_text
 from lmforge.models.family import family_of
 from lmforge.report import write_run_report
-from lmforge.runtime import tune_allocator
+from lmforge.runtime import autocast as mixed_precision
+from lmforge.runtime import resolve_dtype, tune_allocator
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.checkpoint import clean_run_dir, list_checkpoints, load_checkpoint, save_checkpoint
 from lmforge.train.distributed import DistEnv, init_distributed, shutdown
@@ -158,10 +159,10 @@ def _pretrain(cfg: RunConfig, run: Path, resume: bool, progress: bool | None, ov
         train_model = torch.compile(model)
     if env.world > 1:
         train_model = DDP(train_model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
-    autocast = (torch.autocast(env.device.type, dtype=torch.bfloat16) if tc.dtype == "bfloat16"
-                else nullcontext())
+    dtype = resolve_dtype(tc.dtype, env.device, say=env.main)
+    autocast = mixed_precision(dtype, env.device)
     flops_per_token = cfg.model.flops_per_token(seq_len, training=True)
-    peak = tc.peak_tflops * 1e12 if tc.peak_tflops else measure_matmul_peak(env.device)
+    peak = tc.peak_tflops * 1e12 if tc.peak_tflops else measure_matmul_peak(env.device, dtype)
 
     metrics = open(run / "metrics.jsonl", "a", encoding="utf-8") if env.main else None
     show = progress if progress is not None else sys.stderr.isatty()
@@ -256,7 +257,8 @@ def _pretrain(cfg: RunConfig, run: Path, resume: bool, progress: bool | None, ov
         final = objective.final(model, env.device, env, autocast)
         seconds = time.time() - t_start
         write_json(run / "summary.json", {"steps": step, "tokens": tokens_seen, "seconds": seconds,
-                                          "params": model.num_params(), "final_val": final})
+                                          "params": model.num_params(), "dtype": str(dtype).removeprefix("torch."),
+                                          "final_val": final})
 
         write_run_report(run)
     env.barrier()
@@ -354,13 +356,14 @@ def _say(bar, env: DistEnv, msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
-def measure_matmul_peak(device: torch.device, seconds: float = 0.5) -> float:
-    """Achieved fp32 matmul FLOP/s on this device, the best of short bursts at two sizes: MFU's denominator."""
+def measure_matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32, seconds: float = 0.5) -> float:
+    """Achieved matmul FLOP/s in `dtype` (the one the run computes in) on this device, the best of short bursts
+    at two sizes: MFU's denominator."""
     best = 0.0
     gen = torch.Generator().manual_seed(0)  # its own: the global RNG (dropout) must not move, or resume differs
     for n in ((4096, 8192) if device.type == "cuda" else (1024, 2048)):
-        a = torch.randn(n, n, generator=gen).to(device)
-        b = torch.randn(n, n, generator=gen).to(device)
+        a = torch.randn(n, n, generator=gen).to(device, dtype)
+        b = torch.randn(n, n, generator=gen).to(device, dtype)
         a @ b  # warm-up
         end = time.perf_counter() + seconds
         while time.perf_counter() < end:

@@ -23,7 +23,8 @@ from lmforge.config import FinetuneConfig
 from lmforge.errors import CheckpointError
 from lmforge.files import write_text
 from lmforge.models.base import PretrainedModel
-from lmforge.runtime import lean_allocator, tune_allocator
+from lmforge.runtime import autocast as mixed_precision
+from lmforge.runtime import lean_allocator, resolve_dtype, tune_allocator
 from lmforge.train.checkpoint import (
     clean_run_dir,
     list_checkpoints,
@@ -94,6 +95,9 @@ def fit(
     own (DPO); it asks the model for activation checkpointing itself when cfg.grad_checkpoint is set.
     Only trainable parameters change, so only they are kept for the best validation point.
 
+    cfg.dtype bfloat16 (or what auto picks) runs the forward passes and evaluations under autocast: products
+    in bf16, the weights, gradients and optimizer in fp32.
+
     cfg.average > 0 also keeps the running mean of the weights at every evaluation in the last `average` share
     of the steps (weight averaging, as stochastic weight averaging does along a plateau of the loss: the mean
     of nearby solutions generalises better than each of them) and, at the end, evaluates it: it is kept when
@@ -110,6 +114,7 @@ def fit(
         tune_allocator()
     device = torch.device(cfg.device)
     total = max(1, math.ceil(steps_per_epoch * cfg.epochs))
+    autocast = mixed_precision(resolve_dtype(cfg.dtype, device), device)  # the weights stay fp32
 
     params = [p for p in model.parameters() if p.requires_grad]
     opt = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, layer_decay=cfg.layer_decay)
@@ -144,7 +149,8 @@ def fit(
 
     def run_eval() -> None:
         model.eval()
-        m = evaluate()
+        with autocast:
+            m = evaluate()
         model.train()
         record({"step": state.step, "split": "val", "epoch": state.epoch, **m})
         show(f"step {state.step}: " + "  ".join(f"{k} {v:.4f}" for k, v in m.items() if isinstance(v, float)))
@@ -177,8 +183,9 @@ def fit(
                 for g in opt.param_groups:
                     g["lr"] = lr * g.get("lr_scale", 1.0)
                 batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-                loss = (loss_fn(model, batch) if loss_fn is not None
-                        else model_loss(model, batch, grad_checkpoint=cfg.grad_checkpoint))
+                with autocast:
+                    loss = (loss_fn(model, batch) if loss_fn is not None
+                            else model_loss(model, batch, grad_checkpoint=cfg.grad_checkpoint))
                 loss.backward()
                 if cfg.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -211,7 +218,8 @@ def fit(
                 for k, v in state.mean_state.items():
                     named[k].copy_(v)
             model.eval()
-            m = evaluate()
+            with autocast:
+                m = evaluate()
             record({"step": state.step, "split": "val", "epoch": state.epoch, "averaged_points": state.averaged,
                     **m})
             show(f"mean of the weights at the last {state.averaged} evaluations: " + "  ".join(
