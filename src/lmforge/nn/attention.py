@@ -349,9 +349,11 @@ def sdpa(
     Tq, Tk = q.size(2), k.size(2)
     if Tq == 1 and _compiling() and dropout == 0.0:
         return _one_query(q, k, v, mask, scale)
-    if (q.device.type == "cpu" and q.dtype == k.dtype == torch.bfloat16 and Tq > 1
-            and q.size(0) * q.size(1) * Tq * Tk <= BF16_SCORES_MAX and not _compiling()):
-        return _bf16_scores(q, k, v, mask, causal, dropout, scale)
+    if q.device.type == "cpu" and q.dtype == k.dtype == torch.bfloat16 and not _compiling():
+        if Tq == 1 and not torch.is_grad_enabled():  # a decoding step: the fp32 kernel is 2.5x faster here
+            return sdpa(q.float(), k.float(), v.float(), mask, causal, dropout, scale).to(q.dtype)
+        if q.size(0) * q.size(1) * Tq * Tk <= BF16_SCORES_MAX:
+            return _bf16_scores(q, k, v, mask, causal, dropout, scale)
     is_causal = False
     if mask is None and causal and Tq > 1:
         if Tq == Tk:
