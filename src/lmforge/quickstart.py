@@ -25,7 +25,7 @@ QUICKSTART: dict[str, Any] = {
     "data": {"sources": ["shakespeare"], "val_fraction": 0.05},
     "train": {"seed": 1337, "steps": 420, "batch_size": 24, "seq_len": 128, "lr": 2e-3, "min_lr": 2e-4,
               "warmup_steps": 40, "weight_decay": 0.1, "eval_every": 105, "eval_batches": 10,
-              "ckpt_every": 105, "log_every": 10},
+              "ckpt_every": 105, "log_every": 10, "dtype": "auto"},
 }
 
 PROMPTS = ["ROMEO.\n", "KING HENRY.\nWhat say you, my lords?", "To be, or not to be"]
