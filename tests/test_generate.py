@@ -361,3 +361,81 @@ def test_text_stream_decodes_incrementally_and_matches_the_whole_decode(kind):
                 assert shown == want and s.stopped
             longest.append(max(calls[:-1] or [0]))  # (flush may decode once in full)
     assert max(longest) <= 8  # a few tokens per push, whatever the reply's length
+
+
+@pytest.mark.parametrize("top_k, top_p", [(None, None), (3, None), (None, 0.8), (4, 0.7)])
+def test_batched_sampler_draws_the_filtered_distribution(top_k, top_p):
+    """`sample` (one pass for the whole batch, inverse transform over the candidates) draws each token with the
+    probability the filters leave it: 40,000 rows of the same six logits, frequencies within 0.01."""
+    from lmforge.generate.sampling import filter_top_k, sample
+
+    logits = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -1.0])
+    kept = logits.clone()
+    if top_k is not None:
+        kept = filter_top_k(kept[None], top_k)[0]
+    if top_p is not None:
+        kept = filter_top_p(kept[None], top_p)[0]
+    want = torch.softmax(kept, -1)
+    n = 40_000
+    u = torch.rand(n, generator=torch.Generator().manual_seed(0))
+    got = torch.bincount(sample(logits.expand(n, -1), top_k, top_p, u), minlength=6).float() / n
+    assert (got - want).abs().max() < 0.01, (got, want)
+    assert (got[want == 0] == 0).all()  # nothing outside the filters, ever
+
+
+def test_top_p_reaches_past_the_first_candidates():
+    """With a flat distribution the nucleus holds more tokens than top-p's first look (CANDIDATES): the sampler
+    widens it and draws from the whole nucleus, as the full sort would."""
+    from lmforge.generate.sampling import CANDIDATES, sample
+
+    logits = -torch.arange(4 * CANDIDATES, dtype=torch.float32)[None] * 1e-3  # nearly flat, no ties
+    logits[0, 0] = 3.0
+    nucleus = torch.isfinite(filter_top_p(logits, 0.9))[0]
+    assert nucleus.sum() > CANDIDATES
+    u = torch.rand(20_000, generator=torch.Generator().manual_seed(1))
+    drawn = sample(logits.expand(20_000, -1), None, 0.9, u)
+    assert nucleus[drawn].all() and int(drawn.max()) >= CANDIDATES
+
+
+def test_seeded_rows_sampled_together_equal_each_alone():
+    """The engine samples its rows in one pass, each seeded request from its own generator: three seeded
+    requests (different temperatures, the same filters) decoding side by side give the tokens each gives alone."""
+    import threading
+
+    from lmforge.generate.engine import Engine, Request
+
+    torch.manual_seed(0)
+    model = DecoderLM(tiny_config("llama", max_seq_len=128)).eval()
+
+    class Tok:
+        def decode(self, ids, skip_special_tokens=True):
+            return " ".join(map(str, ids))
+
+    def params(i):
+        return SamplingParams(max_new_tokens=15, temperature=0.7 + 0.3 * i, top_k=40, top_p=0.9, seed=11 + i)
+
+    prompts = [[5, 6, 7], [9, 10], [3, 4, 5, 6]]
+    engine = Engine(model, Tok(), max_batch=3, max_queue=8).start()
+    alone = []
+    for i, p in enumerate(prompts):
+        r = Request(p, params(i))
+        list(engine.stream(r))
+        alone.append(r.completion_ids)
+    together: dict[int, list[int]] = {}
+
+    def run(i):
+        r = Request(prompts[i], params(i))
+        list(engine.stream(r))
+        together[i] = r.completion_ids
+
+    steps = engine.stats.steps
+    rows = engine.stats.batch_rows
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    shared = engine.stats.batch_rows - rows > engine.stats.steps - steps
+    engine.close()
+    assert [together[i] for i in range(3)] == alone
+    assert shared, "the requests never shared a decode step"

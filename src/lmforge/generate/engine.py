@@ -26,7 +26,7 @@ import torch
 
 from lmforge.config import check_number
 from lmforge.errors import LmforgeError
-from lmforge.generate.sampling import SamplingParams, TextStream, next_token
+from lmforge.generate.sampling import SamplingParams, TextStream, sample
 from lmforge.nn.packed import packed_linears, release_packed
 
 
@@ -265,30 +265,60 @@ class Engine:
         ids = torch.zeros((pos.size(0), 1), dtype=torch.long, device=self.device)
         ids[active, 0] = torch.tensor([self.slots[i]._next for i in active], device=self.device)
         logits = self.model(ids, attention_mask=mask, position_ids=pos, cache=self.cache, last_only=True).logits
-        logits = logits[:, -1]
-        greedy = logits.argmax(-1).tolist()
-        for i in active:  # sampling, penalties and stop strings are per request: a failure there is the row's
+        logits = logits[:, -1].float()
+        picked: dict[int, int] = {}
+        groups: dict[tuple, list[int]] = {}  # rows that sample, by their filters: each group in one pass
+        for i in active:
+            r = self.slots[i]
             try:
-                self._emit(self.slots[i], logits[i], greedy[i])
+                self._penalise(r, logits[i])
+            except Exception as e:  # noqa: BLE001 - a request's own settings failed: only its row fails
+                self._fail(r, e)
+                continue
+            if r.params.temperature > 0:
+                groups.setdefault((r.params.top_k, r.params.top_p), []).append(i)
+        greedy = logits.argmax(-1).tolist()
+        for (top_k, top_p), rows in groups.items():
+            try:
+                reqs = [self.slots[i] for i in rows]
+                temps = torch.tensor([r.params.temperature for r in reqs], device=logits.device)
+                u = torch.cat([torch.rand(1, generator=r._generator, device=logits.device) for r in reqs])
+                picked.update(zip(rows, sample(logits[rows] / temps[:, None], top_k, top_p, u).tolist()))
             except Exception as e:  # noqa: BLE001
-                self._fail(self.slots[i], e)
+                for i in rows:
+                    self._fail(self.slots[i], e)
+        for i in active:  # stop strings, logprobs and events are per request: a failure there is the row's
+            r = self.slots[i]
+            if r is None or r.finish_reason is not None:
+                continue
+            try:
+                self._emit(r, logits[i], picked.get(i, greedy[i]))
+            except Exception as e:  # noqa: BLE001
+                self._fail(r, e)
         self.stats.steps += 1
         self.stats.batch_rows += len(active)
         self.stats.step_seconds += time.perf_counter() - t0
 
-    def _emit(self, req: Request, logits: torch.Tensor, greedy: int | None = None) -> None:
+    @staticmethod
+    def _penalise(req: Request, logits: torch.Tensor) -> None:
+        """OpenAI's presence and frequency penalties on the row's fp32 logits, in place."""
+        if (req.presence_penalty or req.frequency_penalty) and req.completion_ids:
+            counts = torch.bincount(torch.tensor(req.completion_ids, device=logits.device),
+                                    minlength=logits.size(-1))[:logits.size(-1)].float()
+            logits -= req.frequency_penalty * counts + req.presence_penalty * (counts > 0).float()
+
+    def _emit(self, req: Request, logits: torch.Tensor, tok: int | None = None) -> None:
+        """Emit the request's next token: `tok` as the batched step picked it from these (penalised) logits, or,
+        after a prefill, picked here the same way (one uniform draw from the request's generator a token)."""
         p = req.params
-        if req.presence_penalty or req.frequency_penalty:
+        if tok is None:
             logits = logits.float().clone()
-            if req.completion_ids:
-                counts = torch.bincount(torch.tensor(req.completion_ids, device=logits.device),
-                                        minlength=logits.size(-1))[:logits.size(-1)].float()
-                logits -= req.frequency_penalty * counts + req.presence_penalty * (counts > 0).float()
-            greedy = None
-        if p.temperature == 0:
-            tok = greedy if greedy is not None else int(logits.argmax())
-        else:
-            tok = int(next_token(logits[None], p, req._generator)[0])
+            self._penalise(req, logits)
+            if p.temperature == 0:
+                tok = int(logits.argmax())
+            else:
+                u = torch.rand(1, generator=req._generator, device=logits.device)
+                tok = int(sample(logits[None] / p.temperature, p.top_k, p.top_p, u)[0])
         if not req.first_token_at:
             req.first_token_at = time.perf_counter()
         req.completion_ids.append(tok)
