@@ -20,6 +20,24 @@ STYLES = {
 }
 
 
+class IdsTokenizer:
+    """What the serving engine needs of a tokenizer when a test decodes random models: ids as text."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(map(str, ids))
+
+
+def in_threads(fn, n: int) -> None:
+    """fn(0) .. fn(n - 1), each in its own thread, all started before any is joined (concurrent requests)."""
+    import threading
+
+    threads = [threading.Thread(target=fn, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
 def tiny_config(style: str = "gpt2", **kw):
     values = dict(STYLES[style])
     preset = values.pop("preset")

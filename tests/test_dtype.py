@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from conftest import call_cli, tiny_config
+from conftest import IdsTokenizer, call_cli, in_threads, tiny_config
 from lmforge import runtime
 from lmforge.config import FinetuneConfig, encoder_config, seq2seq_config
 from lmforge.models import DecoderLM
@@ -191,19 +191,13 @@ def test_serving_engine_decodes_a_bf16_model():
     """The batched engine on bf16 weights (packed for oneDNN where it can): its cache is bf16, requests of
     different lengths finish with all their tokens, and greedy rows agree with bf16 generate on the first tokens
     (beyond those, bf16's rounding may tip a near tie either way)."""
-    import threading
-
     from lmforge.generate.engine import Engine, Request
     from lmforge.generate.sampling import SamplingParams, generate_ids
 
     torch.manual_seed(0)
     model = DecoderLM(tiny_config("llama", max_seq_len=128)).eval().to(BF16)
 
-    class Tok:
-        def decode(self, ids, skip_special_tokens=True):
-            return " ".join(map(str, ids))
-
-    engine = Engine(model, Tok(), max_batch=2, max_queue=4).start()
+    engine = Engine(model, IdsTokenizer(), max_batch=2, max_queue=4).start()
     assert engine.cache.k[0].dtype == BF16
     prompts, got = [[5, 6, 7, 8], [9, 10], [11, 12, 13]], {}
 
@@ -212,11 +206,7 @@ def test_serving_engine_decodes_a_bf16_model():
         events = list(engine.stream(r))
         got[i] = (r.completion_ids, [e.error for e in events if e.error])
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    in_threads(run, 3)
     engine.close()
     for i, p in enumerate(prompts):
         ids, errors = got[i]

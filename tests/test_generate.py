@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from conftest import tiny_config
+from conftest import IdsTokenizer, in_threads, tiny_config
 from lmforge.errors import LmforgeError
 from lmforge.generate import SamplingParams, generate, generate_ids, next_token
 from lmforge.generate.sampling import filter_top_p
@@ -400,22 +400,16 @@ def test_top_p_reaches_past_the_first_candidates():
 def test_seeded_rows_sampled_together_equal_each_alone():
     """The engine samples its rows in one pass, each seeded request from its own generator: three seeded
     requests (different temperatures, the same filters) decoding side by side give the tokens each gives alone."""
-    import threading
-
     from lmforge.generate.engine import Engine, Request
 
     torch.manual_seed(0)
     model = DecoderLM(tiny_config("llama", max_seq_len=128)).eval()
 
-    class Tok:
-        def decode(self, ids, skip_special_tokens=True):
-            return " ".join(map(str, ids))
-
     def params(i):
         return SamplingParams(max_new_tokens=15, temperature=0.7 + 0.3 * i, top_k=40, top_p=0.9, seed=11 + i)
 
     prompts = [[5, 6, 7], [9, 10], [3, 4, 5, 6]]
-    engine = Engine(model, Tok(), max_batch=3, max_queue=8).start()
+    engine = Engine(model, IdsTokenizer(), max_batch=3, max_queue=8).start()
     alone = []
     for i, p in enumerate(prompts):
         r = Request(p, params(i))
@@ -430,11 +424,7 @@ def test_seeded_rows_sampled_together_equal_each_alone():
 
     steps = engine.stats.steps
     rows = engine.stats.batch_rows
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    in_threads(run, 3)
     shared = engine.stats.batch_rows - rows > engine.stats.steps - steps
     engine.close()
     assert [together[i] for i in range(3)] == alone

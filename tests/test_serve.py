@@ -20,7 +20,7 @@ import openai
 import pytest
 import torch
 
-from conftest import run_cli, tiny_config
+from conftest import IdsTokenizer, in_threads, run_cli, tiny_config
 from lmforge.data.chat import apply_chat_template
 from lmforge.generate import generate
 from lmforge.generate.engine import Engine, QueueFull, Request
@@ -348,25 +348,17 @@ def test_engine_rows_match_single_sequence_decoding(style):
     torch.manual_seed(1)
     model = DecoderLM(tiny_config(style, max_seq_len=128)).double().eval()
 
-    class Tok:  # the engine only needs decode here
-        def decode(self, ids, skip_special_tokens=True):
-            return " ".join(map(str, ids))
-
-    engine = Engine(model, Tok(), max_batch=3, max_queue=8, pack_weights=False).start()
+    engine = Engine(model, IdsTokenizer(), max_batch=3, max_queue=8, pack_weights=False).start()
     prompts = [[5, 6, 7], [9] * 11, [1, 2], [3, 4, 5, 6, 7, 8, 9, 10], [42]]
     lengths = [20, 5, 30, 12, 25]
     got: dict[int, list[int]] = {}
 
-    def run(i, prompt, n):
-        r = Request(prompt, SamplingParams(max_new_tokens=n, temperature=0.0))
+    def run(i):
+        r = Request(prompts[i], SamplingParams(max_new_tokens=lengths[i], temperature=0.0))
         list(engine.stream(r))
         got[i] = r.completion_ids
 
-    threads = [threading.Thread(target=run, args=(i, prompts[i], lengths[i])) for i in range(5)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    in_threads(run, 5)
     engine.close()
     for i, p in enumerate(prompts):
         with torch.inference_mode():
