@@ -15,21 +15,12 @@ from collections.abc import Callable
 import torch
 
 
-def matmul_peak_flops(sizes=(1024, 2048), seconds: float = 1.0) -> float:
-    """Best fp32 matmul FLOP/s over a few square sizes: the MFU denominator."""
-    return max(matmul_peak(torch.float32, n, seconds) for n in sizes)
-
-
 def matmul_peak(dtype: torch.dtype = torch.float32, n: int = 2048, seconds: float = 1.0) -> float:
-    """Best FLOP/s of an n x n matmul in `dtype` over `seconds` (bf16 runs on AMX or avx512_bf16 where present)."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
-    best, end = 0.0, time.perf_counter() + seconds
-    while time.perf_counter() < end:
-        t0 = time.perf_counter()
-        a @ b
-        best = max(best, 2 * n**3 / (time.perf_counter() - t0))
-    return best
+    """Best FLOP/s of an n x n matmul in `dtype` over `seconds` (bf16 runs on AMX or avx512_bf16 where present):
+    lmforge.runtime.matmul_flops, the measurement training's MFU uses too."""
+    from lmforge.runtime import matmul_flops
+
+    return matmul_flops(dtype, sizes=(n,), seconds=seconds)
 
 
 def machine_header() -> str:

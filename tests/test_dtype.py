@@ -37,16 +37,25 @@ def test_auto_picks_bf16_only_with_bf16_units_that_measure_faster(fresh_pick, mo
     runtime.resolve_dtype("auto")
     assert capsys.readouterr().err == ""  # told once per process
 
-    speeds = {torch.float32: 4.0, BF16: 1.0}  # seconds: bf16 4x faster
-    monkeypatch.setattr(runtime, "_matmul_seconds", lambda dtype: speeds[dtype])
+    speeds = {torch.float32: 1.0, BF16: 4.0}  # FLOP/s: bf16 4x faster
+    monkeypatch.setattr(runtime, "matmul_flops", lambda dtype, **kw: speeds[dtype])
     for flags, speed, want in [({"amx_bf16", "avx512_bf16"}, 4.0, BF16), ({"avx512_bf16"}, 1.2, torch.float32)]:
         monkeypatch.setattr(runtime, "_picked", {})
         monkeypatch.setattr(runtime, "cpu_flags", lambda flags=flags: flags)
-        speeds[torch.float32] = speed
+        speeds[BF16] = speed
         assert runtime.resolve_dtype("auto") == want
         err = capsys.readouterr().err
         assert ("AMX" if "amx_bf16" in flags else "AVX-512 BF16") in err and f"{speed:.1f}x fp32" in err
     assert runtime.pick_dtype("meta")[0] == torch.float32
+
+
+def test_auto_measures_without_moving_the_global_rng(fresh_pick, monkeypatch):
+    """auto's measurement runs inside training set-up, after a resumed run restored its RNG: it must not draw
+    from the global generator, or the resumed run's dropout would differ from a run never stopped."""
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: {"avx512_bf16"})
+    before = torch.get_rng_state()
+    runtime.resolve_dtype("auto", say=False)
+    assert torch.equal(torch.get_rng_state(), before)
 
 
 def _close(bf: torch.Tensor, fp: torch.Tensor, rel: float) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import math
 import sys
 import time
 
@@ -234,21 +235,35 @@ def cpu_flags() -> set[str]:
     return set()
 
 
-def _matmul_seconds(dtype: torch.dtype, n: int = 1024, rows: int = 256, repeats: int = 5) -> float:
-    a, b = torch.randn(rows, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    torch.mm(a, b)
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - t)
-    return best
+def matmul_flops(dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                 sizes: tuple[int, ...] | None = None, seconds: float = 0.5) -> float:
+    """Achieved FLOP/s of square matmuls in `dtype` on `device`: the best of short bursts at each size (default
+    1024 and 2048 on a CPU, 4096 and 8192 on a GPU). MFU's denominator, the benchmarks' peaks and auto's test.
+    The operands come from a generator of its own: the global RNG (dropout) must not move, or a resumed run
+    would differ from one never stopped."""
+    device = torch.device(device)
+    gen = torch.Generator().manual_seed(0)
+    best = 0.0
+    for n in sizes or ((4096, 8192) if device.type == "cuda" else (1024, 2048)):
+        a = torch.randn(n, n, generator=gen).to(device, dtype)
+        b = torch.randn(n, n, generator=gen).to(device, dtype)
+        a @ b  # warm-up
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            a @ b
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            best = max(best, 2 * n**3 / (time.perf_counter() - t0))
+    return best if math.isfinite(best) and best > 0 else 1e12
 
 
 def pick_dtype(device: str | torch.device = "cpu") -> tuple[torch.dtype, str]:
     """What `dtype: auto` means on this device, and why: (dtype, reason). On a CPU, bfloat16 when it has bf16
     matrix instructions (AMX-BF16 or AVX-512 BF16; without them PyTorch emulates bf16 products, slower than
-    fp32) and a bf16 product measures at least 1.5x an fp32 one here (about 20 ms, once per process); on CUDA,
+    fp32) and a bf16 product measures at least 1.5x an fp32 one here (about 50 ms, once per process); on CUDA,
     bfloat16 when the GPU supports it; float32 elsewhere."""
     device = torch.device(device)
     key = device.type
@@ -263,7 +278,8 @@ def pick_dtype(device: str | torch.device = "cpu") -> tuple[torch.dtype, str]:
         if not units:
             got = (torch.float32, "this CPU has no bf16 matrix instructions")
         else:
-            speed = _matmul_seconds(torch.float32) / _matmul_seconds(torch.bfloat16)
+            speed = (matmul_flops(torch.bfloat16, sizes=(768,), seconds=0.02)
+                     / matmul_flops(torch.float32, sizes=(768,), seconds=0.02))
             got = ((torch.bfloat16, f"{units[0]}: a bf16 product runs {speed:.1f}x fp32 here") if speed >= 1.5
                    else (torch.float32, f"{units[0]}, but a bf16 product runs only {speed:.1f}x fp32 here"))
     else:
@@ -278,9 +294,9 @@ def resolve_dtype(name: str | torch.dtype | None, device: str | torch.device = "
     `pick_dtype`'s choice, told once per process on stderr (say=False keeps it quiet)."""
     if isinstance(name, torch.dtype):
         return name
-    if name in (None, "float32", "fp32"):
+    if name in (None, "float32"):
         return torch.float32
-    if name in ("bfloat16", "bf16"):
+    if name == "bfloat16":
         return torch.bfloat16
     if name != "auto":
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {name!r}")

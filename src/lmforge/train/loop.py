@@ -15,7 +15,6 @@ same generator and trains its slice; DDP averages gradients; only rank 0 writes.
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import sys
 import time
@@ -36,7 +35,7 @@ from lmforge.files import check_out_dir, is_stale_temp, write_json, write_text
 from lmforge.models.family import family_of
 from lmforge.report import write_run_report
 from lmforge.runtime import autocast as mixed_precision
-from lmforge.runtime import resolve_dtype, tune_allocator
+from lmforge.runtime import matmul_flops, resolve_dtype, tune_allocator
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.checkpoint import clean_run_dir, list_checkpoints, load_checkpoint, save_checkpoint
 from lmforge.train.distributed import DistEnv, init_distributed, shutdown
@@ -162,7 +161,7 @@ def _pretrain(cfg: RunConfig, run: Path, resume: bool, progress: bool | None, ov
     dtype = resolve_dtype(tc.dtype, env.device, say=env.main)
     autocast = mixed_precision(dtype, env.device)
     flops_per_token = cfg.model.flops_per_token(seq_len, training=True)
-    peak = tc.peak_tflops * 1e12 if tc.peak_tflops else measure_matmul_peak(env.device, dtype)
+    peak = tc.peak_tflops * 1e12 if tc.peak_tflops else matmul_flops(dtype, env.device)
 
     metrics = open(run / "metrics.jsonl", "a", encoding="utf-8") if env.main else None
     show = progress if progress is not None else sys.stderr.isatty()
@@ -354,24 +353,3 @@ def _say(bar, env: DistEnv, msg: str) -> None:
         bar.write(msg, file=sys.stderr)
     else:
         print(msg, file=sys.stderr, flush=True)
-
-
-def measure_matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32, seconds: float = 0.5) -> float:
-    """Achieved matmul FLOP/s in `dtype` (the one the run computes in) on this device, the best of short bursts
-    at two sizes: MFU's denominator."""
-    best = 0.0
-    gen = torch.Generator().manual_seed(0)  # its own: the global RNG (dropout) must not move, or resume differs
-    for n in ((4096, 8192) if device.type == "cuda" else (1024, 2048)):
-        a = torch.randn(n, n, generator=gen).to(device, dtype)
-        b = torch.randn(n, n, generator=gen).to(device, dtype)
-        a @ b  # warm-up
-        end = time.perf_counter() + seconds
-        while time.perf_counter() < end:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            a @ b
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            best = max(best, 2 * n**3 / (time.perf_counter() - t0))
-    return best if math.isfinite(best) and best > 0 else 1e12
