@@ -86,15 +86,18 @@ def test_quantized_decoder_saves_and_reloads_exactly(style, mode, bpe, tmp_path)
     assert abs(stored - size_mb(again)) < 0.05  # the size reported is what the directory holds
 
 
-def test_int4_codes_round_trip_and_group_errors():
-    lin = torch.nn.Linear(64, 8)
-    q = Int4Linear.from_linear(lin, group_size=16)
+@pytest.mark.parametrize("group", [16, 32])  # 32 runs PyTorch's int4 kernel, 16 (which it refuses) dequantizes
+def test_int4_codes_round_trip_and_group_errors(group):
+    lin = torch.nn.Linear(64, 64)
+    q = Int4Linear.from_linear(lin, group_size=group)
     w = lin.weight.detach()
     # every weight within half a step of its group's grid
-    step = q.scales.repeat_interleave(16, dim=1)
+    step = q.scales.repeat_interleave(group, dim=1)
     assert ((q.dequantize() - w).abs() <= step / 2 + 1e-6).all()
     x = torch.randn(3, 64)
     assert torch.allclose(q(x), x @ q.dequantize().T + lin.bias, atol=0.05)
+    if hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+        assert bool(q._kernel) == (group == 32)
     from lmforge.errors import ConfigError
 
     with pytest.raises(ConfigError, match="does not divide"):

@@ -210,11 +210,11 @@ def test_overlapping_packed_contexts_on_one_model(lm):
         torch.testing.assert_close(out, plain, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "llama", "qwen2-bias", "lora", "int8"])
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "qwen2-bias", "lora", "int8", "int4"])
 def test_fused_projections_match_separate_ones(kind):
     """Inside packed_linears, q/k/v (grouped-query in llama) and gate/up run as one product each, also as int8
-    weight-only layers; the logits and a cached decode match the unfused model. A LoRA-adapted projection is
-    left unfused."""
+    or int4 weight-only layers; the logits and a cached decode match the unfused model, and the state_dict is the
+    same inside the context. A LoRA-adapted projection is left unfused."""
     from lmforge.nn.lora import apply_lora
     from lmforge.nn.packed import can_pack, packed_linears
     from lmforge.nn.quant import quantize_model
@@ -230,12 +230,14 @@ def test_fused_projections_match_separate_ones(kind):
         for m in model.modules():
             if hasattr(m, "lora_B"):
                 torch.nn.init.normal_(m.lora_B)
-    if kind == "int8":
-        quantize_model(model, "int8")
+    if kind in ("int8", "int4"):
+        quantize_model(model, kind, group_size=32)
     x = torch.randint(0, cfg.vocab_size, (2, 12))
     with torch.inference_mode():
         plain = model(x).logits
+        keys = list(model.state_dict())
         with packed_linears(model, batch_hint=2):
+            assert list(model.state_dict()) == keys
             attn, mlp = model.blocks[0].attn, model.blocks[0].mlp
             assert (attn.fused is not None) == (kind != "lora")
             assert (mlp.fused is not None) == (kind != "gpt2")  # gpt2's MLP has no gate

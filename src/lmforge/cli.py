@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from lmforge.config import DTYPES, INFERENCE_DTYPE_HELP, SamplingParams, ServeConfig
+from lmforge.config import DTYPES, INFERENCE_DTYPE_HELP, QUANTIZE, QUANTIZE_HELP, SamplingParams, ServeConfig
 from lmforge.errors import LmforgeError
 
 
@@ -208,6 +208,9 @@ def cmd_serve(a: argparse.Namespace) -> None:
 
 
 MODEL_HELP = "model directory, .gguf file or packaged model name"
+# decoding verbs take a file's own 4-bit weights on the int4 kernel by default (lossless, the fast path); eval and
+# the encoders measure / run the model as it is unless asked
+DECODE_QUANTIZE = dict(choices=QUANTIZE, default="auto", help=QUANTIZE_HELP + " (default: auto)")
 ENCODER_QUANTIZE = dict(choices=["int8", "int8-dynamic"], help="int8 Linear weights at load time: weight-only, or "
                         "int8-dynamic (int8 activations too: the fast one for batched encoders on CPU)")
 
@@ -219,7 +222,7 @@ def model_flags(p: argparse.ArgumentParser, device: bool = True, adapter: bool =
     if device:
         p.add_argument("--device", default="cpu")
     dtype_flag(p)
-    p.add_argument("--quantize", **(quantize or dict(choices=["int8"], help="weight-only int8 Linear weights")))
+    p.add_argument("--quantize", **(quantize or dict(choices=QUANTIZE, default="none", help=QUANTIZE_HELP)))
     if adapter:
         p.add_argument("--adapter", help="a LoRA adapter directory (PEFT layout) to merge into the model")
 
@@ -271,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     pt.set_defaults(fn=cmd_pretrain)
 
     g = sub.add_parser("generate", help="continue prompts with a model")
-    model_flags(g)
+    model_flags(g, quantize=DECODE_QUANTIZE)
     g.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
     sampling_flags(g, max_new_tokens=128, temperature=0.8)
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
@@ -287,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(fn=cmd_convert)
 
     ch = sub.add_parser("chat", help="chat with a model through its chat template (streams)")
-    model_flags(ch)
+    model_flags(ch, quantize=DECODE_QUANTIZE)
     ch.add_argument("--system", help="system prompt")
     ch.add_argument("--prompt", help="one message, answer printed, then exit (for scripts)")
     sampling_flags(ch, repetition_penalty=False, max_new_tokens=256, temperature=0.7, top_k=50, top_p=0.9)

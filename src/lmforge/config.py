@@ -445,6 +445,12 @@ DTYPES = ("float32", "bfloat16", "auto")
 DTYPE_HELP = ("float32; bfloat16 (autocast: the products in bf16, the weights and optimizer in fp32); or auto: "
               "bfloat16 where the machine has bf16 matrix units (AMX or AVX-512 BF16 on a CPU, a bf16 GPU) and they "
               "measure faster, float32 elsewhere (it says which)")
+# weight quantization at load time for decoding (lmforge.interop.load_pretrained): auto keeps a file's own 4-bit
+# weights 4-bit on the int4 kernel (a GGUF's Q4_0 / Q4_1 / Q4_K blocks, exactly as stored) and leaves any other
+# model as it is; none never quantizes; int8 / int4 quantize any model (weight-only, some quality lost)
+QUANTIZE = ("auto", "none", "int8", "int4")
+QUANTIZE_HELP = ("weights at load time: auto (a GGUF's own 4-bit blocks kept 4-bit, on the int4 kernel; other models "
+                 "as they are), none, int8 (weight-only, any model) or int4 (groups of 64, any model)")
 INFERENCE_DTYPE_HELP = ("the weights' dtype: float32; bfloat16 (half the bytes per decoding step); or auto: bfloat16 "
                         "where the machine has fast bf16 units, float32 elsewhere (it says which)")
 
@@ -837,7 +843,7 @@ class ServeConfig:
     max_queue: int = setting(64, "requests allowed to wait; more get 429 at once", low=0, integer=True)
     max_len: int | None = setting(None, "prompt + new tokens per sequence (default: the model's context)", low=1,
                                   integer=True)
-    quantize: str | None = setting(None, "weight-only int8 Linear layers", choices=("int8",))
+    quantize: str = setting("auto", QUANTIZE_HELP, choices=QUANTIZE)
     dtype: str = setting("float32", INFERENCE_DTYPE_HELP, choices=DTYPES)
     device: str = setting("cpu", "cpu, cuda, cuda:1 or mps")
     max_body: int = setting(1 << 20, "largest request body in bytes (413 above)", low=1, integer=True)

@@ -22,9 +22,15 @@ from lmforge.errors import ModelLoadError
 from lmforge.interop.weights import adopt_weights, meta_init
 from lmforge.models.decoder import DecoderLM
 from lmforge.nn.init import aligned
+from lmforge.nn.quant import Int4Linear
 from lmforge.tokenizer import Tokenizer
 
 ARCHITECTURES = ("llama", "mistral")
+# 4-bit block types whose weights are an affine grid per 32 (w = scale * q + low, q in 0..15; Q4_K's super-blocks
+# of 256 hold 8 such groups), with the byte offset of the packed codes in one block: load_gguf(keep_4bit=True)
+# keeps such Linear weights on their own grid (lmforge.nn.quant.Int4Linear, groups of 32)
+FOUR_BIT = {"Q4_0": 2, "Q4_1": 4, "Q4_K": 16}
+FOUR_BIT_GROUP = 32
 # quantization types we dequantize (others are refused with a clear error)
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
 
@@ -123,8 +129,37 @@ def dequantize_tensor(t, where: str) -> torch.Tensor:
     return aligned(torch.tensor(arr, dtype=torch.float32))
 
 
-def load_gguf(path: str | Path, device: str | torch.device = "cpu"):
-    """(model, tokenizer) from a .gguf file; weights dequantized to float32."""
+def four_bit_grid(t, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The 4-bit codes [N, K] (uint8, 0..15) and per-32 scale and low [N, K / 32] of a FOUR_BIT tensor whose
+    decoded weight is `w`, such that w = scale * codes + low exactly. Read through the gguf package's own
+    decoder: the tensor decoded with every code set to 0 gives each group's low, with every code set to 1 its
+    low + scale; the codes then follow from w. Nothing of a block's layout is re-implemented here beyond where
+    its codes sit."""
+    from gguf import GGML_QUANT_SIZES, quants
+
+    N, K = w.shape
+    raw = np.asarray(t.data)
+    _, block_bytes = GGML_QUANT_SIZES[t.tensor_type]
+    start = FOUR_BIT[t.tensor_type.name]
+
+    def decoded_with_codes(byte: int) -> torch.Tensor:
+        blocks = raw.reshape(-1, block_bytes).copy()
+        blocks[:, start:] = byte
+        groups = quants.dequantize(blocks.reshape(raw.shape), t.tensor_type).reshape(N, K // FOUR_BIT_GROUP, -1)
+        return torch.from_numpy(np.ascontiguousarray(groups[..., 0], dtype=np.float32))
+
+    low = decoded_with_codes(0x00)
+    scale = decoded_with_codes(0x11) - low
+    step = torch.where(scale == 0, torch.ones_like(scale), scale)[..., None]
+    groups = w.view(N, K // FOUR_BIT_GROUP, FOUR_BIT_GROUP)
+    codes = ((groups - low[..., None]) / step).round_().clamp_(0, 15).to(torch.uint8).view(N, K)
+    return codes, scale, low
+
+
+def load_gguf(path: str | Path, device: str | torch.device = "cpu", keep_4bit: bool = False):
+    """(model, tokenizer) from a .gguf file; weights dequantized to float32, except with keep_4bit: then every
+    Linear stored in 4-bit blocks of 32 (Q4_0, Q4_1, Q4_K) is an Int4Linear on the file's own grid (its codes,
+    scales and offsets as stored: nothing requantized), for the int4 kernel."""
     path = Path(path)
     reader = _reader(path)
     cfg = gguf_config(reader, str(path))
@@ -133,6 +168,7 @@ def load_gguf(path: str | Path, device: str | torch.device = "cpu"):
     except Exception as e:
         raise ModelLoadError(f"{path}: {e}") from None
     state: dict[str, torch.Tensor] = {}
+    kept: dict[str, list[torch.Tensor]] = {}  # keep_4bit: weight name -> codes, scale, low
     for t in reader.tensors:
         name = t.name
         if name in TOP_NAMES:
@@ -145,11 +181,16 @@ def load_gguf(path: str | Path, device: str | torch.device = "cpu"):
         else:
             continue
         w = dequantize_tensor(t, str(path))
-        if ours.endswith("q_proj.weight"):
-            w = unpermute_rotary(w, cfg.n_head)
-        elif ours.endswith("k_proj.weight"):
-            w = unpermute_rotary(w, cfg.n_kv_head)
-        state[ours] = w
+        parts = [w]
+        if keep_4bit and ours.startswith("blocks.") and t.tensor_type.name in FOUR_BIT and w.dim() == 2:
+            parts += four_bit_grid(t, w)
+        heads = cfg.n_head if ours.endswith("q_proj.weight") else cfg.n_kv_head if ours.endswith(
+            "k_proj.weight") else None
+        if heads:  # the same row order for the weight and, kept 4-bit, its codes, scales and offsets
+            parts = [unpermute_rotary(x, heads) for x in parts]
+        state[ours] = parts[0]
+        if len(parts) > 1:
+            kept[ours] = parts[1:]
     with meta_init():
         model = DecoderLM(cfg)
     expected = {k: v.shape for k, v in model.state_dict().items()}
@@ -161,7 +202,11 @@ def load_gguf(path: str | Path, device: str | torch.device = "cpu"):
         if state[k].shape != shape:
             raise ModelLoadError(f"{path}: tensor for {k} has shape {tuple(state[k].shape)}, metadata implies "
                                  f"{tuple(shape)}")
-    return adopt_weights(model, state, str(path)).to(device).eval(), gguf_tokenizer(reader, str(path))
+    model = adopt_weights(model, state, str(path))
+    for name, (codes, scale, low) in kept.items():
+        parent, _, leaf = name.removesuffix(".weight").rpartition(".")
+        setattr(model.get_submodule(parent), leaf, Int4Linear.from_grid(codes, scale, low, FOUR_BIT_GROUP))
+    return model.to(device).eval(), gguf_tokenizer(reader, str(path))
 
 
 def gguf_tokenizer(reader, where: str):

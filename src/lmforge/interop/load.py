@@ -11,15 +11,16 @@ from pathlib import Path
 import torch
 
 from lmforge.assets import MODELS, model_file
-from lmforge.errors import ModelLoadError
+from lmforge.config import QUANTIZE
+from lmforge.errors import ConfigError, ModelLoadError
 from lmforge.interop.families import READERS
-from lmforge.interop.gguf import load_gguf
+from lmforge.interop.gguf import FOUR_BIT_GROUP, load_gguf
 from lmforge.interop.hf import read_config, read_safetensors
 from lmforge.interop.peft import load_adapter
 from lmforge.interop.quantized import is_quantized_dir, load_quantized
 from lmforge.models.family import family_for_model_type
 from lmforge.nn.lora import merge_and_unload
-from lmforge.nn.quant import quantize_model
+from lmforge.nn.quant import MODES, Int4Linear, quantize_model
 from lmforge.runtime import resolve_dtype
 from lmforge.tokenizer import Tokenizer
 
@@ -39,20 +40,32 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu", quanti
     """(model, tokenizer) from an HF-layout directory, a .gguf file or a packaged model name.
     adapter: a LoRA adapter directory (PEFT layout, from lmforge or PEFT), merged into the weights.
     quantize: a `quantize_model` mode applied after the merge, for inference: "int8" (weight-only int8 Linear
-    weights, the fast one for decoding), "int8-dynamic" (int8 activations too, the fast one for batched encoders
-    on CPU) or "int4".
+    weights), "int8-dynamic" (int8 activations too, the fast one for batched encoders on CPU) or "int4" (groups
+    of 64; from a GGUF whose Linear weights are 4-bit blocks (Q4_0, Q4_1, Q4_K) those are kept as stored, in
+    groups of 32, and the rest quantized in groups of 32 too); "auto": int4 when the file's own weights are
+    4-bit (nothing is requantized: the fast path for decoding such a file), the model as it is otherwise;
+    "none" or None: as it is.
     dtype: the weights' (and so the compute's) dtype for inference: "float32" (None), "bfloat16" (half the bytes
     a decoding step reads; norms and softmax still accumulate in fp32) or "auto" (runtime.pick_dtype: bf16 where
     the machine has fast bf16 units). Quantized weights are quantized from the fp32 ones first."""
     p = resolve_model_path(path)
+    if quantize not in (None, *QUANTIZE, *MODES):
+        raise ConfigError(f"quantize {quantize!r} is not one of: {', '.join(QUANTIZE + MODES[2:])}")
+    quantize = None if quantize == "none" else quantize
+    group = 64
     if p.is_file() and p.suffix == ".gguf":
-        model, tok = load_gguf(p, device=device)
+        # int4 from a GGUF's own 4-bit blocks: kept as stored (groups of 32), unless an adapter is merged first
+        keep = quantize in ("int4", "auto") and not adapter
+        model, tok = load_gguf(p, device=device, keep_4bit=keep)
+        group = FOUR_BIT_GROUP if keep else group
     else:
         model, tok = load_model(p, device=device), Tokenizer.from_file(p)
+    if quantize == "auto":  # int4 where the file's weights are 4-bit (and kept so above), else as they are
+        quantize = "int4" if any(isinstance(m, Int4Linear) for m in model.modules()) else None
     if adapter:
         merge_and_unload(load_adapter(model, adapter)).eval()
     if quantize:
-        quantize_model(model, quantize)
+        quantize_model(model, quantize, group)
     dt = resolve_dtype(dtype, device)
     if dt != torch.float32:
         model.to(dt)

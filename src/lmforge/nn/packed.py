@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.nn.init import aligned
-from lmforge.nn.quant import Int8Linear, int8_linear
+from lmforge.nn.quant import Int4Linear, Int8Linear, int8_linear
 
 
 def can_pack(model: nn.Module) -> bool:
@@ -138,7 +138,7 @@ FUSIBLE = {"Attention": ("q_proj", "k_proj", "v_proj"), "MLP": ("gate", "up")}  
 
 
 def _weights(linears: list[nn.Module]) -> list[torch.Tensor]:
-    """The stored weights of sibling projections: plain Linear weights, or int8 layers' codes."""
+    """The stored weights of sibling projections: plain Linear weights, or int8 / int4 layers' codes."""
     return [m.weight if type(m) is nn.Linear else m.qweight for m in linears]
 
 
@@ -149,13 +149,15 @@ def _cat_bias(linears: list[nn.Module]) -> torch.Tensor | None:
 class FusedLinear(nn.Module):
     """Sibling projections that read the same input (an attention layer's q, k, v; a gated MLP's gate, up) as one
     product over their stacked weights, for inference: forward returns one output per sibling. Plain siblings
-    stack into one oneDNN-packed matrix, int8 weight-only ones into one int8 matrix with their row scales. The
+    stack into one oneDNN-packed matrix, int8 weight-only ones into one int8 matrix with their row scales, int4
+    ones into one Int4Linear (codes, group scales and zero points stacked by rows, the same group size). The
     stacked copies are plain attributes: the module has no parameters or buffers, so it adds nothing to a
     state_dict while it sits in its parent's `fused` slot."""
 
     def __init__(self, linears: list[nn.Module], batch_hint: int = 1) -> None:
         super().__init__()
         self.plain = type(linears[0]) is nn.Linear
+        self.int4: tuple[Int4Linear, ...] = ()  # in a tuple: a plain attribute, not a submodule with buffers
         weights = _weights(linears)
         self.key = _key(*weights)
         self.sizes = [m.out_features for m in linears]
@@ -164,6 +166,9 @@ class FusedLinear(nn.Module):
             if self.plain:
                 self.packed = torch.ops.mkldnn._reorder_linear_weight(torch.cat([w.detach() for w in weights]),
                                                                       batch_hint)
+            elif type(linears[0]) is Int4Linear:
+                self.int4 = (Int4Linear(torch.cat(weights), torch.cat([m.scales for m in linears]),
+                                        torch.cat([m.zeros for m in linears]), linears[0].group_size, self.bias),)
             else:  # int8 weight-only rows with per-row scales stack as they are
                 self.qweight = aligned(torch.cat(weights))
                 self.scales = torch.cat([m.scales for m in linears]).to(torch.bfloat16)
@@ -171,6 +176,8 @@ class FusedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if self.plain:
             y = _linear(x, self.packed, self.bias, sum(self.sizes))
+        elif self.int4:
+            y = self.int4[0](x)
         else:
             y = int8_linear(x, self.qweight, self.scales, self.bias)
         return y.split(self.sizes, dim=-1)
@@ -178,16 +185,19 @@ class FusedLinear(nn.Module):
 
 def _fusible(parent: nn.Module, pack: bool) -> list[nn.Module] | None:
     """The sibling projections of `parent` when they can run as one product: all plain Linear layers (with
-    oneDNN), or all int8 weight-only layers on the int8 kernel; not LoRA-adapted (another type), not already
-    replaced by another open context."""
+    oneDNN), all int8 weight-only layers on the int8 kernel, or all int4 layers of one group size on the int4
+    kernel; not LoRA-adapted (another type), not already replaced by another open context."""
     names = FUSIBLE.get(type(parent).__name__)
     if not names or getattr(parent, "fused", None) is not None:
         return None
     linears = [getattr(parent, n, None) for n in names]
     kinds = {type(m) for m in linears}
-    if len(kinds) != 1 or not kinds <= ({nn.Linear} if pack else set()) | {Int8Linear}:
+    if len(kinds) != 1 or not kinds <= ({nn.Linear} if pack else set()) | {Int8Linear, Int4Linear}:
         return None
     if Int8Linear in kinds and not all(m.fast for m in linears):
+        return None
+    if Int4Linear in kinds and (len({m.group_size for m in linears}) != 1 or not all(m.use_kernel
+                                                                                      for m in linears)):
         return None
     if len({m.bias is None for m in linears}) != 1:
         return None

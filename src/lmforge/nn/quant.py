@@ -49,6 +49,7 @@ from lmforge.nn.init import aligned
 
 MODES = ("int8", "int4", "int8-dynamic")
 BASE_MODES = ("int8", "nf4", "int4")  # frozen bases for LoRA
+INT4_KERNEL_GROUPS = (32, 64, 128, 256)  # the group sizes PyTorch's CPU int4 kernel takes; others dequantize
 BASE_INT4_GROUP = 32  # int4 frozen bases: groups of 32 (llama.cpp Q4_1's blocks, so such a base is kept exactly)
 
 
@@ -121,9 +122,16 @@ class Int4Linear(nn.Module):
         lo, hi = w.amin(-1), w.amax(-1)
         scales = ((hi - lo) / 15).clamp(min=1e-8)
         q = ((w - lo[..., None]) / scales[..., None]).round().clamp(0, 15).to(torch.uint8).view(N, K)
-        packed = (q[:, 0::2] << 4) | q[:, 1::2]
         bias = None if m.bias is None else m.bias.detach().clone()
-        return cls(packed.contiguous(), scales, lo + 8 * scales, group_size, bias)
+        return cls.from_grid(q, scales, lo, group_size, bias)
+
+    @classmethod
+    def from_grid(cls, codes: torch.Tensor, scales: torch.Tensor, low: torch.Tensor, group_size: int,
+                  bias: torch.Tensor | None = None) -> Int4Linear:
+        """The layer whose weight is w = scales * codes + low per group (codes [out, in] in 0..15, scales and
+        low [out, in / group_size]): a grid chosen here (from_linear) or stored in a file (a GGUF's Q4 blocks)."""
+        packed = (codes[:, 0::2] << 4) | codes[:, 1::2]
+        return cls(packed.contiguous(), scales.float(), (low + 8 * scales).float(), group_size, bias)
 
     def codes(self) -> torch.Tensor:
         return torch.stack([self.qweight >> 4, self.qweight & 15], dim=-1).view(self.out_features, -1)
@@ -136,6 +144,8 @@ class Int4Linear(nn.Module):
     def _packed(self) -> tuple | None:
         if not self.use_kernel:
             return None
+        if self._kernel is None and self.group_size not in INT4_KERNEL_GROUPS:
+            self._kernel = ()
         if self._kernel is None and self.qweight.device.type == "cpu" and hasattr(
                 torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
             try:
