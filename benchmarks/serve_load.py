@@ -13,7 +13,11 @@ Printed: aggregate generated tokens/s and p50/p95 time to first token for 1 and 
 warm-up and at the end (goal: within 10%). Each reply generates exactly --max-tokens tokens (`ignore_eos`), so
 the modes do the same work. Loopback only; bounded in count and time.
 
-    python benchmarks/serve_load.py [--n 16] [--clients 32] [--seconds 60] [--max-tokens 64]
+When a llama.cpp build is present (`make llama-cpp`, see llama_cpp.py), the same rounds then run against
+llama.cpp's `llama-server` on the same GGUF file (-np = --max-batch slots, the same threads), and the ratios are
+printed row by row.
+
+    python benchmarks/serve_load.py [--n 16] [--clients 32] [--seconds 60] [--max-tokens 64] [--max-batch 32]
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ import tempfile
 import time
 
 import httpx
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 MODEL = "smollm2-135m-instruct"
 
@@ -123,6 +129,72 @@ def summary(name: str, res: list[dict], wall: float) -> dict:
             "ttft_p50": pct(ttft, 0.5), "ttft_p95": pct(ttft, 0.95)}
 
 
+def start(cmd: list[str], url: str, env: dict | None = None) -> tuple[subprocess.Popen, object]:
+    """A server process (its output to a temporary file: a pipe nobody reads could fill up and stall it), once
+    its /health answers 200."""
+    log = tempfile.TemporaryFile("w+")
+    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=env)
+    deadline = time.time() + 180
+    while True:
+        try:
+            httpx.get(url + "/health").raise_for_status()
+            return server, log
+        except httpx.HTTPError:
+            if server.poll() is not None or time.time() > deadline:
+                server.kill()
+                log.seek(0)
+                raise SystemExit(f"{cmd[0]} did not start:\n" + log.read()[-3000:]) from None
+            time.sleep(0.2)
+
+
+def rounds(url: str, pid: int, a: argparse.Namespace) -> dict:
+    """The three rounds (after warm-ups) against the server at url: their summaries, the soak's results and the
+    server's RSS after the soak's warm-up and at its end."""
+    qs = questions()
+    asyncio.run(concurrent(url, qs[: a.n], a.max_tokens))  # warm-up: allocator, packed weights, cache growth
+    seq_res, seq_wall = asyncio.run(sequential(url, qs[: a.n], a.max_tokens))
+    con_res, con_wall = asyncio.run(concurrent(url, qs[: a.n], a.max_tokens))
+    asyncio.run(soak(url, qs, a.clients, 10, a.max_tokens))  # warm-up at the soak's batch size
+    rss_warm = rss_mb(pid)
+    t0 = time.perf_counter()
+    soak_res = asyncio.run(soak(url, qs, a.clients, a.seconds, a.max_tokens))
+    soak_wall = time.perf_counter() - t0
+    rows = [summary(f"sequential x{a.n}", seq_res, seq_wall), summary(f"concurrent x{a.n}", con_res, con_wall),
+            summary(f"soak {a.clients} clients", soak_res, soak_wall)]
+    return {"rows": rows, "soak": soak_res, "rss": (rss_warm, rss_mb(pid))}
+
+
+def print_rows(title: str, rows: list[dict]) -> None:
+    print(f"\n{title}\n")
+    print(f"{'mode':<22}{'requests':>9}{'tokens':>8}{'seconds':>9}{'tok/s':>8}{'TTFT p50':>10}{'TTFT p95':>10}")
+    for r in rows:
+        print(f"{r['mode']:<22}{r['requests']:>9}{r['tokens']:>8}{r['seconds']:>9.1f}{r['tok_s']:>8.1f}"
+              f"{r['ttft_p50']:>9.2f}s{r['ttft_p95']:>9.2f}s")
+
+
+def llama_server(a: argparse.Namespace) -> tuple[str, dict] | None:
+    """The same rounds against llama.cpp's llama-server on the same GGUF (-np max-batch slots, as many threads
+    as torch uses), with the fastest build present that runs here; None without a build."""
+    import llama_cpp
+    from lmforge.assets import model_file
+
+    path = model_file(MODEL)
+    best = llama_cpp.fastest(path)
+    if best is None:
+        return None
+    variant = best[0]
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [str(llama_cpp.builds()[variant] / "llama-server"), "-m", str(path), "--port", str(port),
+           "-np", str(a.max_batch), "-c", str(512 * a.max_batch), "-t", str(os.cpu_count())]
+    server, _ = start(cmd, url)
+    try:
+        return variant, rounds(url, server.pid, a)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=16, help="requests for the sequential and concurrent rounds")
@@ -130,56 +202,35 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=60, help="length of the soak round")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--max-batch", type=int, default=32)
+    ap.add_argument("--quantize", default="auto", help="lmforge serve --quantize (auto: the file's own 4-bit "
+                    "weights on the int4 kernel)")
+    ap.add_argument("--no-peer", action="store_true", help="skip llama-server even when a build is present")
     a = ap.parse_args()
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    log = tempfile.TemporaryFile("w+")  # (a pipe nobody reads could fill up and stall the server)
-    server = subprocess.Popen([sys.executable, "-m", "lmforge.cli", "serve", "--model", MODEL, "--port", str(port),
-                               "--max-batch", str(a.max_batch), "--max-queue", "128"],
-                              stdout=log, stderr=subprocess.STDOUT, text=True,
-                              env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    server, _ = start([sys.executable, "-m", "lmforge.cli", "serve", "--model", MODEL, "--port", str(port),
+                       "--max-batch", str(a.max_batch), "--max-queue", "128", "--quantize", a.quantize], url,
+                      env=dict(os.environ, PYTHONUNBUFFERED="1"))
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                httpx.get(url + "/health").raise_for_status()
-                break
-            except httpx.HTTPError:
-                if server.poll() is not None or time.time() > deadline:
-                    log.seek(0)
-                    raise SystemExit("the server did not start:\n" + log.read()) from None
-                time.sleep(0.2)
-        qs = questions()
-        asyncio.run(concurrent(url, qs[: a.n], a.max_tokens))  # warm-up: allocator, packed weights, cache growth
-        seq_res, seq_wall = asyncio.run(sequential(url, qs[: a.n], a.max_tokens))
-        con_res, con_wall = asyncio.run(concurrent(url, qs[: a.n], a.max_tokens))
-        asyncio.run(soak(url, qs, a.clients, 10, a.max_tokens))  # warm-up at the soak's batch size
-        rss_warm = rss_mb(server.pid)
-        t0 = time.perf_counter()
-        soak_res = asyncio.run(soak(url, qs, a.clients, a.seconds, a.max_tokens))
-        soak_wall = time.perf_counter() - t0
-        rss_end = rss_mb(server.pid)
+        ours = rounds(url, server.pid, a)
         metrics = httpx.get(url + "/metrics").text
     finally:
         server.terminate()
         server.wait(timeout=30)
+    peer = None if a.no_peer else llama_server(a)
 
-    rows = [summary(f"sequential x{a.n}", seq_res, seq_wall), summary(f"concurrent x{a.n}", con_res, con_wall),
-            summary(f"soak {a.clients} clients", soak_res, soak_wall)]
-    print(f"\nlmforge serve, {MODEL}, {a.max_tokens} tokens per reply, max-batch {a.max_batch}, "
-          f"torch threads {os.cpu_count()} cores\n")
-    print(f"{'mode':<22}{'requests':>9}{'tokens':>8}{'seconds':>9}{'tok/s':>8}{'TTFT p50':>10}{'TTFT p95':>10}")
-    for r in rows:
-        print(f"{r['mode']:<22}{r['requests']:>9}{r['tokens']:>8}{r['seconds']:>9.1f}{r['tok_s']:>8.1f}"
-              f"{r['ttft_p50']:>9.2f}s{r['ttft_p95']:>9.2f}s")
+    rows = ours["rows"]
+    print_rows(f"lmforge serve --quantize {a.quantize}, {MODEL}, {a.max_tokens} tokens per reply, max-batch "
+               f"{a.max_batch}, torch threads {os.cpu_count()} cores", rows)
     ratio = rows[1]["tok_s"] / rows[0]["tok_s"]
     print(f"\nconcurrent / sequential tokens/s: {ratio:.2f}x (goal >= 4x)")
     statuses: dict = {}
-    for r in soak_res:
+    for r in ours["soak"]:
         statuses[r["status"]] = statuses.get(r["status"], 0) + 1
     errors = sum(n for s, n in statuses.items() if not (isinstance(s, int) and s < 500))
     print(f"soak statuses: {statuses}  -> 5xx/failed: {errors} (goal 0)")
+    rss_warm, rss_end = ours["rss"]
     drift = (rss_end - rss_warm) / rss_warm * 100
     print(f"server RSS after warm-up {rss_warm:.0f} MiB, at the end {rss_end:.0f} MiB ({drift:+.1f}%, goal within "
           "10%)")
@@ -188,6 +239,16 @@ def main() -> None:
     if len(steps) == 2:
         s, rws = (float(x.split()[-1]) for x in steps)
         print(f"mean decode batch over the run: {rws / s:.1f} rows")
+    if peer is not None:
+        variant, theirs = peer
+        print_rows(f"llama.cpp llama-server ({variant} build), the same GGUF, -np {a.max_batch}, "
+                   f"-t {os.cpu_count()}", theirs["rows"])
+        print()
+        for mine, other in zip(rows, theirs["rows"]):
+            print(f"{mine['mode']:<22} lmforge / llama-server tokens/s: {mine['tok_s'] / other['tok_s']:.2f}x")
+        print(f"llama-server RSS after warm-up {theirs['rss'][0]:.0f} MiB, at the end {theirs['rss'][1]:.0f} MiB")
+    elif not a.no_peer:
+        print("\n(no llama.cpp build: `make llama-cpp` adds the llama-server peer)")
 
 
 if __name__ == "__main__":

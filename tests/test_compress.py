@@ -294,3 +294,20 @@ def test_a_quantized_t5_saves_and_loads_with_the_same_logits(mode, tied, tmp_pat
     with torch.no_grad():
         got = back(input_ids=src, decoder_input_ids=tgt).logits
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+def test_quantize_auto_and_none_leave_a_full_precision_model_as_it_is(tmp_path):
+    """`auto` (the decoding verbs' default) only keeps a file's own 4-bit weights 4-bit: a model stored in full
+    precision loads as it is, as with `none`; int4 is asked for by name; an unknown mode is one clear error."""
+    from lmforge.errors import ConfigError
+
+    tok = Tokenizer.train_bpe(["hello there, general kenobi"] * 5, vocab_size=300)
+    _decoder("llama").save_pretrained(tmp_path / "m", tokenizer=tok)
+    for mode in ("auto", "none", None):
+        model, _ = load_pretrained(tmp_path / "m", quantize=mode)
+        assert {type(m) for m in model.modules()} & {Int4Linear, Int8Linear, Int8Embedding} == set(), mode
+        assert getattr(model, "quantization", None) is None
+    model, _ = load_pretrained(tmp_path / "m", quantize="int4")
+    assert type(model.blocks[0].mlp.up) is Int4Linear and model.quantization["group_size"] == 64
+    with pytest.raises(ConfigError, match="quantize 'int3' is not one of: auto, none, int8, int4, int8-dynamic"):
+        load_pretrained(tmp_path / "m", quantize="int3")

@@ -392,14 +392,14 @@ def test_4bit_blocks_are_kept_on_their_own_grid(tmp_path):
 
 
 def test_int4_keeps_the_files_q4_1_weights(smol):
-    """--quantize int4 on the packaged Q4_1 GGUF keeps every block's 4-bit weights as stored (groups of 32,
+    """--quantize auto (and int4) on the packaged Q4_1 GGUF keeps every block's 4-bit weights as stored (groups of 32,
     each layer's weight exactly the fp32 model's), on the int4 kernel: perplexity within 2% of fp32, the
     fused projections give the same greedy tokens, and the model still knows its capitals."""
     from lmforge.nn.packed import packed_linears
     from lmforge.nn.quant import Int4Linear
 
     model, tok, _, _ = smol
-    q, _ = load_pretrained("smollm2-135m-instruct", quantize="int4")
+    q, _ = load_pretrained("smollm2-135m-instruct", quantize="auto")  # auto: int4 for a file of 4-bit weights
     layers = {n: m for n, m in q.named_modules() if isinstance(m, Int4Linear)}
     assert len(layers) == 7 * q.config.n_layer and q.quantization == {"mode": "int4", "group_size": 32}
     for name, m in layers.items():
