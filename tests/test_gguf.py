@@ -314,8 +314,10 @@ def test_chat_repl_system_prompt_and_history(smol, tmp_path, capsys, monkeypatch
 def test_cli_chat_eval_and_errors(tmp_path):
     from conftest import run_cli
 
+    # --quantize none: the answer's first token is a near-tie ("The" vs "L'", 0.09 apart), which the int4 kernel's
+    # bfloat16 activations decide differently on different CPUs; the file's own 4-bit path is tested below
     r = run_cli("chat", "--model", "smollm2-135m-instruct", "--prompt", "What is the capital of France?",
-                "--temperature", "0", "--max-new-tokens", "30")
+                "--temperature", "0", "--max-new-tokens", "30", "--quantize", "none")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "Paris" in r.stdout
     # the interactive REPL, driven through stdin
@@ -323,7 +325,7 @@ def test_cli_chat_eval_and_errors(tmp_path):
     import sys
 
     repl = subprocess.run([sys.executable, "-m", "lmforge.cli", "chat", "--model", "smollm2-135m-instruct",
-                           "--temperature", "0", "--max-new-tokens", "30"],
+                           "--temperature", "0", "--max-new-tokens", "30", "--quantize", "none"],
                           input="What is the capital of France?\n/reset\n/quit\n", capture_output=True, text=True,
                           timeout=600)
     assert repl.returncode == 0, repl.stderr[-2000:]
@@ -387,8 +389,16 @@ def test_4bit_blocks_are_kept_on_their_own_grid(tmp_path):
         assert torch.equal(grid.view(64, 256), w), t.name
         layer = Int4Linear.from_grid(codes, scale, low, 32)
         torch.testing.assert_close(layer.dequantize(), w, rtol=1e-6, atol=1e-7)
+        # the CPU kernel takes activations, scales and offsets in bfloat16 (and, on some CPUs, the decoded weight
+        # too: AMX multiplies bfloat16) and returns bfloat16: compare with that computation, not with fp32's
+        b = lambda t: t.to(torch.bfloat16).float()  # noqa: E731
+        q = codes.view(64, 8, 32).float()
+        wk = b((q - 8) * b(layer.scales)[..., None] + b(layer.zeros)[..., None]).view(64, 256)
+        ref = b(x) @ wk.T
         with torch.inference_mode():
-            torch.testing.assert_close(layer(x), x @ w.T, rtol=0.02, atol=0.02 * float(w.abs().max()))
+            got = layer(x)
+        torch.testing.assert_close(got, ref, rtol=2 ** -7, atol=2e-3 * float(ref.abs().max()))
+        assert float((got - x @ w.T).norm() / (x @ w.T).norm()) < 0.01, t.name
 
 
 def test_int4_keeps_the_files_q4_1_weights(smol):
