@@ -21,6 +21,7 @@ pytest.importorskip("accelerate")
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "ROMEO.\nBut soft, what light through yonder window",
            "In 1492, Columbus", "Naïve café owners serve crème brûlée 🍮 and"]
+ONE_SENTENCE = "What is the capital of France? Answer in one sentence."
 
 
 @pytest.fixture(scope="module")
@@ -357,8 +358,9 @@ def test_int8_weight_only_keeps_perplexity(smol):
     int8 = strided_nll(q, ids, window=256, stride=128)
     ppl32, ppl8 = np.exp(fp32[0] / fp32[1]), np.exp(int8[0] / int8[1])
     assert abs(ppl8 - ppl32) / ppl32 < 0.01, (ppl32, ppl8)
-    reply = chat(q, tok, [{"role": "user", "content": "What is the capital of France?"}], temperature=0,
-                 max_new_tokens=40)
+    # int8's head returns bfloat16 logits, which tie the bare question's first two tokens ("The" / "L'", 0.08 apart
+    # in fp32); asked for a sentence, "The" leads by 1.5
+    reply = chat(q, tok, [{"role": "user", "content": ONE_SENTENCE}], temperature=0, max_new_tokens=40)
     assert "Paris" in reply
     with pytest.raises(ConfigError, match="int3"):
         quantize_model(q, "int3")
