@@ -42,7 +42,7 @@ def cmd_pretrain(a: argparse.Namespace) -> None:
 def cmd_generate(a: argparse.Namespace) -> None:
     from lmforge.generate import generate
 
-    model, tok = _load_for_decoding(a)
+    model, tok, draft = _load_for_decoding(a)
     prompts = [p.replace("\\n", "\n").replace("\\t", "\t") if a.escapes else p for p in a.prompt]
     stream = len(prompts) == 1 and not a.json and (a.stream or (not a.no_stream and sys.stdout.isatty()))
 
@@ -54,7 +54,7 @@ def cmd_generate(a: argparse.Namespace) -> None:
         sys.stdout.write(prompts[0])
     texts = generate(model, tok, prompts, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
                      top_k=a.top_k, top_p=a.top_p, repetition_penalty=a.repetition_penalty, stop=a.stop,
-                     seed=a.seed, on_text=on_text if stream else None, compile=a.compile)
+                     seed=a.seed, on_text=on_text if stream else None, compile=a.compile, draft=draft)
     if stream:
         sys.stdout.write("\n")
     elif a.json:
@@ -67,13 +67,15 @@ def cmd_generate(a: argparse.Namespace) -> None:
 def _load_for_decoding(a: argparse.Namespace):
     """generate / chat: refuse out-of-range decoding flags before the model loads (generate checks them too),
     then load it."""
+    from lmforge.generate.speculative import make_drafter
     from lmforge.interop import load_pretrained
     from lmforge.runtime import tune_allocator
 
     SamplingParams(a.max_new_tokens, a.temperature, a.top_k, a.top_p, getattr(a, "repetition_penalty", 1.0),
                    a.seed).validate(flags=True)
     tune_allocator()
-    return load_pretrained(a.model, device=a.device, quantize=a.quantize, adapter=a.adapter, dtype=a.dtype)
+    model, tok = load_pretrained(a.model, device=a.device, quantize=a.quantize, adapter=a.adapter, dtype=a.dtype)
+    return model, tok, make_drafter(a.speculative, model, device=a.device, quantize=a.quantize, dtype=a.dtype)
 
 
 def cmd_convert(a: argparse.Namespace) -> None:
@@ -86,9 +88,9 @@ def cmd_convert(a: argparse.Namespace) -> None:
 def cmd_chat(a: argparse.Namespace) -> None:
     from lmforge.generate.chat import chat, chat_session
 
-    model, tok = _load_for_decoding(a)
+    model, tok, draft = _load_for_decoding(a)
     kw = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed,
-              compile=a.compile)
+              compile=a.compile, draft=draft)
     if a.prompt is not None:  # one shot, for scripts
         system = [{"role": "system", "content": a.system}] if a.system else []
         print(chat(model, tok, system + [{"role": "user", "content": a.prompt}], **kw))
@@ -238,6 +240,9 @@ def sampling_flags(p: argparse.ArgumentParser, repetition_penalty: bool = True, 
     add_settings(p, [(f.name, defaults.get(f.name, f.default), f) for f in fields], given_only=False)
     p.add_argument("--compile", action="store_true",
                    help="decode through torch.compile (tens of seconds to compile once, then faster steps)")
+    p.add_argument("--speculative", metavar="ngram|MODEL",
+                   help="speculative decoding of one prompt: ngram (prompt lookup, no second model) or a smaller "
+                        "draft model with the same tokenizer (directory, .gguf or packaged name)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,14 +14,15 @@ from lmforge.nn.packed import release_packed
 
 def chat(model, tokenizer, messages: Sequence[dict], max_new_tokens: int = 256, temperature: float = 0.7,
          top_k: int | None = 50, top_p: float | None = 0.9, repetition_penalty: float = 1.0,
-         seed: int | None = None, on_text: Callable[[str], None] | None = None, compile: bool = False) -> str:
+         seed: int | None = None, on_text: Callable[[str], None] | None = None, compile: bool = False,
+         draft=None) -> str:
     """The assistant's reply to `messages` (a list of {"role", "content"}), streamed to on_text if given.
-    compile: decode through torch.compile (see generate_ids)."""
+    compile: decode through torch.compile; draft: speculative decoding (see generate_ids)."""
     prompt = apply_chat_template(tokenizer, messages)
     stream = (lambda _row, piece: on_text(piece)) if on_text else None
     return generate(model, tokenizer, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                     top_p=top_p, repetition_penalty=repetition_penalty, seed=seed, on_text=stream,
-                    end_token_ids=end_of_turn_ids(tokenizer), compile=compile)
+                    end_token_ids=end_of_turn_ids(tokenizer), compile=compile, draft=draft)
 
 
 def chat_session(model, tokenizer, system: str | None = None, read: Callable[[str], str] | None = None,

@@ -124,10 +124,13 @@ COMPILE_BUCKET = 128  # compiled decoding sizes its cache to a multiple of this,
 def generate_ids(
     model: torch.nn.Module, prompts: Sequence[Sequence[int]], params: SamplingParams,
     eos_token_id: int | Sequence[int] | None = None, pad_token_id: int = 0, pack_weights: bool = True,
-    compile: bool = False,
+    compile: bool = False, draft=None,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of every prompt, step by step ([B] tensors), until max_new_tokens or all rows hit EOS
     (eos_token_id: one id or several). A finished row keeps yielding its EOS id.
+
+    draft: a speculative drafter (lmforge.generate.speculative: NgramDrafter, ModelDrafter) for one prompt,
+    eager: the same tokens under greedy decoding, the same distribution under sampling, fewer passes.
 
     Prompts of different lengths are left-padded so that every row's last token sits in the same column; the
     attention mask hides the padding and position ids count real tokens only. On CPU the Linear weights are
@@ -149,6 +152,18 @@ def generate_ids(
                            f"context of {ctx} tokens; shorten the prompt or lower max_new_tokens")
     if params.max_new_tokens == 0:
         return
+    generator = None
+    if params.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(params.seed)
+    if draft is not None:
+        if B != 1 or compile:
+            raise LmforgeError("speculative decoding runs one prompt at a time, without --compile; give one "
+                               "prompt, or drop --speculative")
+        ends = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
+        with packed_linears(model, 1, enabled=pack_weights), draft.context(pack_weights):
+            for t in draft.decode(model, prompts[0], params, ends, generator):
+                yield torch.tensor([t], device=device)
+        return
     ids = torch.full((B, T), pad_token_id, dtype=torch.long, device=device)
     padded = any(len(p) != T for p in prompts)
     mask = torch.zeros((B, total), dtype=torch.long, device=device) if padded else None
@@ -156,9 +171,6 @@ def generate_ids(
         ids[i, T - len(p):] = torch.as_tensor(list(p), dtype=torch.long, device=device)
         if mask is not None:
             mask[i, T - len(p):] = 1
-    generator = None
-    if params.seed is not None:
-        generator = torch.Generator(device=device).manual_seed(params.seed)
     seen = None
     if params.repetition_penalty != 1.0:
         seen = torch.zeros((B, model.config.vocab_size), dtype=torch.bool, device=device)
@@ -292,12 +304,14 @@ def generate(
     temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
     repetition_penalty: float = 1.0, stop: Sequence[str] | None = None, seed: int | None = None,
     on_text: Callable[[int, str], None] | None = None, end_token_ids: Sequence[int] = (), compile: bool = False,
+    draft=None,
 ) -> list[str] | str:
     """Continue each prompt; returns the new text (a str for a str prompt, else a list).
 
     stop: strings that end a row (not included in the output). end_token_ids: tokens that end a row besides
     EOS (a chat template's end-of-turn). on_text(row, piece) receives text as it is produced, for streaming;
     pieces never split a multi-byte character. compile: decode through torch.compile (see generate_ids).
+    draft: speculative decoding of one prompt (see generate_ids).
     """
     single = isinstance(prompts, str)
     texts = [prompts] if single else list(prompts)
@@ -308,7 +322,7 @@ def generate(
     streams = [TextStream(tokenizer, stop) for _ in texts]
     done = [False] * len(texts)
     for tok in generate_ids(model, encoded, params, eos_token_id=ends or None, pad_token_id=tokenizer.pad_id,
-                            compile=compile):
+                            compile=compile, draft=draft):
         for i, t in enumerate(tok.tolist()):
             if done[i]:
                 continue

@@ -1,0 +1,275 @@
+"""Speculative decoding: a few tokens drafted cheaply, then checked by the model in one forward pass.
+
+At batch 1 on a CPU a decoding step reads every weight to produce one token; scoring k + 1 tokens reads them
+once too and costs little more. So a drafter guesses the next k tokens, the model scores [last token, d1..dk]
+over its KV cache in one pass, and every draft up to the first one it disagrees with is kept, plus one token of
+the model's own at that point: between 1 and k + 1 tokens per pass.
+
+Drafters:
+  NgramDrafter   prompt lookup: the tokens that followed the latest earlier occurrence of the last n tokens
+                 (n = 3, then 2, then 1) in the prompt and reply so far; no second model. Replies that repeat their
+                 input (summaries, edits, code, answers quoting a document) draft well; free chat seldom matches.
+  ModelDrafter   any smaller causal LM with the same vocabulary, decoding k tokens ahead over its own KV cache.
+
+The acceptance rule keeps the model's own output distribution. Under greedy decoding a draft is kept while it
+equals the model's argmax and the extra token is the model's argmax, so the tokens are exactly plain greedy
+decoding's. Under sampling (temperature, top-k, top-p, repetition penalty applied as in plain decoding) draft
+d_j is kept with probability min(1, p_j(d_j) / q_j(d_j)), where p_j is the model's filtered distribution and q_j
+the drafter's; the first rejected position draws from the residual max(p_j - q_j, 0), renormalised; after k
+acceptances one more token comes from p_{k+1} (Leviathan et al. 2023, Chen et al. 2023). A prompt-lookup draft
+is deterministic: q is one-hot.
+
+Drafting switches itself off while it misses: the draft length follows the recent acceptance (one more after a
+fully accepted draft, up to `k`; the accepted count + 1 after a miss), and after `patience` drafts in a row with
+nothing accepted the drafter rests for a number of steps that doubles each time (reset by the next hit). Plain
+single-token steps run meanwhile, so free chat costs about what plain decoding does.
+
+The caches keep accepted positions only: after a pass their length is set back past the rejected drafts (whose
+keys and values the next pass overwrites).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
+
+import torch
+
+from lmforge.config import SamplingParams
+from lmforge.errors import LmforgeError
+from lmforge.generate.sampling import apply_repetition_penalty, filter_top_k, filter_top_p
+from lmforge.interop import load_pretrained
+from lmforge.nn.packed import packed_linears
+
+
+def model_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The distribution plain sampling draws from, for rows of (already penalised) logits [N, V]."""
+    logits = logits.float() / params.temperature
+    if params.top_k is not None:
+        logits = filter_top_k(logits, params.top_k)
+    if params.top_p is not None and params.top_p < 1.0:
+        logits = filter_top_p(logits, params.top_p)
+    return torch.softmax(logits, dim=-1)
+
+
+def accept(p: torch.Tensor, drafts: Sequence[int], q: torch.Tensor | None,
+           generator: torch.Generator | None = None) -> list[int]:
+    """The speculative sampling rule. p [k + 1, V]: the model's distributions at the k draft positions and after
+    them; drafts: the k drafted ids; q [k, V]: the drafter's distributions (None: deterministic drafts). Returns
+    the tokens to emit: the kept drafts and one more, drawn so that the sequence follows p."""
+    out: list[int] = []
+    for j, d in enumerate(drafts):
+        pd = float(p[j, d])
+        qd = 1.0 if q is None else float(q[j, d])
+        if qd > 0 and float(torch.rand((), generator=generator)) * qd < pd:  # kept with probability min(1, p/q)
+            out.append(d)
+            continue
+        residual = p[j].clone()
+        if q is None:
+            residual[d] = 0.0
+        else:
+            residual = (residual - q[j]).clamp_(min=0.0)
+        if float(residual.sum()) <= 0:  # p == q here (a rejection then has probability 0): draw from p
+            residual = p[j]
+        out.append(int(torch.multinomial(residual, 1, generator=generator)))
+        return out
+    out.append(int(torch.multinomial(p[len(drafts)], 1, generator=generator)))
+    return out
+
+
+class Drafter:
+    """Proposes draft tokens; `decode` is the speculative loop any drafter runs (used by generate_ids)."""
+
+    def __init__(self, k: int = 5, patience: int = 3) -> None:
+        if k < 1:
+            raise LmforgeError(f"speculative draft length must be >= 1, got {k}")
+        self.k, self.patience = k, patience
+        self.stats = {"passes": 0, "drafted": 0, "accepted": 0, "plain_steps": 0}
+
+    # what a drafter implements -------------------------------------------------------------------------------------
+    def context(self, pack: bool = True) -> AbstractContextManager:
+        """Open while decoding (a draft model's packed weights)."""
+        return nullcontext()
+
+    def start(self, prompt: Sequence[int], max_len: int) -> None:
+        """A new sequence begins with `prompt`."""
+
+    def propose(self, tokens: list[int], k: int, params: SamplingParams,
+                generator: torch.Generator | None) -> tuple[list[int], torch.Tensor | None]:
+        """Up to k draft tokens after `tokens` (the whole sequence so far) and their distributions q [n, V]
+        (None when the drafts are deterministic)."""
+        raise NotImplementedError
+
+    def keep(self, n: int) -> None:
+        """Of the last proposal, the sequence kept n tokens (drafts) before the model's own."""
+
+    # the loop ------------------------------------------------------------------------------------------------------
+    def decode(self, model: torch.nn.Module, prompt: Sequence[int], params: SamplingParams, ends: set[int],
+               generator: torch.Generator | None) -> Iterator[int]:
+        """Yield the new tokens of one sequence (stops after an id in `ends` or max_new_tokens)."""
+        device = next(model.parameters()).device
+        tokens = list(prompt)
+        total = len(tokens) + params.max_new_tokens
+        cache = model.new_cache(1, total)  # (a pass never writes past the last position a reply may reach)
+        self.start(tokens, total)
+        seen = None
+        if params.repetition_penalty != 1.0:
+            seen = torch.zeros(model.config.vocab_size, dtype=torch.bool, device=device)
+            seen[torch.as_tensor(tokens, device=device)] = True
+        logits = model(torch.tensor([tokens], device=device), cache=cache, last_only=True).logits[0, -1:]
+        k, misses, rest, rest_for = self.k, 0, 0, 1
+        emitted = 0
+        pending: list[int] = []  # tokens chosen but not yet in the cache
+        while True:
+            if not pending:  # the first token after the prompt, from the prompt pass
+                pending = self._choose(logits, [], None, params, seen, generator)
+            for t in pending:
+                yield t
+                emitted += 1
+                tokens.append(t)
+                if seen is not None:
+                    seen[t] = True
+                if t in ends or emitted >= params.max_new_tokens:
+                    return
+            last = tokens[-1]
+            room = min(k, params.max_new_tokens - emitted - 1)
+            drafts, q = ([], None)
+            if rest > 0:
+                rest -= 1
+            elif room > 0:
+                drafts, q = self.propose(tokens, room, params, generator)
+            x = torch.tensor([[last, *drafts]], device=device)
+            base = cache.length
+            logits = model(x, cache=cache).logits[0]
+            pending = self._choose(logits, drafts, q, params, seen, generator)
+            kept = len(pending) - 1
+            cache.length = base + 1 + kept  # the last token and the kept drafts; the rejected ones are dropped
+            if drafts:
+                self.keep(kept)
+                self.stats["passes"] += 1
+                self.stats["drafted"] += len(drafts)
+                self.stats["accepted"] += kept
+                if kept == len(drafts):
+                    k, misses, rest_for = min(self.k, k + 1), 0, 1
+                else:
+                    k = max(1, kept + 1)
+                    misses = 0 if kept else misses + 1
+                    if misses >= self.patience:  # keeps missing: rest, longer each time
+                        rest, rest_for, misses = rest_for, rest_for * 2, 0
+            else:
+                self.stats["plain_steps"] += 1
+
+    @staticmethod
+    def _choose(logits: torch.Tensor, drafts: list[int], q: torch.Tensor | None, params: SamplingParams,
+                seen: torch.Tensor | None, generator: torch.Generator | None) -> list[int]:
+        """The tokens to emit from the model's logits at [last, d1..dk] (k + 1 rows): see `accept`."""
+        rows = []
+        for j in range(logits.size(0)):  # the penalty of row j counts the drafts before it as seen
+            row = logits[j].float()
+            if seen is not None:
+                s = seen.clone()
+                if drafts[:j]:
+                    s[torch.as_tensor(drafts[:j], device=s.device)] = True
+                row = apply_repetition_penalty(row, s, params.repetition_penalty)
+            rows.append(row)
+        scores = torch.stack(rows)
+        if params.temperature == 0:
+            best = scores.argmax(-1).tolist()
+            n = 0
+            while n < len(drafts) and drafts[n] == best[n]:
+                n += 1
+            return drafts[:n] + [best[n]]
+        return accept(model_probs(scores, params), drafts, q, generator)
+
+
+class NgramDrafter(Drafter):
+    """Prompt lookup: after the last n tokens (n = max_ngram down to 1), propose what followed their latest
+    earlier occurrence in the sequence. An index from each n-gram to where it last ended is kept up to date
+    as tokens arrive, so a proposal costs O(max_ngram), not a scan of the sequence."""
+
+    def __init__(self, k: int = 5, max_ngram: int = 3, patience: int = 3) -> None:
+        super().__init__(k, patience)
+        self.max_ngram = max_ngram
+        self._index: dict[tuple[int, ...], int] = {}
+        self._indexed = 0  # tokens[:_indexed] are in the index
+
+    def start(self, prompt: Sequence[int], max_len: int) -> None:
+        self._index, self._indexed = {}, 0
+
+    def propose(self, tokens, k, params, generator):
+        # index every n-gram that ends before the last token (so a match has at least one token after it)
+        for end in range(max(self._indexed, 1), len(tokens)):
+            for n in range(1, self.max_ngram + 1):
+                if end - n >= 0:
+                    self._index[tuple(tokens[end - n:end])] = end
+        self._indexed = len(tokens)
+        for n in range(min(self.max_ngram, len(tokens) - 1), 0, -1):
+            at = self._index.get(tuple(tokens[-n:]))
+            if at is not None:
+                return tokens[at:at + k], None
+        return [], None
+
+
+class ModelDrafter(Drafter):
+    """A smaller causal LM with the same vocabulary as the model, run k tokens ahead over its own KV cache:
+    greedily under greedy decoding, else sampled from its own filtered distribution (returned as q)."""
+
+    def __init__(self, draft_model: torch.nn.Module, k: int = 4, patience: int = 3) -> None:
+        super().__init__(k, patience)
+        self.model = draft_model
+        self.cache = None
+        self._fed = 0  # tokens of the sequence in the draft cache
+
+    def context(self, pack: bool = True) -> AbstractContextManager:
+        return packed_linears(self.model, 1, enabled=pack)
+
+    def start(self, prompt: Sequence[int], max_len: int) -> None:
+        self.cache = self.model.new_cache(1, max_len)
+        self._fed = self._in_cache = 0
+
+    @torch.inference_mode()
+    def propose(self, tokens, k, params, generator):
+        device = next(self.model.parameters()).device
+        new = tokens[self._fed:]  # what the draft has not seen: the model's last token(s) since its last pass
+        logits = self.model(torch.tensor([new], device=device), cache=self.cache, last_only=True).logits[0, -1]
+        self._fed = len(tokens)
+        drafts, qs = [], []
+        for i in range(k):
+            if params.temperature == 0:
+                d = int(logits.argmax())
+            else:
+                q = model_probs(logits[None], params)[0]
+                d = int(torch.multinomial(q, 1, generator=generator))
+                qs.append(q)
+            drafts.append(d)
+            if i + 1 < k:
+                logits = self.model(torch.tensor([[d]], device=device), cache=self.cache).logits[0, -1]
+        self._in_cache = len(drafts) - 1  # the cache now holds the sequence and every draft but the last
+        return drafts, (torch.stack(qs) if qs else None)
+
+    def keep(self, n: int) -> None:
+        # keep the accepted drafts that are in the cache; the rest of the sequence is fed at the next proposal
+        m = min(n, self._in_cache)
+        self.cache.length = self._fed + m
+        self._fed += m
+
+
+def check_draft_model(model: torch.nn.Module, draft: torch.nn.Module) -> None:
+    """A draft model must share the model's vocabulary (same size; its ids are proposed as the model's)."""
+    a, b = model.config.vocab_size, draft.config.vocab_size
+    if a != b:
+        raise LmforgeError(f"the draft model's vocabulary has {b} tokens, the model's {a}; speculative decoding "
+                           "needs a draft model with the same tokenizer")
+
+
+def make_drafter(spec: str | None, model: torch.nn.Module, device: str = "cpu", quantize: str | None = None,
+                 dtype: str | None = None) -> Drafter | None:
+    """The drafter `--speculative` names: None, "ngram" (prompt lookup) or a draft model (a directory, .gguf or
+    packaged name, loaded like the model: same device, quantization and dtype; it must share the vocabulary)."""
+    if not spec:
+        return None
+    if spec == "ngram":
+        return NgramDrafter()
+    draft, _ = load_pretrained(spec, device=device, quantize=quantize, dtype=dtype)
+    check_draft_model(model, draft)
+    return ModelDrafter(draft)

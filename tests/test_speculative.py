@@ -1,0 +1,167 @@
+"""Speculative decoding: prompt lookup and a draft model give plain greedy decoding's tokens exactly, the
+acceptance rule keeps the model's distribution under sampling, and drafting rests while it keeps missing."""
+
+import pytest
+import torch
+
+from conftest import tiny_config
+from lmforge.errors import LmforgeError
+from lmforge.generate import SamplingParams, generate_ids
+from lmforge.generate.speculative import Drafter, ModelDrafter, NgramDrafter, accept, check_draft_model
+from lmforge.models.decoder import DecoderLM
+
+
+def _model(seed: int = 0, **kw) -> DecoderLM:
+    torch.manual_seed(seed)
+    return DecoderLM(tiny_config("llama", **kw)).eval()
+
+
+def _ids(model, prompt, params, draft=None) -> list[int]:
+    return [int(t) for t in generate_ids(model, [prompt], params, draft=draft)]
+
+
+REPEATING = [5, 6, 7, 8, 9, 10, 11, 5, 6, 7, 8, 9, 10, 11, 5, 6, 7]
+
+
+@pytest.mark.parametrize("drafter", ["ngram", "self", "other"])
+def test_greedy_tokens_identical_to_plain_decoding(drafter):
+    model = _model()
+    params = SamplingParams(40, temperature=0)
+    draft = {"ngram": lambda: NgramDrafter(k=4), "self": lambda: ModelDrafter(model, k=3),
+             "other": lambda: ModelDrafter(_model(seed=1), k=3)}[drafter]()
+    plain = _ids(model, REPEATING, params)
+    assert _ids(model, REPEATING, params, draft) == plain
+    s = draft.stats
+    assert s["passes"] > 0 and s["drafted"] > 0
+    if drafter == "self":  # the model drafting for itself: every draft is kept, so fewer passes than tokens
+        assert s["accepted"] == s["drafted"] and s["passes"] + s["plain_steps"] < len(plain) - 1
+    # again with an end token and a length limit reached inside a draft
+    again = type(draft)(model, k=3) if drafter == "self" else NgramDrafter(k=4)
+    eos = plain[7]
+    short = [int(t) for t in generate_ids(model, [REPEATING], SamplingParams(12, temperature=0), eos_token_id=eos,
+                                          draft=again)]
+    want = plain[:12]
+    want = want[:want.index(eos) + 1] if eos in want else want
+    assert short == want
+
+
+def test_greedy_with_repetition_penalty_identical():
+    model = _model()
+    params = SamplingParams(30, temperature=0, repetition_penalty=1.3)
+    assert _ids(model, REPEATING, params, NgramDrafter()) == _ids(model, REPEATING, params)
+
+
+def _tv(a: torch.Tensor, b: torch.Tensor) -> float:
+    return 0.5 * float((a - b).abs().sum())
+
+
+@pytest.mark.parametrize("drafts_from", ["fixed", "q"])
+def test_acceptance_rule_keeps_the_models_distribution(drafts_from):
+    """Each emitted position follows the model's distribution p, whatever the drafter proposed: the first token
+    over all trials, the second over the trials whose first draft was kept (p's rows here do not depend on the
+    prefix, as they would for a real model only given the kept prefix)."""
+    g = torch.Generator().manual_seed(0)
+    V, k, n = 6, 2, 30000
+    p = torch.softmax(torch.randn(k + 1, V, generator=g) * 1.5, -1)
+    q = torch.softmax(torch.randn(k, V, generator=g) * 1.5, -1)
+    first, second = torch.zeros(V), torch.zeros(V)
+    for _ in range(n):
+        if drafts_from == "fixed":
+            drafts, qq = [2, 4], None
+        else:
+            drafts, qq = [int(torch.multinomial(q[j], 1, generator=g)) for j in range(k)], q
+        out = accept(p, drafts, qq, g)
+        assert 1 <= len(out) <= k + 1 and out[:-1] == drafts[:len(out) - 1]
+        first[out[0]] += 1
+        if len(out) >= 2:
+            second[out[1]] += 1
+    assert _tv(first / n, p[0]) < 0.015
+    assert _tv(second / second.sum(), p[1]) < 0.02
+
+
+def test_sampling_end_to_end_follows_the_models_distribution():
+    """Sampled replies (top-k 2, three tokens: eight possible replies) through prompt lookup, which drafts at
+    every step here, occur as often as the model gives them: frequencies over 3,000 seeds against the exact
+    probabilities, enumerated from the model's own filtered distributions (plain sampling checked the same way)."""
+    from lmforge.generate.speculative import model_probs
+
+    model = _model(vocab_size=13)
+    prompt = [1, 2, 3, 1, 2, 3, 1, 2]
+    params = SamplingParams(3, temperature=1.0, top_k=2)
+    exact: dict[tuple, float] = {}
+    with torch.inference_mode():
+        def dist(prefix):
+            return model_probs(model(torch.tensor([prompt + list(prefix)])).logits[0, -1:], params)[0]
+
+        for a in dist(()).nonzero().flatten().tolist():
+            for b in dist((a,)).nonzero().flatten().tolist():
+                for c in dist((a, b)).nonzero().flatten().tolist():
+                    exact[(a, b, c)] = float(dist(())[a] * dist((a,))[b] * dist((a, b))[c])
+    assert len(exact) == 8 and abs(sum(exact.values()) - 1) < 1e-5
+    n = 3000
+    for name, make in (("plain", lambda: None), ("ngram", lambda: NgramDrafter(k=2, patience=100))):
+        counts: dict[tuple, int] = {}
+        for seed in range(n):
+            key = tuple(_ids(model, prompt, SamplingParams(3, temperature=1.0, top_k=2, seed=seed), make()))
+            counts[key] = counts.get(key, 0) + 1
+        assert set(counts) <= set(exact), name
+        tv = 0.5 * sum(abs(counts.get(x, 0) / n - p) for x, p in exact.items())
+        assert tv < 0.06, (name, tv)  # (about 0.02 expected from sampling noise alone)
+
+
+class _Wrong(Drafter):
+    """Always proposes `token`, one the model never picks in the reply."""
+
+    def __init__(self, token: int, **kw) -> None:
+        super().__init__(**kw)
+        self.token = token
+
+    def propose(self, tokens, k, params, generator):
+        return [self.token] * k, None
+
+
+def test_drafting_rests_while_it_keeps_missing():
+    model = _model(max_seq_len=128)
+    params = SamplingParams(64, temperature=0)
+    plain = _ids(model, REPEATING, params)
+    never = min(set(range(model.config.vocab_size)) - set(plain))
+    draft = _Wrong(never, k=4, patience=2)
+    assert _ids(model, REPEATING, params, draft) == plain
+    s = draft.stats
+    assert s["accepted"] == 0 and s["passes"] <= 14, s  # pairs of misses, then rests of 1, 2, 4, 8, 16, 32 steps
+    assert s["plain_steps"] > 40
+
+
+def test_bad_uses_are_clear_errors():
+    model = _model()
+    with pytest.raises(LmforgeError, match="one prompt at a time"):
+        list(generate_ids(model, [[1, 2], [3, 4]], SamplingParams(4), draft=NgramDrafter()))
+    with pytest.raises(LmforgeError, match="same tokenizer"):
+        check_draft_model(model, _model(vocab_size=50))
+    with pytest.raises(LmforgeError, match="draft length"):
+        NgramDrafter(k=0)
+
+
+def test_cli_speculative_gives_plain_greedy_text(tmp_path, capsys):
+    """`generate --speculative ngram|MODEL` (chat passes it on the same way) on a saved model: the same greedy
+    text as without; a draft model that does not exist or a second prompt are one-line user errors."""
+    from conftest import call_cli
+    from lmforge.data.vocab import train_tokenizer
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("one two three four five six seven eight nine ten. " * 40, encoding="utf-8")
+    tok = train_tokenizer([str(corpus)], vocab_size=300)
+    torch.manual_seed(0)
+    DecoderLM(tiny_config("llama", vocab_size=tok.vocab_size, max_seq_len=128)).save_pretrained(tmp_path / "m",
+                                                                                               tokenizer=tok)
+    base = ["generate", "--model", str(tmp_path / "m"), "--prompt", "one two three four five one two three",
+            "--temperature", "0", "--max-new-tokens", "24", "--no-stream"]
+    plain = call_cli(capsys, *base)
+    assert plain.returncode == 0, plain.stderr
+    for spec in ("ngram", str(tmp_path / "m")):
+        r = call_cli(capsys, *base, "--speculative", spec)
+        assert r.returncode == 0 and r.stdout == plain.stdout, (spec, r.stderr)
+    for extra, needle in ((["--speculative", str(tmp_path / "nope")], "does not exist"),
+                          (["--speculative", "ngram", "--prompt", "again"], "one prompt at a time")):
+        r = call_cli(capsys, *base, *extra)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and needle in r.stderr, r.stderr
