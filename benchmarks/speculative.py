@@ -15,12 +15,18 @@ kept, and whether every reply's tokens were identical. Under greedy decoding the
 int4 kernel (bfloat16 activations) can round a pass of several positions differently from single steps, so an
 exact tie can go the other way: `--quantize none` (fp32) shows the tokens identical.
 
+Then the same through `lmforge serve` (`--speculative ngram` against a server without it, both in this process,
+one client streaming chat completions over loopback, one request at a time: --serve-prompts of each kind).
+
     python benchmarks/speculative.py [--tokens 256] [--passages 8] [--questions 16] [--quantize auto]
+                                     [--serve-prompts 8]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import os
 import random
 import sys
@@ -61,6 +67,7 @@ def main() -> None:
     ap.add_argument("--passages", type=int, default=8, help="passages per repeat ask")
     ap.add_argument("--questions", type=int, default=16, help="chat questions")
     ap.add_argument("--quantize", default="auto", help="as for lmforge generate (auto: the file's int4 weights)")
+    ap.add_argument("--serve-prompts", type=int, default=8, help="prompts of each kind through the server (0: none)")
     a = ap.parse_args()
 
     from lmforge.data.chat import apply_chat_template
@@ -91,7 +98,8 @@ def main() -> None:
     warm = tok.encode(apply_chat_template(tok, [{"role": "user", "content": "Hello!"}]))
     run(warm, None), run(warm, NgramDrafter())  # warm-up: packed weights, allocator
     rows = []
-    for kind, texts in prompts(a.passages, a.questions).items():
+    sets = prompts(a.passages, a.questions)
+    for kind, texts in sets.items():
         acc = {"plain": [0.0, 0.0], "ngram": [0.0, 0.0]}  # seconds to first token, seconds decoding
         tokens = drafted = kept = differ = 0
         for text in texts:
@@ -120,6 +128,59 @@ def main() -> None:
                        ("kept", "kept", ".0%"), ("same", "same tokens", "")]))
     print("\ntok/s: decoding, after the first token; e2e: with the prompt's pass. goals: repeat >= 1.8x, "
           "chat >= 0.95x")
+    if a.serve_prompts:
+        del model
+        serve_rows(sets, a)
+
+
+def serve_rows(sets: dict[str, list[str]], a) -> None:
+    """The same prompts through two servers, one with --speculative ngram: decoding tok/s per stream."""
+    import httpx
+
+    from lmforge.serve.app import ServerThread, create_app, load_served
+
+    def stream(url: str, text: str) -> tuple[int, float]:
+        body = {"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": text}],
+                "temperature": 0, "max_tokens": a.tokens, "stream": True, "stream_options": {"include_usage": True}}
+        first = last = 0.0
+        tokens = 0
+        with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=600) as r:
+            for line in r.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if chunk.get("usage"):
+                    tokens = chunk["usage"]["completion_tokens"]
+                if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                    last = time.perf_counter()
+                    first = first or last
+        return tokens, last - first
+
+    servers, engines = {}, []
+    with contextlib.ExitStack() as stack:
+        stack.callback(lambda: [e.close() for e in engines])
+        for name, spec in (("plain", None), ("ngram", "ngram")):
+            served = load_served(["smollm2-135m-instruct"], max_batch=4, quantize=a.quantize, speculative=spec)
+            engines.append(served[0].engine)
+            servers[name] = stack.enter_context(ServerThread(create_app(served)))
+        rows = []
+        for kind, texts in sets.items():
+            secs = {"plain": 0.0, "ngram": 0.0}
+            toks = {"plain": 0, "ngram": 0}
+            for url in servers.values():
+                stream(url, "Hello!")  # warm-up
+            for text in texts[:: max(1, len(texts) // a.serve_prompts)][:a.serve_prompts]:
+                for name, url in servers.items():
+                    n, sec = stream(url, text)
+                    toks[name] += n
+                    secs[name] += sec
+            rows.append({"kind": kind, "plain": toks["plain"] / secs["plain"], "spec": toks["ngram"] / secs["ngram"],
+                         "ratio": (toks["ngram"] / secs["ngram"]) / (toks["plain"] / secs["plain"]),
+                         "tokens": toks["ngram"]})
+        print(f"\nthrough lmforge serve, one client, streamed chat, {a.serve_prompts} prompts of each kind:\n")
+        print(table(rows, [("kind", "prompts", ""), ("tokens", "tokens", "d"), ("plain", "serve tok/s", ".1f"),
+                           ("spec", "serve --speculative ngram tok/s", ".1f"), ("ratio", "x plain", ".2f")]))
+        print("(tok/s per stream, first streamed piece to last)")
 
 
 if __name__ == "__main__":

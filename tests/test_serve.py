@@ -23,6 +23,7 @@ import torch
 from conftest import IdsTokenizer, in_threads, run_cli, tiny_config
 from lmforge.data.chat import apply_chat_template
 from lmforge.generate import generate
+from lmforge.generate.chat import chat
 from lmforge.generate.engine import Engine, QueueFull, Request
 from lmforge.generate.sampling import SamplingParams
 from lmforge.interop import load_pretrained
@@ -268,6 +269,32 @@ def test_sse_framing_and_metrics(real):
     missing = httpx.post(url + "/v1/chat/completions", json={"model": SMOL}, headers=h)
     assert missing.status_code == 400 and missing.json()["error"]["param"] == "messages"
     assert httpx.get(url + "/nowhere").json()["error"]["type"] == "not_found_error"
+
+
+def test_speculative_server_replies_as_plain_decoding():
+    """`serve --speculative ngram` (fp32 weights, where a pass of several positions rounds as single steps do):
+    a chat reply that repeats its input, plain and streamed through the openai client, is the reply plain
+    decoding gives, in fewer steps; /metrics counts the drafted and kept tokens."""
+    served = load_served([SMOL], max_batch=2, quantize="none", speculative="ngram")
+    smol = served[0]
+    try:
+        with ServerThread(create_app(served)) as url:
+            c = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
+            msgs = [{"role": "user", "content": "Repeat the following text exactly as it is written:\n\nTo be, "
+                     "or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\nThe slings "
+                     "and arrows of outrageous fortune"}]
+            reply = c.chat.completions.create(model=SMOL, messages=msgs, temperature=0, max_tokens=48)
+            text = reply.choices[0].message.content
+            streamed = "".join(ch.choices[0].delta.content or "" for ch in c.chat.completions.create(
+                model=SMOL, messages=msgs, temperature=0, max_tokens=48, stream=True) if ch.choices)
+            m = httpx.get(url + "/metrics").text
+        stats = smol.engine.stats
+        assert stats.spec_passes > 0 and stats.accepted > 0 and stats.steps < stats.generated_tokens
+        assert f'lmforge_speculative_accepted_tokens_total{{model="{SMOL}"}} {stats.accepted}' in m
+    finally:
+        smol.engine.close()
+    want = chat(smol.model, smol.tokenizer, msgs, temperature=0, max_new_tokens=48)
+    assert text == want and streamed == want and "the question" in want
 
 
 def test_oversize_body_gets_413(narrow):

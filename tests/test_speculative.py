@@ -165,3 +165,47 @@ def test_cli_speculative_gives_plain_greedy_text(tmp_path, capsys):
                           (["--speculative", "ngram", "--prompt", "again"], "one prompt at a time")):
         r = call_cli(capsys, *base, *extra)
         assert r.returncode == 2 and r.stderr.count("\n") == 1 and needle in r.stderr, r.stderr
+
+
+def test_engine_speculates_for_a_lone_sequence_with_plain_tokens():
+    """The serving engine with prompt lookup: a lone greedy request gets plain decoding's tokens in fewer
+    steps; requests running together (no drafting then) and one that asks for logprobs get theirs too; stop at
+    an end token inside a kept draft; a sampled request's seed gives the same reply twice."""
+    from conftest import IdsTokenizer, in_threads
+    from lmforge.generate.engine import Engine, Request
+
+    model = _model(max_seq_len=128)
+    params = SamplingParams(40, temperature=0)
+    plain = _ids(model, REPEATING, params)
+    engine = Engine(model, IdsTokenizer(), max_batch=4, draft=NgramDrafter()).start()
+    try:
+        r = Request(REPEATING, params)
+        list(engine.stream(r))
+        assert r.completion_ids == plain
+        assert engine.stats.spec_passes > 0 and engine.stats.accepted > 0
+        assert engine.stats.steps < len(plain) - 1
+        eos = plain[9]
+        r = Request(REPEATING, params, end_ids=[eos])
+        list(engine.stream(r))
+        assert r.completion_ids == plain[:plain.index(eos) + 1]
+        r = Request(REPEATING, params, logprobs=0)
+        passes = engine.stats.spec_passes
+        list(engine.stream(r))
+        assert r.completion_ids == plain and engine.stats.spec_passes == passes
+        prompts = [REPEATING, REPEATING[3:], [7, 8, 9, 7, 8, 9, 7]]
+        want = [_ids(model, p, params) for p in prompts]
+        got: dict[int, list[int]] = {}
+
+        def run(i):
+            req = Request(prompts[i], params)
+            list(engine.stream(req))
+            got[i] = req.completion_ids
+
+        in_threads(run, 3)
+        assert [got[i] for i in range(3)] == want
+        sampled = [Request(REPEATING, SamplingParams(30, temperature=0.9, top_k=20, seed=5)) for _ in range(2)]
+        for req in sampled:
+            list(engine.stream(req))
+        assert sampled[0].completion_ids == sampled[1].completion_ids and len(sampled[0].completion_ids) == 30
+    finally:
+        engine.close()

@@ -846,6 +846,8 @@ class ServeConfig:
     quantize: str = setting("auto", QUANTIZE_HELP, choices=QUANTIZE)
     dtype: str = setting("float32", INFERENCE_DTYPE_HELP, choices=DTYPES)
     device: str = setting("cpu", "cpu, cuda, cuda:1 or mps")
+    speculative: str | None = setting(None, "speculative decoding while one request runs: ngram (prompt lookup) "
+                                      "or a draft model with the same tokenizer (directory, .gguf or packaged name)")
     max_body: int = setting(1 << 20, "largest request body in bytes (413 above)", low=1, integer=True)
     request_timeout: float = setting(10.0, "seconds a client has to send a request's head, and again its body "
                                      "(then 408, or the connection closed)", low=0, low_open=True)

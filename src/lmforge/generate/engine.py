@@ -8,6 +8,12 @@ sequence owns one row of a `SlotKVCache` with its own length; one decode step ad
 Results come back as `Event`s through the request's `on_event` callback (called on the engine thread; the HTTP
 server hands them to its event loop), or through `Engine.stream` for plain Python callers.
 
+Speculative decoding (`draft`: a drafter from lmforge.generate.speculative) runs while one sequence is running and
+none is waiting: the batch-1 case, where a step reads every weight for one token and verifying a few drafted
+tokens in one pass costs little more. With several sequences the batched step already shares each weight read
+among them, so plain steps run; each sequence's drafter catches up on the tokens it missed when it drafts again.
+Requests that ask for logprobs or presence / frequency penalties decode without drafts.
+
     engine = Engine(model, tokenizer, max_batch=16).start()
     for ev in engine.stream(Request(tokenizer.encode("To be"), SamplingParams(max_new_tokens=20))):
         print(ev.text, end="")
@@ -20,6 +26,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -27,6 +34,7 @@ import torch
 from lmforge.config import check_number
 from lmforge.errors import LmforgeError
 from lmforge.generate.sampling import SamplingParams, TextStream, sample
+from lmforge.generate.speculative import Drafter, choose
 from lmforge.nn.packed import packed_linears, release_packed
 
 
@@ -74,6 +82,7 @@ class Request:
         self._next = 0
         self._stream: TextStream | None = None
         self._generator: torch.Generator | None = None
+        self._drafter: Drafter | None = None
 
     @property
     def ttft(self) -> float | None:
@@ -90,15 +99,19 @@ class EngineStats:
     batch_rows: int = 0  # sum over decode steps of the rows that were running (mean batch = batch_rows / steps)
     step_seconds: float = 0.0
     prefill_seconds: float = 0.0
+    spec_passes: int = 0  # speculative passes (also counted in steps)
+    drafted: int = 0  # tokens drafted in them
+    accepted: int = 0  # drafted tokens kept
 
 
 class Engine:
     """Continuous batching for one decoder. max_batch: sequences decoded together (KV cache rows);
     max_queue: requests allowed to wait for a row (more raise QueueFull at once); max_len: prompt plus new
-    tokens per sequence (default: the model's context)."""
+    tokens per sequence (default: the model's context); draft: speculative decoding of a lone sequence (a
+    Drafter, see the module notes)."""
 
     def __init__(self, model: torch.nn.Module, tokenizer, max_batch: int = 16, max_queue: int = 64,
-                 max_len: int | None = None, pack_weights: bool = True) -> None:
+                 max_len: int | None = None, pack_weights: bool = True, draft: Drafter | None = None) -> None:
         for flag, value, low in (("--max-batch", max_batch, 1), ("--max-queue", max_queue, 0),
                                  ("--max-len", max_len, 1)):
             check_number(flag, value, low, integer=True)
@@ -106,6 +119,7 @@ class Engine:
         self.max_batch, self.max_queue = max_batch, max_queue
         self.max_len = min(max_len or model.config.max_seq_len, model.config.max_seq_len)
         self.pack_weights = pack_weights
+        self.draft = draft
         self.device = model.norm.weight.device
         self.cache = model.new_slot_cache(max_batch, self.max_len)
         self.slots: list[Request | None] = [None] * max_batch
@@ -196,7 +210,8 @@ class Engine:
     # the engine thread
 
     def _run(self) -> None:
-        with torch.inference_mode(), packed_linears(self.model, self.max_batch, enabled=self.pack_weights):
+        with (torch.inference_mode(), packed_linears(self.model, self.max_batch, enabled=self.pack_weights),
+              self.draft.context(self.pack_weights) if self.draft is not None else nullcontext()):
             try:
                 while True:
                     with self._cond:
@@ -220,7 +235,7 @@ class Engine:
                             self._prefill(r)
                         except Exception as e:  # noqa: BLE001 - one bad request must not take the others down
                             self._fail(r, e)
-                    if self.running:
+                    if self.running and not self._speculate():
                         try:
                             self._decode()
                         except Exception as e:  # noqa: BLE001 - the step itself failed: every row it ran
@@ -257,6 +272,47 @@ class Engine:
             self._finish(req, "length")
         else:
             self._emit(req, logits[-1])
+
+    def _speculate(self) -> bool:
+        """A speculative pass for the only running sequence when nothing waits and it drafts something (True);
+        False: a plain step is to run. A failure fails that sequence only."""
+        active = [r for r in self.slots if r is not None]
+        if self.draft is None or len(active) != 1 or self.waiting:
+            return False
+        r = active[0]
+        if r.logprobs is not None or r.presence_penalty or r.frequency_penalty or r.finish_reason is not None:
+            return False
+        t0 = time.perf_counter()
+        try:
+            d = r._drafter
+            if d is None:
+                d = r._drafter = self.draft.fresh()
+                d.start(r.prompt_ids, self.max_len)
+            p = r.params
+            room = min(d.budget(), p.max_new_tokens - len(r.completion_ids) - 1)
+            drafts, q = d.propose(r.prompt_ids + r.completion_ids, room, p, r._generator) if room > 0 else ([], None)
+            if not drafts:
+                d.record(0, 0)
+                return False
+            base = self.cache.lens[r.slot]
+            self.cache.prefill(r.slot, 1 + len(drafts))  # the last token and the drafts, after the row's keys
+            logits = self.model(torch.tensor([[r._next, *drafts]], device=self.device), cache=self.cache).logits[0]
+            picked = choose(logits, drafts, q, p, None, r._generator)
+            self.cache.lens[r.slot] = base + len(picked)  # the rejected drafts' keys are written over later
+            d.record(len(drafts), len(picked) - 1)
+            self.stats.spec_passes += 1
+            self.stats.drafted += len(drafts)
+            self.stats.accepted += len(picked) - 1
+            for j, tok in enumerate(picked):
+                self._emit(r, logits[j], tok)
+                if r.finish_reason is not None:
+                    break
+        except Exception as e:  # noqa: BLE001 - the only running sequence's own pass
+            self._fail(r, e)
+        self.stats.steps += 1
+        self.stats.batch_rows += 1
+        self.stats.step_seconds += time.perf_counter() - t0
+        return True
 
     def _decode(self) -> None:
         t0 = time.perf_counter()

@@ -78,15 +78,21 @@ def accept(p: torch.Tensor, drafts: Sequence[int], q: torch.Tensor | None,
 
 
 class Drafter:
-    """Proposes draft tokens; `decode` is the speculative loop any drafter runs (used by generate_ids)."""
+    """Proposes draft tokens for one sequence at a time and keeps its own adaptive draft length; `decode` is the
+    speculative loop of generate_ids, and the serving engine drives `budget` / `propose` / `record` itself."""
 
     def __init__(self, k: int = 5, patience: int = 3) -> None:
         if k < 1:
             raise LmforgeError(f"speculative draft length must be >= 1, got {k}")
         self.k, self.patience = k, patience
         self.stats = {"passes": 0, "drafted": 0, "accepted": 0, "plain_steps": 0}
+        self._k, self._misses, self._rest, self._rest_for = k, 0, 0, 1
 
     # what a drafter implements -------------------------------------------------------------------------------------
+    def fresh(self) -> Drafter:
+        """A drafter of the same kind for another sequence (sharing a draft model, not its cache or state)."""
+        return type(self)(self.k, patience=self.patience)
+
     def context(self, pack: bool = True) -> AbstractContextManager:
         """Open while decoding (a draft model's packed weights)."""
         return nullcontext()
@@ -103,6 +109,31 @@ class Drafter:
     def keep(self, n: int) -> None:
         """Of the last proposal, the sequence kept n tokens (drafts) before the model's own."""
 
+    # the draft length ----------------------------------------------------------------------------------------------
+    def budget(self) -> int:
+        """How many tokens to draft now (0 while resting after misses); call once per step."""
+        if self._rest > 0:
+            self._rest -= 1
+            return 0
+        return self._k
+
+    def record(self, drafted: int, kept: int) -> None:
+        """A pass verified `drafted` tokens and kept `kept`: adapt the draft length, rest after misses."""
+        if not drafted:
+            self.stats["plain_steps"] += 1
+            return
+        self.keep(kept)
+        self.stats["passes"] += 1
+        self.stats["drafted"] += drafted
+        self.stats["accepted"] += kept
+        if kept == drafted:
+            self._k, self._misses, self._rest_for = min(self.k, self._k + 1), 0, 1
+            return
+        self._k = max(1, kept + 1)
+        self._misses = 0 if kept else self._misses + 1
+        if self._misses >= self.patience:  # keeps missing: rest, longer each time
+            self._rest, self._rest_for, self._misses = self._rest_for, self._rest_for * 2, 0
+
     # the loop ------------------------------------------------------------------------------------------------------
     def decode(self, model: torch.nn.Module, prompt: Sequence[int], params: SamplingParams, ends: set[int],
                generator: torch.Generator | None) -> Iterator[int]:
@@ -117,12 +148,9 @@ class Drafter:
             seen = torch.zeros(model.config.vocab_size, dtype=torch.bool, device=device)
             seen[torch.as_tensor(tokens, device=device)] = True
         logits = model(torch.tensor([tokens], device=device), cache=cache, last_only=True).logits[0, -1:]
-        k, misses, rest, rest_for = self.k, 0, 0, 1
+        pending = choose(logits, [], None, params, seen, generator)  # the first token, from the prompt pass
         emitted = 0
-        pending: list[int] = []  # tokens chosen but not yet in the cache
         while True:
-            if not pending:  # the first token after the prompt, from the prompt pass
-                pending = self._choose(logits, [], None, params, seen, generator)
             for t in pending:
                 yield t
                 emitted += 1
@@ -131,55 +159,36 @@ class Drafter:
                     seen[t] = True
                 if t in ends or emitted >= params.max_new_tokens:
                     return
-            last = tokens[-1]
-            room = min(k, params.max_new_tokens - emitted - 1)
-            drafts, q = ([], None)
-            if rest > 0:
-                rest -= 1
-            elif room > 0:
-                drafts, q = self.propose(tokens, room, params, generator)
-            x = torch.tensor([[last, *drafts]], device=device)
+            room = min(self.budget(), params.max_new_tokens - emitted - 1)
+            drafts, q = self.propose(tokens, room, params, generator) if room > 0 else ([], None)
             base = cache.length
-            logits = model(x, cache=cache).logits[0]
-            pending = self._choose(logits, drafts, q, params, seen, generator)
-            kept = len(pending) - 1
-            cache.length = base + 1 + kept  # the last token and the kept drafts; the rejected ones are dropped
-            if drafts:
-                self.keep(kept)
-                self.stats["passes"] += 1
-                self.stats["drafted"] += len(drafts)
-                self.stats["accepted"] += kept
-                if kept == len(drafts):
-                    k, misses, rest_for = min(self.k, k + 1), 0, 1
-                else:
-                    k = max(1, kept + 1)
-                    misses = 0 if kept else misses + 1
-                    if misses >= self.patience:  # keeps missing: rest, longer each time
-                        rest, rest_for, misses = rest_for, rest_for * 2, 0
-            else:
-                self.stats["plain_steps"] += 1
+            logits = model(torch.tensor([[tokens[-1], *drafts]], device=device), cache=cache).logits[0]
+            pending = choose(logits, drafts, q, params, seen, generator)
+            cache.length = base + len(pending)  # the last token and the kept drafts; the rejected ones are dropped
+            self.record(len(drafts), len(pending) - 1)
 
-    @staticmethod
-    def _choose(logits: torch.Tensor, drafts: list[int], q: torch.Tensor | None, params: SamplingParams,
-                seen: torch.Tensor | None, generator: torch.Generator | None) -> list[int]:
-        """The tokens to emit from the model's logits at [last, d1..dk] (k + 1 rows): see `accept`."""
-        rows = []
-        for j in range(logits.size(0)):  # the penalty of row j counts the drafts before it as seen
-            row = logits[j].float()
-            if seen is not None:
-                s = seen.clone()
-                if drafts[:j]:
-                    s[torch.as_tensor(drafts[:j], device=s.device)] = True
-                row = apply_repetition_penalty(row, s, params.repetition_penalty)
-            rows.append(row)
-        scores = torch.stack(rows)
-        if params.temperature == 0:
-            best = scores.argmax(-1).tolist()
-            n = 0
-            while n < len(drafts) and drafts[n] == best[n]:
-                n += 1
-            return drafts[:n] + [best[n]]
-        return accept(model_probs(scores, params), drafts, q, generator)
+
+def choose(logits: torch.Tensor, drafts: list[int], q: torch.Tensor | None, params: SamplingParams,
+           seen: torch.Tensor | None = None, generator: torch.Generator | None = None) -> list[int]:
+    """The tokens to emit from the model's logits at [last, d1..dk] (k + 1 rows): the drafts it agrees with and
+    one of its own (see `accept`). seen: the repetition penalty's tokens so far (row j also counts d1..dj)."""
+    rows = []
+    for j in range(logits.size(0)):
+        row = logits[j].float()
+        if seen is not None:
+            s = seen.clone()
+            if drafts[:j]:
+                s[torch.as_tensor(drafts[:j], device=s.device)] = True
+            row = apply_repetition_penalty(row, s, params.repetition_penalty)
+        rows.append(row)
+    scores = torch.stack(rows)
+    if params.temperature == 0:
+        best = scores.argmax(-1).tolist()
+        n = 0
+        while n < len(drafts) and drafts[n] == best[n]:
+            n += 1
+        return drafts[:n] + [best[n]]
+    return accept(model_probs(scores, params), drafts, q, generator)
 
 
 class NgramDrafter(Drafter):
@@ -199,6 +208,9 @@ class NgramDrafter(Drafter):
         self.max_ngram = max_ngram
         self._index: dict[tuple[int, ...], int] = {}
         self._indexed = 0  # tokens[:_indexed] are in the index
+
+    def fresh(self) -> NgramDrafter:
+        return NgramDrafter(self.k, self.max_ngram, self.patience)
 
     def start(self, prompt: Sequence[int], max_len: int) -> None:
         self._index, self._indexed = {}, 0
@@ -228,6 +240,9 @@ class ModelDrafter(Drafter):
         self.model = draft_model
         self.cache = None
         self._fed = 0  # tokens of the sequence in the draft cache
+
+    def fresh(self) -> ModelDrafter:
+        return ModelDrafter(self.model, self.k, self.patience)
 
     def context(self, pack: bool = True) -> AbstractContextManager:
         return packed_linears(self.model, 1, enabled=pack)

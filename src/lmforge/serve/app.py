@@ -44,6 +44,7 @@ from lmforge.errors import LmforgeError
 from lmforge.generate.chat import end_of_turn_ids
 from lmforge.generate.engine import Engine, Event, QueueFull, Request, TokenLogprob
 from lmforge.generate.sampling import SamplingParams
+from lmforge.generate.speculative import make_drafter
 from lmforge.interop import load_pretrained
 from lmforge.models.decoder import DecoderLM
 from lmforge.models.encoder import Encoder
@@ -80,9 +81,11 @@ class ServedModel:
 
 
 def load_served(paths: Sequence[str], max_batch: int = 16, max_queue: int = 64, max_len: int | None = None,
-                quantize: str | None = None, dtype: str | None = None, device: str = "cpu") -> list[ServedModel]:
+                quantize: str | None = None, dtype: str | None = None, device: str = "cpu",
+                speculative: str | None = None) -> list[ServedModel]:
     """Load each model (directory, .gguf or packaged name; weights in `dtype`, see load_pretrained) on `device`
-    and start an engine for each decoder."""
+    and start an engine for each decoder; speculative: "ngram" or a draft model for the decoders (see
+    lmforge.generate.speculative: it drafts while one sequence runs)."""
     served, names = [], set()
     for path in paths:
         model, tok = load_pretrained(path, device=device, quantize=quantize, dtype=dtype)
@@ -91,7 +94,9 @@ def load_served(paths: Sequence[str], max_batch: int = 16, max_queue: int = 64, 
             raise LmforgeError(f"two served models are both named {name!r}; serve each path once")
         names.add(name)
         if isinstance(model, DecoderLM):
-            engine = Engine(model.eval(), tok, max_batch=max_batch, max_queue=max_queue, max_len=max_len).start()
+            draft = make_drafter(speculative, model, device=device, quantize=quantize, dtype=dtype)
+            engine = Engine(model.eval(), tok, max_batch=max_batch, max_queue=max_queue, max_len=max_len,
+                            draft=draft).start()
             served.append(ServedModel(name, model, tok, engine))
         elif isinstance(model, Encoder):
             served.append(ServedModel(name, model.eval(), tok))
@@ -658,8 +663,8 @@ class ServerThread:
 
 def serve(models: Sequence[str], config: ServeConfig | None = None, **settings: Any) -> None:
     """Load the models and serve them until interrupted, as `config` says (a ServeConfig; `settings` override
-    its fields: host, port, api_key, max_batch, max_queue, max_len, quantize, dtype, device, max_body,
-    request_timeout, log_level). Every setting is checked before a model loads."""
+    its fields: host, port, api_key, max_batch, max_queue, max_len, quantize, dtype, device, speculative,
+    max_body, request_timeout, log_level). Every setting is checked before a model loads."""
     import uvicorn
 
     if not models:
@@ -671,7 +676,8 @@ def serve(models: Sequence[str], config: ServeConfig | None = None, **settings: 
     c.validate()
     host, port, api_key, request_timeout = c.host, c.port, c.api_key, c.request_timeout
     tune_allocator()
-    served = load_served(models, c.max_batch, c.max_queue, c.max_len, c.quantize, c.dtype, c.device)
+    served = load_served(models, c.max_batch, c.max_queue, c.max_len, c.quantize, c.dtype, c.device,
+                         c.speculative)
     app = create_app(served, api_key=api_key, max_body=c.max_body, body_timeout=request_timeout)
     if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         print(f"warning: serving on {host} without --api-key: anyone who can reach this port can use it")

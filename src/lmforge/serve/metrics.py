@@ -99,6 +99,12 @@ class Metrics:
             ("lmforge_decode_steps_total", "counter", "Engine decode steps.", lambda e: e.stats.steps),
             ("lmforge_decode_rows_total", "counter", "Sequences advanced by decode steps (mean batch size = "
              "rows / steps).", lambda e: e.stats.batch_rows),
+            ("lmforge_speculative_passes_total", "counter", "Speculative passes (--speculative; also decode steps).",
+             lambda e: e.stats.spec_passes),
+            ("lmforge_speculative_drafted_tokens_total", "counter", "Tokens drafted for speculative passes.",
+             lambda e: e.stats.drafted),
+            ("lmforge_speculative_accepted_tokens_total", "counter", "Drafted tokens the model kept.",
+             lambda e: e.stats.accepted),
         ):
             family(name, kind, help)
             out += [f'{name}{{model="{n}"}} {value(e)}' for n, e in engines]
