@@ -15,7 +15,7 @@ kept, and whether every reply's tokens were identical. Under greedy decoding the
 int4 kernel (bfloat16 activations) can round a pass of several positions differently from single steps, so an
 exact tie can go the other way: `--quantize none` (fp32) shows the tokens identical.
 
-Then the same through `lmforge serve` (`--speculative ngram` against a server without it, both in this process,
+Then the same through `lmforge serve` (a server with `--speculative ngram` after one without it, in this process,
 one client streaming chat completions over loopback, one request at a time: --serve-prompts of each kind).
 
     python benchmarks/speculative.py [--tokens 256] [--passages 8] [--questions 16] [--quantize auto]
@@ -25,7 +25,6 @@ one client streaming chat completions over loopback, one request at a time: --se
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import random
@@ -75,13 +74,17 @@ def main() -> None:
     from lmforge.generate.chat import end_of_turn_ids
     from lmforge.generate.speculative import NgramDrafter
     from lmforge.interop import load_pretrained
-    from lmforge.runtime import tune_allocator
+    from lmforge.runtime import in_own_thread, tune_allocator
 
     tune_allocator()
+    # the servers first, each alone and loaded on a thread that ends, before this thread runs any product: an
+    # engine thread is at full speed only while it is the one thread holding OpenMP workers (runtime.in_own_thread)
+    print(in_own_thread(machine_header))
+    sets = prompts(a.passages, a.questions)
+    served = serve_rows(sets, a) if a.serve_prompts else None
     model, tok = load_pretrained("smollm2-135m-instruct", quantize=a.quantize)
     ends = sorted({*end_of_turn_ids(tok), tok.eos_id})
     params = SamplingParams(a.tokens, temperature=0)
-    print(machine_header())
     print(f"SmolLM2-135M-Instruct, --quantize {a.quantize} ({getattr(model, 'quantization', None) or 'fp32'}), "
           f"batch 1, greedy, replies to their end of turn (at most {a.tokens} tokens)\n")
 
@@ -98,7 +101,6 @@ def main() -> None:
     warm = tok.encode(apply_chat_template(tok, [{"role": "user", "content": "Hello!"}]))
     run(warm, None), run(warm, NgramDrafter())  # warm-up: packed weights, allocator
     rows = []
-    sets = prompts(a.passages, a.questions)
     for kind, texts in sets.items():
         acc = {"plain": [0.0, 0.0], "ngram": [0.0, 0.0]}  # seconds to first token, seconds decoding
         tokens = drafted = kept = differ = 0
@@ -128,15 +130,17 @@ def main() -> None:
                        ("kept", "kept", ".0%"), ("same", "same tokens", "")]))
     print("\ntok/s: decoding, after the first token; e2e: with the prompt's pass. goals: repeat >= 1.8x, "
           "chat >= 0.95x")
-    if a.serve_prompts:
-        del model
-        serve_rows(sets, a)
+    if served:
+        print(f"\nthrough lmforge serve, one client, streamed chat, {a.serve_prompts} prompts of each kind:\n")
+        print(served)
 
 
-def serve_rows(sets: dict[str, list[str]], a) -> None:
-    """The same prompts through two servers, one with --speculative ngram: decoding tok/s per stream."""
+def serve_rows(sets: dict[str, list[str]], a) -> str:
+    """The same prompts through a server without and one with --speculative ngram, one after the other:
+    decoding tok/s per stream (the table)."""
     import httpx
 
+    from lmforge.runtime import in_own_thread
     from lmforge.serve.app import ServerThread, create_app, load_served
 
     def stream(url: str, text: str) -> tuple[int, float]:
@@ -156,32 +160,29 @@ def serve_rows(sets: dict[str, list[str]], a) -> None:
                     first = first or last
         return tokens, last - first
 
-    servers, engines = {}, []
-    with contextlib.ExitStack() as stack:
-        stack.callback(lambda: [e.close() for e in engines])
-        for name, spec in (("plain", None), ("ngram", "ngram")):
-            served = load_served(["smollm2-135m-instruct"], max_batch=4, quantize=a.quantize, speculative=spec)
-            engines.append(served[0].engine)
-            servers[name] = stack.enter_context(ServerThread(create_app(served)))
-        rows = []
-        for kind, texts in sets.items():
-            secs = {"plain": 0.0, "ngram": 0.0}
-            toks = {"plain": 0, "ngram": 0}
-            for url in servers.values():
+    picked = {kind: texts[:: max(1, len(texts) // a.serve_prompts)][:a.serve_prompts] for kind, texts in sets.items()}
+    secs = {(kind, name): 0.0 for kind in sets for name in ("plain", "ngram")}
+    toks = dict.fromkeys(secs, 0)
+    for name, spec in (("plain", None), ("ngram", "ngram")):
+        served = in_own_thread(load_served, ["smollm2-135m-instruct"], max_batch=4, quantize=a.quantize,
+                               speculative=spec)
+        try:
+            with ServerThread(create_app(served)) as url:
                 stream(url, "Hello!")  # warm-up
-            for text in texts[:: max(1, len(texts) // a.serve_prompts)][:a.serve_prompts]:
-                for name, url in servers.items():
-                    n, sec = stream(url, text)
-                    toks[name] += n
-                    secs[name] += sec
-            rows.append({"kind": kind, "plain": toks["plain"] / secs["plain"], "spec": toks["ngram"] / secs["ngram"],
-                         "ratio": (toks["ngram"] / secs["ngram"]) / (toks["plain"] / secs["plain"]),
-                         "tokens": toks["ngram"]})
-        print(f"\nthrough lmforge serve, one client, streamed chat, {a.serve_prompts} prompts of each kind:\n")
-        print(table(rows, [("kind", "prompts", ""), ("tokens", "tokens", "d"), ("plain", "serve tok/s", ".1f"),
-                           ("spec", "serve --speculative ngram tok/s", ".1f"), ("ratio", "x plain", ".2f")]))
-        print("(tok/s per stream, first streamed piece to last)")
-
+                for kind, texts in picked.items():
+                    for text in texts:
+                        n, sec = stream(url, text)
+                        toks[kind, name] += n
+                        secs[kind, name] += sec
+        finally:
+            served[0].engine.close()
+    rows = []
+    for kind in sets:
+        plain, spec = toks[kind, "plain"] / secs[kind, "plain"], toks[kind, "ngram"] / secs[kind, "ngram"]
+        rows.append({"kind": kind, "plain": plain, "spec": spec, "ratio": spec / plain, "tokens": toks[kind, "ngram"]})
+    return table(rows, [("kind", "prompts", ""), ("tokens", "tokens", "d"), ("plain", "serve tok/s", ".1f"),
+                        ("spec", "serve --speculative ngram tok/s", ".1f"), ("ratio", "x plain", ".2f")]) + \
+        "\n(tok/s per stream, first streamed piece to last)"
 
 if __name__ == "__main__":
     torch.set_grad_enabled(False)

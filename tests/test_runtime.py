@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from lmforge.runtime import TensorMemory
@@ -30,3 +31,15 @@ def test_tensor_memory_counts_activations_gradients_and_optimizer_state():
     assert tm.current >= 3 * params  # weights + Adam's two moments (+ step counters)
     assert tm.peak >= 4 * params  # during the step: gradients and both moments at once
     assert tm.peak_mb == tm.peak / MB
+
+
+def test_in_own_thread_returns_raises_and_runs_elsewhere():
+    """serve loads its models through in_own_thread so that the main thread never holds an OpenMP pool."""
+    import threading
+
+    from lmforge.errors import ConfigError
+    from lmforge.runtime import in_own_thread
+
+    assert in_own_thread(lambda a, b=0: (a + b, threading.current_thread().name), 2, b=3) == (5, "lmforge-setup")
+    with pytest.raises(ConfigError, match="bad"):
+        in_own_thread(lambda: (_ for _ in ()).throw(ConfigError("bad")))

@@ -201,6 +201,33 @@ class TensorMemory:
         return self.current / 2**20
 
 
+def in_own_thread(fn, *args, **kwargs):
+    """fn(*args, **kwargs) on a new thread that ends with it; its result returned, its exception raised here.
+
+    For work before a long-lived compute thread starts (the serving engine's): libgomp, PyTorch's OpenMP on
+    Linux, keeps a pool of workers for every thread that has run a parallel region, and once those pools hold
+    more threads than there are cores its workers stop spin-waiting between regions (they sleep and are woken
+    for each of the hundreds of small products in a decoding step). On 2 cores a step then took twice as long:
+    SmolLM2 int4 at batch 1, 57 tok/s in the engine thread after the main thread had loaded the model, 106 when
+    the loading ran on a thread that had ended (its pool goes with it)."""
+    import threading
+
+    box: dict = {}
+
+    def run() -> None:
+        try:
+            box["result"] = fn(*args, **kwargs)
+        except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+            box["error"] = e
+
+    t = threading.Thread(target=run, name="lmforge-setup")
+    t.start()
+    t.join()
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
+
+
 def cpu_model() -> str:
     """The CPU's model name as the kernel reports it (`model name` in /proc/cpuinfo), for every benchmark table
     and run record: the figures differ by CPU kind, so each one names the machine it came from."""
