@@ -67,6 +67,14 @@ async def one(client: httpx.AsyncClient, url: str, question: str, max_tokens: in
             "max_tokens": max_tokens, "temperature": 0.7, "seed": seed, "ignore_eos": True,
             "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
+    try:
+        return await _one(client, url, body, t0)
+    except httpx.HTTPError as e:  # counted, not raised: a round reports what failed
+        return {"status": f"client error: {type(e).__name__}: {e}", "ttft": None, "tokens": 0,
+                "seconds": time.perf_counter() - t0}
+
+
+async def _one(client: httpx.AsyncClient, url: str, body: dict, t0: float) -> dict:
     first, tokens = None, 0
     async with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
         if r.status_code != 200:
@@ -161,7 +169,7 @@ def rounds(url: str, pid: int, a: argparse.Namespace) -> dict:
     soak_wall = time.perf_counter() - t0
     rows = [summary(f"sequential x{a.n}", seq_res, seq_wall), summary(f"concurrent x{a.n}", con_res, con_wall),
             summary(f"soak {a.clients} clients", soak_res, soak_wall)]
-    return {"rows": rows, "soak": soak_res, "rss": (rss_warm, rss_mb(pid))}
+    return {"rows": rows, "seq": seq_res, "con": con_res, "soak": soak_res, "rss": (rss_warm, rss_mb(pid))}
 
 
 def print_rows(title: str, rows: list[dict]) -> None:
@@ -187,12 +195,20 @@ def llama_server(a: argparse.Namespace) -> tuple[str, dict] | None:
     url = f"http://127.0.0.1:{port}"
     cmd = [str(llama_cpp.builds()[variant] / "llama-server"), "-m", str(path), "--port", str(port),
            "-np", str(a.max_batch), "-c", str(512 * a.max_batch), "-t", str(os.cpu_count())]
-    server, _ = start(cmd, url)
+    server, log = start(cmd, url)
     try:
-        return variant, rounds(url, server.pid, a)
+        result = rounds(url, server.pid, a)
     finally:
+        alive = server.poll() is None
         server.terminate()
         server.wait(timeout=30)
+    failed = [r for row in ("seq", "con") for r in result[row] if r["status"] != 200] + \
+        [r for r in result["soak"] if r["status"] != 200]
+    if failed or not alive:
+        log.seek(0)
+        print(f"llama-server: {len(failed)} failed requests (first: {failed[0]['status'] if failed else '-'}), "
+              f"{'still running' if alive else 'exited'}; its log ends:\n" + log.read()[-2000:])
+    return variant, result
 
 
 def main() -> None:
@@ -218,7 +234,6 @@ def main() -> None:
     finally:
         server.terminate()
         server.wait(timeout=30)
-    peer = None if a.no_peer else llama_server(a)
 
     rows = ours["rows"]
     print_rows(f"lmforge serve --quantize {a.quantize}, {MODEL}, {a.max_tokens} tokens per reply, max-batch "
@@ -238,7 +253,8 @@ def main() -> None:
                                                                        "lmforge_decode_rows_total"))]
     if len(steps) == 2:
         s, rws = (float(x.split()[-1]) for x in steps)
-        print(f"mean decode batch over the run: {rws / s:.1f} rows")
+        print(f"mean decode batch over the run: {rws / s:.1f} rows", flush=True)
+    peer = None if a.no_peer else llama_server(a)
     if peer is not None:
         variant, theirs = peer
         print_rows(f"llama.cpp llama-server ({variant} build), the same GGUF, -np {a.max_batch}, "
