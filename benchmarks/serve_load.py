@@ -38,6 +38,7 @@ import httpx
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 MODEL = "smollm2-135m-instruct"
+RETRIED: dict[str, int] = {}  # server url -> requests sent again after a closed kept-alive connection
 
 
 def free_port() -> int:
@@ -67,11 +68,20 @@ async def one(client: httpx.AsyncClient, url: str, question: str, max_tokens: in
             "max_tokens": max_tokens, "temperature": 0.7, "seed": seed, "ignore_eos": True,
             "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
-    try:
-        return await _one(client, url, body, t0)
-    except httpx.HTTPError as e:  # counted, not raised: a round reports what failed
-        return {"status": f"client error: {type(e).__name__}: {e}", "ttft": None, "tokens": 0,
-                "seconds": time.perf_counter() - t0}
+    for attempt in (1, 2):
+        try:
+            return await _one(client, url, body, t0)
+        except httpx.RemoteProtocolError as e:
+            # a kept-alive connection the server had closed (llama-server closes some after a streamed reply
+            # without saying so): nothing was answered, so send it again once on a fresh connection, as
+            # clients with retries do; counted in the result
+            if attempt == 2 or "without sending a response" not in str(e):
+                return {"status": f"client error: {type(e).__name__}: {e}", "ttft": None, "tokens": 0,
+                        "seconds": time.perf_counter() - t0}
+            RETRIED[url] = RETRIED.get(url, 0) + 1
+        except httpx.HTTPError as e:  # counted, not raised: a round reports what failed
+            return {"status": f"client error: {type(e).__name__}: {e}", "ttft": None, "tokens": 0,
+                    "seconds": time.perf_counter() - t0}
 
 
 async def _one(client: httpx.AsyncClient, url: str, body: dict, t0: float) -> dict:
@@ -204,6 +214,7 @@ def llama_server(a: argparse.Namespace) -> tuple[str, dict] | None:
         server.wait(timeout=30)
     failed = [r for row in ("seq", "con") for r in result[row] if r["status"] != 200] + \
         [r for r in result["soak"] if r["status"] != 200]
+    print(f"llama-server: {RETRIED.get(url, 0)} requests sent again after a closed kept-alive connection")
     if failed or not alive:
         log.seek(0)
         print(f"llama-server: {len(failed)} failed requests (first: {failed[0]['status'] if failed else '-'}), "
@@ -244,7 +255,8 @@ def main() -> None:
     for r in ours["soak"]:
         statuses[r["status"]] = statuses.get(r["status"], 0) + 1
     errors = sum(n for s, n in statuses.items() if not (isinstance(s, int) and s < 500))
-    print(f"soak statuses: {statuses}  -> 5xx/failed: {errors} (goal 0)")
+    print(f"soak statuses: {statuses}  -> 5xx/failed: {errors} (goal 0); requests sent again after a closed "
+          f"kept-alive connection: {RETRIED.get(url, 0)}")
     rss_warm, rss_end = ours["rss"]
     drift = (rss_end - rss_warm) / rss_warm * 100
     print(f"server RSS after warm-up {rss_warm:.0f} MiB, at the end {rss_end:.0f} MiB ({drift:+.1f}%, goal within "
