@@ -429,3 +429,19 @@ def test_int4_keeps_the_files_q4_1_weights(smol):
         assert q.blocks[0].attn.fused is not None and q.blocks[0].mlp.fused is not None
     # (the chat prompt of the int8 test is a near tie here: "The" 25.33 against "L" 25.24 in fp32's logits)
     assert "Paris" in tok.decode([row[0] for row in fused])
+
+
+def test_quantize_int4_keeps_the_files_blocks(smol, tmp_path):
+    """`lmforge quantize --mode int4` on the Q4_1 GGUF saves the file's own 4-bit grid (groups of 32), not a
+    requantization of the dequantized weights; the saved directory loads back with the same weights."""
+    from lmforge.compress.pipeline import quantize
+    from lmforge.nn.quant import Int4Linear
+
+    model, _, _, _ = smol
+    said: list[str] = []
+    result = quantize("smollm2-135m-instruct", "int4", tmp_path / "q", say=said.append)
+    assert result["group_size"] == 32 and any("kept as stored" in s for s in said)
+    back, _ = load_pretrained(tmp_path / "q")
+    layer = back.get_submodule("blocks.3.mlp.down")
+    assert isinstance(layer, Int4Linear) and layer.group_size == 32
+    assert torch.equal(layer.dequantize(), model.get_submodule("blocks.3.mlp.down").weight)

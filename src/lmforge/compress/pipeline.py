@@ -14,7 +14,8 @@ from lmforge.compress.prune import check_args, prune_model, recover, sparsity_of
 from lmforge.config import check_number
 from lmforge.errors import LmforgeError
 from lmforge.files import write_json
-from lmforge.interop import load_pretrained
+from lmforge.interop import load_pretrained, resolve_model_path
+from lmforge.interop.gguf import FOUR_BIT_GROUP
 from lmforge.interop.hf import check_output_dir
 from lmforge.interop.quantized import save_quantized
 from lmforge.nn.quant import MODES, check_quantizable, quantize_model
@@ -25,6 +26,15 @@ def _load(model: str):
     if getattr(m, "quantization", None):
         raise LmforgeError(f"{model} is already quantized; start from the full-precision model")
     return m, tok
+
+
+def _file_int4(model: str):
+    """The int4 model of a GGUF whose Linear weights are 4-bit blocks (load_pretrained's `auto`), else None."""
+    p = resolve_model_path(model)
+    if not (p.is_file() and p.suffix == ".gguf"):
+        return None
+    m, _ = load_pretrained(p, quantize="auto")
+    return m if (getattr(m, "quantization", None) or {}).get("mode") == "int4" else None
 
 
 def quantize(model: str, mode: str, out: str | Path, group_size: int = 64, eval_data: list[str] | None = None,
@@ -38,7 +48,13 @@ def quantize(model: str, mode: str, out: str | Path, group_size: int = 64, eval_
     m, tok = _load(model)
     check_quantizable(m, mode, group_size)  # a mode this model cannot take fails before the measurements
     before = measure(m, tok, eval_data, text_col, label_col)
-    quantize_model(m, mode, group_size)
+    kept = _file_int4(model) if mode == "int4" else None
+    if kept is not None:  # a GGUF's own 4-bit blocks, kept as stored: requantizing them would only lose
+        m, group_size = kept, FOUR_BIT_GROUP
+        say(f"int4: the file's own 4-bit blocks are kept as stored (groups of {FOUR_BIT_GROUP}; --group-size "
+            "does not apply)")
+    else:
+        quantize_model(m, mode, group_size)
     after = measure(m, tok, eval_data, text_col, label_col)
     save_quantized(m, out, tok)
     say(comparison(before, after, mode))
