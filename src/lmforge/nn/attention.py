@@ -256,6 +256,19 @@ class SlotKVCache:
     def release(self, slot: int) -> None:
         self.lens[slot] = 0
 
+    def save(self, slot: int, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Copies of the first n positions of a slot's keys and values, per layer ([n_kv_head, n, head_dim])."""
+        return [(k[slot, :, :n].clone(), v[slot, :, :n].clone()) for k, v in zip(self.k, self.v)]
+
+    def load(self, slot: int, kv: Sequence[tuple[torch.Tensor, torch.Tensor]], n: int) -> None:
+        """Start a slot with the first n positions of saved keys and values (see save); the next prefill
+        continues after them."""
+        self.reserve(n)
+        for (k, v), K, V in zip(kv, self.k, self.v):
+            K[slot, :, :n] = k[:, :n]
+            V[slot, :, :n] = v[:, :n]
+        self.lens[slot] = n
+
 
 # --------------------------------------------------------------------------------------------------------------
 # the module

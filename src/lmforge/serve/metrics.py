@@ -99,6 +99,14 @@ class Metrics:
             ("lmforge_decode_steps_total", "counter", "Engine decode steps.", lambda e: e.stats.steps),
             ("lmforge_decode_rows_total", "counter", "Sequences advanced by decode steps (mean batch size = "
              "rows / steps).", lambda e: e.stats.batch_rows),
+            ("lmforge_prefix_cache_hits_total", "counter", "Prompts that reused a cached prefix (--cache-mb).",
+             lambda e: e.prefix.hits if e.prefix else 0),
+            ("lmforge_prefix_cache_misses_total", "counter", "Prompts that found no cached prefix.",
+             lambda e: e.prefix.misses if e.prefix else 0),
+            ("lmforge_prefix_cache_reused_tokens_total", "counter", "Prompt tokens taken from the prefix cache "
+             "instead of being computed.", lambda e: e.prefix.reused_tokens if e.prefix else 0),
+            ("lmforge_prefix_cache_bytes", "gauge", "Memory the prefix cache holds.",
+             lambda e: e.prefix.bytes if e.prefix else 0),
             ("lmforge_speculative_passes_total", "counter", "Speculative passes (--speculative; also decode steps).",
              lambda e: e.stats.spec_passes),
             ("lmforge_speculative_drafted_tokens_total", "counter", "Tokens drafted for speculative passes.",
