@@ -14,6 +14,9 @@ tokens in one pass costs little more. With several sequences the batched step al
 among them, so plain steps run; each sequence's drafter catches up on the tokens it missed when it drafts again.
 Requests that ask for logprobs or presence / frequency penalties decode without drafts.
 
+A prefix cache (`cache_mb`, lmforge.generate.prefix) lets a prompt that begins like an earlier one start from
+that one's keys and values and prefill only the rest.
+
     engine = Engine(model, tokenizer, max_batch=16).start()
     for ev in engine.stream(Request(tokenizer.encode("To be"), SamplingParams(max_new_tokens=20))):
         print(ev.text, end="")
