@@ -848,6 +848,9 @@ class ServeConfig:
     device: str = setting("cpu", "cpu, cuda, cuda:1 or mps")
     cache_mb: float = setting(256, "memory for the prefix cache: prompts that begin like an earlier one reuse its "
                               "keys and values (0: off)", low=0)
+    prefill_chunk: int = setting(256, "a prompt longer than this arriving while others stream is prefilled in "
+                                 "chunks of at most this many tokens beside their steps (0: whole)", low=0,
+                                 integer=True)
     speculative: str | None = setting(None, "speculative decoding while one request runs: ngram (prompt lookup) "
                                       "or a draft model with the same tokenizer (directory, .gguf or packaged name)")
     max_body: int = setting(1 << 20, "largest request body in bytes (413 above)", low=1, integer=True)

@@ -87,6 +87,8 @@ class Request:
         self._stream: TextStream | None = None
         self._generator: torch.Generator | None = None
         self._drafter: Drafter | None = None
+        self._cached = 0  # prompt tokens in the cache
+        self._prefilling = False  # admitted, its prompt going in by chunks
 
     @property
     def ttft(self) -> float | None:
@@ -103,6 +105,7 @@ class EngineStats:
     batch_rows: int = 0  # sum over decode steps of the rows that were running (mean batch = batch_rows / steps)
     step_seconds: float = 0.0
     prefill_seconds: float = 0.0
+    chunks: int = 0  # decode steps that also ran a chunk of a long prompt (chunked prefill)
     spec_passes: int = 0  # speculative passes (also counted in steps)
     drafted: int = 0  # tokens drafted in them
     accepted: int = 0  # drafted tokens kept
@@ -113,15 +116,21 @@ class Engine:
     max_queue: requests allowed to wait for a row (more raise QueueFull at once); max_len: prompt plus new
     tokens per sequence (default: the model's context); draft: speculative decoding of a lone sequence (a
     Drafter, see the module notes); cache_mb: memory for the prefix cache (lmforge.generate.prefix: prompts
-    that begin like an earlier one reuse its keys and values; 0: off)."""
+    that begin like an earlier one reuse its keys and values; 0: off); prefill_chunk: a prompt longer than this
+    arriving while others stream is prefilled in chunks beside their steps (at most this many tokens a step, fewer
+    as measured; 0: whole)."""
 
     def __init__(self, model: torch.nn.Module, tokenizer, max_batch: int = 16, max_queue: int = 64,
                  max_len: int | None = None, pack_weights: bool = True, draft: Drafter | None = None,
-                 cache_mb: float = 0) -> None:
+                 cache_mb: float = 0, prefill_chunk: int = 0) -> None:
         for flag, value, low in (("--max-batch", max_batch, 1), ("--max-queue", max_queue, 0),
-                                 ("--max-len", max_len, 1), ("--cache-mb", cache_mb, 0)):
+                                 ("--max-len", max_len, 1), ("--cache-mb", cache_mb, 0),
+                                 ("--prefill-chunk", prefill_chunk, 0)):
             check_number(flag, value, low, integer=flag != "--cache-mb")
         self.prefix = PrefixCache(int(cache_mb * 2**20)) if cache_mb else None
+        self.prefill_chunk = prefill_chunk
+        self._chunk = min(4, prefill_chunk)  # the chunk size now (adapted to the step time)
+        self._step_ema = 0.0  # plain decode step seconds, averaged
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
         self.max_len = min(max_len or model.config.max_seq_len, model.config.max_seq_len)
@@ -242,9 +251,13 @@ class Engine:
                             self._prefill(r)
                         except Exception as e:  # noqa: BLE001 - one bad request must not take the others down
                             self._fail(r, e)
-                    if self.running and not self._speculate():
+                    if self.running:
                         try:
-                            self._decode()
+                            waiting = next((r for r in self.slots if r is not None and r._prefilling), None)
+                            if waiting is not None:
+                                self._chunk_step(waiting)
+                            elif not self._speculate():
+                                self._decode()
                         except Exception as e:  # noqa: BLE001 - the step itself failed: every row it ran
                             for r in self.slots:
                                 self._fail(r, e)
@@ -258,7 +271,8 @@ class Engine:
             release_packed(self.model)
 
     def _prefill(self, req: Request) -> None:
-        t0 = time.perf_counter()
+        """Admit a request: its slot, its prompt's cached prefix, then its prefill now, or in chunks beside the
+        running rows' steps when the rest is longer than prefill_chunk and other sequences are streaming."""
         slot = self.slots.index(None)
         req.slot, self.slots[slot] = slot, req
         self.cache.release(slot)
@@ -271,21 +285,76 @@ class Engine:
             start, kv = self.prefix.lookup(req.prompt_ids)
             if start:
                 self.cache.load(slot, kv, start)
-        ids = torch.tensor([req.prompt_ids[start:]], dtype=torch.long, device=self.device)
-        self.cache.prefill(slot, ids.size(1))
+        req._cached = start
+        if (self.prefill_chunk and not want_prompt and len(req.prompt_ids) - start > self.prefill_chunk
+                and self._decoding_rows()):
+            req._prefilling = True  # the chunks run in _chunk_step, one per engine step
+            return
+        self._prefill_rest(req)
+
+    def _prefill_rest(self, req: Request) -> None:
+        """The prompt's tokens not yet in the cache in one pass, then its first token."""
+        t0 = time.perf_counter()
+        want_prompt = req.echo and req.logprobs is not None
+        ids = torch.tensor([req.prompt_ids[req._cached:]], dtype=torch.long, device=self.device)
+        self.cache.prefill(req.slot, ids.size(1))
         logits = self.model(ids, cache=self.cache, last_only=not want_prompt).logits[0]
-        if self.prefix is not None and not want_prompt:
-            self.prefix.store(req.prompt_ids, lambda n: self.cache.save(slot, n))
-        self.stats.prompt_tokens += len(req.prompt_ids)
         self.stats.prefill_seconds += time.perf_counter() - t0
         if want_prompt:
             lp = torch.log_softmax(logits[:-1].float(), dim=-1)
             req.prompt_logprobs = [TokenLogprob(self._piece(req.prompt_ids[0]), None)] + [
                 self._logprob(lp[i], t, req.logprobs) for i, t in enumerate(req.prompt_ids[1:])]
+        self._prefilled(req, logits[-1])
+
+    def _prefilled(self, req: Request, last: torch.Tensor) -> None:
+        """The whole prompt is in the cache (`last`: the logits after it): keep its prefix, emit its first token."""
+        req._prefilling, req._cached = False, len(req.prompt_ids)
+        if self.prefix is not None and not (req.echo and req.logprobs is not None):
+            self.prefix.store(req.prompt_ids, lambda n: self.cache.save(req.slot, n))
+        self.stats.prompt_tokens += len(req.prompt_ids)
         if req.params.max_new_tokens == 0:
             self._finish(req, "length")
         else:
-            self._emit(req, logits[-1])
+            self._emit(req, last)
+
+    def _decoding_rows(self) -> list[int]:
+        return [i for i, r in enumerate(self.slots) if r is not None and not r._prefilling]
+
+    def _chunk_step(self, req: Request) -> None:
+        """One pass of the running rows' decode step and the next chunk of `req`'s prompt (chunked prefill), or,
+        with nothing else running, the rest of the prompt at once. The chunk adapts so that this pass takes
+        about 1.45-1.7x a plain decode step: a stream's gap between two tokens stays within about twice its
+        usual one while a long prompt is read (which then takes longer than it would alone)."""
+        active = self._decoding_rows()
+        if not active:
+            return self._prefill_rest(req)
+        t0 = time.perf_counter()
+        p = req.prompt_ids
+        n = min(self._chunk, len(p) - req._cached)
+        done = req._cached + n == len(p)
+        rows = max(active) + 1
+        pos = self.cache.mixed(active, req.slot, n)
+        ids = torch.zeros((1, rows + n), dtype=torch.long, device=self.device)
+        ids[0, active] = torch.tensor([self.slots[i]._next for i in active], device=self.device)
+        ids[0, rows:] = torch.tensor(p[req._cached:req._cached + n], device=self.device)
+        at = torch.zeros((1, rows + n), dtype=torch.bool, device=self.device)
+        at[0, :rows] = True  # every row's logits (idle ones too, as a decode step computes them) ...
+        at[0, -1] = done  # ... and the prompt's last when this chunk ends it
+        logits = self.model(ids, position_ids=pos, cache=self.cache, logits_at=at).logits.float()
+        req._cached += n
+        self._pick_and_emit(active, logits[:rows])
+        dt = time.perf_counter() - t0
+        self.stats.steps += 1
+        self.stats.chunks += 1
+        self.stats.batch_rows += len(active)
+        self.stats.step_seconds += dt
+        if self._step_ema:  # each chunk reads the whole prompt so far again: later chunks get shorter
+            if dt > 1.7 * self._step_ema:
+                self._chunk = max(1, self._chunk * 2 // 3)
+            elif dt < 1.45 * self._step_ema:
+                self._chunk = min(self.prefill_chunk, self._chunk + max(1, self._chunk // 4))
+        if done and req.finish_reason is None:
+            self._prefilled(req, logits[rows])
 
     def _speculate(self) -> bool:
         """A speculative pass for the only running sequence when nothing waits and it drafts something (True);
@@ -335,7 +404,15 @@ class Engine:
         ids = torch.zeros((pos.size(0), 1), dtype=torch.long, device=self.device)
         ids[active, 0] = torch.tensor([self.slots[i]._next for i in active], device=self.device)
         logits = self.model(ids, attention_mask=mask, position_ids=pos, cache=self.cache, last_only=True).logits
-        logits = logits[:, -1].float()
+        self._pick_and_emit(active, logits[:, -1].float())
+        self.stats.steps += 1
+        self.stats.batch_rows += len(active)
+        self.stats.step_seconds += time.perf_counter() - t0
+        self._step_ema = 0.9 * self._step_ema + 0.1 * (time.perf_counter() - t0) if self._step_ema else \
+            time.perf_counter() - t0
+
+    def _pick_and_emit(self, active: list[int], logits: torch.Tensor) -> None:
+        """Each active row's next token from its fp32 logits (rows indexed by slot), then its events."""
         picked: dict[int, int] = {}
         groups: dict[tuple, list[int]] = {}  # rows that sample, by their filters: each group in one pass
         for i in active:
@@ -365,9 +442,6 @@ class Engine:
                 self._emit(r, logits[i], picked.get(i, greedy[i]))
             except Exception as e:  # noqa: BLE001
                 self._fail(r, e)
-        self.stats.steps += 1
-        self.stats.batch_rows += len(active)
-        self.stats.step_seconds += time.perf_counter() - t0
 
     @staticmethod
     def _penalise(req: Request, logits: torch.Tensor) -> None:

@@ -232,6 +232,40 @@ class SlotKVCache:
         mask = torch.arange(k_len, device=self.device)[None, :] <= pos[:, None]
         return pos[:, None], mask[:, None, None, :]
 
+    def mixed(self, active: Sequence[int], slot: int, n: int) -> torch.Tensor:
+        """The next forward runs, as one row of rows + n tokens, a decode step for rows 0..max(active) (as
+        `decode`, idle rows on dummy tokens) and the next n prompt tokens of `slot` (a chunk of its prefill, which
+        must not be an active row). Returns the position ids [1, rows + n]; attention goes through `attend`."""
+        rows = max(active) + 1
+        pos = torch.tensor(self.lens[:rows], dtype=torch.long, device=self.device)
+        start = self.lens[slot]
+        self.reserve(max(int(pos.max()) + 1, start + n))
+        self._plan = ("mixed", rows, pos, int(pos.max()) + 1, list(active), slot, start, n)
+        return torch.cat([pos, torch.arange(start, start + n, device=self.device)])[None]
+
+    @property
+    def attends(self) -> bool:
+        """Whether this step's attention runs through `attend` (a mixed step) rather than update + SDPA."""
+        return bool(self._plan) and self._plan[0] == "mixed"
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               scale: float | None = None) -> torch.Tensor:
+        """A mixed step's attention, q/k/v [1, heads, rows + n, D]: the first `rows` tokens each against its own
+        row's keys (as a decode step), the last n causally against their slot's, written to the cache first."""
+        _, rows, pos, k_len, _, slot, start, n = self._plan
+        K, V = self.k[layer], self.v[layer]
+        idx = torch.arange(rows, device=self.device)
+        K[idx, :, pos] = k[0, :, :rows].transpose(0, 1)
+        V[idx, :, pos] = v[0, :, :rows].transpose(0, 1)
+        K[slot, :, start:start + n] = k[0, :, rows:]  # after the rows: the slot's own dummy decode write is undone
+        V[slot, :, start:start + n] = v[0, :, rows:]
+        mask = (torch.arange(k_len, device=self.device)[None, :] <= pos[:, None])[:, None, None, :]
+        y_rows = sdpa(q[0, :, :rows].transpose(0, 1)[:, :, None], K[:rows, :, :k_len], V[:rows, :, :k_len], mask,
+                      scale=scale)  # [rows, heads, 1, D]
+        y_chunk = sdpa(q[:, :, rows:], K[slot:slot + 1, :, :start + n], V[slot:slot + 1, :, :start + n],
+                       scale=scale)  # causal: the chunk's queries are the last n of start + n keys
+        return torch.cat([y_rows[:, :, 0].transpose(0, 1)[None], y_chunk], dim=2)
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         K, V = self.k[layer], self.v[layer]
         if self._plan[0] == "prefill":
@@ -246,7 +280,11 @@ class SlotKVCache:
         return K[:rows, :, :k_len], V[:rows, :, :k_len]
 
     def advance(self, n: int) -> None:
-        if self._plan[0] == "prefill":
+        if self._plan[0] == "mixed":
+            for i in self._plan[4]:
+                self.lens[i] += 1
+            self.lens[self._plan[5]] += self._plan[7]
+        elif self._plan[0] == "prefill":
             self.lens[self._plan[1]] += n
         else:
             for i in self._plan[4]:
@@ -332,6 +370,9 @@ class Attention(nn.Module):
             k, v = kv if kv is not None else self.project_kv(x)
         if rotary is not None:
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        if cache is not None and getattr(cache, "attends", False):  # a serving step of decode rows + a chunk
+            y = cache.attend(layer, q, k, v, self.scale)
+            return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
         if cache is not None:
             k, v = cache.update(layer, k, v)
         if self.record is not None:  # explain: the probabilities themselves, [B, H, Tq, Tk]

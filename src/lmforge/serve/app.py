@@ -82,11 +82,11 @@ class ServedModel:
 
 def load_served(paths: Sequence[str], max_batch: int = 16, max_queue: int = 64, max_len: int | None = None,
                 quantize: str | None = None, dtype: str | None = None, device: str = "cpu",
-                speculative: str | None = None, cache_mb: float = 0) -> list[ServedModel]:
+                speculative: str | None = None, cache_mb: float = 0, prefill_chunk: int = 0) -> list[ServedModel]:
     """Load each model (directory, .gguf or packaged name; weights in `dtype`, see load_pretrained) on `device`
     and start an engine for each decoder; speculative: "ngram" or a draft model for the decoders (see
     lmforge.generate.speculative: it drafts while one sequence runs); cache_mb: each engine's prefix cache
-    (lmforge.generate.prefix; 0: off)."""
+    (lmforge.generate.prefix; 0: off); prefill_chunk: chunked prefill of long prompts (see Engine; 0: off)."""
     served, names = [], set()
     for path in paths:
         model, tok = load_pretrained(path, device=device, quantize=quantize, dtype=dtype)
@@ -97,7 +97,7 @@ def load_served(paths: Sequence[str], max_batch: int = 16, max_queue: int = 64, 
         if isinstance(model, DecoderLM):
             draft = make_drafter(speculative, model, device=device, quantize=quantize, dtype=dtype)
             engine = Engine(model.eval(), tok, max_batch=max_batch, max_queue=max_queue, max_len=max_len,
-                            draft=draft, cache_mb=cache_mb).start()
+                            draft=draft, cache_mb=cache_mb, prefill_chunk=prefill_chunk).start()
             served.append(ServedModel(name, model, tok, engine))
         elif isinstance(model, Encoder):
             served.append(ServedModel(name, model.eval(), tok))
@@ -665,7 +665,7 @@ class ServerThread:
 def serve(models: Sequence[str], config: ServeConfig | None = None, **settings: Any) -> None:
     """Load the models and serve them until interrupted, as `config` says (a ServeConfig; `settings` override
     its fields: host, port, api_key, max_batch, max_queue, max_len, quantize, dtype, device, cache_mb,
-    speculative, max_body, request_timeout, log_level). Every setting is checked before a model loads."""
+    prefill_chunk, speculative, max_body, request_timeout, log_level). Every setting is checked before a model loads."""
     import uvicorn
 
     if not models:
@@ -680,7 +680,7 @@ def serve(models: Sequence[str], config: ServeConfig | None = None, **settings: 
     # loaded on a thread that ends, so that the engine threads are the only ones with OpenMP pools (see
     # runtime.in_own_thread: otherwise a batch-1 step takes about twice as long on few cores)
     served = in_own_thread(load_served, models, c.max_batch, c.max_queue, c.max_len, c.quantize, c.dtype, c.device,
-                           c.speculative, c.cache_mb)
+                           c.speculative, c.cache_mb, c.prefill_chunk)
     app = create_app(served, api_key=api_key, max_body=c.max_body, body_timeout=request_timeout)
     if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         print(f"warning: serving on {host} without --api-key: anyone who can reach this port can use it")

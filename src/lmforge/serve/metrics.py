@@ -99,6 +99,8 @@ class Metrics:
             ("lmforge_decode_steps_total", "counter", "Engine decode steps.", lambda e: e.stats.steps),
             ("lmforge_decode_rows_total", "counter", "Sequences advanced by decode steps (mean batch size = "
              "rows / steps).", lambda e: e.stats.batch_rows),
+            ("lmforge_prefill_chunks_total", "counter", "Decode steps that also ran a chunk of a long prompt "
+             "(--prefill-chunk).", lambda e: e.stats.chunks),
             ("lmforge_prefix_cache_hits_total", "counter", "Prompts that reused a cached prefix (--cache-mb).",
              lambda e: e.prefix.hits if e.prefix else 0),
             ("lmforge_prefix_cache_misses_total", "counter", "Prompts that found no cached prefix.",
