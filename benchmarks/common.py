@@ -186,3 +186,22 @@ def rss_of(pid: int) -> float:
     """Resident memory of process `pid` in MiB (Linux: the second field of /proc/PID/statm, in pages)."""
     with open(f"/proc/{pid}/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def stream_chat(url: str, body: dict) -> dict:
+    """POST a streaming chat completion (body without "stream"); the arrival time of every piece of content, the
+    text and the usage the server reported."""
+    import httpx
+
+    times, text, usage = [], [], {}
+    body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=600) as r:
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            usage = chunk.get("usage") or usage
+            if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                times.append(time.perf_counter())
+                text.append(chunk["choices"][0]["delta"]["content"])
+    return {"times": times, "text": "".join(text), "usage": usage}

@@ -14,13 +14,12 @@ whether every reply was the same with the cache on as off.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine_header, table  # noqa: E402
+from common import machine_header, stream_chat, table  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
 QUESTIONS = ("Who speaks first in this scene?", "Summarise the scene in one sentence.")
@@ -45,31 +44,18 @@ def main() -> None:
     ap.add_argument("--cache-mb", type=float, default=256)
     a = ap.parse_args()
 
-    import httpx
-
     from lmforge.runtime import in_own_thread
     from lmforge.serve.app import ServerThread, create_app, load_served
 
     print(in_own_thread(machine_header))
 
     def ask(url: str, system: str, question: str) -> tuple[float, str, int]:
-        body = {"model": MODEL, "messages": [{"role": "system", "content": system},
-                                             {"role": "user", "content": question}],
-                "temperature": 0, "max_tokens": a.max_tokens, "stream": True,
-                "stream_options": {"include_usage": True}}
         t0 = time.perf_counter()
-        ttft, text, prompt = None, [], 0
-        with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=600) as r:
-            for line in r.iter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[6:])
-                if chunk.get("usage"):
-                    prompt = chunk["usage"]["prompt_tokens"]
-                if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
-                    ttft = ttft or time.perf_counter() - t0
-                    text.append(chunk["choices"][0]["delta"]["content"])
-        return ttft or float("nan"), "".join(text), prompt
+        r = stream_chat(url, {"model": MODEL, "messages": [{"role": "system", "content": system},
+                                                           {"role": "user", "content": question}],
+                              "temperature": 0, "max_tokens": a.max_tokens})
+        ttft = r["times"][0] - t0 if r["times"] else float("nan")
+        return ttft, r["text"], r["usage"].get("prompt_tokens", 0)
 
     results, texts, prompt_tokens = {}, {}, []
     for label, mb in (("cache off", 0), (f"cache {a.cache_mb:g} MB", a.cache_mb)):

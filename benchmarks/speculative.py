@@ -25,7 +25,6 @@ one client streaming chat completions over loopback, one request at a time: --se
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import sys
@@ -34,7 +33,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine_header, table  # noqa: E402
+from common import machine_header, stream_chat, table  # noqa: E402
 
 ASKS = ("Copy the following passage exactly, fixing only its punctuation:\n\n{}",
         "Repeat the following text exactly as it is written:\n\n{}",
@@ -138,27 +137,13 @@ def main() -> None:
 def serve_rows(sets: dict[str, list[str]], a) -> str:
     """The same prompts through a server without and one with --speculative ngram, one after the other:
     decoding tok/s per stream (the table)."""
-    import httpx
-
     from lmforge.runtime import in_own_thread
     from lmforge.serve.app import ServerThread, create_app, load_served
 
     def stream(url: str, text: str) -> tuple[int, float]:
-        body = {"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": text}],
-                "temperature": 0, "max_tokens": a.tokens, "stream": True, "stream_options": {"include_usage": True}}
-        first = last = 0.0
-        tokens = 0
-        with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=600) as r:
-            for line in r.iter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[6:])
-                if chunk.get("usage"):
-                    tokens = chunk["usage"]["completion_tokens"]
-                if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
-                    last = time.perf_counter()
-                    first = first or last
-        return tokens, last - first
+        r = stream_chat(url, {"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": text}],
+                              "temperature": 0, "max_tokens": a.tokens})
+        return r["usage"].get("completion_tokens", 0), (r["times"][-1] - r["times"][0]) if r["times"] else 0.0
 
     picked = {kind: texts[:: max(1, len(texts) // a.serve_prompts)][:a.serve_prompts] for kind, texts in sets.items()}
     secs = {(kind, name): 0.0 for kind in sets for name in ("plain", "ngram")}
