@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -270,6 +271,46 @@ def test_sse_framing_and_metrics(real):
     missing = httpx.post(url + "/v1/chat/completions", json={"model": SMOL}, headers=h)
     assert missing.status_code == 400 and missing.json()["error"]["param"] == "messages"
     assert httpx.get(url + "/nowhere").json()["error"]["type"] == "not_found_error"
+
+
+def test_structured_outputs_through_the_openai_client(client):
+    """response_format json_schema and json_object on chat (plain, streamed, n = 2 sampled) and completions, and
+    lmforge's regex and choice extensions: every reply parses and validates; an unsupported schema is a 400 that
+    names the construct."""
+    import jsonschema
+
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30},
+                                               "population": {"type": "integer", "minimum": 0, "maximum": 99999999}},
+              "required": ["city", "population"], "additionalProperties": False}
+    fmt = {"type": "json_schema", "json_schema": {"name": "city", "schema": schema, "strict": True}}
+    ask = [{"role": "user", "content": "Name a large city and its population, as JSON."}]
+    r = client.chat.completions.create(model=SMOL, messages=ask, response_format=fmt, max_tokens=60, temperature=0)
+    jsonschema.validate(json.loads(r.choices[0].message.content), schema)
+    r = client.chat.completions.create(model=SMOL, messages=ask, response_format=fmt, max_tokens=60, n=2,
+                                       temperature=1.0, seed=7)
+    for c in r.choices:
+        jsonschema.validate(json.loads(c.message.content), schema)
+    streamed = "".join(ch.choices[0].delta.content or "" for ch in client.chat.completions.create(
+        model=SMOL, messages=ask, response_format=fmt, max_tokens=60, temperature=0, stream=True) if ch.choices)
+    jsonschema.validate(json.loads(streamed), schema)
+    r = client.chat.completions.create(model=SMOL, messages=ask, response_format={"type": "json_object"},
+                                       max_tokens=60, temperature=0)
+    assert isinstance(json.loads(r.choices[0].message.content), dict)
+    r = client.completions.create(model=SMOL, prompt="The population of Paris is", max_tokens=120, temperature=0,
+                                  extra_body={"response_format": fmt})
+    assert r.choices[0].finish_reason == "stop", r.choices[0].text
+    jsonschema.validate(json.loads(r.choices[0].text), schema)
+    r = client.chat.completions.create(model=SMOL, messages=ask, max_tokens=20, temperature=0,
+                                       response_format={"type": "regex", "regex": "[A-Z][a-z]+, [0-9]{5,8}"})
+    assert re.fullmatch("[A-Z][a-z]+, [0-9]{5,8}", r.choices[0].message.content)
+    r = client.chat.completions.create(model=SMOL, messages=[{"role": "user", "content": "Is Paris in France?"}],
+                                       max_tokens=5, temperature=0, response_format={"type": "choice",
+                                                                                     "choice": ["yes", "no"]})
+    assert r.choices[0].message.content in ("yes", "no")
+    for bad, needle in (({"type": "json_schema", "json_schema": {"name": "x", "schema": {"not": {}}}}, "not"),
+                        ({"type": "regex"}, "regex"), ({"type": "yaml"}, "response_format")):
+        with pytest.raises(openai.BadRequestError, match=needle):
+            client.chat.completions.create(model=SMOL, messages=ask, max_tokens=5, response_format=bad)
 
 
 def test_prefix_cache_reuses_a_long_system_prompt(real, client):

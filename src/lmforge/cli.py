@@ -12,9 +12,10 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from lmforge.config import DTYPES, INFERENCE_DTYPE_HELP, QUANTIZE, QUANTIZE_HELP, SamplingParams, ServeConfig
-from lmforge.errors import LmforgeError
+from lmforge.errors import ConfigError, LmforgeError
 
 
 def cmd_quickstart(a: argparse.Namespace) -> None:
@@ -42,6 +43,12 @@ def cmd_pretrain(a: argparse.Namespace) -> None:
 def cmd_generate(a: argparse.Namespace) -> None:
     from lmforge.generate import generate
 
+    schema = None
+    if a.json_schema:
+        path = Path(a.json_schema)
+        if not path.is_file():
+            raise ConfigError(f"--json-schema {path}: no such file; give a JSON schema file")
+        schema = path.read_text(encoding="utf-8")
     model, tok, draft = _load_for_decoding(a)
     prompts = [p.replace("\\n", "\n").replace("\\t", "\t") if a.escapes else p for p in a.prompt]
     stream = len(prompts) == 1 and not a.json and (a.stream or (not a.no_stream and sys.stdout.isatty()))
@@ -54,7 +61,8 @@ def cmd_generate(a: argparse.Namespace) -> None:
         sys.stdout.write(prompts[0])
     texts = generate(model, tok, prompts, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
                      top_k=a.top_k, top_p=a.top_p, repetition_penalty=a.repetition_penalty, stop=a.stop,
-                     seed=a.seed, on_text=on_text if stream else None, compile=a.compile, draft=draft)
+                     seed=a.seed, on_text=on_text if stream else None, compile=a.compile, draft=draft,
+                     json_schema=schema, regex=a.regex)
     if stream:
         sys.stdout.write("\n")
     elif a.json:
@@ -287,6 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stream", action="store_true", help="stream even when stdout is not a terminal")
     g.add_argument("--no-stream", action="store_true", help="print only when done")
     g.add_argument("--json", action="store_true", help="print results as JSON")
+    g.add_argument("--json-schema", metavar="FILE", help="every reply is JSON that follows this JSON schema "
+                   "(constrained decoding)")
+    g.add_argument("--regex", help="every reply matches this regular expression (constrained decoding)")
     g.set_defaults(fn=cmd_generate)
 
     c = sub.add_parser("convert", help="convert a .gguf file (or a model directory) into an HF-layout directory")

@@ -12,7 +12,7 @@ Speculative decoding (`draft`: a drafter from lmforge.generate.speculative) runs
 none is waiting: the batch-1 case, where a step reads every weight for one token and verifying a few drafted
 tokens in one pass costs little more. With several sequences the batched step already shares each weight read
 among them, so plain steps run; each sequence's drafter catches up on the tokens it missed when it drafts again.
-Requests that ask for logprobs or presence / frequency penalties decode without drafts.
+Requests that ask for logprobs, presence / frequency penalties or a constrained reply decode without drafts.
 
 A prefix cache (`cache_mb`, lmforge.generate.prefix) lets a prompt that begins like an earlier one start from
 that one's keys and values and prefill only the rest.
@@ -36,6 +36,7 @@ import torch
 
 from lmforge.config import check_number
 from lmforge.errors import LmforgeError
+from lmforge.generate.constrain import Constraint
 from lmforge.generate.prefix import PrefixCache
 from lmforge.generate.sampling import SamplingParams, TextStream, sample
 from lmforge.generate.speculative import Drafter, choose
@@ -64,12 +65,13 @@ class Event:
 class Request:
     """One sequence to generate. stop: strings that end it (not shown); end_ids: tokens that end it (EOS,
     end-of-turn). logprobs: None, or how many alternatives to report per token (0 = the chosen token only);
-    echo: also score the prompt tokens (with logprobs). Penalties follow OpenAI's presence/frequency ones."""
+    echo: also score the prompt tokens (with logprobs). Penalties follow OpenAI's presence/frequency ones.
+    constraint: the reply's grammar (lmforge.generate.constrain), masking every step's logits."""
 
     def __init__(self, prompt_ids: Sequence[int], params: SamplingParams, stop: Sequence[str] = (),
                  end_ids: Sequence[int] = (), logprobs: int | None = None, echo: bool = False,
                  presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
-                 on_event: Callable[[Event], None] | None = None) -> None:
+                 on_event: Callable[[Event], None] | None = None, constraint: Constraint | None = None) -> None:
         self.prompt_ids = list(prompt_ids)
         self.params = params
         self.stop = list(stop)
@@ -77,6 +79,7 @@ class Request:
         self.logprobs, self.echo = logprobs, echo
         self.presence_penalty, self.frequency_penalty = presence_penalty, frequency_penalty
         self.on_event = on_event
+        self.constraint = constraint
         self.completion_ids: list[int] = []
         self.prompt_logprobs: list[TokenLogprob] | None = None  # set by the prefill when echo and logprobs
         self.finish_reason: str | None = None
@@ -363,7 +366,8 @@ class Engine:
         if self.draft is None or len(active) != 1 or self.waiting:
             return False
         r = active[0]
-        if r.logprobs is not None or r.presence_penalty or r.frequency_penalty or r.finish_reason is not None:
+        if (r.logprobs is not None or r.presence_penalty or r.frequency_penalty or r.constraint is not None
+                or r.finish_reason is not None):
             return False
         t0 = time.perf_counter()
         try:
@@ -419,6 +423,8 @@ class Engine:
             r = self.slots[i]
             try:
                 self._penalise(r, logits[i])
+                if r.constraint is not None:
+                    r.constraint.apply(logits[i])
             except Exception as e:  # noqa: BLE001 - a request's own settings failed: only its row fails
                 self._fail(r, e)
                 continue
@@ -458,6 +464,8 @@ class Engine:
         if tok is None:
             logits = logits.float().clone()
             self._penalise(req, logits)
+            if req.constraint is not None:
+                req.constraint.apply(logits)
             if p.temperature == 0:
                 tok = int(logits.argmax())
             else:
@@ -467,6 +475,8 @@ class Engine:
             req.first_token_at = time.perf_counter()
         req.completion_ids.append(tok)
         self.stats.generated_tokens += 1
+        if req.constraint is not None:
+            req.constraint.consume(tok)
         tokens = []
         if req.logprobs is not None:
             tokens = [self._logprob(torch.log_softmax(logits.float(), dim=-1), tok, req.logprobs)]

@@ -13,6 +13,7 @@ import torch
 
 from lmforge.config import SamplingParams  # noqa: F401 (declared with the other settings; re-exported here)
 from lmforge.errors import LmforgeError
+from lmforge.generate.constrain import Constraint
 from lmforge.nn import packed
 from lmforge.nn.packed import packed_linears
 
@@ -124,13 +125,15 @@ COMPILE_BUCKET = 128  # compiled decoding sizes its cache to a multiple of this,
 def generate_ids(
     model: torch.nn.Module, prompts: Sequence[Sequence[int]], params: SamplingParams,
     eos_token_id: int | Sequence[int] | None = None, pad_token_id: int = 0, pack_weights: bool = True,
-    compile: bool = False, draft=None,
+    compile: bool = False, draft=None, constraints: Sequence | None = None,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of every prompt, step by step ([B] tensors), until max_new_tokens or all rows hit EOS
     (eos_token_id: one id or several). A finished row keeps yielding its EOS id.
 
     draft: a speculative drafter (lmforge.generate.speculative: NgramDrafter, ModelDrafter) for one prompt,
     eager: the same tokens under greedy decoding, the same distribution under sampling, fewer passes.
+    constraints: one lmforge.generate.constrain.Constraint (or None) per prompt: each step's logits of that row
+    are masked to its grammar (which ends on an EOS id, so eos_token_id must be given).
 
     Prompts of different lengths are left-padded so that every row's last token sits in the same column; the
     attention mask hides the padding and position ids count real tokens only. On CPU the Linear weights are
@@ -155,6 +158,9 @@ def generate_ids(
     generator = None
     if params.seed is not None:
         generator = torch.Generator(device=device).manual_seed(params.seed)
+    if constraints is not None and (draft is not None or eos_token_id is None or len(constraints) != B):
+        raise LmforgeError("constrained decoding needs an end token, one constraint (or None) per prompt, and no "
+                           "speculative drafter")
     if draft is not None:
         if B != 1 or compile:
             raise LmforgeError("speculative decoding runs one prompt at a time, without --compile; give one "
@@ -211,7 +217,16 @@ def generate_ids(
             else:
                 logits = model(x, attention_mask=None if mask is None else mask[:, :length], cache=cache,
                                last_only=True).logits[:, -1]
+            if constraints is not None:
+                logits = logits.float().clone()
+                for i, c in enumerate(constraints):
+                    if c is not None and not done[i]:
+                        c.apply(logits[i])
             tok = next_token(logits, params, generator, seen)
+            if constraints is not None:
+                for i, c in enumerate(constraints):
+                    if c is not None and not done[i]:
+                        c.consume(int(tok[i]))
             if ends is not None and ends.numel():
                 tok = torch.where(done, ends[0], tok)
                 done |= torch.isin(tok, ends)
@@ -304,14 +319,16 @@ def generate(
     temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
     repetition_penalty: float = 1.0, stop: Sequence[str] | None = None, seed: int | None = None,
     on_text: Callable[[int, str], None] | None = None, end_token_ids: Sequence[int] = (), compile: bool = False,
-    draft=None,
+    draft=None, json_schema: dict | str | None = None, json_object: bool = False, regex: str | None = None,
+    choice: Sequence[str] | None = None,
 ) -> list[str] | str:
     """Continue each prompt; returns the new text (a str for a str prompt, else a list).
 
     stop: strings that end a row (not included in the output). end_token_ids: tokens that end a row besides
     EOS (a chat template's end-of-turn). on_text(row, piece) receives text as it is produced, for streaming;
     pieces never split a multi-byte character. compile: decode through torch.compile (see generate_ids).
-    draft: speculative decoding of one prompt (see generate_ids).
+    draft: speculative decoding of one prompt (see generate_ids). json_schema (a dict or JSON text), json_object,
+    regex or choice: every reply follows that constraint (lmforge.generate.constrain).
     """
     single = isinstance(prompts, str)
     texts = [prompts] if single else list(prompts)
@@ -321,8 +338,14 @@ def generate(
     ends = list(dict.fromkeys(([tokenizer.eos_id] if tokenizer.eos_id is not None else []) + list(end_token_ids)))
     streams = [TextStream(tokenizer, stop) for _ in texts]
     done = [False] * len(texts)
+    constraints = None
+    if json_schema is not None or json_object or regex is not None or choice is not None:
+        if not ends:
+            raise LmforgeError("constrained decoding needs a tokenizer with an EOS token")
+        constraints = [Constraint.make(tokenizer, model.config.vocab_size, ends, json_schema=json_schema,
+                                       json_object=json_object, regex=regex, choice=choice) for _ in texts]
     for tok in generate_ids(model, encoded, params, eos_token_id=ends or None, pad_token_id=tokenizer.pad_id,
-                            compile=compile, draft=draft):
+                            compile=compile, draft=draft, constraints=constraints):
         for i, t in enumerate(tok.tolist()):
             if done[i]:
                 continue

@@ -42,6 +42,7 @@ from lmforge.config import ServeConfig
 from lmforge.data.chat import apply_chat_template
 from lmforge.errors import LmforgeError
 from lmforge.generate.chat import end_of_turn_ids
+from lmforge.generate.constrain import Constraint
 from lmforge.generate.engine import Engine, Event, QueueFull, Request, TokenLogprob
 from lmforge.generate.sampling import SamplingParams
 from lmforge.generate.speculative import make_drafter
@@ -204,7 +205,7 @@ def create_app(models: Sequence[ServedModel], api_key: str | None = None, max_bo
         prompts = as_token_lists(body.prompt, tok, m.model.config.vocab_size)
         ends = [tok.eos_id] if tok.eos_id is not None else []
         reqs = [new_request(ids, body, body.max_tokens if body.max_tokens is not None else 16, ends, j,
-                            logprobs=body.logprobs, echo=body.echo)
+                            logprobs=body.logprobs, echo=body.echo, served=m)
                 for ids in prompts for j in range(body.n)]
         rid, created = "cmpl-" + uuid.uuid4().hex[:24], int(time.time())
 
@@ -256,7 +257,7 @@ def create_app(models: Sequence[ServedModel], api_key: str | None = None, max_bo
         if limit is None:
             limit = max(m.engine.max_len - len(ids), 0)
         top = (body.top_logprobs or 0) if body.logprobs else None
-        reqs = [new_request(ids, body, limit, ends, j, logprobs=top) for j in range(body.n)]
+        reqs = [new_request(ids, body, limit, ends, j, logprobs=top, served=m) for j in range(body.n)]
         rid, created = "chatcmpl-" + uuid.uuid4().hex[:24], int(time.time())
 
         def logprobs(tokens: list[TokenLogprob]) -> dict | None:
@@ -431,14 +432,49 @@ def as_token_lists(prompt, tok, vocab_size: int) -> list[list[int]]:
     return out
 
 
+def response_constraint(body, served: ServedModel, ends: list[int]) -> Constraint | None:
+    """The reply's grammar from `response_format`: json_object, json_schema ({"json_schema": {"schema": ...}}),
+    and lmforge's extensions regex ({"regex": "..."}) and choice ({"choice": [...]}); None for text. A schema
+    with a construct the grammar engine does not implement is a 400 that names it."""
+    rf = body.response_format or {}
+    kind = rf.get("type") or "text"
+    if kind == "text":
+        return None
+    spec: dict = {}
+    if kind == "json_object":
+        spec["json_object"] = True
+    elif kind == "json_schema":
+        schema = (rf.get("json_schema") or {}).get("schema")
+        if not isinstance(schema, dict):
+            raise APIError(400, "response_format json_schema needs {\"json_schema\": {\"name\": ..., \"schema\": "
+                           "{...}}}", param="response_format")
+        spec["json_schema"] = schema
+    elif kind == "regex" and isinstance(rf.get("regex"), str) and rf["regex"]:
+        spec["regex"] = rf["regex"]
+    elif kind == "choice" and isinstance(rf.get("choice"), list) and rf["choice"]:
+        spec["choice"] = rf["choice"]
+    else:
+        raise APIError(400, f"response_format type {kind!r} needs its field ('regex': a pattern, 'choice': a list "
+                       "of strings) or is not one of text, json_object, json_schema, regex, choice",
+                       param="response_format")
+    if not ends:
+        raise APIError(400, "this model has no end token to finish a constrained reply", param="response_format")
+    try:
+        return Constraint.make(served.tokenizer, served.model.config.vocab_size, ends, **spec)
+    except LmforgeError as e:
+        raise APIError(400, str(e), param="response_format") from None
+
+
 def new_request(ids: list[int], body, max_tokens: int, ends: list[int], j: int, logprobs: int | None = None,
-                echo: bool = False) -> Request:
+                echo: bool = False, served: ServedModel | None = None) -> Request:
+    constraint = response_constraint(body, served, ends) if served is not None else None
     seed = None if body.seed is None else body.seed + j
     temperature = body.temperature if body.temperature >= MIN_TEMPERATURE else 0.0
     params = SamplingParams(max_new_tokens=max_tokens, temperature=temperature, top_k=body.top_k,
                             top_p=body.top_p if body.top_p < 1 else None, seed=seed)
-    return Request(ids, params, stop=body.stop or [], end_ids=[] if body.ignore_eos else ends, logprobs=logprobs,
-                   echo=echo, presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty)
+    return Request(ids, params, stop=body.stop or [], end_ids=[] if body.ignore_eos and constraint is None else ends,
+                   logprobs=logprobs, echo=echo, presence_penalty=body.presence_penalty,
+                   frequency_penalty=body.frequency_penalty, constraint=constraint)
 
 
 def usage(prompts: list[list[int]], reqs: list[Request]) -> dict:

@@ -33,6 +33,9 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+RESPONSE_FORMATS = (None, "text", "json_object", "json_schema", "regex", "choice")  # regex, choice: lmforge's own
+
+
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
@@ -53,7 +56,8 @@ class _Sampling(BaseModel):
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     user: str | None = None
     ignore_eos: bool = False  # extension (as vLLM's): run to max_tokens, for load tests
-    # accepted by OpenAI, not implemented here: refused by name when set (see unsupported())
+    # response_format: see serve.app.response_constraint; the rest are accepted by OpenAI and not implemented here:
+    # refused by name when set (see unsupported())
     logit_bias: dict[str, float] | None = None
     tools: list[Any] | None = None
     response_format: dict | None = None
@@ -73,7 +77,7 @@ class _Sampling(BaseModel):
             return "logit_bias"
         if self.tools:
             return "tools"
-        if self.response_format and self.response_format.get("type") not in (None, "text"):
+        if self.response_format and self.response_format.get("type") not in RESPONSE_FORMATS:
             return "response_format"
         if self.suffix:
             return "suffix"

@@ -1,0 +1,110 @@
+"""Constrained decoding: replies that follow a JSON schema, are any JSON object, match a regular expression or are
+one of fixed choices, by masking the logits of every step to the tokens that can continue a valid reply.
+
+The grammar engine is llguidance (PyPI `llguidance`): it reads a `tokenizers` JSON as it is (no per-vocabulary
+byte mapping to write), builds in about 0.15 s per tokenizer (kept) and under a millisecond per schema, and
+computes a step's mask over SmolLM2's 49,152 tokens in 0.07-0.2 ms; a schema keyword it does not implement is an
+error that names it. (Tried beside it: xgrammar 0.2.9 needs `tvm_ffi` and a vocabulary conversion, and
+outlines-core a byte-level vocabulary conversion and a regex index per schema.)
+
+A `Constraint` follows one reply: `apply(logits)` masks a row of logits in place (a token the grammar does not
+allow gets -inf), `consume(token)` advances it. Once a reply is complete the only token allowed is an end token
+(the ones given when it is made: EOS and a chat template's end of turn), so decoding stops there on its own.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from lmforge.errors import LmforgeError
+
+_TOKENIZERS: dict[tuple, object] = {}
+_LOCK = threading.Lock()
+
+
+def _lltokenizer(tokenizer, vocab_size: int, ends: Sequence[int]):
+    import llguidance
+
+    key = (id(tokenizer.tok), vocab_size, tuple(sorted(ends)))
+    with _LOCK:
+        if key not in _TOKENIZERS:
+            _TOKENIZERS[key] = (tokenizer.tok, llguidance.LLTokenizer(tokenizer.tok.to_str(), n_vocab=vocab_size,
+                                                                      eos_token=sorted(ends)))
+        return _TOKENIZERS[key][1]
+
+
+def grammar_for(json_schema: dict | str | None = None, json_object: bool = False, regex: str | None = None,
+                choice: Sequence[str] | None = None) -> str:
+    """The llguidance grammar of one kind of constraint (exactly one given)."""
+    import llguidance
+
+    given = [k for k, v in (("json_schema", json_schema), ("json_object", json_object), ("regex", regex),
+                            ("choice", choice)) if v]
+    if len(given) != 1:
+        raise LmforgeError(f"give exactly one constraint (json_schema, json_object, regex or choice), got "
+                           f"{', '.join(given) or 'none'}")
+    if json_schema is not None:
+        if isinstance(json_schema, str):
+            try:
+                json_schema = json.loads(json_schema)
+            except json.JSONDecodeError as e:
+                raise LmforgeError(f"the JSON schema is not valid JSON: {e}") from None
+        if not isinstance(json_schema, dict):
+            raise LmforgeError("a JSON schema must be a JSON object")
+        return llguidance.LLMatcher.grammar_from_json_schema(json.dumps(json_schema))
+    if json_object:
+        return llguidance.LLMatcher.grammar_from_json_schema(json.dumps({"type": "object"}))
+    if regex is not None:
+        return llguidance.LLMatcher.grammar_from_regex(regex)
+    if not all(isinstance(c, str) and c for c in choice):
+        raise LmforgeError("choices must be non-empty strings")
+    return llguidance.LLMatcher.grammar_from_regex("|".join(_escape(c) for c in choice))
+
+
+def _escape(text: str) -> str:
+    return "".join("\\" + ch if ch in r".^$*+?()[]{}|\/" else ch for ch in text)
+
+
+class Constraint:
+    """One reply's grammar state over the model's vocabulary (see the module notes)."""
+
+    def __init__(self, tokenizer, grammar: str, vocab_size: int, ends: Sequence[int]) -> None:
+        import llguidance
+
+        lt = _lltokenizer(tokenizer, vocab_size, ends)
+        failed, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, lt)
+        if failed:
+            raise LmforgeError(f"unsupported constraint: {messages[0] if messages else 'the grammar is invalid'}")
+        self.matcher = llguidance.LLMatcher(lt, grammar)
+        if self.matcher.is_error():
+            raise LmforgeError(f"unsupported constraint: {self.matcher.get_error()}")
+        self.vocab_size = vocab_size
+
+    @classmethod
+    def make(cls, tokenizer, vocab_size: int, ends: Sequence[int], **spec) -> Constraint:
+        """Constraint.make(tok, V, ends, json_schema=... | json_object=True | regex=... | choice=[...])."""
+        return cls(tokenizer, grammar_for(**spec), vocab_size, ends)
+
+    def allowed(self) -> torch.Tensor:
+        """Bool [vocab_size]: the tokens that can come next."""
+        bits = np.unpackbits(np.frombuffer(self.matcher.compute_bitmask(), dtype=np.uint8), bitorder="little")
+        return torch.from_numpy(bits[:self.vocab_size].astype(bool))
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        """Mask one row of logits [vocab_size] in place; returns it."""
+        logits.masked_fill_(~self.allowed().to(logits.device), float("-inf"))
+        return logits
+
+    def consume(self, token: int) -> None:
+        if not self.matcher.consume_token(token):
+            raise LmforgeError(f"token {token} does not continue the constrained reply ({self.matcher.get_error()})")
+
+    @property
+    def done(self) -> bool:
+        """The reply is complete (only an end token may follow)."""
+        return self.matcher.is_stopped()
