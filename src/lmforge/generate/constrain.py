@@ -23,6 +23,9 @@ import torch
 
 from lmforge.errors import LmforgeError
 
+# JSON as json.dumps writes it ("key": value, items after ", "): llguidance's default lets any whitespace
+# between tokens, and a small model would then sometimes spend its tokens on newlines and indentation
+COMPACT = {"whitespace_flexible": False, "key_separator": ": ", "item_separator": ", "}
 _TOKENIZERS: dict[tuple, object] = {}
 _LOCK = threading.Lock()
 
@@ -56,9 +59,9 @@ def grammar_for(json_schema: dict | str | None = None, json_object: bool = False
                 raise LmforgeError(f"the JSON schema is not valid JSON: {e}") from None
         if not isinstance(json_schema, dict):
             raise LmforgeError("a JSON schema must be a JSON object")
-        return llguidance.LLMatcher.grammar_from_json_schema(json.dumps(json_schema))
+        return llguidance.LLMatcher.grammar_from_json_schema(json.dumps(json_schema), defaults=COMPACT)
     if json_object:
-        return llguidance.LLMatcher.grammar_from_json_schema(json.dumps({"type": "object"}))
+        return llguidance.LLMatcher.grammar_from_json_schema(json.dumps({"type": "object"}), defaults=COMPACT)
     if regex is not None:
         return llguidance.LLMatcher.grammar_from_regex(regex)
     if not all(isinstance(c, str) and c for c in choice):
