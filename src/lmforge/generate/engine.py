@@ -290,7 +290,7 @@ class Engine:
                 self.cache.load(slot, kv, start)
         req._cached = start
         if (self.prefill_chunk and not want_prompt and len(req.prompt_ids) - start > self.prefill_chunk
-                and self._decoding_rows()):
+                and any(i != slot for i in self._decoding_rows())):
             req._prefilling = True  # the chunks run in _chunk_step, one per engine step
             return
         self._prefill_rest(req)
