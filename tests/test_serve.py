@@ -313,6 +313,65 @@ def test_structured_outputs_through_the_openai_client(client):
             client.chat.completions.create(model=SMOL, messages=ask, max_tokens=5, response_format=bad)
 
 
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 40},
+                                                    "unit": {"enum": ["celsius", "fahrenheit"]}},
+                   "required": ["city", "unit"], "additionalProperties": False}}}
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
+    "type": "object", "properties": {"zone": {"type": "string", "maxLength": 20}}, "required": ["zone"]}}}
+
+
+def test_tool_calls_through_the_openai_client(client):
+    """tools / tool_choice on chat: a required call and a named one come back as tool_calls whose arguments parse
+    and validate against the tool's parameters (plain and streamed, the client assembling the deltas); auto gives a
+    valid call or text; the tool's result goes back as a tool turn; bad tool settings are 400s."""
+    import jsonschema
+
+    ask = [{"role": "user", "content": "What is the weather in Paris?"}]
+    params = WEATHER["function"]["parameters"]
+    r = client.chat.completions.create(model=SMOL, messages=ask, tools=[WEATHER, TIME], tool_choice="required",
+                                       max_tokens=60, temperature=0)
+    c = r.choices[0]
+    assert c.finish_reason == "tool_calls" and c.message.content is None and len(c.message.tool_calls) == 1
+    call = c.message.tool_calls[0]
+    assert call.type == "function" and call.id.startswith("call_") and call.function.name in ("get_weather", "get_time")
+    schema = params if call.function.name == "get_weather" else TIME["function"]["parameters"]
+    jsonschema.validate(json.loads(call.function.arguments), schema)
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    r = client.chat.completions.create(model=SMOL, messages=ask, tools=[WEATHER, TIME], tool_choice=named,
+                                       max_tokens=60, temperature=0.9, seed=2, n=2)
+    for c in r.choices:
+        assert c.message.tool_calls[0].function.name == "get_weather"
+        jsonschema.validate(json.loads(c.message.tool_calls[0].function.arguments), params)
+    deltas = [ch.choices[0].delta for ch in client.chat.completions.create(
+        model=SMOL, messages=ask, tools=[WEATHER], tool_choice=named, max_tokens=60, temperature=0, stream=True)
+        if ch.choices]
+    streamed = [t for d in deltas for t in (d.tool_calls or [])]
+    assert streamed and streamed[0].function.name == "get_weather" and streamed[0].id.startswith("call_")
+    jsonschema.validate(json.loads("".join(t.function.arguments or "" for t in streamed)), params)
+    r = client.chat.completions.create(model=SMOL, messages=ask, tools=[WEATHER], max_tokens=60, temperature=0)
+    c = r.choices[0]  # auto: either a valid call or a plain reply
+    if c.message.tool_calls:
+        assert c.finish_reason == "tool_calls"
+        jsonschema.validate(json.loads(c.message.tool_calls[0].function.arguments), params)
+    else:
+        assert c.message.content and not c.message.content.lstrip().startswith("{")
+    follow = ask + [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather",
+                                                          "arguments": '{"city": "Paris", "unit": "celsius"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": '{"temperature": 21, "sky": "clear"}'}]
+    r = client.chat.completions.create(model=SMOL, messages=follow, tools=[WEATHER], tool_choice="none",
+                                       max_tokens=30, temperature=0)
+    assert r.choices[0].message.content and r.choices[0].finish_reason in ("stop", "length")
+    for kw, needle in ((dict(tools=[{"type": "function", "function": {}}]), "name"),
+                       (dict(tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "nope"}}),
+                        "nope"),
+                       (dict(tool_choice="required"), "needs tools")):
+        with pytest.raises(openai.BadRequestError, match=needle):
+            client.chat.completions.create(model=SMOL, messages=ask, max_tokens=5, **kw)
+
+
 def test_prefix_cache_reuses_a_long_system_prompt(real, client):
     """A second chat with the same long system prompt reuses its keys and values (the prefix cache, on in this
     server): the metrics count the hit and the reused tokens; asked the same question again, the reply is the

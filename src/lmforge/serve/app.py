@@ -245,8 +245,8 @@ def create_app(models: Sequence[ServedModel], api_key: str | None = None, max_bo
         check_supported(body)
         m = pick(body.model, "decoder")
         tok = m.tokenizer
-        messages = [{"role": "system" if x.role == "developer" else x.role, "content": x.text()}
-                    for x in body.messages]
+        tools, tool_choice = tool_setup(body)
+        messages = chat_messages(body.messages, tools, tool_choice)
         try:
             ids = tok.encode(apply_chat_template(tok, messages))
         except LmforgeError as e:
@@ -257,7 +257,8 @@ def create_app(models: Sequence[ServedModel], api_key: str | None = None, max_bo
         if limit is None:
             limit = max(m.engine.max_len - len(ids), 0)
         top = (body.top_logprobs or 0) if body.logprobs else None
-        reqs = [new_request(ids, body, limit, ends, j, logprobs=top, served=m) for j in range(body.n)]
+        reqs = [new_request(ids, body, limit, ends, j, logprobs=top, served=m, tools=tools, tool_choice=tool_choice)
+                for j in range(body.n)]
         rid, created = "chatcmpl-" + uuid.uuid4().hex[:24], int(time.time())
 
         def logprobs(tokens: list[TokenLogprob]) -> dict | None:
@@ -269,19 +270,33 @@ def create_app(models: Sequence[ServedModel], api_key: str | None = None, max_bo
                 for i in range(len(reqs)):
                     yield {**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                                 "logprobs": None, "finish_reason": None}]}
+                calls: dict[int, str | None] = {}  # with tools: choice -> its text so far while it is a call
                 async for i, ev in run_stream(m, reqs, request, limit_param):
-                    delta = {"content": ev.text} if ev.text else {}
+                    text, reason = ev.text, ev.finish_reason
+                    if tools and (i in calls or not ev.text.strip() or ev.text.lstrip().startswith("{")) \
+                            and calls.get(i, "") is not None:
+                        calls[i] = calls.get(i, "") + text  # a tool call (or not yet known): sent whole at the end
+                        if reason is None:
+                            continue
+                        message, reason = assistant_message(calls[i], tools, reason)
+                        delta = {"tool_calls": [{"index": k, **c} for k, c in enumerate(message["tool_calls"])]} \
+                            if message.get("tool_calls") else {"content": message["content"]}
+                    else:
+                        calls[i] = None  # plain text: streamed as it comes
+                        delta = {"content": text} if text else {}
                     yield {**head, "choices": [{"index": i, "delta": delta, "logprobs": logprobs(ev.tokens),
-                                                "finish_reason": ev.finish_reason}]}
+                                                "finish_reason": reason}]}
                 if body.stream_options and body.stream_options.include_usage:
                     yield {**head, "choices": [], "usage": usage([ids], reqs)}
 
             return StreamingResponse(sse(chunks()), media_type="text/event-stream")
 
         events = await run_all(m, reqs, request, limit_param)
-        choices = [{"index": i, "message": {"role": "assistant", "content": "".join(e.text for e in evs)},
-                    "logprobs": logprobs([t for e in evs for t in e.tokens]), "finish_reason": r.finish_reason}
-                   for i, (r, evs) in enumerate(zip(reqs, events))]
+        choices = []
+        for i, (r, evs) in enumerate(zip(reqs, events)):
+            message, reason = assistant_message("".join(e.text for e in evs), tools, r.finish_reason)
+            choices.append({"index": i, "message": message, "logprobs": logprobs([t for e in evs for t in e.tokens]),
+                            "finish_reason": reason})
         return {"id": rid, "object": "chat.completion", "created": created, "model": m.name, "choices": choices,
                 "usage": usage([ids], reqs)}
 
@@ -432,6 +447,91 @@ def as_token_lists(prompt, tok, vocab_size: int) -> list[list[int]]:
     return out
 
 
+TOOL_FORMAT = ("You can call these tools (JSON schemas of their arguments):\n{tools}\n{how}")
+TOOL_HOW = {"auto": 'To call one, reply with only a JSON object {{"name": <tool name>, "arguments": {{...}}}}; '
+                    "otherwise reply in plain text.",
+            "required": 'Reply with only a JSON object {{"name": <tool name>, "arguments": {{...}}}} calling one.'}
+
+
+def tool_setup(body) -> tuple[list[dict] | None, str]:
+    """The request's tools as [{"name", "description", "parameters"}] (None: no tools, or tool_choice "none") and
+    its tool_choice: "auto" (the default), "required" or a tool's name."""
+    if not body.tools:
+        if body.tool_choice not in (None, "none", "auto"):
+            raise APIError(400, "tool_choice needs tools", param="tool_choice")
+        return None, "none"
+    tools = []
+    for t in body.tools:
+        f = t.get("function") if isinstance(t, dict) and t.get("type", "function") == "function" else None
+        if not isinstance(f, dict) or not isinstance(f.get("name"), str) or not f["name"]:
+            raise APIError(400, 'each tool needs {"type": "function", "function": {"name": ..., "parameters": '
+                           "{...}}}", param="tools")
+        params = f.get("parameters") or {"type": "object", "properties": {}}
+        if not isinstance(params, dict):
+            raise APIError(400, f"tool {f['name']!r}: parameters must be a JSON schema object", param="tools")
+        tools.append({"name": f["name"], "description": f.get("description") or "", "parameters": params})
+    choice = body.tool_choice if body.tool_choice is not None else "auto"
+    if isinstance(choice, dict):
+        choice = (choice.get("function") or {}).get("name")
+        if choice not in [t["name"] for t in tools]:
+            raise APIError(400, f"tool_choice names {choice!r}, which is not one of the tools", param="tool_choice")
+    elif choice not in ("none", "auto", "required"):
+        raise APIError(400, "tool_choice is none, auto, required or {\"type\": \"function\", \"function\": "
+                       "{\"name\": ...}}", param="tool_choice")
+    if body.response_format and (body.response_format.get("type") or "text") != "text" and choice != "none":
+        raise APIError(400, "give tools or a response_format, not both", param="response_format")
+    return (None, "none") if choice == "none" else (tools, choice)
+
+
+def chat_messages(messages, tools: list[dict] | None, tool_choice: str) -> list[dict]:
+    """The conversation for the chat template, in lmforge's generic tool format (the packaged models' templates
+    have none): the tools and how to call them added to the system turn; an assistant turn's tool calls as the
+    JSON object the model wrote; a tool turn's result as a user turn."""
+    out = []
+    for x in messages:
+        role = "system" if x.role == "developer" else x.role
+        content = x.text()
+        if role == "assistant" and x.tool_calls:
+            calls = []
+            for c in x.tool_calls:
+                f = c.get("function") or {}
+                try:
+                    args = json.loads(f.get("arguments") or "{}")
+                except json.JSONDecodeError:
+                    raise APIError(400, "a tool call's arguments must be JSON text", param="messages") from None
+                calls.append(json.dumps({"name": f.get("name"), "arguments": args}))
+            content = "\n".join(calls)
+        elif role == "tool":
+            role, content = "user", f"Tool result{f' ({x.name})' if x.name else ''}: {content}"
+        out.append({"role": role, "content": content})
+    if tools:
+        listed = json.dumps([{"name": t["name"], "description": t["description"], "parameters": t["parameters"]}
+                             for t in tools])
+        how = TOOL_HOW["auto" if tool_choice == "auto" else "required"]
+        text = TOOL_FORMAT.format(tools=listed, how=how)
+        if out and out[0]["role"] == "system":
+            out[0] = {"role": "system", "content": out[0]["content"] + "\n\n" + text}
+        else:
+            out.insert(0, {"role": "system", "content": text})
+    return out
+
+
+def assistant_message(text: str, tools: list[dict] | None, reason: str | None) -> tuple[dict, str | None]:
+    """The reply as OpenAI's assistant message: tool_calls when it is a call in the generic format (its arguments
+    as JSON text; finish_reason "tool_calls"), content otherwise."""
+    if tools and text.lstrip().startswith("{") and reason == "stop":
+        try:
+            call = json.loads(text)
+        except json.JSONDecodeError:
+            call = None
+        if isinstance(call, dict) and call.get("name") in [t["name"] for t in tools]:
+            return {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "call_" + uuid.uuid4().hex[:24], "type": "function",
+                 "function": {"name": call["name"], "arguments": json.dumps(call.get("arguments", {}))}}]}, \
+                "tool_calls"
+    return {"role": "assistant", "content": text}, reason
+
+
 def response_constraint(body, served: ServedModel, ends: list[int]) -> Constraint | None:
     """The reply's grammar from `response_format`: json_object, json_schema ({"json_schema": {"schema": ...}}),
     and lmforge's extensions regex ({"regex": "..."}) and choice ({"choice": [...]}); None for text. A schema
@@ -466,8 +566,16 @@ def response_constraint(body, served: ServedModel, ends: list[int]) -> Constrain
 
 
 def new_request(ids: list[int], body, max_tokens: int, ends: list[int], j: int, logprobs: int | None = None,
-                echo: bool = False, served: ServedModel | None = None) -> Request:
-    constraint = response_constraint(body, served, ends) if served is not None else None
+                echo: bool = False, served: ServedModel | None = None, tools: list[dict] | None = None,
+                tool_choice: str = "none") -> Request:
+    if tools:  # the call's arguments always parse: decoding follows the tools' schemas
+        try:
+            constraint = Constraint.make(served.tokenizer, served.model.config.vocab_size, ends, tools=tools,
+                                         tool_choice=tool_choice)
+        except LmforgeError as e:
+            raise APIError(400, str(e), param="tools") from None
+    else:
+        constraint = response_constraint(body, served, ends) if served is not None else None
     seed = None if body.seed is None else body.seed + j
     temperature = body.temperature if body.temperature >= MIN_TEMPERATURE else 0.0
     params = SamplingParams(max_new_tokens=max_tokens, temperature=temperature, top_k=body.top_k,

@@ -10,7 +10,7 @@ load tests).
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -42,6 +42,7 @@ class StreamOptions(BaseModel):
 
 class _Sampling(BaseModel):
     model_config = ConfigDict(extra="ignore")
+    TAKES_TOOLS: ClassVar[bool] = False
 
     model: str | None = None
     temperature: float = Field(1.0, ge=0.0, le=2.0)
@@ -75,7 +76,7 @@ class _Sampling(BaseModel):
     def unsupported(self) -> str | None:
         if self.logit_bias:
             return "logit_bias"
-        if self.tools:
+        if self.tools and not self.TAKES_TOOLS:
             return "tools"
         if self.response_format and self.response_format.get("type") not in RESPONSE_FORMATS:
             return "response_format"
@@ -96,8 +97,11 @@ class CompletionRequest(_Sampling):
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict] | None = None
+    tool_calls: list[dict] | None = None  # an assistant turn that called tools
+    tool_call_id: str | None = None  # a tool turn: the call it answers
+    name: str | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):  # content parts: only text parts are understood here
@@ -117,6 +121,8 @@ class ChatRequest(_Sampling):
     max_completion_tokens: int | None = Field(None, ge=0)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    tool_choice: str | dict | None = None
+    TAKES_TOOLS: ClassVar[bool] = True  # (serve.app.tool_setup)
 
 
 class EmbeddingRequest(BaseModel):
