@@ -322,6 +322,26 @@ TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
     "type": "object", "properties": {"zone": {"type": "string", "maxLength": 20}}, "required": ["zone"]}}}
 
 
+def test_tool_turns_in_the_generic_format():
+    """The system turn lists the tools and says how to call them; an assistant's call goes back as the JSON
+    object the model writes and a tool's result as a user turn."""
+    from lmforge.serve.app import chat_messages
+    from lmforge.serve.protocol import ChatMessage
+
+    tools = [{"name": "get_weather", "description": "d", "parameters": WEATHER["function"]["parameters"]}]
+    msgs = [ChatMessage(role="system", content="Be brief."), ChatMessage(role="user", content="Weather?"),
+            ChatMessage(role="assistant", tool_calls=[{"id": "c1", "type": "function", "function": {
+                "name": "get_weather", "arguments": '{"city": "Oslo", "unit": "celsius"}'}}]),
+            ChatMessage(role="tool", tool_call_id="c1", content="-3 and snow")]
+    out = chat_messages(msgs, tools, "required")
+    assert out[0]["role"] == "system" and out[0]["content"].startswith("Be brief.\n\nYou can call these tools")
+    assert '"name": "get_weather"' in out[0]["content"]
+    assert 'Reply with only a JSON object {"name": <tool name>, "arguments": {...}} calling one.' in out[0]["content"]
+    assert json.loads(out[2]["content"]) == {"name": "get_weather", "arguments": {"city": "Oslo", "unit": "celsius"}}
+    assert out[3] == {"role": "user", "content": "Tool result: -3 and snow"}
+    assert chat_messages(msgs[1:2], None, "none") == [{"role": "user", "content": "Weather?"}]
+
+
 def test_tool_calls_through_the_openai_client(client):
     """tools / tool_choice on chat: a required call and a named one come back as tool_calls whose arguments parse
     and validate against the tool's parameters (plain and streamed, the client assembling the deltas); auto gives a

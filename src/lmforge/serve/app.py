@@ -448,9 +448,9 @@ def as_token_lists(prompt, tok, vocab_size: int) -> list[list[int]]:
 
 
 TOOL_FORMAT = ("You can call these tools (JSON schemas of their arguments):\n{tools}\n{how}")
-TOOL_HOW = {"auto": 'To call one, reply with only a JSON object {{"name": <tool name>, "arguments": {{...}}}}; '
+TOOL_HOW = {"auto": 'To call one, reply with only a JSON object {"name": <tool name>, "arguments": {...}}; '
                     "otherwise reply in plain text.",
-            "required": 'Reply with only a JSON object {{"name": <tool name>, "arguments": {{...}}}} calling one.'}
+            "required": 'Reply with only a JSON object {"name": <tool name>, "arguments": {...}} calling one.'}
 
 
 def tool_setup(body) -> tuple[list[dict] | None, str]:
