@@ -409,11 +409,11 @@ class Engine:
         ids[active, 0] = torch.tensor([self.slots[i]._next for i in active], device=self.device)
         logits = self.model(ids, attention_mask=mask, position_ids=pos, cache=self.cache, last_only=True).logits
         self._pick_and_emit(active, logits[:, -1].float())
+        dt = time.perf_counter() - t0
         self.stats.steps += 1
         self.stats.batch_rows += len(active)
-        self.stats.step_seconds += time.perf_counter() - t0
-        self._step_ema = 0.9 * self._step_ema + 0.1 * (time.perf_counter() - t0) if self._step_ema else \
-            time.perf_counter() - t0
+        self.stats.step_seconds += dt
+        self._step_ema = 0.9 * self._step_ema + 0.1 * dt if self._step_ema else dt
 
     def _pick_and_emit(self, active: list[int], logits: torch.Tensor) -> None:
         """Each active row's next token from its fp32 logits (rows indexed by slot), then its events."""

@@ -240,6 +240,7 @@ class ModelDrafter(Drafter):
         self.model = draft_model
         self.cache = None
         self._fed = 0  # tokens of the sequence in the draft cache
+        self._in_cache = 0  # of the last proposal's drafts, how many the draft cache holds
 
     def fresh(self) -> ModelDrafter:
         return ModelDrafter(self.model, self.k, self.patience)
