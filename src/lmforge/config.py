@@ -433,6 +433,10 @@ class DataConfig:
     tokenizer: str | None = setting(None, "a tokenizer.json (or model directory) to use; none trains one")
     vocab_size: int | None = setting(None, "size of a trained tokenizer (default: model.vocab_size); at least 260 "
                                      "(256 bytes + specials)", low=260, integer=True)
+    tokenizer_mb: float = setting(1024.0, "text a trained tokenizer learns from: training documents (in the split's "
+                                  "hash order) up to this many MB", low=0, low_open=True)
+    workers: int = setting(0, "tokenizer processes per training process (0: its share of the cores)", low=0,
+                           integer=True)
 
     def validate(self) -> None:
         if not self.sources:
@@ -441,10 +445,12 @@ class DataConfig:
 
 
 OBJECTIVES = ("clm", "mlm", "span")
-DTYPES = ("float32", "bfloat16", "auto")
-DTYPE_HELP = ("float32; bfloat16 (autocast: the products in bf16, the weights and optimizer in fp32); or auto: "
-              "bfloat16 where the machine has bf16 matrix units (AMX or AVX-512 BF16 on a CPU, a bf16 GPU) and they "
-              "measure faster, float32 elsewhere (it says which)")
+DTYPES = ("float32", "bfloat16", "auto")  # inference
+TRAIN_DTYPES = ("float32", "bfloat16", "float16", "auto")
+DTYPE_HELP = ("float32; bfloat16 (autocast: the products in bf16, the weights and optimizer in fp32); float16 (the "
+              "same with a gradient scaler, for GPUs without bf16); or auto: bfloat16 where the machine has bf16 "
+              "matrix units (AMX or AVX-512 BF16 on a CPU, a bf16 GPU) and they measure faster, float16 on a GPU "
+              "without bf16, float32 elsewhere (it says which)")
 # weight quantization at load time for decoding (lmforge.interop.load_pretrained): auto keeps a file's own 4-bit
 # weights 4-bit on the int4 kernel (a GGUF's Q4_0 / Q4_1 / Q4_K blocks, exactly as stored) and leaves any other
 # model as it is; none never quantizes; int8 / int4 quantize any model (weight-only, some quality lost)
@@ -473,8 +479,12 @@ class TrainConfig:
     beta1: float = setting(0.9, "AdamW's first-moment decay", low=0, high=1, high_open=True)
     beta2: float = setting(0.95, "AdamW's second-moment decay", low=0, high=1, high_open=True)
     grad_clip: float = setting(1.0, "clip the gradient norm to this (0 = off)", low=0)
-    dtype: str = setting("float32", DTYPE_HELP, choices=DTYPES)
+    dtype: str = setting("float32", DTYPE_HELP, choices=TRAIN_DTYPES)
     device: str = setting("auto", "auto, cpu, cuda, cuda:1, mps")
+    strategy: str = setting("auto", "under torchrun: ddp (each process the whole model), fsdp (FSDP2: each process "
+                            "1/N of the weights, gradients and optimizer; sharded checkpoints), auto (fsdp when "
+                            "the training state would fill over a quarter of a device)",
+                            choices=("auto", "ddp", "fsdp"))
     compile: bool = setting(False, "torch.compile the model")
     grad_checkpoint: bool = setting(False, "recompute each block's activations in backward: less memory, about "
                                     "a third more compute")
@@ -787,8 +797,12 @@ class FinetuneConfig:
     eval_every: int = setting(0, "steps between evaluations (0: after every epoch)", low=0, integer=True)
     metric: str = setting("accuracy", "the validation metric that picks the best weights (higher is better)")
     seed: int = setting(0, "seed of the split, the initialisation and the data order", integer=True)
-    dtype: str = setting("float32", DTYPE_HELP, choices=DTYPES)
+    dtype: str = setting("float32", DTYPE_HELP, choices=TRAIN_DTYPES)
     device: str = setting("cpu", "cpu, cuda or mps")
+    strategy: str = setting("auto", "under torchrun: ddp (each process the whole model), fsdp (FSDP2: each process "
+                            "1/N of the weights, gradients and optimizer; sharded checkpoints), auto (fsdp when "
+                            "the training state would fill over a quarter of a device)",
+                            choices=("auto", "ddp", "fsdp"))
     log_every: int = setting(10, "steps between logged records", low=1, integer=True)
     ckpt_every: int = setting(200, "steps between checkpoints (0: none); a killed run continues with --resume",
                               low=0, integer=True)

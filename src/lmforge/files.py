@@ -53,19 +53,27 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
-        _settle(tmp)
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        publish_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def publish_dir(tmp: str | Path, path: str | Path) -> None:
+    """Put the finished temporary folder `tmp` (beside `path`, named as `is_stale_temp` expects) in place of
+    `path`: its files on disk first, then one rename. atomic_dir ends with this; a folder that several processes
+    fill (a sharded checkpoint) calls it from one of them once all are done."""
+    tmp, path = Path(tmp), Path(path)
+    _settle(tmp)
+    if path.exists():
+        old = path.with_name(f".{path.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, path)
+    _fsync_dir(path.parent)
 
 
 def _settle(folder: Path) -> None:
@@ -129,7 +137,7 @@ def check_out_dir(path: str | Path, flag: str = "--out") -> Path:
     if not q.is_dir():
         raise ConfigError(f"{flag} {p} lies under {q}, which is a file; choose a path under a folder")
     try:
-        fd, probe = tempfile.mkstemp(prefix=".lmforge-write-check.", dir=q)
+        fd, probe = tempfile.mkstemp(prefix=".lmforge-write-check.", suffix=".tmp", dir=q)  # (a stale temp)
         os.close(fd)
         os.unlink(probe)
     except OSError as e:

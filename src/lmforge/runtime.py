@@ -246,7 +246,7 @@ def cpu_model() -> str:
 # ----------------------------------------------------------------------------------------------------------------
 # the compute dtype
 
-DTYPES = ("float32", "bfloat16", "auto")
+DTYPES = ("float32", "bfloat16", "float16", "auto")
 _picked: dict[str, tuple[torch.dtype, str]] = {}
 
 
@@ -298,7 +298,8 @@ def pick_dtype(device: str | torch.device = "cpu") -> tuple[torch.dtype, str]:
         return _picked[key]
     if device.type == "cuda":
         ok = torch.cuda.is_bf16_supported()
-        got = (torch.bfloat16, "the GPU supports bf16") if ok else (torch.float32, "this GPU has no bf16")
+        got = ((torch.bfloat16, "the GPU supports bf16") if ok else
+               (torch.float16, "this GPU has no bf16: float16 products, with a gradient scaler in training"))
     elif device.type == "cpu":
         units = [name for flag, name in (("amx_bf16", "AMX"), ("avx512_bf16", "AVX-512 BF16"))
                  if flag in cpu_flags()]
@@ -325,6 +326,8 @@ def resolve_dtype(name: str | torch.dtype | None, device: str | torch.device = "
         return torch.float32
     if name == "bfloat16":
         return torch.bfloat16
+    if name == "float16":
+        return torch.float16
     if name != "auto":
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {name!r}")
     first = torch.device(device).type not in _picked
@@ -332,6 +335,30 @@ def resolve_dtype(name: str | torch.dtype | None, device: str | torch.device = "
     if say and first:
         print(f"dtype auto: {str(dtype).removeprefix('torch.')} ({why})", file=sys.stderr)
     return dtype
+
+
+def use_device(device: str | torch.device) -> torch.device:
+    """Settings a device wants before work starts on it: on CUDA, TF32 for fp32 products and convolutions (10-bit
+    mantissa products, fp32 sums: what every training recipe runs fp32 with on Ampere and later)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return device
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A batch tensor onto `device`: through pinned host memory and an asynchronous copy for a GPU."""
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def grad_scaler(dtype: torch.dtype, device: str | torch.device = "cpu"):
+    """A gradient scaler for float16 training (its range would underflow small gradients), else None."""
+    if dtype != torch.float16:
+        return None
+    return torch.amp.GradScaler(torch.device(device).type)
 
 
 def autocast(dtype: torch.dtype, device: str | torch.device = "cpu"):

@@ -21,8 +21,8 @@ from lmforge.interop.quantized import save_quantized
 from lmforge.nn.quant import MODES, check_quantizable, quantize_model
 
 
-def _load(model: str):
-    m, tok = load_pretrained(model)
+def _load(model: str, device: str = "cpu"):
+    m, tok = load_pretrained(model, device=device)
     if getattr(m, "quantization", None):
         raise LmforgeError(f"{model} is already quantized; start from the full-precision model")
     return m, tok
@@ -38,8 +38,11 @@ def _file_int4(model: str):
 
 
 def quantize(model: str, mode: str, out: str | Path, group_size: int = 64, eval_data: list[str] | None = None,
-             text_col: str | None = None, label_col: str | None = None, say=print) -> dict:
+             text_col: str | None = None, label_col: str | None = None, say=print, device: str = "cpu") -> dict:
     """Quantize `model` (int8, int4 or int8-dynamic) into the model directory `out`."""
+    if device != "cpu":
+        raise LmforgeError(f"quantize --device {device}: lmforge's int8 / int4 kernels, which it measures the "
+                           f"quantized model on, are CPU ones; use --device cpu")
     if mode not in MODES:
         raise LmforgeError(f"quantization mode {mode!r} is not supported; choose one of {', '.join(MODES)}")
     if group_size < 2 or group_size % 2:
@@ -68,16 +71,16 @@ def quantize(model: str, mode: str, out: str | Path, group_size: int = 64, eval_
 def prune(model: str, out: str | Path, sparsity: float | None = None, structure: str | None = None,
           fraction: float | None = None, recover_steps: int = 0, recover_data: str | None = None,
           eval_data: list[str] | None = None, text_col: str | None = None, label_col: str | None = None,
-          say=print) -> dict:
+          say=print, device: str = "cpu") -> dict:
     """Prune `model` (magnitude to `sparsity`, or `fraction` of its heads / neurons), optionally fine-tune it
-    for `recover_steps` on `recover_data`, and save it to `out`."""
+    for `recover_steps` on `recover_data`, and save it to `out`; on `device`."""
     check_args(sparsity, structure, fraction)
     check_number("--recover-steps", recover_steps, 0, integer=True)
     if recover_steps and not recover_data:
         raise LmforgeError("--recover-steps needs --recover-data (text for a decoder, a labelled file for a "
                            "classifier)")
     check_output_dir(out)
-    m, tok = _load(model)
+    m, tok = _load(model, device)
     before = measure(m, tok, eval_data, text_col, label_col)
     info = prune_model(m, sparsity, structure, fraction)
     masks = info.pop("masks")

@@ -166,6 +166,7 @@ def recover(model: nn.Module, tokenizer, data: str, steps: int, masks: dict[str,
     if steps < 1:
         raise LmforgeError(f"recovery steps must be positive, got {steps}")
     g = torch.Generator().manual_seed(seed)
+    dev = next(model.parameters()).device
     if isinstance(model, DecoderLM):
         ids = torch.tensor([t for doc in read_documents([data]) for t in tokenizer.encode(doc.text)])
         seq_len = min(seq_len, model.config.max_seq_len - 1)
@@ -174,7 +175,7 @@ def recover(model: nn.Module, tokenizer, data: str, steps: int, masks: dict[str,
 
         def batch():
             starts = torch.randint(0, len(ids) - seq_len - 1, (batch_size,), generator=g)
-            rows = torch.stack([ids[s:s + seq_len + 1] for s in starts.tolist()])
+            rows = torch.stack([ids[s:s + seq_len + 1] for s in starts.tolist()]).to(dev)
             return model(rows[:, :-1], labels=rows[:, 1:], loss_only=True).loss
     else:
         if getattr(model.config, "head", None) != "classify":
@@ -190,7 +191,8 @@ def recover(model: nn.Module, tokenizer, data: str, steps: int, masks: dict[str,
             pick = torch.randint(0, len(ds.texts), (batch_size,), generator=g).tolist()
             b = pad_batch([enc[i].ids for i in pick], tokenizer.pad_id)
             y = torch.tensor([index[ds.labels[i]] for i in pick])
-            return model(b["input_ids"], attention_mask=b["attention_mask"], labels=y, loss_only=True).loss
+            return model(b["input_ids"].to(dev), attention_mask=b["attention_mask"].to(dev), labels=y.to(dev),
+                         loss_only=True).loss
 
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)

@@ -43,7 +43,7 @@ WHAT = ("both", "attention", "saliency")
 
 def explain(model: str | Path, text: str, out: str | Path, what: str = "both", method: str = "ig",
             steps: int = 50, target: str | int | None = None, layer: int | None = None,
-            baseline: str = "pad", max_steps: int | None = None) -> dict:
+            baseline: str = "pad", max_steps: int | None = None, device: str = "cpu") -> dict:
     """Explain `model` (a packaged name, model directory or .gguf) on `text`; write the pictures into `out`.
 
     what: "attention" (attention.png, attention.html), "saliency" (saliency.png, saliency.html) or "both".
@@ -79,7 +79,7 @@ def explain(model: str | Path, text: str, out: str | Path, what: str = "both", m
         raise LmforgeError("the text to explain is empty; give it with --text or on standard input")
     check_out_dir(out, "--out")
 
-    m, tok = load_pretrained(model)
+    m, tok = load_pretrained(model, device=device)
     kind = model_kind(m)
     if layer is not None:
         # an encoder-decoder's layer must exist in both stacks (negative: counted from each one's end)

@@ -21,7 +21,7 @@ from lmforge.interop.quantized import is_quantized_dir, load_quantized
 from lmforge.models.family import family_for_model_type
 from lmforge.nn.lora import merge_and_unload
 from lmforge.nn.quant import MODES, Int4Linear, quantize_model
-from lmforge.runtime import resolve_dtype
+from lmforge.runtime import resolve_dtype, use_device
 from lmforge.tokenizer import Tokenizer
 
 
@@ -53,6 +53,7 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu", quanti
         raise ConfigError(f"quantize {quantize!r} is not one of: {', '.join(QUANTIZE + MODES[2:])}")
     quantize = None if quantize == "none" else quantize
     group = 64
+    use_device(device)
     if p.is_file() and p.suffix == ".gguf":
         # int4 from a GGUF's own 4-bit blocks: kept as stored (groups of 32), unless an adapter is merged first
         keep = quantize in ("int4", "auto") and not adapter

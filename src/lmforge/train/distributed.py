@@ -7,6 +7,7 @@ gradients, so N processes follow the same trajectory as one process with the sam
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -14,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from lmforge.errors import ConfigError
+from lmforge.runtime import use_device
 
 
 @dataclass
@@ -45,6 +47,12 @@ class DistEnv:
         return t
 
 
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of process `rank`'s own random streams (dropout, masking): `seed` itself for rank 0, so one process
+    draws what it always drew; distinct and reproducible for the others."""
+    return seed if rank == 0 else (seed * 1_000_003 + rank * 7_919) % (2**63)
+
+
 def resolve_device(spec: str = "auto", local_rank: int = 0) -> torch.device:
     if spec == "auto":
         if torch.cuda.is_available():
@@ -67,11 +75,13 @@ def init_distributed(device: str = "auto") -> DistEnv:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    dev = resolve_device(device, local)
+    dev = use_device(resolve_device(device, local))
     if world > 1 and not dist.is_initialized():
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+        # a long timeout: collectives wait while a process reads, tokenizes or checkpoints more than its peers
+        timeout = datetime.timedelta(seconds=float(os.environ.get("LMFORGE_DIST_TIMEOUT", "7200")))
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", timeout=timeout)
     return DistEnv(rank, world, local, dev)
 
 

@@ -8,39 +8,48 @@
              every ckpt_every: checkpoint (atomic)
     finish   final model as an HF directory, full validation pass, loss plot, report
 
-The same function runs under `torchrun --nproc_per_node=N`: every process samples the same global batch from the
-same generator and trains its slice; DDP averages gradients; only rank 0 writes.
+The same function runs under `torchrun` (one node or several): every process computes the same global batch
+(an epoch sampler: each window once per epoch) and trains its slice, with its own dropout stream; DDP averages
+gradients, or FSDP2 shards the model (train.strategy, see train/parallel.py); rank 0 writes, except sharded
+checkpoints, which every process writes its part of. Every process tokenizes its share of the corpus.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 import lmforge
 from lmforge.config import RunConfig, load_run_config
-from lmforge.data.corpus import read_documents, split_documents
+from lmforge.data.corpus import Document, scan_documents, split_documents
 from lmforge.data.shards import TokenShard, build_shards
 from lmforge.errors import CheckpointError, ConfigError
 from lmforge.files import check_out_dir, is_stale_temp, write_json, write_text
 from lmforge.models.family import family_of
 from lmforge.report import write_run_report
 from lmforge.runtime import autocast as mixed_precision
-from lmforge.runtime import matmul_flops, resolve_dtype, tune_allocator
+from lmforge.runtime import grad_scaler, matmul_flops, resolve_dtype, to_device, tune_allocator
 from lmforge.tokenizer import Tokenizer
-from lmforge.train.checkpoint import clean_run_dir, list_checkpoints, load_checkpoint, save_checkpoint
-from lmforge.train.distributed import DistEnv, init_distributed, shutdown
+from lmforge.train.checkpoint import (
+    clean_run_dir,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+    save_sharded_checkpoint,
+    world_rng,
+)
+from lmforge.train.distributed import DistEnv, init_distributed, rank_seed, shutdown
 from lmforge.train.objectives import OBJECTIVES
 from lmforge.train.optim import lr_at, make_optimizer
+from lmforge.train.parallel import accumulate, choose_strategy, clip_grad_norm, full_state_dict, wrap
 
 
 @dataclass
@@ -67,6 +76,8 @@ def pretrain_run(config: str | Path | None, overrides: list[str] | None = None, 
         return pretrain(load_run_config(config, overrides) if config else None, out, resume=True, overrides=overrides)
     if not config and not overrides:
         raise ConfigError("pretrain needs --config FILE.yaml (see configs/) or --set overrides")
+    if not out and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("under torchrun give --out RUN_DIR: every process must name the same run directory")
     out = out or Path("runs") / time.strftime("pretrain-%Y%m%d-%H%M%S")
     return pretrain(load_run_config(config, overrides), out)
 
@@ -128,7 +139,7 @@ def _pretrain(cfg: RunConfig, run: Path, resume: bool, progress: bool | None, ov
         cfg.validate()
         if (run / "config.yaml").exists() or list_checkpoints(run):
             raise ConfigError(f"{run} already holds a run; continue it with --resume or choose another --out")
-        tokenizer = _prepare(cfg, run, env)
+        tokenizer = _prepare(cfg, run, env, progress if progress is not None else sys.stderr.isatty())
     tc = cfg.train
     seq_len = tc.seq_len or cfg.model.max_seq_len
     per_rank, rem = divmod(tc.batch_size, env.world * tc.grad_accum)
@@ -141,24 +152,36 @@ def _pretrain(cfg: RunConfig, run: Path, resume: bool, progress: bool | None, ov
     torch.manual_seed(tc.seed)
     objective = OBJECTIVES[tc.objective](cfg, seq_len)
     model = objective.build().to(env.device)
+    if env.rank:  # the same initial weights everywhere; from here on each process draws its own dropout masks
+        torch.manual_seed(rank_seed(tc.seed, env.rank))
     objective.bind(tokenizer)
     window = objective.window  # stream tokens one example reads
     train_data.check_fits(window, "train")
     val_data.check_fits(window, "validation")
+    strategy = choose_strategy(tc.strategy, model, env, tc.optimizer)
+    if strategy == "fsdp":  # sharded before the optimizer is built, so its moments are sharded too
+        wrap(model, strategy, env)
     optimizer = make_optimizer(model, tc, env.device.type)
-    data_gen = torch.Generator().manual_seed(tc.seed)
+    data_gen = torch.Generator().manual_seed(rank_seed(tc.seed, env.rank))  # masks and spans (mlm, span)
+    sampler = train_data.epoch_starts(window, tc.seed)
+    dtype = resolve_dtype(tc.dtype, env.device, say=env.main)
+    scaler = grad_scaler(dtype, env.device)  # float16 only
+    if scaler is not None and strategy == "fsdp":
+        raise ConfigError("train.dtype=float16 (its gradient scaler) is not supported with train.strategy=fsdp; use "
+                          "bfloat16 or strategy ddp")
     step, tokens_seen = 0, 0
     if resume:
-        meta = load_checkpoint(ckpts[-1], model, optimizer, data_gen)
+        meta = load_checkpoint(ckpts[-1], model, optimizer, data_gen, env, tc.seed)
         step, tokens_seen = meta["step"], meta.get("tokens", 0)
+        if scaler is not None and "scaler" in meta:
+            scaler.load_state_dict(meta["scaler"])
         if env.main:
             _truncate_metrics(run / "metrics.jsonl", step)
     train_model = model
     if tc.compile:
         train_model = torch.compile(model)
-    if env.world > 1:
-        train_model = DDP(train_model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
-    dtype = resolve_dtype(tc.dtype, env.device, say=env.main)
+    if strategy == "ddp":
+        train_model = wrap(train_model, strategy, env)
     autocast = mixed_precision(dtype, env.device)
     flops_per_token = cfg.model.flops_per_token(seq_len, training=True)
     peak = tc.peak_tflops * 1e12 if tc.peak_tflops else matmul_flops(dtype, env.device)
@@ -186,23 +209,26 @@ def _pretrain(cfg: RunConfig, run: Path, resume: bool, progress: bool | None, ov
             lr = lr_at(step, tc)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            starts = train_data.random_starts(tc.batch_size, window, data_gen)  # the same on every process
+            starts = sampler.take(step * tc.batch_size, tc.batch_size)  # the same on every process
             mine = starts[env.rank * per_rank * tc.grad_accum:(env.rank + 1) * per_rank * tc.grad_accum]
             loss_sum = 0.0
             for micro in range(tc.grad_accum):
                 part = mine[micro * per_rank:(micro + 1) * per_rank]
-                batch = {k: v.to(env.device, non_blocking=True)
-                         for k, v in objective.batch(train_data, part, data_gen).items()}
-                last = micro == tc.grad_accum - 1
-                sync = nullcontext() if last or env.world == 1 else train_model.no_sync()
+                batch = {k: to_device(v, env.device) for k, v in objective.batch(train_data, part, data_gen).items()}
+                sync = accumulate(train_model, strategy, last=micro == tc.grad_accum - 1)
                 with sync, autocast:
                     loss = train_model(**batch, loss_only=True, grad_checkpoint=tc.grad_checkpoint).loss / tc.grad_accum
                 with sync:
-                    loss.backward()
+                    (scaler.scale(loss) if scaler is not None else loss).backward()
                 loss_sum += loss.item()
-            grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip).item()
-                         if tc.grad_clip > 0 else float("nan"))
-            optimizer.step()
+            if scaler is not None:
+                scaler.unscale_(optimizer)  # (so the clip sees the true gradient)
+            grad_norm = clip_grad_norm(model.parameters(), tc.grad_clip) if tc.grad_clip > 0 else float("nan")
+            if scaler is not None:
+                scaler.step(optimizer)  # skipped when the scaled gradients overflowed
+                scaler.update()
+            else:
+                optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             tokens_seen += tc.batch_size * window
@@ -222,9 +248,13 @@ def _pretrain(cfg: RunConfig, run: Path, resume: bool, progress: bool | None, ov
                 log({"step": step, "split": "val", **m})
                 _say(bar, env, f"step {step}: val " + format_metrics(m))
             if tc.ckpt_every and step % tc.ckpt_every == 0:
-                if env.main:
-                    save_checkpoint(run, step, model, optimizer, data_gen, {"tokens": tokens_seen},
-                                    keep=tc.keep_checkpoints)
+                rng = world_rng(env, data_gen)
+                extra = {"tokens": tokens_seen, **({"scaler": scaler.state_dict()} if scaler is not None else {})}
+                if strategy == "fsdp":
+                    save_sharded_checkpoint(run, step, model, optimizer, env, rng, extra=extra,
+                                            keep=tc.keep_checkpoints)
+                elif env.main:
+                    save_checkpoint(run, step, model, optimizer, data_gen, extra, keep=tc.keep_checkpoints, rng=rng)
                 env.barrier()
             if bar is not None:
                 bar.update(1)
@@ -249,11 +279,18 @@ def _pretrain(cfg: RunConfig, run: Path, resume: bool, progress: bool | None, ov
     final: dict[str, float] = {}
     if step < tc.steps:  # stopped early on purpose: the run continues with resume
         return RunResult(run, model_dir, final, step, time.time() - t_start)
+    if strategy == "fsdp":  # the whole model, gathered on process 0, is what gets saved and evaluated
+        whole = full_state_dict(model)
+        if env.main:
+            model = objective.build()
+            model.load_state_dict(whole)
+            model.to(env.device)
     if env.main:
         model.eval()
         model.save_pretrained(model_dir, tokenizer=tokenizer, **(
             {"generation_config": objective.generation_config} if objective.generation_config else {}))
-        final = objective.final(model, env.device, env, autocast)
+        # (alone: the other processes are done, so no collective inside)
+        final = objective.final(model, env.device, DistEnv(device=env.device), autocast)
         seconds = time.time() - t_start
         write_json(run / "summary.json", {"steps": step, "tokens": tokens_seen, "seconds": seconds,
                                           "params": model.num_params(), "dtype": str(dtype).removeprefix("torch."),
@@ -270,11 +307,12 @@ def format_metrics(m: dict[str, float]) -> str:
     return "  ".join(f"{names[k]} {m[k]:.4f}" for k in names if k in m)
 
 
-def _prepare(cfg: RunConfig, run: Path, env: DistEnv) -> Tokenizer:
-    """Read and split the corpus, get a tokenizer, write token shards and config.yaml. Rank 0 writes; the others
-    wait and read. Errors in the input surface here, before the run directory exists."""
+def _prepare(cfg: RunConfig, run: Path, env: DistEnv, progress: bool = False) -> Tokenizer:
+    """List and split the corpus, get a tokenizer, write token shards and config.yaml. Rank 0 trains the tokenizer
+    (on at most data.tokenizer_mb of text) and writes; every process tokenizes its share of the documents, streamed
+    (data/stream.py). Errors in the input surface here, and a new run directory is removed again."""
     created = not run.exists()
-    docs = read_documents(cfg.data.sources)  # raises on missing / empty / non-UTF-8 input
+    docs = scan_documents(cfg.data.sources)  # raises on missing / empty input (non-UTF-8 bytes: when read)
     train_docs, val_docs = split_documents(docs, cfg.data.val_fraction)
     if not cfg.data.tokenizer and not cfg.data.vocab_size:
         # the request, recorded: model.vocab_size becomes the trained size below, and a run started over from
@@ -288,11 +326,16 @@ def _prepare(cfg: RunConfig, run: Path, env: DistEnv) -> Tokenizer:
             write_text(run / "config.yaml", cfg.to_yaml())
         if not cfg.data.tokenizer and env.main:
             vocab = cfg.data.vocab_size or cfg.model.vocab_size
-            tokenizer = OBJECTIVES[cfg.train.objective].train_tokenizer((d.text for d in train_docs), vocab)
+            texts = _sample(train_docs, int(cfg.data.tokenizer_mb * (1 << 20)))
+            tokenizer = OBJECTIVES[cfg.train.objective].train_tokenizer(texts, vocab)
         if env.main:
             tokenizer.save(run)  # tokenizer.json + tokenizer_config.json (special-token names)
         env.barrier()
-        tokenizer = Tokenizer.from_file(run / "tokenizer.json") if not env.main else tokenizer
+        if not env.main:
+            if not (run / "tokenizer.json").is_file():
+                raise ConfigError(f"process {env.rank} cannot see {run / 'tokenizer.json'}, which process 0 wrote: "
+                                  f"on several machines the run directory (--out) must be on storage they all share")
+            tokenizer = Tokenizer.from_file(run / "tokenizer.json")
         # the model's vocabulary is the tokenizer's (a trained BPE can come out smaller than asked)
         cfg.model.vocab_size = tokenizer.vocab_size
         cfg.model.pad_token_id = tokenizer.token_id(tokenizer.pad_token)
@@ -303,8 +346,9 @@ def _prepare(cfg: RunConfig, run: Path, env: DistEnv) -> Tokenizer:
             cfg.model.decoder_start_token_id = cfg.model.pad_token_id
         if family == "decoder":
             cfg.model.bos_token_id = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
+        build_shards(train_docs, val_docs, tokenizer, run / "data", workers=cfg.data.workers, rank=env.rank,
+                     world=env.world, barrier=env.barrier, progress=progress)
         if env.main:
-            build_shards(train_docs, val_docs, tokenizer, run / "data")
             write_text(run / "config.yaml", cfg.to_yaml())
             write_json(run / "environment.json", _environment(cfg))
         env.barrier()
@@ -314,6 +358,21 @@ def _prepare(cfg: RunConfig, run: Path, env: DistEnv) -> Tokenizer:
             shutil.rmtree(run, ignore_errors=True)
         raise
     return tokenizer
+
+
+def _sample(docs: list[Document], budget: int):
+    """The texts of documents until `budget` bytes: all of them in order when they fit, else in a fixed order
+    that mixes the corpus (a hash of each file name)."""
+    import hashlib
+
+    used = 0
+    if sum(d.size for d in docs) > budget:
+        docs = sorted(docs, key=lambda d: hashlib.sha1(Path(d.name).name.encode()).hexdigest())
+    for d in docs:
+        if used >= budget:
+            return
+        used += d.size
+        yield d.read()
 
 
 def _environment(cfg: RunConfig) -> dict[str, Any]:

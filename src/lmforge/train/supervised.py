@@ -3,10 +3,18 @@ evaluation after every epoch (or every `eval_every` steps), the best validation 
 
 Task recipes (`lmforge.tune.classify`, `lmforge.tune.qa`) supply the batches and the evaluation; the loop is the
 same for every task and reads top to bottom.
+
+Under torchrun every process runs the whole task; `fit` joins the process group and each process trains on its
+slice of every batch (`parallel.shard_batch`), gradients averaged by DDP, or with the model sharded by FSDP2
+(cfg.strategy, see train/parallel.py). Under FSDP the sharded module is a copy: the task's model gives its weights
+to it (its parameters are emptied while training runs), gets them back whole for every evaluation, and holds the
+trained weights when `fit` returns. Evaluations run on every process (the same numbers); only process 0 logs and
+writes, and `FitResult.main` tells a task whether to write its outputs.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import sys
@@ -20,22 +28,28 @@ import torch
 from torch import nn
 
 from lmforge.config import FinetuneConfig
-from lmforge.errors import CheckpointError
+from lmforge.errors import CheckpointError, ConfigError
 from lmforge.files import write_text
 from lmforge.models.base import PretrainedModel
 from lmforge.runtime import autocast as mixed_precision
-from lmforge.runtime import lean_allocator, resolve_dtype, tune_allocator
+from lmforge.runtime import grad_scaler, lean_allocator, resolve_dtype, to_device, tune_allocator
 from lmforge.train.checkpoint import (
     clean_run_dir,
+    into_sharded,
+    is_sharded_checkpoint,
     list_checkpoints,
     optimizer_tensors,
     read_checkpoint,
+    read_sharded,
     restore_optimizer,
-    restore_rng,
-    rng_tensors,
+    restore_world_rng,
+    save_sharded_checkpoint,
+    world_rng,
     write_checkpoint,
 )
+from lmforge.train.distributed import DistEnv, init_distributed, rank_seed
 from lmforge.train.optim import build_optimizer
+from lmforge.train.parallel import accumulate, choose_strategy, clip_grad_norm, is_sharded, shard_batch, wrap
 
 
 @dataclass
@@ -44,6 +58,7 @@ class FitResult:
     seconds: float
     best: dict[str, float] = field(default_factory=dict)  # validation metrics of the kept weights
     history: list[dict[str, Any]] = field(default_factory=list)
+    main: bool = True  # process 0 (the one that writes the task's outputs), or not
 
 
 def length_buckets(n: int, length: Callable[[int], Any], batch_size: int, seed: int, per: int = 50) -> list[list[int]]:
@@ -73,7 +88,7 @@ def model_loss(model: nn.Module, batch: dict[str, Any], grad_checkpoint: bool = 
     """The model's own loss on a batch: lmforge's models are asked for the loss alone (`loss_only=True`: no
     logits kept, the decoder's head and loss computed in chunks), with activation checkpointing when asked;
     any other module gets the batch as it is."""
-    if isinstance(model, PretrainedModel):
+    if isinstance(getattr(model, "module", model), PretrainedModel):  # (DDP wraps it as .module)
         return model(**batch, loss_only=True, grad_checkpoint=grad_checkpoint).loss
     return model(**batch).loss
 
@@ -112,34 +127,53 @@ def fit(
         lean_allocator()
     else:
         tune_allocator()
-    device = torch.device(cfg.device)
+    env = init_distributed(cfg.device)  # world size 1 unless under torchrun
+    device = torch.device(cfg.device) if env.world == 1 else env.device
     total = max(1, math.ceil(steps_per_epoch * cfg.epochs))
-    autocast = mixed_precision(resolve_dtype(cfg.dtype, device), device)  # the weights stay fp32
+    dtype = resolve_dtype(cfg.dtype, device, say=env.main)
+    autocast = mixed_precision(dtype, device)  # the weights stay fp32
+    strategy = choose_strategy(cfg.strategy, model, env, cfg.optimizer)
+    scaler = grad_scaler(dtype, device)  # float16 only
+    if scaler is not None and strategy == "fsdp":
+        raise ConfigError("--dtype float16 (its gradient scaler) is not supported with --strategy fsdp; use bfloat16 "
+                          "or --strategy ddp")
+    train = inner = model  # what forward runs through; whose parameters the optimizer steps
+    if strategy == "fsdp":
+        inner = train = wrap(copy.deepcopy(model), "fsdp", env)
+        _release(model)
+    elif strategy == "ddp":
+        train = wrap(model, "ddp", env, find_unused=True)  # (a task may leave a parameter out of its loss)
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, layer_decay=cfg.layer_decay)
+    params = [p for p in inner.parameters() if p.requires_grad]
+    opt = build_optimizer(inner, cfg.optimizer, cfg.lr, cfg.weight_decay, layer_decay=cfg.layer_decay)
     state = _FitState()
-    if run_dir is not None:
+    if run_dir is not None and env.main:
         clean_run_dir(run_dir)
+    env.barrier()
     ckpts = list_checkpoints(run_dir) if run_dir is not None and resume else []
     if ckpts:
-        total = state.load(ckpts[-1], model, opt)  # the saved schedule (a time budget sized it once)
-        _rewrite_log(metrics_path, state.history)
-    elif metrics_path is not None and resume:
-        Path(metrics_path).unlink(missing_ok=True)  # killed before the first checkpoint: start over
+        total = state.load(ckpts[-1], inner, opt, scaler)  # the saved schedule (a time budget sized it once)
+        if env.main:
+            _rewrite_log(metrics_path, state.history)
+    else:
+        if metrics_path is not None and resume and env.main:
+            Path(metrics_path).unlink(missing_ok=True)  # killed before the first checkpoint: start over
+        if env.rank:  # each process its own dropout masks
+            torch.manual_seed(rank_seed(cfg.seed, env.rank))
     warmup = int(total * cfg.warmup)
-    show = progress if progress is not None else sys.stderr.isatty()
+    show = (progress if progress is not None else sys.stderr.isatty()) and env.main
     bar = None
     if show:
         from tqdm import tqdm
 
         bar = tqdm(total=total, initial=state.step, desc="fine-tune", unit="step", dynamic_ncols=True,
                    file=sys.stderr)
-    log = open(metrics_path, "a", encoding="utf-8") if metrics_path else None
+    log = open(metrics_path, "a", encoding="utf-8") if metrics_path and env.main else None
     t0 = time.time() - state.seconds
 
     def show(msg: str) -> None:  # above the progress bar when there is one
-        (bar.write if bar is not None else lambda m: print(m, file=sys.stderr))(msg)
+        if env.main:
+            (bar.write if bar is not None else lambda m: print(m, file=sys.stderr))(msg)
 
     def record(r: dict[str, Any]) -> None:
         state.history.append(r)
@@ -147,54 +181,69 @@ def fit(
             log.write(json.dumps(r) + "\n")
             log.flush()
 
-    def run_eval() -> None:
+    def scored() -> dict[str, Any]:  # the task's evaluation, on its own model (given the weights back under fsdp)
+        if strategy == "fsdp":
+            _gather_into(model, train, device)
         model.eval()
         with autocast:
             m = evaluate()
         model.train()
+        if strategy == "fsdp":
+            _release(model)
+        return m
+
+    def run_eval() -> None:
+        m = scored()
         record({"step": state.step, "split": "val", "epoch": state.epoch, **m})
         show(f"step {state.step}: " + "  ".join(f"{k} {v:.4f}" for k, v in m.items() if isinstance(v, float)))
         if not state.best or m.get(cfg.metric, -math.inf) > state.best.get(cfg.metric, -math.inf):
             state.best = m
-            state.best_state = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+            state.best_state = {k: v.detach().clone() for k, v in inner.named_parameters() if v.requires_grad}
         if cfg.average and state.step >= total * (1 - cfg.average):
             state.averaged += 1
             with torch.no_grad():
                 if state.mean_state is None:
-                    state.mean_state = {k: v.detach().clone() for k, v in model.named_parameters()
+                    state.mean_state = {k: v.detach().clone() for k, v in inner.named_parameters()
                                         if v.requires_grad}
                 else:
-                    for k, v in model.named_parameters():
+                    for k, v in inner.named_parameters():
                         if k in state.mean_state:
                             state.mean_state[k].add_(v.detach() - state.mean_state[k], alpha=1 / state.averaged)
 
-    model.train()
+    train.train()
     try:
         while state.step < total or state.rng is not None:  # (resumed at the last step: finish its epoch)
             epoch_batches = iter(batches(state.epoch))
             if state.rng is not None:  # resumed: skip what this epoch already trained on, then the RNG
                 for _ in range(state.in_epoch):
                     next(epoch_batches, None)
-                state.restore_rng()
+                state.restore_rng(env, cfg.seed)
             for batch in epoch_batches:
                 if state.step >= total:
                     break
                 lr = linear_schedule(state.step, total, warmup, cfg.lr)
                 for g in opt.param_groups:
                     g["lr"] = lr * g.get("lr_scale", 1.0)
-                batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-                with autocast:
-                    loss = (loss_fn(model, batch) if loss_fn is not None
-                            else model_loss(model, batch, grad_checkpoint=cfg.grad_checkpoint))
-                loss.backward()
+                batch = shard_batch(batch, env.rank, env.world)
+                batch = {k: to_device(v, device) if torch.is_tensor(v) else v for k, v in batch.items()}
+                with accumulate(train, strategy, last=True), autocast:
+                    loss = (loss_fn(train, batch) if loss_fn is not None
+                            else model_loss(train, batch, grad_checkpoint=cfg.grad_checkpoint))
+                (scaler.scale(loss) if scaler is not None else loss).backward()
+                if scaler is not None:
+                    scaler.unscale_(opt)
                 if cfg.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                opt.step()
+                    clip_grad_norm(params, cfg.grad_clip)
+                if scaler is not None:
+                    scaler.step(opt)  # skipped when the scaled gradients overflowed
+                    scaler.update()
+                else:
+                    opt.step()
                 opt.zero_grad(set_to_none=True)
                 state.step += 1
                 state.in_epoch += 1
-                la = state.loss_avg
-                state.loss_avg = loss.item() if math.isnan(la) else 0.9 * la + 0.1 * loss.item()
+                la, lv = state.loss_avg, env.mean(loss.item())
+                state.loss_avg = lv if math.isnan(la) else 0.9 * la + 0.1 * lv
                 if state.step % cfg.log_every == 0 or state.step == total:
                     record({"step": state.step, "loss": state.loss_avg, "lr": lr, "epoch": state.epoch,
                             "time": time.time() - t0})
@@ -205,21 +254,19 @@ def fit(
                     run_eval()
                 if run_dir is not None and cfg.ckpt_every and state.step % cfg.ckpt_every == 0:
                     state.seconds = time.time() - t0
-                    state.save(run_dir, model, opt, total, cfg.keep_checkpoints)
+                    state.save(run_dir, inner, opt, total, cfg.keep_checkpoints, env, scaler)
                 if state.step >= total:
                     break
             state.epoch += 1
             state.in_epoch = 0
             if not cfg.eval_every or state.step % cfg.eval_every:
                 run_eval()
-        named = dict(model.named_parameters())
+        named = dict(inner.named_parameters())
         if state.mean_state is not None and state.averaged > 1:  # (inside the try: its record goes to the log)
             with torch.no_grad():
                 for k, v in state.mean_state.items():
                     named[k].copy_(v)
-            model.eval()
-            with autocast:
-                m = evaluate()
+            m = scored()
             record({"step": state.step, "split": "val", "epoch": state.epoch, "averaged_points": state.averaged,
                     **m})
             show(f"mean of the weights at the last {state.averaged} evaluations: " + "  ".join(
@@ -235,8 +282,26 @@ def fit(
         with torch.no_grad():
             for k, v in state.best_state.items():
                 named[k].copy_(v)
+    if strategy == "fsdp":
+        _gather_into(model, train, device)
     model.eval()
-    return FitResult(state.step, time.time() - t0, state.best, state.history)
+    return FitResult(state.step, time.time() - t0, state.best, state.history, main=env.main)
+
+
+def _release(model: nn.Module) -> None:
+    """Empty a model's parameters (their objects stay, so the task's references do): under fsdp its weights live
+    in the sharded copy meanwhile."""
+    for p in model.parameters():
+        p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+
+
+def _gather_into(model: nn.Module, sharded: nn.Module, device: torch.device) -> None:
+    """The sharded copy's weights, whole, into `model`'s parameters on every process (a collective)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(sharded, options=StateDictOptions(full_state_dict=True))
+    for name, p in model.named_parameters():
+        p.data = full[name].to(device)
 
 
 @dataclass
@@ -254,47 +319,78 @@ class _FitState:
     history: list[dict[str, Any]] = field(default_factory=list)
     rng: dict[str, torch.Tensor] | None = None  # loaded, applied once the epoch's consumed batches are skipped
 
-    def save(self, run_dir: Path, model: nn.Module, opt: torch.optim.Optimizer, total: int, keep: int) -> None:
-        opt_tensors, groups = optimizer_tensors(opt)
-        files = {"trainable": {k: v.detach().cpu().contiguous() for k, v in model.named_parameters()
-                               if v.requires_grad},
-                 "optimizer": opt_tensors, "rng": rng_tensors()}
-        if self.best_state is not None:
-            files["best"] = {k: v.cpu().contiguous() for k, v in self.best_state.items()}
-        if self.mean_state is not None:
-            files["mean"] = {k: v.cpu().contiguous() for k, v in self.mean_state.items()}
+    def save(self, run_dir: Path, model: nn.Module, opt: torch.optim.Optimizer, total: int, keep: int,
+             env: DistEnv, scaler=None) -> None:
+        """Every process calls it: the RNGs are gathered from all, and a sharded model is written by all."""
         meta = {"epoch": self.epoch, "in_epoch": self.in_epoch, "loss_avg": self.loss_avg, "total": total,
                 "seconds": self.seconds, "best": self.best, "averaged": self.averaged, "history": self.history,
-                "param_groups": groups}
-        write_checkpoint(run_dir, self.step, files, meta, keep)
+                **({"scaler": scaler.state_dict()} if scaler is not None else {})}
+        rng = world_rng(env)
+        kept = {name: st for name, st in (("best", self.best_state), ("mean", self.mean_state)) if st is not None}
+        if is_sharded(model):
+            save_sharded_checkpoint(run_dir, self.step, model, opt, env, rng, files=kept, extra=meta, keep=keep)
+            return
+        if env.main:
+            opt_tensors, groups = optimizer_tensors(opt)
+            files = {"trainable": {k: v.detach().cpu().contiguous() for k, v in model.named_parameters()
+                                   if v.requires_grad},
+                     "optimizer": opt_tensors, "rng": rng}
+            files.update({name: {k: v.cpu().contiguous() for k, v in st.items()} for name, st in kept.items()})
+            write_checkpoint(run_dir, self.step, files, {**meta, "param_groups": groups}, keep)
+        env.barrier()
 
-    def load(self, path: Path, model: nn.Module, opt: torch.optim.Optimizer) -> int:
-        """Restore the model's trainable weights, the optimizer and this state; returns the run's step total."""
-        files, meta = read_checkpoint(path)
+    def load(self, path: Path, model: nn.Module, opt: torch.optim.Optimizer, scaler=None) -> int:
+        """Restore the model's trainable weights, the optimizer and this state (from either checkpoint layout,
+        into a model sharded or not); returns the run's step total."""
         named = dict(model.named_parameters())
-        trainable = files.get("trainable", {})
         want = {k for k, v in named.items() if v.requires_grad}
-        if set(trainable) != want or "optimizer" not in files or "rng" not in files:
-            raise CheckpointError(f"checkpoint {path} was written by a different run (its trainable weights do "
-                                  f"not match this model and method); resume with the settings it was made with")
         device = next(iter(named.values())).device
-        with torch.no_grad():
+        if is_sharded_checkpoint(path):
+            saved = json.loads((path / "trainer_state.json").read_text()).get("files", [])
+            like = {n: {k: v.detach().clone() for k, v in named.items() if k in want} for n in saved}
+            files, meta = read_sharded(path, model, opt, like)
+            self.best_state, self.mean_state = files.get("best"), files.get("mean")
+        else:
+            files, meta = read_checkpoint(path)
+            trainable = files.get("trainable", {})
+            if set(trainable) != want or "optimizer" not in files or "rng" not in files:
+                raise CheckpointError(f"checkpoint {path} was written by a different run (its trainable weights "
+                                      f"do not match this model and method); resume with the settings it was "
+                                      f"made with")
             for k, v in trainable.items():
                 if named[k].shape != v.shape:
                     raise CheckpointError(f"checkpoint {path} does not fit the model ({k}: {tuple(v.shape)} vs "
                                           f"{tuple(named[k].shape)})")
-                named[k].copy_(v)
-        restore_optimizer(opt, files["optimizer"], meta["param_groups"])
+            if is_sharded(model):  # a one-process checkpoint, resumed sharded
+                into_sharded(model, opt, trainable, files["optimizer"], meta["param_groups"])
+                kept = {n: {k: _like(named[k], v) for k, v in files[n].items()} for n in ("best", "mean")
+                        if n in files}
+            else:
+                with torch.no_grad():
+                    for k, v in trainable.items():
+                        named[k].copy_(v)
+                restore_optimizer(opt, files["optimizer"], meta["param_groups"])
+                kept = {n: {k: v.to(device) for k, v in files[n].items()} for n in ("best", "mean") if n in files}
+            self.best_state, self.mean_state = kept.get("best"), kept.get("mean")
         self.step, self.epoch, self.in_epoch = meta["step"], meta["epoch"], meta["in_epoch"]
         self.loss_avg, self.seconds, self.best = meta["loss_avg"], meta["seconds"], meta["best"]
         self.averaged, self.history, self.rng = meta["averaged"], meta["history"], files["rng"]
-        self.best_state = {k: v.to(device) for k, v in files["best"].items()} if "best" in files else None
-        self.mean_state = {k: v.to(device) for k, v in files["mean"].items()} if "mean" in files else None
+        if scaler is not None and "scaler" in meta:
+            scaler.load_state_dict(meta["scaler"])
         return int(meta["total"])
 
-    def restore_rng(self) -> None:
-        restore_rng(self.rng)
+    def restore_rng(self, env: DistEnv, seed: int) -> None:
+        restore_world_rng(self.rng, env, seed, self.step)
         self.rng = None
+
+
+def _like(param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+    """A whole tensor laid out as `param` is: the same slices when `param` is a sharded DTensor."""
+    if hasattr(param, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(full.to(param.device), param.device_mesh, param.placements)
+    return full.to(param.device)
 
 
 def _rewrite_log(path: Path | None, history: list[dict[str, Any]]) -> None:

@@ -99,7 +99,7 @@ def finetune_classify(
     class_weights: bool = False,
     progress: bool | None = None,
     resume: bool = False,
-) -> ClassifyResult:
+) -> ClassifyResult | None:
     cfg = cfg or FinetuneConfig()
     cfg.validate()
     check_args("classify", val_fraction=val_fraction, test_fraction=test_fraction)
@@ -140,7 +140,7 @@ def finetune_classify(
         """Shuffled, then bucketed by length (little padding per batch)."""
         for idx in length_buckets(len(enc), lambda i: len(enc[i].ids), cfg.batch_size, cfg.seed + epoch):
             b = pad_batch([enc[i].ids for i in idx], tok.pad_id)
-            yield {**b, "labels": y[idx], "class_weights": weights}
+            yield {**b, "labels": y[idx], "class_weights": weights, "shared": ("class_weights",)}
 
     val_y = [label_id[v] for v in val.labels]
 
@@ -170,6 +170,8 @@ def finetune_classify(
 
     result = fit(model, batches, steps_per_epoch, evaluate, cfg, out / "metrics.jsonl", progress, loss_fn,
                  run_dir=out, resume=resume)
+    if not result.main:  # under torchrun: process 0 writes the outputs
+        return None
     seconds = time.time() - t0
     peak_mem = peak_memory_mb()
 

@@ -174,7 +174,7 @@ def finetune_dpo(
     test_data: str | Path | None = None,
     progress: bool | None = None,
     resume: bool = False,
-) -> DPOResult:
+) -> DPOResult | None:
     cfg = cfg or FinetuneConfig(metric="neg_loss")
     if cfg.metric == "accuracy":
         cfg = dataclasses.replace(cfg, metric="neg_loss")
@@ -218,13 +218,17 @@ def finetune_dpo(
         for s in range(0, len(order), bs):
             idx = order[s:s + bs]
             part = [items["train"][i] for i in idx]
-            yield _batch([c for c, _ in part] + [r for _, r in part], tok.pad_id)
+            # (row_group: under torchrun each process takes whole pairs, chosen and rejected together)
+            yield {**_batch([c for c, _ in part] + [r for _, r in part], tok.pad_id), "row_group": 2}
 
     def loss_fn(m: torch.nn.Module, b: dict[str, torch.Tensor]) -> torch.Tensor:
+        # m: the module training (under torchrun: the DDP wrapper or the sharded copy); under LoRA the reference
+        # is m itself with its adapters switched off
+        ref, training = (m if ref_model is model else ref_model), m.training
         with torch.no_grad(), lora_disabled(m):
-            ref_model.eval()  # (no dropout in the reference)
-            ref_lp, _ = sequence_logps(ref_model, b)
-            ref_model.train(m.training)
+            ref.eval()  # (no dropout in the reference)
+            ref_lp, _ = sequence_logps(ref, b)
+            ref.train(training)  # (when ref is m, back to training mode: dropout on for the policy's pass)
         lp, _ = sequence_logps(m, b, grad_checkpoint=cfg.grad_checkpoint)
         k = lp.size(0) // 2
         margin = beta * ((lp[:k] - ref_lp[:k]) - (lp[k:] - ref_lp[k:]))
@@ -241,6 +245,8 @@ def finetune_dpo(
     t0 = time.time()
     result = fit(model, batches, -(-len(items["train"]) // bs), evaluate, cfg, out / "metrics.jsonl", progress,
                  loss_fn=loss_fn, run_dir=out, resume=resume)
+    if not result.main:  # under torchrun: process 0 writes the outputs
+        return None
     seconds = time.time() - t0
     peak_mem = peak_memory_mb()
     after = preference_metrics(model, items["test"], ref["test"], tok.pad_id, bs, beta, dev, prompts["test"])

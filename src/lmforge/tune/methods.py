@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 from torch import nn
@@ -85,8 +86,10 @@ def start_run(cfg, out, resume: bool = False) -> tuple:
 
 
 def say(msg: str) -> None:
-    """A progress or status line for the person running the job: stderr, so stdout stays the results."""
-    print(msg, file=sys.stderr, flush=True)
+    """A progress or status line for the person running the job: stderr, so stdout stays the results (under
+    torchrun, from process 0 only)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(msg, file=sys.stderr, flush=True)
 
 
 def run_footer(result) -> str:

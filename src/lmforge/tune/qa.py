@@ -81,7 +81,7 @@ def load_qa_splits(data: str | Path, val_data: str | Path | None, test_data: str
 
 def finetune_qa(model_path: str | Path, data: str | Path, out: str | Path, cfg: FinetuneConfig | None = None,
                 val_data: str | Path | None = None, test_data: str | Path | None = None, stride: int = 128,
-                progress: bool | None = None, resume: bool = False) -> QAResult:
+                progress: bool | None = None, resume: bool = False) -> QAResult | None:
     cfg = cfg or FinetuneConfig(max_len=384, lr=5e-5, metric="f1")
     cfg.validate()
     if cfg.metric not in ("f1", "exact_match"):
@@ -130,6 +130,8 @@ def finetune_qa(model_path: str | Path, data: str | Path, out: str | Path, cfg: 
     t0 = time.time()
     result = fit(model, batches, -(-len(feats.ids) // cfg.batch_size), evaluate, cfg, out / "metrics.jsonl",
                  progress, run_dir=out, resume=resume)
+    if not result.main:  # under torchrun: process 0 writes the outputs
+        return None
     seconds = time.time() - t0
     peak_mem = peak_memory_mb()
     preds = answer(model, tok, test, max_len, stride)

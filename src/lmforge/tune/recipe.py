@@ -9,6 +9,7 @@ depends on the method (adapters want larger steps than full fine-tuning).
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -181,7 +182,8 @@ def _is_preset(model: Any) -> bool:
 
 def finetune(task: str, recipe: str | Path | None = None, flags: dict[str, Any] | None = None,
              sets: list[str] | None = None, progress: bool | None = None, resume: bool = False):
-    """Resolve the settings and run the task's recipe; returns its result object.
+    """Resolve the settings and run the task's recipe; returns its result object (None in a torchrun process
+    other than 0: process 0 writes the outputs).
 
     The run folder gets `recipe.yaml` first: every setting as resolved, so `resume=True` (`--resume --out DIR`)
     continues the run with exactly those settings (flags and `sets` given again still override), from its newest
@@ -200,22 +202,41 @@ def finetune(task: str, recipe: str | Path | None = None, flags: dict[str, Any] 
                                   f"without --resume)")
         recipe = saved
     cfg, args = resolve(task, recipe, flags, sets)
-    out = check_out_dir(args.get("out") or str(Path("runs") / time.strftime(f"{task}-%Y%m%d-%H%M%S")))
-    created = not out.exists()
-    if not resume and not created and any(out.iterdir()):
-        raise ConfigError(f"{out} is not empty; continue its run with --resume, or choose a new --out")
+    env = None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: the process group, each process on its own GPU
+        from lmforge.train.distributed import init_distributed
+
+        env = init_distributed(cfg.device)
+        cfg.device = str(env.device)
+    if env is not None and not args.get("out"):
+        raise ConfigError("under torchrun give --out RUN_DIR: every process must name the same run directory")
+    out = Path(args.get("out") or str(Path("runs") / time.strftime(f"{task}-%Y%m%d-%H%M%S")))
+    created = False
+    if env is None or env.main:  # process 0 checks and starts the folder; the others wait for it
+        out = check_out_dir(out)
+        created = not out.exists()
+        if not resume and not created and any(out.iterdir()):
+            raise ConfigError(f"{out} is not empty; continue its run with --resume, or choose a new --out")
+        args["out"] = str(out)
+        write_text(out / RECIPE_FILE, yaml.safe_dump({"task": task, **dataclasses.asdict(cfg), **args},
+                                                     sort_keys=False))
+    if env is not None:
+        env.barrier()
     args["out"] = str(out)
-    write_text(out / RECIPE_FILE, yaml.safe_dump({"task": task, **dataclasses.asdict(cfg), **args},
-                                                 sort_keys=False))
     args.pop("out")
     model, data = args.pop("model"), args.pop("data")
     run = _TASK_FUNCTIONS[task]()
     try:
         return run(model, data, out, cfg, progress=progress, resume=True, **args)
     except LmforgeError:
-        if created and not resume:
+        if created and not resume and os.environ.get("RANK", "0") == "0":
             shutil.rmtree(out, ignore_errors=True)
         raise
+    finally:
+        if env is not None:
+            from lmforge.train.distributed import shutdown
+
+            shutdown(env)
 
 
 RECIPE_FILE = "recipe.yaml"

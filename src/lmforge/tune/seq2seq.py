@@ -210,6 +210,8 @@ def finetune_seq2seq(
     t0 = time.time()
     result = fit(model, batches, steps_per_epoch, evaluate, cfg, out / "metrics.jsonl", progress, run_dir=out,
                  resume=resume)
+    if not result.main:  # under torchrun: process 0 writes the outputs
+        return None
     seconds = time.time() - t0
 
     # --- finish ----------------------------------------------------------------------------------------------

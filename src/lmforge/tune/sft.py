@@ -135,7 +135,7 @@ def finetune_chat(
     eval_limit: int | None = None,
     progress: bool | None = None,
     resume: bool = False,
-) -> ChatResult:
+) -> ChatResult | None:
     cfg = cfg or FinetuneConfig(metric="neg_loss")
     if cfg.metric == "accuracy":
         cfg = dataclasses.replace(cfg, metric="neg_loss")
@@ -202,6 +202,8 @@ def finetune_chat(
     t0 = time.time()
     result = fit(model, batches, -(-len(rows_train) // cfg.batch_size), evaluate, cfg, out / "metrics.jsonl",
                  progress, run_dir=out, resume=resume)
+    if not result.main:  # under torchrun: process 0 writes the outputs
+        return None
     seconds = time.time() - t0
     peak_mem = peak_memory_mb()
 
