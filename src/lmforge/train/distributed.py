@@ -47,6 +47,17 @@ class DistEnv:
         return t
 
 
+def from_rank0(value: float) -> float:
+    """Process 0's value of a float on every process (a decision each process would make a little differently,
+    e.g. from a timing, must be the same everywhere); the value itself outside torchrun."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64,
+                     device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.broadcast(t, src=0)
+    return t.item()
+
+
 def rank_seed(seed: int, rank: int) -> int:
     """The seed of process `rank`'s own random streams (dropout, masking): `seed` itself for rank 0, so one process
     draws what it always drew; distinct and reproducible for the others."""

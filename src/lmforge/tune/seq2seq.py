@@ -37,6 +37,7 @@ from lmforge.interop import load_pretrained
 from lmforge.models.seq2seq import Seq2SeqLM
 from lmforge.report import write_task_report
 from lmforge.tokenizer import Tokenizer
+from lmforge.train.distributed import from_rank0
 from lmforge.train.optim import build_optimizer
 from lmforge.train.supervised import fit, length_buckets
 from lmforge.tune.methods import apply_method, describe, run_footer, save_outputs, say, start_run
@@ -205,7 +206,8 @@ def finetune_seq2seq(
         + (", from scratch" if scratch else ""))
     steps_per_epoch = -(-len(src) // cfg.batch_size)
     if time_budget:  # a fixed wall-clock budget: measure a few steps, then size the epochs to fit
-        cfg.epochs = budget_epochs(model, batches, steps_per_epoch, time_budget, cfg)
+        # (under torchrun process 0's sizing, so every process trains the same number of steps)
+        cfg.epochs = from_rank0(budget_epochs(model, batches, steps_per_epoch, time_budget, cfg))
         say(f"time budget {time_budget:.0f} s: {cfg.epochs:.2f} epochs")
     t0 = time.time()
     result = fit(model, batches, steps_per_epoch, evaluate, cfg, out / "metrics.jsonl", progress, run_dir=out,
