@@ -255,3 +255,22 @@ def test_bf16_cpu_attention_matches_the_fp32_kernel(kind):
     empty[..., 1, :] = False
     x = torch.randn(1, 2, 4, 8, dtype=BF16)
     assert torch.isfinite(sdpa(x, x, x, empty, causal=False)).all()
+
+
+def test_decoding_under_autocast_runs_the_plain_layers_in_bf16():
+    """Prepacked fp32 oneDNN weights take no bf16 input: under autocast decoding leaves the layers as they are
+    (products in bf16 through autocast) instead of failing in oneDNN; outside it, it packs as before."""
+    from lmforge.config import SamplingParams
+    from lmforge.generate.sampling import generate_ids
+    from lmforge.nn.packed import PackedLinear, packed_linears
+
+    torch.manual_seed(0)
+    model = DecoderLM(tiny_config("llama", dropout=0.0)).eval()
+    with torch.no_grad(), torch.autocast("cpu", BF16), packed_linears(model) as m:
+        assert not any(isinstance(x, PackedLinear) for x in m.modules())
+    with torch.no_grad(), packed_linears(model) as m:
+        assert any(isinstance(x, PackedLinear) for x in m.modules())
+    params = SamplingParams(max_new_tokens=6, temperature=0.0)
+    with torch.autocast("cpu", BF16):
+        steps = [t.tolist() for t in generate_ids(model, [[1, 2, 3], [4, 5]], params)]
+    assert len(steps) == 6 and all(len(s) == 2 for s in steps)

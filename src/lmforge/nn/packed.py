@@ -259,10 +259,13 @@ def packed_linears(model: nn.Module, batch_hint: int = 1, enabled: bool = True, 
     projections run as one FusedLinear each (see the module docstring); int8 weight-only siblings are fused too.
     gemv=True instead puts GemvLinear layers in (compiled single-row products as multiply-and-sum loops; int8
     siblings are still fused onto their own kernel). The plain layers are back when the block ends. A no-op off
-    CPU or with gradients on. Safe to open on one model from several threads at once: a context opened while
-    another is open on the same model uses the layers that one put in (and keeps them until both have closed)."""
+    CPU, with gradients on, or under autocast (the products then run in its dtype through the plain layers: a
+    packed fp32 weight takes no bf16 input). Safe to open on one model from several threads at once: a context
+    opened while another is open on the same model uses the layers that one put in (and keeps them until both
+    have closed)."""
     p = next(model.parameters(), None)
-    if not enabled or torch.is_grad_enabled() or p is None or p.device.type != "cpu":
+    if (not enabled or torch.is_grad_enabled() or p is None or p.device.type != "cpu"
+            or torch.is_autocast_enabled("cpu")):
         yield model
         return
     pack = can_pack(model) and not gemv
