@@ -256,6 +256,11 @@ case("prune-recover-steps-without-data", f"{PRUNE} --recover-steps 5", "--recove
 for v in ("0", "-3"):
     case(f"data-shakespeare-qa-per-play-{v}", f"data shakespeare-qa --out {{root}}/sqa --per-play {v}",
          "--per-play must be a whole number >= 1")
+    case(f"data-bible-genres-per-genre-{v}", f"data bible-genres --out {{root}}/bg --per-genre {v}",
+         "--per-genre must be a whole number >= 1")
+case("finetune-classify-stride--1", f"{FT_CLASSIFY} --stride -1", "stride (--stride) must be a whole number >= 0")
+case("finetune-classify-stride-over-window", f"{FT_CLASSIFY} --max-len 32 --stride 30",
+     "stride (--stride) 30 must be below max_len - 2 (30)")
 for verb, base in (("predict", "predict --model {clf} --text hi"), ("embed", "embed --model {enc} --text hi")):
     for v in ("0", "-1"):
         case(f"{verb}-batch-size-{v}", f"{base} --batch-size {v}", "--batch-size must be a whole number >= 1")

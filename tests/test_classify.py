@@ -185,3 +185,69 @@ def test_old_mac_line_endings(tmp_path):
     f.write_bytes(b"text,label\rit\xd5s fine,pos\rawful,neg\r")
     ds = read_labelled(f)
     assert ds.texts == ["it’s fine", "awful"] and ds.repaired_rows == 1
+
+
+@pytest.fixture(scope="module")
+def long_texts(tmp_path_factory):
+    """A tiny random encoder (MiniLM's tokenizer) and 240 texts of 60-90 filler words whose label is said only by
+    their last eight words: beyond the first 32-token window of every text."""
+    from lmforge.config import encoder_config
+    from lmforge.interop import load_pretrained
+    from lmforge.models.encoder import Encoder
+
+    d = tmp_path_factory.mktemp("long")
+    _, tok = load_pretrained("all-minilm-l6-v2")
+    torch.manual_seed(0)
+    Encoder(encoder_config("bert-mini", vocab_size=tok.vocab_size, n_layer=2, n_head=2, d_model=32, dropout=0.0,
+                           max_seq_len=128)).save_pretrained(d / "model", tokenizer=tok)
+    rng = random.Random(0)
+    filler = "the a of and to in is it that was for on with as at by this from".split()
+    with open(d / "long.csv", "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["text", "label"])
+        for i in range(240):
+            label = ("apple", "river")[i % 2]
+            w.writerow([" ".join(rng.choice(filler) for _ in range(rng.randint(60, 90))) + f" {label}" * 8, label])
+    return d
+
+
+def test_long_texts_are_read_whole_as_windows_in_training_and_prediction(long_texts, capsys):
+    from lmforge.interop import load_pretrained
+    from lmforge.predict import encode, predict
+    from lmforge.tune.recipe import finetune
+
+    flags = {"model": str(long_texts / "model"), "data": str(long_texts / "long.csv"), "out": str(long_texts / "r"),
+             "max_len": 32, "epochs": 6, "lr": 3e-3, "batch_size": 16, "warmup": 0.0, "test_fraction": 0.2}
+    r = finetune("classify", flags=flags, progress=False)
+    err = capsys.readouterr().err
+    # every text is longer than one window; the label word is in none of the first windows, so a model that read
+    # only those (truncation) would be at chance, 0.5
+    assert "168 of 168 training texts are longer than one window of 32 tokens" in err, err
+    assert r.test["accuracy"] >= 0.9, r.test
+    model, tok = load_pretrained(r.model_dir)
+    preds = predict(model, tok, ["the of and " * 30 + "river", "to in is " * 30 + "apple"], max_len=32)
+    assert [p["label"] for p in preds] == ["river", "apple"]
+    # truncated to their first window two such texts are the same text; read whole (even without overlap) not
+    a, b = ("the of and " * 30 + word for word in ("river", "apple"))
+    cut = encode(model, tok, [a, b], max_len=32)
+    assert torch.equal(cut[0], cut[1])
+    whole = encode(model, tok, [a, b], max_len=32, windows=True, stride=0)
+    assert whole[0].argmax() == 1 and whole[1].argmax() == 0
+
+
+def test_max_len_comes_from_the_data_and_windows_cover_every_token(long_texts):
+    from lmforge.interop import load_pretrained
+    from lmforge.tune.classify import fit_windows
+
+    _, tok = load_pretrained(long_texts / "model")
+    short = ["a short one", "and another text that is a little longer"]
+    max_len, stride, windows = fit_windows(tok, short, None, None, 128)
+    assert max_len == 16 and stride == 4 and [len(w) for w in windows] == [1, 1]
+    text = " ".join(f"w{i}" for i in range(300))
+    whole = tok.encode(text)
+    max_len, stride, windows = fit_windows(tok, [text], None, 16, 128)
+    assert max_len == 128 and stride == 16 and len(windows[0]) > 1
+    body = [w[1:-1] for w in windows[0]]  # without [CLS] / [SEP]
+    assert all(len(w) <= 128 for w in windows[0]) and body[0] == whole[:126]
+    assert all(a[-16:] == b[:16] for a, b in zip(body, body[1:]))  # neighbours share `stride` tokens
+    assert [t for b in body[:1] for t in b] + [t for b in body[1:] for t in b[16:]] == whole

@@ -184,6 +184,11 @@ def cmd_data(a: argparse.Namespace) -> None:
     if a.dverb == "chatterbot":
         counts, files = write_chatterbot(a.out, pairs=a.pairs, seed=a.seed), "train.jsonl, val.jsonl, test.jsonl"
         kind = "preference pairs" if a.pairs else "conversations"
+    elif a.dverb == "bible-genres":
+        from lmforge.data.sword import write_genre_documents
+
+        counts, kind = write_genre_documents(a.out, per_genre=a.per_genre, seed=a.seed), "passages"
+        files = "train.csv, test.csv"
     else:
         counts, kind = write_shakespeare_qa(a.out, n_per_play=a.per_play, seed=a.seed), "questions"
         files = "train.json, dev.json, test.json"
@@ -417,7 +422,10 @@ def build_parser() -> argparse.ArgumentParser:
     dq.add_argument("--per-play", type=int, default=60, help="questions per play")
     dc = dasub.add_parser("chatterbot", help="chat JSONL (or DPO pairs) from the packaged chatterbot-corpus")
     dc.add_argument("--pairs", action="store_true", help="preference pairs (prompt, chosen, rejected) instead")
-    for d in (dq, dc):
+    dg = dasub.add_parser("bible-genres", help="long passages (300-1,000 words) of the KJV labelled by genre, "
+                          "split by book: a long-document classification set")
+    dg.add_argument("--per-genre", type=int, default=200, help="passages of each genre per split at most")
+    for d in (dq, dc, dg):
         d.add_argument("--out", required=True, help="folder for the train, validation and test files")
         d.add_argument("--seed", type=int, default=0)
         d.set_defaults(fn=cmd_data)

@@ -792,8 +792,9 @@ class FinetuneConfig:
                                      low=0, high=1, high_open=True)
     average: float = setting(0.0, "above 0: also try the mean of the weights at the evaluations in this last share "
                              "of training", low=0, high=1)
-    max_len: int = setting(128, "tokens per example (longer ones are truncated, or windowed for QA)", low=8,
-                           integer=True)
+    max_len: int | None = setting(None, "tokens per example (default: the task's; classify: from the data, the "
+                                  "longest text up to the model's window); longer texts are read as overlapping "
+                                  "windows (classify, QA) or truncated", low=8, integer=True)
     eval_every: int = setting(0, "steps between evaluations (0: after every epoch)", low=0, integer=True)
     metric: str = setting("accuracy", "the validation metric that picks the best weights (higher is better)")
     seed: int = setting(0, "seed of the split, the initialisation and the data order", integer=True)

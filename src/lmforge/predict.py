@@ -4,6 +4,11 @@ spans for questions.
 Texts are tokenized once, sorted by length and cut into batches, so each batch pads only to its own longest
 text (real tweets vary from 5 to 100 tokens: padding everything to the longest wastes most of the compute);
 results come back in the caller's order.
+
+A classifier reads all of a text longer than its window: the text is cut into overlapping windows of max_len
+tokens (neighbours share `stride`, a quarter of the window by default), each window is scored, and the text's
+logits are the mean of its windows' (as `lmforge finetune classify` trains them). Embeddings keep the model's
+own recipe: the first window only.
 """
 
 from __future__ import annotations
@@ -40,6 +45,39 @@ def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int, types: Sequence[Sequen
     return out
 
 
+def pad_windows(docs: Sequence[Sequence[Sequence[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """input_ids and attention_mask [D, W, T] for D texts of up to W windows each: a text with fewer windows has
+    all-padding rows after its own (their mask is 0 throughout, so `window_logits` skips them)."""
+    W, T = max(len(d) for d in docs), max(len(w) for d in docs for w in d)
+    ids = torch.full((len(docs), W, T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(docs), W, T), dtype=torch.long)
+    for i, d in enumerate(docs):
+        for j, w in enumerate(d):
+            ids[i, j, :len(w)] = torch.tensor(w, dtype=torch.long)
+            mask[i, j, :len(w)] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def window_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor], grad_checkpoint: bool = False
+                  ) -> torch.Tensor:
+    """A classifier's logits per text [D, labels]: for a [D, T] batch the model's own, for a [D, W, T] batch of
+    windows (pad_windows) the mean over each text's real windows, every window run once in one pass."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    if ids.dim() == 2:
+        return model(ids, attention_mask=mask, grad_checkpoint=grad_checkpoint).logits
+    real = mask[:, :, 0].bool()  # [D, W]: a window holds [CLS] first
+    logits = model(ids[real], attention_mask=mask[real], grad_checkpoint=grad_checkpoint).logits
+    full = logits.new_zeros(*real.shape, logits.size(-1))
+    full[real] = logits
+    return full.sum(1) / real.sum(1, keepdim=True).to(logits.dtype)
+
+
+def window_stride(max_len: int) -> int:
+    """Tokens neighbouring windows share by default: a quarter of the window (so every token sits at least an
+    eighth of a window from an edge in one of them)."""
+    return max_len // 4
+
+
 def length_batches(lengths: Sequence[int], batch_size: int, max_tokens: int | None = None) -> Iterator[list[int]]:
     """Index batches in order of length (longest first, so a memory problem shows at once); with max_tokens a
     batch also stops growing when batch x longest would exceed it."""
@@ -68,21 +106,29 @@ def _check_encoder(model: torch.nn.Module) -> Encoder:
 
 @torch.inference_mode()
 def encode(model: Encoder, tokenizer: Tokenizer, texts: Sequence[str], batch_size: int = 64,
-           max_len: int | None = None, what: str = "logits") -> torch.Tensor:
+           max_len: int | None = None, what: str = "logits", windows: bool = False, stride: int | None = None
+           ) -> torch.Tensor:
     """Run the encoder over texts in length-sorted batches. what: "logits" (the head's output per text),
-    "mean" (mean-pooled hidden states), "cls" (the [CLS] hidden state) or "pooled" (the pooler's output)."""
+    "mean" (mean-pooled hidden states), "cls" (the [CLS] hidden state) or "pooled" (the pooler's output).
+    windows: a text longer than max_len is read whole as overlapping windows (neighbours sharing `stride` tokens)
+    and gets the mean of their outputs; otherwise it is truncated to max_len."""
     check_batch(batch_size, max_len)
     model = _check_encoder(model)
     tune_allocator()  # keep freed activation buffers in the process, as training does (see lmforge.runtime)
     was_training = model.training
     model.eval()
     max_len = min(max_len or model.config.max_seq_len, model.config.max_seq_len)
-    enc = tokenizer.encode_for_encoder(texts, max_len=max_len)
+    if windows:
+        per_text = tokenizer.encode_windows(texts, max_len, window_stride(max_len) if stride is None else stride)
+    else:
+        per_text = [[e.ids] for e in tokenizer.encode_for_encoder(texts, max_len=max_len)]
+    rows = [w for ws in per_text for w in ws]
+    owner = torch.tensor([i for i, ws in enumerate(per_text) for _ in ws])
     device = model.pos_emb.weight.device  # (the word embedding may be quantized)
-    out: list[torch.Tensor | None] = [None] * len(texts)
+    out: list[torch.Tensor | None] = [None] * len(rows)
     # (oneDNN-prepacked weights, which speed up decoding, measured 6% slower here: 64 x 128-token batches)
-    for idx in length_batches([len(e.ids) for e in enc], batch_size):
-        b = pad_batch([enc[i].ids for i in idx], tokenizer.pad_id)
+    for idx in length_batches([len(r) for r in rows], batch_size):
+        b = pad_batch([rows[i] for i in idx], tokenizer.pad_id)
         b = {k: v.to(device) for k, v in b.items()}
         o = model(**b, heads=what == "logits")
         if what == "logits":
@@ -97,25 +143,32 @@ def encode(model: Encoder, tokenizer: Tokenizer, texts: Sequence[str], batch_siz
             out[i] = r[j].float().cpu()
     if was_training:
         model.train()
-    return torch.stack(out)  # type: ignore[arg-type]
+    per_row = torch.stack(out)  # type: ignore[arg-type]
+    if len(rows) == len(texts):  # one window each
+        return per_row
+    total = torch.zeros(len(texts), per_row.size(-1)).index_add_(0, owner, per_row)
+    return total / torch.bincount(owner, minlength=len(texts)).unsqueeze(-1)
 
 
 def predict(model: Encoder, tokenizer: Tokenizer, texts: Sequence[str], batch_size: int = 64,
-            max_len: int | None = None) -> list[dict]:
-    """Label, probability and all class probabilities for each text, from a classification model."""
+            max_len: int | None = None, stride: int | None = None) -> list[dict]:
+    """Label, probability and all class probabilities for each text, from a classification model (a text longer
+    than max_len, by default the model's window, is read whole in overlapping windows)."""
     model = _check_encoder(model)
     if model.config.head != "classify":
         raise ModelLoadError("this model has no classification head; fine-tune one with "
                              "`lmforge finetune classify` first")
-    probs = predict_proba(model, tokenizer, texts, batch_size, max_len)
+    probs = predict_proba(model, tokenizer, texts, batch_size, max_len, stride)
     labels = model.config.labels
     return [{"label": labels[int(p.argmax())], "score": float(p.max()),
              "probs": {labels[k]: float(v) for k, v in enumerate(p)}} for p in probs]
 
 
 def predict_proba(model: Encoder, tokenizer: Tokenizer, texts: Sequence[str], batch_size: int = 64,
-                  max_len: int | None = None) -> torch.Tensor:
-    return torch.softmax(encode(model, tokenizer, texts, batch_size, max_len, "logits"), dim=-1)
+                  max_len: int | None = None, stride: int | None = None) -> torch.Tensor:
+    """Class probabilities [N, labels]: the softmax of each text's logits, the mean over its windows."""
+    logits = encode(model, tokenizer, texts, batch_size, max_len, "logits", windows=True, stride=stride)
+    return torch.softmax(logits, dim=-1)
 
 
 def embed(model: Encoder, tokenizer: Tokenizer, texts: Sequence[str], batch_size: int = 64,

@@ -179,6 +179,18 @@ class Tokenizer:
         finally:
             self.tok.no_truncation()
 
+    def encode_windows(self, texts: Sequence[str], max_len: int, stride: int) -> list[list[list[int]]]:
+        """Each text whole, as the ids of [CLS] ... [SEP] windows of at most max_len tokens, neighbours sharing
+        `stride` tokens (`tokenizers`' overflowing encodings): one window for a text that fits."""
+        if not 0 <= stride < max_len - 2:
+            raise ConfigError(f"the window overlap (stride {stride}) must be below max_len - 2 ({max_len - 2})")
+        self.tok.enable_truncation(max_len, stride=stride, strategy="longest_first")
+        try:
+            return [[e.ids] + [o.ids for o in e.overflowing]
+                    for e in self.tok.encode_batch(list(texts), add_special_tokens=True)]
+        finally:
+            self.tok.no_truncation()
+
     def continuation_ids(self) -> set[int]:
         """Ids of WordPiece tokens that continue a word (`##ing`): whole-word masking masks them with their word."""
         return {i for t, i in self.tok.get_vocab().items() if t.startswith("##")}

@@ -33,8 +33,11 @@ the space between two words about 500 times (see _unglue).
 
 from __future__ import annotations
 
+import csv
 import html
+import io
 import os
+import random
 import re
 import struct
 import zlib
@@ -43,7 +46,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from lmforge.config import check_number
 from lmforge.errors import DataError
+from lmforge.files import check_out_dir, write_text
 
 SWORD_ROOT = Path("/usr/share/sword")
 KJV = "engKJV2006eb"
@@ -291,3 +296,71 @@ def split_by_book(pairs: Sequence[_HasBook], test_books: Sequence[str] = DEFAULT
     for p in pairs:
         (test if p.book in test_set else val if p.book in val_set else train).append(p)
     return train, val, test
+
+
+# --------------------------------------------------------------------------------------------------------------
+# long documents by genre (a classification set whose texts run past one encoder window)
+
+# Five genres of the 66 books; the test books (about a quarter of each genre's words) are held out whole, so no
+# passage of a test book is trained on and a model must recognise the genre, not the book.
+GENRES = {
+    "law & history": BOOKS[:17],  # Genesis - Esther
+    "wisdom & poetry": BOOKS[17:22],  # Job - Song of Solomon
+    "prophets": BOOKS[22:39],  # Isaiah - Malachi
+    "gospels & acts": BOOKS[39:44],
+    "epistles & revelation": BOOKS[44:],
+}
+GENRE_TEST_BOOKS = ("Exod", "Judg", "2Kgs", "Neh", "Prov", "Eccl", "Song", "Lam", "Dan", "Hos", "Amos", "Mic",
+                    "Zech", "Mal", "Mark", "John", "1Cor", "Gal", "1Thess", "Jas", "1John", "Jude")
+
+
+def genre_documents(min_words: int = 300, max_words: int = 1000, per_genre: int | None = 200, seed: int = 0,
+                    root: Path | str | None = None) -> dict[str, list[tuple[str, str, str]]]:
+    """{"train": [...], "test": [...]} of (text, genre, book): each book of the KJV cut into passages of whole
+    consecutive verses, each `min_words` to `max_words` long (a length drawn uniformly per passage; a book's
+    remainder shorter than min_words is dropped), split by book (GENRE_TEST_BOOKS are the test books). At most
+    `per_genre` passages of each genre per split (drawn under the seed), so no genre swamps the others."""
+    check_number("per_genre", per_genre, 1, integer=True)
+    check_number("min_words", min_words, 1, integer=True)
+    check_number("max_words", max_words, min_words, integer=True)
+    rng = random.Random(seed)
+    genre = {b: g for g, books in GENRES.items() for b in books}
+    by_book: dict[str, list[str]] = {}
+    for v in read_module(KJV, root):
+        by_book.setdefault(v.book, []).append(v.text)
+    out: dict[str, dict[str, list[tuple[str, str, str]]]] = {"train": {}, "test": {}}
+    for book, verses in by_book.items():
+        split = "test" if book in GENRE_TEST_BOOKS else "train"
+        want, words, part = rng.randint(min_words, max_words), 0, []
+        for text in verses:
+            part.append(text)
+            words += len(text.split())
+            if words >= want:
+                out[split].setdefault(genre[book], []).append((" ".join(part), genre[book], book))
+                want, words, part = rng.randint(min_words, max_words), 0, []
+    docs = {}
+    for split, groups in out.items():
+        rows = []
+        for g in GENRES:
+            items = groups.get(g, [])
+            rows += items if per_genre is None or len(items) <= per_genre else rng.sample(items, per_genre)
+        rng.shuffle(rows)
+        docs[split] = rows
+    return docs
+
+
+def write_genre_documents(out: str | Path, per_genre: int | None = 200, seed: int = 0) -> dict[str, int]:
+    """`lmforge data bible-genres`: genre_documents written as out/train.csv and out/test.csv (text, label,
+    book); returns the passages per split. Settings and `out` are checked before anything is read."""
+    check_number("--per-genre", per_genre, 1, integer=True)
+    out = check_out_dir(out, "--out")
+    out.mkdir(parents=True, exist_ok=True)
+    counts = {}
+    for split, rows in genre_documents(per_genre=per_genre, seed=seed).items():
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(["text", "label", "book"])
+        w.writerows(rows)
+        write_text(out / f"{split}.csv", buf.getvalue())
+        counts[split] = len(rows)
+    return counts

@@ -61,9 +61,12 @@ class FitResult:
     main: bool = True  # process 0 (the one that writes the task's outputs), or not
 
 
-def length_buckets(n: int, length: Callable[[int], Any], batch_size: int, seed: int, per: int = 50) -> list[list[int]]:
+def length_buckets(n: int, length: Callable[[int], Any], batch_size: int, seed: int, per: int = 50,
+                   size: Callable[[int], int] | None = None) -> list[list[int]]:
     """Batches of example indices for one epoch: shuffled, then each run of `per` batches sorted by `length`
-    and cut into batches (so a batch pads to similar lengths), and the batches shuffled again."""
+    and cut into batches (so a batch pads to similar lengths), and the batches shuffled again. With `size`, a
+    batch holds examples until their sizes add up to batch_size (a long text read as several windows counts
+    each; an example larger than that is a batch of its own)."""
     import random
 
     rng = random.Random(seed)
@@ -73,7 +76,17 @@ def length_buckets(n: int, length: Callable[[int], Any], batch_size: int, seed: 
     groups = []
     for s in range(0, n, chunk):
         part = sorted(order[s:s + chunk], key=length)
-        groups += [part[k:k + batch_size] for k in range(0, len(part), batch_size)]
+        if size is None:
+            groups += [part[k:k + batch_size] for k in range(0, len(part), batch_size)]
+            continue
+        batch, used = [], 0
+        for i in part:
+            if batch and used + size(i) > batch_size:
+                groups.append(batch)
+                batch, used = [], 0
+            batch.append(i)
+            used += size(i)
+        groups += [batch] if batch else []
     rng.shuffle(groups)
     return groups
 

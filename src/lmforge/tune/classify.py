@@ -2,6 +2,8 @@
 
     data     CSV / TSV / JSONL -> texts + label names (broken encodings repaired and counted); label ids in
              sorted name order; a stratified train / validation / test split under the seed (or given files)
+    windows  max_len from the data when not given (the longest text, up to the model's window); a longer text is
+             read whole as overlapping windows whose logits are averaged, in training and prediction alike
     model    the encoder under a fresh classification head carrying the label names; "full" trains all of it,
              "top-k" only the last k blocks and the head
     train    `fit`: length-bucketed batches, AdamW, warm-up + linear decay; the best validation epoch is kept
@@ -28,7 +30,7 @@ from lmforge.eval.classify import classification_metrics, plot_confusion
 from lmforge.files import write_json, write_text
 from lmforge.interop import load_pretrained
 from lmforge.models.encoder import Encoder
-from lmforge.predict import pad_batch, predict_proba
+from lmforge.predict import pad_batch, pad_windows, predict_proba, window_logits, window_stride
 from lmforge.report import write_task_report
 from lmforge.runtime import peak_memory_mb, reset_peak_memory
 from lmforge.train.supervised import fit, length_buckets
@@ -85,6 +87,29 @@ def load_splits(data: str | Path, text_col: str | None, label_col: str | None, v
     return train, val, test, names  # type: ignore[return-value]
 
 
+def fit_windows(tok, texts: list[str], max_len: int | None, stride: int | None, limit: int
+                ) -> tuple[int, int, list[list[list[int]]]]:
+    """(max_len, stride, each text's windows) for training. max_len not given: the longest text's length (a
+    multiple of 8) when it fits the model's window `limit`, else the whole window; a text longer than max_len is
+    read as overlapping windows, and a one-line notice says how many were."""
+    windows = tok.encode_windows(texts, min(max_len or limit, limit), window_stride(min(max_len or limit, limit))
+                                 if stride is None else stride)
+    if max_len is None:
+        longest = max(len(w[0]) for w in windows)
+        if all(len(w) == 1 for w in windows) and longest < limit:
+            max_len = min(limit, max(8, -(-longest // 8) * 8))
+            windows = [[w[0]] for w in windows]  # (each already fits: the same ids)
+            say(f"max_len {max_len}: the longest training text has {longest} tokens")
+    max_len = min(max_len or limit, limit)
+    stride = window_stride(max_len) if stride is None else stride
+    long = sum(len(w) > 1 for w in windows)
+    if long:
+        say(f"{long} of {len(texts)} training texts are longer than one window of {max_len} tokens: each is read "
+            f"whole as {sum(len(w) for w in windows if len(w) > 1) / long:.1f} windows on average, neighbours sharing "
+            f"{stride} tokens, their logits averaged into one prediction")
+    return max_len, stride, windows
+
+
 def finetune_classify(
     model_path: str | Path,
     data: str | Path,
@@ -97,12 +122,16 @@ def finetune_classify(
     val_fraction: float = 0.1,
     test_fraction: float = 0.1,
     class_weights: bool = False,
+    stride: int | None = None,
     progress: bool | None = None,
     resume: bool = False,
 ) -> ClassifyResult | None:
     cfg = cfg or FinetuneConfig()
     cfg.validate()
-    check_args("classify", val_fraction=val_fraction, test_fraction=test_fraction)
+    check_args("classify", val_fraction=val_fraction, test_fraction=test_fraction, stride=stride)
+    if stride is not None and cfg.max_len is not None and stride >= cfg.max_len - 2:
+        raise ConfigError(f"stride (--stride) {stride} must be below max_len - 2 ({cfg.max_len - 2}): neighbouring "
+                          f"windows share that many tokens")
     if not (test_data or 0 < test_fraction) or val_fraction + test_fraction >= 1:
         raise ConfigError("test_fraction (--test-fraction) must be above 0 (or give --test-data), and the validation "
                           "and test fractions must leave data to train on")
@@ -128,24 +157,33 @@ def finetune_classify(
         model = model.with_head("classify", names)
     total = model.num_params()
     trainable = apply_method(model, cfg)
-    max_len = min(cfg.max_len, model.config.max_seq_len)
-    enc = tok.encode_for_encoder(train.texts, max_len=max_len)
+    max_len, stride, windows = fit_windows(tok, train.texts, cfg.max_len, stride, model.config.max_seq_len)
     y = torch.tensor([label_id[v] for v in train.labels])
     weights = None
     if class_weights:  # inverse class frequency, mean 1
         counts = torch.bincount(y, minlength=len(names)).float().clamp(min=1)
         weights = (counts.sum() / (len(names) * counts)).to(cfg.device)
+    windowed = any(len(w) > 1 for w in windows)
+    # a batch of long texts holds batch_size x 128 tokens' worth of windows (what batch_size short examples
+    # held): 32 windows of 512 would keep ~13 GB of activations for MiniLM's backward
+    per_window = max(1, -(-max_len // 128))
+    size = (lambda i: len(windows[i]) * per_window) if windowed else None
+    if windowed:
+        say(f"batches of up to {max(1, cfg.batch_size // per_window)} windows of {max_len} tokens (--batch-size "
+            f"{cfg.batch_size} x 128 tokens)")
+    order = [sum(map(len, w)) for w in windows]
 
     def batches(epoch: int):
-        """Shuffled, then bucketed by length (little padding per batch)."""
-        for idx in length_buckets(len(enc), lambda i: len(enc[i].ids), cfg.batch_size, cfg.seed + epoch):
-            b = pad_batch([enc[i].ids for i in idx], tok.pad_id)
+        """Shuffled, then bucketed by length (little padding per batch); long texts as [D, W, T] windows."""
+        for idx in length_buckets(len(windows), order.__getitem__, cfg.batch_size, cfg.seed + epoch, size=size):
+            b = (pad_windows([windows[i] for i in idx], tok.pad_id) if windowed
+                 else pad_batch([windows[i][0] for i in idx], tok.pad_id))
             yield {**b, "labels": y[idx], "class_weights": weights, "shared": ("class_weights",)}
 
     val_y = [label_id[v] for v in val.labels]
 
     def evaluate() -> dict[str, float]:
-        logits = torch.log(predict_proba(model, tok, val.texts, max_len=max_len).clamp(min=1e-12))
+        logits = torch.log(predict_proba(model, tok, val.texts, max_len=max_len, stride=stride).clamp(min=1e-12))
         m = classification_metrics(val_y, logits.argmax(-1).tolist(), names)
         return {"loss": float(F.nll_loss(logits, torch.tensor(val_y))), "accuracy": m["accuracy"],
                 "macro_f1": m["macro_f1"]}
@@ -156,15 +194,16 @@ def finetune_classify(
         "task": "classify", "model": str(model_path), "data": str(data), "val_data": str(val_data or ""),
         "test_data": str(test_data or ""), "text_col": text_col, "label_col": label_col,
         "val_fraction": val_fraction, "test_fraction": test_fraction, "class_weights": class_weights,
-        "labels": names, "finetune": dataclasses.asdict(cfg)}, sort_keys=False))
+        "labels": names, "max_len": max_len, "stride": stride, "finetune": dataclasses.asdict(cfg)},
+        sort_keys=False))
     say(f"model: {total:,} parameters, {trainable:,} trainable ({describe(cfg, model.config.n_layer)})")
-    steps_per_epoch = -(-len(enc) // cfg.batch_size)
+    steps_per_epoch = len(length_buckets(len(windows), order.__getitem__, cfg.batch_size, cfg.seed, size=size))
     reset_peak_memory()
     t0 = time.time()
     loss_fn = None
-    if cfg.label_smoothing:
+    if cfg.label_smoothing or windowed:  # (otherwise the model's own loss, which is this one without either)
         def loss_fn(m: Encoder, b: dict) -> torch.Tensor:
-            logits = m(b["input_ids"], attention_mask=b["attention_mask"], grad_checkpoint=cfg.grad_checkpoint).logits
+            logits = window_logits(m, b, grad_checkpoint=cfg.grad_checkpoint)
             return F.cross_entropy(logits, b["labels"], weight=b["class_weights"],
                                    label_smoothing=cfg.label_smoothing)
 
@@ -176,15 +215,15 @@ def finetune_classify(
     peak_mem = peak_memory_mb()
 
     # --- finish ----------------------------------------------------------------------------------------------
-    test_pred = predict_proba(model, tok, test.texts, max_len=max_len).argmax(-1).tolist()
+    test_pred = predict_proba(model, tok, test.texts, max_len=max_len, stride=stride).argmax(-1).tolist()
     test_m = classification_metrics([label_id[v] for v in test.labels], test_pred, names)
     model_dir, adapter_dir = save_outputs(model, out, tok, str(model_path), cfg)
     plot_confusion(test_m, out / "report" / "confusion.png", title="test split")
     rows = {"train": len(train), "validation": len(val), "test": len(test), "repaired": train.repaired_rows,
-            "skipped": train.skipped_rows}
+            "skipped": train.skipped_rows, "train_windowed": sum(len(w) > 1 for w in windows)}
     summary = {"task": "classify", "method": cfg.method, "trainable_params": trainable, "total_params": total,
                "peak_train_memory_mb": peak_mem, "baseline_memory_mb": baseline_mem,
-               "train_seconds": seconds, "steps": result.steps,
+               "train_seconds": seconds, "steps": result.steps, "max_len": max_len, "stride": stride,
                "best_val": result.best, "test": test_m,
                "rows": rows}
     write_json(out / "summary.json", summary)

@@ -40,7 +40,7 @@ from lmforge.report import write_task_report
 from lmforge.runtime import peak_memory_mb, reset_peak_memory
 from lmforge.train.supervised import fit
 from lmforge.tune.methods import apply_method, check_method, describe, run_footer, save_outputs, say, start_run
-from lmforge.tune.recipe import check_args
+from lmforge.tune.recipe import check_args, task_max_len
 
 
 @dataclass
@@ -188,7 +188,7 @@ def finetune_dpo(
     if not isinstance(model, DecoderLM):
         raise ModelLoadError(f"{model_path} is a {type(model).__name__}; DPO needs a decoder model")
     check_method(model, cfg)
-    max_len = min(cfg.max_len, model.config.max_seq_len)
+    max_len = task_max_len("dpo", cfg, model.config.max_seq_len)
     items, prompts = {}, {}
     for k, v in (("train", train), ("val", val), ("test", test)):
         items[k], prompts[k] = tokenize_pairs(tok, v, max_len)

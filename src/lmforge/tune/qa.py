@@ -34,7 +34,7 @@ from lmforge.report import write_task_report
 from lmforge.runtime import peak_memory_mb, reset_peak_memory
 from lmforge.train.supervised import fit
 from lmforge.tune.methods import apply_method, describe, run_footer, save_outputs, say, start_run
-from lmforge.tune.recipe import check_args
+from lmforge.tune.recipe import check_args, task_max_len
 
 
 @dataclass
@@ -103,7 +103,7 @@ def finetune_qa(model_path: str | Path, data: str | Path, out: str | Path, cfg: 
         # yet be counted as trainable and copied into the adapter
         model.pooler.requires_grad_(False)
         trainable = trainable_params(model)
-    max_len = min(cfg.max_len, model.config.max_seq_len)
+    max_len = task_max_len("qa", cfg, model.config.max_seq_len)
     feats: QAFeatures = qa_features(train, tok, max_len, stride)
     say(f"data: {len(train)} train / {len(val)} validation / {len(test)} test questions; "
         f"{len(feats.ids)} training windows of up to {max_len} tokens (stride {stride})")

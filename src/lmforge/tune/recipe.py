@@ -51,6 +51,8 @@ class ClassifyArgs(TaskArgs):
     val_fraction: float = setting(0.1, "share of --data held out for validation", low=0, high=1, high_open=True)
     test_fraction: float = setting(0.1, "share of --data held out for the test", low=0, high=1, high_open=True)
     class_weights: bool = setting(False, "weight the loss by inverse class frequency")
+    stride: int | None = setting(None, "tokens shared by neighbouring windows of a text longer than --max-len "
+                                 "(default: a quarter of --max-len)", low=0, integer=True)
 
 
 @dataclass
@@ -97,7 +99,7 @@ TASK_HELP = {"classify": "text classification with an encoder (e.g. all-minilm-l
 TASK_ARGS: dict[str, dict[str, Any]] = {  # task -> argument -> default (derived from the classes above)
     task: {f.name: f.default for f in dataclasses.fields(cls)} for task, cls in TASK_CLASSES.items()}
 TASK_DEFAULTS: dict[str, dict[str, Any]] = {
-    "classify": {"epochs": 3.0, "batch_size": 32, "max_len": 128, "metric": "accuracy"},
+    "classify": {"epochs": 3.0, "batch_size": 32, "max_len": None, "metric": "accuracy"},  # max_len: from the data
     "qa": {"epochs": 2.0, "batch_size": 16, "max_len": 256, "metric": "f1"},
     "chat": {"epochs": 2.0, "batch_size": 8, "max_len": 512, "metric": "neg_loss"},
     "dpo": {"epochs": 1.0, "batch_size": 4, "max_len": 384, "metric": "neg_loss"},
@@ -160,6 +162,12 @@ def resolve(task: str, recipe: str | Path | None = None, flags: dict[str, Any] |
     args = {k: values[k] for k in TASK_ARGS[task]}
     check_args(task, **args)
     return cfg, args
+
+
+def task_max_len(task: str, cfg: FinetuneConfig, limit: int) -> int:
+    """Tokens per example: cfg.max_len, or the task's default when it is not given, and never past `limit` (the
+    model's context)."""
+    return min(cfg.max_len or TASK_DEFAULTS[task]["max_len"], limit)
 
 
 def check_args(task: str, **args: Any) -> None:

@@ -41,7 +41,7 @@ from lmforge.train.distributed import from_rank0
 from lmforge.train.optim import build_optimizer
 from lmforge.train.supervised import fit, length_buckets
 from lmforge.tune.methods import apply_method, describe, run_footer, save_outputs, say, start_run
-from lmforge.tune.recipe import check_args
+from lmforge.tune.recipe import check_args, task_max_len
 
 
 @dataclass
@@ -163,8 +163,8 @@ def finetune_seq2seq(
     torch.manual_seed(cfg.seed)
     model, tok, scratch = build_model(str(model_path), sp.train.sources + sp.train.targets, cfg.device)
     c = model.config
-    max_source = min(cfg.max_len, c.max_seq_len)
-    max_target = min(max_target_len or cfg.max_len, c.max_seq_len)
+    max_source = task_max_len("seq2seq", cfg, c.max_seq_len)
+    max_target = min(max_target_len or max_source, c.max_seq_len)
     src, tgt, src_lens, tgt_lens = encode_pairs(tok, sp.train.sources, sp.train.targets, prefix, max_source, max_target,
                                           c.eos_token_id)
 

@@ -34,7 +34,7 @@ from lmforge.report import write_task_report
 from lmforge.runtime import peak_memory_mb, reset_peak_memory
 from lmforge.train.supervised import fit
 from lmforge.tune.methods import apply_method, check_method, describe, run_footer, save_outputs, say, start_run
-from lmforge.tune.recipe import check_args
+from lmforge.tune.recipe import check_args, task_max_len
 
 
 @dataclass
@@ -150,7 +150,7 @@ def finetune_chat(
     if not isinstance(model, DecoderLM):
         raise ModelLoadError(f"{model_path} is a {type(model).__name__}; chat fine-tuning needs a decoder model")
     check_method(model, cfg)
-    max_len = min(cfg.max_len, model.config.max_seq_len)
+    max_len = task_max_len("chat", cfg, model.config.max_seq_len)
     tokenized = {}
     for name, convs in (("train", train), ("val", val)):
         ex = [tokenize_chat(tok, c, max_len) for c in convs]
