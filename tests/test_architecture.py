@@ -151,7 +151,8 @@ def test_every_lmforge_import_resolves():
 # Function-level imports of lmforge modules remain only where start-up time needs them: the CLI (each verb loads
 # only its own modules; torch alone takes 1.5 s), the task loaders of tune/recipe.py (the CLI builds its finetune
 # flags from that module, so it must not load the tasks) and the delegates above.
-LAZY = ({("lmforge.tune.recipe", f) for f in ("_classify", "_qa", "_chat", "_dpo", "_seq2seq")}
+LAZY = ({("lmforge.tune.recipe", f) for f in ("_classify", "_qa", "_chat", "_dpo", "_grpo",
+                                                           "_seq2seq")}
         # (the process group under torchrun: recipe.py is read at CLI start-up, train.distributed imports torch)
         | {("lmforge.tune.recipe", "finetune")} | set(DELEGATES))
 

@@ -96,6 +96,7 @@ def w(tmp_path_factory) -> dict[str, str]:
                                                          {"role": "assistant", "content": t[::-1]}]}) + "\n"
                                 for t in TEXTS))
     write("dpo.jsonl", "".join(json.dumps({"prompt": t, "chosen": t, "rejected": t[::-1]}) + "\n" for t in TEXTS))
+    write("problems.jsonl", "".join(json.dumps({"prompt": t, "answer": str(i)}) + "\n" for i, t in enumerate(TEXTS)))
     recipe = {"model": {"preset": "bench-gpt2", "n_layer": 1, "n_head": 2, "d_model": 32, "max_seq_len": 32},
               "data": {"sources": [str(p["corpus"])], "vocab_size": 280},
               "train": {"steps": 2, "batch_size": 2, "seq_len": 16, "eval_every": 0, "ckpt_every": 0,
@@ -163,11 +164,13 @@ FT_BASE = {"classify": ("finetune classify --model {clf} --out OUT --data DATA",
            "qa": ("finetune qa --model {enc} --out OUT --data DATA", "{squad_json}"),
            "chat": ("finetune chat --model {dec} --out OUT --data DATA", "{chat_jsonl}"),
            "dpo": ("finetune dpo --model {dec} --out OUT --data DATA", "{dpo_jsonl}"),
+           "grpo": ("finetune grpo --model {dec} --out OUT --data DATA", "{problems_jsonl}"),
            "seq2seq": ("finetune seq2seq --model t5-tiny --out OUT --data DATA", "{pairs_jsonl}")}
 
 
 # settings that keep a run short should a bad value be let through (a flag given again later wins)
 FT_SHORT = {"classify": "--epochs 1", "qa": "--epochs 1 --max-len 32", "dpo": "--epochs 1 --max-len 32",
+            "grpo": "--epochs 0.05 --group-size 2 --max-new-tokens 2 --eval-limit 2",
             "chat": "--epochs 1 --max-len 128 --eval-limit 2 --max-new-tokens 4 --no-eval-before",
             "seq2seq": "--epochs 1 --batch-size 16 --max-len 16 --eval-limit 2 --num-beams 1"}
 
@@ -295,7 +298,9 @@ for flag, v in (("--val-fraction", "-0.1"), ("--val-fraction", "1"), ("--test-fr
                 ("--test-fraction", "1")):
     case(f"finetune-classify{flag}-{v}", f"{FT_CLASSIFY} {flag} {v}", snake(flag))
 for task, flag, v in (("qa", "--stride", "-1"), ("chat", "--max-new-tokens", "0"), ("chat", "--eval-limit", "0"),
-                      ("dpo", "--beta", "0"), ("dpo", "--beta", "-1"), ("seq2seq", "--max-target-len", "0"),
+                      ("dpo", "--beta", "0"), ("dpo", "--beta", "-1"), ("grpo", "--group-size", "1"),
+                      ("grpo", "--max-new-tokens", "0"), ("grpo", "--temperature", "0"), ("grpo", "--kl-beta", "-1"),
+                      ("grpo", "--eval-limit", "0"), ("seq2seq", "--max-target-len", "0"),
                       ("seq2seq", "--num-beams", "0"), ("seq2seq", "--eval-limit", "0"),
                       ("seq2seq", "--max-new-tokens", "0"), ("seq2seq", "--time-budget", "0"),
                       ("seq2seq", "--time-budget", "-1")):
@@ -435,6 +440,7 @@ for id_, task, model, where, needle in (("nothing", "qa", "{qa}", "{missing}", "
                                         ("a-folder", "seq2seq", "{dec}", "{dir}", "empty_dir is a folder")):
     case(f"eval-{task}-data-{id_}", f"eval {task} --model {model} --data {where}", needle)
 for task, needle in (("qa", "not found"), ("chat", "does not exist"), ("dpo", "does not exist"),
+                     ("grpo", "does not exist"),
                      ("seq2seq", "not found")):
     case(f"finetune-{task}-data-nothing", ft(task, data="{missing}"), needle)
     case(f"finetune-{task}-data-invalid-bytes", ft(task, data="{garbage_bin}"), "garbage.bin")

@@ -29,7 +29,7 @@ from lmforge.config import (
 from lmforge.errors import CheckpointError, ConfigError, LmforgeError
 from lmforge.files import check_out_dir, write_text
 
-TASKS = ("classify", "qa", "chat", "dpo", "seq2seq")
+TASKS = ("classify", "qa", "chat", "dpo", "grpo", "seq2seq")
 
 
 # --- each task's own arguments, declared once (the CLI's flags are built from these and FinetuneConfig) ---------
@@ -74,6 +74,21 @@ class DPOArgs(TaskArgs):
 
 
 @dataclass
+class GRPOArgs(TaskArgs):
+    verifier: str = setting("number", "the reward: exact, number, regex:PATTERN, json, code (runs the problem's "
+                            "tests), or FILE.py:FUNCTION")
+    group_size: int = setting(8, "completions sampled per prompt (the group its advantages are relative to)", low=2,
+                              integer=True)
+    max_new_tokens: int = setting(64, "longest completion, sampled or decoded for the held-out accuracy", low=1,
+                                  integer=True)
+    temperature: float = setting(1.0, "sampling temperature of the completions", low=0, low_open=True)
+    kl_beta: float = setting(0.0, "weight of the KL penalty to the starting model (0: none)", low=0)
+    scale_rewards: bool = setting(True, "divide each group's advantages by its reward standard deviation")
+    eval_limit: int | None = setting(None, "decode only the first N validation and test problems", low=1,
+                                     integer=True)
+
+
+@dataclass
 class Seq2SeqArgs(TaskArgs):
     source_col: str | None = setting(None, "source column (default: source, src, input, text, document, en)")
     target_col: str | None = setting(None, "target column (default: target, tgt, output, summary, es)")
@@ -90,11 +105,12 @@ class Seq2SeqArgs(TaskArgs):
 
 
 TASK_CLASSES: dict[str, type[TaskArgs]] = {"classify": ClassifyArgs, "qa": QAArgs, "chat": ChatArgs,
-                                           "dpo": DPOArgs, "seq2seq": Seq2SeqArgs}
+                                           "dpo": DPOArgs, "grpo": GRPOArgs, "seq2seq": Seq2SeqArgs}
 TASK_HELP = {"classify": "text classification with an encoder (e.g. all-minilm-l6-v2)",
              "qa": "extractive question answering (SQuAD format), encoder",
              "chat": "instruction tuning (SFT) of a decoder on chat JSONL or chatterbot",
              "dpo": "preference tuning (DPO) on prompt/chosen/rejected JSONL",
+             "grpo": "reinforcement learning with verifiable rewards (GRPO) on prompt/answer JSONL or arith",
              "seq2seq": "translation / summarization with an encoder-decoder (T5), or one from scratch"}
 TASK_ARGS: dict[str, dict[str, Any]] = {  # task -> argument -> default (derived from the classes above)
     task: {f.name: f.default for f in dataclasses.fields(cls)} for task, cls in TASK_CLASSES.items()}
@@ -103,6 +119,9 @@ TASK_DEFAULTS: dict[str, dict[str, Any]] = {
     "qa": {"epochs": 2.0, "batch_size": 16, "max_len": 256, "metric": "f1"},
     "chat": {"epochs": 2.0, "batch_size": 8, "max_len": 512, "metric": "neg_loss"},
     "dpo": {"epochs": 1.0, "batch_size": 4, "max_len": 384, "metric": "neg_loss"},
+    # batch_size: prompts per step, each sampled group_size times; steps are slow, so log and checkpoint often
+    "grpo": {"epochs": 1.0, "batch_size": 4, "max_len": 512, "metric": "accuracy", "log_every": 1,
+             "ckpt_every": 20},
     "seq2seq": {"epochs": 3.0, "batch_size": 32, "max_len": 128, "metric": "neg_loss", "weight_decay": 0.0,
                 "optimizer": "adafactor"},
 }
@@ -111,6 +130,7 @@ LR: dict[str, dict[str, float]] = {  # task -> method -> default learning rate
     "qa": {"full": 5e-5, "top-k": 2e-4, "lora": 5e-4, "qlora": 5e-4},
     "chat": {"full": 2e-5, "top-k": 5e-5, "lora": 2e-4, "qlora": 2e-4},
     "dpo": {"full": 5e-6, "top-k": 1e-5, "lora": 5e-5, "qlora": 5e-5},
+    "grpo": {"full": 1e-5, "top-k": 2e-5, "lora": 2e-4, "qlora": 2e-4},
     # Adafactor's relative steps: T5 pre-trains at 1e-2 and fine-tunes at 1e-3
     "seq2seq": {"full": 1e-3, "top-k": 1e-3, "lora": 1e-3, "qlora": 1e-3},
 }
@@ -274,6 +294,12 @@ def _dpo():
     return finetune_dpo
 
 
+def _grpo():
+    from lmforge.tune.grpo import finetune_grpo
+
+    return finetune_grpo
+
+
 def _seq2seq():
     from lmforge.tune.seq2seq import finetune_seq2seq
 
@@ -281,4 +307,5 @@ def _seq2seq():
 
 
 # (each task module is imported only when its task runs: the CLI starts without loading them all)
-_TASK_FUNCTIONS = {"classify": _classify, "qa": _qa, "chat": _chat, "dpo": _dpo, "seq2seq": _seq2seq}
+_TASK_FUNCTIONS = {"classify": _classify, "qa": _qa, "chat": _chat, "dpo": _dpo, "grpo": _grpo,
+                   "seq2seq": _seq2seq}
