@@ -21,14 +21,16 @@ import hashlib
 import json
 import random
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from lmforge.errors import DataError, LmforgeError
 from lmforge.files import check_out_dir, write_text
+
+T = TypeVar("T")
 
 # --- the chat template: the model's own (tokenizer_config.json's `chat_template`, or a GGUF's
 # `tokenizer.chat_template`), rendered as transformers does, in Jinja's sandbox (a model file cannot reach Python
@@ -198,6 +200,33 @@ def chatterbot_conversations(language: str = "english") -> list[tuple[str, list[
 def _split_of(question: str, seed: int, test: float, val: float) -> str:
     h = int(hashlib.sha256(f"{seed}:{question.strip().lower()}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
     return "test" if h < test else "val" if h < test + val else "train"
+
+
+def held_out_splits(data: str | Path, val_data: str | Path | None, test_data: str | Path | None, seed: int,
+                    read: Callable[[str | Path], list[T]], key: Callable[[T], str], what: str,
+                    builtin: tuple[str, Callable[[int], dict[str, list[T]]]] | None = None
+                    ) -> tuple[list[T], list[T], list[T]]:
+    """(train, val, test) rows of a decoder task: `builtin`'s own splits when `data` is its name (e.g.
+    chatterbot), else the rows of read(data) split by a hash of key(row) under the seed (a question asked twice
+    lands in one split; 10% test and 5% validation, none where --test-data / --val-data are given), those files
+    then read as the held-out splits. An empty split is one line naming the flag that would fill it."""
+    if builtin is not None and str(data) == builtin[0]:
+        s = builtin[1](seed)
+        train, val, test = s["train"], s["val"], s["test"]
+    else:
+        train, val, test = [], [], []
+        for row in read(data):
+            split = _split_of(key(row), seed, 0.0 if test_data else 0.1, 0.0 if val_data else 0.05)
+            (test if split == "test" else val if split == "val" else train).append(row)
+    if val_data:
+        val = read(val_data)
+    if test_data:
+        test = read(test_data)
+    for part, name, flag in ((train, "training", "--data"), (val, "validation", "--val-data"),
+                             (test, "test", "--test-data")):
+        if not part:
+            raise DataError(f"the {name} split has no {what}: give more data or {flag}")
+    return train, val, test
 
 
 def write_chatterbot(out: str | Path, pairs: bool = False, seed: int = 0) -> dict[str, int]:

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 import yaml
 
 from lmforge.config import FinetuneConfig
-from lmforge.data.chat import Pair, _split_of, chatterbot_pairs, read_pairs, tokenize_chat
+from lmforge.data.chat import Pair, chatterbot_pairs, held_out_splits, read_pairs, tokenize_chat
 from lmforge.errors import DataError, ModelLoadError
 from lmforge.files import write_json, write_text
 from lmforge.interop import load_pretrained
@@ -68,23 +68,9 @@ Tokenized = tuple[list[int], list[int]]
 
 def load_pair_splits(data: str | Path, val_data: str | Path | None, test_data: str | Path | None,
                      seed: int) -> tuple[list[Pair], list[Pair], list[Pair]]:
-    if str(data) == "chatterbot":
-        s = chatterbot_pairs(seed)
-        train, val, test = s["train"], s["val"], s["test"]
-    else:
-        train, val, test = [], [], []
-        for p in read_pairs(data):
-            split = _split_of(p.prompt[-1]["content"], seed, 0.0 if test_data else 0.1, 0.0 if val_data else 0.05)
-            (test if split == "test" else val if split == "val" else train).append(p)
-    if val_data:
-        val = read_pairs(val_data)
-    if test_data:
-        test = read_pairs(test_data)
-    for part, name, flag in ((train, "training", "--data"), (val, "validation", "--val-data"),
-                             (test, "test", "--test-data")):
-        if not part:
-            raise DataError(f"the {name} split has no preference pairs: give more data or {flag}")
-    return train, val, test
+    """Preference pairs split by their prompt's last turn (`chatterbot`: pairs of the packaged corpus)."""
+    return held_out_splits(data, val_data, test_data, seed, read_pairs, lambda p: p.prompt[-1]["content"],
+                           "preference pairs", ("chatterbot", chatterbot_pairs))
 
 
 def tokenize_pairs(tok, pairs: list[Pair], max_len: int) -> tuple[list[tuple[Tokenized, Tokenized]], list[str]]:

@@ -37,7 +37,7 @@ import yaml
 
 from lmforge.config import FinetuneConfig, SamplingParams
 from lmforge.data.arith import Problem, arith_splits, read_problems
-from lmforge.data.chat import _split_of, apply_chat_template
+from lmforge.data.chat import apply_chat_template, held_out_splits
 from lmforge.errors import DataError, ModelLoadError
 from lmforge.eval.verify import Verifier, get_verifier
 from lmforge.files import write_json, write_text
@@ -93,23 +93,9 @@ class GRPOResult:
 
 def load_problem_splits(data: str | Path, val_data: str | Path | None, test_data: str | Path | None,
                         seed: int) -> tuple[list[Problem], list[Problem], list[Problem]]:
-    if str(data) == "arith":
-        s = arith_splits(seed)
-        train, val, test = s["train"], s["val"], s["test"]
-    else:
-        train, val, test = [], [], []
-        for p in read_problems(data):
-            split = _split_of(p.prompt[-1]["content"], seed, 0.0 if test_data else 0.1, 0.0 if val_data else 0.05)
-            (test if split == "test" else val if split == "val" else train).append(p)
-    if val_data:
-        val = read_problems(val_data)
-    if test_data:
-        test = read_problems(test_data)
-    for part, name, flag in ((train, "training", "--data"), (val, "validation", "--val-data"),
-                             (test, "test", "--test-data")):
-        if not part:
-            raise DataError(f"the {name} split has no problems: give more data or {flag}")
-    return train, val, test
+    """Problems split by their last user turn (`arith`: the built-in set's own split)."""
+    return held_out_splits(data, val_data, test_data, seed, read_problems, lambda p: p.prompt[-1]["content"],
+                           "problems", ("arith", arith_splits))
 
 
 # --------------------------------------------------------------------------------------------------------------

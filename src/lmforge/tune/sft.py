@@ -23,7 +23,7 @@ import torch
 import yaml
 
 from lmforge.config import FinetuneConfig
-from lmforge.data.chat import Messages, _split_of, chatterbot_chat, pack, read_chat, tokenize_chat
+from lmforge.data.chat import Messages, chatterbot_chat, held_out_splits, pack, read_chat, tokenize_chat
 from lmforge.errors import DataError, ModelLoadError
 from lmforge.eval.generation import reference_scores
 from lmforge.files import write_json, write_text
@@ -62,25 +62,12 @@ class ChatResult:
 
 def load_chat_splits(data: str | Path, val_data: str | Path | None, test_data: str | Path | None,
                      seed: int) -> tuple[list[Messages], list[Messages], list[Messages]]:
-    if str(data) == "chatterbot":
-        s = chatterbot_chat(seed)
-        train, val, test = s["train"], s["val"], s["test"]
-    else:
-        convs = read_chat(data)
-        train, val, test = [], [], []
-        for c in convs:
-            first = next((m["content"] for m in c if m["role"] == "user"), c[0]["content"])
-            split = _split_of(first, seed, 0.0 if test_data else 0.1, 0.0 if val_data else 0.05)
-            (test if split == "test" else val if split == "val" else train).append(c)
-    if val_data:
-        val = read_chat(val_data)
-    if test_data:
-        test = read_chat(test_data)
-    for part, name, flag in ((train, "training", "--data"), (val, "validation", "--val-data"),
-                             (test, "test", "--test-data")):
-        if not part:
-            raise DataError(f"the {name} split has no conversations: give more data or {flag}")
-    return train, val, test
+    """Conversations split by their first question (`chatterbot`: the packaged corpus's own split)."""
+    def first(c: Messages) -> str:
+        return next((m["content"] for m in c if m["role"] == "user"), c[0]["content"])
+
+    return held_out_splits(data, val_data, test_data, seed, read_chat, first, "conversations",
+                           ("chatterbot", chatterbot_chat))
 
 
 def first_reply_prompts(convs: list[Messages]) -> tuple[list[Messages], list[list[str]]]:
