@@ -33,6 +33,46 @@ def machine_header() -> str:
             f"{matmul_peak(torch.bfloat16) / 1e9:,.0f} GFLOP/s, read {read_bandwidth(1 << 29, 5) / 1e9:.1f} GB/s")
 
 
+def rss_by_process(root: int) -> dict[int, float]:
+    """MiB resident in process `root` and in each of its descendants, by pid (from /proc)."""
+    out, todo = {}, [root]
+    while todo:
+        p = todo.pop()
+        try:
+            with open(f"/proc/{p}/statm") as f:
+                out[p] = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+            with open(f"/proc/{p}/task/{p}/children") as f:
+                todo += [int(c) for c in f.read().split()]
+        except OSError:
+            continue
+    return out
+
+
+def run_watching_rss(cmd: list[str], env: dict[str, str] | None = None, every: float = 0.1
+                     ) -> tuple[subprocess.CompletedProcess, float, dict[int, float], int]:
+    """Run `cmd` to its end, sampling the resident memory of it and its descendants every `every` s: (the
+    completed process with its text output, the peak of their sum, the peak of each process by pid, the pid of
+    `cmd` itself)."""
+    import threading
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    total, peaks = [0.0], {}
+
+    def watch() -> None:
+        while proc.poll() is None:
+            now = rss_by_process(proc.pid)
+            total[0] = max(total[0], sum(now.values()))
+            for pid, mib in now.items():
+                peaks[pid] = max(peaks.get(pid, 0.0), mib)
+            time.sleep(every)
+
+    t = threading.Thread(target=watch, daemon=True)
+    t.start()
+    out, err = proc.communicate()
+    t.join()
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err), total[0], peaks, proc.pid
+
+
 def read_rates(nbytes: int = 1 << 30, repeats: int = 7) -> list[float]:
     """Bytes/s of `repeats` reads of a buffer far larger than the caches (a sum over 1 GiB of fp32)."""
     x = torch.ones(nbytes // 4)

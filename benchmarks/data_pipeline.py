@@ -20,15 +20,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine_header, table  # noqa: E402
+from common import machine_header, run_watching_rss, table  # noqa: E402
 
 GB = float(os.environ.get("GB", "2"))
 SAMPLE_MB = float(os.environ.get("SAMPLE_MB", "256"))
@@ -57,21 +55,6 @@ def make_corpus() -> tuple[int, int]:
     return int(done.read_text()), sum(1 for _ in CORPUS.rglob("*.txt"))
 
 
-def tree_rss(pid: int) -> float:
-    """MiB resident in `pid` and all its descendants."""
-    total, todo = 0, [pid]
-    while todo:
-        p = todo.pop()
-        try:
-            with open(f"/proc/{p}/statm") as f:
-                total += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-            with open(f"/proc/{p}/task/{p}/children") as f:
-                todo += [int(c) for c in f.read().split()]
-        except OSError:
-            continue
-    return total / 2**20
-
-
 def lmforge_worker(tok_path: str, out: str) -> None:
     from lmforge.data.corpus import scan_documents, split_documents
     from lmforge.data.shards import build_shards
@@ -88,23 +71,10 @@ def lmforge_worker(tok_path: str, out: str) -> None:
 
 
 def run_lmforge(tok_path: str, out: str) -> dict:
-    proc = subprocess.Popen([sys.executable, __file__, "--worker", tok_path, out], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    peak = [0.0]
-
-    def watch() -> None:
-        while proc.poll() is None:
-            peak[0] = max(peak[0], tree_rss(proc.pid))
-            time.sleep(0.1)
-
-    t = threading.Thread(target=watch, daemon=True)
-    t.start()
-    stdout, stderr = proc.communicate()
-    t.join()
-    if proc.returncode != 0:
-        raise RuntimeError(stderr[-3000:])
-    r = json.loads(stdout.strip().splitlines()[-1])
-    return {**r, "peak_rss": peak[0]}
+    r, peak, _, _ = run_watching_rss([sys.executable, __file__, "--worker", tok_path, out])
+    if r.returncode != 0:
+        raise RuntimeError(r.stderr[-3000:])
+    return {**json.loads(r.stdout.strip().splitlines()[-1]), "peak_rss": peak}
 
 
 def run_peer(tok_path: str) -> dict:

@@ -267,3 +267,49 @@ def test_a_large_single_file_is_cut_at_line_ends_and_read_lazily(tmp_path, monke
     (bad / "b.txt").write_bytes(b"caf\xe9\n")
     with pytest.raises(DataError, match="b.txt is not UTF-8"):
         [d.read() for d in corpus.scan_documents([str(bad)])]
+
+
+def test_tokenization_workers_end_when_their_process_is_killed(tmp_path, small_corpus):
+    """kill -9 of a run while its worker pool encodes: the workers stop too (they used to encode on and then wait
+    for as long as the machine was up)."""
+    import signal
+    import time
+
+    script = tmp_path / "encode.py"
+    script.write_text(
+        "import sys\nimport numpy as np\nfrom lmforge.data import stream\nfrom lmforge.data.corpus import "
+        "scan_documents\nfrom lmforge.tokenizer import Tokenizer\n"
+        "if __name__ == '__main__':  # (the spawned workers import this file)\n"
+        "    docs = scan_documents([sys.argv[1]])\n"
+        "    tok = Tokenizer.train_bpe((d.read() for d in docs), vocab_size=300)\n"
+        "    stream.write_tokens(docs * 800, tok.tok.to_str(), sys.argv[2], 0, np.dtype(np.uint16), workers=2)\n")
+    proc = subprocess.Popen([sys.executable, str(script), str(small_corpus), str(tmp_path / "t.bin")])
+
+    def children() -> list[int]:
+        try:
+            return [int(c) for c in open(f"/proc/{proc.pid}/task/{proc.pid}/children").read().split()]
+        except OSError:
+            return []
+
+    deadline = time.time() + 120
+    while len(children()) < 2 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    workers = children()
+    assert len(workers) >= 2 and proc.poll() is None, "the pool never started"
+    time.sleep(3)  # (the workers are encoding: 6 parts of 32 MB take them about 20 s)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+    def alive(pid: int) -> bool:
+        try:
+            return open(f"/proc/{pid}/stat").read().split()[2] != "Z"
+        except OSError:
+            return False
+
+    deadline = time.time() + 5
+    while any(map(alive, workers)) and time.time() < deadline:
+        time.sleep(0.1)
+    left = [pid for pid in workers if alive(pid)]
+    for pid in left:  # (so a failure leaves nothing running)
+        os.kill(pid, signal.SIGKILL)
+    assert not left, "tokenization workers outlived their killed process"

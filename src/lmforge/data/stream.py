@@ -17,6 +17,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
@@ -107,6 +109,15 @@ def encode_part(tokenizer_json: str, docs: list[Document], out: str, eos: int | 
 
 def _worker_setup() -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread each: the pool is the parallelism
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+
+
+def _exit_with_parent(parent: int) -> None:
+    """A worker ends when the process that started it is gone (killed with -9, it cannot tell its pool): left
+    alone, the workers went on encoding, and then waited, for as long as the machine was up."""
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)
 
 
 def write_tokens(docs: list[Document], tokenizer_json: str, path: str | Path, eos: int | None, dtype: np.dtype,
