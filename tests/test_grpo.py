@@ -58,6 +58,29 @@ def test_code_verifier_runs_the_tests_in_another_process_with_a_time_limit():
     assert code("def add(a, b):\n    while True: pass", tests, timeout=1.0) == 0.0  # stopped, not hung
     # never in this process: a completion that exits or changes state here would otherwise end the run
     assert code("import sys; sys.exit(3)", {}) == 0.0 and code("x = 1", {}) == 1.0
+    assert code("x = bytearray(2 << 30)", {}) == 0.0  # past the 1 GB memory limit: refused, not swapped in
+
+
+def test_code_verifier_kills_what_the_program_started_at_the_time_limit(tmp_path):
+    import time
+
+    from lmforge.eval.verify import code
+
+    pid_file = tmp_path / "child.pid"
+    program = (f"import subprocess, sys, time\np = subprocess.Popen([sys.executable, '-c', 'import time; "
+               f"time.sleep(60)'])\nopen({str(pid_file)!r}, 'w').write(str(p.pid))\ntime.sleep(60)")
+    assert code(program, {}, timeout=2.0) == 0.0
+    pid = int(pid_file.read_text())
+    deadline = time.time() + 5
+    while time.time() < deadline:
+        try:
+            if open(f"/proc/{pid}/stat").read().split()[2] == "Z":
+                break
+        except OSError:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError("a process the program started outlived the time limit")
 
 
 def test_custom_reward_functions(tmp_path):

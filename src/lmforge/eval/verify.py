@@ -26,6 +26,7 @@ import json
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -101,21 +102,41 @@ def json_valid(completion: str, problem: dict[str, Any]) -> float:
     return float(want is None or got == want)
 
 
+CODE_MEMORY = 1 << 30  # bytes of address space a completion's program may take
+
+
+def _limits(timeout: float) -> None:  # (in the child, before it runs: POSIX only)
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_AS, (CODE_MEMORY, CODE_MEMORY))
+    resource.setrlimit(resource.RLIMIT_CPU, (int(timeout) + 1, int(timeout) + 1))
+
+
 def code(completion: str, problem: dict[str, Any], timeout: float = CODE_TIMEOUT) -> float:
     """Run the completion's program and the problem's tests in a fresh `python -I` (no user site, no
-    environment-variable hooks) in an empty temporary folder; 1.0 when it exits with status 0 in time."""
+    environment-variable hooks) in an empty temporary folder, in a session of its own with at most 1 GB of
+    memory and `timeout` seconds of CPU (on POSIX); 1.0 when it exits with status 0 in time. At the time limit
+    the whole session is killed, so a process the program started does not outlive it."""
     tests = problem.get("tests", "")
     if isinstance(tests, list):
         tests = "\n".join(map(str, tests))
     program = _block(completion, ("python", "py")) + "\n\n" + str(tests) + "\n"
+    posix = os.name == "posix"
     with tempfile.TemporaryDirectory(prefix="lmforge-verify-") as d:
         (Path(d) / "main.py").write_text(program, encoding="utf-8")
+        proc = subprocess.Popen([sys.executable, "-I", "main.py"], cwd=d, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, env={"PATH": os.environ.get("PATH", ""),
+                                                                "PYTHONHASHSEED": "0"},
+                                start_new_session=posix, preexec_fn=(lambda: _limits(timeout)) if posix else None)
         try:
-            r = subprocess.run([sys.executable, "-I", "main.py"], cwd=d, capture_output=True, timeout=timeout,
-                               env={"PATH": os.environ.get("PATH", ""), "PYTHONHASHSEED": "0"})
+            return float(proc.wait(timeout=timeout) == 0)
         except subprocess.TimeoutExpired:
+            if posix:
+                os.killpg(proc.pid, signal.SIGKILL)
+            else:
+                proc.kill()
+            proc.wait()
             return 0.0
-    return float(r.returncode == 0)
 
 
 BUILT_IN: dict[str, Verifier] = {"exact": exact, "number": number, "json": json_valid, "code": code}
