@@ -48,18 +48,19 @@ def rss_by_process(root: int) -> dict[int, float]:
     return out
 
 
-def run_watching_rss(cmd: list[str], env: dict[str, str] | None = None, every: float = 0.1
+def run_watching_rss(cmd: list[str], env: dict[str, str] | None = None, every: float = 0.1,
+                     until: Callable[[], bool] | None = None
                      ) -> tuple[subprocess.CompletedProcess, float, dict[int, float], int]:
-    """Run `cmd` to its end, sampling the resident memory of it and its descendants every `every` s: (the
-    completed process with its text output, the peak of their sum, the peak of each process by pid, the pid of
-    `cmd` itself)."""
+    """Run `cmd` to its end, sampling the resident memory of it and its descendants every `every` s (until
+    `until()` is true, when given: e.g. until training ends, leaving out the export after it): (the completed
+    process with its text output, the peak of their sum, the peak of each process by pid, the pid of `cmd`)."""
     import threading
 
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     total, peaks = [0.0], {}
 
     def watch() -> None:
-        while proc.poll() is None:
+        while proc.poll() is None and not (until is not None and until()):
             now = rss_by_process(proc.pid)
             total[0] = max(total[0], sum(now.values()))
             for pid, mib in now.items():
