@@ -156,7 +156,7 @@ def tiny_encoder(tmp_path_factory):
 def test_finetune_ddp_and_fsdp_equal_one_process_and_fsdp_resumes_in_one(tmp_path, tiny_encoder):
     args = ["finetune", "classify", "--model", str(tiny_encoder / "model"), "--data", str(tiny_encoder / "t.csv"),
             "--epochs", "2", "--batch-size", "16", "--lr", "1e-3", "--log-every", "1", "--ckpt-every", "6",
-            "--keep-checkpoints", "2", "--max-len", "64"]
+            "--keep-checkpoints", "2"]  # (max_len from the data: every tweet in one window)
     cli(*args, "--out", str(tmp_path / "one"))
     torchrun(*args, "--out", str(tmp_path / "ddp"), "--strategy", "ddp")
     torchrun(*args, "--out", str(tmp_path / "fsdp"), "--strategy", "fsdp")
