@@ -67,6 +67,10 @@ class DecoderConfig:
     def gated(self) -> bool:
         return self.mlp in ("swiglu", "geglu")
 
+    @property
+    def learned_positions(self) -> bool:  # a position table of max_seq_len rows (GPT-2), not RoPE
+        return self.pos_emb == "learned"
+
     def validate(self) -> None:
         if self.n_head is None or self.n_head <= 0:
             raise ConfigError(f"model.n_head must be a positive integer, got {self.n_head}")
@@ -281,6 +285,8 @@ class EncoderConfig:
         for n in ("dropout", "attn_dropout"):
             if not 0.0 <= getattr(self, n) < 1.0:
                 raise ConfigError(f"model.{n} must be in [0, 1), got {getattr(self, n)}")
+
+    learned_positions = True  # BERT's position table
 
     def num_params(self, include_embeddings: bool = True) -> int:
         d, L = self.d_model, self.n_layer

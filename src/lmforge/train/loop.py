@@ -142,6 +142,12 @@ def _pretrain(cfg: RunConfig, run: Path, resume: bool, progress: bool | None, ov
         tokenizer = _prepare(cfg, run, env, progress if progress is not None else sys.stderr.isatty())
     tc = cfg.train
     seq_len = tc.seq_len or cfg.model.max_seq_len
+    if seq_len < cfg.model.max_seq_len and getattr(cfg.model, "learned_positions", False) and env.main:
+        # (a learned position table past seq_len stays at its initial values: reading more tokens than the model
+        # was trained on, as `eval perplexity` does by default, scores the untrained positions)
+        print(f"note: training at seq_len {seq_len}, under the model's context {cfg.model.max_seq_len}: its learned "
+              f"positions from {seq_len} on stay untrained; evaluate and generate within {seq_len} tokens (eval "
+              f"--window {seq_len}), or set model.max_seq_len={seq_len}", file=sys.stderr, flush=True)
     per_rank, rem = divmod(tc.batch_size, env.world * tc.grad_accum)
     if rem or per_rank == 0:
         raise ConfigError(f"train.batch_size={tc.batch_size} must be a multiple of processes ({env.world}) x "
