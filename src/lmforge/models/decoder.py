@@ -118,14 +118,7 @@ class DecoderLM(PretrainedModel):
                 position_ids = ((attention_mask != 0).long().cumsum(-1) - 1).clamp(min=0)[:, past:past + T]
             else:
                 position_ids = torch.arange(past, past + T, device=input_ids.device)[None]
-        x = self.tok_emb(input_ids)
-        rotary = None
-        if self.config.pos_emb == "learned":
-            x = x + self.pos_emb(position_ids)
-        else:
-            rotary = self.rotary(position_ids)
-        x = self.drop(x)
-
+        x, rotary = self._embed(input_ids, position_ids)
         mask = attention_mask
         if attention_mask is not None and attention_mask.dim() == 2:
             mask = padded_causal_mask(attention_mask, T)
@@ -150,6 +143,44 @@ class DecoderLM(PretrainedModel):
         if labels is not None:
             loss = cross_entropy(logits.view(-1, logits.size(-1)), labels.reshape(-1))
         return CausalLMOutput(logits=None if loss_only else logits, loss=loss)
+
+    def _embed(self, ids: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, tuple | None]:
+        """The token embeddings (plus learned positions) and the rotary (cos, sin) of these positions."""
+        x = self.tok_emb(ids)
+        rotary = None
+        if self.config.pos_emb == "learned":
+            x = x + self.pos_emb(position_ids)
+        else:
+            rotary = self.rotary(position_ids)
+        return self.drop(x), rotary
+
+    def staged_step(self, ids: torch.Tensor, chunk: torch.Tensor, position_ids: torch.Tensor, cache: SlotKVCache,
+                    layers: tuple[int, int], last_logits: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One step of the serving engine (inference only): the running rows' decode step through every layer and a
+        prompt chunk through layers [a, b) only, as one row (SlotKVCache.mixed). A long chunk's pass is spread over
+        several steps this way, so each step costs the streams little more than their own.
+
+        ids [1, rows]: the rows' next tokens; chunk: the chunk's token ids [1, n] when a == 0, else its hidden
+        states after layer a - 1 [1, n, d_model]; position_ids [1, rows + n]. Returns the rows' logits [rows, V]
+        and the chunk's hidden states after layer b - 1, or, when b is the last layer, the logits after its final
+        token [V] if last_logits (else None)."""
+        a, b = layers
+        rows = ids.size(1)
+        x, rotary = self._embed(ids, position_ids[:, :rows])
+        if a == 0:
+            chunk = self._embed(chunk, position_ids[:, rows:])[0]
+        rot_all = self.rotary(position_ids) if rotary is not None else None
+        for i, block in enumerate(self.blocks):
+            if a <= i < b:
+                y = block(torch.cat([x, chunk], dim=1), None, rot_all, cache, i)
+                x, chunk = y[:, :rows], y[:, rows:]
+            else:
+                x = block(x, None, rotary, cache, i)
+        cache.advance(1)
+        logits = self.lm_head(self.norm(x))[0]
+        if b < len(self.blocks):
+            return logits, chunk
+        return logits, self.lm_head(self.norm(chunk[:, -1]))[0] if last_logits else None
 
     def _chunked_loss(self, h: torch.Tensor, labels: torch.Tensor, chunk: int = 256) -> torch.Tensor:
         """Mean cross-entropy of lm_head(h) against labels, a chunk of positions at a time under checkpointing:

@@ -222,25 +222,33 @@ class SlotKVCache:
 
     def decode(self, active: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """The next forward runs one token for each row 0..max(active) (rows not in `active` are idle: they
-        compute on a dummy token and are not advanced). Returns (position_ids [rows, 1], bool mask
-        [rows, 1, 1, K]); every row sees its own keys only, an idle row just its own new key."""
+        compute on a dummy token at position 0, write nothing and are not advanced: one may be a prompt half
+        read, see `mixed`). Returns (position_ids [rows, 1], bool mask [rows, 1, 1, K]); every row sees its own
+        keys only."""
         rows = max(active) + 1
-        pos = torch.tensor(self.lens[:rows], dtype=torch.long, device=self.device)
-        k_len = int(pos.max()) + 1
+        lens = [self.lens[i] if i in active else 0 for i in range(rows)]
+        pos = torch.tensor(lens, dtype=torch.long, device=self.device)
+        k_len = max(lens) + 1
         self.reserve(k_len)
-        self._plan = ("decode", rows, pos, k_len, list(active))
+        act = torch.tensor(list(active), dtype=torch.long, device=self.device)
+        self._plan = ("decode", rows, pos, k_len, list(active), act)
         mask = torch.arange(k_len, device=self.device)[None, :] <= pos[:, None]
         return pos[:, None], mask[:, None, None, :]
 
-    def mixed(self, active: Sequence[int], slot: int, n: int) -> torch.Tensor:
+    def mixed(self, active: Sequence[int], slot: int, n: int, layers: tuple[int, int] | None = None) -> torch.Tensor:
         """The next forward runs, as one row of rows + n tokens, a decode step for rows 0..max(active) (as
-        `decode`, idle rows on dummy tokens) and the next n prompt tokens of `slot` (a chunk of its prefill, which
-        must not be an active row). Returns the position ids [1, rows + n]; attention goes through `attend`."""
+        `decode`; idle rows compute on dummy tokens at position 0 and write nothing) and the next n prompt tokens
+        of `slot` (a chunk of its prefill, which must not be an active row) through `layers` [a, b) (default:
+        all; a chunk run a few layers at a time stays at the same positions until its last layer, see
+        DecoderLM.staged_step). Returns the position ids [1, rows + n]; attention goes through `attend`."""
         rows = max(active) + 1
-        pos = torch.tensor(self.lens[:rows], dtype=torch.long, device=self.device)
+        lens = [self.lens[i] if i in active else 0 for i in range(rows)]
+        pos = torch.tensor(lens, dtype=torch.long, device=self.device)
         start = self.lens[slot]
-        self.reserve(max(int(pos.max()) + 1, start + n))
-        self._plan = ("mixed", rows, pos, int(pos.max()) + 1, list(active), slot, start, n)
+        self.reserve(max(max(lens) + 1, start + n))
+        act = torch.tensor(list(active), dtype=torch.long, device=self.device)
+        self._plan = ("mixed", rows, pos, max(lens) + 1, list(active), slot, start, n,
+                      layers or (0, self.n_layer), act)
         return torch.cat([pos, torch.arange(start, start + n, device=self.device)])[None]
 
     @property
@@ -250,21 +258,23 @@ class SlotKVCache:
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                scale: float | None = None) -> torch.Tensor:
-        """A mixed step's attention, q/k/v [1, heads, rows + n, D]: the first `rows` tokens each against its own
-        row's keys (as a decode step), the last n causally against their slot's, written to the cache first."""
-        _, rows, pos, k_len, _, slot, start, n = self._plan
+        """A mixed step's attention, q/k/v [1, heads, rows (+ n), D]: the first `rows` tokens each against its own
+        row's keys (as a decode step), and in the chunk's layers the last n causally against their slot's,
+        written to the cache first."""
+        _, rows, pos, k_len, _, slot, start, n, (a, b), act = self._plan
         K, V = self.k[layer], self.v[layer]
-        idx = torch.arange(rows, device=self.device)
-        K[idx, :, pos] = k[0, :, :rows].transpose(0, 1)
-        V[idx, :, pos] = v[0, :, :rows].transpose(0, 1)
-        K[slot, :, start:start + n] = k[0, :, rows:]  # after the rows: the slot's own dummy decode write is undone
-        V[slot, :, start:start + n] = v[0, :, rows:]
+        K[act, :, pos[act]] = k[0, :, act].transpose(0, 1)  # (idle rows write nothing: one may be the slot's)
+        V[act, :, pos[act]] = v[0, :, act].transpose(0, 1)
         mask = (torch.arange(k_len, device=self.device)[None, :] <= pos[:, None])[:, None, None, :]
         y_rows = sdpa(q[0, :, :rows].transpose(0, 1)[:, :, None], K[:rows, :, :k_len], V[:rows, :, :k_len], mask,
-                      scale=scale)  # [rows, heads, 1, D]
+                      scale=scale)[:, :, 0].transpose(0, 1)[None]  # [1, heads, rows, D]
+        if not a <= layer < b:
+            return y_rows
+        K[slot, :, start:start + n] = k[0, :, rows:]
+        V[slot, :, start:start + n] = v[0, :, rows:]
         y_chunk = sdpa(q[:, :, rows:], K[slot:slot + 1, :, :start + n], V[slot:slot + 1, :, :start + n],
                        scale=scale)  # causal: the chunk's queries are the last n of start + n keys
-        return torch.cat([y_rows[:, :, 0].transpose(0, 1)[None], y_chunk], dim=2)
+        return torch.cat([y_rows, y_chunk], dim=2)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         K, V = self.k[layer], self.v[layer]
@@ -273,17 +283,17 @@ class SlotKVCache:
             K[s:s + 1, :, start:start + n] = k
             V[s:s + 1, :, start:start + n] = v
             return K[s:s + 1, :, :start + n], V[s:s + 1, :, :start + n]
-        _, rows, pos, k_len, _ = self._plan
-        idx = torch.arange(rows, device=self.device)
-        K[idx, :, pos] = k[:, :, 0]
-        V[idx, :, pos] = v[:, :, 0]
+        _, rows, pos, k_len, _, act = self._plan
+        K[act, :, pos[act]] = k[act, :, 0]
+        V[act, :, pos[act]] = v[act, :, 0]
         return K[:rows, :, :k_len], V[:rows, :, :k_len]
 
     def advance(self, n: int) -> None:
         if self._plan[0] == "mixed":
             for i in self._plan[4]:
                 self.lens[i] += 1
-            self.lens[self._plan[5]] += self._plan[7]
+            if self._plan[8][1] == self.n_layer:  # the chunk's last layer ran: its positions are filled
+                self.lens[self._plan[5]] += self._plan[7]
         elif self._plan[0] == "prefill":
             self.lens[self._plan[1]] += n
         else:
