@@ -125,8 +125,8 @@ class Engine:
     tokens per sequence (default: the model's context); draft: speculative decoding of a lone sequence (a
     Drafter, see the module notes); cache_mb: memory for the prefix cache (lmforge.generate.prefix: prompts
     that begin like an earlier one reuse its keys and values; 0: off); prefill_chunk: a prompt longer than this
-    arriving while others stream is prefilled in chunks beside their steps (at most this many tokens a step, fewer
-    as measured; 0: whole)."""
+    arriving while others stream is prefilled in chunks beside their steps (at most this many tokens a chunk, fewer
+    as measured, each through as many layers a step as fit; 0: whole)."""
 
     def __init__(self, model: torch.nn.Module, tokenizer, max_batch: int = 16, max_queue: int = 64,
                  max_len: int | None = None, pack_weights: bool = True, draft: Drafter | None = None,
@@ -137,10 +137,9 @@ class Engine:
             check_number(flag, value, low, integer=flag != "--cache-mb")
         self.prefix = PrefixCache(int(cache_mb * 2**20)) if cache_mb else None
         self.prefill_chunk = prefill_chunk
-        self._chunk = min(4, prefill_chunk)  # the chunk size now (adapted to the step time)
         self._layer_cost = 0.0  # k: seconds a chunk's pass through one layer adds per token (measured)
         self._max_span = 1 << 30  # at most this many layers of a chunk per step (tests set it)
-        self._chunks_since_plain = 0
+        self._chunks_since_plain = 0  # passes with a chunk since the last plain one
         self._step_ema = 0.0  # plain decode step seconds, averaged
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
