@@ -225,15 +225,28 @@ class SlotKVCache:
         compute on a dummy token at position 0, write nothing and are not advanced: one may be a prompt half
         read, see `mixed`). Returns (position_ids [rows, 1], bool mask [rows, 1, 1, K]); every row sees its own
         keys only."""
+        rows, pos, k_len, act = self._rows(active)
+        self.reserve(k_len)
+        self._plan = ("decode", rows, pos, k_len, list(active), act)
+        return pos[:, None], self._rows_mask(pos, k_len)
+
+    def _rows(self, active: Sequence[int]) -> tuple[int, torch.Tensor, int, torch.Tensor]:
+        """A decode step's rows 0..max(active): their count, positions (idle rows at 0), key length, and the
+        active rows' indices."""
         rows = max(active) + 1
         lens = [self.lens[i] if i in active else 0 for i in range(rows)]
-        pos = torch.tensor(lens, dtype=torch.long, device=self.device)
-        k_len = max(lens) + 1
-        self.reserve(k_len)
-        act = torch.tensor(list(active), dtype=torch.long, device=self.device)
-        self._plan = ("decode", rows, pos, k_len, list(active), act)
-        mask = torch.arange(k_len, device=self.device)[None, :] <= pos[:, None]
-        return pos[:, None], mask[:, None, None, :]
+        return (rows, torch.tensor(lens, dtype=torch.long, device=self.device), max(lens) + 1,
+                torch.tensor(list(active), dtype=torch.long, device=self.device))
+
+    def _rows_mask(self, pos: torch.Tensor, k_len: int) -> torch.Tensor:
+        """[rows, 1, 1, k_len]: each row sees its own keys up to its position."""
+        return (torch.arange(k_len, device=self.device)[None, :] <= pos[:, None])[:, None, None, :]
+
+    def _write_rows(self, layer: int, pos: torch.Tensor, act: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """The active rows' new keys and values (k, v [rows, heads, D]) at their positions; idle rows write nothing
+        (one may be a prompt half read)."""
+        self.k[layer][act, :, pos[act]] = k[act]
+        self.v[layer][act, :, pos[act]] = v[act]
 
     def mixed(self, active: Sequence[int], slot: int, n: int, layers: tuple[int, int] | None = None) -> torch.Tensor:
         """The next forward runs, as one row of rows + n tokens, a decode step for rows 0..max(active) (as
@@ -241,14 +254,10 @@ class SlotKVCache:
         of `slot` (a chunk of its prefill, which must not be an active row) through `layers` [a, b) (default:
         all; a chunk run a few layers at a time stays at the same positions until its last layer, see
         DecoderLM.staged_step). Returns the position ids [1, rows + n]; attention goes through `attend`."""
-        rows = max(active) + 1
-        lens = [self.lens[i] if i in active else 0 for i in range(rows)]
-        pos = torch.tensor(lens, dtype=torch.long, device=self.device)
+        rows, pos, k_len, act = self._rows(active)
         start = self.lens[slot]
-        self.reserve(max(max(lens) + 1, start + n))
-        act = torch.tensor(list(active), dtype=torch.long, device=self.device)
-        self._plan = ("mixed", rows, pos, max(lens) + 1, list(active), slot, start, n,
-                      layers or (0, self.n_layer), act)
+        self.reserve(max(k_len, start + n))
+        self._plan = ("mixed", rows, pos, k_len, list(active), slot, start, n, layers or (0, self.n_layer), act)
         return torch.cat([pos, torch.arange(start, start + n, device=self.device)])[None]
 
     @property
@@ -263,11 +272,9 @@ class SlotKVCache:
         written to the cache first."""
         _, rows, pos, k_len, _, slot, start, n, (a, b), act = self._plan
         K, V = self.k[layer], self.v[layer]
-        K[act, :, pos[act]] = k[0, :, act].transpose(0, 1)  # (idle rows write nothing: one may be the slot's)
-        V[act, :, pos[act]] = v[0, :, act].transpose(0, 1)
-        mask = (torch.arange(k_len, device=self.device)[None, :] <= pos[:, None])[:, None, None, :]
-        y_rows = sdpa(q[0, :, :rows].transpose(0, 1)[:, :, None], K[:rows, :, :k_len], V[:rows, :, :k_len], mask,
-                      scale=scale)[:, :, 0].transpose(0, 1)[None]  # [1, heads, rows, D]
+        self._write_rows(layer, pos, act, k[0, :, :rows].transpose(0, 1), v[0, :, :rows].transpose(0, 1))
+        y_rows = sdpa(q[0, :, :rows].transpose(0, 1)[:, :, None], K[:rows, :, :k_len], V[:rows, :, :k_len],
+                      self._rows_mask(pos, k_len), scale=scale)[:, :, 0].transpose(0, 1)[None]  # [1, heads, rows, D]
         if not a <= layer < b:
             return y_rows
         K[slot, :, start:start + n] = k[0, :, rows:]
@@ -284,16 +291,16 @@ class SlotKVCache:
             V[s:s + 1, :, start:start + n] = v
             return K[s:s + 1, :, :start + n], V[s:s + 1, :, :start + n]
         _, rows, pos, k_len, _, act = self._plan
-        K[act, :, pos[act]] = k[act, :, 0]
-        V[act, :, pos[act]] = v[act, :, 0]
+        self._write_rows(layer, pos, act, k[:, :, 0], v[:, :, 0])
         return K[:rows, :, :k_len], V[:rows, :, :k_len]
 
     def advance(self, n: int) -> None:
         if self._plan[0] == "mixed":
-            for i in self._plan[4]:
+            _, _, _, _, active, slot, _, chunk, (_, last), _ = self._plan
+            for i in active:
                 self.lens[i] += 1
-            if self._plan[8][1] == self.n_layer:  # the chunk's last layer ran: its positions are filled
-                self.lens[self._plan[5]] += self._plan[7]
+            if last == self.n_layer:  # the chunk's last layer ran: its positions are filled
+                self.lens[slot] += chunk
         elif self._plan[0] == "prefill":
             self.lens[self._plan[1]] += n
         else:
