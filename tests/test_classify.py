@@ -251,3 +251,25 @@ def test_max_len_comes_from_the_data_and_windows_cover_every_token(long_texts):
     assert all(len(w) <= 128 for w in windows[0]) and body[0] == whole[:126]
     assert all(a[-16:] == b[:16] for a, b in zip(body, body[1:]))  # neighbours share `stride` tokens
     assert [t for b in body[:1] for t in b] + [t for b in body[1:] for t in b[16:]] == whole
+
+
+def test_attn_dropout_setting_turns_attention_dropout_off_while_training_only(tmp_path):
+    """attn_dropout 0 (classify's default) makes training deterministic where attention dropout was the only
+    dropout, and the saved config keeps the model's own probability (a training setting, not the model's)."""
+    from lmforge.config import FinetuneConfig, encoder_config
+    from lmforge.models.encoder import Encoder
+    from lmforge.tune.methods import apply_method
+    from lmforge.tune.recipe import resolve
+
+    torch.manual_seed(0)
+    model = Encoder(encoder_config("bert-mini", vocab_size=100, n_layer=2, n_head=2, d_model=32, dropout=0.0,
+                                   attn_dropout=0.5, max_seq_len=16, head="classify", labels=["a", "b"])).train()
+    ids = torch.randint(5, 100, (4, 16))
+    assert not torch.equal(model(ids).logits, model(ids).logits)  # attention dropout is on
+    apply_method(model, FinetuneConfig(attn_dropout=0.0))
+    assert torch.equal(model(ids).logits, model(ids).logits)
+    model.save_pretrained(tmp_path / "m")
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["attention_probs_dropout_prob"] == 0.5
+    cfg, _ = resolve("classify", flags={"model": "m", "data": "d"})
+    assert cfg.attn_dropout == 0.0 and cfg.dtype == "auto"
+    assert resolve("qa", flags={"model": "m", "data": "d"})[0].attn_dropout is None  # elsewhere: the model's own

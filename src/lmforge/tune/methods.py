@@ -17,6 +17,7 @@ from lmforge.config import METHODS
 from lmforge.errors import ConfigError
 from lmforge.files import check_out_dir
 from lmforge.interop.peft import save_adapter
+from lmforge.nn.attention import Attention
 from lmforge.nn.lora import apply_lora, lora_targets, trainable_params
 from lmforge.runtime import current_memory_mb, lean_allocator
 from lmforge.train.checkpoint import clean_run_dir
@@ -25,6 +26,10 @@ from lmforge.tune.freeze import freeze_all_but_top
 
 def apply_method(model: nn.Module, cfg) -> int:
     """Prepare `model` for fine-tuning as `cfg` (a FinetuneConfig) says; returns the trainable parameter count."""
+    if cfg.attn_dropout is not None:  # a training setting: the saved config keeps the model's own value
+        for mod in model.modules():
+            if isinstance(mod, Attention):
+                mod.dropout = cfg.attn_dropout
     m = cfg.method
     if m == "full":
         for p in model.parameters():
