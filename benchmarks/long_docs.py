@@ -17,7 +17,7 @@ Each task, in one run on this machine:
     lmforge first 128   the same on texts cut to their first 128 tokens, which is what the recipe read before
                         (max_len 128, truncation)
 
-    python benchmarks/long_docs.py                   # both tasks (~25 min on 2 cores)
+    python benchmarks/long_docs.py                   # both tasks (~17 min on 2 cores)
     TASKS=long python benchmarks/long_docs.py        # or short; SYSTEMS=tfidf,default,first128
 """
 

@@ -100,7 +100,7 @@ def test_finetune_classify_cli_end_to_end(classifier_run):
     assert "test: accuracy" in r.stdout
     summary = json.loads((out / "summary.json").read_text())
     # 121 test tweets; the majority class is 42%: a model that learned nothing cannot pass this
-    # (measured: 0.678 with these settings)
+    # (measured: 0.636 with these settings under bf16 autocast and no attention dropout, 0.678 in fp32 with it)
     assert summary["test"]["accuracy"] > 0.55
     assert summary["trainable_params"] < summary["total_params"] / 2
     for f in ("report/confusion.png", "report/loss.png", "report/report.html", "metrics.jsonl",

@@ -116,7 +116,7 @@ TASK_ARGS: dict[str, dict[str, Any]] = {  # task -> argument -> default (derived
     task: {f.name: f.default for f in dataclasses.fields(cls)} for task, cls in TASK_CLASSES.items()}
 TASK_DEFAULTS: dict[str, dict[str, Any]] = {
     # max_len: from the data; attention dropout off lets the fused attention kernel run (measured: the same
-    # accuracy, 1.5x faster on long texts; benchmarks/long_docs.py)
+    # accuracy, 2.7x faster on long texts with bf16: benchmarks/long_docs.py, RESULTS.md)
     "classify": {"epochs": 3.0, "batch_size": 32, "max_len": None, "metric": "accuracy", "attn_dropout": 0.0,
                  "dtype": "auto"},
     "qa": {"epochs": 2.0, "batch_size": 16, "max_len": 256, "metric": "f1"},
