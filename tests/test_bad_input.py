@@ -22,9 +22,12 @@ import torch
 import yaml
 
 from conftest import call_cli, run_cli, tiny_config
-from lmforge.config import encoder_config
+from lmforge.config import encoder_config, seq2seq_config
+from lmforge.interop.quantized import save_quantized
 from lmforge.models.decoder import DecoderLM
 from lmforge.models.encoder import Encoder
+from lmforge.models.seq2seq import Seq2SeqLM
+from lmforge.nn.quant import quantize_model
 from lmforge.tokenizer import Tokenizer
 
 TEXTS = ["the cat sat on the mat", "a dog ate the bone", "what a lovely day", "this is terrible news",
@@ -45,6 +48,14 @@ def w(tmp_path_factory) -> dict[str, str]:
                              max_seq_len=40, head=head, labels=labels, dropout=0.0, attn_dropout=0.0)
         Encoder(cfg).eval().save_pretrained(root / name, tokenizer=wordpiece)
     p.update(dec=root / "dec", clf=root / "clf", enc=root / "enc", qa=root / "qa")
+    unigram = Tokenizer.train_unigram(TEXTS, vocab_size=150)
+    Seq2SeqLM(seq2seq_config("t5-tiny", vocab_size=unigram.vocab_size, pad_token_id=unigram.pad_id,
+                             eos_token_id=unigram.eos_id, decoder_start_token_id=unigram.pad_id, n_layer=1,
+                             n_decoder_layer=1, d_model=32, n_head=2, d_ff=64)).save_pretrained(root / "s2s",
+                                                                                               tokenizer=unigram)
+    q8 = DecoderLM(tiny_config("gpt2", vocab_size=bpe.vocab_size))
+    save_quantized(quantize_model(q8, "int8"), root / "q8", bpe)
+    p.update(s2s=root / "s2s", q8=root / "q8")
 
     def write(name: str, data: str | bytes) -> Path:
         f = root / name
@@ -217,7 +228,8 @@ for verb, base in (("generate", GEN), ("chat", CHAT)):
                             ("--top-p", "-0.1", "--top-p must be in (0, 1]"),
                             ("--top-p", "1.5", "--top-p must be in (0, 1]")):
         case(f"{verb}{flag}-{v}", f"{base} {flag} {v}", needle)
-    case(f"{verb}-max-new-tokens-past-context", f"{base} --max-new-tokens 500", "exceeds the model's context")
+    if verb == "generate":  # (chat shortens its reply to fit instead, with a note: NOTES below)
+        case(f"{verb}-max-new-tokens-past-context", f"{base} --max-new-tokens 500", "exceeds the model's context")
 for v in ("0", "-1"):
     case(f"generate--repetition-penalty-{v}", f"{GEN} --repetition-penalty {v}",
          "--repetition-penalty must be > 0")
@@ -470,6 +482,73 @@ case("chat-bad-flag-before-the-model", "chat --model {missing} --prompt hi --top
 case("explain-empty-text", "explain --model {dec} --text '' --out {root}/ex", "the text to explain is empty")
 
 
+# --- issue 35: a flag where it does not apply is refused, not accepted and ignored ------------------------------------
+# (each id here is named by SCOPE below, the walk over every verb's flags)
+case("generate-beams-with-top-k", GEN + " --num-beams 2 --top-k 5", "top_k do not apply to it")
+case("generate-beams-with-temperature", GEN + " --num-beams 2 --temperature 0.7", "temperature do not apply")
+case("generate-beams-with-speculative", GEN + " --num-beams 2 --speculative ngram", "a drafter do not apply")
+case("generate-more-sequences-than-beams", GEN + " --num-beams 2 --num-return-sequences 3",
+     "num_return_sequences (3) must be between 1 and num_beams (2)")
+case("generate-length-penalty-without-beams", GEN + " --length-penalty 2", "--length-penalty")
+case("generate-early-stopping-without-beams", GEN + " --early-stopping true", "--early-stopping")
+case("generate-stream-two-prompts", GEN + " --prompt there --stream", "several --prompt")
+case("generate-stream-json", GEN + " --stream --json", "--json")
+case("generate-stream-no-stream", GEN + " --stream --no-stream", "--no-stream")
+case("generate-stream-beams", GEN + " --stream --num-beams 2", "beam search")
+case("generate-regex-invalid", GEN + " --regex ([", "unsupported constraint")
+case("generate-quantize-a-quantized-model", "generate --model {q8} --prompt hi --quantize int4",
+     "is already quantized (int8)")
+case("eval-seq2seq-chat-on-t5", "eval seq2seq --model {s2s} --data {pairs_jsonl} --chat", "drop --chat")
+case("explain-attention-with-steps", EXPLAIN + " --what attention --steps 10", "--steps set the saliency")
+case("explain-attention-with-method", EXPLAIN + " --what attention --method grad_x_input", "--method set")
+case("explain-attention-with-baseline", EXPLAIN + " --what attention --baseline zero", "--baseline set")
+case("explain-attention-with-max-steps", EXPLAIN + " --what attention --max-steps 80", "--max-steps set")
+case("explain-attention-with-target", EXPLAIN + " --what attention --target id:3", "--target picks")
+case("explain-saliency-with-layer", EXPLAIN + " --what saliency --layer 0", "--layer picks")
+case("explain-grad-x-input-with-steps", EXPLAIN + " --method grad_x_input --steps 5", "grad_x_input has none")
+case("explain-t5-with-method", "explain --model {s2s} --text hello --out {root}/ex --method ig",
+     "not encoder-decoders")
+case("quantize-int8-with-group-size", "quantize --model {dec} --mode int8 --group-size 32 --out {root}/q",
+     "--group-size sets int4's groups")
+case("quantize-text-col-on-a-decoder", "quantize --model {dec} --mode int8 --out {root}/q --eval-data {corpus} "
+     "--text-col text", "--text-col name the columns")
+case("quantize-label-col-without-eval-data", "quantize --model {clf} --mode int8 --out {root}/q --label-col label",
+     "give --eval-data")
+case("quantize-classifier-two-eval-files", "quantize --model {clf} --mode int8 --out {root}/q --eval-data "
+     "{labelled_csv} {labelled_csv}", "one labelled --eval-data file, got 2")
+case("prune-fraction-with-sparsity", PRUNE + " --fraction 0.5", "--fraction is the share")
+case("prune-recover-data-without-steps", PRUNE + " --recover-data {corpus}", "give --recover-steps")
+case("predict-file-and-text", "predict {texts_txt} --model {clf} --text hi", "not both")
+case("predict-text-col-with-text", "predict --model {clf} --text hi --text-col t", "--text-col names")
+case("predict-label-col-with-text", "predict {labelled_csv} --model {clf} --text hi --label-col label",
+     "--label-col scores")
+case("predict-vote-with-one-model", "predict --model {clf} --text hi --vote majority", "--vote combines")
+case("embed-file-and-text", "embed {texts_txt} --model {enc} --text hi", "not both")
+case("embed-text-col-with-text", "embed --model {enc} --text hi --text-col t", "--text-col names")
+case("serve-engine-flags-for-an-encoder", "serve --model {enc} --port 0 --max-batch 4 --prefill-chunk 8",
+     "--max-batch, --prefill-chunk set the decoders' engine")
+case("tokenizer-train-cased-bpe", "tokenizer train --data {corpus} --kind bpe --cased --vocab-size 300 --out "
+     "{root}/tok", "--cased is WordPiece's setting")
+case("pretrain-nsp-with-span", "pretrain --config {recipe_yaml} --out {root}/run --set train.objective=span "
+     "--set train.nsp=true", "train.nsp and train.whole_word_mask belong to the mlm objective")
+case("convert-into-itself", "convert {dec} {dec}", "is the model being converted")
+case("finetune-top-k-with-lora", FT_CLASSIFY + " --method lora --top-k 3", "--top-k applies to --method top-k")
+for flag in ("--lora-r 4", "--lora-alpha 4", "--lora-dropout 0.1", "--lora-targets mlp"):
+    case(f"finetune-{flag.split()[0][2:]}-with-full", FT_CLASSIFY + " " + flag,
+         f"{flag.split()[0]} applies to --method lora or qlora")
+case("finetune-quant-with-lora", FT_CLASSIFY + " --method lora --quant int4", "--quant applies to --method qlora")
+case("finetune-label-smoothing-for-chat", ft("chat") + " --label-smoothing 0.1", "applies to finetune classify")
+case("finetune-metric-not-reported", FT_CLASSIFY + " --metric f1", "metric 'f1' is not one finetune classify")
+case("finetune-qa-metric-accuracy", ft("qa") + " --metric accuracy", "choose one of f1, exact_match")
+case("finetune-chat-metric-accuracy", ft("chat") + " --metric accuracy", "choose one of neg_loss")
+case("finetune-val-fraction-with-val-data", FT_CLASSIFY + " --val-data {labelled_csv} --val-fraction 0.2",
+     "--val-fraction applies to a --data split")
+case("finetune-test-fraction-with-test-data", ft("seq2seq") + " --test-data {pairs_jsonl} --test-fraction 0.2",
+     "--test-fraction applies to a --data split")
+case("finetune-qa-builtin-with-val-data", "finetune qa --model {enc} --out {root}/ft --data shakespeare-qa "
+     "--val-data {squad_json}", "shakespeare-qa brings its own")
+
+
 def argv_of(template: str, w: dict[str, str]) -> list[str]:
     return ["" if part == "''" else part for part in template.format(**w).split(" ")]
 
@@ -543,3 +622,141 @@ def test_repaired_input_is_reported(w, verb, model, suffix, tmp_path, capsys):
     clean = tmp_path / f"clean{suffix}"
     clean.write_bytes((b"text\n" if suffix == ".csv" else b"") + b"fine text\nalso fine\n")
     assert call_cli(capsys, verb, "--model", w[model], str(clean)).stderr == ""
+
+
+# --- issue 35: where a flag has no effect in a combination that is reasonable to ask for, a one-line note says so
+NOTES = [
+    ("generate-greedy-with-top-k", GEN + " --temperature 0 --top-k 5 --max-new-tokens 2",
+     "--top-k has no effect at --temperature 0"),
+    ("generate-greedy-with-seed", GEN + " --temperature 0 --seed 3 --top-p 0.5 --max-new-tokens 2",
+     "--top-p, --seed have no effect at --temperature 0"),
+    ("chat-reply-longer-than-the-context", CHAT + " --temperature 0",
+     "the reply gets at most"),
+    ("quantize-eval-data-for-an-encoder", "quantize --model {enc} --mode int8 --out {root}/q --eval-data {corpus}",
+     "--eval-data skipped"),
+    ("finetune-max-len-past-the-window", FT_CLASSIFY + " --max-len 100", "--max-len 100 is past the model's window"),
+    ("finetune-strategy-in-one-process", FT_CLASSIFY + " --strategy ddp", "applies under torchrun"),
+]
+
+
+@pytest.mark.parametrize("argv, needle", [pytest.param(a, n, id=i) for i, a, n in NOTES])
+def test_note_where_a_flag_has_no_effect(w, argv, needle, capsys):
+    before = tree(w["root"])
+    try:
+        proc = call_cli(capsys, *argv_of(argv, w))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        notes = [ln for ln in proc.stderr.splitlines() if needle in ln]
+        assert len(notes) == 1 and "note" in notes[0], proc.stderr[-3000:]
+    finally:
+        for left in sorted(set(tree(w["root"])) - set(before), reverse=True):
+            shutil.rmtree(left) if Path(left).is_dir() and not Path(left).is_symlink() else Path(left).unlink()
+
+
+# Every flag of every verb, and where it applies: "all" (every model and input the verb takes; a model of a family
+# the verb does not take is refused by the verb itself), or the ids of the cases above that show what happens
+# outside its scope (refused with one line, or a note). A flag added without a place here fails the walk.
+ALL = "all"
+MODEL = {"--model": ALL, "--device": ALL, "--dtype": ALL, "--quantize": ["generate-quantize-a-quantized-model"],
+         "--adapter": ALL}
+SCOPE: dict[str, dict[str, object]] = {
+    "quickstart": {"--out": ALL, "--device": ALL, "--set": ALL},
+    "tokenizer train": {"--data": ALL, "--vocab-size": ALL, "--kind": ALL, "--cased": ["tokenizer-train-cased-bpe"],
+                        "--out": ALL},
+    "pretrain": {"--config": ALL, "--set": ["pretrain-nsp-with-span"], "--out": ALL, "--resume": ALL, "--device": ALL},
+    "generate": {**MODEL, "--prompt": ALL, "--max-new-tokens": ALL,
+                 "--temperature": ["generate-beams-with-temperature"], "--top-k": ["generate-beams-with-top-k",
+                                                                                 "generate-greedy-with-top-k"],
+                 "--top-p": ["generate-greedy-with-seed"], "--repetition-penalty": ALL,
+                 "--seed": ["generate-greedy-with-seed"], "--compile": ALL,
+                 "--speculative": ["generate-beams-with-speculative"], "--num-beams": ALL,
+                 "--length-penalty": ["generate-length-penalty-without-beams"],
+                 "--early-stopping": ["generate-early-stopping-without-beams"],
+                 "--num-return-sequences": ["generate-more-sequences-than-beams"], "--stop": ALL, "--escapes": ALL,
+                 "--stream": ["generate-stream-two-prompts", "generate-stream-json", "generate-stream-beams"],
+                 "--no-stream": ["generate-stream-no-stream"], "--json": ALL, "--json-schema": ALL,
+                 "--regex": ["generate-regex-invalid"]},
+    "convert": {"source": ["convert-into-itself"], "out": ALL},
+    "chat": {**MODEL, "--system": ALL, "--prompt": ALL, "--max-new-tokens": ["chat-reply-longer-than-the-context"],
+             "--temperature": ALL, "--top-k": ALL, "--top-p": ALL, "--seed": ALL, "--compile": ALL,
+             "--speculative": ALL},
+    "eval perplexity": {**MODEL, "--data": ALL, "--window": ALL, "--stride": ALL, "--out": ALL, "--json": ALL},
+    "eval classify": {**MODEL, "--out": ALL, "--limit": ALL, "--json": ALL, "--data": ALL, "--text-col": ALL,
+                      "--label-col": ALL},
+    "eval qa": {**MODEL, "--out": ALL, "--limit": ALL, "--json": ALL, "--data": ALL},
+    "eval choice": {**MODEL, "--out": ALL, "--limit": ALL, "--json": ALL, "--data": ALL, "--chat": ALL,
+                    "--prompt": ALL},
+    "eval seq2seq": {**MODEL, "--out": ALL, "--limit": ALL, "--json": ALL, "--data": ALL, "--source-col": ALL,
+                     "--target-col": ALL, "--prompt": ALL, "--chat": ["eval-seq2seq-chat-on-t5"],
+                     "--max-new-tokens": ALL, "--num-beams": ALL},
+    "explain": {"--model": ALL, "--text": ALL, "--out": ALL, "--what": ALL, "--device": ALL,
+                "--method": ["explain-attention-with-method", "explain-t5-with-method"],
+                "--steps": ["explain-attention-with-steps", "explain-grad-x-input-with-steps"],
+                "--max-steps": ["explain-attention-with-max-steps"], "--baseline": ["explain-attention-with-baseline"],
+                "--target": ["explain-attention-with-target"], "--layer": ["explain-saliency-with-layer"]},
+    "quantize": {"--model": ALL, "--mode": ALL, "--group-size": ["quantize-int8-with-group-size"], "--device": ALL,
+                 "--out": ALL, "--eval-data": ["quantize-classifier-two-eval-files",
+                                               "quantize-eval-data-for-an-encoder"],
+                 "--text-col": ["quantize-text-col-on-a-decoder"],
+                 "--label-col": ["quantize-label-col-without-eval-data"]},
+    "prune": {"--model": ALL, "--sparsity": ALL, "--structured": ALL, "--fraction": ["prune-fraction-with-sparsity"],
+              "--device": ALL, "--recover-steps": ALL, "--recover-data": ["prune-recover-data-without-steps"],
+              "--out": ALL, "--eval-data": ["quantize-eval-data-for-an-encoder"],
+              "--text-col": ["quantize-text-col-on-a-decoder"],
+              "--label-col": ["quantize-label-col-without-eval-data"]},
+    "data shakespeare-qa": {"--per-play": ALL, "--out": ALL, "--seed": ALL},
+    "data chatterbot": {"--pairs": ALL, "--out": ALL, "--seed": ALL},
+    "data bible-genres": {"--per-genre": ALL, "--out": ALL, "--seed": ALL},
+    "predict": {"input": ["predict-file-and-text"], "--model": ALL, "--vote": ["predict-vote-with-one-model"],
+                "--text": ["predict-file-and-text", "predict-label-col-with-text"],
+                "--text-col": ["predict-text-col-with-text"], "--label-col": ["predict-label-col-with-text"],
+                "--batch-size": ALL, "--device": ALL, "--dtype": ALL, "--quantize": ALL, "--json": ALL},
+    "embed": {"input": ["embed-file-and-text"], "--model": ALL, "--device": ALL, "--dtype": ALL, "--quantize": ALL,
+              "--text": ["embed-file-and-text"], "--text-col": ["embed-text-col-with-text"], "--similarity": ALL,
+              "--batch-size": ALL},
+    "serve": {"--model": ALL, "--host": ALL, "--port": ALL, "--api-key": ALL,
+              **{f: ["serve-engine-flags-for-an-encoder"] for f in ("--max-batch", "--max-queue", "--max-len",
+                                                                    "--cache-mb", "--prefill-chunk", "--speculative")},
+              "--quantize": ALL, "--dtype": ALL, "--device": ALL, "--max-body": ALL, "--request-timeout": ALL,
+              "--log-level": ALL},
+    "info": {"target": ALL, "--json": ALL},
+}
+# finetune: the settings that apply only to some methods or tasks are lmforge.tune.recipe.APPLIES (every other
+# setting applies to every run of the task); each has its case
+FINETUNE_CASES = {"top_k": "finetune-top-k-with-lora", "lora_r": "finetune-lora-r-with-full",
+                  "lora_alpha": "finetune-lora-alpha-with-full", "lora_dropout": "finetune-lora-dropout-with-full",
+                  "lora_targets": "finetune-lora-targets-with-full", "quant": "finetune-quant-with-lora",
+                  "label_smoothing": "finetune-label-smoothing-for-chat",
+                  "val_fraction": "finetune-val-fraction-with-val-data",
+                  "test_fraction": "finetune-test-fraction-with-test-data"}
+
+
+def _verbs(parser, path=()):
+    import argparse
+
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        yield " ".join(path), [a.option_strings[-1] if a.option_strings else a.dest for a in parser._actions
+                               if not isinstance(a, argparse._HelpAction)]
+        return
+    for name, sub in subs[0].choices.items():
+        yield from _verbs(sub, (*path, name))
+
+
+def test_every_flag_of_every_verb_has_a_scope():
+    """The walk: every verb's every flag is declared as applying everywhere, or has the cases that show it refused
+    (or noted) where it does not apply; every case named exists."""
+    from lmforge.cli import build_parser
+    from lmforge.tune.recipe import APPLIES
+
+    ids = {i for i, _, _ in CASES} | {i for i, _, _ in NOTES}
+    seen = set()
+    for verb, flags in _verbs(build_parser()):
+        if verb.startswith("finetune "):
+            continue
+        seen.add(verb)
+        assert verb in SCOPE, f"lmforge {verb} has no SCOPE entry"
+        assert sorted(flags) == sorted(SCOPE[verb]), (verb, sorted(set(flags) ^ set(SCOPE[verb])))
+        for flag, where in SCOPE[verb].items():
+            assert where == ALL or (where and set(where) <= ids), (verb, flag, where)
+    assert seen == set(SCOPE)
+    assert set(APPLIES) == set(FINETUNE_CASES) and set(FINETUNE_CASES.values()) <= ids

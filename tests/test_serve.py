@@ -55,17 +55,20 @@ def client(real):
 
 @pytest.fixture(scope="module")
 def narrow(real):
-    """The same SmolLM2 weights behind a second server with one batch row, one queue place and a 4 kB body
-    limit, for the queue-full, disconnect and body-size paths."""
-    smol = real[1]
-    engine = Engine(smol.model, smol.tokenizer, max_batch=1, max_queue=1).start()
-    with ServerThread(create_app([ServedModel("narrow", smol.model, smol.tokenizer, engine)], max_body=4096)) as url:
+    """A copy of the SmolLM2 weights (its own model: an engine's packed layers are not another's) behind a
+    second server with one batch row, one queue place and a 4 kB body limit, for the queue-full, disconnect and
+    body-size paths."""
+    (own,) = load_served([SMOL], max_batch=1, max_queue=1)
+    engine = own.engine
+    with ServerThread(create_app([ServedModel("narrow", own.model, own.tokenizer, engine)], max_body=4096)) as url:
         yield url, engine
     engine.close()
 
 
+# a request that holds its row for a while: 400 tokens whatever the model says (ignore_eos; a model may end its
+# count early, which let the queue-full test's first request finish before the third one came)
 LONG = {"model": "narrow", "prompt": "Count from 1 to 1000: 1, 2, 3, 4,", "max_tokens": 400, "temperature": 0,
-        "stream": True}  # greedy counting: it runs to max_tokens
+        "stream": True, "ignore_eos": True}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -204,7 +207,9 @@ def test_embeddings_match_lmforge(real, client):
     (dict(model="no-such-model"), 400, "model"),
     (dict(prompt="word " * 9000), 400, "max_tokens"),
     (dict(model=MINILM), 400, "model"),
-    (dict(extra_body={"logit_bias": {"50": 5}}), 400, "logit_bias"),
+    (dict(logit_bias={"fifty": 5}), 400, "logit_bias"),
+    (dict(logit_bias={"50": 101}), 400, "logit_bias"),
+    (dict(logit_bias={"49152": 1}), 400, "logit_bias"),
 ])
 def test_invalid_parameters_get_400_in_openai_shape(client, kwargs, status, param):
     args = {"model": SMOL, "prompt": "hello", "max_tokens": 4, **kwargs}
@@ -387,9 +392,62 @@ def test_tool_calls_through_the_openai_client(client):
     for kw, needle in ((dict(tools=[{"type": "function", "function": {}}]), "name"),
                        (dict(tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "nope"}}),
                         "nope"),
-                       (dict(tool_choice="required"), "needs tools")):
+                       (dict(tool_choice="required"), "needs tools"),
+                       (dict(tools=[WEATHER, WEATHER]), "two tools are named 'get_weather'")):
         with pytest.raises(openai.BadRequestError, match=needle):
             client.chat.completions.create(model=SMOL, messages=ask, max_tokens=5, **kw)
+    no_id = follow[:-1] + [{"role": "tool", "content": "21 degrees"}]
+    with pytest.raises(openai.BadRequestError, match="tool_call_id"):
+        client.chat.completions.create(model=SMOL, messages=no_id, max_tokens=5)
+
+
+def test_logit_bias_follows_openai(real, client):
+    """logit_bias (token id as a string -> bias in [-100, 100], added to that token's logit at every step), on
+    completions and chat: +100 makes a token the greedy pick at every step, -100 bans the greedy one (the reply then
+    starts with another token); a small bias leaves a far-behind token alone. Streamed and plain agree."""
+    smol = real[1]
+    tok = smol.tokenizer
+    base = client.completions.create(model=SMOL, prompt="The sky is", max_tokens=5, temperature=0)
+    first = tok.encode(base.choices[0].text)[0]
+    forced = tok.encode(" banana")[0]
+    r = client.completions.create(model=SMOL, prompt="The sky is", max_tokens=5, temperature=0,
+                                  logit_bias={str(forced): 100})
+    assert tok.encode(r.choices[0].text) == [forced] * 5
+    r = client.completions.create(model=SMOL, prompt="The sky is", max_tokens=5, temperature=0,
+                                  logit_bias={str(first): -100})
+    assert tok.encode(r.choices[0].text)[0] != first
+    r = client.completions.create(model=SMOL, prompt="The sky is", max_tokens=5, temperature=0,
+                                  logit_bias={str(forced): 0.5})
+    assert r.choices[0].text == base.choices[0].text
+    ask = [{"role": "user", "content": "Say something."}]
+    r = client.chat.completions.create(model=SMOL, messages=ask, max_tokens=4, temperature=0,
+                                       logit_bias={str(forced): 100})
+    assert tok.encode(r.choices[0].message.content) == [forced] * 4
+    parts = [ch.choices[0].delta.content or "" for ch in client.chat.completions.create(
+        model=SMOL, messages=ask, max_tokens=4, temperature=0, logit_bias={str(forced): 100}, stream=True)
+        if ch.choices]
+    assert "".join(parts) == r.choices[0].message.content
+
+
+def test_a_served_greedy_reply_alone_equals_it_among_seven_sampled(real, client):
+    """The same greedy request alone, then at once with seven sampled ones (other prompts, lengths and seeds):
+    the same text, token for token (batch-invariant decoding, lmforge.nn.invariant); a seeded sampled request
+    gives the same text alone and in the crowd too."""
+    greedy = dict(model=SMOL, prompt="Write a short poem about the sea.", max_tokens=40, temperature=0)
+    seeded = dict(model=SMOL, prompt="Name three colours:", max_tokens=30, temperature=0.9, top_p=0.95, seed=7)
+    alone = client.completions.create(**greedy).choices[0].text
+    alone_seeded = client.completions.create(**seeded).choices[0].text
+    others = [dict(model=SMOL, prompt=p, max_tokens=10 + 7 * i, temperature=0.8, seed=100 + i)
+              for i, p in enumerate(["Once upon a time", "The capital of Italy is", "def add(a, b):",
+                                     "List four animals:", "Hello! How", "Rain falls on"])]
+    got: dict[int, str] = {}
+
+    def run(i):
+        body = ([greedy, seeded] + others)[i]
+        got[i] = client.completions.create(**body).choices[0].text
+
+    in_threads(run, 8)
+    assert got[0] == alone and got[1] == alone_seeded
 
 
 def test_prefix_cache_reuses_a_long_system_prompt(real, client):

@@ -14,7 +14,15 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from lmforge.config import DTYPES, INFERENCE_DTYPE_HELP, QUANTIZE, QUANTIZE_HELP, SamplingParams, ServeConfig
+from lmforge.config import (
+    DTYPES,
+    INFERENCE_DTYPE_HELP,
+    QUANTIZE,
+    QUANTIZE_HELP,
+    SamplingParams,
+    ServeConfig,
+    check_number,
+)
 from lmforge.errors import ConfigError, LmforgeError
 
 
@@ -27,7 +35,7 @@ def cmd_quickstart(a: argparse.Namespace) -> None:
 def cmd_tokenizer_train(a: argparse.Namespace) -> None:
     from lmforge.data.vocab import train_tokenizer
 
-    tok = train_tokenizer(a.data, vocab_size=a.vocab_size, out=a.out, kind=a.kind, lowercase=not a.cased)
+    tok = train_tokenizer(a.data, vocab_size=a.vocab_size, out=a.out, kind=a.kind, lowercase=False if a.cased else None)
     kind = {"bpe": "byte-level BPE", "wordpiece": "WordPiece", "unigram": "Unigram"}[a.kind]
     print(f"trained {kind}: {tok.vocab_size} tokens -> {a.out}")
 
@@ -50,6 +58,15 @@ def cmd_generate(a: argparse.Namespace) -> None:
         if not path.is_file():
             raise ConfigError(f"--json-schema {path}: no such file; give a JSON schema file")
         schema = path.read_text(encoding="utf-8")
+    searching = a.num_beams != 1 or a.num_return_sequences != 1
+    if not searching and (a.length_penalty is not None or a.early_stopping is not None):
+        flag = "--length-penalty" if a.length_penalty is not None else "--early-stopping"
+        raise ConfigError(f"{flag} steers beam search; without --num-beams N (N > 1) nothing uses it: drop it, or "
+                          "add --num-beams")
+    if a.stream and (a.no_stream or a.json or len(a.prompt) > 1 or searching):
+        why = ("--no-stream" if a.no_stream else "--json" if a.json else "several --prompt" if len(a.prompt) > 1
+               else "beam search (its best text is known only at the end)")
+        raise ConfigError(f"--stream shows one reply as it is written: it does not go with {why}")
     model, tok, draft = _load_for_decoding(a)
     prompts = [p.replace("\\n", "\n").replace("\\t", "\t") if a.escapes else p for p in a.prompt]
     stream = len(prompts) == 1 and not a.json and (a.stream or (not a.no_stream and sys.stdout.isatty()))
@@ -58,30 +75,53 @@ def cmd_generate(a: argparse.Namespace) -> None:
         sys.stdout.write(piece)
         sys.stdout.flush()
 
+    beams = {} if not searching else dict(
+        num_beams=a.num_beams, length_penalty=1.0 if a.length_penalty is None else a.length_penalty,
+        early_stopping=False if a.early_stopping is None else a.early_stopping,
+        num_return_sequences=a.num_return_sequences)
+    stream = stream and not beams  # (beam search has its best text only at the end)
     if stream:
         sys.stdout.write(prompts[0])
     texts = generate(model, tok, prompts, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
                      top_k=a.top_k, top_p=a.top_p, repetition_penalty=a.repetition_penalty, stop=a.stop,
                      seed=a.seed, on_text=on_text if stream else None, compile=a.compile, draft=draft,
-                     json_schema=schema, regex=a.regex)
+                     json_schema=schema, regex=a.regex, **beams)
     if stream:
         sys.stdout.write("\n")
     elif a.json:
         print(json.dumps([{"prompt": p, "text": t} for p, t in zip(prompts, texts)], ensure_ascii=False))
     else:
         for i, (p, t) in enumerate(zip(prompts, texts)):
-            print((f"--- {i} ---\n" if len(prompts) > 1 else "") + p + t)
+            for j, one in enumerate(t if isinstance(t, list) else [t]):
+                head = [f"prompt {i}"] * (len(prompts) > 1) + [f"sequence {j}"] * isinstance(t, list)
+                print((f"--- {', '.join(head)} ---\n" if head else "") + p + one)
 
 
 def _load_for_decoding(a: argparse.Namespace):
-    """generate / chat: refuse out-of-range decoding flags before the model loads (generate checks them too),
-    then load it."""
+    """generate / chat: the verb's defaults for the sampling flags not given (temperature: only when sampling),
+    refuse out-of-range or inapplicable ones before the model loads (generate checks them too), note given ones
+    that greedy decoding does not use; then load the model."""
     from lmforge.generate.speculative import make_drafter
     from lmforge.interop import load_pretrained
     from lmforge.runtime import tune_allocator
 
-    SamplingParams(a.max_new_tokens, a.temperature, a.top_k, a.top_p, getattr(a, "repetition_penalty", 1.0),
-                   a.seed).validate(flags=True)
+    beams = getattr(a, "num_beams", 1) != 1 or getattr(a, "num_return_sequences", 1) != 1
+    given = [name for name in a.sampling_defaults if getattr(a, name) is not None]
+    for name, default in a.sampling_defaults.items():
+        if getattr(a, name) is None and not (beams and name == "temperature"):
+            setattr(a, name, default)
+    if beams:
+        from lmforge.generate.beam import BeamParams
+
+        check_number("--num-beams", a.num_beams, 1, integer=True)
+        BeamParams(a.num_beams, 1.0 if a.length_penalty is None else a.length_penalty,
+                   False if a.early_stopping is None else a.early_stopping, a.num_return_sequences).validate()
+    SamplingParams(a.max_new_tokens, a.temperature if a.temperature is not None else 0.0, a.top_k, a.top_p,
+                   getattr(a, "repetition_penalty", 1.0), a.seed).validate(flags=True)
+    unused = [f"--{n.replace('_', '-')}" for n in given if n in ("top_k", "top_p", "seed")]
+    if a.temperature == 0 and unused:
+        print(f"lmforge: note: {', '.join(unused)} {'has' if len(unused) == 1 else 'have'} no effect at "
+              "--temperature 0 (greedy decoding picks the most likely token)", file=sys.stderr)
     tune_allocator()
     model, tok = load_pretrained(a.model, device=a.device, quantize=a.quantize, adapter=a.adapter, dtype=a.dtype)
     return model, tok, make_drafter(a.speculative, model, device=a.device, quantize=a.quantize, dtype=a.dtype)
@@ -221,11 +261,20 @@ def cmd_embed(a: argparse.Namespace) -> None:
 def cmd_serve(a: argparse.Namespace) -> None:
     from lmforge.serve import serve
 
-    kw = {f.name: getattr(a, f.name) for f in dataclasses.fields(ServeConfig)}
-    serve(a.model, **{**kw, "api_key": a.api_key or os.environ.get("LMFORGE_API_KEY") or None})
+    kw = {f.name: getattr(a, f.name) for f in dataclasses.fields(ServeConfig) if getattr(a, f.name) is not None}
+    key = a.api_key or os.environ.get("LMFORGE_API_KEY")
+    serve(a.model, **{**kw, **({"api_key": key} if key else {})})
 
 
 MODEL_HELP = "model directory, .gguf file or packaged model name"
+SAMPLE_TEMPERATURE = 0.8  # generate's default temperature when it samples
+
+
+def _early_stopping(value: str) -> bool | str:
+    v = value.lower()
+    if v not in ("true", "false", "never"):
+        raise argparse.ArgumentTypeError(f"{value!r}: choose false, true or never")
+    return {"true": True, "false": False}.get(v, v)
 # decoding verbs take a file's own 4-bit weights on the int4 kernel by default (lossless, the fast path); eval and
 # the encoders measure / run the model as it is unless asked
 DECODE_QUANTIZE = dict(choices=QUANTIZE, default="auto", help=QUANTIZE_HELP + " (default: auto)")
@@ -256,7 +305,9 @@ def sampling_flags(p: argparse.ArgumentParser, repetition_penalty: bool = True, 
     """generate / chat: one flag per field of SamplingParams (its help and type), with the verb's own defaults
     (a chat reply is sampled more tightly), and --compile."""
     fields = [f for f in dataclasses.fields(SamplingParams) if repetition_penalty or f.name != "repetition_penalty"]
-    add_settings(p, [(f.name, defaults.get(f.name, f.default), f) for f in fields], given_only=False)
+    add_settings(p, [(f.name, defaults.get(f.name, f.default), f) for f in fields])
+    # (a flag not given is None; _load_for_decoding applies these, so it can tell a given flag from a default)
+    p.set_defaults(sampling_defaults={f.name: defaults.get(f.name, f.default) for f in fields})
     p.add_argument("--compile", action="store_true",
                    help="decode through torch.compile (tens of seconds to compile once, then faster steps)")
     p.add_argument("--speculative", metavar="ngram|MODEL",
@@ -303,7 +354,16 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="continue prompts with a model")
     model_flags(g, quantize=DECODE_QUANTIZE)
     g.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
-    sampling_flags(g, max_new_tokens=128, temperature=0.8)
+    sampling_flags(g, max_new_tokens=128, temperature=SAMPLE_TEMPERATURE)  # (temperature: unless beam search runs)
+    g.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams (default 1: sample, "
+                   "or greedy at --temperature 0); the sampling flags do not apply to it")
+    g.add_argument("--length-penalty", type=float, help="beam search: hypotheses are scored by their "
+                   "log-probability / length ** this (> 0 favours longer ones; default 1.0)")
+    g.add_argument("--early-stopping", type=_early_stopping, metavar="false|true|never",
+                   help="beam search: stop when no beam can improve (false, the default), as soon as --num-beams "
+                        "hypotheses finished (true), or only at the length limit (never)")
+    g.add_argument("--num-return-sequences", type=int, default=1,
+                   help="beam search: print this many of the best hypotheses per prompt (default 1)")
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g.add_argument("--escapes", action="store_true", help=r"interpret \n and \t in prompts")
     g.add_argument("--stream", action="store_true", help="stream even when stdout is not a terminal")
@@ -350,7 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
     emc = evsub.add_parser("choice", parents=[evc], help="zero-shot multiple choice by log-likelihood")
     emc.add_argument("--data", required=True, help="JSONL rows {question, choices, answer}, or chatterbot-mc")
     emc.add_argument("--chat", action="store_true", help="ask through the model's chat template")
-    emc.add_argument("--prompt", help="template for the question (default 'Question: {question}\\nAnswer:')")
+    emc.add_argument("--prompt", help="template around each question, with {question} (default 'Question: "
+                     "{question}\\nAnswer:'; with --chat: the user turn's text, by default the question alone)")
     es = evsub.add_parser("seq2seq", parents=[evc], help="BLEU, chrF and ROUGE of generations against references")
     es.add_argument("--data", required=True, help="JSONL/CSV/TSV with source and target columns, or bible-en-es "
                     "(its held-out test books)")
@@ -358,7 +419,9 @@ def build_parser() -> argparse.ArgumentParser:
     es.add_argument("--prompt", help="template around each source, with {source} (e.g. 'Translate: {source}\\n')")
     es.add_argument("--chat", action="store_true", help="send each prompt through the model's chat template")
     es.add_argument("--max-new-tokens", type=int, default=64)
-    es.add_argument("--num-beams", type=int, default=4, help="beam width for encoder-decoder models (default 4)")
+    es.add_argument("--num-beams", type=int, default=None,
+                    help="beam search with this many beams (default: 4 for an encoder-decoder, 1 = greedy for a "
+                         "decoder)")
     for p_ in (ec, eq, emc, es):
         p_.set_defaults(fn=cmd_eval)
 
@@ -370,11 +433,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "(encoder-decoders: attention_encoder/_decoder/_cross.png/.html)")
     ex.add_argument("--what", default="both", choices=["both", "attention", "saliency"])
     ex.add_argument("--device", default="cpu", help=DEVICE_HELP)
-    ex.add_argument("--method", default="ig", help="saliency: ig (integrated gradients) or grad_x_input")
-    ex.add_argument("--steps", type=int, default=50, help="integrated gradients: steps along the path")
+    ex.add_argument("--method", help="saliency: ig (integrated gradients, the default) or grad_x_input")
+    ex.add_argument("--steps", type=int, help="integrated gradients: steps along the path (default 50)")
     ex.add_argument("--max-steps", type=int, help="integrated gradients: refine up to this many steps where "
                     "completeness fails (default 16 x steps)")
-    ex.add_argument("--baseline", default="pad", help="integrated gradients: pad, mask or zero embeddings")
+    ex.add_argument("--baseline", help="integrated gradients: pad (the default), mask or zero embeddings")
     ex.add_argument("--target", help="a class name or index (classifiers), a token or id:N (decoders); "
                     "default: the model's prediction. Encoder-decoders (T5): the target text whose attention is "
                     "drawn (--text is the source); default: the model's greedy output")
@@ -384,7 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
     qz = sub.add_parser("quantize", help="quantize a model (int8, int4, int8-dynamic); prints size, speed, quality")
     qz.add_argument("--model", required=True, help=MODEL_HELP)
     qz.add_argument("--mode", required=True, help="int8 (weight-only), int4 (weight-only, group-wise), int8-dynamic")
-    qz.add_argument("--group-size", type=int, default=64, help="int4: weights per scale / zero point")
+    qz.add_argument("--group-size", type=int, help="int4: weights per scale / zero point (default 64)")
     qz.add_argument("--device", default="cpu", help="cpu: the int8 / int4 kernels lmforge quantizes for are CPU "
                                                    "ones")
     qz.add_argument("--out", required=True, help="the quantized model directory to write")
@@ -434,8 +497,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("input", nargs="?", help="a .txt file (one text per line), CSV/TSV/JSONL, or - for stdin")
     pr.add_argument("--model", action="append", required=True,
                     help="classifier model directory; repeat for an ensemble (same label names)")
-    pr.add_argument("--vote", choices=["mean", "majority"], default="mean",
-                    help="how an ensemble combines: average the probabilities, or majority vote")
+    pr.add_argument("--vote", choices=["mean", "majority"],
+                    help="how an ensemble combines: average the probabilities (mean, the default), or majority vote")
     pr.add_argument("--text", action="append", help="a text to classify (repeatable; instead of a file)")
     pr.add_argument("--text-col", help="text column of a CSV/TSV/JSONL input")
     pr.add_argument("--label-col", help="score against this label column of the input")
@@ -459,7 +522,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--model", action="append", required=True,
                     help="model directory, .gguf or packaged name; repeat to serve several (a decoder for "
                          "completions/chat, an encoder for embeddings)")
-    add_settings(sv, [(f.name, f.default, f) for f in dataclasses.fields(ServeConfig)], given_only=False)
+    add_settings(sv, [(f.name, f.default, f) for f in dataclasses.fields(ServeConfig)])  # (serve tells given ones)
     sv.set_defaults(fn=cmd_serve)
 
     i = sub.add_parser("info", help="describe a model directory or preset: shape, parameters, FLOPs")

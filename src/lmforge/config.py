@@ -515,7 +515,7 @@ class TrainConfig:
         check_settings(self, lambda n: f"train.{n}")
         if self.min_lr is not None and self.min_lr > self.lr:
             raise ConfigError(f"train.min_lr must be in [0, train.lr], got {self.min_lr}")
-        if self.objective == "clm" and (self.nsp or self.whole_word_mask):
+        if self.objective != "mlm" and (self.nsp or self.whole_word_mask):
             raise ConfigError("train.nsp and train.whole_word_mask belong to the mlm objective "
                               "(set train.objective=mlm)")
 

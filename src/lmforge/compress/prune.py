@@ -142,6 +142,9 @@ def check_args(sparsity: float | None, structure: str | None, fraction: float | 
             raise LmforgeError("structured pruning needs --fraction F (the share of heads or neurons to remove)")
         _check_fraction(fraction, "the fraction of heads or neurons to prune")
     else:
+        if fraction is not None:
+            raise LmforgeError("--fraction is the share of heads or neurons --structured removes; magnitude pruning "
+                               "(--sparsity) takes none: drop it, or prune with --structured heads|neurons")
         _check_fraction(sparsity, "sparsity")
 
 

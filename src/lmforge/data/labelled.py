@@ -238,8 +238,12 @@ def note_repaired(ds: LabelledSet) -> None:
 
 def input_texts(path: str | Path | None, texts: list[str] | None = None, text_col: str | None = None) -> list[str]:
     """`predict` / `embed` input: the given texts, or those of a .txt file (a text per line), a CSV/TSV/JSONL
-    file's text column, or standard input (None or "-")."""
+    file's text column, or standard input (None or "-"); not both."""
     if texts:
+        if path not in (None, "-"):
+            raise DataError(f"give the texts with --text or in the input file {path}, not both")
+        if text_col:
+            raise DataError("--text-col names the text column of an input file; with --text there is none: drop it")
         return list(texts)
     ds = read_text_set(path, text_col)
     note_repaired(ds)

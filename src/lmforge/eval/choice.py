@@ -79,22 +79,24 @@ def choice_logprobs(model, tokenizer, context: str, choices: list[str]) -> list[
     return out
 
 
-def evaluate_choices(model, tokenizer, rows: list[dict], chat: bool = False, template: str = PROMPT,
+def evaluate_choices(model, tokenizer, rows: list[dict], chat: bool = False, template: str | None = None,
                      progress: bool = True) -> dict:
-    """accuracy, accuracy_norm and per-row picks for multiple-choice rows."""
+    """accuracy, accuracy_norm and per-row picks for multiple-choice rows. template: the text around each
+    question (default PROMPT; under chat, the user turn's text, by default the question alone)."""
     from tqdm import tqdm
 
-    if "{question}" not in template:
+    if template is not None and "{question}" not in template:
         raise DataError("the prompt template needs a {question} placeholder")
     model.eval()
     hits = hits_norm = 0
     details = []
     for row in tqdm(rows, desc="multiple choice", disable=not progress, leave=False):
         if chat:
-            context = apply_chat_template(tokenizer, [{"role": "user", "content": row["question"]}])
+            turn = template.format(question=row["question"]) if template else row["question"]
+            context = apply_chat_template(tokenizer, [{"role": "user", "content": turn}])
             choices = list(row["choices"])
         else:
-            context = template.format(question=row["question"])
+            context = (template or PROMPT).format(question=row["question"])
             choices = [" " + c.lstrip() for c in row["choices"]]
         scores = choice_logprobs(model, tokenizer, context, choices)
         norm = [s / max(len(c.strip()), 1) for s, c in zip(scores, row["choices"])]

@@ -50,23 +50,31 @@ def plot_confusion(metrics: dict[str, Any], path: str | Path, title: str = "conf
 
 
 def predict_file(models: list[str], path: str | Path | None = None, texts: list[str] | None = None,
-                 text_col: str | None = None, label_col: str | None = None, vote: str = "mean", batch_size: int = 64,
-                 device: str = "cpu", quantize: str | None = None, dtype: str | None = None
+                 text_col: str | None = None, label_col: str | None = None, vote: str | None = None,
+                 batch_size: int = 64, device: str = "cpu", quantize: str | None = None, dtype: str | None = None
                  ) -> tuple[list[str], list[dict], dict[str, Any]]:
     """`lmforge predict`: (texts, predictions, metrics) for the texts of `path` (or `texts`) under one classifier
     or an ensemble of several (`vote`: mean of the probabilities, or majority). With `label_col` the file is
     labelled and the metrics score the predictions against it ({} otherwise). Settings and data are checked
-    before any model loads."""
+    before any model loads. vote: "mean" by default (given with one model, refused)."""
     check_batch(batch_size)
+    vote_given, vote = vote is not None, vote or "mean"
+    if vote not in ("mean", "majority"):
+        raise DataError(f"--vote is mean or majority, got {vote!r}")
     gold = None
     if label_col:  # a labelled file: predict and score
         if not path or path == "-":
             raise DataError("--label-col needs a labelled data file (CSV/TSV/JSONL), not standard input")
+        if texts:
+            raise DataError("--label-col scores the texts of a labelled file; --text gives texts without labels: "
+                            "drop one")
         ds = read_labelled(path, text_col, label_col)
         note_repaired(ds)
         texts, gold = ds.texts, ds.labels
     else:
         texts = input_texts(path, texts, text_col)
+    if vote_given and len(models) == 1:
+        raise DataError("--vote combines an ensemble's members; give two or more --model, or drop it")
     members = [load_pretrained(m, device=device, quantize=quantize, dtype=dtype) for m in models]
     model, tok = members[0]
     labels = getattr(model.config, "labels", [])

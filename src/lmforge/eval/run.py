@@ -23,7 +23,7 @@ from lmforge.data.pairs import held_out_by_group
 from lmforge.data.pairs import read_pairs as read_pair_set
 from lmforge.data.qa import read_squad, shakespeare_qa
 from lmforge.errors import ConfigError, DataError, LmforgeError
-from lmforge.eval.choice import PROMPT, evaluate_choices, read_choices
+from lmforge.eval.choice import evaluate_choices, read_choices
 from lmforge.eval.classify import classification_metrics, plot_confusion
 from lmforge.eval.generation import seq2seq_scores
 from lmforge.eval.lm import evaluate_perplexity
@@ -55,9 +55,10 @@ def evaluate(task: str, model: str, data: list[str] | str, out: str | Path | Non
              target_col: str | None = None, chat: bool = False, prompt: str | None = None,
              max_new_tokens: int = 64, window: int | None = None, stride: int | None = None,
              quantize: str | None = None, adapter: str | None = None, batch_size: int = 16,
-             num_beams: int = 4, device: str = "cpu", dtype: str | None = None) -> dict:
+             num_beams: int | None = None, device: str = "cpu", dtype: str | None = None) -> dict:
     """Evaluate `model` on `data` for `task`; returns the metrics (and writes the report when `out` is given).
-    dtype: the weights' dtype (load_pretrained: float32, bfloat16 or auto)."""
+    dtype: the weights' dtype (load_pretrained: float32, bfloat16 or auto). num_beams (seq2seq): beam search
+    with this many beams; None: 4 for an encoder-decoder, 1 (greedy) for a decoder."""
     if task not in TASKS:
         raise LmforgeError(f"unknown evaluation {task!r}; choose one of {', '.join(TASKS)}")
     # settings and the output folder first: loading the model and reading the data take the time
@@ -144,7 +145,7 @@ def _qa(m, tok, sources, o):
 def _choice(m, tok, sources, o):
     _kind(m, "decoder", "choice")
     rows = read_choices(sources[0])[: o["limit"]]
-    r = evaluate_choices(m, tok, rows, chat=o["chat"], template=o["prompt"] or PROMPT)
+    r = evaluate_choices(m, tok, rows, chat=o["chat"], template=o["prompt"])
     details = [{**row, **d} for row, d in zip(rows, r.pop("rows"))]
     plot = {"accuracy": 100 * r["accuracy"], "accuracy (length-norm.)": 100 * r["accuracy_norm"],
             "chance": 100 * r["chance"]}
@@ -158,21 +159,24 @@ def _seq2seq(m, tok, sources, o):
         raise DataError("the prompt template needs a {source} placeholder")
     prompts = [template.format(source=s) for s, _ in pairs]
     if isinstance(m, Seq2SeqLM):  # an encoder-decoder reads the source and writes the target: beam search
-
+        if o["chat"]:
+            raise LmforgeError("--chat sends prompts through a decoder's chat template; this model is an "
+                               "encoder-decoder (T5), which reads the source as it is: drop --chat")
         hyps = generate_seq2seq(m, tok, prompts, Seq2SeqParams(max_new_tokens=o["max_new_tokens"],
-                                                               num_beams=o["num_beams"]), batch_size=32)
+                                                               num_beams=o["num_beams"] or 4), batch_size=32)
         return _seq2seq_scored(pairs, hyps)
     _kind(m, "decoder", "seq2seq")
     ends: list[int] = []
     if o["chat"]:
         prompts = [apply_chat_template(tok, [{"role": "user", "content": p}]) for p in prompts]
         ends = end_of_turn_ids(tok)
+    # greedy (or beam search with --num-beams), a raw model's answer ending at its line's end
+    how = dict(temperature=0.0) if (o["num_beams"] or 1) == 1 else dict(num_beams=o["num_beams"])
     hyps: list[str] = []
     bs = o["batch_size"]
     for s in range(0, len(prompts), bs):
         hyps += [h.strip() for h in generate(m, tok, prompts[s:s + bs], max_new_tokens=o["max_new_tokens"],
-                                             temperature=0.0, stop=None if o["chat"] else ["\n"],
-                                             end_token_ids=ends)]
+                                             stop=None if o["chat"] else ["\n"], end_token_ids=ends, **how)]
     return _seq2seq_scored(pairs, hyps)
 
 

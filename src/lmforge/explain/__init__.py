@@ -41,9 +41,9 @@ __all__ = ["AttentionMaps", "Saliency", "Seq2SeqAttention", "attention_html", "a
 WHAT = ("both", "attention", "saliency")
 
 
-def explain(model: str | Path, text: str, out: str | Path, what: str = "both", method: str = "ig",
-            steps: int = 50, target: str | int | None = None, layer: int | None = None,
-            baseline: str = "pad", max_steps: int | None = None, device: str = "cpu") -> dict:
+def explain(model: str | Path, text: str, out: str | Path, what: str = "both", method: str | None = None,
+            steps: int | None = None, target: str | int | None = None, layer: int | None = None,
+            baseline: str | None = None, max_steps: int | None = None, device: str = "cpu") -> dict:
     """Explain `model` (a packaged name, model directory or .gguf) on `text`; write the pictures into `out`.
 
     what: "attention" (attention.png, attention.html), "saliency" (saliency.png, saliency.html) or "both".
@@ -52,7 +52,9 @@ def explain(model: str | Path, text: str, out: str | Path, what: str = "both", m
     "grad_x_input". IG refines its path where completeness fails, up to max_steps gradient evaluations
     (default 16 x steps; see `saliency`). target: a class name or index (classifiers), a token or "id:N"
     (decoders); default the model's own prediction. layer: draw one layer's heads (negative counts from the
-    end) instead of the grid.
+    end) instead of the grid. method, steps and baseline default to "ig", 50 and "pad"; a saliency setting given
+    where no saliency is drawn (what="attention", an encoder-decoder, IG's settings with grad_x_input) or a layer
+    where no attention is drawn is refused.
 
     An encoder-decoder (T5) gets attention maps only: `text` is the source and `target` the target text
     (default: the model's greedy output), and each of its three kinds is drawn on its own: attention_encoder,
@@ -68,6 +70,18 @@ def explain(model: str | Path, text: str, out: str | Path, what: str = "both", m
     # argument errors first: loading a model takes seconds
     if what not in WHAT:
         raise LmforgeError(f"unknown explanation {what!r}; use one of {', '.join(WHAT)}")
+    given = {flag: v is not None for flag, v in (("--method", method), ("--steps", steps), ("--max-steps", max_steps),
+                                                 ("--baseline", baseline))}
+    if what == "attention" and any(given.values()):
+        raise LmforgeError(f"{', '.join(f for f, on in given.items() if on)} set the saliency; --what attention "
+                           "draws none: drop them, or use --what both / saliency")
+    if what == "saliency" and layer is not None:
+        raise LmforgeError("--layer picks the attention maps' layer; --what saliency draws none: drop it, or use "
+                           "--what both / attention")
+    if method == "grad_x_input" and (given["--steps"] or given["--max-steps"] or given["--baseline"]):
+        raise LmforgeError("--steps, --max-steps and --baseline set integrated gradients' path; --method "
+                           "grad_x_input has none: drop them, or use --method ig")
+    method, steps, baseline = method or "ig", 50 if steps is None else steps, baseline or "pad"
     if method not in METHODS:
         raise LmforgeError(f"unknown saliency method {method!r}; use one of {', '.join(METHODS)}")
     check_steps(steps, max_steps)
@@ -88,7 +102,13 @@ def explain(model: str | Path, text: str, out: str | Path, what: str = "both", m
             raise LmforgeError(f"layer {layer} is out of range: the model has {n} layers (0..{n - 1}, or -1..-{n})")
         layer = layer if kind == "seq2seq" else layer % n
     if kind == "seq2seq":
+        if any(given.values()):
+            raise LmforgeError(f"{', '.join(f for f, on in given.items() if on)} set the saliency, which covers "
+                               "decoders and encoder classifiers, not encoder-decoders (T5): drop them")
         return _explain_seq2seq(m, tok, model, text, Path(out), what, target, layer)
+    if what == "attention" and target is not None:
+        raise LmforgeError("--target picks what the saliency explains; --what attention draws none: drop it, or "
+                           "use --what both / saliency")
     do_saliency = what in ("both", "saliency")
     notes: list[str] = []
     if do_saliency:

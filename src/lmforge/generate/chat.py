@@ -17,8 +17,18 @@ def chat(model, tokenizer, messages: Sequence[dict], max_new_tokens: int = 256, 
          seed: int | None = None, on_text: Callable[[str], None] | None = None, compile: bool = False,
          draft=None) -> str:
     """The assistant's reply to `messages` (a list of {"role", "content"}), streamed to on_text if given.
-    compile: decode through torch.compile; draft: speculative decoding (see generate_ids)."""
+    compile: decode through torch.compile; draft: speculative decoding (see generate_ids). A reply longer than
+    what the model's context leaves after the conversation is shortened to fit, with a one-line note on stderr
+    (as transformers does); a conversation that fills the context is an error."""
     prompt = apply_chat_template(tokenizer, messages)
+    used, ctx = len(tokenizer.encode(prompt)), model.config.max_seq_len
+    if used >= ctx:
+        raise LmforgeError(f"the conversation ({used} tokens) fills the model's context of {ctx} tokens: nothing is "
+                           "left for a reply; shorten it")
+    if max_new_tokens > ctx - used:
+        print(f"lmforge: note: the reply gets at most {ctx - used} new tokens (not {max_new_tokens}): the model's "
+              f"context is {ctx} tokens and the conversation takes {used}", file=sys.stderr)
+        max_new_tokens = ctx - used
     stream = (lambda _row, piece: on_text(piece)) if on_text else None
     return generate(model, tokenizer, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                     top_p=top_p, repetition_penalty=repetition_penalty, seed=seed, on_text=stream,

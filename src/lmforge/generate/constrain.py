@@ -95,6 +95,17 @@ def _escape(text: str) -> str:
     return "".join("\\" + ch if ch in r".^$*+?()[]{}|\/" else ch for ch in text)
 
 
+def _one_line(message: str) -> str:
+    """llguidance's message on one line: its first line and its own 'error:' line (it draws a caret diagram of
+    the pattern in between)."""
+    lines = [ln.strip() for ln in str(message).splitlines() if ln.strip()]
+    if not lines:
+        return "the grammar is invalid"
+    first = lines[0].split(": regex parse error", 1)[0]
+    why = next((ln.removeprefix("error:").strip() for ln in lines[1:] if ln.startswith("error:")), None)
+    return f"{first}: {why}" if why else first
+
+
 class Constraint:
     """One reply's grammar state over the model's vocabulary (see the module notes)."""
 
@@ -104,10 +115,10 @@ class Constraint:
         lt = _lltokenizer(tokenizer, vocab_size, ends)
         failed, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, lt)
         if failed:
-            raise LmforgeError(f"unsupported constraint: {messages[0] if messages else 'the grammar is invalid'}")
+            raise LmforgeError(f"unsupported constraint: {_one_line(messages[0] if messages else 'invalid grammar')}")
         self.matcher = llguidance.LLMatcher(lt, grammar)
         if self.matcher.is_error():
-            raise LmforgeError(f"unsupported constraint: {self.matcher.get_error()}")
+            raise LmforgeError(f"unsupported constraint: {_one_line(self.matcher.get_error())}")
         self.vocab_size = vocab_size
 
     @classmethod

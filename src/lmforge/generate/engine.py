@@ -68,14 +68,18 @@ class Event:
 class Request:
     """One sequence to generate. stop: strings that end it (not shown); end_ids: tokens that end it (EOS,
     end-of-turn). logprobs: None, or how many alternatives to report per token (0 = the chosen token only);
-    echo: also score the prompt tokens (with logprobs). Penalties follow OpenAI's presence/frequency ones.
-    constraint: the reply's grammar (lmforge.generate.constrain), masking every step's logits."""
+    echo: also score the prompt tokens (with logprobs). Penalties follow OpenAI's presence/frequency ones, and
+    logit_bias OpenAI's too (token id -> a bias added to its logit at every step). constraint: the reply's
+    grammar (lmforge.generate.constrain), masking every step's logits."""
 
     def __init__(self, prompt_ids: Sequence[int], params: SamplingParams, stop: Sequence[str] = (),
                  end_ids: Sequence[int] = (), logprobs: int | None = None, echo: bool = False,
                  presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
-                 on_event: Callable[[Event], None] | None = None, constraint: Constraint | None = None) -> None:
+                 on_event: Callable[[Event], None] | None = None, constraint: Constraint | None = None,
+                 logit_bias: dict[int, float] | None = None) -> None:
         self.prompt_ids = list(prompt_ids)
+        self.logit_bias = dict(logit_bias) if logit_bias else None
+        self._bias: tuple[torch.Tensor, torch.Tensor] | None = None  # (ids, biases), built on the engine's device
         self.params = params
         self.stop = list(stop)
         self.end_ids = set(end_ids)
@@ -384,7 +388,7 @@ class Engine:
             return False
         r = active[0]
         if (r.logprobs is not None or r.presence_penalty or r.frequency_penalty or r.constraint is not None
-                or r.finish_reason is not None):
+                or r.logit_bias or r.finish_reason is not None):
             return False
         t0 = time.perf_counter()
         try:
@@ -471,7 +475,12 @@ class Engine:
 
     @staticmethod
     def _penalise(req: Request, logits: torch.Tensor) -> None:
-        """OpenAI's presence and frequency penalties on the row's fp32 logits, in place."""
+        """OpenAI's logit bias and presence and frequency penalties on the row's fp32 logits, in place."""
+        if req.logit_bias:
+            if req._bias is None:
+                ids = torch.tensor(list(req.logit_bias), dtype=torch.long, device=logits.device)
+                req._bias = ids, torch.tensor(list(req.logit_bias.values()), device=logits.device)
+            logits.index_add_(0, *req._bias)
         if (req.presence_penalty or req.frequency_penalty) and req.completion_ids:
             counts = torch.bincount(torch.tensor(req.completion_ids, device=logits.device),
                                     minlength=logits.size(-1))[:logits.size(-1)].float()

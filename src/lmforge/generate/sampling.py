@@ -13,6 +13,7 @@ import torch
 
 from lmforge.config import SamplingParams  # noqa: F401 (declared with the other settings; re-exported here)
 from lmforge.errors import LmforgeError
+from lmforge.generate.beam import BeamParams, decoder_beam_search
 from lmforge.generate.constrain import Constraint
 from lmforge.nn import packed
 from lmforge.nn.packed import packed_linears
@@ -44,16 +45,29 @@ def filter_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
     return logits.masked_fill(remove, float("-inf"))
 
 
-def next_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None,
+def next_token(logits: torch.Tensor, params: SamplingParams,
+               generator: torch.Generator | Sequence[torch.Generator | None] | None = None,
                seen: torch.Tensor | None = None) -> torch.Tensor:
-    """logits [B, V] -> token ids [B]."""
+    """logits [B, V] -> token ids [B]. generator: one for the batch, or one per row (each row's draw then
+    depends on its own generator only)."""
     logits = logits.float()
     if params.repetition_penalty != 1.0 and seen is not None:
         logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
     if params.temperature == 0:
         return logits.argmax(-1)
-    return sample(logits / params.temperature, params.top_k, params.top_p,
-                  torch.rand(logits.size(0), generator=generator, device=logits.device))
+    if isinstance(generator, (list, tuple)):
+        u = torch.cat([torch.rand(1, generator=g, device=logits.device) for g in generator])
+    else:
+        u = torch.rand(logits.size(0), generator=generator, device=logits.device)
+    return sample(logits / params.temperature, params.top_k, params.top_p, u)
+
+
+def row_generators(seed: int | None, rows: int, device) -> list[torch.Generator | None]:
+    """One generator per row, row i seeded with seed + i (as the server seeds choice i of n): a row's samples do
+    not depend on how many rows decode beside it. All None without a seed."""
+    if seed is None:
+        return [None] * rows
+    return [torch.Generator(device=device).manual_seed(seed + i) for i in range(rows)]
 
 
 CANDIDATES = 256  # top-p alone first looks among this many best tokens (see sample)
@@ -130,18 +144,20 @@ def generate_ids(
     """Yield the next token of every prompt, step by step ([B] tensors), until max_new_tokens or all rows hit EOS
     (eos_token_id: one id or several). A finished row keeps yielding its EOS id.
 
-    draft: a speculative drafter (lmforge.generate.speculative: NgramDrafter, ModelDrafter) for one prompt,
-    eager: the same tokens under greedy decoding, the same distribution under sampling, fewer passes.
-    constraints: one lmforge.generate.constrain.Constraint (or None) per prompt: each step's logits of that row
-    are masked to its grammar (which ends on an EOS id, so eos_token_id must be given).
+    A row's tokens are the ones it gets alone: each prompt is read into its own row of a slot cache (its keys
+    from position 0, no padding), every product and attention is batch-invariant (lmforge.nn.invariant), and
+    under sampling row i draws from its own generator, seeded with seed + i.
 
-    Prompts of different lengths are left-padded so that every row's last token sits in the same column; the
-    attention mask hides the padding and position ids count real tokens only. On CPU the Linear weights are
-    prepacked for oneDNN (see lmforge.nn.packed; pack_weights=False turns it off).
+    draft: a speculative drafter (lmforge.generate.speculative: NgramDrafter, ModelDrafter) for one prompt:
+    the same tokens as without it, greedy or seeded, in fewer passes.
+    constraints: one lmforge.generate.constrain.Constraint (or None) per prompt: each step's logits of that row
+    are masked to its grammar (which ends on an EOS id, so eos_token_id must be given). On CPU the Linear weights
+    are prepacked for oneDNN (see lmforge.nn.packed; pack_weights=False turns it off).
 
     compile=True runs every step after the prompt through `torch.compile` over a static KV cache (see
-    StaticKVCache): the first call for a model, batch size and length bucket pays the compilation, later ones
-    decode faster. The tokens are the same as without it (up to float rounding).
+    StaticKVCache, prompts left-padded): the first call for a model, batch size and length bucket pays the
+    compilation, later ones decode faster. Its products are inductor's own loops, so its tokens are the eager
+    ones up to float rounding, and not batch-invariant.
     """
     params.validate()
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -155,9 +171,6 @@ def generate_ids(
                            f"context of {ctx} tokens; shorten the prompt or lower max_new_tokens")
     if params.max_new_tokens == 0:
         return
-    generator = None
-    if params.seed is not None:
-        generator = torch.Generator(device=device).manual_seed(params.seed)
     if constraints is not None and (draft is not None or eos_token_id is None or len(constraints) != B):
         raise LmforgeError("constrained decoding needs an end token, one constraint (or None) per prompt, and no "
                            "speculative drafter")
@@ -165,11 +178,82 @@ def generate_ids(
         if B != 1 or compile:
             raise LmforgeError("speculative decoding runs one prompt at a time, without --compile; give one "
                                "prompt, or drop --speculative")
+        generator = row_generators(params.seed, 1, device)[0]
         ends = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
         with packed_linears(model, 1, enabled=pack_weights), draft.context(pack_weights):
             for t in draft.decode(model, prompts[0], params, ends, generator):
                 yield torch.tensor([t], device=device)
         return
+    if compile:
+        yield from _compiled(model, prompts, params, eos_token_id, pad_token_id, pack_weights, constraints)
+        return
+    generators = row_generators(params.seed, B, device)
+    seen = _seen(model, prompts, params, device)
+    ends = _ends(eos_token_id, device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    cache = model.new_slot_cache(B, total)
+    rows = list(range(B))
+    with packed_linears(model, B, enabled=pack_weights):
+        last = []
+        for i, p in enumerate(prompts):  # each prompt into its own row, as it would be read alone
+            cache.prefill(i, len(p))
+            last.append(model(torch.as_tensor([list(p)], device=device), cache=cache, last_only=True).logits[0, -1])
+        logits = torch.stack(last)
+        for _ in range(params.max_new_tokens):
+            tok = _pick(logits, params, generators, seen, constraints, done, ends)
+            yield tok
+            if bool(done.all()):
+                return
+            pos, mask = cache.decode(rows)
+            logits = model(tok[:, None], attention_mask=mask, position_ids=pos, cache=cache,
+                           last_only=True).logits[:, -1]
+
+
+def _seen(model, prompts, params, device) -> torch.Tensor | None:
+    """[B, V] bool: the tokens the repetition penalty applies to (None when it is off)."""
+    if params.repetition_penalty == 1.0:
+        return None
+    seen = torch.zeros((len(prompts), model.config.vocab_size), dtype=torch.bool, device=device)
+    for i, p in enumerate(prompts):
+        seen[i, torch.as_tensor(list(p), device=device)] = True
+    return seen
+
+
+def _ends(eos_token_id, device) -> torch.Tensor | None:
+    if eos_token_id is None:
+        return None
+    return torch.as_tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id),
+                           dtype=torch.long, device=device)
+
+
+def _pick(logits, params, generators, seen, constraints, done, ends) -> torch.Tensor:
+    """The step's tokens [B] from its logits [B, V]: constrained, penalised, drawn; a finished row repeats its end
+    token; `done` and `seen` updated."""
+    if constraints is not None:
+        logits = logits.float().clone()
+        for i, c in enumerate(constraints):
+            if c is not None and not done[i]:
+                c.apply(logits[i])
+    tok = next_token(logits, params, generators, seen)
+    if constraints is not None:
+        for i, c in enumerate(constraints):
+            if c is not None and not done[i]:
+                c.consume(int(tok[i]))
+    if ends is not None and ends.numel():
+        tok = torch.where(done, ends[0], tok)
+        done |= torch.isin(tok, ends)
+    if seen is not None:
+        seen[torch.arange(tok.size(0), device=tok.device), tok] = True
+    return tok
+
+
+def _compiled(model, prompts, params, eos_token_id, pad_token_id, pack_weights, constraints
+              ) -> Iterator[torch.Tensor]:
+    """generate_ids(compile=True): left-padded prompts over a StaticKVCache, every step after the prompt through
+    one compiled graph."""
+    device = next(model.parameters()).device
+    B, T = len(prompts), max(len(p) for p in prompts)
+    total = T + params.max_new_tokens
     ids = torch.full((B, T), pad_token_id, dtype=torch.long, device=device)
     padded = any(len(p) != T for p in prompts)
     mask = torch.zeros((B, total), dtype=torch.long, device=device) if padded else None
@@ -177,32 +261,21 @@ def generate_ids(
         ids[i, T - len(p):] = torch.as_tensor(list(p), dtype=torch.long, device=device)
         if mask is not None:
             mask[i, T - len(p):] = 1
-    seen = None
-    if params.repetition_penalty != 1.0:
-        seen = torch.zeros((B, model.config.vocab_size), dtype=torch.bool, device=device)
-        for i, p in enumerate(prompts):
-            seen[i, torch.as_tensor(list(p), device=device)] = True
+    generators = row_generators(params.seed, B, device)
+    seen = _seen(model, prompts, params, device)
+    ends = _ends(eos_token_id, device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    ends = None
-    if eos_token_id is not None:
-        ends = torch.as_tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id),
-                               dtype=torch.long, device=device)
-    step, keys = None, None
-    if compile:
-        step = compiled_decode_step()
-        pack_weights = pack_weights and (B == 1 or packed._OPAQUE is not None)
-        size = min(ctx, -(-total // COMPILE_BUCKET) * COMPILE_BUCKET)
-        cache = model.new_cache(B, size, static=True)
-        keys = torch.zeros((B, size), dtype=torch.bool, device=device)  # slots that hold a real token
-        keys[:, :T] = True if mask is None else mask[:, :T].bool()
-    else:
-        cache = model.new_cache(B, total)
-
+    step = compiled_decode_step()
+    pack_weights = pack_weights and (B == 1 or packed._OPAQUE is not None)
+    size = min(model.config.max_seq_len, -(-total // COMPILE_BUCKET) * COMPILE_BUCKET)
+    cache = model.new_cache(B, size, static=True)
+    keys = torch.zeros((B, size), dtype=torch.bool, device=device)  # slots that hold a real token
+    keys[:, :T] = True if mask is None else mask[:, :T].bool()
     x, length = ids, T
     # one compiled row: products as multiply-and-sum loops at memory speed (lmforge.nn.packed); else oneDNN
-    with packed_linears(model, B, enabled=pack_weights, gemv=compile and B == 1):
+    with packed_linears(model, B, enabled=pack_weights, gemv=B == 1):
         for _ in range(params.max_new_tokens):
-            if step is not None and length > T:  # a compiled step: fixed shapes, the slot to write in a tensor
+            if length > T:  # a compiled step: fixed shapes, the slot to write in a tensor
                 keys[:, length - 1] = True
                 cache.at = torch.tensor([length - 1], device=device)
                 try:
@@ -217,21 +290,7 @@ def generate_ids(
             else:
                 logits = model(x, attention_mask=None if mask is None else mask[:, :length], cache=cache,
                                last_only=True).logits[:, -1]
-            if constraints is not None:
-                logits = logits.float().clone()
-                for i, c in enumerate(constraints):
-                    if c is not None and not done[i]:
-                        c.apply(logits[i])
-            tok = next_token(logits, params, generator, seen)
-            if constraints is not None:
-                for i, c in enumerate(constraints):
-                    if c is not None and not done[i]:
-                        c.consume(int(tok[i]))
-            if ends is not None and ends.numel():
-                tok = torch.where(done, ends[0], tok)
-                done |= torch.isin(tok, ends)
-            if seen is not None:
-                seen[torch.arange(B, device=device), tok] = True
+            tok = _pick(logits, params, generators, seen, constraints, done, ends)
             yield tok
             if bool(done.all()):
                 return
@@ -316,26 +375,53 @@ class TextStream:
 
 def generate(
     model: torch.nn.Module, tokenizer, prompts: str | Sequence[str], max_new_tokens: int = 128,
-    temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+    temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
     repetition_penalty: float = 1.0, stop: Sequence[str] | None = None, seed: int | None = None,
     on_text: Callable[[int, str], None] | None = None, end_token_ids: Sequence[int] = (), compile: bool = False,
     draft=None, json_schema: dict | str | None = None, json_object: bool = False, regex: str | None = None,
-    choice: Sequence[str] | None = None,
-) -> list[str] | str:
+    choice: Sequence[str] | None = None, num_beams: int = 1, length_penalty: float = 1.0,
+    early_stopping: bool | str = False, num_return_sequences: int = 1,
+) -> list[str] | str | list[list[str]]:
     """Continue each prompt; returns the new text (a str for a str prompt, else a list).
 
-    stop: strings that end a row (not included in the output). end_token_ids: tokens that end a row besides
-    EOS (a chat template's end-of-turn). on_text(row, piece) receives text as it is produced, for streaming;
-    pieces never split a multi-byte character. compile: decode through torch.compile (see generate_ids).
-    draft: speculative decoding of one prompt (see generate_ids). json_schema (a dict or JSON text), json_object,
-    regex or choice: every reply follows that constraint (lmforge.generate.constrain).
+    temperature: 0 = greedy; None = 1.0 (sampling). stop: strings that end a row (not included in the output).
+    end_token_ids: tokens that end a row besides EOS (a chat template's end-of-turn). on_text(row, piece)
+    receives text as it is produced, for streaming; pieces never split a multi-byte character. compile: decode
+    through torch.compile (see generate_ids). draft: speculative decoding of one prompt (see generate_ids).
+    json_schema (a dict or JSON text), json_object, regex or choice: every reply follows that constraint
+    (lmforge.generate.constrain).
+
+    num_beams > 1: beam search (lmforge.generate.beam: transformers' rules, with length_penalty and
+    early_stopping), the most likely continuations rather than a sample, so the sampling settings, a drafter and
+    constraints do not apply (given, they are refused); num_return_sequences of the best come back for each
+    prompt (a list per prompt when above 1). on_text then gets each prompt's best text once it is found.
     """
     single = isinstance(prompts, str)
     texts = [prompts] if single else list(prompts)
-    params = SamplingParams(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed)
     start = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
     encoded = [tokenizer.encode(t) or ([start] if start is not None else []) for t in texts]
     ends = list(dict.fromkeys(([tokenizer.eos_id] if tokenizer.eos_id is not None else []) + list(end_token_ids)))
+    if num_beams != 1 or num_return_sequences != 1:
+        settings = {"temperature": temperature not in (None, 0), "top_k": top_k is not None,
+                    "top_p": top_p is not None, "repetition_penalty": repetition_penalty != 1.0,
+                    "seed": seed is not None, "compile": compile, "a drafter": draft is not None,
+                    "a constraint": json_schema is not None or json_object or regex is not None or choice is not None}
+        given = [name for name, on in settings.items() if on]
+        if given:
+            raise LmforgeError(f"beam search (num_beams {num_beams}) keeps the most likely continuations: "
+                               f"{', '.join(given)} do not apply to it; drop them, or decode with num_beams 1")
+        out = beam_texts(model, tokenizer, encoded, max_new_tokens, BeamParams(num_beams, length_penalty,
+                         early_stopping, num_return_sequences), ends, stop or [])
+        if on_text is not None:
+            for i, o in enumerate(out):
+                on_text(i, o[0])
+        out = [o if num_return_sequences > 1 else o[0] for o in out]
+        return out[0] if single else out
+    if length_penalty != 1.0 or early_stopping is not False:
+        raise LmforgeError("length_penalty and early_stopping steer beam search; with num_beams 1 nothing uses "
+                           "them: drop them, or give num_beams > 1")
+    params = SamplingParams(max_new_tokens, 1.0 if temperature is None else temperature, top_k, top_p,
+                            repetition_penalty, seed)
     streams = [TextStream(tokenizer, stop) for _ in texts]
     done = [False] * len(texts)
     constraints = None
@@ -361,3 +447,27 @@ def generate(
             on_text(i, piece)
     emitted = [s.text for s in streams]
     return emitted[0] if single else emitted
+
+
+def beam_texts(model: torch.nn.Module, tokenizer, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+               params: BeamParams, ends: Sequence[int], stop: Sequence[str] = ()) -> list[list[str]]:
+    """Beam search over each prompt's ids (one prompt at a time, its beams batched): the num_return_sequences best
+    continuations of each as text, cut before a stop string (which ends a hypothesis as an end token does)."""
+    params.validate()
+    stop = [s for s in stop if s]
+    out = []
+    with torch.inference_mode(), packed_linears(model, params.num_beams):
+        for p in prompts:
+            def stops(seqs: torch.Tensor, cur: int, n: int = len(p)) -> torch.Tensor:
+                return torch.tensor([any(s in tokenizer.decode(row) for s in stop)
+                                     for row in seqs[:, n:cur + 1].tolist()], dtype=torch.bool)
+
+            hyps, _ = decoder_beam_search(model, p, max_new_tokens, params, ends, tokenizer.pad_id or 0,
+                                          stops if stop else None)
+            texts = []
+            for h in hyps:
+                text = tokenizer.decode([t for t in h if t not in ends])
+                cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
+                texts.append(text[:cut] if cut >= 0 else text)
+            out.append(texts)
+    return out

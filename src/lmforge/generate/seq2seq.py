@@ -3,14 +3,8 @@
 The source is encoded once; every step runs the decoder on one new token per row over a KV cache, with the
 encoder's keys and values projected once (`Seq2SeqLM.new_cache`).
 
-Beam search keeps `num_beams` running hypotheses per source. Each step scores every (beam, next token) pair by
-the summed log-probability, takes the best 2 x num_beams candidates (so that enough survive when some end), keeps
-the best num_beams that did not end as the running beams, and offers the ones that ended (with EOS, or at the
-length limit) among the top num_beams to the finished list, scored by sum / length ** length_penalty. With
-early_stopping=False the search stops once no running beam can beat the worst finished one, judged at the current
-length; early_stopping=True stops as soon as num_beams hypotheses have finished; "never" judges a positive
-length penalty at the longest length. These are transformers' rules, so the same weights decode to the same text
-(tests/test_seq2seq.py checks it).
+Beam search is lmforge.generate.beam's, the one loop decoders use too (transformers' rules: the same weights decode
+to the same text, tests/test_seq2seq.py checks it).
 """
 
 from __future__ import annotations
@@ -21,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from lmforge.errors import LmforgeError
+from lmforge.generate.beam import BeamParams, ban_repeated_ngrams, beam_search
 from lmforge.generate.sampling import SamplingParams, next_token
 
 
@@ -53,19 +48,6 @@ class Seq2SeqParams:
             raise LmforgeError(f"early_stopping must be true, false or never, got {self.early_stopping!r}")
         if self.no_repeat_ngram_size < 0:
             raise LmforgeError(f"no_repeat_ngram_size must be zero or positive, got {self.no_repeat_ngram_size}")
-
-
-def ban_repeated_ngrams(seqs: torch.Tensor, length: int, n: int, scores: torch.Tensor) -> torch.Tensor:
-    """Set to -inf the score of every token that would repeat an n-gram already in seqs[:, :length]."""
-    if n <= 0 or length + 1 < n:
-        return scores
-    hist = seqs[:, :length].tolist()
-    for row, toks in enumerate(hist):
-        prefix = tuple(toks[length - n + 1:]) if n > 1 else ()
-        banned = [toks[i + n - 1] for i in range(length - n + 1) if tuple(toks[i:i + n - 1]) == prefix]
-        if banned:
-            scores[row, banned] = float("-inf")
-    return scores
 
 
 @torch.inference_mode()
@@ -110,68 +92,29 @@ def _sample(model, input_ids, attention_mask, p: Seq2SeqParams) -> torch.Tensor:
 
 def _beam_search(model, input_ids, attention_mask, p: Seq2SeqParams) -> torch.Tensor:
     c = model.config
-    B, nb, V, dev = input_ids.size(0), p.num_beams, c.vocab_size, input_ids.device
-    K = 2 * nb  # candidates kept per step: enough that nb survive even if nb of them end here
+    B, nb = input_ids.size(0), p.num_beams
     max_len = p.max_new_tokens + 1  # the start token counts, as it does in transformers
     enc = model.encode(input_ids, attention_mask).repeat_interleave(nb, dim=0)
     mask = attention_mask.repeat_interleave(nb, dim=0) if attention_mask is not None else None
     cache = model.new_cache(enc, mask, max_len)
-    NEG = -1.0e9
 
-    run_seq = torch.full((B, nb, max_len), c.pad_token_id, dtype=torch.long, device=dev)
-    run_seq[:, :, 0] = c.decoder_start_token_id
-    run_score = torch.zeros(B, nb, device=dev)
-    run_score[:, 1:] = NEG  # all beams start identical: let only the first one expand at step one
-    fin_seq, fin_score = run_seq.clone(), torch.full((B, nb), NEG, device=dev)
-    fin_done = torch.zeros(B, nb, dtype=torch.bool, device=dev)
-    improvable = torch.ones(B, 1, dtype=torch.bool, device=dev)
-    in_top = torch.arange(K, device=dev) < nb
-    rows = torch.arange(B, device=dev)[:, None]
-    cur = 1
-    while True:
-        logits = model.head(model.decode(run_seq.view(B * nb, -1)[:, cur - 1:cur], cache=cache))[:, -1]
-        logp = torch.log_softmax(logits.float(), dim=-1)
-        logp = ban_repeated_ngrams(run_seq.view(B * nb, -1), cur, p.no_repeat_ngram_size, logp)
-        total = (logp.view(B, nb, V) + run_score[..., None]).view(B, nb * V)
-        top_score, top_idx = torch.topk(total, K)
-        src, tok = top_idx // V, top_idx % V
-        cand = run_seq[rows, src]  # [B, K, max_len]
-        cand[:, :, cur] = tok
-        ends = (tok == c.eos_token_id) | (cur + 1 >= max_len)
+    def step(seqs: torch.Tensor, cur: int) -> torch.Tensor:
+        return model.head(model.decode(seqs[:, cur - 1:cur], cache=cache))[:, -1]
 
-        # the running beams: the best nb candidates that did not end
-        alive = top_score + ends.float() * NEG
-        keep = torch.topk(alive, nb).indices
-        run_seq, run_score, parent = cand[rows, keep], alive.gather(1, keep), src.gather(1, keep)
+    def reorder(rows: torch.Tensor) -> None:
+        cache.reorder(rows, same_source=True)  # a beam's parent has its source
 
-        # the finished list: candidates that ended within the top nb, length-normalised, merged with it
-        score = top_score / float(cur) ** p.length_penalty
-        if p.early_stopping is True:
-            score = score + fin_done.all(-1, keepdim=True).float() * NEG
-        score = score + (~improvable).float() * NEG + (~(ends & in_top)).float() * NEG
-        m_seq, m_score = torch.cat([fin_seq, cand], 1), torch.cat([fin_score, score], 1)
-        m_done = torch.cat([fin_done, ends & in_top], 1)
-        best = torch.topk(m_score, nb).indices
-        fin_seq, fin_score, fin_done = m_seq[rows, best], m_score.gather(1, best), m_done.gather(1, best)
-
-        cache.reorder((rows * nb + parent).view(-1), same_source=True)  # a beam's parent has its source
-        cur += 1
-        # can a running beam still beat the worst finished one?
-        hyp_len = (max_len - 1) if p.early_stopping == "never" and p.length_penalty > 0 else cur - 1
-        best_running = run_score[:, :1] / float(hyp_len) ** p.length_penalty
-        worst = torch.where(fin_done, fin_score.min(-1, keepdim=True).values, torch.full_like(fin_score, NEG))
-        improvable = improvable & (best_running > worst).any(-1, keepdim=True)
-        if (not bool(improvable.any()) or (p.early_stopping is True and bool(fin_done.all()))
-                or bool(ends.all())):
-            break
-
-    out = fin_seq[:, :p.num_return_sequences].reshape(B * p.num_return_sequences, max_len)[:, 1:]
+    start = torch.full((B, 1), c.decoder_start_token_id, dtype=torch.long, device=input_ids.device)
+    params = BeamParams(nb, p.length_penalty, p.early_stopping, p.num_return_sequences, p.no_repeat_ngram_size)
+    seqs, _ = beam_search(step, reorder, start, max_len, params, [c.eos_token_id], c.pad_token_id)
+    out = seqs.reshape(B * p.num_return_sequences, max_len)[:, 1:]
     # everything after a row's first EOS is padding; trim the columns no row uses
     is_eos = out == c.eos_token_id
     after = (is_eos.cumsum(1) - is_eos.long()) > 0
     out = out.masked_fill(after, c.pad_token_id)
-    lengths = torch.where(is_eos.any(1), is_eos.float().argmax(1) + 1, torch.full_like(out[:, 0], cur - 1))
-    return out[:, :int(lengths.max())]
+    used = (out != c.pad_token_id) | is_eos
+    width = int(used.nonzero()[:, 1].max()) + 1 if bool(used.any()) else 1
+    return out[:, :width]
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -11,13 +11,14 @@ Drafters:
                  input (summaries, edits, code, answers quoting a document) draft well; free chat seldom matches.
   ModelDrafter   any smaller causal LM with the same vocabulary, decoding k tokens ahead over its own KV cache.
 
-The acceptance rule keeps the model's own output distribution. Under greedy decoding a draft is kept while it
-equals the model's argmax and the extra token is the model's argmax, so the tokens are exactly plain greedy
-decoding's. Under sampling (temperature, top-k, top-p, repetition penalty applied as in plain decoding) draft
-d_j is kept with probability min(1, p_j(d_j) / q_j(d_j)), where p_j is the model's filtered distribution and q_j
-the drafter's; the first rejected position draws from the residual max(p_j - q_j, 0), renormalised; after k
-acceptances one more token comes from p_{k+1} (Leviathan et al. 2023, Chen et al. 2023). A prompt-lookup draft
-is deterministic: q is one-hot.
+The check gives plain decoding's tokens exactly, greedy or sampled: at each position the model's token is picked
+from its logits as plain decoding picks it (the argmax; or, sampling, one uniform draw from the sequence's
+generator through the same filters), and a draft is kept while it equals that token. The logits of a pass over
+k + 1 positions are bitwise those of k + 1 single steps (lmforge.nn.invariant), and a pass draws one uniform per
+token it emits, as plain decoding does, so a seeded reply is the same with and without a drafter. A draft is
+kept with probability p(d), the standard rule's for a deterministic draft (prompt lookup; a draft model here
+drafts its greedy tokens); where a drafter samples from its own q, Leviathan et al.'s rule keeps more drafts
+(min(1, p/q)) but gives other tokens than plain decoding under the same seed.
 
 Drafting switches itself off while it misses: the draft length follows the recent acceptance (one more after a
 fully accepted draft, up to `k`; the accepted count + 1 after a miss), and after `patience` drafts in a row with
@@ -37,7 +38,7 @@ import torch
 
 from lmforge.config import SamplingParams
 from lmforge.errors import LmforgeError
-from lmforge.generate.sampling import apply_repetition_penalty, filter_top_k, filter_top_p
+from lmforge.generate.sampling import filter_top_k, filter_top_p, next_token
 from lmforge.interop import load_pretrained
 from lmforge.nn.packed import packed_linears
 
@@ -50,31 +51,6 @@ def model_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     if params.top_p is not None and params.top_p < 1.0:
         logits = filter_top_p(logits, params.top_p)
     return torch.softmax(logits, dim=-1)
-
-
-def accept(p: torch.Tensor, drafts: Sequence[int], q: torch.Tensor | None,
-           generator: torch.Generator | None = None) -> list[int]:
-    """The speculative sampling rule. p [k + 1, V]: the model's distributions at the k draft positions and after
-    them; drafts: the k drafted ids; q [k, V]: the drafter's distributions (None: deterministic drafts). Returns
-    the tokens to emit: the kept drafts and one more, drawn so that the sequence follows p."""
-    out: list[int] = []
-    for j, d in enumerate(drafts):
-        pd = float(p[j, d])
-        qd = 1.0 if q is None else float(q[j, d])
-        if qd > 0 and float(torch.rand((), generator=generator)) * qd < pd:  # kept with probability min(1, p/q)
-            out.append(d)
-            continue
-        residual = p[j].clone()
-        if q is None:
-            residual[d] = 0.0
-        else:
-            residual = (residual - q[j]).clamp_(min=0.0)
-        if float(residual.sum()) <= 0:  # p == q here (a rejection then has probability 0): draw from p
-            residual = p[j]
-        out.append(int(torch.multinomial(residual, 1, generator=generator)))
-        return out
-    out.append(int(torch.multinomial(p[len(drafts)], 1, generator=generator)))
-    return out
 
 
 class Drafter:
@@ -170,25 +146,23 @@ class Drafter:
 
 def choose(logits: torch.Tensor, drafts: list[int], q: torch.Tensor | None, params: SamplingParams,
            seen: torch.Tensor | None = None, generator: torch.Generator | None = None) -> list[int]:
-    """The tokens to emit from the model's logits at [last, d1..dk] (k + 1 rows): the drafts it agrees with and
-    one of its own (see `accept`). seen: the repetition penalty's tokens so far (row j also counts d1..dj)."""
-    rows = []
+    """The tokens to emit from the model's logits at [last, d1..dk] (k + 1 rows): position by position the token
+    plain decoding picks there (next_token: argmax, or one uniform draw from `generator`), up to and including the
+    first one that differs from the draft. seen: the repetition penalty's tokens so far (row j also counts
+    d1..dj). q (a drafter's own distributions) is not needed by this rule and may be None."""
+    out: list[int] = []
     for j in range(logits.size(0)):
-        row = logits[j].float()
+        s = None
         if seen is not None:
             s = seen.clone()
             if drafts[:j]:
                 s[torch.as_tensor(drafts[:j], device=s.device)] = True
-            row = apply_repetition_penalty(row, s, params.repetition_penalty)
-        rows.append(row)
-    scores = torch.stack(rows)
-    if params.temperature == 0:
-        best = scores.argmax(-1).tolist()
-        n = 0
-        while n < len(drafts) and drafts[n] == best[n]:
-            n += 1
-        return drafts[:n] + [best[n]]
-    return accept(model_probs(scores, params), drafts, q, generator)
+            s = s[None]
+        tok = int(next_token(logits[j:j + 1], params, generator, s)[0])
+        out.append(tok)
+        if j >= len(drafts) or tok != drafts[j]:
+            break
+    return out
 
 
 class NgramDrafter(Drafter):
@@ -230,10 +204,10 @@ class NgramDrafter(Drafter):
 
 
 class ModelDrafter(Drafter):
-    """A smaller causal LM with the same vocabulary as the model, run k tokens ahead over its own KV cache:
-    greedily under greedy decoding, else sampled from its own filtered distribution (returned as q). k = 3 by
-    default: each draft token costs a draft-model step, and a pass of 4 positions is one block of the int4
-    kernel."""
+    """A smaller causal LM with the same vocabulary as the model, run k tokens ahead over its own KV cache,
+    greedily (its most likely tokens: under sampling the model keeps a draft when its own draw is that token, see
+    `choose`; the draft never takes a draw from the sequence's generator). k = 3 by default: each draft token
+    costs a draft-model step, and a pass of 4 positions is one block of the int4 kernel."""
 
     def __init__(self, draft_model: torch.nn.Module, k: int = 3, patience: int = 3) -> None:
         super().__init__(k, patience)
@@ -258,19 +232,13 @@ class ModelDrafter(Drafter):
         new = tokens[self._fed:]  # what the draft has not seen: the model's last token(s) since its last pass
         logits = self.model(torch.tensor([new], device=device), cache=self.cache, last_only=True).logits[0, -1]
         self._fed = len(tokens)
-        drafts, qs = [], []
+        drafts = []
         for i in range(k):
-            if params.temperature == 0:
-                d = int(logits.argmax())
-            else:
-                q = model_probs(logits[None], params)[0]
-                d = int(torch.multinomial(q, 1, generator=generator))
-                qs.append(q)
-            drafts.append(d)
+            drafts.append(int(logits.argmax()))
             if i + 1 < k:
-                logits = self.model(torch.tensor([[d]], device=device), cache=self.cache).logits[0, -1]
+                logits = self.model(torch.tensor([[drafts[-1]]], device=device), cache=self.cache).logits[0, -1]
         self._in_cache = len(drafts) - 1  # the cache now holds the sequence and every draft but the last
-        return drafts, (torch.stack(qs) if qs else None)
+        return drafts, None
 
     def keep(self, n: int) -> None:
         # keep the accepted drafts that are in the cache; the rest of the sequence is fed at the next proposal

@@ -156,6 +156,13 @@ def four_bit_grid(t, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
     return codes, scale, low
 
 
+def four_bit_tensors(path: str | Path) -> bool:
+    """Whether the file stores any tensor in 4-bit blocks (read from its header: the tensors are not loaded)."""
+    from gguf import GGUFReader
+
+    return any(t.tensor_type.name in FOUR_BIT for t in GGUFReader(str(path)).tensors)
+
+
 def load_gguf(path: str | Path, device: str | torch.device = "cpu", keep_4bit: bool = False):
     """(model, tokenizer) from a .gguf file; weights dequantized to float32, except with keep_4bit: then every
     Linear stored in 4-bit blocks of 32 (Q4_0, Q4_1, Q4_K) is an Int4Linear on the file's own grid (its codes,

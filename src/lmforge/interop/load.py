@@ -6,6 +6,7 @@ model (train, generate, eval, tune, serve), so a model class never reads a file 
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
@@ -14,7 +15,7 @@ from lmforge.assets import MODELS, model_file
 from lmforge.config import QUANTIZE
 from lmforge.errors import ConfigError, ModelLoadError
 from lmforge.interop.families import READERS
-from lmforge.interop.gguf import FOUR_BIT_GROUP, load_gguf
+from lmforge.interop.gguf import FOUR_BIT_GROUP, four_bit_tensors, load_gguf
 from lmforge.interop.hf import read_config, read_safetensors
 from lmforge.interop.peft import load_adapter
 from lmforge.interop.quantized import is_quantized_dir, load_quantized
@@ -51,6 +52,7 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu", quanti
     p = resolve_model_path(path)
     if quantize not in (None, *QUANTIZE, *MODES):
         raise ConfigError(f"quantize {quantize!r} is not one of: {', '.join(QUANTIZE + MODES[2:])}")
+    auto = quantize == "auto"
     quantize = None if quantize == "none" else quantize
     group = 64
     use_device(device)
@@ -62,7 +64,14 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu", quanti
     else:
         model, tok = load_model(p, device=device), Tokenizer.from_file(p)
     if quantize == "auto":  # int4 where the file's weights are 4-bit (and kept so above), else as they are
-        quantize = "int4" if any(isinstance(m, Int4Linear) for m in model.modules()) else None
+        kept = any(isinstance(m, Int4Linear) for m in model.modules()) and not getattr(model, "quantization", None)
+        quantize = "int4" if kept else None
+    elif quantize and getattr(model, "quantization", None):
+        raise ConfigError(f"{p} is already quantized ({model.quantization['mode']}): load it with --quantize none "
+                          f"(or auto), or quantize the full-precision model to {quantize} instead")
+    if adapter and auto and quantize is None and p.suffix == ".gguf" and four_bit_tensors(p):
+        print(f"lmforge: note: {p.name}'s 4-bit weights are merged with the adapter in full precision and not kept "
+              "4-bit; add --quantize int4 to decode on the int4 kernel again", file=sys.stderr)
     if adapter:
         merge_and_unload(load_adapter(model, adapter)).eval()
     if quantize:

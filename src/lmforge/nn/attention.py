@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmforge.nn import invariant
 from lmforge.nn.packed import FusedLinear
 
 # --------------------------------------------------------------------------------------------------------------
@@ -124,7 +125,7 @@ class KVCache:
         self, n_layer: int, batch: int, n_kv_head: int, head_dim: int, max_len: int,
         device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
     ) -> None:
-        shape = (batch, n_kv_head, max_len, head_dim)
+        shape = (batch, n_kv_head, _room(max_len), head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
         self.max_len = max_len
@@ -150,6 +151,12 @@ class KVCache:
                 t[:, :, :n] = t[:, :, :n].index_select(0, rows)
 
 
+def _room(max_len: int) -> int:
+    """Positions a cache allocates for max_len: a whole number of the batch-invariant attention's key blocks, so
+    that it reads the hidden positions after a row's keys in place (lmforge.nn.invariant) instead of copying."""
+    return -(-max_len // invariant.KEY_BLOCK) * invariant.KEY_BLOCK
+
+
 class StaticKVCache(KVCache):
     """A KVCache whose decoding steps all have the same shapes, so that `torch.compile` builds one graph for
     every step: a step writes its token's keys and values at the slot held in the tensor `at` and attends over
@@ -165,7 +172,7 @@ class StaticKVCache(KVCache):
             return super().update(layer, k, v)
         self.k[layer].index_copy_(2, self.at, k)
         self.v[layer].index_copy_(2, self.at, v)
-        return self.k[layer], self.v[layer]
+        return self.k[layer][:, :, :self.max_len], self.v[layer][:, :, :self.max_len]
 
     def advance(self, n: int) -> None:
         if self.at is None:  # (a compiled step must not touch a Python int: each value would be a new graph)
@@ -199,7 +206,7 @@ class SlotKVCache:
             raise ValueError(f"KV cache full: {n} positions > max_len {self.max_len}")
         if n <= self.capacity:
             return
-        cap = min(self.max_len, 1 << (n - 1).bit_length())
+        cap = min(_room(self.max_len), max(invariant.KEY_BLOCK, 1 << (n - 1).bit_length()))
         shape = (self.slots, self.shape[0], cap, self.shape[1])
         for store in (self.k, self.v):
             for i in range(self.n_layer):
@@ -245,8 +252,8 @@ class SlotKVCache:
     def _write_rows(self, layer: int, pos: torch.Tensor, act: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """The active rows' new keys and values (k, v [rows, heads, D]) at their positions; idle rows write nothing
         (one may be a prompt half read)."""
-        self.k[layer][act, :, pos[act]] = k[act]
-        self.v[layer][act, :, pos[act]] = v[act]
+        self.k[layer][act, :, pos[act]] = k[act].to(self.dtype)  # (under autocast k and v come in its dtype)
+        self.v[layer][act, :, pos[act]] = v[act].to(self.dtype)
 
     def mixed(self, active: Sequence[int], slot: int, n: int, layers: tuple[int, int] | None = None) -> torch.Tensor:
         """The next forward runs, as one row of rows + n tokens, a decode step for rows 0..max(active) (as
@@ -273,14 +280,15 @@ class SlotKVCache:
         _, rows, pos, k_len, _, slot, start, n, (a, b), act = self._plan
         K, V = self.k[layer], self.v[layer]
         self._write_rows(layer, pos, act, k[0, :, :rows].transpose(0, 1), v[0, :, :rows].transpose(0, 1))
-        y_rows = sdpa(q[0, :, :rows].transpose(0, 1)[:, :, None], K[:rows, :, :k_len], V[:rows, :, :k_len],
-                      self._rows_mask(pos, k_len), scale=scale)[:, :, 0].transpose(0, 1)[None]  # [1, heads, rows, D]
+        y_rows = decode_attention(q[0, :, :rows].transpose(0, 1)[:, :, None], K[:rows, :, :k_len],
+                                  V[:rows, :, :k_len], self._rows_mask(pos, k_len), scale=scale
+                                  )[:, :, 0].transpose(0, 1)[None]  # [1, heads, rows, D]
         if not a <= layer < b:
             return y_rows
         K[slot, :, start:start + n] = k[0, :, rows:]
         V[slot, :, start:start + n] = v[0, :, rows:]
-        y_chunk = sdpa(q[:, :, rows:], K[slot:slot + 1, :, :start + n], V[slot:slot + 1, :, :start + n],
-                       scale=scale)  # causal: the chunk's queries are the last n of start + n keys
+        y_chunk = decode_attention(q[:, :, rows:], K[slot:slot + 1, :, :start + n], V[slot:slot + 1, :, :start + n],
+                                   scale=scale)  # causal: the chunk's queries are the last n of start + n keys
         return torch.cat([y_rows, y_chunk], dim=2)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -394,6 +402,8 @@ class Attention(nn.Module):
             k, v = cache.update(layer, k, v)
         if self.record is not None:  # explain: the probabilities themselves, [B, H, Tq, Tk]
             y = self._explicit(q, k, v, mask)
+        elif cache is not None and not self.training:  # decoding: batch-invariant where it is on
+            y = decode_attention(q, k, v, mask, causal=self.causal, scale=self.scale)
         else:
             y = sdpa(q, k, v, mask, causal=self.causal, dropout=self.dropout if self.training else 0.0,
                      scale=self.scale)
@@ -405,6 +415,16 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(B, S, self.n_kv_head, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, S, self.n_kv_head, self.head_dim).transpose(1, 2)
         return k, v
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+                     causal: bool = True, scale: float | None = None) -> torch.Tensor:
+    """Attention over a KV cache while decoding: lmforge.nn.invariant's batch-invariant attention (a row's output
+    the same whatever else is in the step, whose keys start at its cache's position 0), or `sdpa` where that is
+    off or a step is being compiled."""
+    if invariant.active(q):
+        return invariant.attention(q, k, v, mask, causal=causal, scale=scale)
+    return sdpa(q, k, v, mask, causal=causal, scale=scale)
 
 
 def sdpa(

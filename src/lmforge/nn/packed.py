@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmforge.nn import invariant
 from lmforge.nn.init import aligned
 from lmforge.nn.quant import Int4Linear, Int8Linear, int8_linear
 
@@ -103,7 +104,24 @@ class PackedLinear(nn.Module):
             self.packed = torch.ops.mkldnn._reorder_linear_weight(aligned(linear.weight.detach()), batch_hint)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _linear(x, self.packed, self.bias, self.out_features)
+        return invariant.rows("onednn", lambda t: _linear(t, self.packed, self.bias, self.out_features), x,
+                              self.out_features)
+
+
+class RowLinear(nn.Module):
+    """An nn.Linear (its own weight and bias) whose inference products run under a batch-invariant row plan
+    (lmforge.nn.invariant): what stands in for a plain layer while decoding where nothing is packed (a GPU,
+    autocast, bf16 without oneDNN's bf16 path, pack_weights=False)."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight, self.bias = linear.weight, linear.bias
+        self.key = _key(linear.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        return invariant.rows(f"linear {dtype}", lambda t: F.linear(t, self.weight, self.bias), x, self.out_features)
 
 
 def _one_row(x: torch.Tensor) -> bool:
@@ -175,7 +193,8 @@ class FusedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if self.plain:
-            y = _linear(x, self.packed, self.bias, sum(self.sizes))
+            n = sum(self.sizes)
+            y = invariant.rows("onednn", lambda t: _linear(t, self.packed, self.bias, n), x, n)
         elif self.int4:
             y = self.int4[0](x)
         else:
@@ -258,17 +277,24 @@ def packed_linears(model: nn.Module, batch_hint: int = 1, enabled: bool = True, 
     """Inside the block the model's Linear layers are PackedLinear ones (prepacked oneDNN weights) and sibling
     projections run as one FusedLinear each (see the module docstring); int8 weight-only siblings are fused too.
     gemv=True instead puts GemvLinear layers in (compiled single-row products as multiply-and-sum loops; int8
-    siblings are still fused onto their own kernel). The plain layers are back when the block ends. A no-op off
-    CPU, with gradients on, or under autocast (the products then run in its dtype through the plain layers: a
-    packed fp32 weight takes no bf16 input). Safe to open on one model from several threads at once: a context
+    siblings are still fused onto their own kernel). The plain layers are back when the block ends. Off a CPU,
+    under autocast (a packed fp32 weight takes no bf16 input) or with enabled=False nothing is packed or fused,
+    and while batch invariance is on (lmforge.nn.invariant) the plain layers run as RowLinear ones, under a row
+    plan; with gradients on it is a no-op. Safe to open on one model from several threads at once: a context
     opened while another is open on the same model uses the layers that one put in (and keeps them until both
     have closed)."""
     p = next(model.parameters(), None)
-    if (not enabled or torch.is_grad_enabled() or p is None or p.device.type != "cpu"
-            or torch.is_autocast_enabled("cpu")):
+    if torch.is_grad_enabled() or p is None:
         yield model
         return
-    pack = can_pack(model) and not gemv
+    cpu = p.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
+    gemv = gemv and cpu and enabled
+    pack = cpu and enabled and not gemv and can_pack(model)
+    rows = invariant.enabled() and not (gemv or pack)  # plain layers under a batch-invariant row plan
+    if not (gemv or pack or rows):
+        yield model
+        return
+    fuse = cpu and enabled
     held: list[tuple[nn.Module, str]] = []
     try:
         with _LOCK:
@@ -277,7 +303,7 @@ def packed_linears(model: nn.Module, batch_hint: int = 1, enabled: bool = True, 
                 if _hold(parent, "fused", held):
                     fused.append(parent)
                     continue
-                linears = _fusible(parent, pack)
+                linears = _fusible(parent, pack) if fuse else None
                 if linears is not None:
                     _install(parent, "fused", _built(parent, "fused", _key(*_weights(linears)),
                                                      lambda ls=linears: FusedLinear(ls, batch_hint)), held)
@@ -287,10 +313,12 @@ def packed_linears(model: nn.Module, batch_hint: int = 1, enabled: bool = True, 
                 for name, m in list(parent.named_children()):
                     if _hold(parent, name, held):
                         continue
-                    if type(m) is not nn.Linear or id(m) in covered or not (gemv or pack):
+                    if type(m) is not nn.Linear or id(m) in covered:
                         continue
                     if gemv:
                         layer = _built(m, "gemv", _key(m.weight), lambda m=m: GemvLinear(m))
+                    elif rows:
+                        layer = _built(m, "rows", _key(m.weight), lambda m=m: RowLinear(m))
                     else:
                         layer = _built(m, "packed", _key(m.weight), lambda m=m: PackedLinear(m, batch_hint))
                     _install(parent, name, layer, held)

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.errors import ConfigError
+from lmforge.nn import invariant
 from lmforge.nn.init import aligned
 
 MODES = ("int8", "int4", "int8-dynamic")
@@ -78,7 +79,9 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fast and not (torch.is_grad_enabled() and x.requires_grad):
             return int8_linear(x, self.qweight, self._scales_bf16, self.bias)
-        y = frozen_linear(x.reshape(-1, self.in_features), self)  # in the input's dtype, rows dequantized in slices
+        # in the input's dtype, rows dequantized in slices (inference: under a batch-invariant row plan)
+        y = invariant.rows("int8 rows", lambda t: frozen_linear(t, self), x.reshape(-1, self.in_features),
+                           self.out_features)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features)
@@ -87,9 +90,12 @@ class Int8Linear(nn.Module):
 def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales_bf16: torch.Tensor,
                 bias: torch.Tensor | None) -> torch.Tensor:
     """x [..., K] times an int8 weight [N, K] with per-row bfloat16 scales, on the CPU's weight-only int8 kernel
-    (the activations in bfloat16); the result in x's dtype."""
-    y = torch.ops.aten._weight_int8pack_mm(aligned(x.reshape(-1, x.size(-1)).to(torch.bfloat16).contiguous()),
-                                           qweight, scales_bf16).to(x.dtype)
+    (the activations in bfloat16), under a batch-invariant row plan (lmforge.nn.invariant); the result in x's
+    dtype."""
+    def product(t: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int8pack_mm(aligned(t.to(torch.bfloat16).contiguous()), qweight, scales_bf16)
+
+    y = invariant.rows("int8", product, x.reshape(-1, x.size(-1)), qweight.size(0)).to(x.dtype)
     if bias is not None:
         y = y + bias
     return y.reshape(*x.shape[:-1], qweight.size(0))
@@ -162,10 +168,14 @@ class Int4Linear(nn.Module):
         if torch.is_grad_enabled() and x.requires_grad:  # a frozen base under LoRA: no fp32 copy is kept
             y = frozen_linear(x2, self)
         elif (kernel := self._packed()) is not None:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(aligned(x2.to(torch.bfloat16).contiguous()), kernel[0],
-                                                           self.group_size, kernel[1]).to(x.dtype)
+            def product(t: torch.Tensor) -> torch.Tensor:
+                return torch.ops.aten._weight_int4pack_mm_for_cpu(aligned(t.to(torch.bfloat16).contiguous()),
+                                                                  kernel[0], self.group_size, kernel[1])
+
+            y = invariant.rows(f"int4 g{self.group_size}", product, x2, self.out_features).to(x.dtype)
         else:
-            y = F.linear(x2, self.dequantize(x.dtype))
+            y = invariant.rows("int4 dequantized", lambda t: F.linear(t, self.dequantize(x.dtype)), x2,
+                               self.out_features)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*shape[:-1], self.out_features)
@@ -241,8 +251,10 @@ class NF4Linear(nn.Module):
         return w.view(-1)[: self.out_features * self.in_features].view(self.out_features, self.in_features).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = frozen_linear(x, self) if torch.is_grad_enabled() and x.requires_grad else F.linear(
-            x, self.dequantize(x.dtype))
+        if torch.is_grad_enabled() and x.requires_grad:
+            y = frozen_linear(x, self)
+        else:
+            y = invariant.rows("nf4", lambda t: F.linear(t, self.dequantize(x.dtype)), x, self.out_features)
         return y if self.bias is None else y + self.bias
 
 

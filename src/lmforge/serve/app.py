@@ -25,6 +25,7 @@ import dataclasses
 import functools
 import hmac
 import json
+import sys
 import threading
 import time
 import uuid
@@ -96,6 +97,9 @@ def load_served(paths: Sequence[str], max_batch: int = 16, max_queue: int = 64, 
             raise LmforgeError(f"two served models are both named {name!r}; serve each path once")
         names.add(name)
         if isinstance(model, DecoderLM):
+            if max_len is not None and max_len > model.config.max_seq_len:
+                print(f"lmforge: note: {name}: --max-len {max_len} is past its context of "
+                      f"{model.config.max_seq_len} tokens; it serves {model.config.max_seq_len}", file=sys.stderr)
             draft = make_drafter(speculative, model, device=device, quantize=quantize, dtype=dtype)
             engine = Engine(model.eval(), tok, max_batch=max_batch, max_queue=max_queue, max_len=max_len,
                             draft=draft, cache_mb=cache_mb, prefill_chunk=prefill_chunk).start()
@@ -165,7 +169,8 @@ def create_app(models: Sequence[ServedModel], api_key: str | None = None, max_bo
             m = by_name[name]
         if m.kind != kind:
             need = "/v1/embeddings" if m.kind == "encoder" else "/v1/completions and /v1/chat/completions"
-            raise APIError(400, f"the model {m.name!r} is an {m.kind}: it serves {need}", param="model")
+            article = "an" if m.kind[0] in "aeiou" else "a"
+            raise APIError(400, f"the model {m.name!r} is {article} {m.kind}: it serves {need}", param="model")
         return m
 
     # -- plain pages -----------------------------------------------------------------------------------------
@@ -469,6 +474,8 @@ def tool_setup(body) -> tuple[list[dict] | None, str]:
         params = f.get("parameters") or {"type": "object", "properties": {}}
         if not isinstance(params, dict):
             raise APIError(400, f"tool {f['name']!r}: parameters must be a JSON schema object", param="tools")
+        if any(t["name"] == f["name"] for t in tools):
+            raise APIError(400, f"two tools are named {f['name']!r}; tool names must be unique", param="tools")
         tools.append({"name": f["name"], "description": f.get("description") or "", "parameters": params})
     choice = body.tool_choice if body.tool_choice is not None else "auto"
     if isinstance(choice, dict):
@@ -502,6 +509,9 @@ def chat_messages(messages, tools: list[dict] | None, tool_choice: str) -> list[
                 calls.append(json.dumps({"name": f.get("name"), "arguments": args}))
             content = "\n".join(calls)
         elif role == "tool":
+            if not x.tool_call_id:
+                raise APIError(400, "a message with role 'tool' needs the tool_call_id of the call it answers",
+                               param="messages")
             role, content = "user", f"Tool result{f' ({x.name})' if x.name else ''}: {content}"
         out.append({"role": role, "content": content})
     if tools:
@@ -580,9 +590,17 @@ def new_request(ids: list[int], body, max_tokens: int, ends: list[int], j: int, 
     temperature = body.temperature if body.temperature >= MIN_TEMPERATURE else 0.0
     params = SamplingParams(max_new_tokens=max_tokens, temperature=temperature, top_k=body.top_k,
                             top_p=body.top_p if body.top_p < 1 else None, seed=seed)
+    bias = None
+    if body.logit_bias:
+        vocab = served.model.config.vocab_size if served is not None else None
+        bias = {int(k): float(v) for k, v in body.logit_bias.items()}
+        bad = next((t for t in bias if vocab is not None and t >= vocab), None)
+        if bad is not None:
+            raise APIError(400, f"logit_bias names token {bad}, outside this model's vocabulary of {vocab}",
+                           param="logit_bias")
     return Request(ids, params, stop=body.stop or [], end_ids=[] if body.ignore_eos and constraint is None else ends,
                    logprobs=logprobs, echo=echo, presence_penalty=body.presence_penalty,
-                   frequency_penalty=body.frequency_penalty, constraint=constraint)
+                   frequency_penalty=body.frequency_penalty, constraint=constraint, logit_bias=bias)
 
 
 def usage(prompts: list[list[int]], reqs: list[Request]) -> dict:
@@ -806,6 +824,29 @@ class ServerThread:
         self.thread.join(timeout=10)
 
 
+# ServeConfig settings that only the decoders' engines read
+DECODER_SETTINGS = ("max_batch", "max_queue", "max_len", "cache_mb", "prefill_chunk", "speculative")
+
+
+def check_listen(host: str, port: int) -> None:
+    """Refuse, with one line, an address this machine cannot listen on (not one of its own, or a port in use)."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError, OverflowError) as e:
+        raise LmforgeError(f"--host {host}: not an address this machine can listen on ({e}); use 127.0.0.1 (this "
+                           "machine only), 0.0.0.0 (every interface) or one of its own addresses") from None
+    family, kind, proto, _, addr = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(addr)
+        except OSError as e:
+            why = "the port is in use" if e.errno == 98 else e.strerror or str(e)
+            raise LmforgeError(f"cannot listen on {host}:{port}: {why}; choose another --port (or --host)") from None
+
+
 def serve(models: Sequence[str], config: ServeConfig | None = None, **settings: Any) -> None:
     """Load the models and serve them until interrupted, as `config` says (a ServeConfig; `settings` override
     its fields: host, port, api_key, max_batch, max_queue, max_len, quantize, dtype, device, cache_mb,
@@ -820,11 +861,16 @@ def serve(models: Sequence[str], config: ServeConfig | None = None, **settings: 
         raise LmforgeError(f"serve: {e}") from None
     c.validate()
     host, port, api_key, request_timeout = c.host, c.port, c.api_key, c.request_timeout
+    check_listen(host, port)  # (before the models load)
+    for_decoders = [f"--{k.replace('_', '-')}" for k in DECODER_SETTINGS if k in settings]
     tune_allocator()
     # loaded on a thread that ends, so that the engine threads are the only ones with OpenMP pools (see
     # runtime.in_own_thread: otherwise a batch-1 step takes about twice as long on few cores)
     served = in_own_thread(load_served, models, c.max_batch, c.max_queue, c.max_len, c.quantize, c.dtype, c.device,
                            c.speculative, c.cache_mb, c.prefill_chunk)
+    if for_decoders and not any(m.engine is not None for m in served):
+        raise LmforgeError(f"{', '.join(for_decoders)} set the decoders' engine (completions, chat); "
+                           f"{', '.join(m.name for m in served)} serve embeddings only: drop them")
     app = create_app(served, api_key=api_key, max_body=c.max_body, body_timeout=request_timeout)
     if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         print(f"warning: serving on {host} without --api-key: anyone who can reach this port can use it")
@@ -833,6 +879,9 @@ def serve(models: Sequence[str], config: ServeConfig | None = None, **settings: 
     try:
         uvicorn.Server(uvicorn_config(app, host, port, request_timeout, log_level=c.log_level,
                                       timeout_graceful_shutdown=2)).run()
+    except SystemExit as e:  # uvicorn could not start (the address was taken since check_listen, say)
+        raise LmforgeError(f"the server could not start on {host}:{port} (uvicorn exited with {e.code}); see the "
+                           "lines above") from None
     finally:
         for m in served:
             if m.engine is not None:

@@ -5,7 +5,7 @@ Every number has bounds that the engine can take (a seed fits torch.Generator.ma
 a client sends reaches the engine thread as something that fails there, where it would fail the whole batch.
 Parameters OpenAI has and lmforge does not implement are refused by name rather than silently ignored.
 Two extensions as in vLLM's server: `top_k`, and `ignore_eos` (generate max_tokens whatever the model says, for
-load tests).
+load tests). `logit_bias` is OpenAI's: token ids (as strings) to a bias in [-100, 100] added to their logits.
 """
 
 from __future__ import annotations
@@ -57,13 +57,23 @@ class _Sampling(BaseModel):
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     user: str | None = None
     ignore_eos: bool = False  # extension (as vLLM's): run to max_tokens, for load tests
+    logit_bias: dict[str, float] | None = None  # token id -> bias added to its logit (ids checked in serve.app)
     # response_format: see serve.app.response_constraint; the rest are accepted by OpenAI and not implemented here:
     # refused by name when set (see unsupported())
-    logit_bias: dict[str, float] | None = None
     tools: list[Any] | None = None
     response_format: dict | None = None
     suffix: str | None = None
     best_of: int | None = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias(cls, v):
+        for key, bias in (v or {}).items():
+            if not key.strip().isdigit():
+                raise ValueError(f"logit_bias keys are token ids (whole numbers as strings), got {key!r}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"logit_bias values must be in [-100, 100], got {bias} for token {key}")
+        return v
 
     @field_validator("stop")
     @classmethod
@@ -74,8 +84,6 @@ class _Sampling(BaseModel):
         return stops
 
     def unsupported(self) -> str | None:
-        if self.logit_bias:
-            return "logit_bias"
         if self.tools and not self.TAKES_TOOLS:
             return "tools"
         if self.response_format and self.response_format.get("type") not in RESPONSE_FORMATS:

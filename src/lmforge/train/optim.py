@@ -38,13 +38,19 @@ def build_optimizer(model: nn.Module, kind: str, lr: float, weight_decay: float,
     layer_decay < 1 gives each group an `lr_scale` (the trainer multiplies its rate by it): the layers above the
     blocks (final norm, pooler, heads) learn at the full rate, block i of n at layer_decay ** (n - i), the
     embeddings at layer_decay ** (n + 1). Fine-tuning then moves the general lower layers less than the
-    task-specific top ones (layer-wise learning-rate decay, as in ELECTRA's and DeBERTa's recipes)."""
-    n = len(getattr(model, "blocks", ()))
+    task-specific top ones (layer-wise learning-rate decay, as in ELECTRA's and DeBERTa's recipes). An
+    encoder-decoder's encoder and decoder block i share block i's rate (n: the deeper stack's blocks)."""
+    def block(name: str) -> int | None:
+        m = re.match(r"(?:.*\.)?blocks\.(\d+)\.", name)
+        return int(m.group(1)) if m else None
+
+    n = 1 + max((b for b in map(block, (name for name, _ in model.named_parameters())) if b is not None),
+                default=-1)
 
     def depth(name: str) -> int:  # 0 = embeddings, 1..n = blocks, n + 1 = everything above them
-        m = re.match(r"(?:.*\.)?blocks\.(\d+)\.", name)
-        if m:
-            return int(m.group(1)) + 1
+        b = block(name)
+        if b is not None:
+            return b + 1
         return 0 if "emb" in name.split(".")[0] else n + 1
 
     # weight decay pulls matrices toward zero; doing it to norms' gains, biases and (tied) embeddings

@@ -100,6 +100,8 @@ def fit_windows(tok, texts: list[str], max_len: int | None, stride: int | None, 
             max_len = min(limit, max(8, -(-longest // 8) * 8))
             windows = [[w[0]] for w in windows]  # (each already fits: the same ids)
             say(f"max_len {max_len}: the longest training text has {longest} tokens")
+    if max_len is not None and max_len > limit:
+        say(f"note: --max-len {max_len} is past the model's window of {limit} tokens; using {limit}")
     max_len = min(max_len or limit, limit)
     stride = window_stride(max_len) if stride is None else stride
     long = sum(len(w) > 1 for w in windows)

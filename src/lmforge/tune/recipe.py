@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -138,6 +139,23 @@ LR: dict[str, dict[str, float]] = {  # task -> method -> default learning rate
     "seq2seq": {"full": 1e-3, "top-k": 1e-3, "lora": 1e-3, "qlora": 1e-3},
 }
 FIELDS = {f.name for f in dataclasses.fields(FinetuneConfig)}
+# the validation metrics each task's evaluation reports, higher is better: --metric picks the kept weights by one
+METRICS: dict[str, tuple[str, ...]] = {
+    "classify": ("accuracy", "macro_f1"), "qa": ("f1", "exact_match"), "chat": ("neg_loss",),
+    "dpo": ("neg_loss", "preference_accuracy", "reward_accuracy", "reward_margin"), "grpo": ("accuracy", "reward"),
+    "seq2seq": ("neg_loss", "bleu_greedy", "chrf_greedy")}
+LORA = ("lora", "qlora")
+# settings that apply only where a condition holds: given on the command line elsewhere, they are refused
+# (setting -> (applies(task, settings), what it applies to))
+APPLIES: dict[str, tuple[Any, str]] = {
+    "top_k": (lambda task, v: v["method"] == "top-k", "--method top-k"),
+    **{k: (lambda task, v: v["method"] in LORA, "--method lora or qlora")
+       for k in ("lora_r", "lora_alpha", "lora_dropout", "lora_targets")},
+    "quant": (lambda task, v: v["method"] == "qlora", "--method qlora"),
+    "label_smoothing": (lambda task, v: task == "classify", "finetune classify"),
+    "val_fraction": (lambda task, v: not v.get("val_data"), "a --data split (without --val-data)"),
+    "test_fraction": (lambda task, v: not v.get("test_data"), "a --data split (without --test-data)"),
+}
 
 
 def resolve(task: str, recipe: str | Path | None = None, flags: dict[str, Any] | None = None,
@@ -162,12 +180,15 @@ def resolve(task: str, recipe: str | Path | None = None, flags: dict[str, Any] |
     if recipe:
         for k, v in read_recipe(recipe, "a mapping of settings").items():
             put(str(k), v, str(recipe))
+    given: dict[str, str] = {}  # settings from the command line -> how they were given
     for k, v in (flags or {}).items():
         if v is not None:
             put(k, v, f"--{k.replace('_', '-')}")
+            given[k.replace("-", "_")] = f"--{k.replace('_', '-')}"
     for item in sets or []:
         k, v = parse_override(item, "lora_r=16")
         put(k, v, f"--set {item}")
+        given[k.replace("-", "_")] = f"--set {item}"
     for req in ("model", "data"):
         if values.get(req) in (None, ""):
             raise ConfigError(f"finetune {task} needs --{req} (or `{req}:` in the recipe)")
@@ -184,12 +205,36 @@ def resolve(task: str, recipe: str | Path | None = None, flags: dict[str, Any] |
     cfg.validate()
     args = {k: values[k] for k in TASK_ARGS[task]}
     check_args(task, **args)
+    check_applies(task, {**dataclasses.asdict(cfg), **values}, given)
     return cfg, args
+
+
+def check_applies(task: str, values: dict[str, Any], given: dict[str, str]) -> None:
+    """Refuse what would be accepted and then not used: a setting given for a method or task it does not apply
+    to (APPLIES), a metric the task's evaluation does not report, held-out files beside a built-in set's own
+    splits; note --strategy outside torchrun."""
+    for key, how in given.items():
+        rule = APPLIES.get(key)
+        if rule is not None and not rule[0](task, values):
+            raise ConfigError(f"{how} applies to {rule[1]}; this run (finetune {task}, --method "
+                              f"{values['method']}) does not use it: drop it")
+    if values["metric"] not in METRICS[task]:
+        raise ConfigError(f"metric {values['metric']!r} is not one finetune {task} reports; choose one of "
+                          f"{', '.join(METRICS[task])}")
+    if task == "qa" and values.get("data") == "shakespeare-qa" and (values.get("val_data") or values.get("test_data")):
+        raise ConfigError("shakespeare-qa brings its own validation and test splits; --val-data / --test-data go "
+                          "with a SQuAD file of your own")
+    if "strategy" in given and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        print(f"lmforge: note: {given['strategy']} applies under torchrun (several processes); this run has one",
+              file=sys.stderr)
 
 
 def task_max_len(task: str, cfg: FinetuneConfig, limit: int) -> int:
     """Tokens per example: cfg.max_len, or the task's default when it is not given, and never past `limit` (the
-    model's context)."""
+    model's context; a --max-len past it is noted, the task's own default quietly fitted)."""
+    if cfg.max_len is not None and cfg.max_len > limit and cfg.max_len != TASK_DEFAULTS[task]["max_len"]:
+        print(f"lmforge: note: --max-len {cfg.max_len} is past the model's context of {limit} tokens; using {limit}",
+              file=sys.stderr)
     return min(cfg.max_len or TASK_DEFAULTS[task]["max_len"], limit)
 
 
