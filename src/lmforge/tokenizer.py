@@ -9,7 +9,7 @@ encoding with left or right padding, and saving next to a model.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, processors, trainers
@@ -198,15 +198,58 @@ class Tokenizer:
     @classmethod
     def train_wordpiece(cls, texts: Iterable[str], vocab_size: int = 8192, lowercase: bool = True,
                         min_frequency: int = 2) -> Tokenizer:
-        """Train a BERT-style WordPiece vocabulary (normalise, split on spaces and punctuation, `##` pieces)."""
+        """Train a BERT-style WordPiece vocabulary (normalise, split on spaces and punctuation, `##` pieces), the
+        same one every time on the same texts.
+
+        tokenizers' WordPieceTrainer numbers the `##` pieces in hash-map order, and those numbers break ties
+        between equally frequent merges, so one corpus gave a different vocabulary in each process
+        (tokenizers#1794). The same merges are learned here by its plain BPE trainer, whose alphabet is sorted
+        and which has no `##` pieces of its own: every character of a word is written as a stand-in from a
+        private-use plane (one plane for a word's first character, another for the characters after it), and
+        the learned pieces are written back as `word` and `##piece` tokens of a WordPiece model."""
         specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-        tok = HFTokenizer(models.WordPiece(unk_token="[UNK]"))
-        tok.normalizer = normalizers.BertNormalizer(lowercase=lowercase)
-        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        normalizer = normalizers.BertNormalizer(lowercase=lowercase)
+        pre = pre_tokenizers.BertPreTokenizer()
+        first: dict[str, str] = {}  # character -> its stand-in as a word's first character
+        rest: dict[str, str] = {}  # character -> its stand-in after it
+        back: dict[str, tuple[str, bool]] = {}  # stand-in -> (character, continues a word)
+
+        def stand_in(c: str, table: dict[str, str], plane: int, continues: bool) -> str:
+            s = table.get(c)
+            if s is None:
+                if len(table) >= 0xFFFE:
+                    raise ConfigError("the corpus has more than 65,534 distinct characters: WordPiece training "
+                                      "cannot number them; use --kind bpe")
+                s = table[c] = chr(plane + len(table))
+                back[s] = (c, continues)
+            return s
+
+        def words() -> Iterator[str]:
+            for text in texts:
+                yield " ".join(stand_in(w[0], first, 0xF0000, False)
+                               + "".join(stand_in(c, rest, 0x100000, True) for c in w[1:])
+                               for w, _ in pre.pre_tokenize_str(normalizer.normalize_str(text)))
+            # every character is also a token of its own (WordPiece's alphabet: a word may start with one seen
+            # only inside words): one-character words, which have no pairs, so no merge counts change
+            yield " ".join(stand_in(c, first, 0xF0000, False) for c in list(rest) if c not in first)
+
+        bpe = HFTokenizer(models.BPE())
+        bpe.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials,
+                                      show_progress=False)
+        bpe.train_from_iterator(words(), trainer=trainer)
+
+        def written(piece: str) -> str:
+            if piece in specials:
+                return piece
+            text = "".join(back[c][0] for c in piece)
+            return "##" + text if back[piece[0]][1] else text
+
+        vocab = {written(piece): i for piece, i in bpe.get_vocab().items()}
+        tok = HFTokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]"))
+        tok.normalizer = normalizer
+        tok.pre_tokenizer = pre
         tok.decoder = decoders.WordPiece(prefix="##")
-        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
-                                            special_tokens=specials, show_progress=False)
-        tok.train_from_iterator(texts, trainer=trainer)
         cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
         tok.post_processor = processors.TemplateProcessing(
             single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
@@ -246,6 +289,22 @@ class Tokenizer:
             tok.train_from_iterator(texts, trainer=trainer)
         except Exception as e:  # the Rust trainer raises a bare Exception ("not large enough to contain all chars")
             raise ConfigError(f"unigram training failed: {str(e).splitlines()[0]} (raise vocab_size)") from None
+        # the trainer sums in hash-map order, so a piece's score differed in its last bits from one process to
+        # the next, and pieces of equal score were listed in that order too: round the scores (to 1e-9, far
+        # finer than any choice between two segmentations needs) and number the pieces by score, then by the
+        # piece itself (the specials keep their places at the start)
+        # The characters it must keep but did not learn as pieces come last, given falling scores in hash-set
+        # order too: they get those scores in the characters' own order.
+        model = json.loads(tok.to_str())["model"]
+        vocab = [(p, round(float(v), 9)) for p, v in model["vocab"]]
+        tail = len(vocab)
+        while tail > 0 and len(vocab[tail - 1][0]) == 1 and vocab[tail - 1][0] not in T5_SPECIALS:
+            tail -= 1
+        vocab[tail:] = zip(sorted(p for p, _ in vocab[tail:]), sorted((v for _, v in vocab[tail:]), reverse=True))
+        head = [pv for pv in vocab if pv[0] in T5_SPECIALS]
+        body = sorted((pv for pv in vocab if pv[0] not in T5_SPECIALS), key=lambda pv: (-pv[1], pv[0]))
+        ordered = sorted(head, key=lambda pv: T5_SPECIALS.index(pv[0])) + body
+        tok.model = models.Unigram(ordered, unk_id=[p for p, _ in ordered].index(unk), byte_fallback=False)
         # added in reverse so that <extra_id_0> gets the highest id, as in T5's vocabulary
         tok.add_special_tokens([SENTINEL.format(i) for i in reversed(range(extra_ids))])
         tok.post_processor = processors.TemplateProcessing(

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import yaml
 
 from lmforge.config import SEQ2SEQ_PRESETS, FinetuneConfig, seq2seq_config
@@ -95,15 +96,33 @@ def load_splits(data: str, source_col: str | None, target_col: str | None, val_d
                                     f"{test_fraction:.0%} test)" if not (val_data or test_data) else "given files")
 
 
-def build_model(model_path: str, train_texts: list[str], device: str):
+def build_model(model_path: str, train_texts: list[str], device: str, run_dir: Path | None = None):
     """(model, tokenizer, from_scratch): a saved seq2seq model, or a preset trained from scratch with a Unigram
-    vocabulary learned on the training texts (both sides, so a translation pair shares one vocabulary)."""
+    vocabulary learned on the training texts (both sides, so a translation pair shares one vocabulary).
+
+    From scratch, the vocabulary is trained once per run: process 0 trains it and writes it into run_dir/tokenizer
+    before the first step; a resumed run and the other processes under torchrun read that one (a vocabulary
+    trained again would give the saved weights other ids)."""
     if model_path in SEQ2SEQ_PRESETS and not Path(model_path).exists():
         cfg = seq2seq_config(model_path)
-        t0 = time.time()
-        tok = Tokenizer.train_unigram(train_texts, vocab_size=cfg.vocab_size)
-        say(f"tokenizer: Unigram, {tok.vocab_size:,} pieces trained on {len(train_texts):,} texts in "
-            f"{time.time() - t0:.1f} s")
+        saved = run_dir / "tokenizer" if run_dir is not None else None
+        main = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+        done = saved is not None and (saved / "tokenizer_config.json").is_file()  # (written last)
+        if saved is not None and not done and main:
+            t0 = time.time()
+            tok = Tokenizer.train_unigram(train_texts, vocab_size=cfg.vocab_size)
+            tok.save(saved)
+            say(f"tokenizer: Unigram, {tok.vocab_size:,} pieces trained on {len(train_texts):,} texts in "
+                f"{time.time() - t0:.1f} s (kept in {saved})")
+        elif saved is None:
+            tok = Tokenizer.train_unigram(train_texts, vocab_size=cfg.vocab_size)
+        if saved is not None:
+            if dist.is_available() and dist.is_initialized():
+                dist.barrier()
+            if not (saved / "tokenizer_config.json").is_file():
+                raise ConfigError(f"{saved / 'tokenizer.json'}, which process 0 wrote, cannot be seen here: on "
+                                  "several machines the run directory (--out) must be on storage they all share")
+            tok = Tokenizer.from_file(saved)
         cfg.vocab_size = tok.vocab_size
         cfg.pad_token_id, cfg.eos_token_id = tok.pad_id, tok.eos_id
         cfg.decoder_start_token_id = tok.pad_id
@@ -161,7 +180,7 @@ def finetune_seq2seq(
 
     # --- model -----------------------------------------------------------------------------------------------
     torch.manual_seed(cfg.seed)
-    model, tok, scratch = build_model(str(model_path), sp.train.sources + sp.train.targets, cfg.device)
+    model, tok, scratch = build_model(str(model_path), sp.train.sources + sp.train.targets, cfg.device, out)
     c = model.config
     max_source = task_max_len("seq2seq", cfg, c.max_seq_len)
     max_target = min(max_target_len or max_source, c.max_seq_len)
