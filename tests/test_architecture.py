@@ -188,3 +188,60 @@ sys.exit(1 if failed else 0)
 """
     r = subprocess.run([sys.executable, "-c", code, str(SRC)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr[-2000:]
+
+
+def _cycles(modules: str) -> list[list[str]]:
+    """The import circles (strongly connected groups of two or more, lazy imports counted) among the modules
+    under `modules`."""
+    under = modules + "."
+    graph: dict[str, set[str]] = {}
+    for m, t, _, _ in IMPORTS:
+        if m.startswith(under) and t.startswith(under) and m != t:
+            graph.setdefault(m, set()).add(t)
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    groups: list[list[str]] = []
+
+    def visit(v: str) -> None:  # Tarjan's strongly connected components
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = []
+            while True:
+                w = stack.pop()
+                group.append(w)
+                if w == v:
+                    break
+            if len(group) > 1:
+                groups.append(sorted(group))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return groups
+
+
+def test_no_circle_between_the_fine_tuning_modules():
+    """tune/tasks.py declares the tasks, each task module imports it, the driver (tune/recipe.py) imports the
+    tasks: nothing inside tune/ imports back around, not even inside a function."""
+    assert any(m == "lmforge.tune.recipe" and t.startswith("lmforge.tune.") for m, t, _, _ in IMPORTS)
+    assert _cycles_selftest()
+    assert _cycles("lmforge.tune") == []
+
+
+def _cycles_selftest() -> bool:
+    """The circle finder finds a planted circle (a check that cannot fail is no check)."""
+    global IMPORTS
+    saved = IMPORTS
+    IMPORTS = saved + [("lmforge.x.a", "lmforge.x.b", None, 1), ("lmforge.x.b", "lmforge.x.a", "f", 2)]
+    try:
+        return _cycles("lmforge.x") == [["lmforge.x.a", "lmforge.x.b"]]
+    finally:
+        IMPORTS = saved

@@ -91,3 +91,26 @@ def test_parameter_count_formula_matches_the_modules(family, preset):
     with torch.device("meta"):
         model = f.model_cls(cfg)
     assert model.num_params() == cfg.num_params() > 0
+
+
+@pytest.mark.parametrize("task", ["classify", "qa", "chat", "dpo", "grpo", "seq2seq"])
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_cli_and_python_api_resolve_the_same_recipe(task, method):
+    """`lmforge finetune TASK` with only --model/--data/--method and `finetune_TASK(model, data, out)` run with the
+    same settings: the FinetuneConfig (task_config is what a task function uses when given none) and every task
+    argument's default in the function's signature."""
+    import inspect
+
+    from lmforge.tune.recipe import _TASK_FUNCTIONS
+    from lmforge.tune.tasks import TASK_ARGS, resolve, task_config
+
+    model = "t5-tiny" if task == "seq2seq" else "some/model"  # (seq2seq: a preset, trained from scratch)
+    cfg, args = resolve(task, flags={"model": model, "data": "some.jsonl", "method": method})
+    assert cfg == task_config(task, method=method, model=model)
+    fn = _TASK_FUNCTIONS[task]()
+    params = inspect.signature(fn).parameters
+    for name, default in TASK_ARGS[task].items():
+        if name in ("model", "data", "out"):
+            continue
+        assert name in params, f"finetune_{task} lacks the argument {name}"
+        assert params[name].default == default == args[name], (task, name)

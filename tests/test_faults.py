@@ -32,7 +32,7 @@ class Stop(Exception):
     pass
 
 
-def _fit_run(run: Path, stop_at: int | None = None, resume: bool = False, optimizer: str = "adamw"):
+def _fit_run(run: Path, stop_at: int | None = None, resume: bool = False, optimizer: str = "adamw", **more):
     run.mkdir(exist_ok=True)
     torch.manual_seed(0)
     model = DecoderLM(tiny_config("llama", dropout=0.2))
@@ -59,7 +59,7 @@ def _fit_run(run: Path, stop_at: int | None = None, resume: bool = False, optimi
         return m(**b).loss
 
     cfg = FinetuneConfig(epochs=3, batch_size=8, lr=3e-3, eval_every=4, ckpt_every=3, metric="neg_loss",
-                         average=0.5, log_every=1, optimizer=optimizer)
+                         average=0.5, log_every=1, optimizer=optimizer, **more)
     try:
         res = fit(model, batches, 5, evaluate, cfg, run / "metrics.jsonl", False, loss_fn, run_dir=run,
                   resume=resume)
@@ -73,16 +73,49 @@ def _records(run: Path) -> list[dict]:
             for x in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
-def test_fit_resumes_bitwise_with_best_and_averaged_weights(tmp_path, optimizer):
-    ref, ref_model = _fit_run(tmp_path / "ref", optimizer=optimizer)
-    assert _fit_run(tmp_path / "cut", stop_at=11, optimizer=optimizer)[0] is None  # checkpoint at 9, killed in 12
-    assert [p.name for p in list_checkpoints(tmp_path / "cut")] == ["step_000009"]
-    res, model = _fit_run(tmp_path / "cut", resume=True, optimizer=optimizer)
-    assert res.steps == ref.steps == 15 and res.best == ref.best
+@pytest.mark.parametrize("optimizer, more, steps, ckpt", [
+    ("adamw", {}, 15, "step_000009"), ("muon", {}, 15, "step_000009"),
+    # 5 batches an epoch in steps of 2 + 2 + 1; killed in batch 12, the second epoch's last step is 6
+    ("adamw", {"grad_accum": 2, "schedule": "cosine"}, 9, "step_000006")])
+def test_fit_resumes_bitwise_with_best_and_averaged_weights(tmp_path, optimizer, more, steps, ckpt):
+    ref, ref_model = _fit_run(tmp_path / "ref", optimizer=optimizer, **more)
+    assert _fit_run(tmp_path / "cut", stop_at=11, optimizer=optimizer, **more)[0] is None  # killed in batch 12
+    assert [p.name for p in list_checkpoints(tmp_path / "cut")] == [ckpt]
+    res, model = _fit_run(tmp_path / "cut", resume=True, optimizer=optimizer, **more)
+    assert res.steps == ref.steps == steps and res.best == ref.best
     for (k, a), (_, b) in zip(ref_model.state_dict().items(), model.state_dict().items()):
         assert torch.equal(a, b), k
     assert _records(tmp_path / "cut") == _records(tmp_path / "ref")  # dropout, schedule, evaluations alike
+
+
+def test_grad_accum_takes_the_steps_of_a_larger_batch(tmp_path):
+    """Two batches of 8 a step give the updates of one batch of 16 (up to float rounding), and the cosine schedule
+    ends at a tenth of the peak learning rate."""
+    torch.manual_seed(0)
+    rows = torch.randint(0, 97, (32, 17), generator=torch.Generator().manual_seed(1))
+
+    def run(batch: int, accum: int):
+        torch.manual_seed(0)
+        model = DecoderLM(tiny_config("llama"))
+
+        def batches(epoch: int):
+            for s in range(0, len(rows), batch):
+                yield {"input_ids": rows[s:s + batch, :-1], "labels": rows[s:s + batch, 1:]}
+
+        cfg = FinetuneConfig(epochs=2, batch_size=batch, grad_accum=accum, lr=3e-3, metric="neg_loss", log_every=1,
+                             schedule="cosine", warmup=0.0, ckpt_every=0)
+        res = fit(model, batches, len(rows) // batch, lambda: {"neg_loss": 0.0}, cfg, tmp_path / f"m{accum}.jsonl",
+                  False)
+        return model, res, [json.loads(x) for x in (tmp_path / f"m{accum}.jsonl").read_text().splitlines()]
+
+    big, res_big, log_big = run(16, 1)
+    small, res_small, log_small = run(8, 2)
+    assert res_big.steps == res_small.steps == 4
+    for a, b in zip(big.parameters(), small.parameters()):
+        assert (a - b).abs().max() < 1e-5
+    lrs = [r["lr"] for r in log_small if "lr" in r]
+    assert lrs == [r["lr"] for r in log_big if "lr" in r] and lrs[0] == pytest.approx(3e-3)
+    assert lrs[0] > lrs[1] > lrs[2] > lrs[3] >= 3e-4
 
 
 def test_fit_resume_without_a_checkpoint_starts_over(tmp_path):
@@ -182,7 +215,7 @@ def test_kill9_inside_a_checkpoint_write_resumes_bitwise(job, tmp_path):
     r = faults.run_job(job, 1, tmp_path, first_in_write=True, window=(0.0, 0.0))  # the first write
     t = r.trials[0]
     assert t["killed"] and t["in_write"] and t["temps_at_kill"] >= 1, t  # the kill hit a half-written checkpoint
-    assert t["resumed"] and t["identical"] and t["leftovers"] == 0, t
+    assert t["resumed"] and t["identical"] and t["leftovers"] == 0, str(t)  # (whole: the error is last)
 
 
 @pytest.mark.slow

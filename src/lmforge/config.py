@@ -789,8 +789,12 @@ class FinetuneConfig:
     optimizer: str = setting("adamw", "adamw; adafactor (T5's: steps relative to each parameter's scale); muon "
                              "(orthogonalised updates for the hidden matrices, AdamW for the rest)",
                              choices=("adamw", "adafactor", "muon"))
+    grad_accum: int = setting(1, "batches whose gradients add up before each optimizer step: the same updates as "
+                              "a batch grad_accum times larger, in the memory of one", low=1, integer=True)
     weight_decay: float = setting(0.01, "AdamW weight decay", low=0)
     warmup: float = setting(0.06, "share of the steps spent warming up", low=0, high=1, high_open=True)
+    schedule: str = setting("linear", "the learning rate after the warm-up: linear down to 0, or cosine down to a "
+                            "tenth of the peak (pre-training's schedule)", choices=("linear", "cosine"))
     grad_clip: float = setting(1.0, "gradient norm clip (0: off)", low=0)
     layer_decay: float = setting(1.0, "below 1: block i of n learns at decay ** (n - i)", low=0, high=1,
                                  low_open=True)

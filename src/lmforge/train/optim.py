@@ -131,7 +131,22 @@ class MuonAdamW:
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Learning rate for optimizer step `step` (0-based): linear warm-up, then cosine down to min_lr."""
     min_lr = cfg.min_lr if cfg.min_lr is not None else cfg.lr / 10
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return min_lr + 0.5 * (cfg.lr - min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+    return warmup_cosine(step, cfg.steps, cfg.warmup_steps, cfg.lr, min_lr)
+
+
+def warmup_cosine(step: int, total: int, warmup: int, lr: float, min_lr: float) -> float:
+    """A linear warm-up over `warmup` steps, then a cosine from lr down to min_lr at step `total`."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def schedule_lr(kind: str, step: int, total: int, warmup: int, lr: float) -> float:
+    """Fine-tuning's learning rate at optimizer step `step` of `total`: a linear warm-up, then "linear" down to 0
+    or "cosine" down to lr / 10 (pre-training's schedule, `lr_at`)."""
+    if kind == "cosine":
+        return warmup_cosine(step, total, warmup, lr, lr / 10)
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    return lr * max(0.0, (total - step) / max(1, total - warmup))

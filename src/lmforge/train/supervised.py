@@ -15,6 +15,7 @@ writes, and `FitResult.main` tells a task whether to write its outputs.
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import math
 import sys
@@ -48,7 +49,7 @@ from lmforge.train.checkpoint import (
     write_checkpoint,
 )
 from lmforge.train.distributed import DistEnv, init_distributed, rank_seed
-from lmforge.train.optim import build_optimizer
+from lmforge.train.optim import build_optimizer, schedule_lr
 from lmforge.train.parallel import accumulate, choose_strategy, clip_grad_norm, is_sharded, shard_batch, wrap
 
 
@@ -89,12 +90,6 @@ def length_buckets(n: int, length: Callable[[int], Any], batch_size: int, seed: 
         groups += [batch] if batch else []
     rng.shuffle(groups)
     return groups
-
-
-def linear_schedule(step: int, total: int, warmup: int, lr: float) -> float:
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    return lr * max(0.0, (total - step) / max(1, total - warmup))
 
 
 def model_loss(model: nn.Module, batch: dict[str, Any], grad_checkpoint: bool = False) -> torch.Tensor:
@@ -142,7 +137,9 @@ def fit(
         tune_allocator()
     env = init_distributed(cfg.device)  # world size 1 unless under torchrun
     device = torch.device(cfg.device) if env.world == 1 else env.device
-    total = max(1, math.ceil(steps_per_epoch * cfg.epochs))
+    accum = cfg.grad_accum
+    per_epoch = -(-steps_per_epoch // accum)  # optimizer steps an epoch (its last one may add fewer batches)
+    total = max(1, math.ceil(per_epoch * cfg.epochs))
     dtype = resolve_dtype(cfg.dtype, device, say=env.main)
     autocast = mixed_precision(dtype, device)  # the weights stay fp32
     strategy = choose_strategy(cfg.strategy, model, env, cfg.optimizer)
@@ -231,18 +228,30 @@ def fit(
                 for _ in range(state.in_epoch):
                     next(epoch_batches, None)
                 state.restore_rng(env, cfg.seed)
-            for batch in epoch_batches:
+            group: list = []  # the batches of one optimizer step
+            for batch in itertools.chain(epoch_batches, [None]):
                 if state.step >= total:
                     break
-                lr = linear_schedule(state.step, total, warmup, cfg.lr)
+                if batch is not None:
+                    group.append(batch)
+                if batch is not None and len(group) < accum or not group:
+                    continue  # (None: the epoch ended; its last step adds the batches it has)
+                lr = schedule_lr(cfg.schedule, state.step, total, warmup, cfg.lr)
                 for g in opt.param_groups:
                     g["lr"] = lr * g.get("lr_scale", 1.0)
-                batch = shard_batch(batch, env.rank, env.world)
-                batch = {k: to_device(v, device) if torch.is_tensor(v) else v for k, v in batch.items()}
-                with accumulate(train, strategy, last=True), autocast:
-                    loss = (loss_fn(train, batch) if loss_fn is not None
-                            else model_loss(train, batch, grad_checkpoint=cfg.grad_checkpoint))
-                (scaler.scale(loss) if scaler is not None else loss).backward()
+                losses = []
+                for i, batch in enumerate(group):
+                    batch = shard_batch(batch, env.rank, env.world)
+                    batch = {k: to_device(v, device) if torch.is_tensor(v) else v for k, v in batch.items()}
+                    with accumulate(train, strategy, last=i == len(group) - 1), autocast:
+                        loss = (loss_fn(train, batch) if loss_fn is not None
+                                else model_loss(train, batch, grad_checkpoint=cfg.grad_checkpoint))
+                    losses.append(loss.detach())
+                    if len(group) > 1:
+                        loss = loss / len(group)  # the mean over the step's batches, as one larger batch's
+                    (scaler.scale(loss) if scaler is not None else loss).backward()
+                loss = torch.stack(losses).mean()
+                consumed, group = len(group), []
                 if scaler is not None:
                     scaler.unscale_(opt)
                 if cfg.grad_clip > 0:
@@ -254,7 +263,7 @@ def fit(
                     opt.step()
                 opt.zero_grad(set_to_none=True)
                 state.step += 1
-                state.in_epoch += 1
+                state.in_epoch += consumed
                 la, lv = state.loss_avg, env.mean(loss.item())
                 state.loss_avg = lv if math.isnan(la) else 0.9 * la + 0.1 * lv
                 if state.step % cfg.log_every == 0 or state.step == total:

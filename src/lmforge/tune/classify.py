@@ -35,7 +35,7 @@ from lmforge.report import write_task_report
 from lmforge.runtime import peak_memory_mb, reset_peak_memory
 from lmforge.train.supervised import fit, length_buckets
 from lmforge.tune.methods import apply_method, check_method, describe, run_footer, save_outputs, say, start_run
-from lmforge.tune.recipe import check_args
+from lmforge.tune.tasks import ClassifyArgs, check_args, task_config
 
 
 @dataclass
@@ -121,14 +121,14 @@ def finetune_classify(
     label_col: str | None = None,
     val_data: str | Path | None = None,
     test_data: str | Path | None = None,
-    val_fraction: float = 0.1,
-    test_fraction: float = 0.1,
-    class_weights: bool = False,
+    val_fraction: float = ClassifyArgs.val_fraction,
+    test_fraction: float = ClassifyArgs.test_fraction,
+    class_weights: bool = ClassifyArgs.class_weights,
     stride: int | None = None,
     progress: bool | None = None,
     resume: bool = False,
 ) -> ClassifyResult | None:
-    cfg = cfg or FinetuneConfig()
+    cfg = cfg or task_config("classify")
     cfg.validate()
     check_args("classify", val_fraction=val_fraction, test_fraction=test_fraction, stride=stride)
     if stride is not None and cfg.max_len is not None and stride >= cfg.max_len - 2:

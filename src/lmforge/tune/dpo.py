@@ -40,7 +40,7 @@ from lmforge.report import write_task_report
 from lmforge.runtime import peak_memory_mb, reset_peak_memory
 from lmforge.train.supervised import fit
 from lmforge.tune.methods import apply_method, check_method, describe, run_footer, save_outputs, say, start_run
-from lmforge.tune.recipe import check_args, task_max_len
+from lmforge.tune.tasks import DPOArgs, check_args, task_config, task_max_len
 
 
 @dataclass
@@ -155,13 +155,13 @@ def finetune_dpo(
     data: str | Path,
     out: str | Path,
     cfg: FinetuneConfig | None = None,
-    beta: float = 0.1,
+    beta: float = DPOArgs.beta,
     val_data: str | Path | None = None,
     test_data: str | Path | None = None,
     progress: bool | None = None,
     resume: bool = False,
 ) -> DPOResult | None:
-    cfg = cfg or FinetuneConfig(metric="neg_loss")
+    cfg = cfg or task_config("dpo")
     if cfg.metric == "accuracy":
         cfg = dataclasses.replace(cfg, metric="neg_loss")
     cfg.validate()

@@ -52,7 +52,7 @@ from lmforge.runtime import autocast, peak_memory_mb, reset_peak_memory, resolve
 from lmforge.train.checkpoint import list_checkpoints
 from lmforge.train.supervised import fit
 from lmforge.tune.methods import apply_method, check_method, describe, run_footer, save_outputs, say, start_run
-from lmforge.tune.recipe import check_args, task_max_len
+from lmforge.tune.tasks import GRPOArgs, check_args, task_config, task_max_len
 
 ROLLOUTS = "rollouts.jsonl"
 
@@ -202,19 +202,19 @@ def finetune_grpo(
     data: str | Path,
     out: str | Path,
     cfg: FinetuneConfig | None = None,
-    verifier: str | Callable[[str, dict[str, Any]], float] = "number",
-    group_size: int = 8,
-    max_new_tokens: int = 64,
-    temperature: float = 1.0,
-    kl_beta: float = 0.0,
-    scale_rewards: bool = True,
+    verifier: str | Callable[[str, dict[str, Any]], float] = GRPOArgs.verifier,
+    group_size: int = GRPOArgs.group_size,
+    max_new_tokens: int = GRPOArgs.max_new_tokens,
+    temperature: float = GRPOArgs.temperature,
+    kl_beta: float = GRPOArgs.kl_beta,
+    scale_rewards: bool = GRPOArgs.scale_rewards,
     eval_limit: int | None = None,
     val_data: str | Path | None = None,
     test_data: str | Path | None = None,
     progress: bool | None = None,
     resume: bool = False,
 ) -> GRPOResult | None:
-    cfg = cfg or FinetuneConfig(metric="accuracy", log_every=1, ckpt_every=20)
+    cfg = cfg or task_config("grpo")
     cfg.validate()
     check_args("grpo", group_size=group_size, max_new_tokens=max_new_tokens, temperature=temperature,
                kl_beta=kl_beta, scale_rewards=scale_rewards, eval_limit=eval_limit)

@@ -34,7 +34,7 @@ from lmforge.report import write_task_report
 from lmforge.runtime import peak_memory_mb, reset_peak_memory
 from lmforge.train.supervised import fit
 from lmforge.tune.methods import apply_method, describe, run_footer, save_outputs, say, start_run
-from lmforge.tune.recipe import check_args, task_max_len
+from lmforge.tune.tasks import QAArgs, check_args, task_config, task_max_len
 
 
 @dataclass
@@ -80,9 +80,9 @@ def load_qa_splits(data: str | Path, val_data: str | Path | None, test_data: str
 
 
 def finetune_qa(model_path: str | Path, data: str | Path, out: str | Path, cfg: FinetuneConfig | None = None,
-                val_data: str | Path | None = None, test_data: str | Path | None = None, stride: int = 128,
+                val_data: str | Path | None = None, test_data: str | Path | None = None, stride: int = QAArgs.stride,
                 progress: bool | None = None, resume: bool = False) -> QAResult | None:
-    cfg = cfg or FinetuneConfig(max_len=384, lr=5e-5, metric="f1")
+    cfg = cfg or task_config("qa")
     cfg.validate()
     if cfg.metric not in ("f1", "exact_match"):
         cfg = dataclasses.replace(cfg, metric="f1")

@@ -42,7 +42,7 @@ from lmforge.train.distributed import from_rank0
 from lmforge.train.optim import build_optimizer
 from lmforge.train.supervised import fit, length_buckets
 from lmforge.tune.methods import apply_method, describe, run_footer, save_outputs, say, start_run
-from lmforge.tune.recipe import check_args, task_max_len
+from lmforge.tune.tasks import Seq2SeqArgs, check_args, task_config, task_max_len
 
 
 @dataclass
@@ -152,20 +152,20 @@ def finetune_seq2seq(
     cfg: FinetuneConfig | None = None,
     source_col: str | None = None,
     target_col: str | None = None,
-    prefix: str = "",
+    prefix: str = Seq2SeqArgs.prefix,
     val_data: str | Path | None = None,
     test_data: str | Path | None = None,
-    val_fraction: float = 0.05,
-    test_fraction: float = 0.05,
+    val_fraction: float = Seq2SeqArgs.val_fraction,
+    test_fraction: float = Seq2SeqArgs.test_fraction,
     max_target_len: int | None = None,
-    num_beams: int = 4,
+    num_beams: int = Seq2SeqArgs.num_beams,
     max_new_tokens: int | None = None,
-    eval_limit: int | None = 500,
+    eval_limit: int | None = Seq2SeqArgs.eval_limit,
     time_budget: float | None = None,
     progress: bool | None = None,
     resume: bool = False,
 ) -> Seq2SeqResult:
-    cfg = cfg or FinetuneConfig()
+    cfg = cfg or task_config("seq2seq", model=str(model_path))
     cfg.validate()
     check_args("seq2seq", val_fraction=val_fraction, test_fraction=test_fraction, max_target_len=max_target_len,
                num_beams=num_beams, max_new_tokens=max_new_tokens, eval_limit=eval_limit, time_budget=time_budget)

@@ -34,7 +34,7 @@ from lmforge.report import write_task_report
 from lmforge.runtime import peak_memory_mb, reset_peak_memory
 from lmforge.train.supervised import fit
 from lmforge.tune.methods import apply_method, check_method, describe, run_footer, save_outputs, say, start_run
-from lmforge.tune.recipe import check_args, task_max_len
+from lmforge.tune.tasks import ChatArgs, check_args, task_config, task_max_len
 
 
 @dataclass
@@ -116,14 +116,14 @@ def finetune_chat(
     cfg: FinetuneConfig | None = None,
     val_data: str | Path | None = None,
     test_data: str | Path | None = None,
-    packing: bool = True,
-    eval_before: bool = True,
-    max_new_tokens: int = 64,
+    packing: bool = ChatArgs.packing,
+    eval_before: bool = ChatArgs.eval_before,
+    max_new_tokens: int = ChatArgs.max_new_tokens,
     eval_limit: int | None = None,
     progress: bool | None = None,
     resume: bool = False,
 ) -> ChatResult | None:
-    cfg = cfg or FinetuneConfig(metric="neg_loss")
+    cfg = cfg or task_config("chat")
     if cfg.metric == "accuracy":
         cfg = dataclasses.replace(cfg, metric="neg_loss")
     cfg.validate()
