@@ -647,7 +647,7 @@ def test_cli_serve(tmp_path):
             except httpx.ConnectError:
                 assert time.time() < deadline
                 time.sleep(0.1)
-        r = httpx.post(url + "/v1/completions", json={"prompt": "To be", "max_tokens": 3})
+        r = httpx.post(url + "/v1/completions", json={"prompt": "To be", "max_tokens": 3}, timeout=60)
         assert r.status_code == 200 and r.json()["model"] == "tiny-gpt"
         assert "<title>lmforge playground</title>" in httpx.get(url + "/").text
     finally:

@@ -198,6 +198,19 @@ class Engine:
         if any(not 0 <= t < vocab for t in req.prompt_ids):
             raise LmforgeError(f"prompt token ids must be in [0, {vocab})")
 
+    def warm_up(self) -> Engine:
+        """One short request through the started engine before anyone is served: the batch-invariant row plans of
+        its products and attention are measured on first use (lmforge.nn.invariant; a second or more per model
+        on a CPU), and a first client should not wait for them. Its traces (statistics, prefix cache) are cleared."""
+        first = self.tokenizer.eos_id if self.tokenizer is not None and self.tokenizer.eos_id is not None else 0
+        for _ in self.stream(Request([first] * 2, SamplingParams(max_new_tokens=2, temperature=0))):
+            pass
+        with self._cond:
+            self.stats = EngineStats()
+            if self.prefix is not None:
+                self.prefix = PrefixCache(self.prefix.max_bytes, self.prefix.block)
+        return self
+
     def submit(self, requests: Sequence[Request]) -> None:
         """Queue requests (all or none). Raises LmforgeError for a request that can never run, QueueFull when
         there is no room to wait."""

@@ -102,7 +102,7 @@ def load_served(paths: Sequence[str], max_batch: int = 16, max_queue: int = 64, 
                       f"{model.config.max_seq_len} tokens; it serves {model.config.max_seq_len}", file=sys.stderr)
             draft = make_drafter(speculative, model, device=device, quantize=quantize, dtype=dtype)
             engine = Engine(model.eval(), tok, max_batch=max_batch, max_queue=max_queue, max_len=max_len,
-                            draft=draft, cache_mb=cache_mb, prefill_chunk=prefill_chunk).start()
+                            draft=draft, cache_mb=cache_mb, prefill_chunk=prefill_chunk).start().warm_up()
             served.append(ServedModel(name, model, tok, engine))
         elif isinstance(model, Encoder):
             served.append(ServedModel(name, model.eval(), tok))
