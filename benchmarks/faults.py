@@ -1,6 +1,7 @@
 """kill -9 trials: every long run of lmforge survives being killed at any moment and resumes bitwise.
 
-For each job (pre-training, `finetune classify`, `finetune chat`, all on tiny models over real packaged text) the
+For each job (pre-training with each objective: causal LM, masked LM + next-sentence prediction, span corruption;
+`finetune` classify, qa, chat, dpo and seq2seq from scratch; all on tiny models over real packaged text) the
 job first runs uninterrupted once (the reference). Then each trial starts it afresh, kills the whole process with
 SIGKILL at a random moment (every other trial waits for a checkpoint write to begin, polling for its temporary
 folder, and kills inside it), and runs the same command with `--resume` until it finishes. A trial is
@@ -104,7 +105,105 @@ def chat_job(work: Path) -> list[str]:
             "ckpt_every=3", "--set", "eval_every=8", "--set", "log_every=2"]
 
 
-JOBS = {"pretrain": pretrain_job, "classify": classify_job, "chat": chat_job}
+def _corpus(work: Path) -> Path:
+    from lmforge.assets import corpus_files
+
+    corpus = work / "corpus"
+    corpus.mkdir(parents=True, exist_ok=True)
+    for f in corpus_files("shakespeare")[:6]:
+        (corpus / f.name).write_text(f.read_text(encoding="utf-8")[:30_000], encoding="utf-8")
+    return corpus
+
+
+def mlm_job(work: Path) -> list[str]:
+    """Masked-LM + next-sentence pre-training of a tiny BERT (its WordPiece vocabulary trained first)."""
+    cfg = work / "mlm.yaml"
+    cfg.write_text(f"""model: {{preset: bert-mini, n_layer: 2, n_head: 2, d_model: 32, d_ff: 64, max_seq_len: 64,
+        dropout: 0.1}}
+data: {{sources: ["{_corpus(work)}"], val_fraction: 0.3, vocab_size: 400}}
+train: {{objective: mlm, nsp: true, seed: 0, steps: 40, batch_size: 8, seq_len: 64, warmup_steps: 5, eval_every: 20,
+         eval_batches: 2, ckpt_every: 7, log_every: 5, keep_checkpoints: 2}}
+""")
+    return ["pretrain", "--config", str(cfg)]
+
+
+def span_job(work: Path) -> list[str]:
+    """T5 span-corruption pre-training of a tiny encoder-decoder (its Unigram vocabulary trained first)."""
+    cfg = work / "span.yaml"
+    cfg.write_text(f"""model: {{preset: t5-tiny, vocab_size: 400, max_seq_len: 64}}
+data: {{sources: ["{_corpus(work)}"], val_fraction: 0.3}}
+train: {{objective: span, seed: 0, steps: 40, batch_size: 8, seq_len: 48, warmup_steps: 5, eval_every: 20,
+         eval_batches: 2, ckpt_every: 7, log_every: 5, keep_checkpoints: 2, optimizer: adafactor, lr: 1.0e-2}}
+""")
+    return ["pretrain", "--config", str(cfg)]
+
+
+def qa_job(work: Path) -> list[str]:
+    from lmforge.config import encoder_config
+    from lmforge.data.qa import shakespeare_qa, write_squad
+    from lmforge.models.encoder import Encoder
+    from lmforge.tokenizer import Tokenizer
+
+    s = shakespeare_qa(n_per_play=2, context_speeches=4)
+    for name, rows in (("train", s["train"][:48]), ("dev", s["dev"][:6]), ("test", s["test"][:6])):
+        write_squad(rows, work / f"{name}.json")
+    tok = Tokenizer.train_wordpiece([e.context + " " + e.question for e in s["train"]], vocab_size=500)
+    torch.manual_seed(0)
+    Encoder(encoder_config("bert-mini", vocab_size=tok.vocab_size, n_layer=2, n_head=2, d_model=32, d_ff=64,
+                           max_seq_len=128)).save_pretrained(work / "encoder", tokenizer=tok)
+    return ["finetune", "qa", "--model", str(work / "encoder"), "--data", str(work / "train.json"), "--val-data",
+            str(work / "dev.json"), "--test-data", str(work / "test.json"), "--epochs", "2", "--batch-size", "8",
+            "--lr", "1e-3", "--max-len", "96", "--stride", "16", "--set", "ckpt_every=4", "--set", "eval_every=9",
+            "--set", "log_every=2"]
+
+
+def _tiny_decoder(work: Path):
+    from lmforge.assets import model_file
+    from lmforge.config import model_config
+    from lmforge.interop.gguf import _reader, gguf_tokenizer
+    from lmforge.models.decoder import DecoderLM
+
+    path = model_file("smollm2-135m-instruct")
+    tok = gguf_tokenizer(_reader(path), str(path))
+    torch.manual_seed(0)
+    model = DecoderLM(model_config("bench-llama", vocab_size=tok.vocab_size, n_layer=2, n_head=4, n_kv_head=2,
+                                   d_model=32, d_ff=64, max_seq_len=256, dropout=0.1, eos_token_id=tok.eos_id))
+    model.save_pretrained(work / "decoder", tokenizer=tok)
+    return work / "decoder"
+
+
+def dpo_job(work: Path) -> list[str]:
+    from lmforge.data.chat import chatterbot_chat
+
+    model = _tiny_decoder(work)
+    splits = chatterbot_chat(seed=0)
+    for name, rows in (("train", splits["train"][:64]), ("val", splits["val"][:8])):
+        with open(work / f"{name}.jsonl", "w", encoding="utf-8") as f:
+            for i, m in enumerate(rows):  # the conversation's reply preferred to another conversation's
+                other = rows[(i + 1) % len(rows)]
+                f.write(json.dumps({"prompt": m[0]["content"], "chosen": m[1]["content"],
+                                    "rejected": other[1]["content"]}) + "\n")
+    return ["finetune", "dpo", "--model", str(model), "--data", str(work / "train.jsonl"), "--val-data",
+            str(work / "val.jsonl"), "--test-data", str(work / "val.jsonl"), "--method", "lora", "--epochs", "2",
+            "--batch-size", "4", "--lr", "3e-3", "--max-len", "96", "--set", "ckpt_every=3", "--set", "eval_every=8",
+            "--set", "log_every=2"]
+
+
+def seq2seq_job(work: Path) -> list[str]:
+    """A tiny T5 from scratch (its vocabulary trained in the run, once: a resumed run reads it back)."""
+    from lmforge.data.chat import chatterbot_chat
+
+    rows = chatterbot_chat(seed=0)["train"][:160]
+    with open(work / "pairs.jsonl", "w", encoding="utf-8") as f:
+        for m in rows:
+            f.write(json.dumps({"source": m[0]["content"], "target": m[1]["content"]}) + "\n")
+    return ["finetune", "seq2seq", "--model", "t5-tiny", "--data", str(work / "pairs.jsonl"), "--epochs", "2",
+            "--batch-size", "16", "--max-len", "48", "--eval-limit", "4", "--num-beams", "1", "--set",
+            "ckpt_every=3", "--set", "eval_every=8", "--set", "log_every=2"]
+
+
+JOBS = {"pretrain": pretrain_job, "mlm": mlm_job, "span": span_job, "classify": classify_job, "qa": qa_job,
+        "chat": chat_job, "dpo": dpo_job, "seq2seq": seq2seq_job}
 
 
 # --- one run, one trial ------------------------------------------------------------------------------------------

@@ -210,7 +210,8 @@ def test_finetune_refuses_a_used_folder_and_leaves_nothing_on_a_user_error(tmp_p
 # --- kill -9 campaign, short ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("job", ["pretrain", "classify"])
+@pytest.mark.parametrize("job", ["pretrain", "classify", "seq2seq",  # (seq2seq: its vocabulary trained in the run)
+                                 *(pytest.param(j, marks=pytest.mark.slow) for j in ("mlm", "span", "qa", "dpo"))])
 def test_kill9_inside_a_checkpoint_write_resumes_bitwise(job, tmp_path):
     r = faults.run_job(job, 1, tmp_path, first_in_write=True, window=(0.0, 0.0))  # the first write
     t = r.trials[0]
