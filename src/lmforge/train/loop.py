@@ -139,6 +139,7 @@ def _pretrain(cfg: RunConfig, run: Path, resume: bool, progress: bool | None, ov
         cfg.validate()
         if (run / "config.yaml").exists() or list_checkpoints(run):
             raise ConfigError(f"{run} already holds a run; continue it with --resume or choose another --out")
+        env.barrier()  # every process has looked before process 0 writes config.yaml (else a slower one finds it)
         tokenizer = _prepare(cfg, run, env, progress if progress is not None else sys.stderr.isatty())
     tc = cfg.train
     seq_len = tc.seq_len or cfg.model.max_seq_len
