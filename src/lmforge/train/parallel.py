@@ -17,7 +17,9 @@ whole optimizer, and a later run of any world size (one process included) resume
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from contextlib import nullcontext
 from typing import Any
 
@@ -157,7 +159,7 @@ def shard_batch(batch: dict[str, Any], rank: int, world: int) -> dict[str, Any]:
     with `row_group: g` keeps each run of g rows
     together (DPO's chosen/rejected pairs); a batch with fewer row groups than processes gives each process one
     (some repeated), so every process takes part in every step."""
-    meta = ("row_group", "shared")
+    meta = ("row_group", "shared", "units")
     if world == 1:
         return {k: v for k, v in batch.items() if k not in meta}
     shared = set(batch.get("shared", ()))
@@ -175,3 +177,80 @@ def shard_batch(batch: dict[str, Any], rank: int, world: int) -> dict[str, Any]:
         idx = torch.arange(lo, hi)
     return {k: (v[idx] if torch.is_tensor(v) and v.dim() > 0 and v.size(0) == rows and k not in shared else v)
             for k, v in batch.items() if k not in meta}
+
+
+def loss_units(batch: dict[str, Any], units: str = "tokens") -> int:
+    """What a batch's loss is the mean over: "tokens", its labelled tokens when `labels` is a [B, T] tensor
+    (-100 = none: the causal and seq2seq token losses; its rows otherwise), or "rows" (one loss per example, or
+    per row group: a DPO pair)."""
+    labels = batch.get("labels")
+    if units == "tokens" and torch.is_tensor(labels) and labels.dim() == 2:
+        return int((labels != -100).sum())
+    return next((v.size(0) for v in batch.values() if torch.is_tensor(v) and v.dim() > 0), 0)
+
+
+def loss_share(batch: dict[str, Any], mine: dict[str, Any], world: int, units: str | None = "tokens") -> float:
+    """The factor that makes this process's mean loss over its rows `mine` of `batch` count as its share of the
+    whole batch's mean: units(mine) * world / units(batch). Gradients averaged over the processes (DDP, FSDP)
+    then equal one process's on the whole batch, however unevenly the rows split the tokens (a mean of per-process
+    means would weigh a process's few long rows like another's many short ones). 1 for one process, for
+    units=None (a loss that sums across the processes itself: GRPO's), and where some process repeats a row
+    (fewer row groups than processes)."""
+    if world == 1 or units is None:
+        return 1.0
+    rows = next((v.size(0) for v in batch.values() if torch.is_tensor(v) and v.dim() > 0), 0)
+    if rows // int(batch.get("row_group", 1)) < world:
+        return 1.0
+    total = loss_units(batch, units)
+    return loss_units(mine, units) * world / total if total else 1.0
+
+
+def world_size() -> int:
+    """Processes in the group (1 outside torchrun)."""
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def global_sum(value: float) -> float:
+    """`value` added over every process of the group (itself outside torchrun)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return float(value)
+    t = torch.tensor([float(value)], dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t.item())
+
+
+def release(model: nn.Module) -> None:
+    """Empty a model's parameters (their objects stay, so the task's references do): under fsdp its weights live
+    in the sharded copy meanwhile. Decoding's prepacked copies of them go too: weights gathered again later may
+    land at the same addresses, and would be taken for the old ones."""
+    from lmforge.nn.packed import release_packed
+
+    release_packed(model)
+    for p in model.parameters():
+        p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+
+
+def gather_into(model: nn.Module, sharded: nn.Module, device: torch.device | None = None) -> None:
+    """The sharded copy's weights, whole, into `model`'s parameters on every process (a collective)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(sharded, options=StateDictOptions(full_state_dict=True))
+    for name, p in model.named_parameters():
+        p.data = full[name].to(device if device is not None else p.device)
+
+
+@contextlib.contextmanager
+def whole_weights(model: nn.Module, sharded: nn.Module) -> Iterator[nn.Module]:
+    """Inside the block `model` (whose weights were given to the FSDP-sharded copy `sharded`) holds the copy's
+    current weights whole, on every process (gathered: a collective), so it can run alone, e.g. decode with no
+    collective per step; they are released again at the end. (The price: one whole copy of the weights per
+    process while the block runs, as an RL trainer's rollout engine holds.)"""
+    gather_into(model, sharded)
+    try:
+        yield model
+    finally:
+        release(model)

@@ -50,7 +50,17 @@ from lmforge.train.checkpoint import (
 )
 from lmforge.train.distributed import DistEnv, init_distributed, rank_seed
 from lmforge.train.optim import build_optimizer, schedule_lr
-from lmforge.train.parallel import accumulate, choose_strategy, clip_grad_norm, is_sharded, shard_batch, wrap
+from lmforge.train.parallel import (
+    accumulate,
+    choose_strategy,
+    clip_grad_norm,
+    gather_into,
+    is_sharded,
+    loss_share,
+    release,
+    shard_batch,
+    wrap,
+)
 
 
 @dataclass
@@ -150,7 +160,7 @@ def fit(
     train = inner = model  # what forward runs through; whose parameters the optimizer steps
     if strategy == "fsdp":
         inner = train = wrap(copy.deepcopy(model), "fsdp", env)
-        _release(model)
+        release(model)
     elif strategy == "ddp":
         train = wrap(model, "ddp", env, find_unused=True)  # (a task may leave a parameter out of its loss)
 
@@ -193,13 +203,13 @@ def fit(
 
     def scored() -> dict[str, Any]:  # the task's evaluation, on its own model (given the weights back under fsdp)
         if strategy == "fsdp":
-            _gather_into(model, train, device)
+            gather_into(model, train, device)
         model.eval()
         with autocast:
             m = evaluate()
         model.train()
         if strategy == "fsdp":
-            _release(model)
+            release(model)
         return m
 
     def run_eval() -> None:
@@ -240,12 +250,15 @@ def fit(
                 for g in opt.param_groups:
                     g["lr"] = lr * g.get("lr_scale", 1.0)
                 losses = []
-                for i, batch in enumerate(group):
-                    batch = shard_batch(batch, env.rank, env.world)
+                for i, whole in enumerate(group):
+                    batch = shard_batch(whole, env.rank, env.world)
+                    share = loss_share(whole, batch, env.world, whole.get("units", "rows" if loss_fn else "tokens"))
                     batch = {k: to_device(v, device) if torch.is_tensor(v) else v for k, v in batch.items()}
                     with accumulate(train, strategy, last=i == len(group) - 1), autocast:
                         loss = (loss_fn(train, batch) if loss_fn is not None
                                 else model_loss(train, batch, grad_checkpoint=cfg.grad_checkpoint))
+                    if share != 1.0:  # this process's rows as their share of the batch's mean
+                        loss = loss * share
                     losses.append(loss.detach())
                     if len(group) > 1:
                         loss = loss / len(group)  # the mean over the step's batches, as one larger batch's
@@ -305,25 +318,9 @@ def fit(
             for k, v in state.best_state.items():
                 named[k].copy_(v)
     if strategy == "fsdp":
-        _gather_into(model, train, device)
+        gather_into(model, train, device)
     model.eval()
     return FitResult(state.step, time.time() - t0, state.best, state.history, main=env.main)
-
-
-def _release(model: nn.Module) -> None:
-    """Empty a model's parameters (their objects stay, so the task's references do): under fsdp its weights live
-    in the sharded copy meanwhile."""
-    for p in model.parameters():
-        p.data = torch.empty(0, dtype=p.dtype, device=p.device)
-
-
-def _gather_into(model: nn.Module, sharded: nn.Module, device: torch.device) -> None:
-    """The sharded copy's weights, whole, into `model`'s parameters on every process (a collective)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    full = get_model_state_dict(sharded, options=StateDictOptions(full_state_dict=True))
-    for name, p in model.named_parameters():
-        p.data = full[name].to(device)
 
 
 @dataclass

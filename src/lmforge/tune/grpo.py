@@ -21,6 +21,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -50,6 +51,7 @@ from lmforge.nn.packed import release_packed
 from lmforge.report import pyplot, save_png, write_task_report
 from lmforge.runtime import autocast, peak_memory_mb, reset_peak_memory, resolve_dtype
 from lmforge.train.checkpoint import list_checkpoints
+from lmforge.train.parallel import global_sum, is_sharded, whole_weights, world_size
 from lmforge.train.supervised import fit
 from lmforge.tune.methods import apply_method, check_method, describe, run_footer, save_outputs, say, start_run
 from lmforge.tune.tasks import GRPOArgs, check_args, task_config, task_max_len
@@ -158,16 +160,20 @@ def token_logps(model: torch.nn.Module, b: dict[str, torch.Tensor], grad_checkpo
 
 
 def policy_loss(logp: torch.Tensor, rows: torch.Tensor, advantages: torch.Tensor,
-                ref_logp: torch.Tensor | None = None, kl_beta: float = 0.0) -> tuple[torch.Tensor, float]:
+                ref_logp: torch.Tensor | None = None, kl_beta: float = 0.0, tokens: float | None = None,
+                weights: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
     """The token-level policy-gradient loss -sum(A_row * log pi) / tokens, plus kl_beta * the k3 estimate of
     KL(pi || ref) per token (exp(d) - d - 1 with d = log ref - log pi: unbiased and never negative). Returns
-    (loss, the KL estimate)."""
-    n = max(1, logp.numel())
-    loss = -(advantages.to(logp.device)[rows] * logp).sum() / n
+    (loss, the KL estimate). `tokens`: the divisor (default: the tokens here; under torchrun, every process's
+    tokens, so the processes' losses add up to one process's). `weights` per row (0: a placeholder row that
+    counts nowhere)."""
+    n = max(1.0, float(logp.numel() if tokens is None else tokens))
+    w = torch.ones_like(logp) if weights is None else weights.to(logp.device)[rows].to(logp.dtype)
+    loss = -(advantages.to(logp.device)[rows] * logp * w).sum() / n
     kl = 0.0
     if ref_logp is not None:
         d = ref_logp - logp
-        k3 = (torch.exp(d) - d - 1).sum() / n
+        k3 = ((torch.exp(d) - d - 1) * w).sum() / n
         kl = float(k3.detach())
         loss = loss + kl_beta * k3
     return loss, kl
@@ -288,25 +294,37 @@ def finetune_grpo(
         rng.shuffle(order)
         for i, s in enumerate(range(0, len(order), bs)):
             step = epoch * steps_per_epoch + i + 1
-            yield {"prompts": torch.tensor(order[s:s + bs]), "step": step,
-                   "seed": (cfg.seed * 1_000_003 + step) % (2 ** 63)}
+            part = order[s:s + bs]
+            # (under torchrun each process takes some of the prompts: `row` says where its first one stands, so
+            # its completions draw from the seeds one process gives them; the loss sums over the processes itself)
+            yield {"prompts": torch.tensor(part), "row": torch.arange(len(part)), "step": step,
+                   "seed": (cfg.seed * 1_000_003 + step) % (2 ** 63), "units": None}
 
     def loss_fn(m: torch.nn.Module, b: dict[str, Any]) -> torch.Tensor:
-        # m: the module training (under torchrun, the DDP wrapper: sampling runs on the model inside it)
-        policy, training = getattr(m, "module", m), m.training
+        # m: the module training (under torchrun, the DDP wrapper: sampling runs on the model inside it; or the
+        # FSDP-sharded copy: its whole weights are gathered into the task's model for the sampling, which then
+        # runs with no collective inside, each process as far as its own completions need, as one process samples)
+        sharded = is_sharded(m)
+        policy, training = (model if sharded else getattr(m, "module", m)), m.training
         idx = b["prompts"].tolist()
         prompts = [train_ids[i] for i in idx for _ in range(G)]
         problems = [train[i] for i in idx for _ in range(G)]
         t0 = time.time()
         policy.eval()  # (no dropout while sampling)
-        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=int(b["seed"]))
-        comps = complete(policy, prompts, params, ends, tok.pad_id)
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
+                                seed=int(b["seed"]) + int(b["row"][0]) * G)  # (row i draws from seed + i)
+        with whole_weights(model, m) if sharded else contextlib.nullcontext():
+            comps = complete(policy, prompts, params, ends, tok.pad_id)
         policy.train(training)
         sampled = time.time() - t0
         rewards = torch.tensor(verify_all(verify, [tok.decode(c) for c in comps], problems))
         adv = group_advantages(rewards.view(-1, G), scale_rewards).flatten()
         keep = adv.nonzero()[:, 0].tolist() or [0]  # (no signal at all: one row, weight 0, keeps the step uniform)
+        weights = torch.tensor([float(adv[k] != 0) for k in keep])
         batch = rollout_batch([prompts[k] for k in keep], [comps[k] for k in keep], tok.pad_id)
+        tokens = float(((batch["labels"] != -100).sum(-1) * weights).sum())
+        # every process's tokens: the processes' losses (their gradients averaged) add up to one process's
+        tokens_all = global_sum(tokens) / world_size()
         device = next(policy.parameters()).device
         batch = {k: v.to(device) for k, v in batch.items()}
         ref_logp = None
@@ -318,7 +336,7 @@ def finetune_grpo(
             if ref is m:
                 m.train(training)
         logp, rows = token_logps(m, batch, cfg.grad_checkpoint)
-        loss, kl = policy_loss(logp, rows, adv[keep], ref_logp, kl_beta)
+        loss, kl = policy_loss(logp, rows, adv[keep], ref_logp, kl_beta, tokens=tokens_all, weights=weights)
         ended = sum(bool(c) and c[-1] in ends for c in comps)
         if os.environ.get("RANK", "0") == "0":  # (under torchrun: process 0's samples stand for the step)
             _append(rollouts_path, {
