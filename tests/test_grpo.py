@@ -214,7 +214,7 @@ def test_grpo_learns_a_verifiable_reward(word_model, sevens, tmp_path):
     assert first < 0.3 and last > 0.8, rewards  # the reward of the sampled completions rises
     assert res.after["accuracy"] >= res.before["accuracy"] + 0.5, (res.before, res.after)  # and greedy accuracy
     out = tmp_path / "run"
-    for f in ("summary.json", "metrics.jsonl", "rollouts.jsonl", "completions.json", "config.yaml",
+    for f in ("summary.json", "metrics.jsonl", "rollouts.jsonl", "completions.json", "recipe.yaml",
               "report/report.html", "report/rollouts.png", "model/model.safetensors"):
         assert (out / f).is_file(), f
     s = json.loads((out / "summary.json").read_text())

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from lmforge.errors import ConfigError
+from lmforge.nn.packed import release_packed
 from lmforge.train.distributed import DistEnv
 
 STRATEGIES = ("auto", "ddp", "fsdp")
@@ -227,8 +228,6 @@ def release(model: nn.Module) -> None:
     """Empty a model's parameters (their objects stay, so the task's references do): under fsdp its weights live
     in the sharded copy meanwhile. Decoding's prepacked copies of them go too: weights gathered again later may
     land at the same addresses, and would be taken for the old ones."""
-    from lmforge.nn.packed import release_packed
-
     release_packed(model)
     for p in model.parameters():
         p.data = torch.empty(0, dtype=p.dtype, device=p.device)

@@ -13,29 +13,22 @@
 
 from __future__ import annotations
 
-import dataclasses
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-import yaml
 
 from lmforge.config import FinetuneConfig
 from lmforge.data.labelled import LabelledSet, class_counts, read_labelled, stratified_split
-from lmforge.errors import ConfigError, DataError, ModelLoadError
+from lmforge.errors import ConfigError, DataError
 from lmforge.eval.classify import classification_metrics, plot_confusion
-from lmforge.files import write_json, write_text
-from lmforge.interop import load_pretrained
 from lmforge.models.encoder import Encoder
 from lmforge.predict import pad_batch, pad_windows, predict_proba, window_logits, window_stride
-from lmforge.report import write_task_report
-from lmforge.runtime import peak_memory_mb, reset_peak_memory
-from lmforge.train.supervised import fit, length_buckets
-from lmforge.tune.methods import apply_method, check_method, describe, run_footer, save_outputs, say, start_run
-from lmforge.tune.tasks import ClassifyArgs, check_args, task_config
+from lmforge.train.supervised import length_buckets
+from lmforge.tune.driver import Run, Task, run_footer, run_task, say
+from lmforge.tune.tasks import ClassifyArgs
 
 
 @dataclass
@@ -112,6 +105,111 @@ def fit_windows(tok, texts: list[str], max_len: int | None, stride: int | None, 
     return max_len, stride, windows
 
 
+class ClassifyTask(Task):
+    name, title = "classify", "Classification fine-tune"
+    needs = "classification fine-tuning needs an encoder (BERT family) model"
+    model_class = Encoder
+    images = ("loss.png", "confusion.png")
+
+    def check(self) -> None:
+        a, cfg = self.args, self.cfg
+        if a["stride"] is not None and cfg.max_len is not None and a["stride"] >= cfg.max_len - 2:
+            raise ConfigError(f"stride (--stride) {a['stride']} must be below max_len - 2 ({cfg.max_len - 2}): "
+                              f"neighbouring windows share that many tokens")
+        if not (a["test_data"] or 0 < a["test_fraction"]) or a["val_fraction"] + a["test_fraction"] >= 1:
+            raise ConfigError("test_fraction (--test-fraction) must be above 0 (or give --test-data), and the "
+                              "validation and test fractions must leave data to train on")
+
+    def load_data(self) -> None:
+        a = self.args
+        self.train, self.val, self.test, self.names = load_splits(
+            self.data, a["text_col"], a["label_col"], a["val_data"], a["test_data"], a["val_fraction"],
+            a["test_fraction"], self.cfg.seed)
+        self.label_id = {n: i for i, n in enumerate(self.names)}
+
+    def load_model(self):
+        model, tok = super().load_model()
+        if not (model.config.head == "classify" and model.config.labels == self.names):
+            model = model.with_head("classify", self.names)
+        return model, tok
+
+    def prepare(self) -> None:
+        cfg, train, names, tok = self.cfg, self.train, self.names, self.tok
+        say(f"data: {len(train)} train / {len(self.val)} validation / {len(self.test)} test rows, classes "
+            f"{class_counts(train.labels)}" + (f"; {train.repaired_rows} rows repaired from non-UTF-8 bytes"
+                                                if train.repaired_rows else "")
+            + (f"; {train.skipped_rows} rows skipped (empty text or label)" if train.skipped_rows else ""))
+        self.max_len, self.stride, self.windows = fit_windows(tok, train.texts, cfg.max_len, self.args["stride"],
+                                                              self.model.config.max_seq_len)
+        windows = self.windows
+        self.y = torch.tensor([self.label_id[v] for v in train.labels])
+        self.weights = None
+        if self.args["class_weights"]:  # inverse class frequency, mean 1
+            counts = torch.bincount(self.y, minlength=len(names)).float().clamp(min=1)
+            self.weights = (counts.sum() / (len(names) * counts)).to(cfg.device)
+        self.windowed = any(len(w) > 1 for w in windows)
+        # a batch of long texts holds batch_size x 128 tokens' worth of windows (what batch_size short examples
+        # held): 32 windows of 512 would keep ~13 GB of activations for MiniLM's backward
+        per_window = max(1, -(-self.max_len // 128))
+        self.size = (lambda i: len(windows[i]) * per_window) if self.windowed else None
+        if self.windowed:
+            say(f"batches of up to {max(1, cfg.batch_size // per_window)} windows of {self.max_len} tokens "
+                f"(--batch-size {cfg.batch_size} x 128 tokens)")
+        self.order = [sum(map(len, w)) for w in windows]
+        self.steps_per_epoch = len(length_buckets(len(windows), self.order.__getitem__, cfg.batch_size, cfg.seed,
+                                                  size=self.size))
+        self.val_y = [self.label_id[v] for v in self.val.labels]
+        self.rows = {"train": len(train), "validation": len(self.val), "test": len(self.test),
+                     "repaired": train.repaired_rows, "skipped": train.skipped_rows,
+                     "train_windowed": sum(len(w) > 1 for w in windows)}
+
+    def batches(self, epoch: int):
+        """Shuffled, then bucketed by length (little padding per batch); long texts as [D, W, T] windows."""
+        w, pad = self.windows, self.tok.pad_id
+        for idx in length_buckets(len(w), self.order.__getitem__, self.cfg.batch_size, self.cfg.seed + epoch,
+                                  size=self.size):
+            b = pad_windows([w[i] for i in idx], pad) if self.windowed else pad_batch([w[i][0] for i in idx], pad)
+            yield {**b, "labels": self.y[idx], "class_weights": self.weights, "shared": ("class_weights",)}
+
+    @property
+    def loss(self):
+        if not (self.cfg.label_smoothing or self.windowed):
+            return None  # the model's own loss, which is this one without either
+
+        def loss(m: Encoder, b: dict) -> torch.Tensor:
+            logits = window_logits(m, b, grad_checkpoint=self.cfg.grad_checkpoint)
+            return F.cross_entropy(logits, b["labels"], weight=b["class_weights"],
+                                   label_smoothing=self.cfg.label_smoothing)
+        return loss
+
+    def evaluate(self) -> dict[str, float]:
+        logits = torch.log(predict_proba(self.model, self.tok, self.val.texts, max_len=self.max_len,
+                                         stride=self.stride).clamp(min=1e-12))
+        m = classification_metrics(self.val_y, logits.argmax(-1).tolist(), self.names)
+        return {"loss": float(F.nll_loss(logits, torch.tensor(self.val_y))), "accuracy": m["accuracy"],
+                "macro_f1": m["macro_f1"]}
+
+    def finish(self, fit) -> dict[str, Any]:
+        pred = predict_proba(self.model, self.tok, self.test.texts, max_len=self.max_len,
+                             stride=self.stride).argmax(-1).tolist()
+        self.test_m = classification_metrics([self.label_id[v] for v in self.test.labels], pred, self.names)
+        plot_confusion(self.test_m, self.out / "report" / "confusion.png", title="test split")
+        return {"labels": self.names, "max_len": self.max_len, "stride": self.stride, "test": self.test_m}
+
+    def report_rows(self) -> list[tuple[str, str]]:
+        t, best = self.test_m, self.best
+        return [("rows train / val / test", f"{len(self.train)} / {len(self.val)} / {len(self.test)}"),
+                ("repaired rows (non-UTF-8)", str(self.train.repaired_rows)),
+                ("best validation accuracy", f"{best.get('accuracy', float('nan')):.4f}"),
+                ("test accuracy", f"{t['accuracy']:.4f}"), ("test macro-F1", f"{t['macro_f1']:.4f}"),
+                ] + [(f"{k}: precision / recall / F1", f"{v['precision']:.3f} / {v['recall']:.3f} / {v['f1']:.3f}")
+                     for k, v in t["per_class"].items()]
+
+    def result(self, run: Run) -> ClassifyResult:
+        return ClassifyResult(run.out, run.model_dir, self.test_m, run.fit.best, run.trainable, run.total,
+                              run.seconds, self.rows, run.adapter_dir)
+
+
 def finetune_classify(
     model_path: str | Path,
     data: str | Path,
@@ -128,115 +226,8 @@ def finetune_classify(
     progress: bool | None = None,
     resume: bool = False,
 ) -> ClassifyResult | None:
-    cfg = cfg or task_config("classify")
-    cfg.validate()
-    check_args("classify", val_fraction=val_fraction, test_fraction=test_fraction, stride=stride)
-    if stride is not None and cfg.max_len is not None and stride >= cfg.max_len - 2:
-        raise ConfigError(f"stride (--stride) {stride} must be below max_len - 2 ({cfg.max_len - 2}): neighbouring "
-                          f"windows share that many tokens")
-    if not (test_data or 0 < test_fraction) or val_fraction + test_fraction >= 1:
-        raise ConfigError("test_fraction (--test-fraction) must be above 0 (or give --test-data), and the validation "
-                          "and test fractions must leave data to train on")
-    out, baseline_mem = start_run(cfg, out, resume)
-
-    # --- data ------------------------------------------------------------------------------------------------
-    train, val, test, names = load_splits(data, text_col, label_col, val_data, test_data, val_fraction,
-                                          test_fraction, cfg.seed)
-    label_id = {n: i for i, n in enumerate(names)}
-
-    # --- model -----------------------------------------------------------------------------------------------
-    torch.manual_seed(cfg.seed)
-    model, tok = load_pretrained(model_path, device=cfg.device)
-    if not isinstance(model, Encoder):
-        raise ModelLoadError(f"{model_path} is a {type(model).__name__}; classification fine-tuning needs an "
-                             f"encoder (BERT family) model")
-    check_method(model, cfg)  # (a LoRA target that matches nothing: refused before anything is printed)
-    say(f"data: {len(train)} train / {len(val)} validation / {len(test)} test rows, classes "
-        f"{class_counts(train.labels)}" + (f"; {train.repaired_rows} rows repaired from non-UTF-8 bytes"
-                                            if train.repaired_rows else "")
-        + (f"; {train.skipped_rows} rows skipped (empty text or label)" if train.skipped_rows else ""))
-    if not (model.config.head == "classify" and model.config.labels == names):
-        model = model.with_head("classify", names)
-    total = model.num_params()
-    trainable = apply_method(model, cfg)
-    max_len, stride, windows = fit_windows(tok, train.texts, cfg.max_len, stride, model.config.max_seq_len)
-    y = torch.tensor([label_id[v] for v in train.labels])
-    weights = None
-    if class_weights:  # inverse class frequency, mean 1
-        counts = torch.bincount(y, minlength=len(names)).float().clamp(min=1)
-        weights = (counts.sum() / (len(names) * counts)).to(cfg.device)
-    windowed = any(len(w) > 1 for w in windows)
-    # a batch of long texts holds batch_size x 128 tokens' worth of windows (what batch_size short examples
-    # held): 32 windows of 512 would keep ~13 GB of activations for MiniLM's backward
-    per_window = max(1, -(-max_len // 128))
-    size = (lambda i: len(windows[i]) * per_window) if windowed else None
-    if windowed:
-        say(f"batches of up to {max(1, cfg.batch_size // per_window)} windows of {max_len} tokens (--batch-size "
-            f"{cfg.batch_size} x 128 tokens)")
-    order = [sum(map(len, w)) for w in windows]
-
-    def batches(epoch: int):
-        """Shuffled, then bucketed by length (little padding per batch); long texts as [D, W, T] windows."""
-        for idx in length_buckets(len(windows), order.__getitem__, cfg.batch_size, cfg.seed + epoch, size=size):
-            b = (pad_windows([windows[i] for i in idx], tok.pad_id) if windowed
-                 else pad_batch([windows[i][0] for i in idx], tok.pad_id))
-            yield {**b, "labels": y[idx], "class_weights": weights, "shared": ("class_weights",)}
-
-    val_y = [label_id[v] for v in val.labels]
-
-    def evaluate() -> dict[str, float]:
-        logits = torch.log(predict_proba(model, tok, val.texts, max_len=max_len, stride=stride).clamp(min=1e-12))
-        m = classification_metrics(val_y, logits.argmax(-1).tolist(), names)
-        return {"loss": float(F.nll_loss(logits, torch.tensor(val_y))), "accuracy": m["accuracy"],
-                "macro_f1": m["macro_f1"]}
-
-    # --- train -----------------------------------------------------------------------------------------------
-    out.mkdir(parents=True, exist_ok=True)
-    write_text(out / "config.yaml", yaml.safe_dump({
-        "task": "classify", "model": str(model_path), "data": str(data), "val_data": str(val_data or ""),
-        "test_data": str(test_data or ""), "text_col": text_col, "label_col": label_col,
-        "val_fraction": val_fraction, "test_fraction": test_fraction, "class_weights": class_weights,
-        "labels": names, "max_len": max_len, "stride": stride, "finetune": dataclasses.asdict(cfg)},
-        sort_keys=False))
-    say(f"model: {total:,} parameters, {trainable:,} trainable ({describe(cfg, model.config.n_layer)})")
-    steps_per_epoch = len(length_buckets(len(windows), order.__getitem__, cfg.batch_size, cfg.seed, size=size))
-    reset_peak_memory()
-    t0 = time.time()
-    loss_fn = None
-    if cfg.label_smoothing or windowed:  # (otherwise the model's own loss, which is this one without either)
-        def loss_fn(m: Encoder, b: dict) -> torch.Tensor:
-            logits = window_logits(m, b, grad_checkpoint=cfg.grad_checkpoint)
-            return F.cross_entropy(logits, b["labels"], weight=b["class_weights"],
-                                   label_smoothing=cfg.label_smoothing)
-
-    result = fit(model, batches, steps_per_epoch, evaluate, cfg, out / "metrics.jsonl", progress, loss_fn,
-                 run_dir=out, resume=resume)
-    if not result.main:  # under torchrun: process 0 writes the outputs
-        return None
-    seconds = time.time() - t0
-    peak_mem = peak_memory_mb()
-
-    # --- finish ----------------------------------------------------------------------------------------------
-    test_pred = predict_proba(model, tok, test.texts, max_len=max_len, stride=stride).argmax(-1).tolist()
-    test_m = classification_metrics([label_id[v] for v in test.labels], test_pred, names)
-    model_dir, adapter_dir = save_outputs(model, out, tok, str(model_path), cfg)
-    plot_confusion(test_m, out / "report" / "confusion.png", title="test split")
-    rows = {"train": len(train), "validation": len(val), "test": len(test), "repaired": train.repaired_rows,
-            "skipped": train.skipped_rows, "train_windowed": sum(len(w) > 1 for w in windows)}
-    summary = {"task": "classify", "method": cfg.method, "trainable_params": trainable, "total_params": total,
-               "peak_train_memory_mb": peak_mem, "baseline_memory_mb": baseline_mem,
-               "train_seconds": seconds, "steps": result.steps, "max_len": max_len, "stride": stride,
-               "best_val": result.best, "test": test_m,
-               "rows": rows}
-    write_json(out / "summary.json", summary)
-
-    write_task_report(out, f"Classification fine-tune: {out.name}", [
-        ("model", str(model_path)), ("method", describe(cfg, model.config.n_layer)),
-        ("trainable / total parameters", f"{trainable:,} / {total:,}"),
-        ("rows train / val / test", f"{len(train)} / {len(val)} / {len(test)}"),
-        ("repaired rows (non-UTF-8)", str(train.repaired_rows)), ("training time", f"{seconds:.0f} s"),
-        ("best validation accuracy", f"{result.best.get('accuracy', float('nan')):.4f}"),
-        ("test accuracy", f"{test_m['accuracy']:.4f}"), ("test macro-F1", f"{test_m['macro_f1']:.4f}"),
-    ] + [(f"{k}: precision / recall / F1", f"{v['precision']:.3f} / {v['recall']:.3f} / {v['f1']:.3f}")
-         for k, v in test_m["per_class"].items()], images=["loss.png", "confusion.png"])
-    return ClassifyResult(out, model_dir, test_m, result.best, trainable, total, seconds, rows, adapter_dir)
+    """Fine-tune an encoder to classify texts (see the module notes; settings in tune/tasks.py: ClassifyArgs)."""
+    return run_task(ClassifyTask, model_path, data, out, cfg, progress, resume, text_col=text_col,
+                    label_col=label_col, val_data=val_data and str(val_data), test_data=test_data and str(test_data),
+                    val_fraction=val_fraction, test_fraction=test_fraction, class_weights=class_weights,
+                    stride=stride)

@@ -18,29 +18,23 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-import yaml
 
 from lmforge.config import FinetuneConfig
 from lmforge.data.chat import Pair, chatterbot_pairs, held_out_splits, read_pairs, tokenize_chat
-from lmforge.errors import DataError, ModelLoadError
-from lmforge.files import write_json, write_text
-from lmforge.interop import load_pretrained
+from lmforge.errors import DataError
 from lmforge.models.decoder import DecoderLM
 from lmforge.nn.lora import lora_disabled, lora_modules
-from lmforge.report import write_task_report
-from lmforge.runtime import peak_memory_mb, reset_peak_memory
-from lmforge.train.supervised import fit
-from lmforge.tune.methods import apply_method, check_method, describe, run_footer, save_outputs, say, start_run
-from lmforge.tune.tasks import DPOArgs, check_args, task_config, task_max_len
+from lmforge.tune.driver import Run, Task, run_footer, run_task, say
+from lmforge.tune.tasks import DPOArgs, task_max_len
 
 
 @dataclass
@@ -150,6 +144,93 @@ def preference_metrics(model, items, ref: tuple[torch.Tensor, torch.Tensor], pad
             "loss": loss, "neg_loss": -loss, "pairs": len(items), "prompts": len(set(groups or range(len(items))))}
 
 
+class DPOTask(Task):
+    name, title, needs = "dpo", "Preference tuning (DPO)", "DPO needs a decoder model"
+    model_class = DecoderLM
+
+    def load_data(self) -> None:
+        self.splits = dict(zip(("train", "val", "test"), load_pair_splits(
+            self.data, self.args["val_data"], self.args["test_data"], self.cfg.seed)))
+
+    def prepare(self) -> None:
+        max_len = task_max_len("dpo", self.cfg, self.model.config.max_seq_len)
+        self.items, self.prompts = {}, {}
+        for k, v in self.splits.items():
+            self.items[k], self.prompts[k] = tokenize_pairs(self.tok, v, max_len)
+        if not self.items["train"]:
+            raise DataError(f"no training pair keeps a reply token within max_len {max_len}")
+        say(f"data: {len(self.items['train'])} train / {len(self.items['val'])} validation / "
+            f"{len(self.items['test'])} test pairs ({len(set(self.prompts['val']))} / "
+            f"{len(set(self.prompts['test']))} distinct held-out prompts)")
+        self.steps_per_epoch = -(-len(self.items["train"]) // self.cfg.batch_size)
+        self.rows = {k: len(v) for k, v in self.items.items()} | {f"{k}_prompts": len(set(self.prompts[k]))
+                                                                  for k in ("val", "test")}
+
+    def after_method(self) -> None:
+        model, bs, dev = self.model, self.cfg.batch_size, self.cfg.device
+        # the reference: the starting model. Under LoRA, the adapters switched off; otherwise a frozen copy
+        self.ref_model = model if lora_modules(model) else copy.deepcopy(model).requires_grad_(False)
+        model.eval()
+        t = time.time()
+        with lora_disabled(model):
+            self.ref = {k: pair_logps(self.ref_model, self.items[k], self.tok.pad_id, bs, dev)[:2]
+                        for k in ("val", "test")}
+        say(f"reference log-probabilities for the held-out pairs in {time.time() - t:.0f} s")
+        self.before = self.scores("test")
+        say(f"before: held-out preference accuracy {self.before['preference_accuracy']:.3f}")
+
+    def scores(self, split: str) -> dict[str, float]:
+        return preference_metrics(self.model, self.items[split], self.ref[split], self.tok.pad_id,
+                                  self.cfg.batch_size, self.args["beta"], self.cfg.device, self.prompts[split])
+
+    def batches(self, epoch: int):
+        rng = random.Random(self.cfg.seed + epoch)
+        train, bs = self.items["train"], self.cfg.batch_size
+        order = list(range(len(train)))
+        rng.shuffle(order)
+        for s in range(0, len(order), bs):
+            part = [train[i] for i in order[s:s + bs]]
+            # (row_group: under torchrun each process takes whole pairs, chosen and rejected together)
+            yield {**_batch([c for c, _ in part] + [r for _, r in part], self.tok.pad_id), "row_group": 2}
+
+    def loss(self, m: torch.nn.Module, b: dict[str, torch.Tensor]) -> torch.Tensor:
+        # m: the module training (under torchrun: the DDP wrapper or the sharded copy); under LoRA the reference
+        # is m itself with its adapters switched off
+        ref, training = (m if self.ref_model is self.model else self.ref_model), m.training
+        with torch.no_grad(), lora_disabled(m):
+            ref.eval()  # (no dropout in the reference)
+            ref_lp, _ = sequence_logps(ref, b)
+            ref.train(training)  # (when ref is m, back to training mode: dropout on for the policy's pass)
+        lp, _ = sequence_logps(m, b, grad_checkpoint=self.cfg.grad_checkpoint)
+        k = lp.size(0) // 2
+        margin = self.args["beta"] * ((lp[:k] - ref_lp[:k]) - (lp[k:] - ref_lp[k:]))
+        return -F.logsigmoid(margin).mean()
+
+    def evaluate(self) -> dict[str, float]:
+        return self.scores("val")
+
+    def finish(self, fit) -> dict[str, Any]:
+        self.after = a = self.scores("test")
+        say(f"after: held-out preference accuracy {a['preference_accuracy']:.3f}, reward accuracy "
+            f"{a['reward_accuracy']:.3f}, reward margin {a['reward_margin']:.3f}")
+        return {"beta": self.args["beta"], "before": self.before, "after": a}
+
+    def report_rows(self) -> list[tuple[str, str]]:
+        rows, b, a = self.rows, self.before, self.after
+        return [("beta", f"{self.args['beta']:g}"),
+                ("pairs train / val / test", f"{rows['train']} / {rows['val']} / {rows['test']}"),
+                ("distinct held-out prompts val / test (each weighs the same)",
+                 f"{rows['val_prompts']} / {rows['test_prompts']}"),
+                ("held-out preference accuracy before / after",
+                 f"{b['preference_accuracy']:.3f} / {a['preference_accuracy']:.3f}"),
+                ("held-out reward accuracy / margin after",
+                 f"{a['reward_accuracy']:.3f} / {a['reward_margin']:.3f}")]
+
+    def result(self, run: Run) -> DPOResult:
+        return DPOResult(run.out, run.model_dir, run.adapter_dir, self.before, self.after, run.fit.best,
+                         run.trainable, run.seconds, run.peak_mb, self.rows)
+
+
 def finetune_dpo(
     model_path: str | Path,
     data: str | Path,
@@ -161,100 +242,6 @@ def finetune_dpo(
     progress: bool | None = None,
     resume: bool = False,
 ) -> DPOResult | None:
-    cfg = cfg or task_config("dpo")
-    if cfg.metric == "accuracy":
-        cfg = dataclasses.replace(cfg, metric="neg_loss")
-    cfg.validate()
-    check_args("dpo", beta=beta)
-    out, baseline_mem = start_run(cfg, out, resume)
-
-    train, val, test = load_pair_splits(data, val_data, test_data, cfg.seed)
-    torch.manual_seed(cfg.seed)
-    model, tok = load_pretrained(model_path, device=cfg.device)
-    if not isinstance(model, DecoderLM):
-        raise ModelLoadError(f"{model_path} is a {type(model).__name__}; DPO needs a decoder model")
-    check_method(model, cfg)
-    max_len = task_max_len("dpo", cfg, model.config.max_seq_len)
-    items, prompts = {}, {}
-    for k, v in (("train", train), ("val", val), ("test", test)):
-        items[k], prompts[k] = tokenize_pairs(tok, v, max_len)
-    if not items["train"]:
-        raise DataError(f"no training pair keeps a reply token within max_len {max_len}")
-    say(f"data: {len(items['train'])} train / {len(items['val'])} validation / {len(items['test'])} test pairs "
-        f"({len(set(prompts['val']))} / {len(set(prompts['test']))} distinct held-out prompts)")
-
-    total = model.num_params()
-    trainable = apply_method(model, cfg)
-    say(f"model: {total:,} parameters, {trainable:,} trainable ({describe(cfg, model.config.n_layer)})")
-    bs, dev = cfg.batch_size, cfg.device
-    # the reference: the starting model. Under LoRA, the adapters switched off; otherwise a frozen copy
-    ref_model = model if lora_modules(model) else copy.deepcopy(model).requires_grad_(False)
-    model.eval()
-    t = time.time()
-    with lora_disabled(model):
-        ref = {k: pair_logps(ref_model, items[k], tok.pad_id, bs, dev)[:2] for k in ("val", "test")}
-    say(f"reference log-probabilities for the held-out pairs in {time.time() - t:.0f} s")
-    before = preference_metrics(model, items["test"], ref["test"], tok.pad_id, bs, beta, dev, prompts["test"])
-    say(f"before: held-out preference accuracy {before['preference_accuracy']:.3f}")
-
-    def batches(epoch: int):
-        rng = random.Random(cfg.seed + epoch)
-        order = list(range(len(items["train"])))
-        rng.shuffle(order)
-        for s in range(0, len(order), bs):
-            idx = order[s:s + bs]
-            part = [items["train"][i] for i in idx]
-            # (row_group: under torchrun each process takes whole pairs, chosen and rejected together)
-            yield {**_batch([c for c, _ in part] + [r for _, r in part], tok.pad_id), "row_group": 2}
-
-    def loss_fn(m: torch.nn.Module, b: dict[str, torch.Tensor]) -> torch.Tensor:
-        # m: the module training (under torchrun: the DDP wrapper or the sharded copy); under LoRA the reference
-        # is m itself with its adapters switched off
-        ref, training = (m if ref_model is model else ref_model), m.training
-        with torch.no_grad(), lora_disabled(m):
-            ref.eval()  # (no dropout in the reference)
-            ref_lp, _ = sequence_logps(ref, b)
-            ref.train(training)  # (when ref is m, back to training mode: dropout on for the policy's pass)
-        lp, _ = sequence_logps(m, b, grad_checkpoint=cfg.grad_checkpoint)
-        k = lp.size(0) // 2
-        margin = beta * ((lp[:k] - ref_lp[:k]) - (lp[k:] - ref_lp[k:]))
-        return -F.logsigmoid(margin).mean()
-
-    def evaluate() -> dict[str, float]:
-        return preference_metrics(model, items["val"], ref["val"], tok.pad_id, bs, beta, dev, prompts["val"])
-
-    out.mkdir(parents=True, exist_ok=True)
-    write_text(out / "config.yaml", yaml.safe_dump({
-        "task": "dpo", "model": str(model_path), "data": str(data), "val_data": str(val_data or ""),
-        "test_data": str(test_data or ""), "beta": beta, "finetune": dataclasses.asdict(cfg)}, sort_keys=False))
-    reset_peak_memory()
-    t0 = time.time()
-    result = fit(model, batches, -(-len(items["train"]) // bs), evaluate, cfg, out / "metrics.jsonl", progress,
-                 loss_fn=loss_fn, run_dir=out, resume=resume)
-    if not result.main:  # under torchrun: process 0 writes the outputs
-        return None
-    seconds = time.time() - t0
-    peak_mem = peak_memory_mb()
-    after = preference_metrics(model, items["test"], ref["test"], tok.pad_id, bs, beta, dev, prompts["test"])
-    say(f"after: held-out preference accuracy {after['preference_accuracy']:.3f}, reward accuracy "
-        f"{after['reward_accuracy']:.3f}, reward margin {after['reward_margin']:.3f}")
-    model_dir, adapter_dir = save_outputs(model, out, tok, str(model_path), cfg)
-    rows = {k: len(v) for k, v in items.items()} | {f"{k}_prompts": len(set(prompts[k])) for k in ("val", "test")}
-    write_json(out / "summary.json", {
-        "task": "dpo", "method": cfg.method, "beta": beta, "trainable_params": trainable, "total_params": total,
-        "peak_train_memory_mb": peak_mem, "baseline_memory_mb": baseline_mem,
-        "train_seconds": seconds, "steps": result.steps,
-        "best_val": result.best, "before": before, "after": after, "rows": rows})
-
-    write_task_report(out, f"Preference tuning (DPO): {out.name}", [
-        ("model", str(model_path)), ("data", str(data)), ("method", describe(cfg, model.config.n_layer)),
-        ("beta", f"{beta:g}"), ("trainable / total parameters", f"{trainable:,} / {total:,}"),
-        ("pairs train / val / test", f"{rows['train']} / {rows['val']} / {rows['test']}"),
-        ("distinct held-out prompts val / test (each weighs the same)",
-         f"{rows['val_prompts']} / {rows['test_prompts']}"),
-        ("training time", f"{seconds:.0f} s"), ("peak memory while training", f"{peak_mem:,.0f} MiB"),
-        ("held-out preference accuracy before / after",
-         f"{before['preference_accuracy']:.3f} / {after['preference_accuracy']:.3f}"),
-        ("held-out reward accuracy / margin after", f"{after['reward_accuracy']:.3f} / {after['reward_margin']:.3f}"),
-    ])
-    return DPOResult(out, model_dir, adapter_dir, before, after, result.best, trainable, seconds, peak_mem, rows)
+    """Preference-tune a decoder with DPO (see the module notes; settings in tune/tasks.py: DPOArgs)."""
+    return run_task(DPOTask, model_path, data, out, cfg, progress, resume, beta=beta,
+                    val_data=val_data and str(val_data), test_data=test_data and str(test_data))

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import json
 import os
 import random
@@ -34,27 +33,24 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from lmforge.config import FinetuneConfig, SamplingParams
 from lmforge.data.arith import Problem, arith_splits, read_problems
 from lmforge.data.chat import apply_chat_template, held_out_splits
-from lmforge.errors import DataError, ModelLoadError
+from lmforge.errors import DataError
 from lmforge.eval.verify import Verifier, get_verifier
 from lmforge.files import write_json, write_text
 from lmforge.generate.chat import end_of_turn_ids
 from lmforge.generate.sampling import generate_ids
-from lmforge.interop import load_pretrained
 from lmforge.models.decoder import DecoderLM
 from lmforge.nn.lora import lora_disabled, lora_modules
 from lmforge.nn.packed import release_packed
-from lmforge.report import pyplot, save_png, write_task_report
-from lmforge.runtime import autocast, peak_memory_mb, reset_peak_memory, resolve_dtype
+from lmforge.report import pyplot, save_png
+from lmforge.runtime import autocast, resolve_dtype
 from lmforge.train.checkpoint import list_checkpoints
 from lmforge.train.parallel import global_sum, is_sharded, whole_weights, world_size
-from lmforge.train.supervised import fit
-from lmforge.tune.methods import apply_method, check_method, describe, run_footer, save_outputs, say, start_run
-from lmforge.tune.tasks import GRPOArgs, check_args, task_config, task_max_len
+from lmforge.tune.driver import Run, Task, run_footer, run_task, say
+from lmforge.tune.tasks import GRPOArgs, task_max_len
 
 ROLLOUTS = "rollouts.jsonl"
 
@@ -203,6 +199,163 @@ def heldout_scores(model: torch.nn.Module, tok, problems: Sequence[Problem], ver
 # the task
 
 
+class GRPOTask(Task):
+    name, title, needs = "grpo", "Reinforcement learning with verifiable rewards (GRPO)", "GRPO needs a decoder model"
+    model_class = DecoderLM
+    images = ("loss.png", "rollouts.png")
+
+    def check(self) -> None:
+        v = self.args["verifier"]
+        self.verify = get_verifier(v)  # (an unknown name or a broken reward file fails before the run starts)
+        self.vname = v if isinstance(v, str) else getattr(v, "__name__", "a function")
+
+    def load_data(self) -> None:
+        a = self.args
+        self.train, self.val, self.test = load_problem_splits(self.data, a["val_data"], a["test_data"], self.cfg.seed)
+        if a["eval_limit"] is not None:
+            self.val, self.test = self.val[:a["eval_limit"]], self.test[:a["eval_limit"]]
+
+    def prepare(self) -> None:
+        cfg, tok, max_new = self.cfg, self.tok, self.args["max_new_tokens"]
+        max_len = task_max_len("grpo", cfg, self.model.config.max_seq_len)
+        room = max_len - max_new  # prompt tokens that leave room to answer
+        if room < 1:
+            raise DataError(f"max_new_tokens {max_new} leaves no room for a prompt within {max_len} tokens; lower "
+                            f"it or raise --max-len")
+
+        def encode(problems: list[Problem], name: str) -> tuple[list[Problem], list[list[int]]]:
+            kept, ids = [], []
+            for p in problems:
+                x = tok.encode(apply_chat_template(tok, p.prompt))
+                if 0 < len(x) <= room:
+                    kept.append(p)
+                    ids.append(x)
+            if not kept:
+                raise DataError(f"no {name} prompt fits in {room} tokens (max_len less max_new_tokens)")
+            if len(kept) < len(problems):
+                say(f"warning: {len(problems) - len(kept)} {name} prompt(s) longer than {room} tokens skipped")
+            return kept, ids
+
+        (self.train, self.train_ids), (self.val, self.val_ids), (self.test, self.test_ids) = (
+            encode(p, n) for p, n in ((self.train, "training"), (self.val, "validation"), (self.test, "test")))
+        self.ends = sorted(set(end_of_turn_ids(tok) + ([tok.eos_id] if tok.eos_id is not None else [])))
+        say(f"data: {len(self.train)} train / {len(self.val)} validation / {len(self.test)} test problems; "
+            f"verifier {self.vname}")
+        self.eval_rows = max(16, cfg.batch_size * self.args["group_size"])
+        self.dtype = resolve_dtype(cfg.dtype, cfg.device, say=False)
+        self.steps_per_epoch = -(-len(self.train) // cfg.batch_size)
+        self.rows = {"train": len(self.train), "val": len(self.val), "test": len(self.test)}
+        self.model.eval()
+        t = time.time()
+        self.before, _ = self.score(self.test, self.test_ids)
+        say(f"before: held-out accuracy {self.before['accuracy']:.3f}, mean completion {self.before['length']:.1f} "
+            f"tokens ({len(self.test)} problems, {time.time() - t:.0f} s)")
+
+    def score(self, problems: list[Problem], ids: list[list[int]]) -> tuple[dict[str, float], list[str]]:
+        with autocast(self.dtype, self.cfg.device):  # (the precision training runs in, before and after alike)
+            return heldout_scores(self.model, self.tok, problems, self.verify, self.args["max_new_tokens"],
+                                  self.eval_rows, ids)
+
+    def after_method(self) -> None:
+        model = self.model
+        self.ref_model = None
+        if self.args["kl_beta"] > 0:  # the reference: the starting model (under LoRA, the adapters switched off)
+            self.ref_model = model if lora_modules(model) else copy.deepcopy(model).requires_grad_(False).eval()
+        self.rollouts_path = self.out / ROLLOUTS
+        _trim_rollouts(self.out, self.rollouts_path, self.resume)
+
+    def batches(self, epoch: int):
+        """Prompt indices and a sampling seed per step: a function of the epoch alone (resume replays it)."""
+        bs = self.cfg.batch_size
+        rng = random.Random(self.cfg.seed + epoch)
+        order = list(range(len(self.train)))
+        rng.shuffle(order)
+        for i, s in enumerate(range(0, len(order), bs)):
+            step = epoch * self.steps_per_epoch + i + 1
+            part = order[s:s + bs]
+            # (under torchrun each process takes some of the prompts: `row` says where its first one stands, so
+            # its completions draw from the seeds one process gives them; the loss sums over the processes itself)
+            yield {"prompts": torch.tensor(part), "row": torch.arange(len(part)), "step": step,
+                   "seed": (self.cfg.seed * 1_000_003 + step) % (2 ** 63), "units": None}
+
+    def loss(self, m: torch.nn.Module, b: dict[str, Any]) -> torch.Tensor:
+        # m: the module training (under torchrun, the DDP wrapper: sampling runs on the model inside it; or the
+        # FSDP-sharded copy: its whole weights are gathered into the task's model for the sampling, which then
+        # runs with no collective inside, each process as far as its own completions need, as one process samples)
+        a, tok, G, model = self.args, self.tok, self.args["group_size"], self.model
+        sharded = is_sharded(m)
+        policy, training = (model if sharded else getattr(m, "module", m)), m.training
+        idx = b["prompts"].tolist()
+        prompts = [self.train_ids[i] for i in idx for _ in range(G)]
+        problems = [self.train[i] for i in idx for _ in range(G)]
+        t0 = time.time()
+        policy.eval()  # (no dropout while sampling)
+        params = SamplingParams(max_new_tokens=a["max_new_tokens"], temperature=a["temperature"],
+                                seed=int(b["seed"]) + int(b["row"][0]) * G)  # (row i draws from seed + i)
+        with whole_weights(model, m) if sharded else contextlib.nullcontext():
+            comps = complete(policy, prompts, params, self.ends, tok.pad_id)
+        policy.train(training)
+        sampled = time.time() - t0
+        rewards = torch.tensor(verify_all(self.verify, [tok.decode(c) for c in comps], problems))
+        adv = group_advantages(rewards.view(-1, G), a["scale_rewards"]).flatten()
+        keep = adv.nonzero()[:, 0].tolist() or [0]  # (no signal at all: one row, weight 0, keeps the step uniform)
+        weights = torch.tensor([float(adv[k] != 0) for k in keep])
+        batch = rollout_batch([prompts[k] for k in keep], [comps[k] for k in keep], tok.pad_id)
+        tokens = float(((batch["labels"] != -100).sum(-1) * weights).sum())
+        # every process's tokens: the processes' losses (their gradients averaged) add up to one process's
+        tokens_all = global_sum(tokens) / world_size()
+        device = next(m.parameters()).device
+        batch = {k: v.to(device) for k, v in batch.items()}
+        ref_logp = None
+        if self.ref_model is not None:  # (under LoRA the reference is m itself with its adapters off)
+            ref = m if self.ref_model is model else self.ref_model
+            with torch.no_grad(), lora_disabled(ref):
+                ref.eval()  # (no dropout in the reference)
+                ref_logp, _ = token_logps(ref, batch)
+            if ref is m:
+                m.train(training)
+        logp, rows = token_logps(m, batch, self.cfg.grad_checkpoint)
+        loss, kl = policy_loss(logp, rows, adv[keep], ref_logp, a["kl_beta"], tokens=tokens_all, weights=weights)
+        ended = sum(bool(c) and c[-1] in self.ends for c in comps)
+        if os.environ.get("RANK", "0") == "0":  # (under torchrun: process 0's samples stand for the step)
+            _append(self.rollouts_path, {
+                "step": int(b["step"]), "reward": float(rewards.mean()),
+                "accuracy": float((rewards >= 1.0).float().mean()), "length": sum(map(len, comps)) / len(comps),
+                "ended": ended / len(comps), "signal": float((rewards.view(-1, G).std(dim=1) > 0).float().mean()),
+                "kl": kl, "sample_seconds": sampled, "seconds": time.time() - t0})
+        return loss
+
+    def evaluate(self) -> dict[str, float]:
+        return self.score(self.val, self.val_ids)[0]
+
+    def finish(self, fit) -> dict[str, Any]:
+        self.after, texts = self.score(self.test, self.test_ids)
+        release_packed(self.model)
+        say(f"after: held-out accuracy {self.after['accuracy']:.3f}, mean completion {self.after['length']:.1f} "
+            f"tokens")
+        self.rollouts = read_rollouts(self.rollouts_path)
+        write_json(self.out / "completions.json", [{"prompt": p.prompt[-1]["content"], "answer": p.answer,
+                                                    "completion": y} for p, y in zip(self.test, texts)])
+        plot_rollouts(self.rollouts, [r for r in fit.history if r.get("split") == "val"],
+                      self.out / "report" / "rollouts.png")
+        self.samples = [(p.prompt[-1]["content"], f"completion: {y!r} | answer: {p.answer}")
+                        for p, y in list(zip(self.test, texts))[:8]]
+        a = self.args
+        return {"verifier": self.vname, "group_size": a["group_size"], "kl_beta": a["kl_beta"],
+                "before": self.before, "after": self.after}
+
+    def report_rows(self) -> list[tuple[str, str]]:
+        a, b, f = self.args, self.before, self.after
+        return [("verifier / group size / KL beta", f"{self.vname} / {a['group_size']} / {a['kl_beta']:g}"),
+                ("problems train / val / test", f"{len(self.train)} / {len(self.val)} / {len(self.test)}"),
+                ("held-out accuracy before / after", f"{b['accuracy']:.3f} / {f['accuracy']:.3f}"),
+                ("mean completion tokens before / after", f"{b['length']:.1f} / {f['length']:.1f}")] + self.samples
+
+    def result(self, run: Run) -> GRPOResult:
+        return GRPOResult(run.out, run.model_dir, run.adapter_dir, self.before, self.after, run.fit.best,
+                          run.trainable, run.total, run.seconds, run.peak_mb, self.rows, self.rollouts)
+
+
 def finetune_grpo(
     model_path: str | Path,
     data: str | Path,
@@ -220,181 +373,12 @@ def finetune_grpo(
     progress: bool | None = None,
     resume: bool = False,
 ) -> GRPOResult | None:
-    cfg = cfg or task_config("grpo")
-    cfg.validate()
-    check_args("grpo", group_size=group_size, max_new_tokens=max_new_tokens, temperature=temperature,
-               kl_beta=kl_beta, scale_rewards=scale_rewards, eval_limit=eval_limit)
-    verify = get_verifier(verifier)  # (an unknown name or a broken reward file fails before the run starts)
-    out, baseline_mem = start_run(cfg, out, resume)
-
-    # --- data ------------------------------------------------------------------------------------------------
-    train, val, test = load_problem_splits(data, val_data, test_data, cfg.seed)
-    if eval_limit is not None:
-        val, test = val[:eval_limit], test[:eval_limit]
-    torch.manual_seed(cfg.seed)
-    model, tok = load_pretrained(model_path, device=cfg.device)
-    if not isinstance(model, DecoderLM):
-        raise ModelLoadError(f"{model_path} is a {type(model).__name__}; GRPO needs a decoder model")
-    check_method(model, cfg)
-    max_len = task_max_len("grpo", cfg, model.config.max_seq_len)
-    room = max_len - max_new_tokens  # prompt tokens that leave room to answer
-    if room < 1:
-        raise DataError(f"max_new_tokens {max_new_tokens} leaves no room for a prompt within {max_len} tokens; "
-                        f"lower it or raise --max-len")
-
-    def encode(problems: list[Problem], name: str) -> tuple[list[Problem], list[list[int]]]:
-        kept, ids = [], []
-        for p in problems:
-            x = tok.encode(apply_chat_template(tok, p.prompt))
-            if 0 < len(x) <= room:
-                kept.append(p)
-                ids.append(x)
-        if not kept:
-            raise DataError(f"no {name} prompt fits in {room} tokens (max_len less max_new_tokens)")
-        if len(kept) < len(problems):
-            say(f"warning: {len(problems) - len(kept)} {name} prompt(s) longer than {room} tokens skipped")
-        return kept, ids
-
-    (train, train_ids), (val, val_ids), (test, test_ids) = (encode(p, n) for p, n in
-                                                           ((train, "training"), (val, "validation"), (test, "test")))
-    ends = sorted(set(end_of_turn_ids(tok) + ([tok.eos_id] if tok.eos_id is not None else [])))
-    vname = verifier if isinstance(verifier, str) else getattr(verifier, "__name__", "a function")
-    say(f"data: {len(train)} train / {len(val)} validation / {len(test)} test problems; verifier {vname}")
-    eval_rows = max(16, cfg.batch_size * group_size)
-
-    dtype = resolve_dtype(cfg.dtype, cfg.device, say=False)
-
-    def score(problems: list[Problem], ids: list[list[int]]) -> tuple[dict[str, float], list[str]]:
-        with autocast(dtype, cfg.device):  # (the precision training runs in, before and after alike)
-            return heldout_scores(model, tok, problems, verify, max_new_tokens, eval_rows, ids)
-
-    # --- before ----------------------------------------------------------------------------------------------
-    model.eval()
-    t = time.time()
-    before, _ = score(test, test_ids)
-    say(f"before: held-out accuracy {before['accuracy']:.3f}, mean completion {before['length']:.1f} tokens "
-        f"({len(test)} problems, {time.time() - t:.0f} s)")
-
-    # --- model -----------------------------------------------------------------------------------------------
-    total = model.num_params()
-    trainable = apply_method(model, cfg)
-    say(f"model: {total:,} parameters, {trainable:,} trainable ({describe(cfg, model.config.n_layer)})")
-    ref_model = None
-    if kl_beta > 0:  # the reference: the starting model (under LoRA, the adapters switched off)
-        ref_model = model if lora_modules(model) else copy.deepcopy(model).requires_grad_(False).eval()
-    bs, G = cfg.batch_size, group_size
-    steps_per_epoch = -(-len(train) // bs)
-    rollouts_path = out / ROLLOUTS
-    _trim_rollouts(out, rollouts_path, resume)
-
-    def batches(epoch: int):
-        """Prompt indices and a sampling seed per step: a function of the epoch alone (resume replays it)."""
-        rng = random.Random(cfg.seed + epoch)
-        order = list(range(len(train)))
-        rng.shuffle(order)
-        for i, s in enumerate(range(0, len(order), bs)):
-            step = epoch * steps_per_epoch + i + 1
-            part = order[s:s + bs]
-            # (under torchrun each process takes some of the prompts: `row` says where its first one stands, so
-            # its completions draw from the seeds one process gives them; the loss sums over the processes itself)
-            yield {"prompts": torch.tensor(part), "row": torch.arange(len(part)), "step": step,
-                   "seed": (cfg.seed * 1_000_003 + step) % (2 ** 63), "units": None}
-
-    def loss_fn(m: torch.nn.Module, b: dict[str, Any]) -> torch.Tensor:
-        # m: the module training (under torchrun, the DDP wrapper: sampling runs on the model inside it; or the
-        # FSDP-sharded copy: its whole weights are gathered into the task's model for the sampling, which then
-        # runs with no collective inside, each process as far as its own completions need, as one process samples)
-        sharded = is_sharded(m)
-        policy, training = (model if sharded else getattr(m, "module", m)), m.training
-        idx = b["prompts"].tolist()
-        prompts = [train_ids[i] for i in idx for _ in range(G)]
-        problems = [train[i] for i in idx for _ in range(G)]
-        t0 = time.time()
-        policy.eval()  # (no dropout while sampling)
-        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
-                                seed=int(b["seed"]) + int(b["row"][0]) * G)  # (row i draws from seed + i)
-        with whole_weights(model, m) if sharded else contextlib.nullcontext():
-            comps = complete(policy, prompts, params, ends, tok.pad_id)
-        policy.train(training)
-        sampled = time.time() - t0
-        rewards = torch.tensor(verify_all(verify, [tok.decode(c) for c in comps], problems))
-        adv = group_advantages(rewards.view(-1, G), scale_rewards).flatten()
-        keep = adv.nonzero()[:, 0].tolist() or [0]  # (no signal at all: one row, weight 0, keeps the step uniform)
-        weights = torch.tensor([float(adv[k] != 0) for k in keep])
-        batch = rollout_batch([prompts[k] for k in keep], [comps[k] for k in keep], tok.pad_id)
-        tokens = float(((batch["labels"] != -100).sum(-1) * weights).sum())
-        # every process's tokens: the processes' losses (their gradients averaged) add up to one process's
-        tokens_all = global_sum(tokens) / world_size()
-        device = next(policy.parameters()).device
-        batch = {k: v.to(device) for k, v in batch.items()}
-        ref_logp = None
-        if ref_model is not None:  # (under LoRA the reference is m itself with its adapters off)
-            ref = m if ref_model is model else ref_model
-            with torch.no_grad(), lora_disabled(ref):
-                ref.eval()  # (no dropout in the reference)
-                ref_logp, _ = token_logps(ref, batch)
-            if ref is m:
-                m.train(training)
-        logp, rows = token_logps(m, batch, cfg.grad_checkpoint)
-        loss, kl = policy_loss(logp, rows, adv[keep], ref_logp, kl_beta, tokens=tokens_all, weights=weights)
-        ended = sum(bool(c) and c[-1] in ends for c in comps)
-        if os.environ.get("RANK", "0") == "0":  # (under torchrun: process 0's samples stand for the step)
-            _append(rollouts_path, {
-                "step": int(b["step"]), "reward": float(rewards.mean()),
-                "accuracy": float((rewards >= 1.0).float().mean()), "length": sum(map(len, comps)) / len(comps),
-                "ended": ended / len(comps), "signal": float((rewards.view(-1, G).std(dim=1) > 0).float().mean()),
-                "kl": kl, "sample_seconds": sampled, "seconds": time.time() - t0})
-        return loss
-
-    def evaluate() -> dict[str, float]:
-        m, _ = score(val, val_ids)
-        return m
-
-    out.mkdir(parents=True, exist_ok=True)
-    write_text(out / "config.yaml", yaml.safe_dump({
-        "task": "grpo", "model": str(model_path), "data": str(data), "val_data": str(val_data or ""),
-        "test_data": str(test_data or ""), "verifier": vname,
-        "group_size": G, "max_new_tokens": max_new_tokens, "temperature": temperature, "kl_beta": kl_beta,
-        "scale_rewards": scale_rewards, "eval_limit": eval_limit, "finetune": dataclasses.asdict(cfg)},
-        sort_keys=False))
-    reset_peak_memory()
-    t0 = time.time()
-    result = fit(model, batches, steps_per_epoch, evaluate, cfg, out / "metrics.jsonl", progress, loss_fn=loss_fn,
-                 run_dir=out, resume=resume)
-    if not result.main:  # under torchrun: process 0 writes the outputs
-        return None
-    seconds = time.time() - t0
-    peak_mem = peak_memory_mb()
-
-    # --- finish ----------------------------------------------------------------------------------------------
-    after, texts = score(test, test_ids)
-    release_packed(model)
-    say(f"after: held-out accuracy {after['accuracy']:.3f}, mean completion {after['length']:.1f} tokens")
-    model_dir, adapter_dir = save_outputs(model, out, tok, str(model_path), cfg)
-    rollouts = read_rollouts(rollouts_path)
-    rows = {"train": len(train), "val": len(val), "test": len(test)}
-    write_json(out / "summary.json", {
-        "task": "grpo", "method": cfg.method, "verifier": vname,
-        "group_size": G, "kl_beta": kl_beta, "trainable_params": trainable, "total_params": total,
-        "peak_train_memory_mb": peak_mem, "baseline_memory_mb": baseline_mem, "train_seconds": seconds,
-        "steps": result.steps, "best_val": result.best, "before": before, "after": after, "rows": rows})
-    write_json(out / "completions.json", [{"prompt": p.prompt[-1]["content"], "answer": p.answer, "completion": y}
-                                          for p, y in zip(test, texts)])
-    plot_rollouts(rollouts, [r for r in result.history if r.get("split") == "val"], out / "report" / "rollouts.png")
-    samples = [(p.prompt[-1]["content"], f"completion: {y!r} | answer: {p.answer}") for p, y in
-               list(zip(test, texts))[:8]]
-    write_task_report(out, f"Reinforcement learning with verifiable rewards (GRPO): {out.name}", [
-        ("model", str(model_path)), ("data", str(data)), ("method", describe(cfg, model.config.n_layer)),
-        ("verifier / group size / KL beta", f"{vname} / {G} / {kl_beta:g}"),
-        ("trainable / total parameters", f"{trainable:,} / {total:,}"),
-        ("problems train / val / test", f"{len(train)} / {len(val)} / {len(test)}"),
-        ("training time", f"{seconds:.0f} s ({result.steps} steps)"),
-        ("peak memory while training", f"{peak_mem:,.0f} MiB"),
-        ("held-out accuracy before / after", f"{before['accuracy']:.3f} / {after['accuracy']:.3f}"),
-        ("mean completion tokens before / after", f"{before['length']:.1f} / {after['length']:.1f}"),
-    ] + samples, images=["loss.png", "rollouts.png"])
-    return GRPOResult(out, model_dir, adapter_dir, before, after, result.best, trainable, total, seconds, peak_mem,
-                      rows, rollouts)
+    """Train a decoder with GRPO on verifiable rewards (see the module notes; settings in tune/tasks.py:
+    GRPOArgs). `verifier` may also be a function (completion, problem row) -> reward."""
+    return run_task(GRPOTask, model_path, data, out, cfg, progress, resume, verifier=verifier,
+                    group_size=group_size, max_new_tokens=max_new_tokens, temperature=temperature, kl_beta=kl_beta,
+                    scale_rewards=scale_rewards, eval_limit=eval_limit, val_data=val_data and str(val_data),
+                    test_data=test_data and str(test_data))
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -8,19 +8,12 @@
 
 from __future__ import annotations
 
-import os
-import sys
-
 from torch import nn
 
 from lmforge.config import METHODS
 from lmforge.errors import ConfigError
-from lmforge.files import check_out_dir
-from lmforge.interop.peft import save_adapter
 from lmforge.nn.attention import Attention
 from lmforge.nn.lora import apply_lora, lora_targets, trainable_params
-from lmforge.runtime import current_memory_mb, lean_allocator
-from lmforge.train.checkpoint import clean_run_dir
 from lmforge.tune.freeze import freeze_all_but_top
 
 
@@ -56,48 +49,3 @@ def describe(cfg, n_layer: int) -> str:
         base = f", {cfg.quant} base" if cfg.method == "qlora" else ""
         return f"{cfg.method}, r={cfg.lora_r} alpha={cfg.lora_alpha:g} on {cfg.lora_targets}{base}"
     return cfg.method
-
-
-def save_outputs(model: nn.Module, out, tokenizer, base: str, cfg, generation_config: dict | None = None):
-    """The run's model directory (adapters merged in: any HF tool loads it; generation_config.json gains
-    `generation_config`) and, under LoRA, the adapter alone in the PEFT layout. Returns (model_dir, adapter_dir or
-    None)."""
-    from pathlib import Path
-
-    out = Path(out)
-    adapter = None
-    if cfg.method in ("lora", "qlora"):
-        adapter = save_adapter(model, out / "adapter", base_model=str(base), tokenizer=tokenizer)
-    extra = {"generation_config": generation_config} if generation_config else {}
-    return model.save_pretrained(out / "model", tokenizer=tokenizer, **extra), adapter
-
-
-
-def start_run(cfg, out, resume: bool = False) -> tuple:
-    """What every task recipe does first: a run folder that is new or empty (or, resuming, this run's own, its
-    stale temporary files removed), glibc's memory settings for a checkpointed run (before anything large is
-    allocated), and the resident memory before the model, which the run's peak is reported against. Returns
-    (out as a Path, baseline MiB)."""
-    from pathlib import Path
-
-    out = check_out_dir(Path(out))
-    if resume:
-        clean_run_dir(out)
-    elif out.exists() and any(out.iterdir()):
-        raise ConfigError(f"{out} is not empty; continue its run with --resume, or choose a new --out")
-    if cfg.grad_checkpoint:
-        lean_allocator()
-    return out, current_memory_mb()
-
-
-def say(msg: str) -> None:
-    """A progress or status line for the person running the job: stderr, so stdout stays the results (under
-    torchrun, from process 0 only)."""
-    if os.environ.get("RANK", "0") == "0":
-        print(msg, file=sys.stderr, flush=True)
-
-
-def run_footer(result) -> str:
-    """The last lines every task's summary ends with: where the adapter, the model and the report are."""
-    lines = [f"adapter (PEFT layout): {result.adapter_dir}"] if getattr(result, "adapter_dir", None) else []
-    return "\n".join(lines + [f"model: {result.model_dir}", f"report: {result.run_dir / 'report' / 'report.html'}"])

@@ -11,30 +11,23 @@
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import random
-import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
-import yaml
 
 from lmforge.config import FinetuneConfig
 from lmforge.data.qa import QAExample, QAFeatures, qa_features, read_squad, shakespeare_qa
-from lmforge.errors import DataError, ModelLoadError
+from lmforge.errors import DataError
 from lmforge.eval.qa import squad_scores
-from lmforge.files import write_json, write_text
-from lmforge.interop import load_pretrained
+from lmforge.files import write_json
 from lmforge.models.encoder import Encoder
-from lmforge.nn.lora import trainable_params
 from lmforge.predict import answer, pad_batch
-from lmforge.report import write_task_report
-from lmforge.runtime import peak_memory_mb, reset_peak_memory
-from lmforge.train.supervised import fit
-from lmforge.tune.methods import apply_method, describe, run_footer, save_outputs, say, start_run
-from lmforge.tune.tasks import QAArgs, check_args, task_config, task_max_len
+from lmforge.tune.driver import Run, Task, run_footer, run_task, say
+from lmforge.tune.tasks import QAArgs, task_max_len
 
 
 @dataclass
@@ -79,79 +72,72 @@ def load_qa_splits(data: str | Path, val_data: str | Path | None, test_data: str
     return train, val, test
 
 
+class QATask(Task):
+    name, title, needs = "qa", "Extractive QA fine-tune", "QA fine-tuning needs an encoder model"
+    model_class = Encoder
+
+    def load_data(self) -> None:
+        self.train, self.val, self.test = load_qa_splits(self.data, self.args["val_data"], self.args["test_data"],
+                                                         self.cfg.seed)
+
+    def load_model(self):
+        model, tok = super().load_model()
+        return (model if model.config.head == "qa" else model.with_head("qa")), tok
+
+    def prepare(self) -> None:
+        self.stride = self.args["stride"]
+        self.max_len = task_max_len("qa", self.cfg, self.model.config.max_seq_len)
+        self.feats: QAFeatures = qa_features(self.train, self.tok, self.max_len, self.stride)
+        say(f"data: {len(self.train)} train / {len(self.val)} validation / {len(self.test)} test questions; "
+            f"{len(self.feats.ids)} training windows of up to {self.max_len} tokens (stride {self.stride})")
+        self.steps_per_epoch = -(-len(self.feats.ids) // self.cfg.batch_size)
+        self.rows = {"train": len(self.train), "validation": len(self.val), "test": len(self.test),
+                     "train_windows": len(self.feats.ids)}
+
+    def after_method(self) -> None:
+        if self.cfg.method in ("lora", "qlora") and self.model.pooler is not None:
+            # QA reads the token states, never the pooled [CLS] vector: a "trained" pooler would get no gradient,
+            # yet be counted as trainable and copied into the adapter
+            self.model.pooler.requires_grad_(False)
+
+    def batches(self, epoch: int):
+        f, bs = self.feats, self.cfg.batch_size
+        rng = random.Random(self.cfg.seed + epoch)
+        order = list(range(len(f.ids)))
+        rng.shuffle(order)
+        for s in range(0, len(order), bs):
+            rows = order[s:s + bs]
+            b = pad_batch([f.ids[r] for r in rows], self.tok.pad_id, [f.types[r] for r in rows])
+            yield {**b, "start_positions": torch.tensor([f.start[r] for r in rows]),
+                   "end_positions": torch.tensor([f.end[r] for r in rows])}
+
+    def evaluate(self) -> dict[str, float]:
+        preds = answer(self.model, self.tok, self.val, self.max_len, self.stride)
+        return squad_scores(preds, [[t for t, _ in e.answers] for e in self.val])
+
+    def finish(self, fit) -> dict[str, Any]:
+        test = self.test
+        preds = answer(self.model, self.tok, test, self.max_len, self.stride)
+        self.scores = squad_scores(preds, [[t for t, _ in e.answers] for e in test])
+        write_json(self.out / "predictions.json", [{"id": e.id, "question": e.question, "prediction": p,
+                                                    "answers": [t for t, _ in e.answers]}
+                                                   for e, p in zip(test, preds)])
+        self.samples = [(e.question, p, e.answers[0][0] if e.answers else "") for e, p in zip(test[:8], preds[:8])]
+        return {"max_len": self.max_len, "stride": self.stride, "test": self.scores}
+
+    def report_rows(self) -> list[tuple[str, str]]:
+        return [("questions train / val / test", f"{len(self.train)} / {len(self.val)} / {len(self.test)}"),
+                ("test exact match", f"{self.scores['exact_match']:.1f}"), ("test F1", f"{self.scores['f1']:.1f}"),
+                ] + [(f"Q: {q}", f"predicted: {p!r} | gold: {g!r}") for q, p, g in self.samples]
+
+    def result(self, run: Run) -> QAResult:
+        return QAResult(run.out, run.model_dir, self.scores, run.fit.best, run.trainable, run.seconds, self.rows,
+                        run.adapter_dir)
+
+
 def finetune_qa(model_path: str | Path, data: str | Path, out: str | Path, cfg: FinetuneConfig | None = None,
                 val_data: str | Path | None = None, test_data: str | Path | None = None, stride: int = QAArgs.stride,
                 progress: bool | None = None, resume: bool = False) -> QAResult | None:
-    cfg = cfg or task_config("qa")
-    cfg.validate()
-    if cfg.metric not in ("f1", "exact_match"):
-        cfg = dataclasses.replace(cfg, metric="f1")
-    check_args("qa", stride=stride)
-    out, baseline_mem = start_run(cfg, out, resume)
-    train, val, test = load_qa_splits(data, val_data, test_data, cfg.seed)
-
-    torch.manual_seed(cfg.seed)
-    model, tok = load_pretrained(model_path, device=cfg.device)
-    if not isinstance(model, Encoder):
-        raise ModelLoadError(f"{model_path} is a {type(model).__name__}; QA fine-tuning needs an encoder model")
-    if model.config.head != "qa":
-        model = model.with_head("qa")
-    total = model.num_params()
-    trainable = apply_method(model, cfg)
-    if cfg.method in ("lora", "qlora") and model.pooler is not None:
-        # QA reads the token states, never the pooled [CLS] vector: a "trained" pooler would get no gradient,
-        # yet be counted as trainable and copied into the adapter
-        model.pooler.requires_grad_(False)
-        trainable = trainable_params(model)
-    max_len = task_max_len("qa", cfg, model.config.max_seq_len)
-    feats: QAFeatures = qa_features(train, tok, max_len, stride)
-    say(f"data: {len(train)} train / {len(val)} validation / {len(test)} test questions; "
-        f"{len(feats.ids)} training windows of up to {max_len} tokens (stride {stride})")
-
-    def batches(epoch: int):
-        rng = random.Random(cfg.seed + epoch)
-        order = list(range(len(feats.ids)))
-        rng.shuffle(order)
-        for s in range(0, len(order), cfg.batch_size):
-            rows = order[s:s + cfg.batch_size]
-            b = pad_batch([feats.ids[r] for r in rows], tok.pad_id, [feats.types[r] for r in rows])
-            yield {**b, "start_positions": torch.tensor([feats.start[r] for r in rows]),
-                   "end_positions": torch.tensor([feats.end[r] for r in rows])}
-
-    def evaluate() -> dict[str, float]:
-        preds = answer(model, tok, val, max_len, stride)
-        return squad_scores(preds, [[t for t, _ in e.answers] for e in val])
-
-    out.mkdir(parents=True, exist_ok=True)
-    write_text(out / "config.yaml", yaml.safe_dump({
-        "task": "qa", "model": str(model_path), "data": str(data), "val_data": str(val_data or ""),
-        "test_data": str(test_data or ""), "stride": stride, "finetune": dataclasses.asdict(cfg)}, sort_keys=False))
-    reset_peak_memory()
-    t0 = time.time()
-    result = fit(model, batches, -(-len(feats.ids) // cfg.batch_size), evaluate, cfg, out / "metrics.jsonl",
-                 progress, run_dir=out, resume=resume)
-    if not result.main:  # under torchrun: process 0 writes the outputs
-        return None
-    seconds = time.time() - t0
-    peak_mem = peak_memory_mb()
-    preds = answer(model, tok, test, max_len, stride)
-    scores = squad_scores(preds, [[t for t, _ in e.answers] for e in test])
-    model_dir, adapter_dir = save_outputs(model, out, tok, str(model_path), cfg)
-    rows = {"train": len(train), "validation": len(val), "test": len(test), "train_windows": len(feats.ids)}
-    write_json(out / "summary.json", {"task": "qa", "method": cfg.method, "trainable_params": trainable,
-                                      "total_params": total, "peak_train_memory_mb": peak_mem,
-                                      "baseline_memory_mb": baseline_mem,
-                                      "train_seconds": seconds, "best_val": result.best,
-                                      "test": scores, "rows": rows})
-    write_json(out / "predictions.json", [{"id": e.id, "question": e.question, "prediction": p,
-                                           "answers": [t for t, _ in e.answers]} for e, p in zip(test, preds)])
-
-    samples = [(e.question, p, e.answers[0][0] if e.answers else "") for e, p in zip(test[:8], preds[:8])]
-    write_task_report(out, f"Extractive QA fine-tune: {out.name}", [
-        ("model", str(model_path)), ("data", str(data)), ("method", describe(cfg, model.config.n_layer)),
-        ("trainable / total parameters", f"{trainable:,} / {total:,}"),
-        ("questions train / val / test", f"{len(train)} / {len(val)} / {len(test)}"),
-        ("training time", f"{seconds:.0f} s"), ("test exact match", f"{scores['exact_match']:.1f}"),
-        ("test F1", f"{scores['f1']:.1f}"),
-    ] + [(f"Q: {q}", f"predicted: {p!r} | gold: {g!r}") for q, p, g in samples])
-    return QAResult(out, model_dir, scores, result.best, trainable, seconds, rows, adapter_dir)
+    """Fine-tune an encoder for extractive QA (see the module notes; settings in tune/tasks.py: QAArgs)."""
+    return run_task(QATask, model_path, data, out, cfg, progress, resume, val_data=val_data and str(val_data),
+                    test_data=test_data and str(test_data), stride=stride)

@@ -7,15 +7,13 @@ continues with), starts the process group under torchrun, and calls the task's f
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from lmforge.errors import CheckpointError, ConfigError, LmforgeError
-from lmforge.files import check_out_dir, write_text
+from lmforge.files import check_out_dir
+from lmforge.tune.driver import RECIPE_FILE, write_recipe
 from lmforge.tune.tasks import (  # noqa: F401  (the declarations, re-exported for the CLI and older imports)
     APPLIES,
     FIELDS,
@@ -74,8 +72,7 @@ def finetune(task: str, recipe: str | Path | None = None, flags: dict[str, Any] 
         if not resume and not created and any(out.iterdir()):
             raise ConfigError(f"{out} is not empty; continue its run with --resume, or choose a new --out")
         args["out"] = str(out)
-        write_text(out / RECIPE_FILE, yaml.safe_dump({"task": task, **dataclasses.asdict(cfg), **args},
-                                                     sort_keys=False))
+        write_recipe(out, task, cfg, args)
     if env is not None:
         env.barrier()
     args["out"] = str(out)
@@ -93,9 +90,6 @@ def finetune(task: str, recipe: str | Path | None = None, flags: dict[str, Any] 
             from lmforge.train.distributed import shutdown
 
             shutdown(env)
-
-
-RECIPE_FILE = "recipe.yaml"
 
 
 def _classify():

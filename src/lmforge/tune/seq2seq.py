@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import random
 import time
@@ -25,24 +24,22 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import yaml
 
 from lmforge.config import SEQ2SEQ_PRESETS, FinetuneConfig, seq2seq_config
 from lmforge.data.pairs import held_out_by_group, read_pairs, truncation_report
 from lmforge.data.sword import DEFAULT_TEST_BOOKS, DEFAULT_VAL_BOOKS
 from lmforge.errors import ConfigError, ModelLoadError
 from lmforge.eval.generation import seq2seq_scores
-from lmforge.files import write_json, write_text
+from lmforge.files import write_text
 from lmforge.generate.seq2seq import Seq2SeqParams, generate_seq2seq
 from lmforge.interop import load_pretrained
 from lmforge.models.seq2seq import Seq2SeqLM
-from lmforge.report import write_task_report
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.distributed import from_rank0
 from lmforge.train.optim import build_optimizer
-from lmforge.train.supervised import fit, length_buckets
-from lmforge.tune.methods import apply_method, describe, run_footer, save_outputs, say, start_run
-from lmforge.tune.tasks import Seq2SeqArgs, check_args, task_config, task_max_len
+from lmforge.train.supervised import length_buckets
+from lmforge.tune.driver import Run, Task, run_footer, run_task, say
+from lmforge.tune.tasks import Seq2SeqArgs, task_max_len
 
 
 @dataclass
@@ -145,6 +142,106 @@ def encode_pairs(tok, sources: list[str], targets: list[str], prefix: str, max_s
             tgt_lens)
 
 
+class Seq2SeqTask(Task):
+    name, title = "seq2seq", "Seq2seq fine-tune"
+
+    def check(self) -> None:
+        if self.cfg.method not in ("full", "lora", "qlora"):
+            raise ConfigError(f"method {self.cfg.method!r} is not available for seq2seq models; use full or lora")
+
+    def load_data(self) -> None:
+        a = self.args
+        self.sp = load_splits(self.data, a["source_col"], a["target_col"], a["val_data"], a["test_data"],
+                              a["val_fraction"], a["test_fraction"], self.cfg.seed)
+        sp = self.sp
+        say(f"data: {len(sp.train):,} train / {len(sp.val):,} validation / {len(sp.test):,} test pairs, split "
+            f"{sp.how}")
+
+    def load_model(self):
+        model, tok, self.scratch = build_model(self.model_path, self.sp.train.sources + self.sp.train.targets,
+                                               self.cfg.device, self.out)
+        return model, tok
+
+    def prepare(self) -> None:
+        cfg, a, sp, tok, c = self.cfg, self.args, self.sp, self.tok, self.model.config
+        self.max_source = task_max_len("seq2seq", cfg, c.max_seq_len)
+        self.max_target = min(a["max_target_len"] or self.max_source, c.max_seq_len)
+        self.src, self.tgt, src_lens, tgt_lens = encode_pairs(tok, sp.train.sources, sp.train.targets, a["prefix"],
+                                                              self.max_source, self.max_target, c.eos_token_id)
+        for warning in (truncation_report(tgt_lens, self.max_target, "targets"),
+                        truncation_report(src_lens, self.max_source, "sources")):
+            if warning:
+                say(f"warning: {warning}")
+        self.vsrc, self.vtgt, _, _ = encode_pairs(tok, sp.val.sources, sp.val.targets, a["prefix"], self.max_source,
+                                                  self.max_target, c.eos_token_id)
+        self.gen_len = a["max_new_tokens"] or self.max_target
+        self.steps_per_epoch = -(-len(self.src) // cfg.batch_size)
+        self.generation_config = {"num_beams": a["num_beams"], "max_new_tokens": self.gen_len}
+        self.rows = {"train": len(sp.train), "validation": len(sp.val), "test": len(sp.test),
+                     "empty_dropped": sp.train.dropped_empty,
+                     "sources_truncated": sum(n > self.max_source for n in src_lens),
+                     "targets_truncated": sum(n > self.max_target for n in tgt_lens)}
+
+    def describe_method(self) -> str:
+        return super().describe_method() + (", from scratch" if self.scratch else "")
+
+    def after_method(self) -> None:
+        budget = self.args["time_budget"]
+        if budget:  # a fixed wall-clock budget: measure a few steps, then size the epochs to fit
+            # (under torchrun process 0's sizing, so every process trains the same number of steps)
+            self.cfg.epochs = from_rank0(budget_epochs(self.model, self.batches, self.steps_per_epoch, budget,
+                                                       self.cfg))
+            say(f"time budget {budget:.0f} s: {self.cfg.epochs:.2f} epochs")
+
+    def batches(self, epoch: int):
+        """Shuffled, then bucketed by source and target length (little padding per batch)."""
+        src, tgt = self.src, self.tgt
+        for idx in length_buckets(len(src), lambda i: (len(src[i]), len(tgt[i])), self.cfg.batch_size,
+                                  self.cfg.seed + epoch):
+            yield collate([src[i] for i in idx], [tgt[i] for i in idx], self.model.config.pad_token_id)
+
+    def evaluate(self) -> dict[str, float]:
+        val = self.sp.val
+        loss = pair_loss(self.model, self.vsrc, self.vtgt, self.model.config.pad_token_id, self.cfg.batch_size)
+        hyps = generate_seq2seq(self.model, self.tok, val.sources[:200], Seq2SeqParams(max_new_tokens=self.gen_len),
+                                prefix=self.args["prefix"], batch_size=64, max_source_len=self.max_source)
+        s = seq2seq_scores(hyps, val.targets[:200])
+        return {"neg_loss": -loss, "loss": loss, "ppl": math.exp(min(loss, 50)), "bleu_greedy": s["bleu"],
+                "chrf_greedy": s["chrf"]}
+
+    def finish(self, fit) -> dict[str, Any]:
+        a, test = self.args, self.sp.test
+        n = self.n_test = min(len(test), a["eval_limit"] or len(test))
+        t1 = time.time()
+        hyps = generate_seq2seq(self.model, self.tok, test.sources[:n],
+                                Seq2SeqParams(max_new_tokens=self.gen_len, num_beams=a["num_beams"]),
+                                prefix=a["prefix"], batch_size=32, max_source_len=self.max_source,
+                                progress=bool(self.progress))
+        self.test_m = seq2seq_scores(hyps, test.targets[:n])
+        self.test_m["n"] = n
+        self.test_m["decode_seconds"] = round(time.time() - t1, 1)
+        self.samples = [{"source": s, "reference": r, "prediction": h}
+                        for s, r, h in zip(test.sources[:n], test.targets[:n], hyps)]
+        write_text(self.out / "predictions.jsonl", "".join(_json(d) + "\n" for d in self.samples))
+        return {"from_scratch": self.scratch, "epochs": self.cfg.epochs, "max_target_len": self.max_target,
+                "test": self.test_m, "split": self.sp.how}
+
+    def report_rows(self) -> list[tuple[str, str]]:
+        sp, t = self.sp, self.test_m
+        return [("pairs train / val / test", f"{len(sp.train):,} / {len(sp.val):,} / {len(sp.test):,}"),
+                ("split", sp.how), ("epochs", f"{self.cfg.epochs:.2f}"),
+                ("best validation loss", f"{self.best.get('loss', float('nan')):.4f}"),
+                (f"test BLEU / chrF (beam {self.args['num_beams']}, {self.n_test} pairs)",
+                 f"{t['bleu']:.2f} / {t['chrf']:.2f}"),
+                ("test ROUGE-1 / 2 / L", f"{t['rouge1']:.2f} / {t['rouge2']:.2f} / {t['rougeL']:.2f}"),
+                ] + [(f"sample {i + 1}", f"{d['source']}  →  {d['prediction']}  (reference: {d['reference']})")
+                     for i, d in enumerate(self.samples[:8])]
+
+    def result(self, run: Run) -> Seq2SeqResult:
+        return Seq2SeqResult(run.out, run.model_dir, self.test_m, run.fit.best, run.seconds, self.rows,
+                             self.samples[:20], run.adapter_dir)
+
+
 def finetune_seq2seq(
     model_path: str | Path,
     data: str | Path,
@@ -164,109 +261,14 @@ def finetune_seq2seq(
     time_budget: float | None = None,
     progress: bool | None = None,
     resume: bool = False,
-) -> Seq2SeqResult:
-    cfg = cfg or task_config("seq2seq", model=str(model_path))
-    cfg.validate()
-    check_args("seq2seq", val_fraction=val_fraction, test_fraction=test_fraction, max_target_len=max_target_len,
-               num_beams=num_beams, max_new_tokens=max_new_tokens, eval_limit=eval_limit, time_budget=time_budget)
-    if cfg.method not in ("full", "lora", "qlora"):
-        raise ConfigError(f"method {cfg.method!r} is not available for seq2seq models; use full or lora")
-    out, _ = start_run(cfg, out, resume)
-
-    # --- data ------------------------------------------------------------------------------------------------
-    sp = load_splits(str(data), source_col, target_col, val_data and str(val_data), test_data and str(test_data),
-                     val_fraction, test_fraction, cfg.seed)
-    say(f"data: {len(sp.train):,} train / {len(sp.val):,} validation / {len(sp.test):,} test pairs, split {sp.how}")
-
-    # --- model -----------------------------------------------------------------------------------------------
-    torch.manual_seed(cfg.seed)
-    model, tok, scratch = build_model(str(model_path), sp.train.sources + sp.train.targets, cfg.device, out)
-    c = model.config
-    max_source = task_max_len("seq2seq", cfg, c.max_seq_len)
-    max_target = min(max_target_len or max_source, c.max_seq_len)
-    src, tgt, src_lens, tgt_lens = encode_pairs(tok, sp.train.sources, sp.train.targets, prefix, max_source, max_target,
-                                          c.eos_token_id)
-
-    cut_s, cut_t = sum(n > max_source for n in src_lens), sum(n > max_target for n in tgt_lens)
-    for warning in (truncation_report(tgt_lens, max_target, "targets"),
-                    truncation_report(src_lens, max_source, "sources")):
-        if warning:
-            say(f"warning: {warning}")
-    vsrc, vtgt, _, _ = encode_pairs(tok, sp.val.sources, sp.val.targets, prefix, max_source, max_target,
-                                    c.eos_token_id)
-    total = model.num_params()
-    trainable = apply_method(model, cfg)
-
-    def batches(epoch: int):
-        """Shuffled, then bucketed by source and target length (little padding per batch)."""
-        for idx in length_buckets(len(src), lambda i: (len(src[i]), len(tgt[i])), cfg.batch_size,
-                                  cfg.seed + epoch):
-            yield collate([src[i] for i in idx], [tgt[i] for i in idx], c.pad_token_id)
-
-    gen_len = max_new_tokens or max_target
-
-    def evaluate() -> dict[str, float]:
-        loss = pair_loss(model, vsrc, vtgt, c.pad_token_id, cfg.batch_size)
-        hyps = generate_seq2seq(model, tok, sp.val.sources[:200], Seq2SeqParams(max_new_tokens=gen_len),
-                                prefix=prefix, batch_size=64, max_source_len=max_source)
-        s = seq2seq_scores(hyps, sp.val.targets[:200])
-        return {"neg_loss": -loss, "loss": loss, "ppl": math.exp(min(loss, 50)), "bleu_greedy": s["bleu"],
-                "chrf_greedy": s["chrf"]}
-
-    # --- train -----------------------------------------------------------------------------------------------
-    out.mkdir(parents=True, exist_ok=True)
-    write_text(out / "config.yaml", yaml.safe_dump({
-        "task": "seq2seq", "model": str(model_path), "from_scratch": scratch, "data": str(data),
-        "val_data": str(val_data or ""), "test_data": str(test_data or ""), "source_col": source_col,
-        "target_col": target_col, "prefix": prefix, "split": sp.how, "max_target_len": max_target,
-        "num_beams": num_beams, "model_config": dataclasses.asdict(c), "finetune": dataclasses.asdict(cfg)},
-        sort_keys=False, allow_unicode=True))
-    say(f"model: {total:,} parameters, {trainable:,} trainable ({describe(cfg, c.n_layer)})"
-        + (", from scratch" if scratch else ""))
-    steps_per_epoch = -(-len(src) // cfg.batch_size)
-    if time_budget:  # a fixed wall-clock budget: measure a few steps, then size the epochs to fit
-        # (under torchrun process 0's sizing, so every process trains the same number of steps)
-        cfg.epochs = from_rank0(budget_epochs(model, batches, steps_per_epoch, time_budget, cfg))
-        say(f"time budget {time_budget:.0f} s: {cfg.epochs:.2f} epochs")
-    t0 = time.time()
-    result = fit(model, batches, steps_per_epoch, evaluate, cfg, out / "metrics.jsonl", progress, run_dir=out,
-                 resume=resume)
-    if not result.main:  # under torchrun: process 0 writes the outputs
-        return None
-    seconds = time.time() - t0
-
-    # --- finish ----------------------------------------------------------------------------------------------
-    n_test = min(len(sp.test), eval_limit or len(sp.test))
-    params = Seq2SeqParams(max_new_tokens=gen_len, num_beams=num_beams)
-    t1 = time.time()
-    hyps = generate_seq2seq(model, tok, sp.test.sources[:n_test], params, prefix=prefix, batch_size=32,
-                            max_source_len=max_source, progress=bool(progress))
-    test_m = seq2seq_scores(hyps, sp.test.targets[:n_test])
-    test_m["n"] = n_test
-    test_m["decode_seconds"] = round(time.time() - t1, 1)
-    samples = [{"source": s, "reference": r, "prediction": h}
-               for s, r, h in zip(sp.test.sources[:n_test], sp.test.targets[:n_test], hyps)]
-    write_text(out / "predictions.jsonl", "".join(_json(d) + "\n" for d in samples))
-    gen_cfg = {"num_beams": num_beams, "max_new_tokens": gen_len}
-    model_dir, adapter_dir = save_outputs(model, out, tok, str(model_path), cfg, generation_config=gen_cfg)
-    rows = {"train": len(sp.train), "validation": len(sp.val), "test": len(sp.test),
-            "empty_dropped": sp.train.dropped_empty, "sources_truncated": cut_s, "targets_truncated": cut_t}
-    write_json(out / "summary.json", {"task": "seq2seq", "method": cfg.method, "trainable_params": trainable,
-                                      "total_params": total, "from_scratch": scratch, "train_seconds": seconds,
-                                      "steps": result.steps, "epochs": cfg.epochs, "best_val": result.best,
-                                      "test": test_m, "rows": rows, "split": sp.how})
-
-    write_task_report(out, f"Seq2seq fine-tune: {out.name}", [
-        ("model", str(model_path) + (" (from scratch)" if scratch else "")),
-        ("method", describe(cfg, c.n_layer)), ("trainable / total parameters", f"{trainable:,} / {total:,}"),
-        ("pairs train / val / test", f"{len(sp.train):,} / {len(sp.val):,} / {len(sp.test):,}"),
-        ("split", sp.how), ("training time", f"{seconds:.0f} s ({result.steps} steps, {cfg.epochs:.2f} epochs)"),
-        ("best validation loss", f"{result.best.get('loss', float('nan')):.4f}"),
-        (f"test BLEU / chrF (beam {num_beams}, {n_test} pairs)", f"{test_m['bleu']:.2f} / {test_m['chrf']:.2f}"),
-        ("test ROUGE-1 / 2 / L", f"{test_m['rouge1']:.2f} / {test_m['rouge2']:.2f} / {test_m['rougeL']:.2f}"),
-    ] + [(f"sample {i + 1}", f"{d['source']}  →  {d['prediction']}  (reference: {d['reference']})")
-         for i, d in enumerate(samples[:8])])
-    return Seq2SeqResult(out, Path(model_dir), test_m, result.best, seconds, rows, samples[:20], adapter_dir)
+) -> Seq2SeqResult | None:
+    """Fine-tune an encoder-decoder, or train one from a preset (see the module notes; settings in
+    tune/tasks.py: Seq2SeqArgs)."""
+    return run_task(Seq2SeqTask, model_path, data, out, cfg, progress, resume, source_col=source_col,
+                    target_col=target_col, prefix=prefix, val_data=val_data and str(val_data),
+                    test_data=test_data and str(test_data), val_fraction=val_fraction, test_fraction=test_fraction,
+                    max_target_len=max_target_len, num_beams=num_beams, max_new_tokens=max_new_tokens,
+                    eval_limit=eval_limit, time_budget=time_budget)
 
 
 def collate(sources: list[list[int]], targets: list[list[int]], pad: int) -> dict[str, torch.Tensor]:

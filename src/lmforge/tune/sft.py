@@ -12,29 +12,24 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
-import yaml
 
 from lmforge.config import FinetuneConfig
 from lmforge.data.chat import Messages, chatterbot_chat, held_out_splits, pack, read_chat, tokenize_chat
-from lmforge.errors import DataError, ModelLoadError
+from lmforge.errors import DataError
 from lmforge.eval.generation import reference_scores
-from lmforge.files import write_json, write_text
+from lmforge.files import write_json
 from lmforge.generate.chat import reply_all
-from lmforge.interop import load_pretrained
 from lmforge.models.decoder import DecoderLM
-from lmforge.report import write_task_report
-from lmforge.runtime import peak_memory_mb, reset_peak_memory
-from lmforge.train.supervised import fit
-from lmforge.tune.methods import apply_method, check_method, describe, run_footer, save_outputs, say, start_run
-from lmforge.tune.tasks import ChatArgs, check_args, task_config, task_max_len
+from lmforge.tune.driver import Run, Task, run_footer, run_task, say
+from lmforge.tune.tasks import ChatArgs, task_max_len
 
 
 @dataclass
@@ -109,6 +104,83 @@ def token_loss(model: torch.nn.Module, rows: list[dict[str, list[int]]], pad_id:
     return total / max(n, 1)
 
 
+class ChatTask(Task):
+    name, title, needs = "chat", "Instruction tuning", "chat fine-tuning needs a decoder model"
+    model_class = DecoderLM
+
+    def load_data(self) -> None:
+        self.train, self.val, self.test = load_chat_splits(self.data, self.args["val_data"],
+                                                           self.args["test_data"], self.cfg.seed)
+
+    def prepare(self) -> None:
+        cfg, a, tok = self.cfg, self.args, self.tok
+        max_len = task_max_len("chat", cfg, self.model.config.max_seq_len)
+        tokenized = {}
+        for name, convs in (("train", self.train), ("val", self.val)):
+            ex = [tokenize_chat(tok, c, max_len) for c in convs]
+            tokenized[name] = [e for e in ex if e is not None]
+        if not tokenized["train"]:
+            raise DataError(f"no training conversation keeps an assistant token within max_len {max_len}")
+        self.rows_train = pack(tokenized["train"], max_len) if a["packing"] else [
+            {"input_ids": i, "labels": lab, "segment": [1] * len(i), "position_ids": list(range(len(i)))}
+            for i, lab in tokenized["train"]]
+        self.rows_val = [{"input_ids": i, "labels": lab, "segment": [1] * len(i), "position_ids": list(range(len(i)))}
+                         for i, lab in tokenized["val"]]
+        self.prompts, self.refs = first_reply_prompts(self.test)
+        if a["eval_limit"] is not None:
+            self.prompts, self.refs = self.prompts[:a["eval_limit"]], self.refs[:a["eval_limit"]]
+        n_tok = sum(len(i) for i, _ in tokenized["train"])
+        say(f"data: {len(self.train)} train / {len(self.val)} validation / {len(self.test)} test conversations; "
+            f"{n_tok:,} training tokens in {len(self.rows_train)} rows of up to {max_len}"
+            + (" (packed)" if a["packing"] else ""))
+        self.steps_per_epoch = -(-len(self.rows_train) // cfg.batch_size)
+        self.rows = {"train": len(self.train), "validation": len(self.val), "test": len(self.test),
+                     "test_questions": len(self.prompts), "train_rows": len(self.rows_train), "train_tokens": n_tok}
+        self.before: dict[str, float] = {}
+        if a["eval_before"] and self.prompts:  # the starting model's replies, before the method's transform
+            t = time.time()
+            self.before = reference_scores(reply_all(self.model, tok, self.prompts, a["max_new_tokens"]), self.refs)
+            say(f"before: held-out replies {_fmt(self.before)}  ({len(self.prompts)} questions, "
+                f"{time.time() - t:.0f} s)")
+
+    def batches(self, epoch: int):
+        rng = random.Random(self.cfg.seed + epoch)
+        order = list(range(len(self.rows_train)))
+        rng.shuffle(order)
+        for s in range(0, len(order), self.cfg.batch_size):
+            yield collate([self.rows_train[i] for i in order[s:s + self.cfg.batch_size]], self.tok.pad_id)
+
+    def evaluate(self) -> dict[str, float]:
+        loss = token_loss(self.model, self.rows_val, self.tok.pad_id, self.cfg.batch_size)
+        return {"loss": loss, "ppl": math.exp(min(loss, 50)), "neg_loss": -loss}
+
+    def finish(self, fit) -> dict[str, Any]:
+        prompts, refs = self.prompts, self.refs
+        self.replies = reply_all(self.model, self.tok, prompts, self.args["max_new_tokens"]) if prompts else []
+        self.after = reference_scores(self.replies, refs) if prompts else {}
+        if self.after:
+            say(f"after: held-out replies {_fmt(self.after)}")
+        write_json(self.out / "replies.json", [{"prompt": p, "references": r, "reply": y}
+                                               for p, r, y in zip(prompts, refs, self.replies)])
+        return {"before": self.before, "after": self.after}
+
+    def report_rows(self) -> list[tuple[str, str]]:
+        samples = [(p[-1]["content"], f"reply: {y!r} | reference: {r[0]!r}"
+                    + (f" (+{len(r) - 1} more)" if len(r) > 1 else ""))
+                   for p, r, y in list(zip(self.prompts, self.refs, self.replies))[:8]]
+        return [("conversations train / val / test", f"{len(self.train)} / {len(self.val)} / {len(self.test)}"),
+                ("held-out replies before", _fmt(self.before) or "not run"),
+                ("held-out replies after", _fmt(self.after) or "not run")] + samples
+
+    def result(self, run: Run) -> ChatResult:
+        return ChatResult(run.out, run.model_dir, run.adapter_dir, self.before, self.after, run.fit.best,
+                          run.trainable, run.total, run.seconds, run.peak_mb, self.rows)
+
+
+def _fmt(m: dict[str, float]) -> str:
+    return f"EM {m['exact_match']:.1f}  F1 {m['f1']:.1f}  ROUGE-L {m['rougeL']:.1f}" if m else ""
+
+
 def finetune_chat(
     model_path: str | Path,
     data: str | Path,
@@ -123,106 +195,7 @@ def finetune_chat(
     progress: bool | None = None,
     resume: bool = False,
 ) -> ChatResult | None:
-    cfg = cfg or task_config("chat")
-    if cfg.metric == "accuracy":
-        cfg = dataclasses.replace(cfg, metric="neg_loss")
-    cfg.validate()
-    check_args("chat", max_new_tokens=max_new_tokens, eval_limit=eval_limit)
-    out, baseline_mem = start_run(cfg, out, resume)
-
-    # --- data ------------------------------------------------------------------------------------------------
-    train, val, test = load_chat_splits(data, val_data, test_data, cfg.seed)
-    torch.manual_seed(cfg.seed)
-    model, tok = load_pretrained(model_path, device=cfg.device)
-    if not isinstance(model, DecoderLM):
-        raise ModelLoadError(f"{model_path} is a {type(model).__name__}; chat fine-tuning needs a decoder model")
-    check_method(model, cfg)
-    max_len = task_max_len("chat", cfg, model.config.max_seq_len)
-    tokenized = {}
-    for name, convs in (("train", train), ("val", val)):
-        ex = [tokenize_chat(tok, c, max_len) for c in convs]
-        tokenized[name] = [e for e in ex if e is not None]
-    if not tokenized["train"]:
-        raise DataError(f"no training conversation keeps an assistant token within max_len {max_len}")
-    rows_train = pack(tokenized["train"], max_len) if packing else [
-        {"input_ids": i, "labels": lab, "segment": [1] * len(i), "position_ids": list(range(len(i)))}
-        for i, lab in tokenized["train"]]
-    rows_val = [{"input_ids": i, "labels": lab, "segment": [1] * len(i), "position_ids": list(range(len(i)))}
-                for i, lab in tokenized["val"]]
-    prompts, refs = first_reply_prompts(test)
-    if eval_limit is not None:
-        prompts, refs = prompts[:eval_limit], refs[:eval_limit]
-    n_tok = sum(len(i) for i, _ in tokenized["train"])
-    say(f"data: {len(train)} train / {len(val)} validation / {len(test)} test conversations; {n_tok:,} training "
-        f"tokens in {len(rows_train)} rows of up to {max_len}" + (" (packed)" if packing else ""))
-
-    # --- before ----------------------------------------------------------------------------------------------
-    before: dict[str, float] = {}
-    if eval_before and prompts:
-        t = time.time()
-        before = reference_scores(reply_all(model, tok, prompts, max_new_tokens), refs)
-        say(f"before: held-out replies EM {before['exact_match']:.1f}  F1 {before['f1']:.1f}  ROUGE-L "
-            f"{before['rougeL']:.1f}  ({len(prompts)} questions, {time.time() - t:.0f} s)")
-
-    # --- model -----------------------------------------------------------------------------------------------
-    total = model.num_params()
-    trainable = apply_method(model, cfg)
-    say(f"model: {total:,} parameters, {trainable:,} trainable ({describe(cfg, model.config.n_layer)})")
-
-    def batches(epoch: int):
-        rng = random.Random(cfg.seed + epoch)
-        order = list(range(len(rows_train)))
-        rng.shuffle(order)
-        for s in range(0, len(order), cfg.batch_size):
-            yield collate([rows_train[i] for i in order[s:s + cfg.batch_size]], tok.pad_id)
-
-    def evaluate() -> dict[str, float]:
-        loss = token_loss(model, rows_val, tok.pad_id, cfg.batch_size)
-        return {"loss": loss, "ppl": math.exp(min(loss, 50)), "neg_loss": -loss}
-
-    out.mkdir(parents=True, exist_ok=True)
-    write_text(out / "config.yaml", yaml.safe_dump({
-        "task": "chat", "model": str(model_path), "data": str(data), "val_data": str(val_data or ""),
-        "test_data": str(test_data or ""), "packing": packing, "max_new_tokens": max_new_tokens,
-        "finetune": dataclasses.asdict(cfg)}, sort_keys=False))
-    reset_peak_memory()
-    t0 = time.time()
-    result = fit(model, batches, -(-len(rows_train) // cfg.batch_size), evaluate, cfg, out / "metrics.jsonl",
-                 progress, run_dir=out, resume=resume)
-    if not result.main:  # under torchrun: process 0 writes the outputs
-        return None
-    seconds = time.time() - t0
-    peak_mem = peak_memory_mb()
-
-    # --- finish ----------------------------------------------------------------------------------------------
-    replies = reply_all(model, tok, prompts, max_new_tokens) if prompts else []
-    after = reference_scores(replies, refs) if prompts else {}
-    if after:
-        say(f"after: held-out replies EM {after['exact_match']:.1f}  F1 {after['f1']:.1f}  ROUGE-L "
-            f"{after['rougeL']:.1f}")
-    model_dir, adapter_dir = save_outputs(model, out, tok, str(model_path), cfg)
-    rows = {"train": len(train), "validation": len(val), "test": len(test), "test_questions": len(prompts),
-            "train_rows": len(rows_train), "train_tokens": n_tok}
-    write_json(out / "summary.json", {
-        "task": "chat", "method": cfg.method, "trainable_params": trainable, "total_params": total,
-        "peak_train_memory_mb": peak_mem, "baseline_memory_mb": baseline_mem,
-        "train_seconds": seconds, "steps": result.steps,
-        "best_val": result.best, "before": before, "after": after, "rows": rows})
-    write_json(out / "replies.json", [{"prompt": p, "references": r, "reply": y}
-                                      for p, r, y in zip(prompts, refs, replies)])
-
-    def fmt(m: dict[str, float]) -> str:
-        return f"EM {m['exact_match']:.1f} / F1 {m['f1']:.1f} / ROUGE-L {m['rougeL']:.1f}" if m else "not run"
-
-    samples = [(p[-1]["content"], f"reply: {y!r} | reference: {r[0]!r}" + (f" (+{len(r) - 1} more)" if len(r) > 1
-                                                                           else ""))
-               for p, r, y in list(zip(prompts, refs, replies))[:8]]
-    write_task_report(out, f"Instruction tuning: {out.name}", [
-        ("model", str(model_path)), ("data", str(data)), ("method", describe(cfg, model.config.n_layer)),
-        ("trainable / total parameters", f"{trainable:,} / {total:,}"),
-        ("conversations train / val / test", f"{len(train)} / {len(val)} / {len(test)}"),
-        ("training time", f"{seconds:.0f} s"), ("peak memory while training", f"{peak_mem:,.0f} MiB"),
-        ("held-out replies before", fmt(before)), ("held-out replies after", fmt(after)),
-    ] + samples)
-    return ChatResult(out, model_dir, adapter_dir, before, after, result.best, trainable, total, seconds, peak_mem,
-                      rows)
+    """Instruction-tune a decoder on chat data (see the module notes; settings in tune/tasks.py: ChatArgs)."""
+    return run_task(ChatTask, model_path, data, out, cfg, progress, resume, val_data=val_data and str(val_data),
+                    test_data=test_data and str(test_data), packing=packing, eval_before=eval_before,
+                    max_new_tokens=max_new_tokens, eval_limit=eval_limit)
