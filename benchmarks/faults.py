@@ -1,18 +1,21 @@
 """kill -9 trials: every long run of lmforge survives being killed at any moment and resumes bitwise.
 
 For each job (pre-training with each objective: causal LM, masked LM + next-sentence prediction, span corruption;
-`finetune` classify, qa, chat, dpo and seq2seq from scratch; all on tiny models over real packaged text) the
-job first runs uninterrupted once (the reference). Then each trial starts it afresh, kills the whole process with
-SIGKILL at a random moment (every other trial waits for a checkpoint write to begin, polling for its temporary
-folder, and kills inside it), and runs the same command with `--resume` until it finishes. A trial is
+`finetune` classify, qa, chat, dpo, seq2seq from scratch (`seq2seq`) and from a saved model directory
+(`seq2seq-ckpt`), and grpo (LoRA + KL penalty on the built-in arithmetic problems, sampling every step, a checkpoint
+every 2 steps); all on tiny models over real packaged text) the job first runs uninterrupted once (the reference).
+Then each trial starts it afresh, kills the whole process with SIGKILL at a random moment (every other trial waits
+for a checkpoint write to begin, polling for its temporary folder, and kills inside it), and runs the same command
+with `--resume` until it finishes. A trial is
 
     resumed      the --resume run exited 0
     identical    its final model.safetensors is byte-for-byte the reference's, and so is every metrics record
-                 (wall-clock fields aside)
+                 and (GRPO) every rollouts.jsonl record of samples and rewards (wall-clock fields aside)
     leftovers    temporary files or folders from an interrupted write still present after the resume
 
     .venv/bin/python benchmarks/faults.py                    # 10 trials per job
     TRIALS=3 JOBS=pretrain .venv/bin/python benchmarks/faults.py
+    TRIALS=2 JOBS=grpo,seq2seq-ckpt .venv/bin/python benchmarks/faults.py
 
 tests/test_faults.py runs a short version (`run_job` with a few trials).
 """
@@ -37,7 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import table, write_labelled_csv  # noqa: E402
 from lmforge.runtime import cpu_model  # noqa: E402
 
-CLOCK_FIELDS = {"time", "tok_per_s", "mfu", "seconds"}  # wall-clock measurements: differ between any two runs
+# wall-clock measurements: differ between any two runs
+CLOCK_FIELDS = {"time", "tok_per_s", "mfu", "seconds", "sample_seconds"}
 
 
 def _cli(*args: str) -> list[str]:
@@ -189,21 +193,80 @@ def dpo_job(work: Path) -> list[str]:
             "--set", "log_every=2"]
 
 
-def seq2seq_job(work: Path) -> list[str]:
-    """A tiny T5 from scratch (its vocabulary trained in the run, once: a resumed run reads it back)."""
+def _pairs(work: Path) -> Path:
     from lmforge.data.chat import chatterbot_chat
 
     rows = chatterbot_chat(seed=0)["train"][:160]
     with open(work / "pairs.jsonl", "w", encoding="utf-8") as f:
         for m in rows:
             f.write(json.dumps({"source": m[0]["content"], "target": m[1]["content"]}) + "\n")
-    return ["finetune", "seq2seq", "--model", "t5-tiny", "--data", str(work / "pairs.jsonl"), "--epochs", "2",
+    return work / "pairs.jsonl"
+
+
+def seq2seq_job(work: Path) -> list[str]:
+    """A tiny T5 from scratch (its vocabulary trained in the run, once: a resumed run reads it back)."""
+    return ["finetune", "seq2seq", "--model", "t5-tiny", "--data", str(_pairs(work)), "--epochs", "2",
             "--batch-size", "16", "--max-len", "48", "--eval-limit", "4", "--num-beams", "1", "--set",
             "ckpt_every=3", "--set", "eval_every=8", "--set", "log_every=2"]
 
 
+def seq2seq_ckpt_job(work: Path) -> list[str]:
+    """A tiny T5 fine-tuned from a model directory (the resumed run loads the same directory again): its Unigram
+    vocabulary trained on the pairs and its initial weights saved once, before the reference run."""
+    from lmforge.config import seq2seq_config
+    from lmforge.models.seq2seq import Seq2SeqLM
+    from lmforge.tokenizer import Tokenizer
+
+    data = _pairs(work)
+    rows = [json.loads(line) for line in data.read_text(encoding="utf-8").splitlines()]
+    tok = Tokenizer.train_unigram([r["source"] for r in rows] + [r["target"] for r in rows], vocab_size=512)
+    torch.manual_seed(0)
+    Seq2SeqLM(seq2seq_config("t5-tiny", vocab_size=tok.vocab_size, pad_token_id=tok.pad_id, eos_token_id=tok.eos_id,
+                             decoder_start_token_id=tok.pad_id, dropout=0.1)
+              ).save_pretrained(work / "t5", tokenizer=tok)
+    return ["finetune", "seq2seq", "--model", str(work / "t5"), "--data", str(data), "--epochs", "2",
+            "--batch-size", "16", "--lr", "3e-3", "--max-len", "48", "--eval-limit", "4", "--num-beams", "1",
+            "--set", "ckpt_every=3", "--set", "eval_every=8", "--set", "log_every=2"]
+
+
+def grpo_job(work: Path) -> list[str]:
+    """GRPO (LoRA with dropout, a KL penalty to the starting model) on the built-in arithmetic problems whose answer
+    is one digit, with a tiny decoder over a word-level vocabulary of 30 tokens (as tests/test_grpo.py's: the ten
+    digits one token each, so a random policy earns a reward often enough for most groups to carry a gradient). A
+    checkpoint every 2 steps."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models, pre_tokenizers
+
+    from lmforge.config import model_config
+    from lmforge.data.arith import arith_splits
+    from lmforge.models.decoder import DecoderLM
+    from lmforge.tokenizer import Tokenizer
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    words = ["[UNK]", "user", "assistant", "system", *"0123456789", "What", "is", "plus", "minus", "times", "How",
+             "many", "Answer", "with", "the", "final", "number", "only"]
+    hf = HFTokenizer(models.WordLevel({w: i for i, w in enumerate(specials + words)}, unk_token="[UNK]"))
+    hf.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), pre_tokenizers.Digits(True)])
+    hf.add_special_tokens(specials)
+    tok = Tokenizer(hf, eos_token="<|endoftext|>")
+    torch.manual_seed(0)
+    DecoderLM(model_config("bench-llama", vocab_size=tok.vocab_size, n_layer=2, n_head=4, n_kv_head=2, d_model=32,
+                           d_ff=64, max_seq_len=96, dropout=0.1, eos_token_id=tok.eos_id)
+              ).save_pretrained(work / "decoder", tokenizer=tok)
+    s = arith_splits(0, train=400, val=60, test=60)
+    for name, n in (("train", 40), ("val", 6), ("test", 6)):
+        rows = [p.row() for p in s[name] if len(p.answer) == 1][:n]
+        (work / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return ["finetune", "grpo", "--model", str(work / "decoder"), "--data", str(work / "train.jsonl"), "--val-data",
+            str(work / "val.jsonl"), "--test-data", str(work / "test.jsonl"), "--method", "lora", "--lora-targets",
+            "all", "--lora-dropout", "0.1", "--kl-beta", "0.1", "--group-size", "8", "--max-new-tokens", "4",
+            "--epochs", "4", "--batch-size", "4", "--lr", "5e-3", "--warmup", "0", "--ckpt-every", "2",
+            "--eval-every", "15", "--log-every", "1"]
+
+
 JOBS = {"pretrain": pretrain_job, "mlm": mlm_job, "span": span_job, "classify": classify_job, "qa": qa_job,
-        "chat": chat_job, "dpo": dpo_job, "seq2seq": seq2seq_job}
+        "chat": chat_job, "dpo": dpo_job, "seq2seq": seq2seq_job, "seq2seq-ckpt": seq2seq_ckpt_job,
+        "grpo": grpo_job}
 
 
 # --- one run, one trial ------------------------------------------------------------------------------------------
@@ -225,9 +288,11 @@ def _temps(run: Path) -> list[Path]:
 def _fingerprint(run: Path) -> tuple[str, list[dict]]:
     weights = hashlib.sha256((run / "model" / "model.safetensors").read_bytes()).hexdigest()
     records = []
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        records.append({k: v for k, v in r.items() if k not in CLOCK_FIELDS})
+    for log in ("metrics.jsonl", "rollouts.jsonl"):  # (GRPO: one record of samples and rewards a step too)
+        if (run / log).is_file():
+            for line in (run / log).read_text().splitlines():
+                r = json.loads(line)
+                records.append({"log": log, **{k: v for k, v in r.items() if k not in CLOCK_FIELDS}})
     return weights, records
 
 

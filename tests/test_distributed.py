@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +23,9 @@ from safetensors.torch import load_file
 
 from lmforge.interop import load_model
 from test_train import losses, tiny_run
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import distributed_tasks  # noqa: E402
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
@@ -313,3 +317,18 @@ def test_tokenization_workers_end_when_their_process_is_killed(tmp_path, small_c
     for pid in left:  # (so a failure leaves nothing running)
         os.kill(pid, signal.SIGKILL)
     assert not left, "tokenization workers outlived their killed process"
+
+
+# --- every fine-tuning task: DDP, FSDP2, FSDP2 + activation checkpointing against one process --------------------
+
+
+@pytest.mark.parametrize("task", ["grpo", "seq2seq",  # (grpo: its rollouts sampled per process; seq2seq: cross
+                                  # attention projected inside each sharded block)
+                                  *(pytest.param(t, marks=pytest.mark.slow) for t in ("classify", "qa", "chat",
+                                                                                      "dpo"))])
+def test_every_task_under_ddp_fsdp_and_fsdp_with_checkpointing_equals_one_process(task, tmp_path):
+    rows = distributed_tasks.task_rows(task, tmp_path / task)
+    assert [r["run"] for r in rows] == ["one process", "ddp", "fsdp", "fsdp + grad ckpt"]
+    assert rows[0]["status"] == "reference", rows[0]
+    for r in rows[1:]:  # same steps, losses and metrics within 1e-4; no run failed or hung
+        assert r["status"] == "equal", r

@@ -467,38 +467,66 @@ INFERENCE_DTYPE_HELP = ("the weights' dtype: float32; bfloat16 (half the bytes p
                         "where the machine has fast bf16 units, float32 elsewhere (it says which)")
 
 
+STRATEGY_HELP = ("under torchrun: ddp (each process the whole model), fsdp (FSDP2: each process 1/N of the weights, "
+                 "gradients and optimizer; sharded checkpoints), auto (fsdp when the training state would fill over a "
+                 "quarter of a device)")
+
+
 @dataclass
-class TrainConfig:
-    seed: int = setting(1337, "seed of the data order, the initialisation and dropout", integer=True)
-    steps: int = setting(1000, "optimizer steps", low=1, integer=True)
-    batch_size: int = setting(16, "sequences per optimizer step, across all processes and accumulation steps",
-                              low=1, integer=True)
-    grad_accum: int = setting(1, "micro-steps per optimizer step (per process)", low=1, integer=True)
-    seq_len: int | None = setting(None, "tokens per sequence (default: model.max_seq_len)", low=1, integer=True)
+class LoopConfig:
+    """The settings of the training loop that pre-training (TrainConfig) and fine-tuning (FinetuneConfig) share,
+    declared once: what each means, its help and its range (train/core.py is the loop core both run). The two
+    differ in some defaults (`retuned` below) and add their own: pre-training its steps, schedule and objective,
+    fine-tuning its epochs, method and evaluation."""
+
+    seed: int = setting(0, "seed of the data order, the initialisation and dropout", integer=True)
     lr: float = setting(1e-3, "peak learning rate", low=0, low_open=True)
     optimizer: str = setting("adamw", "adamw; adafactor (T5's: updates relative to each parameter's scale); muon "
                              "(orthogonalised updates for the hidden matrices, AdamW for the rest)",
                              choices=("adamw", "adafactor", "muon"))
-    min_lr: float | None = setting(None, "learning rate at the end of the cosine decay (default: lr / 10)", low=0)
-    warmup_steps: int = setting(100, "steps of linear warm-up", low=0, integer=True)
+    grad_accum: int = setting(1, "micro-batches whose gradients add up before each optimizer step", low=1,
+                              integer=True)
     weight_decay: float = setting(0.1, "AdamW's decoupled weight decay (matrices only)", low=0)
-    beta1: float = setting(0.9, "AdamW's first-moment decay", low=0, high=1, high_open=True)
-    beta2: float = setting(0.95, "AdamW's second-moment decay", low=0, high=1, high_open=True)
     grad_clip: float = setting(1.0, "clip the gradient norm to this (0 = off)", low=0)
     dtype: str = setting("float32", DTYPE_HELP, choices=TRAIN_DTYPES)
     device: str = setting("auto", "auto, cpu, cuda, cuda:1, mps")
-    strategy: str = setting("auto", "under torchrun: ddp (each process the whole model), fsdp (FSDP2: each process "
-                            "1/N of the weights, gradients and optimizer; sharded checkpoints), auto (fsdp when "
-                            "the training state would fill over a quarter of a device)",
-                            choices=("auto", "ddp", "fsdp"))
+    strategy: str = setting("auto", STRATEGY_HELP, choices=("auto", "ddp", "fsdp"))
+    grad_checkpoint: bool = setting(False, "recompute each block's activations in backward (any family): less "
+                                    "memory, about a third more compute")
+    log_every: int = setting(10, "steps between logged training losses", low=1, integer=True)
+    ckpt_every: int = setting(500, "steps between checkpoints (0: none); a killed run continues from the newest "
+                              "with --resume", low=0, integer=True)
+    keep_checkpoints: int = setting(2, "newest checkpoints kept (older ones are deleted)", low=1, integer=True)
+
+
+def retuned(name: str, default: Any, help: str | None = None) -> Any:
+    """A LoopConfig setting with another default (and help) in a subclass: the rest of its declaration (range,
+    choices) is LoopConfig's."""
+    meta = dict(LoopConfig.__dataclass_fields__[name].metadata)
+    if help is not None:
+        meta["help"] = help
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class TrainConfig(LoopConfig):
+    """Pre-training's settings (`train:` in a run's config.yaml): LoopConfig's, and the steps, schedule and
+    objective."""
+
+    seed: int = retuned("seed", 1337)
+    grad_accum: int = retuned("grad_accum", 1, "micro-steps per optimizer step, per process (train.batch_size counts "
+                              "them all)")
+    steps: int = setting(1000, "optimizer steps", low=1, integer=True)
+    batch_size: int = setting(16, "sequences per optimizer step, across all processes and accumulation steps",
+                              low=1, integer=True)
+    seq_len: int | None = setting(None, "tokens per sequence (default: model.max_seq_len)", low=1, integer=True)
+    min_lr: float | None = setting(None, "learning rate at the end of the cosine decay (default: lr / 10)", low=0)
+    warmup_steps: int = setting(100, "steps of linear warm-up", low=0, integer=True)
+    beta1: float = setting(0.9, "AdamW's first-moment decay", low=0, high=1, high_open=True)
+    beta2: float = setting(0.95, "AdamW's second-moment decay", low=0, high=1, high_open=True)
     compile: bool = setting(False, "torch.compile the model")
-    grad_checkpoint: bool = setting(False, "recompute each block's activations in backward: less memory, about "
-                                    "a third more compute")
     eval_every: int = setting(200, "steps between validation losses (0 = only at the end)", low=0, integer=True)
     eval_batches: int = setting(20, "validation batches per evaluation", low=1, integer=True)
-    ckpt_every: int = setting(500, "steps between checkpoints (0 = only at the end)", low=0, integer=True)
-    keep_checkpoints: int = setting(2, "checkpoints kept (older ones are deleted)", low=1, integer=True)
-    log_every: int = setting(10, "steps between logged training losses", low=1, integer=True)
     peak_tflops: float | None = setting(None, "the MFU denominator (default: this device's matmul peak in the "
                                         "run's dtype, measured at start)", low=0, low_open=True)
     objective: str = setting("clm", "clm (next token, decoders), mlm (masked LM, encoders), span (T5 span "
@@ -767,9 +795,19 @@ METHODS = ("full", "top-k", "lora", "qlora")
 
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(LoopConfig):
     """Every fine-tuning setting, declared once: the default, the help of its `lmforge finetune` flag, its allowed
-    values and range (tune.recipe layers task defaults, a recipe, flags and --set over these)."""
+    values and range (tune/tasks.py layers task defaults, a recipe, flags and --set over these). LoopConfig's
+    settings, some with fine-tuning's own defaults, and the method's, the epochs' and the evaluation's."""
+
+    seed: int = retuned("seed", 0, "seed of the split, the initialisation, the data order and dropout")
+    lr: float = retuned("lr", 5e-5, "peak learning rate (default by task and method: adapters take larger steps)")
+    grad_accum: int = retuned("grad_accum", 1, "batches whose gradients add up before each optimizer step: the same "
+                              "updates as a batch grad_accum times larger, in the memory of one")
+    weight_decay: float = retuned("weight_decay", 0.01)
+    device: str = retuned("device", "cpu", "cpu, cuda or mps")
+    ckpt_every: int = retuned("ckpt_every", 200)
+    keep_checkpoints: int = retuned("keep_checkpoints", 1)
 
     method: str = setting("full", "what trains: everything, the top k blocks, LoRA adapters, or LoRA on a "
                           "quantized base", choices=METHODS)
@@ -780,22 +818,11 @@ class FinetuneConfig:
     lora_targets: str = setting("attn", "modules LoRA wraps: attn, mlp, all, or patterns like q_proj,v_proj")
     quant: str = setting("nf4", "frozen base format under qlora: nf4, int4 (groups of 32, a Q4_1 GGUF's own grid) "
                          "or int8", choices=("nf4", "int4", "int8"))
-    grad_checkpoint: bool = setting(False, "recompute block activations in backward (any family): less memory, "
-                                    "~30% slower")
     epochs: float = setting(3.0, "passes over the training data (a fraction is allowed)", low=0, low_open=True)
     batch_size: int = setting(32, "examples per step", low=1, integer=True)
-    lr: float = setting(5e-5, "peak learning rate (default by task and method: adapters take larger steps)",
-                        low=0, low_open=True)
-    optimizer: str = setting("adamw", "adamw; adafactor (T5's: steps relative to each parameter's scale); muon "
-                             "(orthogonalised updates for the hidden matrices, AdamW for the rest)",
-                             choices=("adamw", "adafactor", "muon"))
-    grad_accum: int = setting(1, "batches whose gradients add up before each optimizer step: the same updates as "
-                              "a batch grad_accum times larger, in the memory of one", low=1, integer=True)
-    weight_decay: float = setting(0.01, "AdamW weight decay", low=0)
     warmup: float = setting(0.06, "share of the steps spent warming up", low=0, high=1, high_open=True)
     schedule: str = setting("linear", "the learning rate after the warm-up: linear down to 0, or cosine down to a "
                             "tenth of the peak (pre-training's schedule)", choices=("linear", "cosine"))
-    grad_clip: float = setting(1.0, "gradient norm clip (0: off)", low=0)
     layer_decay: float = setting(1.0, "below 1: block i of n learns at decay ** (n - i)", low=0, high=1,
                                  low_open=True)
     attn_dropout: float | None = setting(None, "dropout on the attention probabilities while training (default: "
@@ -811,17 +838,6 @@ class FinetuneConfig:
                                   "windows (classify, QA) or truncated", low=8, integer=True)
     eval_every: int = setting(0, "steps between evaluations (0: after every epoch)", low=0, integer=True)
     metric: str = setting("accuracy", "the validation metric that picks the best weights (higher is better)")
-    seed: int = setting(0, "seed of the split, the initialisation and the data order", integer=True)
-    dtype: str = setting("float32", DTYPE_HELP, choices=TRAIN_DTYPES)
-    device: str = setting("cpu", "cpu, cuda or mps")
-    strategy: str = setting("auto", "under torchrun: ddp (each process the whole model), fsdp (FSDP2: each process "
-                            "1/N of the weights, gradients and optimizer; sharded checkpoints), auto (fsdp when "
-                            "the training state would fill over a quarter of a device)",
-                            choices=("auto", "ddp", "fsdp"))
-    log_every: int = setting(10, "steps between logged records", low=1, integer=True)
-    ckpt_every: int = setting(200, "steps between checkpoints (0: none); a killed run continues with --resume",
-                              low=0, integer=True)
-    keep_checkpoints: int = setting(1, "newest checkpoints kept", low=1, integer=True)
 
     def validate(self) -> None:
         """Refuse a setting out of range with one line that names it as a recipe key and as a flag."""

@@ -80,7 +80,11 @@ class Seq2SeqBlock(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x, bias, cross_kv=None, cross_bias=None, cache=None, layer=0):
+        """cross_kv: the cross-attention's (keys, values), or the encoder's output [B, S, d] to project here (in
+        the block's own forward, where FSDP has gathered its weights and activation checkpointing recomputes)."""
         x = x + self.drop(self.attn(self.attn_norm(x), bias, cache=cache, layer=layer))
+        if torch.is_tensor(cross_kv):
+            cross_kv = self.cross_attn.project_kv(cross_kv)
         if cross_kv is not None:
             x = x + self.drop(self.cross_attn(self.cross_norm(x), cross_bias, kv=cross_kv))
         return x + self.drop(self.mlp(self.mlp_norm(x)))
@@ -169,8 +173,8 @@ class Seq2SeqLM(PretrainedModel):
             bias = bias.masked_fill(~causal_mask(T, past + T, x.device), torch.finfo(bias.dtype).min)
         if cache is not None:
             cross, cross_bias = cache.cross, cache.source_bias
-        else:
-            cross = [b.cross_attn.project_kv(encoder_hidden) for b in self.decoder.blocks]
+        else:  # (each block projects encoder_hidden itself)
+            cross = [encoder_hidden] * len(self.decoder.blocks)
             cross_bias = padding_bias(attention_mask, x.dtype)
         for i, block in enumerate(self.decoder.blocks):
             x = call_block(block, x, bias, cross[i], cross_bias, cache.self_attn if cache is not None else None, i,

@@ -35,8 +35,7 @@ from lmforge.errors import CheckpointError, ConfigError
 from lmforge.files import check_out_dir, is_stale_temp, write_json, write_text
 from lmforge.models.family import family_of
 from lmforge.report import write_run_report
-from lmforge.runtime import autocast as mixed_precision
-from lmforge.runtime import grad_scaler, matmul_flops, resolve_dtype, to_device, tune_allocator
+from lmforge.runtime import matmul_flops, to_device, tune_allocator
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.checkpoint import (
     clean_run_dir,
@@ -46,10 +45,11 @@ from lmforge.train.checkpoint import (
     save_sharded_checkpoint,
     world_rng,
 )
+from lmforge.train.core import RunLog, Stepper, precision
 from lmforge.train.distributed import DistEnv, init_distributed, rank_seed, shutdown
 from lmforge.train.objectives import OBJECTIVES
 from lmforge.train.optim import lr_at, make_optimizer
-from lmforge.train.parallel import accumulate, choose_strategy, clip_grad_norm, full_state_dict, wrap
+from lmforge.train.parallel import choose_strategy, full_state_dict, wrap
 
 
 @dataclass
@@ -171,11 +171,8 @@ def _pretrain(cfg: RunConfig, run: Path, resume: bool, progress: bool | None, ov
     optimizer = make_optimizer(model, tc, env.device.type)
     data_gen = torch.Generator().manual_seed(rank_seed(tc.seed, env.rank))  # masks and spans (mlm, span)
     sampler = train_data.epoch_starts(window, tc.seed)
-    dtype = resolve_dtype(tc.dtype, env.device, say=env.main)
-    scaler = grad_scaler(dtype, env.device)  # float16 only
-    if scaler is not None and strategy == "fsdp":
-        raise ConfigError("train.dtype=float16 (its gradient scaler) is not supported with train.strategy=fsdp; use "
-                          "bfloat16 or strategy ddp")
+    prec = precision(tc.dtype, env.device, strategy, env.main, "train.dtype")
+    scaler = prec.scaler
     step, tokens_seen = 0, 0
     if resume:
         meta = load_checkpoint(ckpts[-1], model, optimizer, data_gen, env, tc.seed)
@@ -189,13 +186,11 @@ def _pretrain(cfg: RunConfig, run: Path, resume: bool, progress: bool | None, ov
         train_model = torch.compile(model)
     if strategy == "ddp":
         train_model = wrap(train_model, strategy, env)
-    autocast = mixed_precision(dtype, env.device)
+    autocast = prec.autocast
     flops_per_token = cfg.model.flops_per_token(seq_len, training=True)
-    peak = tc.peak_tflops * 1e12 if tc.peak_tflops else matmul_flops(dtype, env.device)
-
-    metrics = open(run / "metrics.jsonl", "a", encoding="utf-8") if env.main else None
-    show = progress if progress is not None else sys.stderr.isatty()
-    bar = _progress_bar(tc.steps, step, show and env.main)
+    peak = tc.peak_tflops * 1e12 if tc.peak_tflops else matmul_flops(prec.dtype, env.device)
+    run_log = RunLog(run / "metrics.jsonl", tc.steps, step, "pretrain", progress, env.main)
+    stepper = Stepper(train_model, list(model.parameters()), optimizer, strategy, prec, tc.grad_clip)
     eval_starts = val_data.random_starts(tc.eval_batches * per_rank * env.world, window,
                                          torch.Generator().manual_seed(tc.seed + 1))
     objective.prepare_eval(val_data, eval_starts[env.rank::env.world], per_rank)
@@ -203,10 +198,7 @@ def _pretrain(cfg: RunConfig, run: Path, resume: bool, progress: bool | None, ov
     def evaluate() -> dict[str, float]:
         return objective.evaluate(model, env.device, env, autocast)
 
-    def log(record: dict[str, Any]) -> None:
-        if metrics is not None:
-            metrics.write(json.dumps(record) + "\n")
-            metrics.flush()
+    log = run_log.record
 
     # --- the loop ----------------------------------------------------------------------------------------------
     model.train()
@@ -214,46 +206,31 @@ def _pretrain(cfg: RunConfig, run: Path, resume: bool, progress: bool | None, ov
     try:
         while step < tc.steps:
             lr = lr_at(step, tc)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
             starts = sampler.take(step * tc.batch_size, tc.batch_size)  # the same on every process
             mine = starts[env.rank * per_rank * tc.grad_accum:(env.rank + 1) * per_rank * tc.grad_accum]
-            loss_sum = 0.0
-            for micro in range(tc.grad_accum):
+
+            def loss_of(micro: int, mine=mine) -> torch.Tensor:  # this process's micro-batch `micro`
                 part = mine[micro * per_rank:(micro + 1) * per_rank]
                 batch = {k: to_device(v, env.device) for k, v in objective.batch(train_data, part, data_gen).items()}
-                sync = accumulate(train_model, strategy, last=micro == tc.grad_accum - 1)
-                with sync, autocast:
-                    loss = train_model(**batch, loss_only=True, grad_checkpoint=tc.grad_checkpoint).loss / tc.grad_accum
-                with sync:
-                    (scaler.scale(loss) if scaler is not None else loss).backward()
-                loss_sum += loss.item()
-            if scaler is not None:
-                scaler.unscale_(optimizer)  # (so the clip sees the true gradient)
-            grad_norm = clip_grad_norm(model.parameters(), tc.grad_clip) if tc.grad_clip > 0 else float("nan")
-            if scaler is not None:
-                scaler.step(optimizer)  # skipped when the scaled gradients overflowed
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+                return train_model(**batch, loss_only=True, grad_checkpoint=tc.grad_checkpoint).loss
+
+            loss, grad_norm = stepper.step(tc.grad_accum, loss_of, lr)
             step += 1
             tokens_seen += tc.batch_size * window
 
             if step % tc.log_every == 0 or step == tc.steps:
-                loss_avg = env.mean(loss_sum)
+                loss_avg = env.mean(loss.item())
                 now = time.time()
                 tps = (tokens_seen - tokens_last) / max(now - t_last, 1e-9)
                 t_last, tokens_last = now, tokens_seen
                 mfu = tps * flops_per_token / (peak * env.world)
                 log({"step": step, "loss": loss_avg, "lr": lr, "grad_norm": grad_norm, "tokens": tokens_seen,
                      "tok_per_s": tps, "mfu": mfu, "time": now - t_start})
-                if bar is not None:
-                    bar.set_postfix_str(f"loss {loss_avg:.3f}  {tps:,.0f} tok/s  MFU {mfu:.0%}")
+                run_log.status(f"loss {loss_avg:.3f}  {tps:,.0f} tok/s  MFU {mfu:.0%}")
             if tc.eval_every and (step % tc.eval_every == 0 or step == tc.steps):
                 m = evaluate()
                 log({"step": step, "split": "val", **m})
-                _say(bar, env, f"step {step}: val " + format_metrics(m))
+                run_log.say(f"step {step}: val " + format_metrics(m))
             if tc.ckpt_every and step % tc.ckpt_every == 0:
                 rng = world_rng(env, data_gen)
                 extra = {"tokens": tokens_seen, **({"scaler": scaler.state_dict()} if scaler is not None else {})}
@@ -263,8 +240,7 @@ def _pretrain(cfg: RunConfig, run: Path, resume: bool, progress: bool | None, ov
                 elif env.main:
                     save_checkpoint(run, step, model, optimizer, data_gen, extra, keep=tc.keep_checkpoints, rng=rng)
                 env.barrier()
-            if bar is not None:
-                bar.update(1)
+            run_log.advance()
             if stop_after is not None and step >= stop_after:
                 break
     except KeyboardInterrupt:
@@ -276,10 +252,7 @@ def _pretrain(cfg: RunConfig, run: Path, resume: bool, progress: bool | None, ov
                   file=sys.stderr)
         raise
     finally:
-        if bar is not None:
-            bar.close()
-        if metrics is not None:
-            metrics.close()
+        run_log.close()
 
     # --- finish ------------------------------------------------------------------------------------------------
     model_dir = run / "model"
@@ -300,7 +273,7 @@ def _pretrain(cfg: RunConfig, run: Path, resume: bool, progress: bool | None, ov
         final = objective.final(model, env.device, DistEnv(device=env.device), autocast)
         seconds = time.time() - t_start
         write_json(run / "summary.json", {"steps": step, "tokens": tokens_seen, "seconds": seconds,
-                                          "params": model.num_params(), "dtype": str(dtype).removeprefix("torch."),
+                                          "params": model.num_params(), "dtype": str(prec.dtype).removeprefix("torch."),
                                           "final_val": final})
 
         write_run_report(run)
@@ -402,20 +375,3 @@ def _truncate_metrics(path: Path, step: int) -> None:
         except (json.JSONDecodeError, KeyError, TypeError):
             continue  # a line cut short by a crash
     write_text(path, "".join(ln + "\n" for ln in keep))
-
-
-def _progress_bar(total: int, initial: int, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
-
-
-def _say(bar, env: DistEnv, msg: str) -> None:
-    if not env.main:
-        return
-    if bar is not None:
-        bar.write(msg, file=sys.stderr)
-    else:
-        print(msg, file=sys.stderr, flush=True)

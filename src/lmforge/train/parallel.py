@@ -56,9 +56,11 @@ def choose_strategy(name: str, model: nn.Module, env: DistEnv, optimizer: str = 
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         name = "fsdp" if state > device_memory(env.device, local) // 4 else "ddp"
     if name == "fsdp":
-        if optimizer == "muon":
-            raise ConfigError("optimizer muon orthogonalises whole matrices, and under strategy fsdp each process "
-                              "holds a slice of them; use strategy ddp (train.strategy=ddp / --strategy ddp)")
+        if optimizer in ("muon", "adafactor"):
+            what = ("orthogonalises whole matrices" if optimizer == "muon" else
+                    "keeps each matrix's second moment as whole row and column means")
+            raise ConfigError(f"optimizer {optimizer} {what}, and under strategy fsdp each process holds a slice "
+                              f"of them; use strategy ddp (train.strategy=ddp / --strategy ddp), or optimizer adamw")
         if any(not p.dtype.is_floating_point for p in model.parameters()):
             raise ConfigError("strategy fsdp shards floating-point weights only, and this model has quantized ones "
                               "(method qlora); use strategy ddp")

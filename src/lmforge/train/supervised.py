@@ -18,7 +18,6 @@ import copy
 import itertools
 import json
 import math
-import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -29,11 +28,10 @@ import torch
 from torch import nn
 
 from lmforge.config import FinetuneConfig
-from lmforge.errors import CheckpointError, ConfigError
+from lmforge.errors import CheckpointError
 from lmforge.files import write_text
 from lmforge.models.base import PretrainedModel
-from lmforge.runtime import autocast as mixed_precision
-from lmforge.runtime import grad_scaler, lean_allocator, resolve_dtype, to_device, tune_allocator
+from lmforge.runtime import lean_allocator, to_device, tune_allocator
 from lmforge.train.checkpoint import (
     clean_run_dir,
     into_sharded,
@@ -48,12 +46,11 @@ from lmforge.train.checkpoint import (
     world_rng,
     write_checkpoint,
 )
+from lmforge.train.core import RunLog, Stepper, precision
 from lmforge.train.distributed import DistEnv, init_distributed, rank_seed
 from lmforge.train.optim import build_optimizer, schedule_lr
 from lmforge.train.parallel import (
-    accumulate,
     choose_strategy,
-    clip_grad_norm,
     gather_into,
     is_sharded,
     loss_share,
@@ -150,13 +147,8 @@ def fit(
     accum = cfg.grad_accum
     per_epoch = -(-steps_per_epoch // accum)  # optimizer steps an epoch (its last one may add fewer batches)
     total = max(1, math.ceil(per_epoch * cfg.epochs))
-    dtype = resolve_dtype(cfg.dtype, device, say=env.main)
-    autocast = mixed_precision(dtype, device)  # the weights stay fp32
     strategy = choose_strategy(cfg.strategy, model, env, cfg.optimizer)
-    scaler = grad_scaler(dtype, device)  # float16 only
-    if scaler is not None and strategy == "fsdp":
-        raise ConfigError("--dtype float16 (its gradient scaler) is not supported with --strategy fsdp; use bfloat16 "
-                          "or --strategy ddp")
+    prec = precision(cfg.dtype, device, strategy, env.main)  # (bf16: autocast, the weights stay fp32)
     train = inner = model  # what forward runs through; whose parameters the optimizer steps
     if strategy == "fsdp":
         inner = train = wrap(copy.deepcopy(model), "fsdp", env)
@@ -172,7 +164,7 @@ def fit(
     env.barrier()
     ckpts = list_checkpoints(run_dir) if run_dir is not None and resume else []
     if ckpts:
-        total = state.load(ckpts[-1], inner, opt, scaler)  # the saved schedule (a time budget sized it once)
+        total = state.load(ckpts[-1], inner, opt, prec.scaler)  # the saved schedule (a time budget sized it once)
         if env.main:
             _rewrite_log(metrics_path, state.history)
     else:
@@ -181,31 +173,20 @@ def fit(
         if env.rank:  # each process its own dropout masks
             torch.manual_seed(rank_seed(cfg.seed, env.rank))
     warmup = int(total * cfg.warmup)
-    show = (progress if progress is not None else sys.stderr.isatty()) and env.main
-    bar = None
-    if show:
-        from tqdm import tqdm
-
-        bar = tqdm(total=total, initial=state.step, desc="fine-tune", unit="step", dynamic_ncols=True,
-                   file=sys.stderr)
-    log = open(metrics_path, "a", encoding="utf-8") if metrics_path and env.main else None
+    run_log = RunLog(metrics_path, total, state.step, "fine-tune", progress, env.main)
+    stepper = Stepper(train, params, opt, strategy, prec, cfg.grad_clip)
     t0 = time.time() - state.seconds
-
-    def show(msg: str) -> None:  # above the progress bar when there is one
-        if env.main:
-            (bar.write if bar is not None else lambda m: print(m, file=sys.stderr))(msg)
+    show = run_log.say
 
     def record(r: dict[str, Any]) -> None:
         state.history.append(r)
-        if log is not None:
-            log.write(json.dumps(r) + "\n")
-            log.flush()
+        run_log.record(r)
 
     def scored() -> dict[str, Any]:  # the task's evaluation, on its own model (given the weights back under fsdp)
         if strategy == "fsdp":
             gather_into(model, train, device)
         model.eval()
-        with autocast:
+        with prec.autocast:
             m = evaluate()
         model.train()
         if strategy == "fsdp":
@@ -247,34 +228,18 @@ def fit(
                 if batch is not None and len(group) < accum or not group:
                     continue  # (None: the epoch ended; its last step adds the batches it has)
                 lr = schedule_lr(cfg.schedule, state.step, total, warmup, cfg.lr)
-                for g in opt.param_groups:
-                    g["lr"] = lr * g.get("lr_scale", 1.0)
-                losses = []
-                for i, whole in enumerate(group):
+
+                def loss_of(i: int, group: list = group) -> torch.Tensor:  # micro-batch i: this process's rows
+                    whole = group[i]
                     batch = shard_batch(whole, env.rank, env.world)
                     share = loss_share(whole, batch, env.world, whole.get("units", "rows" if loss_fn else "tokens"))
                     batch = {k: to_device(v, device) if torch.is_tensor(v) else v for k, v in batch.items()}
-                    with accumulate(train, strategy, last=i == len(group) - 1), autocast:
-                        loss = (loss_fn(train, batch) if loss_fn is not None
-                                else model_loss(train, batch, grad_checkpoint=cfg.grad_checkpoint))
-                    if share != 1.0:  # this process's rows as their share of the batch's mean
-                        loss = loss * share
-                    losses.append(loss.detach())
-                    if len(group) > 1:
-                        loss = loss / len(group)  # the mean over the step's batches, as one larger batch's
-                    (scaler.scale(loss) if scaler is not None else loss).backward()
-                loss = torch.stack(losses).mean()
+                    loss = (loss_fn(train, batch) if loss_fn is not None
+                            else model_loss(train, batch, grad_checkpoint=cfg.grad_checkpoint))
+                    return loss * share if share != 1.0 else loss  # (its share of the batch's mean)
+
+                loss, _ = stepper.step(len(group), loss_of, lr)
                 consumed, group = len(group), []
-                if scaler is not None:
-                    scaler.unscale_(opt)
-                if cfg.grad_clip > 0:
-                    clip_grad_norm(params, cfg.grad_clip)
-                if scaler is not None:
-                    scaler.step(opt)  # skipped when the scaled gradients overflowed
-                    scaler.update()
-                else:
-                    opt.step()
-                opt.zero_grad(set_to_none=True)
                 state.step += 1
                 state.in_epoch += consumed
                 la, lv = state.loss_avg, env.mean(loss.item())
@@ -282,14 +247,12 @@ def fit(
                 if state.step % cfg.log_every == 0 or state.step == total:
                     record({"step": state.step, "loss": state.loss_avg, "lr": lr, "epoch": state.epoch,
                             "time": time.time() - t0})
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix_str(f"epoch {state.epoch + 1}  loss {state.loss_avg:.4f}")
+                run_log.advance(f"epoch {state.epoch + 1}  loss {state.loss_avg:.4f}")
                 if cfg.eval_every and state.step % cfg.eval_every == 0:
                     run_eval()
                 if run_dir is not None and cfg.ckpt_every and state.step % cfg.ckpt_every == 0:
                     state.seconds = time.time() - t0
-                    state.save(run_dir, inner, opt, total, cfg.keep_checkpoints, env, scaler)
+                    state.save(run_dir, inner, opt, total, cfg.keep_checkpoints, env, prec.scaler)
                 if state.step >= total:
                     break
             state.epoch += 1
@@ -309,10 +272,7 @@ def fit(
             if m.get(cfg.metric, -math.inf) >= state.best.get(cfg.metric, -math.inf):
                 state.best, state.best_state = {**m, "averaged_points": state.averaged}, None  # keep the mean
     finally:
-        if bar is not None:
-            bar.close()
-        if log is not None:
-            log.close()
+        run_log.close()
     if state.best_state is not None:
         with torch.no_grad():
             for k, v in state.best_state.items():

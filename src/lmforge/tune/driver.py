@@ -147,11 +147,13 @@ def run_task(task_class: type[Task], model_path: str | Path, data: str | Path, o
     check_args(name, **args)
     task = task_class(cfg, args, Path(out), progress, str(model_path), str(data))
     task.check()
-    out, baseline_mb = start_run(cfg, out, resume)
+    main = os.environ.get("RANK", "0") == "0"
+    out, baseline_mb = start_run(cfg, out, resume, main)
     task.out, task.resume = out, resume
-    if os.environ.get("RANK", "0") == "0":
+    if main:
         given = {"model": str(model_path), "data": str(data), "out": str(out), **args}
         write_recipe(out, name, cfg, {k: given[k] for k in TASK_ARGS[name]})  # (in the declaration's order)
+    barrier()  # (under torchrun the others start once process 0 has the folder ready)
 
     task.load_data()
     torch.manual_seed(cfg.seed)
@@ -191,6 +193,14 @@ def run_task(task_class: type[Task], model_path: str | Path, data: str | Path, o
     return task.result(Run(out, Path(model_dir), adapter_dir, trainable, total, seconds, peak_mb, result))
 
 
+def barrier() -> None:
+    """Wait for every process of the group (nothing outside torchrun, or before the group is started)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
 def write_recipe(out: Path, task: str, cfg: FinetuneConfig, args: dict[str, Any]) -> None:
     """recipe.yaml: every setting of the run, flat (the task, the FinetuneConfig fields, the task's arguments):
     what `--resume` continues with and what `finetune --recipe` reads."""
@@ -200,14 +210,15 @@ def write_recipe(out: Path, task: str, cfg: FinetuneConfig, args: dict[str, Any]
                                                  sort_keys=False, allow_unicode=True))
 
 
-def start_run(cfg: FinetuneConfig, out: str | Path, resume: bool = False) -> tuple[Path, float]:
-    """A run folder that is new or empty (or, resuming, this run's own, its stale temporary files removed),
-    glibc's memory settings for a checkpointed run (before anything large is allocated), and the resident memory
-    before the model, which the run's peak is reported against. Returns (out as a Path, baseline MiB)."""
+def start_run(cfg: FinetuneConfig, out: str | Path, resume: bool = False, main: bool = True) -> tuple[Path, float]:
+    """A run folder that is new or empty (or, resuming, this run's own, its stale temporary files removed: by
+    process 0 alone, `main`, under torchrun), glibc's memory settings for a checkpointed run (before anything
+    large is allocated), and the resident memory before the model, which the run's peak is reported against.
+    Returns (out as a Path, baseline MiB)."""
     out = check_out_dir(Path(out))
-    if resume:
+    if main and resume:
         clean_run_dir(out)
-    elif out.exists() and any(p.name != RECIPE_FILE for p in out.iterdir()):
+    elif main and out.exists() and any(p.name != RECIPE_FILE for p in out.iterdir()):
         raise ConfigError(f"{out} is not empty; continue its run with --resume, or choose a new --out")
     if cfg.grad_checkpoint:
         lean_allocator()

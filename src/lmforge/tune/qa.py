@@ -95,9 +95,10 @@ class QATask(Task):
                      "train_windows": len(self.feats.ids)}
 
     def after_method(self) -> None:
-        if self.cfg.method in ("lora", "qlora") and self.model.pooler is not None:
+        if self.model.pooler is not None:
             # QA reads the token states, never the pooled [CLS] vector: a "trained" pooler would get no gradient,
-            # yet be counted as trainable and copied into the adapter
+            # yet be counted as trainable, copied into an adapter, and under DDP awaited for a gradient that never
+            # comes (its output is part of the model's)
             self.model.pooler.requires_grad_(False)
 
     def batches(self, epoch: int):
