@@ -72,7 +72,8 @@ class Task:
     model_class: type | tuple[type, ...] = nn.Module
     needs = "this task needs another model"  # the error's second half, e.g. "QA fine-tuning needs an encoder model"
     images: tuple[str, ...] = ("loss.png",)  # the report's pictures, under out/report
-    loss = None  # (m, batch) -> loss: a task's own objective; None: the model's own loss
+    loss = None  # a method (m, batch) -> loss for a task's own objective (or a property giving one, or None);
+    # None: the model's own loss. m is what training runs through: the model, its DDP wrapper or its FSDP copy
 
     def __init__(self, cfg: FinetuneConfig, args: dict[str, Any], out: Path, progress: bool | None,
                  model_path: str, data: str) -> None:
@@ -141,7 +142,10 @@ def run_task(task_class: type[Task], model_path: str | Path, data: str | Path, o
     than 0: process 0 writes the outputs)."""
     name = task_class.name
     cfg = dataclasses.replace(cfg) if cfg is not None else task_config(name, model=str(model_path))
-    if cfg.metric not in METRICS[name]:  # (a FinetuneConfig made for another task: this task's own metric)
+    if cfg.metric not in METRICS[name]:
+        if cfg.metric != FinetuneConfig.metric:  # (FinetuneConfig's own default stands for "the task's")
+            raise ConfigError(f"metric {cfg.metric!r} is not one finetune {name} reports; choose one of "
+                              f"{', '.join(METRICS[name])}")
         cfg.metric = METRICS[name][0]
     cfg.validate()
     check_args(name, **args)
