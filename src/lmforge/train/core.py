@@ -28,6 +28,7 @@ from torch import nn
 from lmforge.errors import ConfigError
 from lmforge.runtime import autocast as mixed_precision
 from lmforge.runtime import grad_scaler, resolve_dtype
+from lmforge.train.distributed import from_rank0
 from lmforge.train.parallel import accumulate, clip_grad_norm
 
 
@@ -36,6 +37,18 @@ class Precision:
     dtype: torch.dtype
     autocast: Any  # the context every forward runs in (products in dtype, weights fp32)
     scaler: Any  # torch.amp.GradScaler under float16, else None
+
+
+def settle_dtype(setting: str, device: str | torch.device) -> str:
+    """A run's dtype setting made concrete once, at its start: "auto" becomes what `pick_dtype` finds here (it
+    times a bf16 against an fp32 product, a measurement that a loaded machine can tip either way), process 0's
+    choice under torchrun. The run records the result, so a resumed run, and every process, trains in the dtype
+    the run began with."""
+    if setting != "auto":
+        return setting
+    names = ("float32", "bfloat16", "float16")
+    picked = str(resolve_dtype("auto", device)).removeprefix("torch.")
+    return names[int(from_rank0(float(names.index(picked))))]
 
 
 def precision(setting: str, device: torch.device, strategy: str, main: bool, flag: str = "--dtype") -> Precision:

@@ -45,7 +45,7 @@ from lmforge.train.checkpoint import (
     save_sharded_checkpoint,
     world_rng,
 )
-from lmforge.train.core import RunLog, Stepper, precision
+from lmforge.train.core import RunLog, Stepper, precision, settle_dtype
 from lmforge.train.distributed import DistEnv, init_distributed, rank_seed, shutdown
 from lmforge.train.objectives import OBJECTIVES
 from lmforge.train.optim import lr_at, make_optimizer
@@ -140,6 +140,7 @@ def _pretrain(cfg: RunConfig, run: Path, resume: bool, progress: bool | None, ov
         if (run / "config.yaml").exists() or list_checkpoints(run):
             raise ConfigError(f"{run} already holds a run; continue it with --resume or choose another --out")
         env.barrier()  # every process has looked before process 0 writes config.yaml (else a slower one finds it)
+        cfg.train.dtype = settle_dtype(cfg.train.dtype, env.device)  # ("auto" made concrete: config.yaml keeps it)
         tokenizer = _prepare(cfg, run, env, progress if progress is not None else sys.stderr.isatty())
     tc = cfg.train
     seq_len = tc.seq_len or cfg.model.max_seq_len

@@ -46,7 +46,7 @@ from lmforge.train.checkpoint import (
     world_rng,
     write_checkpoint,
 )
-from lmforge.train.core import RunLog, Stepper, precision
+from lmforge.train.core import RunLog, Stepper, precision, settle_dtype
 from lmforge.train.distributed import DistEnv, init_distributed, rank_seed
 from lmforge.train.optim import build_optimizer, schedule_lr
 from lmforge.train.parallel import (
@@ -148,7 +148,7 @@ def fit(
     per_epoch = -(-steps_per_epoch // accum)  # optimizer steps an epoch (its last one may add fewer batches)
     total = max(1, math.ceil(per_epoch * cfg.epochs))
     strategy = choose_strategy(cfg.strategy, model, env, cfg.optimizer)
-    prec = precision(cfg.dtype, device, strategy, env.main)  # (bf16: autocast, the weights stay fp32)
+    prec = precision(settle_dtype(cfg.dtype, device), device, strategy, env.main)  # (bf16: autocast; weights fp32)
     train = inner = model  # what forward runs through; whose parameters the optimizer steps
     if strategy == "fsdp":
         inner = train = wrap(copy.deepcopy(model), "fsdp", env)
