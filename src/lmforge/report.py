@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import html
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
+from lmforge import available, require
 from lmforge.files import atomic_path, write_text
 
 
@@ -24,12 +26,26 @@ def read_metrics(run_dir: str | Path) -> tuple[list[dict], list[dict]]:
 
 def pyplot():
     """matplotlib's pyplot on the file-only Agg backend (no display needed), imported when a plot is drawn."""
-    import matplotlib
-
+    matplotlib = require("matplotlib", "drawing PNG plots", "plots")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     return plt
+
+
+_NOTED: list[bool] = []
+
+
+def can_plot() -> bool:
+    """Whether matplotlib (the [plots] extra) is installed. Without it a report is written without its pictures,
+    and the first one to skip them says so on stderr; a command whose output is a picture needs it (pyplot)."""
+    if available("matplotlib"):
+        return True
+    if not _NOTED:
+        _NOTED.append(True)
+        print("lmforge: note: reports are written without plots (matplotlib is not installed): "
+              "pip install 'lmforge[plots]'", file=sys.stderr)
+    return False
 
 
 def save_png(fig: Any, path: str | Path, dpi: int | None = None) -> Path:
@@ -41,7 +57,9 @@ def save_png(fig: Any, path: str | Path, dpi: int | None = None) -> Path:
     return path
 
 
-def plot_loss(run_dir: str | Path, path: str | Path | None = None) -> Path:
+def plot_loss(run_dir: str | Path, path: str | Path | None = None) -> Path | None:
+    if not can_plot():
+        return None
     plt = pyplot()
     run_dir = Path(run_dir)
     path = Path(path) if path else run_dir / "report" / "loss.png"
@@ -71,7 +89,7 @@ def write_run_report(run_dir: str | Path, samples: list[tuple[str, str]] | None 
     """report/loss.png, report/report.md and report/report.html for a run directory."""
     run_dir = Path(run_dir)
     out = run_dir / "report"
-    plot_loss(run_dir, out / "loss.png")
+    plotted = plot_loss(run_dir, out / "loss.png") is not None
     summary: dict[str, Any] = {}
     if (run_dir / "summary.json").is_file():
         summary = json.loads((run_dir / "summary.json").read_text())
@@ -96,7 +114,8 @@ def write_run_report(run_dir: str | Path, samples: list[tuple[str, str]] | None 
     rows += [
         ("throughput (last)", f"{train[-1]['tok_per_s']:,.0f} tok/s, MFU {train[-1]['mfu']:.0%}" if train else "-"),
     ]
-    md = [f"# Run report: {run_dir.name}", "", "![loss](loss.png)", "", "| metric | value |", "|---|---|"]
+    md = [f"# Run report: {run_dir.name}", "", *(["![loss](loss.png)", ""] if plotted else []), "| metric | value |",
+          "|---|---|"]
     md += [f"| {k} | {v} |" for k, v in rows]
     if samples:
         md += ["", "## Samples", ""]
@@ -111,7 +130,7 @@ def write_run_report(run_dir: str | Path, samples: list[tuple[str, str]] | None 
     write_text(out / "report.html", f"""<!doctype html><meta charset="utf-8"><title>{html.escape(run_dir.name)}</title>
 <style>body{{font:15px system-ui;max-width:900px;margin:2em auto;padding:0 1em}}table{{border-collapse:collapse}}
 td{{border:1px solid #ccc;padding:4px 10px}}pre{{background:#f6f6f6;padding:1em;white-space:pre-wrap}}</style>
-<h1>Run report: {html.escape(run_dir.name)}</h1><img src="loss.png" style="max-width:100%">
+<h1>Run report: {html.escape(run_dir.name)}</h1>{'<img src="loss.png" style="max-width:100%">' if plotted else ''}
 <table>{body}</table>{'<h2>Samples</h2>' + sample_html if samples else ''}
 """)
     return out / "report.html"
@@ -143,8 +162,10 @@ td{{border:1px solid #ccc;padding:4px 10px}}</style>
     return out / "report.html"
 
 
-def bar_plot(values: dict[str, float], path: str | Path, title: str, ylabel: str = "") -> Path:
+def bar_plot(values: dict[str, float], path: str | Path, title: str, ylabel: str = "") -> Path | None:
     """A bar chart of named scores (evaluation reports)."""
+    if not can_plot():
+        return None
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(max(4.0, 1.1 * len(values) + 2), 3.4))
     bars = ax.bar(list(values), list(values.values()), color="#4c72b0")
@@ -157,8 +178,10 @@ def bar_plot(values: dict[str, float], path: str | Path, title: str, ylabel: str
 
 
 def series_plot(values: list[float], path: str | Path, title: str, xlabel: str = "", ylabel: str = "",
-                mean: float | None = None) -> Path:
+                mean: float | None = None) -> Path | None:
     """A line of values in order (e.g. the loss of each evaluation window), with their mean as a dashed line."""
+    if not can_plot():
+        return None
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 3.4))
     xs = list(range(len(values)))

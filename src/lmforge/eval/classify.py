@@ -5,16 +5,20 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from lmforge import missing_extra
 from lmforge.data.labelled import input_texts, note_repaired, read_labelled
 from lmforge.errors import DataError
 from lmforge.interop import load_pretrained
 from lmforge.predict import check_batch, predict, predict_ensemble
-from lmforge.report import pyplot, save_png
+from lmforge.report import can_plot, pyplot, save_png
 
 
 def classification_metrics(y_true: list[int], y_pred: list[int], labels: list[str]) -> dict[str, Any]:
     """accuracy, macro-F1, per-class precision / recall / F1 / support, and the confusion matrix (rows: true)."""
-    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
+    try:
+        from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
+    except ImportError as e:
+        raise missing_extra(e, "classification metrics", "eval") from None
 
     ids = list(range(len(labels)))
     p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=ids, zero_division=0)
@@ -28,7 +32,9 @@ def classification_metrics(y_true: list[int], y_pred: list[int], labels: list[st
     }
 
 
-def plot_confusion(metrics: dict[str, Any], path: str | Path, title: str = "confusion matrix") -> Path:
+def plot_confusion(metrics: dict[str, Any], path: str | Path, title: str = "confusion matrix") -> Path | None:
+    if not can_plot():
+        return None
     plt = pyplot()
     cm, labels = metrics["confusion"], metrics["labels"]
     n = len(labels)

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from lmforge import require
 from lmforge.eval.qa import squad_scores
 
 
 def reference_scores(predictions: Sequence[str], references: Sequence[str | Sequence[str]]) -> dict[str, float]:
     """Mean exact match, token F1 and ROUGE-L F-measure, in percent. A reference may be a list of acceptable
     answers: each metric then takes the best of them (SQuAD's convention for several gold answers)."""
-    from rouge_score import rouge_scorer
+    rouge_scorer = require("rouge_score.rouge_scorer", "ROUGE scores", "eval")
 
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
@@ -27,8 +28,8 @@ def reference_scores(predictions: Sequence[str], references: Sequence[str | Sequ
 
 def seq2seq_scores(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
     """Corpus BLEU and chrF (sacrebleu) and mean ROUGE-1/2/L F-measures (rouge-score), in percent."""
-    import sacrebleu
-    from rouge_score import rouge_scorer
+    sacrebleu = require("sacrebleu", "BLEU and chrF scores", "eval")
+    rouge_scorer = require("rouge_score.rouge_scorer", "ROUGE scores", "eval")
 
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions for {len(references)} references")

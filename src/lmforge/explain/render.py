@@ -46,9 +46,9 @@ def attention_png(maps: AttentionMaps, path: str | Path, layer: int | None = Non
 
     The panels are placed by hand, in inches: matplotlib's automatic layouts measure every tick label of every
     panel, which takes seconds per figure for a 72-panel grid and minutes for a 30-layer model."""
+    plt = pyplot()  # (first: without matplotlib, the one-line error naming lmforge[plots])
     from matplotlib.colors import PowerNorm
 
-    plt = pyplot()
     L, H = maps.n_layer, maps.n_head
     TQ, TK = len(maps.tokens), len(maps.keys)
     T = max(TQ, TK)  # what sizes the panels and the labels

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from lmforge import require
 from lmforge.errors import LmforgeError
 
 # JSON as json.dumps writes it ("key": value, items after ", "): llguidance's default lets any whitespace
@@ -28,10 +29,11 @@ from lmforge.errors import LmforgeError
 COMPACT = {"whitespace_flexible": False, "key_separator": ": ", "item_separator": ", "}
 _TOKENIZERS: dict[tuple, object] = {}
 _LOCK = threading.Lock()
+STRUCTURED = "structured output (a JSON schema, JSON object, regex, choices or tool calls)"  # (llguidance's job)
 
 
 def _lltokenizer(tokenizer, vocab_size: int, ends: Sequence[int]):
-    import llguidance
+    llguidance = require("llguidance", STRUCTURED, "structured")
 
     key = (id(tokenizer.tok), vocab_size, tuple(sorted(ends)))
     with _LOCK:
@@ -59,7 +61,7 @@ def grammar_for(json_schema: dict | str | None = None, json_object: bool = False
     """The llguidance grammar of one kind of constraint (exactly one given). tools: a tool call in the generic
     format (tool_call_schema) when tool_choice is "required" or a tool's name; with "auto", either such a call
     or a plain-text reply (one that does not open with "{")."""
-    import llguidance
+    llguidance = require("llguidance", STRUCTURED, "structured")
 
     given = [k for k, v in (("json_schema", json_schema), ("json_object", json_object), ("regex", regex),
                             ("choice", choice), ("tools", tools)) if v]
@@ -110,7 +112,7 @@ class Constraint:
     """One reply's grammar state over the model's vocabulary (see the module notes)."""
 
     def __init__(self, tokenizer, grammar: str, vocab_size: int, ends: Sequence[int]) -> None:
-        import llguidance
+        llguidance = require("llguidance", STRUCTURED, "structured")
 
         lt = _lltokenizer(tokenizer, vocab_size, ends)
         failed, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, lt)

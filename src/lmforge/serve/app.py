@@ -35,8 +35,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from fastapi import Request as HTTPRequest
-from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from lmforge import missing_extra
+
+try:  # the [serve] extra
+    from fastapi import Request as HTTPRequest
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+except ImportError as e:
+    raise missing_extra(e, "lmforge serve", "serve") from None
 
 from lmforge.assets import MODELS
 from lmforge.config import ServeConfig

@@ -12,7 +12,12 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from lmforge import missing_extra
+
+try:  # (fastapi's own dependency: the [serve] extra)
+    from pydantic import BaseModel, ConfigDict, Field, field_validator
+except ImportError as e:
+    raise missing_extra(e, "lmforge serve", "serve") from None
 
 Prompt = str | list[str] | list[int] | list[list[int]]
 

@@ -110,6 +110,7 @@ class ClassifyTask(Task):
     needs = "classification fine-tuning needs an encoder (BERT family) model"
     model_class = Encoder
     images = ("loss.png", "confusion.png")
+    packages = ("sklearn",)  # (the eval extra: its metrics)
 
     def check(self) -> None:
         a, cfg = self.args, self.cfg

@@ -33,6 +33,7 @@ import torch
 import yaml
 from torch import nn
 
+from lmforge import require
 from lmforge.config import FinetuneConfig
 from lmforge.errors import ConfigError, ModelLoadError
 from lmforge.files import check_out_dir, write_json, write_text
@@ -42,6 +43,7 @@ from lmforge.nn.lora import trainable_params
 from lmforge.report import write_task_report
 from lmforge.runtime import current_memory_mb, lean_allocator, peak_memory_mb, reset_peak_memory
 from lmforge.train.checkpoint import clean_run_dir
+from lmforge.train.core import settle_dtype
 from lmforge.train.supervised import FitResult, fit
 from lmforge.tune.methods import apply_method, check_method, describe
 from lmforge.tune.tasks import METRICS, TASK_ARGS, check_args, task_config
@@ -72,6 +74,7 @@ class Task:
     model_class: type | tuple[type, ...] = nn.Module
     needs = "this task needs another model"  # the error's second half, e.g. "QA fine-tuning needs an encoder model"
     images: tuple[str, ...] = ("loss.png",)  # the report's pictures, under out/report
+    packages: tuple[str, ...] = ()  # optional packages (the `eval` extra) its evaluation imports: checked first
     loss = None  # a method (m, batch) -> loss for a task's own objective (or a property giving one, or None);
     # None: the model's own loss. m is what training runs through: the model, its DDP wrapper or its FSDP copy
 
@@ -148,7 +151,10 @@ def run_task(task_class: type[Task], model_path: str | Path, data: str | Path, o
                               f"{', '.join(METRICS[name])}")
         cfg.metric = METRICS[name][0]
     cfg.validate()
+    cfg.dtype = settle_dtype(cfg.dtype, cfg.device)  # ("auto" made concrete: recorded, so a resume keeps it)
     check_args(name, **args)
+    for module in task_class.packages:  # (a missing extra: refused before any work, not at the first evaluation)
+        require(module, f"finetune {name}", "eval")
     task = task_class(cfg, args, Path(out), progress, str(model_path), str(data))
     task.check()
     main = os.environ.get("RANK", "0") == "0"

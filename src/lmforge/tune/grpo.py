@@ -45,7 +45,7 @@ from lmforge.generate.sampling import generate_ids
 from lmforge.models.decoder import DecoderLM
 from lmforge.nn.lora import lora_disabled, lora_modules
 from lmforge.nn.packed import release_packed
-from lmforge.report import pyplot, save_png
+from lmforge.report import can_plot, pyplot, save_png
 from lmforge.runtime import autocast, resolve_dtype
 from lmforge.train.checkpoint import list_checkpoints
 from lmforge.train.parallel import global_sum, is_sharded, whole_weights, world_size
@@ -415,7 +415,7 @@ def _trim_rollouts(run_dir: Path, path: Path, resume: bool) -> None:
 
 def plot_rollouts(rollouts: list[dict[str, Any]], val: list[dict[str, Any]], path: Path) -> Path | None:
     """Reward (and its moving mean), accuracy (training samples and validation) and completion length by step."""
-    if not rollouts:
+    if not rollouts or not can_plot():
         return None
     plt = pyplot()
     steps = [r["step"] for r in rollouts]

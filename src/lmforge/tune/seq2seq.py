@@ -144,6 +144,7 @@ def encode_pairs(tok, sources: list[str], targets: list[str], prefix: str, max_s
 
 class Seq2SeqTask(Task):
     name, title = "seq2seq", "Seq2seq fine-tune"
+    packages = ("sacrebleu", "rouge_score")  # (the eval extra: its metrics)
 
     def check(self) -> None:
         if self.cfg.method not in ("full", "lora", "qlora"):

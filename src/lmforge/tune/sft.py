@@ -107,6 +107,7 @@ def token_loss(model: torch.nn.Module, rows: list[dict[str, list[int]]], pad_id:
 class ChatTask(Task):
     name, title, needs = "chat", "Instruction tuning", "chat fine-tuning needs a decoder model"
     model_class = DecoderLM
+    packages = ("rouge_score",)  # (the eval extra: its metrics)
 
     def load_data(self) -> None:
         self.train, self.val, self.test = load_chat_splits(self.data, self.args["val_data"],
