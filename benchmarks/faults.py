@@ -347,6 +347,7 @@ def run_job(job: str, trials: int, work: Path, seed: int = 0, first_in_write: bo
         raise RuntimeError(f"{job}: the reference run failed:\n{ref.stderr[-2000:]}")
     reference_s = time.perf_counter() - t0
     want = _fingerprint(work / "reference")
+    args = args + _settled(work / "reference")
     rng = random.Random(seed)
     result = JobResult(job, reference_s)
     for i in range(trials):
@@ -361,6 +362,22 @@ def run_job(job: str, trials: int, work: Path, seed: int = 0, first_in_write: bo
                     error="" if ok else res.stderr.strip().splitlines()[-1:])
         result.trials.append(kill)
     return result
+
+
+def _settled(run: Path) -> list[str]:
+    """What the reference run settled at its start and the trials must start from too: the dtype `auto` chose (it
+    times a bf16 product against an fp32 one, which the machine's load can tip; each run records its choice, and a
+    resumed run keeps it, but two fresh runs may each choose otherwise)."""
+    import yaml
+
+    for name, flag in (("recipe.yaml", "--dtype"), ("config.yaml", "train.dtype")):
+        f = run / name
+        if f.is_file():
+            saved = yaml.safe_load(f.read_text())
+            dtype = saved.get("dtype") if name == "recipe.yaml" else saved.get("train", {}).get("dtype")
+            if dtype:
+                return [flag, dtype] if flag.startswith("--") else ["--set", f"{flag}={dtype}"]
+    return []
 
 
 COLUMNS = [("job", "job", ""), ("trials", "trials", "d"), ("killed", "killed", "d"),
