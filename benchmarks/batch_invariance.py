@@ -28,11 +28,17 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import machine_header, table  # noqa: E402
 
 NEW = 128
-PROMPTS = ["Once upon a time, in a small village by the sea, there lived an old fisherman who",
-           "The three primary colours are", "Write a haiku about the moon.", "def fibonacci(n):",
-           "Explain photosynthesis to a child in two sentences.", "List five fruits that are red:",
-           "The capital of France is", "Translate to Spanish: good morning, my friend."]
-REPEAT = ("Repeat this sentence twice: the quick brown fox jumps over the lazy dog near the river bank.")
+PROMPTS = [
+    "Once upon a time, in a small village by the sea, there lived an old fisherman who",
+    "The three primary colours are",
+    "Write a haiku about the moon.",
+    "def fibonacci(n):",
+    "Explain photosynthesis to a child in two sentences.",
+    "List five fruits that are red:",
+    "The capital of France is",
+    "Translate to Spanish: good morning, my friend.",
+]
+REPEAT = "Repeat this sentence twice: the quick brown fox jumps over the lazy dog near the river bank."
 MODES = ("fp32", "bf16", "int8", "int4")
 MODES = tuple(m for m in MODES if m in os.environ.get("MODES", ",".join(MODES)).split(","))
 
@@ -50,9 +56,11 @@ def worker(mode: str, tree: str) -> None:
     invariant = None
     if tree == "now":
         from lmforge.nn import invariant
-    model, tok = load_pretrained(model_file("smollm2-135m-instruct"),
-                                 quantize={"int8": "int8", "int4": "auto"}.get(mode, "none"),
-                                 dtype="bfloat16" if mode == "bf16" else "float32")
+    model, tok = load_pretrained(
+        model_file("smollm2-135m-instruct"),
+        quantize={"int8": "int8", "int4": "auto"}.get(mode, "none"),
+        dtype="bfloat16" if mode == "bf16" else "float32",
+    )
     chat = [tok.encode(p) for p in PROMPTS]
     params = SamplingParams(max_new_tokens=NEW, temperature=0)
     short = SamplingParams(max_new_tokens=64, temperature=0)
@@ -112,18 +120,37 @@ def main() -> None:
         results.pop("plans", None)
         on = results["on"]
         for state, r in results.items():
-            row = {"mode": mode, "state": state, "b1": r["tok_s_1"], "b8": r["tok_s_8"],
-                   "batch": "yes" if r["batch_equal"] else "NO", "spec": "yes" if r["spec_equal"] else "NO"}
+            row = {
+                "mode": mode,
+                "state": state,
+                "b1": r["tok_s_1"],
+                "b8": r["tok_s_8"],
+                "batch": "yes" if r["batch_equal"] else "NO",
+                "spec": "yes" if r["spec_equal"] else "NO",
+            }
             if state != "on":
                 row["cost1"] = 100 * (1 - on["tok_s_1"] / r["tok_s_1"])
                 row["cost8"] = 100 * (1 - on["tok_s_8"] / r["tok_s_8"])
             rows.append(row)
-    print(f"\nSmolLM2-135M-Instruct, greedy, {NEW} new tokens; tokens/s, best of 3 (off and on taking turns in one "
-          "process, before in its own); cost: the share of tokens/s that turning invariance on loses")
-    print(table(rows, [("mode", "weights", ""), ("state", "invariance", ""), ("b1", "batch 1 tok/s", ",.1f"),
-                       ("b8", "batch 8 tok/s", ",.1f"), ("cost1", "cost of on, b1 %", "+.1f"),
-                       ("cost8", "cost of on, b8 %", "+.1f"), ("batch", "alone = in batch of 8", ""),
-                       ("spec", "greedy = speculative", "")]))
+    print(
+        f"\nSmolLM2-135M-Instruct, greedy, {NEW} new tokens; tokens/s, best of 3 (off and on taking turns in one "
+        "process, before in its own); cost: the share of tokens/s that turning invariance on loses"
+    )
+    print(
+        table(
+            rows,
+            [
+                ("mode", "weights", ""),
+                ("state", "invariance", ""),
+                ("b1", "batch 1 tok/s", ",.1f"),
+                ("b8", "batch 8 tok/s", ",.1f"),
+                ("cost1", "cost of on, b1 %", "+.1f"),
+                ("cost8", "cost of on, b8 %", "+.1f"),
+                ("batch", "alone = in batch of 8", ""),
+                ("spec", "greedy = speculative", ""),
+            ],
+        )
+    )
     print("\nrow plans the probe chose (lmforge.nn.invariant):")
     for kind, plan in sorted(plans.items()):
         print(f"  {kind:44s} {plan}")

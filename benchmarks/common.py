@@ -28,9 +28,11 @@ def machine_header() -> str:
     (fp32 and bf16 matmul, read bandwidth), so a figure is always read against the machine it came from."""
     from lmforge.runtime import cpu_model
 
-    return (f"{cpu_model()}, {torch.get_num_threads()} threads, torch {torch.__version__}; measured peaks: "
-            f"fp32 matmul {matmul_peak(torch.float32) / 1e9:,.0f} GFLOP/s, bf16 matmul "
-            f"{matmul_peak(torch.bfloat16) / 1e9:,.0f} GFLOP/s, read {read_bandwidth(1 << 29, 5) / 1e9:.1f} GB/s")
+    return (
+        f"{cpu_model()}, {torch.get_num_threads()} threads, torch {torch.__version__}; measured peaks: "
+        f"fp32 matmul {matmul_peak(torch.float32) / 1e9:,.0f} GFLOP/s, bf16 matmul "
+        f"{matmul_peak(torch.bfloat16) / 1e9:,.0f} GFLOP/s, read {read_bandwidth(1 << 29, 5) / 1e9:.1f} GB/s"
+    )
 
 
 def rss_by_process(root: int) -> dict[int, float]:
@@ -48,9 +50,9 @@ def rss_by_process(root: int) -> dict[int, float]:
     return out
 
 
-def run_watching_rss(cmd: list[str], env: dict[str, str] | None = None, every: float = 0.1,
-                     until: Callable[[], bool] | None = None
-                     ) -> tuple[subprocess.CompletedProcess, float, dict[int, float], int]:
+def run_watching_rss(
+    cmd: list[str], env: dict[str, str] | None = None, every: float = 0.1, until: Callable[[], bool] | None = None
+) -> tuple[subprocess.CompletedProcess, float, dict[int, float], int]:
     """Run `cmd` to its end, sampling the resident memory of it and its descendants every `every` s (until
     `until()` is true, when given: e.g. until training ends, leaving out the export after it): (the completed
     process with its text output, the peak of their sum, the peak of each process by pid, the pid of `cmd`)."""
@@ -172,8 +174,9 @@ def sentiment_classifier(out, seed: int = 0, n_train: int | None = 8000):
         files = {name: out.parent / f"{name}.csv" for name in ("train", "val", "test")}
         for name, idx in zip(files, (train, val, test)):
             write_labelled_csv(files[name], ds, idx)
-        return finetune_classify("all-minilm-l6-v2", str(files["train"]), out, cfg, val_data=str(files["val"]),
-                                 test_data=str(files["test"])).model_dir
+        return finetune_classify(
+            "all-minilm-l6-v2", str(files["train"]), out, cfg, val_data=str(files["val"]), test_data=str(files["test"])
+        ).model_dir
     data = out.parent / f"train{n_train // 1000}k.csv"
     write_labelled_csv(data, ds, sorted(random.Random(0).sample(train, n_train)))  # (the split is by class)
     return finetune_classify("all-minilm-l6-v2", str(data), out, cfg, val_fraction=0.05, test_fraction=0.05).model_dir
@@ -198,9 +201,13 @@ def serve_process(*args: str, ready_seconds: float = 180):
         port = s.getsockname()[1]
     url = f"http://127.0.0.1:{port}"
     log = tempfile.TemporaryFile("w+")
-    proc = subprocess.Popen([sys.executable, "-m", "lmforge.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-                             *args], stdout=log, stderr=subprocess.STDOUT, text=True,
-                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lmforge.cli", "serve", "--host", "127.0.0.1", "--port", str(port), *args],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+    )
     try:
         deadline = time.monotonic() + ready_seconds
         while True:

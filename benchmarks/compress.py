@@ -43,6 +43,7 @@ CLASSIFIERS = Path(os.environ.get("CLASSIFIERS", "runs/bench-classifiers"))  # s
 
 def settings(head_fraction: float):
     """(name, transform(model, tokenizer, recover_data)) for every row."""
+
     def quant(mode):
         return lambda m, t, d: quantize_model(m, mode, 64)
 
@@ -53,15 +54,20 @@ def settings(head_fraction: float):
         def f(m, t, d):
             prune_heads(m, head_fraction)
             if recovery:
-                recover(m, t, d, RECOVER_STEPS, lr=5e-5 if d.endswith(".txt") else 1e-4, batch_size=8,
-                        seq_len=256)
+                recover(m, t, d, RECOVER_STEPS, lr=5e-5 if d.endswith(".txt") else 1e-4, batch_size=8, seq_len=256)
+
         return f
 
-    return [("fp32", lambda m, t, d: None), ("int8 dynamic", quant("int8-dynamic")),
-            ("int8 weight-only", quant("int8")), ("int4 weight-only", quant("int4")),
-            ("magnitude 30%", magnitude(0.3)), ("magnitude 50%", magnitude(0.5)),
-            (f"heads -{head_fraction:.0%}", heads(False)),
-            (f"heads -{head_fraction:.0%} + {RECOVER_STEPS} steps", heads(True))]
+    return [
+        ("fp32", lambda m, t, d: None),
+        ("int8 dynamic", quant("int8-dynamic")),
+        ("int8 weight-only", quant("int8")),
+        ("int4 weight-only", quant("int4")),
+        ("magnitude 30%", magnitude(0.3)),
+        ("magnitude 50%", magnitude(0.5)),
+        (f"heads -{head_fraction:.0%}", heads(False)),
+        (f"heads -{head_fraction:.0%} + {RECOVER_STEPS} steps", heads(True)),
+    ]
 
 
 def smollm2_part() -> list[list]:
@@ -81,8 +87,19 @@ def smollm2_part() -> list[list]:
         speed = decode_speed(m, tok)
         size = size_mb(m)
         ref = ref or (size, speed, ppl)
-        rows.append(["SmolLM2-135M", name, f"{size:,.0f}", f"{size / ref[0]:.2f}", f"{speed:.1f}",
-                     f"{speed / ref[1]:.2f}", f"{ppl:.3f}", f"{(ppl / ref[2] - 1) * 100:+.2f}%", f"{prep:.0f}"])
+        rows.append(
+            [
+                "SmolLM2-135M",
+                name,
+                f"{size:,.0f}",
+                f"{size / ref[0]:.2f}",
+                f"{speed:.1f}",
+                f"{speed / ref[1]:.2f}",
+                f"{ppl:.3f}",
+                f"{(ppl / ref[2] - 1) * 100:+.2f}%",
+                f"{prep:.0f}",
+            ]
+        )
         print(" | ".join(rows[-1]), flush=True)
         del m
     return rows
@@ -106,8 +123,19 @@ def sentiment_part() -> list[list]:
         acc, seq_s = classifier_scores(m, tok, str(test_csv))
         size = size_mb(m)
         ref = ref or (size, seq_s, acc)
-        rows.append(["MiniLM sentiment", name, f"{size:,.1f}", f"{size / ref[0]:.2f}", f"{seq_s:.0f}",
-                     f"{seq_s / ref[1]:.2f}", f"{100 * acc:.2f}%", f"{100 * (acc - ref[2]):+.2f} pt", f"{prep:.0f}"])
+        rows.append(
+            [
+                "MiniLM sentiment",
+                name,
+                f"{size:,.1f}",
+                f"{size / ref[0]:.2f}",
+                f"{seq_s:.0f}",
+                f"{seq_s / ref[1]:.2f}",
+                f"{100 * acc:.2f}%",
+                f"{100 * (acc - ref[2]):+.2f} pt",
+                f"{prep:.0f}",
+            ]
+        )
         print(" | ".join(rows[-1]), flush=True)
         del m
     return rows
@@ -120,8 +148,10 @@ def main() -> None:
         rows += smollm2_part()
     if "sentiment" in PARTS:
         rows += sentiment_part()
-    print(f"\nthreads {torch.get_num_threads()}, torch {torch.__version__}; speed = greedy tokens/s at batch 1 "
-          "(SmolLM2) or sequences/s over the test split (sentiment); prep = seconds to compress (and recover)\n")
+    print(
+        f"\nthreads {torch.get_num_threads()}, torch {torch.__version__}; speed = greedy tokens/s at batch 1 "
+        "(SmolLM2) or sequences/s over the test split (sentiment); prep = seconds to compress (and recover)\n"
+    )
     heads = ["model", "setting", "size MiB", "x size", "speed", "x speed", "quality", "vs fp32", "prep s"]
     print(table([dict(zip(heads, r)) for r in rows], [(h, h, "s") for h in heads]))
 

@@ -17,10 +17,19 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import machine_header, table  # noqa: E402
 
-SCHEMA = {"type": "array", "minItems": 1000,
-          "items": {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
-                                                     "n": {"type": "integer", "minimum": 0, "maximum": 9999}},
-                    "required": ["name", "n"], "additionalProperties": False}}
+SCHEMA = {
+    "type": "array",
+    "minItems": 1000,
+    "items": {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 12},
+            "n": {"type": "integer", "minimum": 0, "maximum": 9999},
+        },
+        "required": ["name", "n"],
+        "additionalProperties": False,
+    },
+}
 
 
 def main() -> None:
@@ -80,8 +89,17 @@ def main() -> None:
     finally:
         engine.close()
     print(f"SmolLM2-135M-Instruct, --quantize auto, greedy, {a.tokens} tokens per request, best of {a.rounds}\n")
-    print(table(rows, [("batch", "batch", "d"), ("plain", "plain tok/s", ".1f"),
-                       ("constrained", "json_schema tok/s", ".1f"), ("overhead", "overhead", ".1%")]))
+    print(
+        table(
+            rows,
+            [
+                ("batch", "batch", "d"),
+                ("plain", "plain tok/s", ".1f"),
+                ("constrained", "json_schema tok/s", ".1f"),
+                ("overhead", "overhead", ".1%"),
+            ],
+        )
+    )
     print(f"\none mask (llguidance + unpacking to a bool tensor): {per_mask * 1000:.3f} ms; goal: overhead < 10%")
 
 

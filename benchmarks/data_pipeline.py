@@ -66,8 +66,16 @@ def lmforge_worker(tok_path: str, out: str) -> None:
     train, val = split_documents(docs, 0.01)
     meta = build_shards(train, val, tok, out, workers=WORKERS)
     sec = time.perf_counter() - t0
-    print(json.dumps({"seconds": sec, "tokens": meta["train"]["tokens"] + meta["val"]["tokens"],
-                      "bytes": meta["train"]["bytes"] + meta["val"]["bytes"], "documents": len(docs)}))
+    print(
+        json.dumps(
+            {
+                "seconds": sec,
+                "tokens": meta["train"]["tokens"] + meta["val"]["tokens"],
+                "bytes": meta["train"]["bytes"] + meta["val"]["bytes"],
+                "documents": len(docs),
+            }
+        )
+    )
 
 
 def run_lmforge(tok_path: str, out: str) -> dict:
@@ -101,8 +109,12 @@ def run_peer(tok_path: str) -> dict:
         t0 = time.perf_counter()
         tokens += sum(len(e.ids) for e in tok.encode_batch(batch, add_special_tokens=False))
         sec += time.perf_counter() - t0
-    return {"seconds": sec, "tokens": tokens, "bytes": used,
-            "peak_rss": max(before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
+    return {
+        "seconds": sec,
+        "tokens": tokens,
+        "bytes": used,
+        "peak_rss": max(before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+    }
 
 
 def main() -> None:
@@ -116,19 +128,41 @@ def main() -> None:
         tok.save(work)
         tok_path = str(work / "tokenizer.json")
         print(machine_header())
-        print(f"corpus: {size / 1e9:.2f} GB in {n_files:,} files ({CORPUS}); BPE 8,192; workers "
-              f"{WORKERS or 'one per core'}")
+        print(
+            f"corpus: {size / 1e9:.2f} GB in {n_files:,} files ({CORPUS}); BPE 8,192; workers "
+            f"{WORKERS or 'one per core'}"
+        )
         peer = run_peer(tok_path)
         ours = run_lmforge(tok_path, str(work / "data"))
         rows = []
         for name, r in (("tokenizers encode_batch (sample)", peer), ("lmforge build_shards (whole corpus)", ours)):
-            rows.append({"system": name, "gb": r["bytes"] / 1e9, "tokens": r["tokens"] / 1e6, "sec": r["seconds"],
-                         "tps": r["tokens"] / r["seconds"], "mbs": r["bytes"] / 1e6 / r["seconds"],
-                         "rss": r["peak_rss"], "ratio": (r["tokens"] / r["seconds"]) / (peer["tokens"] /
-                                                                                         peer["seconds"])})
-        print(table(rows, [("system", "system", "s"), ("gb", "GB read", ".2f"), ("tokens", "M tokens", ",.1f"),
-                           ("sec", "seconds", ".1f"), ("tps", "tokens/s", ",.0f"), ("mbs", "MB/s", ".1f"),
-                           ("rss", "peak RSS MiB", ",.0f"), ("ratio", "x peer", ".2f")]))
+            rows.append(
+                {
+                    "system": name,
+                    "gb": r["bytes"] / 1e9,
+                    "tokens": r["tokens"] / 1e6,
+                    "sec": r["seconds"],
+                    "tps": r["tokens"] / r["seconds"],
+                    "mbs": r["bytes"] / 1e6 / r["seconds"],
+                    "rss": r["peak_rss"],
+                    "ratio": (r["tokens"] / r["seconds"]) / (peer["tokens"] / peer["seconds"]),
+                }
+            )
+        print(
+            table(
+                rows,
+                [
+                    ("system", "system", "s"),
+                    ("gb", "GB read", ".2f"),
+                    ("tokens", "M tokens", ",.1f"),
+                    ("sec", "seconds", ".1f"),
+                    ("tps", "tokens/s", ",.0f"),
+                    ("mbs", "MB/s", ".1f"),
+                    ("rss", "peak RSS MiB", ",.0f"),
+                    ("ratio", "x peer", ".2f"),
+                ],
+            )
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -60,8 +60,9 @@ def worker(system: str, batch: str, dtype_name: str = "float32") -> None:
 
         def run():
             with torch.inference_mode():
-                out = model.generate(prompt, attention_mask=mask, do_sample=False, max_new_tokens=NEW,
-                                     min_new_tokens=NEW, pad_token_id=0)
+                out = model.generate(
+                    prompt, attention_mask=mask, do_sample=False, max_new_tokens=NEW, min_new_tokens=NEW, pad_token_id=0
+                )
             assert out.shape[1] == PROMPT + NEW
 
     run()  # warm-up (and the compilation)
@@ -70,8 +71,9 @@ def worker(system: str, batch: str, dtype_name: str = "float32") -> None:
     bw += read_rates()
     # weights read per decoded token: every matmul weight (blocks + LM head) in the dtype
     weight_bytes = dtype.itemsize * (cfg.num_params(include_embeddings=False) + cfg.vocab_size * cfg.d_model)
-    print(json.dumps({"seconds": t, "weight_bytes": weight_bytes, "bw_best": max(bw),
-                      "bw_median": statistics.median(bw)}))
+    print(
+        json.dumps({"seconds": t, "weight_bytes": weight_bytes, "bw_best": max(bw), "bw_median": statistics.median(bw)})
+    )
 
 
 def main() -> None:
@@ -82,20 +84,39 @@ def main() -> None:
         for system in ("lmforge", "lmforge-compile", "transformers"):
             r = run_worker(__file__, system, str(batch), dtype)
             per_tok = r["seconds"] / NEW
-            group.append({"batch": batch, "dtype": {"float32": "fp32", "bfloat16": "bf16"}[dtype],
-                          "system": system.replace("-compile", " + compile"),
-                          "tok_s": batch * NEW / r["seconds"], "ms_tok": per_tok * 1e3,
-                          "bw": r["bw_best"] / 1e9, "bw_med": r["bw_median"] / 1e9,
-                          "roofline": r["weight_bytes"] / r["bw_best"] / per_tok if batch == 1 else None,
-                          "roofline_med": r["weight_bytes"] / r["bw_median"] / per_tok if batch == 1 else None})
+            group.append(
+                {
+                    "batch": batch,
+                    "dtype": {"float32": "fp32", "bfloat16": "bf16"}[dtype],
+                    "system": system.replace("-compile", " + compile"),
+                    "tok_s": batch * NEW / r["seconds"],
+                    "ms_tok": per_tok * 1e3,
+                    "bw": r["bw_best"] / 1e9,
+                    "bw_med": r["bw_median"] / 1e9,
+                    "roofline": r["weight_bytes"] / r["bw_best"] / per_tok if batch == 1 else None,
+                    "roofline_med": r["weight_bytes"] / r["bw_median"] / per_tok if batch == 1 else None,
+                }
+            )
         for row in group:  # each lmforge row against transformers (the group's last row)
             row["ratio"] = row["tok_s"] / group[-1]["tok_s"]
         rows += group
-    print(table(rows, [("batch", "batch", "d"), ("dtype", "dtype", ""), ("system", "system", ""),
-                       ("ms_tok", "ms / step", ".1f"),
-                       ("tok_s", "tokens/s", ",.1f"), ("bw", "best GB/s", ".1f"), ("bw_med", "median GB/s", ".1f"),
-                       ("roofline", "% roofline", ".0%"), ("roofline_med", "% of median bw", ".0%"),
-                       ("ratio", "x transformers", ".2f")]))
+    print(
+        table(
+            rows,
+            [
+                ("batch", "batch", "d"),
+                ("dtype", "dtype", ""),
+                ("system", "system", ""),
+                ("ms_tok", "ms / step", ".1f"),
+                ("tok_s", "tokens/s", ",.1f"),
+                ("bw", "best GB/s", ".1f"),
+                ("bw_med", "median GB/s", ".1f"),
+                ("roofline", "% roofline", ".0%"),
+                ("roofline_med", "% of median bw", ".0%"),
+                ("ratio", "x transformers", ".2f"),
+            ],
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -34,8 +34,18 @@ NEW = 128
 PROMPT = "Once upon a time, in a small village by the sea, there lived an old fisherman who"
 
 
-SYSTEMS = ("transformers", "lmforge", "lmforge-int8", "lmforge-compile", "lmforge-int8-compile", "lmforge-int4",
-           "lmforge-int4-compile", "transformers-bf16", "lmforge-bf16", "lmforge-bf16-compile")
+SYSTEMS = (
+    "transformers",
+    "lmforge",
+    "lmforge-int8",
+    "lmforge-compile",
+    "lmforge-int8-compile",
+    "lmforge-int4",
+    "lmforge-int4-compile",
+    "transformers-bf16",
+    "lmforge-bf16",
+    "lmforge-bf16-compile",
+)
 QUANTIZED = ("int8", "int4")
 SYSTEMS = tuple(s for s in SYSTEMS if s in os.environ.get("SYSTEMS", ",".join(SYSTEMS)).split(","))
 
@@ -51,8 +61,11 @@ def worker(system: str, batch: str) -> None:
         from lmforge.runtime import tune_allocator
 
         tune_allocator()
-        model, tok = load_pretrained(path, quantize=next((q for q in QUANTIZED if q in system), "none"),
-                                     dtype="bfloat16" if "bf16" in system else "float32")
+        model, tok = load_pretrained(
+            path,
+            quantize=next((q for q in QUANTIZED if q in system), "none"),
+            dtype="bfloat16" if "bf16" in system else "float32",
+        )
         rows = [tok.encode(PROMPT)] * B
         params = SamplingParams(max_new_tokens=NEW, temperature=0)
         compile = system.endswith("compile")
@@ -66,16 +79,23 @@ def worker(system: str, batch: str) -> None:
     else:
         import transformers
 
-        model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                                  dtype=torch.bfloat16 if "bf16" in system
-                                                                  else torch.float32).eval()
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            str(path.parent), gguf_file=path.name, dtype=torch.bfloat16 if "bf16" in system else torch.float32
+        ).eval()
         tok = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         ids = torch.tensor([tok.encode(PROMPT, add_special_tokens=False)] * B)
 
         def run():
             with torch.inference_mode():
-                out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=NEW,
-                                     min_new_tokens=NEW, pad_token_id=2, eos_token_id=None)
+                out = model.generate(
+                    ids,
+                    attention_mask=torch.ones_like(ids),
+                    do_sample=False,
+                    max_new_tokens=NEW,
+                    min_new_tokens=NEW,
+                    pad_token_id=2,
+                    eos_token_id=None,
+                )
             assert out.shape[1] == ids.shape[1] + NEW
 
     t0 = time.perf_counter()
@@ -119,9 +139,16 @@ def main() -> None:
         group = []
         for system in SYSTEMS:
             r = run_worker(__file__, system, str(batch))
-            group.append({"batch": batch, "system": system.replace("-compile", " + compile"),
-                          "tok_s": batch * NEW / r["seconds"], "ms": r["seconds"] / NEW * 1e3, "ppl": r.get("ppl"),
-                          "first": r["first"]})
+            group.append(
+                {
+                    "batch": batch,
+                    "system": system.replace("-compile", " + compile"),
+                    "tok_s": batch * NEW / r["seconds"],
+                    "ms": r["seconds"] / NEW * 1e3,
+                    "ppl": r.get("ppl"),
+                    "first": r["first"],
+                }
+            )
         peer = {("bf16" in g["system"]): g["tok_s"] for g in group if g["system"].startswith("transformers")}
         if batch == 1:
             group += peers
@@ -130,10 +157,22 @@ def main() -> None:
             row["same"] = row["tok_s"] / peer[("bf16" in row["system"])] if ("bf16" in row["system"]) in peer else None
             row["llama"] = row["tok_s"] / llama_best if llama_best and batch == 1 else None
         rows += group
-    print(table(rows, [("batch", "batch", "d"), ("system", "system", ""), ("ms", "ms / step", ".1f"),
-                       ("tok_s", "tokens/s", ",.1f"), ("ratio", "x transformers", ".2f"),
-                       ("same", "x same dtype", ".2f"), ("llama", "x llama.cpp", ".2f"),
-                       ("ppl", "perplexity", ".3f"), ("first", "first call s", ".1f")]))
+    print(
+        table(
+            rows,
+            [
+                ("batch", "batch", "d"),
+                ("system", "system", ""),
+                ("ms", "ms / step", ".1f"),
+                ("tok_s", "tokens/s", ",.1f"),
+                ("ratio", "x transformers", ".2f"),
+                ("same", "x same dtype", ".2f"),
+                ("llama", "x llama.cpp", ".2f"),
+                ("ppl", "perplexity", ".3f"),
+                ("first", "first call s", ".1f"),
+            ],
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -61,19 +61,35 @@ TOL = 1e-4
 TIMEOUT = float(os.environ.get("TIMEOUT", "180"))
 CLOCK = ("time", "seconds", "tok_per_s", "mfu", "sample_seconds", "decode_seconds")
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-RUNS = [("one process", 1, []), ("ddp", 2, ["--strategy", "ddp"]), ("fsdp", 2, ["--strategy", "fsdp"]),
-        ("fsdp + grad ckpt", 2, ["--strategy", "fsdp", "--grad-checkpoint"])]
+RUNS = [
+    ("one process", 1, []),
+    ("ddp", 2, ["--strategy", "ddp"]),
+    ("fsdp", 2, ["--strategy", "fsdp"]),
+    ("fsdp + grad ckpt", 2, ["--strategy", "fsdp", "--grad-checkpoint"]),
+]
 
 
 # --- the tasks: a tiny model directory and data each, and the command's arguments ----------------------------------
+
 
 def _encoder(path: Path, tok, max_seq_len: int = 128) -> None:
     from lmforge.config import encoder_config
     from lmforge.models.encoder import Encoder
 
     torch.manual_seed(0)
-    Encoder(encoder_config("bert-mini", vocab_size=tok.vocab_size, n_layer=2, n_head=2, d_model=32, d_ff=64,
-                           max_seq_len=max_seq_len, dropout=0.0, attn_dropout=0.0)).save_pretrained(path, tokenizer=tok)
+    Encoder(
+        encoder_config(
+            "bert-mini",
+            vocab_size=tok.vocab_size,
+            n_layer=2,
+            n_head=2,
+            d_model=32,
+            d_ff=64,
+            max_seq_len=max_seq_len,
+            dropout=0.0,
+            attn_dropout=0.0,
+        )
+    ).save_pretrained(path, tokenizer=tok)
 
 
 def _smollm_decoder(path: Path) -> None:
@@ -85,9 +101,20 @@ def _smollm_decoder(path: Path) -> None:
     gguf = model_file("smollm2-135m-instruct")
     tok = gguf_tokenizer(_reader(gguf), str(gguf))  # SmolLM2's real tokenizer and chat template
     torch.manual_seed(0)
-    DecoderLM(model_config("bench-llama", vocab_size=tok.vocab_size, n_layer=2, n_head=4, n_kv_head=2, d_model=32,
-                           d_ff=64, max_seq_len=256, dropout=0.0, eos_token_id=tok.eos_id)
-              ).save_pretrained(path, tokenizer=tok)
+    DecoderLM(
+        model_config(
+            "bench-llama",
+            vocab_size=tok.vocab_size,
+            n_layer=2,
+            n_head=4,
+            n_kv_head=2,
+            d_model=32,
+            d_ff=64,
+            max_seq_len=256,
+            dropout=0.0,
+            eos_token_id=tok.eos_id,
+        )
+    ).save_pretrained(path, tokenizer=tok)
 
 
 def _jsonl(rows, path: Path) -> str:
@@ -108,8 +135,22 @@ def classify_task(w: Path) -> list[str]:
         out.writerow(["label", "text"])
         for i in random.Random(0).sample(range(len(ds)), 240):
             out.writerow([ds.labels[i], ds.texts[i]])
-    return ["finetune", "classify", "--model", str(w / "model"), "--data", str(w / "t.csv"), "--epochs", "2",
-            "--batch-size", "16", "--lr", "1e-3", "--eval-every", "6"]
+    return [
+        "finetune",
+        "classify",
+        "--model",
+        str(w / "model"),
+        "--data",
+        str(w / "t.csv"),
+        "--epochs",
+        "2",
+        "--batch-size",
+        "16",
+        "--lr",
+        "1e-3",
+        "--eval-every",
+        "6",
+    ]
 
 
 def qa_task(w: Path) -> list[str]:
@@ -119,11 +160,31 @@ def qa_task(w: Path) -> list[str]:
     s = shakespeare_qa(n_per_play=2, context_speeches=4)
     for name, rows in (("train", s["train"][:48]), ("dev", s["dev"][:8]), ("test", s["test"][:8])):
         write_squad(rows, w / f"{name}.json")
-    _encoder(w / "model", Tokenizer.train_wordpiece([e.context + " " + e.question for e in s["train"]],
-                                                    vocab_size=500))
-    return ["finetune", "qa", "--model", str(w / "model"), "--data", str(w / "train.json"), "--val-data",
-            str(w / "dev.json"), "--test-data", str(w / "test.json"), "--epochs", "2", "--batch-size", "8",
-            "--lr", "1e-3", "--max-len", "96", "--stride", "16", "--eval-every", "8"]
+    _encoder(w / "model", Tokenizer.train_wordpiece([e.context + " " + e.question for e in s["train"]], vocab_size=500))
+    return [
+        "finetune",
+        "qa",
+        "--model",
+        str(w / "model"),
+        "--data",
+        str(w / "train.json"),
+        "--val-data",
+        str(w / "dev.json"),
+        "--test-data",
+        str(w / "test.json"),
+        "--epochs",
+        "2",
+        "--batch-size",
+        "8",
+        "--lr",
+        "1e-3",
+        "--max-len",
+        "96",
+        "--stride",
+        "16",
+        "--eval-every",
+        "8",
+    ]
 
 
 def chat_task(w: Path) -> list[str]:
@@ -133,9 +194,30 @@ def chat_task(w: Path) -> list[str]:
     s = chatterbot_chat(seed=0)
     for name, rows in (("train", s["train"][:96]), ("val", s["val"][:8]), ("test", s["test"][:6])):
         write_jsonl(rows, w / f"{name}.jsonl")
-    return ["finetune", "chat", "--model", str(w / "model"), "--data", str(w / "train.jsonl"), "--val-data",
-            str(w / "val.jsonl"), "--test-data", str(w / "test.jsonl"), "--epochs", "2", "--batch-size", "8",
-            "--lr", "1e-3", "--max-len", "96", "--max-new-tokens", "4", "--eval-every", "6"]
+    return [
+        "finetune",
+        "chat",
+        "--model",
+        str(w / "model"),
+        "--data",
+        str(w / "train.jsonl"),
+        "--val-data",
+        str(w / "val.jsonl"),
+        "--test-data",
+        str(w / "test.jsonl"),
+        "--epochs",
+        "2",
+        "--batch-size",
+        "8",
+        "--lr",
+        "1e-3",
+        "--max-len",
+        "96",
+        "--max-new-tokens",
+        "4",
+        "--eval-every",
+        "6",
+    ]
 
 
 def dpo_task(w: Path) -> list[str]:
@@ -144,12 +226,39 @@ def dpo_task(w: Path) -> list[str]:
     _smollm_decoder(w / "model")
     s = chatterbot_chat(seed=0)
     for name, rows in (("train", s["train"][:48]), ("val", s["val"][:8])):
-        _jsonl([{"prompt": m[0]["content"], "chosen": m[1]["content"],  # the reply preferred to another's
-                 "rejected": rows[(i + 1) % len(rows)][1]["content"]} for i, m in enumerate(rows)],
-               w / f"{name}.jsonl")
-    return ["finetune", "dpo", "--model", str(w / "model"), "--data", str(w / "train.jsonl"), "--val-data",
-            str(w / "val.jsonl"), "--test-data", str(w / "val.jsonl"), "--epochs", "2", "--batch-size", "8",
-            "--lr", "1e-3", "--max-len", "96", "--eval-every", "6"]
+        _jsonl(
+            [
+                {
+                    "prompt": m[0]["content"],
+                    "chosen": m[1]["content"],  # the reply preferred to another's
+                    "rejected": rows[(i + 1) % len(rows)][1]["content"],
+                }
+                for i, m in enumerate(rows)
+            ],
+            w / f"{name}.jsonl",
+        )
+    return [
+        "finetune",
+        "dpo",
+        "--model",
+        str(w / "model"),
+        "--data",
+        str(w / "train.jsonl"),
+        "--val-data",
+        str(w / "val.jsonl"),
+        "--test-data",
+        str(w / "val.jsonl"),
+        "--epochs",
+        "2",
+        "--batch-size",
+        "8",
+        "--lr",
+        "1e-3",
+        "--max-len",
+        "96",
+        "--eval-every",
+        "6",
+    ]
 
 
 def grpo_task(w: Path) -> list[str]:
@@ -162,22 +271,76 @@ def grpo_task(w: Path) -> list[str]:
     from lmforge.tokenizer import Tokenizer
 
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    words = ["[UNK]", "user", "assistant", "system", *"0123456789", "What", "is", "plus", "minus", "times", "How",
-             "many", "Answer", "with", "the", "final", "number", "only"]
+    words = [
+        "[UNK]",
+        "user",
+        "assistant",
+        "system",
+        *"0123456789",
+        "What",
+        "is",
+        "plus",
+        "minus",
+        "times",
+        "How",
+        "many",
+        "Answer",
+        "with",
+        "the",
+        "final",
+        "number",
+        "only",
+    ]
     hf = HFTokenizer(models.WordLevel({t: i for i, t in enumerate(specials + words)}, unk_token="[UNK]"))
     hf.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), pre_tokenizers.Digits(True)])
     hf.add_special_tokens(specials)
     tok = Tokenizer(hf, eos_token="<|endoftext|>")
     torch.manual_seed(0)
-    DecoderLM(model_config("bench-llama", vocab_size=tok.vocab_size, n_layer=2, n_head=4, n_kv_head=2, d_model=32,
-                           d_ff=64, max_seq_len=96, dropout=0.0, eos_token_id=tok.eos_id)
-              ).save_pretrained(w / "model", tokenizer=tok)
+    DecoderLM(
+        model_config(
+            "bench-llama",
+            vocab_size=tok.vocab_size,
+            n_layer=2,
+            n_head=4,
+            n_kv_head=2,
+            d_model=32,
+            d_ff=64,
+            max_seq_len=96,
+            dropout=0.0,
+            eos_token_id=tok.eos_id,
+        )
+    ).save_pretrained(w / "model", tokenizer=tok)
     s = arith_splits(0, train=400, val=60, test=60)
-    files = {name: _jsonl([p.row() for p in s[name] if len(p.answer) == 1][:n], w / f"{name}.jsonl")
-             for name, n in (("train", 32), ("val", 8), ("test", 8))}
-    return ["finetune", "grpo", "--model", str(w / "model"), "--data", files["train"], "--val-data", files["val"],
-            "--test-data", files["test"], "--group-size", "8", "--max-new-tokens", "4", "--epochs", "2",
-            "--batch-size", "4", "--lr", "1e-2", "--warmup", "0", "--eval-every", "8"]
+    files = {
+        name: _jsonl([p.row() for p in s[name] if len(p.answer) == 1][:n], w / f"{name}.jsonl")
+        for name, n in (("train", 32), ("val", 8), ("test", 8))
+    }
+    return [
+        "finetune",
+        "grpo",
+        "--model",
+        str(w / "model"),
+        "--data",
+        files["train"],
+        "--val-data",
+        files["val"],
+        "--test-data",
+        files["test"],
+        "--group-size",
+        "8",
+        "--max-new-tokens",
+        "4",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "4",
+        "--lr",
+        "1e-2",
+        "--warmup",
+        "0",
+        "--eval-every",
+        "8",
+    ]
 
 
 def seq2seq_task(w: Path) -> list[str]:
@@ -190,27 +353,78 @@ def seq2seq_task(w: Path) -> list[str]:
     data = _jsonl(rows, w / "pairs.jsonl")
     tok = Tokenizer.train_unigram([r["source"] for r in rows] + [r["target"] for r in rows], vocab_size=512)
     torch.manual_seed(0)
-    Seq2SeqLM(seq2seq_config("t5-tiny", vocab_size=tok.vocab_size, pad_token_id=tok.pad_id, eos_token_id=tok.eos_id,
-                             decoder_start_token_id=tok.pad_id, dropout=0.0)
-              ).save_pretrained(w / "model", tokenizer=tok)
-    return ["finetune", "seq2seq", "--model", str(w / "model"), "--data", data, "--epochs", "2", "--batch-size", "16",
-            "--lr", "3e-3", "--max-len", "48", "--eval-limit", "8", "--num-beams", "1", "--eval-every", "6",
-            "--optimizer", "adamw"]  # (seq2seq's default, Adafactor, keeps whole-row and -column statistics: FSDP
+    Seq2SeqLM(
+        seq2seq_config(
+            "t5-tiny",
+            vocab_size=tok.vocab_size,
+            pad_token_id=tok.pad_id,
+            eos_token_id=tok.eos_id,
+            decoder_start_token_id=tok.pad_id,
+            dropout=0.0,
+        )
+    ).save_pretrained(w / "model", tokenizer=tok)
+    return [
+        "finetune",
+        "seq2seq",
+        "--model",
+        str(w / "model"),
+        "--data",
+        data,
+        "--epochs",
+        "2",
+        "--batch-size",
+        "16",
+        "--lr",
+        "3e-3",
+        "--max-len",
+        "48",
+        "--eval-limit",
+        "8",
+        "--num-beams",
+        "1",
+        "--eval-every",
+        "6",
+        "--optimizer",
+        "adamw",
+    ]  # (seq2seq's default, Adafactor, keeps whole-row and -column statistics: FSDP
     #  refuses it, DDP runs it)
 
 
-TASKS = {"classify": classify_task, "qa": qa_task, "chat": chat_task, "dpo": dpo_task, "grpo": grpo_task,
-         "seq2seq": seq2seq_task}
+TASKS = {
+    "classify": classify_task,
+    "qa": qa_task,
+    "chat": chat_task,
+    "dpo": dpo_task,
+    "grpo": grpo_task,
+    "seq2seq": seq2seq_task,
+}
 COMMON = ["--log-every", "1", "--ckpt-every", "5", "--seed", "0"]  # (a checkpoint mid-run: sharded under FSDP)
 
 
 # --- one run, and its comparison with the one-process run ----------------------------------------------------------
 
+
 def run(args: list[str], nproc: int, extra: list[str], out: Path) -> dict:
     """The command as one process or under torchrun in its own process group, killed whole past TIMEOUT."""
-    cmd = ([sys.executable, "-m", "lmforge.cli"] if nproc == 1 else
-           [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m",
-            "lmforge.cli"]) + args + COMMON + extra + ["--out", str(out)]
+    cmd = (
+        (
+            [sys.executable, "-m", "lmforge.cli"]
+            if nproc == 1
+            else [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                f"--nproc_per_node={nproc}",
+                "-m",
+                "lmforge.cli",
+            ]
+        )
+        + args
+        + COMMON
+        + extra
+        + ["--out", str(out)]
+    )
     log = out.parent / f"{out.name}.log"
     t0 = time.perf_counter()
     with open(log, "w") as f:
@@ -270,8 +484,14 @@ def records(out: Path) -> tuple[list[dict], list[dict], dict]:
 def numbers(r: dict) -> dict[str, float]:
     """A record's metrics: its numeric fields but the step, the epoch, wall-clock ones and perplexity (exp of the
     loss, compared already: at a tiny model's ppl of ~10^4 a loss difference of 1e-6 moves it by 0.04)."""
-    return {k: float(v) for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
-            and k not in ("step", "epoch", "ppl", "perplexity") and not any(c in k for c in CLOCK)}
+    return {
+        k: float(v)
+        for k, v in r.items()
+        if isinstance(v, (int, float))
+        and not isinstance(v, bool)
+        and k not in ("step", "epoch", "ppl", "perplexity")
+        and not any(c in k for c in CLOCK)
+    }
 
 
 def max_diff(a: dict[str, float], b: dict[str, float]) -> tuple[float, str]:
@@ -293,8 +513,11 @@ def final_metrics(summary: dict) -> dict[str, float]:
 
 def compare(ref: Path, out: Path) -> dict:
     (t1, v1, s1), (t2, v2, s2) = records(ref), records(out)
-    steps = [r["step"] for r in t1] == [r["step"] for r in t2] and s1.get("steps") == s2.get("steps") \
+    steps = (
+        [r["step"] for r in t1] == [r["step"] for r in t2]
+        and s1.get("steps") == s2.get("steps")
         and [r["step"] for r in v1] == [r["step"] for r in v2]
+    )
     by_step = {r["step"]: r["loss"] for r in t2}
     train = max((abs(r["loss"] - by_step[r["step"]]) for r in t1 if r["step"] in by_step), default=math.nan)
     val, val_key = max((max_diff(numbers(a), numbers(b)) for a, b in zip(v1, v2)), default=(math.nan, ""))
@@ -303,9 +526,13 @@ def compare(ref: Path, out: Path) -> dict:
     worse += [f"val {val_key} {val:.2g}"] if val > TOL else []
     worse += [f"test {test_key} {test:.2g}"] if test > TOL else []
     equal = steps and not worse
-    return {"steps": "equal" if steps else f"{len(t2)} vs {len(t1)}", "train": train, "val": val,
-            "test": "yes" if test <= TOL else f"no (Δ {test:.4g})",
-            "status": "equal" if equal else "differs" + (f": {'; '.join(worse)}" if worse else "")}
+    return {
+        "steps": "equal" if steps else f"{len(t2)} vs {len(t1)}",
+        "train": train,
+        "val": val,
+        "test": "yes" if test <= TOL else f"no (Δ {test:.4g})",
+        "status": "equal" if equal else "differs" + (f": {'; '.join(worse)}" if worse else ""),
+    }
 
 
 def task_rows(task: str, w: Path, runs: list = RUNS) -> list[dict]:
@@ -341,15 +568,29 @@ def main() -> None:
     rows = []
     t_all = time.perf_counter()
     keep = os.environ.get("KEEP")  # a folder to keep the runs and their logs in
-    with (contextlib.nullcontext(keep) if keep else tempfile.TemporaryDirectory(prefix="lmforge-dist-tasks-")) as tmp:
+    with contextlib.nullcontext(keep) if keep else tempfile.TemporaryDirectory(prefix="lmforge-dist-tasks-") as tmp:
         for task in tasks:
             rows += task_rows(task, Path(tmp) / task)
     print(header)
-    print(f"\nlmforge finetune TASK on tiny models, one process vs 2 processes (torchrun, gloo), OMP_NUM_THREADS=1; "
-          f"equal: |Δ| <= {TOL:g}; {time.perf_counter() - t_all:.0f} s in all\n")
-    print(table(rows, [("task", "task", ""), ("run", "run", ""), ("seconds", "seconds", ".1f"),
-                       ("steps", "steps", ""), ("train", "max Δ train loss", ".2e"), ("val", "max Δ val", ".2e"),
-                       ("test", "test equal", ""), ("status", "status", "")]))
+    print(
+        f"\nlmforge finetune TASK on tiny models, one process vs 2 processes (torchrun, gloo), OMP_NUM_THREADS=1; "
+        f"equal: |Δ| <= {TOL:g}; {time.perf_counter() - t_all:.0f} s in all\n"
+    )
+    print(
+        table(
+            rows,
+            [
+                ("task", "task", ""),
+                ("run", "run", ""),
+                ("seconds", "seconds", ".1f"),
+                ("steps", "steps", ""),
+                ("train", "max Δ train loss", ".2e"),
+                ("val", "max Δ val", ".2e"),
+                ("test", "test equal", ""),
+                ("status", "status", ""),
+            ],
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -54,7 +54,7 @@ def fixed_batches(tok) -> list[torch.Tensor]:
         ids += tok.encode(f.read_text(encoding="utf-8"))
         if len(ids) >= need:
             break
-    rows = torch.tensor(ids[:FIXED_BATCHES * BATCH * (FIXED_LEN - 2)]).view(FIXED_BATCHES, BATCH, FIXED_LEN - 2)
+    rows = torch.tensor(ids[: FIXED_BATCHES * BATCH * (FIXED_LEN - 2)]).view(FIXED_BATCHES, BATCH, FIXED_LEN - 2)
     cls = torch.full((FIXED_BATCHES, BATCH, 1), 101)
     sep = torch.full((FIXED_BATCHES, BATCH, 1), 102)
     return list(torch.cat([cls, rows, sep], dim=-1))
@@ -89,9 +89,11 @@ def worker(system: str, workload: str) -> None:
                 extra = {"cosine_min": cos.min().item(), "cosine_mean": cos.mean().item()}
 
         if workload == "variable":
+
             def run():
                 embed(ours, tok, data, batch_size=BATCH)
         else:
+
             def run():
                 with torch.inference_mode():
                     for b in data:
@@ -105,28 +107,32 @@ def worker(system: str, workload: str) -> None:
         htok = AutoTokenizer.from_pretrained(str(path))
         padding = "max_length" if system == "transformers-pad128" else True  # (transformers-tuned: fixed only)
         if workload == "variable":
+
             def run():
                 with torch.inference_mode():
                     for s in range(0, len(data), BATCH):
-                        b = htok(data[s:s + BATCH], padding=padding, truncation=True, max_length=128,
-                                 return_tensors="pt")
+                        b = htok(
+                            data[s : s + BATCH], padding=padding, truncation=True, max_length=128, return_tensors="pt"
+                        )
                         h = model(**b).last_hidden_state
                         m = b["attention_mask"][..., None].float()
                         torch.nn.functional.normalize((h * m).sum(1) / m.sum(1), dim=-1)
         else:
+
             def run():
                 with torch.inference_mode():
                     for b in data:
                         model(input_ids=b, attention_mask=torch.ones_like(b))
+
     t = median_time(run, warmup=1, repeats=2)
     n = len(data) if workload == "variable" else FIXED_BATCHES * BATCH
     print(json.dumps({"system": system, "workload": workload, "seconds": t, "seq_per_s": n / t, **extra}))
 
 
-SYSTEMS = {"variable": ("transformers", "transformers-pad128", "lmforge", "lmforge-int8", "transformers-bf16",
-                        "lmforge-bf16"),
-           "fixed": ("transformers", "transformers-tuned", "lmforge", "lmforge-int8", "transformers-bf16",
-                     "lmforge-bf16")}
+SYSTEMS = {
+    "variable": ("transformers", "transformers-pad128", "lmforge", "lmforge-int8", "transformers-bf16", "lmforge-bf16"),
+    "fixed": ("transformers", "transformers-tuned", "lmforge", "lmforge-int8", "transformers-bf16", "lmforge-bf16"),
+}
 
 
 def main() -> None:
@@ -143,28 +149,49 @@ def main() -> None:
                 print(json.dumps(runs[s][-1]), flush=True)
         med = {s: statistics.median(r["seq_per_s"] for r in runs[s]) for s in systems}
         for s in systems:
-            rows.append({"workload": workload, "system": s if s != "transformers" else
-                         ("transformers (pad to longest)" if workload == "variable" else "transformers"),
-                         "seq_per_s": med[s], "ratio": med[s] / med["transformers"]})
+            rows.append(
+                {
+                    "workload": workload,
+                    "system": s
+                    if s != "transformers"
+                    else ("transformers (pad to longest)" if workload == "variable" else "transformers"),
+                    "seq_per_s": med[s],
+                    "ratio": med[s] / med["transformers"],
+                }
+            )
         if workload == "variable":
             for s, name in (("lmforge-int8", "int8-dynamic"), ("lmforge-bf16", "bf16")):
                 cos = runs[s][-1]
-                print(f"{name} embeddings against fp32: cosine mean {cos['cosine_mean']:.5f}, "
-                      f"min {cos['cosine_min']:.5f}")
+                print(
+                    f"{name} embeddings against fp32: cosine mean {cos['cosine_mean']:.5f}, min {cos['cosine_min']:.5f}"
+                )
     print()
-    print(table(rows, [("workload", "workload", "s"), ("system", "system", "s"), ("seq_per_s", "sequences/s", ",.1f"),
-                       ("ratio", "vs transformers", ".2f")]))
+    print(
+        table(
+            rows,
+            [
+                ("workload", "workload", "s"),
+                ("system", "system", "s"),
+                ("seq_per_s", "sequences/s", ",.1f"),
+                ("ratio", "vs transformers", ".2f"),
+            ],
+        )
+    )
     ratio = {(r["workload"], r["system"]): r["ratio"] for r in rows}
     print()
     for s, name in (("lmforge", "fp32"), ("lmforge-int8", "int8-dynamic"), ("lmforge-bf16", "bf16")):
         if "variable" in WORKLOADS:
             var, pad128 = ratio[("variable", s)], ratio[("variable", "transformers-pad128")]
-            print(f"lmforge {name}: goal >= 2x on variable-length tweets {'met' if var >= 2 else 'NOT met'} against "
-                  f"padding to the longest ({var:.2f}x; {var / pad128:.2f}x against padding to 128)")
+            print(
+                f"lmforge {name}: goal >= 2x on variable-length tweets {'met' if var >= 2 else 'NOT met'} against "
+                f"padding to the longest ({var:.2f}x; {var / pad128:.2f}x against padding to 128)"
+            )
         if "fixed" in WORKLOADS:
             fix, same = ratio[("fixed", s)], ratio[("fixed", s)] / ratio[("fixed", "transformers-tuned")]
-            print(f"lmforge {name}: goal no slower on fixed-length batches {'met' if fix >= 0.97 else 'NOT met'} "
-                  f"({fix:.2f}x; {same:.2f}x against transformers with the same allocator setting)")
+            print(
+                f"lmforge {name}: goal no slower on fixed-length batches {'met' if fix >= 0.97 else 'NOT met'} "
+                f"({fix:.2f}x; {same:.2f}x against transformers with the same allocator setting)"
+            )
 
 
 if __name__ == "__main__":

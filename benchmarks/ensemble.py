@@ -36,8 +36,9 @@ def main() -> None:
     ds, _train, _val, test = sentiment_split()
     texts, gold = [ds.texts[i] for i in test], [ds.labels[i] for i in test]
     name = "seed{}" if N_TRAIN == 8000 else f"train{N_TRAIN or 'all'}-seed{{}}"
-    members = [load_pretrained(sentiment_classifier(CLASSIFIERS / name.format(s), seed=s, n_train=N_TRAIN))
-               for s in (0, 1)]
+    members = [
+        load_pretrained(sentiment_classifier(CLASSIFIERS / name.format(s), seed=s, n_train=N_TRAIN)) for s in (0, 1)
+    ]
     rows = []
     for s, m in enumerate(members):
         rows.append({"system": f"classifier seed {s}", "acc": accuracy(predict_ensemble([m], texts), gold)})

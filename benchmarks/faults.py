@@ -50,6 +50,7 @@ def _cli(*args: str) -> list[str]:
 
 # --- the jobs: tiny models, real packaged data --------------------------------------------------------------------
 
+
 def pretrain_job(work: Path) -> list[str]:
     from lmforge.assets import corpus_files
 
@@ -79,12 +80,34 @@ def classify_job(work: Path) -> list[str]:
     write_labelled_csv(data, ds, idx)
     tok = Tokenizer.train_wordpiece((ds.texts[i] for i in idx), vocab_size=600)
     torch.manual_seed(0)
-    model = Encoder(encoder_config("bert-mini", vocab_size=tok.vocab_size, n_layer=2, n_head=2, d_model=32,
-                                   d_ff=64, max_seq_len=64))
+    model = Encoder(
+        encoder_config("bert-mini", vocab_size=tok.vocab_size, n_layer=2, n_head=2, d_model=32, d_ff=64, max_seq_len=64)
+    )
     model.save_pretrained(work / "encoder", tokenizer=tok)
-    return ["finetune", "classify", "--model", str(work / "encoder"), "--data", str(data), "--epochs", "3",
-            "--batch-size", "16", "--lr", "1e-3", "--max-len", "48", "--set", "ckpt_every=4", "--set",
-            "eval_every=9", "--set", "average=0.5", "--set", "log_every=2"]
+    return [
+        "finetune",
+        "classify",
+        "--model",
+        str(work / "encoder"),
+        "--data",
+        str(data),
+        "--epochs",
+        "3",
+        "--batch-size",
+        "16",
+        "--lr",
+        "1e-3",
+        "--max-len",
+        "48",
+        "--set",
+        "ckpt_every=4",
+        "--set",
+        "eval_every=9",
+        "--set",
+        "average=0.5",
+        "--set",
+        "log_every=2",
+    ]
 
 
 def chat_job(work: Path) -> list[str]:
@@ -97,16 +120,54 @@ def chat_job(work: Path) -> list[str]:
     path = model_file("smollm2-135m-instruct")
     tok = gguf_tokenizer(_reader(path), str(path))  # SmolLM2's real tokenizer and chat template
     torch.manual_seed(0)
-    model = DecoderLM(model_config("bench-llama", vocab_size=tok.vocab_size, n_layer=2, n_head=4, n_kv_head=2,
-                                   d_model=32, d_ff=64, max_seq_len=256, dropout=0.1, eos_token_id=tok.eos_id))
+    model = DecoderLM(
+        model_config(
+            "bench-llama",
+            vocab_size=tok.vocab_size,
+            n_layer=2,
+            n_head=4,
+            n_kv_head=2,
+            d_model=32,
+            d_ff=64,
+            max_seq_len=256,
+            dropout=0.1,
+            eos_token_id=tok.eos_id,
+        )
+    )
     model.save_pretrained(work / "decoder", tokenizer=tok)
     splits = chatterbot_chat(seed=0)
     for name, rows in (("train", splits["train"][:192]), ("val", splits["val"][:16]), ("test", splits["test"][:4])):
         write_jsonl(rows, work / f"{name}.jsonl")
-    return ["finetune", "chat", "--model", str(work / "decoder"), "--data", str(work / "train.jsonl"), "--val-data",
-            str(work / "val.jsonl"), "--test-data", str(work / "test.jsonl"), "--method", "lora", "--epochs", "2",
-            "--batch-size", "8", "--lr", "3e-3", "--max-len", "96", "--max-new-tokens", "4", "--set",
-            "ckpt_every=3", "--set", "eval_every=8", "--set", "log_every=2"]
+    return [
+        "finetune",
+        "chat",
+        "--model",
+        str(work / "decoder"),
+        "--data",
+        str(work / "train.jsonl"),
+        "--val-data",
+        str(work / "val.jsonl"),
+        "--test-data",
+        str(work / "test.jsonl"),
+        "--method",
+        "lora",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "8",
+        "--lr",
+        "3e-3",
+        "--max-len",
+        "96",
+        "--max-new-tokens",
+        "4",
+        "--set",
+        "ckpt_every=3",
+        "--set",
+        "eval_every=8",
+        "--set",
+        "log_every=2",
+    ]
 
 
 def _corpus(work: Path) -> Path:
@@ -153,12 +214,39 @@ def qa_job(work: Path) -> list[str]:
         write_squad(rows, work / f"{name}.json")
     tok = Tokenizer.train_wordpiece([e.context + " " + e.question for e in s["train"]], vocab_size=500)
     torch.manual_seed(0)
-    Encoder(encoder_config("bert-mini", vocab_size=tok.vocab_size, n_layer=2, n_head=2, d_model=32, d_ff=64,
-                           max_seq_len=128)).save_pretrained(work / "encoder", tokenizer=tok)
-    return ["finetune", "qa", "--model", str(work / "encoder"), "--data", str(work / "train.json"), "--val-data",
-            str(work / "dev.json"), "--test-data", str(work / "test.json"), "--epochs", "2", "--batch-size", "8",
-            "--lr", "1e-3", "--max-len", "96", "--stride", "16", "--set", "ckpt_every=4", "--set", "eval_every=9",
-            "--set", "log_every=2"]
+    Encoder(
+        encoder_config(
+            "bert-mini", vocab_size=tok.vocab_size, n_layer=2, n_head=2, d_model=32, d_ff=64, max_seq_len=128
+        )
+    ).save_pretrained(work / "encoder", tokenizer=tok)
+    return [
+        "finetune",
+        "qa",
+        "--model",
+        str(work / "encoder"),
+        "--data",
+        str(work / "train.json"),
+        "--val-data",
+        str(work / "dev.json"),
+        "--test-data",
+        str(work / "test.json"),
+        "--epochs",
+        "2",
+        "--batch-size",
+        "8",
+        "--lr",
+        "1e-3",
+        "--max-len",
+        "96",
+        "--stride",
+        "16",
+        "--set",
+        "ckpt_every=4",
+        "--set",
+        "eval_every=9",
+        "--set",
+        "log_every=2",
+    ]
 
 
 def _tiny_decoder(work: Path):
@@ -170,8 +258,20 @@ def _tiny_decoder(work: Path):
     path = model_file("smollm2-135m-instruct")
     tok = gguf_tokenizer(_reader(path), str(path))
     torch.manual_seed(0)
-    model = DecoderLM(model_config("bench-llama", vocab_size=tok.vocab_size, n_layer=2, n_head=4, n_kv_head=2,
-                                   d_model=32, d_ff=64, max_seq_len=256, dropout=0.1, eos_token_id=tok.eos_id))
+    model = DecoderLM(
+        model_config(
+            "bench-llama",
+            vocab_size=tok.vocab_size,
+            n_layer=2,
+            n_head=4,
+            n_kv_head=2,
+            d_model=32,
+            d_ff=64,
+            max_seq_len=256,
+            dropout=0.1,
+            eos_token_id=tok.eos_id,
+        )
+    )
     model.save_pretrained(work / "decoder", tokenizer=tok)
     return work / "decoder"
 
@@ -185,12 +285,38 @@ def dpo_job(work: Path) -> list[str]:
         with open(work / f"{name}.jsonl", "w", encoding="utf-8") as f:
             for i, m in enumerate(rows):  # the conversation's reply preferred to another conversation's
                 other = rows[(i + 1) % len(rows)]
-                f.write(json.dumps({"prompt": m[0]["content"], "chosen": m[1]["content"],
-                                    "rejected": other[1]["content"]}) + "\n")
-    return ["finetune", "dpo", "--model", str(model), "--data", str(work / "train.jsonl"), "--val-data",
-            str(work / "val.jsonl"), "--test-data", str(work / "val.jsonl"), "--method", "lora", "--epochs", "2",
-            "--batch-size", "4", "--lr", "3e-3", "--max-len", "96", "--set", "ckpt_every=3", "--set", "eval_every=8",
-            "--set", "log_every=2"]
+                f.write(
+                    json.dumps({"prompt": m[0]["content"], "chosen": m[1]["content"], "rejected": other[1]["content"]})
+                    + "\n"
+                )
+    return [
+        "finetune",
+        "dpo",
+        "--model",
+        str(model),
+        "--data",
+        str(work / "train.jsonl"),
+        "--val-data",
+        str(work / "val.jsonl"),
+        "--test-data",
+        str(work / "val.jsonl"),
+        "--method",
+        "lora",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "4",
+        "--lr",
+        "3e-3",
+        "--max-len",
+        "96",
+        "--set",
+        "ckpt_every=3",
+        "--set",
+        "eval_every=8",
+        "--set",
+        "log_every=2",
+    ]
 
 
 def _pairs(work: Path) -> Path:
@@ -205,9 +331,30 @@ def _pairs(work: Path) -> Path:
 
 def seq2seq_job(work: Path) -> list[str]:
     """A tiny T5 from scratch (its vocabulary trained in the run, once: a resumed run reads it back)."""
-    return ["finetune", "seq2seq", "--model", "t5-tiny", "--data", str(_pairs(work)), "--epochs", "2",
-            "--batch-size", "16", "--max-len", "48", "--eval-limit", "4", "--num-beams", "1", "--set",
-            "ckpt_every=3", "--set", "eval_every=8", "--set", "log_every=2"]
+    return [
+        "finetune",
+        "seq2seq",
+        "--model",
+        "t5-tiny",
+        "--data",
+        str(_pairs(work)),
+        "--epochs",
+        "2",
+        "--batch-size",
+        "16",
+        "--max-len",
+        "48",
+        "--eval-limit",
+        "4",
+        "--num-beams",
+        "1",
+        "--set",
+        "ckpt_every=3",
+        "--set",
+        "eval_every=8",
+        "--set",
+        "log_every=2",
+    ]
 
 
 def seq2seq_ckpt_job(work: Path) -> list[str]:
@@ -221,12 +368,42 @@ def seq2seq_ckpt_job(work: Path) -> list[str]:
     rows = [json.loads(line) for line in data.read_text(encoding="utf-8").splitlines()]
     tok = Tokenizer.train_unigram([r["source"] for r in rows] + [r["target"] for r in rows], vocab_size=512)
     torch.manual_seed(0)
-    Seq2SeqLM(seq2seq_config("t5-tiny", vocab_size=tok.vocab_size, pad_token_id=tok.pad_id, eos_token_id=tok.eos_id,
-                             decoder_start_token_id=tok.pad_id, dropout=0.1)
-              ).save_pretrained(work / "t5", tokenizer=tok)
-    return ["finetune", "seq2seq", "--model", str(work / "t5"), "--data", str(data), "--epochs", "2",
-            "--batch-size", "16", "--lr", "3e-3", "--max-len", "48", "--eval-limit", "4", "--num-beams", "1",
-            "--set", "ckpt_every=3", "--set", "eval_every=8", "--set", "log_every=2"]
+    Seq2SeqLM(
+        seq2seq_config(
+            "t5-tiny",
+            vocab_size=tok.vocab_size,
+            pad_token_id=tok.pad_id,
+            eos_token_id=tok.eos_id,
+            decoder_start_token_id=tok.pad_id,
+            dropout=0.1,
+        )
+    ).save_pretrained(work / "t5", tokenizer=tok)
+    return [
+        "finetune",
+        "seq2seq",
+        "--model",
+        str(work / "t5"),
+        "--data",
+        str(data),
+        "--epochs",
+        "2",
+        "--batch-size",
+        "16",
+        "--lr",
+        "3e-3",
+        "--max-len",
+        "48",
+        "--eval-limit",
+        "4",
+        "--num-beams",
+        "1",
+        "--set",
+        "ckpt_every=3",
+        "--set",
+        "eval_every=8",
+        "--set",
+        "log_every=2",
+    ]
 
 
 def grpo_job(work: Path) -> list[str]:
@@ -243,33 +420,105 @@ def grpo_job(work: Path) -> list[str]:
     from lmforge.tokenizer import Tokenizer
 
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    words = ["[UNK]", "user", "assistant", "system", *"0123456789", "What", "is", "plus", "minus", "times", "How",
-             "many", "Answer", "with", "the", "final", "number", "only"]
+    words = [
+        "[UNK]",
+        "user",
+        "assistant",
+        "system",
+        *"0123456789",
+        "What",
+        "is",
+        "plus",
+        "minus",
+        "times",
+        "How",
+        "many",
+        "Answer",
+        "with",
+        "the",
+        "final",
+        "number",
+        "only",
+    ]
     hf = HFTokenizer(models.WordLevel({w: i for i, w in enumerate(specials + words)}, unk_token="[UNK]"))
     hf.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), pre_tokenizers.Digits(True)])
     hf.add_special_tokens(specials)
     tok = Tokenizer(hf, eos_token="<|endoftext|>")
     torch.manual_seed(0)
-    DecoderLM(model_config("bench-llama", vocab_size=tok.vocab_size, n_layer=2, n_head=4, n_kv_head=2, d_model=32,
-                           d_ff=64, max_seq_len=96, dropout=0.1, eos_token_id=tok.eos_id)
-              ).save_pretrained(work / "decoder", tokenizer=tok)
+    DecoderLM(
+        model_config(
+            "bench-llama",
+            vocab_size=tok.vocab_size,
+            n_layer=2,
+            n_head=4,
+            n_kv_head=2,
+            d_model=32,
+            d_ff=64,
+            max_seq_len=96,
+            dropout=0.1,
+            eos_token_id=tok.eos_id,
+        )
+    ).save_pretrained(work / "decoder", tokenizer=tok)
     s = arith_splits(0, train=400, val=60, test=60)
     for name, n in (("train", 40), ("val", 6), ("test", 6)):
         rows = [p.row() for p in s[name] if len(p.answer) == 1][:n]
         (work / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return ["finetune", "grpo", "--model", str(work / "decoder"), "--data", str(work / "train.jsonl"), "--val-data",
-            str(work / "val.jsonl"), "--test-data", str(work / "test.jsonl"), "--method", "lora", "--lora-targets",
-            "all", "--lora-dropout", "0.1", "--kl-beta", "0.1", "--group-size", "8", "--max-new-tokens", "4",
-            "--epochs", "4", "--batch-size", "4", "--lr", "5e-3", "--warmup", "0", "--ckpt-every", "2",
-            "--eval-every", "15", "--log-every", "1"]
+    return [
+        "finetune",
+        "grpo",
+        "--model",
+        str(work / "decoder"),
+        "--data",
+        str(work / "train.jsonl"),
+        "--val-data",
+        str(work / "val.jsonl"),
+        "--test-data",
+        str(work / "test.jsonl"),
+        "--method",
+        "lora",
+        "--lora-targets",
+        "all",
+        "--lora-dropout",
+        "0.1",
+        "--kl-beta",
+        "0.1",
+        "--group-size",
+        "8",
+        "--max-new-tokens",
+        "4",
+        "--epochs",
+        "4",
+        "--batch-size",
+        "4",
+        "--lr",
+        "5e-3",
+        "--warmup",
+        "0",
+        "--ckpt-every",
+        "2",
+        "--eval-every",
+        "15",
+        "--log-every",
+        "1",
+    ]
 
 
-JOBS = {"pretrain": pretrain_job, "mlm": mlm_job, "span": span_job, "classify": classify_job, "qa": qa_job,
-        "chat": chat_job, "dpo": dpo_job, "seq2seq": seq2seq_job, "seq2seq-ckpt": seq2seq_ckpt_job,
-        "grpo": grpo_job}
+JOBS = {
+    "pretrain": pretrain_job,
+    "mlm": mlm_job,
+    "span": span_job,
+    "classify": classify_job,
+    "qa": qa_job,
+    "chat": chat_job,
+    "dpo": dpo_job,
+    "seq2seq": seq2seq_job,
+    "seq2seq-ckpt": seq2seq_ckpt_job,
+    "grpo": grpo_job,
+}
 
 
 # --- one run, one trial ------------------------------------------------------------------------------------------
+
 
 def _env() -> dict[str, str]:
     return dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
@@ -299,8 +548,13 @@ def _fingerprint(run: Path) -> tuple[str, list[dict]]:
 def kill_run(args: list[str], out: Path, at: float, in_write: bool, deadline: float) -> dict:
     """Start the job and SIGKILL its process group at `at` seconds or, with in_write, at the first moment after
     `at` that a checkpoint's temporary folder exists (at `deadline` at the latest); returns what the kill hit."""
-    proc = subprocess.Popen(_cli(*args, "--out", str(out)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env=_env(), start_new_session=True)
+    proc = subprocess.Popen(
+        _cli(*args, "--out", str(out)),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=_env(),
+        start_new_session=True,
+    )
     t0 = time.perf_counter()
     ckpts = out / "checkpoints"
     hit_write = False
@@ -316,8 +570,12 @@ def kill_run(args: list[str], out: Path, at: float, in_write: bool, deadline: fl
     if not finished:
         os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    return {"killed": not finished, "in_write": hit_write and not finished, "after_s": time.perf_counter() - t0,
-            "temps_at_kill": len(_temps(out))}
+    return {
+        "killed": not finished,
+        "in_write": hit_write and not finished,
+        "after_s": time.perf_counter() - t0,
+        "temps_at_kill": len(_temps(out)),
+    }
 
 
 @dataclass
@@ -328,14 +586,26 @@ class JobResult:
 
     def row(self) -> dict:
         t = self.trials
-        return {"job": self.job, "trials": len(t), "killed": sum(x["killed"] for x in t),
-                "inside a write": sum(x["in_write"] for x in t),
-                "resumed": sum(x["resumed"] for x in t), "identical": sum(x["identical"] for x in t),
-                "leftovers": sum(x["leftovers"] for x in t), "reference s": round(self.reference_s, 1)}
+        return {
+            "job": self.job,
+            "trials": len(t),
+            "killed": sum(x["killed"] for x in t),
+            "inside a write": sum(x["in_write"] for x in t),
+            "resumed": sum(x["resumed"] for x in t),
+            "identical": sum(x["identical"] for x in t),
+            "leftovers": sum(x["leftovers"] for x in t),
+            "reference s": round(self.reference_s, 1),
+        }
 
 
-def run_job(job: str, trials: int, work: Path, seed: int = 0, first_in_write: bool = False,
-            window: tuple[float, float] = (0.1, 1.0)) -> JobResult:
+def run_job(
+    job: str,
+    trials: int,
+    work: Path,
+    seed: int = 0,
+    first_in_write: bool = False,
+    window: tuple[float, float] = (0.1, 1.0),
+) -> JobResult:
     """The reference run, then `trials` kill-and-resume trials, each killed at a random share `window` of the
     reference's wall time; every other one (the first one when first_in_write) at the first checkpoint write
     after that moment, which the last 30% of the time may not hold."""
@@ -358,8 +628,12 @@ def run_job(job: str, trials: int, work: Path, seed: int = 0, first_in_write: bo
         kill = kill_run(args, out, at=at, in_write=in_write, deadline=1.5 * reference_s)
         res = run_to_end(args, out, resume=True)
         ok = res.returncode == 0
-        kill.update(resumed=ok, identical=ok and _fingerprint(out) == want, leftovers=len(_temps(out)),
-                    error="" if ok else res.stderr.strip().splitlines()[-1:])
+        kill.update(
+            resumed=ok,
+            identical=ok and _fingerprint(out) == want,
+            leftovers=len(_temps(out)),
+            error="" if ok else res.stderr.strip().splitlines()[-1:],
+        )
         result.trials.append(kill)
     return result
 
@@ -380,9 +654,16 @@ def _settled(run: Path) -> list[str]:
     return []
 
 
-COLUMNS = [("job", "job", ""), ("trials", "trials", "d"), ("killed", "killed", "d"),
-           ("inside a write", "inside a write", "d"), ("resumed", "resumed", "d"), ("identical", "identical", "d"),
-           ("leftovers", "leftovers", "d"), ("reference s", "reference s", ".1f")]
+COLUMNS = [
+    ("job", "job", ""),
+    ("trials", "trials", "d"),
+    ("killed", "killed", "d"),
+    ("inside a write", "inside a write", "d"),
+    ("resumed", "resumed", "d"),
+    ("identical", "identical", "d"),
+    ("leftovers", "leftovers", "d"),
+    ("reference s", "reference s", ".1f"),
+]
 
 if __name__ == "__main__":
     n = int(os.environ.get("TRIALS", "10"))
@@ -394,10 +675,13 @@ if __name__ == "__main__":
             r = run_job(job, n, Path(tmp) / job)
             rows.append(r.row())
             for i, t in enumerate(r.trials):
-                print(f"  {job} trial {i}: killed after {t['after_s']:.2f} s"
-                      + (" inside a checkpoint write" if t["in_write"] else "")
-                      + f", resumed {t['resumed']}, identical {t['identical']}, leftovers {t['leftovers']}"
-                      + (f" ({t['error']})" if t["error"] else ""), flush=True)
+                print(
+                    f"  {job} trial {i}: killed after {t['after_s']:.2f} s"
+                    + (" inside a checkpoint write" if t["in_write"] else "")
+                    + f", resumed {t['resumed']}, identical {t['identical']}, leftovers {t['leftovers']}"
+                    + (f" ({t['error']})" if t["error"] else ""),
+                    flush=True,
+                )
     print(table(rows, COLUMNS))
     bad = [r for r in rows if not (r["resumed"] == r["identical"] == r["trials"] and r["leftovers"] == 0)]
     print("goal (all resumed, all identical, 0 leftovers): " + ("met" if not bad else "NOT met"))

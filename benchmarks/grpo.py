@@ -74,47 +74,117 @@ if __name__ == "__main__":
 
     base, base_s = score(MODEL)
     print(f"base: held-out accuracy {base['accuracy']:.3f} ({TEST} problems, {base_s:.0f} s)", file=sys.stderr)
-    rows.append({"system": "base model", "acc": 100 * base["accuracy"], "gain": 0.0, "len": base["length"],
-                 "train": None, "wall": base_s})
+    rows.append(
+        {
+            "system": "base model",
+            "acc": 100 * base["accuracy"],
+            "gain": 0.0,
+            "len": base["length"],
+            "train": None,
+            "wall": base_s,
+        }
+    )
 
     # SFT: the same training problems, each answered with its bare number (the reply the prompt asks for)
-    sft_data = write([{"messages": p.prompt + [{"role": "assistant", "content": p.answer}]} for p in splits["train"]],
-                     work / "sft.jsonl")
-    sft_val = write([{"messages": p.prompt + [{"role": "assistant", "content": p.answer}]} for p in splits["val"]],
-                    work / "sft_val.jsonl")
+    sft_data = write(
+        [{"messages": p.prompt + [{"role": "assistant", "content": p.answer}]} for p in splits["train"]],
+        work / "sft.jsonl",
+    )
+    sft_val = write(
+        [{"messages": p.prompt + [{"role": "assistant", "content": p.answer}]} for p in splits["val"]],
+        work / "sft_val.jsonl",
+    )
     t = time.time()
-    finetune("chat", flags={"model": MODEL, "data": str(sft_data), "val_data": str(sft_val),
-                            "test_data": str(sft_val), "out": str(work / "sft"), "method": "lora",
-                            "lora_targets": "all", "epochs": 2.0, "batch_size": 8, "max_len": 128,
-                            "eval_before": False, "eval_limit": 1, "max_new_tokens": 4, "ckpt_every": 0,
-                            "dtype": DTYPE},
-             progress=False)
+    finetune(
+        "chat",
+        flags={
+            "model": MODEL,
+            "data": str(sft_data),
+            "val_data": str(sft_val),
+            "test_data": str(sft_val),
+            "out": str(work / "sft"),
+            "method": "lora",
+            "lora_targets": "all",
+            "epochs": 2.0,
+            "batch_size": 8,
+            "max_len": 128,
+            "eval_before": False,
+            "eval_limit": 1,
+            "max_new_tokens": 4,
+            "ckpt_every": 0,
+            "dtype": DTYPE,
+        },
+        progress=False,
+    )
     sft_train = time.time() - t
     sft, sft_s = score(str(work / "sft" / "model"))
-    rows.append({"system": f"SFT (LoRA, 2 epochs on {seen} answers)", "acc": 100 * sft["accuracy"],
-                 "gain": 100 * (sft["accuracy"] - base["accuracy"]), "len": sft["length"], "train": sft_train,
-                 "wall": sft_train + sft_s})
+    rows.append(
+        {
+            "system": f"SFT (LoRA, 2 epochs on {seen} answers)",
+            "acc": 100 * sft["accuracy"],
+            "gain": 100 * (sft["accuracy"] - base["accuracy"]),
+            "len": sft["length"],
+            "train": sft_train,
+            "wall": sft_train + sft_s,
+        }
+    )
 
     t = time.time()
-    res = finetune("grpo", flags={
-        "model": MODEL, "data": str(files["train"]), "val_data": str(files["val"]), "test_data": str(files["test"]),
-        "out": str(work / "grpo"), "method": "lora", "lora_targets": "all", "batch_size": PROMPTS,
-        "group_size": GROUP, "max_new_tokens": TOKENS, "epochs": 1.0, "lr": 3e-4,
-        "eval_every": max(1, STEPS // EVALS) if EVALS else 0, "ckpt_every": 20, "dtype": DTYPE},
-        progress=False)
+    res = finetune(
+        "grpo",
+        flags={
+            "model": MODEL,
+            "data": str(files["train"]),
+            "val_data": str(files["val"]),
+            "test_data": str(files["test"]),
+            "out": str(work / "grpo"),
+            "method": "lora",
+            "lora_targets": "all",
+            "batch_size": PROMPTS,
+            "group_size": GROUP,
+            "max_new_tokens": TOKENS,
+            "epochs": 1.0,
+            "lr": 3e-4,
+            "eval_every": max(1, STEPS // EVALS) if EVALS else 0,
+            "ckpt_every": 20,
+            "dtype": DTYPE,
+        },
+        progress=False,
+    )
     grpo_wall = time.time() - t
-    rows.append({"system": f"GRPO (LoRA, {STEPS} steps x {PROMPTS} prompts x {GROUP})",
-                 "acc": 100 * res.after["accuracy"], "gain": 100 * (res.after["accuracy"] - base["accuracy"]),
-                 "len": res.after["length"], "train": res.seconds, "wall": grpo_wall})
+    rows.append(
+        {
+            "system": f"GRPO (LoRA, {STEPS} steps x {PROMPTS} prompts x {GROUP})",
+            "acc": 100 * res.after["accuracy"],
+            "gain": 100 * (res.after["accuracy"] - base["accuracy"]),
+            "len": res.after["length"],
+            "train": res.seconds,
+            "wall": grpo_wall,
+        }
+    )
     k = max(1, len(res.rollouts) // 4)
     first = sum(r["reward"] for r in res.rollouts[:k]) / k
     last = sum(r["reward"] for r in res.rollouts[-k:]) / k
 
-    print(f"SmolLM2-135M-Instruct, arithmetic word problems (seed {SEED}): {TEST} held-out, greedy, {TOKENS} tokens, "
-          f"`number` verifier, dtype {DTYPE}")
-    print(table(rows, [("system", "system", "s"), ("acc", "held-out acc %", ".1f"),
-                       ("gain", "vs base (points)", "+.1f"), ("len", "completion tokens", ".1f"),
-                       ("train", "training s", ".0f"), ("wall", "wall s", ".0f")]))
-    print(f"GRPO training reward: {first:.3f} over the first {k} steps -> {last:.3f} over the last {k}; GRPO's own "
-          f"before / after on the same problems {res.before['accuracy']:.3f} / {res.after['accuracy']:.3f}; "
-          f"total {time.time() - t_all:.0f} s; runs in {work}")
+    print(
+        f"SmolLM2-135M-Instruct, arithmetic word problems (seed {SEED}): {TEST} held-out, greedy, {TOKENS} tokens, "
+        f"`number` verifier, dtype {DTYPE}"
+    )
+    print(
+        table(
+            rows,
+            [
+                ("system", "system", "s"),
+                ("acc", "held-out acc %", ".1f"),
+                ("gain", "vs base (points)", "+.1f"),
+                ("len", "completion tokens", ".1f"),
+                ("train", "training s", ".0f"),
+                ("wall", "wall s", ".0f"),
+            ],
+        )
+    )
+    print(
+        f"GRPO training reward: {first:.3f} over the first {k} steps -> {last:.3f} over the last {k}; GRPO's own "
+        f"before / after on the same problems {res.before['accuracy']:.3f} / {res.after['accuracy']:.3f}; "
+        f"total {time.time() - t_all:.0f} s; runs in {work}"
+    )

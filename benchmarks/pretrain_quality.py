@@ -39,12 +39,29 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import machine_header, table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-HELD_OUT = ("john_gut.txt", "measure_for_measure_gut.txt", "richard_ii_gut.txt", "othello_gut.txt",
-            "twelfth_night_gut.txt")
+HELD_OUT = (
+    "john_gut.txt",
+    "measure_for_measure_gut.txt",
+    "richard_ii_gut.txt",
+    "othello_gut.txt",
+    "twelfth_night_gut.txt",
+)
 SETS = os.environ.get("SETS", "").split()
 SYSTEMS = os.environ.get("SYSTEMS", "lmforge,nanogpt").split(",")
-PEER = dict(n_layer=4, n_head=4, n_embd=128, block=64, batch=12, lr=1e-3, min_lr=1e-4, warmup=100, iters=5000,
-            beta2=0.99, weight_decay=0.1, clip=1.0)
+PEER = dict(
+    n_layer=4,
+    n_head=4,
+    n_embd=128,
+    block=64,
+    batch=12,
+    lr=1e-3,
+    min_lr=1e-4,
+    warmup=100,
+    iters=5000,
+    beta2=0.99,
+    weight_decay=0.1,
+    clip=1.0,
+)
 
 
 def split_plays(work: Path) -> tuple[Path, Path]:
@@ -61,8 +78,20 @@ def split_plays(work: Path) -> tuple[Path, Path]:
 
 def run_lmforge(train: Path, held: Path, work: Path) -> dict:
     out = work / "lmforge"
-    cmd = [sys.executable, "-m", "lmforge.cli", "pretrain", "--config", str(ROOT / "configs" / "quickstart.yaml"),
-           "--out", str(out), "--set", f"data.sources=[{train}]", "--set", "data.val_fraction=0.02"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "lmforge.cli",
+        "pretrain",
+        "--config",
+        str(ROOT / "configs" / "quickstart.yaml"),
+        "--out",
+        str(out),
+        "--set",
+        f"data.sources=[{train}]",
+        "--set",
+        "data.val_fraction=0.02",
+    ]
     for s in SETS:
         cmd += ["--set", s]
     t0 = time.time()
@@ -72,15 +101,35 @@ def run_lmforge(train: Path, held: Path, work: Path) -> dict:
     wall = time.time() - t0
     logged = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     train_s = [x for x in logged if "split" not in x][-1]["time"]
-    ev = subprocess.run([sys.executable, "-m", "lmforge.cli", "eval", "perplexity", "--model", str(out / "model"),
-                         "--data", str(held), "--json"], capture_output=True, text=True)
+    ev = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lmforge.cli",
+            "eval",
+            "perplexity",
+            "--model",
+            str(out / "model"),
+            "--data",
+            str(held),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+    )
     if ev.returncode:
         raise RuntimeError(ev.stderr[-3000:])
     m = json.loads(ev.stdout)
     s = json.loads((out / "summary.json").read_text())
-    return {"system": "lmforge quickstart recipe" + (f" ({' '.join(SETS)})" if SETS else ""), "bpb": m["bpb"],
-            "train_s": train_s, "wall": wall, "steps": s["steps"], "params": s["params"] / 1e6,
-            "tokens": s["tokens"] / 1e6}
+    return {
+        "system": "lmforge quickstart recipe" + (f" ({' '.join(SETS)})" if SETS else ""),
+        "bpb": m["bpb"],
+        "train_s": train_s,
+        "wall": wall,
+        "steps": s["steps"],
+        "params": s["params"] / 1e6,
+        "tokens": s["tokens"] / 1e6,
+    }
 
 
 def run_nanogpt(train: Path, held: Path, budget: float) -> dict:
@@ -93,19 +142,33 @@ def run_nanogpt(train: Path, held: Path, budget: float) -> dict:
     data = torch.tensor([stoi[c] for c in "\n".join(texts)], dtype=torch.long)
     p = PEER
     torch.manual_seed(1337)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(chars), n_positions=p["block"], n_embd=p["n_embd"],
-                                       n_layer=p["n_layer"], n_head=p["n_head"], resid_pdrop=0.0, embd_pdrop=0.0,
-                                       attn_pdrop=0.0, bos_token_id=None, eos_token_id=None))
+    model = GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=len(chars),
+            n_positions=p["block"],
+            n_embd=p["n_embd"],
+            n_layer=p["n_layer"],
+            n_head=p["n_head"],
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            bos_token_id=None,
+            eos_token_id=None,
+        )
+    )
     decay = [q for q in model.parameters() if q.dim() >= 2]
     rest = [q for q in model.parameters() if q.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": p["weight_decay"]}, {"params": rest,
-                             "weight_decay": 0.0}], lr=p["lr"], betas=(0.9, p["beta2"]))
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": p["weight_decay"]}, {"params": rest, "weight_decay": 0.0}],
+        lr=p["lr"],
+        betas=(0.9, p["beta2"]),
+    )
     g = torch.Generator().manual_seed(1337)
 
     def batch() -> tuple[torch.Tensor, torch.Tensor]:
         ix = torch.randint(len(data) - p["block"] - 1, (p["batch"],), generator=g)
-        x = torch.stack([data[i:i + p["block"]] for i in ix])
-        return x, torch.stack([data[i + 1:i + 1 + p["block"]] for i in ix])
+        x = torch.stack([data[i : i + p["block"]] for i in ix])
+        return x, torch.stack([data[i + 1 : i + 1 + p["block"]] for i in ix])
 
     def lr_at(it: int, total: int) -> float:  # nanoGPT's get_lr: linear warm-up, cosine to min_lr
         if it < p["warmup"]:
@@ -141,15 +204,24 @@ def run_nanogpt(train: Path, held: Path, budget: float) -> dict:
             # - its start) on (the first character of each play is given, as lmforge's evaluation gives it)
             first = torch.cat([torch.zeros(1, dtype=torch.long), starts[:-1] + block - 1 - starts[1:]])
             for s in range(0, len(starts), 512):
-                rows = starts[s:s + 512]
-                x = torch.stack([ids[r:r + block] for r in rows.tolist()])
-                lp = torch.log_softmax(model(input_ids=x).logits[:, :-1].float(), -1).gather(
-                    -1, x[:, 1:, None]).squeeze(-1)  # [rows, block - 1]: position j scores character r + j + 1
-                keep = torch.arange(lp.size(1))[None, :] >= first[s:s + 512, None]
+                rows = starts[s : s + 512]
+                x = torch.stack([ids[r : r + block] for r in rows.tolist()])
+                lp = (
+                    torch.log_softmax(model(input_ids=x).logits[:, :-1].float(), -1)
+                    .gather(-1, x[:, 1:, None])
+                    .squeeze(-1)
+                )  # [rows, block - 1]: position j scores character r + j + 1
+                keep = torch.arange(lp.size(1))[None, :] >= first[s : s + 512, None]
                 nats -= float((lp * keep).sum())
-    return {"system": "nanoGPT CPU recipe (transformers GPT-2, chars)", "bpb": nats / math.log(2) / n_bytes,
-            "train_s": train_s, "wall": time.time() - t0, "steps": it, "params": model.num_parameters() / 1e6,
-            "tokens": it * p["batch"] * p["block"] / 1e6}
+    return {
+        "system": "nanoGPT CPU recipe (transformers GPT-2, chars)",
+        "bpb": nats / math.log(2) / n_bytes,
+        "train_s": train_s,
+        "wall": time.time() - t0,
+        "steps": it,
+        "params": model.num_parameters() / 1e6,
+        "tokens": it * p["batch"] * p["block"] / 1e6,
+    }
 
 
 def main() -> None:
@@ -169,15 +241,29 @@ def main() -> None:
     best = min(r["bpb"] for r in rows)
     for r in rows:
         r["gap"] = r["bpb"] - best
-    print(table(rows, [("system", "system", "s"), ("bpb", "held-out bits/byte", ".4f"), ("gap", "vs best", "+.4f"),
-                       ("train_s", "training s", ".0f"), ("wall", "wall s", ".0f"), ("steps", "steps", ",d"),
-                       ("tokens", "M tokens seen", ".2f"), ("params", "M params", ".2f")]))
+    print(
+        table(
+            rows,
+            [
+                ("system", "system", "s"),
+                ("bpb", "held-out bits/byte", ".4f"),
+                ("gap", "vs best", "+.4f"),
+                ("train_s", "training s", ".0f"),
+                ("wall", "wall s", ".0f"),
+                ("steps", "steps", ",d"),
+                ("tokens", "M tokens seen", ".2f"),
+                ("params", "M params", ".2f"),
+            ],
+        )
+    )
     if len(rows) == 2:
         lead = rows[1]["bpb"] - rows[0]["bpb"]
         ok = rows[0]["bpb"] <= 2.0 and lead >= 0.2 and rows[0]["train_s"] <= 180
-        print(f"goal: <= 2.0 bits/byte in <= 180 s of training, >= 0.2 ahead of the peer at equal time: "
-              f"{'met' if ok else 'NOT met'} (lmforge {rows[0]['bpb']:.3f} in {rows[0]['train_s']:.0f} s, "
-              f"{lead:+.3f} ahead)")
+        print(
+            f"goal: <= 2.0 bits/byte in <= 180 s of training, >= 0.2 ahead of the peer at equal time: "
+            f"{'met' if ok else 'NOT met'} (lmforge {rows[0]['bpb']:.3f} in {rows[0]['train_s']:.0f} s, "
+            f"{lead:+.3f} ahead)"
+        )
 
 
 if __name__ == "__main__":

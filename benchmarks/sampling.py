@@ -67,10 +67,21 @@ def main() -> None:
             temps = torch.full((B,), 0.8)
             gens = [torch.Generator().manual_seed(i) for i in range(B)]
             old, new = ms(per_row, logits, temps, top_k, top_p, gens), ms(batched, logits, temps, top_k, top_p, gens)
-            rows.append({"filters": f"top-k {top_k}, top-p {top_p}", "batch": B, "old": old, "new": new,
-                         "x": old / new})
-    print(table(rows, [("filters", "filters", ""), ("batch", "batch", "d"), ("old", "per-row loop ms", ".2f"),
-                       ("new", "batched ms", ".2f"), ("x", "speed-up", ".1f")]))
+            rows.append(
+                {"filters": f"top-k {top_k}, top-p {top_p}", "batch": B, "old": old, "new": new, "x": old / new}
+            )
+    print(
+        table(
+            rows,
+            [
+                ("filters", "filters", ""),
+                ("batch", "batch", "d"),
+                ("old", "per-row loop ms", ".2f"),
+                ("new", "batched ms", ".2f"),
+                ("x", "speed-up", ".1f"),
+            ],
+        )
+    )
 
 
 if __name__ == "__main__":

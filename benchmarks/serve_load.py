@@ -64,9 +64,16 @@ def questions() -> list[str]:
 
 
 async def one(client: httpx.AsyncClient, url: str, question: str, max_tokens: int, seed: int) -> dict:
-    body = {"model": MODEL, "messages": [{"role": "user", "content": question}], "stream": True,
-            "max_tokens": max_tokens, "temperature": 0.7, "seed": seed, "ignore_eos": True,
-            "stream_options": {"include_usage": True}}
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": question}],
+        "stream": True,
+        "max_tokens": max_tokens,
+        "temperature": 0.7,
+        "seed": seed,
+        "ignore_eos": True,
+        "stream_options": {"include_usage": True},
+    }
     t0 = time.perf_counter()
     for attempt in (1, 2):
         try:
@@ -76,12 +83,20 @@ async def one(client: httpx.AsyncClient, url: str, question: str, max_tokens: in
             # without saying so): nothing was answered, so send it again once on a fresh connection, as
             # clients with retries do; counted in the result
             if attempt == 2 or "without sending a response" not in str(e):
-                return {"status": f"client error: {type(e).__name__}: {e}", "ttft": None, "tokens": 0,
-                        "seconds": time.perf_counter() - t0}
+                return {
+                    "status": f"client error: {type(e).__name__}: {e}",
+                    "ttft": None,
+                    "tokens": 0,
+                    "seconds": time.perf_counter() - t0,
+                }
             RETRIED[url] = RETRIED.get(url, 0) + 1
         except httpx.HTTPError as e:  # counted, not raised: a round reports what failed
-            return {"status": f"client error: {type(e).__name__}: {e}", "ttft": None, "tokens": 0,
-                    "seconds": time.perf_counter() - t0}
+            return {
+                "status": f"client error: {type(e).__name__}: {e}",
+                "ttft": None,
+                "tokens": 0,
+                "seconds": time.perf_counter() - t0,
+            }
 
 
 async def _one(client: httpx.AsyncClient, url: str, body: dict, t0: float) -> dict:
@@ -143,8 +158,15 @@ async def soak(url: str, qs: list[str], clients: int, seconds: float, max_tokens
 def summary(name: str, res: list[dict], wall: float) -> dict:
     tokens = sum(r["tokens"] for r in res)
     ttft = [r["ttft"] for r in res]
-    return {"mode": name, "requests": len(res), "tokens": tokens, "seconds": wall, "tok_s": tokens / wall,
-            "ttft_p50": pct(ttft, 0.5), "ttft_p95": pct(ttft, 0.95)}
+    return {
+        "mode": name,
+        "requests": len(res),
+        "tokens": tokens,
+        "seconds": wall,
+        "tok_s": tokens / wall,
+        "ttft_p50": pct(ttft, 0.5),
+        "ttft_p95": pct(ttft, 0.95),
+    }
 
 
 def start(cmd: list[str], url: str, env: dict | None = None) -> tuple[subprocess.Popen, object]:
@@ -177,8 +199,11 @@ def rounds(url: str, pid: int, a: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     soak_res = asyncio.run(soak(url, qs, a.clients, a.seconds, a.max_tokens))
     soak_wall = time.perf_counter() - t0
-    rows = [summary(f"sequential x{a.n}", seq_res, seq_wall), summary(f"concurrent x{a.n}", con_res, con_wall),
-            summary(f"soak {a.clients} clients", soak_res, soak_wall)]
+    rows = [
+        summary(f"sequential x{a.n}", seq_res, seq_wall),
+        summary(f"concurrent x{a.n}", con_res, con_wall),
+        summary(f"soak {a.clients} clients", soak_res, soak_wall),
+    ]
     return {"rows": rows, "seq": seq_res, "con": con_res, "soak": soak_res, "rss": (rss_warm, rss_mb(pid))}
 
 
@@ -186,8 +211,10 @@ def print_rows(title: str, rows: list[dict]) -> None:
     print(f"\n{title}\n")
     print(f"{'mode':<22}{'requests':>9}{'tokens':>8}{'seconds':>9}{'tok/s':>8}{'TTFT p50':>10}{'TTFT p95':>10}")
     for r in rows:
-        print(f"{r['mode']:<22}{r['requests']:>9}{r['tokens']:>8}{r['seconds']:>9.1f}{r['tok_s']:>8.1f}"
-              f"{r['ttft_p50']:>9.2f}s{r['ttft_p95']:>9.2f}s")
+        print(
+            f"{r['mode']:<22}{r['requests']:>9}{r['tokens']:>8}{r['seconds']:>9.1f}{r['tok_s']:>8.1f}"
+            f"{r['ttft_p50']:>9.2f}s{r['ttft_p95']:>9.2f}s"
+        )
 
 
 def llama_server(a: argparse.Namespace) -> tuple[str, dict] | None:
@@ -203,8 +230,19 @@ def llama_server(a: argparse.Namespace) -> tuple[str, dict] | None:
     variant = best[0]
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    cmd = [str(llama_cpp.builds()[variant] / "llama-server"), "-m", str(path), "--port", str(port),
-           "-np", str(a.max_batch), "-c", str(512 * a.max_batch), "-t", str(os.cpu_count())]
+    cmd = [
+        str(llama_cpp.builds()[variant] / "llama-server"),
+        "-m",
+        str(path),
+        "--port",
+        str(port),
+        "-np",
+        str(a.max_batch),
+        "-c",
+        str(512 * a.max_batch),
+        "-t",
+        str(os.cpu_count()),
+    ]
     server, log = start(cmd, url)
     try:
         result = rounds(url, server.pid, a)
@@ -212,13 +250,16 @@ def llama_server(a: argparse.Namespace) -> tuple[str, dict] | None:
         alive = server.poll() is None
         server.terminate()
         server.wait(timeout=30)
-    failed = [r for row in ("seq", "con") for r in result[row] if r["status"] != 200] + \
-        [r for r in result["soak"] if r["status"] != 200]
+    failed = [r for row in ("seq", "con") for r in result[row] if r["status"] != 200] + [
+        r for r in result["soak"] if r["status"] != 200
+    ]
     print(f"llama-server: {RETRIED.get(url, 0)} requests sent again after a closed kept-alive connection")
     if failed or not alive:
         log.seek(0)
-        print(f"llama-server: {len(failed)} failed requests (first: {failed[0]['status'] if failed else '-'}), "
-              f"{'still running' if alive else 'exited'}; its log ends:\n" + log.read()[-2000:])
+        print(
+            f"llama-server: {len(failed)} failed requests (first: {failed[0]['status'] if failed else '-'}), "
+            f"{'still running' if alive else 'exited'}; its log ends:\n" + log.read()[-2000:]
+        )
     return variant, result
 
 
@@ -229,16 +270,36 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=60, help="length of the soak round")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--max-batch", type=int, default=32)
-    ap.add_argument("--quantize", default="auto", help="lmforge serve --quantize (auto: the file's own 4-bit "
-                    "weights on the int4 kernel)")
+    ap.add_argument(
+        "--quantize",
+        default="auto",
+        help="lmforge serve --quantize (auto: the file's own 4-bit weights on the int4 kernel)",
+    )
     ap.add_argument("--no-peer", action="store_true", help="skip llama-server even when a build is present")
     a = ap.parse_args()
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    server, _ = start([sys.executable, "-m", "lmforge.cli", "serve", "--model", MODEL, "--port", str(port),
-                       "--max-batch", str(a.max_batch), "--max-queue", "128", "--quantize", a.quantize], url,
-                      env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    server, _ = start(
+        [
+            sys.executable,
+            "-m",
+            "lmforge.cli",
+            "serve",
+            "--model",
+            MODEL,
+            "--port",
+            str(port),
+            "--max-batch",
+            str(a.max_batch),
+            "--max-queue",
+            "128",
+            "--quantize",
+            a.quantize,
+        ],
+        url,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+    )
     try:
         ours = rounds(url, server.pid, a)
         metrics = httpx.get(url + "/metrics").text
@@ -247,30 +308,39 @@ def main() -> None:
         server.wait(timeout=30)
 
     rows = ours["rows"]
-    print_rows(f"lmforge serve --quantize {a.quantize}, {MODEL}, {a.max_tokens} tokens per reply, max-batch "
-               f"{a.max_batch}, torch threads {os.cpu_count()} cores", rows)
+    print_rows(
+        f"lmforge serve --quantize {a.quantize}, {MODEL}, {a.max_tokens} tokens per reply, max-batch "
+        f"{a.max_batch}, torch threads {os.cpu_count()} cores",
+        rows,
+    )
     ratio = rows[1]["tok_s"] / rows[0]["tok_s"]
     print(f"\nconcurrent / sequential tokens/s: {ratio:.2f}x (goal >= 4x)")
     statuses: dict = {}
     for r in ours["soak"]:
         statuses[r["status"]] = statuses.get(r["status"], 0) + 1
     errors = sum(n for s, n in statuses.items() if not (isinstance(s, int) and s < 500))
-    print(f"soak statuses: {statuses}  -> 5xx/failed: {errors} (goal 0); requests sent again after a closed "
-          f"kept-alive connection: {RETRIED.get(url, 0)}")
+    print(
+        f"soak statuses: {statuses}  -> 5xx/failed: {errors} (goal 0); requests sent again after a closed "
+        f"kept-alive connection: {RETRIED.get(url, 0)}"
+    )
     rss_warm, rss_end = ours["rss"]
     drift = (rss_end - rss_warm) / rss_warm * 100
-    print(f"server RSS after warm-up {rss_warm:.0f} MiB, at the end {rss_end:.0f} MiB ({drift:+.1f}%, goal within "
-          "10%)")
-    steps = [line for line in metrics.splitlines() if line.startswith(("lmforge_decode_steps_total",
-                                                                       "lmforge_decode_rows_total"))]
+    print(f"server RSS after warm-up {rss_warm:.0f} MiB, at the end {rss_end:.0f} MiB ({drift:+.1f}%, goal within 10%)")
+    steps = [
+        line
+        for line in metrics.splitlines()
+        if line.startswith(("lmforge_decode_steps_total", "lmforge_decode_rows_total"))
+    ]
     if len(steps) == 2:
         s, rws = (float(x.split()[-1]) for x in steps)
         print(f"mean decode batch over the run: {rws / s:.1f} rows", flush=True)
     peer = None if a.no_peer else llama_server(a)
     if peer is not None:
         variant, theirs = peer
-        print_rows(f"llama.cpp llama-server ({variant} build), the same GGUF, -np {a.max_batch}, "
-                   f"-t {os.cpu_count()}", theirs["rows"])
+        print_rows(
+            f"llama.cpp llama-server ({variant} build), the same GGUF, -np {a.max_batch}, -t {os.cpu_count()}",
+            theirs["rows"],
+        )
         print()
         for mine, other in zip(rows, theirs["rows"]):
             print(f"{mine['mode']:<22} lmforge / llama-server tokens/s: {mine['tok_s'] / other['tok_s']:.2f}x")

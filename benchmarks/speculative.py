@@ -35,11 +35,13 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import machine_header, stream_chat, table  # noqa: E402
 
-ASKS = ("Copy the following passage exactly, fixing only its punctuation:\n\n{}",
-        "Repeat the following text exactly as it is written:\n\n{}",
-        "{}\n\nRepeat the text above word for word.",
-        "Rewrite the following passage in modern English, keeping every line:\n\n{}",
-        "Here is a passage:\n\n{}\n\nQuote its first four lines.")
+ASKS = (
+    "Copy the following passage exactly, fixing only its punctuation:\n\n{}",
+    "Repeat the following text exactly as it is written:\n\n{}",
+    "{}\n\nRepeat the text above word for word.",
+    "Rewrite the following passage in modern English, keeping every line:\n\n{}",
+    "Here is a passage:\n\n{}\n\nQuote its first four lines.",
+)
 
 
 def prompts(passages: int, questions: int) -> dict[str, list[str]]:
@@ -52,7 +54,7 @@ def prompts(passages: int, questions: int) -> dict[str, list[str]]:
     for i in range(passages):
         text = plays[(i * 7) % len(plays)].read_text(encoding="utf-8")
         start = rng.randrange(len(text) // 4, len(text) // 2)
-        lines = [ln.strip() for ln in text[start:start + 3000].splitlines() if len(ln.strip()) > 20][1:9]
+        lines = [ln.strip() for ln in text[start : start + 3000].splitlines() if len(ln.strip()) > 20][1:9]
         texts.append("\n".join(lines))
     qs = [turns[0] for _, turns in chatterbot_conversations() if turns]
     rng.shuffle(qs)
@@ -84,8 +86,10 @@ def main() -> None:
     model, tok = load_pretrained("smollm2-135m-instruct", quantize=a.quantize)
     ends = sorted({*end_of_turn_ids(tok), tok.eos_id})
     params = SamplingParams(a.tokens, temperature=0)
-    print(f"SmolLM2-135M-Instruct, --quantize {a.quantize} ({getattr(model, 'quantization', None) or 'fp32'}), "
-          f"batch 1, greedy, replies to their end of turn (at most {a.tokens} tokens)\n")
+    print(
+        f"SmolLM2-135M-Instruct, --quantize {a.quantize} ({getattr(model, 'quantization', None) or 'fp32'}), "
+        f"batch 1, greedy, replies to their end of turn (at most {a.tokens} tokens)\n"
+    )
 
     def run(ids: list[int], draft) -> tuple[list[int], float, float]:
         """The reply, the seconds to its first token, and the seconds from there to its last."""
@@ -116,19 +120,40 @@ def main() -> None:
             drafted += draft.stats["drafted"]
             kept += draft.stats["accepted"]
         n, steps = len(texts), tokens - len(texts)  # decoding: every token after the first of each reply
-        rows.append({"kind": f"{kind} ({n})", "tokens": tokens,
-                     "ttft": 1000 * (acc["plain"][0] + acc["ngram"][0]) / (2 * n),
-                     "plain": steps / acc["plain"][1], "spec": steps / acc["ngram"][1],
-                     "e2e_plain": tokens / sum(acc["plain"]), "e2e_spec": tokens / sum(acc["ngram"]),
-                     "ratio": acc["plain"][1] / acc["ngram"][1], "kept": kept / drafted if drafted else 0.0,
-                     "drafted": drafted, "same": f"{n - differ}/{n}"})
-    print(table(rows, [("kind", "prompts", ""), ("tokens", "tokens", "d"), ("ttft", "first token ms", ".0f"),
-                       ("plain", "plain tok/s", ".1f"), ("spec", "ngram tok/s", ".1f"),
-                       ("ratio", "x plain", ".2f"), ("e2e_plain", "plain e2e tok/s", ".1f"),
-                       ("e2e_spec", "ngram e2e tok/s", ".1f"), ("drafted", "drafted", "d"),
-                       ("kept", "kept", ".0%"), ("same", "same tokens", "")]))
-    print("\ntok/s: decoding, after the first token; e2e: with the prompt's pass. goals: repeat >= 1.8x, "
-          "chat >= 0.95x")
+        rows.append(
+            {
+                "kind": f"{kind} ({n})",
+                "tokens": tokens,
+                "ttft": 1000 * (acc["plain"][0] + acc["ngram"][0]) / (2 * n),
+                "plain": steps / acc["plain"][1],
+                "spec": steps / acc["ngram"][1],
+                "e2e_plain": tokens / sum(acc["plain"]),
+                "e2e_spec": tokens / sum(acc["ngram"]),
+                "ratio": acc["plain"][1] / acc["ngram"][1],
+                "kept": kept / drafted if drafted else 0.0,
+                "drafted": drafted,
+                "same": f"{n - differ}/{n}",
+            }
+        )
+    print(
+        table(
+            rows,
+            [
+                ("kind", "prompts", ""),
+                ("tokens", "tokens", "d"),
+                ("ttft", "first token ms", ".0f"),
+                ("plain", "plain tok/s", ".1f"),
+                ("spec", "ngram tok/s", ".1f"),
+                ("ratio", "x plain", ".2f"),
+                ("e2e_plain", "plain e2e tok/s", ".1f"),
+                ("e2e_spec", "ngram e2e tok/s", ".1f"),
+                ("drafted", "drafted", "d"),
+                ("kept", "kept", ".0%"),
+                ("same", "same tokens", ""),
+            ],
+        )
+    )
+    print("\ntok/s: decoding, after the first token; e2e: with the prompt's pass. goals: repeat >= 1.8x, chat >= 0.95x")
     if served:
         print(f"\nthrough lmforge serve, one client, streamed chat, {a.serve_prompts} prompts of each kind:\n")
         print(served)
@@ -141,16 +166,24 @@ def serve_rows(sets: dict[str, list[str]], a) -> str:
     from lmforge.serve.app import ServerThread, create_app, load_served
 
     def stream(url: str, text: str) -> tuple[int, float]:
-        r = stream_chat(url, {"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": text}],
-                              "temperature": 0, "max_tokens": a.tokens})
+        r = stream_chat(
+            url,
+            {
+                "model": "smollm2-135m-instruct",
+                "messages": [{"role": "user", "content": text}],
+                "temperature": 0,
+                "max_tokens": a.tokens,
+            },
+        )
         return r["usage"].get("completion_tokens", 0), (r["times"][-1] - r["times"][0]) if r["times"] else 0.0
 
-    picked = {kind: texts[:: max(1, len(texts) // a.serve_prompts)][:a.serve_prompts] for kind, texts in sets.items()}
+    picked = {kind: texts[:: max(1, len(texts) // a.serve_prompts)][: a.serve_prompts] for kind, texts in sets.items()}
     secs = {(kind, name): 0.0 for kind in sets for name in ("plain", "ngram")}
     toks = dict.fromkeys(secs, 0)
     for name, spec in (("plain", None), ("ngram", "ngram")):
-        served = in_own_thread(load_served, ["smollm2-135m-instruct"], max_batch=4, quantize=a.quantize,
-                               speculative=spec)
+        served = in_own_thread(
+            load_served, ["smollm2-135m-instruct"], max_batch=4, quantize=a.quantize, speculative=spec
+        )
         try:
             with ServerThread(create_app(served)) as url:
                 stream(url, "Hello!")  # warm-up
@@ -165,9 +198,20 @@ def serve_rows(sets: dict[str, list[str]], a) -> str:
     for kind in sets:
         plain, spec = toks[kind, "plain"] / secs[kind, "plain"], toks[kind, "ngram"] / secs[kind, "ngram"]
         rows.append({"kind": kind, "plain": plain, "spec": spec, "ratio": spec / plain, "tokens": toks[kind, "ngram"]})
-    return table(rows, [("kind", "prompts", ""), ("tokens", "tokens", "d"), ("plain", "serve tok/s", ".1f"),
-                        ("spec", "serve --speculative ngram tok/s", ".1f"), ("ratio", "x plain", ".2f")]) + \
-        "\n(tok/s per stream, first streamed piece to last)"
+    return (
+        table(
+            rows,
+            [
+                ("kind", "prompts", ""),
+                ("tokens", "tokens", "d"),
+                ("plain", "serve tok/s", ".1f"),
+                ("spec", "serve --speculative ngram tok/s", ".1f"),
+                ("ratio", "x plain", ".2f"),
+            ],
+        )
+        + "\n(tok/s per stream, first streamed piece to last)"
+    )
+
 
 if __name__ == "__main__":
     torch.set_grad_enabled(False)

@@ -42,13 +42,21 @@ def build(system: str, family: str):
     import transformers
 
     if family == "gpt2":
-        hf = transformers.GPT2Config(vocab_size=8192, n_positions=SEQ, n_embd=384, n_layer=6, n_head=6,
-                                     resid_pdrop=0, embd_pdrop=0, attn_pdrop=0)
+        hf = transformers.GPT2Config(
+            vocab_size=8192, n_positions=SEQ, n_embd=384, n_layer=6, n_head=6, resid_pdrop=0, embd_pdrop=0, attn_pdrop=0
+        )
         model = transformers.GPT2LMHeadModel(hf)
     else:
-        hf = transformers.LlamaConfig(vocab_size=8192, hidden_size=384, intermediate_size=1024, num_hidden_layers=6,
-                                      num_attention_heads=6, num_key_value_heads=6, max_position_embeddings=SEQ,
-                                      tie_word_embeddings=False)
+        hf = transformers.LlamaConfig(
+            vocab_size=8192,
+            hidden_size=384,
+            intermediate_size=1024,
+            num_hidden_layers=6,
+            num_attention_heads=6,
+            num_key_value_heads=6,
+            max_position_embeddings=SEQ,
+            tie_word_embeddings=False,
+        )
         model = transformers.LlamaForCausalLM(hf)
     return model, cfg, False
 
@@ -95,8 +103,9 @@ def main() -> None:
         fp32_tps = None
         for dtype in DTYPES:
             # (the allocator variant of transformers only in fp32: it answers whether the allocator is the gap)
-            systems = [("lmforge", "1"), ("transformers", "0")] + ([("transformers", "1")] if dtype == "float32"
-                                                                   else [])
+            systems = [("lmforge", "1"), ("transformers", "0")] + (
+                [("transformers", "1")] if dtype == "float32" else []
+            )
             results: dict[tuple[str, str], list[dict]] = {s: [] for s in systems}
             for _ in range(ROUNDS):
                 for system in systems:
@@ -106,10 +115,18 @@ def main() -> None:
                 tps = statistics.median(BATCH * SEQ / r["seconds"] for r in rs)
                 mfu = statistics.median(BATCH * SEQ / r["seconds"] * r["flops_per_token"] / r["peak"] for r in rs)
                 name = system if system == "lmforge" or tuned == "0" else "transformers + lmforge allocator"
-                group.append({"model": family, "dtype": {"float32": "fp32", "bfloat16": "bf16"}[dtype],
-                              "system": name, "tok_s": tps, "step_ms": BATCH * SEQ / tps * 1e3,
-                              "gflops": tps * rs[0]["flops_per_token"] / 1e9, "mfu": mfu,
-                              "peak": statistics.median(r["peak"] for r in rs) / 1e9})
+                group.append(
+                    {
+                        "model": family,
+                        "dtype": {"float32": "fp32", "bfloat16": "bf16"}[dtype],
+                        "system": name,
+                        "tok_s": tps,
+                        "step_ms": BATCH * SEQ / tps * 1e3,
+                        "gflops": tps * rs[0]["flops_per_token"] / 1e9,
+                        "mfu": mfu,
+                        "peak": statistics.median(r["peak"] for r in rs) / 1e9,
+                    }
+                )
             for row in group:
                 row["ratio"] = group[0]["tok_s"] / row["tok_s"]
             if dtype == "float32":
@@ -117,10 +134,23 @@ def main() -> None:
             elif fp32_tps is not None:
                 group[0]["vs_fp32"] = group[0]["tok_s"] / fp32_tps
             rows += group
-    print(table(rows, [("model", "model", ""), ("dtype", "dtype", ""), ("system", "system", ""),
-                       ("step_ms", "step ms", ".0f"), ("tok_s", "tokens/s", ",.0f"), ("gflops", "GFLOP/s", ".1f"),
-                       ("peak", "peak GFLOP/s (dtype)", ".0f"), ("mfu", "MFU", ".1%"),
-                       ("ratio", "lmforge speed-up", ".2f"), ("vs_fp32", "lmforge bf16 / fp32", ".2f")]))
+    print(
+        table(
+            rows,
+            [
+                ("model", "model", ""),
+                ("dtype", "dtype", ""),
+                ("system", "system", ""),
+                ("step_ms", "step ms", ".0f"),
+                ("tok_s", "tokens/s", ",.0f"),
+                ("gflops", "GFLOP/s", ".1f"),
+                ("peak", "peak GFLOP/s (dtype)", ".0f"),
+                ("mfu", "MFU", ".1%"),
+                ("ratio", "lmforge speed-up", ".2f"),
+                ("vs_fp32", "lmforge bf16 / fp32", ".2f"),
+            ],
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -1,18 +1,18 @@
 """English -> Spanish translation trained from scratch on the Bible pairs, against two baselines in the same run.
 
-    data       King James (EN) and Reina-Valera 1909 (ES) verses from Debian's SWORD modules (sword-text-kjv,
-               sword-text-sparv), aligned by verse; held out BY BOOK (lmforge.data.sword.DEFAULT_TEST_BOOKS for
-               test, DEFAULT_VAL_BOOKS for validation): no verse of a test book is ever trained on
-    model      t5-translate (T5 v1.1 style: gated-GELU, RMSNorm, relative positions), a shared Unigram vocabulary
-               trained on the training verses of both languages
-    training   `lmforge finetune seq2seq` (the library call) with a wall-clock budget: the epochs are sized to fit
-    scores     sacreBLEU and chrF on every test verse, beam search (4 beams), beside
-                 copy      the English source itself as the "translation" (names and numbers overlap)
-                 untrained the same model and vocabulary before training (beam search too, on the first
-                           --baseline-limit test verses: it never emits EOS, so each verse costs 128 beam steps)
+data       King James (EN) and Reina-Valera 1909 (ES) verses from Debian's SWORD modules (sword-text-kjv,
+           sword-text-sparv), aligned by verse; held out BY BOOK (lmforge.data.sword.DEFAULT_TEST_BOOKS for
+           test, DEFAULT_VAL_BOOKS for validation): no verse of a test book is ever trained on
+model      t5-translate (T5 v1.1 style: gated-GELU, RMSNorm, relative positions), a shared Unigram vocabulary
+           trained on the training verses of both languages
+training   `lmforge finetune seq2seq` (the library call) with a wall-clock budget: the epochs are sized to fit
+scores     sacreBLEU and chrF on every test verse, beam search (4 beams), beside
+             copy      the English source itself as the "translation" (names and numbers overlap)
+             untrained the same model and vocabulary before training (beam search too, on the first
+                       --baseline-limit test verses: it never emits EOS, so each verse costs 128 beam steps)
 
-    python benchmarks/translate.py                      # 30 minutes of training (the issue's budget)
-    python benchmarks/translate.py --minutes 2 --limit 200   # a quick look
+python benchmarks/translate.py                      # 30 minutes of training (the issue's budget)
+python benchmarks/translate.py --minutes 2 --limit 200   # a quick look
 """
 
 from __future__ import annotations
@@ -57,12 +57,29 @@ def main() -> None:
     copy = seq2seq_scores(sources, refs)
     rows.append(("copy the source", copy, 0.0))
 
-    cfg = FinetuneConfig(method="full", epochs=1.0, batch_size=a.batch_size, lr=a.lr, optimizer="adafactor",
-                         weight_decay=0.0,
-                         warmup=0.03, max_len=128, metric="neg_loss", seed=0)
+    cfg = FinetuneConfig(
+        method="full",
+        epochs=1.0,
+        batch_size=a.batch_size,
+        lr=a.lr,
+        optimizer="adafactor",
+        weight_decay=0.0,
+        warmup=0.03,
+        max_len=128,
+        metric="neg_loss",
+        seed=0,
+    )
     t0 = time.time()
-    r = finetune_seq2seq(a.preset, "bible-en-es", out / "run", cfg, num_beams=4, eval_limit=a.limit,
-                         time_budget=a.minutes * 60, progress=sys.stderr.isatty())
+    r = finetune_seq2seq(
+        a.preset,
+        "bible-en-es",
+        out / "run",
+        cfg,
+        num_beams=4,
+        eval_limit=a.limit,
+        time_budget=a.minutes * 60,
+        progress=sys.stderr.isatty(),
+    )
     total = time.time() - t0
 
     # the untrained baseline: the same shape and vocabulary, random weights
@@ -74,13 +91,14 @@ def main() -> None:
     untrained = Seq2SeqLM(trained.config).eval()
     t1 = time.time()
     k = min(n, a.baseline_limit)
-    hyps = generate_seq2seq(untrained, tok, sources[:k], Seq2SeqParams(max_new_tokens=128, num_beams=4),
-                            batch_size=32)
+    hyps = generate_seq2seq(untrained, tok, sources[:k], Seq2SeqParams(max_new_tokens=128, num_beams=4), batch_size=32)
     rows.append((f"untrained ({k} verses)", seq2seq_scores(hyps, refs[:k]), time.time() - t1))
     rows.append((f"trained {r.seconds / 60:.1f} min", r.test, r.test["decode_seconds"]))
 
-    print(f"\nEN->ES on {n:,} held-out verses (books never trained on), beam 4; {r.rows['train']:,} training pairs, "
-          f"{r.seconds / 60:.1f} min training on {torch.get_num_threads()} threads ({total / 60:.1f} min in all)")
+    print(
+        f"\nEN->ES on {n:,} held-out verses (books never trained on), beam 4; {r.rows['train']:,} training pairs, "
+        f"{r.seconds / 60:.1f} min training on {torch.get_num_threads()} threads ({total / 60:.1f} min in all)"
+    )
     print(f"{'system':<22}{'BLEU':>8}{'chrF':>8}{'ROUGE-L':>9}{'decode s':>10}")
     for name, m, secs in rows:
         print(f"{name:<22}{m['bleu']:>8.2f}{m['chrf']:>8.2f}{m['rougeL']:>9.2f}{secs:>10.1f}")
@@ -88,9 +106,20 @@ def main() -> None:
     print("\nsamples:")
     for d in r.samples[:6]:
         print(f"  EN  {d['source']}\n  ES  {d['prediction']}\n  ref {d['reference']}\n")
-    (out / "results.json").write_text(json.dumps({
-        "test_verses": n, "train_pairs": r.rows["train"], "train_seconds": r.seconds, "split": sp.how,
-        "rows": {name: m for name, m, _ in rows}, "samples": r.samples[:20]}, ensure_ascii=False, indent=1))
+    (out / "results.json").write_text(
+        json.dumps(
+            {
+                "test_verses": n,
+                "train_pairs": r.rows["train"],
+                "train_seconds": r.seconds,
+                "split": sp.how,
+                "rows": {name: m for name, m, _ in rows},
+                "samples": r.samples[:20],
+            },
+            ensure_ascii=False,
+            indent=1,
+        )
+    )
     print(f"report: {r.run_dir / 'report' / 'report.html'}")
 
 

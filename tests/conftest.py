@@ -15,8 +15,9 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 
 STYLES = {
     "gpt2": dict(preset="bench-gpt2", vocab_size=97, n_layer=2, n_head=4, d_model=32, max_seq_len=64),
-    "llama": dict(preset="bench-llama", vocab_size=97, n_layer=2, n_head=4, n_kv_head=2, d_model=32, d_ff=64,
-                  max_seq_len=64),
+    "llama": dict(
+        preset="bench-llama", vocab_size=97, n_layer=2, n_head=4, n_kv_head=2, d_model=32, d_ff=64, max_seq_len=64
+    ),
 }
 
 
@@ -62,8 +63,9 @@ def small_corpus(tmp_path_factory) -> Path:
 def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600, env: dict | None = None):
     """Run `python -m lmforge.cli ...` in a subprocess; returns CompletedProcess with text output."""
     e = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
-    return subprocess.run([sys.executable, "-m", "lmforge.cli", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env=e)
+    return subprocess.run(
+        [sys.executable, "-m", "lmforge.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=e
+    )
 
 
 def call_cli(capsys, *args: str) -> subprocess.CompletedProcess:

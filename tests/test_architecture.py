@@ -86,8 +86,11 @@ def test_no_import_points_up():
 
 
 def test_no_two_packages_import_each_other():
-    edges = {(_package(m), _package(t)) for m, t, f, _ in IMPORTS
-             if _package(t) and _package(m) != _package(t) and DELEGATES.get((m, f)) != t}
+    edges = {
+        (_package(m), _package(t))
+        for m, t, f, _ in IMPORTS
+        if _package(t) and _package(m) != _package(t) and DELEGATES.get((m, f)) != t
+    }
     mutual = sorted((a, b) for a, b in edges if (b, a) in edges and a < b)
     assert not mutual, mutual
 
@@ -115,8 +118,9 @@ def _top_level_names(module: str) -> set[str] | None:
     path = base / "__init__.py" if base.is_dir() else base.with_suffix(".py")
     if not path.is_file():
         return None
-    names = {p.stem for p in base.glob("*.py")} | {p.name for p in base.iterdir() if p.is_dir()} if base.is_dir() \
-        else set()
+    names = (
+        {p.stem for p in base.glob("*.py")} | {p.name for p in base.iterdir() if p.is_dir()} if base.is_dir() else set()
+    )
     for node in ast.parse(path.read_text(encoding="utf-8")).body:
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
             names.add(node.name)
@@ -140,26 +144,37 @@ def test_every_lmforge_import_resolves():
                 if names is None:
                     missing.append(f"{path.relative_to(root)}:{node.lineno} {node.module}")
                 else:
-                    missing += [f"{path.relative_to(root)}:{node.lineno} {node.module}.{a.name}" for a in node.names
-                                if a.name != "*" and a.name not in names]
+                    missing += [
+                        f"{path.relative_to(root)}:{node.lineno} {node.module}.{a.name}"
+                        for a in node.names
+                        if a.name != "*" and a.name not in names
+                    ]
             elif isinstance(node, ast.Import):
-                missing += [f"{path.relative_to(root)}:{node.lineno} {a.name}" for a in node.names
-                            if a.name.startswith("lmforge") and _top_level_names(a.name) is None]
+                missing += [
+                    f"{path.relative_to(root)}:{node.lineno} {a.name}"
+                    for a in node.names
+                    if a.name.startswith("lmforge") and _top_level_names(a.name) is None
+                ]
     assert not missing, "\n".join(missing)
 
 
 # Function-level imports of lmforge modules remain only where start-up time needs them: the CLI (each verb loads
 # only its own modules; torch alone takes 1.5 s), the task loaders of tune/recipe.py (the CLI builds its finetune
 # flags from that module, so it must not load the tasks) and the delegates above.
-LAZY = ({("lmforge.tune.recipe", f) for f in ("_classify", "_qa", "_chat", "_dpo", "_grpo",
-                                                           "_seq2seq")}
-        # (the process group under torchrun: recipe.py is read at CLI start-up, train.distributed imports torch)
-        | {("lmforge.tune.recipe", "finetune")} | set(DELEGATES))
+LAZY = (
+    {("lmforge.tune.recipe", f) for f in ("_classify", "_qa", "_chat", "_dpo", "_grpo", "_seq2seq")}
+    # (the process group under torchrun: recipe.py is read at CLI start-up, train.distributed imports torch)
+    | {("lmforge.tune.recipe", "finetune")}
+    | set(DELEGATES)
+)
 
 
 def test_function_level_imports_only_where_start_up_needs_them():
-    lazy = sorted(f"{m}:{line} in {f}() imports {t}" for m, t, f, line in IMPORTS
-                  if f is not None and m != "lmforge.cli" and (m, f) not in LAZY)
+    lazy = sorted(
+        f"{m}:{line} in {f}() imports {t}"
+        for m, t, f, line in IMPORTS
+        if f is not None and m != "lmforge.cli" and (m, f) not in LAZY
+    )
     assert not lazy, "\n".join(lazy)
 
 

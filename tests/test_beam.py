@@ -34,11 +34,16 @@ def _model(style: str, seed: int, eos: bool = True) -> DecoderLM:
     return m
 
 
-@pytest.mark.parametrize("kw", [
-    dict(num_beams=4), dict(num_beams=4, length_penalty=0.6), dict(num_beams=3, early_stopping=True,
-                                                                   num_return_sequences=2),
-    dict(num_beams=4, length_penalty=2.0, early_stopping="never", num_return_sequences=4),
-], ids=lambda k: ",".join(f"{a}={b}" for a, b in k.items()))
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(num_beams=4),
+        dict(num_beams=4, length_penalty=0.6),
+        dict(num_beams=3, early_stopping=True, num_return_sequences=2),
+        dict(num_beams=4, length_penalty=2.0, early_stopping="never", num_return_sequences=4),
+    ],
+    ids=lambda k: ",".join(f"{a}={b}" for a, b in k.items()),
+)
 @pytest.mark.parametrize("style", ["gpt2", "llama"])
 def test_beam_search_equals_transformers_generate(tmp_path, style, kw):
     kw = {"num_return_sequences": kw["num_beams"], **kw}  # every hypothesis kept, unless the case says fewer
@@ -50,10 +55,17 @@ def test_beam_search_equals_transformers_generate(tmp_path, style, kw):
         prompt = torch.randint(4, 64, (1, 5 + seed), generator=torch.Generator().manual_seed(seed)).tolist()[0]
         with torch.inference_mode():
             ours, _ = decoder_beam_search(m, prompt, 12, BeamParams(**kw), [EOS], pad=0)
-            theirs = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                                 max_new_tokens=12, do_sample=False, eos_token_id=EOS, pad_token_id=0, **kw)
-        for a, b in zip(ours, theirs[:, len(prompt):].tolist()):
-            b = b[:b.index(EOS) + 1] if EOS in b else b
+            theirs = hf.generate(
+                torch.tensor([prompt]),
+                attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                max_new_tokens=12,
+                do_sample=False,
+                eos_token_id=EOS,
+                pad_token_id=0,
+                **kw,
+            )
+        for a, b in zip(ours, theirs[:, len(prompt) :].tolist()):
+            b = b[: b.index(EOS) + 1] if EOS in b else b
             assert a == b, (seed, a, b)
             ended += EOS in a
             total += 1
@@ -102,8 +114,19 @@ def test_cli_generate_and_eval_seq2seq_take_num_beams_on_a_decoder(tmp_path, cap
     m.save_pretrained(d, tokenizer=tok)
     model, tk = load_pretrained(str(d))
     want = api(model, tk, "To be", max_new_tokens=12, num_beams=3)
-    r = call_cli(capsys, "generate", "--model", str(d), "--prompt", "To be", "--max-new-tokens", "12",
-                 "--num-beams", "3", "--json")
+    r = call_cli(
+        capsys,
+        "generate",
+        "--model",
+        str(d),
+        "--prompt",
+        "To be",
+        "--max-new-tokens",
+        "12",
+        "--num-beams",
+        "3",
+        "--json",
+    )
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)[0]["text"] == want
     r = call_cli(capsys, "generate", "--model", str(d), "--prompt", "To be", "--num-beams", "3", "--top-k", "5")
@@ -112,10 +135,26 @@ def test_cli_generate_and_eval_seq2seq_take_num_beams_on_a_decoder(tmp_path, cap
     data.write_text("".join(json.dumps({"source": s, "target": "x"}) + "\n" for s in ("To be", "And so", "O")))
     outs = {}
     for beams in ("1", "4"):
-        r = call_cli(capsys, "eval", "seq2seq", "--model", str(d), "--data", str(data), "--num-beams", beams,
-                     "--max-new-tokens", "8", "--out", str(tmp_path / f"e{beams}"), "--json")
+        r = call_cli(
+            capsys,
+            "eval",
+            "seq2seq",
+            "--model",
+            str(d),
+            "--data",
+            str(data),
+            "--num-beams",
+            beams,
+            "--max-new-tokens",
+            "8",
+            "--out",
+            str(tmp_path / f"e{beams}"),
+            "--json",
+        )
         assert r.returncode == 0, r.stderr
-        outs[beams] = [json.loads(line)["prediction"]
-                       for line in (tmp_path / f"e{beams}" / "predictions.jsonl").read_text().splitlines()]
+        outs[beams] = [
+            json.loads(line)["prediction"]
+            for line in (tmp_path / f"e{beams}" / "predictions.jsonl").read_text().splitlines()
+        ]
     assert outs["4"][0] == api(model, tk, "To be", max_new_tokens=8, num_beams=4, stop=["\n"]).strip()
     assert outs["1"] != outs["4"]

@@ -18,8 +18,12 @@ from lmforge.tune.dpo import group_mean
 from lmforge.tune.recipe import resolve
 from lmforge.tune.sft import collate
 
-CONV = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there"},
-        {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "See you"}]
+CONV = [
+    {"role": "user", "content": "Hi"},
+    {"role": "assistant", "content": "Hello there"},
+    {"role": "user", "content": "Bye"},
+    {"role": "assistant", "content": "See you"},
+]
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +36,9 @@ def tok():
 def tiny_chat_model(tok, tmp_path_factory):
     """A 2-layer Llama-style decoder over SmolLM2's vocabulary, saved with its tokenizer and chat template."""
     torch.manual_seed(0)
-    m = DecoderLM(tiny_config("llama", vocab_size=tok.vocab_size, max_seq_len=256, dropout=0.0,
-                              eos_token_id=tok.eos_id))
+    m = DecoderLM(
+        tiny_config("llama", vocab_size=tok.vocab_size, max_seq_len=256, dropout=0.0, eos_token_id=tok.eos_id)
+    )
     d = tmp_path_factory.mktemp("chatmodel") / "m"
     m.save_pretrained(d, tokenizer=tok)
     return d
@@ -56,17 +61,19 @@ def test_packing_isolates_examples(tok):
     torch.manual_seed(0)
     m = DecoderLM(tiny_config("llama", vocab_size=tok.vocab_size, max_seq_len=256, dropout=0.0)).eval()
     a = tokenize_chat(tok, CONV[:2], 256)
-    b = tokenize_chat(tok, [{"role": "user", "content": "What is AI?"},
-                            {"role": "assistant", "content": "Machines that think."}], 256)
+    b = tokenize_chat(
+        tok, [{"role": "user", "content": "What is AI?"}, {"role": "assistant", "content": "Machines that think."}], 256
+    )
     rows = pack([a, b], 256)
     assert len(rows) == 1 and rows[0]["segment"][-1] == 2 and rows[0]["position_ids"].count(0) == 2
     batch = collate(rows, tok.pad_id)
     with torch.no_grad():
-        packed = m(batch["input_ids"], attention_mask=batch["attention_mask"],
-                   position_ids=batch["position_ids"]).logits[0]
+        packed = m(
+            batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"]
+        ).logits[0]
         alone = [m(torch.tensor([x[0]])).logits[0] for x in sorted([a, b], key=lambda x: -len(x[0]))]
     assert torch.allclose(packed[: alone[0].size(0)], alone[0], atol=1e-4)
-    assert torch.allclose(packed[alone[0].size(0):], alone[1], atol=1e-4)  # the second never sees the first
+    assert torch.allclose(packed[alone[0].size(0) :], alone[1], atol=1e-4)  # the second never sees the first
     assert len(pack([a, b], len(a[0]) + 1)) == 2  # rows never exceed max_len
 
 
@@ -88,8 +95,14 @@ def test_checkpointed_chunked_loss_matches_plain():
 
 def test_chat_and_pair_files_bad_rows(tmp_path, capsys):
     f = tmp_path / "c.jsonl"
-    f.write_text(json.dumps({"messages": CONV}) + "\n" + json.dumps({"messages": CONV[:1]}) + "\n"
-                 + json.dumps({"prompt": "2+2?", "completion": "4"}) + "\n")
+    f.write_text(
+        json.dumps({"messages": CONV})
+        + "\n"
+        + json.dumps({"messages": CONV[:1]})
+        + "\n"
+        + json.dumps({"prompt": "2+2?", "completion": "4"})
+        + "\n"
+    )
     convs = read_chat(f)
     assert len(convs) == 2 and convs[1][1] == {"role": "assistant", "content": "4"}
     assert "1 conversation(s) without an assistant turn" in capsys.readouterr().err
@@ -98,8 +111,12 @@ def test_chat_and_pair_files_bad_rows(tmp_path, capsys):
         read_chat(f)
     assert capsys.readouterr().err == ""  # nothing usable: the error alone, no warning that repeats it
     p = tmp_path / "p.jsonl"
-    p.write_text(json.dumps({"prompt": "q", "chosen": "a", "rejected": "a "}) + "\n"
-                 + json.dumps({"prompt": "q", "chosen": "a", "rejected": "b"}) + "\n")
+    p.write_text(
+        json.dumps({"prompt": "q", "chosen": "a", "rejected": "a "})
+        + "\n"
+        + json.dumps({"prompt": "q", "chosen": "a", "rejected": "b"})
+        + "\n"
+    )
     assert len(read_pairs(p)) == 1 and "chosen == rejected" in capsys.readouterr().err
     p.write_text(json.dumps({"prompt": "q", "chosen": "a", "rejected": "a"}) + "\n")
     with pytest.raises(DataError, match="chosen must differ"):
@@ -147,10 +164,36 @@ def test_sft_end_to_end_with_lora(tiny_chat_model, tmp_path):
     train = data / "train.jsonl"
     train.write_text("".join(train.read_text().splitlines(keepends=True)[:120]))
     out = tmp_path / "run"
-    r = run_cli("finetune", "chat", "--model", str(tiny_chat_model), "--data", str(train), "--val-data",
-                str(data / "val.jsonl"), "--test-data", str(data / "test.jsonl"), "--method", "lora",
-                "--lora-targets", "all", "--epochs", "3", "--batch-size", "4", "--lr", "3e-3", "--max-len", "128",
-                "--eval-limit", "8", "--max-new-tokens", "8", "--out", str(out))
+    r = run_cli(
+        "finetune",
+        "chat",
+        "--model",
+        str(tiny_chat_model),
+        "--data",
+        str(train),
+        "--val-data",
+        str(data / "val.jsonl"),
+        "--test-data",
+        str(data / "test.jsonl"),
+        "--method",
+        "lora",
+        "--lora-targets",
+        "all",
+        "--epochs",
+        "3",
+        "--batch-size",
+        "4",
+        "--lr",
+        "3e-3",
+        "--max-len",
+        "128",
+        "--eval-limit",
+        "8",
+        "--max-new-tokens",
+        "8",
+        "--out",
+        str(out),
+    )
     assert r.returncode == 0, r.stderr
     s = json.loads((out / "summary.json").read_text())
     val = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"val"' in x]
@@ -163,19 +206,46 @@ def test_sft_end_to_end_with_lora(tiny_chat_model, tmp_path):
 def test_dpo_raises_preference_on_its_pairs(tiny_chat_model, tmp_path):
     pairs = chatterbot_pairs(seed=0)["train"][:24]
     f = tmp_path / "pairs.jsonl"
-    f.write_text("".join(json.dumps({"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected}) + "\n"
-                         for p in pairs))
+    f.write_text(
+        "".join(json.dumps({"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected}) + "\n" for p in pairs)
+    )
     out = tmp_path / "dpo"
-    r = run_cli("finetune", "dpo", "--model", str(tiny_chat_model), "--data", str(f), "--val-data", str(f),
-                "--test-data", str(f), "--method", "lora", "--lora-targets", "all", "--epochs", "4",
-                "--batch-size", "4", "--lr", "5e-3", "--beta", "0.5", "--max-len", "128", "--out", str(out))
+    r = run_cli(
+        "finetune",
+        "dpo",
+        "--model",
+        str(tiny_chat_model),
+        "--data",
+        str(f),
+        "--val-data",
+        str(f),
+        "--test-data",
+        str(f),
+        "--method",
+        "lora",
+        "--lora-targets",
+        "all",
+        "--epochs",
+        "4",
+        "--batch-size",
+        "4",
+        "--lr",
+        "5e-3",
+        "--beta",
+        "0.5",
+        "--max-len",
+        "128",
+        "--out",
+        str(out),
+    )
     assert r.returncode == 0, r.stderr
     s = json.loads((out / "summary.json").read_text())
     assert s["before"]["reward_margin"] == pytest.approx(0.0, abs=1e-4)  # the policy starts as the reference
     assert s["after"]["reward_margin"] > 0.1 and s["after"]["reward_accuracy"] > 0.7
     assert s["after"]["preference_accuracy"] >= s["before"]["preference_accuracy"]
     assert s["after"]["pairs"] == 24 and s["rows"]["test_prompts"] == s["after"]["prompts"] == len(
-        {p.prompt[-1]["content"] for p in pairs})
+        {p.prompt[-1]["content"] for p in pairs}
+    )
 
 
 def test_group_mean_weighs_each_prompt_once():
@@ -196,20 +266,31 @@ def _adapter_for_another_base(style: str, path, **config) -> str:
     return str(save_adapter(other, path))
 
 
-@pytest.mark.parametrize("case, message", [
-    ("no-assistant", "d.jsonl: no conversation has an assistant turn; SFT trains on assistant replies"),
-    ("same-pair", "d.jsonl: no usable preference pair (chosen must differ from rejected)"),
-    ("bad-target", "LoRA target patterns query, value match no Linear layer; this model's are named like "
-                   "attn.k_proj, attn.o_proj, attn.q_proj"),
-    ("bad-target-dpo", "LoRA target patterns c_attn match no Linear layer"),
-    ("empty-val-split", "the validation split has no preference pairs: give more data or --val-data"),
-    # an adapter for a Llama of another width: the names fit, the shapes do not
-    ("adapter-other-shape", "adapter shapes A (8, 64) B (32, 8) do not fit the layer (16 x 32): an adapter for "
-                            "another base?"),
-    # an adapter for GPT-2: its layers have other names
-    ("adapter-other-names", "the adapter targets 'transformer.h.0.attn.c_attn', which this model does not have "
-                            "(an adapter for another base?)"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("no-assistant", "d.jsonl: no conversation has an assistant turn; SFT trains on assistant replies"),
+        ("same-pair", "d.jsonl: no usable preference pair (chosen must differ from rejected)"),
+        (
+            "bad-target",
+            "LoRA target patterns query, value match no Linear layer; this model's are named like "
+            "attn.k_proj, attn.o_proj, attn.q_proj",
+        ),
+        ("bad-target-dpo", "LoRA target patterns c_attn match no Linear layer"),
+        ("empty-val-split", "the validation split has no preference pairs: give more data or --val-data"),
+        # an adapter for a Llama of another width: the names fit, the shapes do not
+        (
+            "adapter-other-shape",
+            "adapter shapes A (8, 64) B (32, 8) do not fit the layer (16 x 32): an adapter for another base?",
+        ),
+        # an adapter for GPT-2: its layers have other names
+        (
+            "adapter-other-names",
+            "the adapter targets 'transformer.h.0.attn.c_attn', which this model does not have "
+            "(an adapter for another base?)",
+        ),
+    ],
+)
 def test_bad_input_one_line_exit_2(case, message, tiny_chat_model, tmp_path, capsys):
     from lmforge.cli import main  # in-process: the console script's code path without its start-up
 
@@ -223,13 +304,43 @@ def test_bad_input_one_line_exit_2(case, message, tiny_chat_model, tmp_path, cap
         args = ["finetune", "dpo", "--model", str(tiny_chat_model), "--data", str(f), *out]
     elif case == "bad-target":
         f.write_text("".join(json.dumps({"messages": CONV}) + "\n" for _ in range(30)))
-        args = ["finetune", "chat", "--model", str(tiny_chat_model), "--data", str(f), "--method", "lora",
-                "--lora-targets", "query,value", "--val-data", str(f), "--test-data", str(f), "--no-eval-before",
-                *out]
+        args = [
+            "finetune",
+            "chat",
+            "--model",
+            str(tiny_chat_model),
+            "--data",
+            str(f),
+            "--method",
+            "lora",
+            "--lora-targets",
+            "query,value",
+            "--val-data",
+            str(f),
+            "--test-data",
+            str(f),
+            "--no-eval-before",
+            *out,
+        ]
     elif case == "bad-target-dpo":
         f.write_text("".join(json.dumps({"prompt": "q", "chosen": "a", "rejected": "b"}) + "\n" for _ in range(8)))
-        args = ["finetune", "dpo", "--model", str(tiny_chat_model), "--data", str(f), "--val-data", str(f),
-                "--test-data", str(f), "--method", "lora", "--lora-targets", "c_attn", *out]
+        args = [
+            "finetune",
+            "dpo",
+            "--model",
+            str(tiny_chat_model),
+            "--data",
+            str(f),
+            "--val-data",
+            str(f),
+            "--test-data",
+            str(f),
+            "--method",
+            "lora",
+            "--lora-targets",
+            "c_attn",
+            *out,
+        ]
     elif case == "empty-val-split":  # one question: the split by question puts every row on one side
         f.write_text("".join(json.dumps({"prompt": "q", "chosen": "a", "rejected": "b"}) + "\n" for _ in range(8)))
         args = ["finetune", "dpo", "--model", str(tiny_chat_model), "--data", str(f), *out]
@@ -252,8 +363,12 @@ def test_held_out_questions_are_scored_once_against_all_their_answers():
     def conv(q, a):
         return [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
 
-    convs = [conv("Screen black?", "Check the cable."), conv("Hi", "Hello."), conv("Screen black?", "Try a reboot."),
-             [{"role": "system", "content": "Be brief."}, *conv("Hi", "Hey.")]]
+    convs = [
+        conv("Screen black?", "Check the cable."),
+        conv("Hi", "Hello."),
+        conv("Screen black?", "Try a reboot."),
+        [{"role": "system", "content": "Be brief."}, *conv("Hi", "Hey.")],
+    ]
     prompts, refs = first_reply_prompts(convs)
     assert [p[-1]["content"] for p in prompts] == ["Screen black?", "Hi", "Hi"]  # a system turn makes it distinct
     assert refs == [["Check the cable.", "Try a reboot."], ["Hello."], ["Hey."]]

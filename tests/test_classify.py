@@ -19,7 +19,7 @@ from lmforge.tokenizer import Tokenizer
 
 def test_non_utf8_rows_are_repaired_and_counted(tmp_path):
     f = tmp_path / "d.csv"
-    f.write_bytes(b"text,label\r\nI love Google\xd5s cars,pos\r\nplain row,neg\r\n\"caf\xc3\xa9, fine\",pos\r\n")
+    f.write_bytes(b'text,label\r\nI love Google\xd5s cars,pos\r\nplain row,neg\r\n"caf\xc3\xa9, fine",pos\r\n')
     ds = read_labelled(f)
     assert ds.texts == ["I love Google’s cars", "plain row", "café, fine"]  # Mac Roman \xd5 is a quote
     assert ds.repaired_rows == 1 and ds.labels == ["pos", "neg", "pos"]
@@ -88,9 +88,26 @@ def tweets_small(tmp_path_factory):
 @pytest.fixture(scope="module")
 def classifier_run(tweets_small, tmp_path_factory):
     out = tmp_path_factory.mktemp("cls") / "run"
-    r = run_cli("finetune", "classify", "--model", "all-minilm-l6-v2", "--data", str(tweets_small),
-                "--epochs", "3", "--lr", "3e-4", "--method", "top-k", "--top-k", "3", "--test-fraction", "0.2",
-                "--out", str(out))
+    r = run_cli(
+        "finetune",
+        "classify",
+        "--model",
+        "all-minilm-l6-v2",
+        "--data",
+        str(tweets_small),
+        "--epochs",
+        "3",
+        "--lr",
+        "3e-4",
+        "--method",
+        "top-k",
+        "--top-k",
+        "3",
+        "--test-fraction",
+        "0.2",
+        "--out",
+        str(out),
+    )
     assert r.returncode == 0, r.stderr
     return out, r
 
@@ -103,8 +120,15 @@ def test_finetune_classify_cli_end_to_end(classifier_run):
     # (measured: 0.636 with these settings under bf16 autocast and no attention dropout, 0.678 in fp32 with it)
     assert summary["test"]["accuracy"] > 0.55
     assert summary["trainable_params"] < summary["total_params"] / 2
-    for f in ("report/confusion.png", "report/loss.png", "report/report.html", "metrics.jsonl",
-              "model/config.json", "model/model.safetensors", "model/tokenizer.json"):
+    for f in (
+        "report/confusion.png",
+        "report/loss.png",
+        "report/report.html",
+        "metrics.jsonl",
+        "model/config.json",
+        "model/model.safetensors",
+        "model/tokenizer.json",
+    ):
         assert (out / f).is_file(), f
     cfg = json.loads((out / "model" / "config.json").read_text())
     assert cfg["architectures"] == ["BertForSequenceClassification"]
@@ -153,8 +177,10 @@ def test_bad_input_one_line_errors(tmp_path, tweets_small):
     cases = [
         (["finetune", "classify", "--model", "all-minilm-l6-v2", "--data", str(tmp_path / "one.csv")], "single class"),
         (["finetune", "classify", "--model", "all-minilm-l6-v2", "--data", str(tmp_path / "empty.csv")], "empty"),
-        (["finetune", "classify", "--model", "all-minilm-l6-v2", "--data", str(tweets_small), "--text-col", "body"],
-         "no column 'body'"),
+        (
+            ["finetune", "classify", "--model", "all-minilm-l6-v2", "--data", str(tweets_small), "--text-col", "body"],
+            "no column 'body'",
+        ),
         (["predict", "--model", "all-minilm-l6-v2", "--text", "hi"], "no classification head"),
     ]
     for args, msg in cases:
@@ -198,8 +224,11 @@ def long_texts(tmp_path_factory):
     d = tmp_path_factory.mktemp("long")
     _, tok = load_pretrained("all-minilm-l6-v2")
     torch.manual_seed(0)
-    Encoder(encoder_config("bert-mini", vocab_size=tok.vocab_size, n_layer=2, n_head=2, d_model=32, dropout=0.0,
-                           max_seq_len=128)).save_pretrained(d / "model", tokenizer=tok)
+    Encoder(
+        encoder_config(
+            "bert-mini", vocab_size=tok.vocab_size, n_layer=2, n_head=2, d_model=32, dropout=0.0, max_seq_len=128
+        )
+    ).save_pretrained(d / "model", tokenizer=tok)
     rng = random.Random(0)
     filler = "the a of and to in is it that was for on with as at by this from".split()
     with open(d / "long.csv", "w", newline="", encoding="utf-8") as fh:
@@ -216,8 +245,17 @@ def test_long_texts_are_read_whole_as_windows_in_training_and_prediction(long_te
     from lmforge.predict import encode, predict
     from lmforge.tune.recipe import finetune
 
-    flags = {"model": str(long_texts / "model"), "data": str(long_texts / "long.csv"), "out": str(long_texts / "r"),
-             "max_len": 32, "epochs": 6, "lr": 3e-3, "batch_size": 16, "warmup": 0.0, "test_fraction": 0.2}
+    flags = {
+        "model": str(long_texts / "model"),
+        "data": str(long_texts / "long.csv"),
+        "out": str(long_texts / "r"),
+        "max_len": 32,
+        "epochs": 6,
+        "lr": 3e-3,
+        "batch_size": 16,
+        "warmup": 0.0,
+        "test_fraction": 0.2,
+    }
     r = finetune("classify", flags=flags, progress=False)
     err = capsys.readouterr().err
     # every text is longer than one window; the label word is in none of the first windows, so a model that read
@@ -262,8 +300,20 @@ def test_attn_dropout_setting_turns_attention_dropout_off_while_training_only(tm
     from lmforge.tune.recipe import resolve
 
     torch.manual_seed(0)
-    model = Encoder(encoder_config("bert-mini", vocab_size=100, n_layer=2, n_head=2, d_model=32, dropout=0.0,
-                                   attn_dropout=0.5, max_seq_len=16, head="classify", labels=["a", "b"])).train()
+    model = Encoder(
+        encoder_config(
+            "bert-mini",
+            vocab_size=100,
+            n_layer=2,
+            n_head=2,
+            d_model=32,
+            dropout=0.0,
+            attn_dropout=0.5,
+            max_seq_len=16,
+            head="classify",
+            labels=["a", "b"],
+        )
+    ).train()
     ids = torch.randint(5, 100, (4, 16))
     assert not torch.equal(model(ids).logits, model(ids).logits)  # attention dropout is on
     apply_method(model, FinetuneConfig(attn_dropout=0.0))

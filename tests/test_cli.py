@@ -21,10 +21,11 @@ def assert_user_error(proc, *needles):
 
 
 def recipe(tmp_path, corpus, **sections):
-    cfg = {"model": {"preset": "bench-gpt2", "n_layer": 1, "n_head": 2, "d_model": 32, "max_seq_len": 32},
-           "data": {"sources": [str(corpus)], "vocab_size": 280},
-           "train": {"steps": 2, "batch_size": 2, "seq_len": 16, "eval_every": 0, "ckpt_every": 0,
-                     "peak_tflops": 1.0}}
+    cfg = {
+        "model": {"preset": "bench-gpt2", "n_layer": 1, "n_head": 2, "d_model": 32, "max_seq_len": 32},
+        "data": {"sources": [str(corpus)], "vocab_size": 280},
+        "train": {"steps": 2, "batch_size": 2, "seq_len": 16, "eval_every": 0, "ckpt_every": 0, "peak_tflops": 1.0},
+    }
     for k, v in sections.items():
         cfg[k].update(v)
     p = tmp_path / "recipe.yaml"
@@ -57,21 +58,25 @@ def test_non_utf8_file(tmp_path):
     assert not out.exists()
 
 
-@pytest.mark.parametrize("override,needle", [
-    ("train.lrr=0.1", "unknown config key 'train.lrr'"),
-    ("model.colour=red", "unknown config key 'model.colour'"),
-    ("train.lr=-0.001", "train.lr must be > 0"),
-    ("model.n_head=3", "does not divide model.d_model=32"),
-    ("train.steps=ten", "train.steps must be an integer"),
-    ("nokey", "is not key=value"),
-    ("train.steps=.inf", "train.steps must be an integer"),
-    ("train.lr=.nan", "train.lr must be a finite number"),
-    ("model.preset=[a]", "unknown model preset"),
-])
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        ("train.lrr=0.1", "unknown config key 'train.lrr'"),
+        ("model.colour=red", "unknown config key 'model.colour'"),
+        ("train.lr=-0.001", "train.lr must be > 0"),
+        ("model.n_head=3", "does not divide model.d_model=32"),
+        ("train.steps=ten", "train.steps must be an integer"),
+        ("nokey", "is not key=value"),
+        ("train.steps=.inf", "train.steps must be an integer"),
+        ("train.lr=.nan", "train.lr must be a finite number"),
+        ("model.preset=[a]", "unknown model preset"),
+    ],
+)
 def test_bad_config_values(tmp_path, small_corpus, override, needle, capsys):
     out = tmp_path / "run"
-    r = call_cli(capsys, "pretrain", "--config", str(recipe(tmp_path, small_corpus)), "--set", override,
-                 "--out", str(out))
+    r = call_cli(
+        capsys, "pretrain", "--config", str(recipe(tmp_path, small_corpus)), "--set", override, "--out", str(out)
+    )
     assert_user_error(r, needle)
     assert not out.exists()
 
@@ -84,8 +89,9 @@ def test_unknown_key_in_yaml(tmp_path, small_corpus, capsys):
 
 def test_missing_config_file_and_model(tmp_path, capsys):
     assert_user_error(run_cli("pretrain", "--config", str(tmp_path / "nope.yaml")), "config file not found")
-    assert_user_error(call_cli(capsys, "generate", "--model", str(tmp_path / "nope"), "--prompt", "x"),
-                      "does not exist")
+    assert_user_error(
+        call_cli(capsys, "generate", "--model", str(tmp_path / "nope"), "--prompt", "x"), "does not exist"
+    )
     assert_user_error(call_cli(capsys, "info", str(tmp_path)), "config.json is missing")
     assert_user_error(call_cli(capsys, "pretrain", "--resume", "--out", str(tmp_path)), "nothing to resume")
 
@@ -95,13 +101,37 @@ def test_pretrain_generate_info_and_rerun_guard(tmp_path, small_corpus):
     r = run_cli("pretrain", "--config", str(recipe(tmp_path, small_corpus)), "--out", str(out))
     assert r.returncode == 0, r.stderr[-2000:]
     assert "validation: loss" in r.stdout
-    g = run_cli("generate", "--model", str(out / "model"), "--prompt", "ROMEO.", "--prompt", "JULIET.",
-                "--max-new-tokens", "8", "--seed", "1", "--json")
+    g = run_cli(
+        "generate",
+        "--model",
+        str(out / "model"),
+        "--prompt",
+        "ROMEO.",
+        "--prompt",
+        "JULIET.",
+        "--max-new-tokens",
+        "8",
+        "--seed",
+        "1",
+        "--json",
+    )
     assert g.returncode == 0, g.stderr
     rows = json.loads(g.stdout)
     assert [r["prompt"] for r in rows] == ["ROMEO.", "JULIET."] and all(isinstance(r["text"], str) for r in rows)
-    greedy = ("generate", "--model", str(out / "model"), "--prompt", "ROMEO.", "--prompt", "JULIET. I",
-              "--max-new-tokens", "12", "--temperature", "0", "--json")
+    greedy = (
+        "generate",
+        "--model",
+        str(out / "model"),
+        "--prompt",
+        "ROMEO.",
+        "--prompt",
+        "JULIET. I",
+        "--max-new-tokens",
+        "12",
+        "--temperature",
+        "0",
+        "--json",
+    )
     eager, compiled = run_cli(*greedy), run_cli(*greedy, "--compile")
     assert compiled.returncode == 0, compiled.stderr[-2000:]
     assert json.loads(compiled.stdout) == json.loads(eager.stdout)
@@ -114,8 +144,9 @@ def test_pretrain_generate_info_and_rerun_guard(tmp_path, small_corpus):
 
 
 def test_tokenizer_train_verb(tmp_path, small_corpus):
-    r = run_cli("tokenizer", "train", "--data", str(small_corpus), "--vocab-size", "400",
-                "--out", str(tmp_path / "tok"))
+    r = run_cli(
+        "tokenizer", "train", "--data", str(small_corpus), "--vocab-size", "400", "--out", str(tmp_path / "tok")
+    )
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "tok" / "tokenizer.json").is_file()
 
@@ -128,5 +159,7 @@ def test_info_on_preset():
 def test_section_that_is_not_a_mapping(tmp_path, small_corpus, capsys):
     p = tmp_path / "bad.yaml"
     p.write_text("model: gpt2-124m\n")
-    assert_user_error(call_cli(capsys, "pretrain", "--config", str(p), "--out", str(tmp_path / "run")),
-                      "section 'model' must be a mapping")
+    assert_user_error(
+        call_cli(capsys, "pretrain", "--config", str(p), "--out", str(tmp_path / "run")),
+        "section 'model' must be a mapping",
+    )

@@ -22,8 +22,16 @@ from lmforge.nn.quant import Int4Linear, Int8Embedding, Int8Linear, quantize_mod
 from lmforge.predict import predict_ensemble, predict_proba
 from lmforge.tokenizer import Tokenizer
 
-TEXTS = ["the cat sat on the mat", "a dog ate the bone", "what a lovely day", "this is terrible news",
-         "i love this film", "i hate rainy mondays", "the weather is fine", "nothing happened today"] * 4
+TEXTS = [
+    "the cat sat on the mat",
+    "a dog ate the bone",
+    "what a lovely day",
+    "this is terrible news",
+    "i love this film",
+    "i hate rainy mondays",
+    "the weather is fine",
+    "nothing happened today",
+] * 4
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +51,18 @@ def _decoder(style: str, **kw) -> DecoderLM:
 
 def _classifier(seed: int = 0, labels=("neg", "pos")) -> Encoder:
     torch.manual_seed(seed)
-    cfg = encoder_config("bert-mini", vocab_size=200, n_layer=2, n_head=4, d_model=64, max_seq_len=40,
-                         head="classify", labels=list(labels), dropout=0.0, attn_dropout=0.0)
+    cfg = encoder_config(
+        "bert-mini",
+        vocab_size=200,
+        n_layer=2,
+        n_head=4,
+        d_model=64,
+        max_seq_len=40,
+        head="classify",
+        labels=list(labels),
+        dropout=0.0,
+        attn_dropout=0.0,
+    )
     return Encoder(cfg).eval()
 
 
@@ -156,11 +174,11 @@ def test_head_pruning_removes_the_weakest_heads():
     model = _decoder("gpt2")
     D = model.config.head_dim
     with torch.no_grad():  # make head 1 of block 0 nearly silent
-        model.blocks[0].attn.v_proj.weight[D:2 * D] *= 1e-3
+        model.blocks[0].attn.v_proj.weight[D : 2 * D] *= 1e-3
     q_before = model.blocks[0].attn.q_proj.weight.clone()
     prune_heads(model, 0.25)  # 4 heads -> 3
     kept = model.blocks[0].attn.q_proj.weight
-    assert torch.equal(kept[:D], q_before[:D]) and torch.equal(kept[D:2 * D], q_before[2 * D:3 * D])
+    assert torch.equal(kept[:D], q_before[:D]) and torch.equal(kept[D : 2 * D], q_before[2 * D : 3 * D])
 
 
 def test_encoder_neuron_and_head_pruning(wordpiece, tmp_path):
@@ -216,41 +234,72 @@ def classifier_dirs(wordpiece, tmp_path_factory):
 
 def test_cli_quantize_prune_and_ensemble(classifier_dirs, tmp_path):
     d = classifier_dirs
-    r = run_cli("quantize", "--model", str(d / "c0"), "--mode", "int8", "--out", str(tmp_path / "q"),
-                "--eval-data", str(d / "labelled.csv"))
+    r = run_cli(
+        "quantize",
+        "--model",
+        str(d / "c0"),
+        "--mode",
+        "int8",
+        "--out",
+        str(tmp_path / "q"),
+        "--eval-data",
+        str(d / "labelled.csv"),
+    )
     assert r.returncode == 0, r.stderr
     assert "size MiB" in r.stdout and "accuracy %" in r.stdout and "sequences/s" in r.stdout
     summary = json.loads((tmp_path / "q" / "compression.json").read_text())
     assert summary["after"]["size_mb"] < summary["before"]["size_mb"] / 2
-    r = run_cli("prune", "--model", str(d / "c0"), "--structured", "neurons", "--fraction", "0.5",
-                "--recover-steps", "2", "--recover-data", str(d / "labelled.csv"), "--out", str(tmp_path / "p"),
-                "--eval-data", str(d / "labelled.csv"))
+    r = run_cli(
+        "prune",
+        "--model",
+        str(d / "c0"),
+        "--structured",
+        "neurons",
+        "--fraction",
+        "0.5",
+        "--recover-steps",
+        "2",
+        "--recover-data",
+        str(d / "labelled.csv"),
+        "--out",
+        str(tmp_path / "p"),
+        "--eval-data",
+        str(d / "labelled.csv"),
+    )
     assert r.returncode == 0, r.stderr
-    assert "recovery: 2 steps" in r.stdout and json.loads((tmp_path / "p" / "config.json").read_text())[
-        "intermediate_size"] == 128
-    r = run_cli("predict", "--model", str(d / "c0"), "--model", str(d / "c1"), "--text", "what a lovely day",
-                "--json")
+    assert (
+        "recovery: 2 steps" in r.stdout
+        and json.loads((tmp_path / "p" / "config.json").read_text())["intermediate_size"] == 128
+    )
+    r = run_cli("predict", "--model", str(d / "c0"), "--model", str(d / "c1"), "--text", "what a lovely day", "--json")
     assert r.returncode == 0, r.stderr
     row = json.loads(r.stdout)
     assert set(row["votes"]) == {"neg", "pos"} and sum(row["votes"].values()) == 2
 
 
-@pytest.mark.parametrize("args, message", [
-    (["prune", "--sparsity", "1.5"], "sparsity must be between 0 and 1 (exclusive), got 1.5"),
-    (["prune", "--sparsity", "1.0"], "sparsity must be between 0 and 1 (exclusive), got 1.0"),
-    (["prune", "--sparsity", "0"], "sparsity must be between 0 and 1 (exclusive), got 0.0"),
-    (["prune", "--sparsity", "-0.1"], "sparsity must be between 0 and 1 (exclusive), got -0.1"),
-    (["prune", "--structured", "heads", "--fraction", "1.0"], "fraction of heads or neurons to prune must be "
-                                                                "between 0 and 1 (exclusive), got 1.0"),
-    (["prune", "--structured", "neurons", "--fraction", "-1"], "between 0 and 1 (exclusive), got -1.0"),
-    (["prune", "--structured", "heads"], "--fraction"),
-    (["prune"], "either --sparsity"),
-    (["quantize", "--mode", "int3"], "int8, int4, int8-dynamic"),
-    (["quantize", "--mode", "int4", "--group-size", "7"], "even number"),
-    # a mode this model cannot take (not a parse error): groups of 48 do not divide its 64-wide layers
-    (["quantize", "--mode", "int4", "--group-size", "48"],
-     "int4 group size 48 does not divide the 64 inputs of blocks.0.attn.q_proj; --group-size 64 divides them all"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["prune", "--sparsity", "1.5"], "sparsity must be between 0 and 1 (exclusive), got 1.5"),
+        (["prune", "--sparsity", "1.0"], "sparsity must be between 0 and 1 (exclusive), got 1.0"),
+        (["prune", "--sparsity", "0"], "sparsity must be between 0 and 1 (exclusive), got 0.0"),
+        (["prune", "--sparsity", "-0.1"], "sparsity must be between 0 and 1 (exclusive), got -0.1"),
+        (
+            ["prune", "--structured", "heads", "--fraction", "1.0"],
+            "fraction of heads or neurons to prune must be between 0 and 1 (exclusive), got 1.0",
+        ),
+        (["prune", "--structured", "neurons", "--fraction", "-1"], "between 0 and 1 (exclusive), got -1.0"),
+        (["prune", "--structured", "heads"], "--fraction"),
+        (["prune"], "either --sparsity"),
+        (["quantize", "--mode", "int3"], "int8, int4, int8-dynamic"),
+        (["quantize", "--mode", "int4", "--group-size", "7"], "even number"),
+        # a mode this model cannot take (not a parse error): groups of 48 do not divide its 64-wide layers
+        (
+            ["quantize", "--mode", "int4", "--group-size", "48"],
+            "int4 group size 48 does not divide the 64 inputs of blocks.0.attn.q_proj; --group-size 64 divides them all",  # noqa: E501
+        ),
+    ],
+)
 def test_cli_compress_errors(classifier_dirs, tmp_path, capsys, args, message):
     from lmforge.cli import main  # in-process: the same code path as the console script, without its start-up
 

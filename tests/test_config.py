@@ -33,8 +33,16 @@ def test_every_recipe_is_valid(path):
 
 
 def test_overrides_are_typed():
-    cfg = load_run_config(base=QUICKSTART, overrides=["train.lr=3e-4", "model.n_layer=2", "train.compile=true",
-                                                      "data.sources=[a, b]", "train.min_lr=null"])
+    cfg = load_run_config(
+        base=QUICKSTART,
+        overrides=[
+            "train.lr=3e-4",
+            "model.n_layer=2",
+            "train.compile=true",
+            "data.sources=[a, b]",
+            "train.min_lr=null",
+        ],
+    )
     assert cfg.train.lr == 3e-4 and cfg.model.n_layer == 2 and cfg.train.compile is True
     assert cfg.data.sources == ["a", "b"] and cfg.train.min_lr is None
 
@@ -80,8 +88,9 @@ def test_config_yaml_round_trip(tmp_path):
     assert yaml.safe_load(cfg.to_yaml())["model"]["d_model"] == 256
 
 
-@pytest.mark.parametrize("family, preset", [(f.name, p) for f in FAMILIES.values() for p in f.presets],
-                         ids=lambda v: str(v))
+@pytest.mark.parametrize(
+    "family, preset", [(f.name, p) for f in FAMILIES.values() for p in f.presets], ids=lambda v: str(v)
+)
 def test_parameter_count_formula_matches_the_modules(family, preset):
     """The config's hand-written count (used for FLOPs and `lmforge info` without building the model) equals the
     count derived from the modules, for every preset of every family; built on the meta device, so the 124M and

@@ -11,10 +11,16 @@ import torch
 from lmforge.errors import LmforgeError
 from lmforge.generate import generate
 
-PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20},
-                                           "age": {"type": "integer", "minimum": 0, "maximum": 120},
-                                           "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 3}},
-          "required": ["name", "age", "tags"], "additionalProperties": False}
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 20},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 3},
+    },
+    "required": ["name", "age", "tags"],
+    "additionalProperties": False,
+}
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +44,10 @@ def test_every_sampled_reply_follows_its_constraint(smol):
     for text in generate(model, tok, [prompt] * 2, regex=r"[A-Z][a-z]{2,8} is [0-9]{1,2}", **kw):
         assert re.fullmatch(r"[A-Z][a-z]{2,8} is [0-9]{1,2}", text), text
     assert set(generate(model, tok, [prompt] * 3, choice=["yes", "no", "maybe (a/b)"], **kw)) <= {
-        "yes", "no", "maybe (a/b)"}
+        "yes",
+        "no",
+        "maybe (a/b)",
+    }
 
 
 def test_unsupported_or_bad_constraints_are_clear_errors(smol):
@@ -70,11 +79,32 @@ def test_cli_generate_json_schema(tmp_path, capsys):
 
     schema = tmp_path / "schema.json"
     schema.write_text(json.dumps(PERSON))
-    r = call_cli(capsys, "generate", "--model", "smollm2-135m-instruct", "--prompt", "A person as JSON:",
-                 "--json-schema", str(schema), "--max-new-tokens", "80", "--temperature", "0", "--json")
+    r = call_cli(
+        capsys,
+        "generate",
+        "--model",
+        "smollm2-135m-instruct",
+        "--prompt",
+        "A person as JSON:",
+        "--json-schema",
+        str(schema),
+        "--max-new-tokens",
+        "80",
+        "--temperature",
+        "0",
+        "--json",
+    )
     assert r.returncode == 0, r.stderr
     jsonschema.validate(json.loads(json.loads(r.stdout)[0]["text"]), PERSON)
     (tmp_path / "bad.json").write_text("{")
-    r = call_cli(capsys, "generate", "--model", "smollm2-135m-instruct", "--prompt", "x", "--json-schema",
-                 str(tmp_path / "bad.json"))
+    r = call_cli(
+        capsys,
+        "generate",
+        "--model",
+        "smollm2-135m-instruct",
+        "--prompt",
+        "x",
+        "--json-schema",
+        str(tmp_path / "bad.json"),
+    )
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "not valid JSON" in r.stderr

@@ -53,7 +53,7 @@ def test_kv_cache_matches_full_forward(style):
     cache = m.new_cache(3, 24)
     steps = [m(x[:, :10], cache=cache).logits]  # prefill 10, then one token at a time
     for t in range(10, 24):
-        steps.append(m(x[:, t:t + 1], cache=cache).logits)
+        steps.append(m(x[:, t : t + 1], cache=cache).logits)
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=0, atol=1e-5)
 
 

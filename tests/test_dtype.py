@@ -85,8 +85,9 @@ def test_decoder_in_bf16_matches_fp32(style, tmp_path):
         _close(bf(x).logits, fp(x).logits, 0.03)
         assert bf.new_cache(1, 8).k[0].dtype == BF16
     params = SamplingParams(6, temperature=0)
-    assert ([t.tolist() for t in generate_ids(bf, x[:, :8].tolist(), params)]
-            == [t.tolist() for t in generate_ids(fp, x[:, :8].tolist(), params)])
+    assert [t.tolist() for t in generate_ids(bf, x[:, :8].tolist(), params)] == [
+        t.tolist() for t in generate_ids(fp, x[:, :8].tolist(), params)
+    ]
 
 
 def test_encoder_and_seq2seq_in_bf16_match_fp32():
@@ -173,11 +174,21 @@ def test_pretrain_in_bf16_records_its_dtype(tmp_path, small_corpus):
     from lmforge.config import load_run_config
     from lmforge.train.loop import pretrain
 
-    base = {"model": {"preset": "bench-llama", "n_layer": 2, "n_head": 2, "d_model": 32, "d_ff": 64,
-                      "max_seq_len": 32},
-            "data": {"sources": [str(small_corpus)], "vocab_size": 300},
-            "train": {"steps": 30, "batch_size": 8, "lr": 3e-3, "warmup_steps": 3, "eval_every": 0,
-                      "ckpt_every": 0, "dtype": "bfloat16", "log_every": 5, "peak_tflops": 1.0}}
+    base = {
+        "model": {"preset": "bench-llama", "n_layer": 2, "n_head": 2, "d_model": 32, "d_ff": 64, "max_seq_len": 32},
+        "data": {"sources": [str(small_corpus)], "vocab_size": 300},
+        "train": {
+            "steps": 30,
+            "batch_size": 8,
+            "lr": 3e-3,
+            "warmup_steps": 3,
+            "eval_every": 0,
+            "ckpt_every": 0,
+            "dtype": "bfloat16",
+            "log_every": 5,
+            "peak_tflops": 1.0,
+        },
+    }
     r = pretrain(load_run_config(base=base), tmp_path / "run", progress=False)
     assert json.loads((r.run_dir / "summary.json").read_text())["dtype"] == "bfloat16"
     recs = [json.loads(x) for x in (r.run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -190,8 +201,21 @@ def test_cli_dtype_flag(capsys, tmp_path):
     and embeddings work on the packaged models."""
     r = call_cli(capsys, "generate", "--model", "smollm2-135m-instruct", "--prompt", "Hi", "--dtype", "fp16")
     assert r.returncode == 2 and "invalid choice: 'fp16'" in r.stderr
-    r = call_cli(capsys, "embed", "--model", "all-minilm-l6-v2", "--text", "a cat", "--text", "a kitten",
-                 "--text", "tax law", "--similarity", "--dtype", "bfloat16")
+    r = call_cli(
+        capsys,
+        "embed",
+        "--model",
+        "all-minilm-l6-v2",
+        "--text",
+        "a cat",
+        "--text",
+        "a kitten",
+        "--text",
+        "tax law",
+        "--similarity",
+        "--dtype",
+        "bfloat16",
+    )
     assert r.returncode == 0, r.stderr
     sims = [[float(v) for v in line.split()[:3]] for line in r.stdout.splitlines()]
     assert sims[0][1] > sims[0][2]  # a cat is nearer a kitten than tax law, in bf16 as in fp32

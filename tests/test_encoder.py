@@ -15,8 +15,11 @@ from lmforge.tune.freeze import freeze_all_but_top
 
 transformers = pytest.importorskip("transformers")
 
-TEXTS = ["The flight was delayed for three hours and nobody told us why.", "great game!",
-         "Self-driving cars will change how cities are built, or so they say."]
+TEXTS = [
+    "The flight was delayed for three hours and nobody told us why.",
+    "great game!",
+    "Self-driving cars will change how cities are built, or so they say.",
+]
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +55,18 @@ def test_embeddings_rank_paraphrases_first(minilm):
 
 def _tiny(head: str, **kw) -> Encoder:
     torch.manual_seed(0)
-    cfg = encoder_config("bert-mini", vocab_size=120, n_layer=2, n_head=4, d_model=32, max_seq_len=40,
-                         head=head, dropout=0.0, attn_dropout=0.0, **kw)
+    cfg = encoder_config(
+        "bert-mini",
+        vocab_size=120,
+        n_layer=2,
+        n_head=4,
+        d_model=32,
+        max_seq_len=40,
+        head=head,
+        dropout=0.0,
+        attn_dropout=0.0,
+        **kw,
+    )
     m = Encoder(cfg).eval()
     with torch.no_grad():  # non-trivial norms and biases, so a wrong mapping cannot hide behind init values
         for p in m.parameters():
@@ -62,8 +75,13 @@ def _tiny(head: str, **kw) -> Encoder:
     return m
 
 
-HF_CLASS = {"none": "BertModel", "mlm": "BertForMaskedLM", "pretrain": "BertForPreTraining",
-            "classify": "BertForSequenceClassification", "qa": "BertForQuestionAnswering"}
+HF_CLASS = {
+    "none": "BertModel",
+    "mlm": "BertForMaskedLM",
+    "pretrain": "BertForPreTraining",
+    "classify": "BertForSequenceClassification",
+    "qa": "BertForQuestionAnswering",
+}
 
 
 @pytest.mark.parametrize("head", ["none", "mlm", "pretrain", "classify", "qa"])
@@ -100,8 +118,14 @@ def test_export_loads_in_transformers_with_equal_outputs(head, tmp_path):
 
 
 def test_loads_transformers_bert_with_prefix(tmp_path):
-    cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                  intermediate_size=64, max_position_embeddings=40)
+    cfg = transformers.BertConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=40,
+    )
     torch.manual_seed(1)
     ref = transformers.BertForMaskedLM(cfg).eval()
     ref.save_pretrained(tmp_path / "hf")
@@ -160,8 +184,10 @@ def test_gamma_beta_layernorm_names_load(tmp_path):
     m.save_pretrained(tmp_path / "m")
     f = tmp_path / "m" / "model.safetensors"
     t = load_file(str(f))
-    t = {k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
-         for k, v in t.items()}
+    t = {
+        k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
+        for k, v in t.items()
+    }
     save_file(t, str(f))
     again = load_model(tmp_path / "m")
     assert torch.equal(again.emb_norm.weight, m.emb_norm.weight)

@@ -68,14 +68,33 @@ def test_eval_perplexity_writes_results_and_matches_a_direct_computation(tiny, t
     # a longer text over several strided windows: the rows account for every scored token and every nat
     long = tmp_path / "long.txt"
     long.write_text(" ".join(TEXT[:12]), encoding="utf-8")
-    assert main(["eval", "perplexity", "--model", str(d), "--data", str(long), "--window", "16", "--stride", "8",
-                 "--out", str(tmp_path / "r2"), "--json"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "perplexity",
+                "--model",
+                str(d),
+                "--data",
+                str(long),
+                "--window",
+                "16",
+                "--stride",
+                "8",
+                "--out",
+                str(tmp_path / "r2"),
+                "--json",
+            ]
+        )
+        == 0
+    )
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     rows = [json.loads(x) for x in (tmp_path / "r2" / "windows.jsonl").read_text().splitlines()]
     assert out["windows"] == len(rows) > 3 and out["window"] == 16 and out["stride"] == 8
     assert sum(r["tokens"] for r in rows) == out["tokens"] == len(tok.encode(long.read_text())) - 1
-    assert out["bits_per_byte"] == pytest.approx(sum(r["loss"] * r["tokens"] for r in rows) / math.log(2)
-                                                 / len(long.read_bytes()), rel=1e-6)
+    assert out["bits_per_byte"] == pytest.approx(
+        sum(r["loss"] * r["tokens"] for r in rows) / math.log(2) / len(long.read_bytes()), rel=1e-6
+    )
     assert out["ppl"] == out["perplexity"] and out["bpb"] == out["bits_per_byte"]  # the older names still work
     md = (tmp_path / "r2" / "report.md").read_text()
     assert "bits_per_byte" in md and "![windows.png](windows.png)" in md
@@ -142,9 +161,15 @@ def test_seq2seq_scores():
 def test_eval_cli_choice_and_seq2seq_write_reports(tiny, tmp_path, capsys):
     _, _, d = tiny
     mc = tmp_path / "mc.jsonl"
-    mc.write_text("".join(json.dumps({"question": f"what did the {a} do?", "choices": ["sat on the mat",
-                                                                                     "ate the bone"],
-                                      "answer": i % 2}) + "\n" for i, a in enumerate(["cat", "dog", "bird"])))
+    mc.write_text(
+        "".join(
+            json.dumps(
+                {"question": f"what did the {a} do?", "choices": ["sat on the mat", "ate the bone"], "answer": i % 2}
+            )
+            + "\n"
+            for i, a in enumerate(["cat", "dog", "bird"])
+        )
+    )
     assert main(["eval", "choice", "--model", str(d), "--data", str(mc), "--out", str(tmp_path / "r")]) == 0
     res = json.loads((tmp_path / "r" / "results.json").read_text())
     m = res["metrics"]
@@ -155,14 +180,38 @@ def test_eval_cli_choice_and_seq2seq_write_reports(tiny, tmp_path, capsys):
     assert "accuracy" in (tmp_path / "r" / "report.html").read_text()
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(json.dumps({"source": s, "target": s}) + "\n" for s in TEXT[:3]))
-    assert main(["eval", "seq2seq", "--model", str(d), "--data", str(pairs), "--max-new-tokens", "4",
-                 "--prompt", "Repeat: {source}\n", "--json"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "seq2seq",
+                "--model",
+                str(d),
+                "--data",
+                str(pairs),
+                "--max-new-tokens",
+                "4",
+                "--prompt",
+                "Repeat: {source}\n",
+                "--json",
+            ]
+        )
+        == 0
+    )
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert {"bleu", "chrf", "rouge1", "rouge2", "rougeL"} <= set(out) and out["n"] == 3
 
 
-SENTENCES = ["i love this film", "what a lovely day", "the weather is fine", "this is terrible news",
-             "i hate rainy mondays", "nothing happened today", "the cat sat on the mat", "a dog ate the bone"]
+SENTENCES = [
+    "i love this film",
+    "what a lovely day",
+    "the weather is fine",
+    "this is terrible news",
+    "i hate rainy mondays",
+    "nothing happened today",
+    "the cat sat on the mat",
+    "a dog ate the bone",
+]
 
 
 @pytest.fixture(scope="module")
@@ -172,8 +221,18 @@ def wordpiece():
 
 def _encoder(wordpiece, **kw) -> Encoder:
     torch.manual_seed(0)
-    cfg = encoder_config("bert-mini", vocab_size=wordpiece.vocab_size, n_layer=2, n_head=4, d_model=32,
-                         max_seq_len=64, dropout=0.0, attn_dropout=0.0, init_std=0.2, **kw)
+    cfg = encoder_config(
+        "bert-mini",
+        vocab_size=wordpiece.vocab_size,
+        n_layer=2,
+        n_head=4,
+        d_model=32,
+        max_seq_len=64,
+        dropout=0.0,
+        attn_dropout=0.0,
+        init_std=0.2,
+        **kw,
+    )
     return Encoder(cfg).eval()
 
 
@@ -218,13 +277,32 @@ def test_eval_cli_qa_writes_exact_match_and_f1(wordpiece, tmp_path, capsys):
     model = _encoder(wordpiece, head="qa")
     model.save_pretrained(tmp_path / "qa", tokenizer=wordpiece)
     context = "i love this film . what a lovely day . the cat sat on the mat . a dog ate the bone ."
-    qs = [("what sat on the mat ?", "the cat"), ("what did the dog eat ?", "the bone"),
-          ("what kind of day ?", "lovely"), ("what do i love ?", "this film")]
-    write_squad([QAExample(str(i), context, q, [(a, context.index(a))]) for i, (q, a) in enumerate(qs)],
-                tmp_path / "qa.json")
+    qs = [
+        ("what sat on the mat ?", "the cat"),
+        ("what did the dog eat ?", "the bone"),
+        ("what kind of day ?", "lovely"),
+        ("what do i love ?", "this film"),
+    ]
+    write_squad(
+        [QAExample(str(i), context, q, [(a, context.index(a))]) for i, (q, a) in enumerate(qs)], tmp_path / "qa.json"
+    )
     out = tmp_path / "r"
-    assert main(["eval", "qa", "--model", str(tmp_path / "qa"), "--data", str(tmp_path / "qa.json"),
-                 "--out", str(out), "--json"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "qa",
+                "--model",
+                str(tmp_path / "qa"),
+                "--data",
+                str(tmp_path / "qa.json"),
+                "--out",
+                str(out),
+                "--json",
+            ]
+        )
+        == 0
+    )
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     m = json.loads((out / "results.json").read_text())["metrics"]
     rows = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
@@ -237,14 +315,17 @@ def test_eval_cli_qa_writes_exact_match_and_f1(wordpiece, tmp_path, capsys):
     assert _png(out / "scores.png") and "exact_match" in (out / "report.html").read_text()
 
 
-@pytest.mark.parametrize("args, message", [
-    (["eval", "classify", "--data", "x.csv"], "needs a classifier"),
-    (["eval", "qa", "--data", "x.json"], "extractive QA model"),
-    (["eval", "choice", "--data", "missing.jsonl"], "does not exist"),
-    (["eval", "choice", "--data", "chatterbot-mc", "--limit", "0"], "--limit must be positive"),
-    (["eval", "perplexity", "--data", "missing.txt"], "not found"),
-    (["eval", "perplexity", "--data", "shakespeare", "--window", "100"], "need 2 <= window <= 64"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["eval", "classify", "--data", "x.csv"], "needs a classifier"),
+        (["eval", "qa", "--data", "x.json"], "extractive QA model"),
+        (["eval", "choice", "--data", "missing.jsonl"], "does not exist"),
+        (["eval", "choice", "--data", "chatterbot-mc", "--limit", "0"], "--limit must be positive"),
+        (["eval", "perplexity", "--data", "missing.txt"], "not found"),
+        (["eval", "perplexity", "--data", "shakespeare", "--window", "100"], "need 2 <= window <= 64"),
+    ],
+)
 def test_eval_cli_errors(tiny, capsys, args, message):
     code = main([*args, "--model", str(tiny[2])])
     err = capsys.readouterr().err

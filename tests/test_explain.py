@@ -24,8 +24,12 @@ from lmforge.models.seq2seq import Seq2SeqLM
 from lmforge.tokenizer import Tokenizer
 
 TEXT = "The flight was delayed for three hours and nobody told us why."
-CORPUS = ["The flight was delayed for three hours.", "Nobody told us why the gate had changed.",
-          "We waited at the airport, tired and hungry.", "The crew was friendly and the seats were fine."] * 3
+CORPUS = [
+    "The flight was delayed for three hours.",
+    "Nobody told us why the gate had changed.",
+    "We waited at the airport, tired and hungry.",
+    "The crew was friendly and the seats were fine.",
+] * 3
 
 
 @pytest.fixture(scope="module")
@@ -42,9 +46,19 @@ def bpe() -> Tokenizer:
 def classifier(wordpiece) -> Encoder:
     """A tiny random BERT classifier on MiniLM's vocabulary; a wide init so the output depends on the input."""
     torch.manual_seed(0)
-    cfg = encoder_config("bert-mini", vocab_size=wordpiece.vocab_size, n_layer=2, n_head=4, d_model=32,
-                         max_seq_len=40, head="classify", labels=["neg", "neu", "pos"], dropout=0.0,
-                         attn_dropout=0.0, init_std=0.2)
+    cfg = encoder_config(
+        "bert-mini",
+        vocab_size=wordpiece.vocab_size,
+        n_layer=2,
+        n_head=4,
+        d_model=32,
+        max_seq_len=40,
+        head="classify",
+        labels=["neg", "neu", "pos"],
+        dropout=0.0,
+        attn_dropout=0.0,
+        init_std=0.2,
+    )
     return Encoder(cfg).eval()
 
 
@@ -62,8 +76,11 @@ def t5():
     """A tiny random T5 with a Unigram vocabulary, its EOS logit pinned to 0 so greedy decoding writes tokens."""
     tok = Tokenizer.train_unigram(CORPUS, vocab_size=120, extra_ids=4)
     torch.manual_seed(0)
-    model = Seq2SeqLM(seq2seq_config("t5-tiny", vocab_size=tok.vocab_size, dropout=0.0, max_seq_len=40,
-                                     n_decoder_layer=3, tie_embeddings=False)).eval()
+    model = Seq2SeqLM(
+        seq2seq_config(
+            "t5-tiny", vocab_size=tok.vocab_size, dropout=0.0, max_seq_len=40, n_decoder_layer=3, tie_embeddings=False
+        )
+    ).eval()
     with torch.no_grad():
         model.lm_head.weight[model.config.eos_token_id] = 0
     return model, tok
@@ -181,8 +198,9 @@ def test_integrated_gradients_complete_at_default_steps(name, request):
     assert s.scores.shape == (len(s.tokens),) and s.scores.abs().max() > 0
     # special tokens keep their embedding in the baseline, so they carry nothing
     assert all(float(v) == 0 for v, sp in zip(s.scores, s.special) if sp)
-    assert s.special == ([True] + [False] * (len(s.tokens) - 2) + [True] if name != "decoder"
-                         else [False] * len(s.tokens))
+    assert s.special == (
+        [True] + [False] * (len(s.tokens) - 2) + [True] if name != "decoder" else [False] * len(s.tokens)
+    )
 
 
 def test_refinement_rescues_too_few_steps(minilm):
@@ -266,8 +284,9 @@ def test_explain_writes_pictures_and_pages(classifier, wordpiece, decoder, bpe, 
 
 def test_explain_attention_only_for_an_encoder_without_head(wordpiece, tmp_path):
     torch.manual_seed(0)
-    body = Encoder(encoder_config("bert-mini", vocab_size=wordpiece.vocab_size, n_layer=1, n_head=2, d_model=16,
-                                  max_seq_len=40)).eval()
+    body = Encoder(
+        encoder_config("bert-mini", vocab_size=wordpiece.vocab_size, n_layer=1, n_head=2, d_model=16, max_seq_len=40)
+    ).eval()
     body.save_pretrained(tmp_path / "body", tokenizer=wordpiece)
     r = explain(str(tmp_path / "body"), "great game!", tmp_path / "out")
     assert set(r["files"]) == {"attention_png", "attention_html", "summary"}
@@ -282,8 +301,22 @@ def test_explain_cli_draws_an_encoder_decoder(t5, tmp_path, capsys):
     model, tok = t5
     model.save_pretrained(tmp_path / "t5", tokenizer=tok)
     out = tmp_path / "out"
-    assert main(["explain", "--model", str(tmp_path / "t5"), "--text", "The crew was friendly.", "--target",
-                 "The seats were fine.", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "explain",
+                "--model",
+                str(tmp_path / "t5"),
+                "--text",
+                "The crew was friendly.",
+                "--target",
+                "The seats were fine.",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "note: saliency skipped" in printed and "target: 'The seats were fine.'" in printed
     r = json.loads((out / "explain.json").read_text())
@@ -294,10 +327,22 @@ def test_explain_cli_draws_an_encoder_decoder(t5, tmp_path, capsys):
         assert "<select" in page and "://" not in page
     cross = (out / "attention_cross.html").read_text(encoding="utf-8")
     assert '"keys": ["' in cross and '"\\u003c/s>"' in cross and "cross-attention" in cross  # (< escaped)
-    assert set(r["files"]) == {f"attention_{p}_{x}" for p in ("encoder", "decoder", "cross")
-                               for x in ("png", "html")} | {"summary"}
-    code = main(["explain", "--model", str(tmp_path / "t5"), "--text", "The crew.", "--what", "saliency",
-                 "--out", str(tmp_path / "sal")])
+    assert set(r["files"]) == {
+        f"attention_{p}_{x}" for p in ("encoder", "decoder", "cross") for x in ("png", "html")
+    } | {"summary"}
+    code = main(
+        [
+            "explain",
+            "--model",
+            str(tmp_path / "t5"),
+            "--text",
+            "The crew.",
+            "--what",
+            "saliency",
+            "--out",
+            str(tmp_path / "sal"),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "not encoder-decoders (T5); use --what attention" in err
     assert not (tmp_path / "sal").exists()
@@ -367,13 +412,17 @@ def classifier_dir(classifier, wordpiece, tmp_path_factory):
     return d
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--text", "word " * 60], r"the text is 62 tokens but the model reads at most 40; shorten the text"),
-    (["--text", TEXT, "--method", "lime"], r"unknown saliency method 'lime'; use one of ig, grad_x_input"),
-    (["--text", TEXT, "--model", "no/such/model"], r"model path no/such/model does not exist"),
-    (["--text", TEXT, "--target", "happy"], r"unknown target class 'happy'"),
-    (["--text", "   "], r"the text to explain is empty"),
-], ids=["too-long", "unknown-method", "missing-model", "unknown-target", "empty"])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--text", "word " * 60], r"the text is 62 tokens but the model reads at most 40; shorten the text"),
+        (["--text", TEXT, "--method", "lime"], r"unknown saliency method 'lime'; use one of ig, grad_x_input"),
+        (["--text", TEXT, "--model", "no/such/model"], r"model path no/such/model does not exist"),
+        (["--text", TEXT, "--target", "happy"], r"unknown target class 'happy'"),
+        (["--text", "   "], r"the text to explain is empty"),
+    ],
+    ids=["too-long", "unknown-method", "missing-model", "unknown-target", "empty"],
+)
 def test_explain_cli_bad_input_is_one_line_exit_2(classifier_dir, tmp_path, capsys, args, message):
     from lmforge.cli import main
 

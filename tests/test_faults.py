@@ -42,7 +42,7 @@ def _fit_run(run: Path, stop_at: int | None = None, resume: bool = False, optimi
     def batches(epoch: int):
         order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(epoch))
         for s in range(0, len(rows), 8):
-            b = rows[order[s:s + 8]]
+            b = rows[order[s : s + 8]]
             yield {"input_ids": b[:, :-1], "labels": b[:, 1:]}
 
     def evaluate():
@@ -58,25 +58,41 @@ def _fit_run(run: Path, stop_at: int | None = None, resume: bool = False, optimi
             raise Stop  # the process dies between two steps
         return m(**b).loss
 
-    cfg = FinetuneConfig(epochs=3, batch_size=8, lr=3e-3, eval_every=4, ckpt_every=3, metric="neg_loss",
-                         average=0.5, log_every=1, optimizer=optimizer, **more)
+    cfg = FinetuneConfig(
+        epochs=3,
+        batch_size=8,
+        lr=3e-3,
+        eval_every=4,
+        ckpt_every=3,
+        metric="neg_loss",
+        average=0.5,
+        log_every=1,
+        optimizer=optimizer,
+        **more,
+    )
     try:
-        res = fit(model, batches, 5, evaluate, cfg, run / "metrics.jsonl", False, loss_fn, run_dir=run,
-                  resume=resume)
+        res = fit(model, batches, 5, evaluate, cfg, run / "metrics.jsonl", False, loss_fn, run_dir=run, resume=resume)
     except Stop:
         return None, model
     return res, model
 
 
 def _records(run: Path) -> list[dict]:
-    return [{k: v for k, v in json.loads(x).items() if k != "time"}
-            for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [
+        {k: v for k, v in json.loads(x).items() if k != "time"}
+        for x in (run / "metrics.jsonl").read_text().splitlines()
+    ]
 
 
-@pytest.mark.parametrize("optimizer, more, steps, ckpt", [
-    ("adamw", {}, 15, "step_000009"), ("muon", {}, 15, "step_000009"),
-    # 5 batches an epoch in steps of 2 + 2 + 1; killed in batch 12, the second epoch's last step is 6
-    ("adamw", {"grad_accum": 2, "schedule": "cosine"}, 9, "step_000006")])
+@pytest.mark.parametrize(
+    "optimizer, more, steps, ckpt",
+    [
+        ("adamw", {}, 15, "step_000009"),
+        ("muon", {}, 15, "step_000009"),
+        # 5 batches an epoch in steps of 2 + 2 + 1; killed in batch 12, the second epoch's last step is 6
+        ("adamw", {"grad_accum": 2, "schedule": "cosine"}, 9, "step_000006"),
+    ],
+)
 def test_fit_resumes_bitwise_with_best_and_averaged_weights(tmp_path, optimizer, more, steps, ckpt):
     ref, ref_model = _fit_run(tmp_path / "ref", optimizer=optimizer, **more)
     assert _fit_run(tmp_path / "cut", stop_at=11, optimizer=optimizer, **more)[0] is None  # killed in batch 12
@@ -100,12 +116,22 @@ def test_grad_accum_takes_the_steps_of_a_larger_batch(tmp_path):
 
         def batches(epoch: int):
             for s in range(0, len(rows), batch):
-                yield {"input_ids": rows[s:s + batch, :-1], "labels": rows[s:s + batch, 1:]}
+                yield {"input_ids": rows[s : s + batch, :-1], "labels": rows[s : s + batch, 1:]}
 
-        cfg = FinetuneConfig(epochs=2, batch_size=batch, grad_accum=accum, lr=3e-3, metric="neg_loss", log_every=1,
-                             schedule="cosine", warmup=0.0, ckpt_every=0)
-        res = fit(model, batches, len(rows) // batch, lambda: {"neg_loss": 0.0}, cfg, tmp_path / f"m{accum}.jsonl",
-                  False)
+        cfg = FinetuneConfig(
+            epochs=2,
+            batch_size=batch,
+            grad_accum=accum,
+            lr=3e-3,
+            metric="neg_loss",
+            log_every=1,
+            schedule="cosine",
+            warmup=0.0,
+            ckpt_every=0,
+        )
+        res = fit(
+            model, batches, len(rows) // batch, lambda: {"neg_loss": 0.0}, cfg, tmp_path / f"m{accum}.jsonl", False
+        )
         return model, res, [json.loads(x) for x in (tmp_path / f"m{accum}.jsonl").read_text().splitlines()]
 
     big, res_big, log_big = run(16, 1)
@@ -131,12 +157,24 @@ def test_fit_resume_without_a_checkpoint_starts_over(tmp_path):
 
 
 def _tiny_pretrain(corpus, **train):
-    t = dict(seed=3, steps=10, batch_size=4, seq_len=32, lr=3e-3, warmup_steps=2, eval_every=5, eval_batches=2,
-             ckpt_every=4, log_every=1)  # (no peak_tflops: the peak is measured, as in a user's run)
+    t = dict(
+        seed=3,
+        steps=10,
+        batch_size=4,
+        seq_len=32,
+        lr=3e-3,
+        warmup_steps=2,
+        eval_every=5,
+        eval_batches=2,
+        ckpt_every=4,
+        log_every=1,
+    )  # (no peak_tflops: the peak is measured, as in a user's run)
     t.update(train)
-    return {"model": {"preset": "bench-gpt2", "n_layer": 2, "n_head": 2, "d_model": 32, "max_seq_len": 64,
-                      "dropout": 0.1},
-            "data": {"sources": [str(corpus)], "vocab_size": 300, "val_fraction": 0.2}, "train": t}
+    return {
+        "model": {"preset": "bench-gpt2", "n_layer": 2, "n_head": 2, "d_model": 32, "max_seq_len": 64, "dropout": 0.1},
+        "data": {"sources": [str(corpus)], "vocab_size": 300, "val_fraction": 0.2},
+        "train": t,
+    }
 
 
 def test_pretrain_resume_cleans_stale_temps_and_restarts_a_run_without_checkpoints(tmp_path, small_corpus):
@@ -194,8 +232,9 @@ def test_finetune_refuses_a_used_folder_and_leaves_nothing_on_a_user_error(tmp_p
     used = tmp_path / "used"
     used.mkdir()
     (used / "x").write_text("x")
-    r = call_cli(capsys, "finetune", "classify", "--model", "all-minilm-l6-v2", "--data", str(used / "x"),
-                 "--out", str(used))
+    r = call_cli(
+        capsys, "finetune", "classify", "--model", "all-minilm-l6-v2", "--data", str(used / "x"), "--out", str(used)
+    )
     assert r.returncode == 2 and "--resume" in r.stderr
     bad = tmp_path / "bad.csv"
     bad.write_text("text,label\nonly one class,a\nagain,a\n")
@@ -210,8 +249,15 @@ def test_finetune_refuses_a_used_folder_and_leaves_nothing_on_a_user_error(tmp_p
 # --- kill -9 campaign, short ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("job", ["pretrain", "classify", "seq2seq",  # (seq2seq: its vocabulary trained in the run)
-                                 *(pytest.param(j, marks=pytest.mark.slow) for j in ("mlm", "span", "qa", "dpo"))])
+@pytest.mark.parametrize(
+    "job",
+    [
+        "pretrain",
+        "classify",
+        "seq2seq",  # (seq2seq: its vocabulary trained in the run)
+        *(pytest.param(j, marks=pytest.mark.slow) for j in ("mlm", "span", "qa", "dpo")),
+    ],
+)
 def test_kill9_inside_a_checkpoint_write_resumes_bitwise(job, tmp_path):
     r = faults.run_job(job, 1, tmp_path, first_in_write=True, window=(0.0, 0.0))  # the first write
     t = r.trials[0]

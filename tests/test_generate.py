@@ -105,8 +105,9 @@ def test_stop_strings_stop(lm):
 def test_streaming_pieces_join_to_the_result(lm):
     model, tok = lm
     pieces = []
-    text = generate(model, tok, "the dog", max_new_tokens=25, temperature=0.9, seed=0,
-                    on_text=lambda i, s: pieces.append(s))
+    text = generate(
+        model, tok, "the dog", max_new_tokens=25, temperature=0.9, seed=0, on_text=lambda i, s: pieces.append(s)
+    )
     assert "".join(pieces) == text and len(pieces) > 1
 
 
@@ -269,10 +270,11 @@ def test_compiled_single_row_decoding_matches_eager(style):
         cache = model.new_cache(1, 128, static=True)
         model(torch.tensor([prompt]), cache=cache)
         keys = torch.zeros(1, 128, dtype=torch.bool)
-        keys[:, :len(prompt) + 1] = True
+        keys[:, : len(prompt) + 1] = True
         cache.at = torch.tensor([len(prompt)])
-        step = compiled_decode_step()(model, torch.tensor([[7]]), keys.sum(-1, keepdim=True) - 1,
-                                      keys[:, None, None, :], cache)
+        step = compiled_decode_step()(
+            model, torch.tensor([[7]]), keys.sum(-1, keepdim=True) - 1, keys[:, None, None, :], cache
+        )
     full = model(torch.tensor([prompt + [7]])).logits[:, -1]
     torch.testing.assert_close(step, full, rtol=1e-4, atol=1e-4)
 
@@ -330,8 +332,9 @@ def test_text_stream_decodes_incrementally_and_matches_the_whole_decode(kind):
         path = model_file("smollm2-135m-instruct")
         tok = gguf_tokenizer(_reader(path), str(path))
     else:
-        tok = Tokenizer.train_unigram(["the cat sat on the mat", "naïve café über straße", "a dog ate the bone"] * 20,
-                                      vocab_size=120)
+        tok = Tokenizer.train_unigram(
+            ["the cat sat on the mat", "naïve café über straße", "a dog ate the bone"] * 20, vocab_size=120
+        )
     text = "The café served crème brûlée — 日本語 too. Stop here STOP and more after it."
     base = tok.encode(text)
     rng = random.Random(0)
@@ -356,7 +359,7 @@ def test_text_stream_decodes_incrementally_and_matches_the_whole_decode(kind):
             s = TextStream(counting, stop)
             shown = "".join(s.push(i) for i in ids) + s.flush()
             whole = real(ids)
-            want = whole[:whole.find("STOP")] if stop and "STOP" in whole else whole
+            want = whole[: whole.find("STOP")] if stop and "STOP" in whole else whole
             if not (stop and "STOP" in whole):
                 assert shown == want, (trial, stop)
             else:

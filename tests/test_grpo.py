@@ -26,8 +26,23 @@ from lmforge.tune import grpo
 from lmforge.tune.grpo import finetune_grpo, group_advantages, policy_loss, read_rollouts, rollout_batch
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-WORDS = ["[UNK]", "user", "assistant", "system", *"0123456789", "say", "a", "number", "please", "now", "give", "me",
-         "the", "answer", "one"]
+WORDS = [
+    "[UNK]",
+    "user",
+    "assistant",
+    "system",
+    *"0123456789",
+    "say",
+    "a",
+    "number",
+    "please",
+    "now",
+    "give",
+    "me",
+    "the",
+    "answer",
+    "one",
+]
 
 
 # --- verifiers ----------------------------------------------------------------------------------------------------
@@ -67,8 +82,10 @@ def test_code_verifier_kills_what_the_program_started_at_the_time_limit(tmp_path
     from lmforge.eval.verify import code
 
     pid_file = tmp_path / "child.pid"
-    program = (f"import subprocess, sys, time\np = subprocess.Popen([sys.executable, '-c', 'import time; "
-               f"time.sleep(60)'])\nopen({str(pid_file)!r}, 'w').write(str(p.pid))\ntime.sleep(60)")
+    program = (
+        f"import subprocess, sys, time\np = subprocess.Popen([sys.executable, '-c', 'import time; "
+        f"time.sleep(60)'])\nopen({str(pid_file)!r}, 'w').write(str(p.pid))\ntime.sleep(60)"
+    )
     assert code(program, {}, timeout=2.0) == 0.0
     pid = int(pid_file.read_text())
     deadline = time.time() + 5
@@ -86,16 +103,20 @@ def test_code_verifier_kills_what_the_program_started_at_the_time_limit(tmp_path
 def test_custom_reward_functions(tmp_path):
     assert get_verifier(lambda c, p: c == p["answer"])("7", {"answer": "7"}) == 1.0  # a bool counts as 0 / 1
     f = tmp_path / "reward.py"
-    f.write_text("def brevity(completion, problem):\n    return 1 / (1 + len(completion))\n"
-                 "def broken(completion, problem):\n    return 'yes'\n")
+    f.write_text(
+        "def brevity(completion, problem):\n    return 1 / (1 + len(completion))\n"
+        "def broken(completion, problem):\n    return 'yes'\n"
+    )
     assert get_verifier(f"{f}:brevity")("abc", {}) == pytest.approx(0.25)
     assert get_verifier("lmforge.eval.verify:exact")("x", {"answer": "X"}) == 1.0  # module.path:function
     with pytest.raises(ConfigError, match="a reward must be a finite number"):
         get_verifier(f"{f}:broken")("abc", {})
-    for spec, message in (("nope", "unknown verifier 'nope'; known: exact, number"),
-                          (f"{f}:missing", "has no function 'missing'"),
-                          (f"{tmp_path / 'none.py'}:f", "none.py does not exist"),
-                          ("regex:(", "does not compile")):
+    for spec, message in (
+        ("nope", "unknown verifier 'nope'; known: exact, number"),
+        (f"{f}:missing", "has no function 'missing'"),
+        (f"{tmp_path / 'none.py'}:f", "none.py does not exist"),
+        ("regex:(", "does not compile"),
+    ):
         with pytest.raises(ConfigError, match=message):
             get_verifier(spec)
 
@@ -176,8 +197,7 @@ def word_model(tmp_path_factory) -> Path:
     hf.add_special_tokens(SPECIALS)
     tok = Tokenizer(hf, eos_token="<|endoftext|>")
     torch.manual_seed(0)
-    m = DecoderLM(tiny_config("llama", vocab_size=tok.vocab_size, max_seq_len=64, dropout=0.0,
-                              eos_token_id=tok.eos_id))
+    m = DecoderLM(tiny_config("llama", vocab_size=tok.vocab_size, max_seq_len=64, dropout=0.0, eos_token_id=tok.eos_id))
     d = tmp_path_factory.mktemp("wordmodel") / "m"
     m.save_pretrained(d, tokenizer=tok)
     return d
@@ -198,12 +218,35 @@ def sevens(tmp_path_factory) -> Path:
 
 
 def _run(model: Path, data: Path, out: Path, resume: bool = False, **kw):
-    cfg = FinetuneConfig(method=kw.pop("method", "full"), epochs=kw.pop("epochs", 2), batch_size=4,
-                         lr=kw.pop("lr", 1e-2), metric="accuracy", log_every=1, ckpt_every=kw.pop("ckpt_every", 0),
-                         eval_every=0, warmup=0.0, lora_targets="all", lora_dropout=0.1)
-    return finetune_grpo(model, data, out, cfg, verifier="number", group_size=8, max_new_tokens=4,
-                         temperature=1.0, val_data=data, test_data=data, eval_limit=20, progress=False,
-                         resume=resume, **kw)
+    cfg = FinetuneConfig(
+        method=kw.pop("method", "full"),
+        epochs=kw.pop("epochs", 2),
+        batch_size=4,
+        lr=kw.pop("lr", 1e-2),
+        metric="accuracy",
+        log_every=1,
+        ckpt_every=kw.pop("ckpt_every", 0),
+        eval_every=0,
+        warmup=0.0,
+        lora_targets="all",
+        lora_dropout=0.1,
+    )
+    return finetune_grpo(
+        model,
+        data,
+        out,
+        cfg,
+        verifier="number",
+        group_size=8,
+        max_new_tokens=4,
+        temperature=1.0,
+        val_data=data,
+        test_data=data,
+        eval_limit=20,
+        progress=False,
+        resume=resume,
+        **kw,
+    )
 
 
 def test_grpo_learns_a_verifiable_reward(word_model, sevens, tmp_path):
@@ -214,8 +257,16 @@ def test_grpo_learns_a_verifiable_reward(word_model, sevens, tmp_path):
     assert first < 0.3 and last > 0.8, rewards  # the reward of the sampled completions rises
     assert res.after["accuracy"] >= res.before["accuracy"] + 0.5, (res.before, res.after)  # and greedy accuracy
     out = tmp_path / "run"
-    for f in ("summary.json", "metrics.jsonl", "rollouts.jsonl", "completions.json", "recipe.yaml",
-              "report/report.html", "report/rollouts.png", "model/model.safetensors"):
+    for f in (
+        "summary.json",
+        "metrics.jsonl",
+        "rollouts.jsonl",
+        "completions.json",
+        "recipe.yaml",
+        "report/report.html",
+        "report/rollouts.png",
+        "model/model.safetensors",
+    ):
         assert (out / f).is_file(), f
     s = json.loads((out / "summary.json").read_text())
     assert s["after"]["accuracy"] == res.after["accuracy"] and s["best_val"]["accuracy"] >= s["after"]["accuracy"] - 1
@@ -244,6 +295,7 @@ def test_grpo_resumes_bitwise(word_model, sevens, tmp_path, monkeypatch):
     assert len(read_rollouts(tmp_path / "cut" / "rollouts.jsonl")) == 7
     monkeypatch.setattr(grpo, "policy_loss", real)
     res = _run(word_model, sevens, tmp_path / "cut", resume=True, **dict(kw))
+
     def untimed(rollouts):
         return [{k: v for k, v in r.items() if "seconds" not in k} for r in rollouts]
 
@@ -266,19 +318,34 @@ def encoder_dir(tmp_path_factory) -> Path:
     return d
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--verifier", "nope"], "unknown verifier 'nope'; known: exact, number, regex:PATTERN"),
-    (["--group-size", "1"], "group_size (--group-size) must be a whole number >= 2, got 1"),
-    (["--temperature", "0"], "temperature (--temperature) must be > 0, got 0"),
-    (["--kl-beta", "-1"], "kl_beta (--kl-beta) must be >= 0, got -1"),
-    (["--max-new-tokens", "64"], "max_new_tokens 64 leaves no room for a prompt within 64 tokens"),
-    (["--model", "ENCODER"], "is a Encoder; GRPO needs a decoder model"),
-    (["--data", "DIR"], "does not exist (expected a JSONL file)"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--verifier", "nope"], "unknown verifier 'nope'; known: exact, number, regex:PATTERN"),
+        (["--group-size", "1"], "group_size (--group-size) must be a whole number >= 2, got 1"),
+        (["--temperature", "0"], "temperature (--temperature) must be > 0, got 0"),
+        (["--kl-beta", "-1"], "kl_beta (--kl-beta) must be >= 0, got -1"),
+        (["--max-new-tokens", "64"], "max_new_tokens 64 leaves no room for a prompt within 64 tokens"),
+        (["--model", "ENCODER"], "is a Encoder; GRPO needs a decoder model"),
+        (["--data", "DIR"], "does not exist (expected a JSONL file)"),
+    ],
+)
 def test_bad_input_one_line_exit_2(flags, message, word_model, sevens, encoder_dir, tmp_path, capsys):
     flags = [str(encoder_dir) if f == "ENCODER" else str(tmp_path) if f == "DIR" else f for f in flags]
-    r = call_cli(capsys, "finetune", "grpo", "--model", str(word_model), "--data", str(sevens), "--epochs", "0.05",
-                 "--out", str(tmp_path / "o"), *flags)
+    r = call_cli(
+        capsys,
+        "finetune",
+        "grpo",
+        "--model",
+        str(word_model),
+        "--data",
+        str(sevens),
+        "--epochs",
+        "0.05",
+        "--out",
+        str(tmp_path / "o"),
+        *flags,
+    )
     lines = r.stderr.splitlines()
     assert r.returncode == 2 and len(lines) == 1, r.stderr
     assert lines[0].startswith("lmforge: error: ") and message in lines[0], lines[0]

@@ -26,8 +26,9 @@ MODES = ["fp32", "bf16", "int8", "int4"]
 
 def _model(mode: str, seed: int = 0) -> DecoderLM:
     torch.manual_seed(seed)
-    model = DecoderLM(tiny_config("llama", vocab_size=512, d_model=128, n_head=4, n_kv_head=2, d_ff=256,
-                                  max_seq_len=512)).eval()
+    model = DecoderLM(
+        tiny_config("llama", vocab_size=512, d_model=128, n_head=4, n_kv_head=2, d_ff=256, max_seq_len=512)
+    ).eval()
     with torch.no_grad():  # a trained model's logits are far from uniform: spread these too
         model.lm_head.weight.mul_(8)
     if mode in ("int8", "int4"):
@@ -43,8 +44,16 @@ def model(request):
 
 
 REPEATING = [5, 6, 7, 8, 9, 10, 11, 5, 6, 7, 8, 9, 10, 11, 5, 6, 7, 12, 13, 5, 6, 7, 8]
-PROMPTS = [REPEATING, [40, 41, 42], [7] * 30 + [3, 9], [100 + i for i in range(70)], [300, 301, 302, 303, 5, 6],
-           [2] * 11, [17, 18], list(range(200, 260))]
+PROMPTS = [
+    REPEATING,
+    [40, 41, 42],
+    [7] * 30 + [3, 9],
+    [100 + i for i in range(70)],
+    [300, 301, 302, 303, 5, 6],
+    [2] * 11,
+    [17, 18],
+    list(range(200, 260)),
+]
 
 
 def _run(engine: Engine, requests: list[Request]) -> None:
@@ -77,12 +86,12 @@ def test_a_products_rows_do_not_depend_on_the_call(kind):
     with torch.inference_mode(), packed_linears(torch.nn.Sequential(layer), enabled=kind == "onednn") as m:
         if kind in ("onednn", "linear"):
             assert type(m[0]).__name__ == ("PackedLinear" if kind == "onednn" else "RowLinear")
-        alone = torch.cat([m(x[i:i + 1]) for i in range(0, 300, 37)])
+        alone = torch.cat([m(x[i : i + 1]) for i in range(0, 300, 37)])
         for n in (1, 2, 3, 4, 5, 8, 16, 17, 64, 300):
             for shift in (0, 1):
                 if shift + n > 300:
                     continue
-                y = m(x[shift:shift + n])
+                y = m(x[shift : shift + n])
                 for j, i in enumerate(range(0, 300, 37)):
                     if shift <= i < shift + n:
                         assert torch.equal(y[i - shift], alone[j]), (kind, n, shift, i)
@@ -101,17 +110,20 @@ def test_attention_is_invariant_and_right(dtype):
     v = torch.randn(3, 2, 600, 32, generator=g).to(dtype)
     with torch.inference_mode():
         for t in (0, 7, 255, 256, 300, 599):
-            alone = invariant.attention(q[:1, :, :1], k[:1, :, :t + 1], v[:1, :, :t + 1])[0, :, 0]
+            alone = invariant.attention(q[:1, :, :1], k[:1, :, : t + 1], v[:1, :, : t + 1])[0, :, 0]
             hide = (torch.arange(600) <= t)[None, None, None].expand(3, 1, 1, 600)
             among = invariant.attention(q[:, :, :1], k, v, hide)[0, :, 0]
             assert torch.equal(among, alone), t
             n = min(t + 1, 31)  # the same query, last of n causal ones ending at position t
             qs = torch.cat([q[:1, :, 1:n], q[:1, :, :1]], dim=2)
-            queries = invariant.attention(qs, k[:1, :, :t + 1], v[:1, :, :t + 1])[0, :, -1]
+            queries = invariant.attention(qs, k[:1, :, : t + 1], v[:1, :, : t + 1])[0, :, -1]
             assert torch.equal(queries, alone), t
-        want = attention_reference(q[:, :, :9].float(), k[:, :, :300].float().repeat_interleave(3, 1),
-                                   v[:, :, :300].float().repeat_interleave(3, 1),
-                                   torch.ones(9, 300, dtype=torch.bool).tril(291))
+        want = attention_reference(
+            q[:, :, :9].float(),
+            k[:, :, :300].float().repeat_interleave(3, 1),
+            v[:, :, :300].float().repeat_interleave(3, 1),
+            torch.ones(9, 300, dtype=torch.bool).tril(291),
+        )
         got = invariant.attention(q[:, :, :9], k[:, :, :300], v[:, :, :300]).float()
         assert (got - want).abs().max() < (1e-5 if dtype == torch.float32 else 3e-2)
 
@@ -170,7 +182,7 @@ def test_engine_logits_equal_a_batch1_forward(model):
             rows = logged[id(r)]
             assert len(rows) == len(r.completion_ids) - 1
             for t in (0, len(rows) // 2, len(rows) - 1):
-                prefix = seq[:len(r.prompt_ids) + t + 1]
+                prefix = seq[: len(r.prompt_ids) + t + 1]
                 alone = m(torch.tensor([prefix]), cache=m.new_cache(1, len(prefix)), last_only=True).logits[0, -1]
                 assert torch.equal(rows[t], alone.float()), (mode, t)
 
@@ -182,6 +194,7 @@ def test_a_served_reply_does_not_depend_on_the_other_requests(model):
     mode, m = model
     engine = Engine(m, IdsTokenizer(), max_batch=8, max_queue=16, cache_mb=16, prefill_chunk=8).start()
     try:
+
         def greedy():
             return Request(PROMPTS[3], SamplingParams(25, temperature=0))
 
@@ -193,8 +206,9 @@ def test_a_served_reply_does_not_depend_on_the_other_requests(model):
         _run(engine, [alone_s])
         chunks = engine.stats.chunks
         for rounds in range(2):  # the second round: prompts start from the prefix cache
-            others = [Request(p, SamplingParams(8 + 5 * i, temperature=0.9, seed=100 + i))
-                      for i, p in enumerate(PROMPTS[1:7])]
+            others = [
+                Request(p, SamplingParams(8 + 5 * i, temperature=0.9, seed=100 + i)) for i, p in enumerate(PROMPTS[1:7])
+            ]
             g, s = greedy(), seeded()
             _run(engine, [others[0], others[1], g, others[2], others[3], s, others[4], others[5]])
             assert g.completion_ids == alone_g.completion_ids, (mode, rounds)

@@ -33,8 +33,18 @@ def _decoder(style: str) -> DecoderLM:
 
 def _bert_classifier() -> Encoder:
     torch.manual_seed(0)
-    cfg = encoder_config("bert-mini", vocab_size=120, n_layer=2, n_head=4, d_model=32, max_seq_len=40,
-                         head="classify", labels=["neg", "neu", "pos"], dropout=0.0, attn_dropout=0.0)
+    cfg = encoder_config(
+        "bert-mini",
+        vocab_size=120,
+        n_layer=2,
+        n_head=4,
+        d_model=32,
+        max_seq_len=40,
+        head="classify",
+        labels=["neg", "neu", "pos"],
+        dropout=0.0,
+        attn_dropout=0.0,
+    )
     return Encoder(cfg).eval()
 
 
@@ -256,16 +266,32 @@ def test_adapter_made_by_peft_loads_with_equal_logits(family, tmp_path):
 
     torch.manual_seed(0)
     if family == "gpt2":  # Conv1D layers; c_attn is q, k and v fused
-        hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=97, n_positions=64, n_embd=32,
-                                                                  n_layer=2, n_head=4))
-        lcfg = dict(target_modules=["c_attn", "c_proj", "c_fc"], rank_pattern={"c_fc": 2},
-                    alpha_pattern={"c_proj": 16}, fan_in_fan_out=True)
+        hf = transformers.GPT2LMHeadModel(
+            transformers.GPT2Config(vocab_size=97, n_positions=64, n_embd=32, n_layer=2, n_head=4)
+        )
+        lcfg = dict(
+            target_modules=["c_attn", "c_proj", "c_fc"],
+            rank_pattern={"c_fc": 2},
+            alpha_pattern={"c_proj": 16},
+            fan_in_fan_out=True,
+        )
     else:
-        hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-            vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=64))
-        lcfg = dict(target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"],
-                    rank_pattern={"v_proj": 2}, alpha_pattern={"o_proj": 16})
+        hf = transformers.LlamaForCausalLM(
+            transformers.LlamaConfig(
+                vocab_size=97,
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                max_position_embeddings=64,
+            )
+        )
+        lcfg = dict(
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"],
+            rank_pattern={"v_proj": 2},
+            alpha_pattern={"o_proj": 16},
+        )
     hf.eval().save_pretrained(tmp_path / "base")
     Tokenizer.train_bpe(["hello there"] * 5, vocab_size=97).save(tmp_path / "base")
     pm = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, task_type="CAUSAL_LM", **lcfg))

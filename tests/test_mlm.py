@@ -71,14 +71,27 @@ def test_objective_needs_an_encoder():
 
 def test_mlm_pretraining_end_to_end(small_corpus, tmp_path):
     transformers = pytest.importorskip("transformers")
-    cfg = load_run_config("configs/bert-mini-mlm.yaml", [
-        f"data.sources=[{small_corpus}]", "data.val_fraction=0.2", "model.n_layer=2", "model.d_model=64",
-        "model.n_head=4", "model.max_seq_len=64", "data.vocab_size=1000", "train.seq_len=64", "train.steps=60",
-        "train.batch_size=16", "train.eval_every=30", "train.warmup_steps=10", "train.ckpt_every=30",
-        "train.lr=2e-3"])
+    cfg = load_run_config(
+        "configs/bert-mini-mlm.yaml",
+        [
+            f"data.sources=[{small_corpus}]",
+            "data.val_fraction=0.2",
+            "model.n_layer=2",
+            "model.d_model=64",
+            "model.n_head=4",
+            "model.max_seq_len=64",
+            "data.vocab_size=1000",
+            "train.seq_len=64",
+            "train.steps=60",
+            "train.batch_size=16",
+            "train.eval_every=30",
+            "train.warmup_steps=10",
+            "train.ckpt_every=30",
+            "train.lr=2e-3",
+        ],
+    )
     res = pretrain(cfg, tmp_path / "run", progress=False)
-    val = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-           if '"val"' in x]
+    val = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"val"' in x]
     assert len(val) == 2 and val[-1]["loss"] < val[0]["loss"] and "masked_acc" in res.final
     # chance over a 1000-token vocabulary is 0.1%; 60 steps reach about the most-frequent-token rate (3-5%)
     assert res.final["masked_acc"] > 0.02
@@ -95,11 +108,27 @@ def test_mlm_pretraining_end_to_end(small_corpus, tmp_path):
 def test_nsp_pretraining_learns_next_sentences(small_corpus, tmp_path):
     """With next-sentence prediction beside masked LM, the held-out NSP accuracy rises from chance (its pairs
     are half true continuations, half sentences from elsewhere in the corpus)."""
-    cfg = load_run_config("configs/bert-mini-mlm.yaml", [
-        f"data.sources=[{small_corpus}]", "data.val_fraction=0.2", "model.n_layer=2", "model.d_model=64",
-        "model.n_head=4", "model.max_seq_len=64", "data.vocab_size=1000", "train.seq_len=64", "train.steps=150",
-        "train.batch_size=16", "train.eval_every=50", "train.eval_batches=8", "train.warmup_steps=10",
-        "train.ckpt_every=0", "train.lr=2e-3", "train.nsp=true"])
+    cfg = load_run_config(
+        "configs/bert-mini-mlm.yaml",
+        [
+            f"data.sources=[{small_corpus}]",
+            "data.val_fraction=0.2",
+            "model.n_layer=2",
+            "model.d_model=64",
+            "model.n_head=4",
+            "model.max_seq_len=64",
+            "data.vocab_size=1000",
+            "train.seq_len=64",
+            "train.steps=150",
+            "train.batch_size=16",
+            "train.eval_every=50",
+            "train.eval_batches=8",
+            "train.warmup_steps=10",
+            "train.ckpt_every=0",
+            "train.lr=2e-3",
+            "train.nsp=true",
+        ],
+    )
     res = pretrain(cfg, tmp_path / "run", progress=False)
     val = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"val"' in x]
     accs = [r["nsp_acc"] for r in val]

@@ -48,8 +48,15 @@ def test_we_load_transformers_directories(tmp_path, style):
         cfg = transformers.GPT2Config(vocab_size=97, n_positions=64, n_embd=32, n_layer=2, n_head=4)
         ref = transformers.GPT2LMHeadModel(cfg)
     else:
-        cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+        cfg = transformers.LlamaConfig(
+            vocab_size=97,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+        )
         ref = transformers.LlamaForCausalLM(cfg)
     ref.eval().save_pretrained(tmp_path / "hf")
     ours = load_model(tmp_path / "hf")
@@ -88,8 +95,16 @@ def test_bad_model_directories(tmp_path):
 def test_mistral_and_qwen2_directories_both_ways(tmp_path, family):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(2)
-    kw = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=family == "qwen2")
+    kw = dict(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=family == "qwen2",
+    )
     if family == "mistral":
         ref = transformers.MistralForCausalLM(transformers.MistralConfig(sliding_window=None, **kw))
     else:
@@ -114,8 +129,15 @@ def test_mistral_and_qwen2_directories_both_ways(tmp_path, family):
 def test_sharded_safetensors_directory(tmp_path):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(3)
-    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    cfg = transformers.LlamaConfig(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     ref = transformers.LlamaForCausalLM(cfg).eval()
     ref.save_pretrained(tmp_path / "hf", max_shard_size="20KB")
     assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()

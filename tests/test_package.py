@@ -26,15 +26,25 @@ from lmforge.errors import LmforgeError
 
 ROOT = Path(__file__).resolve().parents[1]
 # the modules of the extras (and fastapi's pydantic and starlette): blocked in the wheel's environment
-EXTRA_MODULES = ("matplotlib", "sklearn", "rouge_score", "sacrebleu", "fastapi", "starlette", "pydantic", "uvicorn",
-                 "llguidance")
+EXTRA_MODULES = (
+    "matplotlib",
+    "sklearn",
+    "rouge_score",
+    "sacrebleu",
+    "fastapi",
+    "starlette",
+    "pydantic",
+    "uvicorn",
+    "llguidance",
+)
 CORE = {"torch", "numpy", "tokenizers", "safetensors", "gguf", "pyyaml", "tqdm", "jinja2"}
 
 
 def _run(cmd: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
-    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                          env={**env, "PYTHONUNBUFFERED": "1"})
+    return subprocess.run(
+        cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env={**env, "PYTHONUNBUFFERED": "1"}
+    )
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +56,22 @@ def wheel(tmp_path_factory) -> Path:
     shutil.copytree(ROOT / "src", tree / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     for name in ("pyproject.toml", "README.md", "LICENSE"):
         shutil.copy(ROOT / name, tree / name)
-    r = _run([sys.executable, "-m", "pip", "wheel", str(tree), "--no-deps", "--no-build-isolation", "--quiet",
-              "--disable-pip-version-check", "-w", str(tmp / "dist")], cwd=tmp)
+    r = _run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            str(tree),
+            "--no-deps",
+            "--no-build-isolation",
+            "--quiet",
+            "--disable-pip-version-check",
+            "-w",
+            str(tmp / "dist"),
+        ],
+        cwd=tmp,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     (path,) = (tmp / "dist").glob("lmforge-*.whl")
     return path
@@ -62,8 +86,22 @@ def venv(wheel, tmp_path_factory) -> Path:
     r = _run([sys.executable, "-m", "venv", "--without-pip", str(env)], cwd=env.parent)
     assert r.returncode == 0, r.stderr
     py = env / "bin" / "python"
-    r = _run([sys.executable, "-m", "pip", "--python", str(py), "install", "--no-deps", "--no-index", "--quiet",
-              "--disable-pip-version-check", str(wheel)], cwd=env.parent)
+    r = _run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            str(py),
+            "install",
+            "--no-deps",
+            "--no-index",
+            "--quiet",
+            "--disable-pip-version-check",
+            str(wheel),
+        ],
+        cwd=env.parent,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     purelib = Path(sysconfig.get_path("purelib", vars={"base": str(env), "platbase": str(env)}))
     assert (purelib / "lmforge" / "__init__.py").is_file()
@@ -86,14 +124,21 @@ def test_the_wheel_holds_the_package_its_data_and_the_core_requirements(wheel):
     core = [r for r in requires if "extra ==" not in r]
     assert {re.split(r"[<>=!~;\[ ]", r)[0].lower() for r in core} == CORE
     assert f"torch>={'.'.join(map(str, lmforge.TORCH_MIN))}" in core
-    assert set(re.findall(r"^Provides-Extra: (.*)$", meta, re.M)) == {"serve", "structured", "eval", "plots", "all",
-                                                                      "dev"}
+    assert set(re.findall(r"^Provides-Extra: (.*)$", meta, re.M)) == {
+        "serve",
+        "structured",
+        "eval",
+        "plots",
+        "all",
+        "dev",
+    }
 
 
 def test_the_installed_wheel_runs_the_core_verbs_alone(venv, tmp_path, small_corpus):
     py, lmforge_cmd = venv / "bin" / "python", venv / "bin" / "lmforge"
-    r = _run([str(py), "-c", "import lmforge, sys; print(lmforge.__file__); print(sys.modules.get('fastapi'))"],
-             cwd=tmp_path)
+    r = _run(
+        [str(py), "-c", "import lmforge, sys; print(lmforge.__file__); print(sys.modules.get('fastapi'))"], cwd=tmp_path
+    )
     assert r.returncode == 0, r.stderr
     where, blocked = r.stdout.splitlines()
     assert Path(where).is_relative_to(venv) and not Path(where).is_relative_to(ROOT / "src"), where
@@ -106,25 +151,58 @@ def test_the_installed_wheel_runs_the_core_verbs_alone(venv, tmp_path, small_cor
     assert r.returncode == 0 and "parameters: 124,439,808" in r.stdout, r.stdout + r.stderr
 
     recipe = tmp_path / "tiny.yaml"
-    recipe.write_text(yaml.safe_dump({
-        "model": {"preset": "bench-gpt2", "n_layer": 2, "n_head": 2, "d_model": 32, "max_seq_len": 64},
-        "data": {"sources": [str(small_corpus)], "vocab_size": 300, "val_fraction": 0.2},
-        "train": {"seed": 7, "steps": 8, "batch_size": 4, "seq_len": 64, "lr": 3e-3, "warmup_steps": 2,
-                  "eval_every": 10, "eval_batches": 2, "ckpt_every": 10, "log_every": 5}}))
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"preset": "bench-gpt2", "n_layer": 2, "n_head": 2, "d_model": 32, "max_seq_len": 64},
+                "data": {"sources": [str(small_corpus)], "vocab_size": 300, "val_fraction": 0.2},
+                "train": {
+                    "seed": 7,
+                    "steps": 8,
+                    "batch_size": 4,
+                    "seq_len": 64,
+                    "lr": 3e-3,
+                    "warmup_steps": 2,
+                    "eval_every": 10,
+                    "eval_batches": 2,
+                    "ckpt_every": 10,
+                    "log_every": 5,
+                },
+            }
+        )
+    )
     out = tmp_path / "run"
-    r = _run([str(lmforge_cmd), "pretrain", "--config", str(recipe), "--out", str(out), "--set", "train.steps=20",
-              "--set", "train.optimizer=muon"], cwd=tmp_path)
+    r = _run(
+        [
+            str(lmforge_cmd),
+            "pretrain",
+            "--config",
+            str(recipe),
+            "--out",
+            str(out),
+            "--set",
+            "train.steps=20",
+            "--set",
+            "train.optimizer=muon",
+        ],
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, r.stdout + r.stderr[-3000:]
-    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
-             if "split" not in json.loads(line)]
+    steps = [
+        json.loads(line)["step"]
+        for line in (out / "metrics.jsonl").read_text().splitlines()
+        if "split" not in json.loads(line)
+    ]
     assert steps and steps[-1] == 20
     assert (out / "model" / "model.safetensors").is_file() and (out / "report" / "report.html").is_file()
     assert not (out / "report" / "loss.png").exists() and "loss.png" not in (out / "report" / "report.md").read_text()
     assert "pip install 'lmforge[plots]'" in r.stderr  # the report says why it has no plot
 
     r = _run([str(lmforge_cmd), "serve", "--model", str(out / "model")], cwd=tmp_path)
-    assert (r.returncode, r.stderr) == (2, "lmforge: error: lmforge serve needs fastapi: pip install "
-                                           "'lmforge[serve]'\n"), r.stderr
+    assert (r.returncode, r.stderr) == (
+        2,
+        "lmforge: error: lmforge serve needs fastapi: pip install 'lmforge[serve]'\n",
+    ), r.stderr
 
 
 def test_a_missing_extra_is_one_line_and_exit_2(monkeypatch, capsys):
@@ -134,8 +212,11 @@ def test_a_missing_extra_is_one_line_and_exit_2(monkeypatch, capsys):
     for name in ("lmforge.serve", "lmforge.serve.app"):  # imported anew, with the package missing
         monkeypatch.delitem(sys.modules, name, raising=False)
     r = call_cli(capsys, "serve", "--model", "smollm2-135m-instruct")
-    assert (r.returncode, r.stdout, r.stderr) == (2, "", "lmforge: error: lmforge serve needs fastapi: pip install "
-                                                         "'lmforge[serve]'\n")
+    assert (r.returncode, r.stdout, r.stderr) == (
+        2,
+        "",
+        "lmforge: error: lmforge serve needs fastapi: pip install 'lmforge[serve]'\n",
+    )
 
 
 def _grammar():
@@ -168,14 +249,22 @@ def _plot():
     return pyplot()
 
 
-@pytest.mark.parametrize("module, use, message", [
-    ("llguidance", _grammar, "structured output (a JSON schema, JSON object, regex, choices or tool calls) needs "
-                             "llguidance: pip install 'lmforge[structured]'"),
-    ("sklearn.metrics", _classification, "classification metrics needs scikit-learn: pip install 'lmforge[eval]'"),
-    ("rouge_score.rouge_scorer", _rouge, "ROUGE scores needs rouge-score: pip install 'lmforge[eval]'"),
-    ("sacrebleu", _bleu, "BLEU and chrF scores needs sacrebleu: pip install 'lmforge[eval]'"),
-    ("matplotlib", _plot, "drawing PNG plots needs matplotlib: pip install 'lmforge[plots]'"),
-], ids=["llguidance", "sklearn", "rouge-score", "sacrebleu", "matplotlib"])
+@pytest.mark.parametrize(
+    "module, use, message",
+    [
+        (
+            "llguidance",
+            _grammar,
+            "structured output (a JSON schema, JSON object, regex, choices or tool calls) needs "
+            "llguidance: pip install 'lmforge[structured]'",
+        ),
+        ("sklearn.metrics", _classification, "classification metrics needs scikit-learn: pip install 'lmforge[eval]'"),
+        ("rouge_score.rouge_scorer", _rouge, "ROUGE scores needs rouge-score: pip install 'lmforge[eval]'"),
+        ("sacrebleu", _bleu, "BLEU and chrF scores needs sacrebleu: pip install 'lmforge[eval]'"),
+        ("matplotlib", _plot, "drawing PNG plots needs matplotlib: pip install 'lmforge[plots]'"),
+    ],
+    ids=["llguidance", "sklearn", "rouge-score", "sacrebleu", "matplotlib"],
+)
 def test_each_optional_package_names_its_extra(monkeypatch, module, use, message):
     use()  # installed here: the feature works
     monkeypatch.setitem(sys.modules, module, None)
@@ -191,10 +280,16 @@ def test_reports_without_matplotlib_leave_the_plot_out(monkeypatch, tmp_path, ca
 
     run = tmp_path / "run"
     run.mkdir()
-    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in (
-        {"step": 1, "loss": 3.0, "lr": 1e-3, "tok_per_s": 100.0, "mfu": 0.1},
-        {"step": 2, "loss": 2.5, "lr": 1e-3, "tok_per_s": 100.0, "mfu": 0.1},
-        {"step": 2, "split": "val", "loss": 2.6})))
+    (run / "metrics.jsonl").write_text(
+        "".join(
+            json.dumps(r) + "\n"
+            for r in (
+                {"step": 1, "loss": 3.0, "lr": 1e-3, "tok_per_s": 100.0, "mfu": 0.1},
+                {"step": 2, "loss": 2.5, "lr": 1e-3, "tok_per_s": 100.0, "mfu": 0.1},
+                {"step": 2, "split": "val", "loss": 2.6},
+            )
+        )
+    )
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     monkeypatch.setattr(report, "_NOTED", [])
     capsys.readouterr()

@@ -15,8 +15,9 @@ from lmforge.data.pairs import PairSet, read_pairs, truncation_report
 from lmforge.errors import DataError
 
 INSTALLED = all((sword.SWORD_ROOT / sword.ZTEXT_DIR / m / "nt.bzv").is_file() for m in (sword.KJV, sword.RV1909))
-needs_bible = pytest.mark.skipif(not INSTALLED, reason="SWORD modules missing: apt-get install sword-text-kjv "
-                                                       "sword-text-sparv")
+needs_bible = pytest.mark.skipif(
+    not INSTALLED, reason="SWORD modules missing: apt-get install sword-text-kjv sword-text-sparv"
+)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -123,15 +124,25 @@ def _testament(book: str, chapters: list[list[str]]) -> list[str]:
 
 
 def test_ztext_structure_and_cleaning(tmp_path):
-    en = {"ot": _testament("Gen", [[
-        '¶ In the <w lemma="strong:H7225">beginning</w>.<note placement="foot"><reference>1.1</reference>'
-        'Heb. <w>x</w></note>',
-        "",
-        'Tom &amp; Jerry, the \\nd LORD <transChange type="added">is</transChange> here.<chapter eID="Gen.1"/>',
-    ], ['<title type="psalm">A Psalm.</title> Sing.']]),
-        "nt": _testament("Matt", [["The book."]])}
-    es = {"ot": _testament("Gen", [["EN el principio.", "Dos.", ""], ["Salmo. Cantad."]]),
-          "nt": _testament("Matt", [["<w>El</w><w>libro</w>."]])}
+    en = {
+        "ot": _testament(
+            "Gen",
+            [
+                [
+                    '¶ In the <w lemma="strong:H7225">beginning</w>.<note placement="foot"><reference>1.1</reference>'
+                    "Heb. <w>x</w></note>",
+                    "",
+                    'Tom &amp; Jerry, the \\nd LORD <transChange type="added">is</transChange> here.<chapter eID="Gen.1"/>',  # noqa: E501
+                ],
+                ['<title type="psalm">A Psalm.</title> Sing.'],
+            ],
+        ),
+        "nt": _testament("Matt", [["The book."]]),
+    }
+    es = {
+        "ot": _testament("Gen", [["EN el principio.", "Dos.", ""], ["Salmo. Cantad."]]),
+        "nt": _testament("Matt", [["<w>El</w><w>libro</w>."]]),
+    }
     _write_module(tmp_path, "en", en)
     _write_module(tmp_path, "es", es)
     verses = sword.read_module("en", root=tmp_path)
@@ -142,9 +153,11 @@ def test_ztext_structure_and_cleaning(tmp_path):
         ("Matt", 1, 1, "The book."),
     ]
     got = [(p.book, p.chapter, p.verse, p.source, p.target) for p in sword.bible_pairs("en", "es", root=tmp_path)]
-    assert got == [("Gen", 1, 1, "In the beginning.", "EN el principio."),
-                   ("Gen", 2, 1, "A Psalm. Sing.", "Salmo. Cantad."),
-                   ("Matt", 1, 1, "The book.", "El libro.")]
+    assert got == [
+        ("Gen", 1, 1, "In the beginning.", "EN el principio."),
+        ("Gen", 2, 1, "A Psalm. Sing.", "Salmo. Cantad."),
+        ("Matt", 1, 1, "The book.", "El libro."),
+    ]
 
 
 def test_ztext_versification_mismatch(tmp_path):
@@ -175,14 +188,17 @@ def test_read_pairs_picks_and_names_columns(tmp_path):
     f = tmp_path / "sum.jsonl"
     f.write_text(json.dumps({"id": 1, "article": "A long text.", "highlights": "Short."}) + "\n", encoding="utf-8")
     ps = read_pairs(f)
-    assert (ps.source_col, ps.target_col, ps.sources, ps.targets) == ("article", "highlights", ["A long text."],
-                                                                      ["Short."])
+    assert (ps.source_col, ps.target_col, ps.sources, ps.targets) == (
+        "article",
+        "highlights",
+        ["A long text."],
+        ["Short."],
+    )
     ps = read_pairs(f, source_col="highlights", target_col="article")
     assert ps.sources == ["Short."]
     with pytest.raises(DataError) as e:
         read_pairs(f, source_col="body")
-    assert str(e.value) == (f"{f} has no column 'body' (columns: id, article, highlights); "
-                            "pass --source-col NAME")
+    assert str(e.value) == (f"{f} has no column 'body' (columns: id, article, highlights); pass --source-col NAME")
     with pytest.raises(DataError, match="pass --target-col NAME"):
         read_pairs(f, target_col="abstract")
     g = tmp_path / "odd.csv"
@@ -209,9 +225,11 @@ def test_truncation_report():
     assert truncation_report([], 128, "targets") is None
     lengths = [200] * 12 + [50] * 2988
     assert truncation_report(lengths, 128, "targets") == (
-        "12 of 3,000 targets are longer than 128 tokens and were truncated (raise --max-target-len to keep them)")
+        "12 of 3,000 targets are longer than 128 tokens and were truncated (raise --max-target-len to keep them)"
+    )
     assert truncation_report([600, 3], 512, "sources") == (
-        "1 of 2 sources is longer than 512 tokens and was truncated (raise --max-source-len to keep them)")
+        "1 of 2 sources is longer than 512 tokens and was truncated (raise --max-source-len to keep them)"
+    )
 
 
 def test_bible_names_are_data_names():

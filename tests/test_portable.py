@@ -42,9 +42,9 @@ def relayout(path: Path, offset: int = OFFSET) -> None:
     64-byte boundary of the file (the header is padded with spaces, which the format allows)."""
     raw = path.read_bytes()
     n = struct.unpack("<Q", raw[:8])[0]
-    header = json.loads(raw[8:8 + n])
+    header = json.loads(raw[8 : 8 + n])
     meta = header.pop("__metadata__", None)
-    data = raw[8 + n:]
+    data = raw[8 + n :]
     new, blobs, pos = {}, [], 0
     for name in sorted(header, reverse=True):
         start, end = header[name]["data_offsets"]
@@ -82,8 +82,20 @@ def _decoder(style: str) -> DecoderLM:
 
 def _classifier() -> Encoder:
     torch.manual_seed(0)
-    return Encoder(encoder_config("bert-mini", vocab_size=200, n_layer=2, n_head=4, d_model=64, max_seq_len=40,
-                                  head="classify", labels=["neg", "pos"], dropout=0.0, attn_dropout=0.0)).eval()
+    return Encoder(
+        encoder_config(
+            "bert-mini",
+            vocab_size=200,
+            n_layer=2,
+            n_head=4,
+            d_model=64,
+            max_seq_len=40,
+            head="classify",
+            labels=["neg", "pos"],
+            dropout=0.0,
+            attn_dropout=0.0,
+        )
+    ).eval()
 
 
 def _forward(model, ids: torch.Tensor = IDS) -> torch.Tensor:
@@ -111,7 +123,7 @@ def test_aligned_helper_copies_only_what_is_misaligned():
         assert is_aligned(torch.empty(n, dtype=dtype))
     t = torch.arange(64 * 64, dtype=torch.int32).to(torch.int8).view(64, 64)
     assert aligned(t) is t
-    view = t.view(-1)[14:14 + 64 * 32].view(32, 64)  # 14 bytes in: the issue's data_ptr() % 64
+    view = t.view(-1)[14 : 14 + 64 * 32].view(32, 64)  # 14 bytes in: the issue's data_ptr() % 64
     assert view.data_ptr() % 64 == 14
     copy = aligned(view)
     assert copy is not view and is_aligned(copy) and copy.is_contiguous() and torch.equal(copy, view)
@@ -190,8 +202,11 @@ def test_full_precision_dirs_load_aligned_into_packed_and_int8_paths(family, bpe
         with torch.no_grad(), packed_linears(again):
             packed = _forward(again, ids)
         assert torch.allclose(packed, _forward(model, ids), atol=1e-5, rtol=1e-5)
-    layer = again.blocks[0].attn.q_proj if family != "bert" else next(
-        m for m in again.modules() if type(m) is torch.nn.Linear)
+    layer = (
+        again.blocks[0].attn.q_proj
+        if family != "bert"
+        else next(m for m in again.modules() if type(m) is torch.nn.Linear)
+    )
     for kind in ("nf4", "int8"):
         base = quantize_linear(layer, kind)
         assert all(is_aligned(v) for v in _kernel_tensors(base).values())
@@ -213,8 +228,10 @@ def test_peft_adapter_reads_aligned(bpe, tmp_path):
             torch.nn.init.normal_(p, std=0.02)  # B starts at zero: give the adapter something to change
     save_adapter(model, tmp_path / "ad", base_model=str(tmp_path / "base"))
     relayout(tmp_path / "ad" / "adapter_model.safetensors")
-    misaligned_on_plain_load(tmp_path / "ad" / "adapter_model.safetensors",
-                             list(load_file(str(tmp_path / "ad" / "adapter_model.safetensors"))))
+    misaligned_on_plain_load(
+        tmp_path / "ad" / "adapter_model.safetensors",
+        list(load_file(str(tmp_path / "ad" / "adapter_model.safetensors"))),
+    )
     _, tensors = read_adapter(tmp_path / "ad")
     assert all(is_aligned(v) for v in tensors.values())
     merged, _ = load_pretrained(tmp_path / "base", adapter=tmp_path / "ad", quantize="int8")
@@ -239,17 +256,26 @@ def test_gguf_tensors_are_dequantized_into_aligned_memory(tmp_path):
         model.tok_emb.weight.copy_(model.tok_emb.weight.half().float())
     sd = model.state_dict()
     w = gguf.GGUFWriter(str(tmp_path / "m.gguf"), "llama")
-    for k, v in [("block_count", cfg.n_layer), ("embedding_length", cfg.d_model), ("feed_forward_length", cfg.d_ff),
-                 ("attention.head_count", cfg.n_head), ("attention.head_count_kv", cfg.n_kv_head),
-                 ("context_length", cfg.max_seq_len), ("vocab_size", cfg.vocab_size)]:
+    for k, v in [
+        ("block_count", cfg.n_layer),
+        ("embedding_length", cfg.d_model),
+        ("feed_forward_length", cfg.d_ff),
+        ("attention.head_count", cfg.n_head),
+        ("attention.head_count_kv", cfg.n_kv_head),
+        ("context_length", cfg.max_seq_len),
+        ("vocab_size", cfg.vocab_size),
+    ]:
         w.add_uint32(f"llama.{k}", v)
     w.add_float32("llama.attention.layer_norm_rms_epsilon", cfg.norm_eps)
     w.add_tokenizer_model("gpt2")
     w.add_token_list([f"t{i}" for i in range(cfg.vocab_size)])
     w.add_token_types([1] * cfg.vocab_size)
     w.add_token_merges([])
-    names = {"tok_emb.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
-             "lm_head.weight": "output.weight"}
+    names = {
+        "tok_emb.weight": "token_embd.weight",
+        "norm.weight": "output_norm.weight",
+        "lm_head.weight": "output.weight",
+    }
     back = {v: k for k, v in BLOCK_NAMES.items()}
     for name, t in sd.items():
         if name.endswith((".cos", ".sin")):

@@ -45,7 +45,7 @@ def test_windows_cover_long_contexts_and_locate_answers(minilm):
     T = len(f.ids[i])
     sl, el = torch.full((1, T), -5.0), torch.full((1, T), -5.0)
     sl[0, f.start[i]], el[0, f.end[i]] = 5.0, 5.0
-    (score, s, e), = best_spans(sl, el, f, [i])
+    ((score, s, e),) = best_spans(sl, el, f, [i])
     assert ctx[s:e] == "under the old oak tree" and score == 10.0
 
 
@@ -55,15 +55,25 @@ def test_shakespeare_qa_is_real_split_by_play_and_deterministic():
     plays = {k: {e.id.rsplit("-", 2)[0] for e in v} for k, v in a.items()}
     assert len(plays["test"]) == 6 and len(plays["dev"]) == 4 and not plays["test"] & plays["train"]
     for e in a["train"][:200]:
-        (text, s), = e.answers
-        assert e.context[s:s + len(text)] == text
+        ((text, s),) = e.answers
+        assert e.context[s : s + len(text)] == text
     assert any(e.question.startswith("Who says") for e in a["train"])
     assert any(e.question.startswith("What does") for e in a["train"])
 
 
 def test_read_squad_rejects_misplaced_answers(tmp_path):
-    bad = {"data": [{"paragraphs": [{"context": "abc def", "qas": [
-        {"id": "1", "question": "q?", "answers": [{"text": "def", "answer_start": 0}]}]}]}]}
+    bad = {
+        "data": [
+            {
+                "paragraphs": [
+                    {
+                        "context": "abc def",
+                        "qas": [{"id": "1", "question": "q?", "answers": [{"text": "def", "answer_start": 0}]}],
+                    }
+                ]
+            }
+        ]
+    }
     (tmp_path / "b.json").write_text(json.dumps(bad))
     with pytest.raises(DataError, match="not at character 0"):
         read_squad(tmp_path / "b.json")
@@ -79,9 +89,26 @@ def test_finetune_qa_cli_exports_bert_for_qa(tmp_path):
     write_squad(s["dev"][:4], tmp_path / "dev.json")
     write_squad(s["test"][:4], tmp_path / "test.json")
     out = tmp_path / "run"
-    r = run_cli("finetune", "qa", "--model", "all-minilm-l6-v2", "--data", str(tmp_path / "train.json"),
-                "--val-data", str(tmp_path / "dev.json"), "--test-data", str(tmp_path / "test.json"),
-                "--epochs", "1", "--max-len", "128", "--stride", "32", "--out", str(out))
+    r = run_cli(
+        "finetune",
+        "qa",
+        "--model",
+        "all-minilm-l6-v2",
+        "--data",
+        str(tmp_path / "train.json"),
+        "--val-data",
+        str(tmp_path / "dev.json"),
+        "--test-data",
+        str(tmp_path / "test.json"),
+        "--epochs",
+        "1",
+        "--max-len",
+        "128",
+        "--stride",
+        "32",
+        "--out",
+        str(out),
+    )
     assert r.returncode == 0, r.stderr
     assert "test: exact match" in r.stdout
     summary = json.loads((out / "summary.json").read_text())
@@ -93,8 +120,16 @@ def test_finetune_qa_cli_exports_bert_for_qa(tmp_path):
     with torch.no_grad():
         ours, theirs = model(ids).logits, ref(input_ids=ids)
     assert (ours[..., 0] - theirs.start_logits).abs().max() < 1e-5
-    bad = run_cli("finetune", "qa", "--model", str(out / "model"), "--data", str(tmp_path / "nope.json"),
-                  "--out", str(tmp_path / "o2"))
+    bad = run_cli(
+        "finetune",
+        "qa",
+        "--model",
+        str(out / "model"),
+        "--data",
+        str(tmp_path / "nope.json"),
+        "--out",
+        str(tmp_path / "o2"),
+    )
     assert bad.returncode == 2 and "not found" in bad.stderr
 
 
@@ -106,8 +141,12 @@ def test_stride_too_large_is_a_clear_error(minilm):
 
 
 def test_jsonl_with_datasets_style_answers(tmp_path):
-    row = {"id": "1", "context": "Romeo loves Juliet.", "question": "Whom does Romeo love?",
-           "answers": {"text": ["Juliet"], "answer_start": [12]}}
+    row = {
+        "id": "1",
+        "context": "Romeo loves Juliet.",
+        "question": "Whom does Romeo love?",
+        "answers": {"text": ["Juliet"], "answer_start": [12]},
+    }
     (tmp_path / "q.jsonl").write_text(json.dumps(row) + "\n")
     (ex,) = read_squad(tmp_path / "q.jsonl")
     assert ex.answers == [("Juliet", 12)]
@@ -127,32 +166,61 @@ def test_finetune_qa_with_lora_saves_a_peft_adapter(minilm, tmp_path, capsys):
 
     torch.manual_seed(0)
     tok = minilm[1]
-    Encoder(encoder_config("bert-mini", vocab_size=tok.vocab_size, n_layer=2, n_head=4, d_model=32, d_ff=64,
-                           max_seq_len=128)).save_pretrained(tmp_path / "base", tokenizer=tok)
+    Encoder(
+        encoder_config(
+            "bert-mini", vocab_size=tok.vocab_size, n_layer=2, n_head=4, d_model=32, d_ff=64, max_seq_len=128
+        )
+    ).save_pretrained(tmp_path / "base", tokenizer=tok)
 
     def around_answer(e: QAExample) -> QAExample:  # 150 characters each side: one window per question
-        (text, start), = e.answers
+        ((text, start),) = e.answers
         lo = max(0, start - 150)
-        return QAExample(e.id, e.context[lo:start + len(text) + 150], e.question, [(text, start - lo)])
+        return QAExample(e.id, e.context[lo : start + len(text) + 150], e.question, [(text, start - lo)])
 
     s = shakespeare_qa(n_per_play=2)
     write_squad([around_answer(e) for e in s["train"][:32]], tmp_path / "train.json")
     write_squad([around_answer(e) for e in s["dev"][:4]], tmp_path / "dev.json")
     write_squad([around_answer(e) for e in s["test"][:4]], tmp_path / "test.json")
     out = tmp_path / "run"
-    code = main(["finetune", "qa", "--model", str(tmp_path / "base"), "--data", str(tmp_path / "train.json"),
-                 "--val-data", str(tmp_path / "dev.json"), "--test-data", str(tmp_path / "test.json"),
-                 "--method", "lora", "--lora-r", "4", "--epochs", "1", "--max-len", "128", "--stride", "32",
-                 "--lr", "1e-2", "--out", str(out)])
+    code = main(
+        [
+            "finetune",
+            "qa",
+            "--model",
+            str(tmp_path / "base"),
+            "--data",
+            str(tmp_path / "train.json"),
+            "--val-data",
+            str(tmp_path / "dev.json"),
+            "--test-data",
+            str(tmp_path / "test.json"),
+            "--method",
+            "lora",
+            "--lora-r",
+            "4",
+            "--epochs",
+            "1",
+            "--max-len",
+            "128",
+            "--stride",
+            "32",
+            "--lr",
+            "1e-2",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0, capsys.readouterr().err[-2000:]
     assert f"adapter (PEFT layout): {out / 'adapter'}" in capsys.readouterr().out
     summary = json.loads((out / "summary.json").read_text())
     cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA" and cfg["task_type"] == "QUESTION_ANS" and cfg["r"] == 4
-    assert cfg["modules_to_save"] == ["qa_outputs"] and cfg["target_modules"] == ["attention.output.dense",
-                                                                                  "attention.self.key",
-                                                                                  "attention.self.query",
-                                                                                  "attention.self.value"]
+    assert cfg["modules_to_save"] == ["qa_outputs"] and cfg["target_modules"] == [
+        "attention.output.dense",
+        "attention.self.key",
+        "attention.self.query",
+        "attention.self.value",
+    ]
     tensors = load_file(str(out / "adapter" / "adapter_model.safetensors"))
     assert all(".lora_" in k or ".qa_outputs." in k for k in tensors), sorted(tensors)
     assert len(tensors) == 2 * 4 * 2 + 2  # A and B on four projections in two layers, the head's weight and bias
@@ -185,10 +253,21 @@ def test_extractive_qa_learns(tmp_path):
     write_squad(test, tmp_path / "test.json")
     torch.manual_seed(0)
     model, tok = load_pretrained("all-minilm-l6-v2")
-    before = squad_scores(answer(model.with_head("qa").eval(), tok, test, 128, 32), [[t for t, _ in e.answers]
-                                                                                      for e in test])
+    before = squad_scores(
+        answer(model.with_head("qa").eval(), tok, test, 128, 32), [[t for t, _ in e.answers] for e in test]
+    )
     cfg = FinetuneConfig(epochs=2, batch_size=16, lr=1e-4, max_len=128, metric="f1", ckpt_every=0)
-    res = finetune_qa("all-minilm-l6-v2", tmp_path / "train.json", tmp_path / "run", cfg,
-                      val_data=tmp_path / "dev.json", test_data=tmp_path / "test.json", stride=32, progress=False)
-    assert res.test["f1"] > before["f1"] + 20 and res.test["exact_match"] > before["exact_match"] + 10, \
-        (before, res.test)
+    res = finetune_qa(
+        "all-minilm-l6-v2",
+        tmp_path / "train.json",
+        tmp_path / "run",
+        cfg,
+        val_data=tmp_path / "dev.json",
+        test_data=tmp_path / "test.json",
+        stride=32,
+        progress=False,
+    )
+    assert res.test["f1"] > before["f1"] + 20 and res.test["exact_match"] > before["exact_match"] + 10, (
+        before,
+        res.test,
+    )

@@ -18,8 +18,11 @@ from lmforge.nn.attention import relative_position_bucket
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
 
-SHAPES = [dict(mlp="relu", tie_embeddings=True), dict(mlp="geglu", tie_embeddings=False),
-          dict(mlp="gelu_tanh", tie_embeddings=True, n_decoder_layer=3)]
+SHAPES = [
+    dict(mlp="relu", tie_embeddings=True),
+    dict(mlp="geglu", tie_embeddings=False),
+    dict(mlp="gelu_tanh", tie_embeddings=True, n_decoder_layer=3),
+]
 
 
 def tiny(seed: int = 0, **kw) -> Seq2SeqLM:
@@ -49,7 +52,7 @@ def test_logits_match_transformers_both_ways(tmp_path, shape):
     with torch.no_grad():
         a = ours(ids, mask, labels=labels)
         b = hf(input_ids=ids, attention_mask=mask, labels=labels)
-    real = (labels != -100)
+    real = labels != -100
     assert (a.logits - b.logits)[real].abs().max() < 1e-5
     assert abs(a.loss.item() - b.loss.item()) < 1e-5
 
@@ -72,7 +75,7 @@ def test_cached_decoding_equals_full_forward():
         cache = m.new_cache(enc, mask, dec.size(1))
         steps = [m.head(m.decode(dec[:, :5], cache=cache))]  # a prefix at once, then one token at a time
         for t in range(5, dec.size(1)):
-            steps.append(m.head(m.decode(dec[:, t:t + 1], cache=cache)))
+            steps.append(m.head(m.decode(dec[:, t : t + 1], cache=cache)))
     assert (torch.cat(steps, 1) - full).abs().max() < 1e-5
 
 
@@ -81,17 +84,24 @@ def test_relative_buckets_cover_near_and_far():
     enc = relative_position_bucket(rel, True, 32, 128)
     dec = relative_position_bucket(rel, False, 32, 128)
     assert enc.min() == 0 and enc.max() == 31
-    assert len(set(enc[200 - 7:200 + 8].tolist())) == 15  # small distances each get their own bucket
+    assert len(set(enc[200 - 7 : 200 + 8].tolist())) == 15  # small distances each get their own bucket
     assert enc[0] == enc[50]  # far ones (beyond max_distance) share the last bucket of their side
     assert dec[200:].eq(0).all()  # the decoder never sees keys after the query: one bucket for all of them
     assert dec[0] == 31
 
 
-@pytest.mark.parametrize("kw", [
-    dict(num_beams=4), dict(num_beams=4, length_penalty=0.6), dict(num_beams=4, no_repeat_ngram_size=2),
-    dict(num_beams=3, early_stopping=True, num_return_sequences=2),
-    dict(num_beams=4, length_penalty=2.0, early_stopping="never"), dict(num_beams=1),
-], ids=lambda k: ",".join(f"{a}={b}" for a, b in k.items()))
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(num_beams=4),
+        dict(num_beams=4, length_penalty=0.6),
+        dict(num_beams=4, no_repeat_ngram_size=2),
+        dict(num_beams=3, early_stopping=True, num_return_sequences=2),
+        dict(num_beams=4, length_penalty=2.0, early_stopping="never"),
+        dict(num_beams=1),
+    ],
+    ids=lambda k: ",".join(f"{a}={b}" for a, b in k.items()),
+)
 def test_beam_search_equals_transformers_generate(tmp_path, kw):
     ended, total = 0, 0
     for seed, shape in enumerate(SHAPES[:2]):
@@ -113,7 +123,7 @@ def test_beam_search_equals_transformers_generate(tmp_path, kw):
 
 
 def upto_eos(row: list[int]) -> list[int]:
-    return row[:row.index(1) + 1] if 1 in row else row
+    return row[: row.index(1) + 1] if 1 in row else row
 
 
 def test_no_repeat_ngram_bans_the_completion():
@@ -130,7 +140,7 @@ def test_sampling_is_seeded_and_stops_at_eos():
     assert torch.equal(a, b)
     for row in a.tolist():
         if 1 in row:
-            assert all(t == 0 for t in row[row.index(1) + 1:])
+            assert all(t == 0 for t in row[row.index(1) + 1 :])
 
 
 def test_training_fits_a_small_set(tmp_path):

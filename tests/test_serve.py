@@ -67,8 +67,14 @@ def narrow(real):
 
 # a request that holds its row for a while: 400 tokens whatever the model says (ignore_eos; a model may end its
 # count early, which let the queue-full test's first request finish before the third one came)
-LONG = {"model": "narrow", "prompt": "Count from 1 to 1000: 1, 2, 3, 4,", "max_tokens": 400, "temperature": 0,
-        "stream": True, "ignore_eos": True}
+LONG = {
+    "model": "narrow",
+    "prompt": "Count from 1 to 1000: 1, 2, 3, 4,",
+    "max_tokens": 400,
+    "temperature": 0,
+    "stream": True,
+    "ignore_eos": True,
+}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -96,8 +102,11 @@ def test_greedy_inside_a_busy_batch_equals_generate(real, client):
     results = {}
 
     def noise(i, p):
-        results[i] = client.completions.create(model=SMOL, prompt=p, max_tokens=30 + 10 * i, temperature=0.9,
-                                               seed=i).choices[0].text
+        results[i] = (
+            client.completions.create(model=SMOL, prompt=p, max_tokens=30 + 10 * i, temperature=0.9, seed=i)
+            .choices[0]
+            .text
+        )
 
     threads = [threading.Thread(target=noise, args=(i, p)) for i, p in enumerate(others)]
     for t in threads:
@@ -151,12 +160,15 @@ def test_chat_answers_and_stop_strings(client):
 
 def test_streaming_chat_arrives_in_pieces(real, client):
     _, smol, _ = real
-    messages = [{"role": "system", "content": "You are a helpful assistant."},
-                {"role": "user", "content": "Write three sentences about the sea."}]
+    messages = [
+        {"role": "system", "content": "You are a helpful assistant."},
+        {"role": "user", "content": "Write three sentences about the sea."},
+    ]
     t0 = time.perf_counter()
     arrivals, pieces, finish, usage = [], [], None, None
-    stream = client.chat.completions.create(model=SMOL, messages=messages, temperature=0, max_tokens=48,
-                                            stream=True, stream_options={"include_usage": True})
+    stream = client.chat.completions.create(
+        model=SMOL, messages=messages, temperature=0, max_tokens=48, stream=True, stream_options={"include_usage": True}
+    )
     for chunk in stream:
         if chunk.usage:
             usage = chunk.usage
@@ -171,15 +183,27 @@ def test_streaming_chat_arrives_in_pieces(real, client):
     prompt = apply_chat_template(smol.tokenizer, messages)
     from lmforge.generate.chat import end_of_turn_ids
 
-    expected = generate(smol.model, smol.tokenizer, prompt, max_new_tokens=48, temperature=0.0,
-                        end_token_ids=end_of_turn_ids(smol.tokenizer))
+    expected = generate(
+        smol.model,
+        smol.tokenizer,
+        prompt,
+        max_new_tokens=48,
+        temperature=0.0,
+        end_token_ids=end_of_turn_ids(smol.tokenizer),
+    )
     assert "".join(pieces) == expected
     assert finish in ("stop", "length") and usage.completion_tokens > 0
 
 
 def test_chat_logprobs(client):
-    r = client.chat.completions.create(model=SMOL, messages=[{"role": "user", "content": "Say hello."}],
-                                       temperature=0, max_tokens=5, logprobs=True, top_logprobs=3)
+    r = client.chat.completions.create(
+        model=SMOL,
+        messages=[{"role": "user", "content": "Say hello."}],
+        temperature=0,
+        max_tokens=5,
+        logprobs=True,
+        top_logprobs=3,
+    )
     content = r.choices[0].logprobs.content
     assert len(content) == r.usage.completion_tokens
     for t in content:
@@ -200,17 +224,20 @@ def test_embeddings_match_lmforge(real, client):
     assert len(f.data[0].embedding) == 384 and f.usage.prompt_tokens == len(mini.tokenizer.encode("hello")) + 2
 
 
-@pytest.mark.parametrize("kwargs, status, param", [
-    (dict(max_tokens=-1), 400, "max_tokens"),
-    (dict(temperature=2.5), 400, "temperature"),
-    (dict(top_p=0), 400, "top_p"),
-    (dict(model="no-such-model"), 400, "model"),
-    (dict(prompt="word " * 9000), 400, "max_tokens"),
-    (dict(model=MINILM), 400, "model"),
-    (dict(logit_bias={"fifty": 5}), 400, "logit_bias"),
-    (dict(logit_bias={"50": 101}), 400, "logit_bias"),
-    (dict(logit_bias={"49152": 1}), 400, "logit_bias"),
-])
+@pytest.mark.parametrize(
+    "kwargs, status, param",
+    [
+        (dict(max_tokens=-1), 400, "max_tokens"),
+        (dict(temperature=2.5), 400, "temperature"),
+        (dict(top_p=0), 400, "top_p"),
+        (dict(model="no-such-model"), 400, "model"),
+        (dict(prompt="word " * 9000), 400, "max_tokens"),
+        (dict(model=MINILM), 400, "model"),
+        (dict(logit_bias={"fifty": 5}), 400, "logit_bias"),
+        (dict(logit_bias={"50": 101}), 400, "logit_bias"),
+        (dict(logit_bias={"49152": 1}), 400, "logit_bias"),
+    ],
+)
 def test_invalid_parameters_get_400_in_openai_shape(client, kwargs, status, param):
     args = {"model": SMOL, "prompt": "hello", "max_tokens": 4, **kwargs}
     with pytest.raises(openai.APIStatusError) as e:
@@ -269,9 +296,10 @@ def test_sse_framing_and_metrics(real):
     assert "# TYPE lmforge_http_requests_total counter" in m
     assert 'lmforge_http_requests_total{path="/v1/completions",status="200"}' in m
     assert f'lmforge_generation_tokens_total{{model="{SMOL}"}}' in m
-    assert "lmforge_time_to_first_token_seconds_bucket" in m and 'lmforge_waiting_requests{model=' in m
-    bad = httpx.post(url + "/v1/chat/completions", content=b"{not json", headers={**h, "content-type":
-                     "application/json"})
+    assert "lmforge_time_to_first_token_seconds_bucket" in m and "lmforge_waiting_requests{model=" in m
+    bad = httpx.post(
+        url + "/v1/chat/completions", content=b"{not json", headers={**h, "content-type": "application/json"}
+    )
     assert bad.status_code == 400 and "JSON" in bad.json()["error"]["message"]
     missing = httpx.post(url + "/v1/chat/completions", json={"model": SMOL}, headers=h)
     assert missing.status_code == 400 and missing.json()["error"]["param"] == "messages"
@@ -284,47 +312,94 @@ def test_structured_outputs_through_the_openai_client(client):
     names the construct."""
     import jsonschema
 
-    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30},
-                                               "population": {"type": "integer", "minimum": 0, "maximum": 99999999}},
-              "required": ["city", "population"], "additionalProperties": False}
+    schema = {
+        "type": "object",
+        "properties": {
+            "city": {"type": "string", "maxLength": 30},
+            "population": {"type": "integer", "minimum": 0, "maximum": 99999999},
+        },
+        "required": ["city", "population"],
+        "additionalProperties": False,
+    }
     fmt = {"type": "json_schema", "json_schema": {"name": "city", "schema": schema, "strict": True}}
     ask = [{"role": "user", "content": "Name a large city and its population, as JSON."}]
     r = client.chat.completions.create(model=SMOL, messages=ask, response_format=fmt, max_tokens=60, temperature=0)
     jsonschema.validate(json.loads(r.choices[0].message.content), schema)
-    r = client.chat.completions.create(model=SMOL, messages=ask, response_format=fmt, max_tokens=60, n=2,
-                                       temperature=1.0, seed=7)
+    r = client.chat.completions.create(
+        model=SMOL, messages=ask, response_format=fmt, max_tokens=60, n=2, temperature=1.0, seed=7
+    )
     for c in r.choices:
         jsonschema.validate(json.loads(c.message.content), schema)
-    streamed = "".join(ch.choices[0].delta.content or "" for ch in client.chat.completions.create(
-        model=SMOL, messages=ask, response_format=fmt, max_tokens=60, temperature=0, stream=True) if ch.choices)
+    streamed = "".join(
+        ch.choices[0].delta.content or ""
+        for ch in client.chat.completions.create(
+            model=SMOL, messages=ask, response_format=fmt, max_tokens=60, temperature=0, stream=True
+        )
+        if ch.choices
+    )
     jsonschema.validate(json.loads(streamed), schema)
-    r = client.chat.completions.create(model=SMOL, messages=ask, response_format={"type": "json_object"},
-                                       max_tokens=60, temperature=0)
+    r = client.chat.completions.create(
+        model=SMOL, messages=ask, response_format={"type": "json_object"}, max_tokens=60, temperature=0
+    )
     assert isinstance(json.loads(r.choices[0].message.content), dict)
-    r = client.completions.create(model=SMOL, prompt="The population of Paris is", max_tokens=120, temperature=0,
-                                  extra_body={"response_format": fmt})
+    r = client.completions.create(
+        model=SMOL,
+        prompt="The population of Paris is",
+        max_tokens=120,
+        temperature=0,
+        extra_body={"response_format": fmt},
+    )
     assert r.choices[0].finish_reason == "stop", r.choices[0].text
     jsonschema.validate(json.loads(r.choices[0].text), schema)
-    r = client.chat.completions.create(model=SMOL, messages=ask, max_tokens=20, temperature=0,
-                                       response_format={"type": "regex", "regex": "[A-Z][a-z]+, [0-9]{5,8}"})
+    r = client.chat.completions.create(
+        model=SMOL,
+        messages=ask,
+        max_tokens=20,
+        temperature=0,
+        response_format={"type": "regex", "regex": "[A-Z][a-z]+, [0-9]{5,8}"},
+    )
     assert re.fullmatch("[A-Z][a-z]+, [0-9]{5,8}", r.choices[0].message.content)
-    r = client.chat.completions.create(model=SMOL, messages=[{"role": "user", "content": "Is Paris in France?"}],
-                                       max_tokens=5, temperature=0, response_format={"type": "choice",
-                                                                                     "choice": ["yes", "no"]})
+    r = client.chat.completions.create(
+        model=SMOL,
+        messages=[{"role": "user", "content": "Is Paris in France?"}],
+        max_tokens=5,
+        temperature=0,
+        response_format={"type": "choice", "choice": ["yes", "no"]},
+    )
     assert r.choices[0].message.content in ("yes", "no")
-    for bad, needle in (({"type": "json_schema", "json_schema": {"name": "x", "schema": {"not": {}}}}, "not"),
-                        ({"type": "regex"}, "regex"), ({"type": "yaml"}, "response_format")):
+    for bad, needle in (
+        ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"not": {}}}}, "not"),
+        ({"type": "regex"}, "regex"),
+        ({"type": "yaml"}, "response_format"),
+    ):
         with pytest.raises(openai.BadRequestError, match=needle):
             client.chat.completions.create(model=SMOL, messages=ask, max_tokens=5, response_format=bad)
 
 
-WEATHER = {"type": "function", "function": {
-    "name": "get_weather", "description": "The current weather in a city",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 40},
-                                                    "unit": {"enum": ["celsius", "fahrenheit"]}},
-                   "required": ["city", "unit"], "additionalProperties": False}}}
-TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
-    "type": "object", "properties": {"zone": {"type": "string", "maxLength": 20}}, "required": ["zone"]}}}
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The current weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 40}, "unit": {"enum": ["celsius", "fahrenheit"]}},
+            "required": ["city", "unit"],
+            "additionalProperties": False,
+        },
+    },
+}
+TIME = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "parameters": {
+            "type": "object",
+            "properties": {"zone": {"type": "string", "maxLength": 20}},
+            "required": ["zone"],
+        },
+    },
+}
 
 
 def test_tool_turns_in_the_generic_format():
@@ -334,10 +409,21 @@ def test_tool_turns_in_the_generic_format():
     from lmforge.serve.protocol import ChatMessage
 
     tools = [{"name": "get_weather", "description": "d", "parameters": WEATHER["function"]["parameters"]}]
-    msgs = [ChatMessage(role="system", content="Be brief."), ChatMessage(role="user", content="Weather?"),
-            ChatMessage(role="assistant", tool_calls=[{"id": "c1", "type": "function", "function": {
-                "name": "get_weather", "arguments": '{"city": "Oslo", "unit": "celsius"}'}}]),
-            ChatMessage(role="tool", tool_call_id="c1", content="-3 and snow")]
+    msgs = [
+        ChatMessage(role="system", content="Be brief."),
+        ChatMessage(role="user", content="Weather?"),
+        ChatMessage(
+            role="assistant",
+            tool_calls=[
+                {
+                    "id": "c1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Oslo", "unit": "celsius"}'},
+                }
+            ],
+        ),
+        ChatMessage(role="tool", tool_call_id="c1", content="-3 and snow"),
+    ]
     out = chat_messages(msgs, tools, "required")
     assert out[0]["role"] == "system" and out[0]["content"].startswith("Be brief.\n\nYou can call these tools")
     assert '"name": "get_weather"' in out[0]["content"]
@@ -355,8 +441,9 @@ def test_tool_calls_through_the_openai_client(client):
 
     ask = [{"role": "user", "content": "What is the weather in Paris?"}]
     params = WEATHER["function"]["parameters"]
-    r = client.chat.completions.create(model=SMOL, messages=ask, tools=[WEATHER, TIME], tool_choice="required",
-                                       max_tokens=60, temperature=0)
+    r = client.chat.completions.create(
+        model=SMOL, messages=ask, tools=[WEATHER, TIME], tool_choice="required", max_tokens=60, temperature=0
+    )
     c = r.choices[0]
     assert c.finish_reason == "tool_calls" and c.message.content is None and len(c.message.tool_calls) == 1
     call = c.message.tool_calls[0]
@@ -364,14 +451,19 @@ def test_tool_calls_through_the_openai_client(client):
     schema = params if call.function.name == "get_weather" else TIME["function"]["parameters"]
     jsonschema.validate(json.loads(call.function.arguments), schema)
     named = {"type": "function", "function": {"name": "get_weather"}}
-    r = client.chat.completions.create(model=SMOL, messages=ask, tools=[WEATHER, TIME], tool_choice=named,
-                                       max_tokens=60, temperature=0.9, seed=2, n=2)
+    r = client.chat.completions.create(
+        model=SMOL, messages=ask, tools=[WEATHER, TIME], tool_choice=named, max_tokens=60, temperature=0.9, seed=2, n=2
+    )
     for c in r.choices:
         assert c.message.tool_calls[0].function.name == "get_weather"
         jsonschema.validate(json.loads(c.message.tool_calls[0].function.arguments), params)
-    deltas = [ch.choices[0].delta for ch in client.chat.completions.create(
-        model=SMOL, messages=ask, tools=[WEATHER], tool_choice=named, max_tokens=60, temperature=0, stream=True)
-        if ch.choices]
+    deltas = [
+        ch.choices[0].delta
+        for ch in client.chat.completions.create(
+            model=SMOL, messages=ask, tools=[WEATHER], tool_choice=named, max_tokens=60, temperature=0, stream=True
+        )
+        if ch.choices
+    ]
     streamed = [t for d in deltas for t in (d.tool_calls or [])]
     assert streamed and streamed[0].function.name == "get_weather" and streamed[0].id.startswith("call_")
     jsonschema.validate(json.loads("".join(t.function.arguments or "" for t in streamed)), params)
@@ -382,18 +474,30 @@ def test_tool_calls_through_the_openai_client(client):
         jsonschema.validate(json.loads(c.message.tool_calls[0].function.arguments), params)
     else:
         assert c.message.content and not c.message.content.lstrip().startswith("{")
-    follow = ask + [{"role": "assistant", "content": None, "tool_calls": [
-        {"id": "call_1", "type": "function", "function": {"name": "get_weather",
-                                                          "arguments": '{"city": "Paris", "unit": "celsius"}'}}]},
-        {"role": "tool", "tool_call_id": "call_1", "content": '{"temperature": 21, "sky": "clear"}'}]
-    r = client.chat.completions.create(model=SMOL, messages=follow, tools=[WEATHER], tool_choice="none",
-                                       max_tokens=30, temperature=0)
+    follow = ask + [
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "celsius"}'},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": '{"temperature": 21, "sky": "clear"}'},
+    ]
+    r = client.chat.completions.create(
+        model=SMOL, messages=follow, tools=[WEATHER], tool_choice="none", max_tokens=30, temperature=0
+    )
     assert r.choices[0].message.content and r.choices[0].finish_reason in ("stop", "length")
-    for kw, needle in ((dict(tools=[{"type": "function", "function": {}}]), "name"),
-                       (dict(tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "nope"}}),
-                        "nope"),
-                       (dict(tool_choice="required"), "needs tools"),
-                       (dict(tools=[WEATHER, WEATHER]), "two tools are named 'get_weather'")):
+    for kw, needle in (
+        (dict(tools=[{"type": "function", "function": {}}]), "name"),
+        (dict(tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "nope"}}), "nope"),
+        (dict(tool_choice="required"), "needs tools"),
+        (dict(tools=[WEATHER, WEATHER]), "two tools are named 'get_weather'"),
+    ):
         with pytest.raises(openai.BadRequestError, match=needle):
             client.chat.completions.create(model=SMOL, messages=ask, max_tokens=5, **kw)
     no_id = follow[:-1] + [{"role": "tool", "content": "21 degrees"}]
@@ -410,22 +514,30 @@ def test_logit_bias_follows_openai(real, client):
     base = client.completions.create(model=SMOL, prompt="The sky is", max_tokens=5, temperature=0)
     first = tok.encode(base.choices[0].text)[0]
     forced = tok.encode(" banana")[0]
-    r = client.completions.create(model=SMOL, prompt="The sky is", max_tokens=5, temperature=0,
-                                  logit_bias={str(forced): 100})
+    r = client.completions.create(
+        model=SMOL, prompt="The sky is", max_tokens=5, temperature=0, logit_bias={str(forced): 100}
+    )
     assert tok.encode(r.choices[0].text) == [forced] * 5
-    r = client.completions.create(model=SMOL, prompt="The sky is", max_tokens=5, temperature=0,
-                                  logit_bias={str(first): -100})
+    r = client.completions.create(
+        model=SMOL, prompt="The sky is", max_tokens=5, temperature=0, logit_bias={str(first): -100}
+    )
     assert tok.encode(r.choices[0].text)[0] != first
-    r = client.completions.create(model=SMOL, prompt="The sky is", max_tokens=5, temperature=0,
-                                  logit_bias={str(forced): 0.5})
+    r = client.completions.create(
+        model=SMOL, prompt="The sky is", max_tokens=5, temperature=0, logit_bias={str(forced): 0.5}
+    )
     assert r.choices[0].text == base.choices[0].text
     ask = [{"role": "user", "content": "Say something."}]
-    r = client.chat.completions.create(model=SMOL, messages=ask, max_tokens=4, temperature=0,
-                                       logit_bias={str(forced): 100})
+    r = client.chat.completions.create(
+        model=SMOL, messages=ask, max_tokens=4, temperature=0, logit_bias={str(forced): 100}
+    )
     assert tok.encode(r.choices[0].message.content) == [forced] * 4
-    parts = [ch.choices[0].delta.content or "" for ch in client.chat.completions.create(
-        model=SMOL, messages=ask, max_tokens=4, temperature=0, logit_bias={str(forced): 100}, stream=True)
-        if ch.choices]
+    parts = [
+        ch.choices[0].delta.content or ""
+        for ch in client.chat.completions.create(
+            model=SMOL, messages=ask, max_tokens=4, temperature=0, logit_bias={str(forced): 100}, stream=True
+        )
+        if ch.choices
+    ]
     assert "".join(parts) == r.choices[0].message.content
 
 
@@ -437,9 +549,19 @@ def test_a_served_greedy_reply_alone_equals_it_among_seven_sampled(real, client)
     seeded = dict(model=SMOL, prompt="Name three colours:", max_tokens=30, temperature=0.9, top_p=0.95, seed=7)
     alone = client.completions.create(**greedy).choices[0].text
     alone_seeded = client.completions.create(**seeded).choices[0].text
-    others = [dict(model=SMOL, prompt=p, max_tokens=10 + 7 * i, temperature=0.8, seed=100 + i)
-              for i, p in enumerate(["Once upon a time", "The capital of Italy is", "def add(a, b):",
-                                     "List four animals:", "Hello! How", "Rain falls on"])]
+    others = [
+        dict(model=SMOL, prompt=p, max_tokens=10 + 7 * i, temperature=0.8, seed=100 + i)
+        for i, p in enumerate(
+            [
+                "Once upon a time",
+                "The capital of Italy is",
+                "def add(a, b):",
+                "List four animals:",
+                "Hello! How",
+                "Rain falls on",
+            ]
+        )
+    ]
     got: dict[int, str] = {}
 
     def run(i):
@@ -482,13 +604,23 @@ def test_speculative_server_replies_as_plain_decoding():
     try:
         with ServerThread(create_app(served)) as url:
             c = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
-            msgs = [{"role": "user", "content": "Repeat the following text exactly as it is written:\n\nTo be, "
-                     "or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\nThe slings "
-                     "and arrows of outrageous fortune"}]
+            msgs = [
+                {
+                    "role": "user",
+                    "content": "Repeat the following text exactly as it is written:\n\nTo be, "
+                    "or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\nThe slings "
+                    "and arrows of outrageous fortune",
+                }
+            ]
             reply = c.chat.completions.create(model=SMOL, messages=msgs, temperature=0, max_tokens=48)
             text = reply.choices[0].message.content
-            streamed = "".join(ch.choices[0].delta.content or "" for ch in c.chat.completions.create(
-                model=SMOL, messages=msgs, temperature=0, max_tokens=48, stream=True) if ch.choices)
+            streamed = "".join(
+                ch.choices[0].delta.content or ""
+                for ch in c.chat.completions.create(
+                    model=SMOL, messages=msgs, temperature=0, max_tokens=48, stream=True
+                )
+                if ch.choices
+            )
             m = httpx.get(url + "/metrics").text
         stats = smol.engine.stats
         assert stats.spec_passes > 0 and stats.accepted > 0 and stats.steps < stats.generated_tokens
@@ -631,11 +763,16 @@ def test_cli_serve(tmp_path):
     _, tok = load_pretrained(SMOL)
     torch.manual_seed(0)
     DecoderLM(tiny_config("gpt2", vocab_size=tok.vocab_size, max_seq_len=64)).save_pretrained(
-        tmp_path / "tiny-gpt", tokenizer=tok)
+        tmp_path / "tiny-gpt", tokenizer=tok
+    )
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "lmforge.cli", "serve", "--model", str(tmp_path / "tiny-gpt"),
-                             "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lmforge.cli", "serve", "--model", str(tmp_path / "tiny-gpt"), "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+    )
     try:
         assert "serving tiny-gpt at http://127.0.0.1:" in proc.stdout.readline()
         url = f"http://127.0.0.1:{port}"
@@ -680,8 +817,10 @@ def test_playground_in_a_browser(real, tmp_path):
         page.fill("#input", "Write a few sentences about Paris.")
         page.click("#send")
         # text shows up while the reply is still streaming ...
-        page.wait_for_function("(document.querySelector('.msg.assistant.streaming .content') || {}).textContent"
-                               "?.length > 0", timeout=60_000)
+        page.wait_for_function(
+            "(document.querySelector('.msg.assistant.streaming .content') || {}).textContent?.length > 0",
+            timeout=60_000,
+        )
         partial = page.text_content(".msg.assistant .content")
         # ... and grows until the stream ends
         page.wait_for_selector(".msg.assistant.done", timeout=120_000)

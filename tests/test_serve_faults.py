@@ -74,8 +74,10 @@ def _greedy_alone(url: str, prompts: list[str]) -> list[str]:
 def _two_streams_around(url: str, engine: Engine, prompts: list[str], meanwhile) -> list[tuple[str, str | None]]:
     """Open two greedy streams, call meanwhile() once both are decoding, then read both to the end."""
     with httpx.Client(timeout=60, headers=AUTH) as c:
-        with c.stream("POST", url + "/v1/completions", json={**LONG, "prompt": prompts[0]}) as a, \
-                c.stream("POST", url + "/v1/completions", json={**LONG, "prompt": prompts[1]}) as b:
+        with (
+            c.stream("POST", url + "/v1/completions", json={**LONG, "prompt": prompts[0]}) as a,
+            c.stream("POST", url + "/v1/completions", json={**LONG, "prompt": prompts[1]}) as b,
+        ):
             deadline = time.time() + 10
             while engine.running < 2 and time.time() < deadline:
                 time.sleep(0.002)
@@ -94,8 +96,9 @@ def test_huge_seed_is_400_and_leaves_other_streams_alone(server):
     answers = []
 
     def bad():
-        answers.append(httpx.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 3, "seed": 2**64},
-                                  headers=AUTH))
+        answers.append(
+            httpx.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 3, "seed": 2**64}, headers=AUTH)
+        )
 
     got = _two_streams_around(url, engine, PROMPTS, bad)
     assert answers[0].status_code == 400 and answers[0].json()["error"]["param"] == "seed"
@@ -145,8 +148,14 @@ FIELDS = [  # (path, field, value, the param the 400 names)
 @pytest.mark.parametrize("path, field, value, param", FIELDS, ids=[f"{f[1]}={str(f[2])[:12]}" for f in FIELDS])
 def test_out_of_range_fields_get_400_naming_the_field(server, path, field, value, param):
     url, _ = server
-    body = {"model": "tiny", "max_tokens": 2, "prompt": "to be", "input": "to be",
-            "messages": [{"role": "user", "content": "hi"}], field: value}
+    body = {
+        "model": "tiny",
+        "max_tokens": 2,
+        "prompt": "to be",
+        "input": "to be",
+        "messages": [{"role": "user", "content": "hi"}],
+        field: value,
+    }
     r = httpx.post(url + path, json=body, headers=AUTH)
     assert r.status_code == 400, r.text
     err = r.json()["error"]
@@ -175,8 +184,9 @@ def test_the_key_is_checked_before_the_body(server):
     r = httpx.post(url + "/v1/chat/completions", content=b"{not json", headers={**broken, **AUTH})
     assert r.status_code == 400
     # a declared body it never sends: answered 401 at once, not after the body's timeout
-    head, _, t = _raw(url, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer wrong\r\n"
-                           b"Content-Length: 100\r\n\r\n")
+    head, _, t = _raw(
+        url, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer wrong\r\nContent-Length: 100\r\n\r\n"
+    )
     assert head.startswith(b"HTTP/1.1 401") and t < TIMEOUT / 2
 
 
@@ -201,14 +211,21 @@ def _raw(url: str, data: bytes, wait: float = TIMEOUT + 3) -> tuple[bytes, bool,
             return got, True, first or time.perf_counter() - t0
 
 
-HEAD = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nAuthorization: Bearer " + \
-    KEY.encode() + b"\r\n"
+HEAD = (
+    b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nAuthorization: Bearer "
+    + KEY.encode()
+    + b"\r\n"
+)
 
 
-@pytest.mark.parametrize("data", [
-    HEAD + b"Content-Length: 200\r\n\r\n" + b'{"prompt": "to be", ',  # a body shorter than it says
-    HEAD + b"Content-Length: 50\r\n\r\n",  # the headers, then nothing
-], ids=["short-body", "no-body"])
+@pytest.mark.parametrize(
+    "data",
+    [
+        HEAD + b"Content-Length: 200\r\n\r\n" + b'{"prompt": "to be", ',  # a body shorter than it says
+        HEAD + b"Content-Length: 50\r\n\r\n",  # the headers, then nothing
+    ],
+    ids=["short-body", "no-body"],
+)
 def test_a_body_that_never_arrives_gets_408_and_a_closed_connection(server, data):
     url, _ = server
     got, closed, t = _raw(url, data)
@@ -223,15 +240,15 @@ def test_a_head_that_never_ends_is_closed(server, data):
     assert got == b"" and closed and t < TIMEOUT + 1.5
     # and a kept-alive connection still serves request after request
     with httpx.Client(headers=AUTH) as c:
-        assert [c.post(url + "/v1/completions", json={"prompt": "a", "max_tokens": 1}).status_code
-                for _ in range(3)] == [200] * 3
+        assert [
+            c.post(url + "/v1/completions", json={"prompt": "a", "max_tokens": 1}).status_code for _ in range(3)
+        ] == [200] * 3
 
 
 def test_short_soak_has_no_5xx_and_answers_every_valid_request(server):
     url, engine = server
     t0 = time.perf_counter()
-    records = asyncio.run(soak(url, "tiny", clients=8, seconds=5, key=KEY, lying_wait=TIMEOUT + 3,
-                               request_timeout=30))
+    records = asyncio.run(soak(url, "tiny", clients=8, seconds=5, key=KEY, lying_wait=TIMEOUT + 3, request_timeout=30))
     assert time.perf_counter() - t0 < 5 + TIMEOUT + 10
     rows = {r["kind"]: r for r in summary(records)}
     assert rows["all"]["5xx"] == 0, [r for r in records if r["server_error"]]

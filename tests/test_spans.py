@@ -40,7 +40,7 @@ def fill(inputs: list[int], target: list[int]) -> list[int]:
             spans[t] = current = []
         else:
             current.append(t)
-    assert list(spans) == SENTINELS[:len(spans)]  # sentinels in order, starting with <extra_id_0>
+    assert list(spans) == SENTINELS[: len(spans)]  # sentinels in order, starting with <extra_id_0>
     out = []
     for t in inputs[:-1]:
         out += spans.pop(t) if t in SENTINELS else [t]
@@ -68,8 +68,9 @@ def test_noise_mask_other_settings_and_randomness():
     assert torch.equal(noise_mask(100, gen=gen(3)), noise_mask(100, gen=gen(3)))
     assert len({tuple(noise_mask(100, gen=gen(s)).tolist()) for s in range(10)}) == 10
     # span lengths vary: not every mask is the same periodic pattern
-    lengths = torch.cat([torch.diff(torch.nonzero(torch.diff(noise_mask(300, gen=gen(s)).long())).flatten())
-                         for s in range(5)])
+    lengths = torch.cat(
+        [torch.diff(torch.nonzero(torch.diff(noise_mask(300, gen=gen(s)).long())).flatten()) for s in range(5)]
+    )
     assert lengths.unique().numel() > 3
     # a batch of masks, drawn in one go, is as deterministic, and every row is a valid mask
     ms = noise_masks(8, 50, 0.15, 3.0, gen(1))
@@ -120,16 +121,21 @@ def test_raw_length_for_inverts_input_length():
 
 @pytest.fixture(scope="module")
 def t5_tok():
-    texts = ["En el principio creó Dios los cielos y la tierra.", "Y dijo Dios: Sea la luz; y fue la luz.",
-             "To be, or not to be, that is the question.", "Whether 'tis nobler in the mind to suffer"] * 30
+    texts = [
+        "En el principio creó Dios los cielos y la tierra.",
+        "Y dijo Dios: Sea la luz; y fue la luz.",
+        "To be, or not to be, that is the question.",
+        "Whether 'tis nobler in the mind to suffer",
+    ] * 30
     return Tokenizer.train_unigram(texts, vocab_size=150, extra_ids=40)
 
 
 @pytest.fixture(scope="module")
 def shard_dir(t5_tok, tmp_path_factory):
     d = tmp_path_factory.mktemp("spans")
-    docs = [Document(f"doc{i}.txt", "Y dijo Dios: Sea la luz; y fue la luz. To be, or not to be. " * 20)
-            for i in range(4)]
+    docs = [
+        Document(f"doc{i}.txt", "Y dijo Dios: Sea la luz; y fue la luz. To be, or not to be. " * 20) for i in range(4)
+    ]
     build_shards(docs[:3], docs[3:], t5_tok, d)
     return d
 

@@ -28,8 +28,11 @@ REPEATING = [5, 6, 7, 8, 9, 10, 11, 5, 6, 7, 8, 9, 10, 11, 5, 6, 7]
 def test_greedy_tokens_identical_to_plain_decoding(drafter):
     model = _model()
     params = SamplingParams(40, temperature=0)
-    draft = {"ngram": lambda: NgramDrafter(k=4), "self": lambda: ModelDrafter(model, k=3),
-             "other": lambda: ModelDrafter(_model(seed=1), k=3)}[drafter]()
+    draft = {
+        "ngram": lambda: NgramDrafter(k=4),
+        "self": lambda: ModelDrafter(model, k=3),
+        "other": lambda: ModelDrafter(_model(seed=1), k=3),
+    }[drafter]()
     plain = _ids(model, REPEATING, params)
     assert _ids(model, REPEATING, params, draft) == plain
     s = draft.stats
@@ -39,10 +42,12 @@ def test_greedy_tokens_identical_to_plain_decoding(drafter):
     # again with an end token and a length limit reached inside a draft
     again = type(draft)(model, k=3) if drafter == "self" else NgramDrafter(k=4)
     eos = plain[7]
-    short = [int(t) for t in generate_ids(model, [REPEATING], SamplingParams(12, temperature=0), eos_token_id=eos,
-                                          draft=again)]
+    short = [
+        int(t)
+        for t in generate_ids(model, [REPEATING], SamplingParams(12, temperature=0), eos_token_id=eos, draft=again)
+    ]
     want = plain[:12]
-    want = want[:want.index(eos) + 1] if eos in want else want
+    want = want[: want.index(eos) + 1] if eos in want else want
     assert short == want
 
 
@@ -76,6 +81,7 @@ def test_sampling_end_to_end_follows_the_models_distribution():
     params = SamplingParams(3, temperature=1.0, top_k=2)
     exact: dict[tuple, float] = {}
     with torch.inference_mode():
+
         def dist(prefix):
             return model_probs(model(torch.tensor([prompt + list(prefix)])).logits[0, -1:], params)[0]
 
@@ -138,17 +144,30 @@ def test_cli_speculative_gives_plain_greedy_text(tmp_path, capsys):
     corpus.write_text("one two three four five six seven eight nine ten. " * 40, encoding="utf-8")
     tok = train_tokenizer([str(corpus)], vocab_size=300)
     torch.manual_seed(0)
-    DecoderLM(tiny_config("llama", vocab_size=tok.vocab_size, max_seq_len=128)).save_pretrained(tmp_path / "m",
-                                                                                               tokenizer=tok)
-    base = ["generate", "--model", str(tmp_path / "m"), "--prompt", "one two three four five one two three",
-            "--temperature", "0", "--max-new-tokens", "24", "--no-stream"]
+    DecoderLM(tiny_config("llama", vocab_size=tok.vocab_size, max_seq_len=128)).save_pretrained(
+        tmp_path / "m", tokenizer=tok
+    )
+    base = [
+        "generate",
+        "--model",
+        str(tmp_path / "m"),
+        "--prompt",
+        "one two three four five one two three",
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "24",
+        "--no-stream",
+    ]
     plain = call_cli(capsys, *base)
     assert plain.returncode == 0, plain.stderr
     for spec in ("ngram", str(tmp_path / "m")):
         r = call_cli(capsys, *base, "--speculative", spec)
         assert r.returncode == 0 and r.stdout == plain.stdout, (spec, r.stderr)
-    for extra, needle in ((["--speculative", str(tmp_path / "nope")], "does not exist"),
-                          (["--speculative", "ngram", "--prompt", "again"], "one prompt at a time")):
+    for extra, needle in (
+        (["--speculative", str(tmp_path / "nope")], "does not exist"),
+        (["--speculative", "ngram", "--prompt", "again"], "one prompt at a time"),
+    ):
         r = call_cli(capsys, *base, *extra)
         assert r.returncode == 2 and r.stderr.count("\n") == 1 and needle in r.stderr, r.stderr
 
@@ -173,7 +192,7 @@ def test_engine_speculates_for_a_lone_sequence_with_plain_tokens():
         eos = plain[9]
         r = Request(REPEATING, params, end_ids=[eos])
         list(engine.stream(r))
-        assert r.completion_ids == plain[:plain.index(eos) + 1]
+        assert r.completion_ids == plain[: plain.index(eos) + 1]
         r = Request(REPEATING, params, logprobs=0)
         passes = engine.stats.spec_passes
         list(engine.stream(r))

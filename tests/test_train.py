@@ -13,19 +13,32 @@ from lmforge.train.loop import pretrain
 
 
 def tiny_run(corpus, **train):
-    t = dict(seed=7, steps=12, batch_size=4, seq_len=32, lr=3e-3, warmup_steps=2, eval_every=6, eval_batches=2,
-             ckpt_every=4, log_every=1, peak_tflops=1.0)
+    t = dict(
+        seed=7,
+        steps=12,
+        batch_size=4,
+        seq_len=32,
+        lr=3e-3,
+        warmup_steps=2,
+        eval_every=6,
+        eval_batches=2,
+        ckpt_every=4,
+        log_every=1,
+        peak_tflops=1.0,
+    )
     t.update(train)
-    return {"model": {"preset": "bench-gpt2", "n_layer": 2, "n_head": 2, "d_model": 32, "max_seq_len": 64,
-                      "dropout": 0.1},
-            "data": {"sources": [str(corpus)], "vocab_size": 300, "val_fraction": 0.2},
-            "train": t}
+    return {
+        "model": {"preset": "bench-gpt2", "n_layer": 2, "n_head": 2, "d_model": 32, "max_seq_len": 64, "dropout": 0.1},
+        "data": {"sources": [str(corpus)], "vocab_size": 300, "val_fraction": 0.2},
+        "train": t,
+    }
 
 
 def losses(run_dir):
     recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r["loss"]) for r in recs if "split" not in r], [(r["step"], r["loss"]) for r in recs
-                                                                          if "split" in r]
+    return [(r["step"], r["loss"]) for r in recs if "split" not in r], [
+        (r["step"], r["loss"]) for r in recs if "split" in r
+    ]
 
 
 def test_run_directory_contents(tmp_path, small_corpus, capsys):
@@ -34,11 +47,24 @@ def test_run_directory_contents(tmp_path, small_corpus, capsys):
     # seq_len 32 under a 64-row position table: the untrained rows are named once
     assert capsys.readouterr().err.count("learned positions from 32 on stay untrained") == 1
     run = tmp_path / "run"
-    for f in ["config.yaml", "metrics.jsonl", "tokenizer.json", "tokenizer_config.json", "summary.json",
-              "environment.json",
-              "report/loss.png", "report/report.md", "report/report.html", "model/config.json",
-              "model/model.safetensors", "model/tokenizer.json", "model/generation_config.json",
-              "data/train.bin", "data/val.bin", "data/meta.json"]:
+    for f in [
+        "config.yaml",
+        "metrics.jsonl",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "summary.json",
+        "environment.json",
+        "report/loss.png",
+        "report/report.md",
+        "report/report.html",
+        "model/config.json",
+        "model/model.safetensors",
+        "model/tokenizer.json",
+        "model/generation_config.json",
+        "data/train.bin",
+        "data/val.bin",
+        "data/meta.json",
+    ]:
         assert (run / f).is_file(), f
     assert [p.name for p in list_checkpoints(run)] == ["step_000008", "step_000012"]  # keep_checkpoints=2
     saved = yaml.safe_load((run / "config.yaml").read_text())
@@ -96,8 +122,9 @@ def test_layer_decay_scales_each_depth():
     from lmforge.models.encoder import Encoder
     from lmforge.train.optim import build_optimizer
 
-    model = Encoder(encoder_config("bert-mini", vocab_size=50, n_layer=3, n_head=2, d_model=16, head="classify",
-                                   labels=["a", "b"]))
+    model = Encoder(
+        encoder_config("bert-mini", vocab_size=50, n_layer=3, n_head=2, d_model=16, head="classify", labels=["a", "b"])
+    )
     opt = build_optimizer(model, "adamw", 1e-3, 0.01, layer_decay=0.5)
     scale = {id(p): (g["lr_scale"], g["weight_decay"]) for g in opt.param_groups for p in g["params"]}
     named = dict(model.named_parameters())
@@ -134,8 +161,15 @@ def test_weight_averaging_keeps_the_mean_of_the_late_evaluation_points(tmp_path)
         return {"accuracy": 0.5}
 
     cfg = FinetuneConfig(epochs=4, lr=0.1, warmup=0.0, eval_every=2, average=0.5, grad_clip=0.0, weight_decay=0.0)
-    r = fit(wrapped, lambda epoch: [{"x": x[:16], "y": y[:16]}, {"x": x[16:], "y": y[16:]}], 2, evaluate, cfg,
-            metrics_path=tmp_path / "metrics.jsonl", progress=True)
+    r = fit(
+        wrapped,
+        lambda epoch: [{"x": x[:16], "y": y[:16]}, {"x": x[16:], "y": y[16:]}],
+        2,
+        evaluate,
+        cfg,
+        metrics_path=tmp_path / "metrics.jsonl",
+        progress=True,
+    )
     assert len(seen) == 5  # evaluations at steps 2, 4, 6, 8, then one of the averaged weights
     logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["averaged_points"] for r in logged if "averaged_points" in r] == [3]  # the log holds it too
@@ -155,8 +189,17 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(family):
 
     f = FAMILIES[family]
     preset = dict(next(iter(f.presets.values())))
-    small = {"n_layer": 2, "d_model": 32, "n_head": 2, "vocab_size": 101, "max_seq_len": 32, "d_ff": 64,
-             "head": "mlm", "dropout": 0.0, "attn_dropout": 0.0}
+    small = {
+        "n_layer": 2,
+        "d_model": 32,
+        "n_head": 2,
+        "vocab_size": 101,
+        "max_seq_len": 32,
+        "d_ff": 64,
+        "head": "mlm",
+        "dropout": 0.0,
+        "attn_dropout": 0.0,
+    }
     cfg = f.config_cls(**{**preset, **{k: v for k, v in small.items() if k in f.config_cls.__dataclass_fields__}})
     torch.manual_seed(0)
     model = f.model_cls(cfg).train()

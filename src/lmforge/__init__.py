@@ -74,15 +74,26 @@ def check_torch(found: str | None = None) -> None:
     found = torch_version() if found is None else found
     need = ".".join(map(str, TORCH_MIN))
     if found is None:
-        raise ImportError(f"lmforge {__version__} needs torch>={need}, and torch is not installed: "
-                          f"pip install 'torch>={need}'")
+        raise ImportError(
+            f"lmforge {__version__} needs torch>={need}, and torch is not installed: pip install 'torch>={need}'"
+        )
     m = re.match(r"(\d+)\.(\d+)", found)
     if m is None or tuple(map(int, m.groups())) < TORCH_MIN:
-        raise ImportError(f"lmforge {__version__} needs torch>={need}, found torch {found}: "
-                          f"pip install --upgrade 'torch>={need}'")
+        raise ImportError(
+            f"lmforge {__version__} needs torch>={need}, found torch {found}: pip install --upgrade 'torch>={need}'"
+        )
 
 
 check_torch()
 
-__all__ = ["LmforgeError", "MissingExtraError", "TORCH_MIN", "__version__", "available", "check_torch", "missing_extra",
-           "require", "torch_version"]
+__all__ = [
+    "LmforgeError",
+    "MissingExtraError",
+    "TORCH_MIN",
+    "__version__",
+    "available",
+    "check_torch",
+    "missing_extra",
+    "require",
+    "torch_version",
+]

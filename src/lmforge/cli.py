@@ -44,8 +44,9 @@ def cmd_tokenizer_train(a: argparse.Namespace) -> None:
 def cmd_pretrain(a: argparse.Namespace) -> None:
     from lmforge.train.loop import pretrain_run
 
-    summary = pretrain_run(a.config, a.set + ([f"train.device={a.device}"] if a.device else []), a.out,
-                           resume=a.resume).summary()
+    summary = pretrain_run(
+        a.config, a.set + ([f"train.device={a.device}"] if a.device else []), a.out, resume=a.resume
+    ).summary()
     if summary:
         print(summary)
 
@@ -62,11 +63,19 @@ def cmd_generate(a: argparse.Namespace) -> None:
     searching = a.num_beams != 1 or a.num_return_sequences != 1
     if not searching and (a.length_penalty is not None or a.early_stopping is not None):
         flag = "--length-penalty" if a.length_penalty is not None else "--early-stopping"
-        raise ConfigError(f"{flag} steers beam search; without --num-beams N (N > 1) nothing uses it: drop it, or "
-                          "add --num-beams")
+        raise ConfigError(
+            f"{flag} steers beam search; without --num-beams N (N > 1) nothing uses it: drop it, or add --num-beams"
+        )
     if a.stream and (a.no_stream or a.json or len(a.prompt) > 1 or searching):
-        why = ("--no-stream" if a.no_stream else "--json" if a.json else "several --prompt" if len(a.prompt) > 1
-               else "beam search (its best text is known only at the end)")
+        why = (
+            "--no-stream"
+            if a.no_stream
+            else "--json"
+            if a.json
+            else "several --prompt"
+            if len(a.prompt) > 1
+            else "beam search (its best text is known only at the end)"
+        )
         raise ConfigError(f"--stream shows one reply as it is written: it does not go with {why}")
     model, tok, draft = _load_for_decoding(a)
     prompts = [p.replace("\\n", "\n").replace("\\t", "\t") if a.escapes else p for p in a.prompt]
@@ -76,17 +85,37 @@ def cmd_generate(a: argparse.Namespace) -> None:
         sys.stdout.write(piece)
         sys.stdout.flush()
 
-    beams = {} if not searching else dict(
-        num_beams=a.num_beams, length_penalty=1.0 if a.length_penalty is None else a.length_penalty,
-        early_stopping=False if a.early_stopping is None else a.early_stopping,
-        num_return_sequences=a.num_return_sequences)
+    beams = (
+        {}
+        if not searching
+        else dict(
+            num_beams=a.num_beams,
+            length_penalty=1.0 if a.length_penalty is None else a.length_penalty,
+            early_stopping=False if a.early_stopping is None else a.early_stopping,
+            num_return_sequences=a.num_return_sequences,
+        )
+    )
     stream = stream and not beams  # (beam search has its best text only at the end)
     if stream:
         sys.stdout.write(prompts[0])
-    texts = generate(model, tok, prompts, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
-                     top_k=a.top_k, top_p=a.top_p, repetition_penalty=a.repetition_penalty, stop=a.stop,
-                     seed=a.seed, on_text=on_text if stream else None, compile=a.compile, draft=draft,
-                     json_schema=schema, regex=a.regex, **beams)
+    texts = generate(
+        model,
+        tok,
+        prompts,
+        max_new_tokens=a.max_new_tokens,
+        temperature=a.temperature,
+        top_k=a.top_k,
+        top_p=a.top_p,
+        repetition_penalty=a.repetition_penalty,
+        stop=a.stop,
+        seed=a.seed,
+        on_text=on_text if stream else None,
+        compile=a.compile,
+        draft=draft,
+        json_schema=schema,
+        regex=a.regex,
+        **beams,
+    )
     if stream:
         sys.stdout.write("\n")
     elif a.json:
@@ -115,14 +144,27 @@ def _load_for_decoding(a: argparse.Namespace):
         from lmforge.generate.beam import BeamParams
 
         check_number("--num-beams", a.num_beams, 1, integer=True)
-        BeamParams(a.num_beams, 1.0 if a.length_penalty is None else a.length_penalty,
-                   False if a.early_stopping is None else a.early_stopping, a.num_return_sequences).validate()
-    SamplingParams(a.max_new_tokens, a.temperature if a.temperature is not None else 0.0, a.top_k, a.top_p,
-                   getattr(a, "repetition_penalty", 1.0), a.seed).validate(flags=True)
+        BeamParams(
+            a.num_beams,
+            1.0 if a.length_penalty is None else a.length_penalty,
+            False if a.early_stopping is None else a.early_stopping,
+            a.num_return_sequences,
+        ).validate()
+    SamplingParams(
+        a.max_new_tokens,
+        a.temperature if a.temperature is not None else 0.0,
+        a.top_k,
+        a.top_p,
+        getattr(a, "repetition_penalty", 1.0),
+        a.seed,
+    ).validate(flags=True)
     unused = [f"--{n.replace('_', '-')}" for n in given if n in ("top_k", "top_p", "seed")]
     if a.temperature == 0 and unused:
-        print(f"lmforge: note: {', '.join(unused)} {'has' if len(unused) == 1 else 'have'} no effect at "
-              "--temperature 0 (greedy decoding picks the most likely token)", file=sys.stderr)
+        print(
+            f"lmforge: note: {', '.join(unused)} {'has' if len(unused) == 1 else 'have'} no effect at "
+            "--temperature 0 (greedy decoding picks the most likely token)",
+            file=sys.stderr,
+        )
     tune_allocator()
     model, tok = load_pretrained(a.model, device=a.device, quantize=a.quantize, adapter=a.adapter, dtype=a.dtype)
     return model, tok, make_drafter(a.speculative, model, device=a.device, quantize=a.quantize, dtype=a.dtype)
@@ -139,8 +181,15 @@ def cmd_chat(a: argparse.Namespace) -> None:
     from lmforge.generate.chat import chat, chat_session
 
     model, tok, draft = _load_for_decoding(a)
-    kw = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed,
-              compile=a.compile, draft=draft)
+    kw = dict(
+        max_new_tokens=a.max_new_tokens,
+        temperature=a.temperature,
+        top_k=a.top_k,
+        top_p=a.top_p,
+        seed=a.seed,
+        compile=a.compile,
+        draft=draft,
+    )
     if a.prompt is not None:  # one shot, for scripts
         system = [{"role": "system", "content": a.system}] if a.system else []
         print(chat(model, tok, system + [{"role": "user", "content": a.prompt}], **kw))
@@ -152,8 +201,24 @@ def cmd_eval(a: argparse.Namespace) -> None:
     from lmforge.eval.run import describe, evaluate
 
     task = a.everb
-    kw = {k: getattr(a, k) for k in ("limit", "text_col", "label_col", "source_col", "target_col", "chat", "prompt",
-                                     "max_new_tokens", "num_beams", "window", "stride", "device") if hasattr(a, k)}
+    kw = {
+        k: getattr(a, k)
+        for k in (
+            "limit",
+            "text_col",
+            "label_col",
+            "source_col",
+            "target_col",
+            "chat",
+            "prompt",
+            "max_new_tokens",
+            "num_beams",
+            "window",
+            "stride",
+            "device",
+        )
+        if hasattr(a, k)
+    }
     m = evaluate(task, a.model, a.data, a.out, quantize=a.quantize, adapter=a.adapter, dtype=a.dtype, **kw)
     if a.json and task == "perplexity":  # (ppl and bpb: the names this output had before it went through evaluate)
         m = {**m, "ppl": m["perplexity"], "bpb": m["bits_per_byte"]}
@@ -164,23 +229,56 @@ def cmd_explain(a: argparse.Namespace) -> None:
     from lmforge.explain import describe, explain
 
     text = a.text if a.text is not None else sys.stdin.read().strip()
-    print(describe(explain(a.model, text, a.out, what=a.what, method=a.method, steps=a.steps, target=a.target,
-                           layer=a.layer, baseline=a.baseline, max_steps=a.max_steps, device=a.device)))
+    print(
+        describe(
+            explain(
+                a.model,
+                text,
+                a.out,
+                what=a.what,
+                method=a.method,
+                steps=a.steps,
+                target=a.target,
+                layer=a.layer,
+                baseline=a.baseline,
+                max_steps=a.max_steps,
+                device=a.device,
+            )
+        )
+    )
 
 
 def cmd_quantize(a: argparse.Namespace) -> None:
     from lmforge.compress.pipeline import quantize
 
-    quantize(a.model, a.mode, a.out, group_size=a.group_size, eval_data=a.eval_data, text_col=a.text_col,
-             label_col=a.label_col, device=a.device)
+    quantize(
+        a.model,
+        a.mode,
+        a.out,
+        group_size=a.group_size,
+        eval_data=a.eval_data,
+        text_col=a.text_col,
+        label_col=a.label_col,
+        device=a.device,
+    )
 
 
 def cmd_prune(a: argparse.Namespace) -> None:
     from lmforge.compress.pipeline import prune
 
-    prune(a.model, a.out, sparsity=a.sparsity, structure=a.structured, fraction=a.fraction,
-          recover_steps=a.recover_steps, recover_data=a.recover_data, eval_data=a.eval_data, text_col=a.text_col,
-          label_col=a.label_col, device=a.device)
+    prune(
+        a.model,
+        a.out,
+        sparsity=a.sparsity,
+        structure=a.structured,
+        fraction=a.fraction,
+        recover_steps=a.recover_steps,
+        recover_data=a.recover_data,
+        eval_data=a.eval_data,
+        text_col=a.text_col,
+        label_col=a.label_col,
+        device=a.device,
+    )
 
 
 def cmd_info(a: argparse.Namespace) -> None:
@@ -198,14 +296,24 @@ def add_settings(group, rows, given_only: bool = True) -> None:
         flag = "--" + name.replace("_", "-")
         hint = f.metadata.get("help", "").replace("%", "%%")
         if isinstance(default, bool):
-            group.add_argument(f"--no-{flag[2:]}" if default else flag, dest=name, default=None,
-                               action="store_false" if default else "store_true",
-                               help=f"turn off (on by default): {hint}" if default else hint)
+            group.add_argument(
+                f"--no-{flag[2:]}" if default else flag,
+                dest=name,
+                default=None,
+                action="store_false" if default else "store_true",
+                help=f"turn off (on by default): {hint}" if default else hint,
+            )
             continue
         kind = next((t for t in (int, float) if t.__name__ in str(f.type).split(" | ")), str)
         shown = f" (default {default})" if default not in (None, "") and name != "lr" else ""
-        group.add_argument(flag, dest=name, type=kind, choices=f.metadata.get("choices"), help=hint + shown,
-                           default=None if given_only else default)
+        group.add_argument(
+            flag,
+            dest=name,
+            type=kind,
+            choices=f.metadata.get("choices"),
+            help=hint + shown,
+            default=None if given_only else default,
+        )
 
 
 def cmd_finetune(a: argparse.Namespace) -> None:
@@ -239,11 +347,22 @@ def cmd_data(a: argparse.Namespace) -> None:
 def cmd_predict(a: argparse.Namespace) -> None:
     from lmforge.eval.classify import predict_file
 
-    texts, preds, m = predict_file(a.model, a.input, a.text, a.text_col, a.label_col, vote=a.vote,
-                                   batch_size=a.batch_size, device=a.device, quantize=a.quantize, dtype=a.dtype)
+    texts, preds, m = predict_file(
+        a.model,
+        a.input,
+        a.text,
+        a.text_col,
+        a.label_col,
+        vote=a.vote,
+        batch_size=a.batch_size,
+        device=a.device,
+        quantize=a.quantize,
+        dtype=a.dtype,
+    )
     for text, p in zip(texts, preds):
-        print(json.dumps({"text": text, **p}, ensure_ascii=False) if a.json
-              else f"{p['label']}\t{p['score']:.3f}\t{text}")
+        print(
+            json.dumps({"text": text, **p}, ensure_ascii=False) if a.json else f"{p['label']}\t{p['score']:.3f}\t{text}"
+        )
     if m:
         print(f"accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  ({m['n']} rows)", file=sys.stderr)
 
@@ -251,12 +370,23 @@ def cmd_predict(a: argparse.Namespace) -> None:
 def cmd_embed(a: argparse.Namespace) -> None:
     from lmforge.predict import cosine_similarity, embed_file
 
-    texts, vecs = embed_file(a.model, a.input, a.text, a.text_col, batch_size=a.batch_size, device=a.device,
-                             quantize=a.quantize, dtype=a.dtype)
+    texts, vecs = embed_file(
+        a.model,
+        a.input,
+        a.text,
+        a.text_col,
+        batch_size=a.batch_size,
+        device=a.device,
+        quantize=a.quantize,
+        dtype=a.dtype,
+    )
     sim = cosine_similarity(vecs, vecs) if a.similarity else None
     for i, (t, v) in enumerate(zip(texts, vecs.tolist())):
-        print("  ".join(f"{x:6.3f}" for x in sim[i].tolist()) + f"  {t[:60]}" if sim is not None
-              else json.dumps({"text": t, "embedding": [round(x, 6) for x in v]}, ensure_ascii=False))
+        print(
+            "  ".join(f"{x:6.3f}" for x in sim[i].tolist()) + f"  {t[:60]}"
+            if sim is not None
+            else json.dumps({"text": t, "embedding": [round(x, 6) for x in v]}, ensure_ascii=False)
+        )
 
 
 def cmd_serve(a: argparse.Namespace) -> None:
@@ -276,18 +406,24 @@ def _early_stopping(value: str) -> bool | str:
     if v not in ("true", "false", "never"):
         raise argparse.ArgumentTypeError(f"{value!r}: choose false, true or never")
     return {"true": True, "false": False}.get(v, v)
+
+
 # decoding verbs take a file's own 4-bit weights on the int4 kernel by default (lossless, the fast path); eval and
 # the encoders measure / run the model as it is unless asked
 DECODE_QUANTIZE = dict(choices=QUANTIZE, default="auto", help=QUANTIZE_HELP + " (default: auto)")
-ENCODER_QUANTIZE = dict(choices=["int8", "int8-dynamic"], help="int8 Linear weights at load time: weight-only, or "
-                        "int8-dynamic (int8 activations too: the fast one for batched encoders on CPU)")
+ENCODER_QUANTIZE = dict(
+    choices=["int8", "int8-dynamic"],
+    help="int8 Linear weights at load time: weight-only, or "
+    "int8-dynamic (int8 activations too: the fast one for batched encoders on CPU)",
+)
 
 
 DEVICE_HELP = "cpu, cuda, cuda:N or mps (default: cpu)"
 
 
-def model_flags(p: argparse.ArgumentParser, device: bool = True, adapter: bool = True,
-                quantize: dict | None = None) -> None:
+def model_flags(
+    p: argparse.ArgumentParser, device: bool = True, adapter: bool = True, quantize: dict | None = None
+) -> None:
     """--model (required), and the loading flags most verbs share: --device, --dtype, --quantize, --adapter."""
     p.add_argument("--model", required=True, help=MODEL_HELP)
     if device:
@@ -309,11 +445,17 @@ def sampling_flags(p: argparse.ArgumentParser, repetition_penalty: bool = True, 
     add_settings(p, [(f.name, defaults.get(f.name, f.default), f) for f in fields])
     # (a flag not given is None; _load_for_decoding applies these, so it can tell a given flag from a default)
     p.set_defaults(sampling_defaults={f.name: defaults.get(f.name, f.default) for f in fields})
-    p.add_argument("--compile", action="store_true",
-                   help="decode through torch.compile (tens of seconds to compile once, then faster steps)")
-    p.add_argument("--speculative", metavar="ngram|MODEL",
-                   help="speculative decoding of one prompt: ngram (prompt lookup, no second model) or a smaller "
-                        "draft model with the same tokenizer (directory, .gguf or packaged name)")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="decode through torch.compile (tens of seconds to compile once, then faster steps)",
+    )
+    p.add_argument(
+        "--speculative",
+        metavar="ngram|MODEL",
+        help="speculative decoding of one prompt: ngram (prompt lookup, no second model) or a smaller "
+        "draft model with the same tokenizer (directory, .gguf or packaged name)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -324,12 +466,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"lmforge {__version__} (torch {torch_version()})")
     sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
 
-    q = sub.add_parser("quickstart", help="train a small GPT on packaged Shakespeare, evaluate, sample",
-                       epilog=run_settings_text(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    q = sub.add_parser(
+        "quickstart",
+        help="train a small GPT on packaged Shakespeare, evaluate, sample",
+        epilog=run_settings_text(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     q.add_argument("--out", help="run directory (default: runs/quickstart-DATE-TIME)")
     q.add_argument("--device", help="train.device: auto (default), cpu, cuda, cuda:N or mps")
-    q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a setting, e.g. --set train.steps=200")
+    q.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting, e.g. --set train.steps=200"
+    )
     q.set_defaults(fn=cmd_quickstart)
 
     t = sub.add_parser("tokenizer", help="tokenizer tools")
@@ -337,42 +484,71 @@ def build_parser() -> argparse.ArgumentParser:
     tt = tsub.add_parser("train", help="train a byte-level BPE (decoders) or WordPiece (encoders) tokenizer")
     tt.add_argument("--data", nargs="+", required=True, help="corpus names, files, folders or globs")
     tt.add_argument("--vocab-size", type=int, default=8192)
-    tt.add_argument("--kind", choices=("bpe", "wordpiece", "unigram"), default="bpe",
-                    help="byte-level BPE (decoders), WordPiece (encoders), Unigram with T5 sentinels (seq2seq)")
+    tt.add_argument(
+        "--kind",
+        choices=("bpe", "wordpiece", "unigram"),
+        default="bpe",
+        help="byte-level BPE (decoders), WordPiece (encoders), Unigram with T5 sentinels (seq2seq)",
+    )
     tt.add_argument("--cased", action="store_true", help="WordPiece: keep case (default lower-cases)")
     tt.add_argument("--out", required=True, help="tokenizer.json path or a folder")
     tt.set_defaults(fn=cmd_tokenizer_train)
 
-    pt = sub.add_parser("pretrain", help="pre-train a model from a YAML recipe (works under torchrun)",
-                        epilog=run_settings_text(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    pt = sub.add_parser(
+        "pretrain",
+        help="pre-train a model from a YAML recipe (works under torchrun)",
+        epilog=run_settings_text(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     pt.add_argument("--config", help="YAML recipe (see configs/)")
     pt.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.lr=3e-4")
     pt.add_argument("--out", help="run directory (default: runs/pretrain-DATE-TIME)")
     pt.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    pt.add_argument("--device", help="train.device: auto (the recipe's default), cpu, cuda, cuda:N or mps (under "
-                                     "torchrun each process takes its own GPU)")
+    pt.add_argument(
+        "--device",
+        help="train.device: auto (the recipe's default), cpu, cuda, cuda:N or mps (under "
+        "torchrun each process takes its own GPU)",
+    )
     pt.set_defaults(fn=cmd_pretrain)
 
     g = sub.add_parser("generate", help="continue prompts with a model")
     model_flags(g, quantize=DECODE_QUANTIZE)
     g.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
     sampling_flags(g, max_new_tokens=128, temperature=SAMPLE_TEMPERATURE)  # (temperature: unless beam search runs)
-    g.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams (default 1: sample, "
-                   "or greedy at --temperature 0); the sampling flags do not apply to it")
-    g.add_argument("--length-penalty", type=float, help="beam search: hypotheses are scored by their "
-                   "log-probability / length ** this (> 0 favours longer ones; default 1.0)")
-    g.add_argument("--early-stopping", type=_early_stopping, metavar="false|true|never",
-                   help="beam search: stop when no beam can improve (false, the default), as soon as --num-beams "
-                        "hypotheses finished (true), or only at the length limit (never)")
-    g.add_argument("--num-return-sequences", type=int, default=1,
-                   help="beam search: print this many of the best hypotheses per prompt (default 1)")
+    g.add_argument(
+        "--num-beams",
+        type=int,
+        default=1,
+        help="beam search with this many beams (default 1: sample, "
+        "or greedy at --temperature 0); the sampling flags do not apply to it",
+    )
+    g.add_argument(
+        "--length-penalty",
+        type=float,
+        help="beam search: hypotheses are scored by their "
+        "log-probability / length ** this (> 0 favours longer ones; default 1.0)",
+    )
+    g.add_argument(
+        "--early-stopping",
+        type=_early_stopping,
+        metavar="false|true|never",
+        help="beam search: stop when no beam can improve (false, the default), as soon as --num-beams "
+        "hypotheses finished (true), or only at the length limit (never)",
+    )
+    g.add_argument(
+        "--num-return-sequences",
+        type=int,
+        default=1,
+        help="beam search: print this many of the best hypotheses per prompt (default 1)",
+    )
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g.add_argument("--escapes", action="store_true", help=r"interpret \n and \t in prompts")
     g.add_argument("--stream", action="store_true", help="stream even when stdout is not a terminal")
     g.add_argument("--no-stream", action="store_true", help="print only when done")
     g.add_argument("--json", action="store_true", help="print results as JSON")
-    g.add_argument("--json-schema", metavar="FILE", help="every reply is JSON that follows this JSON schema "
-                   "(constrained decoding)")
+    g.add_argument(
+        "--json-schema", metavar="FILE", help="every reply is JSON that follows this JSON schema (constrained decoding)"
+    )
     g.add_argument("--regex", help="every reply matches this regular expression (constrained decoding)")
     g.set_defaults(fn=cmd_generate)
 
@@ -412,37 +588,59 @@ def build_parser() -> argparse.ArgumentParser:
     emc = evsub.add_parser("choice", parents=[evc], help="zero-shot multiple choice by log-likelihood")
     emc.add_argument("--data", required=True, help="JSONL rows {question, choices, answer}, or chatterbot-mc")
     emc.add_argument("--chat", action="store_true", help="ask through the model's chat template")
-    emc.add_argument("--prompt", help="template around each question, with {question} (default 'Question: "
-                     "{question}\\nAnswer:'; with --chat: the user turn's text, by default the question alone)")
+    emc.add_argument(
+        "--prompt",
+        help="template around each question, with {question} (default 'Question: "
+        "{question}\\nAnswer:'; with --chat: the user turn's text, by default the question alone)",
+    )
     es = evsub.add_parser("seq2seq", parents=[evc], help="BLEU, chrF and ROUGE of generations against references")
-    es.add_argument("--data", required=True, help="JSONL/CSV/TSV with source and target columns, or bible-en-es "
-                    "(its held-out test books)")
+    es.add_argument(
+        "--data",
+        required=True,
+        help="JSONL/CSV/TSV with source and target columns, or bible-en-es (its held-out test books)",
+    )
     es.add_argument("--source-col"), es.add_argument("--target-col")
     es.add_argument("--prompt", help="template around each source, with {source} (e.g. 'Translate: {source}\\n')")
     es.add_argument("--chat", action="store_true", help="send each prompt through the model's chat template")
     es.add_argument("--max-new-tokens", type=int, default=64)
-    es.add_argument("--num-beams", type=int, default=None,
-                    help="beam search with this many beams (default: 4 for an encoder-decoder, 1 = greedy for a "
-                         "decoder)")
+    es.add_argument(
+        "--num-beams",
+        type=int,
+        default=None,
+        help="beam search with this many beams (default: 4 for an encoder-decoder, 1 = greedy for a decoder)",
+    )
     for p_ in (ec, eq, emc, es):
         p_.set_defaults(fn=cmd_eval)
 
-    ex = sub.add_parser("explain", help="attention maps and token saliency (PNG + HTML) for a model and a text "
-                        "(encoder-decoders: encoder, decoder and cross-attention maps)")
+    ex = sub.add_parser(
+        "explain",
+        help="attention maps and token saliency (PNG + HTML) for a model and a text "
+        "(encoder-decoders: encoder, decoder and cross-attention maps)",
+    )
     ex.add_argument("--model", required=True, help=MODEL_HELP)
     ex.add_argument("--text", help="the text to explain (default: read standard input)")
-    ex.add_argument("--out", required=True, help="folder for attention.png/.html, saliency.png/.html, explain.json "
-                    "(encoder-decoders: attention_encoder/_decoder/_cross.png/.html)")
+    ex.add_argument(
+        "--out",
+        required=True,
+        help="folder for attention.png/.html, saliency.png/.html, explain.json "
+        "(encoder-decoders: attention_encoder/_decoder/_cross.png/.html)",
+    )
     ex.add_argument("--what", default="both", choices=["both", "attention", "saliency"])
     ex.add_argument("--device", default="cpu", help=DEVICE_HELP)
     ex.add_argument("--method", help="saliency: ig (integrated gradients, the default) or grad_x_input")
     ex.add_argument("--steps", type=int, help="integrated gradients: steps along the path (default 50)")
-    ex.add_argument("--max-steps", type=int, help="integrated gradients: refine up to this many steps where "
-                    "completeness fails (default 16 x steps)")
+    ex.add_argument(
+        "--max-steps",
+        type=int,
+        help="integrated gradients: refine up to this many steps where completeness fails (default 16 x steps)",
+    )
     ex.add_argument("--baseline", help="integrated gradients: pad (the default), mask or zero embeddings")
-    ex.add_argument("--target", help="a class name or index (classifiers), a token or id:N (decoders); "
-                    "default: the model's prediction. Encoder-decoders (T5): the target text whose attention is "
-                    "drawn (--text is the source); default: the model's greedy output")
+    ex.add_argument(
+        "--target",
+        help="a class name or index (classifiers), a token or id:N (decoders); "
+        "default: the model's prediction. Encoder-decoders (T5): the target text whose attention is "
+        "drawn (--text is the source); default: the model's greedy output",
+    )
     ex.add_argument("--layer", type=int, help="draw one layer's heads instead of the grid (negative: from the end)")
     ex.set_defaults(fn=cmd_explain)
 
@@ -450,8 +648,7 @@ def build_parser() -> argparse.ArgumentParser:
     qz.add_argument("--model", required=True, help=MODEL_HELP)
     qz.add_argument("--mode", required=True, help="int8 (weight-only), int4 (weight-only, group-wise), int8-dynamic")
     qz.add_argument("--group-size", type=int, help="int4: weights per scale / zero point (default 64)")
-    qz.add_argument("--device", default="cpu", help="cpu: the int8 / int4 kernels lmforge quantizes for are CPU "
-                                                   "ones")
+    qz.add_argument("--device", default="cpu", help="cpu: the int8 / int4 kernels lmforge quantizes for are CPU ones")
     qz.add_argument("--out", required=True, help="the quantized model directory to write")
     qz.add_argument("--eval-data", nargs="+", help="text (decoders: perplexity) or a labelled file (classifiers)")
     qz.add_argument("--text-col"), qz.add_argument("--label-col")
@@ -476,8 +673,11 @@ def build_parser() -> argparse.ArgumentParser:
         fp = ftsub.add_parser(task, help=TASK_HELP[task])
         fp.add_argument("--config", help="YAML recipe (see configs/*-lora.yaml): flat keys, any setting below")
         fp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. lora_r=16")
-        fp.add_argument("--resume", action="store_true",
-                        help="continue the run in --out from its last checkpoint (its saved settings; flags override)")
+        fp.add_argument(
+            "--resume",
+            action="store_true",
+            help="continue the run in --out from its last checkpoint (its saved settings; flags override)",
+        )
         add_settings(fp.add_argument_group("settings (flags override the --config recipe)"), settings(task))
         fp.set_defaults(fn=cmd_finetune)
 
@@ -487,8 +687,11 @@ def build_parser() -> argparse.ArgumentParser:
     dq.add_argument("--per-play", type=int, default=60, help="questions per play")
     dc = dasub.add_parser("chatterbot", help="chat JSONL (or DPO pairs) from the packaged chatterbot-corpus")
     dc.add_argument("--pairs", action="store_true", help="preference pairs (prompt, chosen, rejected) instead")
-    dg = dasub.add_parser("bible-genres", help="long passages (300-1,000 words) of the KJV labelled by genre, "
-                          "split by book: a long-document classification set")
+    dg = dasub.add_parser(
+        "bible-genres",
+        help="long passages (300-1,000 words) of the KJV labelled by genre, "
+        "split by book: a long-document classification set",
+    )
     dg.add_argument("--per-genre", type=int, default=200, help="passages of each genre per split at most")
     for d in (dq, dc, dg):
         d.add_argument("--out", required=True, help="folder for the train, validation and test files")
@@ -497,10 +700,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("predict", help="classify texts with a fine-tuned classifier")
     pr.add_argument("input", nargs="?", help="a .txt file (one text per line), CSV/TSV/JSONL, or - for stdin")
-    pr.add_argument("--model", action="append", required=True,
-                    help="classifier model directory; repeat for an ensemble (same label names)")
-    pr.add_argument("--vote", choices=["mean", "majority"],
-                    help="how an ensemble combines: average the probabilities (mean, the default), or majority vote")
+    pr.add_argument(
+        "--model",
+        action="append",
+        required=True,
+        help="classifier model directory; repeat for an ensemble (same label names)",
+    )
+    pr.add_argument(
+        "--vote",
+        choices=["mean", "majority"],
+        help="how an ensemble combines: average the probabilities (mean, the default), or majority vote",
+    )
     pr.add_argument("--text", action="append", help="a text to classify (repeatable; instead of a file)")
     pr.add_argument("--text-col", help="text column of a CSV/TSV/JSONL input")
     pr.add_argument("--label-col", help="score against this label column of the input")
@@ -521,9 +731,13 @@ def build_parser() -> argparse.ArgumentParser:
     em.set_defaults(fn=cmd_embed)
 
     sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with continuous batching and a playground")
-    sv.add_argument("--model", action="append", required=True,
-                    help="model directory, .gguf or packaged name; repeat to serve several (a decoder for "
-                         "completions/chat, an encoder for embeddings)")
+    sv.add_argument(
+        "--model",
+        action="append",
+        required=True,
+        help="model directory, .gguf or packaged name; repeat to serve several (a decoder for "
+        "completions/chat, an encoder for embeddings)",
+    )
     add_settings(sv, [(f.name, f.default, f) for f in dataclasses.fields(ServeConfig)])  # (serve tells given ones)
     sv.set_defaults(fn=cmd_serve)
 

@@ -152,8 +152,16 @@ def coerce_settings(cls: type, values: dict[str, Any], name: Callable[[str], str
     return {k: _coerce(v, hints[k], name(k)) if k in hints else v for k, v in values.items()}
 
 
-def check_number(name: str, value: Any, low: float | None = None, high: float | None = None, *,
-                 low_open: bool = False, high_open: bool = False, integer: bool = False) -> None:
+def check_number(
+    name: str,
+    value: Any,
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+    integer: bool = False,
+) -> None:
     """Refuse a setting outside its range with one line naming it (`name`: the CLI flag, e.g. --batch-size) and
     the range: a ConfigError for a non-number, a bool, NaN or infinity, a fraction where a whole number is
     needed, or a value below `low` / above `high` (exclusive where `low_open` / `high_open`). None passes: it
@@ -206,14 +214,20 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
     # SmolLM2-135M's shape (the packaged GGUF model): Llama with tied embeddings
     "smollm2-135m": dict(
-        LLAMA_STYLE, vocab_size=49152, n_layer=30, n_head=9, n_kv_head=3, d_model=576, d_ff=1536,
-        max_seq_len=8192, rope_theta=100000.0, tie_embeddings=True,
+        LLAMA_STYLE,
+        vocab_size=49152,
+        n_layer=30,
+        n_head=9,
+        n_kv_head=3,
+        d_model=576,
+        d_ff=1536,
+        max_seq_len=8192,
+        rope_theta=100000.0,
+        tie_embeddings=True,
     ),
     # the shapes benchmarks/train_throughput.py measures against transformers
     "bench-gpt2": dict(GPT2_STYLE, vocab_size=8192, n_layer=6, n_head=6, d_model=384, max_seq_len=256),
-    "bench-llama": dict(
-        LLAMA_STYLE, vocab_size=8192, n_layer=6, n_head=6, d_model=384, d_ff=1024, max_seq_len=256
-    ),
+    "bench-llama": dict(LLAMA_STYLE, vocab_size=8192, n_layer=6, n_head=6, d_model=384, d_ff=1024, max_seq_len=256),
 }
 
 
@@ -369,8 +383,19 @@ class Seq2SeqConfig:
         return self.mlp == "geglu"
 
     def validate(self) -> None:
-        _positive(self, "vocab_size", "n_layer", "n_decoder_layer", "n_head", "d_model", "head_dim", "d_ff",
-                  "rel_buckets", "rel_max_distance", "max_seq_len")
+        _positive(
+            self,
+            "vocab_size",
+            "n_layer",
+            "n_decoder_layer",
+            "n_head",
+            "d_model",
+            "head_dim",
+            "d_ff",
+            "rel_buckets",
+            "rel_max_distance",
+            "max_seq_len",
+        )
         _choice(self, "mlp", ("relu", "geglu", "gelu", "gelu_tanh"))
         if self.rel_buckets < 4:
             raise ConfigError(f"model.rel_buckets must be at least 4, got {self.rel_buckets}")
@@ -396,8 +421,11 @@ class Seq2SeqConfig:
         average depth plus the output head: an estimate for MFU, not an exact count."""
         T = seq_len or self.max_seq_len
         body = self.num_params(include_embeddings=False) / 2
-        fwd = 2 * body + self.vocab_size * self.d_model + 2 * 2 * T * self.n_head * self.head_dim * (
-            self.n_layer + 2 * self.n_decoder_layer) / 2
+        fwd = (
+            2 * body
+            + self.vocab_size * self.d_model
+            + 2 * 2 * T * self.n_head * self.head_dim * (self.n_layer + 2 * self.n_decoder_layer) / 2
+        )
         return fwd * (3 if training else 1)
 
     def to_dict(self) -> dict[str, Any]:
@@ -406,18 +434,28 @@ class Seq2SeqConfig:
 
 SEQ2SEQ_PRESETS: dict[str, dict[str, Any]] = {
     # tiny shapes for tests
-    "t5-tiny": dict(vocab_size=512, n_layer=2, n_head=4, d_model=64, d_ff=128, rel_buckets=8,
-                    rel_max_distance=32),
+    "t5-tiny": dict(vocab_size=512, n_layer=2, n_head=4, d_model=64, d_ff=128, rel_buckets=8, rel_max_distance=32),
     # the translation benchmark's model (6.8M parameters, T5 v1.0 style): about 0.7 s per 48-pair step on
     # 2 CPU cores, so 30 minutes train 4 epochs of the Bible pairs
     # (no dropout: a few epochs of training underfit rather than overfit)
-    "t5-translate": dict(vocab_size=8000, n_layer=3, n_head=4, d_model=256, d_ff=768, mlp="relu",
-                         tie_embeddings=True, dropout=0.0, max_seq_len=128),
+    "t5-translate": dict(
+        vocab_size=8000,
+        n_layer=3,
+        n_head=4,
+        d_model=256,
+        d_ff=768,
+        mlp="relu",
+        tie_embeddings=True,
+        dropout=0.0,
+        max_seq_len=128,
+    ),
     # the published shapes, for loading and for scale
-    "t5-small": dict(vocab_size=32128, n_layer=6, n_head=8, d_model=512, head_dim=64, d_ff=2048, mlp="relu",
-                     tie_embeddings=True),
-    "t5-v1_1-small": dict(vocab_size=32128, n_layer=8, n_head=6, d_model=512, head_dim=64, d_ff=1024,
-                          mlp="geglu", tie_embeddings=False),
+    "t5-small": dict(
+        vocab_size=32128, n_layer=6, n_head=8, d_model=512, head_dim=64, d_ff=2048, mlp="relu", tie_embeddings=True
+    ),
+    "t5-v1_1-small": dict(
+        vocab_size=32128, n_layer=8, n_head=6, d_model=512, head_dim=64, d_ff=1024, mlp="geglu", tie_embeddings=False
+    ),
 }
 
 
@@ -432,17 +470,34 @@ def seq2seq_config(preset: str | None = None, **overrides: Any) -> Seq2SeqConfig
 
 @dataclass
 class DataConfig:
-    sources: list[str] = field(default_factory=lambda: ["shakespeare"], metadata={
-        "help": "corpus names (shakespeare), files, folders or globs"})
-    val_fraction: float = setting(0.05, "share of documents held out, chosen by a hash of their names",
-                                  low=0, high=1, low_open=True, high_open=True)
+    sources: list[str] = field(
+        default_factory=lambda: ["shakespeare"],
+        metadata={"help": "corpus names (shakespeare), files, folders or globs"},
+    )
+    val_fraction: float = setting(
+        0.05,
+        "share of documents held out, chosen by a hash of their names",
+        low=0,
+        high=1,
+        low_open=True,
+        high_open=True,
+    )
     tokenizer: str | None = setting(None, "a tokenizer.json (or model directory) to use; none trains one")
-    vocab_size: int | None = setting(None, "size of a trained tokenizer (default: model.vocab_size); at least 260 "
-                                     "(256 bytes + specials)", low=260, integer=True)
-    tokenizer_mb: float = setting(1024.0, "text a trained tokenizer learns from: training documents (in the split's "
-                                  "hash order) up to this many MB", low=0, low_open=True)
-    workers: int = setting(0, "tokenizer processes per training process (0: its share of the cores)", low=0,
-                           integer=True)
+    vocab_size: int | None = setting(
+        None,
+        "size of a trained tokenizer (default: model.vocab_size); at least 260 (256 bytes + specials)",
+        low=260,
+        integer=True,
+    )
+    tokenizer_mb: float = setting(
+        1024.0,
+        "text a trained tokenizer learns from: training documents (in the split's hash order) up to this many MB",
+        low=0,
+        low_open=True,
+    )
+    workers: int = setting(
+        0, "tokenizer processes per training process (0: its share of the cores)", low=0, integer=True
+    )
 
     def validate(self) -> None:
         if not self.sources:
@@ -453,23 +508,31 @@ class DataConfig:
 OBJECTIVES = ("clm", "mlm", "span")
 DTYPES = ("float32", "bfloat16", "auto")  # inference
 TRAIN_DTYPES = ("float32", "bfloat16", "float16", "auto")
-DTYPE_HELP = ("float32; bfloat16 (autocast: the products in bf16, the weights and optimizer in fp32); float16 (the "
-              "same with a gradient scaler, for GPUs without bf16); or auto: bfloat16 where the machine has bf16 "
-              "matrix units (AMX or AVX-512 BF16 on a CPU, a bf16 GPU) and they measure faster, float16 on a GPU "
-              "without bf16, float32 elsewhere (it says which)")
+DTYPE_HELP = (
+    "float32; bfloat16 (autocast: the products in bf16, the weights and optimizer in fp32); float16 (the "
+    "same with a gradient scaler, for GPUs without bf16); or auto: bfloat16 where the machine has bf16 "
+    "matrix units (AMX or AVX-512 BF16 on a CPU, a bf16 GPU) and they measure faster, float16 on a GPU "
+    "without bf16, float32 elsewhere (it says which)"
+)
 # weight quantization at load time for decoding (lmforge.interop.load_pretrained): auto keeps a file's own 4-bit
 # weights 4-bit on the int4 kernel (a GGUF's Q4_0 / Q4_1 / Q4_K blocks, exactly as stored) and leaves any other
 # model as it is; none never quantizes; int8 / int4 quantize any model (weight-only, some quality lost)
 QUANTIZE = ("auto", "none", "int8", "int4")
-QUANTIZE_HELP = ("weights at load time: auto (a GGUF's own 4-bit blocks kept 4-bit, on the int4 kernel; other models "
-                 "as they are), none, int8 (weight-only, any model) or int4 (groups of 64, any model)")
-INFERENCE_DTYPE_HELP = ("the weights' dtype: float32; bfloat16 (half the bytes per decoding step); or auto: bfloat16 "
-                        "where the machine has fast bf16 units, float32 elsewhere (it says which)")
+QUANTIZE_HELP = (
+    "weights at load time: auto (a GGUF's own 4-bit blocks kept 4-bit, on the int4 kernel; other models "
+    "as they are), none, int8 (weight-only, any model) or int4 (groups of 64, any model)"
+)
+INFERENCE_DTYPE_HELP = (
+    "the weights' dtype: float32; bfloat16 (half the bytes per decoding step); or auto: bfloat16 "
+    "where the machine has fast bf16 units, float32 elsewhere (it says which)"
+)
 
 
-STRATEGY_HELP = ("under torchrun: ddp (each process the whole model), fsdp (FSDP2: each process 1/N of the weights, "
-                 "gradients and optimizer; sharded checkpoints), auto (fsdp when the training state would fill over a "
-                 "quarter of a device)")
+STRATEGY_HELP = (
+    "under torchrun: ddp (each process the whole model), fsdp (FSDP2: each process 1/N of the weights, "
+    "gradients and optimizer; sharded checkpoints), auto (fsdp when the training state would fill over a "
+    "quarter of a device)"
+)
 
 
 @dataclass
@@ -481,21 +544,28 @@ class LoopConfig:
 
     seed: int = setting(0, "seed of the data order, the initialisation and dropout", integer=True)
     lr: float = setting(1e-3, "peak learning rate", low=0, low_open=True)
-    optimizer: str = setting("adamw", "adamw; adafactor (T5's: updates relative to each parameter's scale); muon "
-                             "(orthogonalised updates for the hidden matrices, AdamW for the rest)",
-                             choices=("adamw", "adafactor", "muon"))
-    grad_accum: int = setting(1, "micro-batches whose gradients add up before each optimizer step", low=1,
-                              integer=True)
+    optimizer: str = setting(
+        "adamw",
+        "adamw; adafactor (T5's: updates relative to each parameter's scale); muon "
+        "(orthogonalised updates for the hidden matrices, AdamW for the rest)",
+        choices=("adamw", "adafactor", "muon"),
+    )
+    grad_accum: int = setting(1, "micro-batches whose gradients add up before each optimizer step", low=1, integer=True)
     weight_decay: float = setting(0.1, "AdamW's decoupled weight decay (matrices only)", low=0)
     grad_clip: float = setting(1.0, "clip the gradient norm to this (0 = off)", low=0)
     dtype: str = setting("float32", DTYPE_HELP, choices=TRAIN_DTYPES)
     device: str = setting("auto", "auto, cpu, cuda, cuda:1, mps")
     strategy: str = setting("auto", STRATEGY_HELP, choices=("auto", "ddp", "fsdp"))
-    grad_checkpoint: bool = setting(False, "recompute each block's activations in backward (any family): less "
-                                    "memory, about a third more compute")
+    grad_checkpoint: bool = setting(
+        False, "recompute each block's activations in backward (any family): less memory, about a third more compute"
+    )
     log_every: int = setting(10, "steps between logged training losses", low=1, integer=True)
-    ckpt_every: int = setting(500, "steps between checkpoints (0: none); a killed run continues from the newest "
-                              "with --resume", low=0, integer=True)
+    ckpt_every: int = setting(
+        500,
+        "steps between checkpoints (0: none); a killed run continues from the newest with --resume",
+        low=0,
+        integer=True,
+    )
     keep_checkpoints: int = setting(2, "newest checkpoints kept (older ones are deleted)", low=1, integer=True)
 
 
@@ -514,11 +584,13 @@ class TrainConfig(LoopConfig):
     objective."""
 
     seed: int = retuned("seed", 1337)
-    grad_accum: int = retuned("grad_accum", 1, "micro-steps per optimizer step, per process (train.batch_size counts "
-                              "them all)")
+    grad_accum: int = retuned(
+        "grad_accum", 1, "micro-steps per optimizer step, per process (train.batch_size counts them all)"
+    )
     steps: int = setting(1000, "optimizer steps", low=1, integer=True)
-    batch_size: int = setting(16, "sequences per optimizer step, across all processes and accumulation steps",
-                              low=1, integer=True)
+    batch_size: int = setting(
+        16, "sequences per optimizer step, across all processes and accumulation steps", low=1, integer=True
+    )
     seq_len: int | None = setting(None, "tokens per sequence (default: model.max_seq_len)", low=1, integer=True)
     min_lr: float | None = setting(None, "learning rate at the end of the cosine decay (default: lr / 10)", low=0)
     warmup_steps: int = setting(100, "steps of linear warm-up", low=0, integer=True)
@@ -527,16 +599,28 @@ class TrainConfig(LoopConfig):
     compile: bool = setting(False, "torch.compile the model")
     eval_every: int = setting(200, "steps between validation losses (0 = only at the end)", low=0, integer=True)
     eval_batches: int = setting(20, "validation batches per evaluation", low=1, integer=True)
-    peak_tflops: float | None = setting(None, "the MFU denominator (default: this device's matmul peak in the "
-                                        "run's dtype, measured at start)", low=0, low_open=True)
-    objective: str = setting("clm", "clm (next token, decoders), mlm (masked LM, encoders), span (T5 span "
-                             "corruption)", choices=OBJECTIVES)
-    mlm_probability: float = setting(0.15, "mlm: share of tokens predicted (80% become [MASK], 10% random, 10% "
-                                     "kept)", low=0, high=1, low_open=True, high_open=True)
+    peak_tflops: float | None = setting(
+        None,
+        "the MFU denominator (default: this device's matmul peak in the run's dtype, measured at start)",
+        low=0,
+        low_open=True,
+    )
+    objective: str = setting(
+        "clm", "clm (next token, decoders), mlm (masked LM, encoders), span (T5 span corruption)", choices=OBJECTIVES
+    )
+    mlm_probability: float = setting(
+        0.15,
+        "mlm: share of tokens predicted (80% become [MASK], 10% random, 10% kept)",
+        low=0,
+        high=1,
+        low_open=True,
+        high_open=True,
+    )
     whole_word_mask: bool = setting(False, "mlm: mask every piece of a chosen word together")
     nsp: bool = setting(False, "mlm: next-sentence prediction beside it (BERT's second pre-training task)")
-    noise_density: float = setting(0.15, "span: share of tokens dropped from the input", low=0, high=1,
-                                   low_open=True, high_open=True)
+    noise_density: float = setting(
+        0.15, "span: share of tokens dropped from the input", low=0, high=1, low_open=True, high_open=True
+    )
     mean_span: float = setting(3.0, "span: mean length of a dropped span", low=1)
 
     def validate(self) -> None:
@@ -544,8 +628,9 @@ class TrainConfig(LoopConfig):
         if self.min_lr is not None and self.min_lr > self.lr:
             raise ConfigError(f"train.min_lr must be in [0, train.lr], got {self.min_lr}")
         if self.objective != "mlm" and (self.nsp or self.whole_word_mask):
-            raise ConfigError("train.nsp and train.whole_word_mask belong to the mlm objective "
-                              "(set train.objective=mlm)")
+            raise ConfigError(
+                "train.nsp and train.whole_word_mask belong to the mlm objective (set train.objective=mlm)"
+            )
 
 
 def run_settings() -> list[tuple[str, Any, str]]:
@@ -568,10 +653,10 @@ def run_settings_text(width: int = 110) -> str:
             shown = str(default).lower()
         else:
             shown = "" if default is None else ",".join(default) if isinstance(default, list) else default
-        lines += textwrap.wrap(f"--set {key}={shown}  {hint}", width, initial_indent="  ",
-                               subsequent_indent="      ")
-    lines.append("  model.KEY=VALUE  any field of the model's config (lmforge info PRESET lists them), over "
-                 "model.preset")
+        lines += textwrap.wrap(f"--set {key}={shown}  {hint}", width, initial_indent="  ", subsequent_indent="      ")
+    lines.append(
+        "  model.KEY=VALUE  any field of the model's config (lmforge info PRESET lists them), over model.preset"
+    )
     return "\n".join(lines)
 
 
@@ -589,21 +674,25 @@ class RunConfig:
         self.data.validate()
         self.train.validate()
         if self.train.seq_len is not None and self.train.seq_len > self.model.max_seq_len:
-            raise ConfigError(
-                f"train.seq_len={self.train.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}"
-            )
+            raise ConfigError(f"train.seq_len={self.train.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
         seq2seq = isinstance(self.model, Seq2SeqConfig)
         if seq2seq != (self.train.objective == "span"):
-            raise ConfigError("train.objective=span needs an encoder-decoder model (model.preset: t5-tiny, "
-                              "t5-translate, t5-small, or model.family: seq2seq) and a seq2seq model needs "
-                              "objective span")
+            raise ConfigError(
+                "train.objective=span needs an encoder-decoder model (model.preset: t5-tiny, "
+                "t5-translate, t5-small, or model.family: seq2seq) and a seq2seq model needs "
+                "objective span"
+            )
         encoder = isinstance(self.model, EncoderConfig)
         if encoder != (self.train.objective == "mlm"):
-            raise ConfigError("train.objective=mlm needs an encoder model (model.preset: bert-mini, minilm-l6, "
-                              "bert-base, or model.family: encoder) and an encoder needs objective mlm")
+            raise ConfigError(
+                "train.objective=mlm needs an encoder model (model.preset: bert-mini, minilm-l6, "
+                "bert-base, or model.family: encoder) and an encoder needs objective mlm"
+            )
         if encoder and self.model.head != ("pretrain" if self.train.nsp else "mlm"):
-            raise ConfigError(f"masked-LM pre-training{' with nsp' if self.train.nsp else ''} needs model.head="
-                              f"{'pretrain' if self.train.nsp else 'mlm'}, got {self.model.head!r}")
+            raise ConfigError(
+                f"masked-LM pre-training{' with nsp' if self.train.nsp else ''} needs model.head="
+                f"{'pretrain' if self.train.nsp else 'mlm'}, got {self.model.head!r}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -682,10 +771,16 @@ def run_config_from_dict(raw: dict[str, Any]) -> RunConfig:
     values.update(model_raw)
     train_raw = raw.get("train") if isinstance(raw.get("train"), dict) else {}
     # an encoder by preset, by `model.family: encoder`, or because the objective is masked LM
-    encoder = (preset in ENCODER_PRESETS or values.get("family") == "encoder"
-               or (preset is None and train_raw.get("objective") == "mlm"))
-    seq2seq = (preset in SEQ2SEQ_PRESETS or values.get("family") == "seq2seq"
-               or (preset is None and train_raw.get("objective") == "span"))
+    encoder = (
+        preset in ENCODER_PRESETS
+        or values.get("family") == "encoder"
+        or (preset is None and train_raw.get("objective") == "mlm")
+    )
+    seq2seq = (
+        preset in SEQ2SEQ_PRESETS
+        or values.get("family") == "seq2seq"
+        or (preset is None and train_raw.get("objective") == "span")
+    )
     if encoder:
         values.setdefault("head", "pretrain" if train_raw.get("nsp") else "mlm")
         values.setdefault("pooler", bool(train_raw.get("nsp")))
@@ -748,8 +843,12 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             return value
         raise ConfigError(f"{key} must be true or false, got {value!r}")
     if hint is int:
-        if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
-                or int(value) != value):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not math.isfinite(value)
+            or int(value) != value
+        ):
             raise ConfigError(f"{key} must be an integer, got {value!r}")
         return int(value)
     if hint is float:
@@ -802,40 +901,67 @@ class FinetuneConfig(LoopConfig):
 
     seed: int = retuned("seed", 0, "seed of the split, the initialisation, the data order and dropout")
     lr: float = retuned("lr", 5e-5, "peak learning rate (default by task and method: adapters take larger steps)")
-    grad_accum: int = retuned("grad_accum", 1, "batches whose gradients add up before each optimizer step: the same "
-                              "updates as a batch grad_accum times larger, in the memory of one")
+    grad_accum: int = retuned(
+        "grad_accum",
+        1,
+        "batches whose gradients add up before each optimizer step: the same "
+        "updates as a batch grad_accum times larger, in the memory of one",
+    )
     weight_decay: float = retuned("weight_decay", 0.01)
     device: str = retuned("device", "cpu", "cpu, cuda or mps")
     ckpt_every: int = retuned("ckpt_every", 200)
     keep_checkpoints: int = retuned("keep_checkpoints", 1)
 
-    method: str = setting("full", "what trains: everything, the top k blocks, LoRA adapters, or LoRA on a "
-                          "quantized base", choices=METHODS)
+    method: str = setting(
+        "full", "what trains: everything, the top k blocks, LoRA adapters, or LoRA on a quantized base", choices=METHODS
+    )
     top_k: int = setting(2, "blocks trained by --method top-k", low=1, integer=True)
     lora_r: int = setting(8, "LoRA rank", low=1, integer=True)
     lora_alpha: float = setting(16.0, "LoRA alpha; the update is scaled by alpha / r", low=0, low_open=True)
     lora_dropout: float = setting(0.05, "dropout on the LoRA input", low=0, high=1, high_open=True)
     lora_targets: str = setting("attn", "modules LoRA wraps: attn, mlp, all, or patterns like q_proj,v_proj")
-    quant: str = setting("nf4", "frozen base format under qlora: nf4, int4 (groups of 32, a Q4_1 GGUF's own grid) "
-                         "or int8", choices=("nf4", "int4", "int8"))
+    quant: str = setting(
+        "nf4",
+        "frozen base format under qlora: nf4, int4 (groups of 32, a Q4_1 GGUF's own grid) or int8",
+        choices=("nf4", "int4", "int8"),
+    )
     epochs: float = setting(3.0, "passes over the training data (a fraction is allowed)", low=0, low_open=True)
     batch_size: int = setting(32, "examples per step", low=1, integer=True)
     warmup: float = setting(0.06, "share of the steps spent warming up", low=0, high=1, high_open=True)
-    schedule: str = setting("linear", "the learning rate after the warm-up: linear down to 0, or cosine down to a "
-                            "tenth of the peak (pre-training's schedule)", choices=("linear", "cosine"))
-    layer_decay: float = setting(1.0, "below 1: block i of n learns at decay ** (n - i)", low=0, high=1,
-                                 low_open=True)
-    attn_dropout: float | None = setting(None, "dropout on the attention probabilities while training (default: "
-                                         "the model's own; classify: 0). At 0 PyTorch runs its fused attention "
-                                         "kernel, which keeps no [heads, T, T] probabilities: 2-4x faster steps at "
-                                         "512 tokens on a CPU", low=0, high=1, high_open=True)
-    label_smoothing: float = setting(0.0, "classification: share of each target spread over the other classes",
-                                     low=0, high=1, high_open=True)
-    average: float = setting(0.0, "above 0: also try the mean of the weights at the evaluations in this last share "
-                             "of training", low=0, high=1)
-    max_len: int | None = setting(None, "tokens per example (default: the task's; classify: from the data, the "
-                                  "longest text up to the model's window); longer texts are read as overlapping "
-                                  "windows (classify, QA) or truncated", low=8, integer=True)
+    schedule: str = setting(
+        "linear",
+        "the learning rate after the warm-up: linear down to 0, or cosine down to a "
+        "tenth of the peak (pre-training's schedule)",
+        choices=("linear", "cosine"),
+    )
+    layer_decay: float = setting(1.0, "below 1: block i of n learns at decay ** (n - i)", low=0, high=1, low_open=True)
+    attn_dropout: float | None = setting(
+        None,
+        "dropout on the attention probabilities while training (default: "
+        "the model's own; classify: 0). At 0 PyTorch runs its fused attention "
+        "kernel, which keeps no [heads, T, T] probabilities: 2-4x faster steps at "
+        "512 tokens on a CPU",
+        low=0,
+        high=1,
+        high_open=True,
+    )
+    label_smoothing: float = setting(
+        0.0, "classification: share of each target spread over the other classes", low=0, high=1, high_open=True
+    )
+    average: float = setting(
+        0.0,
+        "above 0: also try the mean of the weights at the evaluations in this last share of training",
+        low=0,
+        high=1,
+    )
+    max_len: int | None = setting(
+        None,
+        "tokens per example (default: the task's; classify: from the data, the "
+        "longest text up to the model's window); longer texts are read as overlapping "
+        "windows (classify, QA) or truncated",
+        low=8,
+        integer=True,
+    )
     eval_every: int = setting(0, "steps between evaluations (0: after every epoch)", low=0, integer=True)
     metric: str = setting("accuracy", "the validation metric that picks the best weights (higher is better)")
 
@@ -852,6 +978,7 @@ def setting_name(key: str) -> str:
 # --- serving: the settings of `lmforge serve` (the server reads them in lmforge.serve.serve) --------------------
 # --- decoding: generate, chat (and the serving engine's per-request parameters) ---
 
+
 @dataclass
 class SamplingParams:
     """How to pick each next token; `generate` / `chat` take these as keyword arguments and their CLI flags are
@@ -860,15 +987,22 @@ class SamplingParams:
     max_new_tokens: int = setting(128, "tokens to generate at most", low=0, integer=True)
     temperature: float = setting(1.0, "0 = greedy; higher samples more freely", low=0)
     top_k: int | None = setting(None, "sample among the k most likely tokens only", low=1, integer=True)
-    top_p: float | None = setting(None, "sample among the most likely tokens that together hold this share of the "
-                                  "probability (nucleus)", low=0, high=1, low_open=True)
-    repetition_penalty: float = setting(1.0, "divide the scores of tokens already in the text by this (CTRL's "
-                                        "penalty; 1 = off)", low=0, low_open=True)
+    top_p: float | None = setting(
+        None,
+        "sample among the most likely tokens that together hold this share of the probability (nucleus)",
+        low=0,
+        high=1,
+        low_open=True,
+    )
+    repetition_penalty: float = setting(
+        1.0, "divide the scores of tokens already in the text by this (CTRL's penalty; 1 = off)", low=0, low_open=True
+    )
     seed: int | None = setting(None, "random seed for sampling (default: a fresh one each run)")
 
     def validate(self, flags: bool = False) -> None:
         """Refuse settings out of range. flags: the messages name the CLI flags (--top-p) and at least one new
         token is required (the CLI checks before it loads a model; the API allows max_new_tokens=0)."""
+
         def name(field: str) -> str:
             return "--" + field.replace("_", "-") if flags else field
 
@@ -886,23 +1020,39 @@ class ServeConfig:
     api_key: str | None = setting(None, "require 'Authorization: Bearer KEY' on /v1 (or set LMFORGE_API_KEY)")
     max_batch: int = setting(16, "sequences decoded together per model", low=1, integer=True)
     max_queue: int = setting(64, "requests allowed to wait; more get 429 at once", low=0, integer=True)
-    max_len: int | None = setting(None, "prompt + new tokens per sequence (default: the model's context)", low=1,
-                                  integer=True)
+    max_len: int | None = setting(
+        None, "prompt + new tokens per sequence (default: the model's context)", low=1, integer=True
+    )
     quantize: str = setting("auto", QUANTIZE_HELP, choices=QUANTIZE)
     dtype: str = setting("float32", INFERENCE_DTYPE_HELP, choices=DTYPES)
     device: str = setting("cpu", "cpu, cuda, cuda:1 or mps")
-    cache_mb: float = setting(256, "memory for the prefix cache: prompts that begin like an earlier one reuse its "
-                              "keys and values (0: off)", low=0)
-    prefill_chunk: int = setting(256, "a prompt longer than this arriving while others stream is prefilled in "
-                                 "chunks of at most this many tokens beside their steps (0: whole)", low=0,
-                                 integer=True)
-    speculative: str | None = setting(None, "speculative decoding while one request runs: ngram (prompt lookup) "
-                                      "or a draft model with the same tokenizer (directory, .gguf or packaged name)")
+    cache_mb: float = setting(
+        256,
+        "memory for the prefix cache: prompts that begin like an earlier one reuse its keys and values (0: off)",
+        low=0,
+    )
+    prefill_chunk: int = setting(
+        256,
+        "a prompt longer than this arriving while others stream is prefilled in "
+        "chunks of at most this many tokens beside their steps (0: whole)",
+        low=0,
+        integer=True,
+    )
+    speculative: str | None = setting(
+        None,
+        "speculative decoding while one request runs: ngram (prompt lookup) "
+        "or a draft model with the same tokenizer (directory, .gguf or packaged name)",
+    )
     max_body: int = setting(1 << 20, "largest request body in bytes (413 above)", low=1, integer=True)
-    request_timeout: float = setting(10.0, "seconds a client has to send a request's head, and again its body "
-                                     "(then 408, or the connection closed)", low=0, low_open=True)
-    log_level: str = setting("warning", "uvicorn's log level",
-                             choices=("critical", "error", "warning", "info", "debug"))
+    request_timeout: float = setting(
+        10.0,
+        "seconds a client has to send a request's head, and again its body (then 408, or the connection closed)",
+        low=0,
+        low_open=True,
+    )
+    log_level: str = setting(
+        "warning", "uvicorn's log level", choices=("critical", "error", "warning", "info", "debug")
+    )
 
     def validate(self) -> None:
         check_settings(self, lambda key: "--" + key.replace("_", "-"))

@@ -141,8 +141,7 @@ def check_out_dir(path: str | Path, flag: str = "--out") -> Path:
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
-        raise ConfigError(f"{flag} {p}: cannot write in {q} ({e.strerror}); choose a folder you can write to") \
-            from None
+        raise ConfigError(f"{flag} {p}: cannot write in {q} ({e.strerror}); choose a folder you can write to") from None
     return p
 
 

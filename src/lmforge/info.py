@@ -28,8 +28,9 @@ def model_info(target: str | Path) -> dict[str, Any]:
     else:
         path = Path(target)
         if not path.is_dir():
-            raise ModelLoadError(f"{target} is neither a model directory nor a preset "
-                                 f"({', '.join([*PRESETS, *ENCODER_PRESETS])})")
+            raise ModelLoadError(
+                f"{target} is neither a model directory nor a preset ({', '.join([*PRESETS, *ENCODER_PRESETS])})"
+            )
         raw = read_config(path)
         check_weights(path)  # a cut download fails here, not when the model is first used
         if raw.get("model_type") == "bert":
@@ -65,8 +66,12 @@ def describe(cfg: DecoderConfig | EncoderConfig, source: str = "", model_type: s
 
 def format_info(info: dict[str, Any]) -> str:
     """`model_info`'s facts as `lmforge info` prints them."""
-    return "\n".join([f"{info['source']}: {info['family']}, model_type {info['model_type']}",
-                      f"parameters: {info['params']:,} ({info['params_non_embedding']:,} without embeddings)",
-                      f"FLOPs per token: {info['flops_per_token_forward'] / 1e6:,.1f} M forward, "
-                      f"{info['flops_per_token_train'] / 1e6:,.1f} M training",
-                      *(f"  {k}: {v}" for k, v in info["config"].items())])
+    return "\n".join(
+        [
+            f"{info['source']}: {info['family']}, model_type {info['model_type']}",
+            f"parameters: {info['params']:,} ({info['params_non_embedding']:,} without embeddings)",
+            f"FLOPs per token: {info['flops_per_token_forward'] / 1e6:,.1f} M forward, "
+            f"{info['flops_per_token_train'] / 1e6:,.1f} M training",
+            *(f"  {k}: {v}" for k, v in info["config"].items()),
+        ]
+    )

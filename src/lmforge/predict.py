@@ -28,8 +28,9 @@ from lmforge.runtime import tune_allocator
 from lmforge.tokenizer import Tokenizer
 
 
-def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int, types: Sequence[Sequence[int]] | None = None
-              ) -> dict[str, torch.Tensor]:
+def pad_batch(
+    seqs: Sequence[Sequence[int]], pad_id: int, types: Sequence[Sequence[int]] | None = None
+) -> dict[str, torch.Tensor]:
     """Right-padded input_ids, attention_mask (and token_type_ids) tensors for a list of id lists."""
     T = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
@@ -38,10 +39,10 @@ def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int, types: Sequence[Sequen
     if types is not None:
         out["token_type_ids"] = torch.zeros((len(seqs), T), dtype=torch.long)
     for i, s in enumerate(seqs):
-        ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[i, :len(s)] = 1
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
         if types is not None:
-            out["token_type_ids"][i, :len(s)] = torch.tensor(types[i], dtype=torch.long)
+            out["token_type_ids"][i, : len(s)] = torch.tensor(types[i], dtype=torch.long)
     return out
 
 
@@ -53,13 +54,14 @@ def pad_windows(docs: Sequence[Sequence[Sequence[int]]], pad_id: int) -> dict[st
     mask = torch.zeros((len(docs), W, T), dtype=torch.long)
     for i, d in enumerate(docs):
         for j, w in enumerate(d):
-            ids[i, j, :len(w)] = torch.tensor(w, dtype=torch.long)
-            mask[i, j, :len(w)] = 1
+            ids[i, j, : len(w)] = torch.tensor(w, dtype=torch.long)
+            mask[i, j, : len(w)] = 1
     return {"input_ids": ids, "attention_mask": mask}
 
 
-def window_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor], grad_checkpoint: bool = False
-                  ) -> torch.Tensor:
+def window_logits(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], grad_checkpoint: bool = False
+) -> torch.Tensor:
     """A classifier's logits per text [D, labels]: for a [D, T] batch the model's own, for a [D, W, T] batch of
     windows (pad_windows) the mean over each text's real windows, every window run once in one pass."""
     ids, mask = batch["input_ids"], batch["attention_mask"]
@@ -105,9 +107,16 @@ def _check_encoder(model: torch.nn.Module) -> Encoder:
 
 
 @torch.inference_mode()
-def encode(model: Encoder, tokenizer: Tokenizer, texts: Sequence[str], batch_size: int = 64,
-           max_len: int | None = None, what: str = "logits", windows: bool = False, stride: int | None = None
-           ) -> torch.Tensor:
+def encode(
+    model: Encoder,
+    tokenizer: Tokenizer,
+    texts: Sequence[str],
+    batch_size: int = 64,
+    max_len: int | None = None,
+    what: str = "logits",
+    windows: bool = False,
+    stride: int | None = None,
+) -> torch.Tensor:
     """Run the encoder over texts in length-sorted batches. what: "logits" (the head's output per text),
     "mean" (mean-pooled hidden states), "cls" (the [CLS] hidden state) or "pooled" (the pooler's output).
     windows: a text longer than max_len is read whole as overlapping windows (neighbours sharing `stride` tokens)
@@ -150,38 +159,70 @@ def encode(model: Encoder, tokenizer: Tokenizer, texts: Sequence[str], batch_siz
     return total / torch.bincount(owner, minlength=len(texts)).unsqueeze(-1)
 
 
-def predict(model: Encoder, tokenizer: Tokenizer, texts: Sequence[str], batch_size: int = 64,
-            max_len: int | None = None, stride: int | None = None) -> list[dict]:
+def predict(
+    model: Encoder,
+    tokenizer: Tokenizer,
+    texts: Sequence[str],
+    batch_size: int = 64,
+    max_len: int | None = None,
+    stride: int | None = None,
+) -> list[dict]:
     """Label, probability and all class probabilities for each text, from a classification model (a text longer
     than max_len, by default the model's window, is read whole in overlapping windows)."""
     model = _check_encoder(model)
     if model.config.head != "classify":
-        raise ModelLoadError("this model has no classification head; fine-tune one with "
-                             "`lmforge finetune classify` first")
+        raise ModelLoadError(
+            "this model has no classification head; fine-tune one with `lmforge finetune classify` first"
+        )
     probs = predict_proba(model, tokenizer, texts, batch_size, max_len, stride)
     labels = model.config.labels
-    return [{"label": labels[int(p.argmax())], "score": float(p.max()),
-             "probs": {labels[k]: float(v) for k, v in enumerate(p)}} for p in probs]
+    return [
+        {
+            "label": labels[int(p.argmax())],
+            "score": float(p.max()),
+            "probs": {labels[k]: float(v) for k, v in enumerate(p)},
+        }
+        for p in probs
+    ]
 
 
-def predict_proba(model: Encoder, tokenizer: Tokenizer, texts: Sequence[str], batch_size: int = 64,
-                  max_len: int | None = None, stride: int | None = None) -> torch.Tensor:
+def predict_proba(
+    model: Encoder,
+    tokenizer: Tokenizer,
+    texts: Sequence[str],
+    batch_size: int = 64,
+    max_len: int | None = None,
+    stride: int | None = None,
+) -> torch.Tensor:
     """Class probabilities [N, labels]: the softmax of each text's logits, the mean over its windows."""
     logits = encode(model, tokenizer, texts, batch_size, max_len, "logits", windows=True, stride=stride)
     return torch.softmax(logits, dim=-1)
 
 
-def embed(model: Encoder, tokenizer: Tokenizer, texts: Sequence[str], batch_size: int = 64,
-          max_len: int | None = None, normalize: bool = True) -> torch.Tensor:
+def embed(
+    model: Encoder,
+    tokenizer: Tokenizer,
+    texts: Sequence[str],
+    batch_size: int = 64,
+    max_len: int | None = None,
+    normalize: bool = True,
+) -> torch.Tensor:
     """Sentence embeddings [N, d]: mean over real tokens of the last hidden states, L2-normalised (the
     sentence-transformers recipe all-MiniLM-L6-v2 was trained with)."""
     e = encode(model, tokenizer, texts, batch_size, max_len, "mean")
     return F.normalize(e, dim=-1) if normalize else e
 
 
-def embed_file(model_path: str, path: str | None = None, texts: list[str] | None = None, text_col: str | None = None,
-               batch_size: int = 64, device: str = "cpu", quantize: str | None = None, dtype: str | None = None
-               ) -> tuple[list[str], torch.Tensor]:
+def embed_file(
+    model_path: str,
+    path: str | None = None,
+    texts: list[str] | None = None,
+    text_col: str | None = None,
+    batch_size: int = 64,
+    device: str = "cpu",
+    quantize: str | None = None,
+    dtype: str | None = None,
+) -> tuple[list[str], torch.Tensor]:
     """`lmforge embed`: (texts, their embeddings [N, d]) for the texts of `path` (a .txt file, CSV/TSV/JSONL with
     `text_col`, or - for standard input) or `texts`, under the encoder at `model_path`. The batch size and the
     input are checked before the model loads."""
@@ -199,8 +240,9 @@ def cosine_similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 VOTES = ("mean", "majority")
 
 
-def predict_ensemble(members: Sequence[tuple[Encoder, Tokenizer]], texts: Sequence[str], vote: str = "mean",
-                     batch_size: int = 64) -> list[dict]:
+def predict_ensemble(
+    members: Sequence[tuple[Encoder, Tokenizer]], texts: Sequence[str], vote: str = "mean", batch_size: int = 64
+) -> list[dict]:
     """Combine several classifiers with the same label names (in any order): `mean` averages their class
     probabilities; `majority` takes the label most members predict (ties go to the higher mean probability).
     `probs` are the mean probabilities either way; `votes` counts each label's votes."""
@@ -217,22 +259,36 @@ def predict_ensemble(members: Sequence[tuple[Encoder, Tokenizer]], texts: Sequen
         if model.config.head != "classify":
             raise ModelLoadError("every ensemble member must be a classifier (lmforge finetune classify)")
         if sorted(model.config.labels) != sorted(labels):
-            raise ModelLoadError(f"ensemble members must share their labels: {', '.join(model.config.labels)} vs "
-                                 f"{', '.join(labels)}")
+            raise ModelLoadError(
+                f"ensemble members must share their labels: {', '.join(model.config.labels)} vs {', '.join(labels)}"
+            )
         order = [model.config.labels.index(name) for name in labels]  # this member's columns in our order
         p = predict_proba(model, tok, texts, batch_size)[:, order]
         total += p
         votes[torch.arange(len(texts)), p.argmax(-1)] += 1
     mean = total / len(members)
     pick = mean.argmax(-1) if vote == "mean" else (votes + mean * 1e-3).argmax(-1)  # mean prob breaks ties
-    return [{"label": labels[int(k)], "score": float(mean[i, k]),
-             "probs": {labels[j]: float(v) for j, v in enumerate(mean[i])},
-             "votes": {labels[j]: int(v) for j, v in enumerate(votes[i])}} for i, k in enumerate(pick.tolist())]
+    return [
+        {
+            "label": labels[int(k)],
+            "score": float(mean[i, k]),
+            "probs": {labels[j]: float(v) for j, v in enumerate(mean[i])},
+            "votes": {labels[j]: int(v) for j, v in enumerate(votes[i])},
+        }
+        for i, k in enumerate(pick.tolist())
+    ]
 
 
 @torch.inference_mode()
-def answer(model: Encoder, tokenizer: Tokenizer, examples: list[QAExample], max_len: int = 384,
-           stride: int = 128, batch_size: int = 32, max_answer_tokens: int = 30) -> list[str]:
+def answer(
+    model: Encoder,
+    tokenizer: Tokenizer,
+    examples: list[QAExample],
+    max_len: int = 384,
+    stride: int = 128,
+    batch_size: int = 32,
+    max_answer_tokens: int = 30,
+) -> list[str]:
     """The best answer span in each example's context (windows over long contexts), for an encoder with a QA head."""
     if not isinstance(model, Encoder) or model.config.head != "qa":
         raise ModelLoadError("this model has no question-answering head; fine-tune one with `lmforge finetune qa`")

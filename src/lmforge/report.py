@@ -43,8 +43,11 @@ def can_plot() -> bool:
         return True
     if not _NOTED:
         _NOTED.append(True)
-        print("lmforge: note: reports are written without plots (matplotlib is not installed): "
-              "pip install 'lmforge[plots]'", file=sys.stderr)
+        print(
+            "lmforge: note: reports are written without plots (matplotlib is not installed): "
+            "pip install 'lmforge[plots]'",
+            file=sys.stderr,
+        )
     return False
 
 
@@ -104,18 +107,30 @@ def write_run_report(run_dir: str | Path, samples: list[tuple[str, str]] | None 
         ("wall time", f"{summary.get('seconds', 0):.0f} s"),
         ("final train loss", f"{train[-1]['loss']:.4f}" if train else "-"),
         ("validation loss", f"{final.get('loss', float('nan')):.4f}"),
-        ("validation perplexity" + (" (masked tokens)" if "masked_acc" in final else ""),
-         f"{final.get('ppl', float('nan')):.2f}"),
+        (
+            "validation perplexity" + (" (masked tokens)" if "masked_acc" in final else ""),
+            f"{final.get('ppl', float('nan')):.2f}",
+        ),
     ]
-    rows += [(name, f"{final[k]:.4f}") for k, name in (("bpb", "validation bits per byte"),
-                                                        ("masked_acc", "validation masked-token accuracy"),
-                                                        ("nsp_acc", "validation next-sentence accuracy"))
-             if k in final]
+    rows += [
+        (name, f"{final[k]:.4f}")
+        for k, name in (
+            ("bpb", "validation bits per byte"),
+            ("masked_acc", "validation masked-token accuracy"),
+            ("nsp_acc", "validation next-sentence accuracy"),
+        )
+        if k in final
+    ]
     rows += [
         ("throughput (last)", f"{train[-1]['tok_per_s']:,.0f} tok/s, MFU {train[-1]['mfu']:.0%}" if train else "-"),
     ]
-    md = [f"# Run report: {run_dir.name}", "", *(["![loss](loss.png)", ""] if plotted else []), "| metric | value |",
-          "|---|---|"]
+    md = [
+        f"# Run report: {run_dir.name}",
+        "",
+        *(["![loss](loss.png)", ""] if plotted else []),
+        "| metric | value |",
+        "|---|---|",
+    ]
     md += [f"| {k} | {v} |" for k, v in rows]
     if samples:
         md += ["", "## Samples", ""]
@@ -127,17 +142,21 @@ def write_run_report(run_dir: str | Path, samples: list[tuple[str, str]] | None 
         f"<h3>{html.escape(p.strip() or '(empty prompt)')}</h3><pre><b>{html.escape(p)}</b>{html.escape(t)}</pre>"
         for p, t in (samples or [])
     )
-    write_text(out / "report.html", f"""<!doctype html><meta charset="utf-8"><title>{html.escape(run_dir.name)}</title>
+    write_text(
+        out / "report.html",
+        f"""<!doctype html><meta charset="utf-8"><title>{html.escape(run_dir.name)}</title>
 <style>body{{font:15px system-ui;max-width:900px;margin:2em auto;padding:0 1em}}table{{border-collapse:collapse}}
 td{{border:1px solid #ccc;padding:4px 10px}}pre{{background:#f6f6f6;padding:1em;white-space:pre-wrap}}</style>
-<h1>Run report: {html.escape(run_dir.name)}</h1>{'<img src="loss.png" style="max-width:100%">' if plotted else ''}
-<table>{body}</table>{'<h2>Samples</h2>' + sample_html if samples else ''}
-""")
+<h1>Run report: {html.escape(run_dir.name)}</h1>{'<img src="loss.png" style="max-width:100%">' if plotted else ""}
+<table>{body}</table>{"<h2>Samples</h2>" + sample_html if samples else ""}
+""",
+    )
     return out / "report.html"
 
 
-def write_task_report(run_dir: str | Path, title: str, rows: list[tuple[str, str]],
-                      images: list[str] | None = None) -> Path:
+def write_task_report(
+    run_dir: str | Path, title: str, rows: list[tuple[str, str]], images: list[str] | None = None
+) -> Path:
     """report/loss.png plus report.md and report.html with a table of (name, value) rows and the images
     (file names inside report/) for a fine-tuning run."""
     run_dir = Path(run_dir)
@@ -154,11 +173,14 @@ def write_report(out: str | Path, title: str, rows: list[tuple[str, str]], image
     write_text(out / "report.md", "\n".join(md) + "\n")
     body = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(v)}</td></tr>" for k, v in rows)
     imgs = "".join(f'<img src="{html.escape(i)}" style="max-width:100%;margin:0 1em 1em 0">' for i in images)
-    write_text(out / "report.html", f"""<!doctype html><meta charset="utf-8"><title>{html.escape(title)}</title>
+    write_text(
+        out / "report.html",
+        f"""<!doctype html><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font:15px system-ui;max-width:960px;margin:2em auto;padding:0 1em}}table{{border-collapse:collapse}}
 td{{border:1px solid #ccc;padding:4px 10px}}</style>
 <h1>{html.escape(title)}</h1>{imgs}<table>{body}</table>
-""")
+""",
+    )
     return out / "report.html"
 
 
@@ -177,8 +199,9 @@ def bar_plot(values: dict[str, float], path: str | Path, title: str, ylabel: str
     return save_png(fig, path, dpi=120)
 
 
-def series_plot(values: list[float], path: str | Path, title: str, xlabel: str = "", ylabel: str = "",
-                mean: float | None = None) -> Path | None:
+def series_plot(
+    values: list[float], path: str | Path, title: str, xlabel: str = "", ylabel: str = "", mean: float | None = None
+) -> Path | None:
     """A line of values in order (e.g. the loss of each evaluation window), with their mean as a dashed line."""
     if not can_plot():
         return None

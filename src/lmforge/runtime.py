@@ -262,8 +262,12 @@ def cpu_flags() -> set[str]:
     return set()
 
 
-def matmul_flops(dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                 sizes: tuple[int, ...] | None = None, seconds: float = 0.5) -> float:
+def matmul_flops(
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    sizes: tuple[int, ...] | None = None,
+    seconds: float = 0.5,
+) -> float:
     """Achieved FLOP/s of square matmuls in `dtype` on `device`: the best of short bursts at each size (default
     1024 and 2048 on a CPU, 4096 and 8192 on a GPU). MFU's denominator, the benchmarks' peaks and auto's test.
     The operands come from a generator of its own: the global RNG (dropout) must not move, or a resumed run
@@ -298,26 +302,31 @@ def pick_dtype(device: str | torch.device = "cpu") -> tuple[torch.dtype, str]:
         return _picked[key]
     if device.type == "cuda":
         ok = torch.cuda.is_bf16_supported()
-        got = ((torch.bfloat16, "the GPU supports bf16") if ok else
-               (torch.float16, "this GPU has no bf16: float16 products, with a gradient scaler in training"))
+        got = (
+            (torch.bfloat16, "the GPU supports bf16")
+            if ok
+            else (torch.float16, "this GPU has no bf16: float16 products, with a gradient scaler in training")
+        )
     elif device.type == "cpu":
-        units = [name for flag, name in (("amx_bf16", "AMX"), ("avx512_bf16", "AVX-512 BF16"))
-                 if flag in cpu_flags()]
+        units = [name for flag, name in (("amx_bf16", "AMX"), ("avx512_bf16", "AVX-512 BF16")) if flag in cpu_flags()]
         if not units:
             got = (torch.float32, "this CPU has no bf16 matrix instructions")
         else:
-            speed = (matmul_flops(torch.bfloat16, sizes=(768,), seconds=0.02)
-                     / matmul_flops(torch.float32, sizes=(768,), seconds=0.02))
-            got = ((torch.bfloat16, f"{units[0]}: a bf16 product runs {speed:.1f}x fp32 here") if speed >= 1.5
-                   else (torch.float32, f"{units[0]}, but a bf16 product runs only {speed:.1f}x fp32 here"))
+            speed = matmul_flops(torch.bfloat16, sizes=(768,), seconds=0.02) / matmul_flops(
+                torch.float32, sizes=(768,), seconds=0.02
+            )
+            got = (
+                (torch.bfloat16, f"{units[0]}: a bf16 product runs {speed:.1f}x fp32 here")
+                if speed >= 1.5
+                else (torch.float32, f"{units[0]}, but a bf16 product runs only {speed:.1f}x fp32 here")
+            )
     else:
         got = (torch.float32, f"bf16 is not used on {device.type}")
     _picked[key] = got
     return got
 
 
-def resolve_dtype(name: str | torch.dtype | None, device: str | torch.device = "cpu", say: bool = True
-                  ) -> torch.dtype:
+def resolve_dtype(name: str | torch.dtype | None, device: str | torch.device = "cpu", say: bool = True) -> torch.dtype:
     """'float32' / 'bfloat16' / 'auto' (or a torch dtype, or None = float32) -> the torch dtype. auto is
     `pick_dtype`'s choice, told once per process on stderr (say=False keeps it quiet)."""
     if isinstance(name, torch.dtype):

@@ -26,9 +26,15 @@ SENTINEL = "<extra_id_{}>"
 
 
 class Tokenizer:
-    def __init__(self, tok: HFTokenizer, eos_token: str | None = None, bos_token: str | None = None,
-                 pad_token: str | None = None, chat_template: str | None = None,
-                 specials: dict[str, str | None] | None = None) -> None:
+    def __init__(
+        self,
+        tok: HFTokenizer,
+        eos_token: str | None = None,
+        bos_token: str | None = None,
+        pad_token: str | None = None,
+        chat_template: str | None = None,
+        specials: dict[str, str | None] | None = None,
+    ) -> None:
         # padding and truncation are the caller's business here (a tokenizer.json may carry fixed-length
         # padding, as sentence-transformers' files do); `encode_for_encoder` truncates to the model's length
         tok.no_padding()
@@ -51,16 +57,24 @@ class Tokenizer:
     # --- construction ---------------------------------------------------------------------------------------
 
     @classmethod
-    def train_bpe(cls, texts: Iterable[str], vocab_size: int = 8192,
-                  special_tokens: Sequence[str] = DEFAULT_SPECIALS, min_frequency: int = 2) -> Tokenizer:
+    def train_bpe(
+        cls,
+        texts: Iterable[str],
+        vocab_size: int = 8192,
+        special_tokens: Sequence[str] = DEFAULT_SPECIALS,
+        min_frequency: int = 2,
+    ) -> Tokenizer:
         """Train a byte-level BPE on an iterator of texts (documents or lines)."""
         tok = HFTokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
         tok.post_processor = processors.ByteLevel(trim_offsets=False)
         trainer = trainers.BpeTrainer(
-            vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=list(special_tokens),
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+            vocab_size=vocab_size,
+            min_frequency=min_frequency,
+            special_tokens=list(special_tokens),
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
         )
         tok.train_from_iterator(texts, trainer=trainer)
         return cls(tok, eos_token=special_tokens[0] if special_tokens else None)
@@ -75,8 +89,9 @@ class Tokenizer:
         try:
             tok = HFTokenizer.from_file(str(file))
         except Exception as e:  # the Rust side raises a bare Exception on malformed files
-            raise ModelLoadError(f"{file} is not a valid tokenizer.json ({str(e).splitlines()[0]}); download or save "
-                                 "it again") from None
+            raise ModelLoadError(
+                f"{file} is not a valid tokenizer.json ({str(e).splitlines()[0]}); download or save it again"
+            ) from None
         extra = {}
         cfg = file.parent / "tokenizer_config.json"
         if cfg.is_file():
@@ -89,9 +104,14 @@ class Tokenizer:
             v = extra.get(key)
             return v.get("content") if isinstance(v, dict) else v
 
-        return cls(tok, eos_token=name("eos_token"), bos_token=name("bos_token"), pad_token=name("pad_token"),
-                   chat_template=extra.get("chat_template"),
-                   specials={k: name(k) for k in ("cls_token", "sep_token", "mask_token", "unk_token")})
+        return cls(
+            tok,
+            eos_token=name("eos_token"),
+            bos_token=name("bos_token"),
+            pad_token=name("pad_token"),
+            chat_template=extra.get("chat_template"),
+            specials={k: name(k) for k in ("cls_token", "sep_token", "mask_token", "unk_token")},
+        )
 
     def save(self, path: str | Path, model_max_length: int | None = None) -> None:
         """Write tokenizer.json (+ tokenizer_config.json) into a folder, or to a .json file path."""
@@ -102,10 +122,18 @@ class Tokenizer:
         path.mkdir(parents=True, exist_ok=True)
         save_with(path / "tokenizer.json", lambda p: self.tok.save(str(p)))
         # model_max_length: transformers' pipelines truncate to it (an encoder's position table)
-        cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": model_max_length or 1_000_000,
-               "eos_token": self.eos_token, "bos_token": self.bos_token, "pad_token": self.pad_token,
-               "cls_token": self.cls_token, "sep_token": self.sep_token, "mask_token": self.mask_token,
-               "unk_token": self.unk_token, "clean_up_tokenization_spaces": False}
+        cfg = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "model_max_length": model_max_length or 1_000_000,
+            "eos_token": self.eos_token,
+            "bos_token": self.bos_token,
+            "pad_token": self.pad_token,
+            "cls_token": self.cls_token,
+            "sep_token": self.sep_token,
+            "mask_token": self.mask_token,
+            "unk_token": self.unk_token,
+            "clean_up_tokenization_spaces": False,
+        }
         if self.chat_template:
             cfg["chat_template"] = self.chat_template
         write_json(path / "tokenizer_config.json", {k: v for k, v in cfg.items() if v is not None})
@@ -148,8 +176,10 @@ class Tokenizer:
         """Ids of `<extra_id_0>` ... `<extra_id_{n-1}>`, in that order."""
         ids = [self.sentinel_id(i) for i in range(n)]
         if None in ids:
-            raise ConfigError(f"the tokenizer has {self.num_sentinels} <extra_id_N> sentinel tokens, {n} are "
-                              f"needed: train one with Tokenizer.train_unigram(extra_ids=...)")
+            raise ConfigError(
+                f"the tokenizer has {self.num_sentinels} <extra_id_N> sentinel tokens, {n} are "
+                f"needed: train one with Tokenizer.train_unigram(extra_ids=...)"
+            )
         return ids  # type: ignore[return-value]
 
     # --- text <-> ids ------------------------------------------------------------------------------------------
@@ -168,8 +198,7 @@ class Tokenizer:
 
     # --- encoder inputs --------------------------------------------------------------------------------------
 
-    def encode_for_encoder(self, texts: Sequence[str], pairs: Sequence[str] | None = None,
-                           max_len: int = 512) -> list:
+    def encode_for_encoder(self, texts: Sequence[str], pairs: Sequence[str] | None = None, max_len: int = 512) -> list:
         """`tokenizers` Encodings of [CLS] text [SEP] (or [CLS] a [SEP] b [SEP]), truncated to max_len
         (longest side first), unpadded: ids, type_ids, offsets and word_ids are on each."""
         self.tok.enable_truncation(max_len, strategy="longest_first")
@@ -186,8 +215,10 @@ class Tokenizer:
             raise ConfigError(f"the window overlap (stride {stride}) must be below max_len - 2 ({max_len - 2})")
         self.tok.enable_truncation(max_len, stride=stride, strategy="longest_first")
         try:
-            return [[e.ids] + [o.ids for o in e.overflowing]
-                    for e in self.tok.encode_batch(list(texts), add_special_tokens=True)]
+            return [
+                [e.ids] + [o.ids for o in e.overflowing]
+                for e in self.tok.encode_batch(list(texts), add_special_tokens=True)
+            ]
         finally:
             self.tok.no_truncation()
 
@@ -196,8 +227,9 @@ class Tokenizer:
         return {i for t, i in self.tok.get_vocab().items() if t.startswith("##")}
 
     @classmethod
-    def train_wordpiece(cls, texts: Iterable[str], vocab_size: int = 8192, lowercase: bool = True,
-                        min_frequency: int = 2) -> Tokenizer:
+    def train_wordpiece(
+        cls, texts: Iterable[str], vocab_size: int = 8192, lowercase: bool = True, min_frequency: int = 2
+    ) -> Tokenizer:
         """Train a BERT-style WordPiece vocabulary (normalise, split on spaces and punctuation, `##` pieces), the
         same one every time on the same texts.
 
@@ -218,25 +250,29 @@ class Tokenizer:
             s = table.get(c)
             if s is None:
                 if len(table) >= 0xFFFE:
-                    raise ConfigError("the corpus has more than 65,534 distinct characters: WordPiece training "
-                                      "cannot number them; use --kind bpe")
+                    raise ConfigError(
+                        "the corpus has more than 65,534 distinct characters: WordPiece training "
+                        "cannot number them; use --kind bpe"
+                    )
                 s = table[c] = chr(plane + len(table))
                 back[s] = (c, continues)
             return s
 
         def words() -> Iterator[str]:
             for text in texts:
-                yield " ".join(stand_in(w[0], first, 0xF0000, False)
-                               + "".join(stand_in(c, rest, 0x100000, True) for c in w[1:])
-                               for w, _ in pre.pre_tokenize_str(normalizer.normalize_str(text)))
+                yield " ".join(
+                    stand_in(w[0], first, 0xF0000, False) + "".join(stand_in(c, rest, 0x100000, True) for c in w[1:])
+                    for w, _ in pre.pre_tokenize_str(normalizer.normalize_str(text))
+                )
             # every character is also a token of its own (WordPiece's alphabet: a word may start with one seen
             # only inside words): one-character words, which have no pairs, so no merge counts change
             yield " ".join(stand_in(c, first, 0xF0000, False) for c in list(rest) if c not in first)
 
         bpe = HFTokenizer(models.BPE())
         bpe.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-        trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials,
-                                      show_progress=False)
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials, show_progress=False
+        )
         bpe.train_from_iterator(words(), trainer=trainer)
 
         def written(piece: str) -> str:
@@ -252,14 +288,16 @@ class Tokenizer:
         tok.decoder = decoders.WordPiece(prefix="##")
         cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
         tok.post_processor = processors.TemplateProcessing(
-            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+            single="[CLS] $A [SEP]",
+            pair="[CLS] $A [SEP] $B:1 [SEP]:1",
             special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
         )
         return cls(tok, pad_token="[PAD]")
 
     @classmethod
-    def train_unigram(cls, texts: Iterable[str], vocab_size: int = 8000, extra_ids: int = 100,
-                      max_piece_length: int = 16) -> Tokenizer:
+    def train_unigram(
+        cls, texts: Iterable[str], vocab_size: int = 8000, extra_ids: int = 100, max_piece_length: int = 16
+    ) -> Tokenizer:
         """Train a T5-style Unigram (SentencePiece) vocabulary: `<pad>` 0, `</s>` 1, `<unk>` 2, the learned
         pieces, then `extra_ids` sentinels with `<extra_id_0>` last (sentinel i has id vocab_size - 1 - i).
 
@@ -272,8 +310,10 @@ class Tokenizer:
             raise ConfigError(f"extra_ids must be 0 or more, not {extra_ids}")
         pieces = vocab_size - extra_ids
         if pieces <= len(T5_SPECIALS):
-            raise ConfigError(f"vocab_size {vocab_size} leaves no room for pieces after {len(T5_SPECIALS)} "
-                              f"special tokens and {extra_ids} sentinels")
+            raise ConfigError(
+                f"vocab_size {vocab_size} leaves no room for pieces after {len(T5_SPECIALS)} "
+                f"special tokens and {extra_ids} sentinels"
+            )
         pad, eos, unk = T5_SPECIALS
         tok = HFTokenizer(models.Unigram())
         # tabs and line breaks become spaces (as SentencePiece's default normalisation does): a vocabulary trained
@@ -283,8 +323,13 @@ class Tokenizer:
         # "a<extra_id_0>b" decodes back without an invented space
         tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
         tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
-        trainer = trainers.UnigramTrainer(vocab_size=pieces, special_tokens=list(T5_SPECIALS), unk_token=unk,
-                                          max_piece_length=max_piece_length, show_progress=False)
+        trainer = trainers.UnigramTrainer(
+            vocab_size=pieces,
+            special_tokens=list(T5_SPECIALS),
+            unk_token=unk,
+            max_piece_length=max_piece_length,
+            show_progress=False,
+        )
         try:
             tok.train_from_iterator(texts, trainer=trainer)
         except Exception as e:  # the Rust trainer raises a bare Exception ("not large enough to contain all chars")
@@ -308,6 +353,8 @@ class Tokenizer:
         # added in reverse so that <extra_id_0> gets the highest id, as in T5's vocabulary
         tok.add_special_tokens([SENTINEL.format(i) for i in reversed(range(extra_ids))])
         tok.post_processor = processors.TemplateProcessing(
-            single=f"$A {eos}", pair=f"$A {eos} $B:1 {eos}:1", special_tokens=[(eos, tok.token_to_id(eos))],
+            single=f"$A {eos}",
+            pair=f"$A {eos} $B:1 {eos}:1",
+            special_tokens=[(eos, tok.token_to_id(eos))],
         )
         return cls(tok, eos_token=eos, pad_token=pad, specials={"unk_token": unk})

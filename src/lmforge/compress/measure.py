@@ -1,10 +1,10 @@
 """Size, speed and quality of a model, measured the same way before and after compressing it.
 
-    size     bytes of the tensors a model directory stores (each shared tensor once), in MiB
-    speed    decoders: greedy tokens/s at batch 1 (32 new tokens after a warm-up);
-             encoders: sequences/s over the evaluation texts (length-sorted batches of 64)
-    quality  decoders: perplexity on evaluation text (windows of 256, stride 128);
-             classifiers: accuracy on a labelled file
+size     bytes of the tensors a model directory stores (each shared tensor once), in MiB
+speed    decoders: greedy tokens/s at batch 1 (32 new tokens after a warm-up);
+         encoders: sequences/s over the evaluation texts (length-sorted batches of 64)
+quality  decoders: perplexity on evaluation text (windows of 256, stride 128);
+         classifiers: accuracy on a labelled file
 """
 
 from __future__ import annotations
@@ -50,8 +50,9 @@ def perplexity(model: DecoderLM, tokenizer, sources: list[str], max_tokens: int 
     return math.exp(nll / n)
 
 
-def classifier_scores(model: nn.Module, tokenizer, data: str, text_col: str | None = None,
-                      label_col: str | None = None) -> tuple[float, float]:
+def classifier_scores(
+    model: nn.Module, tokenizer, data: str, text_col: str | None = None, label_col: str | None = None
+) -> tuple[float, float]:
     """(accuracy, sequences per second) on a labelled file."""
     ds = read_labelled(data, text_col, label_col)
     labels = model.config.labels
@@ -67,8 +68,13 @@ def classifier_scores(model: nn.Module, tokenizer, data: str, text_col: str | No
     return acc, len(pred) / seconds
 
 
-def measure(model: nn.Module, tokenizer, eval_data: str | list[str] | None = None, text_col: str | None = None,
-            label_col: str | None = None) -> dict:
+def measure(
+    model: nn.Module,
+    tokenizer,
+    eval_data: str | list[str] | None = None,
+    text_col: str | None = None,
+    label_col: str | None = None,
+) -> dict:
     """{"size_mb", "speed", "speed_unit", "quality", "quality_name"} for a decoder or a classifier."""
     out = {"size_mb": size_mb(model), "speed": None, "speed_unit": "", "quality": None, "quality_name": ""}
     if isinstance(model, DecoderLM):
@@ -85,16 +91,24 @@ def measure(model: nn.Module, tokenizer, eval_data: str | list[str] | None = Non
 
 def comparison(before: dict, after: dict, label: str) -> str:
     """A small before/after table."""
+
     def fmt(v, digits=2):
         return "-" if v is None else f"{v:,.{digits}f}"
 
     rows = [("size MiB", fmt(before["size_mb"], 1), fmt(after["size_mb"], 1), after["size_mb"] / before["size_mb"])]
     if before["speed"] is not None:
-        rows.append((before["speed_unit"], fmt(before["speed"], 1), fmt(after["speed"], 1),
-                     after["speed"] / before["speed"]))
+        rows.append(
+            (before["speed_unit"], fmt(before["speed"], 1), fmt(after["speed"], 1), after["speed"] / before["speed"])
+        )
     if before["quality"] is not None:
-        rows.append((before["quality_name"], fmt(before["quality"], 3), fmt(after["quality"], 3),
-                     after["quality"] / before["quality"]))
+        rows.append(
+            (
+                before["quality_name"],
+                fmt(before["quality"], 3),
+                fmt(after["quality"], 3),
+                after["quality"] / before["quality"],
+            )
+        )
     lines = [f"{'':<14}{'before':>12}{label:>14}{'ratio':>8}"]
     lines += [f"{name:<14}{b:>12}{a:>14}{r:>7.2f}x" for name, b, a, r in rows]
     return "\n".join(lines)

@@ -47,24 +47,39 @@ def check_eval_args(m, eval_data: list[str] | str | None, text_col: str | None, 
     classifier = getattr(m.config, "head", None) == "classify" and not isinstance(m, DecoderLM)
     if (text_col or label_col) and not (classifier and files):
         flags = " and ".join(f for f, v in (("--text-col", text_col), ("--label-col", label_col)) if v)
-        raise LmforgeError(f"{flags} name the columns of a classifier's --eval-data file; "
-                           + ("give --eval-data" if classifier else "this model reads no labelled file: drop them"))
+        raise LmforgeError(
+            f"{flags} name the columns of a classifier's --eval-data file; "
+            + ("give --eval-data" if classifier else "this model reads no labelled file: drop them")
+        )
     if classifier and len(files) > 1:
         raise LmforgeError(f"a classifier is measured on one labelled --eval-data file, got {len(files)}")
     if files and not (classifier or isinstance(m, DecoderLM)):
         head = getattr(m.config, "head", None)
-        print(f"lmforge: note: --eval-data skipped: quality is measured for decoders (perplexity) and classifiers "
-              f"(accuracy); this model is {type(m).__name__}" + (f" ({head} head)" if head else ""), file=sys.stderr)
+        print(
+            f"lmforge: note: --eval-data skipped: quality is measured for decoders (perplexity) and classifiers "
+            f"(accuracy); this model is {type(m).__name__}" + (f" ({head} head)" if head else ""),
+            file=sys.stderr,
+        )
 
 
-def quantize(model: str, mode: str, out: str | Path, group_size: int | None = None,
-             eval_data: list[str] | None = None, text_col: str | None = None, label_col: str | None = None,
-             say=print, device: str = "cpu") -> dict:
+def quantize(
+    model: str,
+    mode: str,
+    out: str | Path,
+    group_size: int | None = None,
+    eval_data: list[str] | None = None,
+    text_col: str | None = None,
+    label_col: str | None = None,
+    say=print,
+    device: str = "cpu",
+) -> dict:
     """Quantize `model` (int8, int4 or int8-dynamic) into the model directory `out`. group_size: int4's weights
     per scale (default 64)."""
     if device != "cpu":
-        raise LmforgeError(f"quantize --device {device}: lmforge's int8 / int4 kernels, which it measures the "
-                           f"quantized model on, are CPU ones; use --device cpu")
+        raise LmforgeError(
+            f"quantize --device {device}: lmforge's int8 / int4 kernels, which it measures the "
+            f"quantized model on, are CPU ones; use --device cpu"
+        )
     if mode not in MODES:
         raise LmforgeError(f"quantization mode {mode!r} is not supported; choose one of {', '.join(MODES)}")
     if group_size is not None and mode != "int4":
@@ -80,31 +95,50 @@ def quantize(model: str, mode: str, out: str | Path, group_size: int | None = No
     kept = _file_int4(model) if mode == "int4" else None
     if kept is not None:  # a GGUF's own 4-bit blocks, kept as stored: requantizing them would only lose
         m, group_size = kept, FOUR_BIT_GROUP
-        say(f"int4: the file's own 4-bit blocks are kept as stored (groups of {FOUR_BIT_GROUP}; --group-size "
-            "does not apply)")
+        say(
+            f"int4: the file's own 4-bit blocks are kept as stored (groups of {FOUR_BIT_GROUP}; --group-size "
+            "does not apply)"
+        )
     else:
         quantize_model(m, mode, group_size)
     after = measure(m, tok, eval_data, text_col, label_col)
     save_quantized(m, out, tok)
     say(comparison(before, after, mode))
-    result = {"model": str(model), "mode": mode, "group_size": group_size if mode == "int4" else None,
-              "before": before, "after": after, "out": str(out)}
+    result = {
+        "model": str(model),
+        "mode": mode,
+        "group_size": group_size if mode == "int4" else None,
+        "before": before,
+        "after": after,
+        "out": str(out),
+    }
     write_json(Path(out) / "compression.json", result)
     say(f"saved: {out}")
     return result
 
 
-def prune(model: str, out: str | Path, sparsity: float | None = None, structure: str | None = None,
-          fraction: float | None = None, recover_steps: int = 0, recover_data: str | None = None,
-          eval_data: list[str] | None = None, text_col: str | None = None, label_col: str | None = None,
-          say=print, device: str = "cpu") -> dict:
+def prune(
+    model: str,
+    out: str | Path,
+    sparsity: float | None = None,
+    structure: str | None = None,
+    fraction: float | None = None,
+    recover_steps: int = 0,
+    recover_data: str | None = None,
+    eval_data: list[str] | None = None,
+    text_col: str | None = None,
+    label_col: str | None = None,
+    say=print,
+    device: str = "cpu",
+) -> dict:
     """Prune `model` (magnitude to `sparsity`, or `fraction` of its heads / neurons), optionally fine-tune it
     for `recover_steps` on `recover_data`, and save it to `out`; on `device`."""
     check_args(sparsity, structure, fraction)
     check_number("--recover-steps", recover_steps, 0, integer=True)
     if recover_steps and not recover_data:
-        raise LmforgeError("--recover-steps needs --recover-data (text for a decoder, a labelled file for a "
-                           "classifier)")
+        raise LmforgeError(
+            "--recover-steps needs --recover-data (text for a decoder, a labelled file for a classifier)"
+        )
     if recover_data and not recover_steps:
         raise LmforgeError("--recover-data is read by the recovery fine-tuning: give --recover-steps N too")
     check_output_dir(out)

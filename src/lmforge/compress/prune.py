@@ -143,13 +143,16 @@ def check_args(sparsity: float | None, structure: str | None, fraction: float | 
         _check_fraction(fraction, "the fraction of heads or neurons to prune")
     else:
         if fraction is not None:
-            raise LmforgeError("--fraction is the share of heads or neurons --structured removes; magnitude pruning "
-                               "(--sparsity) takes none: drop it, or prune with --structured heads|neurons")
+            raise LmforgeError(
+                "--fraction is the share of heads or neurons --structured removes; magnitude pruning "
+                "(--sparsity) takes none: drop it, or prune with --structured heads|neurons"
+            )
         _check_fraction(sparsity, "sparsity")
 
 
-def prune_model(model: nn.Module, sparsity: float | None = None, structure: str | None = None,
-                fraction: float | None = None) -> dict:
+def prune_model(
+    model: nn.Module, sparsity: float | None = None, structure: str | None = None, fraction: float | None = None
+) -> dict:
     """One entry point: magnitude pruning to `sparsity`, or structured pruning of `fraction` of the heads or
     neurons. Returns what changed (and the masks of magnitude pruning, under "masks")."""
     check_args(sparsity, structure, fraction)
@@ -161,9 +164,19 @@ def prune_model(model: nn.Module, sparsity: float | None = None, structure: str 
     return {"sparsity": sparsity_of(model), "masks": masks}
 
 
-def recover(model: nn.Module, tokenizer, data: str, steps: int, masks: dict[str, torch.Tensor] | None = None,
-            lr: float = 5e-5, batch_size: int = 8, seq_len: int = 256, seed: int = 0, text_col: str | None = None,
-            label_col: str | None = None) -> list[float]:
+def recover(
+    model: nn.Module,
+    tokenizer,
+    data: str,
+    steps: int,
+    masks: dict[str, torch.Tensor] | None = None,
+    lr: float = 5e-5,
+    batch_size: int = 8,
+    seq_len: int = 256,
+    seed: int = 0,
+    text_col: str | None = None,
+    label_col: str | None = None,
+) -> list[float]:
     """A short recovery fine-tuning after pruning: causal LM on text files for a decoder, the classification
     loss on a labelled file for an encoder classifier. Pruned weights stay zero. Returns the losses."""
     if steps < 1:
@@ -178,7 +191,7 @@ def recover(model: nn.Module, tokenizer, data: str, steps: int, masks: dict[str,
 
         def batch():
             starts = torch.randint(0, len(ids) - seq_len - 1, (batch_size,), generator=g)
-            rows = torch.stack([ids[s:s + seq_len + 1] for s in starts.tolist()]).to(dev)
+            rows = torch.stack([ids[s : s + seq_len + 1] for s in starts.tolist()]).to(dev)
             return model(rows[:, :-1], labels=rows[:, 1:], loss_only=True).loss
     else:
         if getattr(model.config, "head", None) != "classify":
@@ -194,8 +207,9 @@ def recover(model: nn.Module, tokenizer, data: str, steps: int, masks: dict[str,
             pick = torch.randint(0, len(ds.texts), (batch_size,), generator=g).tolist()
             b = pad_batch([enc[i].ids for i in pick], tokenizer.pad_id)
             y = torch.tensor([index[ds.labels[i]] for i in pick])
-            return model(b["input_ids"].to(dev), attention_mask=b["attention_mask"].to(dev), labels=y.to(dev),
-                         loss_only=True).loss
+            return model(
+                b["input_ids"].to(dev), attention_mask=b["attention_mask"].to(dev), labels=y.to(dev), loss_only=True
+            ).loss
 
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)

@@ -71,12 +71,15 @@ ONE_STEP = (
     ("What is {a} times {b}?", lambda a, b, c: a * b),
 )
 TWO_STEP = (
-    ("{n} has {a} {t}, finds {b} more and then loses {c}. How many {t} does {n} have now?",
-     lambda a, b, c: a + b - c),
-    ("{n} has {a} {t}. A friend gives {n} {b} and another friend gives {n} {c}. How many {t} does {n} have?",
-     lambda a, b, c: a + b + c),
-    ("There are {a} boxes with {b} {t} in each, and {c} more {t} on the floor. How many {t} are there?",
-     lambda a, b, c: a * b + c),
+    ("{n} has {a} {t}, finds {b} more and then loses {c}. How many {t} does {n} have now?", lambda a, b, c: a + b - c),
+    (
+        "{n} has {a} {t}. A friend gives {n} {b} and another friend gives {n} {c}. How many {t} does {n} have?",
+        lambda a, b, c: a + b + c,
+    ),
+    (
+        "There are {a} boxes with {b} {t} in each, and {c} more {t} on the floor. How many {t} are there?",
+        lambda a, b, c: a * b + c,
+    ),
 )
 
 
@@ -84,8 +87,11 @@ def _numbers(rng: random.Random, template: str) -> tuple[int, int, int]:
     if "times" in template or "in each" in template:  # a product: small factors
         return rng.randint(2, 9), rng.randint(2, 9), rng.randint(1, 9)
     a = rng.randint(5, 30)
-    b = rng.randint(1, a - 1) if ("away" in template or "minus" in template or "taken" in template) else \
-        rng.randint(1, 20)
+    b = (
+        rng.randint(1, a - 1)
+        if ("away" in template or "minus" in template or "taken" in template)
+        else rng.randint(1, 20)
+    )
     c = rng.randint(1, min(a + b - 1, 15)) if "loses" in template else rng.randint(1, 15)
     return a, b, c
 
@@ -142,4 +148,3 @@ def write_arith(out: str | Path, seed: int = 0, **sizes: int) -> dict[str, int]:
     for name, rows in splits.items():
         write_jsonl([p.row() for p in rows], Path(out) / f"{name}.jsonl")
     return {k: len(v) for k, v in splits.items()}
-

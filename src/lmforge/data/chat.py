@@ -35,8 +35,10 @@ T = TypeVar("T")
 # --- the chat template: the model's own (tokenizer_config.json's `chat_template`, or a GGUF's
 # `tokenizer.chat_template`), rendered as transformers does, in Jinja's sandbox (a model file cannot reach Python
 # through it); a model without one gets ChatML. Training data and generation render through the same function.
-CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
-          "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+    "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
 ROLES = ("system", "user", "assistant")
 
 
@@ -64,8 +66,12 @@ def apply_chat_template(tokenizer, messages: Sequence[dict], add_generation_prom
 
     template = _compile(tokenizer.chat_template or CHATML)
     try:
-        return template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
-                               bos_token=tokenizer.bos_token or "", eos_token=tokenizer.eos_token or "")
+        return template.render(
+            messages=list(messages),
+            add_generation_prompt=add_generation_prompt,
+            bos_token=tokenizer.bos_token or "",
+            eos_token=tokenizer.eos_token or "",
+        )
     except TemplateError as e:
         raise LmforgeError(f"the model's chat template failed on these messages: {e}") from None
 
@@ -125,7 +131,7 @@ def read_chat(path: str | Path) -> list[Messages]:
     for i, row in _jsonl(path):
         msgs = _as_messages(row)
         if msgs is None:
-            raise DataError(f"{path}:{i}: expected {{\"messages\": [...]}} (or prompt/completion) in each row")
+            raise DataError(f'{path}:{i}: expected {{"messages": [...]}} (or prompt/completion) in each row')
         msgs = _check_messages(msgs, f"{path}:{i}")
         if not any(m["role"] == "assistant" and m["content"].strip() for m in msgs):
             skipped += 1
@@ -146,8 +152,9 @@ def read_pairs(path: str | Path) -> list[Pair]:
         if not isinstance(row, dict) or not all(k in row for k in ("prompt", "chosen", "rejected")):
             raise DataError(f"{path}:{i}: each row needs prompt, chosen and rejected")
         prompt = row["prompt"]
-        msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else \
-            _check_messages(prompt, f"{path}:{i}")
+        msgs = (
+            [{"role": "user", "content": prompt}] if isinstance(prompt, str) else _check_messages(prompt, f"{path}:{i}")
+        )
         chosen, rejected = row["chosen"], row["rejected"]
         if not isinstance(chosen, str) or not isinstance(rejected, str):
             raise DataError(f"{path}:{i}: chosen and rejected must be strings (the assistant's reply)")
@@ -181,8 +188,10 @@ def chatterbot_conversations(language: str = "english") -> list[tuple[str, list[
 
     spec = importlib.util.find_spec("chatterbot_corpus")
     if spec is None or not spec.submodule_search_locations:
-        raise DataError("chatterbot-corpus is not installed: pip install --no-deps chatterbot-corpus==1.3.3 "
-                        "(make quickstart / make test install it)")
+        raise DataError(
+            "chatterbot-corpus is not installed: pip install --no-deps chatterbot-corpus==1.3.3 "
+            "(make quickstart / make test install it)"
+        )
     root = Path(list(spec.submodule_search_locations)[0]) / "data" / language
     files = sorted(root.glob("*.yml"))
     if not files:
@@ -202,10 +211,16 @@ def _split_of(question: str, seed: int, test: float, val: float) -> str:
     return "test" if h < test else "val" if h < test + val else "train"
 
 
-def held_out_splits(data: str | Path, val_data: str | Path | None, test_data: str | Path | None, seed: int,
-                    read: Callable[[str | Path], list[T]], key: Callable[[T], str], what: str,
-                    builtin: tuple[str, Callable[[int], dict[str, list[T]]]] | None = None
-                    ) -> tuple[list[T], list[T], list[T]]:
+def held_out_splits(
+    data: str | Path,
+    val_data: str | Path | None,
+    test_data: str | Path | None,
+    seed: int,
+    read: Callable[[str | Path], list[T]],
+    key: Callable[[T], str],
+    what: str,
+    builtin: tuple[str, Callable[[int], dict[str, list[T]]]] | None = None,
+) -> tuple[list[T], list[T], list[T]]:
     """(train, val, test) rows of a decoder task: `builtin`'s own splits when `data` is its name (e.g.
     chatterbot), else the rows of read(data) split by a hash of key(row) under the seed (a question asked twice
     lands in one split; 10% test and 5% validation, none where --test-data / --val-data are given), those files
@@ -222,8 +237,11 @@ def held_out_splits(data: str | Path, val_data: str | Path | None, test_data: st
         val = read(val_data)
     if test_data:
         test = read(test_data)
-    for part, name, flag in ((train, "training", "--data"), (val, "validation", "--val-data"),
-                             (test, "test", "--test-data")):
+    for part, name, flag in (
+        (train, "training", "--data"),
+        (val, "validation", "--val-data"),
+        (test, "test", "--test-data"),
+    ):
         if not part:
             raise DataError(f"the {name} split has no {what}: give more data or {flag}")
     return train, val, test
@@ -265,8 +283,7 @@ def chatterbot_pairs(seed: int = 0, test: float = 0.1, val: float = 0.05) -> dic
             others = [b for p, b in qa if p != q and b.strip().lower() != a.strip().lower()]
             if not others:
                 continue
-            splits[_split_of(q, seed, test, val)].append(
-                Pair([{"role": "user", "content": q}], a, rng.choice(others)))
+            splits[_split_of(q, seed, test, val)].append(Pair([{"role": "user", "content": q}], a, rng.choice(others)))
     return splits
 
 
@@ -286,8 +303,10 @@ def tokenize_chat(tokenizer, messages: Messages, max_len: int) -> tuple[list[int
         before = apply_chat_template(tokenizer, messages[:i], add_generation_prompt=True) if i else ""
         upto = apply_chat_template(tokenizer, messages[: i + 1], add_generation_prompt=False)
         if not text.startswith(upto) or not upto.startswith(before):
-            raise DataError("the model's chat template does not render conversations incrementally; "
-                            "assistant-only labels need a prefix-stable template")
+            raise DataError(
+                "the model's chat template does not render conversations incrementally; "
+                "assistant-only labels need a prefix-stable template"
+            )
         spans.append((len(before), len(upto)))
     enc = tokenizer.tok.encode(text, add_special_tokens=False)
     ids, offsets = enc.ids, enc.offsets

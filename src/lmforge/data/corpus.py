@@ -66,8 +66,11 @@ def resolve_sources(sources: list[str]) -> list[Path]:
         if p.is_file():
             files.append(p)
         elif p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in TEXT_SUFFIXES
-                           and not f.name.startswith("."))
+            found = sorted(
+                f
+                for f in p.rglob("*")
+                if f.is_file() and f.suffix.lower() in TEXT_SUFFIXES and not f.name.startswith(".")
+            )
             if not found:
                 raise DataError(f"folder {p} has no text files (.txt, .md, .rst)")
             files += found
@@ -77,8 +80,10 @@ def resolve_sources(sources: list[str]) -> list[Path]:
                 raise DataError(f"glob {src!r} matches no files")
             files += found
         else:
-            raise DataError(f"corpus {src!r} not found: not a file, folder, glob or packaged corpus "
-                            f"(packaged: {', '.join(CORPORA)})")
+            raise DataError(
+                f"corpus {src!r} not found: not a file, folder, glob or packaged corpus "
+                f"(packaged: {', '.join(CORPORA)})"
+            )
     # one file listed twice is read once
     return list(dict.fromkeys(f.resolve() for f in files))
 
@@ -87,8 +92,10 @@ def _decode(data: bytes, f: Path, offset: int = 0) -> str:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise DataError(f"{f} is not UTF-8 text (bad byte at offset {offset + e.start}); convert it, e.g. "
-                        f"iconv -f latin1 -t utf-8 {f.name} > {f.stem}.utf8.txt") from None
+        raise DataError(
+            f"{f} is not UTF-8 text (bad byte at offset {offset + e.start}); convert it, e.g. "
+            f"iconv -f latin1 -t utf-8 {f.name} > {f.stem}.utf8.txt"
+        ) from None
     return text.replace("\r\n", "\n").lstrip("\ufeff")
 
 
@@ -136,15 +143,18 @@ def _line_blocks(f: Path, size: int, n: int) -> list[Document]:
                 start = at + 1
             pos += len(piece)
     cuts = sorted(set(c for c in cuts if c < size)) + [size]
-    return [Document(f"{f}#{i:03d}", path=str(f), span=(a, b), size=b - a) for i, (a, b) in
-            enumerate(zip(cuts, cuts[1:]))]
+    return [
+        Document(f"{f}#{i:03d}", path=str(f), span=(a, b), size=b - a) for i, (a, b) in enumerate(zip(cuts, cuts[1:]))
+    ]
 
 
 def split_documents(docs: list[Document], val_fraction: float) -> tuple[list[Document], list[Document]]:
     """(train, validation) by document; see the module docstring."""
     if len(docs) == 1 and docs[0].text is None:  # a large file with no line break to cut it at
-        raise DataError(f"corpus {docs[0].path} is one line of {docs[0].size:,} bytes; the validation part is cut "
-                        f"from a single file at line breaks, so break the text into lines or add more files")
+        raise DataError(
+            f"corpus {docs[0].path} is one line of {docs[0].size:,} bytes; the validation part is cut "
+            f"from a single file at line breaks, so break the text into lines or add more files"
+        )
     if len(docs) == 1:
         one = docs[0]
         docs = _blocks(one, SINGLE_FILE_BLOCKS)
@@ -154,7 +164,8 @@ def split_documents(docs: list[Document], val_fraction: float) -> tuple[list[Doc
                 f"corpus {one.name} is one file with {lines} line{'s' if lines != 1 else ''} of text "
                 f"({len(one.text):,} characters); the validation part is cut from a single file at line breaks, "
                 f"so break the text into lines (e.g. fold -s -w 200 {Path(one.name).name} > lines.txt) or add "
-                "more files")
+                "more files"
+            )
 
     def key(d: Document) -> tuple[str, str]:
         # the file name alone decides, so the split is the same wherever the corpus is installed
@@ -172,7 +183,7 @@ def _blocks(doc: Document, n: int) -> list[Document]:
     per = max(1, math.ceil(len(lines) / n))
     out = []
     for i in range(0, len(lines), per):
-        text = "".join(lines[i:i + per])
+        text = "".join(lines[i : i + per])
         if text.strip():
             out.append(Document(f"{doc.name}#{i // per:03d}", text))
     return out

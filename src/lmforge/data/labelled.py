@@ -149,12 +149,12 @@ def pick_column(columns: list[str], wanted: str | None, candidates: tuple[str, .
     for c in candidates:
         if c in lower:
             return lower[c]
-    raise DataError(f"{path}: no {what} column found among {', '.join(columns)}; "
-                    f"name it with --{what}-col")
+    raise DataError(f"{path}: no {what} column found among {', '.join(columns)}; name it with --{what}-col")
 
 
-def read_labelled(path: str | Path, text_col: str | None = None, label_col: str | None = None,
-                  require_labels: bool = True) -> LabelledSet:
+def read_labelled(
+    path: str | Path, text_col: str | None = None, label_col: str | None = None, require_labels: bool = True
+) -> LabelledSet:
     """(texts, labels) from a CSV/TSV/JSONL file. Columns default to the usual names (text, label, sentiment...)."""
     rows, columns, repaired = read_records(path)
     if not rows:
@@ -205,8 +205,9 @@ def read_text_set(path: str | Path | None, text_col: str | None = None) -> Label
 # splits
 
 
-def stratified_split(labels: list[str], val_fraction: float = 0.1, test_fraction: float = 0.1,
-                     seed: int = 0) -> tuple[list[int], list[int], list[int]]:
+def stratified_split(
+    labels: list[str], val_fraction: float = 0.1, test_fraction: float = 0.1, seed: int = 0
+) -> tuple[list[int], list[int], list[int]]:
     """Train / validation / test indices with each class in the same proportion in every part (per-class
     shuffles under `seed`, so the split is the same on every machine)."""
     by_class: dict[str, list[int]] = defaultdict(list)
@@ -220,8 +221,8 @@ def stratified_split(labels: list[str], val_fraction: float = 0.1, test_fraction
         n_test = round(len(idx) * test_fraction)
         n_val = round(len(idx) * val_fraction)
         test += idx[:n_test]
-        val += idx[n_test:n_test + n_val]
-        train += idx[n_test + n_val:]
+        val += idx[n_test : n_test + n_val]
+        train += idx[n_test + n_val :]
     return sorted(train), sorted(val), sorted(test)
 
 
@@ -232,8 +233,11 @@ def class_counts(labels: list[str]) -> dict[str, int]:
 def note_repaired(ds: LabelledSet) -> None:
     """Say on stderr how many rows were repaired from non-UTF-8 bytes (repaired, not dropped: see decode_lines)."""
     if ds.repaired_rows:
-        print(f"lmforge: {ds.source}: {ds.repaired_rows} row{'s' if ds.repaired_rows != 1 else ''} repaired from "
-              "non-UTF-8 bytes (decoded with a legacy single-byte encoding)", file=sys.stderr)
+        print(
+            f"lmforge: {ds.source}: {ds.repaired_rows} row{'s' if ds.repaired_rows != 1 else ''} repaired from "
+            "non-UTF-8 bytes (decoded with a legacy single-byte encoding)",
+            file=sys.stderr,
+        )
 
 
 def input_texts(path: str | Path | None, texts: list[str] | None = None, text_col: str | None = None) -> list[str]:

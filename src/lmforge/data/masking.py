@@ -20,19 +20,33 @@ from lmforge.tokenizer import Tokenizer
 
 
 class MLMBatcher:
-    def __init__(self, tokenizer: Tokenizer, vocab_size: int, seq_len: int, probability: float = 0.15,
-                 whole_word: bool = False, nsp: bool = False) -> None:
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        vocab_size: int,
+        seq_len: int,
+        probability: float = 0.15,
+        whole_word: bool = False,
+        nsp: bool = False,
+    ) -> None:
         ids = {name: tokenizer.token_id(getattr(tokenizer, f"{name}_token")) for name in ("cls", "sep", "mask")}
         missing = [f"[{k.upper()}]" for k, v in ids.items() if v is None]
         if missing:
-            raise ConfigError(f"masked-LM training needs a tokenizer with {', '.join(missing)}: leave "
-                              f"data.tokenizer unset (a WordPiece vocabulary is trained) or name an encoder's "
-                              f"tokenizer.json")
+            raise ConfigError(
+                f"masked-LM training needs a tokenizer with {', '.join(missing)}: leave "
+                f"data.tokenizer unset (a WordPiece vocabulary is trained) or name an encoder's "
+                f"tokenizer.json"
+            )
         self.cls, self.sep, self.mask = ids["cls"], ids["sep"], ids["mask"]
         self.seq_len, self.p, self.nsp, self.vocab_size = seq_len, probability, nsp, vocab_size
         self.special = torch.zeros(vocab_size, dtype=torch.bool)
-        for t in (tokenizer.cls_token, tokenizer.sep_token, tokenizer.mask_token, tokenizer.pad_token,
-                  tokenizer.unk_token):
+        for t in (
+            tokenizer.cls_token,
+            tokenizer.sep_token,
+            tokenizer.mask_token,
+            tokenizer.pad_token,
+            tokenizer.unk_token,
+        ):
             i = tokenizer.token_id(t)
             if i is not None and i < vocab_size:
                 self.special[i] = True
@@ -63,7 +77,7 @@ class MLMBatcher:
             b = torch.where(is_random[:, None], other, body[:, a_len:])
             ids = torch.cat([cls, body[:, :a_len], sep, b, sep], dim=1)
             types = torch.zeros_like(ids)
-            types[:, a_len + 2:] = 1
+            types[:, a_len + 2 :] = 1
             out["token_type_ids"] = types
             out["next_sentence_label"] = is_random.long()
         else:
@@ -90,8 +104,9 @@ class MLMBatcher:
 
 
 @torch.no_grad()
-def mlm_metrics(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], device: torch.device
-                ) -> dict[str, float]:
+def mlm_metrics(
+    model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], device: torch.device
+) -> dict[str, float]:
     """Masked-token loss, accuracy and perplexity (and next-sentence accuracy) over fixed batches."""
     was = model.training
     model.eval()

@@ -43,8 +43,16 @@ class PairSet:
     def subset(self, idx: Sequence[int]) -> PairSet:
         """The pairs at `idx`; the file-level counts (dropped, repaired rows) travel along for reporting."""
         groups = [self.groups[i] for i in idx] if self.groups is not None else None
-        return PairSet([self.sources[i] for i in idx], [self.targets[i] for i in idx], self.source_col,
-                       self.target_col, self.path, self.dropped_empty, groups, self.repaired_rows)
+        return PairSet(
+            [self.sources[i] for i in idx],
+            [self.targets[i] for i in idx],
+            self.source_col,
+            self.target_col,
+            self.path,
+            self.dropped_empty,
+            groups,
+            self.repaired_rows,
+        )
 
 
 def read_pairs(path: str | Path, source_col: str | None = None, target_col: str | None = None) -> PairSet:
@@ -59,8 +67,10 @@ def read_pairs(path: str | Path, source_col: str | None = None, target_col: str 
     scol = _column(columns, source_col, SOURCE_COLUMNS, "source", str(path))
     tcol = _column(columns, target_col, TARGET_COLUMNS, "target", str(path))
     if scol == tcol:
-        raise DataError(f"{path}: the source and target are both column {scol!r}; pass --source-col and "
-                        f"--target-col (columns: {', '.join(columns)})")
+        raise DataError(
+            f"{path}: the source and target are both column {scol!r}; pass --source-col and "
+            f"--target-col (columns: {', '.join(columns)})"
+        )
     sources, targets = [], []
     for r in rows:
         s, t = (r.get(scol) or "").strip(), (r.get(tcol) or "").strip()
@@ -68,10 +78,13 @@ def read_pairs(path: str | Path, source_col: str | None = None, target_col: str 
             sources.append(s)
             targets.append(t)
     if not sources:
-        raise DataError(f"{path} has no pairs with both sides non-empty ({len(rows):,} rows, all with an empty "
-                        f"{scol!r} or {tcol!r})")
-    return PairSet(sources, targets, scol, tcol, str(path), dropped_empty=len(rows) - len(sources),
-                   repaired_rows=repaired)
+        raise DataError(
+            f"{path} has no pairs with both sides non-empty ({len(rows):,} rows, all with an empty "
+            f"{scol!r} or {tcol!r})"
+        )
+    return PairSet(
+        sources, targets, scol, tcol, str(path), dropped_empty=len(rows) - len(sources), repaired_rows=repaired
+    )
 
 
 def _column(columns: list[str], wanted: str | None, candidates: tuple[str, ...], what: str, path: str) -> str:
@@ -87,8 +100,7 @@ def _bible(name: str, source_col: str | None, target_col: str | None) -> PairSet
             raise DataError(f"{name} has fixed columns ({src} -> {tgt}); drop --{what}-col {wanted}")
     modules = {"en": sword.KJV, "es": sword.RV1909}
     pairs = sword.bible_pairs(modules[src], modules[tgt])
-    return PairSet([p.source for p in pairs], [p.target for p in pairs], src, tgt, name,
-                   groups=[p.book for p in pairs])
+    return PairSet([p.source for p in pairs], [p.target for p in pairs], src, tgt, name, groups=[p.book for p in pairs])
 
 
 def bible_lead(max_words: int = 120) -> PairSet:
@@ -129,12 +141,15 @@ def truncation_report(lengths: Sequence[int], limit: int, what: str, flag: str |
     flag = flag or f"--max-{noun}-len"
     verb = "is" if over == 1 else "are"
     was = "was" if over == 1 else "were"
-    return (f"{over:,} of {len(lengths):,} {what} {verb} longer than {limit:,} tokens and {was} truncated "
-            f"(raise {flag} to keep them)")
+    return (
+        f"{over:,} of {len(lengths):,} {what} {verb} longer than {limit:,} tokens and {was} truncated "
+        f"(raise {flag} to keep them)"
+    )
 
 
-def held_out_by_group(ps: PairSet, test: Sequence[str] | None = None, val: Sequence[str] | None = None
-                      ) -> tuple[list[int], list[int], list[int]]:
+def held_out_by_group(
+    ps: PairSet, test: Sequence[str] | None = None, val: Sequence[str] | None = None
+) -> tuple[list[int], list[int], list[int]]:
     """(train, validation, test) row indices that keep whole groups out of training: for the Bible, the books
     `sword.DEFAULT_TEST_BOOKS` and `DEFAULT_VAL_BOOKS` unless given."""
     if ps.groups is None:

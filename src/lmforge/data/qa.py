@@ -81,7 +81,7 @@ def _example(qa: dict, context: str, where: str) -> QAExample:
         if not isinstance(a, dict):
             raise DataError(f"{where}: each answer must be an object with text and answer_start")
         t, s = a["text"], int(a["answer_start"])
-        if context[s:s + len(t)] != t:
+        if context[s : s + len(t)] != t:
             raise DataError(f"{where}: answer {t!r} is not at character {s} of its context")
         answers.append((t, s))
     if not qa.get("question", "").strip() or not context.strip():
@@ -92,10 +92,16 @@ def _example(qa: dict, context: str, where: str) -> QAExample:
 def write_squad(examples: list[QAExample], path: str | Path, title: str = "") -> None:
     paras: dict[str, list] = {}
     for e in examples:
-        paras.setdefault(e.context, []).append({"id": e.id, "question": e.question, "answers": [
-            {"text": t, "answer_start": s} for t, s in e.answers]})
-    write_json(path, {"version": "lmforge-1", "data": [{"title": title, "paragraphs": [
-        {"context": c, "qas": q} for c, q in paras.items()]}]})
+        paras.setdefault(e.context, []).append(
+            {"id": e.id, "question": e.question, "answers": [{"text": t, "answer_start": s} for t, s in e.answers]}
+        )
+    write_json(
+        path,
+        {
+            "version": "lmforge-1",
+            "data": [{"title": title, "paragraphs": [{"context": c, "qas": q} for c, q in paras.items()]}],
+        },
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -114,16 +120,17 @@ class QAFeatures:
     end: list[int]
 
 
-def qa_features(examples: list[QAExample], tokenizer: Tokenizer, max_len: int = 384, stride: int = 128
-                ) -> QAFeatures:
+def qa_features(examples: list[QAExample], tokenizer: Tokenizer, max_len: int = 384, stride: int = 128) -> QAFeatures:
     tok = tokenizer.tok
     # windows need room for the question, three specials and more context than the overlap (the Rust side
     # panics instead of raising otherwise)
     q_lens = [len(e.ids) for e in tok.encode_batch([e.question for e in examples], add_special_tokens=False)]
     longest = max(q_lens, default=0)
     if stride >= max_len - longest - 3:
-        raise DataError(f"windows of {max_len} tokens leave {max_len - longest - 3} for the context next to the "
-                        f"longest question ({longest} tokens): use a stride below that, or a larger max_len")
+        raise DataError(
+            f"windows of {max_len} tokens leave {max_len - longest - 3} for the context next to the "
+            f"longest question ({longest} tokens): use a stride below that, or a larger max_len"
+        )
     tok.enable_truncation(max_len, stride=stride, strategy="only_second")
     try:
         encs = tok.encode_batch([(e.question, e.context) for e in examples], add_special_tokens=True)
@@ -153,14 +160,19 @@ def qa_features(examples: list[QAExample], tokenizer: Tokenizer, max_len: int = 
     return f
 
 
-def best_spans(start_logits: torch.Tensor, end_logits: torch.Tensor, feats: QAFeatures, rows: list[int],
-               max_answer_tokens: int = 30) -> list[tuple[float, int, int]]:
+def best_spans(
+    start_logits: torch.Tensor,
+    end_logits: torch.Tensor,
+    feats: QAFeatures,
+    rows: list[int],
+    max_answer_tokens: int = 30,
+) -> list[tuple[float, int, int]]:
     """For each window row: (score, char start, char end) of the best span inside the context, or
     (-inf, 0, 0) when the window has none."""
     out = []
     for r, s, e in zip(rows, start_logits, end_logits):
         offs = feats.offsets[r]
-        ctx = torch.tensor([o is not None for o in offs[:s.numel()]] + [False] * (s.numel() - len(offs)))
+        ctx = torch.tensor([o is not None for o in offs[: s.numel()]] + [False] * (s.numel() - len(offs)))
         if not ctx.any():
             out.append((float("-inf"), 0, 0))
             continue
@@ -239,7 +251,7 @@ def shakespeare_qa(n_per_play: int = 60, context_speeches: int = 12, seed: int =
             if (k, j) in drawn:
                 continue
             drawn.add((k, j))
-            chunk = sp[k:k + context_speeches]
+            chunk = sp[k : k + context_speeches]
             c0 = chunk[0][1]
             c1 = sp[k + context_speeches][1] if k + context_speeches < len(sp) else len(text)
             context = text[c0:c1].strip()

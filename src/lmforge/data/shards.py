@@ -23,20 +23,45 @@ from lmforge.files import write_json
 from lmforge.tokenizer import Tokenizer
 
 
-def write_shard(docs: list[Document], tokenizer: Tokenizer, path: str | Path, workers: int = 0, rank: int = 0,
-                world: int = 1, barrier: Callable[[], None] | None = None,
-                progress: Callable[[int], None] | None = None) -> dict:
+def write_shard(
+    docs: list[Document],
+    tokenizer: Tokenizer,
+    path: str | Path,
+    workers: int = 0,
+    rank: int = 0,
+    world: int = 1,
+    barrier: Callable[[], None] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> dict:
     """Tokenize documents (an end-of-text token after each) into one flat file, streaming (data/stream.py).
     Returns its counts."""
     # documents are separated by the end-of-text token ([SEP] for a WordPiece vocabulary, which has none)
     eos = tokenizer.eos_id if tokenizer.eos_id is not None else tokenizer.token_id(tokenizer.sep_token)
-    return write_tokens(docs, tokenizer.tok.to_str(), path, eos, token_dtype(tokenizer.vocab_size), workers, rank,
-                        world, barrier, progress)
+    return write_tokens(
+        docs,
+        tokenizer.tok.to_str(),
+        path,
+        eos,
+        token_dtype(tokenizer.vocab_size),
+        workers,
+        rank,
+        world,
+        barrier,
+        progress,
+    )
 
 
-def build_shards(train: list[Document], val: list[Document], tokenizer: Tokenizer, out_dir: str | Path,
-                 workers: int = 0, rank: int = 0, world: int = 1, barrier: Callable[[], None] | None = None,
-                 progress: bool = False) -> dict:
+def build_shards(
+    train: list[Document],
+    val: list[Document],
+    tokenizer: Tokenizer,
+    out_dir: str | Path,
+    workers: int = 0,
+    rank: int = 0,
+    world: int = 1,
+    barrier: Callable[[], None] | None = None,
+    progress: bool = False,
+) -> dict:
     """train.bin, val.bin and meta.json in `out_dir`. Under torchrun every process calls it (each encodes its
     share; `barrier` is the process group's) and process 0 writes the files."""
     out = Path(out_dir)
@@ -45,14 +70,23 @@ def build_shards(train: list[Document], val: list[Document], tokenizer: Tokenize
     if progress and rank == 0:
         from tqdm import tqdm
 
-        bar = tqdm(total=sum(d.size for d in train + val), desc="tokenize", unit="B", unit_scale=True,
-                   dynamic_ncols=True, file=sys.stderr)
+        bar = tqdm(
+            total=sum(d.size for d in train + val),
+            desc="tokenize",
+            unit="B",
+            unit_scale=True,
+            dynamic_ncols=True,
+            file=sys.stderr,
+        )
     tick = bar.update if bar is not None else None
     try:
-        meta = {"vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id,
-                "train": write_shard(train, tokenizer, out / "train.bin", workers, rank, world, barrier, tick),
-                "val": write_shard(val, tokenizer, out / "val.bin", workers, rank, world, barrier, tick),
-                "val_documents": [Path(d.name).name for d in val]}
+        meta = {
+            "vocab_size": tokenizer.vocab_size,
+            "eos_id": tokenizer.eos_id,
+            "train": write_shard(train, tokenizer, out / "train.bin", workers, rank, world, barrier, tick),
+            "val": write_shard(val, tokenizer, out / "val.bin", workers, rank, world, barrier, tick),
+            "val_documents": [Path(d.name).name for d in val],
+        }
     finally:
         if bar is not None:
             bar.close()
@@ -82,8 +116,10 @@ class TokenShard:
 
     def check_fits(self, seq_len: int, split: str) -> None:
         if len(self.tokens) < seq_len + 1:
-            raise DataError(f"the {split} split has {len(self.tokens)} tokens, fewer than one window of "
-                            f"{seq_len + 1}; add text or lower train.seq_len")
+            raise DataError(
+                f"the {split} split has {len(self.tokens)} tokens, fewer than one window of "
+                f"{seq_len + 1}; add text or lower train.seq_len"
+            )
 
     def windows(self, starts: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs and next-token targets [len(starts), seq_len] for windows beginning at `starts`."""

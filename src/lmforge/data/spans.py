@@ -65,14 +65,15 @@ def raw_length_for(input_len: int, noise_density: float = 0.15, mean_span: float
 def _partitions(rows: int, n: int, k: int, gen: torch.Generator | None) -> torch.Tensor:
     """[rows, k] lengths of a uniformly random split of n items into k non-empty runs: k-1 distinct cuts among
     the n-1 gaps."""
-    cuts = torch.rand(rows, n - 1, generator=gen).argsort(dim=1)[:, :k - 1] + 1
+    cuts = torch.rand(rows, n - 1, generator=gen).argsort(dim=1)[:, : k - 1] + 1
     cuts = cuts.sort(dim=1).values
     edges = torch.cat([torch.zeros(rows, 1, dtype=torch.long), cuts, torch.full((rows, 1), n)], dim=1)
     return edges.diff(dim=1)
 
 
-def noise_masks(rows: int, length: int, noise_density: float, mean_span: float, gen: torch.Generator | None
-                ) -> torch.Tensor:
+def noise_masks(
+    rows: int, length: int, noise_density: float, mean_span: float, gen: torch.Generator | None
+) -> torch.Tensor:
     """[rows, length] bool masks as `noise_mask` draws them, one per row, in one go."""
     num_noise, num_spans = span_counts(length, noise_density, mean_span)
     keep = _partitions(rows, length - num_noise, num_spans, gen)
@@ -84,8 +85,9 @@ def noise_masks(rows: int, length: int, noise_density: float, mean_span: float, 
     return marks.cumsum(dim=1)[:, :length] % 2 == 1
 
 
-def noise_mask(length: int, noise_density: float = 0.15, mean_span: float = 3.0,
-               gen: torch.Generator | None = None) -> torch.Tensor:
+def noise_mask(
+    length: int, noise_density: float = 0.15, mean_span: float = 3.0, gen: torch.Generator | None = None
+) -> torch.Tensor:
     """[length] bool: True where a token is dropped. Exactly `span_counts(length)` noise tokens in that many
     spans; kept and dropped runs alternate, starting with kept text (the first token is never noise) and ending
     with a dropped span, each side's run lengths a uniform random partition. Deterministic given `gen` (torch's
@@ -93,8 +95,9 @@ def noise_mask(length: int, noise_density: float = 0.15, mean_span: float = 3.0,
     return noise_masks(1, length, noise_density, mean_span, gen)[0]
 
 
-def corrupt(tokens: torch.Tensor, mask: torch.Tensor, sentinel_ids: Sequence[int], eos_id: int
-            ) -> tuple[torch.Tensor, torch.Tensor]:
+def corrupt(
+    tokens: torch.Tensor, mask: torch.Tensor, sentinel_ids: Sequence[int], eos_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids, target_ids) of T5's span corruption: the input with span i replaced by sentinel_ids[i] and
     EOS appended; the target sentinel_ids[0] span 0 sentinel_ids[1] span 1 ... EOS.
 
@@ -137,8 +140,9 @@ class SpanCorruptionBatcher:
     with its own mask; every draw comes from the caller's generator, so a resumed run sees the same batches.
     `labels` are plain target ids (no -100: rows are equally long); the model shifts them right itself."""
 
-    def __init__(self, tokenizer: Tokenizer, input_len: int, noise_density: float = 0.15,
-                 mean_span: float = 3.0) -> None:
+    def __init__(
+        self, tokenizer: Tokenizer, input_len: int, noise_density: float = 0.15, mean_span: float = 3.0
+    ) -> None:
         if not 0 < noise_density < 1:
             raise ConfigError(f"span corruption's noise_density must be between 0 and 1, not {noise_density}")
         if mean_span < 1:
@@ -146,20 +150,26 @@ class SpanCorruptionBatcher:
         if input_len < 3:
             raise ConfigError(f"span corruption needs an input length of at least 3, not {input_len}")
         if tokenizer.eos_id is None:
-            raise ConfigError("span corruption needs a tokenizer with an end-of-sequence token (</s>): train one "
-                              "with Tokenizer.train_unigram or leave data.tokenizer unset")
+            raise ConfigError(
+                "span corruption needs a tokenizer with an end-of-sequence token (</s>): train one "
+                "with Tokenizer.train_unigram or leave data.tokenizer unset"
+            )
         self.noise_density, self.mean_span = noise_density, mean_span
         self.raw_len = raw_length_for(input_len, noise_density, mean_span)
         self.input_len, self.target_len = input_target_lengths(self.raw_len, noise_density, mean_span)
         self.num_spans = span_counts(self.raw_len, noise_density, mean_span)[1]
         have = tokenizer.num_sentinels
         if have == 0:
-            raise ConfigError("span corruption needs a tokenizer with <extra_id_N> sentinel tokens: train one "
-                              "with Tokenizer.train_unigram or leave data.tokenizer unset")
+            raise ConfigError(
+                "span corruption needs a tokenizer with <extra_id_N> sentinel tokens: train one "
+                "with Tokenizer.train_unigram or leave data.tokenizer unset"
+            )
         if have < self.num_spans:
-            raise ConfigError(f"span corruption of {self.raw_len}-token windows makes {self.num_spans} spans but "
-                              f"the tokenizer has {have} <extra_id_N> sentinels: train one with more extra_ids "
-                              f"or lower the input length")
+            raise ConfigError(
+                f"span corruption of {self.raw_len}-token windows makes {self.num_spans} spans but "
+                f"the tokenizer has {have} <extra_id_N> sentinels: train one with more extra_ids "
+                f"or lower the input length"
+            )
         self.sentinels = tokenizer.sentinel_ids(self.num_spans)
         self.eos = tokenizer.eos_id
 
@@ -171,8 +181,9 @@ class SpanCorruptionBatcher:
 
 
 @torch.no_grad()
-def span_metrics(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], device: torch.device
-                 ) -> dict[str, float]:
+def span_metrics(
+    model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], device: torch.device
+) -> dict[str, float]:
     """Loss, perplexity and token accuracy of the dropped-span targets over fixed batches (teacher forcing)."""
     import math
 

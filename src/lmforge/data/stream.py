@@ -120,9 +120,18 @@ def _exit_with_parent(parent: int) -> None:
     os._exit(1)
 
 
-def write_tokens(docs: list[Document], tokenizer_json: str, path: str | Path, eos: int | None, dtype: np.dtype,
-                 workers: int = 0, rank: int = 0, world: int = 1, barrier: Callable[[], None] | None = None,
-                 progress: Callable[[int], None] | None = None) -> dict:
+def write_tokens(
+    docs: list[Document],
+    tokenizer_json: str,
+    path: str | Path,
+    eos: int | None,
+    dtype: np.dtype,
+    workers: int = 0,
+    rank: int = 0,
+    world: int = 1,
+    barrier: Callable[[], None] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> dict:
     """Encode a split's documents into `path` (see the module notes). Every process of a torchrun world calls it
     with the same documents and `barrier`; process 0 writes `path` and returns its counts (the others too, read
     from the parts' records). progress(bytes) is called as this process's parts finish."""
@@ -143,8 +152,10 @@ def write_tokens(docs: list[Document], tokenizer_json: str, path: str | Path, eo
     n = min(workers or default_workers(), max(1, len(todo)))
     if todo:
         with ProcessPoolExecutor(n, mp_context=get_context("spawn"), initializer=_worker_setup) as pool:
-            jobs = {pool.submit(encode_part, tokenizer_json, parts[k], str(work / f"{k:05d}.bin"), eos,
-                                dtype.name): k for k in todo}
+            jobs = {
+                pool.submit(encode_part, tokenizer_json, parts[k], str(work / f"{k:05d}.bin"), eos, dtype.name): k
+                for k in todo
+            }
             for job in as_completed(jobs):
                 k = jobs[job]
                 write_json(work / f"{k:05d}.json", job.result())

@@ -59,11 +59,71 @@ TESTAMENTS = ("ot", "nt")
 
 # The 66 OSIS book ids in canonical order, as the KJV-versification modules name them.
 BOOKS = (
-    "Gen", "Exod", "Lev", "Num", "Deut", "Josh", "Judg", "Ruth", "1Sam", "2Sam", "1Kgs", "2Kgs", "1Chr", "2Chr",
-    "Ezra", "Neh", "Esth", "Job", "Ps", "Prov", "Eccl", "Song", "Isa", "Jer", "Lam", "Ezek", "Dan", "Hos", "Joel",
-    "Amos", "Obad", "Jonah", "Mic", "Nah", "Hab", "Zeph", "Hag", "Zech", "Mal",
-    "Matt", "Mark", "Luke", "John", "Acts", "Rom", "1Cor", "2Cor", "Gal", "Eph", "Phil", "Col", "1Thess",
-    "2Thess", "1Tim", "2Tim", "Titus", "Phlm", "Heb", "Jas", "1Pet", "2Pet", "1John", "2John", "3John", "Jude",
+    "Gen",
+    "Exod",
+    "Lev",
+    "Num",
+    "Deut",
+    "Josh",
+    "Judg",
+    "Ruth",
+    "1Sam",
+    "2Sam",
+    "1Kgs",
+    "2Kgs",
+    "1Chr",
+    "2Chr",
+    "Ezra",
+    "Neh",
+    "Esth",
+    "Job",
+    "Ps",
+    "Prov",
+    "Eccl",
+    "Song",
+    "Isa",
+    "Jer",
+    "Lam",
+    "Ezek",
+    "Dan",
+    "Hos",
+    "Joel",
+    "Amos",
+    "Obad",
+    "Jonah",
+    "Mic",
+    "Nah",
+    "Hab",
+    "Zeph",
+    "Hag",
+    "Zech",
+    "Mal",
+    "Matt",
+    "Mark",
+    "Luke",
+    "John",
+    "Acts",
+    "Rom",
+    "1Cor",
+    "2Cor",
+    "Gal",
+    "Eph",
+    "Phil",
+    "Col",
+    "1Thess",
+    "2Thess",
+    "1Tim",
+    "2Tim",
+    "Titus",
+    "Phlm",
+    "Heb",
+    "Jas",
+    "1Pet",
+    "2Pet",
+    "1John",
+    "2John",
+    "3John",
+    "Jude",
     "Rev",
 )
 
@@ -115,8 +175,10 @@ def module_dir(name: str, root: Path | str | None = None) -> Path:
     if not all((folder / f"{t}.{ext}").is_file() for t in TESTAMENTS for ext in ("bzs", "bzv", "bzz")):
         if name in PACKAGES:
             raise DataError(f"SWORD module {name} is not installed: apt-get install {PACKAGES[name]}")
-        raise DataError(f"SWORD module {name} not found: no folder {folder} with ot/nt .bzs/.bzv/.bzz files "
-                        f"(known modules: {', '.join(PACKAGES)})")
+        raise DataError(
+            f"SWORD module {name} not found: no folder {folder} with ot/nt .bzs/.bzv/.bzz files "
+            f"(known modules: {', '.join(PACKAGES)})"
+        )
     return folder
 
 
@@ -136,14 +198,14 @@ def _read_slots(folder: Path, testament: str) -> list[str]:
                 raise DataError(f"{folder / testament}.bzv points at block {i}, but .bzs has {len(bzs) // 12}")
             off, csize, _ = struct.unpack_from("<III", bzs, i * 12)
             try:
-                blocks[i] = zlib.decompress(bzz[off:off + csize])
+                blocks[i] = zlib.decompress(bzz[off : off + csize])
             except zlib.error as e:
                 raise DataError(f"{folder / testament}.bzz: block {i} is corrupt ({e}); reinstall the module") from None
         return blocks[i]
 
     slots = []
-    for blk, off, size in struct.iter_unpack("<IIH", bzv[:len(bzv) - len(bzv) % 10]):
-        slots.append(block(blk)[off:off + size].decode("utf-8", errors="replace") if size else "")
+    for blk, off, size in struct.iter_unpack("<IIH", bzv[: len(bzv) - len(bzv) % 10]):
+        slots.append(block(blk)[off : off + size].decode("utf-8", errors="replace") if size else "")
     return slots
 
 
@@ -189,8 +251,27 @@ _WORD = re.compile(r"\w+")
 _ENCLITICS = {"me", "te", "se", "le", "les", "lo", "los", "la", "las", "nos", "os"}
 _VERB_FORM = re.compile(r"(?:ndo|[rd]|[áéíóú]\w+)$|^[a-zñ]\w*[áéíóú]$")
 _SHORT_IMPERATIVES = {"di", "da", "haz", "pon", "ten", "sal", "ven"}
-_NOT_VERBS = {"sólo", "éste", "ésta", "éstos", "éstas", "ése", "ésa", "aquél", "también", "cuánto", "cuánta",
-              "cuántos", "cuántas", "ejército", "por", "mar", "señor", "ciudad", "verdad"}
+_NOT_VERBS = {
+    "sólo",
+    "éste",
+    "ésta",
+    "éstos",
+    "éstas",
+    "ése",
+    "ésa",
+    "aquél",
+    "también",
+    "cuánto",
+    "cuánta",
+    "cuántos",
+    "cuántas",
+    "ejército",
+    "por",
+    "mar",
+    "señor",
+    "ciudad",
+    "verdad",
+}
 _SELF_CLOSING = re.compile(r"<[^>]*/>")
 _TAG = re.compile(r"<[^>]*>")
 _USFM = re.compile(r"\\\+?[a-z]+\d*\*?")  # "the \nd LORD": a USFM marker left in 76 KJV verses
@@ -202,8 +283,11 @@ def _unglue(m: re.Match) -> str:
     if before is None:
         return tags
     stem, word, nxt = before.group(0), before.group(0).lower(), _WORD.match(text, m.end()).group(0).lower()
-    joined = (nxt in _ENCLITICS and word not in _NOT_VERBS
-              and (_VERB_FORM.search(stem) is not None or word in _SHORT_IMPERATIVES))
+    joined = (
+        nxt in _ENCLITICS
+        and word not in _NOT_VERBS
+        and (_VERB_FORM.search(stem) is not None or word in _SHORT_IMPERATIVES)
+    )
     return tags if joined else tags + " "
 
 
@@ -254,8 +338,10 @@ def bible_pairs(source: str = KJV, target: str = RV1909, root: Path | str | None
     for t in TESTAMENTS:
         (s_slots, s_labels), (t_slots, t_labels) = src[t], tgt[t]
         if len(s_slots) != len(t_slots):
-            raise DataError(f"SWORD modules {source} and {target} differ in versification: {len(s_slots)} vs "
-                            f"{len(t_slots)} slots in the {t.upper()}; pair modules that share one")
+            raise DataError(
+                f"SWORD modules {source} and {target} differ in versification: {len(s_slots)} vs "
+                f"{len(t_slots)} slots in the {t.upper()}; pair modules that share one"
+            )
         for s_markup, t_markup, ref, t_ref in zip(s_slots, t_slots, s_labels, t_labels):
             if ref is None:
                 continue
@@ -263,8 +349,10 @@ def bible_pairs(source: str = KJV, target: str = RV1909, root: Path | str | None
             if not (s_text and t_text):
                 continue
             if t_ref is not None and t_ref != ref:
-                raise DataError(f"SWORD modules {source} and {target} disagree on verse order: "
-                                f"{_ref(ref)} in one is {_ref(t_ref)} in the other")
+                raise DataError(
+                    f"SWORD modules {source} and {target} disagree on verse order: "
+                    f"{_ref(ref)} in one is {_ref(t_ref)} in the other"
+                )
             pairs.append(VersePair(*ref, s_text, t_text))
     return pairs
 
@@ -277,8 +365,11 @@ def _ref(ref: tuple[str, int, int]) -> str:
 # held-out split
 
 
-def split_by_book(pairs: Sequence[_HasBook], test_books: Sequence[str] = DEFAULT_TEST_BOOKS,
-                  val_books: Sequence[str] = DEFAULT_VAL_BOOKS) -> tuple[list, list, list]:
+def split_by_book(
+    pairs: Sequence[_HasBook],
+    test_books: Sequence[str] = DEFAULT_TEST_BOOKS,
+    val_books: Sequence[str] = DEFAULT_VAL_BOOKS,
+) -> tuple[list, list, list]:
     """(train, val, test) with whole books held out, so no verse of a test or validation book is trained on.
 
     Split by book, not by verse: neighbouring verses repeat names and phrases ("And the LORD spake unto Moses"),
@@ -310,12 +401,39 @@ GENRES = {
     "gospels & acts": BOOKS[39:44],
     "epistles & revelation": BOOKS[44:],
 }
-GENRE_TEST_BOOKS = ("Exod", "Judg", "2Kgs", "Neh", "Prov", "Eccl", "Song", "Lam", "Dan", "Hos", "Amos", "Mic",
-                    "Zech", "Mal", "Mark", "John", "1Cor", "Gal", "1Thess", "Jas", "1John", "Jude")
+GENRE_TEST_BOOKS = (
+    "Exod",
+    "Judg",
+    "2Kgs",
+    "Neh",
+    "Prov",
+    "Eccl",
+    "Song",
+    "Lam",
+    "Dan",
+    "Hos",
+    "Amos",
+    "Mic",
+    "Zech",
+    "Mal",
+    "Mark",
+    "John",
+    "1Cor",
+    "Gal",
+    "1Thess",
+    "Jas",
+    "1John",
+    "Jude",
+)
 
 
-def genre_documents(min_words: int = 300, max_words: int = 1000, per_genre: int | None = 200, seed: int = 0,
-                    root: Path | str | None = None) -> dict[str, list[tuple[str, str, str]]]:
+def genre_documents(
+    min_words: int = 300,
+    max_words: int = 1000,
+    per_genre: int | None = 200,
+    seed: int = 0,
+    root: Path | str | None = None,
+) -> dict[str, list[tuple[str, str, str]]]:
     """{"train": [...], "test": [...]} of (text, genre, book): each book of the KJV cut into passages of whole
     consecutive verses, each `min_words` to `max_words` long (a length drawn uniformly per passage; a book's
     remainder shorter than min_words is dropped), split by book (GENRE_TEST_BOOKS are the test books). At most

@@ -12,9 +12,15 @@ from lmforge.files import check_out_dir, check_out_file
 from lmforge.tokenizer import DEFAULT_SPECIALS, Tokenizer
 
 
-def train_tokenizer(sources: Sequence[str], vocab_size: int = 8192, out: str | Path | None = None,
-                    special_tokens: Sequence[str] = DEFAULT_SPECIALS, kind: str = "bpe",
-                    lowercase: bool | None = None, extra_ids: int = 100) -> Tokenizer:
+def train_tokenizer(
+    sources: Sequence[str],
+    vocab_size: int = 8192,
+    out: str | Path | None = None,
+    special_tokens: Sequence[str] = DEFAULT_SPECIALS,
+    kind: str = "bpe",
+    lowercase: bool | None = None,
+    extra_ids: int = 100,
+) -> Tokenizer:
     """Train a tokenizer on corpora (names, files, folders, globs) and optionally save it.
 
     kind "bpe": byte-level BPE for decoders; "wordpiece": BERT-style WordPiece ([CLS]/[SEP]/[MASK], `##`
@@ -26,12 +32,15 @@ def train_tokenizer(sources: Sequence[str], vocab_size: int = 8192, out: str | P
     if kind not in ("bpe", "wordpiece", "unigram"):
         raise ConfigError(f"tokenizer kind {kind!r} is not one of bpe, wordpiece, unigram")
     if lowercase is not None and kind != "wordpiece":
-        raise ConfigError(f"{'--cased' if lowercase is False else 'lowercase'} is WordPiece's setting; --kind {kind} "
-                          "keeps case always: drop it")
+        raise ConfigError(
+            f"{'--cased' if lowercase is False else 'lowercase'} is WordPiece's setting; --kind {kind} "
+            "keeps case always: drop it"
+        )
     floor = {"bpe": 256 + len(special_tokens), "wordpiece": 100, "unigram": 100 + extra_ids}[kind]
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < floor:
-        why = {"bpe": " (256 bytes + special tokens)", "wordpiece": "",
-               "unigram": f" (100 + {extra_ids} sentinels)"}[kind]
+        why = {"bpe": " (256 bytes + special tokens)", "wordpiece": "", "unigram": f" (100 + {extra_ids} sentinels)"}[
+            kind
+        ]
         raise ConfigError(f"--vocab-size must be a whole number of at least {floor}{why}, got {vocab_size!r}")
     if out is not None:  # an unusable output path fails before the corpus is read
         (check_out_file if Path(out).suffix == ".json" else check_out_dir)(out, "--out")

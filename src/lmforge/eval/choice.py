@@ -39,10 +39,16 @@ def read_choices(path: str | Path) -> list[dict]:
         except json.JSONDecodeError as e:
             raise DataError(f"{p}:{n}: not valid JSON ({e.msg})") from None
         choices = row.get("choices") if isinstance(row, dict) else None
-        if not isinstance(row, dict) or not isinstance(row.get("question"), str) or not isinstance(choices, list) \
-                or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
-            raise DataError(f"{p}:{n}: a row needs a string 'question' and a list of at least two non-empty "
-                            "string 'choices'")
+        if (
+            not isinstance(row, dict)
+            or not isinstance(row.get("question"), str)
+            or not isinstance(choices, list)
+            or len(choices) < 2
+            or not all(isinstance(c, str) and c for c in choices)
+        ):
+            raise DataError(
+                f"{p}:{n}: a row needs a string 'question' and a list of at least two non-empty string 'choices'"
+            )
         ans = row.get("answer")
         if isinstance(ans, str) and ans in choices:
             ans = choices.index(ans)
@@ -70,7 +76,7 @@ def choice_logprobs(model, tokenizer, context: str, choices: list[str]) -> list[
     T = max(len(r) for r in rows)
     ids = torch.full((len(rows), T), tokenizer.pad_id, dtype=torch.long)
     for i, r in enumerate(rows):
-        ids[i, :len(r)] = torch.tensor(r)
+        ids[i, : len(r)] = torch.tensor(r)
     logp = torch.log_softmax(model(ids).logits.float(), dim=-1)  # right padding: causal rows never see it
     out = []
     for i, c in enumerate(conts):
@@ -79,8 +85,9 @@ def choice_logprobs(model, tokenizer, context: str, choices: list[str]) -> list[
     return out
 
 
-def evaluate_choices(model, tokenizer, rows: list[dict], chat: bool = False, template: str | None = None,
-                     progress: bool = True) -> dict:
+def evaluate_choices(
+    model, tokenizer, rows: list[dict], chat: bool = False, template: str | None = None, progress: bool = True
+) -> dict:
     """accuracy, accuracy_norm and per-row picks for multiple-choice rows. template: the text around each
     question (default PROMPT; under chat, the user turn's text, by default the question alone)."""
     from tqdm import tqdm

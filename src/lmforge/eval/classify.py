@@ -25,8 +25,10 @@ def classification_metrics(y_true: list[int], y_pred: list[int], labels: list[st
     return {
         "accuracy": float(accuracy_score(y_true, y_pred)),
         "macro_f1": float(f1_score(y_true, y_pred, labels=ids, average="macro", zero_division=0)),
-        "per_class": {labels[i]: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]),
-                                  "support": int(s[i])} for i in ids},
+        "per_class": {
+            labels[i]: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
+            for i in ids
+        },
         "confusion": confusion_matrix(y_true, y_pred, labels=ids).tolist(),
         "labels": list(labels),
     }
@@ -44,8 +46,15 @@ def plot_confusion(metrics: dict[str, Any], path: str | Path, title: str = "conf
     ax.imshow(frac, cmap="Blues", vmin=0, vmax=1)
     for i in range(n):
         for j in range(n):
-            ax.text(j, i, f"{cm[i][j]}\n{frac[i][j]:.0%}", ha="center", va="center", fontsize=9,
-                    color="white" if frac[i][j] > 0.5 else "black")
+            ax.text(
+                j,
+                i,
+                f"{cm[i][j]}\n{frac[i][j]:.0%}",
+                ha="center",
+                va="center",
+                fontsize=9,
+                color="white" if frac[i][j] > 0.5 else "black",
+            )
     ax.set_xticks(range(n), labels, rotation=30, ha="right")
     ax.set_yticks(range(n), labels)
     ax.set_xlabel("predicted")
@@ -55,10 +64,18 @@ def plot_confusion(metrics: dict[str, Any], path: str | Path, title: str = "conf
     return save_png(fig, path)
 
 
-def predict_file(models: list[str], path: str | Path | None = None, texts: list[str] | None = None,
-                 text_col: str | None = None, label_col: str | None = None, vote: str | None = None,
-                 batch_size: int = 64, device: str = "cpu", quantize: str | None = None, dtype: str | None = None
-                 ) -> tuple[list[str], list[dict], dict[str, Any]]:
+def predict_file(
+    models: list[str],
+    path: str | Path | None = None,
+    texts: list[str] | None = None,
+    text_col: str | None = None,
+    label_col: str | None = None,
+    vote: str | None = None,
+    batch_size: int = 64,
+    device: str = "cpu",
+    quantize: str | None = None,
+    dtype: str | None = None,
+) -> tuple[list[str], list[dict], dict[str, Any]]:
     """`lmforge predict`: (texts, predictions, metrics) for the texts of `path` (or `texts`) under one classifier
     or an ensemble of several (`vote`: mean of the probabilities, or majority). With `label_col` the file is
     labelled and the metrics score the predictions against it ({} otherwise). Settings and data are checked
@@ -72,8 +89,9 @@ def predict_file(models: list[str], path: str | Path | None = None, texts: list[
         if not path or path == "-":
             raise DataError("--label-col needs a labelled data file (CSV/TSV/JSONL), not standard input")
         if texts:
-            raise DataError("--label-col scores the texts of a labelled file; --text gives texts without labels: "
-                            "drop one")
+            raise DataError(
+                "--label-col scores the texts of a labelled file; --text gives texts without labels: drop one"
+            )
         ds = read_labelled(path, text_col, label_col)
         note_repaired(ds)
         texts, gold = ds.texts, ds.labels
@@ -85,10 +103,15 @@ def predict_file(models: list[str], path: str | Path | None = None, texts: list[
     model, tok = members[0]
     labels = getattr(model.config, "labels", [])
     if gold is not None and set(gold) - set(labels):
-        raise DataError(f"{path} has labels the model never saw: {', '.join(sorted(set(gold) - set(labels))[:5])} "
-                        f"(the model knows: {', '.join(labels)})")
-    preds = (predict_ensemble(members, texts, vote=vote, batch_size=batch_size) if len(members) > 1
-             else predict(model, tok, texts, batch_size=batch_size))
+        raise DataError(
+            f"{path} has labels the model never saw: {', '.join(sorted(set(gold) - set(labels))[:5])} "
+            f"(the model knows: {', '.join(labels)})"
+        )
+    preds = (
+        predict_ensemble(members, texts, vote=vote, batch_size=batch_size)
+        if len(members) > 1
+        else predict(model, tok, texts, batch_size=batch_size)
+    )
     if gold is None:
         return texts, preds, {}
     ids = {n: i for i, n in enumerate(labels)}

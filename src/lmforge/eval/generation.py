@@ -21,8 +21,9 @@ def reference_scores(predictions: Sequence[str], references: Sequence[str | Sequ
     refs = [[r] if isinstance(r, str) else list(r) for r in references]
     n = max(len(predictions), 1)
     return squad_scores(list(predictions), refs) | {
-        "rougeL": 100 * sum(max(scorer.score(g, p)["rougeL"].fmeasure for g in gs)
-                            for p, gs in zip(predictions, refs)) / n,
+        "rougeL": 100
+        * sum(max(scorer.score(g, p)["rougeL"].fmeasure for g in gs) for p, gs in zip(predictions, refs))
+        / n,
     }
 
 

@@ -22,15 +22,20 @@ def lm_metrics(loss: float, bytes_per_token: float) -> dict[str, float]:
 
 @torch.no_grad()
 def window_loss(
-    model: torch.nn.Module, shard: TokenShard, starts: torch.Tensor, seq_len: int, batch_size: int,
-    device: torch.device, autocast=None,
+    model: torch.nn.Module,
+    shard: TokenShard,
+    starts: torch.Tensor,
+    seq_len: int,
+    batch_size: int,
+    device: torch.device,
+    autocast=None,
 ) -> tuple[float, int]:
     """Sum of token losses and number of tokens over the windows beginning at `starts`."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(starts), batch_size):
-        x, y = shard.windows(starts[i:i + batch_size], seq_len)
+        x, y = shard.windows(starts[i : i + batch_size], seq_len)
         x, y = x.to(device), y.to(device)
         with autocast or nullcontext():
             loss = model(x, labels=y).loss
@@ -41,7 +46,11 @@ def window_loss(
 
 
 def evaluate_shard(
-    model: torch.nn.Module, shard: TokenShard, seq_len: int, batch_size: int = 8, device: torch.device | None = None,
+    model: torch.nn.Module,
+    shard: TokenShard,
+    seq_len: int,
+    batch_size: int = 8,
+    device: torch.device | None = None,
 ) -> dict[str, float]:
     """Loss, perplexity and bits per byte over the whole shard in non-overlapping windows."""
     device = device or next(model.parameters()).device
@@ -50,8 +59,13 @@ def evaluate_shard(
 
 
 @torch.no_grad()
-def strided_nll(model: torch.nn.Module, ids: list[int], window: int, stride: int,
-                windows: list[tuple[int, float, int]] | None = None) -> tuple[float, int]:
+def strided_nll(
+    model: torch.nn.Module,
+    ids: list[int],
+    window: int,
+    stride: int,
+    windows: list[tuple[int, float, int]] | None = None,
+) -> tuple[float, int]:
     """Total negative log-likelihood and token count of `ids` with a sliding window.
 
     Windows of `window` tokens start every `stride` tokens; each scores only the tokens the previous window
@@ -63,8 +77,8 @@ def strided_nll(model: torch.nn.Module, ids: list[int], window: int, stride: int
     total, count, scored_to = 0.0, 0, 1  # token 0 has no context
     for begin in range(0, max(1, len(ids) - 1), stride):
         end = min(begin + window, len(ids))
-        x = torch.tensor(ids[begin:end - 1], device=device)[None]
-        y = torch.tensor(ids[begin + 1:end], device=device)[None]
+        x = torch.tensor(ids[begin : end - 1], device=device)[None]
+        y = torch.tensor(ids[begin + 1 : end], device=device)[None]
         first = max(scored_to, begin + 1) - (begin + 1)  # index of the first target not yet scored
         y[:, :first] = -100
         n = int((y != -100).sum())
@@ -80,8 +94,9 @@ def strided_nll(model: torch.nn.Module, ids: list[int], window: int, stride: int
     return total, count
 
 
-def evaluate_perplexity(model: torch.nn.Module, tokenizer, sources: list[str], window: int | None = None,
-                        stride: int | None = None) -> dict:
+def evaluate_perplexity(
+    model: torch.nn.Module, tokenizer, sources: list[str], window: int | None = None, stride: int | None = None
+) -> dict:
     """Perplexity and bits per byte of a model on text files / corpora, document by document.
 
     Returns loss (mean nats per scored token), ppl, bpb (total nats / ln 2 / UTF-8 bytes of the text), tokens
@@ -90,8 +105,10 @@ def evaluate_perplexity(model: torch.nn.Module, tokenizer, sources: list[str], w
     window = min(model.config.max_seq_len, 1024) if window is None else window  # (0 is refused, not a default)
     stride = max(1, window // 2) if stride is None else stride
     if window > model.config.max_seq_len or window < 2 or not 0 < stride <= window:
-        raise ConfigError(f"need 2 <= window <= {model.config.max_seq_len} (the context) and 0 < stride <= window; "
-                          f"got window {window}, stride {stride}")
+        raise ConfigError(
+            f"need 2 <= window <= {model.config.max_seq_len} (the context) and 0 < stride <= window; "
+            f"got window {window}, stride {stride}"
+        )
     was_training = model.training
     model.eval()
     total, count, n_bytes = 0.0, 0, 0
@@ -105,9 +122,18 @@ def evaluate_perplexity(model: torch.nn.Module, tokenizer, sources: list[str], w
     finally:
         model.train(was_training)
     if count == 0:  # a loss of 0 (perplexity 1) would look like a perfect model
-        raise DataError(f"{', '.join(map(str, sources))}: too little text to score (each document needs at least "
-                        "two tokens)")
+        raise DataError(
+            f"{', '.join(map(str, sources))}: too little text to score (each document needs at least two tokens)"
+        )
     loss = total / count
-    return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "bpb": total / math.log(2) / n_bytes,
-            "tokens": count, "bytes": n_bytes, "windows": len(per_window), "window": window, "stride": stride,
-            "per_window": per_window}
+    return {
+        "loss": loss,
+        "ppl": math.exp(min(loss, 50.0)),
+        "bpb": total / math.log(2) / n_bytes,
+        "tokens": count,
+        "bytes": n_bytes,
+        "windows": len(per_window),
+        "window": window,
+        "stride": stride,
+        "per_window": per_window,
+    }

@@ -44,18 +44,37 @@ TASKS = ("perplexity", "classify", "qa", "choice", "seq2seq")
 def describe(task: str, m: dict) -> str:
     """One line of `evaluate`'s metrics, as `lmforge eval` prints them."""
     if task == "perplexity":
-        return (f"perplexity {m['perplexity']:.3f}  loss {m['loss']:.4f}  bits/byte {m['bits_per_byte']:.4f}  "
-                f"({m['tokens']:,} tokens, {m['windows']:,} windows of {m['window']}, stride {m['stride']})")
+        return (
+            f"perplexity {m['perplexity']:.3f}  loss {m['loss']:.4f}  bits/byte {m['bits_per_byte']:.4f}  "
+            f"({m['tokens']:,} tokens, {m['windows']:,} windows of {m['window']}, stride {m['stride']})"
+        )
     shown = {k: v for k, v in m.items() if isinstance(v, (int, float)) and k != "seconds"}
     return "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items())
 
 
-def evaluate(task: str, model: str, data: list[str] | str, out: str | Path | None = None, *, limit: int | None = None,
-             text_col: str | None = None, label_col: str | None = None, source_col: str | None = None,
-             target_col: str | None = None, chat: bool = False, prompt: str | None = None,
-             max_new_tokens: int = 64, window: int | None = None, stride: int | None = None,
-             quantize: str | None = None, adapter: str | None = None, batch_size: int = 16,
-             num_beams: int | None = None, device: str = "cpu", dtype: str | None = None) -> dict:
+def evaluate(
+    task: str,
+    model: str,
+    data: list[str] | str,
+    out: str | Path | None = None,
+    *,
+    limit: int | None = None,
+    text_col: str | None = None,
+    label_col: str | None = None,
+    source_col: str | None = None,
+    target_col: str | None = None,
+    chat: bool = False,
+    prompt: str | None = None,
+    max_new_tokens: int = 64,
+    window: int | None = None,
+    stride: int | None = None,
+    quantize: str | None = None,
+    adapter: str | None = None,
+    batch_size: int = 16,
+    num_beams: int | None = None,
+    device: str = "cpu",
+    dtype: str | None = None,
+) -> dict:
     """Evaluate `model` on `data` for `task`; returns the metrics (and writes the report when `out` is given).
     dtype: the weights' dtype (load_pretrained: float32, bfloat16 or auto). num_beams (seq2seq): beam search
     with this many beams; None: 4 for an encoder-decoder, 1 (greedy) for a decoder."""
@@ -64,21 +83,39 @@ def evaluate(task: str, model: str, data: list[str] | str, out: str | Path | Non
     # settings and the output folder first: loading the model and reading the data take the time
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise LmforgeError(f"--limit must be positive, got {limit}")
-    for flag, value, low in (("--window", window, 2), ("--stride", stride, 1), ("--max-new-tokens", max_new_tokens, 1),
-                             ("--num-beams", num_beams, 1), ("--batch-size", batch_size, 1)):
+    for flag, value, low in (
+        ("--window", window, 2),
+        ("--stride", stride, 1),
+        ("--max-new-tokens", max_new_tokens, 1),
+        ("--num-beams", num_beams, 1),
+        ("--batch-size", batch_size, 1),
+    ):
         check_number(flag, value, low, integer=True)
     if window is not None and stride is not None and stride > window:
-        raise ConfigError(f"--stride {stride} is longer than --window {window}: windows would skip tokens; use a "
-                          "stride of at most the window")
+        raise ConfigError(
+            f"--stride {stride} is longer than --window {window}: windows would skip tokens; use a "
+            "stride of at most the window"
+        )
     if out is not None:
         check_out_dir(out, "--out")
     sources = [data] if isinstance(data, (str, Path)) else list(data)
     m, tok = load_pretrained(model, device=device, quantize=quantize, adapter=adapter, dtype=dtype)
     t0 = time.time()
     fn = {"perplexity": _perplexity, "classify": _classify, "qa": _qa, "choice": _choice, "seq2seq": _seq2seq}[task]
-    options = {"limit": limit, "text_col": text_col, "label_col": label_col, "source_col": source_col,
-               "target_col": target_col, "chat": chat, "prompt": prompt, "max_new_tokens": max_new_tokens,
-               "window": window, "stride": stride, "batch_size": batch_size, "num_beams": num_beams}
+    options = {
+        "limit": limit,
+        "text_col": text_col,
+        "label_col": label_col,
+        "source_col": source_col,
+        "target_col": target_col,
+        "chat": chat,
+        "prompt": prompt,
+        "max_new_tokens": max_new_tokens,
+        "window": window,
+        "stride": stride,
+        "batch_size": batch_size,
+        "num_beams": num_beams,
+    }
     metrics, plot, details = fn(m, tok, sources, options)
     metrics["seconds"] = round(time.time() - t0, 2)
     if out is not None:
@@ -117,13 +154,16 @@ def _classify(m, tok, sources, o):
     labels = m.config.labels
     unknown = sorted(set(gold) - set(labels))
     if unknown:
-        raise DataError(f"{sources[0]} has labels the model never saw: {', '.join(unknown[:5])} (the model knows: "
-                        f"{', '.join(labels)})")
+        raise DataError(
+            f"{sources[0]} has labels the model never saw: {', '.join(unknown[:5])} (the model knows: "
+            f"{', '.join(labels)})"
+        )
     preds = predict(m, tok, texts)
     ids = {n: i for i, n in enumerate(labels)}
     met = classification_metrics([ids[g] for g in gold], [ids[p["label"]] for p in preds], labels)
-    details = [{"text": t, "label": g, "prediction": p["label"], "score": p["score"]}
-               for t, g, p in zip(texts, gold, preds)]
+    details = [
+        {"text": t, "label": g, "prediction": p["label"], "score": p["score"]} for t, g, p in zip(texts, gold, preds)
+    ]
     met["n"] = len(texts)
     return met, ("confusion", met), details
 
@@ -137,8 +177,9 @@ def _qa(m, tok, sources, o):
     preds = answer(m, tok, examples, max_len, min(128, max_len // 3))
     met = squad_scores(preds, [[t for t, _ in e.answers] for e in examples])
     met["n"] = len(examples)
-    details = [{"question": e.question, "prediction": p, "answers": [t for t, _ in e.answers]}
-               for e, p in zip(examples, preds)]
+    details = [
+        {"question": e.question, "prediction": p, "answers": [t for t, _ in e.answers]} for e, p in zip(examples, preds)
+    ]
     return met, ({"exact match": met["exact_match"], "F1": met["f1"]}, "extractive QA"), details
 
 
@@ -147,8 +188,11 @@ def _choice(m, tok, sources, o):
     rows = read_choices(sources[0])[: o["limit"]]
     r = evaluate_choices(m, tok, rows, chat=o["chat"], template=o["prompt"])
     details = [{**row, **d} for row, d in zip(rows, r.pop("rows"))]
-    plot = {"accuracy": 100 * r["accuracy"], "accuracy (length-norm.)": 100 * r["accuracy_norm"],
-            "chance": 100 * r["chance"]}
+    plot = {
+        "accuracy": 100 * r["accuracy"],
+        "accuracy (length-norm.)": 100 * r["accuracy_norm"],
+        "chance": 100 * r["chance"],
+    }
     return r, (plot, "zero-shot multiple choice (%)"), details
 
 
@@ -160,10 +204,17 @@ def _seq2seq(m, tok, sources, o):
     prompts = [template.format(source=s) for s, _ in pairs]
     if isinstance(m, Seq2SeqLM):  # an encoder-decoder reads the source and writes the target: beam search
         if o["chat"]:
-            raise LmforgeError("--chat sends prompts through a decoder's chat template; this model is an "
-                               "encoder-decoder (T5), which reads the source as it is: drop --chat")
-        hyps = generate_seq2seq(m, tok, prompts, Seq2SeqParams(max_new_tokens=o["max_new_tokens"],
-                                                               num_beams=o["num_beams"] or 4), batch_size=32)
+            raise LmforgeError(
+                "--chat sends prompts through a decoder's chat template; this model is an "
+                "encoder-decoder (T5), which reads the source as it is: drop --chat"
+            )
+        hyps = generate_seq2seq(
+            m,
+            tok,
+            prompts,
+            Seq2SeqParams(max_new_tokens=o["max_new_tokens"], num_beams=o["num_beams"] or 4),
+            batch_size=32,
+        )
         return _seq2seq_scored(pairs, hyps)
     _kind(m, "decoder", "seq2seq")
     ends: list[int] = []
@@ -175,8 +226,18 @@ def _seq2seq(m, tok, sources, o):
     hyps: list[str] = []
     bs = o["batch_size"]
     for s in range(0, len(prompts), bs):
-        hyps += [h.strip() for h in generate(m, tok, prompts[s:s + bs], max_new_tokens=o["max_new_tokens"],
-                                             stop=None if o["chat"] else ["\n"], end_token_ids=ends, **how)]
+        hyps += [
+            h.strip()
+            for h in generate(
+                m,
+                tok,
+                prompts[s : s + bs],
+                max_new_tokens=o["max_new_tokens"],
+                stop=None if o["chat"] else ["\n"],
+                end_token_ids=ends,
+                **how,
+            )
+        ]
     return _seq2seq_scored(pairs, hyps)
 
 
@@ -185,8 +246,11 @@ def _seq2seq_scored(pairs, hyps):
     met = seq2seq_scores(hyps, refs)
     met["n"] = len(pairs)
     details = [{"source": s, "reference": t, "prediction": h} for (s, t), h in zip(pairs, hyps)]
-    return met, ({k: met[k] for k in ("bleu", "chrf", "rouge1", "rouge2", "rougeL")}, "generation vs references"), \
-        details
+    return (
+        met,
+        ({k: met[k] for k in ("bleu", "chrf", "rouge1", "rouge2", "rougeL")}, "generation vs references"),
+        details,
+    )
 
 
 def read_pairs(path: str, source_col: str | None, target_col: str | None) -> list[tuple[str, str]]:
@@ -205,15 +269,22 @@ def read_pairs(path: str, source_col: str | None, target_col: str | None) -> lis
 
 def _write(out: Path, task: str, model: str, sources: list[str], metrics: dict, plot, details: list[dict]) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "results.json", {"task": task, "model": str(model), "data": [str(s) for s in sources],
-                                      "metrics": metrics})
+    write_json(
+        out / "results.json", {"task": task, "model": str(model), "data": [str(s) for s in sources], "metrics": metrics}
+    )
     if details:
         name = "windows.jsonl" if task == "perplexity" else "predictions.jsonl"
         write_text(out / name, "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in details))
     images = []
     if plot is not None and plot[0] == "windows":
-        series_plot(plot[1], out / "windows.png", f"{Path(str(model)).name}: loss per window",
-                    xlabel="window (in reading order)", ylabel="loss (nats / token)", mean=plot[2])
+        series_plot(
+            plot[1],
+            out / "windows.png",
+            f"{Path(str(model)).name}: loss per window",
+            xlabel="window (in reading order)",
+            ylabel="loss (nats / token)",
+            mean=plot[2],
+        )
         images.append("windows.png")
     elif plot is not None and plot[0] == "confusion":
         plot_confusion(plot[1], out / "confusion.png", title=f"{Path(str(model)).name} on {Path(sources[0]).name}")

@@ -124,10 +124,15 @@ def code(completion: str, problem: dict[str, Any], timeout: float = CODE_TIMEOUT
     posix = os.name == "posix"
     with tempfile.TemporaryDirectory(prefix="lmforge-verify-") as d:
         (Path(d) / "main.py").write_text(program, encoding="utf-8")
-        proc = subprocess.Popen([sys.executable, "-I", "main.py"], cwd=d, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, env={"PATH": os.environ.get("PATH", ""),
-                                                                "PYTHONHASHSEED": "0"},
-                                start_new_session=posix, preexec_fn=(lambda: _limits(timeout)) if posix else None)
+        proc = subprocess.Popen(
+            [sys.executable, "-I", "main.py"],
+            cwd=d,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env={"PATH": os.environ.get("PATH", ""), "PYTHONHASHSEED": "0"},
+            start_new_session=posix,
+            preexec_fn=(lambda: _limits(timeout)) if posix else None,
+        )
         try:
             return float(proc.wait(timeout=timeout) == 0)
         except subprocess.TimeoutExpired:
@@ -151,7 +156,7 @@ def get_verifier(spec: str | Verifier) -> Verifier:
     if spec in BUILT_IN:
         return BUILT_IN[spec]
     if spec.startswith("regex:"):
-        return regex(spec[len("regex:"):])
+        return regex(spec[len("regex:") :])
     if ":" in spec:
         where, name = spec.rsplit(":", 1)
         return _checked(_load(where, name, spec), spec)

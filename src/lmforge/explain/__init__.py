@@ -35,15 +35,36 @@ from lmforge.explain.saliency import (
 from lmforge.files import check_out_dir, write_json
 from lmforge.interop import load_pretrained
 
-__all__ = ["AttentionMaps", "Saliency", "Seq2SeqAttention", "attention_html", "attention_maps", "attention_png",
-           "explain", "saliency", "saliency_html", "saliency_png", "seq2seq_attention_maps"]
+__all__ = [
+    "AttentionMaps",
+    "Saliency",
+    "Seq2SeqAttention",
+    "attention_html",
+    "attention_maps",
+    "attention_png",
+    "explain",
+    "saliency",
+    "saliency_html",
+    "saliency_png",
+    "seq2seq_attention_maps",
+]
 
 WHAT = ("both", "attention", "saliency")
 
 
-def explain(model: str | Path, text: str, out: str | Path, what: str = "both", method: str | None = None,
-            steps: int | None = None, target: str | int | None = None, layer: int | None = None,
-            baseline: str | None = None, max_steps: int | None = None, device: str = "cpu") -> dict:
+def explain(
+    model: str | Path,
+    text: str,
+    out: str | Path,
+    what: str = "both",
+    method: str | None = None,
+    steps: int | None = None,
+    target: str | int | None = None,
+    layer: int | None = None,
+    baseline: str | None = None,
+    max_steps: int | None = None,
+    device: str = "cpu",
+) -> dict:
     """Explain `model` (a packaged name, model directory or .gguf) on `text`; write the pictures into `out`.
 
     what: "attention" (attention.png, attention.html), "saliency" (saliency.png, saliency.html) or "both".
@@ -70,17 +91,25 @@ def explain(model: str | Path, text: str, out: str | Path, what: str = "both", m
     # argument errors first: loading a model takes seconds
     if what not in WHAT:
         raise LmforgeError(f"unknown explanation {what!r}; use one of {', '.join(WHAT)}")
-    given = {flag: v is not None for flag, v in (("--method", method), ("--steps", steps), ("--max-steps", max_steps),
-                                                 ("--baseline", baseline))}
+    given = {
+        flag: v is not None
+        for flag, v in (("--method", method), ("--steps", steps), ("--max-steps", max_steps), ("--baseline", baseline))
+    }
     if what == "attention" and any(given.values()):
-        raise LmforgeError(f"{', '.join(f for f, on in given.items() if on)} set the saliency; --what attention "
-                           "draws none: drop them, or use --what both / saliency")
+        raise LmforgeError(
+            f"{', '.join(f for f, on in given.items() if on)} set the saliency; --what attention "
+            "draws none: drop them, or use --what both / saliency"
+        )
     if what == "saliency" and layer is not None:
-        raise LmforgeError("--layer picks the attention maps' layer; --what saliency draws none: drop it, or use "
-                           "--what both / attention")
+        raise LmforgeError(
+            "--layer picks the attention maps' layer; --what saliency draws none: drop it, or use "
+            "--what both / attention"
+        )
     if method == "grad_x_input" and (given["--steps"] or given["--max-steps"] or given["--baseline"]):
-        raise LmforgeError("--steps, --max-steps and --baseline set integrated gradients' path; --method "
-                           "grad_x_input has none: drop them, or use --method ig")
+        raise LmforgeError(
+            "--steps, --max-steps and --baseline set integrated gradients' path; --method "
+            "grad_x_input has none: drop them, or use --method ig"
+        )
     method, steps, baseline = method or "ig", 50 if steps is None else steps, baseline or "pad"
     if method not in METHODS:
         raise LmforgeError(f"unknown saliency method {method!r}; use one of {', '.join(METHODS)}")
@@ -103,12 +132,16 @@ def explain(model: str | Path, text: str, out: str | Path, what: str = "both", m
         layer = layer if kind == "seq2seq" else layer % n
     if kind == "seq2seq":
         if any(given.values()):
-            raise LmforgeError(f"{', '.join(f for f, on in given.items() if on)} set the saliency, which covers "
-                               "decoders and encoder classifiers, not encoder-decoders (T5): drop them")
+            raise LmforgeError(
+                f"{', '.join(f for f, on in given.items() if on)} set the saliency, which covers "
+                "decoders and encoder classifiers, not encoder-decoders (T5): drop them"
+            )
         return _explain_seq2seq(m, tok, model, text, Path(out), what, target, layer)
     if what == "attention" and target is not None:
-        raise LmforgeError("--target picks what the saliency explains; --what attention draws none: drop it, or "
-                           "use --what both / saliency")
+        raise LmforgeError(
+            "--target picks what the saliency explains; --what attention draws none: drop it, or "
+            "use --what both / saliency"
+        )
     do_saliency = what in ("both", "saliency")
     notes: list[str] = []
     if do_saliency:
@@ -123,33 +156,48 @@ def explain(model: str | Path, text: str, out: str | Path, what: str = "both", m
 
     out = Path(out)
     name = _display_name(model)
-    result: dict = {"model": str(model), "kind": "classifier" if kind == "encoder" and m.config.head == "classify"
-                    else kind, "text": text, "files": {}, "notes": notes}
+    result: dict = {
+        "model": str(model),
+        "kind": "classifier" if kind == "encoder" and m.config.head == "classify" else kind,
+        "text": text,
+        "files": {},
+        "notes": notes,
+    }
     if what in ("both", "attention"):
         maps = attention_maps(m, tok, text)
         where = f"layer {layer}" if layer is not None else f"{maps.n_layer} layers x {maps.n_head} heads"
         title = f"attention of {name}, {where}"
         result["tokens"] = maps.tokens
         result["files"]["attention_png"] = str(attention_png(maps, out / "attention.png", layer, title))
-        result["files"]["attention_html"] = str(attention_html(maps, out / "attention.html", layer,
-                                                               f"attention of {name}"))
+        result["files"]["attention_html"] = str(
+            attention_html(maps, out / "attention.html", layer, f"attention of {name}")
+        )
     if do_saliency:
-        sal = saliency(m, tok, text, target=target, method=method, steps=steps, baseline=baseline,
-                       max_steps=max_steps)
+        sal = saliency(m, tok, text, target=target, method=method, steps=steps, baseline=baseline, max_steps=max_steps)
         if method == "ig" and sal.relative_gap > 0.02:
-            notes.append(f"integrated gradients miss completeness by {sal.relative_gap:.1%} after "
-                         f"{sal.steps_used} gradient evaluations; allow more with max_steps")
+            notes.append(
+                f"integrated gradients miss completeness by {sal.relative_gap:.1%} after "
+                f"{sal.steps_used} gradient evaluations; allow more with max_steps"
+            )
         result["tokens"] = sal.tokens
         title = f"saliency of {name} ({'integrated gradients' if method == 'ig' else 'gradient x input'})"
         result["files"]["saliency_png"] = str(saliency_png(sal, out / "saliency.png", title))
         result["files"]["saliency_html"] = str(saliency_html(sal, out / "saliency.html", title))
         result["saliency"] = {
-            "target": sal.target, "target_id": sal.target_id, "predicted": sal.predicted, "prob": sal.prob,
-            "method": method, "steps": sal.steps, "steps_used": sal.steps_used, "baseline": baseline,
+            "target": sal.target,
+            "target_id": sal.target_id,
+            "predicted": sal.predicted,
+            "prob": sal.prob,
+            "method": method,
+            "steps": sal.steps,
+            "steps_used": sal.steps_used,
+            "baseline": baseline,
             "f_input": sal.f_input,
-            "f_baseline": sal.f_baseline, "completeness_gap": sal.relative_gap if method == "ig" else None,
+            "f_baseline": sal.f_baseline,
+            "completeness_gap": sal.relative_gap if method == "ig" else None,
             "top_tokens": [[t, round(s, 6)] for t, s in sal.top(5)],
-            "scores": [[t, round(float(s), 6)] for t, s in zip(sal.tokens, sal.scores)]}
+            "scores": [[t, round(float(s), 6)] for t, s in zip(sal.tokens, sal.scores)],
+        }
     result["files"]["summary"] = str(out / "explain.json")
     write_json(out / "explain.json", result)
     return result
@@ -162,33 +210,50 @@ def _display_name(model: str | Path) -> str:
     return name
 
 
-KIND_TITLES = {"encoder": "encoder self-attention", "decoder": "decoder self-attention",
-               "cross": "cross-attention (target rows, source columns)"}
+KIND_TITLES = {
+    "encoder": "encoder self-attention",
+    "decoder": "decoder self-attention",
+    "cross": "cross-attention (target rows, source columns)",
+}
 
 
-def _explain_seq2seq(m, tok, model: str | Path, text: str, out: Path, what: str, target: str | int | None,
-                     layer: int | None) -> dict:
+def _explain_seq2seq(
+    m, tok, model: str | Path, text: str, out: Path, what: str, target: str | int | None, layer: int | None
+) -> dict:
     """`explain` for an encoder-decoder: the three kinds of attention, each drawn and paged on its own."""
     if what == "saliency":
         check_saliency_model(m)  # raises: saliency does not cover encoder-decoders
-    notes = ["saliency skipped: it explains decoders and encoder classifiers, not encoder-decoders (T5)"] \
-        if what == "both" else []
+    notes = (
+        ["saliency skipped: it explains decoders and encoder classifiers, not encoder-decoders (T5)"]
+        if what == "both"
+        else []
+    )
     maps = seq2seq_attention_maps(m, tok, text, None if target is None else str(target))
     if maps.generated and len(maps.decoder.tokens) == 1:
-        notes.append("the model's greedy output is empty, so the decoder maps hold only its start token; pass "
-                     "--target TEXT to draw a target")
+        notes.append(
+            "the model's greedy output is empty, so the decoder maps hold only its start token; pass "
+            "--target TEXT to draw a target"
+        )
     name = _display_name(model)
-    result: dict = {"model": str(model), "kind": "seq2seq", "text": text, "tokens": maps.encoder.tokens,
-                    "target": maps.target, "target_tokens": maps.decoder.tokens, "generated": maps.generated,
-                    "files": {}, "notes": notes}
+    result: dict = {
+        "model": str(model),
+        "kind": "seq2seq",
+        "text": text,
+        "tokens": maps.encoder.tokens,
+        "target": maps.target,
+        "target_tokens": maps.decoder.tokens,
+        "generated": maps.generated,
+        "files": {},
+        "notes": notes,
+    }
     for part, am in maps.parts().items():
         lay = None if layer is None else layer % am.n_layer
         where = f"layer {lay}" if lay is not None else f"{am.n_layer} layers x {am.n_head} heads"
         title = f"{KIND_TITLES[part]} of {name}"
-        result["files"][f"attention_{part}_png"] = str(attention_png(am, out / f"attention_{part}.png", lay,
-                                                                     f"{title}, {where}"))
-        result["files"][f"attention_{part}_html"] = str(attention_html(am, out / f"attention_{part}.html", lay,
-                                                                       title))
+        result["files"][f"attention_{part}_png"] = str(
+            attention_png(am, out / f"attention_{part}.png", lay, f"{title}, {where}")
+        )
+        result["files"][f"attention_{part}_html"] = str(attention_html(am, out / f"attention_{part}.html", lay, title))
     result["files"]["summary"] = str(out / "explain.json")
     write_json(out / "explain.json", result)
     return result
@@ -202,8 +267,9 @@ def describe(r: dict) -> str:
     sal = r.get("saliency")
     if sal:
         gap = sal.get("completeness_gap")
-        lines.append(f"target {sal['target']!r} (p = {sal['prob']:.3f}, predicted {sal['predicted']!r})"
-                     + (f", completeness gap {100 * gap:.2f}% after {sal['steps_used']} steps" if gap is not None
-                        else ""))
+        lines.append(
+            f"target {sal['target']!r} (p = {sal['prob']:.3f}, predicted {sal['predicted']!r})"
+            + (f", completeness gap {100 * gap:.2f}% after {sal['steps_used']} steps" if gap is not None else "")
+        )
         lines.append("most salient: " + ", ".join(f"{t!r} {v:+.3f}" for t, v in sal["top_tokens"][:8]))
     return "\n".join(lines + [f"wrote {f}" for f in r["files"].values()])

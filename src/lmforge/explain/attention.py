@@ -99,8 +99,9 @@ def attention_maps(model: nn.Module, tokenizer: Tokenizer, text: str) -> Attenti
 
 
 @torch.no_grad()
-def seq2seq_attention_maps(model: nn.Module, tokenizer: Tokenizer, source: str, target: str | None = None,
-                           max_new_tokens: int = GREEDY_TOKENS) -> Seq2SeqAttention:
+def seq2seq_attention_maps(
+    model: nn.Module, tokenizer: Tokenizer, source: str, target: str | None = None, max_new_tokens: int = GREEDY_TOKENS
+) -> Seq2SeqAttention:
     """Encoder self-, decoder self- and cross-attention of an encoder-decoder for `source` (ending in EOS, as
     generation feeds it) and `target` (default: the model's greedy output, up to max_new_tokens tokens)."""
     if model_kind(model) != "seq2seq":
@@ -113,23 +114,28 @@ def seq2seq_attention_maps(model: nn.Module, tokenizer: Tokenizer, source: str, 
     model.eval()  # attention dropout would make the maps random
     try:
         if target is None:
-            out = generate_seq2seq_ids(model, ids, None, Seq2SeqParams(max_new_tokens=min(max_new_tokens,
-                                                                                          c.max_seq_len - 1)))
+            out = generate_seq2seq_ids(
+                model, ids, None, Seq2SeqParams(max_new_tokens=min(max_new_tokens, c.max_seq_len - 1))
+            )
             row = out[0].tolist()
-            tgt = row[:row.index(c.eos_token_id)] if c.eos_token_id in row else row
+            tgt = row[: row.index(c.eos_token_id)] if c.eos_token_id in row else row
             tgt = [t for t in tgt if t != c.pad_token_id]
             text = tokenizer.decode(tgt).strip()
         else:
             if not isinstance(target, str) or not target.strip():
-                raise LmforgeError("the target text is empty; pass one, or leave it out to draw the model's own "
-                                   "output")
+                raise LmforgeError("the target text is empty; pass one, or leave it out to draw the model's own output")
             tgt, text = tokenizer.encode(target), target
             if len(tgt) + 1 > c.max_seq_len:
-                raise LmforgeError(f"the target is {len(tgt)} tokens but the model reads at most "
-                                   f"{c.max_seq_len - 1} after its start token; shorten the target")
+                raise LmforgeError(
+                    f"the target is {len(tgt)} tokens but the model reads at most "
+                    f"{c.max_seq_len - 1} after its start token; shorten the target"
+                )
         dec_ids = [c.decoder_start_token_id] + tgt
-        stacks = [b.attn for b in model.encoder.blocks], [b.attn for b in model.decoder.blocks], \
-            [b.cross_attn for b in model.decoder.blocks]
+        stacks = (
+            [b.attn for b in model.encoder.blocks],
+            [b.attn for b in model.decoder.blocks],
+            [b.cross_attn for b in model.decoder.blocks],
+        )
         try:
             for a in (m for group in stacks for m in group):
                 a.record = []
@@ -146,4 +152,6 @@ def seq2seq_attention_maps(model: nn.Module, tokenizer: Tokenizer, source: str, 
         encoder=AttentionMaps(enc.tokens, enc_w, enc.special, "encoder self"),
         decoder=AttentionMaps(dec_tokens, dec_w, dec_special, "decoder self"),
         cross=AttentionMaps(dec_tokens, cross_w, dec_special, "cross", enc.tokens, enc.special),
-        target=text, generated=target is None)
+        target=text,
+        generated=target is None,
+    )

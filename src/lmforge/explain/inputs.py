@@ -30,15 +30,16 @@ class Encoded:
 
 
 def model_kind(model: nn.Module) -> str:
-    """"encoder", "decoder" or "seq2seq" (an encoder-decoder); anything else cannot be explained here."""
+    """ "encoder", "decoder" or "seq2seq" (an encoder-decoder); anything else cannot be explained here."""
     if isinstance(model, Encoder):
         return "encoder"
     if isinstance(model, DecoderLM):
         return "decoder"
     if isinstance(model, Seq2SeqLM):
         return "seq2seq"
-    raise ModelLoadError(f"explain works on lmforge decoder, encoder and encoder-decoder models, got a "
-                         f"{type(model).__name__}")
+    raise ModelLoadError(
+        f"explain works on lmforge decoder, encoder and encoder-decoder models, got a {type(model).__name__}"
+    )
 
 
 def display_token(tokenizer: Tokenizer, i: int) -> str:

@@ -32,7 +32,7 @@ TOWARD, AGAINST = (33, 102, 172), (178, 24, 43)  # ColorBrewer RdBu ends
 def _label(token: str, width: int = 12) -> str:
     """A token as an axis label: spaces made visible where they are all there is, long pieces cut."""
     s = token.strip() or token.replace(" ", "\u2423").replace("\n", "\u21b5") or "\u2205"
-    return s if len(s) <= width else s[:width - 1] + "\u2026"
+    return s if len(s) <= width else s[: width - 1] + "\u2026"
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -84,8 +84,7 @@ def attention_png(maps: AttentionMaps, path: str | Path, layer: int | None = Non
     for n, (lay, h) in enumerate(panels):
         r, c = divmod(n, cols)
         ax = fig.add_axes(box(left + c * (size + gap_x), top + r * (size + gap_y), size, size))
-        image = ax.imshow(maps.weights[lay, h].numpy(), cmap="Blues", norm=norm, interpolation="nearest",
-                          aspect="auto")
+        image = ax.imshow(maps.weights[lay, h].numpy(), cmap="Blues", norm=norm, interpolation="nearest", aspect="auto")
         ax.set_xticks([])
         ax.set_yticks([])
         if labels and c == 0:
@@ -103,8 +102,7 @@ def attention_png(maps: AttentionMaps, path: str | Path, layer: int | None = Non
     bar_h = min(rows * size + (rows - 1) * gap_y, 6.0)
     cax = fig.add_axes(box(width - right + 0.25, top, 0.15, bar_h))
     fig.colorbar(image, cax=cax, label="attention weight (query row -> key column)")
-    fig.text(0.5, 1 - 0.15 / height, title or f"attention, {L} layers x {H} heads", ha="center", va="top",
-             fontsize=12)
+    fig.text(0.5, 1 - 0.15 / height, title or f"attention, {L} layers x {H} heads", ha="center", va="top", fontsize=12)
     return save_png(fig, path)
 
 
@@ -220,10 +218,16 @@ def attention_html(maps: AttentionMaps, path: str | Path, layer: int | None = No
     """One page: layer and head selectors (or the mean of a layer's heads), a heatmap table with the tokens on
     both axes, and thumbnails of the selected layer's heads."""
     q = torch.round(maps.weights.clamp(0, 1).sqrt() * 255).to(torch.uint8)
-    data = {"tokens": maps.tokens, "special": maps.special, "keys": maps.keys, "key_special": maps.keys_special,
-            "n_layer": maps.n_layer, "n_head": maps.n_head,
-            "layer": 0 if layer is None else layer,
-            "weights": base64.b64encode(q.contiguous().numpy().tobytes()).decode("ascii")}
+    data = {
+        "tokens": maps.tokens,
+        "special": maps.special,
+        "keys": maps.keys,
+        "key_special": maps.keys_special,
+        "n_layer": maps.n_layer,
+        "n_head": maps.n_head,
+        "layer": 0 if layer is None else layer,
+        "weights": base64.b64encode(q.contiguous().numpy().tobytes()).decode("ascii"),
+    }
     title = title or f"attention, {maps.n_layer} layers x {maps.n_head} heads"
     page = _ATTENTION_PAGE.replace("__TITLE__", html.escape(title)).replace("__DATA__", _script_json(data))
     write_text(path, page)
@@ -255,7 +259,7 @@ def _pieces(sal: Saliency) -> list[tuple[str, str, int]]:
             out.append(("", sal.tokens[i], i))
             continue
         gap = sal.text[prev:s] if s > prev else ""
-        piece = sal.text[max(s, prev):e]
+        piece = sal.text[max(s, prev) : e]
         if not piece:  # a later piece of a character split over several tokens
             piece = _label(sal.tokens[i])
         out.append((gap, piece, i))
@@ -265,9 +269,11 @@ def _pieces(sal: Saliency) -> list[tuple[str, str, int]]:
 
 def _summary_line(sal: Saliency) -> str:
     what = "class" if sal.kind == "encoder" else "next token"
-    s = (f"target {what} {sal.target!r} (p = {sal.prob:.3f}; the model predicts {sal.predicted!r}); "
-         f"f = log p(target): f(input) = {sal.f_input:.4f}, f(baseline) = {sal.f_baseline:.4f}, "
-         f"sum of scores = {float(sal.scores.sum()):.4f}")
+    s = (
+        f"target {what} {sal.target!r} (p = {sal.prob:.3f}; the model predicts {sal.predicted!r}); "
+        f"f = log p(target): f(input) = {sal.f_input:.4f}, f(baseline) = {sal.f_baseline:.4f}, "
+        f"sum of scores = {float(sal.scores.sum()):.4f}"
+    )
     if sal.method == "ig":
         s += f", completeness gap {100 * sal.relative_gap:.2f}%"
     return s
@@ -288,14 +294,20 @@ def saliency_html(sal: Saliency, path: str | Path, title: str = "") -> Path:
     for gap, piece, i in _pieces(sal):
         s = float(sal.scores[i])
         (r, g, b), t = _rgb(s, scale)
-        tip = (f"{sal.tokens[i]!r}: {s:+.4f} ({100 * abs(s) / total:.1f}% of |scores|), "
-               f"{'toward' if s >= 0 else 'against'} {sal.target!r}")
+        tip = (
+            f"{sal.tokens[i]!r}: {s:+.4f} ({100 * abs(s) / total:.1f}% of |scores|), "
+            f"{'toward' if s >= 0 else 'against'} {sal.target!r}"
+        )
         cls = "tok sp" if sal.special[i] else "tok"
         fg = "#fff" if t > 0.55 else "#111"
-        spans.append(f"{html.escape(gap)}<span class=\"{cls}\" style=\"background:rgb({r},{g},{b});color:{fg}\" "
-                     f"title=\"{html.escape(tip)}\" data-score=\"{s:.6g}\">{html.escape(piece)}</span>")
-    rows = "".join(f"<tr><td>{i}</td><td class=\"t\">{html.escape(repr(tok))}</td><td>{float(s):+.5f}</td></tr>"
-                   for i, (tok, s) in enumerate(zip(sal.tokens, sal.scores)))
+        spans.append(
+            f'{html.escape(gap)}<span class="{cls}" style="background:rgb({r},{g},{b});color:{fg}" '
+            f'title="{html.escape(tip)}" data-score="{s:.6g}">{html.escape(piece)}</span>'
+        )
+    rows = "".join(
+        f'<tr><td>{i}</td><td class="t">{html.escape(repr(tok))}</td><td>{float(s):+.5f}</td></tr>'
+        for i, (tok, s) in enumerate(zip(sal.tokens, sal.scores))
+    )
     title = title or f"saliency: {_method_line(sal)}"
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
@@ -374,16 +386,32 @@ def saliency_png(sal: Saliency, path: str | Path, title: str = "", max_bars: int
     ax_t.axis("off")
     for x0, ln, text, i in placed:
         (r, g, b), t = _rgb(float(sal.scores[i]), scale)
-        ax_t.text(x0, 21 + 42 * ln, text, fontsize=font - (3 if sal.special[i] else 0), va="center",
-                  color="white" if t > 0.55 else "#111",
-                  bbox=dict(boxstyle="round,pad=0.15", facecolor=(r / 255, g / 255, b / 255),
-                            edgecolor="#999" if sal.special[i] else "none", linestyle="--"))
-    fig.text(0.5, 1 - 0.12 / height, title or f"saliency ({_method_line(sal)})", ha="center", va="top",
-             fontsize=13)
-    fig.text(0.5, 1 - 0.5 / height, f"target {sal.target!r}, p = {sal.prob:.3f}"
-             + (f" (the model predicts {sal.predicted!r})" if sal.predicted != sal.target else "")
-             + "; blue: toward the target, red: against it",
-             ha="center", va="top", fontsize=10, color="#444")
+        ax_t.text(
+            x0,
+            21 + 42 * ln,
+            text,
+            fontsize=font - (3 if sal.special[i] else 0),
+            va="center",
+            color="white" if t > 0.55 else "#111",
+            bbox=dict(
+                boxstyle="round,pad=0.15",
+                facecolor=(r / 255, g / 255, b / 255),
+                edgecolor="#999" if sal.special[i] else "none",
+                linestyle="--",
+            ),
+        )
+    fig.text(0.5, 1 - 0.12 / height, title or f"saliency ({_method_line(sal)})", ha="center", va="top", fontsize=13)
+    fig.text(
+        0.5,
+        1 - 0.5 / height,
+        f"target {sal.target!r}, p = {sal.prob:.3f}"
+        + (f" (the model predicts {sal.predicted!r})" if sal.predicted != sal.target else "")
+        + "; blue: toward the target, red: against it",
+        ha="center",
+        va="top",
+        fontsize=10,
+        color="#444",
+    )
 
     ax_b = fig.add_axes(box(2.2, 0.85 + text_h + 0.35, width - 3.0, bars_h))
     vals = [float(sal.scores[i]) for i in order]

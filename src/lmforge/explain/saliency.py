@@ -112,11 +112,14 @@ def check_saliency_model(model: nn.Module) -> str:
     """The model's kind, if saliency can explain it."""
     kind = model_kind(model)
     if kind == "seq2seq":
-        raise LmforgeError("saliency explains decoders and encoder classifiers, not encoder-decoders (T5); use "
-                           "--what attention")
+        raise LmforgeError(
+            "saliency explains decoders and encoder classifiers, not encoder-decoders (T5); use --what attention"
+        )
     if kind == "encoder" and model.config.head != "classify":
-        raise LmforgeError(f"saliency on an encoder needs a classification head (this one has head "
-                           f"{model.config.head!r}); fine-tune one with `lmforge finetune classify`")
+        raise LmforgeError(
+            f"saliency on an encoder needs a classification head (this one has head "
+            f"{model.config.head!r}); fine-tune one with `lmforge finetune classify`"
+        )
     return kind
 
 
@@ -135,8 +138,9 @@ def resolve_target(model: nn.Module, tokenizer: Tokenizer, target: str | int | N
         if isinstance(target, int) or (isinstance(target, str) and target.isdigit()):
             if 0 <= int(target) < len(labels):
                 return int(target)
-        raise LmforgeError(f"unknown target class {target!r}; give one of {', '.join(labels)} or an index "
-                           f"0..{len(labels) - 1}")
+        raise LmforgeError(
+            f"unknown target class {target!r}; give one of {', '.join(labels)} or an index 0..{len(labels) - 1}"
+        )
     vocab = model.config.vocab_size
     if isinstance(target, str) and target.startswith("id:") and target[3:].isdigit():
         target = int(target[3:])
@@ -148,8 +152,10 @@ def resolve_target(model: nn.Module, tokenizer: Tokenizer, target: str | int | N
     if tid is None:
         ids = tokenizer.encode(target)
         if len(ids) != 1:
-            raise LmforgeError(f"target {target!r} is {len(ids)} tokens, not one; give a single token (e.g. "
-                               f"' Paris' with its space) or an id as 'id:1234'")
+            raise LmforgeError(
+                f"target {target!r} is {len(ids)} tokens, not one; give a single token (e.g. "
+                f"' Paris' with its space) or an id as 'id:1234'"
+            )
         tid = ids[0]
     if tid >= vocab:
         raise LmforgeError(f"target {target!r} (id {tid}) is outside the model's vocabulary of {vocab}")
@@ -181,8 +187,9 @@ def gauss_legendre(n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy((t + 1) / 2), torch.from_numpy(w / 2)
 
 
-def baseline_embeddings(model: nn.Module, tokenizer: Tokenizer, enc: Encoded, x: torch.Tensor,
-                        baseline: str) -> torch.Tensor:
+def baseline_embeddings(
+    model: nn.Module, tokenizer: Tokenizer, enc: Encoded, x: torch.Tensor, baseline: str
+) -> torch.Tensor:
     """x' [T, d]: the baseline token's embedding at text positions, special tokens' own embedding kept."""
     if baseline == "zero":
         fill = torch.zeros_like(x[0])
@@ -199,9 +206,18 @@ def baseline_embeddings(model: nn.Module, tokenizer: Tokenizer, enc: Encoded, x:
 # the methods
 
 
-def saliency(model: nn.Module, tokenizer: Tokenizer, text: str, target: str | int | None = None,
-             method: str = "ig", steps: int = 50, baseline: str = "pad", max_steps: int | None = None,
-             tol: float = 0.01, batch_tokens: int = 2048) -> Saliency:
+def saliency(
+    model: nn.Module,
+    tokenizer: Tokenizer,
+    text: str,
+    target: str | int | None = None,
+    method: str = "ig",
+    steps: int = 50,
+    baseline: str = "pad",
+    max_steps: int | None = None,
+    tol: float = 0.01,
+    batch_tokens: int = 2048,
+) -> Saliency:
     """Per-token attributions of f = log p(target | text) (see the module docstring for f, methods, baseline).
 
     target: a class name / index (classifiers) or a token / id (decoders); None = the model's prediction.
@@ -240,23 +256,58 @@ def saliency(model: nn.Module, tokenizer: Tokenizer, text: str, target: str | in
                 (g,) = torch.autograd.grad(log_probs(model, kind, ids, e)[:, target_id].sum(), e)
                 scores = (g[0] * x).sum(-1)
             else:
-                scores, used = _integrated_gradients(model, kind, ids, x, x0, target_id, (f_baseline, f_input),
-                                                     steps, max_steps or 16 * steps, tol, batch_tokens)
+                scores, used = _integrated_gradients(
+                    model,
+                    kind,
+                    ids,
+                    x,
+                    x0,
+                    target_id,
+                    (f_baseline, f_input),
+                    steps,
+                    max_steps or 16 * steps,
+                    tol,
+                    batch_tokens,
+                )
     finally:
         model.train(was_training)
 
     names = model.config.labels if kind == "encoder" else None
     show = (lambda i: names[i]) if names else (lambda i: display_token(tokenizer, i))
-    return Saliency(text=enc.text, ids=enc.ids, tokens=enc.tokens, spans=enc.spans, special=enc.special,
-                    scores=scores.detach().float().cpu(), kind=kind, method=method,
-                    steps=steps if method == "ig" else None, steps_used=used, baseline=baseline,
-                    target=show(target_id), target_id=target_id, predicted=show(pred),
-                    prob=float(np.exp(f_input)), f_input=f_input, f_baseline=f_baseline)
+    return Saliency(
+        text=enc.text,
+        ids=enc.ids,
+        tokens=enc.tokens,
+        spans=enc.spans,
+        special=enc.special,
+        scores=scores.detach().float().cpu(),
+        kind=kind,
+        method=method,
+        steps=steps if method == "ig" else None,
+        steps_used=used,
+        baseline=baseline,
+        target=show(target_id),
+        target_id=target_id,
+        predicted=show(pred),
+        prob=float(np.exp(f_input)),
+        f_input=f_input,
+        f_baseline=f_baseline,
+    )
 
 
-def _integrated_gradients(model: nn.Module, kind: str, ids: torch.Tensor, x: torch.Tensor, x0: torch.Tensor,
-                          target_id: int, f_ends: tuple[float, float], steps: int, max_steps: int, tol: float,
-                          batch_tokens: int) -> tuple[torch.Tensor, int]:
+def _integrated_gradients(
+    model: nn.Module,
+    kind: str,
+    ids: torch.Tensor,
+    x: torch.Tensor,
+    x0: torch.Tensor,
+    target_id: int,
+    f_ends: tuple[float, float],
+    steps: int,
+    max_steps: int,
+    tol: float,
+    batch_tokens: int,
+) -> tuple[torch.Tensor, int]:
     """Per-token IG scores [T] and the number of gradient evaluations spent.
 
     The path [0, 1] is cut into panels of about 10 Gauss-Legendre nodes each (`steps` nodes in all). On a
@@ -275,7 +326,7 @@ def _integrated_gradients(model: nn.Module, kind: str, ids: torch.Tensor, x: tor
         out = []
         with torch.no_grad():
             for s in range(0, len(alphas), rows):
-                a = torch.tensor(alphas[s:s + rows], dtype=torch.float64)
+                a = torch.tensor(alphas[s : s + rows], dtype=torch.float64)
                 out += log_probs(model, kind, ids, path(a))[:, target_id].tolist()
         return out
 
@@ -290,7 +341,7 @@ def _integrated_gradients(model: nn.Module, kind: str, ids: torch.Tensor, x: tor
         alphas, w = torch.cat(nodes), torch.cat(weights)
         per_node = []
         for s in range(0, len(alphas), rows):
-            e = path(alphas[s:s + rows]).requires_grad_(True)
+            e = path(alphas[s : s + rows]).requires_grad_(True)
             # rows are independent inputs, so the gradient of their sum is each row's own gradient
             (g,) = torch.autograd.grad(log_probs(model, kind, ids, e)[:, target_id].sum(), e)
             per_node.append((g * diff).sum(-1).double())

@@ -39,8 +39,9 @@ class BeamParams:
         if isinstance(self.num_beams, bool) or not isinstance(self.num_beams, int) or self.num_beams < 1:
             raise LmforgeError(f"num_beams must be a whole number of at least 1, got {self.num_beams!r}")
         if not 1 <= self.num_return_sequences <= self.num_beams:
-            raise LmforgeError(f"num_return_sequences ({self.num_return_sequences}) must be between 1 and "
-                               f"num_beams ({self.num_beams})")
+            raise LmforgeError(
+                f"num_return_sequences ({self.num_return_sequences}) must be between 1 and num_beams ({self.num_beams})"
+            )
         if self.early_stopping not in (True, False, "never"):
             raise LmforgeError(f"early_stopping must be true, false or never, got {self.early_stopping!r}")
         if self.no_repeat_ngram_size < 0:
@@ -53,16 +54,23 @@ def ban_repeated_ngrams(seqs: torch.Tensor, length: int, n: int, scores: torch.T
         return scores
     hist = seqs[:, :length].tolist()
     for row, toks in enumerate(hist):
-        prefix = tuple(toks[length - n + 1:]) if n > 1 else ()
-        banned = [toks[i + n - 1] for i in range(length - n + 1) if tuple(toks[i:i + n - 1]) == prefix]
+        prefix = tuple(toks[length - n + 1 :]) if n > 1 else ()
+        banned = [toks[i + n - 1] for i in range(length - n + 1) if tuple(toks[i : i + n - 1]) == prefix]
         if banned:
             scores[row, banned] = float("-inf")
     return scores
 
 
-def beam_search(step: Callable[[torch.Tensor, int], torch.Tensor], reorder: Callable[[torch.Tensor], None],
-                prefix: torch.Tensor, max_len: int, params: BeamParams, ends: Sequence[int], pad: int,
-                stops: Callable[[torch.Tensor, int], torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def beam_search(
+    step: Callable[[torch.Tensor, int], torch.Tensor],
+    reorder: Callable[[torch.Tensor], None],
+    prefix: torch.Tensor,
+    max_len: int,
+    params: BeamParams,
+    ends: Sequence[int],
+    pad: int,
+    stops: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The best hypotheses of each input, [B, num_return_sequences, max_len] (the prefix [B, L0] first, then the
     generated tokens, `pad` after them), best first, and their scores [B, num_return_sequences].
 
@@ -121,17 +129,21 @@ def beam_search(step: Callable[[torch.Tensor, int], torch.Tensor], reorder: Call
         best_running = run_score[:, :1] / float(longest - L0) ** params.length_penalty
         worst = torch.where(fin_done, fin_score.min(-1, keepdim=True).values, torch.full_like(fin_score, NEG))
         improvable = improvable & (best_running > worst).any(-1, keepdim=True)
-        if (not bool(improvable.any()) or (params.early_stopping is True and bool(fin_done.all()))
-                or bool(ended.all())):
+        if not bool(improvable.any()) or (params.early_stopping is True and bool(fin_done.all())) or bool(ended.all()):
             break
     R = params.num_return_sequences
     return fin_seq[:, :R], fin_score[:, :R]
 
 
-def decoder_beam_search(model, prompt: Sequence[int], max_new_tokens: int, params: BeamParams,
-                        ends: Sequence[int], pad: int = 0,
-                        stops: Callable[[torch.Tensor, int], torch.Tensor] | None = None
-                        ) -> tuple[list[list[int]], list[float]]:
+def decoder_beam_search(
+    model,
+    prompt: Sequence[int],
+    max_new_tokens: int,
+    params: BeamParams,
+    ends: Sequence[int],
+    pad: int = 0,
+    stops: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
+) -> tuple[list[list[int]], list[float]]:
     """Beam search continuing one prompt with a decoder: the num_return_sequences best continuations (their new
     tokens, through the end token or stop string that ended them) and their scores. The prompt is read once and
     its keys and values copied into the num_beams rows of the cache."""
@@ -139,8 +151,10 @@ def decoder_beam_search(model, prompt: Sequence[int], max_new_tokens: int, param
     L0 = len(prompt)
     max_len = L0 + max_new_tokens
     if max_len > model.config.max_seq_len:
-        raise LmforgeError(f"prompt ({L0} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's context "
-                           f"of {model.config.max_seq_len} tokens; shorten the prompt or lower max_new_tokens")
+        raise LmforgeError(
+            f"prompt ({L0} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's context "
+            f"of {model.config.max_seq_len} tokens; shorten the prompt or lower max_new_tokens"
+        )
     nb = params.num_beams
     cache = model.new_cache(nb, max_len)
 
@@ -153,10 +167,11 @@ def decoder_beam_search(model, prompt: Sequence[int], max_new_tokens: int, param
                     t[:, :, :L0] = s[:, :, :L0]
             cache.length = L0
             return logits.expand(nb, -1)
-        return model(seqs[:, cur - 1:cur], cache=cache, last_only=True).logits[:, -1]
+        return model(seqs[:, cur - 1 : cur], cache=cache, last_only=True).logits[:, -1]
 
-    seqs, scores = beam_search(step, cache.reorder, torch.tensor([list(prompt)], device=device), max_len, params,
-                               ends, pad, stops)
+    seqs, scores = beam_search(
+        step, cache.reorder, torch.tensor([list(prompt)], device=device), max_len, params, ends, pad, stops
+    )
     out = []
     end_set = set(ends)
     for row in seqs[0].tolist():

@@ -38,43 +38,69 @@ def _lltokenizer(tokenizer, vocab_size: int, ends: Sequence[int]):
     key = (id(tokenizer.tok), vocab_size, tuple(sorted(ends)))
     with _LOCK:
         if key not in _TOKENIZERS:
-            _TOKENIZERS[key] = (tokenizer.tok, llguidance.LLTokenizer(tokenizer.tok.to_str(), n_vocab=vocab_size,
-                                                                      eos_token=sorted(ends)))
+            _TOKENIZERS[key] = (
+                tokenizer.tok,
+                llguidance.LLTokenizer(tokenizer.tok.to_str(), n_vocab=vocab_size, eos_token=sorted(ends)),
+            )
         return _TOKENIZERS[key][1]
 
 
 def tool_call_schema(tools: Sequence[dict], name: str | None = None) -> dict:
     """The JSON schema of a call in the generic tool format, {"name": ..., "arguments": {...}}: one of `tools`
     (each {"name", "parameters"}: a JSON schema of the arguments), or the one called `name`."""
-    options = [{"type": "object", "properties": {"name": {"const": t["name"]},
-                                                 "arguments": t.get("parameters") or {"type": "object"}},
-                "required": ["name", "arguments"], "additionalProperties": False}
-               for t in tools if name is None or t["name"] == name]
+    options = [
+        {
+            "type": "object",
+            "properties": {"name": {"const": t["name"]}, "arguments": t.get("parameters") or {"type": "object"}},
+            "required": ["name", "arguments"],
+            "additionalProperties": False,
+        }
+        for t in tools
+        if name is None or t["name"] == name
+    ]
     if not options:
         raise LmforgeError(f"tool_choice names {name!r}, which is not one of the tools")
     return options[0] if len(options) == 1 else {"anyOf": options}
 
 
-def grammar_for(json_schema: dict | str | None = None, json_object: bool = False, regex: str | None = None,
-                choice: Sequence[str] | None = None, tools: Sequence[dict] | None = None,
-                tool_choice: str = "required") -> str:
+def grammar_for(
+    json_schema: dict | str | None = None,
+    json_object: bool = False,
+    regex: str | None = None,
+    choice: Sequence[str] | None = None,
+    tools: Sequence[dict] | None = None,
+    tool_choice: str = "required",
+) -> str:
     """The llguidance grammar of one kind of constraint (exactly one given). tools: a tool call in the generic
     format (tool_call_schema) when tool_choice is "required" or a tool's name; with "auto", either such a call
     or a plain-text reply (one that does not open with "{")."""
     llguidance = require("llguidance", STRUCTURED, "structured")
 
-    given = [k for k, v in (("json_schema", json_schema), ("json_object", json_object), ("regex", regex),
-                            ("choice", choice), ("tools", tools)) if v]
+    given = [
+        k
+        for k, v in (
+            ("json_schema", json_schema),
+            ("json_object", json_object),
+            ("regex", regex),
+            ("choice", choice),
+            ("tools", tools),
+        )
+        if v
+    ]
     if len(given) != 1:
-        raise LmforgeError(f"give exactly one constraint (json_schema, json_object, regex, choice or tools), got "
-                           f"{', '.join(given) or 'none'}")
+        raise LmforgeError(
+            f"give exactly one constraint (json_schema, json_object, regex, choice or tools), got "
+            f"{', '.join(given) or 'none'}"
+        )
     if tools:
         call = tool_call_schema(tools, None if tool_choice in ("auto", "required") else tool_choice)
         if tool_choice != "auto":
             return llguidance.LLMatcher.grammar_from_json_schema(json.dumps(call), defaults=COMPACT)
         return llguidance.LLMatcher.grammar_from_lark(
-            "start: call | text\ncall: %json " + json.dumps({**call, "x-guidance": COMPACT}) +
-            "\ntext: /[^{\\s][\\s\\S]*/\n")
+            "start: call | text\ncall: %json "
+            + json.dumps({**call, "x-guidance": COMPACT})
+            + "\ntext: /[^{\\s][\\s\\S]*/\n"
+        )
     if json_schema is not None:
         if isinstance(json_schema, str):
             try:
@@ -131,7 +157,7 @@ class Constraint:
     def allowed(self) -> torch.Tensor:
         """Bool [vocab_size]: the tokens that can come next."""
         bits = np.unpackbits(np.frombuffer(self.matcher.compute_bitmask(), dtype=np.uint8), bitorder="little")
-        return torch.from_numpy(bits[:self.vocab_size].astype(bool))
+        return torch.from_numpy(bits[: self.vocab_size].astype(bool))
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         """Mask one row of logits [vocab_size] in place; returns it."""

@@ -72,11 +72,20 @@ class Request:
     logit_bias OpenAI's too (token id -> a bias added to its logit at every step). constraint: the reply's
     grammar (lmforge.generate.constrain), masking every step's logits."""
 
-    def __init__(self, prompt_ids: Sequence[int], params: SamplingParams, stop: Sequence[str] = (),
-                 end_ids: Sequence[int] = (), logprobs: int | None = None, echo: bool = False,
-                 presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
-                 on_event: Callable[[Event], None] | None = None, constraint: Constraint | None = None,
-                 logit_bias: dict[int, float] | None = None) -> None:
+    def __init__(
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        stop: Sequence[str] = (),
+        end_ids: Sequence[int] = (),
+        logprobs: int | None = None,
+        echo: bool = False,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
+        on_event: Callable[[Event], None] | None = None,
+        constraint: Constraint | None = None,
+        logit_bias: dict[int, float] | None = None,
+    ) -> None:
         self.prompt_ids = list(prompt_ids)
         self.logit_bias = dict(logit_bias) if logit_bias else None
         self._bias: tuple[torch.Tensor, torch.Tensor] | None = None  # (ids, biases), built on the engine's device
@@ -132,12 +141,25 @@ class Engine:
     arriving while others stream is prefilled in chunks beside their steps (at most this many tokens a chunk, fewer
     as measured, each through as many layers a step as fit; 0: whole)."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer, max_batch: int = 16, max_queue: int = 64,
-                 max_len: int | None = None, pack_weights: bool = True, draft: Drafter | None = None,
-                 cache_mb: float = 0, prefill_chunk: int = 0) -> None:
-        for flag, value, low in (("--max-batch", max_batch, 1), ("--max-queue", max_queue, 0),
-                                 ("--max-len", max_len, 1), ("--cache-mb", cache_mb, 0),
-                                 ("--prefill-chunk", prefill_chunk, 0)):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer,
+        max_batch: int = 16,
+        max_queue: int = 64,
+        max_len: int | None = None,
+        pack_weights: bool = True,
+        draft: Drafter | None = None,
+        cache_mb: float = 0,
+        prefill_chunk: int = 0,
+    ) -> None:
+        for flag, value, low in (
+            ("--max-batch", max_batch, 1),
+            ("--max-queue", max_queue, 0),
+            ("--max-len", max_len, 1),
+            ("--cache-mb", cache_mb, 0),
+            ("--prefill-chunk", prefill_chunk, 0),
+        ):
             check_number(flag, value, low, integer=flag != "--cache-mb")
         self.prefix = PrefixCache(int(cache_mb * 2**20)) if cache_mb else None
         self.prefill_chunk = prefill_chunk
@@ -191,9 +213,11 @@ class Engine:
         if n == 0:
             raise LmforgeError("the prompt is empty: it needs at least one token")
         if n + m > self.max_len:
-            raise LmforgeError(f"this model's maximum context length is {self.max_len} tokens, but {n + m} were "
-                               f"requested ({n} in the prompt, {m} to generate); shorten the prompt or lower "
-                               "max_tokens")
+            raise LmforgeError(
+                f"this model's maximum context length is {self.max_len} tokens, but {n + m} were "
+                f"requested ({n} in the prompt, {m} to generate); shorten the prompt or lower "
+                "max_tokens"
+            )
         vocab = self.model.config.vocab_size
         if any(not 0 <= t < vocab for t in req.prompt_ids):
             raise LmforgeError(f"prompt token ids must be in [0, {vocab})")
@@ -219,8 +243,9 @@ class Engine:
         with self._cond:
             free = self.max_batch - self.running
             if len(self.waiting) + len(requests) > self.max_queue + max(free - len(self.waiting), 0):
-                raise QueueFull(f"the server is busy ({self.running} running, {len(self.waiting)} waiting); "
-                                "retry shortly")
+                raise QueueFull(
+                    f"the server is busy ({self.running} running, {len(self.waiting)} waiting); retry shortly"
+                )
             now = time.perf_counter()
             for r in requests:
                 r.submitted = now
@@ -253,8 +278,11 @@ class Engine:
     # the engine thread
 
     def _run(self) -> None:
-        with (torch.inference_mode(), packed_linears(self.model, self.max_batch, enabled=self.pack_weights),
-              self.draft.context(self.pack_weights) if self.draft is not None else nullcontext()):
+        with (
+            torch.inference_mode(),
+            packed_linears(self.model, self.max_batch, enabled=self.pack_weights),
+            self.draft.context(self.pack_weights) if self.draft is not None else nullcontext(),
+        ):
             try:
                 while True:
                     with self._cond:
@@ -281,8 +309,9 @@ class Engine:
                     if self.running:
                         try:
                             waiting = next((r for r in self.slots if r is not None and r._prefilling), None)
-                            if waiting is not None and (self._chunks_since_plain < PLAIN_EVERY
-                                                        or not self._decoding_rows()):
+                            if waiting is not None and (
+                                self._chunks_since_plain < PLAIN_EVERY or not self._decoding_rows()
+                            ):
                                 self._chunk_step(waiting)
                                 self._chunks_since_plain += 1
                             elif not self._speculate():
@@ -315,8 +344,12 @@ class Engine:
             if start:
                 self.cache.load(slot, kv, start)
         req._cached = start
-        if (self.prefill_chunk and not want_prompt and len(req.prompt_ids) - start > self.prefill_chunk
-                and any(i != slot for i in self._decoding_rows())):
+        if (
+            self.prefill_chunk
+            and not want_prompt
+            and len(req.prompt_ids) - start > self.prefill_chunk
+            and any(i != slot for i in self._decoding_rows())
+        ):
             req._prefilling = True  # the chunks run in _chunk_step, one per engine step
             return
         self._prefill_rest(req)
@@ -325,14 +358,15 @@ class Engine:
         """The prompt's tokens not yet in the cache in one pass, then its first token."""
         t0 = time.perf_counter()
         want_prompt = req.echo and req.logprobs is not None
-        ids = torch.tensor([req.prompt_ids[req._cached:]], dtype=torch.long, device=self.device)
+        ids = torch.tensor([req.prompt_ids[req._cached :]], dtype=torch.long, device=self.device)
         self.cache.prefill(req.slot, ids.size(1))
         logits = self.model(ids, cache=self.cache, last_only=not want_prompt).logits[0]
         self.stats.prefill_seconds += time.perf_counter() - t0
         if want_prompt:
             lp = torch.log_softmax(logits[:-1].float(), dim=-1)
             req.prompt_logprobs = [TokenLogprob(self._piece(req.prompt_ids[0]), None)] + [
-                self._logprob(lp[i], t, req.logprobs) for i, t in enumerate(req.prompt_ids[1:])]
+                self._logprob(lp[i], t, req.logprobs) for i, t in enumerate(req.prompt_ids[1:])
+            ]
         self._prefilled(req, logits[-1])
 
     def _prefilled(self, req: Request, last: torch.Tensor) -> None:
@@ -376,7 +410,7 @@ class Engine:
         pos = self.cache.mixed(active, req.slot, n, (a, b))
         ids = torch.zeros((1, rows), dtype=torch.long, device=self.device)
         ids[0, active] = torch.tensor([self.slots[i]._next for i in active], device=self.device)
-        chunk = req._hidden if a else torch.tensor([p[req._cached:req._cached + n]], device=self.device)
+        chunk = req._hidden if a else torch.tensor([p[req._cached : req._cached + n]], device=self.device)
         logits, out = self.model.staged_step(ids, chunk, pos, self.cache, (a, b), last_logits=done)
         self._pick_and_emit(active, logits.float())
         req._hidden, req._layer = (out, b) if b < n_layer else (None, 0)
@@ -400,8 +434,14 @@ class Engine:
         if self.draft is None or len(active) != 1 or self.waiting:
             return False
         r = active[0]
-        if (r.logprobs is not None or r.presence_penalty or r.frequency_penalty or r.constraint is not None
-                or r.logit_bias or r.finish_reason is not None):
+        if (
+            r.logprobs is not None
+            or r.presence_penalty
+            or r.frequency_penalty
+            or r.constraint is not None
+            or r.logit_bias
+            or r.finish_reason is not None
+        ):
             return False
         t0 = time.perf_counter()
         try:
@@ -495,8 +535,9 @@ class Engine:
                 req._bias = ids, torch.tensor(list(req.logit_bias.values()), device=logits.device)
             logits.index_add_(0, *req._bias)
         if (req.presence_penalty or req.frequency_penalty) and req.completion_ids:
-            counts = torch.bincount(torch.tensor(req.completion_ids, device=logits.device),
-                                    minlength=logits.size(-1))[:logits.size(-1)].float()
+            counts = torch.bincount(torch.tensor(req.completion_ids, device=logits.device), minlength=logits.size(-1))[
+                : logits.size(-1)
+            ].float()
             logits -= req.frequency_penalty * counts + req.presence_penalty * (counts > 0).float()
 
     def _emit(self, req: Request, logits: torch.Tensor, tok: int | None = None) -> None:
@@ -537,8 +578,9 @@ class Engine:
         else:
             self._finish(req, reason, text, tokens)
 
-    def _finish(self, req: Request, reason: str, text: str = "", tokens: list | None = None,
-                error: str | None = None) -> None:
+    def _finish(
+        self, req: Request, reason: str, text: str = "", tokens: list | None = None, error: str | None = None
+    ) -> None:
         req.finish_reason, req.finished_at = reason, time.perf_counter()
         if 0 <= req.slot < self.max_batch and self.slots[req.slot] is req:
             self.slots[req.slot] = None

@@ -72,7 +72,7 @@ class PrefixCache:
         size = self._size(kv)
         if size > self.max_bytes:
             return
-        for old in [old for old in self.entries if len(old) < n and key[:len(old)] == old]:
+        for old in [old for old in self.entries if len(old) < n and key[: len(old)] == old]:
             self.bytes -= self._size(self.entries.pop(old))  # the new entry serves the older one's prompts too
         self.entries[key] = kv
         self.bytes += size

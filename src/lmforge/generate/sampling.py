@@ -45,9 +45,12 @@ def filter_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
     return logits.masked_fill(remove, float("-inf"))
 
 
-def next_token(logits: torch.Tensor, params: SamplingParams,
-               generator: torch.Generator | Sequence[torch.Generator | None] | None = None,
-               seen: torch.Tensor | None = None) -> torch.Tensor:
+def next_token(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    generator: torch.Generator | Sequence[torch.Generator | None] | None = None,
+    seen: torch.Tensor | None = None,
+) -> torch.Tensor:
     """logits [B, V] -> token ids [B]. generator: one for the batch, or one per row (each row's draw then
     depends on its own generator only)."""
     logits = logits.float()
@@ -97,8 +100,11 @@ def sample(logits: torch.Tensor, top_k: int | None, top_p: float | None, u: torc
                 probs = torch.softmax(vals, dim=-1)
                 break
             # each candidate's probability among the kept tokens: the k best under top-k, else all of them
-            probs = torch.softmax(vals, dim=-1) if top_k is not None else torch.exp(
-                vals - torch.logsumexp(logits, dim=-1, keepdim=True))
+            probs = (
+                torch.softmax(vals, dim=-1)
+                if top_k is not None
+                else torch.exp(vals - torch.logsumexp(logits, dim=-1, keepdim=True))
+            )
             before = probs.cumsum(-1) - probs  # mass of strictly better candidates
             if top_k is not None or k == V or bool((before[:, -1] + probs[:, -1] >= p).all()):
                 probs = probs.masked_fill(before >= p, 0.0)
@@ -137,9 +143,15 @@ COMPILE_BUCKET = 128  # compiled decoding sizes its cache to a multiple of this,
 
 @torch.inference_mode()
 def generate_ids(
-    model: torch.nn.Module, prompts: Sequence[Sequence[int]], params: SamplingParams,
-    eos_token_id: int | Sequence[int] | None = None, pad_token_id: int = 0, pack_weights: bool = True,
-    compile: bool = False, draft=None, constraints: Sequence | None = None,
+    model: torch.nn.Module,
+    prompts: Sequence[Sequence[int]],
+    params: SamplingParams,
+    eos_token_id: int | Sequence[int] | None = None,
+    pad_token_id: int = 0,
+    pack_weights: bool = True,
+    compile: bool = False,
+    draft=None,
+    constraints: Sequence | None = None,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of every prompt, step by step ([B] tensors), until max_new_tokens or all rows hit EOS
     (eos_token_id: one id or several). A finished row keeps yielding its EOS id.
@@ -167,17 +179,22 @@ def generate_ids(
     total = T + params.max_new_tokens
     ctx = model.config.max_seq_len
     if total > ctx:
-        raise LmforgeError(f"prompt ({T} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the model's "
-                           f"context of {ctx} tokens; shorten the prompt or lower max_new_tokens")
+        raise LmforgeError(
+            f"prompt ({T} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the model's "
+            f"context of {ctx} tokens; shorten the prompt or lower max_new_tokens"
+        )
     if params.max_new_tokens == 0:
         return
     if constraints is not None and (draft is not None or eos_token_id is None or len(constraints) != B):
-        raise LmforgeError("constrained decoding needs an end token, one constraint (or None) per prompt, and no "
-                           "speculative drafter")
+        raise LmforgeError(
+            "constrained decoding needs an end token, one constraint (or None) per prompt, and no speculative drafter"
+        )
     if draft is not None:
         if B != 1 or compile:
-            raise LmforgeError("speculative decoding runs one prompt at a time, without --compile; give one "
-                               "prompt, or drop --speculative")
+            raise LmforgeError(
+                "speculative decoding runs one prompt at a time, without --compile; give one "
+                "prompt, or drop --speculative"
+            )
         generator = row_generators(params.seed, 1, device)[0]
         ends = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
         with packed_linears(model, 1, enabled=pack_weights), draft.context(pack_weights):
@@ -205,8 +222,9 @@ def generate_ids(
             if bool(done.all()):
                 return
             pos, mask = cache.decode(rows)
-            logits = model(tok[:, None], attention_mask=mask, position_ids=pos, cache=cache,
-                           last_only=True).logits[:, -1]
+            logits = model(tok[:, None], attention_mask=mask, position_ids=pos, cache=cache, last_only=True).logits[
+                :, -1
+            ]
 
 
 def _seen(model, prompts, params, device) -> torch.Tensor | None:
@@ -222,8 +240,9 @@ def _seen(model, prompts, params, device) -> torch.Tensor | None:
 def _ends(eos_token_id, device) -> torch.Tensor | None:
     if eos_token_id is None:
         return None
-    return torch.as_tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id),
-                           dtype=torch.long, device=device)
+    return torch.as_tensor(
+        [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), dtype=torch.long, device=device
+    )
 
 
 def _pick(logits, params, generators, seen, constraints, done, ends) -> torch.Tensor:
@@ -247,8 +266,7 @@ def _pick(logits, params, generators, seen, constraints, done, ends) -> torch.Te
     return tok
 
 
-def _compiled(model, prompts, params, eos_token_id, pad_token_id, pack_weights, constraints
-              ) -> Iterator[torch.Tensor]:
+def _compiled(model, prompts, params, eos_token_id, pad_token_id, pack_weights, constraints) -> Iterator[torch.Tensor]:
     """generate_ids(compile=True): left-padded prompts over a StaticKVCache, every step after the prompt through
     one compiled graph."""
     device = next(model.parameters()).device
@@ -258,9 +276,9 @@ def _compiled(model, prompts, params, eos_token_id, pad_token_id, pack_weights, 
     padded = any(len(p) != T for p in prompts)
     mask = torch.zeros((B, total), dtype=torch.long, device=device) if padded else None
     for i, p in enumerate(prompts):
-        ids[i, T - len(p):] = torch.as_tensor(list(p), dtype=torch.long, device=device)
+        ids[i, T - len(p) :] = torch.as_tensor(list(p), dtype=torch.long, device=device)
         if mask is not None:
-            mask[i, T - len(p):] = 1
+            mask[i, T - len(p) :] = 1
     generators = row_generators(params.seed, B, device)
     seen = _seen(model, prompts, params, device)
     ends = _ends(eos_token_id, device)
@@ -284,12 +302,15 @@ def _compiled(model, prompts, params, eos_token_id, pad_token_id, pack_weights, 
                     if length > T + 1:
                         raise
                     why = (str(e).strip().splitlines() or [""])[0][:200]
-                    raise LmforgeError(f"torch.compile could not compile the decoding step ({type(e).__name__}: "
-                                       f"{why}); run without --compile / compile=True") from e
+                    raise LmforgeError(
+                        f"torch.compile could not compile the decoding step ({type(e).__name__}: "
+                        f"{why}); run without --compile / compile=True"
+                    ) from e
                 cache.length += 1
             else:
-                logits = model(x, attention_mask=None if mask is None else mask[:, :length], cache=cache,
-                               last_only=True).logits[:, -1]
+                logits = model(
+                    x, attention_mask=None if mask is None else mask[:, :length], cache=cache, last_only=True
+                ).logits[:, -1]
             tok = _pick(logits, params, generators, seen, constraints, done, ends)
             yield tok
             if bool(done.all()):
@@ -329,12 +350,12 @@ class TextStream:
 
     def _settle(self) -> bool:
         """Extend `decoded` by the new tokens' text; False while it ends inside a multi-byte character."""
-        before = self.tokenizer.decode(self.ids[self.prefix:self.read]) if self.read > self.prefix else ""
-        after = self.tokenizer.decode(self.ids[self.prefix:])
+        before = self.tokenizer.decode(self.ids[self.prefix : self.read]) if self.read > self.prefix else ""
+        after = self.tokenizer.decode(self.ids[self.prefix :])
         if after.endswith("\ufffd"):
             return False
         if after.startswith(before):
-            self.decoded += after[len(before):]
+            self.decoded += after[len(before) :]
         else:  # (a decoder that rewrites earlier text: fall back to the whole sequence)
             self.decoded = self.tokenizer.decode(self.ids)
         self.read = len(self.ids)
@@ -369,18 +390,33 @@ class TextStream:
     def _show(self, text: str) -> str:
         if len(text) <= len(self.text) or not text.startswith(self.text):
             return ""
-        piece, self.text = text[len(self.text):], text
+        piece, self.text = text[len(self.text) :], text
         return piece
 
 
 def generate(
-    model: torch.nn.Module, tokenizer, prompts: str | Sequence[str], max_new_tokens: int = 128,
-    temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
-    repetition_penalty: float = 1.0, stop: Sequence[str] | None = None, seed: int | None = None,
-    on_text: Callable[[int, str], None] | None = None, end_token_ids: Sequence[int] = (), compile: bool = False,
-    draft=None, json_schema: dict | str | None = None, json_object: bool = False, regex: str | None = None,
-    choice: Sequence[str] | None = None, num_beams: int = 1, length_penalty: float = 1.0,
-    early_stopping: bool | str = False, num_return_sequences: int = 1,
+    model: torch.nn.Module,
+    tokenizer,
+    prompts: str | Sequence[str],
+    max_new_tokens: int = 128,
+    temperature: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    repetition_penalty: float = 1.0,
+    stop: Sequence[str] | None = None,
+    seed: int | None = None,
+    on_text: Callable[[int, str], None] | None = None,
+    end_token_ids: Sequence[int] = (),
+    compile: bool = False,
+    draft=None,
+    json_schema: dict | str | None = None,
+    json_object: bool = False,
+    regex: str | None = None,
+    choice: Sequence[str] | None = None,
+    num_beams: int = 1,
+    length_penalty: float = 1.0,
+    early_stopping: bool | str = False,
+    num_return_sequences: int = 1,
 ) -> list[str] | str | list[list[str]]:
     """Continue each prompt; returns the new text (a str for a str prompt, else a list).
 
@@ -402,36 +438,72 @@ def generate(
     encoded = [tokenizer.encode(t) or ([start] if start is not None else []) for t in texts]
     ends = list(dict.fromkeys(([tokenizer.eos_id] if tokenizer.eos_id is not None else []) + list(end_token_ids)))
     if num_beams != 1 or num_return_sequences != 1:
-        settings = {"temperature": temperature not in (None, 0), "top_k": top_k is not None,
-                    "top_p": top_p is not None, "repetition_penalty": repetition_penalty != 1.0,
-                    "seed": seed is not None, "compile": compile, "a drafter": draft is not None,
-                    "a constraint": json_schema is not None or json_object or regex is not None or choice is not None}
+        settings = {
+            "temperature": temperature not in (None, 0),
+            "top_k": top_k is not None,
+            "top_p": top_p is not None,
+            "repetition_penalty": repetition_penalty != 1.0,
+            "seed": seed is not None,
+            "compile": compile,
+            "a drafter": draft is not None,
+            "a constraint": json_schema is not None or json_object or regex is not None or choice is not None,
+        }
         given = [name for name, on in settings.items() if on]
         if given:
-            raise LmforgeError(f"beam search (num_beams {num_beams}) keeps the most likely continuations: "
-                               f"{', '.join(given)} do not apply to it; drop them, or decode with num_beams 1")
-        out = beam_texts(model, tokenizer, encoded, max_new_tokens, BeamParams(num_beams, length_penalty,
-                         early_stopping, num_return_sequences), ends, stop or [])
+            raise LmforgeError(
+                f"beam search (num_beams {num_beams}) keeps the most likely continuations: "
+                f"{', '.join(given)} do not apply to it; drop them, or decode with num_beams 1"
+            )
+        out = beam_texts(
+            model,
+            tokenizer,
+            encoded,
+            max_new_tokens,
+            BeamParams(num_beams, length_penalty, early_stopping, num_return_sequences),
+            ends,
+            stop or [],
+        )
         if on_text is not None:
             for i, o in enumerate(out):
                 on_text(i, o[0])
         out = [o if num_return_sequences > 1 else o[0] for o in out]
         return out[0] if single else out
     if length_penalty != 1.0 or early_stopping is not False:
-        raise LmforgeError("length_penalty and early_stopping steer beam search; with num_beams 1 nothing uses "
-                           "them: drop them, or give num_beams > 1")
-    params = SamplingParams(max_new_tokens, 1.0 if temperature is None else temperature, top_k, top_p,
-                            repetition_penalty, seed)
+        raise LmforgeError(
+            "length_penalty and early_stopping steer beam search; with num_beams 1 nothing uses "
+            "them: drop them, or give num_beams > 1"
+        )
+    params = SamplingParams(
+        max_new_tokens, 1.0 if temperature is None else temperature, top_k, top_p, repetition_penalty, seed
+    )
     streams = [TextStream(tokenizer, stop) for _ in texts]
     done = [False] * len(texts)
     constraints = None
     if json_schema is not None or json_object or regex is not None or choice is not None:
         if not ends:
             raise LmforgeError("constrained decoding needs a tokenizer with an EOS token")
-        constraints = [Constraint.make(tokenizer, model.config.vocab_size, ends, json_schema=json_schema,
-                                       json_object=json_object, regex=regex, choice=choice) for _ in texts]
-    for tok in generate_ids(model, encoded, params, eos_token_id=ends or None, pad_token_id=tokenizer.pad_id,
-                            compile=compile, draft=draft, constraints=constraints):
+        constraints = [
+            Constraint.make(
+                tokenizer,
+                model.config.vocab_size,
+                ends,
+                json_schema=json_schema,
+                json_object=json_object,
+                regex=regex,
+                choice=choice,
+            )
+            for _ in texts
+        ]
+    for tok in generate_ids(
+        model,
+        encoded,
+        params,
+        eos_token_id=ends or None,
+        pad_token_id=tokenizer.pad_id,
+        compile=compile,
+        draft=draft,
+        constraints=constraints,
+    ):
         for i, t in enumerate(tok.tolist()):
             if done[i]:
                 continue
@@ -449,8 +521,15 @@ def generate(
     return emitted[0] if single else emitted
 
 
-def beam_texts(model: torch.nn.Module, tokenizer, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-               params: BeamParams, ends: Sequence[int], stop: Sequence[str] = ()) -> list[list[str]]:
+def beam_texts(
+    model: torch.nn.Module,
+    tokenizer,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    params: BeamParams,
+    ends: Sequence[int],
+    stop: Sequence[str] = (),
+) -> list[list[str]]:
     """Beam search over each prompt's ids (one prompt at a time, its beams batched): the num_return_sequences best
     continuations of each as text, cut before a stop string (which ends a hypothesis as an end token does)."""
     params.validate()
@@ -458,12 +537,16 @@ def beam_texts(model: torch.nn.Module, tokenizer, prompts: Sequence[Sequence[int
     out = []
     with torch.inference_mode(), packed_linears(model, params.num_beams):
         for p in prompts:
-            def stops(seqs: torch.Tensor, cur: int, n: int = len(p)) -> torch.Tensor:
-                return torch.tensor([any(s in tokenizer.decode(row) for s in stop)
-                                     for row in seqs[:, n:cur + 1].tolist()], dtype=torch.bool)
 
-            hyps, _ = decoder_beam_search(model, p, max_new_tokens, params, ends, tokenizer.pad_id or 0,
-                                          stops if stop else None)
+            def stops(seqs: torch.Tensor, cur: int, n: int = len(p)) -> torch.Tensor:
+                return torch.tensor(
+                    [any(s in tokenizer.decode(row) for s in stop) for row in seqs[:, n : cur + 1].tolist()],
+                    dtype=torch.bool,
+                )
+
+            hyps, _ = decoder_beam_search(
+                model, p, max_new_tokens, params, ends, tokenizer.pad_id or 0, stops if stop else None
+            )
             texts = []
             for h in hyps:
                 text = tokenizer.decode([t for t in h if t not in ends])

@@ -34,16 +34,19 @@ class Seq2SeqParams:
     seed: int | None = None
 
     def validate(self) -> None:
-        SamplingParams(self.max_new_tokens, self.temperature, self.top_k, self.top_p, self.repetition_penalty,
-                       self.seed).validate()
+        SamplingParams(
+            self.max_new_tokens, self.temperature, self.top_k, self.top_p, self.repetition_penalty, self.seed
+        ).validate()
         if self.num_beams < 1:
             raise LmforgeError(f"num_beams must be at least 1, got {self.num_beams}")
         if not 1 <= self.num_return_sequences <= self.num_beams and self.num_beams > 1:
-            raise LmforgeError(f"num_return_sequences ({self.num_return_sequences}) must be between 1 and "
-                               f"num_beams ({self.num_beams})")
+            raise LmforgeError(
+                f"num_return_sequences ({self.num_return_sequences}) must be between 1 and num_beams ({self.num_beams})"
+            )
         if self.num_beams > 1 and self.temperature > 0:
-            raise LmforgeError("beam search is deterministic here: use num_beams > 1 with temperature 0, or "
-                               "sample with num_beams 1")
+            raise LmforgeError(
+                "beam search is deterministic here: use num_beams > 1 with temperature 0, or sample with num_beams 1"
+            )
         if self.early_stopping not in (True, False, "never"):
             raise LmforgeError(f"early_stopping must be true, false or never, got {self.early_stopping!r}")
         if self.no_repeat_ngram_size < 0:
@@ -51,8 +54,9 @@ class Seq2SeqParams:
 
 
 @torch.inference_mode()
-def generate_seq2seq_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                         params: Seq2SeqParams | None = None) -> torch.Tensor:
+def generate_seq2seq_ids(
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, params: Seq2SeqParams | None = None
+) -> torch.Tensor:
     """Generated target ids [B * num_return_sequences, T] (no start token; EOS kept; padding after it)."""
     params = params or Seq2SeqParams()
     params.validate()
@@ -71,12 +75,13 @@ def _sample(model, input_ids, attention_mask, p: Seq2SeqParams) -> torch.Tensor:
     sp = SamplingParams(p.max_new_tokens, p.temperature, p.top_k, p.top_p, p.repetition_penalty, p.seed)
     seqs = torch.full((B, p.max_new_tokens + 1), c.pad_token_id, dtype=torch.long, device=input_ids.device)
     seqs[:, 0] = c.decoder_start_token_id
-    seen = torch.zeros(B, c.vocab_size, dtype=torch.bool, device=input_ids.device) \
-        if p.repetition_penalty != 1.0 else None
+    seen = (
+        torch.zeros(B, c.vocab_size, dtype=torch.bool, device=input_ids.device) if p.repetition_penalty != 1.0 else None
+    )
     done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     length = 1
     for _ in range(p.max_new_tokens):
-        logits = model.head(model.decode(seqs[:, length - 1:length], cache=cache))[:, -1].float()
+        logits = model.head(model.decode(seqs[:, length - 1 : length], cache=cache))[:, -1].float()
         logits = ban_repeated_ngrams(seqs, length, p.no_repeat_ngram_size, logits)
         tok = next_token(logits, sp, gen, seen)
         tok = torch.where(done, torch.full_like(tok, c.pad_token_id), tok)
@@ -99,7 +104,7 @@ def _beam_search(model, input_ids, attention_mask, p: Seq2SeqParams) -> torch.Te
     cache = model.new_cache(enc, mask, max_len)
 
     def step(seqs: torch.Tensor, cur: int) -> torch.Tensor:
-        return model.head(model.decode(seqs[:, cur - 1:cur], cache=cache))[:, -1]
+        return model.head(model.decode(seqs[:, cur - 1 : cur], cache=cache))[:, -1]
 
     def reorder(rows: torch.Tensor) -> None:
         cache.reorder(rows, same_source=True)  # a beam's parent has its source
@@ -121,9 +126,16 @@ def _beam_search(model, input_ids, attention_mask, p: Seq2SeqParams) -> torch.Te
 # text in, text out
 
 
-def generate_seq2seq(model, tokenizer, sources: Sequence[str], params: Seq2SeqParams | None = None,
-                     prefix: str = "", batch_size: int = 32, max_source_len: int | None = None,
-                     progress: bool = False) -> list[str] | list[list[str]]:
+def generate_seq2seq(
+    model,
+    tokenizer,
+    sources: Sequence[str],
+    params: Seq2SeqParams | None = None,
+    prefix: str = "",
+    batch_size: int = 32,
+    max_source_len: int | None = None,
+    progress: bool = False,
+) -> list[str] | list[list[str]]:
     """Outputs for each source text (a list of num_return_sequences texts each when that is above 1).
     Sources are batched by length (less padding), truncated to max_source_len tokens (default: the model's
     max_seq_len) with the EOS kept, and the results come back in the input order."""
@@ -131,7 +143,7 @@ def generate_seq2seq(model, tokenizer, sources: Sequence[str], params: Seq2SeqPa
     params.validate()
     limit = max_source_len or model.config.max_seq_len
     eos, pad = model.config.eos_token_id, model.config.pad_token_id
-    encoded = [tokenizer.encode(prefix + s)[:limit - 1] + [eos] for s in sources]
+    encoded = [tokenizer.encode(prefix + s)[: limit - 1] + [eos] for s in sources]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     results: list = [None] * len(encoded)
     device = next(model.parameters()).device
@@ -141,17 +153,18 @@ def generate_seq2seq(model, tokenizer, sources: Sequence[str], params: Seq2SeqPa
 
         batches = tqdm(batches, desc="generate", unit="batch")
     for start in batches:
-        idx = order[start:start + batch_size]
+        idx = order[start : start + batch_size]
         width = max(len(encoded[i]) for i in idx)
         ids = torch.full((len(idx), width), pad, dtype=torch.long)
         mask = torch.zeros_like(ids)
         for r, i in enumerate(idx):
-            ids[r, :len(encoded[i])] = torch.tensor(encoded[i])
-            mask[r, :len(encoded[i])] = 1
+            ids[r, : len(encoded[i])] = torch.tensor(encoded[i])
+            mask[r, : len(encoded[i])] = 1
         out = generate_seq2seq_ids(model, ids.to(device), mask.to(device), params).tolist()
         R = params.num_return_sequences if params.num_beams > 1 else 1
         for r, i in enumerate(idx):
-            texts = [tokenizer.decode([t for t in row if t not in (eos, pad)]).strip()
-                     for row in out[r * R:(r + 1) * R]]
+            texts = [
+                tokenizer.decode([t for t in row if t not in (eos, pad)]).strip() for row in out[r * R : (r + 1) * R]
+            ]
             results[i] = texts if R > 1 else texts[0]
     return results

@@ -76,8 +76,9 @@ class Drafter:
     def start(self, prompt: Sequence[int], max_len: int) -> None:
         """A new sequence begins with `prompt`."""
 
-    def propose(self, tokens: list[int], k: int, params: SamplingParams,
-                generator: torch.Generator | None) -> tuple[list[int], torch.Tensor | None]:
+    def propose(
+        self, tokens: list[int], k: int, params: SamplingParams, generator: torch.Generator | None
+    ) -> tuple[list[int], torch.Tensor | None]:
         """Up to k draft tokens after `tokens` (the whole sequence so far) and their distributions q [n, V]
         (None when the drafts are deterministic)."""
         raise NotImplementedError
@@ -111,8 +112,14 @@ class Drafter:
             self._rest, self._rest_for, self._misses = self._rest_for, self._rest_for * 2, 0
 
     # the loop ------------------------------------------------------------------------------------------------------
-    def decode(self, model: torch.nn.Module, prompt: Sequence[int], params: SamplingParams, ends: set[int],
-               generator: torch.Generator | None) -> Iterator[int]:
+    def decode(
+        self,
+        model: torch.nn.Module,
+        prompt: Sequence[int],
+        params: SamplingParams,
+        ends: set[int],
+        generator: torch.Generator | None,
+    ) -> Iterator[int]:
         """Yield the new tokens of one sequence (stops after an id in `ends` or max_new_tokens)."""
         device = next(model.parameters()).device
         tokens = list(prompt)
@@ -144,8 +151,14 @@ class Drafter:
             self.record(len(drafts), len(pending) - 1)
 
 
-def choose(logits: torch.Tensor, drafts: list[int], q: torch.Tensor | None, params: SamplingParams,
-           seen: torch.Tensor | None = None, generator: torch.Generator | None = None) -> list[int]:
+def choose(
+    logits: torch.Tensor,
+    drafts: list[int],
+    q: torch.Tensor | None,
+    params: SamplingParams,
+    seen: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> list[int]:
     """The tokens to emit from the model's logits at [last, d1..dk] (k + 1 rows): position by position the token
     plain decoding picks there (next_token: argmax, or one uniform draw from `generator`), up to and including the
     first one that differs from the draft. seen: the repetition penalty's tokens so far (row j also counts
@@ -158,7 +171,7 @@ def choose(logits: torch.Tensor, drafts: list[int], q: torch.Tensor | None, para
             if drafts[:j]:
                 s[torch.as_tensor(drafts[:j], device=s.device)] = True
             s = s[None]
-        tok = int(next_token(logits[j:j + 1], params, generator, s)[0])
+        tok = int(next_token(logits[j : j + 1], params, generator, s)[0])
         out.append(tok)
         if j >= len(drafts) or tok != drafts[j]:
             break
@@ -194,12 +207,12 @@ class NgramDrafter(Drafter):
         for end in range(max(self._indexed, 1), len(tokens)):
             for n in range(1, self.max_ngram + 1):
                 if end - n >= 0:
-                    self._index[tuple(tokens[end - n:end])] = end
+                    self._index[tuple(tokens[end - n : end])] = end
         self._indexed = len(tokens)
         for n in range(min(self.max_ngram, len(tokens) - 1), 0, -1):
             at = self._index.get(tuple(tokens[-n:]))
             if at is not None:
-                return tokens[at:at + min(k, self.SHORT_MATCH.get(n, k))], None
+                return tokens[at : at + min(k, self.SHORT_MATCH.get(n, k))], None
         return [], None
 
 
@@ -229,7 +242,7 @@ class ModelDrafter(Drafter):
     @torch.inference_mode()
     def propose(self, tokens, k, params, generator):
         device = next(self.model.parameters()).device
-        new = tokens[self._fed:]  # what the draft has not seen: the model's last token(s) since its last pass
+        new = tokens[self._fed :]  # what the draft has not seen: the model's last token(s) since its last pass
         logits = self.model(torch.tensor([new], device=device), cache=self.cache, last_only=True).logits[0, -1]
         self._fed = len(tokens)
         drafts = []
@@ -251,12 +264,15 @@ def check_draft_model(model: torch.nn.Module, draft: torch.nn.Module) -> None:
     """A draft model must share the model's vocabulary (same size; its ids are proposed as the model's)."""
     a, b = model.config.vocab_size, draft.config.vocab_size
     if a != b:
-        raise LmforgeError(f"the draft model's vocabulary has {b} tokens, the model's {a}; speculative decoding "
-                           "needs a draft model with the same tokenizer")
+        raise LmforgeError(
+            f"the draft model's vocabulary has {b} tokens, the model's {a}; speculative decoding "
+            "needs a draft model with the same tokenizer"
+        )
 
 
-def make_drafter(spec: str | None, model: torch.nn.Module, device: str = "cpu", quantize: str | None = None,
-                 dtype: str | None = None) -> Drafter | None:
+def make_drafter(
+    spec: str | None, model: torch.nn.Module, device: str = "cpu", quantize: str | None = None, dtype: str | None = None
+) -> Drafter | None:
     """The drafter `--speculative` names: None, "ngram" (prompt lookup) or a draft model (a directory, .gguf or
     packaged name, loaded like the model: same device, quantization and dtype; it must share the vocabulary)."""
     if not spec:

@@ -16,7 +16,8 @@ def convert(source: str | Path, out: str | Path) -> Path:
     check_output_dir(out, "output folder")  # before the (slow) load
     src = Path(source)
     if src.exists() and Path(out).exists() and Path(out).resolve() == src.resolve():
-        raise ModelLoadError(f"the output folder {out} is the model being converted; write the conversion to a new "
-                             "folder")
+        raise ModelLoadError(
+            f"the output folder {out} is the model being converted; write the conversion to a new folder"
+        )
     model, tokenizer = load_pretrained(source)
     return model.save_pretrained(out, tokenizer=tokenizer)

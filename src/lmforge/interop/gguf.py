@@ -46,8 +46,11 @@ BLOCK_NAMES = {
     "ffn_up.weight": "mlp.up.weight",
     "ffn_down.weight": "mlp.down.weight",
 }
-TOP_NAMES = {"token_embd.weight": "tok_emb.weight", "output_norm.weight": "norm.weight",
-             "output.weight": "lm_head.weight"}
+TOP_NAMES = {
+    "token_embd.weight": "tok_emb.weight",
+    "output_norm.weight": "norm.weight",
+    "output.weight": "lm_head.weight",
+}
 
 
 def _reader(path: Path):
@@ -58,8 +61,10 @@ def _reader(path: Path):
     try:
         return GGUFReader(str(path))
     except Exception as e:  # the reader raises ValueError / struct errors / IndexError on damaged files
-        raise ModelLoadError(f"{path} is truncated or not a GGUF file ({type(e).__name__}: "
-                             f"{str(e).splitlines()[0] if str(e) else 'unreadable'}); download it again") from None
+        raise ModelLoadError(
+            f"{path} is truncated or not a GGUF file ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else 'unreadable'}); download it again"
+        ) from None
 
 
 def _field(reader, key: str, default: Any = None) -> Any:
@@ -72,8 +77,9 @@ def _field(reader, key: str, default: Any = None) -> Any:
 def gguf_config(reader, where: str) -> DecoderConfig:
     arch = _field(reader, "general.architecture")
     if arch not in ARCHITECTURES:
-        raise ModelLoadError(f"{where}: GGUF architecture {arch!r} is not supported; supported: "
-                             f"{', '.join(ARCHITECTURES)}")
+        raise ModelLoadError(
+            f"{where}: GGUF architecture {arch!r} is not supported; supported: {', '.join(ARCHITECTURES)}"
+        )
 
     def need(key: str) -> Any:
         v = _field(reader, f"{arch}.{key}")
@@ -86,13 +92,21 @@ def gguf_config(reader, where: str) -> DecoderConfig:
     names = {t.name for t in reader.tensors}
     vocab = _field(reader, f"{arch}.vocab_size") or len(_field(reader, "tokenizer.ggml.tokens", []))
     return DecoderConfig(
-        vocab_size=int(vocab), n_layer=int(need("block_count")), n_head=n_head,
-        n_kv_head=int(_field(reader, f"{arch}.attention.head_count_kv", n_head)), d_model=d,
+        vocab_size=int(vocab),
+        n_layer=int(need("block_count")),
+        n_head=n_head,
+        n_kv_head=int(_field(reader, f"{arch}.attention.head_count_kv", n_head)),
+        d_model=d,
         head_dim=int(_field(reader, f"{arch}.attention.key_length", d // n_head)),
-        d_ff=int(need("feed_forward_length")), max_seq_len=int(_field(reader, f"{arch}.context_length", 2048)),
-        pos_emb="rope", rope_theta=float(_field(reader, f"{arch}.rope.freq_base", 10000.0)), norm="rmsnorm",
-        norm_eps=float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)), mlp="swiglu",
-        bias=False, tie_embeddings="output.weight" not in names,
+        d_ff=int(need("feed_forward_length")),
+        max_seq_len=int(_field(reader, f"{arch}.context_length", 2048)),
+        pos_emb="rope",
+        rope_theta=float(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
+        norm="rmsnorm",
+        norm_eps=float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
+        mlp="swiglu",
+        bias=False,
+        tie_embeddings="output.weight" not in names,
         bos_token_id=_maybe_int(_field(reader, "tokenizer.ggml.bos_token_id")),
         eos_token_id=_maybe_int(_field(reader, "tokenizer.ggml.eos_token_id")),
         pad_token_id=_maybe_int(_field(reader, "tokenizer.ggml.padding_token_id")),
@@ -115,8 +129,10 @@ def dequantize_tensor(t, where: str) -> torch.Tensor:
 
     kind = t.tensor_type.name
     if kind not in SUPPORTED_TYPES:
-        raise ModelLoadError(f"{where}: tensor {t.name} uses quantization {kind}, which lmforge cannot read; "
-                             f"supported: {', '.join(SUPPORTED_TYPES)}")
+        raise ModelLoadError(
+            f"{where}: tensor {t.name} uses quantization {kind}, which lmforge cannot read; "
+            f"supported: {', '.join(SUPPORTED_TYPES)}"
+        )
     shape = tuple(int(s) for s in reversed(t.shape.tolist()))  # GGUF stores innermost dimension first
     try:
         if kind in ("F32", "F16"):
@@ -191,8 +207,9 @@ def load_gguf(path: str | Path, device: str | torch.device = "cpu", keep_4bit: b
         parts = [w]
         if keep_4bit and ours.startswith("blocks.") and t.tensor_type.name in FOUR_BIT and w.dim() == 2:
             parts += four_bit_grid(t, w)
-        heads = cfg.n_head if ours.endswith("q_proj.weight") else cfg.n_kv_head if ours.endswith(
-            "k_proj.weight") else None
+        heads = (
+            cfg.n_head if ours.endswith("q_proj.weight") else cfg.n_kv_head if ours.endswith("k_proj.weight") else None
+        )
         if heads:  # the same row order for the weight and, kept 4-bit, its codes, scales and offsets
             parts = [unpermute_rotary(x, heads) for x in parts]
         state[ours] = parts[0]
@@ -207,8 +224,9 @@ def load_gguf(path: str | Path, device: str | torch.device = "cpu", keep_4bit: b
         if k not in state:
             raise ModelLoadError(f"{path}: tensor for {k} is missing; the file does not match its metadata")
         if state[k].shape != shape:
-            raise ModelLoadError(f"{path}: tensor for {k} has shape {tuple(state[k].shape)}, metadata implies "
-                                 f"{tuple(shape)}")
+            raise ModelLoadError(
+                f"{path}: tensor for {k} has shape {tuple(state[k].shape)}, metadata implies {tuple(shape)}"
+            )
     model = adopt_weights(model, state, str(path))
     for name, (codes, scale, low) in kept.items():
         parent, _, leaf = name.removesuffix(".weight").rpartition(".")
@@ -227,21 +245,23 @@ def gguf_tokenizer(reader, where: str):
     tokens = list(_field(reader, "tokenizer.ggml.tokens"))
     merges = [tuple(m.split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges", [])]
     types = list(_field(reader, "tokenizer.ggml.token_type", [1] * len(tokens)))
-    tok = HFTokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges,
-                                 ignore_merges=False))
+    tok = HFTokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, ignore_merges=False))
     split = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     if _field(reader, "tokenizer.ggml.pre") == "smollm":  # SmolLM splits digits one by one before BPE
         tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), split])
     else:
         tok.pre_tokenizer = split
     tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                            for t, ty in zip(tokens, types) if ty == 3])
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == 3])
 
     def name(key: str) -> str | None:
         i = _field(reader, key)
         return tokens[int(i)] if i is not None and 0 <= int(i) < len(tokens) else None
 
-    return Tokenizer(tok, eos_token=name("tokenizer.ggml.eos_token_id"), bos_token=name("tokenizer.ggml.bos_token_id"),
-                     pad_token=name("tokenizer.ggml.padding_token_id"),
-                     chat_template=_field(reader, "tokenizer.chat_template"))
+    return Tokenizer(
+        tok,
+        eos_token=name("tokenizer.ggml.eos_token_id"),
+        bos_token=name("tokenizer.ggml.bos_token_id"),
+        pad_token=name("tokenizer.ggml.padding_token_id"),
+        chat_template=_field(reader, "tokenizer.chat_template"),
+    )

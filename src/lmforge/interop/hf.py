@@ -38,9 +38,15 @@ Row = tuple[str, list[str], str]
 
 
 def _fits_gpt2(c: DecoderConfig) -> bool:
-    return (c.pos_emb == "learned" and c.norm == "layernorm" and c.bias and c.qkv_bias
-            and c.mlp in ("gelu", "gelu_tanh", "relu")
-            and c.n_kv_head == c.n_head and c.head_dim * c.n_head == c.d_model)
+    return (
+        c.pos_emb == "learned"
+        and c.norm == "layernorm"
+        and c.bias
+        and c.qkv_bias
+        and c.mlp in ("gelu", "gelu_tanh", "relu")
+        and c.n_kv_head == c.n_head
+        and c.head_dim * c.n_head == c.d_model
+    )
 
 
 def _fits_llama(c: DecoderConfig) -> bool:
@@ -48,36 +54,83 @@ def _fits_llama(c: DecoderConfig) -> bool:
 
 
 def _fits_qwen2(c: DecoderConfig) -> bool:
-    return (c.pos_emb == "rope" and c.norm == "rmsnorm" and c.mlp == "swiglu" and c.qkv_bias and not c.bias
-            and c.head_dim * c.n_head == c.d_model)
+    return (
+        c.pos_emb == "rope"
+        and c.norm == "rmsnorm"
+        and c.mlp == "swiglu"
+        and c.qkv_bias
+        and not c.bias
+        and c.head_dim * c.n_head == c.d_model
+    )
 
 
 GPT2_ACT = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu"}
 
 
 def hf_config(c: DecoderConfig) -> dict[str, Any]:
-    common = {"vocab_size": c.vocab_size, "bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_id,
-              "pad_token_id": c.pad_token_id, "tie_word_embeddings": c.tie_embeddings, "torch_dtype": "float32"}
+    common = {
+        "vocab_size": c.vocab_size,
+        "bos_token_id": c.bos_token_id,
+        "eos_token_id": c.eos_token_id,
+        "pad_token_id": c.pad_token_id,
+        "tie_word_embeddings": c.tie_embeddings,
+        "torch_dtype": "float32",
+    }
     if _fits_gpt2(c):
-        return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_positions": c.max_seq_len,
-                "n_embd": c.d_model, "n_layer": c.n_layer, "n_head": c.n_head, "n_inner": c.d_ff,
-                "activation_function": GPT2_ACT[c.mlp], "layer_norm_epsilon": c.norm_eps,
-                "resid_pdrop": c.dropout, "embd_pdrop": c.dropout, "attn_pdrop": c.dropout,
-                "initializer_range": c.init_std, **common}
+        return {
+            "architectures": ["GPT2LMHeadModel"],
+            "model_type": "gpt2",
+            "n_positions": c.max_seq_len,
+            "n_embd": c.d_model,
+            "n_layer": c.n_layer,
+            "n_head": c.n_head,
+            "n_inner": c.d_ff,
+            "activation_function": GPT2_ACT[c.mlp],
+            "layer_norm_epsilon": c.norm_eps,
+            "resid_pdrop": c.dropout,
+            "embd_pdrop": c.dropout,
+            "attn_pdrop": c.dropout,
+            "initializer_range": c.init_std,
+            **common,
+        }
     if _fits_llama(c):
-        return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": c.d_model,
-                "intermediate_size": c.d_ff, "num_hidden_layers": c.n_layer, "num_attention_heads": c.n_head,
-                "num_key_value_heads": c.n_kv_head, "head_dim": c.head_dim,
-                "max_position_embeddings": c.max_seq_len, "rms_norm_eps": c.norm_eps, "rope_theta": c.rope_theta,
-                "hidden_act": "silu", "attention_bias": c.bias, "mlp_bias": c.bias,
-                "attention_dropout": c.dropout, "initializer_range": c.init_std, **common}
+        return {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "hidden_size": c.d_model,
+            "intermediate_size": c.d_ff,
+            "num_hidden_layers": c.n_layer,
+            "num_attention_heads": c.n_head,
+            "num_key_value_heads": c.n_kv_head,
+            "head_dim": c.head_dim,
+            "max_position_embeddings": c.max_seq_len,
+            "rms_norm_eps": c.norm_eps,
+            "rope_theta": c.rope_theta,
+            "hidden_act": "silu",
+            "attention_bias": c.bias,
+            "mlp_bias": c.bias,
+            "attention_dropout": c.dropout,
+            "initializer_range": c.init_std,
+            **common,
+        }
     if _fits_qwen2(c):
-        return {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": c.d_model,
-                "intermediate_size": c.d_ff, "num_hidden_layers": c.n_layer, "num_attention_heads": c.n_head,
-                "num_key_value_heads": c.n_kv_head, "max_position_embeddings": c.max_seq_len,
-                "rms_norm_eps": c.norm_eps, "rope_theta": c.rope_theta, "hidden_act": "silu",
-                "use_sliding_window": False, "attention_dropout": c.dropout, "initializer_range": c.init_std,
-                **common}
+        return {
+            "architectures": ["Qwen2ForCausalLM"],
+            "model_type": "qwen2",
+            "hidden_size": c.d_model,
+            "intermediate_size": c.d_ff,
+            "num_hidden_layers": c.n_layer,
+            "num_attention_heads": c.n_head,
+            "num_key_value_heads": c.n_kv_head,
+            "max_position_embeddings": c.max_seq_len,
+            "rms_norm_eps": c.norm_eps,
+            "rope_theta": c.rope_theta,
+            "hidden_act": "silu",
+            "use_sliding_window": False,
+            "attention_dropout": c.dropout,
+            "initializer_range": c.init_std,
+            **common,
+        }
     return {"architectures": ["DecoderLM"], "model_type": NATIVE_TYPE, "lmforge": c.to_dict(), **common}
 
 
@@ -89,11 +142,21 @@ def config_from_hf(d: dict[str, Any], where: str = "config.json") -> DecoderConf
         if mt == "gpt2":
             act = {v: k for k, v in GPT2_ACT.items()}.get(d.get("activation_function", "gelu_new"), "gelu_tanh")
             return DecoderConfig(
-                vocab_size=d["vocab_size"], n_layer=d["n_layer"], n_head=d["n_head"], d_model=d["n_embd"],
-                d_ff=d.get("n_inner") or 4 * d["n_embd"], max_seq_len=d["n_positions"], pos_emb="learned",
-                norm="layernorm", norm_eps=d.get("layer_norm_epsilon", 1e-5), mlp=act, bias=True,
-                tie_embeddings=d.get("tie_word_embeddings", True), init_std=d.get("initializer_range", 0.02),
-                bos_token_id=d.get("bos_token_id"), eos_token_id=d.get("eos_token_id"),
+                vocab_size=d["vocab_size"],
+                n_layer=d["n_layer"],
+                n_head=d["n_head"],
+                d_model=d["n_embd"],
+                d_ff=d.get("n_inner") or 4 * d["n_embd"],
+                max_seq_len=d["n_positions"],
+                pos_emb="learned",
+                norm="layernorm",
+                norm_eps=d.get("layer_norm_epsilon", 1e-5),
+                mlp=act,
+                bias=True,
+                tie_embeddings=d.get("tie_word_embeddings", True),
+                init_std=d.get("initializer_range", 0.02),
+                bos_token_id=d.get("bos_token_id"),
+                eos_token_id=d.get("eos_token_id"),
                 pad_token_id=d.get("pad_token_id"),
             )
         if mt in ("llama", "mistral", "qwen2"):
@@ -111,15 +174,25 @@ def config_from_hf(d: dict[str, Any], where: str = "config.json") -> DecoderConf
                 # a window at least as long as the context changes nothing; within it we are exact
                 max_len = min(max_len, d["sliding_window"])
             return DecoderConfig(
-                vocab_size=d["vocab_size"], n_layer=d["num_hidden_layers"], n_head=n_head,
-                n_kv_head=d.get("num_key_value_heads") or n_head, d_model=d["hidden_size"],
-                head_dim=d.get("head_dim") or d["hidden_size"] // n_head, d_ff=d["intermediate_size"],
-                max_seq_len=max_len, pos_emb="rope",
-                rope_theta=float(d.get("rope_theta", 10000.0)), norm="rmsnorm", norm_eps=d.get("rms_norm_eps", 1e-6),
-                mlp="swiglu", bias=bool(d.get("attention_bias", False)),
+                vocab_size=d["vocab_size"],
+                n_layer=d["num_hidden_layers"],
+                n_head=n_head,
+                n_kv_head=d.get("num_key_value_heads") or n_head,
+                d_model=d["hidden_size"],
+                head_dim=d.get("head_dim") or d["hidden_size"] // n_head,
+                d_ff=d["intermediate_size"],
+                max_seq_len=max_len,
+                pos_emb="rope",
+                rope_theta=float(d.get("rope_theta", 10000.0)),
+                norm="rmsnorm",
+                norm_eps=d.get("rms_norm_eps", 1e-6),
+                mlp="swiglu",
+                bias=bool(d.get("attention_bias", False)),
                 qkv_bias=True if mt == "qwen2" else bool(d.get("attention_bias", False)),
-                tie_embeddings=d.get("tie_word_embeddings", False), init_std=d.get("initializer_range", 0.02),
-                bos_token_id=_first(d.get("bos_token_id")), eos_token_id=_first(d.get("eos_token_id")),
+                tie_embeddings=d.get("tie_word_embeddings", False),
+                init_std=d.get("initializer_range", 0.02),
+                bos_token_id=_first(d.get("bos_token_id")),
+                eos_token_id=_first(d.get("eos_token_id")),
                 pad_token_id=d.get("pad_token_id"),
             )
     except KeyError as e:
@@ -142,8 +215,10 @@ def _first(x: Any) -> Any:
 def tensor_rows(c: DecoderConfig, model_type: str) -> list[Row]:
     rows: list[Row] = []
     if model_type == "gpt2":
-        rows += [("transformer.wte.weight", ["tok_emb.weight"], "linear"),
-                 ("transformer.wpe.weight", ["pos_emb.weight"], "linear")]
+        rows += [
+            ("transformer.wte.weight", ["tok_emb.weight"], "linear"),
+            ("transformer.wpe.weight", ["pos_emb.weight"], "linear"),
+        ]
         for i in range(c.n_layer):
             h, b = f"transformer.h.{i}", f"blocks.{i}"
             for p in ("weight", "bias"):
@@ -156,14 +231,18 @@ def tensor_rows(c: DecoderConfig, model_type: str) -> list[Row]:
                     (f"{h}.mlp.c_fc.{p}", [f"{b}.mlp.up.{p}"], layout),
                     (f"{h}.mlp.c_proj.{p}", [f"{b}.mlp.down.{p}"], layout),
                 ]
-        rows += [("transformer.ln_f.weight", ["norm.weight"], "linear"),
-                 ("transformer.ln_f.bias", ["norm.bias"], "linear")]
+        rows += [
+            ("transformer.ln_f.weight", ["norm.weight"], "linear"),
+            ("transformer.ln_f.bias", ["norm.bias"], "linear"),
+        ]
     elif model_type in ("llama", "mistral", "qwen2"):
         rows.append(("model.embed_tokens.weight", ["tok_emb.weight"], "linear"))
         for i in range(c.n_layer):
             h, b = f"model.layers.{i}", f"blocks.{i}"
-            rows += [(f"{h}.input_layernorm.weight", [f"{b}.attn_norm.weight"], "linear"),
-                     (f"{h}.post_attention_layernorm.weight", [f"{b}.mlp_norm.weight"], "linear")]
+            rows += [
+                (f"{h}.input_layernorm.weight", [f"{b}.attn_norm.weight"], "linear"),
+                (f"{h}.post_attention_layernorm.weight", [f"{b}.mlp_norm.weight"], "linear"),
+            ]
             for n in "qkvo":
                 for p in ("weight", "bias") if (c.qkv_bias if n != "o" else c.bias) else ("weight",):
                     rows.append((f"{h}.self_attn.{n}_proj.{p}", [f"{b}.attn.{n}_proj.{p}"], "linear"))
@@ -225,8 +304,9 @@ def from_hf_state(
 # directories
 
 
-def save_model_dir(model: torch.nn.Module, path: str | Path, tokenizer: Any = None,
-                   generation_config: dict | None = None) -> Path:
+def save_model_dir(
+    model: torch.nn.Module, path: str | Path, tokenizer: Any = None, generation_config: dict | None = None
+) -> Path:
     """Write `model` (and its tokenizer) as an HF-layout directory, atomically."""
     path = check_output_dir(path)
     cfg = hf_config(model.config)
@@ -234,8 +314,11 @@ def save_model_dir(model: torch.nn.Module, path: str | Path, tokenizer: Any = No
     with atomic_dir(path) as tmp:
         write_json(tmp / "config.json", cfg)
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        gen = {"bos_token_id": model.config.bos_token_id, "eos_token_id": model.config.eos_token_id,
-               "pad_token_id": model.config.pad_token_id}
+        gen = {
+            "bos_token_id": model.config.bos_token_id,
+            "eos_token_id": model.config.eos_token_id,
+            "pad_token_id": model.config.pad_token_id,
+        }
         gen.update(generation_config or {})
         write_json(tmp / "generation_config.json", gen)
         if tokenizer is not None:
@@ -250,8 +333,7 @@ def check_output_dir(path: str | Path, flag: str = "--out") -> Path:
     path = check_out_dir(path, flag)
     earlier = (path / "config.json").is_file() or (path / "adapter_config.json").is_file()
     if path.exists() and any(path.iterdir()) and not earlier:
-        raise ModelLoadError(f"{flag} {path} exists and is not a model directory; choose a new or empty output "
-                             "folder")
+        raise ModelLoadError(f"{flag} {path} exists and is not a model directory; choose a new or empty output folder")
     return path
 
 
@@ -262,8 +344,7 @@ def read_config(path: Path) -> dict[str, Any]:
     try:
         return json.loads(f.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModelLoadError(f"{f} is not valid JSON ({e}); repair it, or download or save the model again") \
-            from None
+        raise ModelLoadError(f"{f} is not valid JSON ({e}); repair it, or download or save the model again") from None
 
 
 def weight_files(path: Path) -> list[Path]:
@@ -283,12 +364,15 @@ def weight_files(path: Path) -> list[Path]:
             raise ModelLoadError(f"{path}: shard {missing[0]} named in {index.name} is missing; download it again")
         return files
     if any(path.glob("*.bin")) or any(path.glob("*.pt")):
-        raise ModelLoadError(f"{path} has only pickle weights (.bin/.pt); lmforge loads safetensors only "
-                             f"(convert with safetensors' convert script first)")
+        raise ModelLoadError(
+            f"{path} has only pickle weights (.bin/.pt); lmforge loads safetensors only "
+            f"(convert with safetensors' convert script first)"
+        )
     if single.exists():
         raise ModelLoadError(f"{single} is a folder, not a weights file; a model directory holds model.safetensors")
-    raise ModelLoadError(f"{path} has no model.safetensors; a model directory needs its weights (download them, or "
-                         "save the model again)")
+    raise ModelLoadError(
+        f"{path} has no model.safetensors; a model directory needs its weights (download them, or save the model again)"
+    )
 
 
 def check_weights(path: Path) -> list[Path]:
@@ -305,12 +389,16 @@ def check_weights(path: Path) -> list[Path]:
                 header = json.loads(fh.read(n))
             end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
         except (OSError, ValueError, struct.error, KeyError, TypeError, IndexError, AttributeError) as e:
-            raise ModelLoadError(f"{f} is truncated or corrupt (its header cannot be read: "
-                                 f"{str(e).splitlines()[0] if str(e) else type(e).__name__}); download or save it "
-                                 "again") from None
+            raise ModelLoadError(
+                f"{f} is truncated or corrupt (its header cannot be read: "
+                f"{str(e).splitlines()[0] if str(e) else type(e).__name__}); download or save it "
+                "again"
+            ) from None
         if size != 8 + n + end:
-            raise ModelLoadError(f"{f} is truncated or corrupt: {size:,} bytes where its header describes "
-                                 f"{8 + n + end:,}; download or save it again")
+            raise ModelLoadError(
+                f"{f} is truncated or corrupt: {size:,} bytes where its header describes "
+                f"{8 + n + end:,}; download or save it again"
+            )
     return files
 
 
@@ -322,13 +410,15 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         try:
             tensors.update(aligned_state(load_file(str(f))))  # (see lmforge.nn.init.aligned)
         except (SafetensorError, OSError, ValueError) as e:
-            raise ModelLoadError(f"{f} is truncated or corrupt ({str(e).splitlines()[0]}); download or save it "
-                                 "again") from None
+            raise ModelLoadError(
+                f"{f} is truncated or corrupt ({str(e).splitlines()[0]}); download or save it again"
+            ) from None
     return tensors
 
 
-def load_decoder_dir(path: Path, raw: dict[str, Any], tensors: dict[str, torch.Tensor],
-                     device: str | torch.device = "cpu") -> torch.nn.Module:
+def load_decoder_dir(
+    path: Path, raw: dict[str, Any], tensors: dict[str, torch.Tensor], device: str | torch.device = "cpu"
+) -> torch.nn.Module:
     """A DecoderLM from an HF decoder directory's config and tensors (GPT-2, Llama, Mistral, Qwen2 or lmforge's)."""
     cfg = config_from_hf(raw, str(path / "config.json"))
     try:

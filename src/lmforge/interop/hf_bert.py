@@ -22,19 +22,37 @@ from lmforge.interop.weights import adopt_weights, meta_init
 from lmforge.models.encoder import Encoder
 from lmforge.nn.lora import plain_state_dict
 
-ARCHITECTURES = {"none": "BertModel", "mlm": "BertForMaskedLM", "pretrain": "BertForPreTraining",
-                 "classify": "BertForSequenceClassification", "qa": "BertForQuestionAnswering"}
+ARCHITECTURES = {
+    "none": "BertModel",
+    "mlm": "BertForMaskedLM",
+    "pretrain": "BertForPreTraining",
+    "classify": "BertForSequenceClassification",
+    "qa": "BertForQuestionAnswering",
+}
 HEAD_OF = {v: k for k, v in ARCHITECTURES.items()}
 ACT = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu"}
 
 
 def hf_config(c: EncoderConfig) -> dict[str, Any]:
-    d = {"architectures": [ARCHITECTURES[c.head]], "model_type": "bert", "vocab_size": c.vocab_size,
-         "hidden_size": c.d_model, "num_hidden_layers": c.n_layer, "num_attention_heads": c.n_head,
-         "intermediate_size": c.d_ff, "hidden_act": ACT[c.mlp], "max_position_embeddings": c.max_seq_len,
-         "type_vocab_size": c.type_vocab_size, "layer_norm_eps": c.norm_eps, "hidden_dropout_prob": c.dropout,
-         "attention_probs_dropout_prob": c.attn_dropout, "initializer_range": c.init_std,
-         "pad_token_id": c.pad_token_id, "position_embedding_type": "absolute", "torch_dtype": "float32"}
+    d = {
+        "architectures": [ARCHITECTURES[c.head]],
+        "model_type": "bert",
+        "vocab_size": c.vocab_size,
+        "hidden_size": c.d_model,
+        "num_hidden_layers": c.n_layer,
+        "num_attention_heads": c.n_head,
+        "intermediate_size": c.d_ff,
+        "hidden_act": ACT[c.mlp],
+        "max_position_embeddings": c.max_seq_len,
+        "type_vocab_size": c.type_vocab_size,
+        "layer_norm_eps": c.norm_eps,
+        "hidden_dropout_prob": c.dropout,
+        "attention_probs_dropout_prob": c.attn_dropout,
+        "initializer_range": c.init_std,
+        "pad_token_id": c.pad_token_id,
+        "position_embedding_type": "absolute",
+        "torch_dtype": "float32",
+    }
     if c.head_dim * c.n_head != c.d_model:  # pruned heads: lmforge reads this; transformers' BERT cannot
         d["head_dim"] = c.head_dim
     if c.labels:
@@ -55,18 +73,31 @@ def config_from_hf(d: dict[str, Any], tensors: dict[str, torch.Tensor], where: s
     labels: list[str] = []
     if head == "classify":
         id2label = d.get("id2label") or {}
-        n = d.get("num_labels") or len(id2label) or (tensors["classifier.weight"].shape[0]
-                                                     if tensors.get("classifier.weight") is not None else 2)
+        n = (
+            d.get("num_labels")
+            or len(id2label)
+            or (tensors["classifier.weight"].shape[0] if tensors.get("classifier.weight") is not None else 2)
+        )
         labels = [str(id2label.get(str(i), id2label.get(i, f"LABEL_{i}"))) for i in range(n)]
     try:
         return EncoderConfig(
-            vocab_size=d["vocab_size"], n_layer=d["num_hidden_layers"], n_head=d["num_attention_heads"],
+            vocab_size=d["vocab_size"],
+            n_layer=d["num_hidden_layers"],
+            n_head=d["num_attention_heads"],
             head_dim=d.get("head_dim"),
-            d_model=d["hidden_size"], d_ff=d["intermediate_size"], max_seq_len=d.get("max_position_embeddings", 512),
-            type_vocab_size=d.get("type_vocab_size", 2), norm_eps=d.get("layer_norm_eps", 1e-12), mlp=act,
-            dropout=d.get("hidden_dropout_prob", 0.1), attn_dropout=d.get("attention_probs_dropout_prob", 0.1),
-            init_std=d.get("initializer_range", 0.02), pad_token_id=d.get("pad_token_id", 0),
-            pooler=any(k.endswith("pooler.dense.weight") for k in tensors), head=head, labels=labels,
+            d_model=d["hidden_size"],
+            d_ff=d["intermediate_size"],
+            max_seq_len=d.get("max_position_embeddings", 512),
+            type_vocab_size=d.get("type_vocab_size", 2),
+            norm_eps=d.get("layer_norm_eps", 1e-12),
+            mlp=act,
+            dropout=d.get("hidden_dropout_prob", 0.1),
+            attn_dropout=d.get("attention_probs_dropout_prob", 0.1),
+            init_std=d.get("initializer_range", 0.02),
+            pad_token_id=d.get("pad_token_id", 0),
+            pooler=any(k.endswith("pooler.dense.weight") for k in tensors),
+            head=head,
+            labels=labels,
         )
     except KeyError as e:
         raise ModelLoadError(f"{where}: missing key {e.args[0]!r} for model_type 'bert'") from None
@@ -74,30 +105,37 @@ def config_from_hf(d: dict[str, Any], tensors: dict[str, torch.Tensor], where: s
 
 def tensor_rows(c: EncoderConfig) -> list[tuple[str, str]]:
     """(HF name without the `bert.` prefix for body tensors, lmforge name)."""
-    rows = [("embeddings.word_embeddings.weight", "tok_emb.weight"),
-            ("embeddings.position_embeddings.weight", "pos_emb.weight"),
-            ("embeddings.token_type_embeddings.weight", "type_emb.weight"),
-            ("embeddings.LayerNorm.weight", "emb_norm.weight"), ("embeddings.LayerNorm.bias", "emb_norm.bias")]
+    rows = [
+        ("embeddings.word_embeddings.weight", "tok_emb.weight"),
+        ("embeddings.position_embeddings.weight", "pos_emb.weight"),
+        ("embeddings.token_type_embeddings.weight", "type_emb.weight"),
+        ("embeddings.LayerNorm.weight", "emb_norm.weight"),
+        ("embeddings.LayerNorm.bias", "emb_norm.bias"),
+    ]
     for i in range(c.n_layer):
         h, b = f"encoder.layer.{i}", f"blocks.{i}"
         for p in ("weight", "bias"):
-            rows += [(f"{h}.attention.self.query.{p}", f"{b}.attn.q_proj.{p}"),
-                     (f"{h}.attention.self.key.{p}", f"{b}.attn.k_proj.{p}"),
-                     (f"{h}.attention.self.value.{p}", f"{b}.attn.v_proj.{p}"),
-                     (f"{h}.attention.output.dense.{p}", f"{b}.attn.o_proj.{p}"),
-                     (f"{h}.attention.output.LayerNorm.{p}", f"{b}.attn_norm.{p}"),
-                     (f"{h}.intermediate.dense.{p}", f"{b}.mlp.up.{p}"),
-                     (f"{h}.output.dense.{p}", f"{b}.mlp.down.{p}"),
-                     (f"{h}.output.LayerNorm.{p}", f"{b}.mlp_norm.{p}")]
+            rows += [
+                (f"{h}.attention.self.query.{p}", f"{b}.attn.q_proj.{p}"),
+                (f"{h}.attention.self.key.{p}", f"{b}.attn.k_proj.{p}"),
+                (f"{h}.attention.self.value.{p}", f"{b}.attn.v_proj.{p}"),
+                (f"{h}.attention.output.dense.{p}", f"{b}.attn.o_proj.{p}"),
+                (f"{h}.attention.output.LayerNorm.{p}", f"{b}.attn_norm.{p}"),
+                (f"{h}.intermediate.dense.{p}", f"{b}.mlp.up.{p}"),
+                (f"{h}.output.dense.{p}", f"{b}.mlp.down.{p}"),
+                (f"{h}.output.LayerNorm.{p}", f"{b}.mlp_norm.{p}"),
+            ]
     return rows
 
 
 HEAD_ROWS = {  # HF name (no prefix: heads sit beside `bert.`) -> lmforge name
-    "mlm": [("cls.predictions.transform.dense.weight", "mlm_head.dense.weight"),
-            ("cls.predictions.transform.dense.bias", "mlm_head.dense.bias"),
-            ("cls.predictions.transform.LayerNorm.weight", "mlm_head.norm.weight"),
-            ("cls.predictions.transform.LayerNorm.bias", "mlm_head.norm.bias"),
-            ("cls.predictions.bias", "mlm_head.bias")],
+    "mlm": [
+        ("cls.predictions.transform.dense.weight", "mlm_head.dense.weight"),
+        ("cls.predictions.transform.dense.bias", "mlm_head.dense.bias"),
+        ("cls.predictions.transform.LayerNorm.weight", "mlm_head.norm.weight"),
+        ("cls.predictions.transform.LayerNorm.bias", "mlm_head.norm.bias"),
+        ("cls.predictions.bias", "mlm_head.bias"),
+    ],
     "nsp": [("cls.seq_relationship.weight", "nsp_head.weight"), ("cls.seq_relationship.bias", "nsp_head.bias")],
     "classify": [("classifier.weight", "classifier.weight"), ("classifier.bias", "classifier.bias")],
     "qa": [("qa_outputs.weight", "qa_head.weight"), ("qa_outputs.bias", "qa_head.bias")],
@@ -127,9 +165,14 @@ def to_hf_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def from_hf_state(model: torch.nn.Module, hf: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
     c = model.config
     # (older TF-converted checkpoints name LayerNorm parameters gamma / beta)
-    body = {re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", re.sub(r"LayerNorm\.beta$", "LayerNorm.bias",
-                                                                       k.removeprefix("bert."))): v
-            for k, v in hf.items()}
+    body = {
+        re.sub(
+            r"LayerNorm\.gamma$",
+            "LayerNorm.weight",
+            re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", k.removeprefix("bert.")),
+        ): v
+        for k, v in hf.items()
+    }
     rows = tensor_rows(c) + _head_rows(c.head)
     if model.pooler is not None:
         rows += [("pooler.dense.weight", "pooler.weight"), ("pooler.dense.bias", "pooler.bias")]
@@ -140,8 +183,9 @@ def from_hf_state(model: torch.nn.Module, hf: dict[str, torch.Tensor], where: st
             raise ModelLoadError(f"{where}: tensor {hf_name!r} is missing; the weights do not match config.json")
         t = body[hf_name]
         if t.shape != ours[name].shape:
-            raise ModelLoadError(f"{where}: tensor {hf_name!r} has shape {tuple(t.shape)}, config.json implies "
-                                 f"{tuple(ours[name].shape)}")
+            raise ModelLoadError(
+                f"{where}: tensor {hf_name!r} has shape {tuple(t.shape)}, config.json implies {tuple(ours[name].shape)}"
+            )
         out[name] = t.float() if t.is_floating_point() else t
     return out
 
@@ -156,8 +200,9 @@ def save_encoder_dir(model: torch.nn.Module, path: str | Path, tokenizer: Any = 
     return path
 
 
-def load_encoder_dir(path: Path, raw: dict[str, Any], tensors: dict[str, torch.Tensor],
-                     device: str | torch.device = "cpu") -> torch.nn.Module:
+def load_encoder_dir(
+    path: Path, raw: dict[str, Any], tensors: dict[str, torch.Tensor], device: str | torch.device = "cpu"
+) -> torch.nn.Module:
     cfg = config_from_hf(raw, tensors, str(path / "config.json"))
     try:
         cfg.validate()

@@ -27,14 +27,31 @@ FF_PROJ = {"relu": "relu", "gelu": "gelu", "gelu_tanh": "gelu_new", "geglu": "ga
 
 
 def hf_config(c: Seq2SeqConfig) -> dict[str, Any]:
-    return {"architectures": ["T5ForConditionalGeneration"], "model_type": "t5", "is_encoder_decoder": True,
-            "vocab_size": c.vocab_size, "d_model": c.d_model, "d_kv": c.head_dim, "d_ff": c.d_ff,
-            "num_layers": c.n_layer, "num_decoder_layers": c.n_decoder_layer, "num_heads": c.n_head,
-            "relative_attention_num_buckets": c.rel_buckets, "relative_attention_max_distance": c.rel_max_distance,
-            "dropout_rate": c.dropout, "layer_norm_epsilon": c.norm_eps, "initializer_factor": c.init_factor,
-            "feed_forward_proj": FF_PROJ[c.mlp], "tie_word_embeddings": c.tie_embeddings,
-            "n_positions": c.max_seq_len, "pad_token_id": c.pad_token_id, "eos_token_id": c.eos_token_id,
-            "decoder_start_token_id": c.decoder_start_token_id, "use_cache": True, "torch_dtype": "float32"}
+    return {
+        "architectures": ["T5ForConditionalGeneration"],
+        "model_type": "t5",
+        "is_encoder_decoder": True,
+        "vocab_size": c.vocab_size,
+        "d_model": c.d_model,
+        "d_kv": c.head_dim,
+        "d_ff": c.d_ff,
+        "num_layers": c.n_layer,
+        "num_decoder_layers": c.n_decoder_layer,
+        "num_heads": c.n_head,
+        "relative_attention_num_buckets": c.rel_buckets,
+        "relative_attention_max_distance": c.rel_max_distance,
+        "dropout_rate": c.dropout,
+        "layer_norm_epsilon": c.norm_eps,
+        "initializer_factor": c.init_factor,
+        "feed_forward_proj": FF_PROJ[c.mlp],
+        "tie_word_embeddings": c.tie_embeddings,
+        "n_positions": c.max_seq_len,
+        "pad_token_id": c.pad_token_id,
+        "eos_token_id": c.eos_token_id,
+        "decoder_start_token_id": c.decoder_start_token_id,
+        "use_cache": True,
+        "torch_dtype": "float32",
+    }
 
 
 def config_from_hf(d: dict[str, Any], where: str) -> Seq2SeqConfig:
@@ -46,14 +63,23 @@ def config_from_hf(d: dict[str, Any], where: str) -> Seq2SeqConfig:
         raise ModelLoadError(f"{where}: feed_forward_proj {proj!r} is not supported ({', '.join(FF_PROJ.values())})")
     try:
         return Seq2SeqConfig(
-            vocab_size=d["vocab_size"], d_model=d["d_model"], head_dim=d["d_kv"], d_ff=d["d_ff"],
-            n_layer=d["num_layers"], n_decoder_layer=d.get("num_decoder_layers") or d["num_layers"],
-            n_head=d["num_heads"], rel_buckets=d.get("relative_attention_num_buckets", 32),
-            rel_max_distance=d.get("relative_attention_max_distance", 128), dropout=d.get("dropout_rate", 0.1),
-            norm_eps=d.get("layer_norm_epsilon", 1e-6), init_factor=d.get("initializer_factor", 1.0), mlp=mlp,
+            vocab_size=d["vocab_size"],
+            d_model=d["d_model"],
+            head_dim=d["d_kv"],
+            d_ff=d["d_ff"],
+            n_layer=d["num_layers"],
+            n_decoder_layer=d.get("num_decoder_layers") or d["num_layers"],
+            n_head=d["num_heads"],
+            rel_buckets=d.get("relative_attention_num_buckets", 32),
+            rel_max_distance=d.get("relative_attention_max_distance", 128),
+            dropout=d.get("dropout_rate", 0.1),
+            norm_eps=d.get("layer_norm_epsilon", 1e-6),
+            init_factor=d.get("initializer_factor", 1.0),
+            mlp=mlp,
             tie_embeddings=bool(d.get("scale_decoder_outputs", d.get("tie_word_embeddings", True))),
             max_seq_len=d.get("n_positions") or 512,
-            pad_token_id=d.get("pad_token_id", 0), eos_token_id=d.get("eos_token_id", 1),
+            pad_token_id=d.get("pad_token_id", 0),
+            eos_token_id=d.get("eos_token_id", 1),
             decoder_start_token_id=d.get("decoder_start_token_id", 0),
         )
     except KeyError as e:
@@ -65,8 +91,9 @@ def tensor_rows(c: Seq2SeqConfig) -> list[tuple[str, str]]:
     rows = [("shared.weight", "tok_emb.weight")]
     ff = (("wi_0", "gate"), ("wi_1", "up"), ("wo", "down")) if c.gated else (("wi", "up"), ("wo", "down"))
     for side, n in (("encoder", c.n_layer), ("decoder", c.n_decoder_layer)):
-        rows.append((f"{side}.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
-                     f"{side}.rel_bias.bias.weight"))
+        rows.append(
+            (f"{side}.block.0.layer.0.SelfAttention.relative_attention_bias.weight", f"{side}.rel_bias.bias.weight")
+        )
         for i in range(n):
             h, b = f"{side}.block.{i}.layer", f"{side}.blocks.{i}"
             sub = [("0", "SelfAttention", "attn", "attn_norm")]
@@ -84,8 +111,9 @@ def tensor_rows(c: Seq2SeqConfig) -> list[tuple[str, str]]:
     return rows
 
 
-def save_seq2seq_dir(model: torch.nn.Module, path: str | Path, tokenizer: Any = None,
-                     generation_config: dict | None = None) -> Path:
+def save_seq2seq_dir(
+    model: torch.nn.Module, path: str | Path, tokenizer: Any = None, generation_config: dict | None = None
+) -> Path:
     """Write `model` (and its tokenizer) as a T5ForConditionalGeneration directory, atomically."""
     path = check_output_dir(path)
     c = model.config
@@ -94,8 +122,11 @@ def save_seq2seq_dir(model: torch.nn.Module, path: str | Path, tokenizer: Any = 
     with atomic_dir(path) as tmp:
         write_json(tmp / "config.json", hf_config(c))
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        gen = {"decoder_start_token_id": c.decoder_start_token_id, "eos_token_id": c.eos_token_id,
-               "pad_token_id": c.pad_token_id}
+        gen = {
+            "decoder_start_token_id": c.decoder_start_token_id,
+            "eos_token_id": c.eos_token_id,
+            "pad_token_id": c.pad_token_id,
+        }
         gen.update(generation_config or {})
         write_json(tmp / "generation_config.json", gen)
         if tokenizer is not None:
@@ -103,8 +134,9 @@ def save_seq2seq_dir(model: torch.nn.Module, path: str | Path, tokenizer: Any = 
     return path
 
 
-def load_seq2seq_dir(path: Path, raw: dict[str, Any], tensors: dict[str, torch.Tensor],
-                     device: str | torch.device = "cpu") -> torch.nn.Module:
+def load_seq2seq_dir(
+    path: Path, raw: dict[str, Any], tensors: dict[str, torch.Tensor], device: str | torch.device = "cpu"
+) -> torch.nn.Module:
     where = str(path / "config.json")
     cfg = config_from_hf(raw, where)
     try:
@@ -124,8 +156,10 @@ def load_seq2seq_dir(path: Path, raw: dict[str, Any], tensors: dict[str, torch.T
         if t is None:
             raise ModelLoadError(f"{path}: tensor {hf!r} is missing; the weights do not match config.json")
         if tuple(t.shape) != tuple(ours[name].shape):
-            raise ModelLoadError(f"{path}: tensor {hf!r} has shape {tuple(t.shape)}, config.json implies "
-                                 f"{tuple(ours[name].shape)}; the weights do not match the config")
+            raise ModelLoadError(
+                f"{path}: tensor {hf!r} has shape {tuple(t.shape)}, config.json implies "
+                f"{tuple(ours[name].shape)}; the weights do not match the config"
+            )
         state[name] = t.float() if t.is_floating_point() and t.dtype != torch.float32 else t
     head = tensors.get("lm_head.weight")
     if cfg.tie_embeddings and head is not None and not torch.equal(head, state["tok_emb.weight"]):

@@ -36,8 +36,13 @@ def resolve_model_path(path: str | Path) -> Path:
     return p
 
 
-def load_pretrained(path: str | Path, device: str | torch.device = "cpu", quantize: str | None = None,
-                    adapter: str | Path | None = None, dtype: str | torch.dtype | None = None):
+def load_pretrained(
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    quantize: str | None = None,
+    adapter: str | Path | None = None,
+    dtype: str | torch.dtype | None = None,
+):
     """(model, tokenizer) from an HF-layout directory, a .gguf file or a packaged model name.
     adapter: a LoRA adapter directory (PEFT layout, from lmforge or PEFT), merged into the weights.
     quantize: a `quantize_model` mode applied after the merge, for inference: "int8" (weight-only int8 Linear
@@ -67,11 +72,16 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu", quanti
         kept = any(isinstance(m, Int4Linear) for m in model.modules()) and not getattr(model, "quantization", None)
         quantize = "int4" if kept else None
     elif quantize and getattr(model, "quantization", None):
-        raise ConfigError(f"{p} is already quantized ({model.quantization['mode']}): load it with --quantize none "
-                          f"(or auto), or quantize the full-precision model to {quantize} instead")
+        raise ConfigError(
+            f"{p} is already quantized ({model.quantization['mode']}): load it with --quantize none "
+            f"(or auto), or quantize the full-precision model to {quantize} instead"
+        )
     if adapter and auto and quantize is None and p.suffix == ".gguf" and four_bit_tensors(p):
-        print(f"lmforge: note: {p.name}'s 4-bit weights are merged with the adapter in full precision and not kept "
-              "4-bit; add --quantize int4 to decode on the int4 kernel again", file=sys.stderr)
+        print(
+            f"lmforge: note: {p.name}'s 4-bit weights are merged with the adapter in full precision and not kept "
+            "4-bit; add --quantize int4 to decode on the int4 kernel again",
+            file=sys.stderr,
+        )
     if adapter:
         merge_and_unload(load_adapter(model, adapter)).eval()
     if quantize:

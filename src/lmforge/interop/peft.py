@@ -111,14 +111,32 @@ def save_adapter(model: nn.Module, path: str | Path, base_model: str | None = No
     dropout = lconf.dropout.p if isinstance(lconf.dropout, nn.Dropout) else 0.0
     is_encoder = getattr(model.config, "family", "") == "encoder"
     head = getattr(model.config, "head", None)
-    task = ({"classify": "SEQ_CLS", "qa": "QUESTION_ANS"}.get(head) if is_encoder
-            else "SEQ_2_SEQ_LM" if getattr(model.config, "family", "") == "seq2seq" else "CAUSAL_LM")
+    task = (
+        {"classify": "SEQ_CLS", "qa": "QUESTION_ANS"}.get(head)
+        if is_encoder
+        else "SEQ_2_SEQ_LM"
+        if getattr(model.config, "family", "") == "seq2seq"
+        else "CAUSAL_LM"
+    )
     config = {
-        "peft_type": "LORA", "task_type": task, "r": r0, "lora_alpha": a0, "lora_dropout": dropout,
-        "target_modules": sorted(targets), "rank_pattern": ranks, "alpha_pattern": alphas,
-        "modules_to_save": sorted(saved_modules) or None, "bias": "none", "fan_in_fan_out": _fan_in_fan_out(model),
-        "base_model_name_or_path": base_model, "inference_mode": True, "init_lora_weights": True,
-        "use_rslora": False, "use_dora": False, "layers_to_transform": None, "layers_pattern": None,
+        "peft_type": "LORA",
+        "task_type": task,
+        "r": r0,
+        "lora_alpha": a0,
+        "lora_dropout": dropout,
+        "target_modules": sorted(targets),
+        "rank_pattern": ranks,
+        "alpha_pattern": alphas,
+        "modules_to_save": sorted(saved_modules) or None,
+        "bias": "none",
+        "fan_in_fan_out": _fan_in_fan_out(model),
+        "base_model_name_or_path": base_model,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "use_rslora": False,
+        "use_dora": False,
+        "layers_to_transform": None,
+        "layers_pattern": None,
     }
     path = check_output_dir(path)
     with atomic_dir(path) as tmp:
@@ -140,8 +158,10 @@ def read_adapter(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tens
     path = Path(path)
     cfg_file, w_file = path / "adapter_config.json", path / "adapter_model.safetensors"
     if not cfg_file.is_file():
-        raise ModelLoadError(f"{path} is not a PEFT adapter directory (no adapter_config.json); give the adapter "
-                             "folder a LoRA run wrote (RUN/adapter)")
+        raise ModelLoadError(
+            f"{path} is not a PEFT adapter directory (no adapter_config.json); give the adapter "
+            "folder a LoRA run wrote (RUN/adapter)"
+        )
     if not w_file.is_file():
         pickled = (path / "adapter_model.bin").exists()
         what = " (adapter_model.bin is a pickle: lmforge does not load those)" if pickled else ""
@@ -150,8 +170,10 @@ def read_adapter(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tens
         cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
         tensors = aligned_state(load_file(str(w_file)))  # (see lmforge.nn.init.aligned)
     except (json.JSONDecodeError, UnicodeDecodeError, SafetensorError, OSError) as e:
-        raise ModelLoadError(f"{path}: cannot read the adapter ({str(e).splitlines()[0]}); it is truncated or "
-                             "corrupt: copy or save it again") from None
+        raise ModelLoadError(
+            f"{path}: cannot read the adapter ({str(e).splitlines()[0]}); it is truncated or "
+            "corrupt: copy or save it again"
+        ) from None
     if not isinstance(cfg, dict):
         raise ModelLoadError(f"{cfg_file}: not a JSON object of adapter settings")
     if cfg.get("peft_type") != "LORA":
@@ -196,26 +218,30 @@ def load_adapter(model: nn.Module, path: str | Path, trainable: bool = False) ->
         p.requires_grad_(False)
     for hf_mod, ab in lora.items():
         if hf_mod not in parts_of:
-            raise ModelLoadError(f"{path}: the adapter targets {hf_mod!r}, which this model does not have "
-                                 "(an adapter for another base?)")
+            raise ModelLoadError(
+                f"{path}: the adapter targets {hf_mod!r}, which this model does not have (an adapter for another base?)"
+            )
         if set(ab) != {"A", "B"}:
             raise ModelLoadError(f"{path}: {hf_mod} has lora_A or lora_B but not both")
         A, B = ab["A"].float(), ab["B"].float()
         parts = [model.get_submodule(n.removesuffix(".weight")) for n in parts_of[hf_mod]]
         in_f, out_f = parts[0].in_features, sum(p.out_features for p in parts)
         if A.dim() != 2 or B.dim() != 2 or A.shape[1] != in_f or B.shape != (out_f, A.shape[0]):
-            raise ModelLoadError(f"{path}: {hf_mod} adapter shapes A {tuple(A.shape)} B {tuple(B.shape)} do not fit "
-                                 f"the layer ({out_f} x {in_f}): an adapter for another base?")
+            raise ModelLoadError(
+                f"{path}: {hf_mod} adapter shapes A {tuple(A.shape)} B {tuple(B.shape)} do not fit "
+                f"the layer ({out_f} x {in_f}): an adapter for another base?"
+            )
         suffix = _module_suffix(hf_mod)
         r = int(_pattern_value(cfg.get("rank_pattern"), suffix, cfg.get("r", A.shape[0])))
         alpha = float(_pattern_value(cfg.get("alpha_pattern"), suffix, cfg.get("lora_alpha", r)))
         start = 0
         for name, layer in zip(parts_of[hf_mod], parts):
-            wrapped = LoRALinear(layer, r=A.shape[0], alpha=alpha * A.shape[0] / r,
-                                 dropout=float(cfg.get("lora_dropout") or 0.0)).train(model.training)
+            wrapped = LoRALinear(
+                layer, r=A.shape[0], alpha=alpha * A.shape[0] / r, dropout=float(cfg.get("lora_dropout") or 0.0)
+            ).train(model.training)
             with torch.no_grad():
                 wrapped.lora_A.copy_(A)
-                wrapped.lora_B.copy_(B[start:start + layer.out_features])
+                wrapped.lora_B.copy_(B[start : start + layer.out_features])
             start += layer.out_features
             wrapped.lora_A.requires_grad_(trainable)
             wrapped.lora_B.requires_grad_(trainable)

@@ -94,9 +94,14 @@ def save_quantized(model: nn.Module, path: str | Path, tokenizer: Any = None) ->
     path = check_output_dir(path)
     family = family_of(model)
     cfg = HF_CONFIG[family.name](model.config)
-    cfg["quantization_config"] = {"quant_method": "lmforge", "mode": q["mode"], "group_size": q["group_size"],
-                                  "format_version": FORMAT_VERSION, "family": family.name,
-                                  "lmforge_config": dataclasses.asdict(model.config)}
+    cfg["quantization_config"] = {
+        "quant_method": "lmforge",
+        "mode": q["mode"],
+        "group_size": q["group_size"],
+        "format_version": FORMAT_VERSION,
+        "family": family.name,
+        "lmforge_config": dataclasses.asdict(model.config),
+    }
     with atomic_dir(path) as tmp:
         write_json(tmp / "config.json", cfg)
         save_file(quantized_state(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
@@ -112,16 +117,19 @@ def is_quantized_dir(raw: dict) -> bool:
     return (raw.get("quantization_config") or {}).get("quant_method") == "lmforge"
 
 
-def load_quantized(path: Path, raw: dict, tensors: dict[str, torch.Tensor],
-                   device: str | torch.device = "cpu") -> nn.Module:
+def load_quantized(
+    path: Path, raw: dict, tensors: dict[str, torch.Tensor], device: str | torch.device = "cpu"
+) -> nn.Module:
     """Rebuild a quantized model from its directory: the module tree from lmforge_config, quantized modules from
     their stored codes."""
     qc = raw["quantization_config"]
     where = str(path / "config.json")
     mode = qc.get("mode")
     if mode not in MODES or qc.get("format_version") != FORMAT_VERSION:
-        raise ModelLoadError(f"{where}: quantization {mode!r} (format {qc.get('format_version')}) is not one this "
-                             f"lmforge reads ({', '.join(MODES)}, format {FORMAT_VERSION})")
+        raise ModelLoadError(
+            f"{where}: quantization {mode!r} (format {qc.get('format_version')}) is not one this "
+            f"lmforge reads ({', '.join(MODES)}, format {FORMAT_VERSION})"
+        )
     fields = dict(qc.get("lmforge_config") or {})
     # (directories written before the family was recorded: their model_type says it)
     family = FAMILIES.get(qc.get("family")) or family_for_model_type(raw.get("model_type"), where)
@@ -155,8 +163,9 @@ def load_quantized(path: Path, raw: dict, tensors: dict[str, torch.Tensor],
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     missing = [k for k in missing if not k.endswith((".cos", ".sin")) and k.rsplit(".", 1)[0] not in built]
     if missing or unexpected:
-        raise ModelLoadError(f"{path}: the weights do not match lmforge_config (missing {missing[:3]}, "
-                             f"unexpected {unexpected[:3]})")
+        raise ModelLoadError(
+            f"{path}: the weights do not match lmforge_config (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     if mode == "int8-dynamic":
         for name in sorted(built - ({"tok_emb", "lm_head"} if tied else {"tok_emb"})):
             parent, _, child = name.rpartition(".")

@@ -12,8 +12,18 @@ from torch import nn
 from lmforge.errors import ModelLoadError
 from lmforge.nn.attention import Rotary
 
-_INITS = ("normal_", "uniform_", "trunc_normal_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_",
-          "xavier_normal_", "zeros_", "ones_", "constant_")
+_INITS = (
+    "normal_",
+    "uniform_",
+    "trunc_normal_",
+    "kaiming_uniform_",
+    "kaiming_normal_",
+    "xavier_uniform_",
+    "xavier_normal_",
+    "zeros_",
+    "ones_",
+    "constant_",
+)
 
 
 @contextmanager

@@ -34,8 +34,9 @@ class Block(nn.Module):
     def __init__(self, cfg: DecoderConfig) -> None:
         super().__init__()
         self.attn_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
-        self.attn = Attention(cfg.d_model, cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.bias, cfg.dropout,
-                              qkv_bias=cfg.qkv_bias)
+        self.attn = Attention(
+            cfg.d_model, cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.bias, cfg.dropout, qkv_bias=cfg.qkv_bias
+        )
         self.mlp_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
         self.mlp = MLP(cfg.d_model, cfg.d_ff, cfg.mlp, cfg.bias)
         self.drop = nn.Dropout(cfg.dropout)
@@ -115,7 +116,7 @@ class DecoderLM(PretrainedModel):
         if position_ids is None:
             past = cache.length if cache is not None else 0
             if attention_mask is not None:
-                position_ids = ((attention_mask != 0).long().cumsum(-1) - 1).clamp(min=0)[:, past:past + T]
+                position_ids = ((attention_mask != 0).long().cumsum(-1) - 1).clamp(min=0)[:, past : past + T]
             else:
                 position_ids = torch.arange(past, past + T, device=input_ids.device)[None]
         x, rotary = self._embed(input_ids, position_ids)
@@ -136,8 +137,10 @@ class DecoderLM(PretrainedModel):
                 return CausalLMOutput(logits=None, loss=self._chunked_loss(x, labels))
         if loss_only and labels is not None and type(self.lm_head) is nn.Linear:
             # the head, the loss and their gradients a chunk of tokens at a time (nn.loss)
-            return CausalLMOutput(logits=None, loss=linear_cross_entropy(
-                x.reshape(-1, x.size(-1)), self.lm_head.weight, labels.reshape(-1)))
+            return CausalLMOutput(
+                logits=None,
+                loss=linear_cross_entropy(x.reshape(-1, x.size(-1)), self.lm_head.weight, labels.reshape(-1)),
+            )
         logits = self.lm_head(x)
         loss = None
         if labels is not None:
@@ -154,8 +157,15 @@ class DecoderLM(PretrainedModel):
             rotary = self.rotary(position_ids)
         return self.drop(x), rotary
 
-    def staged_step(self, ids: torch.Tensor, chunk: torch.Tensor, position_ids: torch.Tensor, cache: SlotKVCache,
-                    layers: tuple[int, int], last_logits: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def staged_step(
+        self,
+        ids: torch.Tensor,
+        chunk: torch.Tensor,
+        position_ids: torch.Tensor,
+        cache: SlotKVCache,
+        layers: tuple[int, int],
+        last_logits: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One step of the serving engine (inference only): the running rows' decode step through every layer and a
         prompt chunk through layers [a, b) only, as one row (SlotKVCache.mixed). A long chunk's pass is spread over
         several steps this way, so each step costs the streams little more than their own.
@@ -191,8 +201,10 @@ class DecoderLM(PretrainedModel):
             k = (yc != -100).sum()
             return cross_entropy(self.lm_head(hc), yc) * k
 
-        total = sum(checkpoint(part, h[s:s + chunk], labels[s:s + chunk], use_reentrant=False)
-                    for s in range(0, h.size(0), chunk))
+        total = sum(
+            checkpoint(part, h[s : s + chunk], labels[s : s + chunk], use_reentrant=False)
+            for s in range(0, h.size(0), chunk)
+        )
         return total / n
 
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None, static: bool = False) -> KVCache:
@@ -201,8 +213,9 @@ class DecoderLM(PretrainedModel):
         p = self.norm.weight  # (head and embedding may be quantized; the final norm keeps the compute dtype)
         if static and hasattr(self, "rotary"):
             self.rotary.reserve(max_len)
-        return (StaticKVCache if static else KVCache)(c.n_layer, batch, c.n_kv_head, c.head_dim, max_len, p.device,
-                                                      dtype or p.dtype)
+        return (StaticKVCache if static else KVCache)(
+            c.n_layer, batch, c.n_kv_head, c.head_dim, max_len, p.device, dtype or p.dtype
+        )
 
     def new_slot_cache(self, slots: int, max_len: int, dtype: torch.dtype | None = None) -> SlotKVCache:
         """A cache whose rows hold independent sequences (continuous batching; see SlotKVCache)."""

@@ -36,8 +36,9 @@ class EncoderOutput:
 class EncoderBlock(nn.Module):
     def __init__(self, cfg: EncoderConfig) -> None:
         super().__init__()
-        self.attn = Attention(cfg.d_model, cfg.n_head, cfg.n_head, cfg.head_dim, bias=True,
-                              dropout=cfg.attn_dropout, causal=False)
+        self.attn = Attention(
+            cfg.d_model, cfg.n_head, cfg.n_head, cfg.head_dim, bias=True, dropout=cfg.attn_dropout, causal=False
+        )
         self.attn_norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
         self.mlp = MLP(cfg.d_model, cfg.d_ff, cfg.mlp, bias=True)
         self.mlp_norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
@@ -73,8 +74,9 @@ class Encoder(PretrainedModel):
         self.emb_norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(EncoderBlock(cfg) for _ in range(cfg.n_layer))
-        self.pooler = nn.Linear(cfg.d_model, cfg.d_model) if cfg.pooler or cfg.head in ("pretrain", "classify") \
-            else None
+        self.pooler = (
+            nn.Linear(cfg.d_model, cfg.d_model) if cfg.pooler or cfg.head in ("pretrain", "classify") else None
+        )
         if cfg.head in ("mlm", "pretrain"):
             self.mlm_head = MLMHead(cfg)
         if cfg.head == "pretrain":
@@ -172,8 +174,12 @@ class Encoder(PretrainedModel):
         """This body under a different head: shared weights are kept, a new head is freshly initialised."""
         from dataclasses import replace
 
-        cfg = replace(self.config, head=head, labels=list(labels or []), pooler=self.pooler is not None
-                      or head in ("pretrain", "classify"))
+        cfg = replace(
+            self.config,
+            head=head,
+            labels=list(labels or []),
+            pooler=self.pooler is not None or head in ("pretrain", "classify"),
+        )
         new = Encoder(cfg).to(self.tok_emb.weight.device)
         # the body carries over; a task head never does (other labels, other order, other task)
         heads = ("mlm_head.", "nsp_head.", "classifier.", "qa_head.")

@@ -31,12 +31,21 @@ class Family:
     objective: str  # what `lmforge pretrain` trains it with: clm (next token), mlm (masked LM), span (T5)
 
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (
-    Family("decoder", DecoderConfig, DecoderLM, PRESETS, ("gpt2", "llama", "mistral", "qwen2", NATIVE_DECODER_TYPE),
-           "clm"),
-    Family("encoder", EncoderConfig, Encoder, ENCODER_PRESETS, ("bert",), "mlm"),
-    Family("seq2seq", Seq2SeqConfig, Seq2SeqLM, SEQ2SEQ_PRESETS, ("t5",), "span"),
-)}
+FAMILIES: dict[str, Family] = {
+    f.name: f
+    for f in (
+        Family(
+            "decoder",
+            DecoderConfig,
+            DecoderLM,
+            PRESETS,
+            ("gpt2", "llama", "mistral", "qwen2", NATIVE_DECODER_TYPE),
+            "clm",
+        ),
+        Family("encoder", EncoderConfig, Encoder, ENCODER_PRESETS, ("bert",), "mlm"),
+        Family("seq2seq", Seq2SeqConfig, Seq2SeqLM, SEQ2SEQ_PRESETS, ("t5",), "span"),
+    )
+}
 
 
 def family_of(obj: Any) -> Family:
@@ -53,5 +62,6 @@ def family_for_model_type(model_type: str | None, where: str = "config.json") ->
         if model_type in f.hf_model_types:
             return f
     known = [t for f in FAMILIES.values() for t in f.hf_model_types]
-    raise ModelLoadError(f"{where}: model_type {model_type!r} is not supported; supported model types: "
-                         f"{', '.join(known)}")
+    raise ModelLoadError(
+        f"{where}: model_type {model_type!r} is not supported; supported model types: {', '.join(known)}"
+    )

@@ -61,7 +61,7 @@ def padding_bias(attention_mask: torch.Tensor | None, dtype: torch.dtype) -> tor
     giving NaN."""
     if attention_mask is None or bool(attention_mask.all()):
         return None
-    return ((1.0 - attention_mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min)
+    return (1.0 - attention_mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
 
 
 class Seq2SeqBlock(nn.Module):
@@ -96,8 +96,9 @@ class Stack(nn.Module):
     def __init__(self, cfg: Seq2SeqConfig, decoder: bool) -> None:
         super().__init__()
         n = cfg.n_decoder_layer if decoder else cfg.n_layer
-        self.rel_bias = RelativePositionBias(cfg.n_head, cfg.rel_buckets, cfg.rel_max_distance,
-                                             bidirectional=not decoder)
+        self.rel_bias = RelativePositionBias(
+            cfg.n_head, cfg.rel_buckets, cfg.rel_max_distance, bidirectional=not decoder
+        )
         self.blocks = nn.ModuleList(Seq2SeqBlock(cfg, cross=decoder) for _ in range(n))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
 
@@ -127,16 +128,19 @@ class Seq2SeqLM(PretrainedModel):
                 nn.init.ones_(p)
                 continue
             std = {
-                "tok_emb.weight": 1.0, "lm_head.weight": c.d_model ** -0.5,
-                "q_proj.weight": (c.d_model * c.head_dim) ** -0.5, "o_proj.weight": inner ** -0.5,
-                "down.weight": c.d_ff ** -0.5,
-            }.get(".".join(name.split(".")[-2:]), c.d_model ** -0.5)  # k, v, gate, up, relative bias
+                "tok_emb.weight": 1.0,
+                "lm_head.weight": c.d_model**-0.5,
+                "q_proj.weight": (c.d_model * c.head_dim) ** -0.5,
+                "o_proj.weight": inner**-0.5,
+                "down.weight": c.d_ff**-0.5,
+            }.get(".".join(name.split(".")[-2:]), c.d_model**-0.5)  # k, v, gate, up, relative bias
             nn.init.normal_(p, 0.0, f * std)
 
     # ------------------------------------------------------------------------------------------------------------
 
-    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-               grad_checkpoint: bool = False) -> torch.Tensor:
+    def encode(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, grad_checkpoint: bool = False
+    ) -> torch.Tensor:
         """The encoder's output [B, S, d] for input_ids [B, S] (attention_mask: 1 = real token, 0 = padding)."""
         S = input_ids.size(1)
         x = self.drop(self.tok_emb(input_ids))
@@ -148,20 +152,31 @@ class Seq2SeqLM(PretrainedModel):
             x = call_block(block, x, bias, grad_checkpoint=grad_checkpoint)
         return self.drop(self.encoder.norm(x))
 
-    def new_cache(self, encoder_hidden: torch.Tensor, attention_mask: torch.Tensor | None, max_len: int,
-                  dtype: torch.dtype | None = None) -> Seq2SeqCache:
+    def new_cache(
+        self,
+        encoder_hidden: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        max_len: int,
+        dtype: torch.dtype | None = None,
+    ) -> Seq2SeqCache:
         """A decoding cache for up to max_len target tokens, with the cross-attention keys and values of
         encoder_hidden projected once for all steps."""
         c = self.config
         dtype = dtype or encoder_hidden.dtype
-        self_attn = KVCache(c.n_decoder_layer, encoder_hidden.size(0), c.n_head, c.head_dim, max_len,
-                            encoder_hidden.device, dtype)
+        self_attn = KVCache(
+            c.n_decoder_layer, encoder_hidden.size(0), c.n_head, c.head_dim, max_len, encoder_hidden.device, dtype
+        )
         cross = [b.cross_attn.project_kv(encoder_hidden) for b in self.decoder.blocks]
         return Seq2SeqCache(self_attn, cross, padding_bias(attention_mask, dtype))
 
-    def decode(self, decoder_input_ids: torch.Tensor, encoder_hidden: torch.Tensor | None = None,
-               attention_mask: torch.Tensor | None = None, cache: Seq2SeqCache | None = None,
-               grad_checkpoint: bool = False) -> torch.Tensor:
+    def decode(
+        self,
+        decoder_input_ids: torch.Tensor,
+        encoder_hidden: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: Seq2SeqCache | None = None,
+        grad_checkpoint: bool = False,
+    ) -> torch.Tensor:
         """The decoder's final hidden states [B, T, d]. Without a cache, every target position attends to the
         ones before it and to encoder_hidden (masked by the source attention_mask); with one, the new tokens
         continue the cached history and the cached cross keys/values stand in for encoder_hidden."""
@@ -177,15 +192,23 @@ class Seq2SeqLM(PretrainedModel):
             cross = [encoder_hidden] * len(self.decoder.blocks)
             cross_bias = padding_bias(attention_mask, x.dtype)
         for i, block in enumerate(self.decoder.blocks):
-            x = call_block(block, x, bias, cross[i], cross_bias, cache.self_attn if cache is not None else None, i,
-                           grad_checkpoint=grad_checkpoint and cache is None)
+            x = call_block(
+                block,
+                x,
+                bias,
+                cross[i],
+                cross_bias,
+                cache.self_attn if cache is not None else None,
+                i,
+                grad_checkpoint=grad_checkpoint and cache is None,
+            )
         if cache is not None:
             cache.self_attn.advance(T)
         return self.drop(self.decoder.norm(x))
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         if self.config.tie_embeddings:
-            h = h * self.config.d_model ** -0.5
+            h = h * self.config.d_model**-0.5
         return self.lm_head(h)
 
     def shift_right(self, labels: torch.Tensor) -> torch.Tensor:
@@ -216,8 +239,9 @@ class Seq2SeqLM(PretrainedModel):
             if labels is None:
                 raise ValueError("Seq2SeqLM.forward needs decoder_input_ids or labels")
             decoder_input_ids = self.shift_right(labels)
-        logits = self.head(self.decode(decoder_input_ids, encoder_hidden, attention_mask,
-                                       grad_checkpoint=grad_checkpoint))
+        logits = self.head(
+            self.decode(decoder_input_ids, encoder_hidden, attention_mask, grad_checkpoint=grad_checkpoint)
+        )
         loss = None
         if labels is not None:
             loss = cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1))

@@ -4,5 +4,14 @@ from lmforge.nn.attention import Attention, KVCache, Rotary, apply_rotary, atten
 from lmforge.nn.mlp import MLP
 from lmforge.nn.norm import RMSNorm, make_norm
 
-__all__ = ["MLP", "Attention", "KVCache", "RMSNorm", "Rotary", "apply_rotary", "attention_reference",
-           "make_norm", "sdpa"]
+__all__ = [
+    "MLP",
+    "Attention",
+    "KVCache",
+    "RMSNorm",
+    "Rotary",
+    "apply_rotary",
+    "attention_reference",
+    "make_norm",
+    "sdpa",
+]

@@ -122,8 +122,14 @@ class KVCache:
     """
 
     def __init__(
-        self, n_layer: int, batch: int, n_kv_head: int, head_dim: int, max_len: int,
-        device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+        self,
+        n_layer: int,
+        batch: int,
+        n_kv_head: int,
+        head_dim: int,
+        max_len: int,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
     ) -> None:
         shape = (batch, n_kv_head, _room(max_len), head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
@@ -172,7 +178,7 @@ class StaticKVCache(KVCache):
             return super().update(layer, k, v)
         self.k[layer].index_copy_(2, self.at, k)
         self.v[layer].index_copy_(2, self.at, v)
-        return self.k[layer][:, :, :self.max_len], self.v[layer][:, :, :self.max_len]
+        return self.k[layer][:, :, : self.max_len], self.v[layer][:, :, : self.max_len]
 
     def advance(self, n: int) -> None:
         if self.at is None:  # (a compiled step must not touch a Python int: each value would be a new graph)
@@ -189,8 +195,17 @@ class SlotKVCache:
     longest running sequence rather than the model's context.
     """
 
-    def __init__(self, n_layer: int, slots: int, n_kv_head: int, head_dim: int, max_len: int,
-                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, initial: int = 256) -> None:
+    def __init__(
+        self,
+        n_layer: int,
+        slots: int,
+        n_kv_head: int,
+        head_dim: int,
+        max_len: int,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        initial: int = 256,
+    ) -> None:
         self.n_layer, self.slots, self.shape = n_layer, slots, (n_kv_head, head_dim)
         self.max_len, self.device, self.dtype = max_len, torch.device(device), dtype
         self.capacity = 0
@@ -212,7 +227,7 @@ class SlotKVCache:
             for i in range(self.n_layer):
                 grown = torch.zeros(shape, device=self.device, dtype=self.dtype)
                 if store[i:]:
-                    grown[:, :, :self.capacity] = store[i]
+                    grown[:, :, : self.capacity] = store[i]
                     store[i] = grown
                 else:
                     store.append(grown)
@@ -242,8 +257,12 @@ class SlotKVCache:
         active rows' indices."""
         rows = max(active) + 1
         lens = [self.lens[i] if i in active else 0 for i in range(rows)]
-        return (rows, torch.tensor(lens, dtype=torch.long, device=self.device), max(lens) + 1,
-                torch.tensor(list(active), dtype=torch.long, device=self.device))
+        return (
+            rows,
+            torch.tensor(lens, dtype=torch.long, device=self.device),
+            max(lens) + 1,
+            torch.tensor(list(active), dtype=torch.long, device=self.device),
+        )
 
     def _rows_mask(self, pos: torch.Tensor, k_len: int) -> torch.Tensor:
         """[rows, 1, 1, k_len]: each row sees its own keys up to its position."""
@@ -272,32 +291,38 @@ class SlotKVCache:
         """Whether this step's attention runs through `attend` (a mixed step) rather than update + SDPA."""
         return bool(self._plan) and self._plan[0] == "mixed"
 
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               scale: float | None = None) -> torch.Tensor:
+    def attend(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None
+    ) -> torch.Tensor:
         """A mixed step's attention, q/k/v [1, heads, rows (+ n), D]: the first `rows` tokens each against its own
         row's keys (as a decode step), and in the chunk's layers the last n causally against their slot's,
         written to the cache first."""
         _, rows, pos, k_len, _, slot, start, n, (a, b), act = self._plan
         K, V = self.k[layer], self.v[layer]
         self._write_rows(layer, pos, act, k[0, :, :rows].transpose(0, 1), v[0, :, :rows].transpose(0, 1))
-        y_rows = decode_attention(q[0, :, :rows].transpose(0, 1)[:, :, None], K[:rows, :, :k_len],
-                                  V[:rows, :, :k_len], self._rows_mask(pos, k_len), scale=scale
-                                  )[:, :, 0].transpose(0, 1)[None]  # [1, heads, rows, D]
+        y_rows = decode_attention(
+            q[0, :, :rows].transpose(0, 1)[:, :, None],
+            K[:rows, :, :k_len],
+            V[:rows, :, :k_len],
+            self._rows_mask(pos, k_len),
+            scale=scale,
+        )[:, :, 0].transpose(0, 1)[None]  # [1, heads, rows, D]
         if not a <= layer < b:
             return y_rows
-        K[slot, :, start:start + n] = k[0, :, rows:]
-        V[slot, :, start:start + n] = v[0, :, rows:]
-        y_chunk = decode_attention(q[:, :, rows:], K[slot:slot + 1, :, :start + n], V[slot:slot + 1, :, :start + n],
-                                   scale=scale)  # causal: the chunk's queries are the last n of start + n keys
+        K[slot, :, start : start + n] = k[0, :, rows:]
+        V[slot, :, start : start + n] = v[0, :, rows:]
+        y_chunk = decode_attention(
+            q[:, :, rows:], K[slot : slot + 1, :, : start + n], V[slot : slot + 1, :, : start + n], scale=scale
+        )  # causal: the chunk's queries are the last n of start + n keys
         return torch.cat([y_rows, y_chunk], dim=2)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         K, V = self.k[layer], self.v[layer]
         if self._plan[0] == "prefill":
             _, s, start, n = self._plan
-            K[s:s + 1, :, start:start + n] = k
-            V[s:s + 1, :, start:start + n] = v
-            return K[s:s + 1, :, :start + n], V[s:s + 1, :, :start + n]
+            K[s : s + 1, :, start : start + n] = k
+            V[s : s + 1, :, start : start + n] = v
+            return K[s : s + 1, :, : start + n], V[s : s + 1, :, : start + n]
         _, rows, pos, k_len, _, act = self._plan
         self._write_rows(layer, pos, act, k[:, :, 0], v[:, :, 0])
         return K[:rows, :, :k_len], V[:rows, :, :k_len]
@@ -345,8 +370,16 @@ class Attention(nn.Module):
     """
 
     def __init__(
-        self, d_model: int, n_head: int, n_kv_head: int, head_dim: int, bias: bool = True,
-        dropout: float = 0.0, causal: bool = True, qkv_bias: bool | None = None, scale: float | None = None,
+        self,
+        d_model: int,
+        n_head: int,
+        n_kv_head: int,
+        head_dim: int,
+        bias: bool = True,
+        dropout: float = 0.0,
+        causal: bool = True,
+        qkv_bias: bool | None = None,
+        scale: float | None = None,
     ) -> None:
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = n_head, n_kv_head, head_dim
@@ -405,8 +438,9 @@ class Attention(nn.Module):
         elif cache is not None and not self.training:  # decoding: batch-invariant where it is on
             y = decode_attention(q, k, v, mask, causal=self.causal, scale=self.scale)
         else:
-            y = sdpa(q, k, v, mask, causal=self.causal, dropout=self.dropout if self.training else 0.0,
-                     scale=self.scale)
+            y = sdpa(
+                q, k, v, mask, causal=self.causal, dropout=self.dropout if self.training else 0.0, scale=self.scale
+            )
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
     def project_kv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -417,8 +451,14 @@ class Attention(nn.Module):
         return k, v
 
 
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
-                     causal: bool = True, scale: float | None = None) -> torch.Tensor:
+def decode_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    causal: bool = True,
+    scale: float | None = None,
+) -> torch.Tensor:
     """Attention over a KV cache while decoding: lmforge.nn.invariant's batch-invariant attention (a row's output
     the same whatever else is in the step, whose keys start at its cache's position 0), or `sdpa` where that is
     off or a step is being compiled."""
@@ -428,8 +468,13 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
 
 
 def sdpa(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
-    causal: bool = True, dropout: float = 0.0, scale: float | None = None,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    causal: bool = True,
+    dropout: float = 0.0,
+    scale: float | None = None,
 ) -> torch.Tensor:
     """Scaled dot-product attention for q [B, H, Tq, D] and k, v [B, Hkv, Tk, D].
 
@@ -452,16 +497,24 @@ def sdpa(
         else:
             mask = causal_mask(Tq, Tk, q.device)
     gqa = q.size(1) != k.size(1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal,
-                                          enable_gqa=gqa, scale=scale)
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal, enable_gqa=gqa, scale=scale
+    )
 
 
 # the bf16 score matrices (batch x heads x queries x keys) up to which _bf16_scores runs: 32 MiB each
 BF16_SCORES_MAX = 1 << 24
 
 
-def _bf16_scores(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool,
-                 dropout: float, scale: float | None) -> torch.Tensor:
+def _bf16_scores(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    causal: bool,
+    dropout: float,
+    scale: float | None,
+) -> torch.Tensor:
     """bf16 attention on a CPU as two batched products and a softmax over the whole score matrix. PyTorch's CPU
     flash kernel runs bf16 at about fp32's speed (measured at 8 x 6 heads x 256 tokens on AVX-512 BF16: 20 ms a
     layer forward and backward, against 7.5 ms this way), while bf16 products run several times faster than
@@ -474,11 +527,13 @@ def _bf16_scores(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.
     low = torch.finfo(q.dtype).min
     bias = None
     if mask is None and causal:
-        bias = torch.zeros(Tq, Tk, dtype=q.dtype, device=q.device).masked_fill_(
-            ~causal_mask(Tq, Tk, q.device), low)
+        bias = torch.zeros(Tq, Tk, dtype=q.dtype, device=q.device).masked_fill_(~causal_mask(Tq, Tk, q.device), low)
     elif mask is not None:
-        bias = (torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, low)
-                if mask.dtype == torch.bool else mask.to(q.dtype).clamp(min=low))
+        bias = (
+            torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, low)
+            if mask.dtype == torch.bool
+            else mask.to(q.dtype).clamp(min=low)
+        )
     with torch.autocast(q.device.type, enabled=False):
         qg = q.reshape(B * Hkv, G * Tq, D)  # the query heads that share one key / value head, stacked
         kt = k.reshape(B * Hkv, Tk, D).transpose(1, 2)
@@ -497,8 +552,9 @@ def _bf16_scores(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.
         return torch.bmm(p, v.reshape(B * Hkv, Tk, D)).view(B, H, Tq, D)
 
 
-def _one_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-               scale: float | None) -> torch.Tensor:
+def _one_query(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float | None
+) -> torch.Tensor:
     """One query per row (a compiled decoding step) as sums over the cache, which inductor fuses into the step's
     own loops: the fused kernel's fixed cost per call (about 0.15 ms on 2 CPU cores) is more than the attention
     itself costs at this size. Grouped-query heads read their shared K/V through a view."""
@@ -519,8 +575,9 @@ def _one_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Te
 # relative position bias (T5)
 
 
-def relative_position_bucket(relative: torch.Tensor, bidirectional: bool, buckets: int,
-                             max_distance: int) -> torch.Tensor:
+def relative_position_bucket(
+    relative: torch.Tensor, bidirectional: bool, buckets: int, max_distance: int
+) -> torch.Tensor:
     """Bucket ids for key-minus-query distances. Half of the buckets hold exact small distances; the rest cover
     distances up to max_distance on a log scale (everything further shares the last bucket), because a word
     two places away matters differently from one three places away, but one 90 places away hardly differs from
@@ -535,8 +592,10 @@ def relative_position_bucket(relative: torch.Tensor, bidirectional: bool, bucket
         dist = (-relative).clamp(min=0)
     exact = buckets // 2
     # log-spaced buckets for the far distances; clamp(min=1) only keeps log() finite where `exact` wins anyway
-    far = exact + (torch.log(dist.clamp(min=1).float() / exact) / math.log(max_distance / exact)
-                   * (buckets - exact)).long()
+    far = (
+        exact
+        + (torch.log(dist.clamp(min=1).float() / exact) / math.log(max_distance / exact) * (buckets - exact)).long()
+    )
     far = far.clamp(max=buckets - 1)
     return out + torch.where(dist < exact, dist, far)
 

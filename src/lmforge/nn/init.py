@@ -33,7 +33,7 @@ def aligned(t: torch.Tensor, alignment: int = ALIGNMENT) -> torch.Tensor:
         nbytes = t.numel() * t.element_size()
         raw = torch.empty(nbytes + alignment, dtype=torch.uint8)
         start = -raw.data_ptr() % alignment
-        out = raw[start:start + nbytes].view(t.dtype).view(t.shape)
+        out = raw[start : start + nbytes].view(t.dtype).view(t.shape)
     return out.copy_(t.detach())
 
 

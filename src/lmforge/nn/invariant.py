@@ -80,7 +80,7 @@ class RowPlan:
                 x = torch.cat([x, x.new_zeros(n - M, x.size(1))])
             if n == t:
                 return fn(x)[:M]
-            return torch.cat([fn(x[s:s + t]) for s in range(0, n, t)])[:M]
+            return torch.cat([fn(x[s : s + t]) for s in range(0, n, t)])[:M]
         if M >= self.pad:
             return fn(x)
         return fn(torch.cat([x, x.new_zeros(self.pad - M, x.size(1))]))[:M]
@@ -89,11 +89,19 @@ class RowPlan:
         return f"tiles of {self.tile}" if self.tile else ("as called" if self.pad == 1 else f"at least {self.pad} rows")
 
 
-CANDIDATES = (RowPlan(), RowPlan(pad=2), RowPlan(pad=4), RowPlan(pad=8), RowPlan(pad=16), RowPlan(tile=16),
-              RowPlan(tile=8), RowPlan(tile=4), RowPlan(tile=2))
+CANDIDATES = (
+    RowPlan(),
+    RowPlan(pad=2),
+    RowPlan(pad=4),
+    RowPlan(pad=8),
+    RowPlan(pad=16),
+    RowPlan(tile=16),
+    RowPlan(tile=8),
+    RowPlan(tile=4),
+    RowPlan(tile=2),
+)
 FALLBACK = RowPlan(tile=1)  # every row alone: invariant by construction
-SIZES = (1, 2, 3, 4, 5, 7, 8, 9, 13, 16, 17, 24, 31, 32, 33, 48, 63, 64, 65, 96, 127, 128, 129, 255, 256, 257, 512,
-         513)
+SIZES = (1, 2, 3, 4, 5, 7, 8, 9, 13, 16, 17, 24, 31, 32, 33, 48, 63, 64, 65, 96, 127, 128, 129, 255, 256, 257, 512, 513)
 PROBE_FLOPS = 3e9  # a probe's budget: the call sizes it tries stop where their rows would cost more
 
 _plans: dict[tuple, RowPlan] = {}
@@ -102,20 +110,26 @@ report: dict[str, str] = {}  # kind -> the plan chosen, for benchmarks and notes
 
 def _consistent(plan: RowPlan, fn, X: torch.Tensor, sizes: list[int]) -> bool:
     """Every row of X the same bitwise whether it goes through alone, or in a call of each size, at two places."""
-    check = sorted({r for r in (0, 1, 2, 3, 4, 7, 8, 15, 16, 31, 32, 63, 64, 100, 127, 128, 200, 256, 300, 511, 512)
-                    if r < X.size(0)})
-    alone = {r: plan.run(fn, X[r:r + 1])[0] for r in check}
+    check = sorted(
+        {
+            r
+            for r in (0, 1, 2, 3, 4, 7, 8, 15, 16, 31, 32, 63, 64, 100, 127, 128, 200, 256, 300, 511, 512)
+            if r < X.size(0)
+        }
+    )
+    alone = {r: plan.run(fn, X[r : r + 1])[0] for r in check}
     for size in sizes:
-        for shift in ((0, 1) if size + 1 <= X.size(0) else (0,)):
-            y = plan.run(fn, X[shift:shift + size])
+        for shift in (0, 1) if size + 1 <= X.size(0) else (0,):
+            y = plan.run(fn, X[shift : shift + size])
             for r in check:
                 if shift <= r < shift + size and not torch.equal(y[r - shift], alone[r]):
                     return False
     return True
 
 
-def probe_rows(kind: str, fn: Callable[[torch.Tensor], torch.Tensor], k: int, n: int, dtype: torch.dtype,
-               device: torch.device) -> RowPlan:
+def probe_rows(
+    kind: str, fn: Callable[[torch.Tensor], torch.Tensor], k: int, n: int, dtype: torch.dtype, device: torch.device
+) -> RowPlan:
     """The cheapest row plan under which fn ([M, k] -> [M, n]) gives every row the same numbers however it is
     called, measured on random rows (kept per kind, shape, dtype, device and thread count)."""
     key = (kind, k, n, dtype, device.type, torch.get_num_threads())
@@ -140,8 +154,9 @@ def rows(kind: str, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
     if not _enabled or (x.requires_grad and torch.is_grad_enabled()) or torch.compiler.is_compiling():
         return fn(x)
     k = x.shape[-1]
-    plan = (_plans.get((kind, k, n, x.dtype, x.device.type, torch.get_num_threads()))
-            or probe_rows(kind, fn, k, n, x.dtype, x.device))
+    plan = _plans.get((kind, k, n, x.dtype, x.device.type, torch.get_num_threads())) or probe_rows(
+        kind, fn, k, n, x.dtype, x.device
+    )
     if not plan.tile and (plan.pad == 1 or x.numel() >= plan.pad * k):  # (every decoding step: keep it short)
         return fn(x)
     shape = x.shape
@@ -157,7 +172,6 @@ SCORES_MAX = 1 << 23  # score elements per call at most: longer prompts go throu
 _attention_plans: dict[tuple, RowPlan] = {}  # -> the row plan of attention's products (rows: queries x heads)
 
 
-
 def _padded(M: int, plan: RowPlan) -> int:
     """How many rows a call of M rows has under the plan (zero rows added up to its count, or to whole tiles)."""
     step = plan.tile or max(M, plan.pad)
@@ -170,7 +184,7 @@ def _bmm(a: torch.Tensor, b: torch.Tensor, plan: RowPlan) -> torch.Tensor:
     t = plan.tile
     if not t or a.size(1) == t:
         return torch.bmm(a, b)
-    return torch.cat([torch.bmm(a[:, s:s + t], b) for s in range(0, a.size(1), t)], dim=1)
+    return torch.cat([torch.bmm(a[:, s : s + t], b) for s in range(0, a.size(1), t)], dim=1)
 
 
 def _widened(x: torch.Tensor, n: int) -> torch.Tensor:
@@ -179,8 +193,13 @@ def _widened(x: torch.Tensor, n: int) -> torch.Tensor:
     B, Hkv, T, C = x.shape
     s = x.stride()
     room = x.untyped_storage().nbytes() // x.element_size()
-    if n == T or (s[3] == 1 and s[2] == C and s[1] >= n * C and s[0] == Hkv * s[1]
-                  and x.storage_offset() + (B * Hkv - 1) * s[1] + n * C <= room):
+    if n == T or (
+        s[3] == 1
+        and s[2] == C
+        and s[1] >= n * C
+        and s[0] == Hkv * s[1]
+        and x.storage_offset() + (B * Hkv - 1) * s[1] + n * C <= room
+    ):
         if n != T:
             x = x.as_strided((B, Hkv, n, C), s)
         if x.stride(0) == Hkv * x.stride(1):
@@ -269,8 +288,8 @@ def _run(q, k, v, mask, scale, plan: RowPlan) -> torch.Tensor:
     for s in range(0, Tq, step):
         m = mask
         if m is not None and m.size(-2) == Tq:
-            m = m[..., s:s + step, :]
-        outs.append(_attend(q[:, :, s:s + step], k, v, m, scale, plan))
+            m = m[..., s : s + step, :]
+        outs.append(_attend(q[:, :, s : s + step], k, v, m, scale, plan))
     return torch.cat(outs, dim=2)
 
 
@@ -281,8 +300,14 @@ def _causal(Tq: int, Tk: int, device) -> torch.Tensor:
     return torch.arange(Tk, device=device)[None, :] <= q_pos
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
-              causal: bool = True, scale: float | None = None) -> torch.Tensor:
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    causal: bool = True,
+    scale: float | None = None,
+) -> torch.Tensor:
     """softmax(q k^T * scale + mask) v for q [B, H, Tq, D], k / v [B, Hkv, Tk, D] (grouped heads share theirs),
     each query row's result independent of the other rows and queries in the call and of hidden keys after its
     own (see the module notes). mask: bool (True = attend) or additive float, broadcastable to [B, H, Tq, Tk];
@@ -309,12 +334,18 @@ def _attention_consistent(plan: RowPlan, H: int, Hkv: int, D: int, Dv: int, dtyp
         lo = t + 1 - queries
         mask = _causal(queries, t + 1, device)
         mask = torch.cat([mask, mask.new_zeros(queries, keys - t - 1)], dim=1)[None, None].expand(rows, 1, -1, -1)
-        return _run(q[:rows, :, lo:t + 1], k[:rows, :, :keys], v[:rows, :, :keys], mask, scale, plan)[0, :, -1]
+        return _run(q[:rows, :, lo : t + 1], k[:rows, :, :keys], v[:rows, :, :keys], mask, scale, plan)[0, :, -1]
 
     for t in (0, 5, 63, 64, 200, 255, 256, 300, 511, 512):
         ref = one(t, 1, t + 1, 1)
-        for queries, keys, rows in ((1, min(T, t + 40), 1), (1, T, 3), (min(t + 1, 7), t + 1, 1),
-                                    (min(t + 1, 33), T, 2), (t + 1, t + 1, 1), (1, t + 1, 2)):
+        for queries, keys, rows in (
+            (1, min(T, t + 40), 1),
+            (1, T, 3),
+            (min(t + 1, 7), t + 1, 1),
+            (min(t + 1, 33), T, 2),
+            (t + 1, t + 1, 1),
+            (1, t + 1, 2),
+        ):
             if not torch.equal(one(t, queries, keys, rows), ref):
                 return False
     return True

@@ -113,8 +113,11 @@ def expand_targets(targets: str | Sequence[str]) -> list[str]:
 
 def _target_candidates(model: nn.Module) -> dict[str, nn.Module]:
     linear_types = (nn.Linear, Int8Linear, NF4Linear, Int4Linear)
-    return {n: m for n, m in model.named_modules() if isinstance(m, linear_types) and n != "lm_head"
-            and not n.startswith(HEADS)}
+    return {
+        n: m
+        for n, m in model.named_modules()
+        if isinstance(m, linear_types) and n != "lm_head" and not n.startswith(HEADS)
+    }
 
 
 def lora_targets(model: nn.Module, targets: str | Sequence[str]) -> list[str]:
@@ -127,8 +130,10 @@ def lora_targets(model: nn.Module, targets: str | Sequence[str]) -> list[str]:
     chosen = [n for n in candidates if any(_matches(n, p) for p in patterns)]
     if not chosen:
         examples = sorted({n.split(".", 2)[-1] for n in candidates})[:8]
-        raise ConfigError(f"LoRA target patterns {', '.join(patterns)} match no Linear layer; this model's are "
-                          f"named like {', '.join(examples)}")
+        raise ConfigError(
+            f"LoRA target patterns {', '.join(patterns)} match no Linear layer; this model's are "
+            f"named like {', '.join(examples)}"
+        )
     return chosen
 
 
@@ -160,8 +165,7 @@ def apply_lora(
         if m is not candidates[name]:
             parent, _, leaf = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, leaf, m)
-    if quantize and hasattr(model, "tok_emb") and hasattr(model, "lm_head") and isinstance(model.tok_emb,
-                                                                                           nn.Embedding):
+    if quantize and hasattr(model, "tok_emb") and hasattr(model, "lm_head") and isinstance(model.tok_emb, nn.Embedding):
         # a decoder's vocabulary matrix is a frozen base weight too: int8 rows, shared with a tied head
         tied = model.lm_head.weight is model.tok_emb.weight
         model.tok_emb = Int8Embedding.from_embedding(model.tok_emb)
@@ -207,8 +211,11 @@ def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's state dict as if it had no adapters and no quantized layers: `X.weight` is the merged,
     dequantized weight. Model-directory writers use it, so saving a LoRA model writes the merged model."""
     state = model.state_dict()
-    wrapped = {n: m for n, m in model.named_modules()
-               if isinstance(m, (LoRALinear, Int8Linear, NF4Linear, Int4Linear, Int8Embedding))}
+    wrapped = {
+        n: m
+        for n, m in model.named_modules()
+        if isinstance(m, (LoRALinear, Int8Linear, NF4Linear, Int4Linear, Int8Embedding))
+    }
     if not wrapped:
         return state
     out = {}

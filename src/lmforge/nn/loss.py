@@ -47,8 +47,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
     forward pass (while each chunk's logits are at hand) and scaled by the incoming gradient in backward."""
 
     @staticmethod
-    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, ignore_index: int,
-                chunk: int, compute: torch.dtype | None) -> torch.Tensor:
+    def forward(
+        ctx,
+        h: torch.Tensor,
+        weight: torch.Tensor,
+        target: torch.Tensor,
+        ignore_index: int,
+        chunk: int,
+        compute: torch.dtype | None,
+    ) -> torch.Tensor:
         valid = target != ignore_index
         n = valid.sum().clamp(min=1)
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -58,7 +65,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # the products in `compute` (autocast's dtype) when given; softmax, loss and weight gradient sums in fp32
         w = weight if compute is None else weight.to(compute)
         for s in range(0, h.size(0), chunk):
-            hc, tc, vc = h[s:s + chunk], target[s:s + chunk], valid[s:s + chunk]
+            hc, tc, vc = h[s : s + chunk], target[s : s + chunk], valid[s : s + chunk]
             if compute is not None:
                 hc = hc.to(compute)
             logits = (hc @ w.T).to(total.dtype)
@@ -72,9 +79,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
             g = g.mul_((vc / n)[:, None]).to(hc.dtype)
             if grad_h is not None:
                 if compute is None:
-                    torch.mm(g, w, out=grad_h[s:s + chunk])
+                    torch.mm(g, w, out=grad_h[s : s + chunk])
                 else:
-                    grad_h[s:s + chunk] = g @ w
+                    grad_h[s : s + chunk] = g @ w
             if grad_w is not None:
                 if compute is None:
                     grad_w.addmm_(g.T, hc)
@@ -86,12 +93,19 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
         grad_h, grad_w = ctx.saved_tensors
-        return (None if grad_h is None else grad_h * grad_loss, None if grad_w is None else grad_w * grad_loss,
-                None, None, None, None)
+        return (
+            None if grad_h is None else grad_h * grad_loss,
+            None if grad_w is None else grad_w * grad_loss,
+            None,
+            None,
+            None,
+            None,
+        )
 
 
-def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, ignore_index: int = -100,
-                         chunk: int = 1024) -> torch.Tensor:
+def linear_cross_entropy(
+    h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, ignore_index: int = -100, chunk: int = 1024
+) -> torch.Tensor:
     """Mean token cross-entropy of the logits `h @ weight.T` (h [N, d], weight [V, d], target [N]) without holding
     the [N, V] logits: `chunk` rows at a time. Equal to `cross_entropy(h @ weight.T, target)` in value and
     gradients, up to float rounding. Under autocast the products run in its dtype, as the head's Linear would."""

@@ -72,8 +72,9 @@ def _opaque_op():
         return None
 
     @torch.library.custom_op("lmforge::packed_linear", mutates_args=())
-    def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None,
-                      out_features: int) -> torch.Tensor:
+    def packed_linear(
+        x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int
+    ) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
     @packed_linear.register_fake
@@ -104,8 +105,9 @@ class PackedLinear(nn.Module):
             self.packed = torch.ops.mkldnn._reorder_linear_weight(aligned(linear.weight.detach()), batch_hint)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return invariant.rows("onednn", lambda t: _linear(t, self.packed, self.bias, self.out_features), x,
-                              self.out_features)
+        return invariant.rows(
+            "onednn", lambda t: _linear(t, self.packed, self.bias, self.out_features), x, self.out_features
+        )
 
 
 class RowLinear(nn.Module):
@@ -182,11 +184,19 @@ class FusedLinear(nn.Module):
         self.bias = _cat_bias(linears)
         with torch.no_grad():
             if self.plain:
-                self.packed = torch.ops.mkldnn._reorder_linear_weight(torch.cat([w.detach() for w in weights]),
-                                                                      batch_hint)
+                self.packed = torch.ops.mkldnn._reorder_linear_weight(
+                    torch.cat([w.detach() for w in weights]), batch_hint
+                )
             elif type(linears[0]) is Int4Linear:
-                self.int4 = (Int4Linear(torch.cat(weights), torch.cat([m.scales for m in linears]),
-                                        torch.cat([m.zeros for m in linears]), linears[0].group_size, self.bias),)
+                self.int4 = (
+                    Int4Linear(
+                        torch.cat(weights),
+                        torch.cat([m.scales for m in linears]),
+                        torch.cat([m.zeros for m in linears]),
+                        linears[0].group_size,
+                        self.bias,
+                    ),
+                )
             else:  # int8 weight-only rows with per-row scales stack as they are
                 self.qweight = aligned(torch.cat(weights))
                 self.scales = torch.cat([m.scales for m in linears]).to(torch.bfloat16)
@@ -215,8 +225,7 @@ def _fusible(parent: nn.Module, pack: bool) -> list[nn.Module] | None:
         return None
     if Int8Linear in kinds and not all(m.fast for m in linears):
         return None
-    if Int4Linear in kinds and (len({m.group_size for m in linears}) != 1 or not all(m.use_kernel
-                                                                                      for m in linears)):
+    if Int4Linear in kinds and (len({m.group_size for m in linears}) != 1 or not all(m.use_kernel for m in linears)):
         return None
     if len({m.bias is None for m in linears}) != 1:
         return None
@@ -272,8 +281,9 @@ def _let_go(held: list) -> None:
 
 
 @contextmanager
-def packed_linears(model: nn.Module, batch_hint: int = 1, enabled: bool = True, gemv: bool = False
-                   ) -> Iterator[nn.Module]:
+def packed_linears(
+    model: nn.Module, batch_hint: int = 1, enabled: bool = True, gemv: bool = False
+) -> Iterator[nn.Module]:
     """Inside the block the model's Linear layers are PackedLinear ones (prepacked oneDNN weights) and sibling
     projections run as one FusedLinear each (see the module docstring); int8 weight-only siblings are fused too.
     gemv=True instead puts GemvLinear layers in (compiled single-row products as multiply-and-sum loops; int8
@@ -305,8 +315,14 @@ def packed_linears(model: nn.Module, batch_hint: int = 1, enabled: bool = True, 
                     continue
                 linears = _fusible(parent, pack) if fuse else None
                 if linears is not None:
-                    _install(parent, "fused", _built(parent, "fused", _key(*_weights(linears)),
-                                                     lambda ls=linears: FusedLinear(ls, batch_hint)), held)
+                    _install(
+                        parent,
+                        "fused",
+                        _built(
+                            parent, "fused", _key(*_weights(linears)), lambda ls=linears: FusedLinear(ls, batch_hint)
+                        ),
+                        held,
+                    )
                     fused.append(parent)
             covered = {id(getattr(parent, n)) for parent in fused for n in FUSIBLE[type(parent).__name__]}
             for parent in list(model.modules()):

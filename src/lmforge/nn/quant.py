@@ -80,18 +80,21 @@ class Int8Linear(nn.Module):
         if self.fast and not (torch.is_grad_enabled() and x.requires_grad):
             return int8_linear(x, self.qweight, self._scales_bf16, self.bias)
         # in the input's dtype, rows dequantized in slices (inference: under a batch-invariant row plan)
-        y = invariant.rows("int8 rows", lambda t: frozen_linear(t, self), x.reshape(-1, self.in_features),
-                           self.out_features)
+        y = invariant.rows(
+            "int8 rows", lambda t: frozen_linear(t, self), x.reshape(-1, self.in_features), self.out_features
+        )
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features)
 
 
-def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales_bf16: torch.Tensor,
-                bias: torch.Tensor | None) -> torch.Tensor:
+def int8_linear(
+    x: torch.Tensor, qweight: torch.Tensor, scales_bf16: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
     """x [..., K] times an int8 weight [N, K] with per-row bfloat16 scales, on the CPU's weight-only int8 kernel
     (the activations in bfloat16), under a batch-invariant row plan (lmforge.nn.invariant); the result in x's
     dtype."""
+
     def product(t: torch.Tensor) -> torch.Tensor:
         return torch.ops.aten._weight_int8pack_mm(aligned(t.to(torch.bfloat16).contiguous()), qweight, scales_bf16)
 
@@ -104,8 +107,14 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales_bf16: torch.Tenso
 class Int4Linear(nn.Module):
     """Weight-only int4 with group-wise scales and zero points (see the module notes); a frozen LoRA base too."""
 
-    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
-                 bias: torch.Tensor | None) -> None:
+    def __init__(
+        self,
+        qweight: torch.Tensor,
+        scales: torch.Tensor,
+        zeros: torch.Tensor,
+        group_size: int,
+        bias: torch.Tensor | None,
+    ) -> None:
         super().__init__()
         self.out_features, self.in_features = qweight.shape[0], qweight.shape[1] * 2
         self.group_size = group_size
@@ -122,8 +131,10 @@ class Int4Linear(nn.Module):
     def from_linear(cls, m: nn.Linear, group_size: int = 64) -> Int4Linear:
         N, K = m.weight.shape
         if K % group_size or group_size % 2:
-            raise ConfigError(f"int4 group size {group_size} does not divide a layer's {K} inputs; choose one that "
-                              "does (e.g. 32 or 64)")
+            raise ConfigError(
+                f"int4 group size {group_size} does not divide a layer's {K} inputs; choose one that "
+                "does (e.g. 32 or 64)"
+            )
         w = m.weight.detach().float().view(N, K // group_size, group_size)
         lo, hi = w.amin(-1), w.amax(-1)
         scales = ((hi - lo) / 15).clamp(min=1e-8)
@@ -132,8 +143,14 @@ class Int4Linear(nn.Module):
         return cls.from_grid(q, scales, lo, group_size, bias)
 
     @classmethod
-    def from_grid(cls, codes: torch.Tensor, scales: torch.Tensor, low: torch.Tensor, group_size: int,
-                  bias: torch.Tensor | None = None) -> Int4Linear:
+    def from_grid(
+        cls,
+        codes: torch.Tensor,
+        scales: torch.Tensor,
+        low: torch.Tensor,
+        group_size: int,
+        bias: torch.Tensor | None = None,
+    ) -> Int4Linear:
         """The layer whose weight is w = scales * codes + low per group (codes [out, in] in 0..15, scales and
         low [out, in / group_size]): a grid chosen here (from_linear) or stored in a file (a GGUF's Q4 blocks)."""
         packed = (codes[:, 0::2] << 4) | codes[:, 1::2]
@@ -152,8 +169,11 @@ class Int4Linear(nn.Module):
             return None
         if self._kernel is None and self.group_size not in INT4_KERNEL_GROUPS:
             self._kernel = ()
-        if self._kernel is None and self.qweight.device.type == "cpu" and hasattr(
-                torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+        if (
+            self._kernel is None
+            and self.qweight.device.type == "cpu"
+            and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+        ):
             try:
                 packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(self.codes().to(torch.int32), 1)
                 sz = torch.stack([self.scales, self.zeros], -1).transpose(0, 1).contiguous().to(torch.bfloat16)
@@ -168,14 +188,17 @@ class Int4Linear(nn.Module):
         if torch.is_grad_enabled() and x.requires_grad:  # a frozen base under LoRA: no fp32 copy is kept
             y = frozen_linear(x2, self)
         elif (kernel := self._packed()) is not None:
+
             def product(t: torch.Tensor) -> torch.Tensor:
-                return torch.ops.aten._weight_int4pack_mm_for_cpu(aligned(t.to(torch.bfloat16).contiguous()),
-                                                                  kernel[0], self.group_size, kernel[1])
+                return torch.ops.aten._weight_int4pack_mm_for_cpu(
+                    aligned(t.to(torch.bfloat16).contiguous()), kernel[0], self.group_size, kernel[1]
+                )
 
             y = invariant.rows(f"int4 g{self.group_size}", product, x2, self.out_features).to(x.dtype)
         else:
-            y = invariant.rows("int4 dequantized", lambda t: F.linear(t, self.dequantize(x.dtype)), x2,
-                               self.out_features)
+            y = invariant.rows(
+                "int4 dequantized", lambda t: F.linear(t, self.dequantize(x.dtype)), x2, self.out_features
+            )
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*shape[:-1], self.out_features)
@@ -190,8 +213,9 @@ def dynamic_int8(m: Int8Linear) -> nn.Module:
     with warnings.catch_warnings():  # torch.ao quantization is deprecated upstream (see the module notes)
         warnings.simplefilter("ignore")
         d = DynamicLinear(m.in_features, m.out_features, bias_=m.bias is not None, dtype=torch.qint8)
-        w = torch._make_per_channel_quantized_tensor(m.qweight, m.scales.double(),
-                                                     torch.zeros(m.out_features, dtype=torch.long), 0)
+        w = torch._make_per_channel_quantized_tensor(
+            m.qweight, m.scales.double(), torch.zeros(m.out_features, dtype=torch.long), 0
+        )
         d.set_weight_bias(w, None if m.bias is None else m.bias.detach().float())
     return d
 
@@ -220,8 +244,9 @@ class NF4Linear(nn.Module):
 
     block = 64
 
-    def __init__(self, packed: torch.Tensor, scales: torch.Tensor, shape: tuple[int, int],
-                 bias: torch.Tensor | None) -> None:
+    def __init__(
+        self, packed: torch.Tensor, scales: torch.Tensor, shape: tuple[int, int], bias: torch.Tensor | None
+    ) -> None:
         super().__init__()
         self.out_features, self.in_features = shape
         self.register_buffer("packed", aligned(packed))  # uint8, two 4-bit indices per byte
@@ -238,8 +263,8 @@ class NF4Linear(nn.Module):
         scales = w.abs().amax(dim=1).clamp(min=1e-12)
         idx = torch.empty(w.shape, dtype=torch.uint8)
         for s in range(0, w.size(0), 4096):  # nearest level, in slices to bound the [n, 16] distance matrix
-            part = w[s:s + 4096] / scales[s:s + 4096, None]
-            idx[s:s + 4096] = (part[..., None] - NF4_LEVELS).abs().argmin(-1).to(torch.uint8)
+            part = w[s : s + 4096] / scales[s : s + 4096, None]
+            idx[s : s + 4096] = (part[..., None] - NF4_LEVELS).abs().argmin(-1).to(torch.uint8)
         idx = idx.view(-1)
         packed = (idx[0::2] << 4) | idx[1::2]
         bias = None if m.bias is None else m.bias.detach().clone()
@@ -290,7 +315,7 @@ def _rows(module: nn.Module, dtype: torch.dtype, chunk: int):
     NF4): a vocabulary-sized matrix is never dequantized whole."""
     if isinstance(module, (Int8Linear, Int8Embedding)) and module.qweight.size(0) > chunk:
         for s in range(0, module.qweight.size(0), chunk):
-            yield s, module.qweight[s:s + chunk].to(dtype) * module.scales[s:s + chunk, None].to(dtype)
+            yield s, module.qweight[s : s + chunk].to(dtype) * module.scales[s : s + chunk, None].to(dtype)
     else:
         yield 0, module.dequantize(dtype)
 
@@ -308,7 +333,7 @@ class _FrozenLinear(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         gx = None
         for s, w in _rows(ctx.module, grad.dtype, 8192):
-            part = grad[..., s:s + w.size(0)] @ w
+            part = grad[..., s : s + w.size(0)] @ w
             gx = part if gx is None else gx + part
         return gx, None
 
@@ -322,8 +347,10 @@ def quantize_linear(m: nn.Linear, mode: str) -> nn.Module:
         raise ConfigError(f"quantized base {mode!r} is not supported; supported: {', '.join(BASE_MODES)}")
     if mode == "int4":
         if m.in_features % BASE_INT4_GROUP:
-            raise ConfigError(f"an int4 base needs layers whose inputs divide into groups of {BASE_INT4_GROUP}; "
-                              f"this one has {m.in_features}: use --quant nf4")
+            raise ConfigError(
+                f"an int4 base needs layers whose inputs divide into groups of {BASE_INT4_GROUP}; "
+                f"this one has {m.in_features}: use --quant nf4"
+            )
         base = Int4Linear.from_linear(m, BASE_INT4_GROUP)
         base.use_kernel = False
         return base
@@ -353,15 +380,19 @@ def check_quantizable(model: nn.Module, mode: str, group_size: int = 64) -> None
         return
     if group_size < 2 or group_size % 2:
         raise ConfigError(f"int4 group size must be an even number >= 2, got {group_size}")
-    inputs = {name: m.in_features for name, m in model.named_modules()
-              if type(m) is nn.Linear and name.rsplit(".", 1)[-1] not in KEEP}
+    inputs = {
+        name: m.in_features
+        for name, m in model.named_modules()
+        if type(m) is nn.Linear and name.rsplit(".", 1)[-1] not in KEEP
+    }
     bad = next(((name, k) for name, k in inputs.items() if k % group_size), None)
     if bad is None:
         return
     common = math.gcd(*inputs.values())
     fits = [g for g in (128, 64, 32, 16, 8, 4, 2) if common % g == 0]
-    hint = (f"--group-size {fits[0]} divides them all" if fits else
-            "no even group size divides them all; use --mode int8")
+    hint = (
+        f"--group-size {fits[0]} divides them all" if fits else "no even group size divides them all; use --mode int8"
+    )
     raise ConfigError(f"int4 group size {group_size} does not divide the {bad[1]} inputs of {bad[0]}; {hint}")
 
 
@@ -370,8 +401,9 @@ def quantize_model(model: nn.Module, mode: str = "int8", group_size: int = 64) -
     int8-dynamic), and a decoder's tied embedding + head or an encoder's word embedding as int8 rows. A mode
     the model cannot take (see `check_quantizable`) is refused before any layer changes."""
     check_quantizable(model, mode, group_size)
-    tied = getattr(model, "lm_head", None) is not None and model.lm_head.weight is getattr(model.tok_emb, "weight",
-                                                                                           None)
+    tied = getattr(model, "lm_head", None) is not None and model.lm_head.weight is getattr(
+        model.tok_emb, "weight", None
+    )
     # an MLM head scores against the word embedding itself, so that one stays in full precision
     embed_int8 = getattr(model.config, "head", None) not in ("mlm", "pretrain")
     if embed_int8 and isinstance(getattr(model, "tok_emb", None), nn.Embedding):

@@ -88,9 +88,18 @@ class ServedModel:
         return "decoder" if self.engine is not None else "encoder"
 
 
-def load_served(paths: Sequence[str], max_batch: int = 16, max_queue: int = 64, max_len: int | None = None,
-                quantize: str | None = None, dtype: str | None = None, device: str = "cpu",
-                speculative: str | None = None, cache_mb: float = 0, prefill_chunk: int = 0) -> list[ServedModel]:
+def load_served(
+    paths: Sequence[str],
+    max_batch: int = 16,
+    max_queue: int = 64,
+    max_len: int | None = None,
+    quantize: str | None = None,
+    dtype: str | None = None,
+    device: str = "cpu",
+    speculative: str | None = None,
+    cache_mb: float = 0,
+    prefill_chunk: int = 0,
+) -> list[ServedModel]:
     """Load each model (directory, .gguf or packaged name; weights in `dtype`, see load_pretrained) on `device`
     and start an engine for each decoder; speculative: "ngram" or a draft model for the decoders (see
     lmforge.generate.speculative: it drafts while one sequence runs); cache_mb: each engine's prefix cache
@@ -104,11 +113,26 @@ def load_served(paths: Sequence[str], max_batch: int = 16, max_queue: int = 64, 
         names.add(name)
         if isinstance(model, DecoderLM):
             if max_len is not None and max_len > model.config.max_seq_len:
-                print(f"lmforge: note: {name}: --max-len {max_len} is past its context of "
-                      f"{model.config.max_seq_len} tokens; it serves {model.config.max_seq_len}", file=sys.stderr)
+                print(
+                    f"lmforge: note: {name}: --max-len {max_len} is past its context of "
+                    f"{model.config.max_seq_len} tokens; it serves {model.config.max_seq_len}",
+                    file=sys.stderr,
+                )
             draft = make_drafter(speculative, model, device=device, quantize=quantize, dtype=dtype)
-            engine = Engine(model.eval(), tok, max_batch=max_batch, max_queue=max_queue, max_len=max_len,
-                            draft=draft, cache_mb=cache_mb, prefill_chunk=prefill_chunk).start().warm_up()
+            engine = (
+                Engine(
+                    model.eval(),
+                    tok,
+                    max_batch=max_batch,
+                    max_queue=max_queue,
+                    max_len=max_len,
+                    draft=draft,
+                    cache_mb=cache_mb,
+                    prefill_chunk=prefill_chunk,
+                )
+                .start()
+                .warm_up()
+            )
             served.append(ServedModel(name, model, tok, engine))
         elif isinstance(model, Encoder):
             served.append(ServedModel(name, model.eval(), tok))
@@ -129,8 +153,12 @@ def model_name(path: str) -> str:
 # the app
 
 
-def create_app(models: Sequence[ServedModel], api_key: str | None = None, max_body: int = 1 << 20,
-               body_timeout: float = REQUEST_TIMEOUT):
+def create_app(
+    models: Sequence[ServedModel],
+    api_key: str | None = None,
+    max_body: int = 1 << 20,
+    body_timeout: float = REQUEST_TIMEOUT,
+):
     """The ASGI app serving `models` (the first one answers requests that name no model). api_key guards /v1;
     a body over max_body bytes gets 413, one that has not arrived whole within body_timeout seconds 408."""
     from fastapi import FastAPI
@@ -157,8 +185,9 @@ def create_app(models: Sequence[ServedModel], api_key: str | None = None, max_bo
         import traceback
 
         traceback.print_exception(e)
-        return JSONResponse(APIError(500, f"internal error: {type(e).__name__}: {e}", "server_error").body(),
-                            status_code=500)
+        return JSONResponse(
+            APIError(500, f"internal error: {type(e).__name__}: {e}", "server_error").body(), status_code=500
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_req, e: StarletteHTTPException):
@@ -169,8 +198,12 @@ def create_app(models: Sequence[ServedModel], api_key: str | None = None, max_bo
         if name is None and len(by_name) == 1:
             m = next(iter(by_name.values()))
         elif name not in by_name:
-            raise APIError(400, f"the model {name!r} does not exist here; served: {', '.join(by_name)}",
-                           param="model", code="model_not_found")
+            raise APIError(
+                400,
+                f"the model {name!r} does not exist here; served: {', '.join(by_name)}",
+                param="model",
+                code="model_not_found",
+            )
         else:
             m = by_name[name]
         if m.kind != kind:
@@ -187,8 +220,14 @@ def create_app(models: Sequence[ServedModel], api_key: str | None = None, max_bo
 
     @app.get("/health")
     async def health():
-        load = {m.name: {"kind": m.kind, "running": m.engine.running if m.engine else 0,
-                         "waiting": m.engine.queued if m.engine else 0} for m in by_name.values()}
+        load = {
+            m.name: {
+                "kind": m.kind,
+                "running": m.engine.running if m.engine else 0,
+                "waiting": m.engine.queued if m.engine else 0,
+            }
+            for m in by_name.values()
+        }
         return {"status": "ok", "models": load}
 
     @app.get("/metrics")
@@ -202,8 +241,9 @@ def create_app(models: Sequence[ServedModel], api_key: str | None = None, max_bo
     @app.get("/v1/models/{name:path}")
     async def get_model(name: str):
         if name not in by_name:
-            raise APIError(404, f"the model {name!r} does not exist here", "not_found_error", "model",
-                           "model_not_found")
+            raise APIError(
+                404, f"the model {name!r} does not exist here", "not_found_error", "model", "model_not_found"
+            )
         return model_card(by_name[name])
 
     # -- generation ------------------------------------------------------------------------------------------
@@ -215,16 +255,32 @@ def create_app(models: Sequence[ServedModel], api_key: str | None = None, max_bo
         tok = m.tokenizer
         prompts = as_token_lists(body.prompt, tok, m.model.config.vocab_size)
         ends = [tok.eos_id] if tok.eos_id is not None else []
-        reqs = [new_request(ids, body, body.max_tokens if body.max_tokens is not None else 16, ends, j,
-                            logprobs=body.logprobs, echo=body.echo, served=m)
-                for ids in prompts for j in range(body.n)]
+        reqs = [
+            new_request(
+                ids,
+                body,
+                body.max_tokens if body.max_tokens is not None else 16,
+                ends,
+                j,
+                logprobs=body.logprobs,
+                echo=body.echo,
+                served=m,
+            )
+            for ids in prompts
+            for j in range(body.n)
+        ]
         rid, created = "cmpl-" + uuid.uuid4().hex[:24], int(time.time())
 
         def choice(i: int, r: Request, text: str, tokens: list[TokenLogprob], reason: str | None) -> dict:
-            return {"index": i, "text": text, "finish_reason": reason,
-                    "logprobs": completion_logprobs(tokens, r, body.echo) if body.logprobs is not None else None}
+            return {
+                "index": i,
+                "text": text,
+                "finish_reason": reason,
+                "logprobs": completion_logprobs(tokens, r, body.echo) if body.logprobs is not None else None,
+            }
 
         if body.stream:
+
             async def chunks() -> AsyncIterator[dict]:
                 echoed = set()
                 async for i, ev in run_stream(m, reqs, request):
@@ -233,11 +289,22 @@ def create_app(models: Sequence[ServedModel], api_key: str | None = None, max_bo
                     if body.echo and i not in echoed:
                         echoed.add(i)
                         text = tok.decode(r.prompt_ids) + text
-                    yield {"id": rid, "object": "text_completion", "created": created, "model": m.name,
-                           "choices": [choice(i, r, text, ev.tokens, ev.finish_reason)]}
+                    yield {
+                        "id": rid,
+                        "object": "text_completion",
+                        "created": created,
+                        "model": m.name,
+                        "choices": [choice(i, r, text, ev.tokens, ev.finish_reason)],
+                    }
                 if body.stream_options and body.stream_options.include_usage:
-                    yield {"id": rid, "object": "text_completion", "created": created, "model": m.name,
-                           "choices": [], "usage": usage(prompts, reqs)}
+                    yield {
+                        "id": rid,
+                        "object": "text_completion",
+                        "created": created,
+                        "model": m.name,
+                        "choices": [],
+                        "usage": usage(prompts, reqs),
+                    }
 
             return StreamingResponse(sse(chunks()), media_type="text/event-stream")
 
@@ -248,8 +315,14 @@ def create_app(models: Sequence[ServedModel], api_key: str | None = None, max_bo
             if body.echo:
                 text = tok.decode(r.prompt_ids) + text
             choices.append(choice(i, r, text, [t for e in evs for t in e.tokens], r.finish_reason))
-        return {"id": rid, "object": "text_completion", "created": created, "model": m.name,
-                "choices": choices, "usage": usage(prompts, reqs)}
+        return {
+            "id": rid,
+            "object": "text_completion",
+            "created": created,
+            "model": m.name,
+            "choices": choices,
+            "usage": usage(prompts, reqs),
+        }
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: HTTPRequest):
@@ -268,35 +341,57 @@ def create_app(models: Sequence[ServedModel], api_key: str | None = None, max_bo
         if limit is None:
             limit = max(m.engine.max_len - len(ids), 0)
         top = (body.top_logprobs or 0) if body.logprobs else None
-        reqs = [new_request(ids, body, limit, ends, j, logprobs=top, served=m, tools=tools, tool_choice=tool_choice)
-                for j in range(body.n)]
+        reqs = [
+            new_request(ids, body, limit, ends, j, logprobs=top, served=m, tools=tools, tool_choice=tool_choice)
+            for j in range(body.n)
+        ]
         rid, created = "chatcmpl-" + uuid.uuid4().hex[:24], int(time.time())
 
         def logprobs(tokens: list[TokenLogprob]) -> dict | None:
             return {"content": [chat_logprob(t) for t in tokens]} if body.logprobs else None
 
         if body.stream:
+
             async def chunks() -> AsyncIterator[dict]:
                 head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": m.name}
                 for i in range(len(reqs)):
-                    yield {**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                                "logprobs": None, "finish_reason": None}]}
+                    yield {
+                        **head,
+                        "choices": [
+                            {
+                                "index": i,
+                                "delta": {"role": "assistant", "content": ""},
+                                "logprobs": None,
+                                "finish_reason": None,
+                            }
+                        ],
+                    }
                 calls: dict[int, str | None] = {}  # with tools: choice -> its text so far while it is a call
                 async for i, ev in run_stream(m, reqs, request, limit_param):
                     text, reason = ev.text, ev.finish_reason
-                    if tools and (i in calls or not ev.text.strip() or ev.text.lstrip().startswith("{")) \
-                            and calls.get(i, "") is not None:
+                    if (
+                        tools
+                        and (i in calls or not ev.text.strip() or ev.text.lstrip().startswith("{"))
+                        and calls.get(i, "") is not None
+                    ):
                         calls[i] = calls.get(i, "") + text  # a tool call (or not yet known): sent whole at the end
                         if reason is None:
                             continue
                         message, reason = assistant_message(calls[i], tools, reason)
-                        delta = {"tool_calls": [{"index": k, **c} for k, c in enumerate(message["tool_calls"])]} \
-                            if message.get("tool_calls") else {"content": message["content"]}
+                        delta = (
+                            {"tool_calls": [{"index": k, **c} for k, c in enumerate(message["tool_calls"])]}
+                            if message.get("tool_calls")
+                            else {"content": message["content"]}
+                        )
                     else:
                         calls[i] = None  # plain text: streamed as it comes
                         delta = {"content": text} if text else {}
-                    yield {**head, "choices": [{"index": i, "delta": delta, "logprobs": logprobs(ev.tokens),
-                                                "finish_reason": reason}]}
+                    yield {
+                        **head,
+                        "choices": [
+                            {"index": i, "delta": delta, "logprobs": logprobs(ev.tokens), "finish_reason": reason}
+                        ],
+                    }
                 if body.stream_options and body.stream_options.include_usage:
                     yield {**head, "choices": [], "usage": usage([ids], reqs)}
 
@@ -306,10 +401,22 @@ def create_app(models: Sequence[ServedModel], api_key: str | None = None, max_bo
         choices = []
         for i, (r, evs) in enumerate(zip(reqs, events)):
             message, reason = assistant_message("".join(e.text for e in evs), tools, r.finish_reason)
-            choices.append({"index": i, "message": message, "logprobs": logprobs([t for e in evs for t in e.tokens]),
-                            "finish_reason": reason})
-        return {"id": rid, "object": "chat.completion", "created": created, "model": m.name, "choices": choices,
-                "usage": usage([ids], reqs)}
+            choices.append(
+                {
+                    "index": i,
+                    "message": message,
+                    "logprobs": logprobs([t for e in evs for t in e.tokens]),
+                    "finish_reason": reason,
+                }
+            )
+        return {
+            "id": rid,
+            "object": "chat.completion",
+            "created": created,
+            "model": m.name,
+            "choices": choices,
+            "usage": usage([ids], reqs),
+        }
 
     @app.post("/v1/embeddings")
     async def embeddings(body: EmbeddingRequest):
@@ -318,8 +425,11 @@ def create_app(models: Sequence[ServedModel], api_key: str | None = None, max_bo
         m = pick(body.model, "encoder")
         texts = [body.input] if isinstance(body.input, str) else body.input
         if not texts or not all(isinstance(t, str) for t in texts):
-            raise APIError(400, "input must be a string or a non-empty list of strings (token-id input is not "
-                           "supported)", param="input")
+            raise APIError(
+                400,
+                "input must be a string or a non-empty list of strings (token-id input is not supported)",
+                param="input",
+            )
         if len(texts) > 2048:
             raise APIError(400, f"at most 2048 inputs per request, got {len(texts)}", param="input")
         counts = [len(ids) + 2 for ids in m.tokenizer.encode_batch(texts)]  # + [CLS] and [SEP]
@@ -328,8 +438,9 @@ def create_app(models: Sequence[ServedModel], api_key: str | None = None, max_bo
             raise APIError(400, f"an input has {max(counts)} tokens; this model's maximum is {ctx}", param="input")
         dim = m.model.config.d_model
         if body.dimensions not in (None, dim):
-            raise APIError(400, f"this model's embeddings have {dim} dimensions; 'dimensions' cannot change it",
-                           param="dimensions")
+            raise APIError(
+                400, f"this model's embeddings have {dim} dimensions; 'dimensions' cannot change it", param="dimensions"
+            )
 
         def run():
             with m.lock, torch.inference_mode():
@@ -360,18 +471,22 @@ def create_app(models: Sequence[ServedModel], api_key: str | None = None, max_bo
             raise APIError(429, str(e), "rate_limit_error", code="queue_full") from None
         except LmforgeError as e:
             too_long = "context length" in str(e)
-            raise APIError(400, str(e), param=limit_param if too_long else None,
-                           code="context_length_exceeded" if too_long else None) from None
+            raise APIError(
+                400,
+                str(e),
+                param=limit_param if too_long else None,
+                code="context_length_exceeded" if too_long else None,
+            ) from None
 
     def finished(m: ServedModel, reqs: list[Request]) -> None:
-        metrics.count_tokens(m.name, sum(len(r.prompt_ids) for r in reqs),
-                             sum(len(r.completion_ids) for r in reqs))
+        metrics.count_tokens(m.name, sum(len(r.prompt_ids) for r in reqs), sum(len(r.completion_ids) for r in reqs))
         for r in reqs:
             if r.ttft is not None:
                 metrics.ttft(m.name, r.ttft)
 
-    async def run_all(m: ServedModel, reqs: list[Request], request: HTTPRequest,
-                      limit_param: str = "max_tokens") -> list[list[Event]]:
+    async def run_all(
+        m: ServedModel, reqs: list[Request], request: HTTPRequest, limit_param: str = "max_tokens"
+    ) -> list[list[Event]]:
         """Every request's events; cancels them all if the client goes away first."""
         loop = asyncio.get_running_loop()
         events: list[list[Event]] = [[] for _ in reqs]
@@ -385,6 +500,7 @@ def create_app(models: Sequence[ServedModel], api_key: str | None = None, max_bo
                     left["n"] -= 1
                     if left["n"] == 0 and not done.done():
                         done.set_result(None)
+
             loop.call_soon_threadsafe(deliver)
 
         submit(m, reqs, on_event, limit_param)
@@ -433,8 +549,9 @@ def create_app(models: Sequence[ServedModel], api_key: str | None = None, max_bo
 def check_supported(body) -> None:
     name = body.unsupported()
     if name:
-        raise APIError(400, f"the parameter {name!r} is not supported by this server", param=name,
-                       code="unsupported_parameter")
+        raise APIError(
+            400, f"the parameter {name!r} is not supported by this server", param=name, code="unsupported_parameter"
+        )
 
 
 def as_token_lists(prompt, tok, vocab_size: int) -> list[list[int]]:
@@ -458,10 +575,12 @@ def as_token_lists(prompt, tok, vocab_size: int) -> list[list[int]]:
     return out
 
 
-TOOL_FORMAT = ("You can call these tools (JSON schemas of their arguments):\n{tools}\n{how}")
-TOOL_HOW = {"auto": 'To call one, reply with only a JSON object {"name": <tool name>, "arguments": {...}}; '
-                    "otherwise reply in plain text.",
-            "required": 'Reply with only a JSON object {"name": <tool name>, "arguments": {...}} calling one.'}
+TOOL_FORMAT = "You can call these tools (JSON schemas of their arguments):\n{tools}\n{how}"
+TOOL_HOW = {
+    "auto": 'To call one, reply with only a JSON object {"name": <tool name>, "arguments": {...}}; '
+    "otherwise reply in plain text.",
+    "required": 'Reply with only a JSON object {"name": <tool name>, "arguments": {...}} calling one.',
+}
 
 
 def tool_setup(body) -> tuple[list[dict] | None, str]:
@@ -475,8 +594,11 @@ def tool_setup(body) -> tuple[list[dict] | None, str]:
     for t in body.tools:
         f = t.get("function") if isinstance(t, dict) and t.get("type", "function") == "function" else None
         if not isinstance(f, dict) or not isinstance(f.get("name"), str) or not f["name"]:
-            raise APIError(400, 'each tool needs {"type": "function", "function": {"name": ..., "parameters": '
-                           "{...}}}", param="tools")
+            raise APIError(
+                400,
+                'each tool needs {"type": "function", "function": {"name": ..., "parameters": {...}}}',
+                param="tools",
+            )
         params = f.get("parameters") or {"type": "object", "properties": {}}
         if not isinstance(params, dict):
             raise APIError(400, f"tool {f['name']!r}: parameters must be a JSON schema object", param="tools")
@@ -489,8 +611,11 @@ def tool_setup(body) -> tuple[list[dict] | None, str]:
         if choice not in [t["name"] for t in tools]:
             raise APIError(400, f"tool_choice names {choice!r}, which is not one of the tools", param="tool_choice")
     elif choice not in ("none", "auto", "required"):
-        raise APIError(400, "tool_choice is none, auto, required or {\"type\": \"function\", \"function\": "
-                       "{\"name\": ...}}", param="tool_choice")
+        raise APIError(
+            400,
+            'tool_choice is none, auto, required or {"type": "function", "function": {"name": ...}}',
+            param="tool_choice",
+        )
     if body.response_format and (body.response_format.get("type") or "text") != "text" and choice != "none":
         raise APIError(400, "give tools or a response_format, not both", param="response_format")
     return (None, "none") if choice == "none" else (tools, choice)
@@ -516,13 +641,15 @@ def chat_messages(messages, tools: list[dict] | None, tool_choice: str) -> list[
             content = "\n".join(calls)
         elif role == "tool":
             if not x.tool_call_id:
-                raise APIError(400, "a message with role 'tool' needs the tool_call_id of the call it answers",
-                               param="messages")
+                raise APIError(
+                    400, "a message with role 'tool' needs the tool_call_id of the call it answers", param="messages"
+                )
             role, content = "user", f"Tool result{f' ({x.name})' if x.name else ''}: {content}"
         out.append({"role": role, "content": content})
     if tools:
-        listed = json.dumps([{"name": t["name"], "description": t["description"], "parameters": t["parameters"]}
-                             for t in tools])
+        listed = json.dumps(
+            [{"name": t["name"], "description": t["description"], "parameters": t["parameters"]} for t in tools]
+        )
         how = TOOL_HOW["auto" if tool_choice == "auto" else "required"]
         text = TOOL_FORMAT.format(tools=listed, how=how)
         if out and out[0]["role"] == "system":
@@ -541,10 +668,17 @@ def assistant_message(text: str, tools: list[dict] | None, reason: str | None) -
         except json.JSONDecodeError:
             call = None
         if isinstance(call, dict) and call.get("name") in [t["name"] for t in tools]:
-            return {"role": "assistant", "content": None, "tool_calls": [
-                {"id": "call_" + uuid.uuid4().hex[:24], "type": "function",
-                 "function": {"name": call["name"], "arguments": json.dumps(call.get("arguments", {}))}}]}, \
-                "tool_calls"
+            return {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {
+                        "id": "call_" + uuid.uuid4().hex[:24],
+                        "type": "function",
+                        "function": {"name": call["name"], "arguments": json.dumps(call.get("arguments", {}))},
+                    }
+                ],
+            }, "tool_calls"
     return {"role": "assistant", "content": text}, reason
 
 
@@ -562,17 +696,23 @@ def response_constraint(body, served: ServedModel, ends: list[int]) -> Constrain
     elif kind == "json_schema":
         schema = (rf.get("json_schema") or {}).get("schema")
         if not isinstance(schema, dict):
-            raise APIError(400, "response_format json_schema needs {\"json_schema\": {\"name\": ..., \"schema\": "
-                           "{...}}}", param="response_format")
+            raise APIError(
+                400,
+                'response_format json_schema needs {"json_schema": {"name": ..., "schema": {...}}}',
+                param="response_format",
+            )
         spec["json_schema"] = schema
     elif kind == "regex" and isinstance(rf.get("regex"), str) and rf["regex"]:
         spec["regex"] = rf["regex"]
     elif kind == "choice" and isinstance(rf.get("choice"), list) and rf["choice"]:
         spec["choice"] = rf["choice"]
     else:
-        raise APIError(400, f"response_format type {kind!r} needs its field ('regex': a pattern, 'choice': a list "
-                       "of strings) or is not one of text, json_object, json_schema, regex, choice",
-                       param="response_format")
+        raise APIError(
+            400,
+            f"response_format type {kind!r} needs its field ('regex': a pattern, 'choice': a list "
+            "of strings) or is not one of text, json_object, json_schema, regex, choice",
+            param="response_format",
+        )
     if not ends:
         raise APIError(400, "this model has no end token to finish a constrained reply", param="response_format")
     try:
@@ -581,32 +721,57 @@ def response_constraint(body, served: ServedModel, ends: list[int]) -> Constrain
         raise APIError(400, str(e), param="response_format") from None
 
 
-def new_request(ids: list[int], body, max_tokens: int, ends: list[int], j: int, logprobs: int | None = None,
-                echo: bool = False, served: ServedModel | None = None, tools: list[dict] | None = None,
-                tool_choice: str = "none") -> Request:
+def new_request(
+    ids: list[int],
+    body,
+    max_tokens: int,
+    ends: list[int],
+    j: int,
+    logprobs: int | None = None,
+    echo: bool = False,
+    served: ServedModel | None = None,
+    tools: list[dict] | None = None,
+    tool_choice: str = "none",
+) -> Request:
     if tools:  # the call's arguments always parse: decoding follows the tools' schemas
         try:
-            constraint = Constraint.make(served.tokenizer, served.model.config.vocab_size, ends, tools=tools,
-                                         tool_choice=tool_choice)
+            constraint = Constraint.make(
+                served.tokenizer, served.model.config.vocab_size, ends, tools=tools, tool_choice=tool_choice
+            )
         except LmforgeError as e:
             raise APIError(400, str(e), param="tools") from None
     else:
         constraint = response_constraint(body, served, ends) if served is not None else None
     seed = None if body.seed is None else body.seed + j
     temperature = body.temperature if body.temperature >= MIN_TEMPERATURE else 0.0
-    params = SamplingParams(max_new_tokens=max_tokens, temperature=temperature, top_k=body.top_k,
-                            top_p=body.top_p if body.top_p < 1 else None, seed=seed)
+    params = SamplingParams(
+        max_new_tokens=max_tokens,
+        temperature=temperature,
+        top_k=body.top_k,
+        top_p=body.top_p if body.top_p < 1 else None,
+        seed=seed,
+    )
     bias = None
     if body.logit_bias:
         vocab = served.model.config.vocab_size if served is not None else None
         bias = {int(k): float(v) for k, v in body.logit_bias.items()}
         bad = next((t for t in bias if vocab is not None and t >= vocab), None)
         if bad is not None:
-            raise APIError(400, f"logit_bias names token {bad}, outside this model's vocabulary of {vocab}",
-                           param="logit_bias")
-    return Request(ids, params, stop=body.stop or [], end_ids=[] if body.ignore_eos and constraint is None else ends,
-                   logprobs=logprobs, echo=echo, presence_penalty=body.presence_penalty,
-                   frequency_penalty=body.frequency_penalty, constraint=constraint, logit_bias=bias)
+            raise APIError(
+                400, f"logit_bias names token {bad}, outside this model's vocabulary of {vocab}", param="logit_bias"
+            )
+    return Request(
+        ids,
+        params,
+        stop=body.stop or [],
+        end_ids=[] if body.ignore_eos and constraint is None else ends,
+        logprobs=logprobs,
+        echo=echo,
+        presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty,
+        constraint=constraint,
+        logit_bias=bias,
+    )
 
 
 def usage(prompts: list[list[int]], reqs: list[Request]) -> dict:
@@ -621,13 +786,21 @@ def completion_logprobs(tokens: list[TokenLogprob], r: Request, echo: bool) -> d
     for t in items:
         offsets.append(pos)
         pos += len(t.token)
-    return {"tokens": [t.token for t in items], "token_logprobs": [t.logprob for t in items],
-            "top_logprobs": [dict(t.top) if t.top is not None else None for t in items], "text_offset": offsets}
+    return {
+        "tokens": [t.token for t in items],
+        "token_logprobs": [t.logprob for t in items],
+        "top_logprobs": [dict(t.top) if t.top is not None else None for t in items],
+        "text_offset": offsets,
+    }
 
 
 def chat_logprob(t: TokenLogprob) -> dict:
-    return {"token": t.token, "logprob": t.logprob, "bytes": list(t.token.encode()),
-            "top_logprobs": [{"token": s, "logprob": v, "bytes": list(s.encode())} for s, v in (t.top or [])]}
+    return {
+        "token": t.token,
+        "logprob": t.logprob,
+        "bytes": list(t.token.encode()),
+        "top_logprobs": [{"token": s, "logprob": v, "bytes": list(s.encode())} for s, v in (t.top or [])],
+    }
 
 
 def model_card(m: ServedModel) -> dict:
@@ -654,8 +827,13 @@ async def _answer(send, e: APIError, close: bool = False) -> None:
     wanted, so what follows on the connection cannot be trusted to be the next request)."""
     body = json.dumps(e.body()).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    await send({"type": "http.response.start", "status": e.status,
-                "headers": headers + ([(b"connection", b"close")] if close else [])})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": e.status,
+            "headers": headers + ([(b"connection", b"close")] if close else []),
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 
@@ -673,8 +851,12 @@ class _Intake:
             return await self.app(scope, receive, send)
         path = scope["path"]
         if self.api_key is not None and (path == "/v1" or path.startswith("/v1/")) and not self._authorized(scope):
-            return await _answer(send, APIError(401, "incorrect or missing API key: send it as 'Authorization: "
-                                                "Bearer KEY'", code="invalid_api_key"))
+            return await _answer(
+                send,
+                APIError(
+                    401, "incorrect or missing API key: send it as 'Authorization: Bearer KEY'", code="invalid_api_key"
+                ),
+            )
         if scope["method"] not in ("POST", "PUT", "PATCH"):
             return await self.app(scope, receive, send)
         declared = dict(scope["headers"]).get(b"content-length")
@@ -687,8 +869,13 @@ class _Intake:
             try:
                 msg = await asyncio.wait_for(receive(), deadline - loop.time())
             except TimeoutError:
-                return await _answer(send, APIError(408, f"the request body did not arrive within {self.timeout:g} "
-                                                    "seconds", code="request_timeout"), close=True)
+                return await _answer(
+                    send,
+                    APIError(
+                        408, f"the request body did not arrive within {self.timeout:g} seconds", code="request_timeout"
+                    ),
+                    close=True,
+                )
             if msg["type"] == "http.disconnect":
                 return
             chunks.append(msg.get("body", b""))
@@ -713,8 +900,11 @@ class _Intake:
         return hmac.compare_digest(given, self.api_key.encode())
 
     async def _too_large(self, send) -> None:
-        await _answer(send, APIError(413, f"the request body is larger than {self.limit} bytes",
-                                     code="request_too_large"), close=True)
+        await _answer(
+            send,
+            APIError(413, f"the request body is larger than {self.limit} bytes", code="request_too_large"),
+            close=True,
+        )
 
 
 class _Metered:
@@ -793,8 +983,14 @@ def uvicorn_config(app, host: str, port: int, request_timeout: float = REQUEST_T
     after at most 5 seconds."""
     import uvicorn
 
-    return uvicorn.Config(app, host=host, port=port, http=functools.partial(_TimedH11, head_timeout=request_timeout),
-                          timeout_keep_alive=min(5, max(1, int(request_timeout))), **kw)
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        http=functools.partial(_TimedH11, head_timeout=request_timeout),
+        timeout_keep_alive=min(5, max(1, int(request_timeout))),
+        **kw,
+    )
 
 
 class ServerThread:
@@ -809,8 +1005,9 @@ class ServerThread:
     def __init__(self, app, host: str = "127.0.0.1", port: int = 0, request_timeout: float = REQUEST_TIMEOUT) -> None:
         import uvicorn
 
-        self.server = uvicorn.Server(uvicorn_config(app, host, port, request_timeout, log_level="warning",
-                                                    timeout_graceful_shutdown=1))
+        self.server = uvicorn.Server(
+            uvicorn_config(app, host, port, request_timeout, log_level="warning", timeout_graceful_shutdown=1)
+        )
         self.thread = threading.Thread(target=self.server.run, name="lmforge-http", daemon=True)
         self.url = ""
 
@@ -841,8 +1038,10 @@ def check_listen(host: str, port: int) -> None:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError, OverflowError) as e:
-        raise LmforgeError(f"--host {host}: not an address this machine can listen on ({e}); use 127.0.0.1 (this "
-                           "machine only), 0.0.0.0 (every interface) or one of its own addresses") from None
+        raise LmforgeError(
+            f"--host {host}: not an address this machine can listen on ({e}); use 127.0.0.1 (this "
+            "machine only), 0.0.0.0 (every interface) or one of its own addresses"
+        ) from None
     family, kind, proto, _, addr = infos[0]
     with socket.socket(family, kind, proto) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -872,22 +1071,36 @@ def serve(models: Sequence[str], config: ServeConfig | None = None, **settings: 
     tune_allocator()
     # loaded on a thread that ends, so that the engine threads are the only ones with OpenMP pools (see
     # runtime.in_own_thread: otherwise a batch-1 step takes about twice as long on few cores)
-    served = in_own_thread(load_served, models, c.max_batch, c.max_queue, c.max_len, c.quantize, c.dtype, c.device,
-                           c.speculative, c.cache_mb, c.prefill_chunk)
+    served = in_own_thread(
+        load_served,
+        models,
+        c.max_batch,
+        c.max_queue,
+        c.max_len,
+        c.quantize,
+        c.dtype,
+        c.device,
+        c.speculative,
+        c.cache_mb,
+        c.prefill_chunk,
+    )
     if for_decoders and not any(m.engine is not None for m in served):
-        raise LmforgeError(f"{', '.join(for_decoders)} set the decoders' engine (completions, chat); "
-                           f"{', '.join(m.name for m in served)} serve embeddings only: drop them")
+        raise LmforgeError(
+            f"{', '.join(for_decoders)} set the decoders' engine (completions, chat); "
+            f"{', '.join(m.name for m in served)} serve embeddings only: drop them"
+        )
     app = create_app(served, api_key=api_key, max_body=c.max_body, body_timeout=request_timeout)
     if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         print(f"warning: serving on {host} without --api-key: anyone who can reach this port can use it")
-    print(f"serving {', '.join(m.name for m in served)} at http://{host}:{port}  (playground: /, API: /v1)",
-          flush=True)
+    print(f"serving {', '.join(m.name for m in served)} at http://{host}:{port}  (playground: /, API: /v1)", flush=True)
     try:
-        uvicorn.Server(uvicorn_config(app, host, port, request_timeout, log_level=c.log_level,
-                                      timeout_graceful_shutdown=2)).run()
+        uvicorn.Server(
+            uvicorn_config(app, host, port, request_timeout, log_level=c.log_level, timeout_graceful_shutdown=2)
+        ).run()
     except SystemExit as e:  # uvicorn could not start (the address was taken since check_listen, say)
-        raise LmforgeError(f"the server could not start on {host}:{port} (uvicorn exited with {e.code}); see the "
-                           "lines above") from None
+        raise LmforgeError(
+            f"the server could not start on {host}:{port} (uvicorn exited with {e.code}); see the lines above"
+        ) from None
     finally:
         for m in served:
             if m.engine is not None:

@@ -36,8 +36,11 @@ class Histogram:
 
     def lines(self, name: str, labels: str) -> list[str]:
         out = [f'{name}_bucket{{{labels},le="{b}"}} {c}' for b, c in zip(BUCKETS, self.counts)]
-        out += [f'{name}_bucket{{{labels},le="+Inf"}} {self.n}', f"{name}_sum{{{labels}}} {self.sum:.6f}",
-                f"{name}_count{{{labels}}} {self.n}"]
+        out += [
+            f'{name}_bucket{{{labels},le="+Inf"}} {self.n}',
+            f"{name}_sum{{{labels}}} {self.sum:.6f}",
+            f"{name}_count{{{labels}}} {self.n}",
+        ]
         return out
 
 
@@ -94,27 +97,67 @@ class Metrics:
         engines = [(m.name, m.engine) for m in models if m.engine is not None]
         for name, kind, help, value in (
             ("lmforge_running_sequences", "gauge", "Sequences in the running batch.", lambda e: e.running),
-            ("lmforge_waiting_requests", "gauge", "Requests waiting for a batch slot (queue depth).",
-             lambda e: e.queued),
+            (
+                "lmforge_waiting_requests",
+                "gauge",
+                "Requests waiting for a batch slot (queue depth).",
+                lambda e: e.queued,
+            ),
             ("lmforge_decode_steps_total", "counter", "Engine decode steps.", lambda e: e.stats.steps),
-            ("lmforge_decode_rows_total", "counter", "Sequences advanced by decode steps (mean batch size = "
-             "rows / steps).", lambda e: e.stats.batch_rows),
-            ("lmforge_prefill_chunks_total", "counter", "Decode steps that also ran a chunk of a long prompt "
-             "(--prefill-chunk).", lambda e: e.stats.chunks),
-            ("lmforge_prefix_cache_hits_total", "counter", "Prompts that reused a cached prefix (--cache-mb).",
-             lambda e: e.prefix.hits if e.prefix else 0),
-            ("lmforge_prefix_cache_misses_total", "counter", "Prompts that found no cached prefix.",
-             lambda e: e.prefix.misses if e.prefix else 0),
-            ("lmforge_prefix_cache_reused_tokens_total", "counter", "Prompt tokens taken from the prefix cache "
-             "instead of being computed.", lambda e: e.prefix.reused_tokens if e.prefix else 0),
-            ("lmforge_prefix_cache_bytes", "gauge", "Memory the prefix cache holds.",
-             lambda e: e.prefix.bytes if e.prefix else 0),
-            ("lmforge_speculative_passes_total", "counter", "Speculative passes (--speculative; also decode steps).",
-             lambda e: e.stats.spec_passes),
-            ("lmforge_speculative_drafted_tokens_total", "counter", "Tokens drafted for speculative passes.",
-             lambda e: e.stats.drafted),
-            ("lmforge_speculative_accepted_tokens_total", "counter", "Drafted tokens the model kept.",
-             lambda e: e.stats.accepted),
+            (
+                "lmforge_decode_rows_total",
+                "counter",
+                "Sequences advanced by decode steps (mean batch size = rows / steps).",
+                lambda e: e.stats.batch_rows,
+            ),
+            (
+                "lmforge_prefill_chunks_total",
+                "counter",
+                "Decode steps that also ran a chunk of a long prompt (--prefill-chunk).",
+                lambda e: e.stats.chunks,
+            ),
+            (
+                "lmforge_prefix_cache_hits_total",
+                "counter",
+                "Prompts that reused a cached prefix (--cache-mb).",
+                lambda e: e.prefix.hits if e.prefix else 0,
+            ),
+            (
+                "lmforge_prefix_cache_misses_total",
+                "counter",
+                "Prompts that found no cached prefix.",
+                lambda e: e.prefix.misses if e.prefix else 0,
+            ),
+            (
+                "lmforge_prefix_cache_reused_tokens_total",
+                "counter",
+                "Prompt tokens taken from the prefix cache instead of being computed.",
+                lambda e: e.prefix.reused_tokens if e.prefix else 0,
+            ),
+            (
+                "lmforge_prefix_cache_bytes",
+                "gauge",
+                "Memory the prefix cache holds.",
+                lambda e: e.prefix.bytes if e.prefix else 0,
+            ),
+            (
+                "lmforge_speculative_passes_total",
+                "counter",
+                "Speculative passes (--speculative; also decode steps).",
+                lambda e: e.stats.spec_passes,
+            ),
+            (
+                "lmforge_speculative_drafted_tokens_total",
+                "counter",
+                "Tokens drafted for speculative passes.",
+                lambda e: e.stats.drafted,
+            ),
+            (
+                "lmforge_speculative_accepted_tokens_total",
+                "counter",
+                "Drafted tokens the model kept.",
+                lambda e: e.stats.accepted,
+            ),
         ):
             family(name, kind, help)
             out += [f'{name}{{model="{n}"}} {value(e)}' for n, e in engines]

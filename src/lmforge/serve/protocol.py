@@ -29,8 +29,14 @@ SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
 class APIError(Exception):
     """An error answered in OpenAI's shape."""
 
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
 
@@ -121,8 +127,11 @@ class ChatMessage(BaseModel):
             parts = []
             for p in self.content:
                 if p.get("type") != "text" or not isinstance(p.get("text"), str):
-                    raise APIError(400, f"message content parts of type {p.get('type')!r} are not supported "
-                                   "(text only)", param="messages")
+                    raise APIError(
+                        400,
+                        f"message content parts of type {p.get('type')!r} are not supported (text only)",
+                        param="messages",
+                    )
                 parts.append(p["text"])
             return "".join(parts)
         return self.content or ""

@@ -90,14 +90,15 @@ def world_rng(env: DistEnv, data_generator: torch.Generator | None = None) -> di
     return out
 
 
-def restore_world_rng(rng: dict[str, torch.Tensor], env: DistEnv, seed: int, step: int,
-                      data_generator: torch.Generator | None = None) -> None:
+def restore_world_rng(
+    rng: dict[str, torch.Tensor], env: DistEnv, seed: int, step: int, data_generator: torch.Generator | None = None
+) -> None:
     """This process's generators from `world_rng`'s dict. A process the checkpoint has none for (the run resumes
     on more processes than it was saved from) starts fresh streams from (seed, step, rank)."""
     if env.rank == 0:
         return restore_rng({k: v for k, v in rng.items() if not k.startswith("rank")}, data_generator)
     prefix = f"rank{env.rank}."
-    mine = {k[len(prefix):]: v for k, v in rng.items() if k.startswith(prefix)}
+    mine = {k[len(prefix) :]: v for k, v in rng.items() if k.startswith(prefix)}
     if mine:
         return restore_rng(mine, data_generator)
     fresh = rank_seed(seed + step, env.rank)
@@ -106,8 +107,9 @@ def restore_world_rng(rng: dict[str, torch.Tensor], env: DistEnv, seed: int, ste
         data_generator.manual_seed(fresh)
 
 
-def write_checkpoint(run_dir: str | Path, step: int, files: dict[str, dict[str, torch.Tensor]],
-                     meta: dict[str, Any], keep: int = 2) -> Path:
+def write_checkpoint(
+    run_dir: str | Path, step: int, files: dict[str, dict[str, torch.Tensor]], meta: dict[str, Any], keep: int = 2
+) -> Path:
     """`checkpoints/step_NNNNNN/` with one `NAME.safetensors` per entry of `files` and trainer_state.json
     (`meta` + the step), written atomically (temporary folder, every file and the folder fsynced, renamed);
     only the newest `keep` checkpoints stay."""
@@ -117,7 +119,7 @@ def write_checkpoint(run_dir: str | Path, step: int, files: dict[str, dict[str, 
         for name, tensors in files.items():
             save_file(tensors, str(tmp / f"{name}.safetensors"))
         write_json(tmp / "trainer_state.json", {"step": step, **meta})
-    for old in list_checkpoints(run_dir)[:-max(1, keep)]:
+    for old in list_checkpoints(run_dir)[: -max(1, keep)]:
         shutil.rmtree(old, ignore_errors=True)
     return target
 
@@ -126,17 +128,23 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, dict[str, torch.Tensor]
     """Every `NAME.safetensors` in a checkpoint folder (by NAME) and its trainer_state.json."""
     path = Path(path)
     try:
-        files = {f.name[:-len(".safetensors")]: load_file(str(f)) for f in sorted(path.glob("*.safetensors"))}
+        files = {f.name[: -len(".safetensors")]: load_file(str(f)) for f in sorted(path.glob("*.safetensors"))}
         meta = json.loads((path / "trainer_state.json").read_text())
     except (SafetensorError, OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"checkpoint {path} is unreadable ({str(e).splitlines()[0]}); remove it to "
-                              f"resume from the one before") from None
+        raise CheckpointError(
+            f"checkpoint {path} is unreadable ({str(e).splitlines()[0]}); remove it to resume from the one before"
+        ) from None
     return files, meta
 
 
 def save_checkpoint(
-    run_dir: str | Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-    data_generator: torch.Generator, extra: dict[str, Any] | None = None, keep: int = 2,
+    run_dir: str | Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data_generator: torch.Generator,
+    extra: dict[str, Any] | None = None,
+    keep: int = 2,
     rng: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """A pre-training checkpoint: all weights, the optimizer, the RNGs (`rng`: world_rng's, default this
@@ -145,15 +153,25 @@ def save_checkpoint(
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     if getattr(model.config, "tie_embeddings", False):
         state.pop("lm_head.weight", None)  # the same tensor as tok_emb.weight
-    return write_checkpoint(run_dir, step, {"model": state, "optimizer": opt_tensors,
-                                            "rng": rng if rng is not None else rng_tensors(data_generator)},
-                            {"param_groups": groups, **(extra or {})}, keep)
+    return write_checkpoint(
+        run_dir,
+        step,
+        {"model": state, "optimizer": opt_tensors, "rng": rng if rng is not None else rng_tensors(data_generator)},
+        {"param_groups": groups, **(extra or {})},
+        keep,
+    )
 
 
 def save_sharded_checkpoint(
-    run_dir: str | Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, env: DistEnv,
-    rng: dict[str, torch.Tensor], files: dict[str, dict[str, Any]] | None = None,
-    extra: dict[str, Any] | None = None, keep: int = 2,
+    run_dir: str | Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    env: DistEnv,
+    rng: dict[str, torch.Tensor],
+    files: dict[str, dict[str, Any]] | None = None,
+    extra: dict[str, Any] | None = None,
+    keep: int = 2,
 ) -> Path:
     """A checkpoint of a model sharded with FSDP, written by every process together: each writes the slices of
     the weights and optimizer moments it holds (plus those of `files`, NAME -> tensors, as `NAME.KEY`), process 0
@@ -172,18 +190,30 @@ def save_sharded_checkpoint(
     env.barrier()
     if env.main:
         save_file(rng, str(tmp / "rng.safetensors"))
-        write_json(tmp / "trainer_state.json", {"step": step, "format": "sharded", "world": env.world,
-                                                "files": sorted(files or {}), "param_groups": groups,
-                                                **(extra or {})})
+        write_json(
+            tmp / "trainer_state.json",
+            {
+                "step": step,
+                "format": "sharded",
+                "world": env.world,
+                "files": sorted(files or {}),
+                "param_groups": groups,
+                **(extra or {}),
+            },
+        )
         publish_dir(tmp, target)
-        for old in list_checkpoints(run_dir)[:-max(1, keep)]:
+        for old in list_checkpoints(run_dir)[: -max(1, keep)]:
             shutil.rmtree(old, ignore_errors=True)
     env.barrier()
     return target
 
 
-def read_sharded(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 like: dict[str, dict[str, Any]] | None = None) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+def read_sharded(
+    path: str | Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    like: dict[str, dict[str, Any]] | None = None,
+) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
     """Load a sharded checkpoint into `model` and `optimizer` (sharded or not, any number of processes: each
     reads the slices it holds) and, for each NAME in `like`, tensors shaped as `like[NAME]` (filled in place).
     Returns ({NAME: tensors} with "rng", trainer_state.json)."""
@@ -196,16 +226,24 @@ def read_sharded(path: str | Path, model: torch.nn.Module, optimizer: torch.opti
         dcp.load(flat, storage_reader=dcp.HuggingFaceStorageReader(str(path / "shards")))
         rng = load_file(str(path / "rng.safetensors"))
     except (SafetensorError, OSError, RuntimeError, KeyError, ValueError) as e:
-        raise CheckpointError(f"checkpoint {path} is unreadable or does not fit the model "
-                              f"({str(e).splitlines()[0][:200]}); remove it to resume from the one before") from None
-    load_flat_state(model, optimizer, {k: v for k, v in flat.items() if k.startswith(("model.", "optim."))},
-                    meta["param_groups"])
+        raise CheckpointError(
+            f"checkpoint {path} is unreadable or does not fit the model "
+            f"({str(e).splitlines()[0][:200]}); remove it to resume from the one before"
+        ) from None
+    load_flat_state(
+        model, optimizer, {k: v for k, v in flat.items() if k.startswith(("model.", "optim."))}, meta["param_groups"]
+    )
     out = {name: {k: flat[f"{name}.{k}"] for k in tensors} for name, tensors in (like or {}).items()}
     return {**out, "rng": rng}, meta
 
 
-def into_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer, weights: dict[str, torch.Tensor],
-                  opt_tensors: dict[str, torch.Tensor], groups: list[dict]) -> None:
+def into_sharded(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    weights: dict[str, torch.Tensor],
+    opt_tensors: dict[str, torch.Tensor],
+    groups: list[dict],
+) -> None:
     """A one-process checkpoint (whole weights, optimizer state by parameter number) into a sharded model."""
     names = {id(p): n for n, p in model.named_parameters()}
     order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
@@ -221,14 +259,19 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and STEP_DIR.match(p.name)
-             and (p / "trainer_state.json").is_file()]
+    found = [
+        p for p in root.iterdir() if p.is_dir() and STEP_DIR.match(p.name) and (p / "trainer_state.json").is_file()
+    ]
     return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
 
 
 def load_checkpoint(
-    path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, data_generator: torch.Generator,
-    env: DistEnv | None = None, seed: int = 0,
+    path: str | Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data_generator: torch.Generator,
+    env: DistEnv | None = None,
+    seed: int = 0,
 ) -> dict[str, Any]:
     """Restore model, optimizer and RNG states in place (either layout, into a model sharded or not); returns
     trainer_state.json's contents."""
@@ -246,8 +289,10 @@ def load_checkpoint(
         try:
             missing, unexpected = model.load_state_dict(files["model"], strict=False)
         except RuntimeError as e:
-            raise CheckpointError(f"checkpoint {path} does not fit the model: {str(e).splitlines()[-1].strip()}; "
-                                  f"model.* settings cannot change on resume") from None
+            raise CheckpointError(
+                f"checkpoint {path} does not fit the model: {str(e).splitlines()[-1].strip()}; "
+                f"model.* settings cannot change on resume"
+            ) from None
         missing = [m for m in missing if m != "lm_head.weight"]
         if missing or unexpected:
             raise CheckpointError(f"checkpoint {path} does not match the model ({(missing + unexpected)[0]})")
@@ -260,8 +305,9 @@ def is_sharded_checkpoint(path: Path) -> bool:
     try:
         return json.loads((path / "trainer_state.json").read_text()).get("format") == "sharded"
     except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"checkpoint {path} is unreadable ({str(e).splitlines()[0]}); remove it to resume "
-                              f"from the one before") from None
+        raise CheckpointError(
+            f"checkpoint {path} is unreadable ({str(e).splitlines()[0]}); remove it to resume from the one before"
+        ) from None
 
 
 def clean_run_dir(run_dir: str | Path) -> None:

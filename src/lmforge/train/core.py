@@ -56,8 +56,9 @@ def precision(setting: str, device: torch.device, strategy: str, main: bool, fla
     dtype = resolve_dtype(setting, device, say=main)
     scaler = grad_scaler(dtype, device)  # float16 only
     if scaler is not None and strategy == "fsdp":
-        raise ConfigError(f"{flag} float16 (its gradient scaler) is not supported with FSDP; use bfloat16, or the "
-                          f"ddp strategy")
+        raise ConfigError(
+            f"{flag} float16 (its gradient scaler) is not supported with FSDP; use bfloat16, or the ddp strategy"
+        )
     return Precision(dtype, mixed_precision(dtype, device), scaler)
 
 
@@ -65,8 +66,15 @@ class Stepper:
     """One optimizer step of `model` (what forward runs through: the model, its DDP wrapper or its FSDP-sharded
     self) over some micro-batches."""
 
-    def __init__(self, model: nn.Module, params: Sequence[torch.Tensor], opt: torch.optim.Optimizer, strategy: str,
-                 prec: Precision, grad_clip: float) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        params: Sequence[torch.Tensor],
+        opt: torch.optim.Optimizer,
+        strategy: str,
+        prec: Precision,
+        grad_clip: float,
+    ) -> None:
         self.model, self.params, self.opt, self.strategy = model, list(params), opt, strategy
         self.prec, self.grad_clip = prec, grad_clip
 
@@ -101,16 +109,16 @@ class RunLog:
     """A training loop's metrics log and progress bar. Only process 0 (`main`) writes or shows anything; the bar
     shows on terminals unless `progress` says otherwise."""
 
-    def __init__(self, path: Path | None, total: int, initial: int, desc: str, progress: bool | None, main: bool
-                 ) -> None:
+    def __init__(
+        self, path: Path | None, total: int, initial: int, desc: str, progress: bool | None, main: bool
+    ) -> None:
         self.main = main
         self.file = open(path, "a", encoding="utf-8") if path is not None and main else None
         self.bar = None
         if main and (progress if progress is not None else sys.stderr.isatty()):
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True,
-                            file=sys.stderr)
+            self.bar = tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True, file=sys.stderr)
 
     def record(self, r: dict[str, Any]) -> None:
         if self.file is not None:

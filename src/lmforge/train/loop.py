@@ -65,8 +65,9 @@ class RunResult:
         return f"validation: {format_metrics(self.final)}\nmodel: {self.model_dir}" if self.final else ""
 
 
-def pretrain_run(config: str | Path | None, overrides: list[str] | None = None, out: str | Path | None = None,
-                 resume: bool = False) -> RunResult:
+def pretrain_run(
+    config: str | Path | None, overrides: list[str] | None = None, out: str | Path | None = None, resume: bool = False
+) -> RunResult:
     """`lmforge pretrain`: a run from a recipe file and `key=value` overrides into `out` (default
     runs/pretrain-DATE-TIME), or with resume=True the run in `out` continued (its own saved config, the overrides
     applied; the recipe is used only when the folder holds no run yet: one killed before it wrote its config)."""
@@ -83,8 +84,12 @@ def pretrain_run(config: str | Path | None, overrides: list[str] | None = None, 
 
 
 def pretrain(
-    config: RunConfig | None, out_dir: str | Path, resume: bool = False, progress: bool | None = None,
-    overrides: list[str] | None = None, stop_after: int | None = None,
+    config: RunConfig | None,
+    out_dir: str | Path,
+    resume: bool = False,
+    progress: bool | None = None,
+    overrides: list[str] | None = None,
+    stop_after: int | None = None,
 ) -> RunResult:
     """Train a decoder LM as `config` says, in the run directory `out_dir`.
 
@@ -101,13 +106,16 @@ def pretrain(
     ours = (run / "config.yaml").is_file()
     others = run.is_dir() and any(not is_stale_temp(p) for p in run.iterdir())
     if others and not ours:  # someone else's files (not a killed write of ours): never train over or delete them
-        raise ConfigError(f"{run} is not empty and holds no run of lmforge (no config.yaml); choose a new or empty "
-                          f"--out")
+        raise ConfigError(
+            f"{run} is not empty and holds no run of lmforge (no config.yaml); choose a new or empty --out"
+        )
     if resume and ours:  # the saved run decides the device
         config = load_run_config(Path(out_dir) / "config.yaml", overrides)
     if config is None:
-        raise CheckpointError(f"nothing to resume in {out_dir}: it holds no config.yaml (start the run with "
-                              f"--config, or give --config with --resume)")
+        raise CheckpointError(
+            f"nothing to resume in {out_dir}: it holds no config.yaml (start the run with "
+            f"--config, or give --config with --resume)"
+        )
     env = init_distributed(config.train.device)
     try:
         return _pretrain(config, Path(out_dir), resume, progress, overrides, env, stop_after)
@@ -115,8 +123,15 @@ def pretrain(
         shutdown(env)
 
 
-def _pretrain(cfg: RunConfig, run: Path, resume: bool, progress: bool | None, overrides: list[str] | None,
-              env: DistEnv, stop_after: int | None = None) -> RunResult:
+def _pretrain(
+    cfg: RunConfig,
+    run: Path,
+    resume: bool,
+    progress: bool | None,
+    overrides: list[str] | None,
+    env: DistEnv,
+    stop_after: int | None = None,
+) -> RunResult:
     t_start = time.time()
     ckpts: list[Path] = []
     if resume:
@@ -147,13 +162,19 @@ def _pretrain(cfg: RunConfig, run: Path, resume: bool, progress: bool | None, ov
     if seq_len < cfg.model.max_seq_len and getattr(cfg.model, "learned_positions", False) and env.main:
         # (a learned position table past seq_len stays at its initial values: reading more tokens than the model
         # was trained on, as `eval perplexity` does by default, scores the untrained positions)
-        print(f"note: training at seq_len {seq_len}, under the model's context {cfg.model.max_seq_len}: its learned "
-              f"positions from {seq_len} on stay untrained; evaluate and generate within {seq_len} tokens (eval "
-              f"--window {seq_len}), or set model.max_seq_len={seq_len}", file=sys.stderr, flush=True)
+        print(
+            f"note: training at seq_len {seq_len}, under the model's context {cfg.model.max_seq_len}: its learned "
+            f"positions from {seq_len} on stay untrained; evaluate and generate within {seq_len} tokens (eval "
+            f"--window {seq_len}), or set model.max_seq_len={seq_len}",
+            file=sys.stderr,
+            flush=True,
+        )
     per_rank, rem = divmod(tc.batch_size, env.world * tc.grad_accum)
     if rem or per_rank == 0:
-        raise ConfigError(f"train.batch_size={tc.batch_size} must be a multiple of processes ({env.world}) x "
-                          f"train.grad_accum ({tc.grad_accum})")
+        raise ConfigError(
+            f"train.batch_size={tc.batch_size} must be a multiple of processes ({env.world}) x "
+            f"train.grad_accum ({tc.grad_accum})"
+        )
     train_data, val_data = TokenShard.open(run / "data", "train"), TokenShard.open(run / "data", "val")
 
     # --- model and optimizer -----------------------------------------------------------------------------------
@@ -192,9 +213,10 @@ def _pretrain(cfg: RunConfig, run: Path, resume: bool, progress: bool | None, ov
     peak = tc.peak_tflops * 1e12 if tc.peak_tflops else matmul_flops(prec.dtype, env.device)
     run_log = RunLog(run / "metrics.jsonl", tc.steps, step, "pretrain", progress, env.main)
     stepper = Stepper(train_model, list(model.parameters()), optimizer, strategy, prec, tc.grad_clip)
-    eval_starts = val_data.random_starts(tc.eval_batches * per_rank * env.world, window,
-                                         torch.Generator().manual_seed(tc.seed + 1))
-    objective.prepare_eval(val_data, eval_starts[env.rank::env.world], per_rank)
+    eval_starts = val_data.random_starts(
+        tc.eval_batches * per_rank * env.world, window, torch.Generator().manual_seed(tc.seed + 1)
+    )
+    objective.prepare_eval(val_data, eval_starts[env.rank :: env.world], per_rank)
 
     def evaluate() -> dict[str, float]:
         return objective.evaluate(model, env.device, env, autocast)
@@ -208,10 +230,10 @@ def _pretrain(cfg: RunConfig, run: Path, resume: bool, progress: bool | None, ov
         while step < tc.steps:
             lr = lr_at(step, tc)
             starts = sampler.take(step * tc.batch_size, tc.batch_size)  # the same on every process
-            mine = starts[env.rank * per_rank * tc.grad_accum:(env.rank + 1) * per_rank * tc.grad_accum]
+            mine = starts[env.rank * per_rank * tc.grad_accum : (env.rank + 1) * per_rank * tc.grad_accum]
 
             def loss_of(micro: int, mine=mine) -> torch.Tensor:  # this process's micro-batch `micro`
-                part = mine[micro * per_rank:(micro + 1) * per_rank]
+                part = mine[micro * per_rank : (micro + 1) * per_rank]
                 batch = {k: to_device(v, env.device) for k, v in objective.batch(train_data, part, data_gen).items()}
                 return train_model(**batch, loss_only=True, grad_checkpoint=tc.grad_checkpoint).loss
 
@@ -225,8 +247,18 @@ def _pretrain(cfg: RunConfig, run: Path, resume: bool, progress: bool | None, ov
                 tps = (tokens_seen - tokens_last) / max(now - t_last, 1e-9)
                 t_last, tokens_last = now, tokens_seen
                 mfu = tps * flops_per_token / (peak * env.world)
-                log({"step": step, "loss": loss_avg, "lr": lr, "grad_norm": grad_norm, "tokens": tokens_seen,
-                     "tok_per_s": tps, "mfu": mfu, "time": now - t_start})
+                log(
+                    {
+                        "step": step,
+                        "loss": loss_avg,
+                        "lr": lr,
+                        "grad_norm": grad_norm,
+                        "tokens": tokens_seen,
+                        "tok_per_s": tps,
+                        "mfu": mfu,
+                        "time": now - t_start,
+                    }
+                )
                 run_log.status(f"loss {loss_avg:.3f}  {tps:,.0f} tok/s  MFU {mfu:.0%}")
             if tc.eval_every and (step % tc.eval_every == 0 or step == tc.steps):
                 m = evaluate()
@@ -236,8 +268,9 @@ def _pretrain(cfg: RunConfig, run: Path, resume: bool, progress: bool | None, ov
                 rng = world_rng(env, data_gen)
                 extra = {"tokens": tokens_seen, **({"scaler": scaler.state_dict()} if scaler is not None else {})}
                 if strategy == "fsdp":
-                    save_sharded_checkpoint(run, step, model, optimizer, env, rng, extra=extra,
-                                            keep=tc.keep_checkpoints)
+                    save_sharded_checkpoint(
+                        run, step, model, optimizer, env, rng, extra=extra, keep=tc.keep_checkpoints
+                    )
                 elif env.main:
                     save_checkpoint(run, step, model, optimizer, data_gen, extra, keep=tc.keep_checkpoints, rng=rng)
                 env.barrier()
@@ -246,11 +279,16 @@ def _pretrain(cfg: RunConfig, run: Path, resume: bool, progress: bool | None, ov
                 break
     except KeyboardInterrupt:
         if env.main and list_checkpoints(run):
-            print(f"\ninterrupted at step {step}; continue from the last checkpoint with: "
-                  f"lmforge pretrain --resume --out {run}", file=sys.stderr)
+            print(
+                f"\ninterrupted at step {step}; continue from the last checkpoint with: "
+                f"lmforge pretrain --resume --out {run}",
+                file=sys.stderr,
+            )
         elif env.main:
-            print(f"\ninterrupted at step {step}, before the first checkpoint; remove {run} to start again",
-                  file=sys.stderr)
+            print(
+                f"\ninterrupted at step {step}, before the first checkpoint; remove {run} to start again",
+                file=sys.stderr,
+            )
         raise
     finally:
         run_log.close()
@@ -268,14 +306,25 @@ def _pretrain(cfg: RunConfig, run: Path, resume: bool, progress: bool | None, ov
             model.to(env.device)
     if env.main:
         model.eval()
-        model.save_pretrained(model_dir, tokenizer=tokenizer, **(
-            {"generation_config": objective.generation_config} if objective.generation_config else {}))
+        model.save_pretrained(
+            model_dir,
+            tokenizer=tokenizer,
+            **({"generation_config": objective.generation_config} if objective.generation_config else {}),
+        )
         # (alone: the other processes are done, so no collective inside)
         final = objective.final(model, env.device, DistEnv(device=env.device), autocast)
         seconds = time.time() - t_start
-        write_json(run / "summary.json", {"steps": step, "tokens": tokens_seen, "seconds": seconds,
-                                          "params": model.num_params(), "dtype": str(prec.dtype).removeprefix("torch."),
-                                          "final_val": final})
+        write_json(
+            run / "summary.json",
+            {
+                "steps": step,
+                "tokens": tokens_seen,
+                "seconds": seconds,
+                "params": model.num_params(),
+                "dtype": str(prec.dtype).removeprefix("torch."),
+                "final_val": final,
+            },
+        )
 
         write_run_report(run)
     env.barrier()
@@ -283,8 +332,14 @@ def _pretrain(cfg: RunConfig, run: Path, resume: bool, progress: bool | None, ov
 
 
 def format_metrics(m: dict[str, float]) -> str:
-    names = {"loss": "loss", "ppl": "ppl", "bpb": "bpb", "masked_acc": "masked acc", "nsp_acc": "nsp acc",
-             "span_acc": "span acc"}
+    names = {
+        "loss": "loss",
+        "ppl": "ppl",
+        "bpb": "bpb",
+        "masked_acc": "masked acc",
+        "nsp_acc": "nsp acc",
+        "span_acc": "span acc",
+    }
     return "  ".join(f"{names[k]} {m[k]:.4f}" for k in names if k in m)
 
 
@@ -314,8 +369,10 @@ def _prepare(cfg: RunConfig, run: Path, env: DistEnv, progress: bool = False) ->
         env.barrier()
         if not env.main:
             if not (run / "tokenizer.json").is_file():
-                raise ConfigError(f"process {env.rank} cannot see {run / 'tokenizer.json'}, which process 0 wrote: "
-                                  f"on several machines the run directory (--out) must be on storage they all share")
+                raise ConfigError(
+                    f"process {env.rank} cannot see {run / 'tokenizer.json'}, which process 0 wrote: "
+                    f"on several machines the run directory (--out) must be on storage they all share"
+                )
             tokenizer = Tokenizer.from_file(run / "tokenizer.json")
         # the model's vocabulary is the tokenizer's (a trained BPE can come out smaller than asked)
         cfg.model.vocab_size = tokenizer.vocab_size
@@ -327,8 +384,17 @@ def _prepare(cfg: RunConfig, run: Path, env: DistEnv, progress: bool = False) ->
             cfg.model.decoder_start_token_id = cfg.model.pad_token_id
         if family == "decoder":
             cfg.model.bos_token_id = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
-        build_shards(train_docs, val_docs, tokenizer, run / "data", workers=cfg.data.workers, rank=env.rank,
-                     world=env.world, barrier=env.barrier, progress=progress)
+        build_shards(
+            train_docs,
+            val_docs,
+            tokenizer,
+            run / "data",
+            workers=cfg.data.workers,
+            rank=env.rank,
+            world=env.world,
+            barrier=env.barrier,
+            progress=progress,
+        )
         if env.main:
             write_text(run / "config.yaml", cfg.to_yaml())
             write_json(run / "environment.json", _environment(cfg))
@@ -359,9 +425,15 @@ def _sample(docs: list[Document], budget: int):
 def _environment(cfg: RunConfig) -> dict[str, Any]:
     import platform
 
-    return {"seed": cfg.train.seed, "lmforge": lmforge.__version__, "torch": torch.__version__,
-            "python": platform.python_version(), "platform": platform.platform(),
-            "threads": torch.get_num_threads(), "argv": sys.argv}
+    return {
+        "seed": cfg.train.seed,
+        "lmforge": lmforge.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "threads": torch.get_num_threads(),
+        "argv": sys.argv,
+    }
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

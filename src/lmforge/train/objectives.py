@@ -75,8 +75,11 @@ class CausalLM(Objective):
         return {"input_ids": x, "labels": y}
 
     def evaluate(self, model: nn.Module, device: torch.device, env, autocast) -> dict[str, float]:
-        s = torch.tensor(window_loss(model, self.eval_shard, self.eval_starts, self.seq_len, self.per_rank, device,
-                                     autocast), dtype=torch.float64, device=device)
+        s = torch.tensor(
+            window_loss(model, self.eval_shard, self.eval_starts, self.seq_len, self.per_rank, device, autocast),
+            dtype=torch.float64,
+            device=device,
+        )
         total, count = env.sum_(s).tolist()
         return lm_metrics(total / count, self.eval_shard.bytes_per_token)
 
@@ -90,7 +93,9 @@ class _Masked(Objective):
     def prepare_eval(self, shard: TokenShard, starts: torch.Tensor, per_rank: int) -> None:
         super().prepare_eval(shard, starts, per_rank)
         gen = torch.Generator().manual_seed(self.cfg.train.seed + 2)
-        self.eval_batches = [self.batcher(shard, starts[i:i + per_rank], gen) for i in range(0, len(starts), per_rank)]
+        self.eval_batches = [
+            self.batcher(shard, starts[i : i + per_rank], gen) for i in range(0, len(starts), per_rank)
+        ]
 
     def batch(self, shard: TokenShard, starts: torch.Tensor, gen: torch.Generator) -> dict[str, torch.Tensor]:
         return self.batcher(shard, starts, gen)
@@ -105,8 +110,9 @@ class MaskedLM(_Masked):
 
     def bind(self, tokenizer: Tokenizer) -> None:
         tc = self.cfg.train
-        self.batcher = MLMBatcher(tokenizer, self.cfg.model.vocab_size, self.seq_len, tc.mlm_probability,
-                                  tc.whole_word_mask, tc.nsp)
+        self.batcher = MLMBatcher(
+            tokenizer, self.cfg.model.vocab_size, self.seq_len, tc.mlm_probability, tc.whole_word_mask, tc.nsp
+        )
 
     def evaluate(self, model: nn.Module, device: torch.device, env, autocast) -> dict[str, float]:
         return mlm_metrics(model, self.eval_batches, device)  # (per process; equal shards under DDP)
@@ -118,8 +124,9 @@ class SpanCorruption(_Masked):
     @staticmethod
     def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
         # a Unigram vocabulary with <extra_id_N> sentinels, trained on lines (T5 normalises line breaks away)
-        return Tokenizer.train_unigram((line for t in texts for line in t.splitlines() if line.strip()),
-                                       vocab_size=vocab_size)
+        return Tokenizer.train_unigram(
+            (line for t in texts for line in t.splitlines() if line.strip()), vocab_size=vocab_size
+        )
 
     def bind(self, tokenizer: Tokenizer) -> None:
         tc = self.cfg.train

@@ -30,9 +30,15 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str = "cpu")
     return build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), device_type)
 
 
-def build_optimizer(model: nn.Module, kind: str, lr: float, weight_decay: float,
-                    betas: tuple[float, float] = (0.9, 0.999), device_type: str = "cpu",
-                    layer_decay: float = 1.0) -> torch.optim.Optimizer:
+def build_optimizer(
+    model: nn.Module,
+    kind: str,
+    lr: float,
+    weight_decay: float,
+    betas: tuple[float, float] = (0.9, 0.999),
+    device_type: str = "cpu",
+    layer_decay: float = 1.0,
+) -> torch.optim.Optimizer:
     """AdamW or Adafactor over the trainable parameters; weight decay on matrices only.
 
     layer_decay < 1 gives each group an `lr_scale` (the trainer multiplies its rate by it): the layers above the
@@ -40,12 +46,12 @@ def build_optimizer(model: nn.Module, kind: str, lr: float, weight_decay: float,
     embeddings at layer_decay ** (n + 1). Fine-tuning then moves the general lower layers less than the
     task-specific top ones (layer-wise learning-rate decay, as in ELECTRA's and DeBERTa's recipes). An
     encoder-decoder's encoder and decoder block i share block i's rate (n: the deeper stack's blocks)."""
+
     def block(name: str) -> int | None:
         m = re.match(r"(?:.*\.)?blocks\.(\d+)\.", name)
         return int(m.group(1)) if m else None
 
-    n = 1 + max((b for b in map(block, (name for name, _ in model.named_parameters())) if b is not None),
-                default=-1)
+    n = 1 + max((b for b in map(block, (name for name, _ in model.named_parameters())) if b is not None), default=-1)
 
     def depth(name: str) -> int:  # 0 = embeddings, 1..n = blocks, n + 1 = everything above them
         b = block(name)
@@ -63,9 +69,14 @@ def build_optimizer(model: nn.Module, kind: str, lr: float, weight_decay: float,
         seen.add(id(p))
         decays = p.dim() >= 2 and "emb" not in name
         groups.setdefault((decays, depth(name) if layer_decay != 1.0 else 0), []).append(p)
-    param_groups = [{"params": ps, "weight_decay": weight_decay if decays else 0.0,
-                     "lr_scale": layer_decay ** (n + 1 - d) if layer_decay != 1.0 else 1.0}
-                    for (decays, d), ps in sorted(groups.items(), key=lambda kv: (not kv[0][0], kv[0][1]))]
+    param_groups = [
+        {
+            "params": ps,
+            "weight_decay": weight_decay if decays else 0.0,
+            "lr_scale": layer_decay ** (n + 1 - d) if layer_decay != 1.0 else 1.0,
+        }
+        for (decays, d), ps in sorted(groups.items(), key=lambda kv: (not kv[0][0], kv[0][1]))
+    ]
     if kind == "adafactor":
         return torch.optim.Adafactor(param_groups, lr=lr)
     if kind == "muon":
@@ -73,10 +84,14 @@ def build_optimizer(model: nn.Module, kind: str, lr: float, weight_decay: float,
         hidden = [{**g, "params": [p for p in g["params"] if _muon_param(names[id(p)], p)]} for g in param_groups]
         rest = [{**g, "params": [p for p in g["params"] if not _muon_param(names[id(p)], p)]} for g in param_groups]
         hidden, rest = [g for g in hidden if g["params"]], [g for g in rest if g["params"]]
-        muon = torch.optim.Muon(hidden, lr=lr, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw") \
-            if hidden else None
-        return MuonAdamW(muon, torch.optim.AdamW(rest, lr=lr, betas=betas, eps=1e-8, fused=device_type == "cuda")
-                         if rest else None)
+        muon = (
+            torch.optim.Muon(hidden, lr=lr, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw")
+            if hidden
+            else None
+        )
+        return MuonAdamW(
+            muon, torch.optim.AdamW(rest, lr=lr, betas=betas, eps=1e-8, fused=device_type == "cuda") if rest else None
+        )
     return torch.optim.AdamW(param_groups, lr=lr, betas=betas, eps=1e-8, fused=device_type == "cuda")
 
 
@@ -111,8 +126,9 @@ class MuonAdamW:
         for kind, o in self.parts:
             sd = o.state_dict()
             state.update({offset + i: v for i, v in sd["state"].items()})
-            groups += [{**g, "params": [offset + i for i in g["params"]], "optimizer": kind}
-                       for g in sd["param_groups"]]
+            groups += [
+                {**g, "params": [offset + i for i in g["params"]], "optimizer": kind} for g in sd["param_groups"]
+            ]
             offset += sum(len(g["params"]) for g in sd["param_groups"])
         return {"state": state, "param_groups": groups}
 
@@ -121,8 +137,11 @@ class MuonAdamW:
         for kind, o in self.parts:
             mine = [g for g in sd["param_groups"] if g.get("optimizer") == kind]
             n = sum(len(g["params"]) for g in mine)
-            groups = [{k: (tuple(v) if k == "ns_coefficients" else v) for k, v in g.items() if k != "optimizer"}
-                      | {"params": [i - offset for i in g["params"]]} for g in mine]
+            groups = [
+                {k: (tuple(v) if k == "ns_coefficients" else v) for k, v in g.items() if k != "optimizer"}
+                | {"params": [i - offset for i in g["params"]]}
+                for g in mine
+            ]
             state = {int(i) - offset: v for i, v in sd["state"].items() if offset <= int(i) < offset + n}
             o.load_state_dict({"state": state, "param_groups": groups})
             offset += n

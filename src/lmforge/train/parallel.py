@@ -57,13 +57,20 @@ def choose_strategy(name: str, model: nn.Module, env: DistEnv, optimizer: str = 
         name = "fsdp" if state > device_memory(env.device, local) // 4 else "ddp"
     if name == "fsdp":
         if optimizer in ("muon", "adafactor"):
-            what = ("orthogonalises whole matrices" if optimizer == "muon" else
-                    "keeps each matrix's second moment as whole row and column means")
-            raise ConfigError(f"optimizer {optimizer} {what}, and under strategy fsdp each process holds a slice "
-                              f"of them; use strategy ddp (train.strategy=ddp / --strategy ddp), or optimizer adamw")
+            what = (
+                "orthogonalises whole matrices"
+                if optimizer == "muon"
+                else "keeps each matrix's second moment as whole row and column means"
+            )
+            raise ConfigError(
+                f"optimizer {optimizer} {what}, and under strategy fsdp each process holds a slice "
+                f"of them; use strategy ddp (train.strategy=ddp / --strategy ddp), or optimizer adamw"
+            )
         if any(not p.dtype.is_floating_point for p in model.parameters()):
-            raise ConfigError("strategy fsdp shards floating-point weights only, and this model has quantized ones "
-                              "(method qlora); use strategy ddp")
+            raise ConfigError(
+                "strategy fsdp shards floating-point weights only, and this model has quantized ones "
+                "(method qlora); use strategy ddp"
+            )
     return name
 
 
@@ -73,8 +80,11 @@ def wrap(model: nn.Module, strategy: str, env: DistEnv, find_unused: bool = Fals
     if strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        return DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None,
-                   find_unused_parameters=find_unused)
+        return DDP(
+            model,
+            device_ids=[env.device.index] if env.device.type == "cuda" else None,
+            find_unused_parameters=find_unused,
+        )
     if strategy == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
@@ -139,21 +149,27 @@ def flat_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict
     return flat, osd["param_groups"]
 
 
-def load_flat_state(model: nn.Module, optimizer: torch.optim.Optimizer, flat: dict[str, Any],
-                    groups: list[dict], full: bool = False) -> None:
+def load_flat_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer, flat: dict[str, Any], groups: list[dict], full: bool = False
+) -> None:
     """Put a `flat_state` layout (loaded into its tensors, or `full` tensors every process holds whole) back into
     the model and optimizer."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
-    msd = {k[len("model."):]: v for k, v in flat.items() if k.startswith("model.")}
+    msd = {k[len("model.") :]: v for k, v in flat.items() if k.startswith("model.")}
     state: dict[str, dict[str, Any]] = {}
     for k, v in flat.items():
         if k.startswith("optim."):
-            fqn, name = k[len("optim."):].rsplit(".", 1)
+            fqn, name = k[len("optim.") :].rsplit(".", 1)
             state.setdefault(fqn, {})[name] = v
     groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in groups]
-    set_state_dict(model, optimizer, model_state_dict=msd, optim_state_dict={"state": state, "param_groups": groups},
-                   options=StateDictOptions(full_state_dict=full, strict=False))
+    set_state_dict(
+        model,
+        optimizer,
+        model_state_dict=msd,
+        optim_state_dict={"state": state, "param_groups": groups},
+        options=StateDictOptions(full_state_dict=full, strict=False),
+    )
 
 
 def shard_batch(batch: dict[str, Any], rank: int, world: int) -> dict[str, Any]:
@@ -178,8 +194,11 @@ def shard_batch(batch: dict[str, Any], rank: int, world: int) -> dict[str, Any]:
         idx = torch.cat([torch.arange(lo, hi) + j * groups for j in range(group)])
     else:
         idx = torch.arange(lo, hi)
-    return {k: (v[idx] if torch.is_tensor(v) and v.dim() > 0 and v.size(0) == rows and k not in shared else v)
-            for k, v in batch.items() if k not in meta}
+    return {
+        k: (v[idx] if torch.is_tensor(v) and v.dim() > 0 and v.size(0) == rows and k not in shared else v)
+        for k, v in batch.items()
+        if k not in meta
+    }
 
 
 def loss_units(batch: dict[str, Any], units: str = "tokens") -> int:

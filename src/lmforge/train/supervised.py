@@ -69,8 +69,14 @@ class FitResult:
     main: bool = True  # process 0 (the one that writes the task's outputs), or not
 
 
-def length_buckets(n: int, length: Callable[[int], Any], batch_size: int, seed: int, per: int = 50,
-                   size: Callable[[int], int] | None = None) -> list[list[int]]:
+def length_buckets(
+    n: int,
+    length: Callable[[int], Any],
+    batch_size: int,
+    seed: int,
+    per: int = 50,
+    size: Callable[[int], int] | None = None,
+) -> list[list[int]]:
     """Batches of example indices for one epoch: shuffled, then each run of `per` batches sorted by `length`
     and cut into batches (so a batch pads to similar lengths), and the batches shuffled again. With `size`, a
     batch holds examples until their sizes add up to batch_size (a long text read as several windows counts
@@ -83,9 +89,9 @@ def length_buckets(n: int, length: Callable[[int], Any], batch_size: int, seed: 
     chunk = batch_size * per
     groups = []
     for s in range(0, n, chunk):
-        part = sorted(order[s:s + chunk], key=length)
+        part = sorted(order[s : s + chunk], key=length)
         if size is None:
-            groups += [part[k:k + batch_size] for k in range(0, len(part), batch_size)]
+            groups += [part[k : k + batch_size] for k in range(0, len(part), batch_size)]
             continue
         batch, used = [], 0
         for i in part:
@@ -204,8 +210,7 @@ def fit(
             state.averaged += 1
             with torch.no_grad():
                 if state.mean_state is None:
-                    state.mean_state = {k: v.detach().clone() for k, v in inner.named_parameters()
-                                        if v.requires_grad}
+                    state.mean_state = {k: v.detach().clone() for k, v in inner.named_parameters() if v.requires_grad}
                 else:
                     for k, v in inner.named_parameters():
                         if k in state.mean_state:
@@ -234,8 +239,11 @@ def fit(
                     batch = shard_batch(whole, env.rank, env.world)
                     share = loss_share(whole, batch, env.world, whole.get("units", "rows" if loss_fn else "tokens"))
                     batch = {k: to_device(v, device) if torch.is_tensor(v) else v for k, v in batch.items()}
-                    loss = (loss_fn(train, batch) if loss_fn is not None
-                            else model_loss(train, batch, grad_checkpoint=cfg.grad_checkpoint))
+                    loss = (
+                        loss_fn(train, batch)
+                        if loss_fn is not None
+                        else model_loss(train, batch, grad_checkpoint=cfg.grad_checkpoint)
+                    )
                     return loss * share if share != 1.0 else loss  # (its share of the batch's mean)
 
                 loss, _ = stepper.step(len(group), loss_of, lr)
@@ -245,8 +253,15 @@ def fit(
                 la, lv = state.loss_avg, env.mean(loss.item())
                 state.loss_avg = lv if math.isnan(la) else 0.9 * la + 0.1 * lv
                 if state.step % cfg.log_every == 0 or state.step == total:
-                    record({"step": state.step, "loss": state.loss_avg, "lr": lr, "epoch": state.epoch,
-                            "time": time.time() - t0})
+                    record(
+                        {
+                            "step": state.step,
+                            "loss": state.loss_avg,
+                            "lr": lr,
+                            "epoch": state.epoch,
+                            "time": time.time() - t0,
+                        }
+                    )
                 run_log.advance(f"epoch {state.epoch + 1}  loss {state.loss_avg:.4f}")
                 if cfg.eval_every and state.step % cfg.eval_every == 0:
                     run_eval()
@@ -265,10 +280,11 @@ def fit(
                 for k, v in state.mean_state.items():
                     named[k].copy_(v)
             m = scored()
-            record({"step": state.step, "split": "val", "epoch": state.epoch, "averaged_points": state.averaged,
-                    **m})
-            show(f"mean of the weights at the last {state.averaged} evaluations: " + "  ".join(
-                f"{k} {v:.4f}" for k, v in m.items() if isinstance(v, float)))
+            record({"step": state.step, "split": "val", "epoch": state.epoch, "averaged_points": state.averaged, **m})
+            show(
+                f"mean of the weights at the last {state.averaged} evaluations: "
+                + "  ".join(f"{k} {v:.4f}" for k, v in m.items() if isinstance(v, float))
+            )
             if m.get(cfg.metric, -math.inf) >= state.best.get(cfg.metric, -math.inf):
                 state.best, state.best_state = {**m, "averaged_points": state.averaged}, None  # keep the mean
     finally:
@@ -286,6 +302,7 @@ def fit(
 @dataclass
 class _FitState:
     """Everything `fit` carries from step to step, and so everything a checkpoint must hold to resume it."""
+
     step: int = 0
     epoch: int = 0
     in_epoch: int = 0  # batches of this epoch already trained on
@@ -298,12 +315,28 @@ class _FitState:
     history: list[dict[str, Any]] = field(default_factory=list)
     rng: dict[str, torch.Tensor] | None = None  # loaded, applied once the epoch's consumed batches are skipped
 
-    def save(self, run_dir: Path, model: nn.Module, opt: torch.optim.Optimizer, total: int, keep: int,
-             env: DistEnv, scaler=None) -> None:
+    def save(
+        self,
+        run_dir: Path,
+        model: nn.Module,
+        opt: torch.optim.Optimizer,
+        total: int,
+        keep: int,
+        env: DistEnv,
+        scaler=None,
+    ) -> None:
         """Every process calls it: the RNGs are gathered from all, and a sharded model is written by all."""
-        meta = {"epoch": self.epoch, "in_epoch": self.in_epoch, "loss_avg": self.loss_avg, "total": total,
-                "seconds": self.seconds, "best": self.best, "averaged": self.averaged, "history": self.history,
-                **({"scaler": scaler.state_dict()} if scaler is not None else {})}
+        meta = {
+            "epoch": self.epoch,
+            "in_epoch": self.in_epoch,
+            "loss_avg": self.loss_avg,
+            "total": total,
+            "seconds": self.seconds,
+            "best": self.best,
+            "averaged": self.averaged,
+            "history": self.history,
+            **({"scaler": scaler.state_dict()} if scaler is not None else {}),
+        }
         rng = world_rng(env)
         kept = {name: st for name, st in (("best", self.best_state), ("mean", self.mean_state)) if st is not None}
         if is_sharded(model):
@@ -311,9 +344,11 @@ class _FitState:
             return
         if env.main:
             opt_tensors, groups = optimizer_tensors(opt)
-            files = {"trainable": {k: v.detach().cpu().contiguous() for k, v in model.named_parameters()
-                                   if v.requires_grad},
-                     "optimizer": opt_tensors, "rng": rng}
+            files = {
+                "trainable": {k: v.detach().cpu().contiguous() for k, v in model.named_parameters() if v.requires_grad},
+                "optimizer": opt_tensors,
+                "rng": rng,
+            }
             files.update({name: {k: v.cpu().contiguous() for k, v in st.items()} for name, st in kept.items()})
             write_checkpoint(run_dir, self.step, files, {**meta, "param_groups": groups}, keep)
         env.barrier()
@@ -333,17 +368,19 @@ class _FitState:
             files, meta = read_checkpoint(path)
             trainable = files.get("trainable", {})
             if set(trainable) != want or "optimizer" not in files or "rng" not in files:
-                raise CheckpointError(f"checkpoint {path} was written by a different run (its trainable weights "
-                                      f"do not match this model and method); resume with the settings it was "
-                                      f"made with")
+                raise CheckpointError(
+                    f"checkpoint {path} was written by a different run (its trainable weights "
+                    f"do not match this model and method); resume with the settings it was "
+                    f"made with"
+                )
             for k, v in trainable.items():
                 if named[k].shape != v.shape:
-                    raise CheckpointError(f"checkpoint {path} does not fit the model ({k}: {tuple(v.shape)} vs "
-                                          f"{tuple(named[k].shape)})")
+                    raise CheckpointError(
+                        f"checkpoint {path} does not fit the model ({k}: {tuple(v.shape)} vs {tuple(named[k].shape)})"
+                    )
             if is_sharded(model):  # a one-process checkpoint, resumed sharded
                 into_sharded(model, opt, trainable, files["optimizer"], meta["param_groups"])
-                kept = {n: {k: _like(named[k], v) for k, v in files[n].items()} for n in ("best", "mean")
-                        if n in files}
+                kept = {n: {k: _like(named[k], v) for k, v in files[n].items()} for n in ("best", "mean") if n in files}
             else:
                 with torch.no_grad():
                     for k, v in trainable.items():

@@ -1,14 +1,14 @@
 """Sequence classification: fine-tune an encoder (e.g. all-MiniLM-L6-v2) on labelled text, read top to bottom.
 
-    data     CSV / TSV / JSONL -> texts + label names (broken encodings repaired and counted); label ids in
-             sorted name order; a stratified train / validation / test split under the seed (or given files)
-    windows  max_len from the data when not given (the longest text, up to the model's window); a longer text is
-             read whole as overlapping windows whose logits are averaged, in training and prediction alike
-    model    the encoder under a fresh classification head carrying the label names; "full" trains all of it,
-             "top-k" only the last k blocks and the head
-    train    `fit`: length-bucketed batches, AdamW, warm-up + linear decay; the best validation epoch is kept
-    finish   test-split accuracy, macro-F1, per-class precision / recall, a confusion-matrix PNG, the model as an
-             HF directory (transformers loads it as BertForSequenceClassification), a report
+data     CSV / TSV / JSONL -> texts + label names (broken encodings repaired and counted); label ids in
+         sorted name order; a stratified train / validation / test split under the seed (or given files)
+windows  max_len from the data when not given (the longest text, up to the model's window); a longer text is
+         read whole as overlapping windows whose logits are averaged, in training and prediction alike
+model    the encoder under a fresh classification head carrying the label names; "full" trains all of it,
+         "top-k" only the last k blocks and the head
+train    `fit`: length-bucketed batches, AdamW, warm-up + linear decay; the best validation epoch is kept
+finish   test-split accuracy, macro-F1, per-class precision / recall, a confusion-matrix PNG, the model as an
+         HF directory (transformers loads it as BertForSequenceClassification), a report
 """
 
 from __future__ import annotations
@@ -46,23 +46,36 @@ class ClassifyResult:
     def summary(self) -> str:
         """What `lmforge finetune classify` prints at the end."""
         t = self.test
-        lines = [f"test: accuracy {t['accuracy']:.4f}  macro-F1 {t['macro_f1']:.4f}  ({self.rows['test']} rows, "
-                 f"{self.seconds:.0f} s training, {self.trainable_params:,} trainable parameters)"]
-        lines += [f"  {name:>12}: precision {m['precision']:.3f}  recall {m['recall']:.3f}  f1 {m['f1']:.3f}  "
-                  f"n={m['support']}" for name, m in t["per_class"].items()]
+        lines = [
+            f"test: accuracy {t['accuracy']:.4f}  macro-F1 {t['macro_f1']:.4f}  ({self.rows['test']} rows, "
+            f"{self.seconds:.0f} s training, {self.trainable_params:,} trainable parameters)"
+        ]
+        lines += [
+            f"  {name:>12}: precision {m['precision']:.3f}  recall {m['recall']:.3f}  f1 {m['f1']:.3f}  "
+            f"n={m['support']}"
+            for name, m in t["per_class"].items()
+        ]
         return "\n".join(lines + [run_footer(self)])
 
 
-def load_splits(data: str | Path, text_col: str | None, label_col: str | None, val_data: str | Path | None,
-                test_data: str | Path | None, val_fraction: float, test_fraction: float, seed: int,
-                ) -> tuple[LabelledSet, LabelledSet, LabelledSet, list[str]]:
+def load_splits(
+    data: str | Path,
+    text_col: str | None,
+    label_col: str | None,
+    val_data: str | Path | None,
+    test_data: str | Path | None,
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+) -> tuple[LabelledSet, LabelledSet, LabelledSet, list[str]]:
     ds = read_labelled(data, text_col, label_col)
     names = sorted(set(ds.labels))
     if len(names) < 2:
         raise DataError(f"{data} has a single class {names[0]!r}; classification needs at least two")
     if test_data is None or val_data is None:
-        tr, va, te = stratified_split(ds.labels, 0.0 if val_data else val_fraction,
-                                      0.0 if test_data else test_fraction, seed)
+        tr, va, te = stratified_split(
+            ds.labels, 0.0 if val_data else val_fraction, 0.0 if test_data else test_fraction, seed
+        )
         train, val, test = ds.subset(tr), ds.subset(va), ds.subset(te)
     else:
         train, val, test = ds, None, None
@@ -80,13 +93,15 @@ def load_splits(data: str | Path, text_col: str | None, label_col: str | None, v
     return train, val, test, names  # type: ignore[return-value]
 
 
-def fit_windows(tok, texts: list[str], max_len: int | None, stride: int | None, limit: int
-                ) -> tuple[int, int, list[list[list[int]]]]:
+def fit_windows(
+    tok, texts: list[str], max_len: int | None, stride: int | None, limit: int
+) -> tuple[int, int, list[list[list[int]]]]:
     """(max_len, stride, each text's windows) for training. max_len not given: the longest text's length (a
     multiple of 8) when it fits the model's window `limit`, else the whole window; a text longer than max_len is
     read as overlapping windows, and a one-line notice says how many were."""
-    windows = tok.encode_windows(texts, min(max_len or limit, limit), window_stride(min(max_len or limit, limit))
-                                 if stride is None else stride)
+    windows = tok.encode_windows(
+        texts, min(max_len or limit, limit), window_stride(min(max_len or limit, limit)) if stride is None else stride
+    )
     if max_len is None:
         longest = max(len(w[0]) for w in windows)
         if all(len(w) == 1 for w in windows) and longest < limit:
@@ -99,9 +114,11 @@ def fit_windows(tok, texts: list[str], max_len: int | None, stride: int | None, 
     stride = window_stride(max_len) if stride is None else stride
     long = sum(len(w) > 1 for w in windows)
     if long:
-        say(f"{long} of {len(texts)} training texts are longer than one window of {max_len} tokens: each is read "
+        say(
+            f"{long} of {len(texts)} training texts are longer than one window of {max_len} tokens: each is read "
             f"whole as {sum(len(w) for w in windows if len(w) > 1) / long:.1f} windows on average, neighbours sharing "
-            f"{stride} tokens, their logits averaged into one prediction")
+            f"{stride} tokens, their logits averaged into one prediction"
+        )
     return max_len, stride, windows
 
 
@@ -115,17 +132,28 @@ class ClassifyTask(Task):
     def check(self) -> None:
         a, cfg = self.args, self.cfg
         if a["stride"] is not None and cfg.max_len is not None and a["stride"] >= cfg.max_len - 2:
-            raise ConfigError(f"stride (--stride) {a['stride']} must be below max_len - 2 ({cfg.max_len - 2}): "
-                              f"neighbouring windows share that many tokens")
+            raise ConfigError(
+                f"stride (--stride) {a['stride']} must be below max_len - 2 ({cfg.max_len - 2}): "
+                f"neighbouring windows share that many tokens"
+            )
         if not (a["test_data"] or 0 < a["test_fraction"]) or a["val_fraction"] + a["test_fraction"] >= 1:
-            raise ConfigError("test_fraction (--test-fraction) must be above 0 (or give --test-data), and the "
-                              "validation and test fractions must leave data to train on")
+            raise ConfigError(
+                "test_fraction (--test-fraction) must be above 0 (or give --test-data), and the "
+                "validation and test fractions must leave data to train on"
+            )
 
     def load_data(self) -> None:
         a = self.args
         self.train, self.val, self.test, self.names = load_splits(
-            self.data, a["text_col"], a["label_col"], a["val_data"], a["test_data"], a["val_fraction"],
-            a["test_fraction"], self.cfg.seed)
+            self.data,
+            a["text_col"],
+            a["label_col"],
+            a["val_data"],
+            a["test_data"],
+            a["val_fraction"],
+            a["test_fraction"],
+            self.cfg.seed,
+        )
         self.label_id = {n: i for i, n in enumerate(self.names)}
 
     def load_model(self):
@@ -136,12 +164,15 @@ class ClassifyTask(Task):
 
     def prepare(self) -> None:
         cfg, train, names, tok = self.cfg, self.train, self.names, self.tok
-        say(f"data: {len(train)} train / {len(self.val)} validation / {len(self.test)} test rows, classes "
-            f"{class_counts(train.labels)}" + (f"; {train.repaired_rows} rows repaired from non-UTF-8 bytes"
-                                                if train.repaired_rows else "")
-            + (f"; {train.skipped_rows} rows skipped (empty text or label)" if train.skipped_rows else ""))
-        self.max_len, self.stride, self.windows = fit_windows(tok, train.texts, cfg.max_len, self.args["stride"],
-                                                              self.model.config.max_seq_len)
+        say(
+            f"data: {len(train)} train / {len(self.val)} validation / {len(self.test)} test rows, classes "
+            f"{class_counts(train.labels)}"
+            + (f"; {train.repaired_rows} rows repaired from non-UTF-8 bytes" if train.repaired_rows else "")
+            + (f"; {train.skipped_rows} rows skipped (empty text or label)" if train.skipped_rows else "")
+        )
+        self.max_len, self.stride, self.windows = fit_windows(
+            tok, train.texts, cfg.max_len, self.args["stride"], self.model.config.max_seq_len
+        )
         windows = self.windows
         self.y = torch.tensor([self.label_id[v] for v in train.labels])
         self.weights = None
@@ -154,21 +185,30 @@ class ClassifyTask(Task):
         per_window = max(1, -(-self.max_len // 128))
         self.size = (lambda i: len(windows[i]) * per_window) if self.windowed else None
         if self.windowed:
-            say(f"batches of up to {max(1, cfg.batch_size // per_window)} windows of {self.max_len} tokens "
-                f"(--batch-size {cfg.batch_size} x 128 tokens)")
+            say(
+                f"batches of up to {max(1, cfg.batch_size // per_window)} windows of {self.max_len} tokens "
+                f"(--batch-size {cfg.batch_size} x 128 tokens)"
+            )
         self.order = [sum(map(len, w)) for w in windows]
-        self.steps_per_epoch = len(length_buckets(len(windows), self.order.__getitem__, cfg.batch_size, cfg.seed,
-                                                  size=self.size))
+        self.steps_per_epoch = len(
+            length_buckets(len(windows), self.order.__getitem__, cfg.batch_size, cfg.seed, size=self.size)
+        )
         self.val_y = [self.label_id[v] for v in self.val.labels]
-        self.rows = {"train": len(train), "validation": len(self.val), "test": len(self.test),
-                     "repaired": train.repaired_rows, "skipped": train.skipped_rows,
-                     "train_windowed": sum(len(w) > 1 for w in windows)}
+        self.rows = {
+            "train": len(train),
+            "validation": len(self.val),
+            "test": len(self.test),
+            "repaired": train.repaired_rows,
+            "skipped": train.skipped_rows,
+            "train_windowed": sum(len(w) > 1 for w in windows),
+        }
 
     def batches(self, epoch: int):
         """Shuffled, then bucketed by length (little padding per batch); long texts as [D, W, T] windows."""
         w, pad = self.windows, self.tok.pad_id
-        for idx in length_buckets(len(w), self.order.__getitem__, self.cfg.batch_size, self.cfg.seed + epoch,
-                                  size=self.size):
+        for idx in length_buckets(
+            len(w), self.order.__getitem__, self.cfg.batch_size, self.cfg.seed + epoch, size=self.size
+        ):
             b = pad_windows([w[i] for i in idx], pad) if self.windowed else pad_batch([w[i][0] for i in idx], pad)
             yield {**b, "labels": self.y[idx], "class_weights": self.weights, "shared": ("class_weights",)}
 
@@ -179,36 +219,60 @@ class ClassifyTask(Task):
 
         def loss(m: Encoder, b: dict) -> torch.Tensor:
             logits = window_logits(m, b, grad_checkpoint=self.cfg.grad_checkpoint)
-            return F.cross_entropy(logits, b["labels"], weight=b["class_weights"],
-                                   label_smoothing=self.cfg.label_smoothing)
+            return F.cross_entropy(
+                logits, b["labels"], weight=b["class_weights"], label_smoothing=self.cfg.label_smoothing
+            )
+
         return loss
 
     def evaluate(self) -> dict[str, float]:
-        logits = torch.log(predict_proba(self.model, self.tok, self.val.texts, max_len=self.max_len,
-                                         stride=self.stride).clamp(min=1e-12))
+        logits = torch.log(
+            predict_proba(self.model, self.tok, self.val.texts, max_len=self.max_len, stride=self.stride).clamp(
+                min=1e-12
+            )
+        )
         m = classification_metrics(self.val_y, logits.argmax(-1).tolist(), self.names)
-        return {"loss": float(F.nll_loss(logits, torch.tensor(self.val_y))), "accuracy": m["accuracy"],
-                "macro_f1": m["macro_f1"]}
+        return {
+            "loss": float(F.nll_loss(logits, torch.tensor(self.val_y))),
+            "accuracy": m["accuracy"],
+            "macro_f1": m["macro_f1"],
+        }
 
     def finish(self, fit) -> dict[str, Any]:
-        pred = predict_proba(self.model, self.tok, self.test.texts, max_len=self.max_len,
-                             stride=self.stride).argmax(-1).tolist()
+        pred = (
+            predict_proba(self.model, self.tok, self.test.texts, max_len=self.max_len, stride=self.stride)
+            .argmax(-1)
+            .tolist()
+        )
         self.test_m = classification_metrics([self.label_id[v] for v in self.test.labels], pred, self.names)
         plot_confusion(self.test_m, self.out / "report" / "confusion.png", title="test split")
         return {"labels": self.names, "max_len": self.max_len, "stride": self.stride, "test": self.test_m}
 
     def report_rows(self) -> list[tuple[str, str]]:
         t, best = self.test_m, self.best
-        return [("rows train / val / test", f"{len(self.train)} / {len(self.val)} / {len(self.test)}"),
-                ("repaired rows (non-UTF-8)", str(self.train.repaired_rows)),
-                ("best validation accuracy", f"{best.get('accuracy', float('nan')):.4f}"),
-                ("test accuracy", f"{t['accuracy']:.4f}"), ("test macro-F1", f"{t['macro_f1']:.4f}"),
-                ] + [(f"{k}: precision / recall / F1", f"{v['precision']:.3f} / {v['recall']:.3f} / {v['f1']:.3f}")
-                     for k, v in t["per_class"].items()]
+        return [
+            ("rows train / val / test", f"{len(self.train)} / {len(self.val)} / {len(self.test)}"),
+            ("repaired rows (non-UTF-8)", str(self.train.repaired_rows)),
+            ("best validation accuracy", f"{best.get('accuracy', float('nan')):.4f}"),
+            ("test accuracy", f"{t['accuracy']:.4f}"),
+            ("test macro-F1", f"{t['macro_f1']:.4f}"),
+        ] + [
+            (f"{k}: precision / recall / F1", f"{v['precision']:.3f} / {v['recall']:.3f} / {v['f1']:.3f}")
+            for k, v in t["per_class"].items()
+        ]
 
     def result(self, run: Run) -> ClassifyResult:
-        return ClassifyResult(run.out, run.model_dir, self.test_m, run.fit.best, run.trainable, run.total,
-                              run.seconds, self.rows, run.adapter_dir)
+        return ClassifyResult(
+            run.out,
+            run.model_dir,
+            self.test_m,
+            run.fit.best,
+            run.trainable,
+            run.total,
+            run.seconds,
+            self.rows,
+            run.adapter_dir,
+        )
 
 
 def finetune_classify(
@@ -228,7 +292,20 @@ def finetune_classify(
     resume: bool = False,
 ) -> ClassifyResult | None:
     """Fine-tune an encoder to classify texts (see the module notes; settings in tune/tasks.py: ClassifyArgs)."""
-    return run_task(ClassifyTask, model_path, data, out, cfg, progress, resume, text_col=text_col,
-                    label_col=label_col, val_data=val_data and str(val_data), test_data=test_data and str(test_data),
-                    val_fraction=val_fraction, test_fraction=test_fraction, class_weights=class_weights,
-                    stride=stride)
+    return run_task(
+        ClassifyTask,
+        model_path,
+        data,
+        out,
+        cfg,
+        progress,
+        resume,
+        text_col=text_col,
+        label_col=label_col,
+        val_data=val_data and str(val_data),
+        test_data=test_data and str(test_data),
+        val_fraction=val_fraction,
+        test_fraction=test_fraction,
+        class_weights=class_weights,
+        stride=stride,
+    )

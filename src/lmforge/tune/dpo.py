@@ -1,18 +1,18 @@
 """Preference tuning with DPO (Rafailov et al., 2023), read top to bottom.
 
-    data     (prompt, chosen, rejected) JSONL, or `chatterbot`: the corpus answer is chosen, the answer to another
-             question of the same topic rejected (see lmforge.data.chat.chatterbot_pairs)
-    tokens   prompt + reply through the chat template; only the reply's tokens are scored
-    model    the method's transform (full / top-k / lora / qlora); the reference model is the starting model:
-             under LoRA the same weights with the adapters switched off, so no second copy is held (full and
-             top-k keep a frozen copy). Reference log-probabilities are computed for each batch as it is used
-             (a run of a fraction of an epoch pays for no more), and once for the held-out pairs
-    loss     -log sigmoid(beta * ((log pi(c) - log ref(c)) - (log pi(r) - log ref(r))))
-    finish   on the held-out pairs before and after: preference accuracy (the share of pairs whose chosen
-             reply gets the higher mean per-token log-probability), and after: reward accuracy and mean reward
-             margin beta * (...) (both are 0 before training by definition); model + adapter + report.
-             Held-out figures are means over distinct prompts (each prompt's pairs averaged first), so a prompt
-             that comes with a hundred answers counts once, as the SFT evaluation counts it
+data     (prompt, chosen, rejected) JSONL, or `chatterbot`: the corpus answer is chosen, the answer to another
+         question of the same topic rejected (see lmforge.data.chat.chatterbot_pairs)
+tokens   prompt + reply through the chat template; only the reply's tokens are scored
+model    the method's transform (full / top-k / lora / qlora); the reference model is the starting model:
+         under LoRA the same weights with the adapters switched off, so no second copy is held (full and
+         top-k keep a frozen copy). Reference log-probabilities are computed for each batch as it is used
+         (a run of a fraction of an epoch pays for no more), and once for the held-out pairs
+loss     -log sigmoid(beta * ((log pi(c) - log ref(c)) - (log pi(r) - log ref(r))))
+finish   on the held-out pairs before and after: preference accuracy (the share of pairs whose chosen
+         reply gets the higher mean per-token log-probability), and after: reward accuracy and mean reward
+         margin beta * (...) (both are 0 before training by definition); model + adapter + report.
+         Held-out figures are means over distinct prompts (each prompt's pairs averaged first), so a prompt
+         that comes with a hundred answers counts once, as the SFT evaluation counts it
 """
 
 from __future__ import annotations
@@ -52,19 +52,30 @@ class DPOResult:
 
     def summary(self) -> str:
         """What `lmforge finetune dpo` prints at the end."""
-        return (f"held-out preference accuracy: before {self.before['preference_accuracy']:.3f}  after "
-                f"{self.after['preference_accuracy']:.3f}; reward accuracy {self.after['reward_accuracy']:.3f}, "
-                f"margin {self.after['reward_margin']:.3f} ({self.seconds:.0f} s training)\n" + run_footer(self))
+        return (
+            f"held-out preference accuracy: before {self.before['preference_accuracy']:.3f}  after "
+            f"{self.after['preference_accuracy']:.3f}; reward accuracy {self.after['reward_accuracy']:.3f}, "
+            f"margin {self.after['reward_margin']:.3f} ({self.seconds:.0f} s training)\n" + run_footer(self)
+        )
 
 
 Tokenized = tuple[list[int], list[int]]
 
 
-def load_pair_splits(data: str | Path, val_data: str | Path | None, test_data: str | Path | None,
-                     seed: int) -> tuple[list[Pair], list[Pair], list[Pair]]:
+def load_pair_splits(
+    data: str | Path, val_data: str | Path | None, test_data: str | Path | None, seed: int
+) -> tuple[list[Pair], list[Pair], list[Pair]]:
     """Preference pairs split by their prompt's last turn (`chatterbot`: pairs of the packaged corpus)."""
-    return held_out_splits(data, val_data, test_data, seed, read_pairs, lambda p: p.prompt[-1]["content"],
-                           "preference pairs", ("chatterbot", chatterbot_pairs))
+    return held_out_splits(
+        data,
+        val_data,
+        test_data,
+        seed,
+        read_pairs,
+        lambda p: p.prompt[-1]["content"],
+        "preference pairs",
+        ("chatterbot", chatterbot_pairs),
+    )
 
 
 def tokenize_pairs(tok, pairs: list[Pair], max_len: int) -> tuple[list[tuple[Tokenized, Tokenized]], list[str]]:
@@ -104,12 +115,14 @@ def _batch(seqs: list[Tokenized], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
-def sequence_logps(model: torch.nn.Module, b: dict[str, torch.Tensor], grad_checkpoint: bool = False
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_logps(
+    model: torch.nn.Module, b: dict[str, torch.Tensor], grad_checkpoint: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probability of each row's labelled tokens, and their count."""
     at = b["labels"] != -100
-    logits = model(b["input_ids"], attention_mask=b["attention_mask"], logits_at=at,
-                   grad_checkpoint=grad_checkpoint).logits
+    logits = model(
+        b["input_ids"], attention_mask=b["attention_mask"], logits_at=at, grad_checkpoint=grad_checkpoint
+    ).logits
     lp = torch.log_softmax(logits.float(), dim=-1).gather(-1, b["labels"][at][:, None]).squeeze(-1)
     rows = at.nonzero()[:, 0]
     n = at.sum(-1)
@@ -121,7 +134,7 @@ def pair_logps(model, items: list[tuple[Tokenized, Tokenized]], pad_id: int, bat
     c_lp, r_lp, c_n, r_n = [], [], [], []
     with torch.no_grad():
         for s in range(0, len(items), batch_size):
-            part = items[s:s + batch_size]
+            part = items[s : s + batch_size]
             b = {k: v.to(device) for k, v in _batch([c for c, _ in part] + [r for _, r in part], pad_id).items()}
             lp, n = sequence_logps(model, b)
             k = len(part)
@@ -132,16 +145,30 @@ def pair_logps(model, items: list[tuple[Tokenized, Tokenized]], pad_id: int, bat
     return torch.cat(c_lp), torch.cat(r_lp), torch.cat(c_n), torch.cat(r_n)
 
 
-def preference_metrics(model, items, ref: tuple[torch.Tensor, torch.Tensor], pad_id: int, batch_size: int,
-                       beta: float, device: str, groups: list[str] | None = None) -> dict[str, float]:
+def preference_metrics(
+    model,
+    items,
+    ref: tuple[torch.Tensor, torch.Tensor],
+    pad_id: int,
+    batch_size: int,
+    beta: float,
+    device: str,
+    groups: list[str] | None = None,
+) -> dict[str, float]:
     """Preference accuracy, reward accuracy and margin, and DPO loss over `items`, averaged per group (prompt)
     first when `groups` is given."""
     pc, pr, nc, nr = pair_logps(model, items, pad_id, batch_size, device)
     margin = beta * ((pc - ref[0]) - (pr - ref[1]))
     loss = group_mean(-F.logsigmoid(margin), groups)
-    return {"preference_accuracy": group_mean((pc / nc) > (pr / nr), groups),
-            "reward_accuracy": group_mean(margin > 0, groups), "reward_margin": group_mean(margin, groups),
-            "loss": loss, "neg_loss": -loss, "pairs": len(items), "prompts": len(set(groups or range(len(items))))}
+    return {
+        "preference_accuracy": group_mean((pc / nc) > (pr / nr), groups),
+        "reward_accuracy": group_mean(margin > 0, groups),
+        "reward_margin": group_mean(margin, groups),
+        "loss": loss,
+        "neg_loss": -loss,
+        "pairs": len(items),
+        "prompts": len(set(groups or range(len(items)))),
+    }
 
 
 class DPOTask(Task):
@@ -149,8 +176,12 @@ class DPOTask(Task):
     model_class = DecoderLM
 
     def load_data(self) -> None:
-        self.splits = dict(zip(("train", "val", "test"), load_pair_splits(
-            self.data, self.args["val_data"], self.args["test_data"], self.cfg.seed)))
+        self.splits = dict(
+            zip(
+                ("train", "val", "test"),
+                load_pair_splits(self.data, self.args["val_data"], self.args["test_data"], self.cfg.seed),
+            )
+        )
 
     def prepare(self) -> None:
         max_len = task_max_len("dpo", self.cfg, self.model.config.max_seq_len)
@@ -159,12 +190,15 @@ class DPOTask(Task):
             self.items[k], self.prompts[k] = tokenize_pairs(self.tok, v, max_len)
         if not self.items["train"]:
             raise DataError(f"no training pair keeps a reply token within max_len {max_len}")
-        say(f"data: {len(self.items['train'])} train / {len(self.items['val'])} validation / "
+        say(
+            f"data: {len(self.items['train'])} train / {len(self.items['val'])} validation / "
             f"{len(self.items['test'])} test pairs ({len(set(self.prompts['val']))} / "
-            f"{len(set(self.prompts['test']))} distinct held-out prompts)")
+            f"{len(set(self.prompts['test']))} distinct held-out prompts)"
+        )
         self.steps_per_epoch = -(-len(self.items["train"]) // self.cfg.batch_size)
-        self.rows = {k: len(v) for k, v in self.items.items()} | {f"{k}_prompts": len(set(self.prompts[k]))
-                                                                  for k in ("val", "test")}
+        self.rows = {k: len(v) for k, v in self.items.items()} | {
+            f"{k}_prompts": len(set(self.prompts[k])) for k in ("val", "test")
+        }
 
     def after_method(self) -> None:
         model, bs, dev = self.model, self.cfg.batch_size, self.cfg.device
@@ -173,15 +207,24 @@ class DPOTask(Task):
         model.eval()
         t = time.time()
         with lora_disabled(model):
-            self.ref = {k: pair_logps(self.ref_model, self.items[k], self.tok.pad_id, bs, dev)[:2]
-                        for k in ("val", "test")}
+            self.ref = {
+                k: pair_logps(self.ref_model, self.items[k], self.tok.pad_id, bs, dev)[:2] for k in ("val", "test")
+            }
         say(f"reference log-probabilities for the held-out pairs in {time.time() - t:.0f} s")
         self.before = self.scores("test")
         say(f"before: held-out preference accuracy {self.before['preference_accuracy']:.3f}")
 
     def scores(self, split: str) -> dict[str, float]:
-        return preference_metrics(self.model, self.items[split], self.ref[split], self.tok.pad_id,
-                                  self.cfg.batch_size, self.args["beta"], self.cfg.device, self.prompts[split])
+        return preference_metrics(
+            self.model,
+            self.items[split],
+            self.ref[split],
+            self.tok.pad_id,
+            self.cfg.batch_size,
+            self.args["beta"],
+            self.cfg.device,
+            self.prompts[split],
+        )
 
     def batches(self, epoch: int):
         rng = random.Random(self.cfg.seed + epoch)
@@ -189,7 +232,7 @@ class DPOTask(Task):
         order = list(range(len(train)))
         rng.shuffle(order)
         for s in range(0, len(order), bs):
-            part = [train[i] for i in order[s:s + bs]]
+            part = [train[i] for i in order[s : s + bs]]
             # (row_group: under torchrun each process takes whole pairs, chosen and rejected together)
             yield {**_batch([c for c, _ in part] + [r for _, r in part], self.tok.pad_id), "row_group": 2}
 
@@ -211,24 +254,41 @@ class DPOTask(Task):
 
     def finish(self, fit) -> dict[str, Any]:
         self.after = a = self.scores("test")
-        say(f"after: held-out preference accuracy {a['preference_accuracy']:.3f}, reward accuracy "
-            f"{a['reward_accuracy']:.3f}, reward margin {a['reward_margin']:.3f}")
+        say(
+            f"after: held-out preference accuracy {a['preference_accuracy']:.3f}, reward accuracy "
+            f"{a['reward_accuracy']:.3f}, reward margin {a['reward_margin']:.3f}"
+        )
         return {"beta": self.args["beta"], "before": self.before, "after": a}
 
     def report_rows(self) -> list[tuple[str, str]]:
         rows, b, a = self.rows, self.before, self.after
-        return [("beta", f"{self.args['beta']:g}"),
-                ("pairs train / val / test", f"{rows['train']} / {rows['val']} / {rows['test']}"),
-                ("distinct held-out prompts val / test (each weighs the same)",
-                 f"{rows['val_prompts']} / {rows['test_prompts']}"),
-                ("held-out preference accuracy before / after",
-                 f"{b['preference_accuracy']:.3f} / {a['preference_accuracy']:.3f}"),
-                ("held-out reward accuracy / margin after",
-                 f"{a['reward_accuracy']:.3f} / {a['reward_margin']:.3f}")]
+        return [
+            ("beta", f"{self.args['beta']:g}"),
+            ("pairs train / val / test", f"{rows['train']} / {rows['val']} / {rows['test']}"),
+            (
+                "distinct held-out prompts val / test (each weighs the same)",
+                f"{rows['val_prompts']} / {rows['test_prompts']}",
+            ),
+            (
+                "held-out preference accuracy before / after",
+                f"{b['preference_accuracy']:.3f} / {a['preference_accuracy']:.3f}",
+            ),
+            ("held-out reward accuracy / margin after", f"{a['reward_accuracy']:.3f} / {a['reward_margin']:.3f}"),
+        ]
 
     def result(self, run: Run) -> DPOResult:
-        return DPOResult(run.out, run.model_dir, run.adapter_dir, self.before, self.after, run.fit.best,
-                         run.trainable, run.seconds, run.peak_mb, self.rows)
+        return DPOResult(
+            run.out,
+            run.model_dir,
+            run.adapter_dir,
+            self.before,
+            self.after,
+            run.fit.best,
+            run.trainable,
+            run.seconds,
+            run.peak_mb,
+            self.rows,
+        )
 
 
 def finetune_dpo(
@@ -243,5 +303,15 @@ def finetune_dpo(
     resume: bool = False,
 ) -> DPOResult | None:
     """Preference-tune a decoder with DPO (see the module notes; settings in tune/tasks.py: DPOArgs)."""
-    return run_task(DPOTask, model_path, data, out, cfg, progress, resume, beta=beta,
-                    val_data=val_data and str(val_data), test_data=test_data and str(test_data))
+    return run_task(
+        DPOTask,
+        model_path,
+        data,
+        out,
+        cfg,
+        progress,
+        resume,
+        beta=beta,
+        val_data=val_data and str(val_data),
+        test_data=test_data and str(test_data),
+    )

@@ -78,8 +78,9 @@ class Task:
     loss = None  # a method (m, batch) -> loss for a task's own objective (or a property giving one, or None);
     # None: the model's own loss. m is what training runs through: the model, its DDP wrapper or its FSDP copy
 
-    def __init__(self, cfg: FinetuneConfig, args: dict[str, Any], out: Path, progress: bool | None,
-                 model_path: str, data: str) -> None:
+    def __init__(
+        self, cfg: FinetuneConfig, args: dict[str, Any], out: Path, progress: bool | None, model_path: str, data: str
+    ) -> None:
         self.cfg, self.args, self.out, self.progress = cfg, args, out, progress
         self.model_path, self.data = model_path, data
         self.resume = False  # continuing a run from its newest checkpoint
@@ -138,17 +139,25 @@ class Task:
         return describe(self.cfg, self.model.config.n_layer)
 
 
-def run_task(task_class: type[Task], model_path: str | Path, data: str | Path, out: str | Path,
-             cfg: FinetuneConfig | None = None, progress: bool | None = None, resume: bool = False,
-             **args: Any) -> Any:
+def run_task(
+    task_class: type[Task],
+    model_path: str | Path,
+    data: str | Path,
+    out: str | Path,
+    cfg: FinetuneConfig | None = None,
+    progress: bool | None = None,
+    resume: bool = False,
+    **args: Any,
+) -> Any:
     """Run a fine-tuning task (see the module notes); returns its result object (None in a torchrun process other
     than 0: process 0 writes the outputs)."""
     name = task_class.name
     cfg = dataclasses.replace(cfg) if cfg is not None else task_config(name, model=str(model_path))
     if cfg.metric not in METRICS[name]:
         if cfg.metric != FinetuneConfig.metric:  # (FinetuneConfig's own default stands for "the task's")
-            raise ConfigError(f"metric {cfg.metric!r} is not one finetune {name} reports; choose one of "
-                              f"{', '.join(METRICS[name])}")
+            raise ConfigError(
+                f"metric {cfg.metric!r} is not one finetune {name} reports; choose one of {', '.join(METRICS[name])}"
+            )
         cfg.metric = METRICS[name][0]
     cfg.validate()
     cfg.dtype = settle_dtype(cfg.dtype, cfg.device)  # ("auto" made concrete: recorded, so a resume keeps it)
@@ -181,8 +190,18 @@ def run_task(task_class: type[Task], model_path: str | Path, data: str | Path, o
     reset_peak_memory()
     t0 = time.time()
     loss = task.loss if type(task).loss is not Task.loss else None
-    result = fit(model, task.batches, task.steps_per_epoch, task.evaluate, cfg, out / "metrics.jsonl", progress,
-                 loss, run_dir=out, resume=resume)
+    result = fit(
+        model,
+        task.batches,
+        task.steps_per_epoch,
+        task.evaluate,
+        cfg,
+        out / "metrics.jsonl",
+        progress,
+        loss,
+        run_dir=out,
+        resume=resume,
+    )
     if not result.main:  # under torchrun: process 0 writes the outputs
         return None
     seconds, peak_mb = time.time() - t0, peak_memory_mb()
@@ -190,16 +209,36 @@ def run_task(task_class: type[Task], model_path: str | Path, data: str | Path, o
     task.best = result.best
     outcome = task.finish(result)
     model_dir, adapter_dir = save_outputs(model, out, tok, str(model_path), cfg, task.generation_config)
-    write_json(out / "summary.json", {
-        "task": name, "method": cfg.method, "trainable_params": trainable, "total_params": total,
-        "peak_train_memory_mb": peak_mb, "baseline_memory_mb": baseline_mb, "train_seconds": seconds,
-        "steps": result.steps, "best_val": result.best, **outcome, "rows": task.rows})
-    write_task_report(out, f"{task.title}: {out.name}", [
-        ("model", str(model_path)), ("data", str(data)), ("method", task.describe_method()),
-        ("trainable / total parameters", f"{trainable:,} / {total:,}"),
-        ("training time", f"{seconds:.0f} s ({result.steps} steps)"),
-        ("peak memory while training", f"{peak_mb:,.0f} MiB"),
-    ] + task.report_rows(), images=list(task.images))
+    write_json(
+        out / "summary.json",
+        {
+            "task": name,
+            "method": cfg.method,
+            "trainable_params": trainable,
+            "total_params": total,
+            "peak_train_memory_mb": peak_mb,
+            "baseline_memory_mb": baseline_mb,
+            "train_seconds": seconds,
+            "steps": result.steps,
+            "best_val": result.best,
+            **outcome,
+            "rows": task.rows,
+        },
+    )
+    write_task_report(
+        out,
+        f"{task.title}: {out.name}",
+        [
+            ("model", str(model_path)),
+            ("data", str(data)),
+            ("method", task.describe_method()),
+            ("trainable / total parameters", f"{trainable:,} / {total:,}"),
+            ("training time", f"{seconds:.0f} s ({result.steps} steps)"),
+            ("peak memory while training", f"{peak_mb:,.0f} MiB"),
+        ]
+        + task.report_rows(),
+        images=list(task.images),
+    )
     return task.result(Run(out, Path(model_dir), adapter_dir, trainable, total, seconds, peak_mb, result))
 
 
@@ -216,8 +255,10 @@ def write_recipe(out: Path, task: str, cfg: FinetuneConfig, args: dict[str, Any]
     what `--resume` continues with and what `finetune --recipe` reads."""
     out.mkdir(parents=True, exist_ok=True)
     plain = {k: (getattr(v, "__name__", str(v)) if callable(v) else v) for k, v in args.items()}  # (a function)
-    write_text(out / RECIPE_FILE, yaml.safe_dump({"task": task, **dataclasses.asdict(cfg), **plain},
-                                                 sort_keys=False, allow_unicode=True))
+    write_text(
+        out / RECIPE_FILE,
+        yaml.safe_dump({"task": task, **dataclasses.asdict(cfg), **plain}, sort_keys=False, allow_unicode=True),
+    )
 
 
 def start_run(cfg: FinetuneConfig, out: str | Path, resume: bool = False, main: bool = True) -> tuple[Path, float]:
@@ -235,8 +276,9 @@ def start_run(cfg: FinetuneConfig, out: str | Path, resume: bool = False, main: 
     return out, current_memory_mb()
 
 
-def save_outputs(model: nn.Module, out: Path, tokenizer, base: str, cfg: FinetuneConfig,
-                 generation_config: dict | None = None) -> tuple[Path, Path | None]:
+def save_outputs(
+    model: nn.Module, out: Path, tokenizer, base: str, cfg: FinetuneConfig, generation_config: dict | None = None
+) -> tuple[Path, Path | None]:
     """The run's model directory (adapters merged in: any HF tool loads it; generation_config.json gains
     `generation_config`) and, under LoRA, the adapter alone in the PEFT layout. Returns (model_dir, adapter_dir or
     None)."""

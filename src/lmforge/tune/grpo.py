@@ -1,22 +1,22 @@
 """Reinforcement learning with verifiable rewards: GRPO (Shao et al., 2024, DeepSeekMath), read top to bottom.
 
-    data     problems as JSONL rows {"prompt", "answer", ...} (lmforge.data.arith), or `arith`: the built-in
-             arithmetic word problems, generated from the seed, split train / val / test by their text
-    reward   a verifier scores each completion in [0, 1] against its problem (lmforge.eval.verify: exact, number,
-             regex:PATTERN, json, code, or a function of yours)
-    model    the method's transform (full / top-k / lora / qlora); the reference for the optional KL penalty is
-             the starting model: under LoRA the same weights with the adapters off, otherwise a frozen copy
-    step     `batch_size` prompts, each sampled `group_size` times by the current policy through lmforge's
-             batched decoding (seeded by the run's seed, the epoch and the batch: a resumed run draws the same);
-             each completion ends at the end-of-turn token (it is scored as part of it) or at max_new_tokens
-    loss     advantage A = (reward - its group's mean) / (the group's std, with scale_rewards); a group whose
-             rewards are all equal carries no signal and is not even run forward. On-policy (one gradient step
-             per sample), the policy gradient is that of -sum over completion tokens of A * log pi(token),
-             divided by the completion tokens in the batch (each token weighs the same, as DAPO and nanochat
-             do), plus kl_beta * the k3 estimate of KL(pi || ref) per token
-    finish   greedy completions of the held-out problems before and after: accuracy (the share the verifier
-             gives full reward); the best validation accuracy's weights kept; model + adapter + report with
-             the reward, accuracy and completion-length curves. rollouts.jsonl holds one record per step
+data     problems as JSONL rows {"prompt", "answer", ...} (lmforge.data.arith), or `arith`: the built-in
+         arithmetic word problems, generated from the seed, split train / val / test by their text
+reward   a verifier scores each completion in [0, 1] against its problem (lmforge.eval.verify: exact, number,
+         regex:PATTERN, json, code, or a function of yours)
+model    the method's transform (full / top-k / lora / qlora); the reference for the optional KL penalty is
+         the starting model: under LoRA the same weights with the adapters off, otherwise a frozen copy
+step     `batch_size` prompts, each sampled `group_size` times by the current policy through lmforge's
+         batched decoding (seeded by the run's seed, the epoch and the batch: a resumed run draws the same);
+         each completion ends at the end-of-turn token (it is scored as part of it) or at max_new_tokens
+loss     advantage A = (reward - its group's mean) / (the group's std, with scale_rewards); a group whose
+         rewards are all equal carries no signal and is not even run forward. On-policy (one gradient step
+         per sample), the policy gradient is that of -sum over completion tokens of A * log pi(token),
+         divided by the completion tokens in the batch (each token weighs the same, as DAPO and nanochat
+         do), plus kl_beta * the k3 estimate of KL(pi || ref) per token
+finish   greedy completions of the held-out problems before and after: accuracy (the share the verifier
+         gives full reward); the best validation accuracy's weights kept; model + adapter + report with
+         the reward, accuracy and completion-length curves. rollouts.jsonl holds one record per step
 """
 
 from __future__ import annotations
@@ -72,16 +72,21 @@ class GRPOResult:
 
     def summary(self) -> str:
         """What `lmforge finetune grpo` prints at the end."""
-        lines = [f"held-out accuracy: before {self.before['accuracy']:.3f}  after {self.after['accuracy']:.3f} "
-                 f"({self.rows.get('test', 0)} problems); mean completion {self.before['length']:.0f} -> "
-                 f"{self.after['length']:.0f} tokens"]
+        lines = [
+            f"held-out accuracy: before {self.before['accuracy']:.3f}  after {self.after['accuracy']:.3f} "
+            f"({self.rows.get('test', 0)} problems); mean completion {self.before['length']:.0f} -> "
+            f"{self.after['length']:.0f} tokens"
+        ]
         if self.rollouts:
             k = max(1, len(self.rollouts) // 4)
-            first, last = (sum(r["reward"] for r in part) / len(part) for part in (self.rollouts[:k],
-                                                                                    self.rollouts[-k:]))
+            first, last = (
+                sum(r["reward"] for r in part) / len(part) for part in (self.rollouts[:k], self.rollouts[-k:])
+            )
             lines.append(f"training reward {first:.3f} over the first {k} steps -> {last:.3f} over the last {k}")
-        lines.append(f"{self.seconds:.0f} s training, peak memory {self.peak_train_memory_mb:,.0f} MiB, "
-                     f"{self.trainable_params:,} trainable parameters")
+        lines.append(
+            f"{self.seconds:.0f} s training, peak memory {self.peak_train_memory_mb:,.0f} MiB, "
+            f"{self.trainable_params:,} trainable parameters"
+        )
         return "\n".join(lines + [run_footer(self)])
 
 
@@ -89,25 +94,40 @@ class GRPOResult:
 # data
 
 
-def load_problem_splits(data: str | Path, val_data: str | Path | None, test_data: str | Path | None,
-                        seed: int) -> tuple[list[Problem], list[Problem], list[Problem]]:
+def load_problem_splits(
+    data: str | Path, val_data: str | Path | None, test_data: str | Path | None, seed: int
+) -> tuple[list[Problem], list[Problem], list[Problem]]:
     """Problems split by their last user turn (`arith`: the built-in set's own split)."""
-    return held_out_splits(data, val_data, test_data, seed, read_problems, lambda p: p.prompt[-1]["content"],
-                           "problems", ("arith", arith_splits))
+    return held_out_splits(
+        data,
+        val_data,
+        test_data,
+        seed,
+        read_problems,
+        lambda p: p.prompt[-1]["content"],
+        "problems",
+        ("arith", arith_splits),
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------
 # sampling, rewards, advantages, the loss
 
 
-def complete(model: torch.nn.Module, prompts: Sequence[Sequence[int]], params: SamplingParams, ends: list[int],
-             pad_id: int, batch_size: int | None = None) -> list[list[int]]:
+def complete(
+    model: torch.nn.Module,
+    prompts: Sequence[Sequence[int]],
+    params: SamplingParams,
+    ends: list[int],
+    pad_id: int,
+    batch_size: int | None = None,
+) -> list[list[int]]:
     """Each prompt's completion ids, through the end token when one came (it is part of the completion: the
     model learns to stop), in batches of `batch_size` rows (all at once when None). Greedy with temperature 0."""
     out: list[list[int]] = []
     step = batch_size or len(prompts)
     for s in range(0, len(prompts), step):
-        part = prompts[s:s + step]
+        part = prompts[s : s + step]
         cols = [t.tolist() for t in generate_ids(model, part, params, eos_token_id=ends or None, pad_token_id=pad_id)]
         for r in range(len(part)):
             ids = []
@@ -128,8 +148,9 @@ def group_advantages(rewards: torch.Tensor, scale: bool = True, eps: float = 1e-
     return torch.where(rewards.std(dim=1, keepdim=True) > 0, a, torch.zeros_like(a))
 
 
-def rollout_batch(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], pad_id: int
-                  ) -> dict[str, torch.Tensor]:
+def rollout_batch(
+    prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], pad_id: int
+) -> dict[str, torch.Tensor]:
     """prompt + completion rows, right-padded, with labels on the completion tokens only (aligned with the
     inputs: labels[i] is the token at i + 1)."""
     seqs = [list(p) + list(c) for p, c in zip(prompts, completions)]
@@ -141,23 +162,31 @@ def rollout_batch(prompts: Sequence[Sequence[int]], completions: Sequence[Sequen
         n = len(s) - 1
         ids[r, :n] = torch.tensor(s[:-1])
         mask[r, :n] = 1
-        labels[r, len(p) - 1:n] = torch.tensor(s[len(p):])
+        labels[r, len(p) - 1 : n] = torch.tensor(s[len(p) :])
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def token_logps(model: torch.nn.Module, b: dict[str, torch.Tensor], grad_checkpoint: bool = False
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+def token_logps(
+    model: torch.nn.Module, b: dict[str, torch.Tensor], grad_checkpoint: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """log pi(token) of every labelled token (flattened, row-major) and the row each belongs to."""
     at = b["labels"] != -100
-    logits = model(b["input_ids"], attention_mask=b["attention_mask"], logits_at=at,
-                   grad_checkpoint=grad_checkpoint).logits
+    logits = model(
+        b["input_ids"], attention_mask=b["attention_mask"], logits_at=at, grad_checkpoint=grad_checkpoint
+    ).logits
     lp = torch.log_softmax(logits.float(), dim=-1).gather(-1, b["labels"][at][:, None]).squeeze(-1)
     return lp, at.nonzero()[:, 0]
 
 
-def policy_loss(logp: torch.Tensor, rows: torch.Tensor, advantages: torch.Tensor,
-                ref_logp: torch.Tensor | None = None, kl_beta: float = 0.0, tokens: float | None = None,
-                weights: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+def policy_loss(
+    logp: torch.Tensor,
+    rows: torch.Tensor,
+    advantages: torch.Tensor,
+    ref_logp: torch.Tensor | None = None,
+    kl_beta: float = 0.0,
+    tokens: float | None = None,
+    weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, float]:
     """The token-level policy-gradient loss -sum(A_row * log pi) / tokens, plus kl_beta * the k3 estimate of
     KL(pi || ref) per token (exp(d) - d - 1 with d = log ref - log pi: unbiased and never negative). Returns
     (loss, the KL estimate). `tokens`: the divisor (default: the tokens here; under torchrun, every process's
@@ -179,9 +208,15 @@ def verify_all(verify: Verifier, texts: Sequence[str], problems: Sequence[Proble
     return [verify(t, p.row()) for t, p in zip(texts, problems)]
 
 
-def heldout_scores(model: torch.nn.Module, tok, problems: Sequence[Problem], verify: Verifier,
-                   max_new_tokens: int, batch_size: int = 32, ids: Sequence[Sequence[int]] | None = None
-                   ) -> tuple[dict[str, float], list[str]]:
+def heldout_scores(
+    model: torch.nn.Module,
+    tok,
+    problems: Sequence[Problem],
+    verify: Verifier,
+    max_new_tokens: int,
+    batch_size: int = 32,
+    ids: Sequence[Sequence[int]] | None = None,
+) -> tuple[dict[str, float], list[str]]:
     """Greedy completions of `problems` and their scores: accuracy (the share given full reward), mean reward
     and mean completion length in tokens; and the completions. (The benchmark scores other models with it.)"""
     ids = ids if ids is not None else [tok.encode(apply_chat_template(tok, p.prompt)) for p in problems]
@@ -191,8 +226,11 @@ def heldout_scores(model: torch.nn.Module, tok, problems: Sequence[Problem], ver
     texts = [tok.decode(c) for c in comps]
     rewards = verify_all(verify, texts, problems)
     n = max(1, len(rewards))
-    return {"accuracy": sum(r >= 1.0 for r in rewards) / n, "reward": sum(rewards) / n,
-            "length": sum(map(len, comps)) / n}, texts
+    return {
+        "accuracy": sum(r >= 1.0 for r in rewards) / n,
+        "reward": sum(rewards) / n,
+        "length": sum(map(len, comps)) / n,
+    }, texts
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -213,15 +251,17 @@ class GRPOTask(Task):
         a = self.args
         self.train, self.val, self.test = load_problem_splits(self.data, a["val_data"], a["test_data"], self.cfg.seed)
         if a["eval_limit"] is not None:
-            self.val, self.test = self.val[:a["eval_limit"]], self.test[:a["eval_limit"]]
+            self.val, self.test = self.val[: a["eval_limit"]], self.test[: a["eval_limit"]]
 
     def prepare(self) -> None:
         cfg, tok, max_new = self.cfg, self.tok, self.args["max_new_tokens"]
         max_len = task_max_len("grpo", cfg, self.model.config.max_seq_len)
         room = max_len - max_new  # prompt tokens that leave room to answer
         if room < 1:
-            raise DataError(f"max_new_tokens {max_new} leaves no room for a prompt within {max_len} tokens; lower "
-                            f"it or raise --max-len")
+            raise DataError(
+                f"max_new_tokens {max_new} leaves no room for a prompt within {max_len} tokens; lower "
+                f"it or raise --max-len"
+            )
 
         def encode(problems: list[Problem], name: str) -> tuple[list[Problem], list[list[int]]]:
             kept, ids = [], []
@@ -237,10 +277,13 @@ class GRPOTask(Task):
             return kept, ids
 
         (self.train, self.train_ids), (self.val, self.val_ids), (self.test, self.test_ids) = (
-            encode(p, n) for p, n in ((self.train, "training"), (self.val, "validation"), (self.test, "test")))
+            encode(p, n) for p, n in ((self.train, "training"), (self.val, "validation"), (self.test, "test"))
+        )
         self.ends = sorted(set(end_of_turn_ids(tok) + ([tok.eos_id] if tok.eos_id is not None else [])))
-        say(f"data: {len(self.train)} train / {len(self.val)} validation / {len(self.test)} test problems; "
-            f"verifier {self.vname}")
+        say(
+            f"data: {len(self.train)} train / {len(self.val)} validation / {len(self.test)} test problems; "
+            f"verifier {self.vname}"
+        )
         self.eval_rows = max(16, cfg.batch_size * self.args["group_size"])
         self.dtype = resolve_dtype(cfg.dtype, cfg.device, say=False)
         self.steps_per_epoch = -(-len(self.train) // cfg.batch_size)
@@ -248,13 +291,16 @@ class GRPOTask(Task):
         self.model.eval()
         t = time.time()
         self.before, _ = self.score(self.test, self.test_ids)
-        say(f"before: held-out accuracy {self.before['accuracy']:.3f}, mean completion {self.before['length']:.1f} "
-            f"tokens ({len(self.test)} problems, {time.time() - t:.0f} s)")
+        say(
+            f"before: held-out accuracy {self.before['accuracy']:.3f}, mean completion {self.before['length']:.1f} "
+            f"tokens ({len(self.test)} problems, {time.time() - t:.0f} s)"
+        )
 
     def score(self, problems: list[Problem], ids: list[list[int]]) -> tuple[dict[str, float], list[str]]:
         with autocast(self.dtype, self.cfg.device):  # (the precision training runs in, before and after alike)
-            return heldout_scores(self.model, self.tok, problems, self.verify, self.args["max_new_tokens"],
-                                  self.eval_rows, ids)
+            return heldout_scores(
+                self.model, self.tok, problems, self.verify, self.args["max_new_tokens"], self.eval_rows, ids
+            )
 
     def after_method(self) -> None:
         model = self.model
@@ -272,11 +318,16 @@ class GRPOTask(Task):
         rng.shuffle(order)
         for i, s in enumerate(range(0, len(order), bs)):
             step = epoch * self.steps_per_epoch + i + 1
-            part = order[s:s + bs]
+            part = order[s : s + bs]
             # (under torchrun each process takes some of the prompts: `row` says where its first one stands, so
             # its completions draw from the seeds one process gives them; the loss sums over the processes itself)
-            yield {"prompts": torch.tensor(part), "row": torch.arange(len(part)), "step": step,
-                   "seed": (self.cfg.seed * 1_000_003 + step) % (2 ** 63), "units": None}
+            yield {
+                "prompts": torch.tensor(part),
+                "row": torch.arange(len(part)),
+                "step": step,
+                "seed": (self.cfg.seed * 1_000_003 + step) % (2**63),
+                "units": None,
+            }
 
     def loss(self, m: torch.nn.Module, b: dict[str, Any]) -> torch.Tensor:
         # m: the module training (under torchrun, the DDP wrapper: sampling runs on the model inside it; or the
@@ -290,8 +341,9 @@ class GRPOTask(Task):
         problems = [self.train[i] for i in idx for _ in range(G)]
         t0 = time.time()
         policy.eval()  # (no dropout while sampling)
-        params = SamplingParams(max_new_tokens=a["max_new_tokens"], temperature=a["temperature"],
-                                seed=int(b["seed"]) + int(b["row"][0]) * G)  # (row i draws from seed + i)
+        params = SamplingParams(
+            max_new_tokens=a["max_new_tokens"], temperature=a["temperature"], seed=int(b["seed"]) + int(b["row"][0]) * G
+        )  # (row i draws from seed + i)
         with whole_weights(model, m) if sharded else contextlib.nullcontext():
             comps = complete(policy, prompts, params, self.ends, tok.pad_id)
         policy.train(training)
@@ -318,11 +370,20 @@ class GRPOTask(Task):
         loss, kl = policy_loss(logp, rows, adv[keep], ref_logp, a["kl_beta"], tokens=tokens_all, weights=weights)
         ended = sum(bool(c) and c[-1] in self.ends for c in comps)
         if os.environ.get("RANK", "0") == "0":  # (under torchrun: process 0's samples stand for the step)
-            _append(self.rollouts_path, {
-                "step": int(b["step"]), "reward": float(rewards.mean()),
-                "accuracy": float((rewards >= 1.0).float().mean()), "length": sum(map(len, comps)) / len(comps),
-                "ended": ended / len(comps), "signal": float((rewards.view(-1, G).std(dim=1) > 0).float().mean()),
-                "kl": kl, "sample_seconds": sampled, "seconds": time.time() - t0})
+            _append(
+                self.rollouts_path,
+                {
+                    "step": int(b["step"]),
+                    "reward": float(rewards.mean()),
+                    "accuracy": float((rewards >= 1.0).float().mean()),
+                    "length": sum(map(len, comps)) / len(comps),
+                    "ended": ended / len(comps),
+                    "signal": float((rewards.view(-1, G).std(dim=1) > 0).float().mean()),
+                    "kl": kl,
+                    "sample_seconds": sampled,
+                    "seconds": time.time() - t0,
+                },
+            )
         return loss
 
     def evaluate(self) -> dict[str, float]:
@@ -331,29 +392,55 @@ class GRPOTask(Task):
     def finish(self, fit) -> dict[str, Any]:
         self.after, texts = self.score(self.test, self.test_ids)
         release_packed(self.model)
-        say(f"after: held-out accuracy {self.after['accuracy']:.3f}, mean completion {self.after['length']:.1f} "
-            f"tokens")
+        say(f"after: held-out accuracy {self.after['accuracy']:.3f}, mean completion {self.after['length']:.1f} tokens")
         self.rollouts = read_rollouts(self.rollouts_path)
-        write_json(self.out / "completions.json", [{"prompt": p.prompt[-1]["content"], "answer": p.answer,
-                                                    "completion": y} for p, y in zip(self.test, texts)])
-        plot_rollouts(self.rollouts, [r for r in fit.history if r.get("split") == "val"],
-                      self.out / "report" / "rollouts.png")
-        self.samples = [(p.prompt[-1]["content"], f"completion: {y!r} | answer: {p.answer}")
-                        for p, y in list(zip(self.test, texts))[:8]]
+        write_json(
+            self.out / "completions.json",
+            [
+                {"prompt": p.prompt[-1]["content"], "answer": p.answer, "completion": y}
+                for p, y in zip(self.test, texts)
+            ],
+        )
+        plot_rollouts(
+            self.rollouts, [r for r in fit.history if r.get("split") == "val"], self.out / "report" / "rollouts.png"
+        )
+        self.samples = [
+            (p.prompt[-1]["content"], f"completion: {y!r} | answer: {p.answer}")
+            for p, y in list(zip(self.test, texts))[:8]
+        ]
         a = self.args
-        return {"verifier": self.vname, "group_size": a["group_size"], "kl_beta": a["kl_beta"],
-                "before": self.before, "after": self.after}
+        return {
+            "verifier": self.vname,
+            "group_size": a["group_size"],
+            "kl_beta": a["kl_beta"],
+            "before": self.before,
+            "after": self.after,
+        }
 
     def report_rows(self) -> list[tuple[str, str]]:
         a, b, f = self.args, self.before, self.after
-        return [("verifier / group size / KL beta", f"{self.vname} / {a['group_size']} / {a['kl_beta']:g}"),
-                ("problems train / val / test", f"{len(self.train)} / {len(self.val)} / {len(self.test)}"),
-                ("held-out accuracy before / after", f"{b['accuracy']:.3f} / {f['accuracy']:.3f}"),
-                ("mean completion tokens before / after", f"{b['length']:.1f} / {f['length']:.1f}")] + self.samples
+        return [
+            ("verifier / group size / KL beta", f"{self.vname} / {a['group_size']} / {a['kl_beta']:g}"),
+            ("problems train / val / test", f"{len(self.train)} / {len(self.val)} / {len(self.test)}"),
+            ("held-out accuracy before / after", f"{b['accuracy']:.3f} / {f['accuracy']:.3f}"),
+            ("mean completion tokens before / after", f"{b['length']:.1f} / {f['length']:.1f}"),
+        ] + self.samples
 
     def result(self, run: Run) -> GRPOResult:
-        return GRPOResult(run.out, run.model_dir, run.adapter_dir, self.before, self.after, run.fit.best,
-                          run.trainable, run.total, run.seconds, run.peak_mb, self.rows, self.rollouts)
+        return GRPOResult(
+            run.out,
+            run.model_dir,
+            run.adapter_dir,
+            self.before,
+            self.after,
+            run.fit.best,
+            run.trainable,
+            run.total,
+            run.seconds,
+            run.peak_mb,
+            self.rows,
+            self.rollouts,
+        )
 
 
 def finetune_grpo(
@@ -375,10 +462,24 @@ def finetune_grpo(
 ) -> GRPOResult | None:
     """Train a decoder with GRPO on verifiable rewards (see the module notes; settings in tune/tasks.py:
     GRPOArgs). `verifier` may also be a function (completion, problem row) -> reward."""
-    return run_task(GRPOTask, model_path, data, out, cfg, progress, resume, verifier=verifier,
-                    group_size=group_size, max_new_tokens=max_new_tokens, temperature=temperature, kl_beta=kl_beta,
-                    scale_rewards=scale_rewards, eval_limit=eval_limit, val_data=val_data and str(val_data),
-                    test_data=test_data and str(test_data))
+    return run_task(
+        GRPOTask,
+        model_path,
+        data,
+        out,
+        cfg,
+        progress,
+        resume,
+        verifier=verifier,
+        group_size=group_size,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        kl_beta=kl_beta,
+        scale_rewards=scale_rewards,
+        eval_limit=eval_limit,
+        val_data=val_data and str(val_data),
+        test_data=test_data and str(test_data),
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -422,7 +523,7 @@ def plot_rollouts(rollouts: list[dict[str, Any]], val: list[dict[str, Any]], pat
     w = max(1, len(rollouts) // 10)
 
     def smooth(v: list[float]) -> list[float]:
-        return [sum(v[max(0, i - w + 1):i + 1]) / len(v[max(0, i - w + 1):i + 1]) for i in range(len(v))]
+        return [sum(v[max(0, i - w + 1) : i + 1]) / len(v[max(0, i - w + 1) : i + 1]) for i in range(len(v))]
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6), dpi=110)
     reward = [r["reward"] for r in rollouts]
@@ -431,8 +532,14 @@ def plot_rollouts(rollouts: list[dict[str, Any]], val: list[dict[str, Any]], pat
     axes[0].set_title("reward of the sampled completions")
     axes[1].plot(steps, smooth([r["accuracy"] for r in rollouts]), lw=1.5, color="#55a868", label="training samples")
     if val:
-        axes[1].plot([r["step"] for r in val], [r["accuracy"] for r in val], "o-", ms=3, color="#dd8452",
-                     label="validation (greedy)")
+        axes[1].plot(
+            [r["step"] for r in val],
+            [r["accuracy"] for r in val],
+            "o-",
+            ms=3,
+            color="#dd8452",
+            label="validation (greedy)",
+        )
     axes[1].set_title("accuracy")
     axes[2].plot(steps, [r["length"] for r in rollouts], lw=1, color="#8172b2")
     axes[2].set_title("mean completion length (tokens)")
@@ -443,4 +550,3 @@ def plot_rollouts(rollouts: list[dict[str, Any]], val: list[dict[str, Any]], pat
         ax.legend()
     fig.tight_layout()
     return save_png(fig, path)
-

@@ -1,9 +1,9 @@
 """A fine-tuning method is a transform of the model before the one training loop runs:
 
-    full    every parameter trains
-    top-k   only the last k blocks and the head (`freeze.py`)
-    lora    frozen model + low-rank adapters on the target Linear layers + the head (`lora.py`)
-    qlora   lora on a base whose block Linear layers are stored in NF4 (or int4 in groups of 32, or int8) and frozen
+full    every parameter trains
+top-k   only the last k blocks and the head (`freeze.py`)
+lora    frozen model + low-rank adapters on the target Linear layers + the head (`lora.py`)
+qlora   lora on a base whose block Linear layers are stored in NF4 (or int4 in groups of 32, or int8) and frozen
 """
 
 from __future__ import annotations
@@ -31,8 +31,14 @@ def apply_method(model: nn.Module, cfg) -> int:
     if m == "top-k":
         return freeze_all_but_top(model, cfg.top_k)
     if m in ("lora", "qlora"):
-        return apply_lora(model, cfg.lora_targets, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                          quantize=cfg.quant if m == "qlora" else None)
+        return apply_lora(
+            model,
+            cfg.lora_targets,
+            r=cfg.lora_r,
+            alpha=cfg.lora_alpha,
+            dropout=cfg.lora_dropout,
+            quantize=cfg.quant if m == "qlora" else None,
+        )
     raise ConfigError(f"unknown fine-tuning method {m!r}; known: {', '.join(METHODS)}")
 
 

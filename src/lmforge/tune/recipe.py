@@ -34,8 +34,14 @@ from lmforge.tune.tasks import (  # noqa: F401  (the declarations, re-exported f
 )
 
 
-def finetune(task: str, recipe: str | Path | None = None, flags: dict[str, Any] | None = None,
-             sets: list[str] | None = None, progress: bool | None = None, resume: bool = False):
+def finetune(
+    task: str,
+    recipe: str | Path | None = None,
+    flags: dict[str, Any] | None = None,
+    sets: list[str] | None = None,
+    progress: bool | None = None,
+    resume: bool = False,
+):
     """Resolve the settings and run the task's recipe; returns its result object (None in a torchrun process
     other than 0: process 0 writes the outputs).
 
@@ -52,8 +58,9 @@ def finetune(task: str, recipe: str | Path | None = None, flags: dict[str, Any] 
             raise ConfigError("--resume needs --out RUN_DIR (the run to continue)")
         saved = Path(out_flag) / RECIPE_FILE
         if not saved.is_file():
-            raise CheckpointError(f"nothing to resume in {out_flag}: it holds no {RECIPE_FILE} (start the run "
-                                  f"without --resume)")
+            raise CheckpointError(
+                f"nothing to resume in {out_flag}: it holds no {RECIPE_FILE} (start the run without --resume)"
+            )
         recipe = saved
     cfg, args = resolve(task, recipe, flags, sets)
     env = None
@@ -129,5 +136,4 @@ def _seq2seq():
 
 
 # (each task module is imported only when its task runs: the CLI starts without loading them all)
-_TASK_FUNCTIONS = {"classify": _classify, "qa": _qa, "chat": _chat, "dpo": _dpo, "grpo": _grpo,
-                   "seq2seq": _seq2seq}
+_TASK_FUNCTIONS = {"classify": _classify, "qa": _qa, "chat": _chat, "dpo": _dpo, "grpo": _grpo, "seq2seq": _seq2seq}

@@ -1,13 +1,13 @@
 """Instruction tuning (SFT) of a decoder on chat data, read top to bottom.
 
-    data     chat JSONL (`messages`), or `chatterbot` (the packaged corpus); held-out conversations are split by
-             question under the seed unless --val-data / --test-data are given
-    tokens   the model's chat template; labels on assistant turns only; short examples packed into rows
-    model    the decoder transformed by the method (full / top-k / lora / qlora)
-    train    `fit`: AdamW, warm-up + linear decay, validation loss after every epoch, best epoch kept
-    finish   greedy replies to the held-out questions before and after, scored against the references
-             (exact match, token F1, ROUGE-L); the merged model as an HF directory and, under LoRA, the adapter
-             in the PEFT layout; a report with sample replies
+data     chat JSONL (`messages`), or `chatterbot` (the packaged corpus); held-out conversations are split by
+         question under the seed unless --val-data / --test-data are given
+tokens   the model's chat template; labels on assistant turns only; short examples packed into rows
+model    the decoder transformed by the method (full / top-k / lora / qlora)
+train    `fit`: AdamW, warm-up + linear decay, validation loss after every epoch, best epoch kept
+finish   greedy replies to the held-out questions before and after, scored against the references
+         (exact match, token F1, ROUGE-L); the merged model as an HF directory and, under LoRA, the adapter
+         in the PEFT layout; a report with sample replies
 """
 
 from __future__ import annotations
@@ -48,21 +48,29 @@ class ChatResult:
 
     def summary(self) -> str:
         """What `lmforge finetune chat` prints at the end."""
-        lines = [f"held-out replies {name}: exact match {m['exact_match']:.1f}  F1 {m['f1']:.1f}  ROUGE-L "
-                 f"{m['rougeL']:.1f}" for name, m in (("before", self.before), ("after", self.after)) if m]
-        lines.append(f"{self.seconds:.0f} s training, peak memory {self.peak_train_memory_mb:,.0f} MiB, "
-                     f"{self.trainable_params:,} trainable parameters")
+        lines = [
+            f"held-out replies {name}: exact match {m['exact_match']:.1f}  F1 {m['f1']:.1f}  ROUGE-L {m['rougeL']:.1f}"
+            for name, m in (("before", self.before), ("after", self.after))
+            if m
+        ]
+        lines.append(
+            f"{self.seconds:.0f} s training, peak memory {self.peak_train_memory_mb:,.0f} MiB, "
+            f"{self.trainable_params:,} trainable parameters"
+        )
         return "\n".join(lines + [run_footer(self)])
 
 
-def load_chat_splits(data: str | Path, val_data: str | Path | None, test_data: str | Path | None,
-                     seed: int) -> tuple[list[Messages], list[Messages], list[Messages]]:
+def load_chat_splits(
+    data: str | Path, val_data: str | Path | None, test_data: str | Path | None, seed: int
+) -> tuple[list[Messages], list[Messages], list[Messages]]:
     """Conversations split by their first question (`chatterbot`: the packaged corpus's own split)."""
+
     def first(c: Messages) -> str:
         return next((m["content"] for m in c if m["role"] == "user"), c[0]["content"])
 
-    return held_out_splits(data, val_data, test_data, seed, read_chat, first, "conversations",
-                           ("chatterbot", chatterbot_chat))
+    return held_out_splits(
+        data, val_data, test_data, seed, read_chat, first, "conversations", ("chatterbot", chatterbot_chat)
+    )
 
 
 def first_reply_prompts(convs: list[Messages]) -> tuple[list[Messages], list[list[str]]]:
@@ -87,8 +95,13 @@ def collate(rows: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Te
         return torch.tensor([r[key] + [fill] * (T - len(r[key])) for r in rows])
 
     labels = padded("labels", -100)
-    return {"input_ids": padded("input_ids", pad_id), "labels": labels, "attention_mask": padded("segment", 0),
-            "position_ids": padded("position_ids", 0), "logits_at": labels != -100}
+    return {
+        "input_ids": padded("input_ids", pad_id),
+        "labels": labels,
+        "attention_mask": padded("segment", 0),
+        "position_ids": padded("position_ids", 0),
+        "logits_at": labels != -100,
+    }
 
 
 def token_loss(model: torch.nn.Module, rows: list[dict[str, list[int]]], pad_id: int, batch_size: int) -> float:
@@ -96,7 +109,7 @@ def token_loss(model: torch.nn.Module, rows: list[dict[str, list[int]]], pad_id:
     total, n = 0.0, 0
     with torch.no_grad():
         for s in range(0, len(rows), batch_size):
-            b = collate(rows[s:s + batch_size], pad_id)
+            b = collate(rows[s : s + batch_size], pad_id)
             k = int(b["logits_at"].sum())
             if k:
                 total += float(model(**b, loss_only=True).loss) * k
@@ -110,8 +123,9 @@ class ChatTask(Task):
     packages = ("rouge_score",)  # (the eval extra: its metrics)
 
     def load_data(self) -> None:
-        self.train, self.val, self.test = load_chat_splits(self.data, self.args["val_data"],
-                                                           self.args["test_data"], self.cfg.seed)
+        self.train, self.val, self.test = load_chat_splits(
+            self.data, self.args["val_data"], self.args["test_data"], self.cfg.seed
+        )
 
     def prepare(self) -> None:
         cfg, a, tok = self.cfg, self.args, self.tok
@@ -122,34 +136,51 @@ class ChatTask(Task):
             tokenized[name] = [e for e in ex if e is not None]
         if not tokenized["train"]:
             raise DataError(f"no training conversation keeps an assistant token within max_len {max_len}")
-        self.rows_train = pack(tokenized["train"], max_len) if a["packing"] else [
+        self.rows_train = (
+            pack(tokenized["train"], max_len)
+            if a["packing"]
+            else [
+                {"input_ids": i, "labels": lab, "segment": [1] * len(i), "position_ids": list(range(len(i)))}
+                for i, lab in tokenized["train"]
+            ]
+        )
+        self.rows_val = [
             {"input_ids": i, "labels": lab, "segment": [1] * len(i), "position_ids": list(range(len(i)))}
-            for i, lab in tokenized["train"]]
-        self.rows_val = [{"input_ids": i, "labels": lab, "segment": [1] * len(i), "position_ids": list(range(len(i)))}
-                         for i, lab in tokenized["val"]]
+            for i, lab in tokenized["val"]
+        ]
         self.prompts, self.refs = first_reply_prompts(self.test)
         if a["eval_limit"] is not None:
-            self.prompts, self.refs = self.prompts[:a["eval_limit"]], self.refs[:a["eval_limit"]]
+            self.prompts, self.refs = self.prompts[: a["eval_limit"]], self.refs[: a["eval_limit"]]
         n_tok = sum(len(i) for i, _ in tokenized["train"])
-        say(f"data: {len(self.train)} train / {len(self.val)} validation / {len(self.test)} test conversations; "
+        say(
+            f"data: {len(self.train)} train / {len(self.val)} validation / {len(self.test)} test conversations; "
             f"{n_tok:,} training tokens in {len(self.rows_train)} rows of up to {max_len}"
-            + (" (packed)" if a["packing"] else ""))
+            + (" (packed)" if a["packing"] else "")
+        )
         self.steps_per_epoch = -(-len(self.rows_train) // cfg.batch_size)
-        self.rows = {"train": len(self.train), "validation": len(self.val), "test": len(self.test),
-                     "test_questions": len(self.prompts), "train_rows": len(self.rows_train), "train_tokens": n_tok}
+        self.rows = {
+            "train": len(self.train),
+            "validation": len(self.val),
+            "test": len(self.test),
+            "test_questions": len(self.prompts),
+            "train_rows": len(self.rows_train),
+            "train_tokens": n_tok,
+        }
         self.before: dict[str, float] = {}
         if a["eval_before"] and self.prompts:  # the starting model's replies, before the method's transform
             t = time.time()
             self.before = reference_scores(reply_all(self.model, tok, self.prompts, a["max_new_tokens"]), self.refs)
-            say(f"before: held-out replies {_fmt(self.before)}  ({len(self.prompts)} questions, "
-                f"{time.time() - t:.0f} s)")
+            say(
+                f"before: held-out replies {_fmt(self.before)}  ({len(self.prompts)} questions, "
+                f"{time.time() - t:.0f} s)"
+            )
 
     def batches(self, epoch: int):
         rng = random.Random(self.cfg.seed + epoch)
         order = list(range(len(self.rows_train)))
         rng.shuffle(order)
         for s in range(0, len(order), self.cfg.batch_size):
-            yield collate([self.rows_train[i] for i in order[s:s + self.cfg.batch_size]], self.tok.pad_id)
+            yield collate([self.rows_train[i] for i in order[s : s + self.cfg.batch_size]], self.tok.pad_id)
 
     def evaluate(self) -> dict[str, float]:
         loss = token_loss(self.model, self.rows_val, self.tok.pad_id, self.cfg.batch_size)
@@ -161,21 +192,37 @@ class ChatTask(Task):
         self.after = reference_scores(self.replies, refs) if prompts else {}
         if self.after:
             say(f"after: held-out replies {_fmt(self.after)}")
-        write_json(self.out / "replies.json", [{"prompt": p, "references": r, "reply": y}
-                                               for p, r, y in zip(prompts, refs, self.replies)])
+        write_json(
+            self.out / "replies.json",
+            [{"prompt": p, "references": r, "reply": y} for p, r, y in zip(prompts, refs, self.replies)],
+        )
         return {"before": self.before, "after": self.after}
 
     def report_rows(self) -> list[tuple[str, str]]:
-        samples = [(p[-1]["content"], f"reply: {y!r} | reference: {r[0]!r}"
-                    + (f" (+{len(r) - 1} more)" if len(r) > 1 else ""))
-                   for p, r, y in list(zip(self.prompts, self.refs, self.replies))[:8]]
-        return [("conversations train / val / test", f"{len(self.train)} / {len(self.val)} / {len(self.test)}"),
-                ("held-out replies before", _fmt(self.before) or "not run"),
-                ("held-out replies after", _fmt(self.after) or "not run")] + samples
+        samples = [
+            (p[-1]["content"], f"reply: {y!r} | reference: {r[0]!r}" + (f" (+{len(r) - 1} more)" if len(r) > 1 else ""))
+            for p, r, y in list(zip(self.prompts, self.refs, self.replies))[:8]
+        ]
+        return [
+            ("conversations train / val / test", f"{len(self.train)} / {len(self.val)} / {len(self.test)}"),
+            ("held-out replies before", _fmt(self.before) or "not run"),
+            ("held-out replies after", _fmt(self.after) or "not run"),
+        ] + samples
 
     def result(self, run: Run) -> ChatResult:
-        return ChatResult(run.out, run.model_dir, run.adapter_dir, self.before, self.after, run.fit.best,
-                          run.trainable, run.total, run.seconds, run.peak_mb, self.rows)
+        return ChatResult(
+            run.out,
+            run.model_dir,
+            run.adapter_dir,
+            self.before,
+            self.after,
+            run.fit.best,
+            run.trainable,
+            run.total,
+            run.seconds,
+            run.peak_mb,
+            self.rows,
+        )
 
 
 def _fmt(m: dict[str, float]) -> str:
@@ -197,6 +244,18 @@ def finetune_chat(
     resume: bool = False,
 ) -> ChatResult | None:
     """Instruction-tune a decoder on chat data (see the module notes; settings in tune/tasks.py: ChatArgs)."""
-    return run_task(ChatTask, model_path, data, out, cfg, progress, resume, val_data=val_data and str(val_data),
-                    test_data=test_data and str(test_data), packing=packing, eval_before=eval_before,
-                    max_new_tokens=max_new_tokens, eval_limit=eval_limit)
+    return run_task(
+        ChatTask,
+        model_path,
+        data,
+        out,
+        cfg,
+        progress,
+        resume,
+        val_data=val_data and str(val_data),
+        test_data=test_data and str(test_data),
+        packing=packing,
+        eval_before=eval_before,
+        max_new_tokens=max_new_tokens,
+        eval_limit=eval_limit,
+    )

@@ -54,8 +54,12 @@ class ClassifyArgs(TaskArgs):
     val_fraction: float = setting(0.1, "share of --data held out for validation", low=0, high=1, high_open=True)
     test_fraction: float = setting(0.1, "share of --data held out for the test", low=0, high=1, high_open=True)
     class_weights: bool = setting(False, "weight the loss by inverse class frequency")
-    stride: int | None = setting(None, "tokens shared by neighbouring windows of a text longer than --max-len "
-                                 "(default: a quarter of --max-len)", low=0, integer=True)
+    stride: int | None = setting(
+        None,
+        "tokens shared by neighbouring windows of a text longer than --max-len (default: a quarter of --max-len)",
+        low=0,
+        integer=True,
+    )
 
 
 @dataclass
@@ -78,17 +82,19 @@ class DPOArgs(TaskArgs):
 
 @dataclass
 class GRPOArgs(TaskArgs):
-    verifier: str = setting("number", "the reward: exact, number, regex:PATTERN, json, code (runs the problem's "
-                            "tests), or FILE.py:FUNCTION")
-    group_size: int = setting(8, "completions sampled per prompt (the group its advantages are relative to)", low=2,
-                              integer=True)
-    max_new_tokens: int = setting(64, "longest completion, sampled or decoded for the held-out accuracy", low=1,
-                                  integer=True)
+    verifier: str = setting(
+        "number", "the reward: exact, number, regex:PATTERN, json, code (runs the problem's tests), or FILE.py:FUNCTION"
+    )
+    group_size: int = setting(
+        8, "completions sampled per prompt (the group its advantages are relative to)", low=2, integer=True
+    )
+    max_new_tokens: int = setting(
+        64, "longest completion, sampled or decoded for the held-out accuracy", low=1, integer=True
+    )
     temperature: float = setting(1.0, "sampling temperature of the completions", low=0, low_open=True)
     kl_beta: float = setting(0.0, "weight of the KL penalty to the starting model (0: none)", low=0)
     scale_rewards: bool = setting(True, "divide each group's advantages by its reward standard deviation")
-    eval_limit: int | None = setting(None, "decode only the first N validation and test problems", low=1,
-                                     integer=True)
+    eval_limit: int | None = setting(None, "decode only the first N validation and test problems", low=1, integer=True)
 
 
 @dataclass
@@ -100,36 +106,56 @@ class Seq2SeqArgs(TaskArgs):
     test_fraction: float = setting(0.05, "share of --data held out for the test", low=0, high=1, high_open=True)
     max_target_len: int | None = setting(None, "target tokens kept (default: --max-len)", low=1, integer=True)
     num_beams: int = setting(4, "beam width of the test-split decoding", low=1, integer=True)
-    max_new_tokens: int | None = setting(None, "longest output when decoding (default: the target limit)", low=1,
-                                         integer=True)
+    max_new_tokens: int | None = setting(
+        None, "longest output when decoding (default: the target limit)", low=1, integer=True
+    )
     eval_limit: int = setting(500, "test pairs decoded for the final scores", low=1, integer=True)
-    time_budget: float | None = setting(None, "seconds of training: the epochs are sized to fit", low=0,
-                                        low_open=True)
+    time_budget: float | None = setting(None, "seconds of training: the epochs are sized to fit", low=0, low_open=True)
 
 
-TASK_CLASSES: dict[str, type[TaskArgs]] = {"classify": ClassifyArgs, "qa": QAArgs, "chat": ChatArgs,
-                                           "dpo": DPOArgs, "grpo": GRPOArgs, "seq2seq": Seq2SeqArgs}
-TASK_HELP = {"classify": "text classification with an encoder (e.g. all-minilm-l6-v2)",
-             "qa": "extractive question answering (SQuAD format), encoder",
-             "chat": "instruction tuning (SFT) of a decoder on chat JSONL or chatterbot",
-             "dpo": "preference tuning (DPO) on prompt/chosen/rejected JSONL",
-             "grpo": "reinforcement learning with verifiable rewards (GRPO) on prompt/answer JSONL or arith",
-             "seq2seq": "translation / summarization with an encoder-decoder (T5), or one from scratch"}
+TASK_CLASSES: dict[str, type[TaskArgs]] = {
+    "classify": ClassifyArgs,
+    "qa": QAArgs,
+    "chat": ChatArgs,
+    "dpo": DPOArgs,
+    "grpo": GRPOArgs,
+    "seq2seq": Seq2SeqArgs,
+}
+TASK_HELP = {
+    "classify": "text classification with an encoder (e.g. all-minilm-l6-v2)",
+    "qa": "extractive question answering (SQuAD format), encoder",
+    "chat": "instruction tuning (SFT) of a decoder on chat JSONL or chatterbot",
+    "dpo": "preference tuning (DPO) on prompt/chosen/rejected JSONL",
+    "grpo": "reinforcement learning with verifiable rewards (GRPO) on prompt/answer JSONL or arith",
+    "seq2seq": "translation / summarization with an encoder-decoder (T5), or one from scratch",
+}
 TASK_ARGS: dict[str, dict[str, Any]] = {  # task -> argument -> default (derived from the classes above)
-    task: {f.name: f.default for f in dataclasses.fields(cls)} for task, cls in TASK_CLASSES.items()}
+    task: {f.name: f.default for f in dataclasses.fields(cls)} for task, cls in TASK_CLASSES.items()
+}
 TASK_DEFAULTS: dict[str, dict[str, Any]] = {
     # max_len: from the data; attention dropout off lets the fused attention kernel run (measured: the same
     # accuracy, 2.7x faster on long texts with bf16: benchmarks/long_docs.py, RESULTS.md)
-    "classify": {"epochs": 3.0, "batch_size": 32, "max_len": None, "metric": "accuracy", "attn_dropout": 0.0,
-                 "dtype": "auto"},
+    "classify": {
+        "epochs": 3.0,
+        "batch_size": 32,
+        "max_len": None,
+        "metric": "accuracy",
+        "attn_dropout": 0.0,
+        "dtype": "auto",
+    },
     "qa": {"epochs": 2.0, "batch_size": 16, "max_len": 256, "metric": "f1"},
     "chat": {"epochs": 2.0, "batch_size": 8, "max_len": 512, "metric": "neg_loss"},
     "dpo": {"epochs": 1.0, "batch_size": 4, "max_len": 384, "metric": "neg_loss"},
     # batch_size: prompts per step, each sampled group_size times; steps are slow, so log and checkpoint often
-    "grpo": {"epochs": 1.0, "batch_size": 4, "max_len": 512, "metric": "accuracy", "log_every": 1,
-             "ckpt_every": 20},
-    "seq2seq": {"epochs": 3.0, "batch_size": 32, "max_len": 128, "metric": "neg_loss", "weight_decay": 0.0,
-                "optimizer": "adafactor"},
+    "grpo": {"epochs": 1.0, "batch_size": 4, "max_len": 512, "metric": "accuracy", "log_every": 1, "ckpt_every": 20},
+    "seq2seq": {
+        "epochs": 3.0,
+        "batch_size": 32,
+        "max_len": 128,
+        "metric": "neg_loss",
+        "weight_decay": 0.0,
+        "optimizer": "adafactor",
+    },
 }
 LR: dict[str, dict[str, float]] = {  # task -> method -> default learning rate
     "classify": {"full": 5e-5, "top-k": 2e-4, "lora": 5e-4, "qlora": 5e-4},
@@ -143,16 +169,22 @@ LR: dict[str, dict[str, float]] = {  # task -> method -> default learning rate
 FIELDS = {f.name for f in dataclasses.fields(FinetuneConfig)}
 # the validation metrics each task's evaluation reports, higher is better: --metric picks the kept weights by one
 METRICS: dict[str, tuple[str, ...]] = {
-    "classify": ("accuracy", "macro_f1"), "qa": ("f1", "exact_match"), "chat": ("neg_loss",),
-    "dpo": ("neg_loss", "preference_accuracy", "reward_accuracy", "reward_margin"), "grpo": ("accuracy", "reward"),
-    "seq2seq": ("neg_loss", "bleu_greedy", "chrf_greedy")}
+    "classify": ("accuracy", "macro_f1"),
+    "qa": ("f1", "exact_match"),
+    "chat": ("neg_loss",),
+    "dpo": ("neg_loss", "preference_accuracy", "reward_accuracy", "reward_margin"),
+    "grpo": ("accuracy", "reward"),
+    "seq2seq": ("neg_loss", "bleu_greedy", "chrf_greedy"),
+}
 LORA = ("lora", "qlora")
 # settings that apply only where a condition holds: given on the command line elsewhere, they are refused
 # (setting -> (applies(task, settings), what it applies to))
 APPLIES: dict[str, tuple[Any, str]] = {
     "top_k": (lambda task, v: v["method"] == "top-k", "--method top-k"),
-    **{k: (lambda task, v: v["method"] in LORA, "--method lora or qlora")
-       for k in ("lora_r", "lora_alpha", "lora_dropout", "lora_targets")},
+    **{
+        k: (lambda task, v: v["method"] in LORA, "--method lora or qlora")
+        for k in ("lora_r", "lora_alpha", "lora_dropout", "lora_targets")
+    },
     "quant": (lambda task, v: v["method"] == "qlora", "--method qlora"),
     "label_smoothing": (lambda task, v: task == "classify", "finetune classify"),
     "val_fraction": (lambda task, v: not v.get("val_data"), "a --data split (without --val-data)"),
@@ -160,8 +192,9 @@ APPLIES: dict[str, tuple[Any, str]] = {
 }
 
 
-def resolve(task: str, recipe: str | Path | None = None, flags: dict[str, Any] | None = None,
-            sets: list[str] | None = None) -> tuple[FinetuneConfig, dict[str, Any]]:
+def resolve(
+    task: str, recipe: str | Path | None = None, flags: dict[str, Any] | None = None, sets: list[str] | None = None
+) -> tuple[FinetuneConfig, dict[str, Any]]:
     """The FinetuneConfig and task arguments for a run (see the module notes for the layering)."""
     if task not in TASKS:
         raise ConfigError(f"unknown fine-tuning task {task!r}; known: {', '.join(TASKS)}")
@@ -175,8 +208,9 @@ def resolve(task: str, recipe: str | Path | None = None, flags: dict[str, Any] |
                 raise ConfigError(f"{where}: this recipe is for task {value!r}, not {task!r}")
             return
         if key not in known:
-            raise ConfigError(f"{where}: unknown setting {key!r} for finetune {task}; known: "
-                              f"{', '.join(sorted(known))}")
+            raise ConfigError(
+                f"{where}: unknown setting {key!r} for finetune {task}; known: {', '.join(sorted(known))}"
+            )
         values[key] = value
 
     if recipe:
@@ -218,25 +252,34 @@ def check_applies(task: str, values: dict[str, Any], given: dict[str, str]) -> N
     for key, how in given.items():
         rule = APPLIES.get(key)
         if rule is not None and not rule[0](task, values):
-            raise ConfigError(f"{how} applies to {rule[1]}; this run (finetune {task}, --method "
-                              f"{values['method']}) does not use it: drop it")
+            raise ConfigError(
+                f"{how} applies to {rule[1]}; this run (finetune {task}, --method "
+                f"{values['method']}) does not use it: drop it"
+            )
     if values["metric"] not in METRICS[task]:
-        raise ConfigError(f"metric {values['metric']!r} is not one finetune {task} reports; choose one of "
-                          f"{', '.join(METRICS[task])}")
+        raise ConfigError(
+            f"metric {values['metric']!r} is not one finetune {task} reports; choose one of {', '.join(METRICS[task])}"
+        )
     if task == "qa" and values.get("data") == "shakespeare-qa" and (values.get("val_data") or values.get("test_data")):
-        raise ConfigError("shakespeare-qa brings its own validation and test splits; --val-data / --test-data go "
-                          "with a SQuAD file of your own")
+        raise ConfigError(
+            "shakespeare-qa brings its own validation and test splits; --val-data / --test-data go "
+            "with a SQuAD file of your own"
+        )
     if "strategy" in given and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        print(f"lmforge: note: {given['strategy']} applies under torchrun (several processes); this run has one",
-              file=sys.stderr)
+        print(
+            f"lmforge: note: {given['strategy']} applies under torchrun (several processes); this run has one",
+            file=sys.stderr,
+        )
 
 
 def task_max_len(task: str, cfg: FinetuneConfig, limit: int) -> int:
     """Tokens per example: cfg.max_len, or the task's default when it is not given, and never past `limit` (the
     model's context; a --max-len past it is noted, the task's own default quietly fitted)."""
     if cfg.max_len is not None and cfg.max_len > limit and cfg.max_len != TASK_DEFAULTS[task]["max_len"]:
-        print(f"lmforge: note: --max-len {cfg.max_len} is past the model's context of {limit} tokens; using {limit}",
-              file=sys.stderr)
+        print(
+            f"lmforge: note: --max-len {cfg.max_len} is past the model's context of {limit} tokens; using {limit}",
+            file=sys.stderr,
+        )
     return min(cfg.max_len or TASK_DEFAULTS[task]["max_len"], limit)
 
 
