@@ -27,7 +27,7 @@ from torch import nn
 
 from lmforge.errors import ConfigError
 from lmforge.runtime import autocast as mixed_precision
-from lmforge.runtime import grad_scaler, resolve_dtype
+from lmforge.runtime import grad_scaler, pick_dtype, resolve_dtype
 from lmforge.train.distributed import from_rank0
 from lmforge.train.parallel import accumulate, clip_grad_norm
 
@@ -43,12 +43,18 @@ def settle_dtype(setting: str, device: str | torch.device) -> str:
     """A run's dtype setting made concrete once, at its start: "auto" becomes what `pick_dtype` finds here (it
     times a bf16 against an fp32 product, a measurement that a loaded machine can tip either way), process 0's
     choice under torchrun. The run records the result, so a resumed run, and every process, trains in the dtype
-    the run began with."""
+    the run began with. Quiet: `dtype_note` says what was chosen and why, once the run is past its checks (a user
+    error stays the one line on stderr)."""
     if setting != "auto":
         return setting
     names = ("float32", "bfloat16", "float16")
-    picked = str(resolve_dtype("auto", device)).removeprefix("torch.")
+    picked = str(resolve_dtype("auto", device, say=False)).removeprefix("torch.")
     return names[int(from_rank0(float(names.index(picked))))]
+
+
+def dtype_note(settled: str, device: str | torch.device) -> str:
+    """The line that says what `dtype: auto` settled on and why (pick_dtype's reason, measured once)."""
+    return f"dtype auto: {settled} ({pick_dtype(device)[1]})"
 
 
 def precision(setting: str, device: torch.device, strategy: str, main: bool, flag: str = "--dtype") -> Precision:

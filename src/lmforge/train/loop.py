@@ -45,7 +45,7 @@ from lmforge.train.checkpoint import (
     save_sharded_checkpoint,
     world_rng,
 )
-from lmforge.train.core import RunLog, Stepper, precision, settle_dtype
+from lmforge.train.core import RunLog, Stepper, dtype_note, precision, settle_dtype
 from lmforge.train.distributed import DistEnv, init_distributed, rank_seed, shutdown
 from lmforge.train.objectives import OBJECTIVES
 from lmforge.train.optim import lr_at, make_optimizer
@@ -155,8 +155,11 @@ def _pretrain(
         if (run / "config.yaml").exists() or list_checkpoints(run):
             raise ConfigError(f"{run} already holds a run; continue it with --resume or choose another --out")
         env.barrier()  # every process has looked before process 0 writes config.yaml (else a slower one finds it)
+        auto = cfg.train.dtype == "auto"
         cfg.train.dtype = settle_dtype(cfg.train.dtype, env.device)  # ("auto" made concrete: config.yaml keeps it)
         tokenizer = _prepare(cfg, run, env, progress if progress is not None else sys.stderr.isatty())
+        if auto and env.main:
+            print(dtype_note(cfg.train.dtype, env.device), file=sys.stderr, flush=True)
     tc = cfg.train
     seq_len = tc.seq_len or cfg.model.max_seq_len
     if seq_len < cfg.model.max_seq_len and getattr(cfg.model, "learned_positions", False) and env.main:

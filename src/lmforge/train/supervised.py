@@ -18,6 +18,7 @@ import copy
 import itertools
 import json
 import math
+import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -46,7 +47,7 @@ from lmforge.train.checkpoint import (
     world_rng,
     write_checkpoint,
 )
-from lmforge.train.core import RunLog, Stepper, precision, settle_dtype
+from lmforge.train.core import RunLog, Stepper, dtype_note, precision, settle_dtype
 from lmforge.train.distributed import DistEnv, init_distributed, rank_seed
 from lmforge.train.optim import build_optimizer, schedule_lr
 from lmforge.train.parallel import (
@@ -154,7 +155,10 @@ def fit(
     per_epoch = -(-steps_per_epoch // accum)  # optimizer steps an epoch (its last one may add fewer batches)
     total = max(1, math.ceil(per_epoch * cfg.epochs))
     strategy = choose_strategy(cfg.strategy, model, env, cfg.optimizer)
-    prec = precision(settle_dtype(cfg.dtype, device), device, strategy, env.main)  # (bf16: autocast; weights fp32)
+    settled = settle_dtype(cfg.dtype, device)
+    if settled != cfg.dtype and env.main:  # ("auto", when the caller had not settled it: the driver does)
+        print(dtype_note(settled, device), file=sys.stderr, flush=True)
+    prec = precision(settled, device, strategy, env.main)  # (bf16: autocast; the weights stay fp32)
     train = inner = model  # what forward runs through; whose parameters the optimizer steps
     if strategy == "fsdp":
         inner = train = wrap(copy.deepcopy(model), "fsdp", env)

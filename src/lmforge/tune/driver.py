@@ -43,7 +43,7 @@ from lmforge.nn.lora import trainable_params
 from lmforge.report import write_task_report
 from lmforge.runtime import current_memory_mb, lean_allocator, peak_memory_mb, reset_peak_memory
 from lmforge.train.checkpoint import clean_run_dir
-from lmforge.train.core import settle_dtype
+from lmforge.train.core import dtype_note, settle_dtype
 from lmforge.train.supervised import FitResult, fit
 from lmforge.tune.methods import apply_method, check_method, describe
 from lmforge.tune.tasks import METRICS, TASK_ARGS, check_args, task_config
@@ -160,6 +160,7 @@ def run_task(
             )
         cfg.metric = METRICS[name][0]
     cfg.validate()
+    auto = cfg.dtype == "auto"
     cfg.dtype = settle_dtype(cfg.dtype, cfg.device)  # ("auto" made concrete: recorded, so a resume keeps it)
     check_args(name, **args)
     for module in task_class.packages:  # (a missing extra: refused before any work, not at the first evaluation)
@@ -187,6 +188,8 @@ def run_task(
     trainable = trainable_params(model)  # (after_method may have frozen some)
     say(f"model: {total:,} parameters, {trainable:,} trainable ({task.describe_method()})")
 
+    if auto:
+        say(dtype_note(cfg.dtype, cfg.device))
     reset_peak_memory()
     t0 = time.time()
     loss = task.loss if type(task).loss is not Task.loss else None
