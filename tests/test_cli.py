@@ -163,3 +163,17 @@ def test_section_that_is_not_a_mapping(tmp_path, small_corpus, capsys):
         call_cli(capsys, "pretrain", "--config", str(p), "--out", str(tmp_path / "run")),
         "section 'model' must be a mapping",
     )
+
+
+def test_info_on_every_family_preset_and_a_t5_directory(tmp_path):
+    from lmforge.config import seq2seq_config
+    from lmforge.info import model_info
+    from lmforge.models.seq2seq import Seq2SeqLM
+
+    assert model_info("bert-mini")["family"].startswith("encoder (BERT")
+    t5 = model_info("t5-tiny")
+    assert t5["family"] == "encoder-decoder (T5-style)" and t5["params"] == seq2seq_config("t5-tiny").num_params()
+    m = Seq2SeqLM(seq2seq_config("t5-tiny", vocab_size=64, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+    m.save_pretrained(tmp_path / "t5")
+    saved = model_info(tmp_path / "t5")
+    assert saved["model_type"] == "t5" and saved["params"] == m.num_params()

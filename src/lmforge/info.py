@@ -6,12 +6,23 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.assets import MODELS
-from lmforge.config import ENCODER_PRESETS, PRESETS, DecoderConfig, EncoderConfig, encoder_config, model_config
+from lmforge.config import (
+    ENCODER_PRESETS,
+    PRESETS,
+    SEQ2SEQ_PRESETS,
+    DecoderConfig,
+    EncoderConfig,
+    Seq2SeqConfig,
+    encoder_config,
+    model_config,
+    seq2seq_config,
+)
 from lmforge.errors import ModelLoadError
 from lmforge.interop import resolve_model_path
 from lmforge.interop.gguf import _reader, gguf_config
 from lmforge.interop.hf import check_weights, config_from_hf, read_config
 from lmforge.interop.hf_bert import config_from_hf as bert_config
+from lmforge.interop.hf_t5 import config_from_hf as t5_config
 
 
 def model_info(target: str | Path) -> dict[str, Any]:
@@ -21,6 +32,8 @@ def model_info(target: str | Path) -> dict[str, Any]:
         cfg, source, model_type = model_config(str(target)), f"preset {target}", None
     elif str(target) in ENCODER_PRESETS and not Path(target).exists():
         cfg, source, model_type = encoder_config(str(target)), f"preset {target}", None
+    elif str(target) in SEQ2SEQ_PRESETS and not Path(target).exists():
+        cfg, source, model_type = seq2seq_config(str(target)), f"preset {target}", None
     elif str(target) in MODELS and not Path(target).exists():
         return model_info(resolve_model_path(target))
     elif str(target).endswith(".gguf") and Path(target).is_file():
@@ -29,26 +42,33 @@ def model_info(target: str | Path) -> dict[str, Any]:
         path = Path(target)
         if not path.is_dir():
             raise ModelLoadError(
-                f"{target} is neither a model directory nor a preset ({', '.join([*PRESETS, *ENCODER_PRESETS])})"
+                f"{target} is neither a model directory nor a preset "
+                f"({', '.join([*PRESETS, *ENCODER_PRESETS, *SEQ2SEQ_PRESETS])})"
             )
         raw = read_config(path)
         check_weights(path)  # a cut download fails here, not when the model is first used
         if raw.get("model_type") == "bert":
             mlm_only = raw.get("architectures", ["BertModel"])[0] == "BertForMaskedLM"  # (no pooler)
             cfg = bert_config(raw, {} if mlm_only else {"pooler.dense.weight": None}, str(path / "config.json"))
+        elif raw.get("model_type") == "t5":
+            cfg = t5_config(raw, str(path / "config.json"))
         else:
             cfg = config_from_hf(raw, str(path / "config.json"))
         source, model_type = str(path), raw.get("model_type")
     return describe(cfg, source, model_type)
 
 
-def describe(cfg: DecoderConfig | EncoderConfig, source: str = "", model_type: str | None = None) -> dict[str, Any]:
+def describe(
+    cfg: DecoderConfig | EncoderConfig | Seq2SeqConfig, source: str = "", model_type: str | None = None
+) -> dict[str, Any]:
     try:
         cfg.validate()
     except Exception as e:
         raise ModelLoadError(f"{source}: {e}") from None
     if isinstance(cfg, EncoderConfig):
         family, kind = "bert", f"encoder (BERT-style, head: {cfg.head})"
+    elif isinstance(cfg, Seq2SeqConfig):
+        family, kind = "t5", "encoder-decoder (T5-style)"
     else:
         family = "llama" if cfg.pos_emb == "rope" else "gpt2"
         kind = f"decoder ({family}-style)"
