@@ -95,11 +95,12 @@ def _encoder(path: Path, tok, max_seq_len: int = 128) -> None:
 def _smollm_decoder(path: Path) -> None:
     from lmforge.assets import model_file
     from lmforge.config import model_config
-    from lmforge.interop.gguf import _reader, gguf_tokenizer
+    from lmforge.interop.gguf import _reader
+    from lmforge.interop.gguf_vocab import tokenizer_from_gguf
     from lmforge.models.decoder import DecoderLM
 
     gguf = model_file("smollm2-135m-instruct")
-    tok = gguf_tokenizer(_reader(gguf), str(gguf))  # SmolLM2's real tokenizer and chat template
+    tok = tokenizer_from_gguf(_reader(gguf), str(gguf))  # SmolLM2's real tokenizer and chat template
     torch.manual_seed(0)
     DecoderLM(
         model_config(

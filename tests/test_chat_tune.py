@@ -12,7 +12,8 @@ from conftest import run_cli, tiny_config
 from lmforge.assets import model_file
 from lmforge.data.chat import Pair, chatterbot_chat, chatterbot_pairs, pack, read_chat, read_pairs, tokenize_chat
 from lmforge.errors import ConfigError, DataError
-from lmforge.interop.gguf import _reader, gguf_tokenizer
+from lmforge.interop.gguf import _reader
+from lmforge.interop.gguf_vocab import tokenizer_from_gguf
 from lmforge.models.decoder import DecoderLM
 from lmforge.tune.dpo import group_mean
 from lmforge.tune.recipe import resolve
@@ -29,7 +30,7 @@ CONV = [
 @pytest.fixture(scope="module")
 def tok():
     path = model_file("smollm2-135m-instruct")
-    return gguf_tokenizer(_reader(path), str(path))
+    return tokenizer_from_gguf(_reader(path), str(path))
 
 
 @pytest.fixture(scope="module")

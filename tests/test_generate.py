@@ -326,11 +326,12 @@ def test_text_stream_decodes_incrementally_and_matches_the_whole_decode(kind):
 
     from lmforge.assets import model_file
     from lmforge.generate.sampling import TextStream
-    from lmforge.interop.gguf import _reader, gguf_tokenizer
+    from lmforge.interop.gguf import _reader
+    from lmforge.interop.gguf_vocab import tokenizer_from_gguf
 
     if kind == "smollm2-bpe":
         path = model_file("smollm2-135m-instruct")
-        tok = gguf_tokenizer(_reader(path), str(path))
+        tok = tokenizer_from_gguf(_reader(path), str(path))
     else:
         tok = Tokenizer.train_unigram(
             ["the cat sat on the mat", "naïve café über straße", "a dog ate the bone"] * 20, vocab_size=120

@@ -177,6 +177,13 @@ def cmd_convert(a: argparse.Namespace) -> None:
     print(f"wrote {out} (config.json, model.safetensors, tokenizer.json, generation_config.json)")
 
 
+def cmd_export(a: argparse.Namespace) -> None:
+    from lmforge.interop.convert import export
+
+    out = export(a.model, a.out, type=a.type, adapter=a.adapter)
+    print(f"wrote {out} ({a.type}, {out.stat().st_size / 2**20:.1f} MiB): runs in llama.cpp, Ollama and LM Studio")
+
+
 def cmd_chat(a: argparse.Namespace) -> None:
     from lmforge.generate.chat import chat, chat_session
 
@@ -556,6 +563,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("source", help=".gguf file, model directory or packaged model name")
     c.add_argument("out", help="output directory")
     c.set_defaults(fn=cmd_convert)
+
+    ex = sub.add_parser("export", help="write a decoder as one GGUF file (llama.cpp, Ollama, LM Studio)")
+    ex.add_argument("model", help="model directory, .gguf file, packaged name or ORG/NAME in the local HF cache")
+    ex.add_argument("out", help="output .gguf file")
+    ex.add_argument(
+        "--type", default="f16", choices=("f32", "f16", "bf16", "q8_0", "q4_0"), help="weight type (default f16)"
+    )
+    ex.add_argument("--adapter", help="a LoRA adapter directory to merge into the weights first")
+    ex.set_defaults(fn=cmd_export)
 
     ch = sub.add_parser("chat", help="chat with a model through its chat template (streams)")
     model_flags(ch, quantize=DECODE_QUANTIZE)

@@ -49,6 +49,22 @@ class DecoderConfig:
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     pad_token_id: int | None = None
+    # --- what today's architectures change, each a switch over the one block (HF names where they have one) ---
+    rope_scaling: dict[str, Any] | None = None  # nn.rope: {"rope_type": linear | dynamic | llama3 | yarn | ...}
+    rope_partial: float = 1.0  # fraction of each head rotated (Phi-3: 0.75 on Phi-4-mini)
+    rope_local_theta: float | None = None  # rotary base of the sliding-window layers (Gemma 3: 10k vs 1M)
+    sliding_window: int | None = None  # keys a query sees, itself included (Mistral, Gemma, Qwen2 long context)
+    layer_types: list[str] | None = None  # per layer: full_attention / sliding_attention; None: all one kind
+    no_rope_layers: list[int] | None = None  # layers that attend without positions (SmolLM3: every fourth)
+    qk_norm: str | None = None  # RMSNorm on queries and keys: "head" (Qwen3, Gemma 3) or "full" (OLMo 2)
+    norm_layout: str = "pre"  # "pre" (GPT-2, Llama), "post" (OLMo 2: norm the branch's output), "sandwich" (Gemma)
+    norm_offset: float = 0.0  # 1: norms scale by (1 + w) (Gemma)
+    embed_scale: float = 1.0  # token embeddings times this (Gemma: sqrt(d_model))
+    attn_scale: float | None = None  # scores' scale; None: 1 / sqrt(head_dim) (Gemma: query_pre_attn_scalar**-0.5)
+    attn_softcap: float | None = None  # scores -> c * tanh(scores / c) (Gemma 2)
+    final_softcap: float | None = None  # logits -> c * tanh(logits / c) (Gemma 2)
+    # the HF model_type this model is written as (None: the closest that fits); not part of its shape
+    arch: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if self.n_kv_head is None:
@@ -91,6 +107,34 @@ class DecoderConfig:
         _choice(self, "mlp", ("gelu", "gelu_tanh", "relu", "swiglu", "geglu"))
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        if self.pos_emb == "rope" and (why := check_rope_scaling(self.rope_scaling)):
+            raise ConfigError(f"model.rope_scaling: {why}")
+        if not 0.0 < self.rope_partial <= 1.0 or int(self.head_dim * self.rope_partial) % 2:
+            raise ConfigError(f"model.rope_partial={self.rope_partial} must rotate an even part of head_dim")
+        if self.sliding_window is not None and self.sliding_window <= 0:
+            raise ConfigError(f"model.sliding_window must be a positive integer or null, got {self.sliding_window}")
+        if self.layer_types is not None:
+            if len(self.layer_types) != self.n_layer:
+                raise ConfigError(f"model.layer_types has {len(self.layer_types)} entries for {self.n_layer} layers")
+            bad = set(self.layer_types) - {"full_attention", "sliding_attention"}
+            if bad:
+                raise ConfigError(f"model.layer_types: {sorted(bad)[0]!r} is not full_attention or sliding_attention")
+        if any(not 0 <= i < self.n_layer for i in self.no_rope_layers or ()):
+            raise ConfigError(f"model.no_rope_layers must be layer indices below {self.n_layer}")
+        if self.qk_norm is not None:
+            _choice(self, "qk_norm", ("head", "full"))
+        _choice(self, "norm_layout", ("pre", "post", "sandwich"))
+        for name in ("attn_softcap", "final_softcap", "attn_scale"):
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
+                raise ConfigError(f"model.{name} must be positive or null, got {getattr(self, name)}")
+
+    def window(self, layer: int) -> int | None:
+        """The sliding window of a layer, or None where it attends to everything before it."""
+        if self.sliding_window is None:
+            return None
+        if self.layer_types is None or self.layer_types[layer] == "sliding_attention":
+            return self.sliding_window
+        return None
 
     # --- counts -------------------------------------------------------------------------------------------------
 
@@ -103,7 +147,8 @@ class DecoderConfig:
         norm_p = 2 * d if self.norm == "layernorm" and self.bias else d
         bias = (d + (2 if self.gated else 1) * self.d_ff + d) if self.bias else 0
         bias += (q_out + 2 * kv_out) if self.qkv_bias else 0
-        block = attn + mlp + 2 * norm_p + bias
+        qk = {None: 0, "head": 2 * hd, "full": q_out + kv_out}[self.qk_norm]
+        block = attn + mlp + (4 if self.norm_layout == "sandwich" else 2) * norm_p + bias + qk
         n = L * block + norm_p
         if include_embeddings:
             n += self.vocab_size * d
@@ -125,6 +170,33 @@ class DecoderConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+# rotary scalings (lmforge.nn.rope computes them) and the keys each needs besides rope_type
+ROPE_SCALINGS: dict[str, tuple[str, ...]] = {
+    "default": (),
+    "linear": ("factor",),
+    "dynamic": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor"),
+    "yarn": (),
+    "longrope": ("long_factor", "short_factor"),
+    "factors": ("factors",),
+}
+
+
+def rope_scaling_type(scaling: dict[str, Any] | None) -> str:
+    if not scaling:
+        return "default"
+    return str(scaling.get("rope_type") or scaling.get("type") or "default")
+
+
+def check_rope_scaling(scaling: dict[str, Any] | None) -> str | None:
+    """A one-line reason why a rope scaling cannot be used, or None."""
+    kind = rope_scaling_type(scaling)
+    if kind not in ROPE_SCALINGS:
+        return f"rope scaling {kind!r} is not supported; supported: {', '.join(ROPE_SCALINGS)}"
+    missing = [k for k in ROPE_SCALINGS[kind] if (scaling or {}).get(k) is None]
+    return f"rope scaling {kind!r} needs {', '.join(missing)}" if missing else None
 
 
 def setting(default: Any, help: str = "", *, choices: tuple[str, ...] | None = None, **span: Any) -> Any:

@@ -23,6 +23,7 @@ from lmforge.interop.gguf import _reader, gguf_config
 from lmforge.interop.hf import check_weights, config_from_hf, read_config
 from lmforge.interop.hf_bert import config_from_hf as bert_config
 from lmforge.interop.hf_t5 import config_from_hf as t5_config
+from lmforge.interop.hub_cache import is_repo_id
 
 
 def model_info(target: str | Path) -> dict[str, Any]:
@@ -34,8 +35,8 @@ def model_info(target: str | Path) -> dict[str, Any]:
         cfg, source, model_type = encoder_config(str(target)), f"preset {target}", None
     elif str(target) in SEQ2SEQ_PRESETS and not Path(target).exists():
         cfg, source, model_type = seq2seq_config(str(target)), f"preset {target}", None
-    elif str(target) in MODELS and not Path(target).exists():
-        return model_info(resolve_model_path(target))
+    elif (str(target) in MODELS or is_repo_id(str(target))) and not Path(target).exists():
+        return model_info(resolve_model_path(target))  # (a packaged model, or ORG/NAME in the local HF cache)
     elif str(target).endswith(".gguf") and Path(target).is_file():
         cfg, source, model_type = gguf_config(_reader(Path(target)), str(target)), str(target), "gguf"
     else:

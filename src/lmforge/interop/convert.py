@@ -1,12 +1,15 @@
-"""`lmforge convert`: any model lmforge can load -> an HF-layout directory."""
+"""`lmforge convert`: any model lmforge can load -> an HF-layout directory; `lmforge export`: -> one GGUF file."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-from lmforge.errors import ModelLoadError
+from lmforge.errors import ConfigError, ModelLoadError
+from lmforge.files import check_out_file
 from lmforge.interop import load_pretrained
 from lmforge.interop.hf import check_output_dir
+from lmforge.interop.load import resolve_model_path
 
 
 def convert(source: str | Path, out: str | Path) -> Path:
@@ -21,3 +24,25 @@ def convert(source: str | Path, out: str | Path) -> Path:
         )
     model, tokenizer = load_pretrained(source)
     return model.save_pretrained(out, tokenizer=tokenizer)
+
+
+def export(source: str | Path, out: str | Path, type: str = "f16", adapter: str | Path | None = None) -> Path:
+    """Write a model (a directory, a .gguf file, a packaged name or ORG/NAME in the local HF cache; with a LoRA
+    adapter merged in) as one GGUF file for llama.cpp, Ollama or LM Studio: weights in `type` (f32, f16, bf16,
+    q8_0, q4_0), tokenizer, chat template and the directory's generation settings in the metadata."""
+    from lmforge.interop.gguf_write import TYPES, export_gguf  # (the gguf package: read only when exporting)
+
+    if type not in TYPES:
+        raise ConfigError(f"--type {type!r} is not one of {', '.join(TYPES)}")
+    out = Path(out)
+    if out.suffix != ".gguf":
+        raise ConfigError(f"{out}: the output must be a .gguf file (e.g. model.q8_0.gguf)")
+    check_out_file(out, "OUT")
+    model, tokenizer = load_pretrained(source, adapter=adapter)
+    if getattr(model, "quantization", None):
+        raise ConfigError(f"{source} is a quantized directory; export the full-precision model instead")
+    gen = {}
+    src = resolve_model_path(source)
+    if src.is_dir() and (src / "generation_config.json").is_file():
+        gen = json.loads((src / "generation_config.json").read_text(encoding="utf-8"))
+    return export_gguf(model, tokenizer, out, type=type, generation_config=gen, name=src.stem)

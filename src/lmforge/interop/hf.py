@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import struct
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,38 +38,77 @@ Row = tuple[str, list[str], str]
 # config <-> HF config.json
 
 
-def _fits_gpt2(c: DecoderConfig) -> bool:
-    return (
-        c.pos_emb == "learned"
-        and c.norm == "layernorm"
-        and c.bias
-        and c.qkv_bias
-        and c.mlp in ("gelu", "gelu_tanh", "relu")
-        and c.n_kv_head == c.n_head
-        and c.head_dim * c.n_head == c.d_model
-    )
-
-
-def _fits_llama(c: DecoderConfig) -> bool:
-    return c.pos_emb == "rope" and c.norm == "rmsnorm" and c.mlp == "swiglu" and c.qkv_bias == c.bias
-
-
-def _fits_qwen2(c: DecoderConfig) -> bool:
-    return (
-        c.pos_emb == "rope"
-        and c.norm == "rmsnorm"
-        and c.mlp == "swiglu"
-        and c.qkv_bias
-        and not c.bias
-        and c.head_dim * c.n_head == c.d_model
-    )
-
-
 GPT2_ACT = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu"}
+# hidden_act (hidden_activation in Gemma 2 / 3) of the gated families -> lmforge's MLP kind
+GATED_ACT = {"silu": "swiglu", "gelu_pytorch_tanh": "geglu", "gelu_new": "geglu", "gelu": "geglu"}
+
+
+@dataclass(frozen=True)
+class Arch:
+    """One HF family of rotary decoders: what its config.json fixes (`fixed`: DecoderConfig fields every model
+    of it has) and where it keeps what varies. Everything else is read the same way for all of them."""
+
+    model_type: str
+    hf_class: str
+    fixed: dict[str, Any] = field(default_factory=dict)
+    fused: bool = False  # one qkv_proj and one gate_up_proj tensor (Phi-3)
+    window: str = "none"  # where sliding windows come from: none | all (Mistral, Phi-3) | layers (layer_types)
+    default_theta: float = 10000.0
+
+
+ARCHS: dict[str, Arch] = {
+    a.model_type: a
+    for a in (
+        Arch("llama", "LlamaForCausalLM"),
+        Arch("mistral", "MistralForCausalLM", window="all"),
+        Arch("qwen2", "Qwen2ForCausalLM", {"qkv_bias": True, "bias": False}, window="layers"),
+        Arch("qwen3", "Qwen3ForCausalLM", {"qk_norm": "head"}, window="layers"),
+        Arch("smollm3", "SmolLM3ForCausalLM", window="layers", default_theta=2e6),
+        Arch("phi3", "Phi3ForCausalLM", fused=True, window="all"),
+        Arch("olmo2", "Olmo2ForCausalLM", {"norm_layout": "post", "qk_norm": "full"}),
+        Arch("gemma", "GemmaForCausalLM", {"norm_offset": 1.0}),
+        Arch(
+            "gemma2",
+            "Gemma2ForCausalLM",
+            {"norm_offset": 1.0, "norm_layout": "sandwich"},
+            window="layers",
+        ),
+        Arch(
+            "gemma3_text",
+            "Gemma3ForCausalLM",
+            {"norm_offset": 1.0, "norm_layout": "sandwich", "qk_norm": "head"},
+            window="layers",
+            default_theta=1e6,
+        ),
+    )
+}
+GEMMAS = ("gemma", "gemma2", "gemma3_text")
 
 
 def hf_config(c: DecoderConfig) -> dict[str, Any]:
-    common = {
+    """config.json for `c`: its own family (`c.arch`) where that family can hold it, else GPT-2, Llama or Qwen2
+    when one fits, else lmforge's own layout. "Fits" is checked by reading the written config back."""
+    candidates = [c.arch] if c.arch else []
+    candidates += [t for t in ("gpt2", "llama", "qwen2") if t != c.arch]
+    for mt in candidates:
+        if mt not in ARCHS and mt != "gpt2":
+            continue
+        d = _gpt2_config(c) if mt == "gpt2" else _rope_config(c, ARCHS[mt])
+        try:
+            if d is not None and _same(config_from_hf(d), c):
+                return d
+        except ModelLoadError:
+            continue
+    return {"architectures": ["DecoderLM"], "model_type": NATIVE_TYPE, "lmforge": c.to_dict(), **_common(c)}
+
+
+def _same(a: DecoderConfig, b: DecoderConfig) -> bool:
+    skip = {"arch", "dropout", "init_std", "max_seq_len"}
+    return all(getattr(a, f) == getattr(b, f) for f in a.__dataclass_fields__ if f not in skip)
+
+
+def _common(c: DecoderConfig) -> dict[str, Any]:
+    return {
         "vocab_size": c.vocab_size,
         "bos_token_id": c.bos_token_id,
         "eos_token_id": c.eos_token_id,
@@ -76,62 +116,81 @@ def hf_config(c: DecoderConfig) -> dict[str, Any]:
         "tie_word_embeddings": c.tie_embeddings,
         "torch_dtype": "float32",
     }
-    if _fits_gpt2(c):
-        return {
-            "architectures": ["GPT2LMHeadModel"],
-            "model_type": "gpt2",
-            "n_positions": c.max_seq_len,
-            "n_embd": c.d_model,
-            "n_layer": c.n_layer,
-            "n_head": c.n_head,
-            "n_inner": c.d_ff,
-            "activation_function": GPT2_ACT[c.mlp],
-            "layer_norm_epsilon": c.norm_eps,
-            "resid_pdrop": c.dropout,
-            "embd_pdrop": c.dropout,
-            "attn_pdrop": c.dropout,
-            "initializer_range": c.init_std,
-            **common,
-        }
-    if _fits_llama(c):
-        return {
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
-            "hidden_size": c.d_model,
-            "intermediate_size": c.d_ff,
-            "num_hidden_layers": c.n_layer,
-            "num_attention_heads": c.n_head,
-            "num_key_value_heads": c.n_kv_head,
-            "head_dim": c.head_dim,
-            "max_position_embeddings": c.max_seq_len,
-            "rms_norm_eps": c.norm_eps,
-            "rope_theta": c.rope_theta,
-            "hidden_act": "silu",
-            "attention_bias": c.bias,
-            "mlp_bias": c.bias,
-            "attention_dropout": c.dropout,
-            "initializer_range": c.init_std,
-            **common,
-        }
-    if _fits_qwen2(c):
-        return {
-            "architectures": ["Qwen2ForCausalLM"],
-            "model_type": "qwen2",
-            "hidden_size": c.d_model,
-            "intermediate_size": c.d_ff,
-            "num_hidden_layers": c.n_layer,
-            "num_attention_heads": c.n_head,
-            "num_key_value_heads": c.n_kv_head,
-            "max_position_embeddings": c.max_seq_len,
-            "rms_norm_eps": c.norm_eps,
-            "rope_theta": c.rope_theta,
-            "hidden_act": "silu",
-            "use_sliding_window": False,
-            "attention_dropout": c.dropout,
-            "initializer_range": c.init_std,
-            **common,
-        }
-    return {"architectures": ["DecoderLM"], "model_type": NATIVE_TYPE, "lmforge": c.to_dict(), **common}
+
+
+def _gpt2_config(c: DecoderConfig) -> dict[str, Any] | None:
+    if c.mlp not in GPT2_ACT or c.pos_emb != "learned":
+        return None
+    return {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "n_positions": c.max_seq_len,
+        "n_embd": c.d_model,
+        "n_layer": c.n_layer,
+        "n_head": c.n_head,
+        "n_inner": c.d_ff,
+        "activation_function": GPT2_ACT[c.mlp],
+        "layer_norm_epsilon": c.norm_eps,
+        "resid_pdrop": c.dropout,
+        "embd_pdrop": c.dropout,
+        "attn_pdrop": c.dropout,
+        "initializer_range": c.init_std,
+        **_common(c),
+    }
+
+
+def _rope_config(c: DecoderConfig, arch: Arch) -> dict[str, Any] | None:
+    """The config.json of family `arch` for `c`, in the layout every transformers version reads (rope_theta and
+    rope_scaling at the top; transformers 5 reads it and writes rope_parameters)."""
+    if c.pos_emb != "rope" or c.mlp not in ("swiglu", "geglu"):
+        return None
+    d: dict[str, Any] = {
+        "architectures": [arch.hf_class],
+        "model_type": arch.model_type,
+        "hidden_size": c.d_model,
+        "intermediate_size": c.d_ff,
+        "num_hidden_layers": c.n_layer,
+        "num_attention_heads": c.n_head,
+        "num_key_value_heads": c.n_kv_head,
+        "head_dim": c.head_dim,
+        "max_position_embeddings": c.max_seq_len,
+        "rms_norm_eps": c.norm_eps,
+        "rope_theta": c.rope_theta,
+        "hidden_act": "silu" if c.mlp == "swiglu" else "gelu_pytorch_tanh",
+        "attention_bias": c.bias,
+        "mlp_bias": c.bias,
+        "attention_dropout": c.dropout,
+        "initializer_range": c.init_std,
+        **_common(c),
+    }
+    if c.rope_scaling:
+        scaling = dict(c.rope_scaling)
+        if arch.model_type == "phi3" and "original_max_position_embeddings" in scaling:
+            d["original_max_position_embeddings"] = scaling.pop("original_max_position_embeddings")
+        d["rope_scaling"] = scaling
+    if c.rope_partial != 1.0:
+        d["partial_rotary_factor"] = c.rope_partial
+    if arch.model_type in GEMMAS:
+        d["hidden_activation"] = d["hidden_act"]
+        d["query_pre_attn_scalar"] = round(c.attn_scale**-2) if c.attn_scale else c.head_dim
+        d["final_logit_softcapping"] = c.final_softcap
+        d["attn_logit_softcapping"] = c.attn_softcap
+    if c.rope_local_theta is not None:
+        d["rope_local_base_freq"] = c.rope_local_theta
+    if c.no_rope_layers is not None:
+        d["no_rope_layers"] = [int(i not in c.no_rope_layers) for i in range(c.n_layer)]
+    if c.sliding_window is not None:
+        d["sliding_window"] = c.sliding_window
+        if arch.window == "layers":
+            d["use_sliding_window"] = True
+            d["layer_types"] = c.layer_types or ["sliding_attention"] * c.n_layer
+            d["max_window_layers"] = 0
+    elif arch.window != "none" or arch.model_type in GEMMAS:
+        d["sliding_window"] = None
+        d["use_sliding_window"] = False
+        if arch.window == "layers":
+            d["layer_types"] = ["full_attention"] * c.n_layer
+    return d
 
 
 def config_from_hf(d: dict[str, Any], where: str = "config.json") -> DecoderConfig:
@@ -158,43 +217,10 @@ def config_from_hf(d: dict[str, Any], where: str = "config.json") -> DecoderConf
                 bos_token_id=d.get("bos_token_id"),
                 eos_token_id=d.get("eos_token_id"),
                 pad_token_id=d.get("pad_token_id"),
+                arch="gpt2",
             )
-        if mt in ("llama", "mistral", "qwen2"):
-            if d.get("hidden_act", "silu") != "silu":
-                raise ModelLoadError(f"{where}: hidden_act {d['hidden_act']!r} is not supported (only silu)")
-            if d.get("rope_scaling"):
-                raise ModelLoadError(f"{where}: rope_scaling is not supported yet")
-            if d.get("attention_bias", False) != d.get("mlp_bias", False):
-                raise ModelLoadError(f"{where}: attention_bias != mlp_bias is not supported")
-            if d.get("use_sliding_window") and d.get("sliding_window"):
-                raise ModelLoadError(f"{where}: sliding-window attention is not supported yet")
-            n_head = d["num_attention_heads"]
-            max_len = d.get("max_position_embeddings", 2048)
-            if mt == "mistral" and d.get("sliding_window"):
-                # a window at least as long as the context changes nothing; within it we are exact
-                max_len = min(max_len, d["sliding_window"])
-            return DecoderConfig(
-                vocab_size=d["vocab_size"],
-                n_layer=d["num_hidden_layers"],
-                n_head=n_head,
-                n_kv_head=d.get("num_key_value_heads") or n_head,
-                d_model=d["hidden_size"],
-                head_dim=d.get("head_dim") or d["hidden_size"] // n_head,
-                d_ff=d["intermediate_size"],
-                max_seq_len=max_len,
-                pos_emb="rope",
-                rope_theta=float(d.get("rope_theta", 10000.0)),
-                norm="rmsnorm",
-                norm_eps=d.get("rms_norm_eps", 1e-6),
-                mlp="swiglu",
-                bias=bool(d.get("attention_bias", False)),
-                qkv_bias=True if mt == "qwen2" else bool(d.get("attention_bias", False)),
-                tie_embeddings=d.get("tie_word_embeddings", False),
-                init_std=d.get("initializer_range", 0.02),
-                bos_token_id=_first(d.get("bos_token_id")),
-                eos_token_id=_first(d.get("eos_token_id")),
-                pad_token_id=d.get("pad_token_id"),
-            )
+        if mt in ARCHS:
+            return _rope_family(d, ARCHS[mt], where)
     except KeyError as e:
         raise ModelLoadError(f"{where}: missing key {e.args[0]!r} for model_type {mt!r}") from None
     except TypeError as e:
@@ -202,6 +228,110 @@ def config_from_hf(d: dict[str, Any], where: str = "config.json") -> DecoderConf
     raise ModelLoadError(
         f"{where}: model_type {mt!r} is not a decoder; decoder types: {', '.join(FAMILIES['decoder'].hf_model_types)}"
     )
+
+
+def _rope_family(d: dict[str, Any], arch: Arch, where: str) -> DecoderConfig:
+    mt, gemma = arch.model_type, arch.model_type in GEMMAS
+    act = d.get("hidden_activation") or d.get("hidden_act") or ("gelu_pytorch_tanh" if gemma else "silu")
+    if mt != "qwen2" and d.get("attention_bias", False) != d.get("mlp_bias", False):
+        raise ModelLoadError(f"{where}: attention_bias != mlp_bias is not supported")
+    if act not in GATED_ACT:
+        raise ModelLoadError(f"{where}: hidden_act {act!r} is not supported ({', '.join(GATED_ACT)})")
+    n_head, n_layer, width = d["num_attention_heads"], d["num_hidden_layers"], d["hidden_size"]
+    head_dim = d.get("head_dim") or width // n_head
+    context = d.get("max_position_embeddings", 2048)
+    theta, scaling, partial, local_theta = _rope(d, arch, context)
+    window, layer_types = _windows(d, arch, n_layer)
+    no_rope = None
+    if mt == "smollm3":
+        flags = d.get("no_rope_layers") or [
+            int((i + 1) % d.get("no_rope_layer_interval", 4) != 0) for i in range(n_layer)
+        ]
+        no_rope = [i for i, use in enumerate(flags) if not use]
+    cfg = dict(
+        vocab_size=d["vocab_size"],
+        n_layer=n_layer,
+        n_head=n_head,
+        n_kv_head=d.get("num_key_value_heads") or n_head,
+        d_model=width,
+        head_dim=head_dim,
+        d_ff=d["intermediate_size"],
+        max_seq_len=context,
+        pos_emb="rope",
+        rope_theta=theta,
+        rope_scaling=scaling,
+        rope_partial=partial,
+        rope_local_theta=local_theta,
+        sliding_window=window,
+        layer_types=layer_types,
+        no_rope_layers=no_rope,
+        norm="rmsnorm",
+        norm_eps=d.get("rms_norm_eps", 1e-6),
+        mlp=GATED_ACT[act],
+        bias=bool(d.get("attention_bias", False)),
+        qkv_bias=bool(d.get("attention_bias", False)),
+        tie_embeddings=d.get("tie_word_embeddings", gemma),
+        init_std=d.get("initializer_range", 0.02),
+        bos_token_id=_first(d.get("bos_token_id")),
+        eos_token_id=_first(d.get("eos_token_id")),
+        pad_token_id=d.get("pad_token_id"),
+        arch=mt,
+    )
+    if gemma:
+        cfg.update(embed_scale=width**0.5, attn_scale=d.get("query_pre_attn_scalar", head_dim) ** -0.5)
+        if mt != "gemma":
+            cfg.update(attn_softcap=d.get("attn_logit_softcapping"), final_softcap=d.get("final_logit_softcapping"))
+    cfg.update(arch.fixed)
+    return DecoderConfig(**cfg)
+
+
+def _rope(d: dict[str, Any], arch: Arch, context: int) -> tuple[float, dict | None, float, float | None]:
+    """(theta, scaling, partial, local theta) from either layout: transformers 5's `rope_parameters` (a dict, or
+    one per layer type for Gemma 3) or the older top-level rope_theta / rope_scaling / partial_rotary_factor."""
+    params = d.get("rope_parameters") or {}
+    local = None
+    if "full_attention" in params or "sliding_attention" in params:  # one per layer type (Gemma 3)
+        local = (params.get("sliding_attention") or {}).get("rope_theta")
+        params = params.get("full_attention") or {}
+    theta = params.get("rope_theta", d.get("rope_theta", arch.default_theta))
+    if arch.model_type == "gemma3_text" and local is None:
+        local = d.get("rope_local_base_freq", 10000.0)
+    partial = params.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0))
+    scaling = {k: v for k, v in params.items() if k not in ("rope_theta", "partial_rotary_factor")}
+    if scaling.get("rope_type", "default") == "default":
+        scaling = dict(d.get("rope_scaling") or {})
+    if scaling and scaling.get("rope_type", scaling.get("type", "default")) != "default":
+        scaling["rope_type"] = scaling.pop("type", None) or scaling["rope_type"]
+        if scaling["rope_type"] in ("longrope", "yarn", "llama3") and d.get("original_max_position_embeddings"):
+            scaling.setdefault("original_max_position_embeddings", d["original_max_position_embeddings"])
+    else:
+        scaling = None
+    return float(theta), scaling, float(partial), None if local is None else float(local)
+
+
+def _windows(d: dict[str, Any], arch: Arch, n_layer: int) -> tuple[int | None, list[str] | None]:
+    """(sliding_window, layer_types): every layer windowed (Mistral, Phi-3), or the layers `layer_types` names
+    (transformers 5 writes it for each family with windows), or, in older files, each family's own switches."""
+    window, mt = d.get("sliding_window"), arch.model_type
+    if arch.window == "none" or not window:
+        return None, None
+    if mt in ("qwen2", "qwen3", "smollm3") and not d.get("use_sliding_window", False):
+        return None, None
+    if arch.window == "all":
+        return window, None
+    types = d.get("layer_types")
+    if types is None:
+        if mt in ("qwen2", "qwen3"):
+            first = d.get("max_window_layers", 28)
+            types = ["sliding_attention" if i >= first else "full_attention" for i in range(n_layer)]
+        elif mt == "smollm3":
+            return None, None  # (its windows come with per-layer types only)
+        else:  # Gemma 2: every other layer; Gemma 3: five in six
+            every = 2 if mt == "gemma2" else d.get("sliding_window_pattern", 6)
+            types = ["sliding_attention" if (i + 1) % every else "full_attention" for i in range(n_layer)]
+    if "sliding_attention" not in types:
+        return None, None
+    return window, None if all(t == "sliding_attention" for t in types) else list(types)
 
 
 def _first(x: Any) -> Any:
@@ -235,14 +365,32 @@ def tensor_rows(c: DecoderConfig, model_type: str) -> list[Row]:
             ("transformer.ln_f.weight", ["norm.weight"], "linear"),
             ("transformer.ln_f.bias", ["norm.bias"], "linear"),
         ]
-    elif model_type in ("llama", "mistral", "qwen2"):
+    elif model_type in ARCHS:
+        arch = ARCHS[model_type]
+        norms = {
+            "pre": {"input_layernorm": "attn_norm", "post_attention_layernorm": "mlp_norm"},
+            "post": {"post_attention_layernorm": "attn_post_norm", "post_feedforward_layernorm": "mlp_post_norm"},
+            "sandwich": {
+                "input_layernorm": "attn_norm",
+                "post_attention_layernorm": "attn_post_norm",
+                "pre_feedforward_layernorm": "mlp_norm",
+                "post_feedforward_layernorm": "mlp_post_norm",
+            },
+        }[c.norm_layout]
         rows.append(("model.embed_tokens.weight", ["tok_emb.weight"], "linear"))
         for i in range(c.n_layer):
             h, b = f"model.layers.{i}", f"blocks.{i}"
-            rows += [
-                (f"{h}.input_layernorm.weight", [f"{b}.attn_norm.weight"], "linear"),
-                (f"{h}.post_attention_layernorm.weight", [f"{b}.mlp_norm.weight"], "linear"),
-            ]
+            rows += [(f"{h}.{theirs}.weight", [f"{b}.{ours}.weight"], "linear") for theirs, ours in norms.items()]
+            if c.qk_norm:
+                rows += [(f"{h}.self_attn.{n}_norm.weight", [f"{b}.attn.{n}_norm.weight"], "linear") for n in "qk"]
+            if arch.fused:  # Phi-3: q, k and v as one tensor, gate and up as another
+                rows += [
+                    (f"{h}.self_attn.qkv_proj.weight", [f"{b}.attn.{n}_proj.weight" for n in "qkv"], "linear"),
+                    (f"{h}.self_attn.o_proj.weight", [f"{b}.attn.o_proj.weight"], "linear"),
+                    (f"{h}.mlp.gate_up_proj.weight", [f"{b}.mlp.gate.weight", f"{b}.mlp.up.weight"], "linear"),
+                    (f"{h}.mlp.down_proj.weight", [f"{b}.mlp.down.weight"], "linear"),
+                ]
+                continue
             for n in "qkvo":
                 for p in ("weight", "bias") if (c.qkv_bias if n != "o" else c.bias) else ("weight",):
                     rows.append((f"{h}.self_attn.{n}_proj.{p}", [f"{b}.attn.{n}_proj.{p}"], "linear"))

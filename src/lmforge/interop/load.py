@@ -17,6 +17,7 @@ from lmforge.errors import ConfigError, ModelLoadError
 from lmforge.interop.families import READERS
 from lmforge.interop.gguf import FOUR_BIT_GROUP, four_bit_tensors, load_gguf
 from lmforge.interop.hf import read_config, read_safetensors
+from lmforge.interop.hub_cache import find_cached, is_repo_id, repo_dirs, split_repo_id
 from lmforge.interop.peft import load_adapter
 from lmforge.interop.quantized import is_quantized_dir, load_quantized
 from lmforge.models.family import family_for_model_type
@@ -27,13 +28,26 @@ from lmforge.tokenizer import Tokenizer
 
 
 def resolve_model_path(path: str | Path) -> Path:
-    """A model directory, a .gguf file, or the name of a packaged model (e.g. smollm2-135m-instruct)."""
+    """A model directory, a .gguf file, the name of a packaged model (e.g. smollm2-135m-instruct), or a Hub repo id
+    (ORG/NAME or ORG/NAME@REVISION) already in the local Hugging Face cache: never downloaded."""
     p = Path(path)
-    if not p.exists() and str(path) in MODELS:
+    if p.exists():
+        return p
+    if str(path) in MODELS:
         return model_file(str(path))
-    if not p.exists():
-        raise ModelLoadError(f"model path {p} does not exist (packaged models: {', '.join(MODELS)})")
-    return p
+    packaged = ", ".join(MODELS)
+    if not is_repo_id(str(path)):
+        raise ModelLoadError(f"model path {p} does not exist (packaged models: {packaged})")
+    found = find_cached(str(path))
+    if found is not None:
+        return found
+    repo, revision = split_repo_id(str(path))
+    looked = ", ".join(str(d) for d in repo_dirs(repo))
+    download = f"huggingface-cli download {repo}" + (f" --revision {revision}" if revision != "main" else "")
+    raise ModelLoadError(
+        f"model {path} is not a path, a packaged model ({packaged}), or in the local Hugging Face cache "
+        f"(looked in {looked}); lmforge never downloads: copy it there ({download}) or pass a directory"
+    )
 
 
 def load_pretrained(

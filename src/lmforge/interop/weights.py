@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from lmforge.errors import ModelLoadError
-from lmforge.nn.attention import Rotary
+from lmforge.nn.rope import Rotary
 
 _INITS = (
     "normal_",
@@ -56,9 +56,9 @@ def adopt_weights(model: nn.Module, state: dict[str, torch.Tensor], where: str) 
     cfg = model.config
     if getattr(cfg, "tie_embeddings", False):
         model.lm_head.weight = model.tok_emb.weight
-    rotary = getattr(model, "rotary", None)
-    if isinstance(rotary, Rotary):
-        rotary._build(min(cfg.max_seq_len, 4096))
+    for m in model.modules():
+        if isinstance(m, Rotary):
+            m._build(min(cfg.max_seq_len, 4096))
     missing = [n for n, p in model.named_parameters() if p.is_meta]
     if missing:
         raise ModelLoadError(f"{where}: no weights for {missing[0]}")

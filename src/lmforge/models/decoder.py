@@ -1,9 +1,17 @@
-"""The decoder-only Transformer. GPT-2 and Llama are the same class with different config values:
+"""The decoder-only Transformer. GPT-2, Llama and today's families are the same class with different config values:
 
     GPT-2: learned positions, LayerNorm, GELU MLP, biases, tied embeddings
     Llama: rotary positions, RMSNorm, SwiGLU MLP, no biases, grouped-query attention
+    Llama 3.x / Qwen2.5 / Phi-3: the same with a rope scaling (nn.rope); Phi-3 rotates part of each head
+    Mistral: a sliding window on every layer;  Qwen3: q/k norms;  SmolLM3: every fourth layer without rotary
+    OLMo 2: norms on each branch's output instead of its input, q/k norms across heads
+    Gemma 2 / 3: norms before and after each branch, (1 + w) norm scales, GeGLU, scaled embeddings, soft-capped
+        scores and logits (2), q/k norms (3), sliding-window and global layers alternating, each with its own
+        rotary base (3)
 
-Both are pre-norm: x = x + attn(norm(x)); x = x + mlp(norm(x)); a final norm; the LM head.
+The block: x = x + post(attn(pre(x))); x = x + post(mlp(pre(x))), where `pre` is the norm in the pre-norm
+layout (GPT-2, Llama) and `post` in the post-norm one (OLMo 2), both in the sandwich one (Gemma); a final norm;
+the LM head.
 """
 
 from __future__ import annotations
@@ -18,10 +26,11 @@ from torch.utils.checkpoint import checkpoint
 
 from lmforge.config import DecoderConfig
 from lmforge.models.base import PretrainedModel, call_block
-from lmforge.nn.attention import Attention, KVCache, Rotary, SlotKVCache, StaticKVCache, padded_causal_mask
+from lmforge.nn.attention import Attention, KVCache, SlotKVCache, StaticKVCache, padded_causal_mask
 from lmforge.nn.loss import cross_entropy, linear_cross_entropy
 from lmforge.nn.mlp import MLP
 from lmforge.nn.norm import make_norm
+from lmforge.nn.rope import Rotary
 
 
 @dataclass
@@ -31,19 +40,44 @@ class CausalLMOutput:
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: DecoderConfig) -> None:
+    def __init__(self, cfg: DecoderConfig, layer: int = 0) -> None:
         super().__init__()
-        self.attn_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
+
+        def norm() -> nn.Module:
+            return make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias, cfg.norm_offset)
+
+        pre, post = cfg.norm_layout in ("pre", "sandwich"), cfg.norm_layout in ("post", "sandwich")
+        if pre:
+            self.attn_norm = norm()
         self.attn = Attention(
-            cfg.d_model, cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.bias, cfg.dropout, qkv_bias=cfg.qkv_bias
+            cfg.d_model,
+            cfg.n_head,
+            cfg.n_kv_head,
+            cfg.head_dim,
+            cfg.bias,
+            cfg.dropout,
+            qkv_bias=cfg.qkv_bias,
+            scale=cfg.attn_scale,
+            qk_norm=cfg.qk_norm,
+            norm_eps=cfg.norm_eps,
+            norm_offset=cfg.norm_offset,
+            window=cfg.window(layer),
+            softcap=cfg.attn_softcap,
         )
-        self.mlp_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
+        if post:
+            self.attn_post_norm = norm()
+        if pre:
+            self.mlp_norm = norm()
         self.mlp = MLP(cfg.d_model, cfg.d_ff, cfg.mlp, cfg.bias)
+        if post:
+            self.mlp_post_norm = norm()
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x, mask=None, rotary=None, cache=None, layer=0):
-        x = x + self.drop(self.attn(self.attn_norm(x), mask, rotary, cache, layer))
-        return x + self.drop(self.mlp(self.mlp_norm(x)))
+        h = self.attn(self.attn_norm(x) if hasattr(self, "attn_norm") else x, mask, rotary, cache, layer)
+        x = x + self.drop(self.attn_post_norm(h) if hasattr(self, "attn_post_norm") else h)
+        h = self.mlp(self.mlp_norm(x) if hasattr(self, "mlp_norm") else x)
+        return x + self.drop(self.mlp_post_norm(h) if hasattr(self, "mlp_post_norm") else h)
 
 
 class DecoderLM(PretrainedModel):
@@ -55,15 +89,25 @@ class DecoderLM(PretrainedModel):
         if cfg.pos_emb == "learned":
             self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model)
         else:
-            self.rotary = Rotary(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+            self.rotary = Rotary(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_partial, cfg.rope_scaling)
+            if cfg.rope_local_theta is not None:  # the sliding layers' own base, unscaled (Gemma 3)
+                self.rotary_local = Rotary(cfg.head_dim, cfg.max_seq_len, cfg.rope_local_theta, cfg.rope_partial)
+        # which rotary table each layer uses: "global", "local" or None (a layer without positions)
+        self.rotary_of = [self._rotary_kind(i) for i in range(cfg.n_layer)]
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
-        self.norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias, cfg.norm_offset)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             # one matrix reads tokens in and scores them out: fewer parameters, and it helps small models
             self.lm_head.weight = self.tok_emb.weight
         self.reset_parameters()
+
+    def _rotary_kind(self, layer: int) -> str | None:
+        c = self.config
+        if c.pos_emb != "rope" or layer in (c.no_rope_layers or ()):
+            return None
+        return "local" if c.rope_local_theta is not None and c.window(layer) else "global"
 
     def reset_parameters(self) -> None:
         std = self.config.init_std
@@ -72,7 +116,7 @@ class DecoderLM(PretrainedModel):
                 if name.endswith("bias"):
                     nn.init.zeros_(p)
                 else:
-                    nn.init.ones_(p)
+                    nn.init.constant_(p, 1.0 - self.config.norm_offset)
             elif name.endswith(("o_proj.weight", "down.weight")):
                 # GPT-2's scaled init: each block adds two residual branches; scaling their output layers
                 # by 1/sqrt(2 * n_layer) keeps the residual stream's variance from growing with depth
@@ -124,7 +168,7 @@ class DecoderLM(PretrainedModel):
         if attention_mask is not None and attention_mask.dim() == 2:
             mask = padded_causal_mask(attention_mask, T)
         for i, block in enumerate(self.blocks):
-            x = call_block(block, x, mask, rotary, cache, i, grad_checkpoint=grad_checkpoint)
+            x = call_block(block, x, mask, rotary[i], cache, i, grad_checkpoint=grad_checkpoint)
         if cache is not None:
             cache.advance(T)
         x = self.norm(x)
@@ -135,27 +179,41 @@ class DecoderLM(PretrainedModel):
             labels = labels[logits_at] if labels is not None else None
             if loss_only and labels is not None and grad_checkpoint and torch.is_grad_enabled():
                 return CausalLMOutput(logits=None, loss=self._chunked_loss(x, labels))
-        if loss_only and labels is not None and type(self.lm_head) is nn.Linear:
+        if loss_only and labels is not None and type(self.lm_head) is nn.Linear and not self.config.final_softcap:
             # the head, the loss and their gradients a chunk of tokens at a time (nn.loss)
             return CausalLMOutput(
                 logits=None,
                 loss=linear_cross_entropy(x.reshape(-1, x.size(-1)), self.lm_head.weight, labels.reshape(-1)),
             )
-        logits = self.lm_head(x)
+        logits = self.head(x)
         loss = None
         if labels is not None:
             loss = cross_entropy(logits.view(-1, logits.size(-1)), labels.reshape(-1))
         return CausalLMOutput(logits=None if loss_only else logits, loss=loss)
 
-    def _embed(self, ids: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, tuple | None]:
-        """The token embeddings (plus learned positions) and the rotary (cos, sin) of these positions."""
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits of final hidden states (soft-capped where the config says: Gemma 2)."""
+        logits = self.lm_head(h)
+        cap = self.config.final_softcap
+        return logits if cap is None else torch.tanh(logits / cap) * cap
+
+    def _embed(self, ids: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, list]:
+        """The token embeddings (plus learned positions) and, per layer, the rotary (cos, sin) of these positions
+        (None for a layer without them)."""
         x = self.tok_emb(ids)
-        rotary = None
+        if self.config.embed_scale != 1.0:  # (in the embedding's dtype, as the checkpoints were trained)
+            x = x * torch.tensor(self.config.embed_scale, dtype=x.dtype)
         if self.config.pos_emb == "learned":
             x = x + self.pos_emb(position_ids)
-        else:
-            rotary = self.rotary(position_ids)
-        return self.drop(x), rotary
+        return self.drop(x), self._rotaries(position_ids)
+
+    def _rotaries(self, position_ids: torch.Tensor) -> list:
+        tables = {None: None}
+        if self.config.pos_emb == "rope":
+            tables["global"] = self.rotary(position_ids)
+            if hasattr(self, "rotary_local"):
+                tables["local"] = self.rotary_local(position_ids)
+        return [tables[k] for k in self.rotary_of]
 
     def staged_step(
         self,
@@ -179,18 +237,18 @@ class DecoderLM(PretrainedModel):
         x, rotary = self._embed(ids, position_ids[:, :rows])
         if a == 0:
             chunk = self._embed(chunk, position_ids[:, rows:])[0]
-        rot_all = self.rotary(position_ids) if rotary is not None else None
+        rot_all = self._rotaries(position_ids)
         for i, block in enumerate(self.blocks):
             if a <= i < b:
-                y = block(torch.cat([x, chunk], dim=1), None, rot_all, cache, i)
+                y = block(torch.cat([x, chunk], dim=1), None, rot_all[i], cache, i)
                 x, chunk = y[:, :rows], y[:, rows:]
             else:
-                x = block(x, None, rotary, cache, i)
+                x = block(x, None, rotary[i], cache, i)
         cache.advance(1)
-        logits = self.lm_head(self.norm(x))[0]
+        logits = self.head(self.norm(x))[0]
         if b < len(self.blocks):
             return logits, chunk
-        return logits, self.lm_head(self.norm(chunk[:, -1]))[0] if last_logits else None
+        return logits, self.head(self.norm(chunk[:, -1]))[0] if last_logits else None
 
     def _chunked_loss(self, h: torch.Tensor, labels: torch.Tensor, chunk: int = 256) -> torch.Tensor:
         """Mean cross-entropy of lm_head(h) against labels, a chunk of positions at a time under checkpointing:
@@ -199,7 +257,7 @@ class DecoderLM(PretrainedModel):
 
         def part(hc: torch.Tensor, yc: torch.Tensor) -> torch.Tensor:
             k = (yc != -100).sum()
-            return cross_entropy(self.lm_head(hc), yc) * k
+            return cross_entropy(self.head(hc), yc) * k
 
         total = sum(
             checkpoint(part, h[s : s + chunk], labels[s : s + chunk], use_reentrant=False)
@@ -211,8 +269,10 @@ class DecoderLM(PretrainedModel):
         """A preallocated KV cache; static=True gives the fixed-shape one compiled decoding needs."""
         c = self.config
         p = self.norm.weight  # (head and embedding may be quantized; the final norm keeps the compute dtype)
-        if static and hasattr(self, "rotary"):
-            self.rotary.reserve(max_len)
+        if static:
+            for m in self.modules():
+                if isinstance(m, Rotary):
+                    m.reserve(max_len)
         return (StaticKVCache if static else KVCache)(
             c.n_layer, batch, c.n_kv_head, c.head_dim, max_len, p.device, dtype or p.dtype
         )

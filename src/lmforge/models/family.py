@@ -2,7 +2,7 @@
 difference up here instead of asking `isinstance` (the I/O layer keeps its own table of readers and writers per
 family name, lmforge.interop.families).
 
-    decoder   DecoderLM    GPT-2, Llama, Mistral, Qwen2 shapes (settings of one config)   pre-trained with clm
+    decoder   DecoderLM    GPT-2, Llama 3, Mistral, Qwen2/3, Gemma 1-3, Phi-3, OLMo 2, SmolLM3  pre-trained with clm
     encoder   Encoder      BERT (mlm / nsp / classify / qa heads)                          pre-trained with mlm
     seq2seq   Seq2SeqLM    T5 (v1.0 tied / v1.1 untied)                                    pre-trained with span
 """
@@ -19,6 +19,8 @@ from lmforge.models.encoder import Encoder
 from lmforge.models.seq2seq import Seq2SeqLM
 
 NATIVE_DECODER_TYPE = "lmforge-decoder"  # config.json model_type of a decoder no HF class can hold
+# the HF families of rotary decoders DecoderLM holds (their config keys and tensor names: lmforge.interop.hf.ARCHS)
+DECODER_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "phi3", "olmo2", "gemma", "gemma2", "gemma3_text")
 
 
 @dataclass(frozen=True)
@@ -39,7 +41,7 @@ FAMILIES: dict[str, Family] = {
             DecoderConfig,
             DecoderLM,
             PRESETS,
-            ("gpt2", "llama", "mistral", "qwen2", NATIVE_DECODER_TYPE),
+            ("gpt2", *DECODER_ARCHS, NATIVE_DECODER_TYPE),
             "clm",
         ),
         Family("encoder", EncoderConfig, Encoder, ENCODER_PRESETS, ("bert",), "mlm"),

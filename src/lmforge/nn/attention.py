@@ -11,14 +11,16 @@ the tests and for readers.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lmforge.nn import invariant
+from lmforge.nn.norm import RMSNorm
 from lmforge.nn.packed import FusedLinear
+from lmforge.nn.rope import _compiling, apply_rotary
 
 # --------------------------------------------------------------------------------------------------------------
 # the formula
@@ -59,54 +61,6 @@ def padded_causal_mask(key_mask: torch.Tensor, q_len: int) -> torch.Tensor:
     diag = torch.zeros(q_len, k_len, dtype=torch.bool, device=key_mask.device)
     diag[torch.arange(q_len), torch.arange(k_len - q_len, k_len)] = True
     return m | diag
-
-
-# --------------------------------------------------------------------------------------------------------------
-# rotary position embedding (RoPE), in the "rotate half" layout HF Llama checkpoints use
-
-
-class Rotary(nn.Module):
-    """cos/sin tables for positions; built for up to 4096 positions and grown on demand (a 128k-context model
-    would otherwise carry hundreds of MB of tables it may never use)."""
-
-    def __init__(self, head_dim: int, max_seq_len: int, theta: float = 10000.0) -> None:
-        super().__init__()
-        self.head_dim, self.theta = head_dim, theta
-        self._build(min(max_seq_len, 4096))
-
-    def _build(self, n: int, device: torch.device | None = None) -> None:
-        if torch.device(device or torch.empty(0).device).type == "meta":  # a shell to load into: shapes only
-            for name in ("cos", "sin"):
-                self.register_buffer(name, torch.empty(n, self.head_dim, device="meta"), persistent=False)
-            return
-        inv_freq = 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, device=device).float() / self.head_dim))
-        freqs = torch.outer(torch.arange(n, device=device).float(), inv_freq)
-        emb = torch.cat([freqs, freqs], dim=-1)
-        # not saved in state_dict: derived from the config
-        self.register_buffer("cos", emb.cos(), persistent=False)
-        self.register_buffer("sin", emb.sin(), persistent=False)
-
-    def reserve(self, n: int) -> None:
-        """Make sure the tables cover positions 0..n-1 (a compiled decoding step cannot grow them itself)."""
-        if n > self.cos.size(0):
-            self._build(n, self.cos.device)
-
-    def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin of shape [B or 1, 1, T, head_dim] for the given positions [B or 1, T]."""
-        if not _compiling():  # (reading the largest position back to Python would split a compiled graph)
-            self.reserve(int(position_ids.max()) + 1)
-        return self.cos[position_ids][:, None], self.sin[position_ids][:, None]
-
-
-def _compiling() -> bool:
-    compiler = getattr(torch, "compiler", None)
-    return compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling()
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return (x * cos + rotated * sin).to(x.dtype)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -291,28 +245,27 @@ class SlotKVCache:
         """Whether this step's attention runs through `attend` (a mixed step) rather than update + SDPA."""
         return bool(self._plan) and self._plan[0] == "mixed"
 
-    def attend(
-        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None
-    ) -> torch.Tensor:
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, core: Callable) -> torch.Tensor:
         """A mixed step's attention, q/k/v [1, heads, rows (+ n), D]: the first `rows` tokens each against its own
         row's keys (as a decode step), and in the chunk's layers the last n causally against their slot's,
-        written to the cache first."""
+        written to the cache first. `core(q, k, v, mask, decoding)` is the layer's own attention
+        (Attention.core: its scale, window and soft-capping)."""
         _, rows, pos, k_len, _, slot, start, n, (a, b), act = self._plan
         K, V = self.k[layer], self.v[layer]
         self._write_rows(layer, pos, act, k[0, :, :rows].transpose(0, 1), v[0, :, :rows].transpose(0, 1))
-        y_rows = decode_attention(
+        y_rows = core(
             q[0, :, :rows].transpose(0, 1)[:, :, None],
             K[:rows, :, :k_len],
             V[:rows, :, :k_len],
             self._rows_mask(pos, k_len),
-            scale=scale,
+            decoding=True,
         )[:, :, 0].transpose(0, 1)[None]  # [1, heads, rows, D]
         if not a <= layer < b:
             return y_rows
         K[slot, :, start : start + n] = k[0, :, rows:]
         V[slot, :, start : start + n] = v[0, :, rows:]
-        y_chunk = decode_attention(
-            q[:, :, rows:], K[slot : slot + 1, :, : start + n], V[slot : slot + 1, :, : start + n], scale=scale
+        y_chunk = core(
+            q[:, :, rows:], K[slot : slot + 1, :, : start + n], V[slot : slot + 1, :, : start + n], decoding=True
         )  # causal: the chunk's queries are the last n of start + n keys
         return torch.cat([y_rows, y_chunk], dim=2)
 
@@ -380,11 +333,24 @@ class Attention(nn.Module):
         causal: bool = True,
         qkv_bias: bool | None = None,
         scale: float | None = None,
+        qk_norm: str | None = None,
+        norm_eps: float = 1e-6,
+        norm_offset: float = 0.0,
+        window: int | None = None,
+        softcap: float | None = None,
     ) -> None:
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = n_head, n_kv_head, head_dim
         self.causal, self.dropout = causal, dropout
         self.scale = scale  # None: 1/sqrt(head_dim); T5 uses 1 (the scale lives in the query's init)
+        self.window = window  # sliding window: a query sees itself and the window - 1 keys before it (Mistral)
+        self.softcap = softcap  # scores -> softcap * tanh(scores / softcap) before the softmax (Gemma 2)
+        # RMSNorm of queries and keys before the rotation: per head (Qwen3, Gemma 3) or across all heads (OLMo 2)
+        self.qk_norm = qk_norm
+        if qk_norm:
+            width = (lambda n: head_dim) if qk_norm == "head" else (lambda n: n * head_dim)
+            self.q_norm = RMSNorm(width(n_head), norm_eps, norm_offset)
+            self.k_norm = RMSNorm(width(n_kv_head), norm_eps, norm_offset)
         qkv_bias = bias if qkv_bias is None else qkv_bias
         self.q_proj = nn.Linear(d_model, n_head * head_dim, bias=qkv_bias)
         self.k_proj = nn.Linear(d_model, n_kv_head * head_dim, bias=qkv_bias)
@@ -395,18 +361,37 @@ class Attention(nn.Module):
         self.record: list[torch.Tensor] | None = None  # a list here collects each forward's attention weights
 
     def _explicit(self, q, k, v, mask):
-        """The formula spelled out (no fused kernel) so the weights can be kept; used only while recording."""
+        """The formula spelled out (no fused kernel): while recording (the weights are kept), and for soft-capped
+        scores, which no fused kernel computes."""
         if k.size(1) != q.size(1):
             k = k.repeat_interleave(q.size(1) // k.size(1), dim=1)
             v = v.repeat_interleave(q.size(1) // v.size(1), dim=1)
         if mask is None and self.causal and q.size(2) > 1:
             mask = causal_mask(q.size(2), k.size(2), q.device)
         scores = q @ k.transpose(-2, -1) * (self.scale if self.scale is not None else 1 / math.sqrt(q.size(-1)))
+        if self.softcap is not None:
+            scores = torch.tanh(scores / self.softcap) * self.softcap
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
         weights = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-        self.record.append(weights)
+        if self.record is not None:
+            self.record.append(weights)
+        if self.dropout and self.training:
+            weights = F.dropout(weights, self.dropout)
         return weights @ v
+
+    def core(self, q, k, v, mask=None, decoding: bool = False):
+        """softmax(q k^T * scale + mask) v for q [B, H, Tq, D], k / v [B, Hkv, Tk, D] (the keys after the cache):
+        the sliding window applied to the mask, then the fused kernel, or the formula where soft-capped or
+        recorded. mask None means causal over the last Tq of Tk positions. The serving cache's mixed steps call
+        this too (SlotKVCache.attend), so a layer's attention is defined in this one place."""
+        if self.window is not None and k.size(2) > self.window:
+            mask = window_mask(mask, q.size(2), k.size(2), self.window, q.device)
+        if self.record is not None or self.softcap is not None:
+            return self._explicit(q, k, v, mask)
+        if decoding and not self.training:  # decoding: batch-invariant where it is on
+            return decode_attention(q, k, v, mask, causal=self.causal, scale=self.scale)
+        return sdpa(q, k, v, mask, causal=self.causal, dropout=self.dropout if self.training else 0.0, scale=self.scale)
 
     def forward(
         self,
@@ -422,33 +407,54 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         fused = self.fused  # read once: another thread's packed_linears context may end meanwhile
         if fused is not None and kv is None:
-            q, k, v = (t.view(B, T, -1, self.head_dim).transpose(1, 2) for t in fused(x))
+            q, k, v = fused(x)
+            q, (k, v) = self._heads_q(q), self._heads_kv(k, v)
         else:
-            q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+            q = self._heads_q(self.q_proj(x))
             k, v = kv if kv is not None else self.project_kv(x)
         if rotary is not None:
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         if cache is not None and getattr(cache, "attends", False):  # a serving step of decode rows + a chunk
-            y = cache.attend(layer, q, k, v, self.scale)
+            y = cache.attend(layer, q, k, v, self.core)
             return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
         if cache is not None:
             k, v = cache.update(layer, k, v)
-        if self.record is not None:  # explain: the probabilities themselves, [B, H, Tq, Tk]
-            y = self._explicit(q, k, v, mask)
-        elif cache is not None and not self.training:  # decoding: batch-invariant where it is on
-            y = decode_attention(q, k, v, mask, causal=self.causal, scale=self.scale)
-        else:
-            y = sdpa(
-                q, k, v, mask, causal=self.causal, dropout=self.dropout if self.training else 0.0, scale=self.scale
-            )
+        y = self.core(q, k, v, mask, decoding=cache is not None)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+
+    def _heads_q(self, q: torch.Tensor) -> torch.Tensor:
+        """Projected queries [B, T, H * D] -> [B, H, T, D], normalised where the config says."""
+        B, T, _ = q.shape
+        if self.qk_norm == "full":
+            q = self.q_norm(q)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        return self.q_norm(q) if self.qk_norm == "head" else q
+
+    def _heads_kv(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        B, S, _ = k.shape
+        if self.qk_norm == "full":
+            k = self.k_norm(k)
+        k = k.view(B, S, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = v.view(B, S, self.n_kv_head, self.head_dim).transpose(1, 2)
+        return (self.k_norm(k) if self.qk_norm == "head" else k), v
 
     def project_kv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of x [B, S, d_model], each [B, n_kv_head, S, head_dim]."""
-        B, S, _ = x.shape
-        k = self.k_proj(x).view(B, S, self.n_kv_head, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, S, self.n_kv_head, self.head_dim).transpose(1, 2)
-        return k, v
+        return self._heads_kv(self.k_proj(x), self.v_proj(x))
+
+
+def window_mask(mask: torch.Tensor | None, q_len: int, k_len: int, window: int, device) -> torch.Tensor:
+    """`mask` (bool, or None for causal over the last q_len of k_len keys) with each query further limited to
+    its own key slot and the window - 1 slots before it. A query's own slot is the last key it may see (every
+    causal mask here lets a query see itself), so one rule serves training, padded batches, the KV caches and
+    the serving engine's rows, each of which puts its keys at its own slots."""
+    if mask is None:
+        mask = causal_mask(q_len, k_len, device)
+    elif mask.dtype != torch.bool:
+        mask = mask > torch.finfo(mask.dtype).min
+    slots = torch.arange(k_len, device=device)
+    own = torch.where(mask, slots, -1).amax(-1, keepdim=True)
+    return mask & (slots > own - window)
 
 
 def decode_attention(
