@@ -112,3 +112,65 @@ def test_every_decoder_family_has_a_case():
     assert set(ARCHS) == set(DECODER_ARCHS)
     covered = {getattr(transformers, cls).model_type for cls, _ in CASES.values()}
     assert set(DECODER_ARCHS) <= covered
+
+
+@pytest.mark.parametrize("quantize", [None, "nf4"])
+def test_lora_and_qlora_learn(pair, quantize):
+    """LoRA (and LoRA on a frozen 4-bit base) trains on every family: a few steps on one batch lower its loss."""
+    from lmforge.nn.lora import apply_lora
+
+    name, ref, path = pair
+    model = load_model(path).train()
+    apply_lora(model, "all", r=4, dropout=0.0, quantize=quantize)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    x = ids(2, 16)
+    losses = []
+    for _ in range(6):
+        loss = model(x[:, :-1], labels=x[:, 1:]).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.05, losses
+
+
+@pytest.mark.parametrize("mode, tol", [("int8", 0.1), ("int4", 0.6)])
+def test_quantized_inference_stays_close(pair, mode, tol):
+    from lmforge.nn.quant import quantize_model
+
+    name, ref, path = pair
+    model, q = load_model(path), load_model(path)
+    quantize_model(q, mode, group_size=16)
+    x = ids()
+    with torch.no_grad():
+        diff = (q(x).logits - model(x).logits).abs().max().item()
+    assert 0 < diff < tol
+
+
+def test_served_greedy_reply_equals_generate(pair, tmp_path):
+    """Through the HTTP server (its engine: slot cache, windows on the cached keys), the greedy reply to a prompt
+    longer than any window is the same tokens as decoding in-process."""
+    import urllib.request
+
+    from lmforge.serve.app import ServerThread, create_app, load_served
+    from lmforge.tokenizer import Tokenizer
+
+    name, ref, path = pair
+    if name == "llama-dynamic":
+        pytest.skip("(its context, 16, is shorter than prompt + reply)")
+    tok = Tokenizer.train_bpe(["to be or not to be 1234 that is the question"] * 20, vocab_size=V)
+    model = load_model(path)
+    model.save_pretrained(tmp_path / "m", tokenizer=tok)
+    prompt = ids(1, 12)[0].tolist()
+    want = [int(t) for t in generate_ids(model, [prompt], SamplingParams(max_new_tokens=10, temperature=0.0))]
+    served = load_served([str(tmp_path / "m")], max_batch=2)
+    try:
+        with ServerThread(create_app(served)) as url:
+            body = {"model": served[0].name, "prompt": prompt, "max_tokens": 10, "temperature": 0, "logprobs": 1}
+            req = urllib.request.Request(
+                url + "/v1/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
+            )
+            reply = json.loads(urllib.request.urlopen(req, timeout=60).read())
+    finally:
+        served[0].engine.close()
+    assert reply["choices"][0]["text"] == tok.decode(want)
