@@ -114,11 +114,12 @@ def chat_job(work: Path) -> list[str]:
     from lmforge.assets import model_file
     from lmforge.config import model_config
     from lmforge.data.chat import chatterbot_chat, write_jsonl
-    from lmforge.interop.gguf import _reader, gguf_tokenizer
+    from lmforge.interop.gguf import _reader
+    from lmforge.interop.gguf_vocab import tokenizer_from_gguf
     from lmforge.models.decoder import DecoderLM
 
     path = model_file("smollm2-135m-instruct")
-    tok = gguf_tokenizer(_reader(path), str(path))  # SmolLM2's real tokenizer and chat template
+    tok = tokenizer_from_gguf(_reader(path), str(path))  # SmolLM2's real tokenizer and chat template
     torch.manual_seed(0)
     model = DecoderLM(
         model_config(
@@ -252,11 +253,12 @@ def qa_job(work: Path) -> list[str]:
 def _tiny_decoder(work: Path):
     from lmforge.assets import model_file
     from lmforge.config import model_config
-    from lmforge.interop.gguf import _reader, gguf_tokenizer
+    from lmforge.interop.gguf import _reader
+    from lmforge.interop.gguf_vocab import tokenizer_from_gguf
     from lmforge.models.decoder import DecoderLM
 
     path = model_file("smollm2-135m-instruct")
-    tok = gguf_tokenizer(_reader(path), str(path))
+    tok = tokenizer_from_gguf(_reader(path), str(path))
     torch.manual_seed(0)
     model = DecoderLM(
         model_config(

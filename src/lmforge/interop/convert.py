@@ -8,6 +8,7 @@ from pathlib import Path
 from lmforge.errors import ConfigError, ModelLoadError
 from lmforge.files import check_out_file
 from lmforge.interop import load_pretrained
+from lmforge.interop.gguf_write import TYPES, export_gguf
 from lmforge.interop.hf import check_output_dir
 from lmforge.interop.load import resolve_model_path
 
@@ -30,8 +31,6 @@ def export(source: str | Path, out: str | Path, type: str = "f16", adapter: str 
     """Write a model (a directory, a .gguf file, a packaged name or ORG/NAME in the local HF cache; with a LoRA
     adapter merged in) as one GGUF file for llama.cpp, Ollama or LM Studio: weights in `type` (f32, f16, bf16,
     q8_0, q4_0), tokenizer, chat template and the directory's generation settings in the metadata."""
-    from lmforge.interop.gguf_write import TYPES, export_gguf  # (the gguf package: read only when exporting)
-
     if type not in TYPES:
         raise ConfigError(f"--type {type!r} is not one of {', '.join(TYPES)}")
     out = Path(out)

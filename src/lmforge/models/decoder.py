@@ -47,6 +47,7 @@ class Block(nn.Module):
             return make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias, cfg.norm_offset)
 
         pre, post = cfg.norm_layout in ("pre", "sandwich"), cfg.norm_layout in ("post", "sandwich")
+        self.pre, self.post = pre, post  # (plain flags: the decoding step reads them in every layer)
         if pre:
             self.attn_norm = norm()
         self.attn = Attention(
@@ -74,10 +75,10 @@ class Block(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x, mask=None, rotary=None, cache=None, layer=0):
-        h = self.attn(self.attn_norm(x) if hasattr(self, "attn_norm") else x, mask, rotary, cache, layer)
-        x = x + self.drop(self.attn_post_norm(h) if hasattr(self, "attn_post_norm") else h)
-        h = self.mlp(self.mlp_norm(x) if hasattr(self, "mlp_norm") else x)
-        return x + self.drop(self.mlp_post_norm(h) if hasattr(self, "mlp_post_norm") else h)
+        h = self.attn(self.attn_norm(x) if self.pre else x, mask, rotary, cache, layer)
+        x = x + self.drop(self.attn_post_norm(h) if self.post else h)
+        h = self.mlp(self.mlp_norm(x) if self.pre else x)
+        return x + self.drop(self.mlp_post_norm(h) if self.post else h)
 
 
 class DecoderLM(PretrainedModel):
