@@ -119,3 +119,58 @@ def test_dynamic_rope_is_refused_in_one_line(tmp_path, tokenizer):
     with pytest.raises(ConfigError, match="dynamic"):
         export_gguf(load_model(tmp_path / "hf"), tokenizer, tmp_path / "m.gguf")
     assert not (tmp_path / "m.gguf").exists()
+
+
+@pytest.mark.parametrize("kind", ["Q4_K", "Q6_K"])
+def test_k_quant_blocks_decode_as_gguf_decodes_them(kind):
+    """lmforge's K-quant packer against gguf's own decoder: every block decodes close to the weights (within half
+    a quantization step of its sub-block), and a weight pattern the grid holds exactly comes back exactly."""
+    import gguf
+    import numpy as np
+
+    from lmforge.interop.kquants import quantize_q4_k, quantize_q6_k
+
+    qtype = getattr(gguf.GGMLQuantizationType, kind)
+    pack = quantize_q4_k if kind == "Q4_K" else quantize_q6_k
+    w = np.random.default_rng(0).standard_normal((8, 512)).astype(np.float32)
+    w[0, :256] = 0.0  # an all-zero block
+    back = gguf.quants.dequantize(pack(w), qtype).reshape(w.shape)
+    sub, levels, scale_levels = (32, 15, 63) if kind == "Q4_K" else (16, 62, 127)
+    x = w.reshape(-1, 256 // sub, sub)
+    span = x.max(-1) - np.minimum(x.min(-1), 0) if kind == "Q4_K" else 2 * np.abs(x).max(-1)
+    coarse = span.max(-1, keepdims=True) / levels / scale_levels * 2  # (the 6- / 8-bit scales' own step)
+    err = np.abs(back.reshape(x.shape) - x).max(-1)
+    assert (err <= 0.5 * span / levels + coarse + 1e-6).all()
+    assert np.abs(back[0, :256]).max() == 0.0
+    assert pack(w).shape == (8, 512 // 256 * (144 if kind == "Q4_K" else 210))
+
+
+def test_q4_k_m_export_mixes_types_and_stays_close(tmp_path, tokenizer):
+    import gguf
+
+    from lmforge.config import DecoderConfig
+    from lmforge.models.decoder import DecoderLM
+
+    torch.manual_seed(0)
+    cfg = DecoderConfig(
+        vocab_size=V, n_layer=8, n_head=4, n_kv_head=2, d_model=256, d_ff=512, max_seq_len=64,
+        pos_emb="rope", norm="rmsnorm", mlp="swiglu", bias=False, tie_embeddings=False,
+    )  # fmt: skip
+    model = DecoderLM(cfg).eval()
+    export_gguf(model, tokenizer, tmp_path / "m.gguf", type="q4_k_m")
+    kinds = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(tmp_path / "m.gguf")).tensors}
+    assert kinds["output.weight"] == "Q6_K" and kinds["blk.0.ffn_down.weight"] == "Q6_K"
+    assert kinds["blk.1.ffn_down.weight"] == "Q4_K" and kinds["blk.3.attn_q.weight"] == "Q4_K"
+    export_gguf(model, tokenizer, tmp_path / "m0.gguf", type="q4_0")
+    x = ids(16)
+    with torch.no_grad():
+        want = model(x).logits
+        err_k = (load_gguf(tmp_path / "m.gguf")[0](x).logits - want).abs().mean().item()
+        err_0 = (load_gguf(tmp_path / "m0.gguf")[0](x).logits - want).abs().mean().item()
+    assert 0 < err_k < err_0  # (Q4_K's finer scales and Q6_K's wider layers: closer than plain q4_0)
+    kept, _ = load_gguf(tmp_path / "m.gguf", keep_4bit=True)  # the Q4_K blocks on the int4 kernel, as stored
+    from lmforge.nn.quant import Int4Linear
+
+    assert isinstance(kept.blocks[3].attn.q_proj, Int4Linear)
+    with torch.no_grad():
+        torch.testing.assert_close(kept(x).logits, load_gguf(tmp_path / "m.gguf")[0](x).logits, atol=2e-2, rtol=0)

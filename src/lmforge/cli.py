@@ -568,7 +568,10 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("model", help="model directory, .gguf file, packaged name or ORG/NAME in the local HF cache")
     ex.add_argument("out", help="output .gguf file")
     ex.add_argument(
-        "--type", default="f16", choices=("f32", "f16", "bf16", "q8_0", "q4_0"), help="weight type (default f16)"
+        "--type",
+        default="f16",
+        choices=("f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_m"),
+        help="weight type (default f16; q4_k_m: llama.cpp's Q4_K / Q6_K mix)",
     )
     ex.add_argument("--adapter", help="a LoRA adapter directory to merge into the weights first")
     ex.set_defaults(fn=cmd_export)

@@ -10,6 +10,8 @@ Weights are packed by the `gguf` package's own quantizers; nothing of a block fo
     q8_0               2-D weights in blocks of 32 int8 with one scale (nearly lossless)
     q4_0               2-D weights in blocks of 32 4-bit codes with one scale; the embedding and the output
                        matrix in q8_0 (they are the most sensitive; llama.cpp's own 4-bit mixes keep them wider)
+    q4_k_m             llama.cpp's most used mix: Q4_K, with the output matrix and the attn_v / ffn_down of some
+                       layers in Q6_K (lmforge.interop.kquants packs both)
 """
 
 from __future__ import annotations
@@ -26,10 +28,11 @@ from lmforge.files import save_with
 from lmforge.interop.gguf import BLOCK_NAMES, FUSED_NAMES, GGUF_ARCHS, TOP_NAMES
 from lmforge.interop.gguf_vocab import add_tokenizer
 from lmforge.interop.hf import hf_config
+from lmforge.interop.kquants import more_bits, quantize_q4_k, quantize_q6_k
 from lmforge.nn.lora import plain_state_dict
 from lmforge.nn.rope import inv_frequencies
 
-TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
+TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_m")
 _BY_HF = {a.hf: a for a in GGUF_ARCHS.values() if a.name != "mistral"}
 _BY_HF["mistral"] = GGUF_ARCHS["llama"]  # (llama.cpp knows Mistral as llama with a sliding window)
 GPT2_NAMES = {  # GPT-2's blocks (gguf architecture "gpt2"): LayerNorms with biases, biased linears, no gate
@@ -86,7 +89,7 @@ def export_gguf(
             if key in _SAMPLING and value is not None:
                 getattr(w, _SAMPLING[key])(value)
         for tname, t in tensors:
-            data, qtype = _pack(tname, t, type)
+            data, qtype = _pack(tname, t, type, c.n_layer)
             w.add_tensor(tname, data, raw_dtype=qtype)
         w.write_header_to_file()
         w.write_kv_data_to_file()
@@ -97,7 +100,7 @@ def export_gguf(
     return out
 
 
-_FILE_TYPE = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 7, "bf16": 32}  # llama_ftype
+_FILE_TYPE = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 7, "q4_k_m": 15, "bf16": 32}  # llama_ftype
 _SAMPLING = {"temperature": "add_sampling_temp", "top_k": "add_sampling_top_k", "top_p": "add_sampling_top_p"}
 
 
@@ -220,9 +223,9 @@ def permute_rotary(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, 2, hd // 2, inp).transpose(1, 2).reshape(out, inp)
 
 
-def _pack(name: str, t: torch.Tensor, type: str):
+def _pack(name: str, t: torch.Tensor, type: str, n_layer: int = 1):
     """(numpy data, GGML type) of one tensor in the file's type; 1-D tensors and rows that are no whole number of
-    blocks stay f32 / f16."""
+    blocks stay f32 / f16 (q4_k_m: q8_0 where rows are whole blocks of 32 only, as llama.cpp falls back)."""
     import gguf
     from gguf import GGMLQuantizationType as Q
 
@@ -233,7 +236,16 @@ def _pack(name: str, t: torch.Tensor, type: str):
         return a.astype(np.float16), Q.F16
     if type == "bf16":
         return gguf.quants.quantize(a, Q.BF16), Q.BF16
-    qtype = Q.Q8_0 if type == "q8_0" or name in ("token_embd.weight", "output.weight") else Q.Q4_0
+    if type == "q4_k_m":
+        layer = int(name.split(".")[1]) if name.startswith("blk.") else 0
+        wide = name == "output.weight" or (
+            name.endswith(("attn_v.weight", "ffn_down.weight")) and more_bits(layer, n_layer)
+        )
+        if a.shape[-1] % 256 == 0:
+            return (quantize_q6_k(a), Q.Q6_K) if wide else (quantize_q4_k(a), Q.Q4_K)
+        qtype = Q.Q8_0
+    else:
+        qtype = Q.Q8_0 if type == "q8_0" or name in ("token_embd.weight", "output.weight") else Q.Q4_0
     if a.shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
         return a.astype(np.float16), Q.F16
     return gguf.quants.quantize(a, qtype), qtype
