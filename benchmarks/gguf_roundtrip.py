@@ -11,27 +11,35 @@ Two models, each exported with `lmforge.interop.convert.export` to q8_0 and f16:
 For every file, in llama.cpp (the native build of llama_cpp.py, else the first present) and in lmforge
 (`load_pretrained(file)`, fp32):
 
-  greedy    3 prompts, 32 new tokens at temperature 0, EOS ignored: llama-server's /completion given lmforge's token
-            ids (so tokenization is not a variable; "cache_prompt": false) against `generate_ids` on the same file.
-            "equal" counts the prompts whose 32 tokens agree; "first diff" is the first differing position per
-            prompt ("-": none); "max |dlogp|" the largest difference of the chosen token's log-probability over
-            the steps before the first difference (llama.cpp's `n_probs` against lmforge's log-softmax of a
-            teacher-forced pass); "= source" whether lmforge's tokens from the file are those of the model it was
-            exported from. Below the table, each divergence with both systems' two best tokens at that step.
-  tokens    whether llama.cpp's own tokenization (/tokenize) of the 3 prompts and of the perplexity text equals
+  greedy    3 prompts (plain text; SmolLM2's third is its chat template rendered by lmforge), 32 new tokens at
+            temperature 0: llama-server's /completion given lmforge's token ids (so tokenization is not a variable;
+            "cache_prompt": false) against `generate_ids` on the same file. llama.cpp stops at an end-of-generation
+            token (and returns it), lmforge (no EOS id given) goes on: "tokens" is how many llama.cpp returned per
+            prompt, and that many are compared. "greedy =" counts the prompts whose tokens agree; "first diff" is
+            the first differing position per prompt ("-": none); "max |dlogp|" the largest difference of the
+            log-probability of llama.cpp's token over all its steps (llama.cpp's `n_probs` against lmforge's
+            log-softmax along llama.cpp's tokens, teacher-forced); "= source" whether lmforge's 32 tokens from the
+            file are those of the model it was exported from. Below the table, each divergence with both systems'
+            two best tokens at that step (and lmforge's when it rounds as llama.cpp does, see "lmforge rounded").
+  tokenizer whether llama.cpp's own tokenization (/tokenize) of the 3 prompts and of the perplexity text equals
             lmforge's
   ppl       on ~4 KB of Measure for Measure (held out of both the quickstart recipe and the training here), context
             N = 256: `llama-perplexity -c N` (its method: chunks of N of its own tokens, BOS over the first token of
-            each chunk when the vocabulary adds one, the second half of each chunk scored); lmforge on the same
-            tokens with the same chunks ("lmforge, llama.cpp's chunks": the model compared, nothing else); and
-            `lmforge.eval.lm.evaluate_perplexity` (what `lmforge eval perplexity` prints: its own tokens, windows of
-            N every N/2, every token after the first scored), which is a different estimate of the same quantity.
+            each chunk when the vocabulary adds one, the second half of each chunk scored); "ppl lmforge": lmforge on
+            the same tokens with the same chunks (the model compared, nothing else); "lmforge rounded": the same with
+            the input of every Linear rounded as llama.cpp's CPU kernels round the activations they multiply with
+            the file's weights (Q8_0 blocks of 32 for q8_0 / q4_0 weights, fp16 for f16 ones; not done for the
+            Q4_1 reference); "ppl lmforge eval": `lmforge.eval.lm.evaluate_perplexity` (what `lmforge eval
+            perplexity` prints: its own tokens, windows of N every N/2, every token after the first scored), a
+            different estimate of the same quantity.
 
 llama.cpp runs with an f32 KV cache (-ctk f32 -ctv f32) so that the cache's precision is not one more difference
-from lmforge's fp32; it still multiplies q8_0 weights with activations rounded to q8_0 and f16 weights with
-activations in f16, as it always does on CPU.
+from lmforge's fp32. Both systems (and the training) run on THREADS threads (default 1; the peaks in the first line
+are measured on torch's default, as in every benchmark): nothing here is a timing, the figures compared do not depend
+on the count (every dot product is one thread's; the same perplexities on 1 and 2), and on a 2-core machine shared
+with other work, threads that wait for each other at every operation ran 5x to 100x slower on 2 than on 1.
 
-    python benchmarks/gguf_roundtrip.py          # about 4 minutes on 2 cores (training included)
+    python benchmarks/gguf_roundtrip.py          # about 6 minutes on a busy 2-core machine, training included
 """
 
 from __future__ import annotations
@@ -78,7 +86,8 @@ SMOL_CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 def threads() -> int:
-    return torch.get_num_threads()
+    """The threads of both systems (the machine's peaks are measured on torch's default)."""
+    return int(os.environ.get("THREADS", "1"))
 
 
 def perplexity_text() -> Path:
@@ -190,7 +199,6 @@ def llama_greedy(client, ids: list[int]) -> tuple[list[int], list[dict]]:
         "temperature": 0,
         "n_predict": NEW,
         "cache_prompt": False,
-        "ignore_eos": True,
         "return_tokens": True,
         "n_probs": 2,
     }
@@ -259,6 +267,38 @@ def lmforge_eval_ppl(model, tok, text: Path) -> float:
     return evaluate_perplexity(model, tok, [str(text)], window=N_CTX, stride=N_CTX // 2)["ppl"]
 
 
+def q8_0_round(x: torch.Tensor) -> torch.Tensor:
+    """x as llama.cpp's CPU matmul reads it against Q8_0 / Q4_0 weights: rounded to Q8_0 blocks of 32 along the last
+    dimension (int8 codes, the block's scale amax / 127 kept in fp16)."""
+    b = x.float().reshape(-1, 32)
+    d = b.abs().amax(-1, keepdim=True) / 127
+    q = torch.round(b / torch.where(d == 0, torch.ones_like(d), d))
+    return (q * d.half().float()).reshape(x.shape).to(x.dtype)
+
+
+ROUNDING = {  # file type -> how llama.cpp's CPU kernels round the activations multiplied with its weights
+    "q8_0": q8_0_round,
+    "q4_0": q8_0_round,
+    "f16": lambda x: x.half().to(x.dtype),
+}
+
+
+@contextmanager
+def llama_rounding(model, rounding):
+    """lmforge with the input of every Linear (the tied output head included) rounded as llama.cpp rounds it: the
+    diagnosis of a gap between the two on a quantized file (the weights are already the same)."""
+    hooks = [
+        m.register_forward_pre_hook(lambda mod, args: (rounding(args[0]), *args[1:]))
+        for m in model.modules()
+        if isinstance(m, torch.nn.Linear)
+    ]
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 # ------------------------------------------------------------------------------------------------------------------
 
 
@@ -280,24 +320,24 @@ def check_file(
         with_special = llama_tokenize(client, ptext, True, False)
         theirs = [llama_greedy(client, ids) for ids in prompt_ids]
     bos = with_special[0] if len(with_special) == len(tok.encode(ptext)) + 1 else None  # (llama.cpp adds a BOS)
+    rounding = ROUNDING.get(path.name.split(".")[-2])
 
     diffs, dlogp, notes = [], 0.0, []
     for k, (ids, mine, (their_ids, steps)) in enumerate(zip(prompt_ids, ours, theirs)):
+        # llama.cpp stops at an end-of-generation token (and returns it); lmforge, given no EOS id, goes on: the
+        # first len(their_ids) tokens are compared
         d = next((i for i, (a, b) in enumerate(zip(mine, their_ids)) if a != b), None)
         diffs.append(d)
-        logp = lmforge_logprobs(model, ids, mine)
-        upto = NEW if d is None else d
-        for i in range(upto):
-            dlogp = max(dlogp, abs(float(logp[i, mine[i]]) - steps[i]["logprob"]))
+        # lmforge's log-probabilities along llama.cpp's tokens (the same as along its own up to a divergence)
+        logp = lmforge_logprobs(model, ids, their_ids)
+        dlogp = max(dlogp, max_dlogp(logp, their_ids, steps))
         if d is not None:
-            top = torch.topk(logp[d], 2)
-            ours_top = ", ".join(f"{tok.decode([int(t)])!r} {math.exp(v):.3f}" for v, t in zip(top.values, top.indices))
+            what = f"{label} prompt {k + 1}, token {d}: lmforge {top2(tok, logp[d])}"
+            if rounding:
+                with llama_rounding(model, rounding):
+                    what += f" (with llama.cpp's rounding: {top2(tok, lmforge_logprobs(model, ids, their_ids)[d])})"
             their_top = ", ".join(f"{tok.decode([t])!r} {math.exp(v):.3f}" for t, v in steps[d]["top"])
-            notes.append(
-                f"{label} prompt {k + 1}, token {d}: lmforge {ours_top} | llama.cpp {their_top} "
-                f"(|d logp| over tokens 0-{d - 1}: "
-                f"{max((abs(float(logp[i, mine[i]]) - steps[i]['logprob']) for i in range(d)), default=0):.1e})"
-            )
+            notes.append(f"{what} | llama.cpp {their_top}")
 
     row = {
         "model": name,
@@ -305,6 +345,7 @@ def check_file(
         "mb": path.stat().st_size / 2**20,
         "tokens": "yes" if all(same_tok) else f"no ({sum(same_tok)}/{len(same_tok)})",
         "equal": f"{sum(d is None for d in diffs)}/{len(diffs)}",
+        "n": ",".join(str(len(t)) for t, _ in theirs),
         "first": ",".join("-" if d is None else str(d) for d in diffs),
         "dlogp": dlogp,
         "source": None if source_tokens is None else ("yes" if ours == source_tokens else "no"),
@@ -312,12 +353,29 @@ def check_file(
         "ppl_chunks": lmforge_chunked_ppl(model, with_special, bos),
         "ppl_eval": lmforge_eval_ppl(model, tok, text),
     }
-    row["ppl_diff"] = None if row["ppl_llama"] is None else (row["ppl_chunks"] / row["ppl_llama"] - 1) * 100
+    if rounding:
+        with llama_rounding(model, rounding):
+            row["ppl_rounded"] = lmforge_chunked_ppl(model, with_special, bos)
+    if row["ppl_llama"] is not None:
+        row["ppl_diff"] = (row["ppl_chunks"] / row["ppl_llama"] - 1) * 100
+        if rounding:
+            row["rounded_diff"] = (row["ppl_rounded"] / row["ppl_llama"] - 1) * 100
     return row, notes
+
+
+def max_dlogp(logp: torch.Tensor, their_ids: list[int], steps: list[dict]) -> float:
+    """The largest |lmforge's - llama.cpp's log-probability| of llama.cpp's token over its steps."""
+    return max(abs(float(logp[i, t]) - s["logprob"]) for i, (t, s) in enumerate(zip(their_ids, steps)))
+
+
+def top2(tok, logp: torch.Tensor) -> str:
+    top = torch.topk(logp, 2)
+    return ", ".join(f"{tok.decode([int(t)])!r} {math.exp(v):.3f}" for v, t in zip(top.values, top.indices))
 
 
 def main() -> None:
     print(machine_header())
+    torch.set_num_threads(threads())  # (after the peaks, measured on the default threads as everywhere)
     WORK.mkdir(parents=True, exist_ok=True)
     bin_dir = llama_bin()
     have_ppl = (bin_dir / "llama-perplexity").exists()
@@ -330,7 +388,8 @@ def main() -> None:
     t_start = time.time()
     qs_dir, qs_from = quickstart_model()
     smol = model_file("smollm2-135m-instruct")
-    print(f"llama.cpp: {bin_dir}{'' if have_ppl else ' (no llama-perplexity: its column is empty)'}")
+    missing = "" if have_ppl else " (no llama-perplexity: its column is empty)"
+    print(f"llama.cpp: {bin_dir}{missing}; both systems on {threads()} thread(s)")
     print(f"GPT-2: {qs_from}; perplexity text: {len(text.read_bytes())} bytes of Measure for Measure, N = {N_CTX}")
 
     rows, notes = [], []
@@ -359,14 +418,17 @@ def main() -> None:
                 ("model", "model", ""),
                 ("file", "file", ""),
                 ("mb", "MiB", ".1f"),
-                ("tokens", "tokenization =", ""),
+                ("tokens", "tokenizer =", ""),
                 ("equal", "greedy =", ""),
+                ("n", "tokens", ""),
                 ("first", "first diff", ""),
                 ("dlogp", "max |dlogp|", ".1e"),
                 ("source", "= source", ""),
                 ("ppl_llama", "ppl llama.cpp", ".3f"),
-                ("ppl_chunks", "ppl lmforge (llama.cpp's chunks)", ".3f"),
+                ("ppl_chunks", "ppl lmforge", ".3f"),
                 ("ppl_diff", "diff %", "+.3f"),
+                ("ppl_rounded", "lmforge rounded", ".3f"),
+                ("rounded_diff", "diff %", "+.3f"),
                 ("ppl_eval", "ppl lmforge eval", ".3f"),
             ],
         )

@@ -47,6 +47,7 @@ def test_every_verb_that_runs_a_model_takes_device():
     no_model = {
         "tokenizer train",
         "convert",
+        "export",
         "data shakespeare-qa",
         "data chatterbot",
         "data bible-genres",
