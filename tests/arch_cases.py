@@ -39,6 +39,7 @@ CASES = {
         "LlamaConfig",
         {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}, "max_position_embeddings": 16},
     ),
+    "qwen2.5": ("Qwen2Config", {"tie_word_embeddings": True}),
     "qwen2.5-yarn": (
         "Qwen2Config",
         {"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}},
@@ -49,7 +50,11 @@ CASES = {
     "gemma": ("GemmaConfig", {"head_dim": 16}),
     "gemma2": ("Gemma2Config", {"head_dim": 16, "sliding_window": 8, "query_pre_attn_scalar": 24}),
     "gemma2-9b-shape": ("Gemma2Config", {"head_dim": 16, "sliding_window": 8, "query_pre_attn_scalar": 16}),
-    "gemma3": ("Gemma3TextConfig", {"head_dim": 16, "sliding_window": 8, "sliding_window_pattern": 2}),
+    # Gemma 3's own shape of layers (five windowed, one global) and query scale (query_pre_attn_scalar = head_dim)
+    "gemma3": (
+        "Gemma3TextConfig",
+        {"head_dim": 16, "sliding_window": 8, "num_hidden_layers": 6, "query_pre_attn_scalar": 16},
+    ),
     "phi3": ("Phi3Config", {"num_key_value_heads": 4}),
     "phi4-mini": (
         "Phi3Config",
@@ -62,7 +67,7 @@ CASES = {
         },
     ),
     "olmo2": ("Olmo2Config", {}),
-    "smollm3": ("SmolLM3Config", {"no_rope_layer_interval": 2}),
+    "smollm3": ("SmolLM3Config", {"num_hidden_layers": 4}),  # (its fourth layer without rotary, as SmolLM3-3B)
 }
 PROMPT_LEN = 24  # past every window (8) and past phi4-mini's original context (16): its long factors run too
 

@@ -22,7 +22,7 @@ from lmforge.tokenizer import Tokenizer  # noqa: E402
 # the cases transformers' GGUF loader (5.25) reads as their config says; the others through lmforge's reader only:
 # that loader ignores rope_freqs (llama3.2), rope.scaling (llama-linear, qwen2.5-yarn), sliding windows (mistral,
 # qwen2-window, gemma 2 / 3), key_length (qwen3: head_dim falls back to 128) and longrope
-HF_READS = {"llama", "phi3"}
+HF_READS = {"llama", "qwen2.5", "phi3"}
 GGUF_CASES = [c for c in CASES if c != "llama-dynamic"]  # (dynamic rope has no GGUF form: refused, tested below)
 
 
