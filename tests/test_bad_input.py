@@ -508,6 +508,7 @@ MODEL_VERBS = {
     "quantize": "quantize --mode int8 --out {root}/q --model MODEL",
     "prune": "prune --sparsity 0.5 --out {root}/pruned --model MODEL",
     "convert": "convert MODEL {root}/conv",
+    "export": "export MODEL {root}/m.gguf",
     "predict": "predict --text hi --model MODEL",
     "embed": "embed --text hi --model MODEL",
     "serve": "serve --model MODEL",
@@ -528,6 +529,8 @@ for verb, template in MODEL_VERBS.items():
         if verb == "info" and kind in ("a-text-file", "nothing"):
             needle = "is neither a model directory nor a preset"
         case(f"{verb}-model-{kind}", template.replace("MODEL", where), needle)
+case("export-an-encoder", "export {enc} {root}/m.gguf", "GGUF")
+case("export-out-not-gguf", "export {dec} {root}/m.bin", "must be a .gguf file")
 for verb in ("generate", "info", "predict"):
     case(
         f"{verb}-model-garbage-header",
@@ -966,6 +969,7 @@ SCOPE: dict[str, dict[str, object]] = {
         "--regex": ["generate-regex-invalid"],
     },
     "convert": {"source": ["convert-into-itself"], "out": ALL},
+    "export": {"model": ["export-an-encoder"], "out": ["export-out-not-gguf"], "--type": ALL, "--adapter": ALL},
     "chat": {
         **MODEL,
         "--system": ALL,

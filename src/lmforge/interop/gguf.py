@@ -344,8 +344,6 @@ def load_gguf(path: str | Path, device: str | torch.device = "cpu", keep_4bit: b
             _, i, rest = name.split(".", 2)
             if rest in FUSED_NAMES and (rest != "ffn_up.weight" or fam.hf == "phi3"):
                 ours = [f"blocks.{i}.{n}" for n in FUSED_NAMES[rest]]
-            elif rest == "ffn_norm.weight" and cfg.norm_layout == "sandwich":
-                ours = [f"blocks.{i}.mlp_norm.weight"]
             elif rest in BLOCK_NAMES:
                 ours = [f"blocks.{i}.{BLOCK_NAMES[rest]}"]
             elif rest.endswith(".bias") and rest.replace(".bias", ".weight") in BLOCK_NAMES:  # (GPT-2)

@@ -46,6 +46,11 @@ GPT2_NAMES = {  # GPT-2's blocks (gguf architecture "gpt2"): LayerNorms with bia
 
 def gguf_arch(c: DecoderConfig) -> str:
     """llama.cpp's architecture name for a config, or a ConfigError naming what GGUF cannot hold."""
+    if not isinstance(c, DecoderConfig):
+        raise ConfigError(
+            f"only decoder language models are written to GGUF here, not {type(c).__name__} models "
+            "(save it as an HF directory with `lmforge convert` instead)"
+        )
     if c.pos_emb == "learned":
         if c.norm == "layernorm" and c.mlp == "gelu_tanh" and c.bias and c.n_kv_head == c.n_head:
             return "gpt2"
@@ -199,7 +204,7 @@ def _tensors(model: torch.nn.Module, arch: str):
             rest = key[len(b) :]
             if rest in fused:
                 continue
-            theirs = "ffn_norm.weight" if rest == "mlp_norm.weight" else block_names.get(rest)
+            theirs = block_names.get(rest)
             if theirs is None:
                 raise ConfigError(f"{key} has no GGUF name in architecture {arch}")
             if fam.permuted and rest in ("attn.q_proj.weight", "attn.k_proj.weight"):
