@@ -232,7 +232,7 @@ def test_serving_engine_decodes_a_bf16_model():
     model = DecoderLM(tiny_config("llama", max_seq_len=128)).eval().to(BF16)
 
     engine = Engine(model, IdsTokenizer(), max_batch=2, max_queue=4).start()
-    assert engine.cache.k[0].dtype == BF16
+    assert engine.cache.dtype == BF16 and engine.cache.groups[0].k[0].dtype == BF16
     prompts, got = [[5, 6, 7, 8], [9, 10], [11, 12, 13]], {}
 
     def run(i):

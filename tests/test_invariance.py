@@ -162,14 +162,14 @@ def test_engine_logits_equal_a_batch1_forward(model):
     mode, m = model
     engine = Engine(m, IdsTokenizer(), max_batch=8, max_queue=8)
     logged: dict[int, list[torch.Tensor]] = {}
-    pick = engine._pick_and_emit
+    commit = engine._commit_rows
 
-    def spy(active, logits):
-        for i in active:
-            logged.setdefault(id(engine.slots[i]), []).append(logits[i].clone())
-        pick(active, logits)
+    def spy(rows, logits):
+        for seq in rows:
+            logged.setdefault(id(seq.req), []).append(logits[seq.slot].clone())
+        commit(rows, logits)
 
-    engine._pick_and_emit = spy
+    engine._commit_rows = spy
     engine.start()
     try:
         reqs = [Request(p, SamplingParams(10 + 3 * i, temperature=0.8, seed=i)) for i, p in enumerate(PROMPTS)]

@@ -10,28 +10,32 @@ from lmforge.generate.sampling import SamplingParams
 from lmforge.models.decoder import DecoderLM
 
 
-def _kv(n: int, value: float = 0.0):
-    return [(torch.full((2, n, 4), value), torch.full((2, n, 4), value))]  # one layer, 2 heads, head_dim 4
+class _Held:  # a payload as the paged cache hands them out: n positions, 10 bytes a position
+    def __init__(self, n: int) -> None:
+        self.n, self.nbytes = n, 10 * n
 
 
 def test_lookup_store_replace_and_evict():
-    c = PrefixCache(max_bytes=2 * PrefixCache._size(_kv(8)), block=4)
+    forgotten = []
+    c = PrefixCache(max_bytes=160, block=4, forget=lambda kv: forgotten.append(kv.n))
     a = list(range(10))
     assert c.lookup(a) == (0, None) and c.misses == 1
-    c.store(a, _kv)  # 8 of its 10 tokens: whole blocks of 4
+    c.store(a, _Held)  # 8 of its 10 tokens: whole blocks of 4
     assert list(c.entries) == [tuple(range(8))]
     n, kv = c.lookup(a[:7] + [99, 98])  # shares 7 tokens: one whole block
-    assert n == 4 and kv[0][0].shape == (2, 8, 4) and c.hits == 1 and c.reused_tokens == 4
+    assert n == 4 and kv.n == 8 and c.hits == 1 and c.reused_tokens == 4
     assert c.lookup(a[:8])[0] == 4  # at least one token is left to run
-    c.store(a + [10, 11], _kv)  # 12 tokens: replaces the 8-token entry it extends
-    assert list(c.entries) == [tuple(range(12))] and c.bytes == PrefixCache._size(_kv(12))
+    c.store(a + [10, 11], _Held)  # 12 tokens: replaces the 8-token entry it extends, which is let go
+    assert list(c.entries) == [tuple(range(12))] and c.bytes == 120 and forgotten == [8]
     calls = []
-    c.store(a[:9], lambda n: calls.append(n))  # already held by the longer entry: nothing copied
+    c.store(a[:9], lambda n: calls.append(n))  # already held by the longer entry: nothing taken
     assert calls == []
-    c.store([50 + i for i in range(8)], _kv)  # over the limit with both: the least recently used goes
-    assert list(c.entries) == [tuple(50 + i for i in range(8))] and c.bytes <= c.max_bytes
-    c.store(list(range(100, 140)), _kv)  # larger than the whole budget: not kept
-    assert tuple(range(100, 140)) not in c.entries
+    c.store([50 + i for i in range(8)], _Held)  # over the limit with both: the least recently used goes
+    assert list(c.entries) == [tuple(50 + i for i in range(8))] and c.bytes <= c.max_bytes and forgotten == [8, 12]
+    c.store(list(range(100, 140)), _Held)  # larger than the whole budget: not kept, its blocks let go at once
+    assert tuple(range(100, 140)) not in c.entries and forgotten == [8, 12, 40]
+    c.clear()
+    assert not c.entries and c.bytes == 0 and forgotten == [8, 12, 40, 8]
 
 
 def test_engine_reuses_a_shared_prefix_with_the_same_tokens():

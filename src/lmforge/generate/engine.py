@@ -1,9 +1,18 @@
-"""The batched generation engine behind `lmforge serve`: continuous batching over a slot KV cache.
+"""The batched generation engine behind `lmforge serve`: continuous batching over paged KV memory.
 
-Requests arrive from any thread (`submit`); one engine thread runs the model. Between two decode steps it retires
-finished and cancelled sequences and admits waiting ones (a prefill each), so a short reply never waits for a long
-one, and a new request starts as soon as a slot is free instead of when the whole batch is done. Each running
-sequence owns one row of a `SlotKVCache` with its own length; one decode step advances every row by a token.
+Requests arrive from any thread (`submit`); one engine thread runs the model, a step at a time, in three parts:
+
+- **schedule** turns the waiting and running sequences into a `StepPlan`, plain data: which prompts are read
+  whole, which sequences decode a token, which long prompt goes in by a chunk through which layers, which lone
+  sequence verifies how many drafted tokens. Per-sequence state (`Seq`: its row, its next token, how much of its
+  prompt is in, its drafter and text stream) is the scheduler's; a `Request` holds only what was asked and what
+  came out.
+- **run** executes the plan on the model over the paged cache (lmforge.generate.kv) and returns logits.
+- **commit** picks the tokens (penalties, grammar, sampling), appends them, emits events, finishes sequences.
+
+Between two steps finished and cancelled sequences leave and waiting ones are admitted, so a short reply never
+waits for a long one, and a new request starts as soon as a row is free instead of when the whole batch is done.
+Each running sequence holds one row (`slot`) and the KV blocks its tokens fill.
 
 Results come back as `Event`s through the request's `on_event` callback (called on the engine thread; the HTTP
 server hands them to its event loop), or through `Engine.stream` for plain Python callers.
@@ -37,6 +46,7 @@ import torch
 from lmforge.config import check_number
 from lmforge.errors import LmforgeError
 from lmforge.generate.constrain import Constraint
+from lmforge.generate.kv import BLOCK, PagedKVCache
 from lmforge.generate.prefix import PrefixCache
 from lmforge.generate.sampling import SamplingParams, TextStream, sample
 from lmforge.generate.speculative import Drafter, choose
@@ -88,7 +98,6 @@ class Request:
     ) -> None:
         self.prompt_ids = list(prompt_ids)
         self.logit_bias = dict(logit_bias) if logit_bias else None
-        self._bias: tuple[torch.Tensor, torch.Tensor] | None = None  # (ids, biases), built on the engine's device
         self.params = params
         self.stop = list(stop)
         self.end_ids = set(end_ids)
@@ -101,19 +110,68 @@ class Request:
         self.finish_reason: str | None = None
         self.cancelled = False
         self.submitted = self.first_token_at = self.finished_at = 0.0
-        self.slot = -1
-        self._next = 0
-        self._stream: TextStream | None = None
-        self._generator: torch.Generator | None = None
-        self._drafter: Drafter | None = None
-        self._cached = 0  # prompt tokens in the cache
-        self._prefilling = False  # admitted, its prompt going in by chunks
-        self._chunk_n, self._layer = 0, 0  # the chunk going in now: its tokens, the next layer it goes through
-        self._hidden: torch.Tensor | None = None  # its hidden states after the layers it went through
+        self.slot = -1  # the engine row it ran in (for the curious: the engine's own state is in its Seq)
 
     @property
     def ttft(self) -> float | None:
         return self.first_token_at - self.submitted if self.first_token_at else None
+
+
+class Seq:
+    """A running request as the scheduler keeps it (the request itself holds only what was asked and what came
+    out)."""
+
+    def __init__(self, req: Request, slot: int, tokenizer, device: torch.device) -> None:
+        self.req, self.slot = req, slot
+        self.stream = TextStream(tokenizer, req.stop)
+        seed = req.params.seed
+        self.generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+        self.next = 0  # the token the next step feeds it
+        self.cached = 0  # prompt tokens in the KV cache
+        self.chunked = False  # its prompt goes in by chunks beside the others' steps
+        self.chunk, self.layer = 0, 0  # the chunk going in now: its tokens, the next layer it goes through
+        self.hidden: torch.Tensor | None = None  # the chunk's hidden states after the layers it went through
+        self.drafter: Drafter | None = None
+        self.bias: tuple[torch.Tensor, torch.Tensor] | None = None  # logit_bias as (ids, biases) on the device
+
+    @property
+    def plain(self) -> bool:
+        """Whether speculative passes may serve it (nothing that needs every step's own logits)."""
+        r = self.req
+        return not (
+            r.logprobs is not None
+            or r.presence_penalty
+            or r.frequency_penalty
+            or r.constraint is not None
+            or r.logit_bias
+            or r.finish_reason is not None
+        )
+
+
+@dataclass
+class Chunk:
+    seq: Seq
+    n: int  # its tokens
+    layers: tuple[int, int]  # the layers [a, b) it goes through this step
+    last: bool  # this pass ends the prompt
+
+
+@dataclass
+class Verify:
+    seq: Seq
+    drafts: list[int]  # tokens drafted after its next one, all checked in one pass
+    q: torch.Tensor | None  # the drafter's own distributions (for the record; the rule does not need them)
+
+
+@dataclass
+class StepPlan:
+    """One step, as plain data. Either prompts read whole (`prefill`: one pass each), or one batched pass: a
+    token for each of `rows` (by slot), a `chunk` of a long prompt beside them, or instead a `verify` pass."""
+
+    prefill: list[Seq] = field(default_factory=list)
+    rows: list[Seq] = field(default_factory=list)
+    chunk: Chunk | None = None
+    verify: Verify | None = None
 
 
 @dataclass
@@ -161,7 +219,9 @@ class Engine:
             ("--prefill-chunk", prefill_chunk, 0),
         ):
             check_number(flag, value, low, integer=flag != "--cache-mb")
-        self.prefix = PrefixCache(int(cache_mb * 2**20)) if cache_mb else None
+        self.prefix = None
+        if cache_mb:  # (its entries are the cache's blocks: letting one go gives them back)
+            self.prefix = PrefixCache(int(cache_mb * 2**20), BLOCK, forget=lambda kv: self.cache.forget(kv))
         self.prefill_chunk = prefill_chunk
         self._layer_cost = 0.0  # k: seconds a chunk's pass through one layer adds per token (measured)
         self._max_span = 1 << 30  # at most this many layers of a chunk per step (tests set it)
@@ -173,8 +233,10 @@ class Engine:
         self.pack_weights = pack_weights
         self.draft = draft
         self.device = model.norm.weight.device
-        self.cache = model.new_slot_cache(max_batch, self.max_len)
-        self.slots: list[Request | None] = [None] * max_batch
+        self.cache = PagedKVCache.for_model(
+            model, max_batch, self.max_len, extra_bytes=self.prefix.max_bytes if self.prefix else 0
+        )
+        self.slots: list[Seq | None] = [None] * max_batch  # the running sequences, by KV row
         self.waiting: deque[Request] = deque()
         self.stats = EngineStats()
         self._cond = threading.Condition()
@@ -232,7 +294,8 @@ class Engine:
         with self._cond:
             self.stats = EngineStats()
             if self.prefix is not None:
-                self.prefix = PrefixCache(self.prefix.max_bytes, self.prefix.block)
+                self.prefix.clear()
+                self.prefix.hits = self.prefix.misses = self.prefix.reused_tokens = 0
         return self
 
     def submit(self, requests: Sequence[Request]) -> None:
@@ -275,7 +338,7 @@ class Engine:
             self.cancel(req)
 
     # ------------------------------------------------------------------------------------------------------------
-    # the engine thread
+    # the engine thread: schedule, run, commit
 
     def _run(self) -> None:
         with (
@@ -284,275 +347,323 @@ class Engine:
             self.draft.context(self.pack_weights) if self.draft is not None else nullcontext(),
         ):
             try:
-                while True:
-                    with self._cond:
-                        while not self._stop and not self.waiting and not self.running:
-                            self._cond.wait()
-                        if self._stop:
-                            break
-                        admit = []
-                        free = self.max_batch - self.running
-                        while self.waiting and len(admit) < free:
-                            r = self.waiting.popleft()
-                            if not r.cancelled:
-                                admit.append(r)
-                            else:
-                                self._finish(r, "cancelled")
-                    for r in self.slots:
-                        if r is not None and r.cancelled:
-                            self._finish(r, "cancelled")
-                    for r in admit:  # a prefill is one request's: if it fails, only that request fails
-                        try:
-                            self._prefill(r)
-                        except Exception as e:  # noqa: BLE001 - one bad request must not take the others down
-                            self._fail(r, e)
-                    if self.running:
-                        try:
-                            waiting = next((r for r in self.slots if r is not None and r._prefilling), None)
-                            if waiting is not None and (
-                                self._chunks_since_plain < PLAIN_EVERY or not self._decoding_rows()
-                            ):
-                                self._chunk_step(waiting)
-                                self._chunks_since_plain += 1
-                            elif not self._speculate():
-                                self._decode()
-                        except Exception as e:  # noqa: BLE001 - the step itself failed: every row it ran
-                            for r in self.slots:
-                                self._fail(r, e)
+                while not self._stop:
+                    plan = self.schedule()
+                    if plan is not None:
+                        self._step(plan)
             finally:
                 with self._cond:
-                    leftover = [*self.waiting, *(r for r in self.slots if r is not None)]
+                    leftover = [*self.waiting, *(s.req for s in self.slots if s is not None)]
                     self.waiting.clear()
                 for r in leftover:
                     self._finish(r, "error", error="the engine stopped")
         if self.pack_weights:
             release_packed(self.model)
 
-    def _prefill(self, req: Request) -> None:
-        """Admit a request: its slot, its prompt's cached prefix, then its prefill now, or in chunks beside the
-        running rows' steps when the rest is longer than prefill_chunk and other sequences are streaming."""
-        slot = self.slots.index(None)
-        req.slot, self.slots[slot] = slot, req
-        self.cache.release(slot)
-        req._stream = TextStream(self.tokenizer, req.stop)
-        if req.params.seed is not None:
-            req._generator = torch.Generator(device=self.device).manual_seed(req.params.seed)
-        want_prompt = req.echo and req.logprobs is not None
-        start = 0
-        if self.prefix is not None and not want_prompt:  # (scoring the prompt needs its every position)
-            start, kv = self.prefix.lookup(req.prompt_ids)
-            if start:
-                self.cache.load(slot, kv, start)
-        req._cached = start
-        if (
-            self.prefill_chunk
-            and not want_prompt
-            and len(req.prompt_ids) - start > self.prefill_chunk
-            and any(i != slot for i in self._decoding_rows())
-        ):
-            req._prefilling = True  # the chunks run in _chunk_step, one per engine step
+    def _step(self, plan: StepPlan) -> None:
+        """Run a plan and commit it. A prompt's pass is that request's alone: if it fails, only it fails; a failed
+        batched pass fails every sequence it ran."""
+        if plan.prefill:
+            for seq in plan.prefill:
+                try:
+                    self._commit_prefill(seq, self._run_prefill(seq))
+                except Exception as e:  # noqa: BLE001 - one bad request must not take the others down
+                    self._fail(seq.req, e)
             return
-        self._prefill_rest(req)
+        if plan.verify is not None:
+            try:
+                t0 = time.perf_counter()
+                self._commit_verify(plan.verify, *self._run_verify(plan.verify), t0)
+            except Exception as e:  # noqa: BLE001 - the only running sequence's own pass
+                self._fail(plan.verify.seq.req, e)
+            return
+        try:
+            t0 = time.perf_counter()
+            logits, chunk_out = self._run_rows(plan)
+            self._commit_rows(plan.rows, logits)
+            self._commit_chunk(plan.chunk, chunk_out, time.perf_counter() - t0, len(plan.rows))
+        except Exception as e:  # noqa: BLE001 - the step itself failed: every row it ran
+            for seq in [*plan.rows, *([plan.chunk.seq] if plan.chunk else [])]:
+                self._fail(seq.req, e)
 
-    def _prefill_rest(self, req: Request) -> None:
-        """The prompt's tokens not yet in the cache in one pass, then its first token."""
-        t0 = time.perf_counter()
-        want_prompt = req.echo and req.logprobs is not None
-        ids = torch.tensor([req.prompt_ids[req._cached :]], dtype=torch.long, device=self.device)
-        self.cache.prefill(req.slot, ids.size(1))
-        logits = self.model(ids, cache=self.cache, last_only=not want_prompt).logits[0]
-        self.stats.prefill_seconds += time.perf_counter() - t0
-        if want_prompt:
-            lp = torch.log_softmax(logits[:-1].float(), dim=-1)
-            req.prompt_logprobs = [TokenLogprob(self._piece(req.prompt_ids[0]), None)] + [
-                self._logprob(lp[i], t, req.logprobs) for i, t in enumerate(req.prompt_ids[1:])
-            ]
-        self._prefilled(req, logits[-1])
+    # ---- schedule
 
-    def _prefilled(self, req: Request, last: torch.Tensor) -> None:
-        """The whole prompt is in the cache (`last`: the logits after it): keep its prefix, emit its first token."""
-        req._prefilling, req._cached = False, len(req.prompt_ids)
-        if self.prefix is not None and not (req.echo and req.logprobs is not None):
-            self.prefix.store(req.prompt_ids, lambda n: self.cache.save(req.slot, n))
-        self.stats.prompt_tokens += len(req.prompt_ids)
-        if req.params.max_new_tokens == 0:
-            self._finish(req, "length")
-        else:
-            self._emit(req, last)
+    def schedule(self) -> StepPlan | None:
+        """The next step's plan (None: nothing to run, or stopping). Waits while there is nothing to do; admits
+        waiting requests into free rows, each with its prompt's cached prefix; then decides: the admitted prompts
+        read whole, else a chunk of a long prompt beside the decoding rows, a speculative pass for a lone
+        sequence, or a plain decode step."""
+        with self._cond:
+            while not self._stop and not self.waiting and not self.running:
+                self._cond.wait()
+            if self._stop:
+                return None
+            admit = []
+            free = self.max_batch - self.running
+            while self.waiting and len(admit) < free:
+                r = self.waiting.popleft()
+                if not r.cancelled:
+                    admit.append(r)
+                else:
+                    self._finish(r, "cancelled")
+        for seq in self.slots:
+            if seq is not None and seq.req.cancelled:
+                self._finish(seq.req, "cancelled")
+        whole = []
+        for r in admit:
+            try:
+                seq = self._admit(r)
+            except Exception as e:  # noqa: BLE001 - its own settings failed: only it fails
+                self._fail(r, e)
+                continue
+            if not seq.chunked:
+                whole.append(seq)
+        if whole:
+            return StepPlan(prefill=whole)
+        if not self.running:
+            return None
+        chunked = next((q for q in self.slots if q is not None and q.chunked), None)
+        rows = self._decoding()
+        if chunked is not None and (self._chunks_since_plain < PLAIN_EVERY or not rows):
+            if not rows:  # nothing else streams: the rest of the prompt at once
+                chunked.chunked, chunked.hidden, chunked.layer = False, None, 0
+                return StepPlan(prefill=[chunked])
+            self._chunks_since_plain += 1
+            return StepPlan(rows=rows, chunk=self._plan_chunk(chunked))
+        self._chunks_since_plain = 0
+        verify = self._plan_verify(rows)
+        if verify is not None:
+            return StepPlan(verify=verify)
+        return StepPlan(rows=rows)
 
-    def _decoding_rows(self) -> list[int]:
-        return [i for i, r in enumerate(self.slots) if r is not None and not r._prefilling]
+    def _admit(self, req: Request) -> Seq:
+        """A free row for the request, its prompt's cached prefix, and whether its prompt goes in by chunks
+        (longer than prefill_chunk past the prefix while others stream)."""
+        slot = self.slots.index(None)
+        seq = Seq(req, slot, self.tokenizer, self.device)
+        req.slot, self.slots[slot] = slot, seq
+        self.cache.release(slot)
+        if req.logit_bias:
+            ids = torch.tensor(list(req.logit_bias), dtype=torch.long, device=self.device)
+            seq.bias = ids, torch.tensor(list(req.logit_bias.values()), device=self.device)
+        if self.prefix is not None and not self._scores_prompt(req):  # (scoring needs every position)
+            start, kept = self.prefix.lookup(req.prompt_ids)
+            if start:
+                seq.cached = self.cache.load(slot, kept, start)
+        seq.chunked = bool(
+            self.prefill_chunk
+            and not self._scores_prompt(req)
+            and len(req.prompt_ids) - seq.cached > self.prefill_chunk
+            and any(q.slot != slot for q in self._decoding())
+        )
+        return seq
 
-    def _chunk_step(self, req: Request) -> None:
-        """One pass of the running rows' decode step with the next part of `req`'s prompt (chunked prefill): a chunk
-        of its tokens through one or more of the model's layers (DecoderLM.staged_step), or, with nothing else
-        running, the rest of the prompt at once. A chunk's pass through one layer costs about k x its tokens (its
+    @staticmethod
+    def _scores_prompt(req: Request) -> bool:
+        return req.echo and req.logprobs is not None
+
+    def _decoding(self) -> list[Seq]:
+        return [q for q in self.slots if q is not None and not q.chunked]
+
+    def _plan_chunk(self, seq: Seq) -> Chunk:
+        """The next piece of a long prompt (chunked prefill): a chunk of its tokens through one or more of the
+        model's layers (DecoderLM.staged_step). A chunk's pass through one layer costs about k x its tokens (its
         products, and its attention over the prompt so far: k grows with the prompt's length, and is measured at
         every pass); each chunk is sized so that one layer's pass fits (CHUNK_TARGET - 1) x a plain decode step,
         and each pass given as many layers as fit it. A stream's gap between two tokens so stays within about
         CHUNK_TARGET x its usual one while a long prompt is read (which then takes longer than it would alone:
         the price of not stalling the others)."""
-        active = self._decoding_rows()
-        if not active:
-            req._hidden, req._layer = None, 0  # (a chunk half through its layers is run again whole)
-            return self._prefill_rest(req)
-        t0 = time.perf_counter()
-        p, n_layer = req.prompt_ids, len(self.model.blocks)
+        p, n_layer = seq.req.prompt_ids, len(self.model.blocks)
         budget = (CHUNK_TARGET - 1) * self._step_ema  # seconds this pass may add to a plain step
         k = self._layer_cost
-        if req._layer == 0:  # a new chunk: as many tokens as one layer's pass fits the budget
-            n = min(int(budget / k), 2 * req._chunk_n) if k and budget else 4  # (growing at most 2x a chunk)
-            req._chunk_n = max(1, min(n, self.prefill_chunk, len(p) - req._cached))
-        n, a = req._chunk_n, req._layer
+        if seq.layer == 0:  # a new chunk: as many tokens as one layer's pass fits the budget
+            n = min(int(budget / k), 2 * seq.chunk) if k and budget else 4  # (growing at most 2x a chunk)
+            seq.chunk = max(1, min(n, self.prefill_chunk, len(p) - seq.cached))
+        n, a = seq.chunk, seq.layer
         b = a + max(1, min(n_layer - a, self._max_span, int(budget / (k * n)) if k and budget else 1))
-        done = b == n_layer and req._cached + n == len(p)  # this pass ends the prompt
-        rows = max(active) + 1
-        pos = self.cache.mixed(active, req.slot, n, (a, b))
-        ids = torch.zeros((1, rows), dtype=torch.long, device=self.device)
-        ids[0, active] = torch.tensor([self.slots[i]._next for i in active], device=self.device)
-        chunk = req._hidden if a else torch.tensor([p[req._cached : req._cached + n]], device=self.device)
-        logits, out = self.model.staged_step(ids, chunk, pos, self.cache, (a, b), last_logits=done)
-        self._pick_and_emit(active, logits.float())
-        req._hidden, req._layer = (out, b) if b < n_layer else (None, 0)
-        if b == n_layer:
-            req._cached += n
-        dt = time.perf_counter() - t0
-        self.stats.steps += 1
-        self.stats.chunks += 1
-        self.stats.batch_rows += len(active)
-        self.stats.step_seconds += dt
-        if self._step_ema:
-            measured = max(dt - self._step_ema, 0.0) / ((b - a) * n)
-            self._layer_cost = measured if not k else max(0.7 * k + 0.3 * measured, 0.5 * k)
-        if done and req.finish_reason is None:
-            self._prefilled(req, out.float())
+        return Chunk(seq, n, (a, b), last=b == n_layer and seq.cached + n == len(p))
 
-    def _speculate(self) -> bool:
-        """A speculative pass for the only running sequence when nothing waits and it drafts something (True);
-        False: a plain step is to run. A failure fails that sequence only."""
-        active = [r for r in self.slots if r is not None]
-        if self.draft is None or len(active) != 1 or self.waiting:
-            return False
-        r = active[0]
-        if (
-            r.logprobs is not None
-            or r.presence_penalty
-            or r.frequency_penalty
-            or r.constraint is not None
-            or r.logit_bias
-            or r.finish_reason is not None
-        ):
-            return False
-        t0 = time.perf_counter()
+    def _plan_verify(self, rows: list[Seq]) -> Verify | None:
+        """A speculative pass for the only running sequence when nothing waits and its drafter proposes
+        something; None: a plain step. A drafter that fails fails its sequence."""
+        if self.draft is None or len(rows) != 1 or self.running != 1 or self.waiting or not rows[0].plain:
+            return None
+        seq = rows[0]
+        r, p = seq.req, seq.req.params
         try:
-            d = r._drafter
+            d = seq.drafter
             if d is None:
-                d = r._drafter = self.draft.fresh()
+                d = seq.drafter = self.draft.fresh()
                 d.start(r.prompt_ids, self.max_len)
-            p = r.params
             room = min(d.budget(), p.max_new_tokens - len(r.completion_ids) - 1)
-            drafts, q = d.propose(r.prompt_ids + r.completion_ids, room, p, r._generator) if room > 0 else ([], None)
-            if not drafts:
-                d.record(0, 0)
-                return False
-            base = self.cache.lens[r.slot]
-            self.cache.prefill(r.slot, 1 + len(drafts))  # the last token and the drafts, after the row's keys
-            logits = self.model(torch.tensor([[r._next, *drafts]], device=self.device), cache=self.cache).logits[0]
-            picked = choose(logits, drafts, q, p, None, r._generator)
-            self.cache.lens[r.slot] = base + len(picked)  # the rejected drafts' keys are written over later
-            d.record(len(drafts), len(picked) - 1)
-            self.stats.spec_passes += 1
-            self.stats.drafted += len(drafts)
-            self.stats.accepted += len(picked) - 1
-            for j, tok in enumerate(picked):
-                self._emit(r, logits[j], tok)
-                if r.finish_reason is not None:
-                    break
-        except Exception as e:  # noqa: BLE001 - the only running sequence's own pass
+            drafts, q = d.propose(r.prompt_ids + r.completion_ids, room, p, seq.generator) if room > 0 else ([], None)
+        except Exception as e:  # noqa: BLE001
             self._fail(r, e)
+            return None
+        if not drafts:
+            d.record(0, 0)
+            return None
+        return Verify(seq, list(drafts), q)
+
+    # ---- run
+
+    def _run_prefill(self, seq: Seq) -> torch.Tensor:
+        """The prompt's tokens not yet in the cache in one pass: logits after each (scoring the prompt) or after
+        the last."""
+        t0 = time.perf_counter()
+        ids = torch.tensor([seq.req.prompt_ids[seq.cached :]], dtype=torch.long, device=self.device)
+        self.cache.prefill(seq.slot, ids.size(1))
+        logits = self.model(ids, cache=self.cache, last_only=not self._scores_prompt(seq.req)).logits[0]
+        self.stats.prefill_seconds += time.perf_counter() - t0
+        return logits
+
+    def _run_rows(self, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One batched pass: a token for each decoding row (rows indexed by slot; free rows compute on a dummy
+        token and write nothing) and, with a chunk, its tokens through its layers. Returns the rows' logits
+        [rows, V] and the chunk's output (DecoderLM.staged_step)."""
+        active = [q.slot for q in plan.rows]
+        c = plan.chunk
+        if c is None:
+            pos, mask = self.cache.decode(active)
+            ids = torch.zeros((pos.size(0), 1), dtype=torch.long, device=self.device)
+            ids[active, 0] = torch.tensor([q.next for q in plan.rows], device=self.device)
+            logits = self.model(ids, attention_mask=mask, position_ids=pos, cache=self.cache, last_only=True).logits
+            return logits[:, -1].float(), None
+        pos = self.cache.mixed(active, c.seq.slot, c.n, c.layers)
+        ids = torch.zeros((1, max(active) + 1), dtype=torch.long, device=self.device)
+        ids[0, active] = torch.tensor([q.next for q in plan.rows], device=self.device)
+        p = c.seq.req.prompt_ids
+        x = c.seq.hidden if c.layers[0] else torch.tensor([p[c.seq.cached : c.seq.cached + c.n]], device=self.device)
+        logits, out = self.model.staged_step(ids, x, pos, self.cache, c.layers, last_logits=c.last)
+        return logits.float(), out
+
+    def _run_verify(self, v: Verify) -> tuple[torch.Tensor, int]:
+        """The sequence's next token and its drafts in one pass after its keys: logits at each."""
+        base = self.cache.lens[v.seq.slot]
+        self.cache.prefill(v.seq.slot, 1 + len(v.drafts))
+        ids = torch.tensor([[v.seq.next, *v.drafts]], device=self.device)
+        return self.model(ids, cache=self.cache).logits[0], base
+
+    # ---- commit
+
+    def _commit_prefill(self, seq: Seq, logits: torch.Tensor) -> None:
+        req = seq.req
+        if self._scores_prompt(req):
+            lp = torch.log_softmax(logits[:-1].float(), dim=-1)
+            req.prompt_logprobs = [TokenLogprob(self._piece(req.prompt_ids[0]), None)] + [
+                self._logprob(lp[i], t, req.logprobs) for i, t in enumerate(req.prompt_ids[1:])
+            ]
+        self._prefilled(seq, logits[-1])
+
+    def _prefilled(self, seq: Seq, last: torch.Tensor) -> None:
+        """The whole prompt is in the cache (`last`: the logits after it): keep its prefix, emit its first token."""
+        req = seq.req
+        seq.chunked, seq.cached = False, len(req.prompt_ids)
+        if self.prefix is not None and not self._scores_prompt(req):
+            self.prefix.store(req.prompt_ids, lambda n: self.cache.save(seq.slot, n))
+        self.stats.prompt_tokens += len(req.prompt_ids)
+        if req.params.max_new_tokens == 0:
+            self._finish(req, "length")
+        else:
+            self._emit(seq, last)
+
+    def _commit_chunk(self, c: Chunk | None, out: torch.Tensor | None, dt: float, rows: int) -> None:
+        """The step's bookkeeping; with a chunk, its progress, the measured cost of a layer's pass per token, and
+        at its prompt's end the first token."""
+        self.stats.steps += 1
+        self.stats.batch_rows += rows
+        self.stats.step_seconds += dt
+        if c is None:
+            self._step_ema = 0.9 * self._step_ema + 0.1 * dt if self._step_ema else dt
+            return
+        self.stats.chunks += 1
+        seq, (a, b), n_layer = c.seq, c.layers, len(self.model.blocks)
+        seq.hidden, seq.layer = (out, b) if b < n_layer else (None, 0)
+        if b == n_layer:
+            seq.cached += c.n
+        if self._step_ema:
+            k = self._layer_cost
+            measured = max(dt - self._step_ema, 0.0) / ((b - a) * c.n)
+            self._layer_cost = measured if not k else max(0.7 * k + 0.3 * measured, 0.5 * k)
+        if c.last and seq.req.finish_reason is None:
+            self._prefilled(seq, out.float())
+
+    def _commit_verify(self, v: Verify, logits: torch.Tensor, base: int, t0: float) -> None:
+        """Keep the drafts the model agrees with and the token after them; the rejected drafts' keys are written
+        over later."""
+        seq, p = v.seq, v.seq.req.params
+        picked = choose(logits, v.drafts, v.q, p, None, seq.generator)
+        self.cache.lens[seq.slot] = base + len(picked)
+        seq.drafter.record(len(v.drafts), len(picked) - 1)
+        self.stats.spec_passes += 1
+        self.stats.drafted += len(v.drafts)
+        self.stats.accepted += len(picked) - 1
+        for j, tok in enumerate(picked):
+            self._emit(seq, logits[j], tok)
+            if seq.req.finish_reason is not None:
+                break
         self.stats.steps += 1
         self.stats.batch_rows += 1
         self.stats.step_seconds += time.perf_counter() - t0
-        return True
 
-    def _decode(self) -> None:
-        """A plain step: one token for every running sequence (not for a prompt going in by chunks: every
-        PLAIN_EVERY passes with a chunk, one without keeps the measured step time current)."""
-        t0 = time.perf_counter()
-        self._chunks_since_plain = 0
-        active = self._decoding_rows()
-        pos, mask = self.cache.decode(active)
-        ids = torch.zeros((pos.size(0), 1), dtype=torch.long, device=self.device)
-        ids[active, 0] = torch.tensor([self.slots[i]._next for i in active], device=self.device)
-        logits = self.model(ids, attention_mask=mask, position_ids=pos, cache=self.cache, last_only=True).logits
-        self._pick_and_emit(active, logits[:, -1].float())
-        dt = time.perf_counter() - t0
-        self.stats.steps += 1
-        self.stats.batch_rows += len(active)
-        self.stats.step_seconds += dt
-        self._step_ema = 0.9 * self._step_ema + 0.1 * dt if self._step_ema else dt
-
-    def _pick_and_emit(self, active: list[int], logits: torch.Tensor) -> None:
-        """Each active row's next token from its fp32 logits (rows indexed by slot), then its events."""
+    def _commit_rows(self, rows: list[Seq], logits: torch.Tensor) -> None:
+        """Each row's next token from its fp32 logits (rows indexed by slot), then its events."""
         picked: dict[int, int] = {}
-        groups: dict[tuple, list[int]] = {}  # rows that sample, by their filters: each group in one pass
-        for i in active:
-            r = self.slots[i]
+        groups: dict[tuple, list[Seq]] = {}  # rows that sample, by their filters: each group in one pass
+        for seq in rows:
             try:
-                self._penalise(r, logits[i])
-                if r.constraint is not None:
-                    r.constraint.apply(logits[i])
+                self._penalise(seq, logits[seq.slot])
+                if seq.req.constraint is not None:
+                    seq.req.constraint.apply(logits[seq.slot])
             except Exception as e:  # noqa: BLE001 - a request's own settings failed: only its row fails
-                self._fail(r, e)
+                self._fail(seq.req, e)
                 continue
-            if r.params.temperature > 0:
-                groups.setdefault((r.params.top_k, r.params.top_p), []).append(i)
+            p = seq.req.params
+            if p.temperature > 0:
+                groups.setdefault((p.top_k, p.top_p), []).append(seq)
         greedy = logits.argmax(-1).tolist()
-        for (top_k, top_p), rows in groups.items():
+        for (top_k, top_p), group in groups.items():
             try:
-                reqs = [self.slots[i] for i in rows]
-                temps = torch.tensor([r.params.temperature for r in reqs], device=logits.device)
-                u = torch.cat([torch.rand(1, generator=r._generator, device=logits.device) for r in reqs])
-                picked.update(zip(rows, sample(logits[rows] / temps[:, None], top_k, top_p, u).tolist()))
+                idx = [q.slot for q in group]
+                temps = torch.tensor([q.req.params.temperature for q in group], device=logits.device)
+                u = torch.cat([torch.rand(1, generator=q.generator, device=logits.device) for q in group])
+                picked.update(zip(idx, sample(logits[idx] / temps[:, None], top_k, top_p, u).tolist()))
             except Exception as e:  # noqa: BLE001
-                for i in rows:
-                    self._fail(self.slots[i], e)
-        for i in active:  # stop strings, logprobs and events are per request: a failure there is the row's
-            r = self.slots[i]
-            if r is None or r.finish_reason is not None:
+                for q in group:
+                    self._fail(q.req, e)
+        for seq in rows:  # stop strings, logprobs and events are per request: a failure there is the row's
+            if seq.req.finish_reason is not None:
                 continue
             try:
-                self._emit(r, logits[i], picked.get(i, greedy[i]))
+                self._emit(seq, logits[seq.slot], picked.get(seq.slot, greedy[seq.slot]))
             except Exception as e:  # noqa: BLE001
-                self._fail(r, e)
+                self._fail(seq.req, e)
 
     @staticmethod
-    def _penalise(req: Request, logits: torch.Tensor) -> None:
+    def _penalise(seq: Seq, logits: torch.Tensor) -> None:
         """OpenAI's logit bias and presence and frequency penalties on the row's fp32 logits, in place."""
-        if req.logit_bias:
-            if req._bias is None:
-                ids = torch.tensor(list(req.logit_bias), dtype=torch.long, device=logits.device)
-                req._bias = ids, torch.tensor(list(req.logit_bias.values()), device=logits.device)
-            logits.index_add_(0, *req._bias)
+        req = seq.req
+        if seq.bias is not None:
+            logits.index_add_(0, *seq.bias)
         if (req.presence_penalty or req.frequency_penalty) and req.completion_ids:
             counts = torch.bincount(torch.tensor(req.completion_ids, device=logits.device), minlength=logits.size(-1))[
                 : logits.size(-1)
             ].float()
             logits -= req.frequency_penalty * counts + req.presence_penalty * (counts > 0).float()
 
-    def _emit(self, req: Request, logits: torch.Tensor, tok: int | None = None) -> None:
-        """Emit the request's next token: `tok` as the batched step picked it from these (penalised) logits, or,
-        after a prefill, picked here the same way (one uniform draw from the request's generator a token)."""
-        p = req.params
+    def _emit(self, seq: Seq, logits: torch.Tensor, tok: int | None = None) -> None:
+        """Emit the sequence's next token: `tok` as the batched step picked it from these (penalised) logits, or,
+        after a prefill, picked here the same way (one uniform draw from the sequence's generator a token)."""
+        req, p = seq.req, seq.req.params
         if tok is None:
             logits = logits.float().clone()
-            self._penalise(req, logits)
+            self._penalise(seq, logits)
             if req.constraint is not None:
                 req.constraint.apply(logits)
             if p.temperature == 0:
                 tok = int(logits.argmax())
             else:
-                u = torch.rand(1, generator=req._generator, device=logits.device)
+                u = torch.rand(1, generator=seq.generator, device=logits.device)
                 tok = int(sample(logits[None] / p.temperature, p.top_k, p.top_p, u)[0])
         if not req.first_token_at:
             req.first_token_at = time.perf_counter()
@@ -563,7 +674,7 @@ class Engine:
         tokens = []
         if req.logprobs is not None:
             tokens = [self._logprob(torch.log_softmax(logits.float(), dim=-1), tok, req.logprobs)]
-        stream = req._stream
+        stream = seq.stream
         if tok in req.end_ids:
             text, reason = stream.flush(), "stop"
         else:
@@ -572,7 +683,7 @@ class Engine:
         if reason is None and len(req.completion_ids) >= p.max_new_tokens:
             text, reason = text + stream.flush(), "length"
         if reason is None:
-            req._next = tok
+            seq.next = tok
             if req.on_event is not None and (text or tokens):
                 req.on_event(Event(text, tokens))
         else:
@@ -582,7 +693,7 @@ class Engine:
         self, req: Request, reason: str, text: str = "", tokens: list | None = None, error: str | None = None
     ) -> None:
         req.finish_reason, req.finished_at = reason, time.perf_counter()
-        if 0 <= req.slot < self.max_batch and self.slots[req.slot] is req:
+        if 0 <= req.slot < self.max_batch and self.slots[req.slot] is not None and self.slots[req.slot].req is req:
             self.slots[req.slot] = None
             self.cache.release(req.slot)
         self.stats.finished[reason] = self.stats.finished.get(reason, 0) + 1

@@ -1,6 +1,10 @@
 """A prefix cache for the serving engine: the keys and values of prompts already prefilled, kept so that a later
 prompt that begins with the same tokens (the same system prompt, a chat's earlier turns, an evaluation harness's
-repeated context) copies them into its cache row and prefills only the rest.
+repeated context) starts from them and prefills only the rest.
+
+What an entry holds is the paged KV cache's business (lmforge.generate.kv: `save` hands out a prompt's whole
+blocks by reference, `load` starts a new sequence's table with them, `forget` lets them go): this module only
+decides which prompt's blocks to keep, and for how long. An entry's payload needs an `nbytes`.
 
 Entries are whole prompts cut to a multiple of `block` tokens (so that prompts which differ only near the end
 share the entry), keyed by their token ids; a lookup takes the longest shared prefix of any entry, again in whole
@@ -18,26 +22,22 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-
-import torch
-
-KV = list[tuple[torch.Tensor, torch.Tensor]]
+from typing import Any
 
 
 class PrefixCache:
-    def __init__(self, max_bytes: int, block: int = 64) -> None:
-        self.max_bytes, self.block = max_bytes, block
-        self.entries: OrderedDict[tuple[int, ...], KV] = OrderedDict()
+    """Prompts' keys and values in whole blocks of `block` tokens, at most `max_bytes` of them (least recently
+    used first out); `forget(payload)` is called for each entry let go."""
+
+    def __init__(self, max_bytes: int, block: int = 64, forget: Callable[[Any], None] = lambda kv: None) -> None:
+        self.max_bytes, self.block, self.forget = max_bytes, block, forget
+        self.entries: OrderedDict[tuple[int, ...], Any] = OrderedDict()
         self.bytes = 0
         self.hits = self.misses = self.reused_tokens = 0
 
-    @staticmethod
-    def _size(kv: KV) -> int:
-        return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in kv)
-
-    def lookup(self, prompt: Sequence[int]) -> tuple[int, KV | None]:
-        """(n, kv): the longest stored prefix of `prompt` in whole blocks, shorter than the prompt, and its keys
-        and values (n = 0, None when nothing is shared)."""
+    def lookup(self, prompt: Sequence[int]) -> tuple[int, Any]:
+        """(n, kv): the longest stored prefix of `prompt` in whole blocks, shorter than the prompt, and the
+        payload that holds it (n = 0, None when nothing is shared)."""
         best, found = 0, None
         limit = len(prompt) - 1
         for key in self.entries:
@@ -57,9 +57,9 @@ class PrefixCache:
         self.reused_tokens += best
         return best, self.entries[found]
 
-    def store(self, prompt: Sequence[int], save: Callable[[int], KV]) -> None:
-        """Keep the prompt's keys and values (save(n) copies the first n positions of its cache row) in whole
-        blocks, unless an entry holds them already."""
+    def store(self, prompt: Sequence[int], save: Callable[[int], Any]) -> None:
+        """Keep the prompt's keys and values (save(n): a payload holding the first n positions of its sequence)
+        in whole blocks, unless an entry holds them already."""
         n = len(prompt) - len(prompt) % self.block
         if n == 0:
             return
@@ -69,13 +69,22 @@ class PrefixCache:
                 self.entries.move_to_end(old)
                 return
         kv = save(n)
-        size = self._size(kv)
-        if size > self.max_bytes:
+        if kv.nbytes > self.max_bytes:
+            self.forget(kv)
             return
         for old in [old for old in self.entries if len(old) < n and key[: len(old)] == old]:
-            self.bytes -= self._size(self.entries.pop(old))  # the new entry serves the older one's prompts too
+            self._drop(self.entries.pop(old))  # the new entry serves the older one's prompts too
         self.entries[key] = kv
-        self.bytes += size
+        self.bytes += kv.nbytes
         while self.bytes > self.max_bytes:
-            _, dropped = self.entries.popitem(last=False)
-            self.bytes -= self._size(dropped)
+            self._drop(self.entries.popitem(last=False)[1])
+
+    def _drop(self, kv: Any) -> None:
+        self.bytes -= kv.nbytes
+        self.forget(kv)
+
+    def clear(self) -> None:
+        for kv in self.entries.values():
+            self.forget(kv)
+        self.entries.clear()
+        self.bytes = 0

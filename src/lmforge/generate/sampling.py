@@ -15,6 +15,7 @@ from lmforge.config import SamplingParams  # noqa: F401 (declared with the other
 from lmforge.errors import LmforgeError
 from lmforge.generate.beam import BeamParams, decoder_beam_search
 from lmforge.generate.constrain import Constraint
+from lmforge.generate.kv import PagedKVCache
 from lmforge.nn import packed
 from lmforge.nn.packed import packed_linears
 
@@ -156,7 +157,7 @@ def generate_ids(
     """Yield the next token of every prompt, step by step ([B] tensors), until max_new_tokens or all rows hit EOS
     (eos_token_id: one id or several). A finished row keeps yielding its EOS id.
 
-    A row's tokens are the ones it gets alone: each prompt is read into its own row of a slot cache (its keys
+    A row's tokens are the ones it gets alone: each prompt is read into its own row of a paged cache (its keys
     from position 0, no padding), every product and attention is batch-invariant (lmforge.nn.invariant), and
     under sampling row i draws from its own generator, seeded with seed + i.
 
@@ -208,7 +209,7 @@ def generate_ids(
     seen = _seen(model, prompts, params, device)
     ends = _ends(eos_token_id, device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    cache = model.new_slot_cache(B, total)
+    cache = PagedKVCache.for_model(model, B, total)
     rows = list(range(B))
     with packed_linears(model, B, enabled=pack_weights):
         last = []

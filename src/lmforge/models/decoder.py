@@ -26,7 +26,7 @@ from torch.utils.checkpoint import checkpoint
 
 from lmforge.config import DecoderConfig
 from lmforge.models.base import PretrainedModel, call_block
-from lmforge.nn.attention import Attention, KVCache, SlotKVCache, StaticKVCache, padded_causal_mask
+from lmforge.nn.attention import Attention, KVCache, StaticKVCache, padded_causal_mask
 from lmforge.nn.loss import cross_entropy, linear_cross_entropy
 from lmforge.nn.mlp import MLP
 from lmforge.nn.norm import make_norm
@@ -221,13 +221,14 @@ class DecoderLM(PretrainedModel):
         ids: torch.Tensor,
         chunk: torch.Tensor,
         position_ids: torch.Tensor,
-        cache: SlotKVCache,
+        cache,
         layers: tuple[int, int],
         last_logits: bool,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One step of the serving engine (inference only): the running rows' decode step through every layer and a
-        prompt chunk through layers [a, b) only, as one row (SlotKVCache.mixed). A long chunk's pass is spread over
-        several steps this way, so each step costs the streams little more than their own.
+        prompt chunk through layers [a, b) only, as one row (the paged cache's `mixed` step, lmforge.generate.kv). A
+        long chunk's pass is spread over several steps this way, so each step costs the streams little more than
+        their own. `cache` is that cache: the model only calls it, as every layer calls any cache.
 
         ids [1, rows]: the rows' next tokens; chunk: the chunk's token ids [1, n] when a == 0, else its hidden
         states after layer a - 1 [1, n, d_model]; position_ids [1, rows + n]. Returns the rows' logits [rows, V]
@@ -277,11 +278,6 @@ class DecoderLM(PretrainedModel):
         return (StaticKVCache if static else KVCache)(
             c.n_layer, batch, c.n_kv_head, c.head_dim, max_len, p.device, dtype or p.dtype
         )
-
-    def new_slot_cache(self, slots: int, max_len: int, dtype: torch.dtype | None = None) -> SlotKVCache:
-        """A cache whose rows hold independent sequences (continuous batching; see SlotKVCache)."""
-        c, p = self.config, self.norm.weight
-        return SlotKVCache(c.n_layer, slots, c.n_kv_head, c.head_dim, max_len, p.device, dtype or p.dtype)
 
     # ------------------------------------------------------------------------------------------------------------
 

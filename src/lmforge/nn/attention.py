@@ -11,7 +11,6 @@ the tests and for readers.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -139,178 +138,6 @@ class StaticKVCache(KVCache):
             self.length += n
 
 
-class SlotKVCache:
-    """A KV cache for continuous batching: one row ("slot") per running sequence, each with its own length.
-
-    Sequences join and leave between decode steps, so unlike KVCache the rows do not share a write position.
-    Two kinds of step use it: `prefill(slot, n)` runs one sequence's prompt into its row; `decode(rows)` runs
-    one new token for rows 0..n-1 at once, each written at its own position (`lens`), and returns the 4-D mask
-    that keeps every row to its own keys. Storage grows by doubling up to max_len, so memory follows the
-    longest running sequence rather than the model's context.
-    """
-
-    def __init__(
-        self,
-        n_layer: int,
-        slots: int,
-        n_kv_head: int,
-        head_dim: int,
-        max_len: int,
-        device: torch.device | str = "cpu",
-        dtype: torch.dtype = torch.float32,
-        initial: int = 256,
-    ) -> None:
-        self.n_layer, self.slots, self.shape = n_layer, slots, (n_kv_head, head_dim)
-        self.max_len, self.device, self.dtype = max_len, torch.device(device), dtype
-        self.capacity = 0
-        self.k: list[torch.Tensor] = []
-        self.v: list[torch.Tensor] = []
-        self.lens = [0] * slots  # filled positions per slot
-        self._plan: tuple = ()
-        self.reserve(min(initial, max_len))
-
-    def reserve(self, n: int) -> None:
-        """Make room for n positions per slot (grows to the next power of two, at most max_len)."""
-        if n > self.max_len:
-            raise ValueError(f"KV cache full: {n} positions > max_len {self.max_len}")
-        if n <= self.capacity:
-            return
-        cap = min(_room(self.max_len), max(invariant.KEY_BLOCK, 1 << (n - 1).bit_length()))
-        shape = (self.slots, self.shape[0], cap, self.shape[1])
-        for store in (self.k, self.v):
-            for i in range(self.n_layer):
-                grown = torch.zeros(shape, device=self.device, dtype=self.dtype)
-                if store[i:]:
-                    grown[:, :, : self.capacity] = store[i]
-                    store[i] = grown
-                else:
-                    store.append(grown)
-        self.capacity = cap
-
-    @property
-    def length(self) -> int:  # the past length of the rows in this step (a prefill's start)
-        return self._plan[2] if self._plan and self._plan[0] == "prefill" else 0
-
-    def prefill(self, slot: int, n: int) -> None:
-        """The next forward runs n tokens of one sequence into `slot` (continuing whatever it holds)."""
-        self.reserve(self.lens[slot] + n)
-        self._plan = ("prefill", slot, self.lens[slot], n)
-
-    def decode(self, active: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The next forward runs one token for each row 0..max(active) (rows not in `active` are idle: they
-        compute on a dummy token at position 0, write nothing and are not advanced: one may be a prompt half
-        read, see `mixed`). Returns (position_ids [rows, 1], bool mask [rows, 1, 1, K]); every row sees its own
-        keys only."""
-        rows, pos, k_len, act = self._rows(active)
-        self.reserve(k_len)
-        self._plan = ("decode", rows, pos, k_len, list(active), act)
-        return pos[:, None], self._rows_mask(pos, k_len)
-
-    def _rows(self, active: Sequence[int]) -> tuple[int, torch.Tensor, int, torch.Tensor]:
-        """A decode step's rows 0..max(active): their count, positions (idle rows at 0), key length, and the
-        active rows' indices."""
-        rows = max(active) + 1
-        lens = [self.lens[i] if i in active else 0 for i in range(rows)]
-        return (
-            rows,
-            torch.tensor(lens, dtype=torch.long, device=self.device),
-            max(lens) + 1,
-            torch.tensor(list(active), dtype=torch.long, device=self.device),
-        )
-
-    def _rows_mask(self, pos: torch.Tensor, k_len: int) -> torch.Tensor:
-        """[rows, 1, 1, k_len]: each row sees its own keys up to its position."""
-        return (torch.arange(k_len, device=self.device)[None, :] <= pos[:, None])[:, None, None, :]
-
-    def _write_rows(self, layer: int, pos: torch.Tensor, act: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """The active rows' new keys and values (k, v [rows, heads, D]) at their positions; idle rows write nothing
-        (one may be a prompt half read)."""
-        self.k[layer][act, :, pos[act]] = k[act].to(self.dtype)  # (under autocast k and v come in its dtype)
-        self.v[layer][act, :, pos[act]] = v[act].to(self.dtype)
-
-    def mixed(self, active: Sequence[int], slot: int, n: int, layers: tuple[int, int] | None = None) -> torch.Tensor:
-        """The next forward runs, as one row of rows + n tokens, a decode step for rows 0..max(active) (as
-        `decode`; idle rows compute on dummy tokens at position 0 and write nothing) and the next n prompt tokens
-        of `slot` (a chunk of its prefill, which must not be an active row) through `layers` [a, b) (default:
-        all; a chunk run a few layers at a time stays at the same positions until its last layer, see
-        DecoderLM.staged_step). Returns the position ids [1, rows + n]; attention goes through `attend`."""
-        rows, pos, k_len, act = self._rows(active)
-        start = self.lens[slot]
-        self.reserve(max(k_len, start + n))
-        self._plan = ("mixed", rows, pos, k_len, list(active), slot, start, n, layers or (0, self.n_layer), act)
-        return torch.cat([pos, torch.arange(start, start + n, device=self.device)])[None]
-
-    @property
-    def attends(self) -> bool:
-        """Whether this step's attention runs through `attend` (a mixed step) rather than update + SDPA."""
-        return bool(self._plan) and self._plan[0] == "mixed"
-
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, core: Callable) -> torch.Tensor:
-        """A mixed step's attention, q/k/v [1, heads, rows (+ n), D]: the first `rows` tokens each against its own
-        row's keys (as a decode step), and in the chunk's layers the last n causally against their slot's,
-        written to the cache first. `core(q, k, v, mask, decoding)` is the layer's own attention
-        (Attention.core: its scale, window and soft-capping)."""
-        _, rows, pos, k_len, _, slot, start, n, (a, b), act = self._plan
-        K, V = self.k[layer], self.v[layer]
-        self._write_rows(layer, pos, act, k[0, :, :rows].transpose(0, 1), v[0, :, :rows].transpose(0, 1))
-        y_rows = core(
-            q[0, :, :rows].transpose(0, 1)[:, :, None],
-            K[:rows, :, :k_len],
-            V[:rows, :, :k_len],
-            self._rows_mask(pos, k_len),
-            decoding=True,
-        )[:, :, 0].transpose(0, 1)[None]  # [1, heads, rows, D]
-        if not a <= layer < b:
-            return y_rows
-        K[slot, :, start : start + n] = k[0, :, rows:]
-        V[slot, :, start : start + n] = v[0, :, rows:]
-        y_chunk = core(
-            q[:, :, rows:], K[slot : slot + 1, :, : start + n], V[slot : slot + 1, :, : start + n], decoding=True
-        )  # causal: the chunk's queries are the last n of start + n keys
-        return torch.cat([y_rows, y_chunk], dim=2)
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        K, V = self.k[layer], self.v[layer]
-        if self._plan[0] == "prefill":
-            _, s, start, n = self._plan
-            K[s : s + 1, :, start : start + n] = k
-            V[s : s + 1, :, start : start + n] = v
-            return K[s : s + 1, :, : start + n], V[s : s + 1, :, : start + n]
-        _, rows, pos, k_len, _, act = self._plan
-        self._write_rows(layer, pos, act, k[:, :, 0], v[:, :, 0])
-        return K[:rows, :, :k_len], V[:rows, :, :k_len]
-
-    def advance(self, n: int) -> None:
-        if self._plan[0] == "mixed":
-            _, _, _, _, active, slot, _, chunk, (_, last), _ = self._plan
-            for i in active:
-                self.lens[i] += 1
-            if last == self.n_layer:  # the chunk's last layer ran: its positions are filled
-                self.lens[slot] += chunk
-        elif self._plan[0] == "prefill":
-            self.lens[self._plan[1]] += n
-        else:
-            for i in self._plan[4]:
-                self.lens[i] += n
-        self._plan = ()
-
-    def release(self, slot: int) -> None:
-        self.lens[slot] = 0
-
-    def save(self, slot: int, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Copies of the first n positions of a slot's keys and values, per layer ([n_kv_head, n, head_dim])."""
-        return [(k[slot, :, :n].clone(), v[slot, :, :n].clone()) for k, v in zip(self.k, self.v)]
-
-    def load(self, slot: int, kv: Sequence[tuple[torch.Tensor, torch.Tensor]], n: int) -> None:
-        """Start a slot with the first n positions of saved keys and values (see save); the next prefill
-        continues after them."""
-        self.reserve(n)
-        for (k, v), K, V in zip(kv, self.k, self.v):
-            K[slot, :, :n] = k[:, :n]
-            V[slot, :, :n] = v[:, :n]
-        self.lens[slot] = n
-
-
 # --------------------------------------------------------------------------------------------------------------
 # the module
 
@@ -384,7 +211,7 @@ class Attention(nn.Module):
         """softmax(q k^T * scale + mask) v for q [B, H, Tq, D], k / v [B, Hkv, Tk, D] (the keys after the cache):
         the sliding window applied to the mask, then the fused kernel, or the formula where soft-capped or
         recorded. mask None means causal over the last Tq of Tk positions. The serving cache's mixed steps call
-        this too (SlotKVCache.attend), so a layer's attention is defined in this one place."""
+        this too (lmforge.generate.kv: PagedKVCache.attend), so a layer's attention is defined in this one place."""
         if self.window is not None and k.size(2) > self.window:
             mask = window_mask(mask, q.size(2), k.size(2), self.window, q.device)
         if self.record is not None or self.softcap is not None:
@@ -467,10 +294,43 @@ def decode_attention(
 ) -> torch.Tensor:
     """Attention over a KV cache while decoding: lmforge.nn.invariant's batch-invariant attention (a row's output
     the same whatever else is in the step, whose keys start at its cache's position 0), or `sdpa` where that is
-    off or a step is being compiled."""
+    off or a step is being compiled.
+
+    Keys and values laid out heads-first ([B, Hkv, Tk, D] viewed over [Hkv, B, Tk, D] storage: what the paged KV
+    cache gathers, lmforge.generate.kv) are read as they are, each key head's rows as a batch of their own."""
+    B, Hkv = k.shape[:2]
+    if B > 1 and Hkv > 1 and k.stride(1) == B * k.stride(0) and v.stride(1) == B * v.stride(0):
+        H, Tq = q.size(1), q.size(2)
+        G = H // Hkv
+        fold = lambda x: x.transpose(0, 1).reshape(Hkv * B, 1, *x.shape[2:])  # noqa: E731 - (a view here)
+        qf = q.reshape(B, Hkv, G, Tq, q.size(-1)).transpose(0, 1).reshape(Hkv * B, G, Tq, q.size(-1))
+        y = decode_attention(qf, fold(k), fold(v), _fold_mask(mask, B, H, Hkv), causal=causal, scale=scale)
+        return y.view(Hkv, B, G, Tq, -1).transpose(0, 1).reshape(B, H, Tq, -1)
     if invariant.active(q):
         return invariant.attention(q, k, v, mask, causal=causal, scale=scale)
     return sdpa(q, k, v, mask, causal=causal, scale=scale)
+
+
+_last_fold: tuple = ()  # (mask, key, folded): a decoding step's mask, folded once for all its layers
+
+
+def _fold_mask(mask: torch.Tensor | None, B: int, H: int, Hkv: int) -> torch.Tensor | None:
+    """A mask broadcastable to [B, H, Tq, Tk] as the heads-first fold's [Hkv * B, H / Hkv, Tq, Tk] (see
+    decode_attention); kept for the next call with the same mask object (every layer of a step passes it)."""
+    global _last_fold
+    if mask is None or mask.dim() < 4 or mask.size(0) == 1 and mask.size(1) == 1:
+        return mask
+    key = (B, H, Hkv)
+    if _last_fold and _last_fold[0] is mask and _last_fold[1] == key:
+        return _last_fold[2]
+    m = mask.expand(B, -1, -1, -1)
+    if m.size(1) == 1:
+        folded = m.repeat(Hkv, 1, 1, 1)
+    else:
+        m = m.expand(B, H, -1, -1)
+        folded = m.reshape(B, Hkv, H // Hkv, *m.shape[2:]).transpose(0, 1).reshape(Hkv * B, H // Hkv, *m.shape[2:])
+    _last_fold = (mask, key, folded)
+    return folded
 
 
 def sdpa(

@@ -1,0 +1,97 @@
+"""Paged KV memory (lmforge.generate.kv): a sequence holds the blocks its tokens fill and gives them back when it
+ends; windowed layers keep only their window; the prefix cache shares blocks instead of copying them; and the
+tokens are the ones the model gives without any cache."""
+
+import pytest
+import torch
+
+from conftest import IdsTokenizer, tiny_config
+from lmforge.errors import LmforgeError
+from lmforge.generate.engine import Engine, Request
+from lmforge.generate.kv import BLOCK, PagedKVCache
+from lmforge.generate.sampling import SamplingParams
+from lmforge.models.decoder import DecoderLM
+
+
+def _greedy_without_cache(model, prompt, n):
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(prompt) :]
+
+
+def test_blocks_follow_the_tokens_held_and_go_back():
+    torch.manual_seed(0)
+    model = DecoderLM(tiny_config("llama", max_seq_len=512)).eval()
+    cache = PagedKVCache.for_model(model, slots=3, max_len=512)
+    with torch.inference_mode():
+        for slot, n in ((0, 10), (1, 200)):
+            cache.prefill(slot, n)
+            model(torch.randint(0, 50, (1, n)), cache=cache)
+        assert cache.blocks_used == 1 + 4  # ceil(10 / 64) + ceil(200 / 64): not 2 x the longest
+        for _ in range(60):  # row 0 crosses into its second block
+            pos, mask = cache.decode([0, 1])
+            model(torch.zeros(2, 1, dtype=torch.long), attention_mask=mask, position_ids=pos, cache=cache)
+    assert cache.lens[:2] == [70, 260] and cache.blocks_used == 2 + 5
+    cache.release(1)
+    assert cache.blocks_used == 2 and cache.lens[1] == 0
+    assert min(cache.groups[0].free) == 2  # the lowest (already touched) blocks go out first: slot 1's first
+
+
+def test_windowed_layers_keep_their_window_and_decode_as_without_a_cache():
+    torch.manual_seed(0)
+    cfg = tiny_config(
+        "llama", max_seq_len=512, n_layer=2, sliding_window=70, layer_types=["sliding_attention", "full_attention"]
+    )
+    model = DecoderLM(cfg).eval()
+    prompt = [int(t) for t in torch.randint(5, cfg.vocab_size, (150,))]
+    want = _greedy_without_cache(model, prompt, 250)
+    engine = Engine(model, IdsTokenizer(), max_batch=2).start()
+    try:
+        r = Request(prompt, SamplingParams(250, temperature=0))
+        held = []
+        for _ in engine.stream(r):
+            held.append([sum(b != 0 for b in g.tables[r.slot]) for g in engine.cache.groups])
+    finally:
+        engine.close()
+    assert r.completion_ids == want
+    windowed, full = engine.cache.groups[0], engine.cache.groups[1]
+    assert windowed.window == 70 and full.window is None
+    # 400 positions at the end: the full layer holds 7 blocks, the windowed one at most the 3 its window can
+    # touch, 1 spare and the one being filled
+    assert max(h[1] for h in held) == 7 and max(h[0] for h in held) == 4
+    assert engine.cache.blocks_used == 0  # all given back
+
+
+def test_a_shared_prefix_is_shared_blocks_not_copies():
+    torch.manual_seed(0)
+    model = DecoderLM(tiny_config("llama", max_seq_len=512)).eval()
+    system = [int(t) for t in torch.randint(5, model.config.vocab_size, (2 * BLOCK + 5,))]
+    engine = Engine(model, IdsTokenizer(), max_batch=2, cache_mb=4).start()
+    try:
+        first = Request(system + [7], SamplingParams(40, temperature=0))
+        list(engine.stream(first))
+        held = engine.cache.blocks_used  # the prefix cache's 2 blocks
+        second = Request(system + [9, 10], SamplingParams(200, temperature=0))
+        tables = []
+        for _ in engine.stream(second):
+            if not tables:
+                tables = list(engine.cache.groups[0].tables[second.slot])
+        entry = next(iter(engine.prefix.entries.values()))
+    finally:
+        engine.close()
+    assert held == 2 and engine.prefix.hits == 1 and engine.prefix.reused_tokens == 2 * BLOCK
+    assert tables[:2] == entry.ids[0]  # the same blocks, by reference
+    assert second.completion_ids == _greedy_without_cache(model, system + [9, 10], 200)
+    assert engine.cache.blocks_used == 2  # the sequences' blocks went back; the cache's stay
+
+
+def test_a_full_cache_says_what_to_do():
+    model = DecoderLM(tiny_config("llama", max_seq_len=256)).eval()
+    cache = PagedKVCache.for_model(model, slots=2, max_len=128)
+    with pytest.raises(LmforgeError, match="KV cache full: 129 positions"):
+        cache.prefill(0, 129)
+    cache.groups[0].free.clear()  # every block held elsewhere
+    with pytest.raises(LmforgeError, match="KV memory is full.*--max-batch"):
+        cache.prefill(1, 10)
