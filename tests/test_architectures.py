@@ -70,7 +70,7 @@ def test_logits_equal_transformers(pair, layout, tmp_path):
 
 def test_cache_decode_equals_forward_and_greedy_tokens_equal(pair):
     """The KV cache (sliding windows applied to cached keys too) gives the full forward's logits step by step,
-    and the serving engine's slot cache gives transformers' greedy tokens."""
+    and the serving engine's paged cache gives transformers' greedy tokens."""
     name, ref, path = pair
     model = load_model(path)
     x = ids(2, PROMPT_LEN)
@@ -148,7 +148,7 @@ def test_quantized_inference_stays_close(pair, mode, tol):
 
 
 def test_served_greedy_reply_equals_generate(pair, tmp_path):
-    """Through the HTTP server (its engine: slot cache, windows on the cached keys), the greedy reply to a prompt
+    """Through the HTTP server (its engine: paged cache, windows on the cached keys), the greedy reply to a prompt
     longer than any window is the same tokens as decoding in-process."""
     import urllib.request
 

@@ -752,8 +752,8 @@ case("embed-file-and-text", "embed {texts_txt} --model {enc} --text hi", "not bo
 case("embed-text-col-with-text", "embed --model {enc} --text hi --text-col t", "--text-col names")
 case(
     "serve-engine-flags-for-an-encoder",
-    "serve --model {enc} --port 0 --max-batch 4 --prefill-chunk 8",
-    "--max-batch, --prefill-chunk set the decoders' engine",
+    "serve --model {enc} --port 0 --max-batch 4 --prefill-chunk 8 --kv-dtype bfloat16",
+    "--max-batch, --prefill-chunk, --kv-dtype set the decoders' engine",
 )
 case(
     "tokenizer-train-cased-bpe",
@@ -1085,7 +1085,15 @@ SCOPE: dict[str, dict[str, object]] = {
         "--api-key": ALL,
         **{
             f: ["serve-engine-flags-for-an-encoder"]
-            for f in ("--max-batch", "--max-queue", "--max-len", "--cache-mb", "--prefill-chunk", "--speculative")
+            for f in (
+                "--max-batch",
+                "--max-queue",
+                "--max-len",
+                "--cache-mb",
+                "--prefill-chunk",
+                "--speculative",
+                "--kv-dtype",
+            )
         },
         "--quantize": ALL,
         "--dtype": ALL,

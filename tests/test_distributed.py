@@ -195,6 +195,7 @@ def tiny_encoder(tmp_path_factory):
     return d
 
 
+@pytest.mark.slow  # (suite time: about 30-60 s on 2 cores)
 def test_finetune_ddp_and_fsdp_equal_one_process_and_fsdp_resumes_in_one(tmp_path, tiny_encoder):
     args = [
         "finetune",

@@ -343,6 +343,7 @@ def test_chat_repl_system_prompt_and_history(smol, tmp_path, capsys, monkeypatch
     assert "named SmolLM" in calls[1][1] and "Be brief." not in calls[1][1]
 
 
+@pytest.mark.slow  # (suite time: about 30-60 s on 2 cores)
 def test_cli_chat_eval_and_errors(tmp_path):
     from conftest import run_cli
 
@@ -467,6 +468,7 @@ def test_4bit_blocks_are_kept_on_their_own_grid(tmp_path):
         assert float((got - x @ w.T).norm() / (x @ w.T).norm()) < 0.01, t.name
 
 
+@pytest.mark.slow  # (suite time: about 30-60 s on 2 cores)
 def test_int4_keeps_the_files_q4_1_weights(smol):
     """--quantize auto (and int4) on the packaged Q4_1 GGUF keeps every block's 4-bit weights as stored (groups of 32,
     each layer's weight exactly the fp32 model's), on the int4 kernel: perplexity within 2% of fp32, the

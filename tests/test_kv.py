@@ -2,6 +2,8 @@
 ends; windowed layers keep only their window; the prefix cache shares blocks instead of copying them; and the
 tokens are the ones the model gives without any cache."""
 
+import time
+
 import pytest
 import torch
 
@@ -95,3 +97,33 @@ def test_a_full_cache_says_what_to_do():
     cache.groups[0].free.clear()  # every block held elsewhere
     with pytest.raises(LmforgeError, match="KV memory is full.*--max-batch"):
         cache.prefill(1, 10)
+
+
+def test_bfloat16_blocks_halve_the_memory_and_keep_the_replies_batch_invariant():
+    torch.manual_seed(0)
+    model = DecoderLM(tiny_config("llama", max_seq_len=512)).eval()
+    prompt = [int(t) for t in torch.randint(5, model.config.vocab_size, (100,))]
+
+    def served(kv_dtype, chunk=0, beside=False):
+        engine = Engine(model, IdsTokenizer(), max_batch=2, kv_dtype=kv_dtype, prefill_chunk=chunk).start()
+        try:
+            other = Request([3, 4, 5], SamplingParams(300, temperature=0))
+            if beside:  # a stream running, so that the prompt goes in by chunks beside it
+                engine.submit([other])
+                while len(other.completion_ids) < 2:
+                    time.sleep(0.001)
+            r = Request(prompt, SamplingParams(30, temperature=0), logprobs=0)
+            r.first = next(t for ev in engine.stream(r) for t in ev.tokens).logprob
+            engine.cancel(other)
+            return engine, r
+        finally:
+            engine.close()
+
+    wide, r32 = served(None)
+    narrow, r16 = served(torch.bfloat16)
+    by_chunks, chunked = served(torch.bfloat16, chunk=16, beside=True)
+    assert narrow.cache.groups[0].k[0].dtype == torch.bfloat16 and narrow.cache.compute == torch.float32
+    assert narrow.cache.block_bytes * 2 == wide.cache.block_bytes
+    assert by_chunks.stats.chunks > 0 and narrow.stats.chunks == 0
+    assert chunked.completion_ids == r16.completion_ids  # read whole or by chunks beside a stream: the same tokens
+    assert r32.completion_ids[0] == r16.completion_ids[0] and abs(r32.first - r16.first) < 0.02  # keys rounded

@@ -70,6 +70,7 @@ def test_seeded_sampling_gives_plain_decodings_tokens(drafter):
         assert draft.stats["passes"] > 0
 
 
+@pytest.mark.slow  # (suite time: about 30-60 s on 2 cores)
 def test_sampling_end_to_end_follows_the_models_distribution():
     """Sampled replies (top-k 2, three tokens: eight possible replies) through prompt lookup, which drafts at
     every step here, occur as often as the model gives them: frequencies over 3,000 seeds against the exact

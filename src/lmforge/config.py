@@ -579,6 +579,7 @@ class DataConfig:
 
 OBJECTIVES = ("clm", "mlm", "span")
 DTYPES = ("float32", "bfloat16", "auto")  # inference
+KV_DTYPES = ("auto", "float32", "bfloat16")  # the serving engine's KV memory
 TRAIN_DTYPES = ("float32", "bfloat16", "float16", "auto")
 DTYPE_HELP = (
     "float32; bfloat16 (autocast: the products in bf16, the weights and optimizer in fp32); float16 (the "
@@ -1102,6 +1103,11 @@ class ServeConfig:
         256,
         "memory for the prefix cache: prompts that begin like an earlier one reuse its keys and values (0: off)",
         low=0,
+    )
+    kv_dtype: str = setting(
+        "auto",
+        "how keys and values are kept: auto (the dtype the model computes in) or bfloat16 (half of float32's memory)",
+        choices=KV_DTYPES,
     )
     prefill_chunk: int = setting(
         256,

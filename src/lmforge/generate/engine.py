@@ -197,7 +197,8 @@ class Engine:
     Drafter, see the module notes); cache_mb: memory for the prefix cache (lmforge.generate.prefix: prompts
     that begin like an earlier one reuse its keys and values; 0: off); prefill_chunk: a prompt longer than this
     arriving while others stream is prefilled in chunks beside their steps (at most this many tokens a chunk, fewer
-    as measured, each through as many layers a step as fit; 0: whole)."""
+    as measured, each through as many layers a step as fit; 0: whole); kv_dtype: how the KV blocks are stored
+    (default: the model's compute dtype; bfloat16 halves a float32 model's, its keys rounded as stored)."""
 
     def __init__(
         self,
@@ -210,6 +211,7 @@ class Engine:
         draft: Drafter | None = None,
         cache_mb: float = 0,
         prefill_chunk: int = 0,
+        kv_dtype: torch.dtype | None = None,
     ) -> None:
         for flag, value, low in (
             ("--max-batch", max_batch, 1),
@@ -234,7 +236,7 @@ class Engine:
         self.draft = draft
         self.device = model.norm.weight.device
         self.cache = PagedKVCache.for_model(
-            model, max_batch, self.max_len, extra_bytes=self.prefix.max_bytes if self.prefix else 0
+            model, max_batch, self.max_len, kv_dtype, extra_bytes=self.prefix.max_bytes if self.prefix else 0
         )
         self.slots: list[Seq | None] = [None] * max_batch  # the running sequences, by KV row
         self.waiting: deque[Request] = deque()

@@ -26,6 +26,7 @@ the tables.
 from __future__ import annotations
 
 import heapq
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -149,9 +150,11 @@ class PagedKVCache:
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
         extra_bytes: int = 0,
+        compute: torch.dtype | None = None,
     ) -> None:
         self.n_layer, self.slots, self.max_len = n_layer, slots, max_len
-        self.device, self.dtype = torch.device(device), dtype
+        # blocks are stored in dtype; the keys a layer attends over are gathered in its compute dtype
+        self.device, self.dtype, self.compute = torch.device(device), dtype, compute or dtype
         windows = list(windows) if windows is not None else [None] * n_layer
         # bytes of one block across all layers (keys and values): what the prefix cache's budget counts
         self.block_bytes = 2 * n_layer * n_kv_head * BLOCK * head_dim * torch.empty((), dtype=dtype).element_size()
@@ -169,11 +172,22 @@ class PagedKVCache:
 
     @classmethod
     def for_model(cls, model, slots: int, max_len: int, dtype: torch.dtype | None = None, extra_bytes: int = 0):
-        """The cache for a decoder (its layers' windows read from its config), in the dtype its final norm
-        computes in (the head and embedding may be quantized) unless given."""
+        """The cache for a decoder (its layers' windows read from its config), stored in `dtype`, by default the
+        dtype its final norm computes in (the head and embedding may be quantized)."""
         c, p = model.config, model.norm.weight
         windows = [c.window(i) for i in range(c.n_layer)] if hasattr(c, "window") else None
-        return cls(c.n_layer, slots, c.n_kv_head, c.head_dim, max_len, windows, p.device, dtype or p.dtype, extra_bytes)
+        return cls(
+            c.n_layer,
+            slots,
+            c.n_kv_head,
+            c.head_dim,
+            max_len,
+            windows,
+            p.device,
+            dtype or p.dtype,
+            extra_bytes,
+            p.dtype,
+        )
 
     # ------------------------------------------------------------------------------------------------------------
     # announcing a step
@@ -279,19 +293,27 @@ class PagedKVCache:
         Hkv, _, _, D = pool.shape
         rows, nb = table.shape
         if run is not None:
-            return tuple(p[:, run : run + nb].reshape(1, Hkv, nb * BLOCK, D) for p in (pool, g.v[layer]))
+            kv = [p[:, run : run + nb].reshape(1, Hkv, nb * BLOCK, D) for p in (pool, g.v[layer])]
+            return kv[0].to(self.compute), kv[1].to(self.compute)
         flat = table.reshape(-1)
         out = []
         for name, src in (("k", pool), ("v", g.v[layer])):
-            need = Hkv * rows * nb * BLOCK * D
-            buf = self._scratch.get(name)
-            if buf is None or buf.numel() < need:
-                size = max(need, 2 * buf.numel() if buf is not None else 0)  # (doubling: rarely regrown)
-                buf = self._scratch[name] = torch.zeros(size, device=self.device, dtype=self.dtype)
-            x = buf[:need].view(Hkv, rows * nb, BLOCK, D)
-            torch.index_select(src, 1, flat, out=x)
+            x = self._buffer(name, (Hkv, rows * nb, BLOCK, D), self.compute)
+            if self.dtype == self.compute:
+                torch.index_select(src, 1, flat, out=x)
+            else:  # stored narrower than computed: gathered, then widened
+                x.copy_(torch.index_select(src, 1, flat, out=self._buffer(name + "+", x.shape, self.dtype)))
             out.append(x.view(Hkv, rows, nb * BLOCK, D).transpose(0, 1))
         return out[0], out[1]
+
+    def _buffer(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A scratch tensor of this shape, reused by every layer and step (grown by doubling: rarely)."""
+        need = math.prod(shape)
+        buf = self._scratch.get(name)
+        if buf is None or buf.numel() < need:
+            size = max(need, 2 * buf.numel() if buf is not None else 0)
+            buf = self._scratch[name] = torch.zeros(size, device=self.device, dtype=dtype)
+        return buf[:need].view(shape)
 
     def _slot_kv(self, layer: int, slot: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One sequence's first n keys and values, [1, heads, n, D]."""
@@ -331,8 +353,8 @@ class PagedKVCache:
         s = self._step
         if s.kind == "prefill":
             self._write(layer, s.slot, s.start, k[0], v[0])
-            if s.start == 0:
-                return k, v  # a whole prompt: its own keys are all it sees
+            if s.start == 0 and self.dtype == self.compute:
+                return k, v  # a whole prompt: its own keys are all it sees (as stored: stored narrower, gathered)
             return self._slot_kv(layer, s.slot, s.start + s.n)
         self._write_rows(layer, k[:, :, 0], v[:, :, 0])
         g = self.groups.index(self.group_of[layer])

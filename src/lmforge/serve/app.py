@@ -99,11 +99,13 @@ def load_served(
     speculative: str | None = None,
     cache_mb: float = 0,
     prefill_chunk: int = 0,
+    kv_dtype: str = "auto",
 ) -> list[ServedModel]:
     """Load each model (directory, .gguf or packaged name; weights in `dtype`, see load_pretrained) on `device`
     and start an engine for each decoder; speculative: "ngram" or a draft model for the decoders (see
     lmforge.generate.speculative: it drafts while one sequence runs); cache_mb: each engine's prefix cache
-    (lmforge.generate.prefix; 0: off); prefill_chunk: chunked prefill of long prompts (see Engine; 0: off)."""
+    (lmforge.generate.prefix; 0: off); prefill_chunk: chunked prefill of long prompts (see Engine; 0: off);
+    kv_dtype: how the engines keep keys and values (auto: as the model computes; or float32, bfloat16)."""
     served, names = [], set()
     for path in paths:
         model, tok = load_pretrained(path, device=device, quantize=quantize, dtype=dtype)
@@ -129,6 +131,7 @@ def load_served(
                     draft=draft,
                     cache_mb=cache_mb,
                     prefill_chunk=prefill_chunk,
+                    kv_dtype=None if kv_dtype == "auto" else getattr(torch, kv_dtype),
                 )
                 .start()
                 .warm_up()
@@ -1028,7 +1031,7 @@ class ServerThread:
 
 
 # ServeConfig settings that only the decoders' engines read
-DECODER_SETTINGS = ("max_batch", "max_queue", "max_len", "cache_mb", "prefill_chunk", "speculative")
+DECODER_SETTINGS = ("max_batch", "max_queue", "max_len", "cache_mb", "prefill_chunk", "speculative", "kv_dtype")
 
 
 def check_listen(host: str, port: int) -> None:
@@ -1055,7 +1058,8 @@ def check_listen(host: str, port: int) -> None:
 def serve(models: Sequence[str], config: ServeConfig | None = None, **settings: Any) -> None:
     """Load the models and serve them until interrupted, as `config` says (a ServeConfig; `settings` override
     its fields: host, port, api_key, max_batch, max_queue, max_len, quantize, dtype, device, cache_mb,
-    prefill_chunk, speculative, max_body, request_timeout, log_level). Every setting is checked before a model loads."""
+    prefill_chunk, kv_dtype, speculative, max_body, request_timeout, log_level). Every setting is checked before a
+    model loads."""
     import uvicorn
 
     if not models:
@@ -1083,6 +1087,7 @@ def serve(models: Sequence[str], config: ServeConfig | None = None, **settings: 
         c.speculative,
         c.cache_mb,
         c.prefill_chunk,
+        c.kv_dtype,
     )
     if for_decoders and not any(m.engine is not None for m in served):
         raise LmforgeError(
