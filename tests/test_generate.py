@@ -392,7 +392,7 @@ def test_batched_sampler_draws_the_filtered_distribution(top_k, top_p):
 def test_top_p_reaches_past_the_first_candidates():
     """With a flat distribution the nucleus holds more tokens than top-p's first look (CANDIDATES): the sampler
     widens it and draws from the whole nucleus, as the full sort would."""
-    from lmforge.generate.sampling import CANDIDATES, sample
+    from lmforge.generate.pick import CANDIDATES, sample
 
     logits = -torch.arange(4 * CANDIDATES, dtype=torch.float32)[None] * 1e-3  # nearly flat, no ties
     logits[0, 0] = 3.0

@@ -15,7 +15,9 @@ waits for a long one, and a new request starts as soon as a row is free instead 
 Each running sequence holds one row (`slot`) and the KV blocks its tokens fill.
 
 Results come back as `Event`s through the request's `on_event` callback (called on the engine thread; the HTTP
-server hands them to its event loop), or through `Engine.stream` for plain Python callers.
+server hands them to its event loop), or through `Engine.stream` for plain Python callers. `Engine.run` steps the
+engine on the calling thread instead, without a thread of its own: `generate_ids` (and through it `generate`,
+`chat`, evaluation and GRPO's rollouts) decodes this way, so there is one decoding path.
 
 Speculative decoding (`draft`: a drafter from lmforge.generate.speculative) runs while one sequence is running and
 none is waiting: the batch-1 case, where a step reads every weight for one token and verifying a few drafted
@@ -38,17 +40,17 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import nullcontext
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 import torch
 
-from lmforge.config import check_number
+from lmforge.config import SamplingParams, check_number
 from lmforge.errors import LmforgeError
 from lmforge.generate.constrain import Constraint
 from lmforge.generate.kv import BLOCK, PagedKVCache
+from lmforge.generate.pick import TextStream, apply_repetition_penalty, sample
 from lmforge.generate.prefix import PrefixCache
-from lmforge.generate.sampling import SamplingParams, TextStream, sample
 from lmforge.generate.speculative import Drafter, choose
 from lmforge.nn.packed import packed_linears, release_packed
 
@@ -123,7 +125,7 @@ class Seq:
 
     def __init__(self, req: Request, slot: int, tokenizer, device: torch.device) -> None:
         self.req, self.slot = req, slot
-        self.stream = TextStream(tokenizer, req.stop)
+        self.stream = TextStream(tokenizer, req.stop) if tokenizer is not None else None  # (None: token ids only)
         seed = req.params.seed
         self.generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
         self.next = 0  # the token the next step feeds it
@@ -133,6 +135,7 @@ class Seq:
         self.hidden: torch.Tensor | None = None  # the chunk's hidden states after the layers it went through
         self.drafter: Drafter | None = None
         self.bias: tuple[torch.Tensor, torch.Tensor] | None = None  # logit_bias as (ids, biases) on the device
+        self.seen: torch.Tensor | None = None  # [V] bool: the tokens the repetition penalty applies to
 
     @property
     def plain(self) -> bool:
@@ -244,6 +247,7 @@ class Engine:
         self._cond = threading.Condition()
         self._stop = False
         self._thread: threading.Thread | None = None
+        self._here = False  # running on the caller's thread (`run`), not the engine's
 
     # ------------------------------------------------------------------------------------------------------------
     # the caller's side (any thread)
@@ -339,15 +343,43 @@ class Engine:
         finally:
             self.cancel(req)
 
+    def run(self, requests: Sequence[Request]) -> Iterator[list[list[int]]]:
+        """Run requests to their end on the calling thread (no engine thread: for generate, evaluation and
+        rollouts), yielding after each step the tokens each request got in it (an empty list, none). An error
+        is raised here, as it happened."""
+        if self._thread is not None:
+            raise LmforgeError("this engine runs on its own thread (start): submit to it, or use another engine")
+        self.submit(requests)
+        self._here = True
+        try:
+            with self._contexts():
+                while any(r.finish_reason is None for r in requests):
+                    before = [len(r.completion_ids) for r in requests]
+                    plan = self.schedule()
+                    if plan is not None:
+                        self._step(plan)
+                    yield [r.completion_ids[n:] for r, n in zip(requests, before)]
+        finally:
+            self._here = False
+            for r in requests:  # (a caller that stops early: the rows go back)
+                if r.finish_reason is None:
+                    self._finish(r, "cancelled")
+            self.waiting.clear()
+
     # ------------------------------------------------------------------------------------------------------------
     # the engine thread: schedule, run, commit
 
+    def _contexts(self):
+        """What a step runs under: inference mode, the packed weights (and the drafter's)."""
+        stack = ExitStack()
+        stack.enter_context(torch.inference_mode())
+        stack.enter_context(packed_linears(self.model, self.max_batch, enabled=self.pack_weights))
+        if self.draft is not None:
+            stack.enter_context(self.draft.context(self.pack_weights))
+        return stack
+
     def _run(self) -> None:
-        with (
-            torch.inference_mode(),
-            packed_linears(self.model, self.max_batch, enabled=self.pack_weights),
-            self.draft.context(self.pack_weights) if self.draft is not None else nullcontext(),
-        ):
+        with self._contexts():
             try:
                 while not self._stop:
                     plan = self.schedule()
@@ -448,6 +480,9 @@ class Engine:
         if req.logit_bias:
             ids = torch.tensor(list(req.logit_bias), dtype=torch.long, device=self.device)
             seq.bias = ids, torch.tensor(list(req.logit_bias.values()), device=self.device)
+        if req.params.repetition_penalty != 1.0:
+            seq.seen = torch.zeros(self.model.config.vocab_size, dtype=torch.bool, device=self.device)
+            seq.seen[torch.tensor(req.prompt_ids, device=self.device)] = True
         if self.prefix is not None and not self._scores_prompt(req):  # (scoring needs every position)
             start, kept = self.prefix.lookup(req.prompt_ids)
             if start:
@@ -496,6 +531,7 @@ class Engine:
             d = seq.drafter
             if d is None:
                 d = seq.drafter = self.draft.fresh()
+                d.stats = self.draft.stats  # (the drafter given counts every sequence's passes)
                 d.start(r.prompt_ids, self.max_len)
             room = min(d.budget(), p.max_new_tokens - len(r.completion_ids) - 1)
             drafts, q = d.propose(r.prompt_ids + r.completion_ids, room, p, seq.generator) if room > 0 else ([], None)
@@ -594,7 +630,7 @@ class Engine:
         """Keep the drafts the model agrees with and the token after them; the rejected drafts' keys are written
         over later."""
         seq, p = v.seq, v.seq.req.params
-        picked = choose(logits, v.drafts, v.q, p, None, seq.generator)
+        picked = choose(logits, v.drafts, v.q, p, seq.seen, seq.generator)
         self.cache.lens[seq.slot] = base + len(picked)
         seq.drafter.record(len(v.drafts), len(picked) - 1)
         self.stats.spec_passes += 1
@@ -643,8 +679,11 @@ class Engine:
 
     @staticmethod
     def _penalise(seq: Seq, logits: torch.Tensor) -> None:
-        """OpenAI's logit bias and presence and frequency penalties on the row's fp32 logits, in place."""
+        """The repetition penalty (CTRL's), OpenAI's logit bias and presence and frequency penalties on the row's
+        fp32 logits, in place."""
         req = seq.req
+        if seq.seen is not None:
+            logits.copy_(apply_repetition_penalty(logits, seq.seen, req.params.repetition_penalty))
         if seq.bias is not None:
             logits.index_add_(0, *seq.bias)
         if (req.presence_penalty or req.frequency_penalty) and req.completion_ids:
@@ -671,6 +710,8 @@ class Engine:
             req.first_token_at = time.perf_counter()
         req.completion_ids.append(tok)
         self.stats.generated_tokens += 1
+        if seq.seen is not None:
+            seq.seen[tok] = True
         if req.constraint is not None:
             req.constraint.consume(tok)
         tokens = []
@@ -678,12 +719,12 @@ class Engine:
             tokens = [self._logprob(torch.log_softmax(logits.float(), dim=-1), tok, req.logprobs)]
         stream = seq.stream
         if tok in req.end_ids:
-            text, reason = stream.flush(), "stop"
+            text, reason = stream.flush() if stream else "", "stop"
         else:
-            text = stream.push(tok)
-            reason = "stop" if stream.stopped else None
+            text = stream.push(tok) if stream else ""
+            reason = "stop" if stream and stream.stopped else None
         if reason is None and len(req.completion_ids) >= p.max_new_tokens:
-            text, reason = text + stream.flush(), "length"
+            text, reason = text + (stream.flush() if stream else ""), "length"
         if reason is None:
             seq.next = tok
             if req.on_event is not None and (text or tokens):
@@ -703,6 +744,8 @@ class Engine:
             req.on_event(Event(text, tokens or [], reason, error))
 
     def _fail(self, req: Request | None, e: Exception) -> None:
+        if self._here:  # run on the caller's thread (`run`): the caller gets the exception itself
+            raise e
         if req is not None and req.finish_reason is None:
             self._finish(req, "error", error=f"generation failed: {type(e).__name__}: {e}")
 

@@ -8,6 +8,7 @@ streaming, and batches of prompts with left padding, over a preallocated KV cach
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 
 import torch
 
@@ -15,106 +16,18 @@ from lmforge.config import SamplingParams  # noqa: F401 (declared with the other
 from lmforge.errors import LmforgeError
 from lmforge.generate.beam import BeamParams, decoder_beam_search
 from lmforge.generate.constrain import Constraint
-from lmforge.generate.kv import PagedKVCache
+from lmforge.generate.engine import Engine, Request
+from lmforge.generate.pick import (  # noqa: F401 (re-exported: the names sampling has always had)
+    TextStream,
+    apply_repetition_penalty,
+    filter_top_k,
+    filter_top_p,
+    next_token,
+    row_generators,
+    sample,
+)
 from lmforge.nn import packed
 from lmforge.nn.packed import packed_linears
-
-# --------------------------------------------------------------------------------------------------------------
-# logits -> next token
-
-
-def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """CTRL's penalty: tokens already in the sequence get their logit divided (if > 0) or multiplied by `penalty`.
-    seen: [B, V] bool."""
-    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
-    return torch.where(seen, penalised, logits)
-
-
-def filter_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
-    k = min(k, logits.size(-1))
-    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
-    return logits.masked_fill(logits < kth, float("-inf"))
-
-
-def filter_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
-    """Keep the smallest set of tokens whose probabilities sum to at least p (always at least the best one)."""
-    sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-    probs = torch.softmax(sorted_logits, dim=-1)
-    before = probs.cumsum(-1) - probs  # mass of strictly better tokens
-    remove_sorted = before >= p
-    remove = torch.zeros_like(remove_sorted).scatter(-1, order, remove_sorted)
-    return logits.masked_fill(remove, float("-inf"))
-
-
-def next_token(
-    logits: torch.Tensor,
-    params: SamplingParams,
-    generator: torch.Generator | Sequence[torch.Generator | None] | None = None,
-    seen: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """logits [B, V] -> token ids [B]. generator: one for the batch, or one per row (each row's draw then
-    depends on its own generator only)."""
-    logits = logits.float()
-    if params.repetition_penalty != 1.0 and seen is not None:
-        logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
-    if params.temperature == 0:
-        return logits.argmax(-1)
-    if isinstance(generator, (list, tuple)):
-        u = torch.cat([torch.rand(1, generator=g, device=logits.device) for g in generator])
-    else:
-        u = torch.rand(logits.size(0), generator=generator, device=logits.device)
-    return sample(logits / params.temperature, params.top_k, params.top_p, u)
-
-
-def row_generators(seed: int | None, rows: int, device) -> list[torch.Generator | None]:
-    """One generator per row, row i seeded with seed + i (as the server seeds choice i of n): a row's samples do
-    not depend on how many rows decode beside it. All None without a seed."""
-    if seed is None:
-        return [None] * rows
-    return [torch.Generator(device=device).manual_seed(seed + i) for i in range(rows)]
-
-
-CANDIDATES = 256  # top-p alone first looks among this many best tokens (see sample)
-
-
-def sample(logits: torch.Tensor, top_k: int | None, top_p: float | None, u: torch.Tensor) -> torch.Tensor:
-    """Token ids [B] drawn from softmax(logits [B, V]) (already divided by the temperature) under top-k and
-    top-p, by inverse transform: row b takes the first candidate whose cumulative probability exceeds u[b]
-    (uniform in [0, 1), one per row, so each row can draw from its own seeded generator while the batch is
-    sampled in one pass).
-
-    Only the tokens that can win are sorted: the k best under top-k (top-p then keeps the smallest prefix of
-    those whose share of their mass reaches p); under top-p alone the CANDIDATES best, widened eightfold while
-    any row's candidates hold less than p of its probability (then the nucleus may reach past them), which
-    keeps the nucleus exact and spares the sort of the whole vocabulary (2 ms a row at 49k tokens). Ties at the
-    k-th logit keep k tokens."""
-    V = logits.size(-1)
-    p = top_p if top_p is not None and top_p < 1.0 else None
-    if top_k is None and p is None:
-        probs = torch.softmax(logits, dim=-1)
-        idx = None
-    else:
-        k = min(top_k, V) if top_k is not None else min(CANDIDATES, V)
-        while True:
-            vals, idx = torch.topk(logits, k, dim=-1)  # sorted, best first
-            if p is None:
-                probs = torch.softmax(vals, dim=-1)
-                break
-            # each candidate's probability among the kept tokens: the k best under top-k, else all of them
-            probs = (
-                torch.softmax(vals, dim=-1)
-                if top_k is not None
-                else torch.exp(vals - torch.logsumexp(logits, dim=-1, keepdim=True))
-            )
-            before = probs.cumsum(-1) - probs  # mass of strictly better candidates
-            if top_k is not None or k == V or bool((before[:, -1] + probs[:, -1] >= p).all()):
-                probs = probs.masked_fill(before >= p, 0.0)
-                break
-            k = min(V, k * 8)
-    cdf = probs.cumsum(-1)
-    pick = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1), right=True).clamp_(max=probs.size(-1) - 1)
-    return (pick if idx is None else idx.gather(-1, pick)).squeeze(-1)
-
 
 # --------------------------------------------------------------------------------------------------------------
 # the token-level loop
@@ -157,9 +70,10 @@ def generate_ids(
     """Yield the next token of every prompt, step by step ([B] tensors), until max_new_tokens or all rows hit EOS
     (eos_token_id: one id or several). A finished row keeps yielding its EOS id.
 
-    A row's tokens are the ones it gets alone: each prompt is read into its own row of a paged cache (its keys
-    from position 0, no padding), every product and attention is batch-invariant (lmforge.nn.invariant), and
-    under sampling row i draws from its own generator, seeded with seed + i.
+    Each prompt is a request on the batched engine (lmforge.generate.engine, run on this thread: the one
+    decoding path, `serve`'s too). A row's tokens are the ones it gets alone: its keys are its own (paged
+    blocks from position 0, no padding), every product and attention is batch-invariant (lmforge.nn.invariant),
+    and under sampling row i draws from its own generator, seeded with seed + i.
 
     draft: a speculative drafter (lmforge.generate.speculative: NgramDrafter, ModelDrafter) for one prompt:
     the same tokens as without it, greedy or seeded, in fewer passes.
@@ -175,7 +89,6 @@ def generate_ids(
     params.validate()
     if not prompts or any(len(p) == 0 for p in prompts):
         raise LmforgeError("every prompt needs at least one token (an empty prompt needs a BOS/EOS token to start)")
-    device = next(model.parameters()).device
     B, T = len(prompts), max(len(p) for p in prompts)
     total = T + params.max_new_tokens
     ctx = model.config.max_seq_len
@@ -190,42 +103,47 @@ def generate_ids(
         raise LmforgeError(
             "constrained decoding needs an end token, one constraint (or None) per prompt, and no speculative drafter"
         )
-    if draft is not None:
-        if B != 1 or compile:
-            raise LmforgeError(
-                "speculative decoding runs one prompt at a time, without --compile; give one "
-                "prompt, or drop --speculative"
-            )
-        generator = row_generators(params.seed, 1, device)[0]
-        ends = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
-        with packed_linears(model, 1, enabled=pack_weights), draft.context(pack_weights):
-            for t in draft.decode(model, prompts[0], params, ends, generator):
-                yield torch.tensor([t], device=device)
-        return
+    if draft is not None and (B != 1 or compile):
+        raise LmforgeError(
+            "speculative decoding runs one prompt at a time, without --compile; give one prompt, or drop --speculative"
+        )
     if compile:
         yield from _compiled(model, prompts, params, eos_token_id, pad_token_id, pack_weights, constraints)
         return
-    generators = row_generators(params.seed, B, device)
-    seen = _seen(model, prompts, params, device)
-    ends = _ends(eos_token_id, device)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    cache = PagedKVCache.for_model(model, B, total)
-    rows = list(range(B))
-    with packed_linears(model, B, enabled=pack_weights):
-        last = []
-        for i, p in enumerate(prompts):  # each prompt into its own row, as it would be read alone
-            cache.prefill(i, len(p))
-            last.append(model(torch.as_tensor([list(p)], device=device), cache=cache, last_only=True).logits[0, -1])
-        logits = torch.stack(last)
-        for _ in range(params.max_new_tokens):
-            tok = _pick(logits, params, generators, seen, constraints, done, ends)
-            yield tok
-            if bool(done.all()):
+    yield from _on_the_engine(model, prompts, params, eos_token_id, pack_weights, draft, constraints)
+
+
+def _on_the_engine(model, prompts, params, eos_token_id, pack_weights, draft, constraints) -> Iterator[torch.Tensor]:
+    """generate_ids on the batched engine, run on this thread: one request per prompt (row i seeded with seed + i),
+    their tokens yielded in step: a [B] tensor each time every row still going has its next token."""
+    device = next(model.parameters()).device
+    ends = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or ())
+    total = max(len(p) for p in prompts) + params.max_new_tokens
+    engine = Engine(
+        model, None, max_batch=len(prompts), max_queue=0, max_len=total, pack_weights=pack_weights, draft=draft
+    )
+    reqs = [
+        Request(
+            [int(t) for t in p],
+            replace(params, seed=None if params.seed is None else params.seed + i),
+            end_ids=ends,
+            constraint=constraints[i] if constraints is not None else None,
+        )
+        for i, p in enumerate(prompts)
+    ]
+    pending: list[list[int]] = [[] for _ in reqs]  # each row's tokens not yielded yet
+    done = [False] * len(reqs)  # the row has yielded an end token: it repeats it from now on
+    given = 0
+    for new in engine.run(reqs):
+        for q, toks in zip(pending, new):
+            q.extend(toks)
+        while all(d or q for d, q in zip(done, pending)):
+            step = [ends[0] if d else q.pop(0) for d, q in zip(done, pending)]
+            done = [d or t in ends for d, t in zip(done, step)]
+            given += 1
+            yield torch.tensor(step, device=device)
+            if all(done) or given == params.max_new_tokens:
                 return
-            pos, mask = cache.decode(rows)
-            logits = model(tok[:, None], attention_mask=mask, position_ids=pos, cache=cache, last_only=True).logits[
-                :, -1
-            ]
 
 
 def _seen(model, prompts, params, device) -> torch.Tensor | None:
@@ -323,76 +241,6 @@ def _compiled(model, prompts, params, eos_token_id, pad_token_id, pack_weights, 
 
 # --------------------------------------------------------------------------------------------------------------
 # text in, text out
-
-
-class TextStream:
-    """Incremental detokenization with stop strings, for one sequence: push token ids, get the text that is safe
-    to show. A piece never splits a multi-byte character (an incomplete UTF-8 sequence waits for the next token)
-    and never shows the start of what may still become a stop string; a completed stop string ends the stream
-    and is not shown (`stopped`). `text` is everything shown so far.
-
-    Each push decodes only the last few tokens, not the whole reply: the text of ids[prefix:] minus that of
-    ids[prefix:read], where `read` is how far the text is settled and `prefix` a few tokens before it, so a
-    decoder that treats a sequence's first or last token specially (SentencePiece drops a leading space, and a
-    lone trailing word marker) sees the same context in both (vLLM's detokenizer works the same way). The cost
-    per token is constant, where decoding everything was quadratic in the reply's length."""
-
-    CONTEXT = 4  # settled tokens decoded again with each new one
-
-    def __init__(self, tokenizer, stop: Sequence[str] | None = None) -> None:
-        self.tokenizer = tokenizer
-        self.stop = [s for s in (stop or []) if s]
-        self.hold = max((len(s) - 1 for s in self.stop), default=0)
-        self.ids: list[int] = []
-        self.text = ""  # shown
-        self.decoded = ""  # settled: the text of ids[:read]
-        self.prefix = self.read = 0
-        self.stopped = False
-
-    def _settle(self) -> bool:
-        """Extend `decoded` by the new tokens' text; False while it ends inside a multi-byte character."""
-        before = self.tokenizer.decode(self.ids[self.prefix : self.read]) if self.read > self.prefix else ""
-        after = self.tokenizer.decode(self.ids[self.prefix :])
-        if after.endswith("\ufffd"):
-            return False
-        if after.startswith(before):
-            self.decoded += after[len(before) :]
-        else:  # (a decoder that rewrites earlier text: fall back to the whole sequence)
-            self.decoded = self.tokenizer.decode(self.ids)
-        self.read = len(self.ids)
-        self.prefix = max(0, self.read - self.CONTEXT)
-        return True
-
-    def push(self, token_id: int) -> str:
-        if self.stopped:
-            return ""
-        self.ids.append(token_id)
-        if not self._settle():
-            return ""
-        full = self.decoded
-        # a stop string cannot start inside what was shown: a tail that could begin one is always held back
-        at = max(0, len(self.text) - 1)
-        cut = min((i for i in (full.find(s, at) for s in self.stop) if i >= 0), default=-1)
-        if cut >= 0:
-            self.stopped = True
-            return self._show(full[:cut])
-        for h in range(min(self.hold, len(full)), 0, -1):  # hold back a tail that could begin a stop string
-            if any(s.startswith(full[-h:]) for s in self.stop):
-                full = full[:-h]
-                break
-        return self._show(full)
-
-    def flush(self) -> str:
-        """The sequence ended (EOS, length): show what was held back."""
-        if self.stopped or not self.ids:
-            return ""
-        return self._show(self.tokenizer.decode(self.ids) if self.read < len(self.ids) else self.decoded)
-
-    def _show(self, text: str) -> str:
-        if len(text) <= len(self.text) or not text.startswith(self.text):
-            return ""
-        piece, self.text = text[len(self.text) :], text
-        return piece
 
 
 def generate(

@@ -31,14 +31,14 @@ keys and values the next pass overwrites).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 
 import torch
 
 from lmforge.config import SamplingParams
 from lmforge.errors import LmforgeError
-from lmforge.generate.sampling import filter_top_k, filter_top_p, next_token
+from lmforge.generate.pick import filter_top_k, filter_top_p, next_token
 from lmforge.interop import load_pretrained
 from lmforge.nn.packed import packed_linears
 
@@ -54,8 +54,8 @@ def model_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
 
 
 class Drafter:
-    """Proposes draft tokens for one sequence at a time and keeps its own adaptive draft length; `decode` is the
-    speculative loop of generate_ids, and the serving engine drives `budget` / `propose` / `record` itself."""
+    """Proposes draft tokens for one sequence at a time and keeps its own adaptive draft length; the engine
+    (lmforge.generate.engine) drives `budget` / `propose` / `record`, with a `fresh` drafter per sequence."""
 
     def __init__(self, k: int = 5, patience: int = 3) -> None:
         if k < 1:
@@ -110,45 +110,6 @@ class Drafter:
         self._misses = 0 if kept else self._misses + 1
         if self._misses >= self.patience:  # keeps missing: rest, longer each time
             self._rest, self._rest_for, self._misses = self._rest_for, self._rest_for * 2, 0
-
-    # the loop ------------------------------------------------------------------------------------------------------
-    def decode(
-        self,
-        model: torch.nn.Module,
-        prompt: Sequence[int],
-        params: SamplingParams,
-        ends: set[int],
-        generator: torch.Generator | None,
-    ) -> Iterator[int]:
-        """Yield the new tokens of one sequence (stops after an id in `ends` or max_new_tokens)."""
-        device = next(model.parameters()).device
-        tokens = list(prompt)
-        total = len(tokens) + params.max_new_tokens
-        cache = model.new_cache(1, total)  # (a pass never writes past the last position a reply may reach)
-        self.start(tokens, total)
-        seen = None
-        if params.repetition_penalty != 1.0:
-            seen = torch.zeros(model.config.vocab_size, dtype=torch.bool, device=device)
-            seen[torch.as_tensor(tokens, device=device)] = True
-        logits = model(torch.tensor([tokens], device=device), cache=cache, last_only=True).logits[0, -1:]
-        pending = choose(logits, [], None, params, seen, generator)  # the first token, from the prompt pass
-        emitted = 0
-        while True:
-            for t in pending:
-                yield t
-                emitted += 1
-                tokens.append(t)
-                if seen is not None:
-                    seen[t] = True
-                if t in ends or emitted >= params.max_new_tokens:
-                    return
-            room = min(self.budget(), params.max_new_tokens - emitted - 1)
-            drafts, q = self.propose(tokens, room, params, generator) if room > 0 else ([], None)
-            base = cache.length
-            logits = model(torch.tensor([[tokens[-1], *drafts]], device=device), cache=cache).logits[0]
-            pending = choose(logits, drafts, q, params, seen, generator)
-            cache.length = base + len(pending)  # the last token and the kept drafts; the rejected ones are dropped
-            self.record(len(drafts), len(pending) - 1)
 
 
 def choose(
