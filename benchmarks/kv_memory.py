@@ -109,9 +109,12 @@ def main() -> None:
     ap.add_argument("--kv-dtypes", default="auto,bfloat16")
     ap.add_argument("--no-peer", action="store_true", help="skip llama-server even when a build is present")
     a = ap.parse_args()
-    print(machine_header())
+    print(machine_header(), flush=True)
     texts = prompts(a.clients, a.prompt_tokens)
-    rows = [(f"lmforge serve --kv-dtype {d}", ours(texts, a, d)) for d in a.kv_dtypes.split(",")]
+    rows = []
+    for d in a.kv_dtypes.split(","):
+        rows.append((f"lmforge serve --kv-dtype {d}", ours(texts, a, d)))
+        print(rows[-1], flush=True)  # (each as it comes: a run is long)
     theirs = None if a.no_peer else peer(texts, a)
     if theirs is not None:
         rows.append((f"llama-server ({theirs['variant']} build, f16 KV)", theirs))

@@ -113,7 +113,8 @@ def test_bfloat16_blocks_halve_the_memory_and_keep_the_replies_batch_invariant()
                 while len(other.completion_ids) < 2:
                     time.sleep(0.001)
             r = Request(prompt, SamplingParams(30, temperature=0), logprobs=0)
-            r.first = next(t for ev in engine.stream(r) for t in ev.tokens).logprob
+            events = list(engine.stream(r))
+            r.first = next(t for ev in events for t in ev.tokens).logprob
             engine.cancel(other)
             return engine, r
         finally:
@@ -125,5 +126,6 @@ def test_bfloat16_blocks_halve_the_memory_and_keep_the_replies_batch_invariant()
     assert narrow.cache.groups[0].k[0].dtype == torch.bfloat16 and narrow.cache.compute == torch.float32
     assert narrow.cache.block_bytes * 2 == wide.cache.block_bytes
     assert by_chunks.stats.chunks > 0 and narrow.stats.chunks == 0
+    assert len(r16.completion_ids) == 30 and r16.finish_reason == "length"
     assert chunked.completion_ids == r16.completion_ids  # read whole or by chunks beside a stream: the same tokens
     assert r32.completion_ids[0] == r16.completion_ids[0] and abs(r32.first - r16.first) < 0.02  # keys rounded

@@ -213,7 +213,7 @@ class Attention(nn.Module):
         recorded. mask None means causal over the last Tq of Tk positions. The serving cache's mixed steps call
         this too (lmforge.generate.kv: PagedKVCache.attend), so a layer's attention is defined in this one place."""
         if self.window is not None and k.size(2) > self.window:
-            mask = window_mask(mask, q.size(2), k.size(2), self.window, q.device)
+            mask = _windowed(mask, q.size(2), k.size(2), self.window, q.device)
         if self.record is not None or self.softcap is not None:
             return self._explicit(q, k, v, mask)
         if decoding and not self.training:  # decoding: batch-invariant where it is on
@@ -268,6 +268,22 @@ class Attention(nn.Module):
     def project_kv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of x [B, S, d_model], each [B, n_kv_head, S, head_dim]."""
         return self._heads_kv(self.k_proj(x), self.v_proj(x))
+
+
+_last_window: tuple = ()  # (key, mask): the last windowed mask, for the next windowed layer of the same forward
+
+
+def _windowed(mask: torch.Tensor | None, q_len: int, k_len: int, window: int, device) -> torch.Tensor:
+    """window_mask, made once per forward: every windowed layer of a step passes the same mask object (or None)
+    at the same sizes."""
+    global _last_window
+    key = (mask, q_len, k_len, window, device)
+    last = _last_window
+    if last and last[0][0] is mask and last[0][1:] == key[1:]:
+        return last[1]
+    out = window_mask(mask, q_len, k_len, window, device)
+    _last_window = (key, out)
+    return out
 
 
 def window_mask(mask: torch.Tensor | None, q_len: int, k_len: int, window: int, device) -> torch.Tensor:
