@@ -33,6 +33,22 @@ def tune_allocator() -> bool:
     return _done
 
 
+def trim_heap() -> bool:
+    """Give the memory freed so far back to the kernel (glibc's malloc_trim: the heap's free pages, not only its
+    top). With tune_allocator's settings freed buffers stay in the process; that is what a step wants, but after
+    a one-off burst (loading and converting a model's weights: about 1 GB for the packaged SmolLM2 GGUF, whose
+    weights then hold 105 MiB; or reading a long prompt) it leaves a server holding memory it will not use
+    again. Returns whether it ran (False off glibc)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+        return True
+    except (OSError, AttributeError):
+        return False
+
+
 def lean_allocator() -> bool:
     """The opposite trade to tune_allocator, for memory-bound runs: glibc's mmap threshold fixed at 256 KiB
     (by default it ratchets up to 32 MiB after the first large free, after which freed activation buffers stay

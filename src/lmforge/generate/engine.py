@@ -53,9 +53,11 @@ from lmforge.generate.pick import TextStream, apply_repetition_penalty, sample
 from lmforge.generate.prefix import PrefixCache
 from lmforge.generate.speculative import Drafter, choose
 from lmforge.nn.packed import packed_linears, release_packed
+from lmforge.runtime import trim_heap
 
 CHUNK_TARGET = 1.5  # a pass with a piece of a long prompt in it may take this many plain decode steps
 PLAIN_EVERY = 8  # ... and after this many such passes, one plain one (to measure what a plain one takes now)
+TRIM_AFTER = 1024  # prompt tokens read in one step after which the freed memory goes back to the kernel
 
 
 class QueueFull(LmforgeError):
@@ -403,6 +405,8 @@ class Engine:
                     self._commit_prefill(seq, self._run_prefill(seq))
                 except Exception as e:  # noqa: BLE001 - one bad request must not take the others down
                     self._fail(seq.req, e)
+            if sum(len(q.req.prompt_ids) - q.cached for q in plan.prefill) >= TRIM_AFTER:
+                trim_heap()  # (a long prompt's activations: freed, but kept by the allocator otherwise)
             return
         if plan.verify is not None:
             try:

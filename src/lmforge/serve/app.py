@@ -57,7 +57,7 @@ from lmforge.interop import load_pretrained
 from lmforge.models.decoder import DecoderLM
 from lmforge.models.encoder import Encoder
 from lmforge.predict import embed
-from lmforge.runtime import in_own_thread, tune_allocator
+from lmforge.runtime import in_own_thread, trim_heap, tune_allocator
 from lmforge.serve.metrics import Metrics
 from lmforge.serve.protocol import (
     APIError,
@@ -1089,6 +1089,7 @@ def serve(models: Sequence[str], config: ServeConfig | None = None, **settings: 
         c.prefill_chunk,
         c.kv_dtype,
     )
+    trim_heap()  # loading and converting the weights freed about 1 GB the server would otherwise keep
     if for_decoders and not any(m.engine is not None for m in served):
         raise LmforgeError(
             f"{', '.join(for_decoders)} set the decoders' engine (completions, chat); "
