@@ -9,7 +9,7 @@ import torch
 
 from conftest import IdsTokenizer, tiny_config
 from lmforge.errors import LmforgeError
-from lmforge.generate.engine import Engine, Request
+from lmforge.generate.engine import PREFILL_PIECE, Engine, Request
 from lmforge.generate.kv import BLOCK, PagedKVCache
 from lmforge.generate.sampling import SamplingParams
 from lmforge.models.decoder import DecoderLM
@@ -99,7 +99,24 @@ def test_a_full_cache_says_what_to_do():
         cache.prefill(1, 10)
 
 
-def test_bfloat16_blocks_halve_the_memory_and_keep_the_replies_batch_invariant():
+def test_a_long_prompt_is_read_in_pieces_with_the_tokens_of_one_pass():
+    torch.manual_seed(0)
+    model = DecoderLM(tiny_config("llama", max_seq_len=1024)).eval()
+    prompt = [int(t) for t in torch.randint(5, model.config.vocab_size, (PREFILL_PIECE + 300,))]
+    engine = Engine(model, IdsTokenizer(), max_batch=1).start()
+    try:
+        r = Request(prompt, SamplingParams(6, temperature=0), logprobs=0)
+        first = next(t for ev in list(engine.stream(r)) for t in ev.tokens).logprob
+    finally:
+        engine.close()
+    with torch.no_grad():
+        ref = torch.log_softmax(model(torch.tensor([prompt])).logits[0, -1].float(), -1)
+    assert r.completion_ids == _greedy_without_cache(model, prompt, 6)
+    assert abs(first - float(ref[r.completion_ids[0]])) < 1e-4
+
+
+@pytest.mark.parametrize("narrow", [torch.bfloat16, torch.int8])
+def test_narrow_blocks_save_memory_and_keep_the_replies_batch_invariant(narrow):
     torch.manual_seed(0)
     model = DecoderLM(tiny_config("llama", max_seq_len=512)).eval()
     prompt = [int(t) for t in torch.randint(5, model.config.vocab_size, (100,))]
@@ -121,11 +138,13 @@ def test_bfloat16_blocks_halve_the_memory_and_keep_the_replies_batch_invariant()
             engine.close()
 
     wide, r32 = served(None)
-    narrow, r16 = served(torch.bfloat16)
-    by_chunks, chunked = served(torch.bfloat16, chunk=16, beside=True)
-    assert narrow.cache.groups[0].k[0].dtype == torch.bfloat16 and narrow.cache.compute == torch.float32
-    assert narrow.cache.block_bytes * 2 == wide.cache.block_bytes
-    assert by_chunks.stats.chunks > 0 and narrow.stats.chunks == 0
+    small, r16 = served(narrow)
+    by_chunks, chunked = served(narrow, chunk=16, beside=True)
+    assert small.cache.groups[0].k[0].dtype == narrow and small.cache.compute == torch.float32
+    D = model.config.head_dim  # bf16: half of float32; int8: a byte a number and a float32 scale a vector
+    want = D * 2 if narrow == torch.bfloat16 else D + 4
+    assert small.cache.block_bytes * 4 * D == wide.cache.block_bytes * want
+    assert by_chunks.stats.chunks > 0 and small.stats.chunks == 0
     assert len(r16.completion_ids) == 30 and r16.finish_reason == "length"
     assert chunked.completion_ids == r16.completion_ids  # read whole or by chunks beside a stream: the same tokens
-    assert r32.completion_ids[0] == r16.completion_ids[0] and abs(r32.first - r16.first) < 0.02  # keys rounded
+    assert r32.completion_ids[0] == r16.completion_ids[0] and abs(r32.first - r16.first) < 0.05  # keys rounded

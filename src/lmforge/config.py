@@ -579,7 +579,7 @@ class DataConfig:
 
 OBJECTIVES = ("clm", "mlm", "span")
 DTYPES = ("float32", "bfloat16", "auto")  # inference
-KV_DTYPES = ("auto", "float32", "bfloat16")  # the serving engine's KV memory
+KV_DTYPES = ("auto", "float32", "bfloat16", "int8")  # the serving engine's KV memory
 TRAIN_DTYPES = ("float32", "bfloat16", "float16", "auto")
 DTYPE_HELP = (
     "float32; bfloat16 (autocast: the products in bf16, the weights and optimizer in fp32); float16 (the "
@@ -1106,7 +1106,8 @@ class ServeConfig:
     )
     kv_dtype: str = setting(
         "auto",
-        "how keys and values are kept: auto (the dtype the model computes in) or bfloat16 (half of float32's memory)",
+        "how keys and values are kept: auto (the dtype the model computes in), bfloat16 (half of float32's memory) "
+        "or int8 (a scale per head and position: a little over a quarter)",
         choices=KV_DTYPES,
     )
     prefill_chunk: int = setting(

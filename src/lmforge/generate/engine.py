@@ -57,6 +57,7 @@ from lmforge.runtime import trim_heap
 
 CHUNK_TARGET = 1.5  # a pass with a piece of a long prompt in it may take this many plain decode steps
 PLAIN_EVERY = 8  # ... and after this many such passes, one plain one (to measure what a plain one takes now)
+PREFILL_PIECE = 512  # a prompt is read this many tokens a pass at most
 TRIM_AFTER = 1024  # prompt tokens read in one step after which the freed memory goes back to the kernel
 
 
@@ -203,7 +204,8 @@ class Engine:
     that begin like an earlier one reuse its keys and values; 0: off); prefill_chunk: a prompt longer than this
     arriving while others stream is prefilled in chunks beside their steps (at most this many tokens a chunk, fewer
     as measured, each through as many layers a step as fit; 0: whole); kv_dtype: how the KV blocks are stored
-    (default: the model's compute dtype; bfloat16 halves a float32 model's, its keys rounded as stored)."""
+    (default: the model's compute dtype; bfloat16 halves a float32 model's, int8 with a scale per head and
+    position takes a little over a quarter; the keys are rounded as stored)."""
 
     def __init__(
         self,
@@ -550,12 +552,16 @@ class Engine:
     # ---- run
 
     def _run_prefill(self, seq: Seq) -> torch.Tensor:
-        """The prompt's tokens not yet in the cache in one pass: logits after each (scoring the prompt) or after
-        the last."""
+        """The prompt's tokens not yet in the cache: logits after each (scoring the prompt: one pass) or after the
+        last (passes of at most PREFILL_PIECE tokens, so that a long prompt's activations stay small: a query's
+        result does not depend on the others in its pass, lmforge.nn.invariant)."""
         t0 = time.perf_counter()
-        ids = torch.tensor([seq.req.prompt_ids[seq.cached :]], dtype=torch.long, device=self.device)
-        self.cache.prefill(seq.slot, ids.size(1))
-        logits = self.model(ids, cache=self.cache, last_only=not self._scores_prompt(seq.req)).logits[0]
+        rest, scores = seq.req.prompt_ids[seq.cached :], self._scores_prompt(seq.req)
+        piece = len(rest) if scores else PREFILL_PIECE  # (scoring keeps every position's logits: one pass)
+        for s in range(0, len(rest), piece):
+            ids = torch.tensor([rest[s : s + piece]], dtype=torch.long, device=self.device)
+            self.cache.prefill(seq.slot, ids.size(1))
+            logits = self.model(ids, cache=self.cache, last_only=not scores).logits[0]
         self.stats.prefill_seconds += time.perf_counter() - t0
         return logits
 

@@ -16,6 +16,10 @@ first handed out, lowest numbers first: the memory the process holds grows with 
 once, never moves (no reallocation pauses) and does not creep. Block 0 is the null block: zeros, never handed
 out, what a table's unused entries point at.
 
+Blocks are stored in the model's compute dtype, or narrower (`dtype`): bfloat16 (half of float32), or int8 with
+a float32 scale per head and position (absmax / 127 of each key's and value's vector: 68 bytes a head and
+position at SmolLM2's head_dim 64, against 256 in float32); they are widened as they are gathered.
+
 A step is attention over each row's blocks gathered into one scratch buffer, laid out heads-first
 ([n_kv_head, rows, positions, head_dim]) so that the gather is the only copy: lmforge.nn.attention's
 `decode_attention` takes that layout as it is. This storage does not decide what runs (the engine's scheduler
@@ -74,7 +78,12 @@ class _Group:
         # reserved, not touched: pages are first written when a block is handed out (lowest numbers first)
         self.k = {i: torch.empty((Hkv, n_blocks, BLOCK, D), device=device, dtype=dtype) for i in layers}
         self.v = {i: torch.empty((Hkv, n_blocks, BLOCK, D), device=device, dtype=dtype) for i in layers}
-        for pool in (*self.k.values(), *self.v.values()):
+        # int8 blocks: a scale per head and position beside them (absmax / 127 of that key's or value's vector)
+        self.ks, self.vs = {}, {}
+        if dtype == torch.int8:
+            self.ks = {i: torch.empty((Hkv, n_blocks, BLOCK), device=device) for i in layers}
+            self.vs = {i: torch.empty((Hkv, n_blocks, BLOCK), device=device) for i in layers}
+        for pool in self.pools():
             pool[:, 0].zero_()  # the null block
         self.free = list(range(1, n_blocks))  # a heap: the lowest (already touched) numbers go first
         self.refs = [0] * n_blocks
@@ -88,9 +97,12 @@ class _Group:
             )
         b = heapq.heappop(self.free)
         self.refs[b] = 1
-        for pool in (*self.k.values(), *self.v.values()):
+        for pool in self.pools():
             pool[:, b].zero_()  # (stale values are finite either way; zeros keep a fresh block's tail clean)
         return b
+
+    def pools(self) -> list[torch.Tensor]:
+        return [*self.k.values(), *self.v.values(), *self.ks.values(), *self.vs.values()]
 
     def hold(self, b: int) -> None:
         if b:
@@ -125,6 +137,15 @@ class _Group:
         self.tables[slot] = []
 
 
+def _narrow(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """x [..., D] as stored: in dtype, or for int8 the rounded x / scale and the scale (absmax / 127 of each
+    vector: per head and position)."""
+    if dtype != torch.int8:
+        return x.to(dtype), None  # (under autocast k and v may come in another dtype)
+    scale = x.float().abs().amax(-1).clamp(min=1e-12) / 127
+    return (x.float() / scale[..., None]).round_().clamp_(-127, 127).to(torch.int8), scale
+
+
 def _run(t: list[int]) -> int | None:
     """t's first block if t is a run of consecutive block numbers (readable in place), else None."""
     return t[0] if t and t[0] and t[-1] - t[0] == len(t) - 1 and all(b == t[0] + j for j, b in enumerate(t)) else None
@@ -157,7 +178,8 @@ class PagedKVCache:
         self.device, self.dtype, self.compute = torch.device(device), dtype, compute or dtype
         windows = list(windows) if windows is not None else [None] * n_layer
         # bytes of one block across all layers (keys and values): what the prefix cache's budget counts
-        self.block_bytes = 2 * n_layer * n_kv_head * BLOCK * head_dim * torch.empty((), dtype=dtype).element_size()
+        width = head_dim * torch.empty((), dtype=dtype).element_size() + (4 if dtype == torch.int8 else 0)
+        self.block_bytes = 2 * n_layer * n_kv_head * BLOCK * width
         # every slot at its longest, and what the prefix cache may hold besides (extra_bytes)
         n_blocks = 1 + slots * -(-max_len // BLOCK) + extra_bytes // self.block_bytes
         shape = (n_kv_head, head_dim)
@@ -267,11 +289,15 @@ class PagedKVCache:
         t = g.tables[slot]
         p = start
         end = start + k.size(1)
+        (k, ks), (v, vs) = _narrow(k, self.dtype), _narrow(v, self.dtype)
         while p < end:  # block by block: a run of positions in one block is one copy
             b, o = divmod(p, BLOCK)
             m = min(BLOCK - o, end - p)
             g.k[layer][:, t[b], o : o + m] = k[:, p - start : p - start + m]
             g.v[layer][:, t[b], o : o + m] = v[:, p - start : p - start + m]
+            if ks is not None:
+                g.ks[layer][:, t[b], o : o + m] = ks[:, p - start : p - start + m]
+                g.vs[layer][:, t[b], o : o + m] = vs[:, p - start : p - start + m]
             p += m
 
     def _write_rows(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -281,8 +307,12 @@ class PagedKVCache:
         g = self.group_of[layer]
         act, pos = s.act, s.pos[s.act]
         blocks = s.tables[self.groups.index(g)][act, pos // BLOCK]
-        g.k[layer][:, blocks, pos % BLOCK] = k[act].transpose(0, 1).to(self.dtype)  # (autocast: k may be bf16)
-        g.v[layer][:, blocks, pos % BLOCK] = v[act].transpose(0, 1).to(self.dtype)
+        (k, ks), (v, vs) = _narrow(k[act].transpose(0, 1), self.dtype), _narrow(v[act].transpose(0, 1), self.dtype)
+        g.k[layer][:, blocks, pos % BLOCK] = k
+        g.v[layer][:, blocks, pos % BLOCK] = v
+        if ks is not None:
+            g.ks[layer][:, blocks, pos % BLOCK] = ks
+            g.vs[layer][:, blocks, pos % BLOCK] = vs
 
     def _gather(self, layer: int, table: torch.Tensor, run: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The blocks of `table` [rows, nb] as keys and values [rows, heads, nb * BLOCK, D], laid out heads-first
@@ -292,17 +322,27 @@ class PagedKVCache:
         pool = g.k[layer]
         Hkv, _, _, D = pool.shape
         rows, nb = table.shape
+        quant = self.dtype == torch.int8
         if run is not None:
-            kv = [p[:, run : run + nb].reshape(1, Hkv, nb * BLOCK, D) for p in (pool, g.v[layer])]
-            return kv[0].to(self.compute), kv[1].to(self.compute)
+            out = []
+            for src, sc in ((pool, g.ks.get(layer)), (g.v[layer], g.vs.get(layer))):
+                x = src[:, run : run + nb].reshape(1, Hkv, nb * BLOCK, D)
+                x = x * sc[:, run : run + nb].reshape(1, Hkv, nb * BLOCK, 1) if quant else x
+                out.append(x.to(self.compute))
+            return out[0], out[1]
         flat = table.reshape(-1)
         out = []
-        for name, src in (("k", pool), ("v", g.v[layer])):
+        for name, src, sc in (("k", pool, g.ks.get(layer)), ("v", g.v[layer], g.vs.get(layer))):
             x = self._buffer(name, (Hkv, rows * nb, BLOCK, D), self.compute)
             if self.dtype == self.compute:
                 torch.index_select(src, 1, flat, out=x)
-            else:  # stored narrower than computed: gathered, then widened
-                x.copy_(torch.index_select(src, 1, flat, out=self._buffer(name + "+", x.shape, self.dtype)))
+            else:  # stored narrower than computed: gathered, then widened (int8: times each vector's scale)
+                narrow = torch.index_select(src, 1, flat, out=self._buffer(name + "+", x.shape, self.dtype))
+                if quant:
+                    scales = torch.index_select(sc, 1, flat, out=self._buffer(name + "s", x.shape[:3], torch.float32))
+                    torch.mul(narrow, scales[..., None], out=x)
+                else:
+                    x.copy_(narrow)
             out.append(x.view(Hkv, rows, nb * BLOCK, D).transpose(0, 1))
         return out[0], out[1]
 

@@ -105,7 +105,7 @@ def load_served(
     and start an engine for each decoder; speculative: "ngram" or a draft model for the decoders (see
     lmforge.generate.speculative: it drafts while one sequence runs); cache_mb: each engine's prefix cache
     (lmforge.generate.prefix; 0: off); prefill_chunk: chunked prefill of long prompts (see Engine; 0: off);
-    kv_dtype: how the engines keep keys and values (auto: as the model computes; or float32, bfloat16)."""
+    kv_dtype: how the engines keep keys and values (auto: as the model computes; or float32, bfloat16, int8)."""
     served, names = [], set()
     for path in paths:
         model, tok = load_pretrained(path, device=device, quantize=quantize, dtype=dtype)
