@@ -9,7 +9,11 @@ ratio. lmforge runs once per --kv-dtype (auto: float32 keys and values for this 
 (issue "One inference engine"): lmforge within 2 GB; the KV memory a sequence holds is its own blocks (paged),
 not max-batch x the longest.
 
+The perplexity each --kv-dtype gives a 1,024-token passage of the plays, scored through the engine, is printed
+first (rounding the keys and values as they are stored is the only change).
+
     python benchmarks/kv_memory.py [--clients 16] [--prompt-tokens 4096] [--kv-dtypes auto,bfloat16] [--no-peer]
+                                   [--ppl-tokens 1024] [--ppl-only]
 """
 
 from __future__ import annotations
@@ -101,6 +105,30 @@ def peer(texts: list[str], a: argparse.Namespace) -> dict | None:
         server.wait(timeout=30)
 
 
+def perplexity(kv_dtypes: list[str], n_tokens: int) -> dict[str, float]:
+    """Perplexity of a passage of the plays (not the prompts above) scored through the engine (echo with
+    logprobs: every position attends over the keys and values as the blocks keep them), per KV dtype."""
+    import math
+
+    import torch
+
+    from lmforge.generate.engine import Engine, Request
+    from lmforge.generate.sampling import SamplingParams
+    from lmforge.interop import load_pretrained
+
+    model, tok = load_pretrained(MODEL, quantize="auto")
+    text = prompts(20, n_tokens)[-1]
+    ids = tok.encode(text)[:n_tokens]
+    out = {}
+    for d in kv_dtypes:
+        engine = Engine(model, tok, max_batch=1, kv_dtype=None if d == "auto" else getattr(torch, d))
+        r = Request(ids, SamplingParams(max_new_tokens=1, temperature=0), logprobs=0, echo=True)
+        list(engine.run([r]))
+        lps = [t.logprob for t in r.prompt_logprobs[1:]]
+        out[d] = math.exp(-sum(lps) / len(lps))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--clients", type=int, default=16)
@@ -108,8 +136,17 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--kv-dtypes", default="auto,bfloat16")
     ap.add_argument("--no-peer", action="store_true", help="skip llama-server even when a build is present")
+    ap.add_argument("--ppl-tokens", type=int, default=1024, help="tokens of the perplexity passage (0: skip)")
+    ap.add_argument("--ppl-only", action="store_true", help="only the perplexity by KV dtype")
     a = ap.parse_args()
     print(machine_header(), flush=True)
+    if a.ppl_tokens:
+        ppl = perplexity(["auto", "bfloat16", "int8"], a.ppl_tokens)
+        print(f"\nperplexity of a {a.ppl_tokens}-token passage through the engine, by --kv-dtype:")
+        for d, v in ppl.items():
+            print(f"  {d:<10}{v:8.3f}  ({(v / ppl['auto'] - 1) * 100:+.2f}%)")
+        if a.ppl_only:
+            return
     texts = prompts(a.clients, a.prompt_tokens)
     rows = []
     for d in a.kv_dtypes.split(","):

@@ -67,6 +67,7 @@ class _Step:
     layers: tuple[int, int] = (0, 0)  # the layers the chunk goes through (mixed steps)
     tables: list[torch.Tensor] = field(default_factory=list)  # per group: the decode rows' block tables [rows, nb]
     runs: list[int | None] = field(default_factory=list)  # per group: a lone row's first block, if its are in a run
+    slots: list[torch.Tensor | None] = field(default_factory=list)  # per group: where the rows write (made once)
 
 
 class _Group:
@@ -191,6 +192,7 @@ class PagedKVCache:
         self.lens = [0] * slots  # filled positions per slot
         self._step: _Step | None = None
         self._scratch: dict[str, torch.Tensor] = {}
+        self._heads_index: tuple = ()  # (table, its gather index): the last table gathered, for the next layer
 
     @classmethod
     def for_model(cls, model, slots: int, max_len: int, dtype: torch.dtype | None = None, extra_bytes: int = 0):
@@ -272,6 +274,7 @@ class PagedKVCache:
             active=list(active),
             tables=tables,
             runs=runs,
+            slots=[None] * len(self.groups),
         )
 
     def _rows_mask(self, pos: torch.Tensor) -> torch.Tensor:
@@ -305,14 +308,18 @@ class PagedKVCache:
         nothing (one may be a prompt half read)."""
         s = self._step
         g = self.group_of[layer]
-        act, pos = s.act, s.pos[s.act]
-        blocks = s.tables[self.groups.index(g)][act, pos // BLOCK]
-        (k, ks), (v, vs) = _narrow(k[act].transpose(0, 1), self.dtype), _narrow(v[act].transpose(0, 1), self.dtype)
-        g.k[layer][:, blocks, pos % BLOCK] = k
-        g.v[layer][:, blocks, pos % BLOCK] = v
-        if ks is not None:
-            g.ks[layer][:, blocks, pos % BLOCK] = ks
-            g.vs[layer][:, blocks, pos % BLOCK] = vs
+        gi = self.groups.index(g)
+        if s.slots[gi] is None:  # (once per step and group: every layer writes at the same places)
+            Hkv, NB = g.k[layer].shape[:2]
+            act, pos = s.act, s.pos[s.act]
+            at = s.tables[gi][act, pos // BLOCK] * BLOCK + pos % BLOCK  # [n]: each row's slot in a head's pool
+            s.slots[gi] = (torch.arange(Hkv, device=self.device)[:, None] * (NB * BLOCK) + at[None]).reshape(-1)
+        at = s.slots[gi]  # [heads * n] rows of the pools viewed as [heads * blocks * BLOCK, D]
+        for pool, scales, x in ((g.k[layer], g.ks.get(layer), k), (g.v[layer], g.vs.get(layer), v)):
+            x, sc = _narrow(x[s.act].transpose(0, 1), self.dtype)  # [heads, n, D]
+            pool.view(-1, pool.size(-1)).index_copy_(0, at, x.reshape(-1, x.size(-1)))
+            if sc is not None:
+                scales.view(-1).index_copy_(0, at, sc.reshape(-1))
 
     def _gather(self, layer: int, table: torch.Tensor, run: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The blocks of `table` [rows, nb] as keys and values [rows, heads, nb * BLOCK, D], laid out heads-first
@@ -330,17 +337,25 @@ class PagedKVCache:
                 x = x * sc[:, run : run + nb].reshape(1, Hkv, nb * BLOCK, 1) if quant else x
                 out.append(x.to(self.compute))
             return out[0], out[1]
-        flat = table.reshape(-1)
+        NB = pool.size(1)
+        last = self._heads_index
+        if last and last[0] is table:  # (every layer of a step gathers the same table)
+            idx = last[1]
+        else:  # block b of head h is row h * NB + b of the pool viewed as [heads * blocks, BLOCK * D]
+            idx = (torch.arange(Hkv, device=self.device)[:, None] * NB + table.reshape(1, -1)).reshape(-1)
+            self._heads_index = (table, idx)
         out = []
         for name, src, sc in (("k", pool, g.ks.get(layer)), ("v", g.v[layer], g.vs.get(layer))):
-            x = self._buffer(name, (Hkv, rows * nb, BLOCK, D), self.compute)
+            x = self._buffer(name, (Hkv * rows * nb, BLOCK * D), self.compute)
+            rows_of = src.view(Hkv * NB, BLOCK * D)  # (a copy of whole rows: dim 0 of a matrix is the fast gather)
             if self.dtype == self.compute:
-                torch.index_select(src, 1, flat, out=x)
+                torch.index_select(rows_of, 0, idx, out=x)
             else:  # stored narrower than computed: gathered, then widened (int8: times each vector's scale)
-                narrow = torch.index_select(src, 1, flat, out=self._buffer(name + "+", x.shape, self.dtype))
+                narrow = torch.index_select(rows_of, 0, idx, out=self._buffer(name + "+", x.shape, self.dtype))
                 if quant:
-                    scales = torch.index_select(sc, 1, flat, out=self._buffer(name + "s", x.shape[:3], torch.float32))
-                    torch.mul(narrow, scales[..., None], out=x)
+                    scales = self._buffer(name + "s", (Hkv * rows * nb, BLOCK), torch.float32)
+                    torch.index_select(sc.view(Hkv * NB, BLOCK), 0, idx, out=scales)
+                    torch.mul(narrow.view(-1, BLOCK, D), scales[..., None], out=x.view(-1, BLOCK, D))
                 else:
                     x.copy_(narrow)
             out.append(x.view(Hkv, rows, nb * BLOCK, D).transpose(0, 1))
