@@ -36,6 +36,7 @@ import time
 import httpx
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import machine_header  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
 RETRIED: dict[str, int] = {}  # server url -> requests sent again after a closed kept-alive connection
@@ -277,6 +278,7 @@ def main() -> None:
     )
     ap.add_argument("--no-peer", action="store_true", help="skip llama-server even when a build is present")
     a = ap.parse_args()
+    print(machine_header(), flush=True)  # (the CPU and its peaks, measured now: every table starts with them)
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
