@@ -28,7 +28,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine_header, median_time, run_worker, table  # noqa: E402
+from common import machine_header, median_time, read_bandwidth, run_worker, table  # noqa: E402
 
 NEW = 128
 PROMPT = "Once upon a time, in a small village by the sea, there lived an old fisherman who"
@@ -101,7 +101,8 @@ def worker(system: str, batch: str) -> None:
     t0 = time.perf_counter()
     run()
     first = time.perf_counter() - t0
-    result = {"seconds": median_time(run, warmup=0, repeats=3), "first": first}
+    weights = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    result = {"seconds": median_time(run, warmup=0, repeats=3), "first": first, "bytes": weights}
     if system in ("lmforge", "lmforge-int8", "lmforge-int4", "lmforge-bf16") and B == 1:
         import math
 
@@ -125,14 +126,22 @@ def llama_cpp_rows() -> tuple[list[dict], float | None]:
         if "tg" not in r:
             print(f"llama.cpp ({variant}) does not run here: {r.get('error')}")
             continue
-        rows.append({"batch": 1, "system": f"llama.cpp {variant} (Q4_1)", "tok_s": r["tg"], "ms": 1e3 / r["tg"]})
+        size = model_file("smollm2-135m-instruct").stat().st_size  # (the weights it reads a token: the file)
+        rows.append(
+            {"batch": 1, "system": f"llama.cpp {variant} (Q4_1)", "tok_s": r["tg"], "ms": 1e3 / r["tg"], "bytes": size}
+        )
         best = max(best or 0.0, r["tg"])
     return rows, best
 
 
 def main() -> None:
     print(machine_header())
-    print(f"SmolLM2-135M, greedy, {NEW} new tokens")
+    bandwidth = read_bandwidth(1 << 29, 5)
+    print(
+        f"SmolLM2-135M, greedy, {NEW} new tokens. MBU: the weights' bytes (as each system holds them; the KV cache, "
+        f"under 150 positions here, left out) read once a step / the step's time / {bandwidth / 1e9:.1f} GB/s read, "
+        "measured now"
+    )
     peers, llama_best = llama_cpp_rows()
     rows = []
     for batch in (1, 8):
@@ -147,6 +156,7 @@ def main() -> None:
                     "ms": r["seconds"] / NEW * 1e3,
                     "ppl": r.get("ppl"),
                     "first": r["first"],
+                    "bytes": r["bytes"],
                 }
             )
         peer = {("bf16" in g["system"]): g["tok_s"] for g in group if g["system"].startswith("transformers")}
@@ -156,6 +166,7 @@ def main() -> None:
             row["ratio"] = row["tok_s"] / group[0]["tok_s"]
             row["same"] = row["tok_s"] / peer[("bf16" in row["system"])] if ("bf16" in row["system"]) in peer else None
             row["llama"] = row["tok_s"] / llama_best if llama_best and batch == 1 else None
+            row["mbu"] = row["bytes"] / (row["ms"] / 1e3) / bandwidth * 100
         rows += group
     print(
         table(
@@ -168,6 +179,7 @@ def main() -> None:
                 ("ratio", "x transformers", ".2f"),
                 ("same", "x same dtype", ".2f"),
                 ("llama", "x llama.cpp", ".2f"),
+                ("mbu", "MBU %", ".0f"),
                 ("ppl", "perplexity", ".3f"),
                 ("first", "first call s", ".1f"),
             ],
