@@ -370,6 +370,43 @@ for v in ("0", "-3"):
         f"data bible-genres --out {{root}}/bg --per-genre {v}",
         "--per-genre must be a whole number >= 1",
     )
+case("merge-base-with-uniform", "merge {dec} {dec} --out {root}/mg --base {dec}", "--base applies to task-arithmetic")
+case(
+    "merge-weights-with-greedy",
+    "merge {dec} {dec} --out {root}/mg --method greedy --val-data {corpus} --weights 1,2",
+    "greedy picks its own",
+)
+case("merge-scale-with-uniform", "merge {dec} {dec} --out {root}/mg --scale 0.5", "--scale and --density apply to")
+case(
+    "merge-density-with-task-arithmetic",
+    "merge {dec} {dec} --out {root}/mg --method task-arithmetic --base {dec} --density 0.5",
+    "--density applies to ties",
+)
+case(
+    "merge-val-data-with-uniform",
+    "merge {dec} {dec} --out {root}/mg --val-data {corpus}",
+    "--val-data is what greedy picks",
+)
+case(
+    "merge-text-col-without-data",
+    "merge {clf} {clf} --out {root}/mg --text-col text",
+    "name the columns of --eval-data",
+)
+case("merge-one-model", "merge {dec} --out {root}/mg", "merging needs two models or more")
+case("merge-two-architectures", "merge {dec} {clf} --out {root}/mg", "not the same architecture")
+case(
+    "merge-density-0",
+    "merge {dec} {dec} --out {root}/mg --method ties --base {dec} --density 0",
+    "--density must be in (0, 1]",
+)
+case("data-clean-unknown-rule", "data clean {corpus} --out {root}/dc --skip nope", "unknown cleaning rule nope")
+case(
+    "data-clean-near-threshold-0",
+    "data clean {corpus} --out {root}/dc --near-threshold 0",
+    "near_threshold (--near-threshold) must be in (0, 1]",
+)
+case("data-clean-num-perm-1", "data clean {corpus} --out {root}/dc --num-perm 1", "num_perm (--num-perm) must be")
+case("data-clean-out-not-empty", "data clean {corpus} --out {keep}", "is not empty; choose a new --out")
 case("finetune-classify-stride--1", f"{FT_CLASSIFY} --stride -1", "stride (--stride) must be a whole number >= 0")
 case(
     "finetune-classify-stride-over-window",
@@ -464,6 +501,8 @@ OUT_VERBS = {
     "convert": "convert {dec} OUT",
     "data-shakespeare-qa": "data shakespeare-qa --out OUT",
     "data-chatterbot": "data chatterbot --out OUT",
+    "data-clean": "data clean {corpus} --out OUT",
+    "merge": "merge {dec} {dec} --out OUT",
     **{f"finetune-{t}": ft(t, out="OUT") for t in FT_BASE},
 }
 for verb, template in OUT_VERBS.items():
@@ -775,6 +814,19 @@ for flag in ("--lora-r 4", "--lora-alpha 4", "--lora-dropout 0.1", "--lora-targe
     )
 case("finetune-quant-with-lora", FT_CLASSIFY + " --method lora --quant int4", "--quant applies to --method qlora")
 case("finetune-label-smoothing-for-chat", ft("chat") + " --label-smoothing 0.1", "applies to finetune classify")
+for flag in ("--plateau-patience 3", "--plateau-factor 0.3"):
+    case(f"finetune-{flag.split()[0][2:]}-with-linear", FT_CLASSIFY + " " + flag, "applies to --schedule plateau")
+case(
+    "finetune-min-delta-alone",
+    FT_CLASSIFY + " --min-delta 0.01",
+    "--min-delta applies to --early-stopping or --schedule plateau",
+)
+case("finetune-early-stopping-negative", FT_CLASSIFY + " --early-stopping -1", "early_stopping (--early-stopping)")
+case(
+    "pretrain-early-stopping-without-eval",
+    "pretrain --set train.early_stopping=2 --set train.eval_every=0 --out {root}/pe",
+    "train.early_stopping needs validation",
+)
 case("finetune-metric-not-reported", FT_CLASSIFY + " --metric f1", "metric 'f1' is not one finetune classify")
 case("finetune-qa-metric-accuracy", ft("qa") + " --metric accuracy", "choose one of f1, exact_match")
 case("finetune-chat-metric-accuracy", ft("chat") + " --metric accuracy", "choose one of neg_loss")
@@ -1054,6 +1106,50 @@ SCOPE: dict[str, dict[str, object]] = {
     "data shakespeare-qa": {"--per-play": ALL, "--out": ALL, "--seed": ALL},
     "data chatterbot": {"--pairs": ALL, "--out": ALL, "--seed": ALL},
     "data bible-genres": {"--per-genre": ALL, "--out": ALL, "--seed": ALL},
+    "merge": {
+        "models": ALL,
+        "--out": ALL,
+        "--method": ALL,
+        "--base": ["merge-base-with-uniform"],
+        "--weights": ["merge-weights-with-greedy"],
+        "--scale": ["merge-scale-with-uniform"],
+        "--density": ["merge-density-with-task-arithmetic"],
+        "--val-data": ["merge-val-data-with-uniform"],
+        "--eval-data": ALL,
+        "--text-col": ["merge-text-col-without-data"],
+        "--label-col": ["merge-text-col-without-data"],
+    },
+    "data clean": {
+        f: ALL
+        for f in (
+            "sources",
+            "--out",
+            "--skip",
+            "--enable",
+            *(
+                f"--{n}"
+                for n in (
+                    "min-words",
+                    "max-words",
+                    "min-word-length",
+                    "max-word-length",
+                    "max-symbol-ratio",
+                    "max-digit-ratio",
+                    "min-alpha-words",
+                    "min-stop-words",
+                    "max-bullet-lines",
+                    "max-ellipsis-lines",
+                    "max-dup-lines",
+                    "max-dup-line-chars",
+                    "max-dup-paragraphs",
+                    "max-dup-paragraph-chars",
+                    "min-line-words",
+                    "near-threshold",
+                    "num-perm",
+                )
+            ),
+        )
+    },
     "predict": {
         "input": ["predict-file-and-text"],
         "--model": ALL,
@@ -1114,6 +1210,9 @@ FINETUNE_CASES = {
     "lora_targets": "finetune-lora-targets-with-full",
     "quant": "finetune-quant-with-lora",
     "label_smoothing": "finetune-label-smoothing-for-chat",
+    "plateau_patience": "finetune-plateau-patience-with-linear",
+    "plateau_factor": "finetune-plateau-factor-with-linear",
+    "min_delta": "finetune-min-delta-alone",
     "val_fraction": "finetune-val-fraction-with-val-data",
     "test_fraction": "finetune-test-fraction-with-test-data",
 }

@@ -64,11 +64,10 @@ def _fit_run(run: Path, stop_at: int | None = None, resume: bool = False, optimi
         lr=3e-3,
         eval_every=4,
         ckpt_every=3,
-        metric="neg_loss",
         average=0.5,
         log_every=1,
         optimizer=optimizer,
-        **more,
+        **{"metric": "neg_loss", **more},
     )
     try:
         res = fit(model, batches, 5, evaluate, cfg, run / "metrics.jsonl", False, loss_fn, run_dir=run, resume=resume)
@@ -91,6 +90,15 @@ def _records(run: Path) -> list[dict]:
         ("muon", {}, 15, "step_000009"),
         # 5 batches an epoch in steps of 2 + 2 + 1; killed in batch 12, the second epoch's last step is 6
         ("adamw", {"grad_accum": 2, "schedule": "cosine"}, 9, "step_000006"),
+        # "loss" as the score to raise: every evaluation after the first stalls, so the plateau schedule halves
+        # the learning rate at each (the kill lands between two drops) and early stopping ends the run at its
+        # fourth stalled evaluation, after the kill: both counts come back from the checkpoint
+        (
+            "adamw",
+            {"metric": "loss", "schedule": "plateau", "plateau_patience": 1, "early_stopping": 4},
+            12,
+            "step_000009",
+        ),
     ],
 )
 def test_fit_resumes_bitwise_with_best_and_averaged_weights(tmp_path, optimizer, more, steps, ckpt):
@@ -99,6 +107,7 @@ def test_fit_resumes_bitwise_with_best_and_averaged_weights(tmp_path, optimizer,
     assert [p.name for p in list_checkpoints(tmp_path / "cut")] == [ckpt]
     res, model = _fit_run(tmp_path / "cut", resume=True, optimizer=optimizer, **more)
     assert res.steps == ref.steps == steps and res.best == ref.best
+    assert res.stopped == ref.stopped and (res.stopped is not None) == ("early_stopping" in more)
     for (k, a), (_, b) in zip(ref_model.state_dict().items(), model.state_dict().items()):
         assert torch.equal(a, b), k
     assert _records(tmp_path / "cut") == _records(tmp_path / "ref")  # dropout, schedule, evaluations alike
@@ -199,6 +208,25 @@ def test_pretrain_resume_cleans_stale_temps_and_restarts_a_run_without_checkpoin
     stale[2].write_text("{")
     pretrain(None, run, resume=True, progress=False)
     assert not any(p.exists() for p in stale)
+    assert (run / "model" / "model.safetensors").read_bytes() == want
+
+
+def test_pretrain_stops_early_on_validation_loss_and_resumes_its_count(tmp_path, small_corpus):
+    """train.early_stopping=2 with a min_delta no fall can reach: the evaluations at steps 8 and 12 do not count
+    as improving, so the run ends at step 12 of 20 with its model, summary and report written; a run killed at
+    step 9 (its checkpoint at 8 holds one stalled evaluation) resumes and stops at the same step, bitwise."""
+    base = _tiny_pretrain(small_corpus, steps=20, eval_every=4, early_stopping=2, min_delta=100.0)
+    ref = pretrain(load_run_config(base=base), tmp_path / "ref", progress=False)
+    assert ref.steps == 12 and ref.stopped["best_step"] == 4 and "stopped early at step 12" in ref.summary()
+    summary = json.loads((tmp_path / "ref" / "summary.json").read_text())
+    assert summary["steps"] == 12 and summary["stopped"]["reason"].startswith("validation loss did not fall")
+    assert (tmp_path / "ref" / "report" / "report.md").is_file()
+    run = tmp_path / "cut"
+    pretrain(load_run_config(base=base), run, progress=False, stop_after=9)
+    assert list_checkpoints(run)[-1].name == "step_000008"
+    res = pretrain(None, run, resume=True, progress=False)
+    assert res.steps == 12 and res.stopped == ref.stopped
+    want = (tmp_path / "ref" / "model" / "model.safetensors").read_bytes()
     assert (run / "model" / "model.safetensors").read_bytes() == want
 
 

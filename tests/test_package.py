@@ -36,6 +36,7 @@ EXTRA_MODULES = (
     "pydantic",
     "uvicorn",
     "llguidance",
+    "datasketch",
 )
 CORE = {"torch", "numpy", "tokenizers", "safetensors", "gguf", "pyyaml", "tqdm", "jinja2"}
 
@@ -249,6 +250,12 @@ def _plot():
     return pyplot()
 
 
+def _near_duplicates():
+    from lmforge.data.clean import Cleaner
+
+    return Cleaner()
+
+
 @pytest.mark.parametrize(
     "module, use, message",
     [
@@ -262,8 +269,13 @@ def _plot():
         ("rouge_score.rouge_scorer", _rouge, "ROUGE scores needs rouge-score: pip install 'lmforge[eval]'"),
         ("sacrebleu", _bleu, "BLEU and chrF scores needs sacrebleu: pip install 'lmforge[eval]'"),
         ("matplotlib", _plot, "drawing PNG plots needs matplotlib: pip install 'lmforge[plots]'"),
+        (
+            "datasketch",
+            _near_duplicates,
+            "near-duplicate removal (data clean) needs datasketch: pip install 'lmforge[data]'",
+        ),
     ],
-    ids=["llguidance", "sklearn", "rouge-score", "sacrebleu", "matplotlib"],
+    ids=["llguidance", "sklearn", "rouge-score", "sacrebleu", "matplotlib", "datasketch"],
 )
 def test_each_optional_package_names_its_extra(monkeypatch, module, use, message):
     use()  # installed here: the feature works

@@ -180,6 +180,58 @@ def test_weight_averaging_keeps_the_mean_of_the_late_evaluation_points(tmp_path)
     assert "averaged_points" not in fit(wrapped, lambda e: [{"x": x, "y": y}], 1, evaluate, cfg, progress=False).best
 
 
+def _scripted_fit(tmp_path, scores: list[float], **settings):
+    """fit on a linear model for len(scores) steps, evaluated after every step with the scripted scores."""
+    from lmforge.config import FinetuneConfig
+    from lmforge.train.supervised import fit
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    x, y = torch.randn(8, 4), torch.randn(8, 1)
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, x, y):
+            return type("Out", (), {"loss": torch.nn.functional.mse_loss(self.inner(x), y)})()
+
+    it = iter(scores)
+    cfg = FinetuneConfig(
+        epochs=len(scores), lr=0.1, warmup=0.0, eval_every=1, log_every=1, grad_clip=0.0, ckpt_every=0, **settings
+    )
+    r = fit(
+        Wrapped(), lambda e: [{"x": x, "y": y}], 1, lambda: {"accuracy": next(it)}, cfg, tmp_path / "m.jsonl", False
+    )
+    return r, [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+
+
+def test_early_stopping_ends_the_run_after_its_patience_and_says_why(tmp_path):
+    """--early-stopping 2 --min-delta 0.01: a gain of 0.0005 does not count, so the fourth evaluation is the
+    second in a row without improvement and training ends there; the log and FitResult say when and why."""
+    r, log = _scripted_fit(tmp_path, [0.5, 0.6, 0.6, 0.6005, 0.9, 0.9], early_stopping=2, min_delta=0.01)
+    assert r.steps == 4
+    assert r.stopped["step"] == 4 and r.stopped["best_step"] == 2 and r.stopped["best"] == 0.6
+    assert "accuracy did not improve by more than 0.01 in 2 evaluations" == r.stopped["reason"]
+    assert [e for e in log if e.get("split") == "stop"] == [{"step": 4, "split": "stop", **r.stopped}]
+    assert max(e["step"] for e in log) == 4
+    r, _ = _scripted_fit(tmp_path, [0.5, 0.6, 0.6, 0.6005, 0.9, 0.9], min_delta=0.01)  # off: all six steps
+    assert r.steps == 6 and r.stopped is None
+
+
+def test_plateau_schedule_multiplies_the_learning_rate_when_the_metric_stalls(tmp_path):
+    """--schedule plateau --plateau-patience 2 --plateau-factor 0.5: held at the peak, halved after every second
+    evaluation in a row without improvement (the count starts again after each drop and after each gain)."""
+    r, log = _scripted_fit(
+        tmp_path, [0.5, 0.5, 0.5, 0.5, 0.5, 0.7, 0.7], schedule="plateau", plateau_patience=2, plateau_factor=0.5
+    )
+    lrs = [e["lr"] for e in log if "lr" in e]
+    assert lrs == pytest.approx([0.1, 0.1, 0.1, 0.05, 0.05, 0.025, 0.025])
+    assert [e["lr_scale"] for e in log if e.get("split") == "plateau"] == [0.5, 0.25]
+    assert r.steps == 7 and r.stopped is None
+
+
 @pytest.mark.parametrize("family", ["decoder", "encoder", "seq2seq"])
 def test_activation_checkpointing_gives_the_same_loss_and_gradients(family):
     """grad_checkpoint=True (every family, through models.base.call_block) recomputes the blocks in backward:

@@ -24,6 +24,7 @@ from lmforge.config import (
     ServeConfig,
     check_number,
 )
+from lmforge.data.clean import OFF_BY_DEFAULT, RULES, CleanConfig, clean_corpus, rules_off
 from lmforge.errors import ConfigError, LmforgeError
 
 
@@ -288,6 +289,30 @@ def cmd_prune(a: argparse.Namespace) -> None:
     )
 
 
+def cmd_merge(a: argparse.Namespace) -> None:
+    from lmforge.compress.merge import merge
+
+    weights = None
+    if a.weights is not None:
+        try:
+            weights = [float(w) for w in a.weights.split(",")]
+        except ValueError:
+            raise ConfigError(f"--weights takes numbers separated by commas, got {a.weights!r}") from None
+    merge(
+        a.models,
+        a.out,
+        method=a.method,
+        base=a.base,
+        weights=weights,
+        scale=a.scale,
+        density=a.density,
+        val_data=a.val_data,
+        eval_data=a.eval_data,
+        text_col=a.text_col,
+        label_col=a.label_col,
+    )
+
+
 def cmd_info(a: argparse.Namespace) -> None:
     from lmforge.info import format_info, model_info
 
@@ -333,10 +358,23 @@ def cmd_finetune(a: argparse.Namespace) -> None:
         print(result.summary())
 
 
+def clean_config(a: argparse.Namespace) -> CleanConfig:
+    """The CleanConfig of `lmforge data clean`'s flags (a flag not given keeps its default)."""
+    given = {
+        f.name: getattr(a, f.name) for f in dataclasses.fields(CleanConfig) if getattr(a, f.name, None) is not None
+    }
+    return CleanConfig(**{**given, "skip": rules_off(a.skip, a.enable)})
+
+
 def cmd_data(a: argparse.Namespace) -> None:
     from lmforge.data.chat import write_chatterbot
     from lmforge.data.qa import write_shakespeare_qa
 
+    if a.dverb == "clean":
+        report = clean_corpus(a.sources, a.out, clean_config(a), progress=None)
+        print(report.summary())
+        print(f"wrote {a.out}/ ({report.kept} documents) and {a.out}/clean_report.html, clean_report.json")
+        return
     if a.dverb == "chatterbot":
         counts, files = write_chatterbot(a.out, pairs=a.pairs, seed=a.seed), "train.jsonl, val.jsonl, test.jsonl"
         kind = "preference pairs" if a.pairs else "conversations"
@@ -686,6 +724,30 @@ def build_parser() -> argparse.ArgumentParser:
     pn.add_argument("--text-col"), pn.add_argument("--label-col")
     pn.set_defaults(fn=cmd_prune)
 
+    mg = sub.add_parser(
+        "merge", help="merge models fine-tuned from one base (soups, task arithmetic, TIES); prints before/after"
+    )
+    mg.add_argument("models", nargs="+", help="model directories, or LoRA adapters of one base (PEFT layout)")
+    mg.add_argument("--out", required=True, help="the merged model directory to write")
+    mg.add_argument(
+        "--method",
+        choices=["uniform", "greedy", "task-arithmetic", "ties"],
+        default="uniform",
+        help="uniform: the mean of the weights; greedy: parents added best first while validation does not fall; "
+        "task-arithmetic: base + scale x the sum of (parent - base); ties: trimmed, sign-elected task vectors "
+        "(default uniform)",
+    )
+    mg.add_argument("--base", help="the model the parents were tuned from (task-arithmetic, ties; adapters' base)")
+    mg.add_argument("--weights", help="one weight per model, comma-separated (uniform: normalised; default 1 each)")
+    mg.add_argument("--scale", type=float, default=1.0, help="task-arithmetic and ties: the task vectors' scale")
+    mg.add_argument("--density", type=float, default=0.2, help="ties: the share of each task vector kept")
+    mg.add_argument(
+        "--val-data", help="greedy: what picks the parents (a classifier's labelled file, a decoder's text)"
+    )
+    mg.add_argument("--eval-data", nargs="+", help="text (decoders: perplexity) or a labelled file (classifiers)")
+    mg.add_argument("--text-col"), mg.add_argument("--label-col")
+    mg.set_defaults(fn=cmd_merge)
+
     ft = sub.add_parser("finetune", help="fine-tune a pretrained model on a task")
     ftsub = ft.add_subparsers(dest="ftverb", required=True, metavar="TASK")
     for task in TASKS:
@@ -712,6 +774,23 @@ def build_parser() -> argparse.ArgumentParser:
         "split by book: a long-document classification set",
     )
     dg.add_argument("--per-genre", type=int, default=200, help="passages of each genre per split at most")
+    dl = dasub.add_parser(
+        "clean",
+        help="clean a corpus for pre-training: quality rules, exact and near-duplicate removal, with a report",
+    )
+    dl.add_argument("sources", nargs="+", help="corpus names (shakespeare), files, folders or globs")
+    dl.add_argument("--out", required=True, help="folder for the kept documents and the report")
+    dl.add_argument("--skip", help="rules to turn off, comma-separated: " + ", ".join(RULES))
+    dl.add_argument("--enable", help="rules off by default to turn on: " + ", ".join(OFF_BY_DEFAULT))
+    add_settings(
+        dl,
+        [
+            (f.name, f.default, f)
+            for f in dataclasses.fields(CleanConfig)
+            if f.metadata.get("help") and f.name != "skip"
+        ],
+    )
+    dl.set_defaults(fn=cmd_data)
     for d in (dq, dc, dg):
         d.add_argument("--out", required=True, help="folder for the train, validation and test files")
         d.add_argument("--seed", type=int, default=0)

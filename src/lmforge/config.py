@@ -570,6 +570,11 @@ class DataConfig:
     workers: int = setting(
         0, "tokenizer processes per training process (0: its share of the cores)", low=0, integer=True
     )
+    clean: bool = setting(
+        False,
+        "clean the corpus before tokenizing: quality rules, exact and near-duplicate removal with their "
+        "defaults (lmforge data clean); the kept documents and the report go to the run's clean/ folder",
+    )
 
     def validate(self) -> None:
         if not self.sources:
@@ -640,6 +645,14 @@ class LoopConfig:
         integer=True,
     )
     keep_checkpoints: int = setting(2, "newest checkpoints kept (older ones are deleted)", low=1, integer=True)
+    early_stopping: int = setting(
+        0,
+        "stop after this many evaluations in a row without the validation metric improving by more than "
+        "min_delta (0: off); fine-tuning watches its task's metric, pre-training the validation loss",
+        low=0,
+        integer=True,
+    )
+    min_delta: float = setting(0.0, "the least change of the validation metric that counts as improving", low=0)
 
 
 def retuned(name: str, default: Any, help: str | None = None) -> Any:
@@ -698,6 +711,8 @@ class TrainConfig(LoopConfig):
 
     def validate(self) -> None:
         check_settings(self, lambda n: f"train.{n}")
+        if self.early_stopping and not self.eval_every:
+            raise ConfigError("train.early_stopping needs validation during the run: set train.eval_every > 0")
         if self.min_lr is not None and self.min_lr > self.lr:
             raise ConfigError(f"train.min_lr must be in [0, train.lr], got {self.min_lr}")
         if self.objective != "mlm" and (self.nsp or self.whole_word_mask):
@@ -1003,9 +1018,21 @@ class FinetuneConfig(LoopConfig):
     warmup: float = setting(0.06, "share of the steps spent warming up", low=0, high=1, high_open=True)
     schedule: str = setting(
         "linear",
-        "the learning rate after the warm-up: linear down to 0, or cosine down to a "
-        "tenth of the peak (pre-training's schedule)",
-        choices=("linear", "cosine"),
+        "the learning rate after the warm-up: linear down to 0, cosine down to a "
+        "tenth of the peak (pre-training's schedule), or plateau: held, and multiplied by plateau_factor "
+        "whenever plateau_patience evaluations in a row bring no improvement",
+        choices=("linear", "cosine", "plateau"),
+    )
+    plateau_patience: int = setting(
+        2, "schedule plateau: evaluations without improvement before the learning rate drops", low=1, integer=True
+    )
+    plateau_factor: float = setting(
+        0.5,
+        "schedule plateau: what the learning rate is multiplied by at each drop",
+        low=0,
+        high=1,
+        low_open=True,
+        high_open=True,
     )
     layer_decay: float = setting(1.0, "below 1: block i of n learns at decay ** (n - i)", low=0, high=1, low_open=True)
     attn_dropout: float | None = setting(

@@ -13,14 +13,18 @@ from lmforge.files import atomic_path, write_text
 
 
 def read_metrics(run_dir: str | Path) -> tuple[list[dict], list[dict]]:
-    """(training records, validation records) of a run."""
+    """(training records, validation records) of a run; its other events (an early stop, a plateau's learning-rate
+    drop: records with another "split") are left out."""
     path = Path(run_dir) / "metrics.jsonl"
     train, val = [], []
     if path.is_file():
         for line in path.read_text(encoding="utf-8").splitlines():
             if line.strip():
                 r = json.loads(line)
-                (val if r.get("split") == "val" else train).append(r)
+                if "split" not in r:
+                    train.append(r)
+                elif r["split"] == "val":
+                    val.append(r)
     return train, val
 
 

@@ -7,6 +7,7 @@
                 unscaled, clipped and stepped, zeroed
     RunLog      the metrics log (JSON lines, process 0 only) and the progress bar (on terminals), with status
                 lines printed above it
+    Patience    evaluations since the validation metric last improved: early stopping and reduce-on-plateau
 
 What stays in each loop is what differs: where batches come from (a token stream sampled per step; a task's
 epochs of labelled batches), what is evaluated and kept, and what a checkpoint holds.
@@ -30,6 +31,40 @@ from lmforge.runtime import autocast as mixed_precision
 from lmforge.runtime import grad_scaler, pick_dtype, resolve_dtype
 from lmforge.train.distributed import from_rank0
 from lmforge.train.parallel import accumulate, clip_grad_norm
+
+
+@dataclass
+class Patience:
+    """Evaluations in a row without the validation metric improving by more than `min_delta` on the best so far:
+    early stopping ends a run when `patience` of them pass, reduce-on-plateau lowers the learning rate. Its state
+    is plain numbers, saved in every checkpoint, so a resumed run counts on where it was."""
+
+    patience: int  # evaluations without improvement that exhaust it (0: never)
+    min_delta: float = 0.0
+    higher: bool = True  # the metric improves upward (a task's score) or downward (a loss)
+    best: float | None = None
+    best_step: int = 0
+    bad: int = 0  # evaluations since the last improvement
+
+    def update(self, value: float, step: int) -> bool:
+        """Count one evaluation; True when it improved on the best (a NaN never does)."""
+        gain = math.nan if self.best is None else (value - self.best if self.higher else self.best - value)
+        if not math.isnan(value) and (self.best is None or gain > self.min_delta):
+            self.best, self.best_step, self.bad = value, step, 0
+            return True
+        self.bad += 1
+        return False
+
+    @property
+    def exhausted(self) -> bool:
+        return self.patience > 0 and self.bad >= self.patience
+
+    def state(self) -> dict[str, Any]:
+        return {"best": self.best, "best_step": self.best_step, "bad": self.bad}
+
+    def load(self, state: dict[str, Any] | None) -> None:
+        if state:
+            self.best, self.best_step, self.bad = state["best"], state["best_step"], state["bad"]
 
 
 @dataclass

@@ -29,6 +29,7 @@ import torch
 
 import lmforge
 from lmforge.config import RunConfig, load_run_config
+from lmforge.data.clean import CLEAN_DIR, clean_corpus
 from lmforge.data.corpus import Document, scan_documents, split_documents
 from lmforge.data.shards import TokenShard, build_shards
 from lmforge.errors import CheckpointError, ConfigError
@@ -45,7 +46,7 @@ from lmforge.train.checkpoint import (
     save_sharded_checkpoint,
     world_rng,
 )
-from lmforge.train.core import RunLog, Stepper, dtype_note, precision, settle_dtype
+from lmforge.train.core import Patience, RunLog, Stepper, dtype_note, precision, settle_dtype
 from lmforge.train.distributed import DistEnv, init_distributed, rank_seed, shutdown
 from lmforge.train.objectives import OBJECTIVES
 from lmforge.train.optim import lr_at, make_optimizer
@@ -59,10 +60,14 @@ class RunResult:
     final: dict[str, float]  # validation metrics of the final model
     steps: int
     seconds: float
+    stopped: dict[str, Any] | None = None  # early stopping: when and why the run ended before its last step
 
     def summary(self) -> str:
         """What `lmforge pretrain` prints at the end (nothing for a session stopped before the last step)."""
-        return f"validation: {format_metrics(self.final)}\nmodel: {self.model_dir}" if self.final else ""
+        if not self.final:
+            return ""
+        early = f"stopped early at step {self.steps}: {self.stopped['reason']}\n" if self.stopped else ""
+        return f"{early}validation: {format_metrics(self.final)}\nmodel: {self.model_dir}"
 
 
 def pretrain_run(
@@ -199,9 +204,12 @@ def _pretrain(
     prec = precision(tc.dtype, env.device, strategy, env.main, "train.dtype")
     scaler = prec.scaler
     step, tokens_seen = 0, 0
+    patience = Patience(tc.early_stopping, tc.min_delta, higher=False)  # (on the validation loss)
+    stopped: dict[str, Any] | None = None
     if resume:
         meta = load_checkpoint(ckpts[-1], model, optimizer, data_gen, env, tc.seed)
         step, tokens_seen = meta["step"], meta.get("tokens", 0)
+        patience.load(meta.get("patience"))
         if scaler is not None and "scaler" in meta:
             scaler.load_state_dict(meta["scaler"])
         if env.main:
@@ -267,9 +275,25 @@ def _pretrain(
                 m = evaluate()
                 log({"step": step, "split": "val", **m})
                 run_log.say(f"step {step}: val " + format_metrics(m))
+                patience.update(m["loss"], step)
+                if patience.exhausted and step < tc.steps:  # (at the last step it ends anyway)
+                    stopped = {
+                        "step": step,
+                        "reason": f"validation loss did not fall by more than {tc.min_delta:g} "
+                        f"in {tc.early_stopping} evaluations",
+                        "best_step": patience.best_step,
+                        "best": patience.best,
+                    }
+                    log({"step": step, "split": "stop", **stopped})
+                    run_log.say(f"early stop at step {step}: {stopped['reason']} (best at step {patience.best_step})")
+                    break
             if tc.ckpt_every and step % tc.ckpt_every == 0:
                 rng = world_rng(env, data_gen)
-                extra = {"tokens": tokens_seen, **({"scaler": scaler.state_dict()} if scaler is not None else {})}
+                extra = {
+                    "tokens": tokens_seen,
+                    "patience": patience.state(),
+                    **({"scaler": scaler.state_dict()} if scaler is not None else {}),
+                }
                 if strategy == "fsdp":
                     save_sharded_checkpoint(
                         run, step, model, optimizer, env, rng, extra=extra, keep=tc.keep_checkpoints
@@ -299,7 +323,7 @@ def _pretrain(
     # --- finish ------------------------------------------------------------------------------------------------
     model_dir = run / "model"
     final: dict[str, float] = {}
-    if step < tc.steps:  # stopped early on purpose: the run continues with resume
+    if step < tc.steps and stopped is None:  # interrupted on purpose (stop_after): the run continues with resume
         return RunResult(run, model_dir, final, step, time.time() - t_start)
     if strategy == "fsdp":  # the whole model, gathered on process 0, is what gets saved and evaluated
         whole = full_state_dict(model)
@@ -326,12 +350,13 @@ def _pretrain(
                 "params": model.num_params(),
                 "dtype": str(prec.dtype).removeprefix("torch."),
                 "final_val": final,
+                **({"stopped": stopped} if stopped else {}),
             },
         )
 
         write_run_report(run)
     env.barrier()
-    return RunResult(run, model_dir, final, step, time.time() - t_start)
+    return RunResult(run, model_dir, final, step, time.time() - t_start, stopped)
 
 
 def format_metrics(m: dict[str, float]) -> str:
@@ -352,7 +377,6 @@ def _prepare(cfg: RunConfig, run: Path, env: DistEnv, progress: bool = False) ->
     (data/stream.py). Errors in the input surface here, and a new run directory is removed again."""
     created = not run.exists()
     docs = scan_documents(cfg.data.sources)  # raises on missing / empty input (non-UTF-8 bytes: when read)
-    train_docs, val_docs = split_documents(docs, cfg.data.val_fraction)
     if not cfg.data.tokenizer and not cfg.data.vocab_size:
         # the request, recorded: model.vocab_size becomes the trained size below, and a run started over from
         # the saved config.yaml must train the same tokenizer
@@ -363,6 +387,13 @@ def _prepare(cfg: RunConfig, run: Path, env: DistEnv, progress: bool = False) ->
         if env.main:  # first the recipe: a run killed from here on is started over by --resume
             run.mkdir(parents=True, exist_ok=True)
             write_text(run / "config.yaml", cfg.to_yaml())
+        if cfg.data.clean:  # (before the split: a duplicate is removed whichever side of it it would fall on)
+            if env.main:
+                report = clean_corpus(cfg.data.sources, run / CLEAN_DIR, progress=progress)
+                print(f"cleaned: {report.summary()}", file=sys.stderr, flush=True)
+            env.barrier()
+            docs = scan_documents([str(run / CLEAN_DIR)])
+        train_docs, val_docs = split_documents(docs, cfg.data.val_fraction)
         if not cfg.data.tokenizer and env.main:
             vocab = cfg.data.vocab_size or cfg.model.vocab_size
             texts = _sample(train_docs, int(cfg.data.tokenizer_mb * (1 << 20)))

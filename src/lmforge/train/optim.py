@@ -162,10 +162,13 @@ def warmup_cosine(step: int, total: int, warmup: int, lr: float, min_lr: float) 
 
 
 def schedule_lr(kind: str, step: int, total: int, warmup: int, lr: float) -> float:
-    """Fine-tuning's learning rate at optimizer step `step` of `total`: a linear warm-up, then "linear" down to 0
-    or "cosine" down to lr / 10 (pre-training's schedule, `lr_at`)."""
+    """Fine-tuning's learning rate at optimizer step `step` of `total`: a linear warm-up, then "linear" down to 0,
+    "cosine" down to lr / 10 (pre-training's schedule, `lr_at`) or "plateau": held at lr (`fit` multiplies it
+    down when the validation metric stalls)."""
     if kind == "cosine":
         return warmup_cosine(step, total, warmup, lr, lr / 10)
     if step < warmup:
         return lr * (step + 1) / warmup
+    if kind == "plateau":
+        return lr
     return lr * max(0.0, (total - step) / max(1, total - warmup))

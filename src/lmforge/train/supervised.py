@@ -47,7 +47,7 @@ from lmforge.train.checkpoint import (
     world_rng,
     write_checkpoint,
 )
-from lmforge.train.core import RunLog, Stepper, dtype_note, precision, settle_dtype
+from lmforge.train.core import Patience, RunLog, Stepper, dtype_note, precision, settle_dtype
 from lmforge.train.distributed import DistEnv, init_distributed, rank_seed
 from lmforge.train.optim import build_optimizer, schedule_lr
 from lmforge.train.parallel import (
@@ -68,6 +68,7 @@ class FitResult:
     best: dict[str, float] = field(default_factory=dict)  # validation metrics of the kept weights
     history: list[dict[str, Any]] = field(default_factory=list)
     main: bool = True  # process 0 (the one that writes the task's outputs), or not
+    stopped: dict[str, Any] | None = None  # early stopping: when and why the run ended before its last step
 
 
 def length_buckets(
@@ -140,6 +141,11 @@ def fit(
     of nearby solutions generalises better than each of them) and, at the end, evaluates it: it is kept when
     it scores at least as well on validation as the best single point.
 
+    cfg.early_stopping = N ends training after N evaluations in a row without cfg.metric improving by more than
+    cfg.min_delta (FitResult.stopped says when and why; the best weights are kept as always). cfg.schedule
+    "plateau" holds the learning rate after the warm-up and multiplies it by cfg.plateau_factor whenever
+    cfg.plateau_patience evaluations in a row bring no such improvement (reduce-on-plateau).
+
     With a `run_dir`, every cfg.ckpt_every steps the loop's whole state goes to `run_dir/checkpoints/`: the
     trainable weights, the optimizer, the RNG, the best and averaged weights and the position in the epoch.
     resume=True continues from the newest one bitwise as if never stopped (the epoch's batches are rebuilt
@@ -168,7 +174,9 @@ def fit(
 
     params = [p for p in inner.parameters() if p.requires_grad]
     opt = build_optimizer(inner, cfg.optimizer, cfg.lr, cfg.weight_decay, layer_decay=cfg.layer_decay)
-    state = _FitState()
+    state = _FitState(
+        stop=Patience(cfg.early_stopping, cfg.min_delta), plateau=Patience(cfg.plateau_patience, cfg.min_delta)
+    )
     if run_dir is not None and env.main:
         clean_run_dir(run_dir)
     env.barrier()
@@ -210,6 +218,26 @@ def fit(
         if not state.best or m.get(cfg.metric, -math.inf) > state.best.get(cfg.metric, -math.inf):
             state.best = m
             state.best_state = {k: v.detach().clone() for k, v in inner.named_parameters() if v.requires_grad}
+        value = float(m.get(cfg.metric, math.nan))
+        state.stop.update(value, state.step)
+        if cfg.schedule == "plateau" and not state.plateau.update(value, state.step) and state.plateau.exhausted:
+            state.lr_scale *= cfg.plateau_factor
+            state.plateau.bad = 0
+            record({"step": state.step, "split": "plateau", "lr_scale": state.lr_scale})
+            show(
+                f"step {state.step}: {cfg.metric} stalled for {cfg.plateau_patience} evaluations: "
+                f"learning rate x{state.lr_scale:g}"
+            )
+        if state.stop.exhausted and state.step < total:  # (at the last step it would end anyway)
+            state.stopped = {
+                "step": state.step,
+                "reason": f"{cfg.metric} did not improve by more than {cfg.min_delta:g} "
+                f"in {cfg.early_stopping} evaluations",
+                "best_step": state.stop.best_step,
+                "best": state.stop.best,
+            }
+            record({"step": state.step, "split": "stop", **state.stopped})
+            show(f"early stop at step {state.step}: {state.stopped['reason']} (best at step {state.stop.best_step})")
         if cfg.average and state.step >= total * (1 - cfg.average):
             state.averaged += 1
             with torch.no_grad():
@@ -222,7 +250,8 @@ def fit(
 
     train.train()
     try:
-        while state.step < total or state.rng is not None:  # (resumed at the last step: finish its epoch)
+        # (state.rng set: resumed, maybe at the last step, whose epoch is finished first)
+        while (state.step < total or state.rng is not None) and state.stopped is None:
             epoch_batches = iter(batches(state.epoch))
             if state.rng is not None:  # resumed: skip what this epoch already trained on, then the RNG
                 for _ in range(state.in_epoch):
@@ -236,7 +265,7 @@ def fit(
                     group.append(batch)
                 if batch is not None and len(group) < accum or not group:
                     continue  # (None: the epoch ended; its last step adds the batches it has)
-                lr = schedule_lr(cfg.schedule, state.step, total, warmup, cfg.lr)
+                lr = schedule_lr(cfg.schedule, state.step, total, warmup, cfg.lr) * state.lr_scale
 
                 def loss_of(i: int, group: list = group) -> torch.Tensor:  # micro-batch i: this process's rows
                     whole = group[i]
@@ -269,11 +298,15 @@ def fit(
                 run_log.advance(f"epoch {state.epoch + 1}  loss {state.loss_avg:.4f}")
                 if cfg.eval_every and state.step % cfg.eval_every == 0:
                     run_eval()
+                    if state.stopped is not None:
+                        break
                 if run_dir is not None and cfg.ckpt_every and state.step % cfg.ckpt_every == 0:
                     state.seconds = time.time() - t0
                     state.save(run_dir, inner, opt, total, cfg.keep_checkpoints, env, prec.scaler)
                 if state.step >= total:
                     break
+            if state.stopped is not None:
+                break
             state.epoch += 1
             state.in_epoch = 0
             if not cfg.eval_every or state.step % cfg.eval_every:
@@ -300,7 +333,7 @@ def fit(
     if strategy == "fsdp":
         gather_into(model, train, device)
     model.eval()
-    return FitResult(state.step, time.time() - t0, state.best, state.history, main=env.main)
+    return FitResult(state.step, time.time() - t0, state.best, state.history, main=env.main, stopped=state.stopped)
 
 
 @dataclass
@@ -318,6 +351,10 @@ class _FitState:
     averaged: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
     rng: dict[str, torch.Tensor] | None = None  # loaded, applied once the epoch's consumed batches are skipped
+    stop: Patience = field(default_factory=lambda: Patience(0))  # early stopping's count
+    plateau: Patience = field(default_factory=lambda: Patience(0))  # reduce-on-plateau's count
+    lr_scale: float = 1.0  # what reduce-on-plateau has multiplied the learning rate by so far
+    stopped: dict[str, Any] | None = None
 
     def save(
         self,
@@ -339,6 +376,9 @@ class _FitState:
             "best": self.best,
             "averaged": self.averaged,
             "history": self.history,
+            "stop": self.stop.state(),
+            "plateau": self.plateau.state(),
+            "lr_scale": self.lr_scale,
             **({"scaler": scaler.state_dict()} if scaler is not None else {}),
         }
         rng = world_rng(env)
@@ -395,6 +435,9 @@ class _FitState:
         self.step, self.epoch, self.in_epoch = meta["step"], meta["epoch"], meta["in_epoch"]
         self.loss_avg, self.seconds, self.best = meta["loss_avg"], meta["seconds"], meta["best"]
         self.averaged, self.history, self.rng = meta["averaged"], meta["history"], files["rng"]
+        self.stop.load(meta.get("stop"))
+        self.plateau.load(meta.get("plateau"))
+        self.lr_scale = meta.get("lr_scale", 1.0)
         if scaler is not None and "scaler" in meta:
             scaler.load_state_dict(meta["scaler"])
         return int(meta["total"])

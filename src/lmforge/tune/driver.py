@@ -224,6 +224,7 @@ def run_task(
             "train_seconds": seconds,
             "steps": result.steps,
             "best_val": result.best,
+            "stopped_early": result.stopped,
             **outcome,
             "rows": task.rows,
         },
@@ -237,6 +238,11 @@ def run_task(
             ("method", task.describe_method()),
             ("trainable / total parameters", f"{trainable:,} / {total:,}"),
             ("training time", f"{seconds:.0f} s ({result.steps} steps)"),
+            *(
+                [("stopped early", f"step {result.stopped['step']}: {result.stopped['reason']}")]
+                if result.stopped
+                else []
+            ),
             ("peak memory while training", f"{peak_mb:,.0f} MiB"),
         ]
         + task.report_rows(),

@@ -187,6 +187,14 @@ APPLIES: dict[str, tuple[Any, str]] = {
     },
     "quant": (lambda task, v: v["method"] == "qlora", "--method qlora"),
     "label_smoothing": (lambda task, v: task == "classify", "finetune classify"),
+    **{
+        k: (lambda task, v: v["schedule"] == "plateau", "--schedule plateau")
+        for k in ("plateau_patience", "plateau_factor")
+    },
+    "min_delta": (
+        lambda task, v: v["early_stopping"] or v["schedule"] == "plateau",
+        "--early-stopping or --schedule plateau",
+    ),
     "val_fraction": (lambda task, v: not v.get("val_data"), "a --data split (without --val-data)"),
     "test_fraction": (lambda task, v: not v.get("test_data"), "a --data split (without --test-data)"),
 }
