@@ -10,6 +10,7 @@ part; beside them, the prediction ensemble of the four (four forward passes: `lm
 b ...`) and TF-IDF + LR trained on the union of the four training sets.
 
     python benchmarks/merge.py
+    SAME_SEED=1 python benchmarks/merge.py   # every parent from seed 0: one head initialisation, data apart
     PER=1000 python benchmarks/merge.py
 """
 
@@ -36,6 +37,7 @@ from lmforge.tune.recipe import resolve  # noqa: E402
 PARENTS = int(os.environ.get("PARENTS", 4))
 PER, VAL, TEST = (int(os.environ.get(k, d)) for k, d in (("PER", 2000), ("VAL", 500), ("TEST", 2000)))
 EPOCHS = float(os.environ.get("EPOCHS", 3))
+SAME_SEED = os.environ.get("SAME_SEED") == "1"  # every parent from seed 0: one head initialisation (and order)
 RECIPE, SPLIT = resolve("classify", Path(__file__).resolve().parents[1] / "configs" / "minilm-sentiment.yaml")
 BASE = "all-minilm-l6-v2"
 
@@ -98,7 +100,7 @@ def main() -> None:
         parents, seconds = [], 0.0
         for i in range(PARENTS):
             part = sorted(pool[i * PER : (i + 1) * PER])
-            cfg = dataclasses.replace(RECIPE, seed=i, epochs=EPOCHS, eval_every=0, average=0.0)
+            cfg = dataclasses.replace(RECIPE, seed=0 if SAME_SEED else i, epochs=EPOCHS, eval_every=0, average=0.0)
             r = finetune_classify(
                 BASE, write_csv(work / f"train{i}.csv", ds, part), work / f"p{i}", cfg, val_data=val, test_data=test
             )

@@ -399,6 +399,8 @@ case(
     "merge {dec} {dec} --out {root}/mg --method ties --base {dec} --density 0",
     "--density must be in (0, 1]",
 )
+case("eval-bias-on-an-encoder", "eval bias --model {enc}", "eval bias scores a decoder")
+case("eval-bias-data-missing", "eval bias --model {dec} --data {missing}", "data file not found")
 case("data-clean-unknown-rule", "data clean {corpus} --out {root}/dc --skip nope", "unknown cleaning rule nope")
 case(
     "data-clean-near-threshold-0",
@@ -1054,6 +1056,7 @@ SCOPE: dict[str, dict[str, object]] = {
         "--chat": ALL,
         "--prompt": ALL,
     },
+    "eval bias": {**MODEL, "--out": ALL, "--limit": ALL, "--json": ALL, "--data": ALL},
     "eval seq2seq": {
         **MODEL,
         "--out": ALL,

@@ -666,7 +666,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="beam search with this many beams (default: 4 for an encoder-decoder, 1 = greedy for a decoder)",
     )
-    for p_ in (ec, eq, emc, es):
+    eb = evsub.add_parser(
+        "bias",
+        parents=[evc],
+        help="counterfactual sentence pairs (only a group term differs): preferences or prediction flips by group",
+    )
+    eb.add_argument(
+        "--data",
+        default="templates",
+        help="pairs: CSV/TSV/JSONL with sent_more and sent_less (CrowS-Pairs) or sentence_a and sentence_b, and "
+        "an optional bias_type or category column; default: lmforge's template set (gender, age, nationality, "
+        "religion)",
+    )
+    for p_ in (ec, eq, emc, es, eb):
         p_.set_defaults(fn=cmd_eval)
 
     ex = sub.add_parser(

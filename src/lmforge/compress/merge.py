@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lmforge.compress.measure import comparison, measure
+from lmforge.compress.measure import measure
 from lmforge.errors import LmforgeError
 from lmforge.files import write_json
 from lmforge.interop import load_pretrained
@@ -204,10 +204,21 @@ def merge(
     merged_model.save_pretrained(out, tokenizer=tok)
     report.update(parents=before, merged=after, out=str(out))
     write_json(Path(out) / "merge.json", report)
-    best_parent = max(before, key=lambda m: _goodness(m))
-    say(comparison(best_parent, after, f"merged ({method})"))
+    say(scores_table(models, before, after, method))
     say(f"saved: {out}")
     return report
+
+
+def scores_table(models: list[str], before: list[dict], after: dict, method: str) -> str:
+    """Each parent's quality on the evaluation data and the merged model's (a note without evaluation data)."""
+    if after.get("quality") is None:
+        return f"merged {len(models)} models ({method}); give --eval-data to score them"
+    name = after["quality_name"]
+    width = max(len(str(m)) for m in models) + 2
+    lines = [f"{'model':<{width}}{name:>14}"]
+    lines += [f"{str(m):<{width}}{b['quality']:>14.3f}" for m, b in zip(models, before)]
+    lines.append(f"{'merged (' + method + ')':<{width}}{after['quality']:>14.3f}")
+    return "\n".join(lines)
 
 
 def _goodness(m: dict) -> float:

@@ -5,6 +5,8 @@
     qa          extractive QA on SQuAD-format data: exact match and token F1 (SQuAD definitions)
     choice      zero-shot multiple choice by log-likelihood: accuracy and length-normalised accuracy
     seq2seq     generation scored against references: BLEU and chrF (sacrebleu), ROUGE-1/2/L (rouge-score)
+    bias        counterfactual sentence pairs (a group term changed): which side a decoder or masked LM prefers,
+                how often a classifier's prediction flips, per category and group, with intervals (eval/bias.py)
 
 With `out`, a run writes results.json (the metrics and the settings), report.md and report.html with a plot,
 and the per-example rows: predictions.jsonl (perplexity: windows.jsonl, one row per scored window).
@@ -23,6 +25,7 @@ from lmforge.data.pairs import held_out_by_group
 from lmforge.data.pairs import read_pairs as read_pair_set
 from lmforge.data.qa import read_squad, shakespeare_qa
 from lmforge.errors import ConfigError, DataError, LmforgeError
+from lmforge.eval import bias
 from lmforge.eval.choice import evaluate_choices, read_choices
 from lmforge.eval.classify import classification_metrics, plot_confusion
 from lmforge.eval.generation import seq2seq_scores
@@ -38,7 +41,7 @@ from lmforge.models.seq2seq import Seq2SeqLM
 from lmforge.predict import answer, predict
 from lmforge.report import bar_plot, series_plot, write_report
 
-TASKS = ("perplexity", "classify", "qa", "choice", "seq2seq")
+TASKS = ("perplexity", "classify", "qa", "choice", "seq2seq", "bias")
 
 
 def describe(task: str, m: dict) -> str:
@@ -101,7 +104,14 @@ def evaluate(
     sources = [data] if isinstance(data, (str, Path)) else list(data)
     m, tok = load_pretrained(model, device=device, quantize=quantize, adapter=adapter, dtype=dtype)
     t0 = time.time()
-    fn = {"perplexity": _perplexity, "classify": _classify, "qa": _qa, "choice": _choice, "seq2seq": _seq2seq}[task]
+    fn = {
+        "perplexity": _perplexity,
+        "classify": _classify,
+        "qa": _qa,
+        "choice": _choice,
+        "seq2seq": _seq2seq,
+        "bias": _bias,
+    }[task]
     options = {
         "limit": limit,
         "text_col": text_col,
@@ -196,6 +206,25 @@ def _choice(m, tok, sources, o):
     return r, (plot, "zero-shot multiple choice (%)"), details
 
 
+def _bias(m, tok, sources, o):
+    head = getattr(m.config, "head", None)
+    if isinstance(m, DecoderLM):
+        kind = "decoder"
+    elif head == "classify":
+        kind = "classifier"
+    elif head in ("mlm", "pretrain"):
+        kind = "masked"
+    else:
+        raise LmforgeError(
+            "eval bias scores a decoder (log-likelihood), a masked LM (pseudo-log-likelihood) or a classifier "
+            f"(prediction flips); this model is {type(m).__name__}" + (f" with a {head} head" if head else "")
+        )
+    pairs = bias.read_pairs(sources[0])[: o["limit"]]
+    result = bias.evaluate_bias(m, tok, pairs, kind)
+    details = result.pop("rows")
+    return {**bias.summary(result), "kind": kind, "details": result}, ("bias", result), details
+
+
 def _seq2seq(m, tok, sources, o):
     pairs = read_pairs(sources[0], o["source_col"], o["target_col"])[: o["limit"]]
     template = o["prompt"] or "{source}"
@@ -286,6 +315,9 @@ def _write(out: Path, task: str, model: str, sources: list[str], metrics: dict, 
             mean=plot[2],
         )
         images.append("windows.png")
+    elif plot is not None and plot[0] == "bias":
+        if bias.plot_bias(plot[1], out / "bias.png", f"{Path(str(model)).name}: counterfactual groups") is not None:
+            images.append("bias.png")
     elif plot is not None and plot[0] == "confusion":
         plot_confusion(plot[1], out / "confusion.png", title=f"{Path(str(model)).name} on {Path(sources[0]).name}")
         images.append("confusion.png")
