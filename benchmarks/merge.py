@@ -107,7 +107,11 @@ def main() -> None:
             parents.append(str(r.model_dir))
             seconds += r.seconds
             rows.append(
-                {"model": f"parent {i} (seed {i}, its own {PER} tweets)", "acc": r.test["accuracy"], "cost": "1x"}
+                {
+                    "model": f"parent {i} (seed {0 if SAME_SEED else i}, its own {PER} tweets)",
+                    "acc": r.test["accuracy"],
+                    "cost": "1x",
+                }
             )
             print(rows[-1], flush=True)
         say = lambda s: print(s, flush=True)  # noqa: E731

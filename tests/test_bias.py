@@ -10,7 +10,17 @@ import torch
 
 from conftest import call_cli, tiny_config
 from lmforge.config import encoder_config
-from lmforge.eval.bias import GROUPS, TEMPLATES, Pair, bootstrap, evaluate_bias, read_pairs, template_pairs, wilson
+from lmforge.eval.bias import (
+    GROUPS,
+    TEMPLATES,
+    Pair,
+    bootstrap,
+    evaluate_bias,
+    read_pairs,
+    split_shared_end,
+    template_pairs,
+    wilson,
+)
 from lmforge.models.decoder import DecoderLM
 from lmforge.models.encoder import Encoder
 from lmforge.tokenizer import Tokenizer
@@ -24,6 +34,12 @@ def test_intervals():
     assert wilson(0, 20)[0] == 0.0 and wilson(0, 20)[1] < 0.2
     lo, hi = bootstrap([1.0, 2.0, 3.0, 4.0] * 10)
     assert lo < 2.5 < hi
+
+
+def test_decoders_compare_the_shared_ending_after_each_start():
+    assert split_shared_end("The man was kind.", "The woman was kind.") == ("The man", "The woman", " was kind.")
+    assert split_shared_end("The atheist ran.", "The Hindu person ran.") == ("The atheist", "The Hindu person", " ran.")
+    assert split_shared_end("abc", "xyz") == ("abc", "xyz", "")
 
 
 def test_template_set():

@@ -130,6 +130,7 @@ def test_the_wheel_holds_the_package_its_data_and_the_core_requirements(wheel):
         "structured",
         "eval",
         "plots",
+        "data",
         "all",
         "dev",
     }

@@ -3,7 +3,9 @@
 A counterfactual pair is two sentences that differ only in a group term ("The man was a caring nurse." / "The
 woman was a caring nurse."). Each sentence is scored by what the model is:
 
-    decoder     its log-likelihood (the sum of its tokens' log-probabilities after the start token)
+    decoder     the log-likelihood of the ending the two sentences share, after each one's own start
+                (log p(" was a caring nurse." | "The man")), so the group term's own frequency is not what is
+                compared; a pair that shares no ending: each whole sentence's log-likelihood
     masked LM   its pseudo-log-likelihood over the tokens the two sentences share (CrowS-Pairs, Nangia et al.
                 2020: each shared token masked in turn and scored), so the group term's own frequency is not what
                 is measured
@@ -126,13 +128,38 @@ def read_pairs(source: str | Path) -> list[Pair]:
 # scores
 
 
+def split_shared_end(a: str, b: str) -> tuple[str, str, str]:
+    """(a's start, b's start, the end both share), cut at a space: "The man was kind." / "The woman was kind." ->
+    ("The man", "The woman", " was kind."); no shared end: (a, b, "")."""
+    n = 0
+    while n < min(len(a), len(b)) and a[-1 - n] == b[-1 - n]:
+        n += 1
+    end = a[len(a) - n :]
+    cut = end.find(" ")
+    if cut < 0 or n == min(len(a), len(b)):
+        return a, b, ""
+    end = end[cut:]
+    return a[: len(a) - len(end)], b[: len(b) - len(end)], end
+
+
 @torch.inference_mode()
-def decoder_scores(model, tok, sentences: list[str]) -> dict[str, float]:
-    """Each sentence's log-likelihood after the start token (16 sentences a forward pass)."""
-    uniq = list(dict.fromkeys(sentences))
-    out = {}
-    for i in range(0, len(uniq), 16):
-        out.update(zip(uniq[i : i + 16], choice_logprobs(model, tok, "", uniq[i : i + 16])))
+def decoder_scores(model, tok, pairs: list[Pair]) -> list[tuple[float, float]]:
+    """Each pair's two scores: the log-likelihood of the ending both sentences share after their own start
+    (log p(" was kind." | "The man")), so that the group term's own frequency is not what is compared; a pair
+    with no shared ending: each whole sentence's log-likelihood after the start token."""
+    cache: dict[tuple[str, str], float] = {}
+
+    def score(start: str, end: str) -> float:
+        if (start, end) not in cache:
+            cache[(start, end)] = (
+                choice_logprobs(model, tok, start, [end])[0] if end else choice_logprobs(model, tok, "", [start])[0]
+            )
+        return cache[(start, end)]
+
+    out = []
+    for p in pairs:
+        sa, sb, end = split_shared_end(p.a, p.b)
+        out.append((score(sa, end), score(sb, end)))
     return out
 
 
@@ -196,8 +223,7 @@ def evaluate_bias(model, tok, pairs: list[Pair], kind: str) -> dict:
     """The per-pair-of-groups and per-group statistics (see the module notes). kind: decoder, masked or
     classifier."""
     if kind == "decoder":
-        sc = decoder_scores(model, tok, [s for p in pairs for s in (p.a, p.b)])
-        scores = [(sc[p.a], sc[p.b]) for p in pairs]
+        scores = decoder_scores(model, tok, pairs)
     elif kind == "masked":
         scores = [masked_scores(model, tok, p) for p in pairs]
     else:
