@@ -99,6 +99,8 @@ def classify_job(work: Path) -> list[str]:
         "1e-3",
         "--max-len",
         "48",
+        "--augment",
+        "0.15",  # (each epoch's edits replayed on resume)
         "--set",
         "ckpt_every=4",
         "--set",

@@ -816,6 +816,18 @@ for flag in ("--lora-r 4", "--lora-alpha 4", "--lora-dropout 0.1", "--lora-targe
     )
 case("finetune-quant-with-lora", FT_CLASSIFY + " --method lora --quant int4", "--quant applies to --method qlora")
 case("finetune-label-smoothing-for-chat", ft("chat") + " --label-smoothing 0.1", "applies to finetune classify")
+case("finetune-augment-for-chat", ft("chat") + " --augment 0.1", "--augment applies to finetune classify")
+case(
+    "finetune-augment-ops-without-augment",
+    FT_CLASSIFY + " --augment-ops swap",
+    "--augment-ops applies to finetune classify --augment",
+)
+case(
+    "finetune-augment-ops-unknown",
+    FT_CLASSIFY + " --augment 0.1 --augment-ops shout",
+    "augment_ops (--augment-ops) takes",
+)
+case("finetune-augment-too-high", FT_CLASSIFY + " --augment 0.9", "augment (--augment) must be")
 for flag in ("--plateau-patience 3", "--plateau-factor 0.3"):
     case(f"finetune-{flag.split()[0][2:]}-with-linear", FT_CLASSIFY + " " + flag, "applies to --schedule plateau")
 case(
@@ -1121,6 +1133,7 @@ SCOPE: dict[str, dict[str, object]] = {
         "--eval-data": ALL,
         "--text-col": ["merge-text-col-without-data"],
         "--label-col": ["merge-text-col-without-data"],
+        "--device": ALL,
     },
     "data clean": {
         f: ALL
@@ -1213,6 +1226,8 @@ FINETUNE_CASES = {
     "lora_targets": "finetune-lora-targets-with-full",
     "quant": "finetune-quant-with-lora",
     "label_smoothing": "finetune-label-smoothing-for-chat",
+    "augment": "finetune-augment-for-chat",
+    "augment_ops": "finetune-augment-ops-without-augment",
     "plateau_patience": "finetune-plateau-patience-with-linear",
     "plateau_factor": "finetune-plateau-factor-with-linear",
     "min_delta": "finetune-min-delta-alone",

@@ -51,6 +51,7 @@ def test_every_verb_that_runs_a_model_takes_device():
         "data shakespeare-qa",
         "data chatterbot",
         "data bible-genres",
+        "data clean",
         "info",
     }  # (no compute)
     verbs = dict(leaves(build_parser(), ""))

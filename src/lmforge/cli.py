@@ -310,6 +310,7 @@ def cmd_merge(a: argparse.Namespace) -> None:
         eval_data=a.eval_data,
         text_col=a.text_col,
         label_col=a.label_col,
+        device=a.device,
     )
 
 
@@ -758,6 +759,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mg.add_argument("--eval-data", nargs="+", help="text (decoders: perplexity) or a labelled file (classifiers)")
     mg.add_argument("--text-col"), mg.add_argument("--label-col")
+    mg.add_argument("--device", default="cpu", help=DEVICE_HELP + "; the models are loaded, merged and measured there")
     mg.set_defaults(fn=cmd_merge)
 
     ft = sub.add_parser("finetune", help="fine-tune a pretrained model on a task")

@@ -1048,6 +1048,15 @@ class FinetuneConfig(LoopConfig):
     label_smoothing: float = setting(
         0.0, "classification: share of each target spread over the other classes", low=0, high=1, high_open=True
     )
+    augment: float = setting(
+        0.0,
+        "classification: each epoch, half the training texts (drawn afresh) get one edit on this share of their "
+        "tokens: deletion, swap, insertion or substitution of near neighbours in the model's embedding space "
+        "(0: off)",
+        low=0,
+        high=0.5,
+    )
+    augment_ops: str = setting("delete,swap,insert,substitute", "--augment: the edits it draws from")
     average: float = setting(
         0.0,
         "above 0: also try the mean of the weights at the evaluations in this last share of training",

@@ -41,15 +41,15 @@ def is_adapter(path: str | Path) -> bool:
     return (Path(path) / "adapter_config.json").is_file()
 
 
-def load_parent(path: str | Path, base: str | Path | None) -> tuple[nn.Module, Any]:
+def load_parent(path: str | Path, base: str | Path | None, device: str = "cpu") -> tuple[nn.Module, Any]:
     """A parent as a model: a model directory (or anything load_pretrained reads), or an adapter folded into its
     base (`base`, else the base its adapter_config.json names)."""
     if not is_adapter(path):
-        return load_pretrained(path)
+        return load_pretrained(path, device=device)
     base = base or json.loads((Path(path) / "adapter_config.json").read_text()).get("base_model_name_or_path")
     if not base:
         raise LmforgeError(f"{path} is a LoRA adapter that names no base model; give --base")
-    m, tok = load_pretrained(base)
+    m, tok = load_pretrained(base, device=device)
     load_adapter(m, path)
     return merge_and_unload(m), tok
 
@@ -135,10 +135,12 @@ def merge(
     text_col: str | None = None,
     label_col: str | None = None,
     say=print,
+    device: str = "cpu",
 ) -> dict:
     """Merge `models` (model directories or LoRA adapters of one base) by `method` into the model directory `out`
     (see the module notes). greedy picks on `val_data` (a labelled file for classifiers, text for decoders);
-    `eval_data` measures every parent and the merged model the same way (lmforge.compress.measure)."""
+    `eval_data` measures every parent and the merged model the same way (lmforge.compress.measure). device: where
+    the models are loaded, merged and measured."""
     if method not in METHODS:
         raise LmforgeError(f"merge method {method!r} is not known; choose one of {', '.join(METHODS)}")
     if len(models) < 2:
@@ -170,14 +172,14 @@ def merge(
             + (", and greedy picks its own" if method == "greedy" else "")
         )
     check_output_dir(out)
-    loaded = [load_parent(p, base) for p in models]
+    loaded = [load_parent(p, base, device) for p in models]
     parents, tok = [m for m, _ in loaded], loaded[0][1]
     _check_alike(models, parents)
     states = [_state(m) for m in parents]
     before = [measure(m, tok, eval_data, text_col, label_col) for m in parents]
     base_state = None
     if method in NEEDS_BASE:
-        base_model, _ = load_pretrained(base)
+        base_model, _ = load_pretrained(base, device=device)
         base_state = _state(base_model)
         del base_model
     merged_model = parents[0]

@@ -37,6 +37,8 @@ import torch
 from lmforge.data.labelled import read_records
 from lmforge.errors import DataError
 from lmforge.eval.choice import choice_logprobs
+from lmforge.predict import predict_proba
+from lmforge.report import can_plot, pyplot, save_png
 
 BUILTIN = "templates"  # the name of the packaged set
 GROUPS: dict[str, list[str]] = {
@@ -187,8 +189,6 @@ def masked_scores(model, tok, pair: Pair) -> tuple[float, float]:
 
 
 def classifier_probs(model, tok, sentences: list[str]) -> dict[str, list[float]]:
-    from lmforge.predict import predict_proba
-
     uniq = list(dict.fromkeys(sentences))
     probs = predict_proba(model, tok, uniq)
     return {s: p.tolist() for s, p in zip(uniq, probs)}
@@ -314,8 +314,6 @@ def summary(result: dict) -> dict[str, float | int]:
 def plot_bias(result: dict, path: str | Path, title: str) -> Path | None:
     """One panel per category: each group's deviation from its templates' mean, with its 95% interval (a
     classifier: of the last class's probability, e.g. positive)."""
-    from lmforge.report import can_plot, pyplot, save_png
-
     rows = result["by_group"]
     if result["kind"] == "classifier":
         last = result["labels"][-1]

@@ -13,6 +13,7 @@ finish   test-split accuracy, macro-F1, per-class precision / recall, a confusio
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.config import FinetuneConfig
+from lmforge.data.augment import augment_ids, check_ops, token_neighbours
 from lmforge.data.labelled import LabelledSet, class_counts, read_labelled, stratified_split
 from lmforge.errors import ConfigError, DataError
 from lmforge.eval.classify import classification_metrics, plot_confusion
@@ -131,6 +133,8 @@ class ClassifyTask(Task):
 
     def check(self) -> None:
         a, cfg = self.args, self.cfg
+        if cfg.augment:
+            check_ops(cfg.augment_ops)
         if a["stride"] is not None and cfg.max_len is not None and a["stride"] >= cfg.max_len - 2:
             raise ConfigError(
                 f"stride (--stride) {a['stride']} must be below max_len - 2 ({cfg.max_len - 2}): "
@@ -189,6 +193,13 @@ class ClassifyTask(Task):
                 f"batches of up to {max(1, cfg.batch_size // per_window)} windows of {self.max_len} tokens "
                 f"(--batch-size {cfg.batch_size} x 128 tokens)"
             )
+        self.neighbours: dict[int, list[int]] = {}
+        if cfg.augment:  # (the nearest tokens, in the model's own input embeddings, of every training token)
+            self.augment_ops = check_ops(cfg.augment_ops)
+            seen = {t for text in windows for win in text for t in win[1:-1]}
+            specials = {t for text in windows for win in text for t in (win[0], win[-1])} | {tok.pad_id}
+            self.neighbours = token_neighbours(self.model.tok_emb.weight, seen, exclude=specials)
+            say(f"augment: {cfg.augment:g} of the tokens of half the texts each epoch ({', '.join(self.augment_ops)})")
         self.order = [sum(map(len, w)) for w in windows]
         self.steps_per_epoch = len(
             length_buckets(len(windows), self.order.__getitem__, cfg.batch_size, cfg.seed, size=self.size)
@@ -204,13 +215,27 @@ class ClassifyTask(Task):
         }
 
     def batches(self, epoch: int):
-        """Shuffled, then bucketed by length (little padding per batch); long texts as [D, W, T] windows."""
-        w, pad = self.windows, self.tok.pad_id
+        """Shuffled, then bucketed by length (little padding per batch); long texts as [D, W, T] windows. With
+        --augment, this epoch's edits first (a function of the seed and the epoch)."""
+        w, pad = self._augmented(epoch), self.tok.pad_id
         for idx in length_buckets(
             len(w), self.order.__getitem__, self.cfg.batch_size, self.cfg.seed + epoch, size=self.size
         ):
             b = pad_windows([w[i] for i in idx], pad) if self.windowed else pad_batch([w[i][0] for i in idx], pad)
             yield {**b, "labels": self.y[idx], "class_weights": self.weights, "shared": ("class_weights",)}
+
+    def _augmented(self, epoch: int) -> list[list[list[int]]]:
+        """The training windows, half the texts edited (data/augment.py) when --augment is on."""
+        rate = self.cfg.augment
+        if not rate:
+            return self.windows
+        rng = random.Random(f"augment {self.cfg.seed} {epoch}")
+        out = []
+        for text in self.windows:
+            if rng.random() < 0.5:
+                text = [augment_ids(win, rate, rng, self.neighbours, self.augment_ops, self.max_len) for win in text]
+            out.append(text)
+        return out
 
     @property
     def loss(self):

@@ -187,6 +187,8 @@ APPLIES: dict[str, tuple[Any, str]] = {
     },
     "quant": (lambda task, v: v["method"] == "qlora", "--method qlora"),
     "label_smoothing": (lambda task, v: task == "classify", "finetune classify"),
+    "augment": (lambda task, v: task == "classify", "finetune classify"),
+    "augment_ops": (lambda task, v: task == "classify" and v["augment"] > 0, "finetune classify --augment"),
     **{
         k: (lambda task, v: v["schedule"] == "plateau", "--schedule plateau")
         for k in ("plateau_patience", "plateau_factor")

