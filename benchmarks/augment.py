@@ -10,7 +10,7 @@ embeddings, on RATE of their tokens). Each size runs with the seeds in SEEDS (th
 the run's own seed), and the table gives each run and the mean.
 
     python benchmarks/augment.py
-    SIZES=100,300 SEEDS=0,1,2 RATE=0.1 python benchmarks/augment.py
+    SIZES=100,300 SEEDS=0,1,2 RATE=0.2 OPS=substitute,insert python benchmarks/augment.py
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ from lmforge.tune.recipe import resolve  # noqa: E402
 SIZES = [int(x) for x in os.environ.get("SIZES", "100,300,1000").split(",")]
 SEEDS = [int(x) for x in os.environ.get("SEEDS", "0,1,2").split(",")]
 RATE = float(os.environ.get("RATE", 0.1))
+OPS = os.environ.get("OPS", "delete,swap,insert,substitute")  # --augment-ops
+PLAIN = os.environ.get("PLAIN", "1") != "0"  # PLAIN=0: the augmented runs alone (the plain ones do not change)
 EPOCHS = float(os.environ.get("EPOCHS", 10))
 RECIPE, SPLIT = resolve("classify", Path(__file__).resolve().parents[1] / "configs" / "minilm-sentiment.yaml")
 
@@ -90,8 +92,10 @@ def main() -> None:
                 train = draw(train_idx, ds.labels, n, seed)
                 data = write_csv(work / f"train-{n}-{seed}.csv", ds, train)
                 row: dict = {"size": n, "seed": str(seed), "tfidf": tfidf(ds, train, test_rows)}
-                for name, rate in (("plain", 0.0), ("augment", RATE)):
-                    cfg = dataclasses.replace(RECIPE, seed=seed, epochs=EPOCHS, eval_every=0, average=0.0, augment=rate)
+                for name, rate in (("plain", 0.0), ("augment", RATE))[0 if PLAIN else 1 :]:
+                    cfg = dataclasses.replace(
+                        RECIPE, seed=seed, epochs=EPOCHS, eval_every=0, average=0.0, augment=rate, augment_ops=OPS
+                    )
                     r = finetune_classify(
                         "all-minilm-l6-v2",
                         data,
@@ -103,6 +107,8 @@ def main() -> None:
                     )
                     row[name] = r.test["accuracy"]
                     row[f"{name}_s"] = r.seconds
+                row.setdefault("plain", float("nan"))
+                row.setdefault("plain_s", float("nan"))
                 row["gain"] = 100 * (row["augment"] - row["plain"])
                 rows.append(row)
                 print(row, flush=True)
@@ -116,7 +122,7 @@ def main() -> None:
         rows.append({"size": n, "seed": "mean", **mean})
     print()
     print(machine_header())
-    print(f"MiniLM, {EPOCHS:g} epochs, --augment {RATE:g}; test: 2,000 tweets; validation: 500")
+    print(f"MiniLM, {EPOCHS:g} epochs, --augment {RATE:g} --augment-ops {OPS}; test: 2,000 tweets; validation: 500")
     print(
         table(
             rows,
