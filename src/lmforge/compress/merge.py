@@ -59,17 +59,19 @@ def _state(m: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to(torch.float32, copy=True) for k, v in m.state_dict().items() if v.is_floating_point()}
 
 
+def _shapes(m: nn.Module) -> dict[str, torch.Size]:
+    return {k: v.shape for k, v in m.state_dict().items() if v.is_floating_point()}
+
+
 def _check_alike(names: list[str], models: list[nn.Module]) -> None:
-    first, labels = _state(models[0]), getattr(models[0].config, "labels", None)
+    first, labels = _shapes(models[0]), getattr(models[0].config, "labels", None)
     for name, m in zip(names[1:], models[1:]):
-        s = _state(m)
+        s = _shapes(m)
         if type(m) is not type(models[0]) or s.keys() != first.keys():
             raise LmforgeError(f"{name} is not the same architecture as {names[0]}: merging needs one architecture")
-        bad = next((k for k in s if s[k].shape != first[k].shape), None)
+        bad = next((k for k in s if s[k] != first[k]), None)
         if bad:
-            raise LmforgeError(
-                f"{name} and {names[0]} differ in {bad} ({tuple(s[bad].shape)} vs {tuple(first[bad].shape)})"
-            )
+            raise LmforgeError(f"{name} and {names[0]} differ in {bad} ({tuple(s[bad])} vs {tuple(first[bad])})")
         if getattr(m.config, "labels", None) != labels:
             raise LmforgeError(
                 f"{name}'s labels {getattr(m.config, 'labels', None)} are not {names[0]}'s {labels} (in order): "
@@ -172,20 +174,26 @@ def merge(
             + (", and greedy picks its own" if method == "greedy" else "")
         )
     check_output_dir(out)
-    loaded = [load_parent(p, base, device) for p in models]
-    parents, tok = [m for m, _ in loaded], loaded[0][1]
-    _check_alike(models, parents)
-    states = [_state(m) for m in parents]
-    before = [measure(m, tok, eval_data, text_col, label_col) for m in parents]
+    # one parent in memory at a time beside the first (which becomes the merged model), and every parent's weights
+    merged_model, tok = load_parent(models[0], base, device)
+    states, before, val_scores = [], [], []
+    for i, path in enumerate(models):
+        m = merged_model if i == 0 else load_parent(path, base, device)[0]
+        if i:
+            _check_alike([models[0], path], [merged_model, m])
+        states.append(_state(m))
+        before.append(measure(m, tok, eval_data, text_col, label_col))
+        if method == "greedy":
+            val_scores.append(_score(m, tok, val_data, text_col, label_col))
+        del m
     base_state = None
     if method in NEEDS_BASE:
         base_model, _ = load_pretrained(base, device=device)
         base_state = _state(base_model)
         del base_model
-    merged_model = parents[0]
     report: dict[str, Any] = {"method": method, "models": [str(p) for p in models], "base": base}
     if method == "greedy":
-        scored = [(_score(m, tok, val_data, text_col, label_col), i) for i, m in enumerate(parents)]
+        scored = [(v, i) for i, v in enumerate(val_scores)]
         order = [i for _, i in sorted(scored, key=lambda t: -t[0])]
         soup, best = [order[0]], max(s for s, _ in scored)
         for i in order[1:]:
