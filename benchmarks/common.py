@@ -140,7 +140,8 @@ def sentiment_split():
     return (ds, *stratified_split(ds.labels, val_fraction=0.05, test_fraction=0.2, seed=0))
 
 
-def write_labelled_csv(path, ds, idx) -> None:
+def write_labelled_csv(path, ds, idx):
+    """Rows idx of a labelled set as a text,label CSV; returns its path."""
     import csv
     from pathlib import Path
 
@@ -151,6 +152,36 @@ def write_labelled_csv(path, ds, idx) -> None:
         w.writerow(["text", "label"])
         for i in idx:
             w.writerow([ds.texts[i], ds.labels[i]])
+    return path
+
+
+def stratified_draw(idx: list[int], labels: list[str], n: int, seed: int = 0) -> list[int]:
+    """About n of idx, each class in its share (one row of each at least), seeded; sorted."""
+    import random
+
+    rng = random.Random(seed)
+    by: dict[str, list[int]] = {}
+    for i in idx:
+        by.setdefault(labels[i], []).append(i)
+    out = []
+    for rows in by.values():
+        rng.shuffle(rows)
+        out += rows[: max(1, round(n * len(rows) / len(idx)))]
+    return sorted(out)
+
+
+def tfidf_accuracy(ds, train: list[int], test: list[int], min_df: int = 2) -> float:
+    """The classical baseline: TF-IDF word 1-2-grams (sublinear tf) + logistic regression (C 4) trained on rows
+    `train` of a labelled set, its accuracy on rows `test`."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+
+    vec = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=min_df)
+    clf = LogisticRegression(max_iter=2000, C=4.0).fit(
+        vec.fit_transform([ds.texts[i] for i in train]), [ds.labels[i] for i in train]
+    )
+    pred = clf.predict(vec.transform([ds.texts[i] for i in test]))
+    return sum(p == ds.labels[i] for p, i in zip(pred, test)) / len(test)
 
 
 def sentiment_classifier(out, seed: int = 0, n_train: int | None = 8000):

@@ -19,11 +19,9 @@ TF-IDF + logistic regression, trained on the same TRAIN tweets, is the classical
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import os
-import random
 import shutil
 import sys
 import tempfile
@@ -32,7 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine_header, table  # noqa: E402
+from common import machine_header, stratified_draw, table, tfidf_accuracy, write_labelled_csv  # noqa: E402
 from lmforge.assets import dataset_file  # noqa: E402
 from lmforge.data.labelled import read_labelled, stratified_split  # noqa: E402
 from lmforge.tune.recipe import resolve  # noqa: E402
@@ -41,39 +39,6 @@ TRAIN, VAL, TEST = (int(os.environ.get(k, d)) for k, d in (("TRAIN", 2000), ("VA
 EPOCHS = float(os.environ.get("EPOCHS", 12))
 PATIENCE = int(os.environ.get("PATIENCE", 2))
 RECIPE, SPLIT = resolve("classify", Path(__file__).resolve().parents[1] / "configs" / "minilm-sentiment.yaml")
-
-
-def draw(idx: list[int], labels: list[str], n: int) -> list[int]:
-    """n of idx, each class in its share (stratified), seed 0."""
-    rng = random.Random(0)
-    by: dict[str, list[int]] = {}
-    for i in idx:
-        by.setdefault(labels[i], []).append(i)
-    out = []
-    for rows in by.values():
-        rng.shuffle(rows)
-        out += rows[: round(n * len(rows) / len(idx))]
-    return sorted(out)
-
-
-def write_csv(path: Path, ds, idx: list[int]) -> Path:
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["text", "label"])
-        w.writerows((ds.texts[i], ds.labels[i]) for i in idx)
-    return path
-
-
-def tfidf(ds, train: list[int], test: list[int]) -> float:
-    from sklearn.feature_extraction.text import TfidfVectorizer
-    from sklearn.linear_model import LogisticRegression
-
-    vec = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=2)
-    clf = LogisticRegression(max_iter=2000, C=4.0).fit(
-        vec.fit_transform([ds.texts[i] for i in train]), [ds.labels[i] for i in train]
-    )
-    pred = clf.predict(vec.transform([ds.texts[i] for i in test]))
-    return sum(p == ds.labels[i] for p, i in zip(pred, test)) / len(test)
 
 
 def main() -> None:
@@ -85,14 +50,25 @@ def main() -> None:
     train_idx, val_idx, test_idx = stratified_split(
         ds.labels, SPLIT["val_fraction"], SPLIT["test_fraction"], RECIPE.seed
     )
-    train, val, test = draw(train_idx, ds.labels, TRAIN), draw(val_idx, ds.labels, VAL), draw(test_idx, ds.labels, TEST)
+    train, val, test = (
+        stratified_draw(train_idx, ds.labels, TRAIN),
+        stratified_draw(val_idx, ds.labels, VAL),
+        stratified_draw(test_idx, ds.labels, TEST),
+    )
     print(f"train {len(train)}, validation {len(val)}, test {len(test)} tweets; up to {EPOCHS:g} epochs", flush=True)
     work = Path(tempfile.mkdtemp(prefix="lmforge-early-"))
     files = {
-        name: write_csv(work / f"{name}.csv", ds, idx) for name, idx in (("train", train), ("val", val), ("test", test))
+        name: write_labelled_csv(work / f"{name}.csv", ds, idx)
+        for name, idx in (("train", train), ("val", val), ("test", test))
     }
     rows = [
-        {"system": "TF-IDF 1-2gram + LR", "accuracy": tfidf(ds, train, test), "steps": 0, "seconds": 0.0, "stop": "-"}
+        {
+            "system": "TF-IDF 1-2gram + LR",
+            "accuracy": tfidf_accuracy(ds, train, test),
+            "steps": 0,
+            "seconds": 0.0,
+            "stop": "-",
+        }
     ]
     base = dataclasses.replace(RECIPE, epochs=EPOCHS, eval_every=0, average=0.0)
     runs = {

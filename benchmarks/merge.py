@@ -16,7 +16,6 @@ b ...`) and TF-IDF + LR trained on the union of the four training sets.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import os
 import random
@@ -29,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine_header, table  # noqa: E402
+from common import machine_header, table, tfidf_accuracy, write_labelled_csv  # noqa: E402
 from lmforge.assets import dataset_file  # noqa: E402
 from lmforge.data.labelled import read_labelled, stratified_split  # noqa: E402
 from lmforge.tune.recipe import resolve  # noqa: E402
@@ -40,25 +39,6 @@ EPOCHS = float(os.environ.get("EPOCHS", 3))
 SAME_SEED = os.environ.get("SAME_SEED") == "1"  # every parent from seed 0: one head initialisation (and order)
 RECIPE, SPLIT = resolve("classify", Path(__file__).resolve().parents[1] / "configs" / "minilm-sentiment.yaml")
 BASE = "all-minilm-l6-v2"
-
-
-def write_csv(path: Path, ds, idx: list[int]) -> str:
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["text", "label"])
-        w.writerows((ds.texts[i], ds.labels[i]) for i in idx)
-    return str(path)
-
-
-def tfidf(ds, train: list[int], test: list[int]) -> float:
-    from sklearn.feature_extraction.text import TfidfVectorizer
-    from sklearn.linear_model import LogisticRegression
-
-    vec = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=2)
-    x = vec.fit_transform([ds.texts[i] for i in train])
-    clf = LogisticRegression(max_iter=2000, C=4.0).fit(x, [ds.labels[i] for i in train])
-    pred = clf.predict(vec.transform([ds.texts[i] for i in test]))
-    return sum(p == ds.labels[i] for p, i in zip(pred, test)) / len(test)
 
 
 def accuracy(model_dirs: list[str], data: str) -> float:
@@ -92,9 +72,9 @@ def main() -> None:
     pool = list(train_idx)
     rng.shuffle(pool)
     work = Path(tempfile.mkdtemp(prefix="lmforge-merge-"))
-    val = write_csv(work / "val.csv", ds, sorted(rng.sample(val_idx, VAL)))
+    val = write_labelled_csv(work / "val.csv", ds, sorted(rng.sample(val_idx, VAL)))
     tsel = sorted(rng.sample(test_idx, TEST))
-    test = write_csv(work / "test.csv", ds, tsel)
+    test = write_labelled_csv(work / "test.csv", ds, tsel)
     rows: list[dict] = []
     try:
         parents, seconds = [], 0.0
@@ -102,7 +82,12 @@ def main() -> None:
             part = sorted(pool[i * PER : (i + 1) * PER])
             cfg = dataclasses.replace(RECIPE, seed=0 if SAME_SEED else i, epochs=EPOCHS, eval_every=0, average=0.0)
             r = finetune_classify(
-                BASE, write_csv(work / f"train{i}.csv", ds, part), work / f"p{i}", cfg, val_data=val, test_data=test
+                BASE,
+                write_labelled_csv(work / f"train{i}.csv", ds, part),
+                work / f"p{i}",
+                cfg,
+                val_data=val,
+                test_data=test,
             )
             parents.append(str(r.model_dir))
             seconds += r.seconds
@@ -151,7 +136,9 @@ def main() -> None:
             }
         )
         union = pool[: PARENTS * PER]
-        rows.append({"model": f"TF-IDF + LR on all {PARENTS * PER} tweets", "acc": tfidf(ds, union, tsel), "cost": "-"})
+        rows.append(
+            {"model": f"TF-IDF + LR on all {PARENTS * PER} tweets", "acc": tfidf_accuracy(ds, union, tsel), "cost": "-"}
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
     best = max(r["acc"] for r in rows if r["model"].startswith("parent"))
