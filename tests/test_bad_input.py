@@ -828,6 +828,27 @@ case(
     "augment_ops (--augment-ops) takes",
 )
 case("finetune-augment-too-high", FT_CLASSIFY + " --augment 0.9", "augment (--augment) must be")
+case("finetune-teacher-for-chat", ft("chat") + " --teacher {dec}", "--teacher applies to finetune classify")
+for flag in ("--distill-alpha 0.3", "--distill-temperature 3"):
+    case(
+        f"finetune-{flag.split()[0][2:]}-without-teacher",
+        FT_CLASSIFY + " " + flag,
+        f"{flag.split()[0]} applies to finetune classify --teacher",
+    )
+case("finetune-keep-layers-for-chat", ft("chat") + " --keep-layers 1", "--keep-layers applies to the encoder tasks")
+case("finetune-keep-layers-too-many", FT_CLASSIFY + " --keep-layers 99", "is more than the model's")
+case(
+    "distill-student-layers-with-a-causal-lm",
+    "distill --teacher {dec} --data {corpus} --student-layers 2 --out {root}/kd",
+    "--student-layers cuts down an encoder teacher",
+)
+case(
+    "distill-top-k-with-a-classifier",
+    "distill --teacher {clf} --data {labelled_csv} --student-layers 1 --top-k 8 --out {root}/kd",
+    "--top-k applies to a causal-LM teacher",
+)
+case("distill-from-an-encoder", "distill --teacher {enc} --data {labelled_csv} --out {root}/kd", "distills from a")
+case("distill-alpha-too-high", "distill --teacher {dec} --data {corpus} --alpha 2 --out {root}/kd", "distill_alpha")
 for flag in ("--plateau-patience 3", "--plateau-factor 0.3"):
     case(f"finetune-{flag.split()[0][2:]}-with-linear", FT_CLASSIFY + " " + flag, "applies to --schedule plateau")
 case(
@@ -1135,6 +1156,19 @@ SCOPE: dict[str, dict[str, object]] = {
         "--label-col": ["merge-text-col-without-data"],
         "--device": ALL,
     },
+    "distill": {
+        "--teacher": ALL,
+        "--data": ALL,
+        "--out": ALL,
+        "--student": ALL,
+        "--student-layers": ["distill-student-layers-with-a-causal-lm"],
+        "--alpha": ALL,
+        "--temperature": ALL,
+        "--top-k": ["distill-top-k-with-a-classifier"],
+        "--set": ALL,
+        "--device": ALL,
+        "--resume": ALL,
+    },
     "data clean": {
         f: ALL
         for f in (
@@ -1228,6 +1262,10 @@ FINETUNE_CASES = {
     "label_smoothing": "finetune-label-smoothing-for-chat",
     "augment": "finetune-augment-for-chat",
     "augment_ops": "finetune-augment-ops-without-augment",
+    "teacher": "finetune-teacher-for-chat",
+    "distill_alpha": "finetune-distill-alpha-without-teacher",
+    "distill_temperature": "finetune-distill-temperature-without-teacher",
+    "keep_layers": "finetune-keep-layers-for-chat",
     "plateau_patience": "finetune-plateau-patience-with-linear",
     "plateau_factor": "finetune-plateau-factor-with-linear",
     "min_delta": "finetune-min-delta-alone",

@@ -74,6 +74,7 @@ def test_constraint_masks_and_ends_on_an_end_token(smol):
         c.consume(tok.encode("no")[0])
 
 
+@pytest.mark.slow  # (29 s; the constraints themselves: test_every_sampled_reply_follows_its_constraint)
 def test_cli_generate_json_schema(tmp_path, capsys):
     from conftest import call_cli
 

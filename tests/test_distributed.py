@@ -75,6 +75,7 @@ def resumable_copy(run, to, newest):
         shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
 
 
+@pytest.mark.slow  # (50 s; DDP resume: test_two_processes_resume_bitwise..., FSDP: the GRPO task test)
 def test_pretrain_ddp_and_fsdp_equal_one_process_and_fsdp_resumes_in_one(tmp_path, small_corpus):
     recipe = tmp_path / "tiny.yaml"
     cfg = tiny_run(small_corpus, steps=8, ckpt_every=4, eval_every=4, keep_checkpoints=2)
@@ -128,6 +129,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # (21 s: two torchrun launchers)
 def test_two_nodes_on_localhost(tmp_path, small_corpus):
     """torchrun --nnodes=2 with a c10d rendezvous, one process per "node", as README's multi-node commands."""
     recipe = tmp_path / "tiny.yaml"
@@ -399,10 +401,10 @@ FULL = [r[0] for r in distributed_tasks.RUNS]  # one process, ddp, fsdp, fsdp + 
 @pytest.mark.parametrize(
     "task, runs",
     [
-        # by default: GRPO sampling through FSDP with activation checkpointing (its rollouts, the gathered weights),
-        # and seq2seq's cross-attention under FSDP; DDP is the classify test's above. All four ways: slow
+        # by default: GRPO sampling through FSDP with activation checkpointing (its rollouts, the gathered weights);
+        # DDP is the classify test's above. Seq2seq's cross-attention under FSDP and all four ways: slow
         ("grpo", ["one process", "fsdp + grad ckpt"]),
-        ("seq2seq", ["one process", "fsdp"]),
+        pytest.param("seq2seq", ["one process", "fsdp"], marks=pytest.mark.slow),
         *(pytest.param(t, FULL, marks=pytest.mark.slow) for t in ("classify", "qa", "chat", "dpo", "grpo", "seq2seq")),
     ],
 )

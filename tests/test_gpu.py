@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from lmforge.config import load_run_config
 from lmforge.train.loop import pretrain
 from test_train import losses, tiny_run
@@ -15,6 +17,7 @@ from test_train import losses, tiny_run
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # (29 s: every GPU benchmark at toy size on the CPU)
 def test_gpu_benchmark_dry_run(tmp_path):
     out = tmp_path / "gpu.json"
     r = subprocess.run(

@@ -314,6 +314,28 @@ def cmd_merge(a: argparse.Namespace) -> None:
     )
 
 
+def cmd_distill(a: argparse.Namespace) -> None:
+    from lmforge.compress.distill import distill
+
+    if not a.resume and not a.data:
+        raise ConfigError("distill needs --data (a labelled file for a classifier teacher, text for a causal LM)")
+    result = distill(
+        a.teacher,
+        a.data,
+        a.out,
+        student=a.student,
+        keep_layers=a.student_layers,
+        alpha=a.alpha,
+        temperature=a.temperature,
+        top_k=a.top_k,
+        sets=a.set,
+        device=a.device,
+        resume=a.resume,
+    )
+    if result is not None:
+        print(result.summary())
+
+
 def cmd_info(a: argparse.Namespace) -> None:
     from lmforge.info import format_info, model_info
 
@@ -761,6 +783,36 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument("--text-col"), mg.add_argument("--label-col")
     mg.add_argument("--device", default="cpu", help=DEVICE_HELP + "; the models are loaded, merged and measured there")
     mg.set_defaults(fn=cmd_merge)
+
+    di = sub.add_parser(
+        "distill",
+        help="train a smaller student on a teacher's softened outputs (a classifier's or a causal LM's)",
+        description="A classifier teacher: finetune classify with --teacher on a labelled file; a causal-LM "
+        "teacher: pre-training on text in its tokenizer, its top-k next tokens stored once. Settings of those runs "
+        "go through --set (classifier: epochs=5, lr=1e-4, ...; causal LM: train.steps=300, model.n_layer=4, ...).",
+    )
+    di.add_argument("--teacher", required=True, help="a fine-tuned classifier, or a causal LM (directory, .gguf, name)")
+    di.add_argument(
+        "--data",
+        nargs="+",
+        help="classifier: one labelled CSV / TSV / JSONL file; causal LM: text files, folders, corpora",
+    )
+    di.add_argument("--out", required=True, help="the run folder")
+    di.add_argument(
+        "--student",
+        help="classifier: an encoder to train (default: the teacher, with --student-layers); causal LM: a decoder "
+        "preset (default quickstart)",
+    )
+    di.add_argument(
+        "--student-layers", type=int, help="classifier: keep N of the (student's or teacher's) blocks, evenly spaced"
+    )
+    di.add_argument("--alpha", type=float, help="the soft term's share of the loss (default 0.5; 1: no labels)")
+    di.add_argument("--temperature", type=float, help="softening temperature (default: classifier 2, causal LM 1)")
+    di.add_argument("--top-k", type=int, help="causal LM: the teacher's next tokens stored per position (default 32)")
+    di.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a setting of the run")
+    di.add_argument("--device", help=DEVICE_HELP)
+    di.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
+    di.set_defaults(fn=cmd_distill)
 
     ft = sub.add_parser("finetune", help="fine-tune a pretrained model on a task")
     ftsub = ft.add_subparsers(dest="ftverb", required=True, metavar="TASK")

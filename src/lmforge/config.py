@@ -653,6 +653,18 @@ class LoopConfig:
         integer=True,
     )
     min_delta: float = setting(0.0, "the least change of the validation metric that counts as improving", low=0)
+    teacher: str | None = setting(
+        None,
+        "distill from this model (directory, .gguf or packaged name): the student learns its softened "
+        "distribution beside the labels (fine-tuning: a classifier of the same classes; pre-training: a causal LM "
+        "whose tokenizer the run uses, its top-k stored once)",
+    )
+    distill_alpha: float = setting(
+        0.5, "with a teacher: the soft term's share of the loss (1: the teacher alone, no labels)", low=0, high=1
+    )
+    distill_temperature: float = setting(
+        2.0, "with a teacher: the temperature both distributions are softened by", low=0, low_open=True
+    )
 
 
 def retuned(name: str, default: Any, help: str | None = None) -> Any:
@@ -708,6 +720,13 @@ class TrainConfig(LoopConfig):
         0.15, "span: share of tokens dropped from the input", low=0, high=1, low_open=True, high_open=True
     )
     mean_span: float = setting(3.0, "span: mean length of a dropped span", low=1)
+    distill_temperature: float = retuned("distill_temperature", 1.0)
+    distill_top_k: int = setting(
+        32,
+        "with a teacher: its likeliest next tokens stored per position (its distribution renormalised over them)",
+        low=1,
+        integer=True,
+    )
 
     def validate(self) -> None:
         check_settings(self, lambda n: f"train.{n}")
@@ -715,6 +734,8 @@ class TrainConfig(LoopConfig):
             raise ConfigError("train.early_stopping needs validation during the run: set train.eval_every > 0")
         if self.min_lr is not None and self.min_lr > self.lr:
             raise ConfigError(f"train.min_lr must be in [0, train.lr], got {self.min_lr}")
+        if self.teacher and self.objective != "clm":
+            raise ConfigError("train.teacher distils a causal LM (train.objective=clm)")
         if self.objective != "mlm" and (self.nsp or self.whole_word_mask):
             raise ConfigError(
                 "train.nsp and train.whole_word_mask belong to the mlm objective (set train.objective=mlm)"
@@ -1033,6 +1054,13 @@ class FinetuneConfig(LoopConfig):
         high=1,
         low_open=True,
         high_open=True,
+    )
+    keep_layers: int | None = setting(
+        None,
+        "train a shallower copy of an encoder: keep this many of its blocks, evenly spaced from the first to the "
+        "last (DistilBERT's student, taken from its teacher)",
+        low=1,
+        integer=True,
     )
     layer_decay: float = setting(1.0, "below 1: block i of n learns at decay ** (n - i)", low=0, high=1, low_open=True)
     attn_dropout: float | None = setting(

@@ -372,8 +372,11 @@ def use_device(device: str | torch.device) -> torch.device:
     return device
 
 
-def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A batch tensor onto `device`: through pinned host memory and an asynchronous copy for a GPU."""
+def to_device(t, device: torch.device):
+    """A batch tensor onto `device`: through pinned host memory and an asynchronous copy for a GPU. Anything else
+    with a `to` (nn.loss.TeacherTargets) moves itself."""
+    if not isinstance(t, torch.Tensor):
+        return t.to(device)
     if device.type == "cuda" and t.device.type == "cpu":
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)

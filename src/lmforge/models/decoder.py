@@ -27,7 +27,7 @@ from torch.utils.checkpoint import checkpoint
 from lmforge.config import DecoderConfig
 from lmforge.models.base import PretrainedModel, call_block
 from lmforge.nn.attention import Attention, KVCache, StaticKVCache, padded_causal_mask
-from lmforge.nn.loss import cross_entropy, linear_cross_entropy
+from lmforge.nn.loss import TeacherTargets, cross_entropy, distill_loss, linear_cross_entropy, linear_distill_loss
 from lmforge.nn.mlp import MLP
 from lmforge.nn.norm import make_norm
 from lmforge.nn.rope import Rotary
@@ -130,7 +130,7 @@ class DecoderLM(PretrainedModel):
     def forward(
         self,
         input_ids: torch.Tensor,
-        labels: torch.Tensor | None = None,
+        labels: torch.Tensor | TeacherTargets | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         cache: KVCache | None = None,
@@ -140,7 +140,8 @@ class DecoderLM(PretrainedModel):
         grad_checkpoint: bool = False,
     ) -> CausalLMOutput:
         """input_ids [B, T]. labels [B, T] (-100 = ignore) gives the mean next-token loss; labels are the
-        targets for each position (already shifted). attention_mask [B, past + T] marks real tokens (1) and
+        targets for each position (already shifted); a TeacherTargets (nn.loss) in their place gives the
+        distillation loss, the teacher's top-k beside them. attention_mask [B, past + T] marks real tokens (1) and
         padding (0) over the cache and the new tokens, or holds segment ids of packed examples (see
         padded_causal_mask); a 4-D bool mask [B, 1, T, K] is used as given (the serving engine's rows each have
         their own length). last_only computes logits for the final position only; logits_at (bool [B, T])
@@ -175,20 +176,25 @@ class DecoderLM(PretrainedModel):
         x = self.norm(x)
         if last_only:
             x = x[:, -1:]
+        teacher = labels if isinstance(labels, TeacherTargets) else None
         if logits_at is not None:
             x = x[logits_at]
-            labels = labels[logits_at] if labels is not None else None
-            if loss_only and labels is not None and grad_checkpoint and torch.is_grad_enabled():
+            labels = (labels.select(logits_at) if teacher else labels[logits_at]) if labels is not None else None
+            teacher = labels if teacher else None
+            if loss_only and labels is not None and not teacher and grad_checkpoint and torch.is_grad_enabled():
                 return CausalLMOutput(logits=None, loss=self._chunked_loss(x, labels))
         if loss_only and labels is not None and type(self.lm_head) is nn.Linear and not self.config.final_softcap:
             # the head, the loss and their gradients a chunk of tokens at a time (nn.loss)
-            return CausalLMOutput(
-                logits=None,
-                loss=linear_cross_entropy(x.reshape(-1, x.size(-1)), self.lm_head.weight, labels.reshape(-1)),
-            )
+            h = x.reshape(-1, x.size(-1))
+            if teacher is not None:
+                return CausalLMOutput(logits=None, loss=linear_distill_loss(h, self.lm_head.weight, teacher.flat()))
+            return CausalLMOutput(logits=None, loss=linear_cross_entropy(h, self.lm_head.weight, labels.reshape(-1)))
         logits = self.head(x)
         loss = None
-        if labels is not None:
+        if teacher is not None:
+            t = teacher.flat()
+            loss = distill_loss(logits.view(-1, logits.size(-1)), t.labels, t.idx, t.logp, t.alpha, t.temperature)
+        elif labels is not None:
             loss = cross_entropy(logits.view(-1, logits.size(-1)), labels.reshape(-1))
         return CausalLMOutput(logits=None if loss_only else logits, loss=loss)
 

@@ -190,6 +190,17 @@ class Encoder(PretrainedModel):
         new.reset_parameters(only=sorted({m.rsplit(".", 1)[0] for m in missing}))
         return new
 
+    def keep_layers(self, n: int) -> list[int]:
+        """Keep n of the blocks, evenly spaced from the first to the last, in place (a shallower copy of this
+        model: DistilBERT's student is its teacher with every other layer). Returns the kept blocks' indices."""
+        total = self.config.n_layer
+        if not 1 <= n <= total:
+            raise ValueError(f"keep_layers {n}: the model has {total} blocks")
+        keep = sorted({round(i * (total - 1) / (n - 1)) for i in range(n)}) if n > 1 else [total - 1]
+        self.blocks = nn.ModuleList(self.blocks[i] for i in keep)
+        self.config.n_layer = n
+        return keep
+
     def save_pretrained(self, path: str | Path, tokenizer=None) -> Path:
         from lmforge.interop.hf_bert import save_encoder_dir
 

@@ -9,9 +9,18 @@ exp, one scatter and one scale, in place on one buffer the size of the logits.
 chunk of tokens at a time, so the [tokens, vocab] logits are never held whole. Each chunk's logits (a few MB)
 are still in cache when the softmax and the gradient products read them, and the memory the logits took is
 gone; the arithmetic is the same as the head followed by `cross_entropy`.
+
+Distillation (Hinton et al. 2015) mixes that loss with the teacher's: `(1 - alpha) * CE(labels) + alpha * T^2 *
+KL(teacher_T || student_T)`, both distributions softened by the temperature T (T^2 keeps the soft term's gradient
+on the scale of the hard one's). A causal LM's teacher is stored as its top-k log-probabilities per position
+(`TeacherTargets`); its distribution is renormalised over those k, which holds nearly all of its mass at k = 32.
+`linear_distill_loss` is that loss chunk by chunk, like `linear_cross_entropy`; `distill_loss` the same on logits
+held whole (the reference, and the path for heads the chunked one does not take).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -115,3 +124,125 @@ def linear_cross_entropy(
         with torch.autocast(kind, enabled=False):
             return _LinearCrossEntropy.apply(h, weight, target, ignore_index, chunk, compute)
     return _LinearCrossEntropy.apply(h, weight, target, ignore_index, chunk, None)
+
+
+# --- distillation -------------------------------------------------------------------------------------------------
+@dataclass
+class TeacherTargets:
+    """What a distilled causal LM learns from, passed as its `labels`: the hard next tokens and the teacher's top-k
+    next-token log-probabilities at every position (its full-vocabulary log-softmax at temperature 1)."""
+
+    labels: torch.Tensor  # [..., ] next-token ids (-100: ignored)
+    idx: torch.Tensor  # [..., k] the teacher's k likeliest next tokens
+    logp: torch.Tensor  # [..., k] their log-probabilities
+    alpha: float  # the soft term's share
+    temperature: float
+
+    def to(self, device: torch.device | str) -> TeacherTargets:
+        return replace(self, labels=self.labels.to(device), idx=self.idx.to(device), logp=self.logp.to(device))
+
+    def flat(self) -> TeacherTargets:
+        k = self.idx.size(-1)
+        return replace(self, labels=self.labels.reshape(-1), idx=self.idx.reshape(-1, k), logp=self.logp.reshape(-1, k))
+
+    def select(self, where: torch.Tensor) -> TeacherTargets:
+        return replace(self, labels=self.labels[where], idx=self.idx[where], logp=self.logp[where])
+
+
+def distill_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    teacher_idx: torch.Tensor | None,
+    teacher_logp: torch.Tensor,
+    alpha: float,
+    temperature: float,
+    ignore_index: int = -100,
+    weight: torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    """`(1 - alpha) * CE(logits, labels) + alpha * T^2 * KL(teacher_T || student_T)`, mean over the rows whose
+    label is not ignore_index. logits [N, V]; teacher_logp [N, k] at the vocabulary entries teacher_idx [N, k]
+    (None: k = V, the teacher's whole distribution, as a classifier's is); the teacher's distribution is
+    renormalised over its k entries. `weight` and `label_smoothing` go to the hard term (a classifier's)."""
+    t = temperature
+    valid = labels != ignore_index
+    n = valid.sum().clamp(min=1)
+    logits = logits.float()
+    hard = torch.nn.functional.cross_entropy(
+        logits, torch.where(valid, labels, 0), weight=weight, reduction="none", label_smoothing=label_smoothing
+    )
+    if weight is not None:  # (cross_entropy's own weighted mean: divided by the weights' sum)
+        hard_mean = (hard * valid).sum() / (weight[torch.where(valid, labels, 0)] * valid).sum().clamp(min=1e-12)
+    else:
+        hard_mean = (hard * valid).sum() / n
+    logq = torch.log_softmax(logits / t, dim=-1)
+    if teacher_idx is not None:
+        logq = logq.gather(-1, teacher_idx)
+    logp = torch.log_softmax(teacher_logp.float() / t, dim=-1)
+    kl = (logp.exp() * (logp - logq)).sum(-1)
+    return (1 - alpha) * hard_mean + alpha * t * t * (kl * valid).sum() / n
+
+
+class _LinearDistill(torch.autograd.Function):
+    """distill_loss of `h @ weight.T`, chunk by chunk, with the gradients computed in the forward pass (see
+    _LinearCrossEntropy): per row, (1 - alpha) (softmax(z) - onehot) + alpha T (softmax(z / T) - p_teacher)."""
+
+    @staticmethod
+    def forward(ctx, h, weight, target, idx, logp, alpha, t, ignore_index, chunk, compute):
+        valid = target != ignore_index
+        n = valid.sum().clamp(min=1)
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros_like(weight) if need_w else None
+        total = h.new_zeros((), dtype=torch.promote_types(h.dtype, torch.float32))
+        w = weight if compute is None else weight.to(compute)
+        for s in range(0, h.size(0), chunk):
+            hc, tc, vc = h[s : s + chunk], target[s : s + chunk], valid[s : s + chunk]
+            ic = idx[s : s + chunk]
+            if compute is not None:
+                hc = hc.to(compute)
+            z = (hc @ w.T).to(total.dtype)
+            safe = torch.where(vc, tc, torch.zeros_like(tc))
+            hard = torch.logsumexp(z, dim=-1) - z.gather(-1, safe[:, None]).squeeze(-1)
+            zt = z / t
+            logq_all = zt - torch.logsumexp(zt, dim=-1, keepdim=True)
+            p_logp = torch.log_softmax(logp[s : s + chunk].to(total.dtype) / t, dim=-1)
+            p = p_logp.exp()
+            kl = (p * (p_logp - logq_all.gather(-1, ic))).sum(-1)
+            total += (((1 - alpha) * hard + alpha * t * t * kl) * vc).sum()
+            if grad_h is None and grad_w is None:
+                continue
+            g = logq_all.exp_().mul_(alpha * t)  # alpha T softmax(z / T), in place
+            g.scatter_add_(-1, ic, p * -(alpha * t))
+            g += torch.softmax(z, dim=-1).mul_(1 - alpha)
+            g.scatter_add_(-1, safe[:, None], torch.full_like(g[:, :1], -(1 - alpha)))
+            g = g.mul_((vc / n)[:, None]).to(hc.dtype)
+            if grad_h is not None:
+                grad_h[s : s + chunk] = g @ w
+            if grad_w is not None:
+                grad_w += (g.T @ hc).to(grad_w.dtype)
+        ctx.save_for_backward(grad_h, grad_w)
+        return total / n
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w = ctx.saved_tensors
+        return (
+            None if grad_h is None else grad_h * grad_loss,
+            None if grad_w is None else grad_w * grad_loss,
+            *([None] * 8),
+        )
+
+
+def linear_distill_loss(
+    h: torch.Tensor, weight: torch.Tensor, targets: TeacherTargets, ignore_index: int = -100, chunk: int = 1024
+) -> torch.Tensor:
+    """distill_loss of the logits `h @ weight.T` (h [N, d], weight [V, d], targets flat: labels [N], idx and
+    logp [N, k]) without holding the [N, V] logits, as linear_cross_entropy does for the plain loss."""
+    kind = h.device.type
+    args = (targets.labels, targets.idx, targets.logp, targets.alpha, targets.temperature, ignore_index, chunk)
+    if torch.is_autocast_enabled(kind):
+        compute = torch.get_autocast_dtype(kind)
+        with torch.autocast(kind, enabled=False):
+            return _LinearDistill.apply(h, weight, *args, compute)
+    return _LinearDistill.apply(h, weight, *args, None)

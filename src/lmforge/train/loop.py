@@ -34,6 +34,8 @@ from lmforge.data.corpus import Document, scan_documents, split_documents
 from lmforge.data.shards import TokenShard, build_shards
 from lmforge.errors import CheckpointError, ConfigError
 from lmforge.files import check_out_dir, is_stale_temp, write_json, write_text
+from lmforge.interop.load import load_pretrained
+from lmforge.models.decoder import DecoderLM
 from lmforge.models.family import family_of
 from lmforge.report import write_run_report
 from lmforge.runtime import matmul_flops, to_device, tune_allocator
@@ -51,6 +53,7 @@ from lmforge.train.distributed import DistEnv, init_distributed, rank_seed, shut
 from lmforge.train.objectives import OBJECTIVES
 from lmforge.train.optim import lr_at, make_optimizer
 from lmforge.train.parallel import choose_strategy, full_state_dict, wrap
+from lmforge.train.teacher import TEACHER_DIR, TeacherShard, store_teacher
 
 
 @dataclass
@@ -192,6 +195,10 @@ def _pretrain(
     if env.rank:  # the same initial weights everywhere; from here on each process draws its own dropout masks
         torch.manual_seed(rank_seed(tc.seed, env.rank))
     objective.bind(tokenizer)
+    if tc.teacher:
+        objective.teacher = TeacherShard.open(run / "data" / TEACHER_DIR)
+        if objective.teacher is None:
+            raise CheckpointError(f"{run / 'data' / TEACHER_DIR} holds no complete teacher store; start the run over")
     window = objective.window  # stream tokens one example reads
     train_data.check_fits(window, "train")
     val_data.check_fits(window, "validation")
@@ -377,12 +384,25 @@ def _prepare(cfg: RunConfig, run: Path, env: DistEnv, progress: bool = False) ->
     (data/stream.py). Errors in the input surface here, and a new run directory is removed again."""
     created = not run.exists()
     docs = scan_documents(cfg.data.sources)  # raises on missing / empty input (non-UTF-8 bytes: when read)
-    if not cfg.data.tokenizer and not cfg.data.vocab_size:
+    if not cfg.data.tokenizer and not cfg.data.vocab_size and not cfg.train.teacher:
         # the request, recorded: model.vocab_size becomes the trained size below, and a run started over from
         # the saved config.yaml must train the same tokenizer
         cfg.data.vocab_size = cfg.model.vocab_size
+    teacher = None
+    if cfg.train.teacher:  # (its tokenizer is the run's: the student learns its distribution token by token)
+        teacher, teacher_tok = load_pretrained(cfg.train.teacher, device=env.device)
+        if not isinstance(teacher, DecoderLM):
+            raise ConfigError(f"train.teacher {cfg.train.teacher} is a {type(teacher).__name__}, not a causal LM")
+        if cfg.data.tokenizer is None:
+            tokenizer = teacher_tok
     if cfg.data.tokenizer:
         tokenizer = Tokenizer.from_file(cfg.data.tokenizer)
+        if teacher is not None and tokenizer.vocab_size > teacher.config.vocab_size:
+            raise ConfigError(
+                f"data.tokenizer {cfg.data.tokenizer} has {tokenizer.vocab_size} tokens and the teacher "
+                f"{teacher.config.vocab_size}: a distilled run uses the teacher's own tokenizer (leave out "
+                f"data.tokenizer)"
+            )
     try:
         if env.main:  # first the recipe: a run killed from here on is started over by --resume
             run.mkdir(parents=True, exist_ok=True)
@@ -394,7 +414,7 @@ def _prepare(cfg: RunConfig, run: Path, env: DistEnv, progress: bool = False) ->
             env.barrier()
             docs = scan_documents([str(run / CLEAN_DIR)])
         train_docs, val_docs = split_documents(docs, cfg.data.val_fraction)
-        if not cfg.data.tokenizer and env.main:
+        if not cfg.data.tokenizer and teacher is None and env.main:
             vocab = cfg.data.vocab_size or cfg.model.vocab_size
             texts = _sample(train_docs, int(cfg.data.tokenizer_mb * (1 << 20)))
             tokenizer = OBJECTIVES[cfg.train.objective].train_tokenizer(texts, vocab)
@@ -408,8 +428,9 @@ def _prepare(cfg: RunConfig, run: Path, env: DistEnv, progress: bool = False) ->
                     f"on several machines the run directory (--out) must be on storage they all share"
                 )
             tokenizer = Tokenizer.from_file(run / "tokenizer.json")
-        # the model's vocabulary is the tokenizer's (a trained BPE can come out smaller than asked)
-        cfg.model.vocab_size = tokenizer.vocab_size
+        # the model's vocabulary is the tokenizer's (a trained BPE can come out smaller than asked), or the
+        # teacher's head's, which may be padded past it
+        cfg.model.vocab_size = teacher.config.vocab_size if teacher is not None else tokenizer.vocab_size
         cfg.model.pad_token_id = tokenizer.token_id(tokenizer.pad_token)
         family = family_of(cfg.model).name
         if family in ("decoder", "seq2seq"):
@@ -429,6 +450,21 @@ def _prepare(cfg: RunConfig, run: Path, env: DistEnv, progress: bool = False) ->
             barrier=env.barrier,
             progress=progress,
         )
+        if teacher is not None:
+            store_teacher(
+                teacher,
+                TokenShard.open(run / "data", "train"),
+                run / "data" / TEACHER_DIR,
+                cfg.train.distill_top_k,
+                min(cfg.train.seq_len or cfg.model.max_seq_len, teacher.config.max_seq_len),
+                device=env.device,
+                autocast=precision(cfg.train.dtype, env.device, "ddp", False, "train.dtype").autocast,
+                rank=env.rank,
+                world=env.world,
+                barrier=env.barrier,
+                progress=progress and env.main,
+            )
+            del teacher
         if env.main:
             write_text(run / "config.yaml", cfg.to_yaml())
             write_json(run / "environment.json", _environment(cfg))

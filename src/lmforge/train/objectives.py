@@ -1,6 +1,7 @@
 """The pre-training objectives, one class each, so the loop in train/loop.py has no branch on the kind of model:
 
-    clm    next-token prediction (decoders): windows of seq_len tokens; validation loss, perplexity, bits per byte
+    clm    next-token prediction (decoders): windows of seq_len tokens; validation loss, perplexity, bits per byte;
+           with train.teacher, the teacher's stored top-k beside each window's next tokens (distillation)
     mlm    masked LM (+ next-sentence prediction) for encoders: BERT's masking; masked-token (and NSP) accuracy
     span   span corruption for encoder-decoders (T5): sentinel-marked spans; span loss and accuracy
 
@@ -22,7 +23,9 @@ from lmforge.data.shards import TokenShard
 from lmforge.data.spans import SpanCorruptionBatcher, span_metrics
 from lmforge.eval.lm import evaluate_shard, lm_metrics, window_loss
 from lmforge.models.family import FAMILIES
+from lmforge.nn.loss import TeacherTargets
 from lmforge.tokenizer import Tokenizer
+from lmforge.train.teacher import TeacherShard
 
 # what a pre-trained decoder samples with when its directory is used for generation
 DEFAULT_GENERATION = {"do_sample": True, "temperature": 0.8, "top_k": 50, "top_p": 0.95, "max_new_tokens": 200}
@@ -70,9 +73,15 @@ class CausalLM(Objective):
     def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
         return Tokenizer.train_bpe(texts, vocab_size=vocab_size)
 
-    def batch(self, shard: TokenShard, starts: torch.Tensor, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    teacher: TeacherShard | None = None  # train.teacher's stored top-k (train/teacher.py), set by the loop
+
+    def batch(self, shard: TokenShard, starts: torch.Tensor, gen: torch.Generator) -> dict[str, Any]:
         x, y = shard.windows(starts, self.seq_len)
-        return {"input_ids": x, "labels": y}
+        if self.teacher is None:
+            return {"input_ids": x, "labels": y}
+        tc = self.cfg.train
+        idx, logp = self.teacher.windows(starts, self.seq_len)
+        return {"input_ids": x, "labels": TeacherTargets(y, idx, logp, tc.distill_alpha, tc.distill_temperature)}
 
     def evaluate(self, model: nn.Module, device: torch.device, env, autocast) -> dict[str, float]:
         s = torch.tensor(

@@ -6,7 +6,8 @@ windows  max_len from the data when not given (the longest text, up to the model
          read whole as overlapping windows whose logits are averaged, in training and prediction alike
 model    the encoder under a fresh classification head carrying the label names; "full" trains all of it,
          "top-k" only the last k blocks and the head
-train    `fit`: length-bucketed batches, AdamW, warm-up + linear decay; the best validation epoch is kept
+train    `fit`: length-bucketed batches, AdamW, warm-up + linear decay; the best validation epoch is kept;
+         with --teacher, the teacher's softened class distribution (computed once) beside the labels
 finish   test-split accuracy, macro-F1, per-class precision / recall, a confusion-matrix PNG, the model as an
          HF directory (transformers loads it as BertForSequenceClassification), a report
 """
@@ -24,9 +25,11 @@ import torch.nn.functional as F
 from lmforge.config import FinetuneConfig
 from lmforge.data.augment import augment_ids, check_ops, token_neighbours
 from lmforge.data.labelled import LabelledSet, class_counts, read_labelled, stratified_split
-from lmforge.errors import ConfigError, DataError
+from lmforge.errors import ConfigError, DataError, ModelLoadError
 from lmforge.eval.classify import classification_metrics, plot_confusion
+from lmforge.interop import load_pretrained
 from lmforge.models.encoder import Encoder
+from lmforge.nn.loss import distill_loss
 from lmforge.predict import pad_batch, pad_windows, predict_proba, window_logits, window_stride
 from lmforge.train.supervised import length_buckets
 from lmforge.tune.driver import Run, Task, run_footer, run_task, say
@@ -44,6 +47,9 @@ class ClassifyResult:
     seconds: float  # training time
     rows: dict[str, int]  # rows per split, repaired and skipped rows
     adapter_dir: Path | None = None  # under LoRA: the adapter alone, in the PEFT layout
+    teacher: dict[str, Any] | None = (
+        None  # distilled (--teacher): the teacher's classification_metrics on the test split
+    )
 
     def summary(self) -> str:
         """What `lmforge finetune classify` prints at the end."""
@@ -57,6 +63,9 @@ class ClassifyResult:
             f"n={m['support']}"
             for name, m in t["per_class"].items()
         ]
+        if self.teacher:
+            kept = t["accuracy"] / max(self.teacher["accuracy"], 1e-12)
+            lines.append(f"teacher: test accuracy {self.teacher['accuracy']:.4f} (the student keeps {kept:.1%} of it)")
         return "\n".join(lines + [run_footer(self)])
 
 
@@ -122,6 +131,19 @@ def fit_windows(
             f"{stride} tokens, their logits averaged into one prediction"
         )
     return max_len, stride, windows
+
+
+def teacher_scores(path: str, names: list[str], sets: list[list[str]], device: str = "cpu") -> list[torch.Tensor]:
+    """A teacher classifier's log-probabilities [N, classes] for each list of texts in `sets`, read with its own
+    tokenizer and window (a teacher and its student need not share a vocabulary); its classes must be `names`."""
+    teacher, tok = load_pretrained(path, device=device)
+    if not (isinstance(teacher, Encoder) and teacher.config.head == "classify"):
+        raise ModelLoadError(f"teacher {path} is not a classifier (an encoder with a classification head)")
+    if teacher.config.labels != names:
+        raise DataError(
+            f"teacher {path} classifies {', '.join(teacher.config.labels)}; the data's classes are {', '.join(names)}"
+        )
+    return [torch.log(predict_proba(teacher, tok, texts).clamp(min=1e-12)) for texts in sets]
 
 
 class ClassifyTask(Task):
@@ -200,6 +222,17 @@ class ClassifyTask(Task):
             specials = {t for text in windows for win in text for t in (win[0], win[-1])} | {tok.pad_id}
             self.neighbours = token_neighbours(self.model.tok_emb.weight, seen, exclude=specials)
             say(f"augment: {cfg.augment:g} of the tokens of half the texts each epoch ({', '.join(self.augment_ops)})")
+        self.teacher_logp = None
+        if cfg.teacher:  # its soft targets, computed once: the teacher never runs again
+            self.teacher_logp, teacher_test = teacher_scores(
+                cfg.teacher, names, [train.texts, self.test.texts], cfg.device
+            )
+            y_test = [self.label_id[v] for v in self.test.labels]
+            self.teacher_test = classification_metrics(y_test, teacher_test.argmax(-1).tolist(), names)
+            say(
+                f"teacher {cfg.teacher}: test accuracy {self.teacher_test['accuracy']:.4f}; distilling at temperature "
+                f"{cfg.distill_temperature:g}, soft share {cfg.distill_alpha:g}"
+            )
         self.order = [sum(map(len, w)) for w in windows]
         self.steps_per_epoch = len(
             length_buckets(len(windows), self.order.__getitem__, cfg.batch_size, cfg.seed, size=self.size)
@@ -222,7 +255,8 @@ class ClassifyTask(Task):
             len(w), self.order.__getitem__, self.cfg.batch_size, self.cfg.seed + epoch, size=self.size
         ):
             b = pad_windows([w[i] for i in idx], pad) if self.windowed else pad_batch([w[i][0] for i in idx], pad)
-            yield {**b, "labels": self.y[idx], "class_weights": self.weights, "shared": ("class_weights",)}
+            soft = {} if self.teacher_logp is None else {"teacher_logp": self.teacher_logp[idx]}
+            yield {**b, "labels": self.y[idx], **soft, "class_weights": self.weights, "shared": ("class_weights",)}
 
     def _augmented(self, epoch: int) -> list[list[list[int]]]:
         """The training windows, half the texts edited (data/augment.py) when --augment is on."""
@@ -239,14 +273,24 @@ class ClassifyTask(Task):
 
     @property
     def loss(self):
-        if not (self.cfg.label_smoothing or self.windowed):
-            return None  # the model's own loss, which is this one without either
+        cfg = self.cfg
+        if not (cfg.label_smoothing or self.windowed or cfg.teacher):
+            return None  # the model's own loss, which is this one without any of them
 
         def loss(m: Encoder, b: dict) -> torch.Tensor:
-            logits = window_logits(m, b, grad_checkpoint=self.cfg.grad_checkpoint)
-            return F.cross_entropy(
-                logits, b["labels"], weight=b["class_weights"], label_smoothing=self.cfg.label_smoothing
-            )
+            logits = window_logits(m, b, grad_checkpoint=cfg.grad_checkpoint)
+            if cfg.teacher:  # (the labels' share and the teacher's softened distribution: nn.loss)
+                return distill_loss(
+                    logits,
+                    b["labels"],
+                    None,
+                    b["teacher_logp"],
+                    cfg.distill_alpha,
+                    cfg.distill_temperature,
+                    weight=b["class_weights"],
+                    label_smoothing=cfg.label_smoothing,
+                )
+            return F.cross_entropy(logits, b["labels"], weight=b["class_weights"], label_smoothing=cfg.label_smoothing)
 
         return loss
 
@@ -271,7 +315,10 @@ class ClassifyTask(Task):
         )
         self.test_m = classification_metrics([self.label_id[v] for v in self.test.labels], pred, self.names)
         plot_confusion(self.test_m, self.out / "report" / "confusion.png", title="test split")
-        return {"labels": self.names, "max_len": self.max_len, "stride": self.stride, "test": self.test_m}
+        out = {"labels": self.names, "max_len": self.max_len, "stride": self.stride, "test": self.test_m}
+        if self.teacher_logp is not None:
+            out["teacher"] = {"model": self.cfg.teacher, "test": self.teacher_test}
+        return out
 
     def report_rows(self) -> list[tuple[str, str]]:
         t, best = self.test_m, self.best
@@ -281,6 +328,11 @@ class ClassifyTask(Task):
             ("best validation accuracy", f"{best.get('accuracy', float('nan')):.4f}"),
             ("test accuracy", f"{t['accuracy']:.4f}"),
             ("test macro-F1", f"{t['macro_f1']:.4f}"),
+            *(
+                [("teacher's test accuracy", f"{self.teacher_test['accuracy']:.4f} ({self.cfg.teacher})")]
+                if self.teacher_logp is not None
+                else []
+            ),
         ] + [
             (f"{k}: precision / recall / F1", f"{v['precision']:.3f} / {v['recall']:.3f} / {v['f1']:.3f}")
             for k, v in t["per_class"].items()
@@ -297,6 +349,7 @@ class ClassifyTask(Task):
             run.seconds,
             self.rows,
             run.adapter_dir,
+            self.teacher_test if self.teacher_logp is not None else None,
         )
 
 

@@ -6,7 +6,8 @@
                setting, the shape `--resume` and `finetune --recipe` read
     data       task.load_data(data): the splits
     model      task.load_model(model): the model (a head put on, a vocabulary trained, ...) under the seed;
-               a LoRA target that matches nothing refused before anything is computed
+               --keep-layers: a shallower copy of it; a LoRA target that matches nothing refused before anything
+               is computed
     prepare    task.prepare(): tokens, windows, a score of the starting model
     method     the method's transform (full / top-k / lora / qlora: methods.py); task.after_method()
     train      `fit` (train/supervised.py) over task.batches(epoch), task.loss when the task has its own
@@ -178,6 +179,16 @@ def run_task(
     task.load_data()
     torch.manual_seed(cfg.seed)
     model, tok = task.load_model()
+    if cfg.keep_layers:  # (a shallower copy: before the method, so LoRA and top-k see the kept blocks)
+        if not hasattr(model, "keep_layers"):
+            raise ConfigError(f"keep_layers (--keep-layers) applies to encoder models; {model_path} is not one")
+        if cfg.keep_layers > model.config.n_layer:
+            raise ConfigError(
+                f"keep_layers (--keep-layers) {cfg.keep_layers} is more than the model's {model.config.n_layer} blocks"
+            )
+        blocks = model.config.n_layer
+        kept = model.keep_layers(cfg.keep_layers)
+        say(f"keeping blocks {', '.join(map(str, kept))} of the model's {blocks}")
     check_method(model, cfg)  # (a LoRA target that matches nothing: refused before any work)
     task.model, task.tok = model, tok
     task.prepare()

@@ -188,6 +188,12 @@ APPLIES: dict[str, tuple[Any, str]] = {
     "quant": (lambda task, v: v["method"] == "qlora", "--method qlora"),
     "label_smoothing": (lambda task, v: task == "classify", "finetune classify"),
     "augment": (lambda task, v: task == "classify", "finetune classify"),
+    "teacher": (lambda task, v: task == "classify", "finetune classify (lmforge distill)"),
+    **{
+        k: (lambda task, v: task == "classify" and v["teacher"], "finetune classify --teacher")
+        for k in ("distill_alpha", "distill_temperature")
+    },
+    "keep_layers": (lambda task, v: task in ("classify", "qa"), "the encoder tasks (classify, qa)"),
     "augment_ops": (lambda task, v: task == "classify" and v["augment"] > 0, "finetune classify --augment"),
     **{
         k: (lambda task, v: v["schedule"] == "plateau", "--schedule plateau")
