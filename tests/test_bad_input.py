@@ -829,6 +829,17 @@ case(
 )
 case("finetune-augment-too-high", FT_CLASSIFY + " --augment 0.9", "augment (--augment) must be")
 case("finetune-teacher-for-chat", ft("chat") + " --teacher {dec}", "--teacher applies to finetune classify")
+case("finetune-mixup-for-chat", ft("chat") + " --mixup 0.2", "--mixup applies to finetune classify")
+case(
+    "finetune-backtranslate-for-chat",
+    ft("chat") + " --backtranslate a,b",
+    "--backtranslate applies to finetune classify",
+)
+case(
+    "finetune-transfer-data-without-teacher",
+    FT_CLASSIFY + " --transfer-data {labelled_csv}",
+    "--transfer-data applies to finetune classify --teacher",
+)
 for flag in ("--distill-alpha 0.3", "--distill-temperature 3"):
     case(
         f"finetune-{flag.split()[0][2:]}-without-teacher",
@@ -1263,6 +1274,9 @@ FINETUNE_CASES = {
     "augment": "finetune-augment-for-chat",
     "augment_ops": "finetune-augment-ops-without-augment",
     "teacher": "finetune-teacher-for-chat",
+    "mixup": "finetune-mixup-for-chat",
+    "backtranslate": "finetune-backtranslate-for-chat",
+    "transfer_data": "finetune-transfer-data-without-teacher",
     "distill_alpha": "finetune-distill-alpha-without-teacher",
     "distill_temperature": "finetune-distill-temperature-without-teacher",
     "keep_layers": "finetune-keep-layers-for-chat",

@@ -260,6 +260,32 @@ def test_a_student_learns_from_its_teacher_when_the_labels_are_noise(keyword_tas
     assert s["teacher"]["test"]["accuracy"] == teacher
 
 
+def test_transfer_texts_labelled_by_the_teacher_teach_the_student(keyword_task, tmp_path):
+    """24 labelled rows alone teach a fresh student little; the same rows and 216 unlabelled texts the teacher
+    labels (--transfer-data, one per line) teach it the task."""
+    d = keyword_task
+    rows = list(csv.reader(open(d / "train.csv", encoding="utf-8")))[1:]
+    _write(tmp_path / "few.csv", rows[:24])
+    (tmp_path / "more.txt").write_text("".join(t + "\n" for t, _ in rows[24:]))
+    acc = {}
+    for name, transfer in (("alone", None), ("transfer", tmp_path / "more.txt")):
+        cfg = FinetuneConfig(
+            epochs=8, lr=3e-3, batch_size=16, warmup=0.1, seed=0, ckpt_every=0, teacher=str(d / "teacher" / "model")
+        )
+        r = finetune_classify(
+            d / "student1",
+            tmp_path / "few.csv",
+            tmp_path / name,
+            cfg,
+            val_data=d / "val.csv",
+            test_data=d / "test.csv",
+            transfer_data=transfer,
+        )
+        acc[name] = r.test["accuracy"]
+    assert r.rows["transfer"] == 216 and r.rows["train"] == 24
+    assert acc["transfer"] >= 0.85 and acc["transfer"] >= acc["alone"] + 0.1, acc
+
+
 def test_keep_layers_is_the_teacher_with_blocks_evenly_spaced(keyword_task, tmp_path):
     m, _ = load_pretrained(keyword_task / "teacher" / "model")
     blocks = [{k: v.clone() for k, v in b.state_dict().items()} for b in m.blocks]

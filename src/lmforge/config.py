@@ -1085,6 +1085,18 @@ class FinetuneConfig(LoopConfig):
         high=0.5,
     )
     augment_ops: str = setting("delete,swap,insert,substitute", "--augment: the edits it draws from")
+    backtranslate: str | None = setting(
+        None,
+        "classification: two seq2seq models, FORWARD,BACK (directories or names), that translate the training "
+        "texts out of their language and back once: each epoch, half the texts (drawn afresh) read as their round "
+        "trip (with --augment, edited too)",
+    )
+    mixup: float = setting(
+        0.0,
+        "classification: sentence-level mixup: each example's pooled vector mixed with its batch neighbour's by a "
+        "share drawn from Beta(mixup, mixup), its loss by the same share of both labels (0: off; 0.2-0.4 usual)",
+        low=0,
+    )
     average: float = setting(
         0.0,
         "above 0: also try the mean of the weights at the evaluations in this last share of training",

@@ -116,6 +116,7 @@ class Encoder(PretrainedModel):
         heads: bool = True,
         loss_only: bool = False,
         grad_checkpoint: bool = False,
+        mixup: torch.Tensor | None = None,
     ) -> EncoderOutput:
         """input_ids [B, T]; attention_mask [B, T] marks real tokens (1) and padding (0).
 
@@ -123,7 +124,9 @@ class Encoder(PretrainedModel):
         start_positions / end_positions [B] train the qa head. The loss is the mean over what is predicted
         (mlm + nsp summed for pretrain). heads=False stops after the body and pooler (embeddings need no
         vocabulary-wide MLM scores). loss_only=True (what the training loops ask for) returns no logits;
-        grad_checkpoint=True recomputes each block in backward (models.base.call_block)."""
+        grad_checkpoint=True recomputes each block in backward (models.base.call_block).
+        mixup [B] (classify, training): each pooled vector becomes `mixup_i x_i + (1 - mixup_i) x_(i-1)`, its batch
+        neighbour's mixed in before the head (sentence-level mixup); the caller mixes the labels alike."""
         B, T = input_ids.shape
         if T > self.config.max_seq_len:
             raise ValueError(f"sequence of {T} tokens exceeds the model's {self.config.max_seq_len} positions")
@@ -139,6 +142,9 @@ class Encoder(PretrainedModel):
         out = EncoderOutput(hidden=x)
         if self.pooler is not None:
             out.pooled = torch.tanh(self.pooler(x[:, 0]))
+            if mixup is not None:
+                lam = mixup.to(out.pooled.dtype)[:, None]
+                out.pooled = lam * out.pooled + (1 - lam) * out.pooled.roll(1, 0)
 
         head = self.config.head if heads else "none"
         if head in ("mlm", "pretrain"):

@@ -51,6 +51,16 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int 
     return _CrossEntropy.apply(logits, target, ignore_index)
 
 
+def _chunk_state(ctx, h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, ignore_index: int):
+    """What both chunked losses start from: the rows that count and their number, the gradient buffers the forward
+    pass fills (None where no gradient is wanted), and the loss sum in fp32 (or wider)."""
+    valid = target != ignore_index
+    grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
+    grad_w = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+    total = h.new_zeros((), dtype=torch.promote_types(h.dtype, torch.float32))
+    return valid, valid.sum().clamp(min=1), grad_h, grad_w, total
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of `h @ weight.T` against target, chunk by chunk. The gradients are computed in the
     forward pass (while each chunk's logits are at hand) and scaled by the incoming gradient in backward."""
@@ -65,12 +75,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         chunk: int,
         compute: torch.dtype | None,
     ) -> torch.Tensor:
-        valid = target != ignore_index
-        n = valid.sum().clamp(min=1)
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_h = torch.empty_like(h) if need_h else None
-        grad_w = torch.zeros_like(weight) if need_w else None
-        total = h.new_zeros((), dtype=torch.promote_types(h.dtype, torch.float32))
+        valid, n, grad_h, grad_w, total = _chunk_state(ctx, h, weight, target, ignore_index)
         # the products in `compute` (autocast's dtype) when given; softmax, loss and weight gradient sums in fp32
         w = weight if compute is None else weight.to(compute)
         for s in range(0, h.size(0), chunk):
@@ -189,12 +194,7 @@ class _LinearDistill(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, weight, target, idx, logp, alpha, t, ignore_index, chunk, compute):
-        valid = target != ignore_index
-        n = valid.sum().clamp(min=1)
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_h = torch.empty_like(h) if need_h else None
-        grad_w = torch.zeros_like(weight) if need_w else None
-        total = h.new_zeros((), dtype=torch.promote_types(h.dtype, torch.float32))
+        valid, n, grad_h, grad_w, total = _chunk_state(ctx, h, weight, target, ignore_index)
         w = weight if compute is None else weight.to(compute)
         for s in range(0, h.size(0), chunk):
             hc, tc, vc = h[s : s + chunk], target[s : s + chunk], valid[s : s + chunk]

@@ -14,21 +14,28 @@ finish   test-split accuracy, macro-F1, per-class precision / recall, a confusio
 
 from __future__ import annotations
 
+import csv
+import io
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from lmforge.config import FinetuneConfig
 from lmforge.data.augment import augment_ids, check_ops, token_neighbours
-from lmforge.data.labelled import LabelledSet, class_counts, read_labelled, stratified_split
+from lmforge.data.labelled import LabelledSet, class_counts, read_labelled, read_texts, stratified_split
 from lmforge.errors import ConfigError, DataError, ModelLoadError
 from lmforge.eval.classify import classification_metrics, plot_confusion
+from lmforge.files import write_text
+from lmforge.generate.seq2seq import Seq2SeqParams, generate_seq2seq
 from lmforge.interop import load_pretrained
 from lmforge.models.encoder import Encoder
+from lmforge.models.seq2seq import Seq2SeqLM
 from lmforge.nn.loss import distill_loss
 from lmforge.predict import pad_batch, pad_windows, predict_proba, window_logits, window_stride
 from lmforge.train.supervised import length_buckets
@@ -146,6 +153,25 @@ def teacher_scores(path: str, names: list[str], sets: list[list[str]], device: s
     return [torch.log(predict_proba(teacher, tok, texts).clamp(min=1e-12)) for texts in sets]
 
 
+def back_translate(texts: list[str], models: str, device: str = "cpu", batch_size: int = 32) -> list[str]:
+    """Each text translated by the first of `models` ("FORWARD,BACK": seq2seq models lmforge loads) and back by
+    the second, greedily: a paraphrase in the texts' own language, as far as the two models can make one."""
+    names = [m.strip() for m in models.split(",") if m.strip()]
+    if len(names) != 2:
+        raise ConfigError(
+            f"backtranslate (--backtranslate) takes two seq2seq models, FORWARD,BACK (the same one twice for a "
+            f"model that translates both ways), got {models!r}"
+        )
+    out = list(texts)
+    for name in names:
+        model, tok = load_pretrained(name, device=device)
+        if not isinstance(model, Seq2SeqLM):
+            raise ModelLoadError(f"{name} is a {type(model).__name__}; back-translation needs seq2seq (T5) models")
+        steps = min(128, model.config.max_seq_len)
+        out = generate_seq2seq(model, tok, out, Seq2SeqParams(max_new_tokens=steps), batch_size=batch_size)
+    return out
+
+
 class ClassifyTask(Task):
     name, title = "classify", "Classification fine-tune"
     needs = "classification fine-tuning needs an encoder (BERT family) model"
@@ -157,6 +183,8 @@ class ClassifyTask(Task):
         a, cfg = self.args, self.cfg
         if cfg.augment:
             check_ops(cfg.augment_ops)
+        if cfg.mixup and cfg.teacher:
+            raise ConfigError("mixup (--mixup) and a teacher (--teacher) do not combine: choose one")
         if a["stride"] is not None and cfg.max_len is not None and a["stride"] >= cfg.max_len - 2:
             raise ConfigError(
                 f"stride (--stride) {a['stride']} must be below max_len - 2 ({cfg.max_len - 2}): "
@@ -181,6 +209,7 @@ class ClassifyTask(Task):
             self.cfg.seed,
         )
         self.label_id = {n: i for i, n in enumerate(self.names)}
+        self.transfer = read_texts(a["transfer_data"], a["text_col"]) if a["transfer_data"] else []
 
     def load_model(self):
         model, tok = super().load_model()
@@ -196,16 +225,35 @@ class ClassifyTask(Task):
             + (f"; {train.repaired_rows} rows repaired from non-UTF-8 bytes" if train.repaired_rows else "")
             + (f"; {train.skipped_rows} rows skipped (empty text or label)" if train.skipped_rows else "")
         )
+        texts = train.texts + self.transfer  # (--transfer-data: texts the teacher labels, after the labelled ones)
+        self.teacher_logp = None
+        if cfg.teacher:  # its soft targets, computed once: the teacher never runs again
+            self.teacher_logp, teacher_test = teacher_scores(cfg.teacher, names, [texts, self.test.texts], cfg.device)
+            y_test = [self.label_id[v] for v in self.test.labels]
+            self.teacher_test = classification_metrics(y_test, teacher_test.argmax(-1).tolist(), names)
+            say(
+                f"teacher {cfg.teacher}: test accuracy {self.teacher_test['accuracy']:.4f}; distilling at temperature "
+                f"{cfg.distill_temperature:g}, soft share {cfg.distill_alpha:g}"
+                + (f"; {len(self.transfer)} more texts labelled by it (--transfer-data)" if self.transfer else "")
+            )
         self.max_len, self.stride, self.windows = fit_windows(
-            tok, train.texts, cfg.max_len, self.args["stride"], self.model.config.max_seq_len
+            tok, texts, cfg.max_len, self.args["stride"], self.model.config.max_seq_len
         )
         windows = self.windows
-        self.y = torch.tensor([self.label_id[v] for v in train.labels])
+        hard = [self.label_id[v] for v in train.labels]
+        if self.transfer:  # (their hard label: the teacher's choice)
+            hard += self.teacher_logp[len(train) :].argmax(-1).tolist()
+        self.y = torch.tensor(hard)
         self.weights = None
         if self.args["class_weights"]:  # inverse class frequency, mean 1
             counts = torch.bincount(self.y, minlength=len(names)).float().clamp(min=1)
             self.weights = (counts.sum() / (len(names) * counts)).to(cfg.device)
         self.windowed = any(len(w) > 1 for w in windows)
+        if cfg.mixup and self.windowed:
+            raise ConfigError(
+                f"mixup (--mixup) mixes one window per text; some texts are longer than --max-len {self.max_len}: "
+                f"raise it or drop --mixup"
+            )
         # a batch of long texts holds batch_size x 128 tokens' worth of windows (what batch_size short examples
         # held): 32 windows of 512 would keep ~13 GB of activations for MiniLM's backward
         per_window = max(1, -(-self.max_len // 128))
@@ -215,6 +263,20 @@ class ClassifyTask(Task):
                 f"batches of up to {max(1, cfg.batch_size // per_window)} windows of {self.max_len} tokens "
                 f"(--batch-size {cfg.batch_size} x 128 tokens)"
             )
+        self.paraphrases = None
+        if cfg.backtranslate:  # (each text's round trip, computed once; written out for the reader)
+            para = back_translate(texts, cfg.backtranslate, cfg.device)
+            para = [p if p.strip() else t for p, t in zip(para, texts, strict=True)]
+            self.paraphrases = tok.encode_windows(para, self.max_len, self.stride)
+            if os.environ.get("RANK", "0") == "0":
+                buf = io.StringIO()
+                csv.writer(buf).writerows([("text", "round_trip"), *zip(texts, para, strict=True)])
+                write_text(self.out / "backtranslated.csv", buf.getvalue())
+            say(
+                f"back-translation through {cfg.backtranslate}: {sum(p != t for p, t in zip(para, texts))} "
+                f"of {len(para)} texts changed, e.g. {texts[0][:60]!r} -> {para[0][:60]!r} "
+                f"(all in backtranslated.csv)"
+            )
         self.neighbours: dict[int, list[int]] = {}
         if cfg.augment:  # (the nearest tokens, in the model's own input embeddings, of every training token)
             self.augment_ops = check_ops(cfg.augment_ops)
@@ -222,17 +284,6 @@ class ClassifyTask(Task):
             specials = {t for text in windows for win in text for t in (win[0], win[-1])} | {tok.pad_id}
             self.neighbours = token_neighbours(self.model.tok_emb.weight, seen, exclude=specials)
             say(f"augment: {cfg.augment:g} of the tokens of half the texts each epoch ({', '.join(self.augment_ops)})")
-        self.teacher_logp = None
-        if cfg.teacher:  # its soft targets, computed once: the teacher never runs again
-            self.teacher_logp, teacher_test = teacher_scores(
-                cfg.teacher, names, [train.texts, self.test.texts], cfg.device
-            )
-            y_test = [self.label_id[v] for v in self.test.labels]
-            self.teacher_test = classification_metrics(y_test, teacher_test.argmax(-1).tolist(), names)
-            say(
-                f"teacher {cfg.teacher}: test accuracy {self.teacher_test['accuracy']:.4f}; distilling at temperature "
-                f"{cfg.distill_temperature:g}, soft share {cfg.distill_alpha:g}"
-            )
         self.order = [sum(map(len, w)) for w in windows]
         self.steps_per_epoch = len(
             length_buckets(len(windows), self.order.__getitem__, cfg.batch_size, cfg.seed, size=self.size)
@@ -245,39 +296,60 @@ class ClassifyTask(Task):
             "repaired": train.repaired_rows,
             "skipped": train.skipped_rows,
             "train_windowed": sum(len(w) > 1 for w in windows),
+            "transfer": len(self.transfer),
         }
 
     def batches(self, epoch: int):
         """Shuffled, then bucketed by length (little padding per batch); long texts as [D, W, T] windows. With
         --augment, this epoch's edits first (a function of the seed and the epoch)."""
         w, pad = self._augmented(epoch), self.tok.pad_id
+        mix_rng = np.random.default_rng([self.cfg.seed, epoch, 7])
         for idx in length_buckets(
             len(w), self.order.__getitem__, self.cfg.batch_size, self.cfg.seed + epoch, size=self.size
         ):
             b = pad_windows([w[i] for i in idx], pad) if self.windowed else pad_batch([w[i][0] for i in idx], pad)
             soft = {} if self.teacher_logp is None else {"teacher_logp": self.teacher_logp[idx]}
+            if self.cfg.mixup:  # (each row's share of itself, drawn per epoch and batch: a resume draws the same)
+                soft["mix_lam"] = torch.from_numpy(mix_rng.beta(self.cfg.mixup, self.cfg.mixup, len(idx))).float()
             yield {**b, "labels": self.y[idx], **soft, "class_weights": self.weights, "shared": ("class_weights",)}
 
     def _augmented(self, epoch: int) -> list[list[list[int]]]:
-        """The training windows, half the texts edited (data/augment.py) when --augment is on."""
-        rate = self.cfg.augment
-        if not rate:
+        """The training windows, half the texts (drawn per epoch) read as their back-translation and/or edited
+        (data/augment.py) when --backtranslate / --augment are on."""
+        rate, para = self.cfg.augment, self.paraphrases
+        if not (rate or para):
             return self.windows
         rng = random.Random(f"augment {self.cfg.seed} {epoch}")
         out = []
-        for text in self.windows:
+        for i, text in enumerate(self.windows):
             if rng.random() < 0.5:
-                text = [augment_ids(win, rate, rng, self.neighbours, self.augment_ops, self.max_len) for win in text]
+                text = para[i] if para else text
+                if rate:
+                    text = [
+                        augment_ids(win, rate, rng, self.neighbours, self.augment_ops, self.max_len) for win in text
+                    ]
             out.append(text)
         return out
 
     @property
     def loss(self):
         cfg = self.cfg
-        if not (cfg.label_smoothing or self.windowed or cfg.teacher):
+        if not (cfg.label_smoothing or self.windowed or cfg.teacher or cfg.mixup):
             return None  # the model's own loss, which is this one without any of them
 
         def loss(m: Encoder, b: dict) -> torch.Tensor:
+            if cfg.mixup:  # (the pooled vectors mixed in the model; the labels here, by the same shares)
+                lam, y = b["mix_lam"], b["labels"]
+                logits = m(
+                    b["input_ids"], attention_mask=b["attention_mask"], mixup=lam, grad_checkpoint=cfg.grad_checkpoint
+                ).logits
+                ce = [
+                    F.cross_entropy(
+                        logits, t, weight=b["class_weights"], label_smoothing=cfg.label_smoothing, reduction="none"
+                    )
+                    for t in (y, y.roll(1, 0))
+                ]
+                return (lam * ce[0] + (1 - lam) * ce[1]).mean()
             logits = window_logits(m, b, grad_checkpoint=cfg.grad_checkpoint)
             if cfg.teacher:  # (the labels' share and the teacher's softened distribution: nn.loss)
                 return distill_loss(
@@ -366,6 +438,7 @@ def finetune_classify(
     test_fraction: float = ClassifyArgs.test_fraction,
     class_weights: bool = ClassifyArgs.class_weights,
     stride: int | None = None,
+    transfer_data: str | Path | None = None,
     progress: bool | None = None,
     resume: bool = False,
 ) -> ClassifyResult | None:
@@ -386,4 +459,5 @@ def finetune_classify(
         test_fraction=test_fraction,
         class_weights=class_weights,
         stride=stride,
+        transfer_data=transfer_data and str(transfer_data),
     )

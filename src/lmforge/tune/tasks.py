@@ -60,6 +60,11 @@ class ClassifyArgs(TaskArgs):
         low=0,
         integer=True,
     )
+    transfer_data: str | None = setting(
+        None,
+        "with --teacher: more texts (a .txt file, one per line, or a CSV / TSV / JSONL text column; labels ignored) "
+        "that the teacher labels and the student trains on beside --data's",
+    )
 
 
 @dataclass
@@ -188,12 +193,15 @@ APPLIES: dict[str, tuple[Any, str]] = {
     "quant": (lambda task, v: v["method"] == "qlora", "--method qlora"),
     "label_smoothing": (lambda task, v: task == "classify", "finetune classify"),
     "augment": (lambda task, v: task == "classify", "finetune classify"),
+    "mixup": (lambda task, v: task == "classify", "finetune classify"),
+    "backtranslate": (lambda task, v: task == "classify", "finetune classify"),
     "teacher": (lambda task, v: task == "classify", "finetune classify (lmforge distill)"),
     **{
         k: (lambda task, v: task == "classify" and v["teacher"], "finetune classify --teacher")
         for k in ("distill_alpha", "distill_temperature")
     },
     "keep_layers": (lambda task, v: task in ("classify", "qa"), "the encoder tasks (classify, qa)"),
+    "transfer_data": (lambda task, v: task == "classify" and v["teacher"], "finetune classify --teacher"),
     "augment_ops": (lambda task, v: task == "classify" and v["augment"] > 0, "finetune classify --augment"),
     **{
         k: (lambda task, v: v["schedule"] == "plateau", "--schedule plateau")
