@@ -72,13 +72,16 @@ def small_task(tmp_path_factory):
     tok = Tokenizer.train_wordpiece(texts, vocab_size=500)
     torch.manual_seed(0)
     cfg_m = encoder_config(
-        "bert-mini", vocab_size=tok.vocab_size, n_layer=1, n_head=2, d_model=32, d_ff=64, max_seq_len=64
+        "bert-mini", vocab_size=tok.vocab_size, n_layer=1, n_head=2, d_model=32, d_ff=64, max_seq_len=128
     )
     Encoder(cfg_m).save_pretrained(root / "enc", tokenizer=tok)
     t5_tok = Tokenizer.train_unigram(texts, vocab_size=300)
-    Seq2SeqLM(
+    t5 = Seq2SeqLM(
         seq2seq_config("t5-tiny", vocab_size=t5_tok.vocab_size, d_model=32, n_head=2, d_ff=64, max_seq_len=24)
-    ).save_pretrained(root / "t5", tokenizer=t5_tok)
+    )
+    with torch.no_grad():  # (a random model that never ends its output early: every round trip is new text)
+        t5.lm_head.weight[t5.config.eos_token_id] = 0.0
+    t5.save_pretrained(root / "t5", tokenizer=t5_tok)
     return root
 
 
@@ -88,7 +91,7 @@ def small_task(tmp_path_factory):
 def test_finetune_classify_augmented_is_reproducible_and_changes_the_run(small_task, tmp_path, setting):
     """Two runs with the augmentation and one seed train the same weights bitwise; without it the weights differ."""
     setting = {k: v.replace("T5", str(small_task / "t5")) if isinstance(v, str) else v for k, v in setting.items()}
-    cfg = FinetuneConfig(epochs=2, batch_size=16, lr=1e-3, max_len=48, ckpt_every=0, **setting)
+    cfg = FinetuneConfig(epochs=2, batch_size=16, lr=1e-3, max_len=128, ckpt_every=0, **setting)
     weights = []
     for run, c in (("a", cfg), ("b", cfg), ("off", FinetuneConfig(**{**dataclasses.asdict(cfg), **OFF}))):
         r = finetune_classify(small_task / "enc", small_task / "t.csv", tmp_path / run, c, progress=False)

@@ -1,6 +1,7 @@
 """Pre-training, the whole loop, top to bottom (its objective: clm, mlm or span, from train/objectives.py).
 
-    prepare  corpus -> tokenizer -> token shards, in the run directory (bad input fails before anything is written)
+    prepare  corpus -> tokenizer -> token shards (with train.teacher: its top-k next tokens beside them), in the run
+             directory (bad input fails before anything is written)
     build    model, optimizer; resume from the latest checkpoint when asked
     loop     sample a global batch -> this process's micro-batches -> forward/backward -> clip -> step
              every log_every:  metrics.jsonl + progress bar (loss, tokens/s, MFU)
