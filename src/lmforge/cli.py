@@ -717,7 +717,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="folder for attention.png/.html, saliency.png/.html, explain.json "
         "(encoder-decoders: attention_encoder/_decoder/_cross.png/.html)",
     )
-    ex.add_argument("--what", default="both", choices=["both", "attention", "saliency"])
+    ex.add_argument(
+        "--what",
+        default="both",
+        choices=["both", "attention", "saliency", "lens"],
+        help="attention maps, saliency, both, or lens: a decoder's logit lens (--target: a token to follow)",
+    )
     ex.add_argument("--device", default="cpu", help=DEVICE_HELP)
     ex.add_argument("--method", help="saliency: ig (integrated gradients, the default) or grad_x_input")
     ex.add_argument("--steps", type=int, help="integrated gradients: steps along the path (default 50)")

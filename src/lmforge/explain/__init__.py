@@ -6,7 +6,9 @@ attention maps for its encoder-decoders.
                      and a target (or the model's greedy output)                       (attention.py)
     saliency         per-token integrated gradients or gradient x input for a classifier's class or a
                      decoder's next token                                              (saliency.py)
-    render           PNG grids and self-contained HTML pages of both                    (render.py)
+    hooks            read or replace any block's residual stream, attention or MLP output by name   (hooks.py)
+    logit_lens       each layer's top next tokens, and a target's rank per layer, for a decoder    (lens.py)
+    render           PNG grids and self-contained HTML pages of them                    (render.py)
     explain          all of it from a model name or path into a folder: what `lmforge explain` runs
 
 Both methods run the model as it is (a recording switch on the attention modules, a forward hook on the token
@@ -21,8 +23,10 @@ from pathlib import Path
 
 from lmforge.errors import LmforgeError
 from lmforge.explain.attention import AttentionMaps, Seq2SeqAttention, attention_maps, seq2seq_attention_maps
+from lmforge.explain.hooks import hooks
 from lmforge.explain.inputs import model_kind
-from lmforge.explain.render import attention_html, attention_png, saliency_html, saliency_png
+from lmforge.explain.lens import LogitLens, logit_lens
+from lmforge.explain.render import attention_html, attention_png, lens_html, lens_png, saliency_html, saliency_png
 from lmforge.explain.saliency import (
     BASELINES,
     METHODS,
@@ -37,19 +41,24 @@ from lmforge.interop import load_pretrained
 
 __all__ = [
     "AttentionMaps",
+    "LogitLens",
     "Saliency",
     "Seq2SeqAttention",
     "attention_html",
     "attention_maps",
     "attention_png",
     "explain",
+    "hooks",
+    "lens_html",
+    "lens_png",
+    "logit_lens",
     "saliency",
     "saliency_html",
     "saliency_png",
     "seq2seq_attention_maps",
 ]
 
-WHAT = ("both", "attention", "saliency")
+WHAT = ("both", "attention", "saliency", "lens")
 
 
 def explain(
@@ -67,7 +76,8 @@ def explain(
 ) -> dict:
     """Explain `model` (a packaged name, model directory or .gguf) on `text`; write the pictures into `out`.
 
-    what: "attention" (attention.png, attention.html), "saliency" (saliency.png, saliency.html) or "both".
+    what: "attention" (attention.png, attention.html), "saliency" (saliency.png, saliency.html), "both", or
+    "lens" (a decoder's logit lens: lens.png, lens.html; `target` the token whose rank it follows).
     "both" on a model saliency cannot explain (an encoder without a classify head) writes the attention files
     and says why in `notes`. method "ig" (integrated gradients, `steps` Gauss-Legendre nodes, `baseline`) or
     "grad_x_input". IG refines its path where completeness fails, up to max_steps gradient evaluations
@@ -100,6 +110,11 @@ def explain(
             f"{', '.join(f for f, on in given.items() if on)} set the saliency; --what attention "
             "draws none: drop them, or use --what both / saliency"
         )
+    if what == "lens" and (any(given.values()) or layer is not None):
+        raise LmforgeError(
+            "--method, --steps, --max-steps, --baseline and --layer set the saliency and the attention maps; "
+            "--what lens draws neither: drop them"
+        )
     if what == "saliency" and layer is not None:
         raise LmforgeError(
             "--layer picks the attention maps' layer; --what saliency draws none: drop it, or use "
@@ -124,6 +139,8 @@ def explain(
 
     m, tok = load_pretrained(model, device=device)
     kind = model_kind(m)
+    if what == "lens":
+        return _explain_lens(m, tok, model, text, Path(out), target)
     if layer is not None:
         # an encoder-decoder's layer must exist in both stacks (negative: counted from each one's end)
         n = min(m.config.n_layer, m.config.n_decoder_layer) if kind == "seq2seq" else m.config.n_layer
@@ -199,6 +216,36 @@ def explain(
             "scores": [[t, round(float(s), 6)] for t, s in zip(sal.tokens, sal.scores)],
         }
     result["files"]["summary"] = str(out / "explain.json")
+    write_json(out / "explain.json", result)
+    return result
+
+
+def _explain_lens(m, tok, model: str | Path, text: str, out: Path, target: str | int | None) -> dict:
+    """`explain --what lens`: the logit lens of a decoder on `text` (and the rank of `target` per layer)."""
+    if target is not None and not isinstance(target, str):
+        raise LmforgeError("--target for the logit lens is the text of a token, e.g. ' Berlin'")
+    lens = logit_lens(m, tok, text, target=target)
+    name = _display_name(model)
+    title = f"logit lens of {name}" + (f": {target.strip()!r} after the text" if target else "")
+    files = {
+        "lens_png": str(lens_png(lens, out / "lens.png", title)),
+        "lens_html": str(lens_html(lens, out / "lens.html", title)),
+        "summary": str(out / "explain.json"),
+    }
+    result = {
+        "model": str(model),
+        "kind": "decoder",
+        "text": text,
+        "tokens": lens.tokens,
+        "files": files,
+        "notes": [],
+        "lens": {
+            "target": target,
+            "target_rank": lens.target_rank,
+            "target_prob": lens.target_prob,
+            "top_next": [[t[-1][0], round(float(p[-1, 0]), 6)] for t, p in zip(lens.top_tokens, lens.top_probs)],
+        },
+    }
     write_json(out / "explain.json", result)
     return result
 

@@ -1,4 +1,4 @@
-"""Pictures of attention maps and saliency: PNG through matplotlib, and self-contained HTML pages.
+"""Pictures of attention maps, saliency and the logit lens: PNG through matplotlib, and self-contained HTML pages.
 
 The HTML pages carry their data inline and draw it with a few lines of plain JavaScript: no CDN, no fonts or
 scripts fetched, so a page opens the same from a laptop, a CI artifact or an air-gapped machine. Attention
@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from lmforge.explain.attention import AttentionMaps
+from lmforge.explain.lens import LogitLens
 from lmforge.explain.saliency import Saliency
 from lmforge.files import write_text
 from lmforge.report import pyplot, save_png
@@ -425,3 +426,73 @@ def saliency_png(sal: Saliency, path: str | Path, title: str = "", max_bars: int
     for side in ("top", "right"):
         ax_b.spines[side].set_visible(False)
     return save_png(fig, path)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# logit lens
+
+
+def lens_png(lens: LogitLens, path: str | Path, title: str = "") -> Path:
+    """Layers (rows, the first at the bottom) x prompt positions (columns): each cell's colour is the probability
+    of its layer's top next token there, written in the cell; with a target, its rank after the last position
+    per layer beside the grid."""
+    plt = pyplot()
+    L, T = lens.top_probs.shape[:2]
+    fig, ax = plt.subplots(figsize=(1.0 + 0.95 * T + (1.3 if lens.target else 0), 0.8 + 0.32 * L))
+    ax.imshow(lens.top_probs[:, :, 0].numpy(), origin="lower", cmap="Blues", vmin=0, vmax=1, aspect="auto")
+    for i in range(L):
+        for t in range(T):
+            p = float(lens.top_probs[i, t, 0])
+            ax.text(
+                t,
+                i,
+                _label(lens.top_tokens[i][t][0], 9),
+                ha="center",
+                va="center",
+                fontsize=6.5,
+                color="white" if p > 0.55 else "black",
+            )
+    ax.set_xticks(range(T), [_label(t, 9) for t in lens.tokens], rotation=45, ha="right", fontsize=7)
+    ax.set_yticks(range(L), [str(i) for i in range(L)], fontsize=6)
+    ax.set_ylabel("layer (the residual stream after it)")
+    if lens.target:
+        ax2 = ax.twinx()
+        ax2.set_ylim(ax.get_ylim())
+        ax2.set_yticks(range(L), [str(r) for r in lens.target_rank], fontsize=6)
+        ax2.set_ylabel(f"rank of {lens.target.strip()!r} after the last token")
+    ax.set_title(title or "logit lens", fontsize=9)
+    fig.tight_layout()
+    return save_png(fig, path, dpi=130)
+
+
+def lens_html(lens: LogitLens, path: str | Path, title: str = "") -> Path:
+    """The same as a table: every cell holds its layer's top tokens and their probabilities (shaded by the first)."""
+    L, T = lens.top_probs.shape[:2]
+    head = "".join(f"<th>{html.escape(_label(t, 14))}</th>" for t in lens.tokens)
+    extra = f"<th>rank of {html.escape(lens.target)!s}</th>" if lens.target else ""
+    rows = []
+    for i in reversed(range(L)):
+        cells = []
+        for t in range(T):
+            p = float(lens.top_probs[i, t, 0])
+            tip = html.escape(
+                ", ".join(f"{tok!r} {float(q):.3f}" for tok, q in zip(lens.top_tokens[i][t], lens.top_probs[i, t]))
+            )
+            shade = f"rgba(33,102,172,{p:.3f})"
+            ink = "white" if p > 0.55 else "black"
+            cells.append(
+                f'<td title="{tip}" style="background:{shade};color:{ink}">'
+                f"{html.escape(_label(lens.top_tokens[i][t][0], 14))}</td>"
+            )
+        rank = f"<td>{lens.target_rank[i]} ({lens.target_prob[i]:.3f})</td>" if lens.target else ""
+        rows.append(f"<tr><th>{i}</th>{''.join(cells)}{rank}</tr>")
+    page = (
+        f"<!doctype html><meta charset='utf-8'><title>{html.escape(title or 'logit lens')}</title>"
+        "<style>body{font:13px system-ui,sans-serif}td,th{padding:2px 6px;border:1px solid #ddd;"
+        "white-space:pre}table{border-collapse:collapse}</style>"
+        f"<h3>{html.escape(title or 'logit lens')}</h3><p>each layer's top next token at each position "
+        "(hover for the top ones and their probabilities); the last layer is the model's own prediction</p>"
+        f"<table><tr><th>layer</th>{head}{extra}</tr>{''.join(rows)}</table>"
+    )
+    write_text(path, page)
+    return Path(path)
