@@ -135,3 +135,25 @@ def test_explain_what_lens_writes_the_pictures_and_refuses_saliency_settings(tmp
         str(tmp_path / "out2"),
     )
     assert r.returncode == 2 and "--what lens draws neither" in r.stderr
+
+
+def test_causal_trace_restores_exactly_where_it_must_and_nothing_before_the_subject():
+    from lmforge.explain.trace import causal_trace, subject_positions
+
+    text = "the cat sat on the mat and the dog sat on the log " * 4
+    tok = Tokenizer.train_bpe([text], vocab_size=280)
+    torch.manual_seed(0)
+    m = DecoderLM(tiny_config("llama", vocab_size=tok.vocab_size)).eval()
+    prompt = "the cat sat on the"
+    assert subject_positions(tok, prompt, "cat") == [1]
+    tr = causal_trace(m, tok, prompt, "cat", target=" mat", noise=3.0, samples=3)
+    assert tr.subject == [1] and tr.corrupt_prob != tr.clean_prob
+    # the last block's output at the last position decides the answer: restoring it gives the clean probability
+    torch.testing.assert_close(float(tr.restored["resid"][-1, -1]), tr.clean_prob)
+    # the noise is on the subject: nothing before it differs, so restoring there changes nothing
+    torch.testing.assert_close(tr.restored["resid"][:, 0], torch.full((2,), tr.corrupt_prob))
+    assert set(tr.restored) == {"resid", "attn", "mlp"} and tr.restored["mlp"].shape == (2, 5)
+    still = causal_trace(m, tok, prompt, "cat", target=" mat", noise=0.0, samples=2, kinds=("resid",))
+    torch.testing.assert_close(still.corrupt_prob, still.clean_prob)
+    with pytest.raises(LmforgeError, match="not in the text"):
+        causal_trace(m, tok, prompt, "dog")

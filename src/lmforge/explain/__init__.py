@@ -8,6 +8,7 @@ attention maps for its encoder-decoders.
                      decoder's next token                                              (saliency.py)
     hooks            read or replace any block's residual stream, attention or MLP output by name   (hooks.py)
     logit_lens       each layer's top next tokens, and a target's rank per layer, for a decoder    (lens.py)
+    causal_trace     where a decoder recalls a fact: the subject corrupted, one point restored at a time (trace.py)
     render           PNG grids and self-contained HTML pages of them                    (render.py)
     explain          all of it from a model name or path into a folder: what `lmforge explain` runs
 
@@ -26,7 +27,15 @@ from lmforge.explain.attention import AttentionMaps, Seq2SeqAttention, attention
 from lmforge.explain.hooks import hooks
 from lmforge.explain.inputs import model_kind
 from lmforge.explain.lens import LogitLens, logit_lens
-from lmforge.explain.render import attention_html, attention_png, lens_html, lens_png, saliency_html, saliency_png
+from lmforge.explain.render import (
+    attention_html,
+    attention_png,
+    lens_html,
+    lens_png,
+    saliency_html,
+    saliency_png,
+    trace_png,
+)
 from lmforge.explain.saliency import (
     BASELINES,
     METHODS,
@@ -36,17 +45,20 @@ from lmforge.explain.saliency import (
     resolve_target,
     saliency,
 )
+from lmforge.explain.trace import CausalTrace, causal_trace
 from lmforge.files import check_out_dir, write_json
 from lmforge.interop import load_pretrained
 
 __all__ = [
     "AttentionMaps",
+    "CausalTrace",
     "LogitLens",
     "Saliency",
     "Seq2SeqAttention",
     "attention_html",
     "attention_maps",
     "attention_png",
+    "causal_trace",
     "explain",
     "hooks",
     "lens_html",
@@ -55,6 +67,7 @@ __all__ = [
     "saliency",
     "saliency_html",
     "saliency_png",
+    "trace_png",
     "seq2seq_attention_maps",
 ]
 

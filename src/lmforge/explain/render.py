@@ -23,6 +23,7 @@ import torch
 from lmforge.explain.attention import AttentionMaps
 from lmforge.explain.lens import LogitLens
 from lmforge.explain.saliency import Saliency
+from lmforge.explain.trace import CausalTrace
 from lmforge.files import write_text
 from lmforge.report import pyplot, save_png
 
@@ -496,3 +497,40 @@ def lens_html(lens: LogitLens, path: str | Path, title: str = "") -> Path:
     )
     write_text(path, page)
     return Path(path)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# causal tracing
+
+
+def trace_png(trace: CausalTrace, path: str | Path, title: str = "") -> Path:
+    """One heat map per kind of point (layers down, prompt positions along): the answer's probability with that
+    point restored, from the corrupted run's (white) up to the clean run's (dark); the subject's tokens starred."""
+    plt = pyplot()
+    kinds = list(trace.restored)
+    L, T = trace.restored[kinds[0]].shape
+    fig, axes = plt.subplots(1, len(kinds), figsize=(1.2 + len(kinds) * (0.9 + 0.55 * T), 1.2 + 0.16 * L))
+    axes = [axes] if len(kinds) == 1 else list(axes)
+    names = {"resid": "residual stream", "attn": "attention output", "mlp": "MLP output"}
+    labels = [_label(t, 10) + ("*" if i in trace.subject else "") for i, t in enumerate(trace.tokens)]
+    for ax, kind in zip(axes, kinds):
+        im = ax.imshow(
+            trace.restored[kind].numpy(),
+            origin="lower",
+            cmap="Purples",
+            aspect="auto",
+            vmin=trace.corrupt_prob,
+            vmax=max(trace.clean_prob, trace.corrupt_prob + 1e-9),
+        )
+        ax.set_xticks(range(T), labels, rotation=45, ha="right", fontsize=7)
+        ax.set_title(names.get(kind, kind), fontsize=8)
+        ax.tick_params(axis="y", labelsize=6)
+    axes[0].set_ylabel("layer restored")
+    fig.colorbar(im, ax=axes, shrink=0.8, label=f"p({trace.target.strip()!r})")
+    fig.suptitle(
+        title
+        or f"causal trace: p({trace.target.strip()!r}) clean {trace.clean_prob:.3f}, corrupted "
+        f"{trace.corrupt_prob:.3f}",
+        fontsize=9,
+    )
+    return save_png(fig, path, dpi=130)
