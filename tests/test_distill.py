@@ -328,47 +328,20 @@ def test_keep_layers_is_the_teacher_with_blocks_evenly_spaced(keyword_task, tmp_
 )
 def test_distill_refusals_are_one_line(keyword_task, tmp_path, capsys, args, message):
     d = keyword_task
-    r = call_cli(
-        capsys,
-        "distill",
-        "--teacher",
-        str(d / "teacher" / "model"),
-        "--data",
-        str(d / "train.csv"),
-        "--out",
-        str(tmp_path / "o"),
-        *args,
-    )
+    r = _distill(capsys, d / "teacher" / "model", d / "train.csv", tmp_path / "o", *args)
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert not (tmp_path / "o").exists()
 
 
 def test_a_teacher_must_be_a_classifier_of_the_same_classes(keyword_task, tmp_path, capsys):
     d = keyword_task
-    r = call_cli(
-        capsys,
-        "distill",
-        "--teacher",
-        str(d / "base4"),
-        "--data",
-        str(d / "train.csv"),
-        "--student-layers",
-        "2",
-        "--out",
-        str(tmp_path / "o"),
-    )
+    r = _distill(capsys, d / "base4", d / "train.csv", tmp_path / "o", "--student-layers", "2")
     assert r.returncode == 2 and "lmforge distills from a classifier" in r.stderr, r.stderr
     _write(tmp_path / "other.csv", [("apple pie", "sweet"), ("lake shore", "salty")] * 20)
-    r = call_cli(
-        capsys,
-        "distill",
-        "--teacher",
-        str(d / "teacher" / "model"),
-        "--data",
-        str(tmp_path / "other.csv"),
-        "--student-layers",
-        "2",
-        "--out",
-        str(tmp_path / "o2"),
-    )
+    r = _distill(capsys, d / "teacher" / "model", tmp_path / "other.csv", tmp_path / "o2", "--student-layers", "2")
     assert r.returncode == 2 and "the data's classes are salty, sweet" in r.stderr, r.stderr
+
+
+def _distill(capsys, teacher, data, out, *args: str):
+    """`lmforge distill --teacher T --data D --out O ...` in this process."""
+    return call_cli(capsys, "distill", "--teacher", str(teacher), "--data", str(data), "--out", str(out), *args)

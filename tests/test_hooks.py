@@ -37,6 +37,15 @@ def _run(name, m, ids):
     return m(ids).logits if name != "encoder" else m(ids).hidden
 
 
+@pytest.fixture(scope="module")
+def cat_lm():
+    """A tiny random Llama-style decoder with a BPE of a short text: (model, tokenizer)."""
+    text = "the cat sat on the mat and the dog sat on the log " * 4
+    tok = Tokenizer.train_bpe([text], vocab_size=280)
+    torch.manual_seed(0)
+    return DecoderLM(tiny_config("llama", vocab_size=tok.vocab_size)).eval(), tok
+
+
 @pytest.mark.parametrize("name", ["gpt2", "llama", "encoder", "t5"])
 def test_hooks_that_record_everything_change_nothing(name):
     m = _models()[name]
@@ -76,11 +85,8 @@ def test_a_replacement_changes_what_follows_and_patching_restores_the_clean_run(
         h.record("blocks.9.resid")
 
 
-def test_the_last_layers_lens_is_the_models_own_distribution():
-    text = "the cat sat on the mat and the dog sat on the log " * 4
-    tok = Tokenizer.train_bpe([text], vocab_size=280)
-    torch.manual_seed(0)
-    m = DecoderLM(tiny_config("llama", vocab_size=tok.vocab_size)).eval()
+def test_the_last_layers_lens_is_the_models_own_distribution(cat_lm):
+    m, tok = cat_lm
     lens = logit_lens(m, tok, "the cat sat on the", target=" mat", k=3)
     with torch.no_grad():
         p = torch.softmax(m(torch.tensor([tok.encode("the cat sat on the")])).logits[0], -1)
@@ -94,13 +100,11 @@ def test_the_last_layers_lens_is_the_models_own_distribution():
         logit_lens(_models()["encoder"], tok, "the cat")
 
 
-def test_explain_what_lens_writes_the_pictures_and_refuses_saliency_settings(tmp_path, capsys):
+def test_explain_what_lens_writes_the_pictures_and_refuses_saliency_settings(cat_lm, tmp_path, capsys):
     from conftest import call_cli
 
-    text = "the cat sat on the mat and the dog sat on the log " * 4
-    tok = Tokenizer.train_bpe([text], vocab_size=280)
-    torch.manual_seed(0)
-    DecoderLM(tiny_config("llama", vocab_size=tok.vocab_size)).save_pretrained(tmp_path / "m", tokenizer=tok)
+    m, tok = cat_lm
+    m.save_pretrained(tmp_path / "m", tokenizer=tok)
     r = call_cli(
         capsys,
         "explain",
@@ -137,13 +141,10 @@ def test_explain_what_lens_writes_the_pictures_and_refuses_saliency_settings(tmp
     assert r.returncode == 2 and "--what lens draws neither" in r.stderr
 
 
-def test_causal_trace_restores_exactly_where_it_must_and_nothing_before_the_subject():
+def test_causal_trace_restores_exactly_where_it_must_and_nothing_before_the_subject(cat_lm):
     from lmforge.explain.trace import causal_trace, subject_positions
 
-    text = "the cat sat on the mat and the dog sat on the log " * 4
-    tok = Tokenizer.train_bpe([text], vocab_size=280)
-    torch.manual_seed(0)
-    m = DecoderLM(tiny_config("llama", vocab_size=tok.vocab_size)).eval()
+    m, tok = cat_lm
     prompt = "the cat sat on the"
     assert subject_positions(tok, prompt, "cat") == [1]
     tr = causal_trace(m, tok, prompt, "cat", target=" mat", noise=3.0, samples=3)

@@ -61,6 +61,12 @@ def _chunk_state(ctx, h: torch.Tensor, weight: torch.Tensor, target: torch.Tenso
     return valid, valid.sum().clamp(min=1), grad_h, grad_w, total
 
 
+def _scaled_grads(ctx, grad_loss: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Both chunked losses' backward: the gradients the forward pass computed, scaled by the incoming one."""
+    grad_h, grad_w = ctx.saved_tensors
+    return (None if grad_h is None else grad_h * grad_loss, None if grad_w is None else grad_w * grad_loss)
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of `h @ weight.T` against target, chunk by chunk. The gradients are computed in the
     forward pass (while each chunk's logits are at hand) and scaled by the incoming gradient in backward."""
@@ -106,15 +112,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
-        grad_h, grad_w = ctx.saved_tensors
-        return (
-            None if grad_h is None else grad_h * grad_loss,
-            None if grad_w is None else grad_w * grad_loss,
-            None,
-            None,
-            None,
-            None,
-        )
+        return (*_scaled_grads(ctx, grad_loss), None, None, None, None)
 
 
 def linear_cross_entropy(
@@ -226,12 +224,7 @@ class _LinearDistill(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
-        grad_h, grad_w = ctx.saved_tensors
-        return (
-            None if grad_h is None else grad_h * grad_loss,
-            None if grad_w is None else grad_w * grad_loss,
-            *([None] * 8),
-        )
+        return (*_scaled_grads(ctx, grad_loss), *([None] * 8))
 
 
 def linear_distill_loss(
